@@ -1,0 +1,227 @@
+"""Settings: one frozen, validated object.
+
+Precedence: built-in defaults < a TOML file (``$STREAM_CONFIG``, else ``configs/stream.toml``
+when run from a checkout) < environment variables ``STREAM_<NAME>`` (upper-case field name).
+Bad values fail at start-up with a :class:`ConfigError` naming the setting.
+
+>>> s = load_settings(env={"STREAM_TOP_K": "5"}, file=None)
+>>> s.top_k
+5
+>>> load_settings(env={"STREAM_TOP_K": "zero"}, file=None)
+Traceback (most recent call last):
+...
+stream.errors.ConfigError: setting 'top_k' (env STREAM_TOP_K): expected an integer, got 'zero'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from stream.errors import ConfigError
+
+SECRET_FIELDS: Final = frozenset({"redis_password", "kafka_sasl_password"})
+_DEFAULT_FILE: Final = Path(__file__).resolve().parents[1] / "configs" / "stream.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the worker, producer and stack. See README "Configuration"."""
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    app_id: str = "stream-reco"
+    plays_topic: str = "plays"
+    dlq_topic: str = "plays-dlq"
+    partitions: int = 4
+    replication_factor: int = 1
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_cafile: str = ""
+    # Table storage: memory:// (rebuilt from the changelog at start) or rocksdb://
+    table_store: str = "memory://"
+    data_dir: str = ""
+    # Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: str = ""
+    redis_prefix: str = "reco:"
+    similar_prefix: str = "similar:"
+    notify_channel: str = "reco-updates"
+    reco_ttl_s: int = 7 * 24 * 3600
+    redis_flush_interval_ms: float = 2.0
+    redis_max_batch: int = 512
+    redis_retry_max_s: float = 5.0
+    # Recommendations and sessions
+    top_k: int = 10
+    session_gap_s: int = 1800
+    max_recent: int = 30
+    max_seen: int = 64
+    # Input limits
+    max_event_bytes: int = 16 * 1024
+    max_future_s: int = 24 * 3600
+    # Observability
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 8000
+    log_level: str = "info"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings with secrets (and passwords inside URLs) masked."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value:
+                value = "***"
+            elif f.name.endswith("_url"):
+                value = mask_url(value)
+            out[f.name] = value
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        return validate(dataclasses.replace(self, **changes))
+
+
+def mask_url(url: str) -> str:
+    """``redis://user:pw@host`` -> ``redis://user:***@host``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _coerce(name: str, source: str, raw: Any, kind: type) -> Any:
+    where = f"setting '{name}' ({source})"
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {raw!r}")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {raw!r}") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+    if not isinstance(raw, str):
+        raise ConfigError(f"{where}: expected a string, got {raw!r}")
+    return raw
+
+
+_TYPES: Final = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    file: str | Path | None | bool = True,
+    **overrides: Any,
+) -> Settings:
+    """Build validated settings. ``file=True`` means "$STREAM_CONFIG or the default file"."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    known = {f.name: _TYPES[str(f.type)] for f in fields(Settings)}
+    path: Path | None
+    if file is True:
+        path = Path(env["STREAM_CONFIG"]) if env.get("STREAM_CONFIG") else None
+        if path is None and _DEFAULT_FILE.exists():
+            path = _DEFAULT_FILE
+    elif file in (None, False):
+        path = None
+    else:
+        path = Path(file)  # type: ignore[arg-type]
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} (STREAM_CONFIG) does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+        flat = dict(data.get("stream", data))
+        for key, raw in flat.items():
+            if key not in known:
+                raise ConfigError(f"config file {path}: unknown setting '{key}'")
+            values[key] = _coerce(key, f"file {path}", raw, known[key])
+    for key, kind in known.items():
+        env_name = f"STREAM_{key.upper()}"
+        if env_name in env:
+            values[key] = _coerce(key, f"env {env_name}", env[env_name], kind)
+    for key, raw in overrides.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting '{key}'")
+        if raw is not None:
+            values[key] = _coerce(key, "command line", raw, known[key])
+    return validate(Settings(**values))
+
+
+def validate(s: Settings) -> Settings:
+    """Cross-field and range checks; raise ConfigError naming the setting."""
+
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"setting '{name}' (env STREAM_{name.upper()}): {why}")
+
+    positive = (
+        "partitions",
+        "replication_factor",
+        "reco_ttl_s",
+        "redis_max_batch",
+        "top_k",
+        "session_gap_s",
+        "max_recent",
+        "max_seen",
+        "max_event_bytes",
+        "max_future_s",
+    )
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise bad(name, f"must be > 0, got {getattr(s, name)}")
+    if s.top_k > 500:
+        raise bad("top_k", f"must be <= 500, got {s.top_k}")
+    if s.redis_flush_interval_ms < 0:
+        raise bad("redis_flush_interval_ms", "must be >= 0")
+    if not 0 <= s.metrics_port <= 65535:
+        raise bad("metrics_port", f"must be a TCP port (0-65535), got {s.metrics_port}")
+    for name in ("app_id", "plays_topic", "dlq_topic"):
+        value = getattr(s, name)
+        if not value or any(c not in _TOPIC_CHARS for c in value) or len(value) > 200:
+            raise bad(name, f"{value!r} is not a valid Kafka topic/group name ([a-zA-Z0-9._-]+)")
+    if s.plays_topic == s.dlq_topic:
+        raise bad("dlq_topic", "must differ from plays_topic")
+    if not s.kafka_bootstrap or any(":" not in h for h in s.kafka_bootstrap.split(",")):
+        raise bad("kafka_bootstrap", f"expected host:port[,host:port], got {s.kafka_bootstrap!r}")
+    scheme = urlsplit(s.redis_url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise bad("redis_url", f"scheme must be redis://, rediss:// or unix://, got {scheme!r}")
+    if s.table_store.split("://")[0] not in ("memory", "rocksdb"):
+        raise bad("table_store", f"must be memory:// or rocksdb://, got {s.table_store!r}")
+    if s.kafka_security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        raise bad("kafka_security_protocol", f"unsupported {s.kafka_security_protocol!r}")
+    if s.kafka_security_protocol.startswith("SASL") and s.kafka_sasl_mechanism not in (
+        "PLAIN",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-512",
+    ):
+        raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise bad("log_level", f"unknown level {s.log_level!r}")
+    return s
+
+
+_TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -1,0 +1,180 @@
+"""Per-user listening state and its pure update function.
+
+The state is what a Faust table keeps per user (serialised with :meth:`UserState.to_dict`):
+the current session (split by an inactivity gap or an explicit ``session_id``), the most
+recent tracks, the skip streak, lifetime counts, and a bounded ring of recently applied
+event-id fingerprints that makes re-delivered events (at-least-once) no-ops.
+
+>>> from stream.events import PlayEvent
+>>> ev = PlayEvent("u1", "t1", 1_700_000_000_000, 200_000, "e1")
+>>> up = update_session(None, ev)
+>>> up.state.plays_total, up.state.recent, up.duplicate
+(1, ['t1'], False)
+>>> update_session(up.state, ev).duplicate
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from stream.events import PlayEvent
+
+DEFAULT_SESSION_GAP_MS: Final = 30 * 60 * 1000
+DEFAULT_MAX_RECENT: Final = 30
+DEFAULT_MAX_SEEN: Final = 64
+STATE_VERSION: Final = 1
+
+
+def event_fingerprint(event_id: str) -> int:
+    """A 53-bit fingerprint of an event id (fits a JSON number exactly, 8 bytes per entry)."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 11
+
+
+@dataclass(slots=True)
+class UserState:
+    """Everything the worker remembers about one listener. Mutable only inside this module."""
+
+    user_id: str
+    session_key: str = ""
+    sessions_total: int = 0
+    session_start_ms: int = 0
+    session_plays: int = 0
+    session_skips: int = 0
+    last_ts_ms: int = 0
+    recent: list[str] = field(default_factory=list)
+    recent_skipped: list[bool] = field(default_factory=list)
+    skip_streak: int = 0
+    plays_total: int = 0
+    skips_total: int = 0
+    #: Count of events applied; a per-user monotonic sequence number (Redis write guard).
+    seq: int = 0
+    last_event_id: str = ""
+    last_event_ts_ms: int = 0
+    seen: list[int] = field(default_factory=list)
+
+    @property
+    def last_track(self) -> str | None:
+        return self.recent[-1] if self.recent else None
+
+    def skip_rate(self) -> float:
+        """Lifetime skip share, with a weak prior of 0.25 so new users are not 0 or 1."""
+        return (self.skips_total + 0.25) / (self.plays_total + 1.0)
+
+    def copy(self) -> UserState:
+        return UserState(
+            **{name: getattr(self, name) for name in _SCALARS},
+            recent=list(self.recent),
+            recent_skipped=list(self.recent_skipped),
+            seen=list(self.seen),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in _SCALARS}
+        out["recent"] = list(self.recent)
+        out["recent_skipped"] = [int(s) for s in self.recent_skipped]
+        out["seen"] = list(self.seen)
+        out["v"] = STATE_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UserState:
+        kwargs = {name: data[name] for name in _SCALARS if name in data}
+        return cls(
+            **kwargs,
+            recent=list(data.get("recent", [])),
+            recent_skipped=[bool(s) for s in data.get("recent_skipped", [])],
+            seen=list(data.get("seen", [])),
+        )
+
+
+_SCALARS: Final = (
+    "user_id",
+    "session_key",
+    "sessions_total",
+    "session_start_ms",
+    "session_plays",
+    "session_skips",
+    "last_ts_ms",
+    "skip_streak",
+    "plays_total",
+    "skips_total",
+    "seq",
+    "last_event_id",
+    "last_event_ts_ms",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUpdate:
+    """Result of applying one event.
+
+    ``before`` is the state the event was applied to (a copy: the recommender learns
+    transitions from it); ``state`` the new state. On a duplicate, ``state is before``.
+    """
+
+    state: UserState
+    before: UserState
+    duplicate: bool
+    new_session: bool
+    is_skip: bool
+    first_event: bool
+
+
+def update_session(
+    state: UserState | None,
+    event: PlayEvent,
+    *,
+    gap_ms: int = DEFAULT_SESSION_GAP_MS,
+    max_recent: int = DEFAULT_MAX_RECENT,
+    max_seen: int = DEFAULT_MAX_SEEN,
+) -> SessionUpdate:
+    """Apply ``event`` to ``state`` (None for a listener never seen) and return the result.
+
+    Idempotent on event id: re-applying an event whose fingerprint is in the recent ring
+    returns ``duplicate=True`` and the unchanged state. Out-of-order events are applied
+    (counts stay exact) but never move ``last_ts_ms`` backwards.
+    """
+    first = state is None
+    before = UserState(user_id=event.user_id) if state is None else state
+    fp = event_fingerprint(event.event_id)
+    if fp in before.seen:
+        return SessionUpdate(before, before, True, False, False, False)
+
+    new = before.copy()
+    skip = event.is_skip()
+    gap = event.ts_ms - before.last_ts_ms
+    explicit_switch = event.session_id is not None and event.session_id != before.session_key
+    implicit_switch = event.session_id is None and (first or gap > gap_ms)
+    new_session = first or explicit_switch or implicit_switch
+    if new_session:
+        new.sessions_total += 1
+        new.session_key = event.session_id or f"{event.user_id}#{new.sessions_total}"
+        new.session_start_ms = event.ts_ms
+        new.session_plays = 0
+        new.session_skips = 0
+    new.session_plays += 1
+    new.plays_total += 1
+    if skip:
+        new.session_skips += 1
+        new.skips_total += 1
+        new.skip_streak += 1
+    else:
+        new.skip_streak = 0
+    new.recent.append(event.track_id)
+    new.recent_skipped.append(skip)
+    if len(new.recent) > max_recent:
+        del new.recent[: len(new.recent) - max_recent]
+        del new.recent_skipped[: len(new.recent_skipped) - max_recent]
+    new.seen.append(fp)
+    if len(new.seen) > max_seen:
+        del new.seen[: len(new.seen) - max_seen]
+    new.last_ts_ms = max(before.last_ts_ms, event.ts_ms)
+    new.seq += 1
+    new.last_event_id = event.event_id
+    new.last_event_ts_ms = event.ts_ms
+    return SessionUpdate(new, before, False, new_session, skip, first)
+

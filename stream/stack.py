@@ -1,0 +1,448 @@
+"""The local stack without Docker: a real Apache Kafka (KRaft) broker, Redis and Prometheus on
+127.0.0.1, each started from the machine's own packages / Maven Central jars.
+
+``stream stack up`` is idempotent and waits until each service really answers (Kafka broker
+metadata, Redis PING, Prometheus /-/ready). Logs and PID files live in the state directory
+(``$STREAM_STATE_DIR``, default ``~/.local/state/stream-reco``); ``down`` stops only the
+processes whose PID files it wrote, after checking the PID still runs what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from stream.errors import StackError
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+CONFIGS: Final = ROOT / "configs"
+KAFKA_VERSION: Final = "4.1.1"  # keep in sync with configs/kafka/pom.xml
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise StackError(f"{name} must be a port number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    state_dir: Path
+    cache_dir: Path
+    kafka_port: int
+    controller_port: int
+    redis_port: int
+    prometheus_port: int
+    metrics_targets: tuple[str, ...]
+    redis_password: str
+
+    @classmethod
+    def from_env(cls) -> StackConfig:
+        home = Path.home()
+        state = Path(os.environ.get("STREAM_STATE_DIR", home / ".local/state/stream-reco"))
+        cache = Path(os.environ.get("STREAM_CACHE_DIR", home / ".cache/stream-reco"))
+        targets = os.environ.get("STREAM_STACK_METRICS_TARGETS", "127.0.0.1:8000")
+        return cls(
+            state_dir=state,
+            cache_dir=cache,
+            kafka_port=_env_int("STREAM_STACK_KAFKA_PORT", 9092),
+            controller_port=_env_int("STREAM_STACK_CONTROLLER_PORT", 9093),
+            redis_port=_env_int("STREAM_STACK_REDIS_PORT", 6379),
+            prometheus_port=_env_int("STREAM_STACK_PROMETHEUS_PORT", 9090),
+            metrics_targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+            redis_password=os.environ.get("STREAM_STACK_REDIS_PASSWORD", ""),
+        )
+
+    @property
+    def kafka_libs(self) -> Path:
+        return self.cache_dir / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+def log(msg: str) -> None:
+    print(f"[stack] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _pid_file(cfg: StackConfig, name: str) -> Path:
+    return cfg.state_dir / "pids" / f"{name}.pid"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _running_pid(cfg: StackConfig, name: str, marker: str) -> int | None:
+    """PID from our PID file if that process is alive and still runs what we started."""
+    path = _pid_file(cfg, name)
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    cmd = _cmdline(pid)
+    if cmd and marker in cmd:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        # a zombie has an empty cmdline; reaching here means it is really running
+        return pid
+    return None
+
+
+def _alive(cfg: StackConfig, name: str) -> bool:
+    """The process from our PID file exists and is not a zombie (marker not checked: the
+    JVM launcher may re-exec itself right after start, briefly blanking its cmdline)."""
+    try:
+        pid = int(_pid_file(cfg, name).read_text().strip())
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _spawn(cfg: StackConfig, name: str, argv: list[str], cwd: Path | None = None) -> int:
+    logs = cfg.state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (cfg.state_dir / "pids").mkdir(parents=True, exist_ok=True)
+    out = (logs / f"{name}.out").open("ab")
+    proc = subprocess.Popen(
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        start_new_session=True,  # survives the CLI; `down` stops it by PID
+    )
+    _pid_file(cfg, name).write_text(str(proc.pid))
+    log(f"started {name} (pid {proc.pid}), log: {logs / (name + '.out')}")
+    return proc.pid
+
+
+def _wait(name: str, check: object, timeout: float, pid_alive: object) -> None:
+    deadline = time.monotonic() + timeout
+    last_err = ""
+    while time.monotonic() < deadline:
+        if not pid_alive():  # type: ignore[operator]
+            raise StackError(f"{name} exited during start-up; see its log in the state directory")
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception as exc:  # noqa: BLE001 - any failure just means "not ready yet"
+            last_err = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.5)
+    raise StackError(f"{name} did not become ready within {timeout:.0f}s ({last_err})")
+
+
+def _stop(cfg: StackConfig, name: str, marker: str, timeout: float = 30.0) -> bool:
+    pid = _running_pid(cfg, name, marker)
+    path = _pid_file(cfg, name)
+    if pid is None:
+        path.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _running_pid(cfg, name, marker) is not None:
+        time.sleep(0.2)
+    if _running_pid(cfg, name, marker) is not None:
+        log(f"{name} did not stop after SIGTERM in {timeout:.0f}s; sending SIGKILL")
+        os.kill(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    log(f"stopped {name} (pid {pid})")
+    return True
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def _require(tool: str, hint: str) -> str:
+    found = shutil.which(tool)
+    if not found:
+        raise StackError(f"'{tool}' is not on PATH: {hint}")
+    return found
+
+
+def ensure_kafka_jars(cfg: StackConfig) -> Path:
+    """Resolve the pinned broker jars from Maven Central into the cache (once)."""
+    libs = cfg.kafka_libs
+    if (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
+        return libs
+    mvn = _require("mvn", "install Maven (apt-get install maven) to fetch the Kafka broker jars")
+    log(f"resolving Apache Kafka {KAFKA_VERSION} jars from Maven Central into {libs} ...")
+    tmp = libs.with_name("libs.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run(
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(CONFIGS / "kafka" / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise StackError(f"Maven could not resolve the Kafka jars:\n{proc.stdout[-2000:]}")
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    return libs
+
+
+def _kafka_properties(cfg: StackConfig) -> Path:
+    data = cfg.state_dir / "kafka" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    text = (CONFIGS / "kafka" / "server.properties").read_text()
+    text = (
+        text.replace("${broker_port}", str(cfg.kafka_port))
+        .replace("${controller_port}", str(cfg.controller_port))
+        .replace("${log_dir}", str(data))
+    )
+    out = cfg.state_dir / "kafka" / "server.properties"
+    out.write_text(text)
+    return out
+
+
+def _java_base(cfg: StackConfig, libs: Path) -> list[str]:
+    java = _require("java", "install a JDK >= 17 (apt-get install openjdk-17-jre-headless)")
+    logs = cfg.state_dir / "kafka" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return [
+        java,
+        "-Xms256m",
+        "-Xmx1g",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dkafka.logs.dir={logs}",
+        f"-Dlog4j2.configurationFile={CONFIGS / 'kafka' / 'log4j2.yaml'}",
+        "-cp",
+        f"{libs}/*",
+    ]
+
+
+def kafka_ready(port: int) -> bool:
+    """True when the broker answers a metadata request (not merely an open port)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000
+        )
+        try:
+            await asyncio.wait_for(admin.start(), 5)
+            cluster = await asyncio.wait_for(admin.describe_cluster(), 5)
+            return bool(cluster.get("brokers"))
+        finally:
+            await admin.close()
+
+    return asyncio.run(probe())
+
+
+def start_kafka(cfg: StackConfig) -> None:
+    marker = "kafka.Kafka"
+    if _running_pid(cfg, "kafka", marker):
+        if kafka_ready(cfg.kafka_port):
+            log(f"kafka already running on 127.0.0.1:{cfg.kafka_port}")
+            return
+    for port in (cfg.kafka_port, cfg.controller_port):
+        if _port_open(port) and not _running_pid(cfg, "kafka", marker):
+            raise StackError(
+                f"port {port} is already in use by a process this stack did not start; "
+                f"stop it or set STREAM_STACK_KAFKA_PORT / STREAM_STACK_CONTROLLER_PORT"
+            )
+    if _running_pid(cfg, "kafka", marker) is None:
+        libs = ensure_kafka_jars(cfg)
+        props = _kafka_properties(cfg)
+        data = cfg.state_dir / "kafka" / "data"
+        if not (data / "meta.properties").exists():
+            cluster_id = uuid.uuid4().bytes
+            import base64
+
+            cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+            proc = subprocess.run(
+                [*_java_base(cfg, libs), "kafka.tools.StorageTool", "format", "-t", cid, "-c",
+                 str(props)],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                raise StackError(f"kafka storage format failed:\n{proc.stdout}\n{proc.stderr}")
+            log(f"formatted KRaft storage in {data} (cluster id {cid})")
+        _spawn(cfg, "kafka", [*_java_base(cfg, libs), "kafka.Kafka", str(props)])
+    _wait(
+        "kafka",
+        lambda: _port_open(cfg.kafka_port) and kafka_ready(cfg.kafka_port),
+        90,
+        lambda: _alive(cfg, "kafka"),
+    )
+    log(f"kafka {KAFKA_VERSION} ready on 127.0.0.1:{cfg.kafka_port}")
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def redis_ready(port: int, password: str = "") -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        if password:
+            s.sendall(f"AUTH {password}\r\n".encode())
+            s.recv(64)
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+def start_redis(cfg: StackConfig) -> None:
+    marker = "redis-server"
+    if _running_pid(cfg, "redis", marker) and redis_ready(cfg.redis_port, cfg.redis_password):
+        log(f"redis already running on 127.0.0.1:{cfg.redis_port}")
+        return
+    if _port_open(cfg.redis_port) and not _running_pid(cfg, "redis", marker):
+        raise StackError(
+            f"port {cfg.redis_port} is already in use by a process this stack did not start; "
+            "stop it or set STREAM_STACK_REDIS_PORT"
+        )
+    if _running_pid(cfg, "redis", marker) is None:
+        server = _require("redis-server", "install Redis (apt-get install redis-server)")
+        workdir = cfg.state_dir / "redis"
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            server,
+            "--bind", "127.0.0.1",
+            "--port", str(cfg.redis_port),
+            "--dir", str(workdir),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "no",
+            "--logfile", "",
+        ]
+        if cfg.redis_password:
+            argv += ["--requirepass", cfg.redis_password]
+        _spawn(cfg, "redis", argv)
+    _wait(
+        "redis",
+        lambda: redis_ready(cfg.redis_port, cfg.redis_password),
+        30,
+        lambda: _alive(cfg, "redis"),
+    )
+    log(f"redis ready on 127.0.0.1:{cfg.redis_port}")
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def prometheus_config(cfg: StackConfig) -> Path:
+    """configs/prometheus/prometheus.yml with local targets and absolute rule paths."""
+    text = (CONFIGS / "prometheus" / "prometheus.yml").read_text()
+    targets = ", ".join(f'"{t}"' for t in cfg.metrics_targets)
+    text = text.replace('["worker:8000"]', f"[{targets}]")
+    text = text.replace("/etc/prometheus/rules/", str(CONFIGS / "prometheus" / "rules") + "/")
+    out = cfg.state_dir / "prometheus" / "prometheus.yml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def prometheus_ready(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as resp:
+        return bool(resp.status == 200)
+
+
+def start_prometheus(cfg: StackConfig) -> None:
+    marker = "prometheus"
+    if _running_pid(cfg, "prometheus", marker) and prometheus_ready(cfg.prometheus_port):
+        log(f"prometheus already running on 127.0.0.1:{cfg.prometheus_port}")
+        return
+    if _port_open(cfg.prometheus_port) and not _running_pid(cfg, "prometheus", marker):
+        raise StackError(
+            f"port {cfg.prometheus_port} is already in use by a process this stack did not "
+            "start; stop it or set STREAM_STACK_PROMETHEUS_PORT"
+        )
+    if _running_pid(cfg, "prometheus", marker) is None:
+        binary = _require("prometheus", "install Prometheus (apt-get install prometheus)")
+        conf = prometheus_config(cfg)
+        data = cfg.state_dir / "prometheus" / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        _spawn(
+            cfg,
+            "prometheus",
+            [
+                binary,
+                f"--config.file={conf}",
+                f"--storage.tsdb.path={data}",
+                f"--web.listen-address=127.0.0.1:{cfg.prometheus_port}",
+                "--storage.tsdb.retention.time=2d",
+                "--web.enable-lifecycle",
+            ],
+        )
+    _wait(
+        "prometheus",
+        lambda: prometheus_ready(cfg.prometheus_port),
+        60,
+        lambda: _alive(cfg, "prometheus"),
+    )
+    log(f"prometheus ready on http://127.0.0.1:{cfg.prometheus_port}")
+
+
+# --------------------------------------------------------------------------- commands
+
+SERVICES: Final = {
+    "kafka": ("kafka.Kafka", start_kafka),
+    "redis": ("redis-server", start_redis),
+    "prometheus": ("prometheus", start_prometheus),
+}
+
+
+def up(cfg: StackConfig, services: list[str]) -> None:
+    for name in services:
+        SERVICES[name][1](cfg)
+
+
+def down(cfg: StackConfig, services: list[str]) -> None:
+    for name in reversed(services):
+        if not _stop(cfg, name, SERVICES[name][0]):
+            log(f"{name}: not running (nothing this stack started)")
+
+
+def status(cfg: StackConfig) -> dict[str, dict[str, object]]:
+    ports = {"kafka": cfg.kafka_port, "redis": cfg.redis_port, "prometheus": cfg.prometheus_port}
+    checks = {
+        "kafka": lambda: kafka_ready(cfg.kafka_port),
+        "redis": lambda: redis_ready(cfg.redis_port, cfg.redis_password),
+        "prometheus": lambda: prometheus_ready(cfg.prometheus_port),
+    }
+    out: dict[str, dict[str, object]] = {}
+    for name, (marker, _) in SERVICES.items():
+        pid = _running_pid(cfg, name, marker)
+        try:
+            ok = bool(pid) and checks[name]()
+        except Exception:  # noqa: BLE001
+            ok = False
+        out[name] = {"pid": pid, "port": ports[name], "ready": ok}
+    return out
