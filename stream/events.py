@@ -35,6 +35,7 @@ REJECTION_REASONS: Final = (
     "future_timestamp",
     "too_old_timestamp",
     "unknown_field",
+    "key_mismatch",
 )
 
 MAX_EVENT_BYTES: Final = 16 * 1024

@@ -1,0 +1,232 @@
+"""The Faust app: topics, the session table and the agent -- the only module importing faust.
+
+The agent is thin: for each record it calls :class:`stream.pipeline.Processor` (which holds
+all the logic), forwards rejections to the dead-letter topic, and keeps metrics. Redis writes
+are handed to a :class:`stream.store.RecoWriter` that runs as a Faust/mode service, so the
+agent never waits for a Redis round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import mode
+from faust.types import TP
+
+from stream import __version__
+from stream.config import Settings
+from stream.metrics import Metrics
+from stream.pipeline import DeadLetter, Processor, Record, StageTimer
+from stream.recommender import Recommender
+from stream.store import PendingWrite, RecoWriter, connect_async
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    """Everything a running worker holds, handy for tests and the CLI."""
+
+    app: faust.App
+    settings: Settings
+    metrics: Metrics
+    recommender: Recommender
+    writer: RecoWriter | None = None
+    processed_offsets: dict[TP, int] = field(default_factory=dict)
+
+
+def broker_url(settings: Settings) -> str:
+    return ";".join(f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(","))
+
+
+def broker_credentials(settings: Settings) -> Any:
+    proto = settings.kafka_security_protocol
+    if proto == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if proto in ("SSL", "SASL_SSL"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            ssl_context=ssl_context,
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    return faust.SSLCredentials(ssl_context)
+
+
+def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Worker:
+    """Build the Faust app for these settings. ``partitions`` is the plays topic's count."""
+    app = faust.App(
+        settings.app_id,
+        broker=broker_url(settings),
+        broker_credentials=broker_credentials(settings),
+        store=settings.table_store,
+        datadir=settings.data_dir or None,
+        topic_partitions=partitions,
+        topic_replication_factor=settings.replication_factor,
+        processing_guarantee="at_least_once",
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        autodiscover=False,
+        version=1,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=4096,
+    )
+    recommender = Recommender()
+    worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
+    metrics.build.info(
+        {"version": __version__, "model_version": recommender.model_version, "app_id": settings.app_id}
+    )
+
+    plays = app.topic(
+        settings.plays_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
+    dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+    sessions = app.Table(
+        "sessions",
+        default=None,
+        partitions=partitions,
+        schema=faust.Schema(key_serializer="json", value_serializer="json"),
+        help="Per-listener session state (stream.session.UserState.to_dict()).",
+    )
+
+    topic = settings.plays_topic
+    m = metrics
+
+    def on_flush(batch: list[PendingWrite], results: list[int], seconds: float) -> None:
+        now = time.time()
+        m.redis_flush.observe(seconds)
+        for write, result in zip(batch, results, strict=True):
+            if result:
+                m.redis_writes.labels("written").inc()
+                m.freshness.observe(max(0.0, now - write.event_ts_ms / 1000.0))
+                if write.ingest_ts_ms:
+                    m.ingest_freshness.observe(max(0.0, now - write.ingest_ts_ms / 1000.0))
+            else:
+                m.redis_writes.labels("stale_skipped").inc()
+        m.redis_pending.set(len(worker.writer.pending) if worker.writer else 0)
+
+    def on_error(exc: Exception, seconds: float) -> None:
+        m.redis_errors.labels("flush").inc()
+        m.redis_retries.inc()
+
+    class RedisWriterService(mode.Service):
+        """Owns the Redis connection and the flusher; drains pending writes on stop."""
+
+        async def on_start(self) -> None:
+            client = connect_async(settings.redis_url, settings.redis_password)
+            worker.writer = RecoWriter(
+                client,
+                ttl_s=settings.reco_ttl_s,
+                channel=settings.notify_channel,
+                flush_interval_ms=settings.redis_flush_interval_ms,
+                max_batch=settings.redis_max_batch,
+                retry_max_s=settings.redis_retry_max_s,
+                on_flush=on_flush,
+                on_error=on_error,
+            )
+            worker.writer.start()
+
+        async def on_stop(self) -> None:
+            if worker.writer is not None:
+                await worker.writer.stop()
+                await worker.writer.client.aclose()
+
+    writer_service = RedisWriterService()
+    app.service(writer_service)  # type: ignore[arg-type]
+
+    pending_writes: deque[PendingWrite] = deque()
+    dead_letters: deque[DeadLetter] = deque()
+
+    def submit(write: PendingWrite) -> None:
+        if worker.writer is not None:
+            worker.writer.submit(write)
+        else:  # writer not started yet (first events during start-up)
+            pending_writes.append(write)
+
+    processor = Processor(settings, recommender, sessions, submit, dead_letters.append)
+
+    @app.agent(plays, name="process-plays")
+    async def process_plays(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            started = time.perf_counter()
+            timer = StageTimer()
+            record = Record(
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                key=msg.key,
+                value=msg.value,
+                timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
+            )
+            try:
+                outcome = processor.process(record, timer)
+            except Exception as exc:  # a bug must not kill the stream: dead-letter and go on
+                logger.exception("unexpected error on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+                from stream.events import Rejection
+
+                outcome = processor.reject(record, Rejection("internal_error", repr(exc)[:500]))
+            while pending_writes and worker.writer is not None:
+                worker.writer.submit(pending_writes.popleft())
+            while dead_letters:
+                dl = dead_letters.popleft()
+                await dlq.send(key=dl.record.key, value=dl.record.value or b"", headers=dl.headers())
+                m.dlq_writes.labels(topic).inc()
+                m.rejected.labels(topic, dl.rejection.reason).inc()
+            m.events.labels(topic, outcome.outcome).inc()
+            for stage, seconds in timer.stages:
+                m.stage.labels(stage).observe(seconds)
+            m.processing.observe(time.perf_counter() - started)
+            if outcome.event is not None:
+                m.last_event_ts.set(outcome.event.ts_ms / 1000.0)
+            worker.processed_offsets[TP(msg.topic, msg.partition)] = msg.offset
+
+    @app.timer(interval=2.0)
+    async def report_state() -> None:
+        consumer = app.consumer
+        assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
+        m.assigned.labels(topic).set(len(assigned))
+        for tp in assigned:
+            end = consumer.highwater(tp)
+            done = worker.processed_offsets.get(tp)
+            if end is None:
+                continue
+            committed = done + 1 if done is not None else 0
+            m.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
+        m.active_users.set(len(sessions))
+        m.catalogue.set(recommender.catalogue_size() if hasattr(recommender, "catalogue_size") else 0)
+        if worker.writer is not None:
+            m.redis_pending.set(len(worker.writer.pending))
+
+    @app.on_rebalance_complete.connect
+    async def on_rebalance(sender: Any, **kwargs: Any) -> None:  # pragma: no cover - signal
+        m.rebalances.inc()
+
+    return worker
+
+
+def run_worker(worker: Worker) -> None:
+    """Run until SIGTERM/SIGINT (Faust handles the signals and shuts down cleanly)."""
+    faust_worker = faust.Worker(
+        worker.app,
+        loglevel=worker.settings.log_level.upper(),
+        quiet=True,
+        redirect_stdouts=False,
+    )
+    faust_worker.execute_from_commandline()

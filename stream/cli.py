@@ -1,0 +1,266 @@
+"""The ``stream`` command: stack, worker, produce, recs, similar, replay, demo, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from stream.config import Settings, load_settings
+from stream.errors import ConfigError, StackError, StreamError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        k: getattr(args, k)
+        for k in ("kafka_bootstrap", "redis_url", "plays_topic", "app_id", "metrics_port")
+        if getattr(args, k, None) is not None
+    }
+    return load_settings(**overrides)
+
+
+# --------------------------------------------------------------------------- stack
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from stream import stack
+
+    cfg = stack.StackConfig.from_env()
+    services = args.services or (
+        ["kafka", "redis", "prometheus"] if args.action != "up" or not args.no_prometheus
+        else ["kafka", "redis"]
+    )
+    if args.action == "up":
+        stack.up(cfg, services)
+        print(f"stack is up (state dir: {cfg.state_dir})")
+    elif args.action == "down":
+        stack.down(cfg, services)
+    else:
+        st = stack.status(cfg)
+        for name, info in st.items():
+            state = "ready" if info["ready"] else ("running" if info["pid"] else "stopped")
+            print(f"{name:<11} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
+        return 0 if all(i["ready"] for i in st.values()) else 3
+    return 0
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+    )
+    from stream.app import create_worker, run_worker
+    from stream.kafka_io import ensure_topics
+    from stream.metrics import Metrics, serve
+
+    logging.getLogger(__name__).info("effective settings: %s", json.dumps(settings.masked()))
+    partitions = asyncio.run(ensure_topics(settings))
+    metrics = Metrics()
+    try:
+        serve(metrics, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        raise ConfigError(
+            f"setting 'metrics_port' (env STREAM_METRICS_PORT): cannot listen on "
+            f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
+        ) from exc
+    print(
+        f"worker {settings.app_id}: {settings.plays_topic} ({partitions} partitions) -> "
+        f"Redis {settings.masked()['redis_url']}; metrics on "
+        f"http://{settings.metrics_host}:{settings.metrics_port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+    worker = create_worker(settings, metrics, partitions)
+    run_worker(worker)
+    return 0
+
+
+# --------------------------------------------------------------------------- produce
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from stream.producer import dataset_events, produce_events
+
+    settings = _settings(args)
+    events = dataset_events(args.source, args.path, args.count, args.time_mode, args.speedup)
+    sent = asyncio.run(
+        produce_events(
+            settings,
+            events,
+            rate=args.rate,
+            max_count=args.count,
+            max_seconds=args.seconds,
+            progress=not args.quiet,
+        )
+    )
+    label = " (synthetic)" if args.source == "synthetic" else ""
+    print(f"produced {sent} {args.source}{label} events to {settings.plays_topic}")
+    return 0
+
+
+# --------------------------------------------------------------------------- recs / similar
+
+
+def _reader(settings: Settings):  # type: ignore[no-untyped-def]
+    from stream.store import RecoReader
+
+    return RecoReader(
+        settings.redis_url,
+        password=settings.redis_password,
+        prefix=settings.redis_prefix,
+        similar_prefix=settings.similar_prefix,
+        channel=settings.notify_channel,
+    )
+
+
+def cmd_recs(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    doc = _reader(settings).get(args.user)
+    if doc is None:
+        print(f"no recommendations for {args.user!r} (key {settings.redis_prefix}{args.user})")
+        return 1
+    if args.json:
+        print(json.dumps(doc, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+        return 0
+    age = time.time() - doc.generated_at_ms / 1000
+    print(
+        f"{doc.user_id}: {len(doc.items)} tracks, seq {doc.seq}, model {doc.model_version}, "
+        f"generated {age:.1f}s ago from event {doc.event_id}"
+    )
+    for i, item in enumerate(doc.items, 1):
+        print(f"{i:>3}. {item.track_id:<40} {item.score:>9.4f}  {item.reason}")
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    doc = _reader(settings).similar(args.track)
+    if doc is None:
+        print(f"no 'more like this' list for {args.track!r} yet")
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else "\n".join(
+        f"{i:>3}. {it['track_id']:<40} {it['score']:>9.4f}  {it['reason']}"
+        for i, it in enumerate(doc.get("items", []), 1)
+    ))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings(args).masked(), indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream.demo import run_demo
+
+    return run_demo(_settings(args), source=args.source, count=args.count, rate=args.rate,
+                    keep_running=args.keep_running)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--kafka-bootstrap", dest="kafka_bootstrap")
+        sp.add_argument("--redis-url", dest="redis_url")
+        sp.add_argument("--plays-topic", dest="plays_topic")
+        sp.add_argument("--app-id", dest="app_id")
+
+    s = sub.add_parser("stack", help="local Kafka (KRaft) + Redis + Prometheus without Docker")
+    s.add_argument("action", choices=("up", "down", "status"))
+    s.add_argument("services", nargs="*", choices=("kafka", "redis", "prometheus", []), default=[])
+    s.add_argument("--no-prometheus", action="store_true", help="up: start only Kafka and Redis")
+    s.set_defaults(func=cmd_stack)
+
+    w = sub.add_parser("worker", help="run the Faust worker")
+    common(w)
+    w.add_argument("--metrics-port", dest="metrics_port", type=int)
+    w.set_defaults(func=cmd_worker)
+
+    pr = sub.add_parser("produce", help="replay a dataset or synthetic traffic into Kafka")
+    common(pr)
+    pr.add_argument("--source", choices=("movielens", "lastfm", "spotify", "csv", "synthetic"),
+                    default="lastfm")
+    pr.add_argument("--path", help="dataset file/folder (default: ../shared/datasets/...)")
+    pr.add_argument("--count", type=int, default=None, help="stop after N events")
+    pr.add_argument("--seconds", type=float, default=600.0, help="stop after N seconds")
+    pr.add_argument("--rate", type=float, default=None, help="events/s (default: max)")
+    pr.add_argument("--time-mode", choices=("now", "original"), default="now",
+                    help="'now': stamp events with the time they are sent (default); "
+                         "'original': keep the dataset's timestamps")
+    pr.add_argument("--speedup", type=float, default=1.0, help=argparse.SUPPRESS)
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_produce)
+
+    r = sub.add_parser("recs", help="print a listener's recommendations from Redis")
+    common(r)
+    r.add_argument("user")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_recs)
+
+    si = sub.add_parser("similar", help="print the 'more like this' list of a track")
+    common(si)
+    si.add_argument("track")
+    si.add_argument("--json", action="store_true")
+    si.set_defaults(func=cmd_similar)
+
+    c = sub.add_parser("config", help="print the effective settings (secrets masked)")
+    common(c)
+    c.set_defaults(func=cmd_config)
+
+    d = sub.add_parser("demo", help="stack + worker + producer replaying real plays")
+    common(d)
+    d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="lastfm")
+    d.add_argument("--count", type=int, default=5000)
+    d.add_argument("--rate", type=float, default=500.0)
+    d.add_argument("--keep-running", action="store_true",
+                   help="leave the worker running after the replay (Ctrl-C to stop)")
+    d.set_defaults(func=cmd_demo)
+
+    for name in ("replay", "top"):
+        try:
+            module = __import__(f"stream.{name}", fromlist=["register"])
+        except ImportError:
+            continue
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StackError as exc:
+        print(f"stack error: {exc}", file=sys.stderr)
+        return 2
+    except StreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Thin aiokafka helpers shared by the worker start-up, the producer, tests and benchmarks:
+client settings from :class:`Settings`, topic creation, and a bounded topic reader."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from stream.config import Settings
+from stream.errors import StreamError
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaUnavailable(StreamError):
+    """The broker could not be reached."""
+
+
+def client_kwargs(settings: Settings) -> dict[str, Any]:
+    """aiokafka connection settings (bootstrap, security) for every client we build."""
+    kw: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap}
+    proto = settings.kafka_security_protocol
+    if proto != "PLAINTEXT":
+        kw["security_protocol"] = proto
+    if proto in ("SSL", "SASL_SSL"):
+        kw["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+    if proto.startswith("SASL"):
+        kw["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kw["sasl_plain_username"] = settings.kafka_sasl_username
+        kw["sasl_plain_password"] = settings.kafka_sasl_password
+    return kw
+
+
+async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
+    """Create the plays and dead-letter topics if missing; return the plays partition count.
+
+    An existing plays topic keeps its partition count (the session table is co-partitioned
+    with whatever it has); a differing ``partitions`` setting is logged, not enforced.
+    """
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=10_000)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError as exc:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"cannot reach Kafka at {settings.kafka_bootstrap} (setting kafka_bootstrap): {exc}"
+                ) from exc
+            await asyncio.sleep(1)
+    try:
+        existing = await _partition_counts(admin, [settings.plays_topic, settings.dlq_topic])
+        to_create = [
+            NewTopic(name, settings.partitions, settings.replication_factor)
+            for name in (settings.plays_topic, settings.dlq_topic)
+            if name not in existing
+        ]
+        if to_create:
+            try:
+                await admin.create_topics(to_create)
+            except TopicAlreadyExistsError:
+                pass
+            logger.info("created topics %s", [t.name for t in to_create])
+        for _ in range(50):
+            counts = await _partition_counts(admin, [settings.plays_topic])
+            if settings.plays_topic in counts:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise KafkaUnavailable(f"topic {settings.plays_topic} did not appear after creation")
+        n = counts[settings.plays_topic]
+        if n != settings.partitions:
+            logger.warning(
+                "topic %s has %d partitions (setting partitions=%d); using %d",
+                settings.plays_topic, n, settings.partitions, n,
+            )
+        return n
+    finally:
+        await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        described = await admin.describe_topics(topics)
+    except KafkaError:
+        return out
+    for t in described:
+        if t.get("error_code", 0) == 0 and t.get("partitions"):
+            out[t["topic"]] = len(t["partitions"])
+    return out
+
+
+def make_producer(settings: Settings, **extra: Any) -> AIOKafkaProducer:
+    kw = client_kwargs(settings)
+    kw.setdefault("acks", "all")
+    kw.setdefault("linger_ms", 5)
+    kw.setdefault("enable_idempotence", True)
+    kw.update(extra)
+    return AIOKafkaProducer(**kw)
+
+
+async def read_topic(
+    settings: Settings, topic: str, *, max_messages: int, timeout_s: float
+) -> list[Any]:
+    """Read a topic from the beginning (no consumer group) until ``max_messages`` arrive or
+    ``timeout_s`` passes. Returns aiokafka ConsumerRecords."""
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        for _ in range(50):
+            if parts:
+                break
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topic)
+            await asyncio.sleep(0.1)
+        tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < max_messages and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                out.extend(records)
+        return out
+    finally:
+        await consumer.stop()

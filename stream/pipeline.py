@@ -1,0 +1,188 @@
+"""What the worker does with one Kafka record, independent of Faust.
+
+validate -> (dead-letter | dedupe -> update session state -> learn -> rank -> enqueue the
+Redis write). The session table is any mutable mapping (a Faust Table in the worker, a dict
+in tests and benchmarks); the Redis writer and the DLQ sender are injected. Faust, Redis and
+Prometheus objects are passed in -- this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from stream.config import Settings
+from stream.events import PlayEvent, Rejection, parse_event
+from stream.recommender import Recommendation, Recommender
+from stream.session import SessionUpdate, UserState, update_session
+from stream.store import PendingWrite, encode_document
+
+logger = logging.getLogger(__name__)
+
+OUTCOMES: Final = ("processed", "rejected", "duplicate")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The parts of a Kafka record the pipeline needs."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejected record: original bytes plus why and where it came from."""
+
+    record: Record
+    rejection: Rejection
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        r = self.record
+        return [
+            ("dlq.reason", self.rejection.reason.encode()),
+            ("dlq.detail", self.rejection.detail.encode("utf-8", "replace")[:1024]),
+            ("dlq.topic", r.topic.encode()),
+            ("dlq.partition", str(r.partition).encode()),
+            ("dlq.offset", str(r.offset).encode()),
+            ("dlq.timestamp", str(r.timestamp_ms or "").encode()),
+        ]
+
+
+@dataclass(slots=True)
+class Outcome:
+    outcome: str
+    event: PlayEvent | None = None
+    update: SessionUpdate | None = None
+    recs: list[Recommendation] | None = None
+    rejection: Rejection | None = None
+
+
+class StageTimer:
+    """Accumulates per-stage durations for one event (reported via a callback)."""
+
+    __slots__ = ("stages", "_t")
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, float]] = []
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages.append((stage, now - self._t))
+        self._t = now
+
+
+class Processor:
+    """Applies records to the session table and the recommender; emits writes and DLQ items."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        recommender: Recommender,
+        table: MutableMapping[str, Any],
+        submit: Callable[[PendingWrite], None],
+        dead_letter: Callable[[DeadLetter], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.recommender = recommender
+        self.table = table
+        self.submit = submit
+        self.dead_letter = dead_letter
+        self.clock = clock
+        self.gap_ms = settings.session_gap_s * 1000
+        self.max_future_ms = settings.max_future_s * 1000
+
+    def reject(self, record: Record, rejection: Rejection) -> Outcome:
+        logger.info(
+            "rejected %s[%d]@%d: %s", record.topic, record.partition, record.offset, rejection
+        )
+        self.dead_letter(DeadLetter(record, rejection))
+        return Outcome("rejected", rejection=rejection)
+
+    def process(self, record: Record, timer: StageTimer | None = None) -> Outcome:
+        timer = timer or StageTimer()
+        now_ms = int(self.clock() * 1000)
+        parsed = parse_event(
+            record.value,
+            now_ms=now_ms,
+            max_bytes=self.settings.max_event_bytes,
+            max_future_ms=self.max_future_ms,
+        )
+        timer.lap("decode")
+        if isinstance(parsed, Rejection):
+            return self.reject(record, parsed)
+        event = parsed
+        if record.key is not None and record.key != event.user_id.encode():
+            # State is partitioned by the record key; a mismatched key would split a
+            # listener's state across partitions (and workers).
+            return self.reject(
+                record,
+                Rejection(
+                    "key_mismatch",
+                    f"record key {record.key[:64]!r} differs from user_id {event.user_id[:64]!r}",
+                ),
+            )
+        raw_state = self.table.get(event.user_id)
+        state = UserState.from_dict(raw_state) if raw_state is not None else None
+        update = update_session(
+            state,
+            event,
+            gap_ms=self.gap_ms,
+            max_recent=self.settings.max_recent,
+            max_seen=self.settings.max_seen,
+        )
+        if update.duplicate:
+            timer.lap("session")
+            return Outcome("duplicate", event=event, update=update)
+        self.table[event.user_id] = update.state.to_dict()
+        timer.lap("session")
+        self.recommender.learn_one(update)
+        timer.lap("learn")
+        recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
+        timer.lap("rank")
+        self.submit(self.make_write(event, update.state, recs, record.timestamp_ms))
+        timer.lap("enqueue")
+        return Outcome("processed", event=event, update=update, recs=recs)
+
+    def make_write(
+        self,
+        event: PlayEvent,
+        state: UserState,
+        recs: list[Recommendation],
+        ingest_ts_ms: int | None,
+    ) -> PendingWrite:
+        doc, note = encode_document(
+            user_id=event.user_id,
+            seq=state.seq,
+            items=recs,
+            generated_at_ms=int(self.clock() * 1000),
+            event_ts_ms=event.ts_ms,
+            event_id=event.event_id,
+            model_version=self.recommender.model_version,
+            session={
+                "session_id": state.session_key,
+                "session_plays": state.session_plays,
+                "sessions_total": state.sessions_total,
+                "plays_total": state.plays_total,
+                "skips_total": state.skips_total,
+                "skip_streak": state.skip_streak,
+            },
+        )
+        return PendingWrite(
+            key=f"{self.settings.redis_prefix}{event.user_id}",
+            seq=state.seq,
+            doc=doc,
+            notification=note,
+            event_ts_ms=event.ts_ms,
+            ingest_ts_ms=ingest_ts_ms,
+            enqueued_at=time.perf_counter(),
+        )

@@ -1,0 +1,329 @@
+"""Redis recommendation store -- the only module that imports redis.
+
+Contract (see README "Reading recommendations"):
+
+- ``{prefix}{user_id}`` (default ``reco:u42``) holds one JSON document::
+
+    {"user_id": "u42", "seq": 17, "k": 10, "model_version": "...",
+     "generated_at": 1700000000123, "event_ts": 1700000000000, "event_id": "...",
+     "session": {"session_id": "u42#3", "session_plays": 4, "sessions_total": 3,
+                 "plays_total": 17, "skips_total": 5, "skip_streak": 0},
+     "items": [{"track_id": "t1", "score": 0.42, "reason": "because you played t9"}, ...]}
+
+  written atomically (one ``SET ... EX ttl`` inside a Lua script) with a TTL. ``seq`` is the
+  listener's count of applied events: the script refuses a document whose ``seq`` is lower
+  than the stored one, so a re-delivered or late write can never regress a newer list.
+- every accepted write publishes ``{"user_id", "seq", "event_id", "event_ts",
+  "generated_at"}`` on the channel ``reco-updates`` (configurable).
+
+The worker side (:class:`RecoWriter`) coalesces updates per user and flushes them in
+pipelined batches every few milliseconds, retrying with backoff while Redis is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+logger = logging.getLogger(__name__)
+
+WRITE_SCRIPT: Final = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, old = pcall(cjson.decode, cur)
+  if ok and type(old) == 'table' and old['seq'] and tonumber(old['seq']) > tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingWrite:
+    """A recommendation document waiting for the next flush."""
+
+    key: str
+    seq: int
+    doc: bytes
+    notification: bytes
+    event_ts_ms: int
+    ingest_ts_ms: int | None
+    enqueued_at: float
+
+
+def encode_document(
+    *,
+    user_id: str,
+    seq: int,
+    items: Sequence[Any],
+    generated_at_ms: int,
+    event_ts_ms: int,
+    event_id: str,
+    model_version: str,
+    session: dict[str, Any] | None = None,
+) -> tuple[bytes, bytes]:
+    """The JSON document and its pub/sub notification. ``items`` have track_id/score/reason."""
+    doc = {
+        "user_id": user_id,
+        "seq": seq,
+        "k": len(items),
+        "model_version": model_version,
+        "generated_at": generated_at_ms,
+        "event_ts": event_ts_ms,
+        "event_id": event_id,
+        "session": session or {},
+        "items": [
+            {"track_id": it.track_id, "score": float(it.score), "reason": it.reason} for it in items
+        ],
+    }
+    note = {
+        "user_id": user_id,
+        "seq": seq,
+        "event_id": event_id,
+        "event_ts": event_ts_ms,
+        "generated_at": generated_at_ms,
+    }
+    return orjson.dumps(doc), orjson.dumps(note)
+
+
+FlushCallback = Callable[[list[PendingWrite], list[int], float], None]
+ErrorCallback = Callable[[Exception, float], None]
+
+
+class RecoWriter:
+    """Coalescing, pipelined, retrying writer of recommendation documents.
+
+    ``submit`` never blocks on Redis: it replaces any pending document of the same user
+    (a newer ``seq`` wins) and wakes the flusher. The flusher sends up to ``max_batch``
+    documents per pipeline round trip. On a Redis error the batch stays pending and is
+    retried with exponential backoff (capped at ``retry_max_s``); nothing is dropped.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        ttl_s: int,
+        channel: str,
+        flush_interval_ms: float = 2.0,
+        max_batch: int = 512,
+        retry_max_s: float = 5.0,
+        on_flush: FlushCallback | None = None,
+        on_error: ErrorCallback | None = None,
+    ) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self.channel = channel
+        self.flush_interval_s = flush_interval_ms / 1000.0
+        self.max_batch = max_batch
+        self.retry_max_s = retry_max_s
+        self.on_flush = on_flush
+        self.on_error = on_error
+        self.pending: dict[str, PendingWrite] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._sha: str | None = None
+        self._stopping = False
+        self.consecutive_failures = 0
+
+    def submit(self, write: PendingWrite) -> None:
+        old = self.pending.get(write.key)
+        if old is None or old.seq <= write.seq:
+            self.pending[write.key] = write
+        self._idle.clear()
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="reco-writer")
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Flush what is pending (bounded by ``drain_timeout``), then stop."""
+        try:
+            await asyncio.wait_for(self.drained(), drain_timeout)
+        except TimeoutError:
+            logger.warning("stopping with %d recommendation writes unflushed", len(self.pending))
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def drained(self) -> None:
+        """Wait until nothing is pending."""
+        while self.pending:
+            self._wake.set()
+            await self._idle.wait()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.flush_interval_s:
+                # let a burst accumulate so one round trip carries many users
+                await asyncio.sleep(self.flush_interval_s)
+            while self.pending:
+                ok = await self.flush_once()
+                if not ok:
+                    backoff = min(self.retry_max_s, 0.05 * 2 ** min(self.consecutive_failures, 10))
+                    await asyncio.sleep(backoff)
+            self._idle.set()
+
+    async def flush_once(self) -> bool:
+        """Send one batch. Returns False (and keeps the batch pending) on a Redis error."""
+        keys = list(self.pending)[: self.max_batch]
+        batch = [self.pending[k] for k in keys]
+        started = time.perf_counter()
+        try:
+            results = await self._send(batch)
+        except (RedisError, OSError) as exc:
+            self.consecutive_failures += 1
+            if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
+                logger.warning(
+                    "redis flush of %d writes failed (%s: %s); attempt %d, retrying with backoff",
+                    len(batch), type(exc).__name__, exc, self.consecutive_failures,
+                )
+            if self.on_error is not None:
+                self.on_error(exc, time.perf_counter() - started)
+            return False
+        if self.consecutive_failures:
+            logger.info("redis is back after %d failed flushes", self.consecutive_failures)
+        self.consecutive_failures = 0
+        for write in batch:
+            # only drop it if no newer document for that user arrived during the flush
+            if self.pending.get(write.key) is write:
+                del self.pending[write.key]
+        if self.on_flush is not None:
+            self.on_flush(batch, [int(r) for r in results], time.perf_counter() - started)
+        return True
+
+    async def _send(self, batch: list[PendingWrite]) -> list[Any]:
+        if self._sha is None:
+            self._sha = await self.client.script_load(WRITE_SCRIPT)
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for w in batch:
+                pipe.evalsha(
+                    self._sha, 1, w.key, w.seq, w.doc, self.ttl_s, self.channel, w.notification
+                )
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                # Redis restarted and lost its script cache
+                self._sha = await self.client.script_load(WRITE_SCRIPT)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def connect_async(url: str, password: str = "") -> aioredis.Redis:
+    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    if password:
+        kwargs["password"] = password
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@dataclass(frozen=True, slots=True)
+class RecoItem:
+    track_id: str
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoDocument:
+    user_id: str
+    seq: int
+    items: list[RecoItem]
+    generated_at_ms: int
+    event_ts_ms: int
+    event_id: str
+    model_version: str
+    session: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> RecoDocument:
+        d = orjson.loads(raw)
+        return cls(
+            user_id=d["user_id"],
+            seq=int(d["seq"]),
+            items=[RecoItem(i["track_id"], float(i["score"]), i["reason"]) for i in d["items"]],
+            generated_at_ms=int(d["generated_at"]),
+            event_ts_ms=int(d["event_ts"]),
+            event_id=d["event_id"],
+            model_version=d.get("model_version", ""),
+            session=d.get("session", {}),
+        )
+
+
+class RecoReader:
+    """The small client for services that read recommendations.
+
+    >>> reader = RecoReader("redis://127.0.0.1:6379/0")        # doctest: +SKIP
+    >>> doc = reader.get("u42")                                 # doctest: +SKIP
+    >>> [(i.track_id, i.reason) for i in doc.items]             # doctest: +SKIP
+    [('t17', 'because you played t9'), ...]
+    >>> for note in reader.updates(timeout_s=5): print(note)    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        password: str = "",
+        prefix: str = "reco:",
+        similar_prefix: str = "similar:",
+        channel: str = "reco-updates",
+    ) -> None:
+        kwargs: dict[str, Any] = {"socket_timeout": 5}
+        if password:
+            kwargs["password"] = password
+        self.client = redis.Redis.from_url(url, **kwargs)
+        self.prefix = prefix
+        self.similar_prefix = similar_prefix
+        self.channel = channel
+
+    def get(self, user_id: str) -> RecoDocument | None:
+        raw = self.client.get(f"{self.prefix}{user_id}")
+        return None if raw is None else RecoDocument.from_json(raw)  # type: ignore[arg-type]
+
+    def similar(self, track_id: str) -> dict[str, Any] | None:
+        raw = self.client.get(f"{self.similar_prefix}{track_id}")
+        return None if raw is None else orjson.loads(raw)  # type: ignore[arg-type]
+
+    def updates(self, timeout_s: float = 10.0) -> Iterator[dict[str, Any]]:
+        """Yield update notifications until ``timeout_s`` passes without one."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel)
+        try:
+            while True:
+                msg = pubsub.get_message(timeout=timeout_s)
+                if msg is None:
+                    return
+                yield orjson.loads(msg["data"])
+        finally:
+            pubsub.close()
+
+    def close(self) -> None:
+        self.client.close()
