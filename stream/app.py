@@ -21,8 +21,9 @@ from faust.types import TP
 from stream import __version__
 from stream.config import Settings
 from stream.metrics import Metrics
-from stream.pipeline import DeadLetter, Processor, Record, StageTimer
+from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record, StageTimer
 from stream.recommender import Recommender
+from stream.sizing import model_memory_bytes
 from stream.store import PendingWrite, RecoWriter, connect_async
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
 
     topic = settings.plays_topic
     m = metrics
+    m.init_topic(topic, OUTCOMES)
 
     def on_flush(batch: list[PendingWrite], results: list[int], seconds: float) -> None:
         now = time.time()
@@ -195,6 +197,8 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
             m.processing.observe(time.perf_counter() - started)
             if outcome.event is not None:
                 m.last_event_ts.set(outcome.event.ts_ms / 1000.0)
+                if outcome.update is not None:
+                    m.observe_session(outcome.update, outcome.event.context)
             worker.processed_offsets[TP(msg.topic, msg.partition)] = msg.offset
 
     @app.timer(interval=2.0)
@@ -213,6 +217,17 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         m.catalogue.set(recommender.catalogue_size() if hasattr(recommender, "catalogue_size") else 0)
         if worker.writer is not None:
             m.redis_pending.set(len(worker.writer.pending))
+        report_ticks[0] += 1
+        if report_ticks[0] % 8 == 1:  # sampled deep size: cheap, but no need every 2 s
+            m.set_model_memory(model_memory_bytes(recommender))
+        export_quality()
+
+    report_ticks = [0]
+
+    def export_quality() -> None:
+        """HOOK for the live prequential evaluator (stream/evaluation.py, not wired yet):
+        per variant, m.set_quality(variant, hr_at_10=..., ndcg_at_10=..., window_events=...);
+        m.skip_accuracy.set(...); m.drift.labels(signal).inc() on each detection."""
 
     @app.on_rebalance_complete.connect
     async def on_rebalance(sender: Any, **kwargs: Any) -> None:  # pragma: no cover - signal

@@ -1,12 +1,26 @@
 """Prometheus metric definitions -- the only module that imports prometheus_client.
 
 Conventions: base units (seconds, bytes), ``_total`` on counters, and no per-user or
-per-track labels (label sets stay bounded: topic, reason, stage, variant, outcome).
+per-track labels. Every label has a small, closed value set: ``topic``, ``outcome``,
+``reason`` (the validator's fixed reasons), ``stage``, ``variant`` / ``model`` (names from the
+code, not from data), ``context`` (folded into :data:`CONTEXTS` by :func:`context_label`),
+``listener`` (new / returning).
+
+The full list with meanings lives in ``docs/observability.md``; the dashboards, alert rules
+and ``stream top`` read these names, and ``tests/integration/test_observability.py`` fails if
+one of them is renamed here without updating the configs.
+
+>>> from prometheus_client import CollectorRegistry
+>>> m = Metrics(CollectorRegistry())
+>>> m.set_quality("cooc-pop", hr_at_10=0.21, ndcg_at_10=0.12, window_events=5000)
+>>> m.registry.get_sample_value("stream_quality_hr_at_10", {"variant": "cooc-pop"})
+0.21
 """
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
     REGISTRY,
@@ -18,6 +32,9 @@ from prometheus_client import (
     start_http_server,
 )
 
+if TYPE_CHECKING:  # only for type hints: metrics never reaches into the core at runtime
+    from stream.session import SessionUpdate
+
 #: Resolve from ~50 us to several seconds (processing stages, Redis writes).
 LATENCY_BUCKETS: Final = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075,
@@ -28,8 +45,51 @@ FRESHNESS_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 )
+#: Session length (first to last play of a session, event time): a minute to a day.
+SESSION_LENGTH_BUCKETS: Final = (
+    0.0, 60.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
+)
+#: Plays per session: roughly Fibonacci, 1 to a few hundred.
+SESSION_PLAYS_BUCKETS: Final = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377)
 
 NAMESPACE: Final = "stream"
+
+#: The closed set of ``context`` label values (listening-behaviour metrics).
+CONTEXTS: Final = (
+    "playlist", "album", "artist", "radio", "search", "collection", "catalog", "charts",
+    "other", "none",
+)
+_CONTEXT_ALIASES: Final = {
+    "editorial_playlist": "playlist",
+    "personalized_playlist": "playlist",
+    "user_playlist": "playlist",
+    "user_collection": "collection",
+    "library": "collection",
+    "liked_songs": "collection",
+    "station": "radio",
+    "chart": "charts",
+}
+LISTENER_KINDS: Final = ("new", "returning")
+
+
+def context_label(context: str | None) -> str:
+    """Fold a free-text play context into the bounded :data:`CONTEXTS` label set.
+
+    >>> [context_label(c) for c in ("Album", "editorial_playlist", None, "my-own-thing")]
+    ['album', 'playlist', 'none', 'other']
+    """
+    if not context:
+        return "none"
+    c = context.strip().lower()
+    if c in CONTEXTS:
+        return c
+    if c in _CONTEXT_ALIASES:
+        return _CONTEXT_ALIASES[c]
+    if "playlist" in c:
+        return "playlist"
+    if "radio" in c:
+        return "radio"
+    return "other"
 
 
 class Metrics:
@@ -38,6 +98,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         ns = NAMESPACE
         self.registry = registry
+        # ---------------------------------------------------------------- events
         self.events = Counter(
             "events", "Play events consumed, by outcome (processed, rejected, duplicate).",
             ["topic", "outcome"], namespace=ns, registry=registry,
@@ -50,6 +111,7 @@ class Metrics:
             "dlq_writes", "Messages written to the dead-letter topic.",
             ["topic"], namespace=ns, registry=registry,
         )
+        # ---------------------------------------------------------------- latency
         self.processing = Histogram(
             "processing_seconds", "Per-event processing time in the worker, decode to enqueue.",
             namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
@@ -68,6 +130,7 @@ class Metrics:
             "Kafka record timestamp (produce time) to recommendations visible in Redis.",
             namespace=ns, buckets=FRESHNESS_BUCKETS, registry=registry,
         )
+        # ---------------------------------------------------------------- Redis
         self.redis_errors = Counter(
             "redis_errors", "Failed Redis operations (each failed flush attempt).",
             ["operation"], namespace=ns, registry=registry,
@@ -88,14 +151,7 @@ class Metrics:
             "redis_flush_seconds", "Duration of one pipelined Redis flush.",
             namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
         )
-        self.active_users = Gauge(
-            "session_table_users", "Listeners with state in this worker's session table.",
-            namespace=ns, registry=registry,
-        )
-        self.catalogue = Gauge(
-            "catalogue_tracks", "Tracks known to the recommender models.",
-            namespace=ns, registry=registry,
-        )
+        # ---------------------------------------------------------------- Kafka consumer
         self.lag = Gauge(
             "consumer_lag_messages", "End offset minus next offset to process, per partition.",
             ["topic", "partition"], namespace=ns, registry=registry,
@@ -105,14 +161,124 @@ class Metrics:
             ["topic"], namespace=ns, registry=registry,
         )
         self.rebalances = Counter(
-            "rebalances", "Consumer group rebalances seen by this worker.",
+            "rebalances", "Consumer group rebalances completed by this worker.",
             namespace=ns, registry=registry,
         )
         self.last_event_ts = Gauge(
             "last_event_timestamp_seconds", "Event time of the newest processed play.",
             namespace=ns, registry=registry,
         )
+        # ---------------------------------------------------------------- state and models
+        self.active_users = Gauge(
+            "session_table_users", "Listeners with state in this worker's session table.",
+            namespace=ns, registry=registry,
+        )
+        self.catalogue = Gauge(
+            "catalogue_tracks", "Tracks known to the recommender models.",
+            namespace=ns, registry=registry,
+        )
+        self.model_memory = Gauge(
+            "model_memory_bytes",
+            "Approximate memory held by each online model (sampled deep size estimate).",
+            ["model"], namespace=ns, registry=registry,
+        )
+        # ---------------------------------------------------------------- live quality
+        self.quality_hr = Gauge(
+            "quality_hr_at_10",
+            "Prequential hit rate at 10 over the evaluator's sliding window, per variant.",
+            ["variant"], namespace=ns, registry=registry,
+        )
+        self.quality_ndcg = Gauge(
+            "quality_ndcg_at_10",
+            "Prequential NDCG at 10 over the evaluator's sliding window, per variant.",
+            ["variant"], namespace=ns, registry=registry,
+        )
+        self.quality_window = Gauge(
+            "quality_window_events",
+            "Events in the evaluator's sliding window (how much the quality gauges rest on).",
+            ["variant"], namespace=ns, registry=registry,
+        )
+        self.skip_accuracy = Gauge(
+            "skip_model_accuracy",
+            "Accuracy of the skip classifier (predicted before learning) over a sliding window.",
+            namespace=ns, registry=registry,
+        )
+        self.drift = Counter(
+            "drift_detections", "Concept-drift detections, by monitored signal.",
+            ["signal"], namespace=ns, registry=registry,
+        )
+        # ---------------------------------------------------------------- listening behaviour
+        self.plays = Counter(
+            "plays", "Applied plays (not duplicates), by play context (bounded set).",
+            ["context"], namespace=ns, registry=registry,
+        )
+        self.skips = Counter(
+            "skips", "Applied plays that were skips, by play context (bounded set).",
+            ["context"], namespace=ns, registry=registry,
+        )
+        self.sessions_started = Counter(
+            "sessions_started",
+            "Listening sessions started, by whether the listener was new to this worker.",
+            ["listener"], namespace=ns, registry=registry,
+        )
+        self.session_length = Histogram(
+            "session_length_seconds",
+            "Length of finished sessions, first to last play (event time).",
+            namespace=ns, buckets=SESSION_LENGTH_BUCKETS, registry=registry,
+        )
+        self.session_plays = Histogram(
+            "session_plays", "Plays per finished session.",
+            namespace=ns, buckets=SESSION_PLAYS_BUCKETS, registry=registry,
+        )
         self.build = Info("build", "Version information.", namespace=ns, registry=registry)
+
+        # Pre-create the bounded label children so every series exists (at 0) from the
+        # first scrape: rate() panels and alerts then see data instead of "no series".
+        for context in CONTEXTS:
+            self.plays.labels(context)
+            self.skips.labels(context)
+        for kind in LISTENER_KINDS:
+            self.sessions_started.labels(kind)
+
+    def init_topic(self, topic: str, outcomes: tuple[str, ...]) -> None:
+        """Create the per-topic series at 0 (so the DLQ ratio is 0, not absent, when clean)."""
+        for outcome in outcomes:
+            self.events.labels(topic, outcome)
+        self.dlq_writes.labels(topic)
+
+    def observe_session(self, update: SessionUpdate, context: str | None) -> None:
+        """Listening-behaviour metrics for one applied (non-duplicate) play."""
+        if update.duplicate:
+            return
+        label = context_label(context)
+        self.plays.labels(label).inc()
+        if update.is_skip:
+            self.skips.labels(label).inc()
+        if update.new_session:
+            self.sessions_started.labels("new" if update.first_event else "returning").inc()
+            before = update.before
+            if not update.first_event and before.session_plays > 0:
+                # the listener's previous session just ended
+                length_ms = max(0, before.last_ts_ms - before.session_start_ms)
+                self.session_length.observe(length_ms / 1000.0)
+                self.session_plays.observe(before.session_plays)
+
+    def set_quality(
+        self,
+        variant: str,
+        *,
+        hr_at_10: float,
+        ndcg_at_10: float,
+        window_events: int,
+    ) -> None:
+        """Export one variant's windowed prequential quality (called by the report timer)."""
+        self.quality_hr.labels(variant).set(hr_at_10)
+        self.quality_ndcg.labels(variant).set(ndcg_at_10)
+        self.quality_window.labels(variant).set(window_events)
+
+    def set_model_memory(self, sizes: Mapping[str, int]) -> None:
+        for model, size in sizes.items():
+            self.model_memory.labels(model).set(size)
 
 
 def serve(metrics: Metrics, host: str, port: int) -> None:
