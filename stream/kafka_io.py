@@ -120,9 +120,12 @@ async def read_topic(
         for _ in range(50):
             if parts:
                 break
-            await consumer.topics()
-            parts = consumer.partitions_for_topic(topic)
-            await asyncio.sleep(0.1)
+            cluster = await consumer._client.fetch_all_metadata()
+            parts = cluster.partitions_for_topic(topic)
+            if not parts:
+                await asyncio.sleep(0.1)
+        if not parts:
+            raise KafkaUnavailable(f"topic {topic} has no partitions (does it exist?)")
         tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

@@ -1,0 +1,222 @@
+"""Fixtures for integration tests against the REAL local stack (Kafka, Redis, Prometheus)
+started by `stream stack up` (see Makefile / .ci/run). If a service is unreachable the tests
+FAIL -- they never skip.
+
+Each test gets unique topic, consumer-group and Redis key names, so tests cannot see each
+other's data. Workers run as real `stream worker` subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream import stack
+from stream.config import Settings, load_settings
+from stream.events import PlayEvent
+from stream.producer import produce_events
+from stream.store import RecoReader
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def stack_config() -> stack.StackConfig:
+    return stack.StackConfig.from_env()
+
+
+@pytest.fixture(scope="session")
+def services(stack_config: stack.StackConfig) -> stack.StackConfig:
+    """Fail (never skip) unless Kafka and Redis really answer."""
+    problems = []
+    try:
+        if not stack.kafka_ready(stack_config.kafka_port):
+            problems.append("Kafka answered without brokers")
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"Kafka on 127.0.0.1:{stack_config.kafka_port}: {exc!r}")
+    try:
+        if not stack.redis_ready(stack_config.redis_port, stack_config.redis_password):
+            problems.append("Redis did not answer PING")
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"Redis on 127.0.0.1:{stack_config.redis_port}: {exc!r}")
+    if problems:
+        pytest.fail("local stack not reachable (run `stream stack up`): " + "; ".join(problems))
+    return stack_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def settings(services: stack.StackConfig, request: pytest.FixtureRequest) -> Settings:
+    """Settings with names unique to this test."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    return load_settings(
+        env={},
+        file=None,
+        kafka_bootstrap=f"127.0.0.1:{services.kafka_port}",
+        redis_url=f"redis://127.0.0.1:{services.redis_port}/0",
+        redis_password=services.redis_password or None,
+        app_id=f"{tag}-app",
+        plays_topic=f"{tag}-plays",
+        dlq_topic=f"{tag}-dlq",
+        redis_prefix=f"{tag}:reco:",
+        similar_prefix=f"{tag}:similar:",
+        notify_channel=f"{tag}:reco-updates",
+        metrics_port=free_port(),
+        partitions=4,
+        redis_flush_interval_ms=1.0,
+    )
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_")}
+    for name, value in s.__class__.__dataclass_fields__.items():  # noqa: B007
+        env[f"STREAM_{name.upper()}"] = str(getattr(s, name))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A real `stream worker` subprocess."""
+
+    settings: Settings
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+
+    def start(self, timeout: float = 90.0) -> WorkerProcess:
+        env = settings_env(self.settings) | self.extra_env
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stream.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_ready(timeout)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        start_size = 0
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            text = self.log_text()[start_size:]
+            if "Worker]: Ready" in text:
+                return
+            time.sleep(0.25)
+        pytest.fail(f"worker not ready within {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def metric_value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def stop(self, timeout: float = 40.0) -> int:
+        """Graceful stop (SIGTERM): Faust commits offsets and flushes the changelog."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"worker ignored SIGTERM for {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def worker_factory(
+    settings: Settings, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers for this test's settings; all are stopped at teardown."""
+    started: list[WorkerProcess] = []
+
+    def make(s: Settings | None = None, **extra_env: str) -> WorkerProcess:
+        w = WorkerProcess(
+            s or settings, tmp_path / f"worker-{len(started)}.log", extra_env=dict(extra_env)
+        )
+        started.append(w)
+        return w.start()
+
+    yield make
+    for w in started:
+        w.stop()
+
+
+def produce(settings: Settings, events: Iterable[PlayEvent | bytes], **kw: Any) -> int:
+    return asyncio.run(produce_events(settings, events, progress=False, **kw))
+
+
+@pytest.fixture
+def reader(settings: Settings) -> Iterator[RecoReader]:
+    r = RecoReader(
+        settings.redis_url,
+        password=settings.redis_password,
+        prefix=settings.redis_prefix,
+        similar_prefix=settings.similar_prefix,
+        channel=settings.notify_channel,
+    )
+    yield r
+    keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
+    keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=1000))
+    for i in range(0, len(keys), 500):
+        r.client.delete(*keys[i : i + 500])
+    r.close()
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until truthy (bounded); fail with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

@@ -1,0 +1,198 @@
+"""End to end on the real stack: Kafka -> `stream worker` -> Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from stream.config import Settings
+from stream.datasets import load_events
+from stream.events import PlayEvent, parse_event
+from stream.kafka_io import read_topic
+from stream.store import RecoReader
+
+from .conftest import produce, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def counts_by_user(events: list[PlayEvent]) -> dict[str, int]:
+    return dict(Counter(e.user_id for e in events))
+
+
+def wait_for_counts(reader: RecoReader, expected: dict[str, int], timeout: float = 120) -> None:
+    """Until every user's Redis document reflects exactly ``expected[user]`` applied events."""
+
+    def done() -> bool:
+        for user, n in expected.items():
+            doc = reader.get(user)
+            if doc is None or doc.seq != n:
+                return False
+        return True
+
+    def state() -> dict[str, int | None]:
+        return {u: (d.seq if (d := reader.get(u)) else None) for u in expected}
+
+    wait_until(done, timeout, what=f"seq per user == {expected}")
+    assert state() == expected
+
+
+def test_lastfm_plays_produce_fresh_recommendations(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")
+    worker = worker_factory()
+    assert produce(settings, events) == len(events)
+    expected = counts_by_user(events)
+    wait_for_counts(reader, expected)
+
+    latest: dict[str, PlayEvent] = {}
+    history: dict[str, list[str]] = defaultdict(list)
+    for e in events:
+        latest[e.user_id] = e
+        history[e.user_id].append(e.track_id)
+    for user, n in expected.items():
+        doc = reader.get(user)
+        assert doc is not None
+        assert doc.event_id == latest[user].event_id
+        assert doc.event_ts_ms == latest[user].ts_ms
+        assert doc.session["plays_total"] == n
+        # the list was ranked when this user's latest play arrived: the catalogue then was
+        # every track played so far by anyone, minus the user's recent tracks
+        known = {e.track_id for e in events if e.ts_ms <= latest[user].ts_ms}
+        recent_now = set(history[user][-settings.max_recent :])
+        assert len(doc.items) == min(settings.top_k, len(known - recent_now))
+        assert {i.track_id for i in doc.items} <= known
+        recent = set(history[user][-settings.max_recent :])
+        rec_ids = [i.track_id for i in doc.items]
+        assert not recent & set(rec_ids), "recommended a track the user just played"
+        assert len(set(rec_ids)) == len(rec_ids)
+        assert all(i.reason for i in doc.items)
+        assert doc.generated_at_ms >= doc.event_ts_ms
+    assert worker.metric_value("stream_events_total", outcome="processed") == len(events)
+    assert worker.metric_value("stream_freshness_seconds_count") > 0
+
+
+MALFORMED: list[bytes] = [
+    b"",
+    b"not json at all",
+    b"\xff\xfe\x00garbage",
+    b"[1, 2, 3]",
+    b'"just a string"',
+    b'{"user_id": "u1"}',
+    b'{"user_id": "u1", "track_id": "t1", "ts": "yesterday", "ms_played": 1}',
+    b'{"user_id": ["u1"], "track_id": "t1", "ts": 1700000000000, "ms_played": 1}',
+    b'{"user_id": "u1", "track_id": "t1", "ts": 1700000000000, "ms_played": -5}',
+    b'{"user_id": "u1", "track_id": "t1", "ts": 99999999999999, "ms_played": 1000}',
+    b'{"user_id": "u1", "track_id": "' + b"x" * 300 + b'", "ts": 1700000000000, "ms_played": 1}',
+    b'{"user_id": "u1", "track_id": "t1", "ts": 1700000000000, "ms_played": NaN}',
+    b"{" * 5000,
+    b'{"pad": "' + b"y" * 20000 + b'"}',
+]
+
+
+def test_malformed_events_go_to_dead_letter_topic(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    good = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
+    mixed: list[PlayEvent | bytes] = []
+    bad_iter = iter(MALFORMED)
+    for i, ev in enumerate(good):
+        mixed.append(ev)
+        if i % 14 == 0:
+            mixed.append(next(bad_iter, None) or MALFORMED[i % len(MALFORMED)])
+    bad_sent = [m for m in mixed if isinstance(m, bytes)]
+    worker = worker_factory()
+    produce(settings, mixed)
+    wait_for_counts(reader, counts_by_user(good))
+
+    dlq = asyncio.run(
+        read_topic(settings, settings.dlq_topic, max_messages=len(bad_sent), timeout_s=30)
+    )
+    assert len(dlq) == len(bad_sent)
+    assert sorted(r.value for r in dlq) == sorted(bad_sent)
+    for rec in dlq:
+        headers = {k: v.decode() for k, v in rec.headers}
+        expected = parse_event(rec.value, now_ms=1_800_000_000_000)
+        assert not isinstance(expected, PlayEvent)
+        assert headers["dlq.reason"] == expected.reason
+        assert headers["dlq.detail"]
+        assert headers["dlq.topic"] == settings.plays_topic
+        assert int(headers["dlq.partition"]) >= 0 and int(headers["dlq.offset"]) >= 0
+    assert worker.metric_value("stream_events_total", outcome="rejected") == len(bad_sent)
+    assert worker.metric_value("stream_events_rejected_total") == len(bad_sent)
+    assert worker.metric_value("stream_dlq_writes_total") == len(bad_sent)
+    assert worker.metric_value("stream_events_total", outcome="processed") == len(good)
+    assert worker.proc is not None and worker.proc.poll() is None, "worker died"
+
+
+def test_restart_restores_session_state_from_changelog(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]
+    first, second = events[:1500], events[1500:]
+    w1 = worker_factory()
+    produce(settings, first)
+    wait_for_counts(reader, counts_by_user(first))
+    assert w1.stop() == 0
+
+    produce(settings, second)  # while no worker runs
+    w2 = worker_factory()
+    expected = counts_by_user(events)
+    wait_for_counts(reader, expected)
+    for user, n in expected.items():
+        doc = reader.get(user)
+        assert doc is not None and doc.session["plays_total"] == n
+    # the second worker processed only the new events: the rest came from the changelog
+    assert w2.metric_value("stream_events_total", outcome="processed") == len(second)
+    assert "recovery" in w2.log_text().lower() or "Recovery" in w2.log_text()
+
+
+def test_duplicate_events_do_not_double_count(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    events = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
+    worker = worker_factory()
+    produce(settings, events)
+    produce(settings, events)  # at-least-once producers re-send; same event ids
+    expected = counts_by_user(events)
+    wait_until(
+        lambda: worker.metric_value("stream_events_total", outcome="duplicate") == len(events),
+        60,
+        what="all re-sent events seen as duplicates",
+    )
+    wait_for_counts(reader, expected)
+    for user, n in expected.items():
+        doc = reader.get(user)
+        assert doc is not None and doc.session["plays_total"] == n
+    assert worker.metric_value("stream_events_total", outcome="processed") == len(events)
+
+
+def test_pubsub_notification_per_update(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    events = load_events(datasets_dir / "spotify-mssd-sample", "spotify")[:50]
+    worker_factory()
+    pubsub = reader.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(settings.notify_channel)
+    try:
+        produce(settings, events)
+        notes = []
+        wait_until(
+            lambda: (m := pubsub.get_message(timeout=0.2)) is None
+            or notes.append(orjson.loads(m["data"]))
+            or len(notes) >= len({e.user_id for e in events}),
+            60,
+            interval=0,
+            what="update notifications",
+        )
+    finally:
+        pubsub.close()
+    users = {n["user_id"] for n in notes}
+    assert users <= {e.user_id for e in events}
+    for n in notes:
+        assert {"user_id", "seq", "event_id", "event_ts", "generated_at"} <= set(n)
