@@ -28,6 +28,10 @@ from stream.errors import StackError
 ROOT: Final = Path(__file__).resolve().parents[1]
 CONFIGS: Final = ROOT / "configs"
 KAFKA_VERSION: Final = "4.1.1"  # keep in sync with configs/kafka/pom.xml
+#: Metrics port Prometheus always scrapes for tests/integration/test_observability.py (the
+#: worker it starts listens here), next to 8000 for a `stream worker` with default settings.
+TEST_METRICS_PORT: Final = 9464
+DEFAULT_METRICS_TARGETS: Final = f"127.0.0.1:8000,127.0.0.1:{TEST_METRICS_PORT}"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -56,7 +60,7 @@ class StackConfig:
         home = Path.home()
         state = Path(os.environ.get("STREAM_STATE_DIR", home / ".local/state/stream-reco"))
         cache = Path(os.environ.get("STREAM_CACHE_DIR", home / ".cache/stream-reco"))
-        targets = os.environ.get("STREAM_STACK_METRICS_TARGETS", "127.0.0.1:8000")
+        targets = os.environ.get("STREAM_STACK_METRICS_TARGETS", DEFAULT_METRICS_TARGETS)
         return cls(
             state_dir=state,
             cache_dir=cache,
