@@ -206,6 +206,7 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         consumer = app.consumer
         assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
         m.assigned.labels(topic).set(len(assigned))
+        reported: set[str] = set()
         for tp in assigned:
             end = consumer.highwater(tp)
             done = worker.processed_offsets.get(tp)
@@ -213,6 +214,11 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
                 continue
             committed = done + 1 if done is not None else 0
             m.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
+            reported.add(str(tp.partition))
+        for stale in lag_partitions - reported:  # revoked: its new owner reports it now
+            m.lag.remove(topic, stale)
+        lag_partitions.clear()
+        lag_partitions.update(reported)
         m.active_users.set(len(sessions))
         m.catalogue.set(recommender.catalogue_size() if hasattr(recommender, "catalogue_size") else 0)
         if worker.writer is not None:
@@ -223,11 +229,12 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         export_quality()
 
     report_ticks = [0]
+    lag_partitions: set[str] = set()
 
     def export_quality() -> None:
         """HOOK for the live prequential evaluator (stream/evaluation.py, not wired yet):
         per variant, m.set_quality(variant, hr_at_10=..., ndcg_at_10=..., window_events=...);
-        m.skip_accuracy.set(...); m.drift.labels(signal).inc() on each detection."""
+        m.skip_accuracy.labels(model).set(...); m.drift.labels(signal).inc() on each detection."""
 
     @app.on_rebalance_complete.connect
     async def on_rebalance(sender: Any, **kwargs: Any) -> None:  # pragma: no cover - signal

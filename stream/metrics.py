@@ -29,6 +29,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     start_http_server,
 )
 
@@ -53,6 +54,10 @@ SESSION_LENGTH_BUCKETS: Final = (
 SESSION_PLAYS_BUCKETS: Final = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377)
 
 NAMESPACE: Final = "stream"
+
+# Prometheus 2.x ingests the ``*_created`` samples as separate series: one more series per
+# counter/histogram child for a value no dashboard or alert uses.
+disable_created_metrics()
 
 #: The closed set of ``context`` label values (listening-behaviour metrics).
 CONTEXTS: Final = (
@@ -201,7 +206,7 @@ class Metrics:
         self.skip_accuracy = Gauge(
             "skip_model_accuracy",
             "Accuracy of the skip classifier (predicted before learning) over a sliding window.",
-            namespace=ns, registry=registry,
+            ["model"], namespace=ns, registry=registry,
         )
         self.drift = Counter(
             "drift_detections", "Concept-drift detections, by monitored signal.",
@@ -239,6 +244,9 @@ class Metrics:
             self.skips.labels(context)
         for kind in LISTENER_KINDS:
             self.sessions_started.labels(kind)
+        self.redis_errors.labels("flush")
+        self.redis_writes.labels("written")
+        self.redis_writes.labels("stale_skipped")
 
     def init_topic(self, topic: str, outcomes: tuple[str, ...]) -> None:
         """Create the per-topic series at 0 (so the DLQ ratio is 0, not absent, when clean)."""
