@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="lastfm")
     d.add_argument("--count", type=int, default=5000)
-    d.add_argument("--rate", type=float, default=500.0)
+    d.add_argument("--rate", type=float, default=200.0)
     d.add_argument("--keep-running", action="store_true",
                    help="leave the worker running after the replay (Ctrl-C to stop)")
     d.set_defaults(func=cmd_demo)

@@ -1,0 +1,86 @@
+"""The Redis contract against the real Redis: atomic guarded writes, TTL, notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from stream.config import Settings
+from stream.recommender import Recommendation
+from stream.store import PendingWrite, RecoReader, RecoWriter, connect_async, encode_document
+
+pytestmark = pytest.mark.integration
+
+
+def write_for(settings: Settings, user: str, seq: int, track: str) -> PendingWrite:
+    doc, note = encode_document(
+        user_id=user,
+        seq=seq,
+        items=[Recommendation(track, 1.0, "because")],
+        generated_at_ms=int(time.time() * 1000),
+        event_ts_ms=1_700_000_000_000 + seq,
+        event_id=f"e{seq}",
+        model_version="test",
+    )
+    return PendingWrite(f"{settings.redis_prefix}{user}", seq, doc, note,
+                        1_700_000_000_000 + seq, None, time.perf_counter())
+
+
+def test_writer_never_regresses_and_publishes(settings: Settings, reader: RecoReader) -> None:
+    flushed: list[list[int]] = []
+
+    async def scenario() -> None:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        writer = RecoWriter(client, ttl_s=60, channel=settings.notify_channel,
+                            on_flush=lambda b, r, s: flushed.append(r))
+        writer.start()
+        writer.submit(write_for(settings, "u1", 5, "newer"))
+        await asyncio.wait_for(writer.drained(), 10)
+        writer.submit(write_for(settings, "u1", 3, "older"))  # a late, re-delivered write
+        await asyncio.wait_for(writer.drained(), 10)
+        writer.submit(write_for(settings, "u1", 5, "same-seq-rewrite"))
+        await asyncio.wait_for(writer.drained(), 10)
+        await writer.stop()
+        await client.aclose()
+
+    pubsub = reader.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(settings.notify_channel)
+    pubsub.get_message(timeout=1)
+    asyncio.run(scenario())
+    doc = reader.get("u1")
+    assert doc is not None and doc.seq == 5
+    assert doc.items[0].track_id == "same-seq-rewrite"
+    assert flushed == [[1], [0], [1]]
+    ttl = reader.client.ttl(f"{settings.redis_prefix}u1")
+    assert 0 < ttl <= 60
+    notes = []
+    deadline = time.monotonic() + 5
+    while len(notes) < 2 and time.monotonic() < deadline:
+        m = pubsub.get_message(timeout=0.5)
+        if m:
+            notes.append(orjson.loads(m["data"]))
+    pubsub.close()
+    assert [n["seq"] for n in notes] == [5, 5]  # the refused write published nothing
+
+
+def test_submit_coalesces_per_user(settings: Settings, reader: RecoReader) -> None:
+    batches: list[int] = []
+
+    async def scenario() -> None:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        writer = RecoWriter(client, ttl_s=60, channel="", flush_interval_ms=50,
+                            on_flush=lambda b, r, s: batches.append(len(b)))
+        writer.start()
+        for seq in range(1, 101):
+            writer.submit(write_for(settings, "u2", seq, f"t{seq}"))
+        await asyncio.wait_for(writer.drained(), 10)
+        await writer.stop()
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert batches == [1]
+    doc = reader.get("u2")
+    assert doc is not None and doc.seq == 100 and doc.items[0].track_id == "t100"

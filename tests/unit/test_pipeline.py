@@ -1,0 +1,80 @@
+"""The per-record pipeline with an in-memory table (pure logic; Kafka/Redis not involved)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from stream.config import load_settings
+from stream.events import encode_event, PlayEvent
+from stream.pipeline import DeadLetter, Processor, Record
+from stream.recommender import Recommender
+from stream.store import PendingWrite
+
+NOW_S = 1_700_000_100.0
+
+
+def make() -> tuple[Processor, dict[str, Any], list[PendingWrite], list[DeadLetter]]:
+    table: dict[str, Any] = {}
+    writes: list[PendingWrite] = []
+    dead: list[DeadLetter] = []
+    p = Processor(load_settings(env={}, file=None), Recommender(), table, writes.append,
+                  dead.append, clock=lambda: NOW_S)
+    return p, table, writes, dead
+
+
+def rec(value: bytes | None, key: bytes | None, offset: int = 0) -> Record:
+    return Record("plays", 0, offset, key, value, 1_700_000_000_000)
+
+
+def play(user: str, track: str, i: int) -> bytes:
+    return encode_event(PlayEvent(user, track, 1_700_000_000_000 + i, 200_000, f"{user}-{i}"))
+
+
+def test_valid_event_updates_state_and_emits_a_write() -> None:
+    p, table, writes, dead = make()
+    out = p.process(rec(play("u1", "a", 0), b"u1"))
+    assert out.outcome == "processed" and not dead
+    assert table["u1"]["plays_total"] == 1
+    doc = orjson.loads(writes[-1].doc)
+    assert doc["user_id"] == "u1" and doc["seq"] == 1 and doc["event_id"] == "u1-0"
+    assert writes[-1].key == "reco:u1"
+
+
+def test_rejections_go_to_dead_letters_with_source_coordinates() -> None:
+    p, table, writes, dead = make()
+    out = p.process(Record("plays", 3, 42, b"k", b"{bad", 1))
+    assert out.outcome == "rejected" and not table and not writes
+    headers = dict(dead[0].headers())
+    assert headers["dlq.reason"] == b"not_json"
+    assert headers["dlq.topic"] == b"plays" and headers["dlq.partition"] == b"3"
+    assert headers["dlq.offset"] == b"42"
+    assert dead[0].record.value == b"{bad"
+
+
+def test_key_must_match_user_id() -> None:
+    p, table, _, dead = make()
+    out = p.process(rec(play("u1", "a", 0), b"someone-else"))
+    assert out.outcome == "rejected" and dead[0].rejection.reason == "key_mismatch"
+    assert p.process(rec(play("u1", "a", 0), None)).outcome == "processed"
+
+
+def test_redelivery_is_a_duplicate_and_changes_nothing() -> None:
+    p, table, writes, _ = make()
+    p.process(rec(play("u1", "a", 0), b"u1"))
+    p.process(rec(play("u1", "b", 1), b"u1"))
+    before = dict(table["u1"])
+    n_writes = len(writes)
+    assert p.process(rec(play("u1", "a", 0), b"u1", offset=9)).outcome == "duplicate"
+    assert table["u1"] == before and len(writes) == n_writes
+
+
+def test_recommendations_exclude_recent_and_carry_reasons() -> None:
+    p, _, writes, _ = make()
+    for i, (u, t) in enumerate([("u1", "a"), ("u1", "b"), ("u1", "c"), ("u2", "a")]):
+        p.process(rec(play(u, t, i), u.encode()))
+    doc = orjson.loads(writes[-1].doc)
+    ids = [it["track_id"] for it in doc["items"]]
+    assert "a" not in ids and ids and ids[0] == "b"
+    assert all(it["reason"] for it in doc["items"])

@@ -1,0 +1,108 @@
+"""Session state: pure update, idempotency, sessionisation, bounds."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream.events import PlayEvent
+from stream.session import UserState, update_session
+
+T0 = 1_700_000_000_000
+MIN = 60_000
+
+
+def ev(track: str, ts: int, *, played: int = 200_000, eid: str | None = None, **kw: object) -> PlayEvent:
+    return PlayEvent("u", track, ts, played, eid or f"{track}@{ts}", **kw)  # type: ignore[arg-type]
+
+
+def apply(events: list[PlayEvent], **kw: int) -> UserState:
+    state = None
+    for e in events:
+        state = update_session(state, e, **kw).state
+    assert state is not None
+    return state
+
+
+def test_first_event_starts_a_session() -> None:
+    up = update_session(None, ev("a", T0))
+    assert up.first_event and up.new_session and not up.duplicate
+    s = up.state
+    assert (s.plays_total, s.sessions_total, s.session_plays, s.seq) == (1, 1, 1, 1)
+    assert s.recent == ["a"] and s.last_event_ts_ms == T0
+
+
+def test_inactivity_gap_splits_sessions() -> None:
+    s = apply([ev("a", T0), ev("b", T0 + 5 * MIN), ev("c", T0 + 50 * MIN)], gap_ms=30 * MIN)
+    assert s.sessions_total == 2 and s.session_plays == 1 and s.plays_total == 3
+    assert s.session_start_ms == T0 + 50 * MIN
+
+
+def test_explicit_session_ids_win_over_the_gap() -> None:
+    s = apply([ev("a", T0, session_id="s1"), ev("b", T0 + 90 * MIN, session_id="s1"),
+               ev("c", T0 + 91 * MIN, session_id="s2")])
+    assert s.sessions_total == 2 and s.session_key == "s2"
+
+
+def test_skip_streak_and_counts() -> None:
+    s = apply([ev("a", T0, played=5_000), ev("b", T0 + 1, played=6_000), ev("c", T0 + 2)])
+    assert s.skip_streak == 0 and s.skips_total == 2 and s.session_skips == 2
+    s2 = update_session(s, ev("d", T0 + 3, played=1_000)).state
+    assert s2.skip_streak == 1 and s2.recent_skipped[-1] is True
+
+
+def test_duplicates_are_no_ops() -> None:
+    first = update_session(None, ev("a", T0, eid="e1"))
+    again = update_session(first.state, ev("a", T0, eid="e1"))
+    assert again.duplicate and again.state is first.state
+    assert again.state.plays_total == 1
+
+
+def test_out_of_order_event_counts_but_does_not_move_time_back() -> None:
+    s = apply([ev("a", T0 + 10 * MIN), ev("b", T0)])
+    assert s.plays_total == 2 and s.last_ts_ms == T0 + 10 * MIN
+
+
+def test_update_does_not_mutate_its_input() -> None:
+    s1 = apply([ev("a", T0)])
+    snapshot = s1.to_dict()
+    update_session(s1, ev("b", T0 + 1))
+    assert s1.to_dict() == snapshot
+
+
+def test_serialisation_round_trip() -> None:
+    s = apply([ev("a", T0, played=1), ev("b", T0 + 1)])
+    assert UserState.from_dict(s.to_dict()) == s
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d", "e"]),
+            st.integers(min_value=0, max_value=10 * 3_600_000),
+            st.integers(min_value=0, max_value=400_000),
+            st.integers(min_value=0, max_value=40),  # event id: small space -> duplicates
+        ),
+        max_size=60,
+    )
+)
+def test_property_counts_are_exact_and_state_bounded(rows: list[tuple[str, int, int, int]]) -> None:
+    events = [ev(t, T0 + dt, played=p, eid=f"e{i}") for t, dt, p, i in rows]
+    state = None
+    applied_ids: list[str] = []
+    for e in events:
+        up = update_session(state, e, max_recent=7, max_seen=64)
+        assert up.duplicate == (e.event_id in applied_ids)
+        if not up.duplicate:
+            applied_ids.append(e.event_id)
+        state = up.state
+    if state is None:
+        return
+    assert state.plays_total == len(applied_ids) == state.seq
+    assert len(state.recent) <= 7 and len(state.recent) == len(state.recent_skipped)
+    assert len(state.seen) <= 64
+    assert 1 <= state.sessions_total <= state.plays_total
+    assert 0 <= state.skips_total <= state.plays_total
+    assert state.session_plays <= state.plays_total
+    assert UserState.from_dict(state.to_dict()) == state
