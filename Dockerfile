@@ -1,0 +1,29 @@
+# The stream-reco worker (and the `stream` CLI: producer, recs, ...).
+#   docker build -t stream-reco .
+#   docker run --rm stream-reco --help
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+# Dependencies first (cached layer), then the code.
+COPY pyproject.toml README.md ./
+COPY stream ./stream
+COPY configs ./configs
+RUN pip install . \
+    && useradd --create-home --uid 10001 stream \
+    && mkdir -p /data && chown stream /data
+
+USER stream
+# Faust table data (only used with STREAM_TABLE_STORE=rocksdb://) and the metrics port.
+ENV STREAM_DATA_DIR=/data \
+    STREAM_METRICS_HOST=0.0.0.0 \
+    STREAM_METRICS_PORT=8000
+VOLUME ["/data"]
+EXPOSE 8000
+
+ENTRYPOINT ["stream"]
+CMD ["worker"]
