@@ -98,6 +98,14 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         partitions=partitions,
     )
     dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+    control = app.topic(
+        settings.control_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
     sessions = app.Table(
         "sessions",
         default=None,
@@ -153,6 +161,7 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
     app.service(writer_service)  # type: ignore[arg-type]
 
     pending_writes: deque[PendingWrite] = deque()
+    pending_forgets: deque[str] = deque()
     dead_letters: deque[DeadLetter] = deque()
 
     def submit(write: PendingWrite) -> None:
@@ -162,6 +171,29 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
             pending_writes.append(write)
 
     processor = Processor(settings, recommender, sessions, submit, dead_letters.append)
+
+    @app.agent(control, name="control")
+    async def process_control(stream: faust.StreamT[bytes]) -> None:
+        """Deletion requests: co-partitioned with plays, so this worker owns the user."""
+        from stream.control import parse_control
+        from stream.events import Rejection
+
+        async for event in stream.events():
+            msg = event.message
+            cmd = parse_control(msg.value)
+            if isinstance(cmd, Rejection):
+                logger.warning("bad control message at %s[%d]@%d: %s",
+                               msg.topic, msg.partition, msg.offset, cmd)
+                m.control.labels("rejected").inc()
+                continue
+            existed = processor.forget_user(cmd.user_id)
+            key = processor.redis_key(cmd.user_id)
+            if worker.writer is not None:
+                worker.writer.forget(key)
+            else:
+                pending_forgets.append(key)
+            m.control.labels("forgotten" if existed else "forgotten_unknown").inc()
+            logger.info("forgot user (request %s, state existed: %s)", cmd.request_id, existed)
 
     @app.agent(plays, name="process-plays")
     async def process_plays(stream: faust.StreamT[bytes]) -> None:
@@ -184,6 +216,8 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
                 from stream.events import Rejection
 
                 outcome = processor.reject(record, Rejection("internal_error", repr(exc)[:500]))
+            while pending_forgets and worker.writer is not None:
+                worker.writer.forget(pending_forgets.popleft())
             while pending_writes and worker.writer is not None:
                 worker.writer.submit(pending_writes.popleft())
             while dead_letters:

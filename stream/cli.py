@@ -154,6 +154,31 @@ def cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Send a deletion request for a listener to the control topic."""
+    from stream.control import encode_forget
+    from stream.kafka_io import ensure_topics, make_producer
+
+    settings = _settings(args)
+
+    async def send() -> None:
+        await ensure_topics(settings)
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                settings.control_topic, encode_forget(args.user), key=args.user.encode()
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    print(f"deletion request for {args.user!r} sent to {settings.control_topic}; the owning "
+          f"worker purges its session state, model parameters and {settings.redis_prefix}"
+          f"{args.user}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(_settings(args).masked(), indent=2))
     return 0
@@ -219,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("track")
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_similar)
+
+    fg = sub.add_parser("forget", help="purge a listener's state and recommendations")
+    common(fg)
+    fg.add_argument("user")
+    fg.set_defaults(func=cmd_forget)
 
     c = sub.add_parser("config", help="print the effective settings (secrets masked)")
     common(c)

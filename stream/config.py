@@ -39,6 +39,7 @@ class Settings:
     app_id: str = "stream-reco"
     plays_topic: str = "plays"
     dlq_topic: str = "plays-dlq"
+    control_topic: str = "plays-control"
     partitions: int = 4
     replication_factor: int = 1
     kafka_security_protocol: str = "PLAINTEXT"
@@ -52,6 +53,13 @@ class Settings:
     # Redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password: str = ""
+    #: ACL user (Redis 6+); empty = the default user. The password is ``redis_password``.
+    redis_username: str = ""
+    #: TLS (also implied by a rediss:// URL): CA bundle to verify the server, and an optional
+    #: client certificate + key for servers that require mutual TLS.
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
     redis_prefix: str = "reco:"
     similar_prefix: str = "similar:"
     notify_channel: str = "reco-updates"
@@ -198,17 +206,27 @@ def validate(s: Settings) -> Settings:
         raise bad("redis_flush_interval_ms", "must be >= 0")
     if not 0 <= s.metrics_port <= 65535:
         raise bad("metrics_port", f"must be a TCP port (0-65535), got {s.metrics_port}")
-    for name in ("app_id", "plays_topic", "dlq_topic"):
+    for name in ("app_id", "plays_topic", "dlq_topic", "control_topic"):
         value = getattr(s, name)
         if not value or any(c not in _TOPIC_CHARS for c in value) or len(value) > 200:
             raise bad(name, f"{value!r} is not a valid Kafka topic/group name ([a-zA-Z0-9._-]+)")
     if s.plays_topic == s.dlq_topic:
         raise bad("dlq_topic", "must differ from plays_topic")
+    if s.control_topic in (s.plays_topic, s.dlq_topic):
+        raise bad("control_topic", "must differ from plays_topic and dlq_topic")
     if not s.kafka_bootstrap or any(":" not in h for h in s.kafka_bootstrap.split(",")):
         raise bad("kafka_bootstrap", f"expected host:port[,host:port], got {s.kafka_bootstrap!r}")
     scheme = urlsplit(s.redis_url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise bad("redis_url", f"scheme must be redis://, rediss:// or unix://, got {scheme!r}")
+    if bool(s.redis_tls_cert_file) != bool(s.redis_tls_key_file):
+        name = "redis_tls_key_file" if s.redis_tls_cert_file else "redis_tls_cert_file"
+        raise bad(name, "redis_tls_cert_file and redis_tls_key_file must be set together")
+    tls_files = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+    for name in (*tls_files, "kafka_ssl_cafile"):
+        path = getattr(s, name)
+        if path and not Path(path).is_file():
+            raise bad(name, f"file {path!r} does not exist")
     if s.table_store.split("://")[0] not in ("memory", "rocksdb"):
         raise bad("table_store", f"must be memory:// or rocksdb://, got {s.table_store!r}")
     if s.kafka_security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):

@@ -36,6 +36,7 @@ REJECTION_REASONS: Final = (
     "too_old_timestamp",
     "unknown_field",
     "key_mismatch",
+    "internal_error",
 )
 
 MAX_EVENT_BYTES: Final = 16 * 1024

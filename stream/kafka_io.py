@@ -14,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from stream.config import Settings
-from stream.errors import StreamError
+from stream.errors import ConfigError, StreamError
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,17 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
                 ) from exc
             await asyncio.sleep(1)
     try:
-        existing = await _partition_counts(admin, [settings.plays_topic, settings.dlq_topic])
+        names = [settings.plays_topic, settings.dlq_topic, settings.control_topic]
+        existing = await _partition_counts(admin, names)
+        # the control topic must be co-partitioned with plays (same key -> same partition)
+        plays_n = existing.get(settings.plays_topic, settings.partitions)
         to_create = [
-            NewTopic(name, settings.partitions, settings.replication_factor)
-            for name in (settings.plays_topic, settings.dlq_topic)
+            NewTopic(
+                name,
+                plays_n if name == settings.control_topic else settings.partitions,
+                settings.replication_factor,
+            )
+            for name in names
             if name not in existing
         ]
         if to_create:
@@ -77,6 +84,15 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
         else:
             raise KafkaUnavailable(f"topic {settings.plays_topic} did not appear after creation")
         n = counts[settings.plays_topic]
+        control_n = (await _partition_counts(admin, [settings.control_topic])).get(
+            settings.control_topic
+        )
+        if control_n is not None and control_n != n:
+            raise ConfigError(
+                f"control topic {settings.control_topic} has {control_n} partitions but "
+                f"{settings.plays_topic} has {n}; they must be co-partitioned "
+                "(setting control_topic)"
+            )
         if n != settings.partitions:
             logger.warning(
                 "topic %s has %d partitions (setting partitions=%d); using %d",

@@ -235,6 +235,10 @@ class Metrics:
             "session_plays", "Plays per finished session.",
             namespace=ns, buckets=SESSION_PLAYS_BUCKETS, registry=registry,
         )
+        self.control = Counter(
+            "control_commands", "Control-topic commands handled, by result.",
+            ["result"], namespace=ns, registry=registry,
+        )
         self.build = Info("build", "Version information.", namespace=ns, registry=registry)
 
         # Pre-create the bounded label children so every series exists (at 0) from the
@@ -287,6 +291,21 @@ class Metrics:
     def set_model_memory(self, sizes: Mapping[str, int]) -> None:
         for model, size in sizes.items():
             self.model_memory.labels(model).set(size)
+
+
+def parse_exposition(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples ``(name, labels, value)`` of a Prometheus text exposition (``stream top``).
+
+    >>> parse_exposition('# TYPE x_total counter\\nx_total{a="1"} 2.0\\n')
+    [('x_total', {'a': '1'}, 2.0)]
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (s.name, dict(s.labels), float(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
 
 
 def serve(metrics: Metrics, host: str, port: int) -> None:

@@ -153,6 +153,21 @@ class Processor:
         timer.lap("enqueue")
         return Outcome("processed", event=event, update=update, recs=recs)
 
+    def forget_user(self, user_id: str) -> bool:
+        """Purge a listener: session state (a changelog tombstone, so a restart cannot
+        resurrect it) and user-side model parameters. Returns whether state existed.
+        The caller deletes the Redis document."""
+        existed = self.table.get(user_id) is not None
+        if existed:
+            del self.table[user_id]
+        forget = getattr(self.recommender, "forget_user", None)
+        if callable(forget):
+            forget(user_id)
+        return existed
+
+    def redis_key(self, user_id: str) -> str:
+        return f"{self.settings.redis_prefix}{user_id}"
+
     def make_write(
         self,
         event: PlayEvent,
@@ -178,7 +193,7 @@ class Processor:
             },
         )
         return PendingWrite(
-            key=f"{self.settings.redis_prefix}{event.user_id}",
+            key=self.redis_key(event.user_id),
             seq=state.seq,
             doc=doc,
             notification=note,

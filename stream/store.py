@@ -132,6 +132,7 @@ class RecoWriter:
         self.on_flush = on_flush
         self.on_error = on_error
         self.pending: dict[str, PendingWrite] = {}
+        self.deletes: set[str] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -144,6 +145,14 @@ class RecoWriter:
         old = self.pending.get(write.key)
         if old is None or old.seq <= write.seq:
             self.pending[write.key] = write
+        self._idle.clear()
+        self._wake.set()
+
+    def forget(self, key: str) -> None:
+        """Delete ``key`` (a forgotten listener): drops any pending write for it, and the DEL
+        is sent before writes in the next flush."""
+        self.pending.pop(key, None)
+        self.deletes.add(key)
         self._idle.clear()
         self._wake.set()
 
@@ -169,7 +178,7 @@ class RecoWriter:
 
     async def drained(self) -> None:
         """Wait until nothing is pending."""
-        while self.pending:
+        while self.pending or self.deletes:
             self._wake.set()
             await self._idle.wait()
 
@@ -180,7 +189,7 @@ class RecoWriter:
             if self.flush_interval_s:
                 # let a burst accumulate so one round trip carries many users
                 await asyncio.sleep(self.flush_interval_s)
-            while self.pending:
+            while self.pending or self.deletes:
                 ok = await self.flush_once()
                 if not ok:
                     backoff = min(self.retry_max_s, 0.05 * 2 ** min(self.consecutive_failures, 10))
@@ -191,9 +200,10 @@ class RecoWriter:
         """Send one batch. Returns False (and keeps the batch pending) on a Redis error."""
         keys = list(self.pending)[: self.max_batch]
         batch = [self.pending[k] for k in keys]
+        deletes = list(self.deletes)
         started = time.perf_counter()
         try:
-            results = await self._send(batch)
+            results = await self._send(batch, deletes)
         except (RedisError, OSError) as exc:
             self.consecutive_failures += 1
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
@@ -207,6 +217,7 @@ class RecoWriter:
         if self.consecutive_failures:
             logger.info("redis is back after %d failed flushes", self.consecutive_failures)
         self.consecutive_failures = 0
+        self.deletes.difference_update(deletes)
         for write in batch:
             # only drop it if no newer document for that user arrived during the flush
             if self.pending.get(write.key) is write:
@@ -215,17 +226,19 @@ class RecoWriter:
             self.on_flush(batch, [int(r) for r in results], time.perf_counter() - started)
         return True
 
-    async def _send(self, batch: list[PendingWrite]) -> list[Any]:
+    async def _send(self, batch: list[PendingWrite], deletes: list[str]) -> list[Any]:
         if self._sha is None:
             self._sha = await self.client.script_load(WRITE_SCRIPT)
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
+            for key in deletes:
+                pipe.delete(key)
             for w in batch:
                 pipe.evalsha(
                     self._sha, 1, w.key, w.seq, w.doc, self.ttl_s, self.channel, w.notification
                 )
             try:
-                return list(await pipe.execute())
+                return list(await pipe.execute())[len(deletes) :]
             except NoScriptError:
                 # Redis restarted and lost its script cache
                 self._sha = await self.client.script_load(WRITE_SCRIPT)
@@ -234,11 +247,58 @@ class RecoWriter:
         raise AssertionError("unreachable")
 
 
-def connect_async(url: str, password: str = "") -> aioredis.Redis:
-    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+def client_options(
+    url: str,
+    *,
+    password: str = "",
+    username: str = "",
+    tls_ca_file: str = "",
+    tls_cert_file: str = "",
+    tls_key_file: str = "",
+) -> tuple[str, dict[str, Any]]:
+    """The URL and redis-py keyword arguments for these credentials and TLS files.
+
+    Any TLS file implies TLS (``redis://`` is upgraded to ``rediss://``); with a CA file the
+    server certificate is verified against it, else against the system trust store.
+
+    >>> client_options("redis://127.0.0.1:6379/0", username="app", password="pw")
+    ('redis://127.0.0.1:6379/0', {'password': 'pw', 'username': 'app'})
+    """
+    kwargs: dict[str, Any] = {}
     if password:
         kwargs["password"] = password
-    return aioredis.Redis.from_url(url, **kwargs)
+    if username:
+        kwargs["username"] = username
+    if tls_ca_file or tls_cert_file or tls_key_file:
+        if url.startswith("redis://"):
+            url = "rediss://" + url[len("redis://") :]
+        if tls_ca_file:
+            kwargs["ssl_ca_certs"] = tls_ca_file
+        if tls_cert_file:
+            kwargs["ssl_certfile"] = tls_cert_file
+            kwargs["ssl_keyfile"] = tls_key_file
+    return url, kwargs
+
+
+def connect_async(
+    url: str,
+    password: str = "",
+    *,
+    username: str = "",
+    tls_ca_file: str = "",
+    tls_cert_file: str = "",
+    tls_key_file: str = "",
+) -> aioredis.Redis:
+    """The worker's Redis client (see :func:`client_options` for auth and TLS)."""
+    url, kwargs = client_options(
+        url,
+        password=password,
+        username=username,
+        tls_ca_file=tls_ca_file,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+    )
+    return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
 
 
 # --------------------------------------------------------------------------- client side
@@ -295,11 +355,20 @@ class RecoReader:
         prefix: str = "reco:",
         similar_prefix: str = "similar:",
         channel: str = "reco-updates",
+        username: str = "",
+        tls_ca_file: str = "",
+        tls_cert_file: str = "",
+        tls_key_file: str = "",
     ) -> None:
-        kwargs: dict[str, Any] = {"socket_timeout": 5}
-        if password:
-            kwargs["password"] = password
-        self.client = redis.Redis.from_url(url, **kwargs)
+        url, kwargs = client_options(
+            url,
+            password=password,
+            username=username,
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+        )
+        self.client = redis.Redis.from_url(url, socket_timeout=5, **kwargs)
         self.prefix = prefix
         self.similar_prefix = similar_prefix
         self.channel = channel

@@ -76,6 +76,7 @@ def settings(services: stack.StackConfig, request: pytest.FixtureRequest) -> Set
         app_id=f"{tag}-app",
         plays_topic=f"{tag}-plays",
         dlq_topic=f"{tag}-dlq",
+        control_topic=f"{tag}-control",
         redis_prefix=f"{tag}:reco:",
         similar_prefix=f"{tag}:similar:",
         notify_channel=f"{tag}:reco-updates",
