@@ -39,6 +39,9 @@ class Worker:
     recommender: Recommender
     writer: RecoWriter | None = None
     processed_offsets: dict[TP, int] = field(default_factory=dict)
+    #: The live prequential evaluator (a windowed ``stream.evaluation.Prequential``) once the
+    #: agent feeds it; the report timer exports its summary as the quality metrics.
+    evaluator: Any = None
 
 
 def broker_url(settings: Settings) -> str:
@@ -265,10 +268,30 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
     report_ticks = [0]
     lag_partitions: set[str] = set()
 
+    drift_seen = [0]
+
     def export_quality() -> None:
-        """HOOK for the live prequential evaluator (stream/evaluation.py, not wired yet):
-        per variant, m.set_quality(variant, hr_at_10=..., ndcg_at_10=..., window_events=...);
-        m.skip_accuracy.labels(model).set(...); m.drift.labels(signal).inc() on each detection."""
+        """Export ``worker.evaluator``'s windowed summary (HR@10 / NDCG@10 per variant, skip
+        accuracy) and the recommender's drift detections. Until something sets
+        ``worker.evaluator`` (and feeds it test-then-train), the quality gauges stay absent."""
+        detector = getattr(recommender, "drift", None)
+        detections = getattr(detector, "n_detections", None)
+        if isinstance(detections, int):
+            m.drift.labels("skip_rate").inc(max(0, detections - drift_seen[0]))
+            drift_seen[0] = detections
+        evaluator = worker.evaluator
+        if evaluator is None or getattr(evaluator, "k", None) != 10:
+            return
+        for variant, stats in evaluator.summary().items():
+            if variant == "skip":
+                m.skip_accuracy.labels("skip").set(stats["accuracy"])
+            else:
+                m.set_quality(
+                    variant,
+                    hr_at_10=stats["hr@10"],
+                    ndcg_at_10=stats["ndcg@10"],
+                    window_events=int(stats["events"]),
+                )
 
     @app.on_rebalance_complete.connect
     async def on_rebalance(sender: Any, **kwargs: Any) -> None:  # pragma: no cover - signal
