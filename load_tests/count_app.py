@@ -1,0 +1,66 @@
+"""Baseline (b): a Faust agent that only counts events -- Faust's own per-event cost.
+
+Same broker/consumer settings as the worker (stream/app.py: at-least-once, commit every 1000
+or 1 s, stream buffer 4096, raw bytes, ``stream.events()``), but memory store, no table and
+its own app id. Configured by env: LT_APP_ID, LT_TOPIC, LT_PARTITIONS, LT_PROGRESS (a file it
+appends ``<epoch s> <count>`` to every LT_EVERY events), LT_EXPECT (writes a final line when
+reached). Run by load_tests.throughput; by hand:
+
+    LT_APP_ID=lt-count LT_TOPIC=plays LT_PROGRESS=/tmp/count.txt python -m load_tests.count_app
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import faust
+
+from stream.app import broker_url
+from stream.config import load_settings
+
+settings = load_settings()
+app_id = os.environ["LT_APP_ID"]
+topic_name = os.environ["LT_TOPIC"]
+partitions = int(os.environ.get("LT_PARTITIONS", "4"))
+progress_path = os.environ["LT_PROGRESS"]
+every = int(os.environ.get("LT_EVERY", "1000"))
+expect = int(os.environ.get("LT_EXPECT", "0"))
+
+app = faust.App(
+    app_id,
+    broker=broker_url(settings),
+    store="memory://",
+    topic_partitions=partitions,
+    processing_guarantee="at_least_once",
+    consumer_auto_offset_reset="earliest",
+    web_enabled=False,
+    autodiscover=False,
+    broker_commit_every=1000,
+    broker_commit_interval=1.0,
+    stream_buffer_maxsize=4096,
+)
+plays = app.topic(
+    topic_name,
+    key_type=bytes,
+    value_type=bytes,
+    key_serializer="raw",
+    value_serializer="raw",
+    partitions=partitions,
+)
+
+
+@app.agent(plays, name="count-plays")
+async def count_plays(stream: faust.StreamT[bytes]) -> None:
+    count = 0
+    with open(progress_path, "a", buffering=1) as out:
+        out.write(f"{time.time():.6f} 0 start\n")
+        async for _event in stream.events():
+            count += 1
+            if count == 1 or count % every == 0 or count == expect:
+                out.write(f"{time.time():.6f} {count}\n")
+
+
+if __name__ == "__main__":
+    worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
