@@ -75,6 +75,8 @@ _CONTEXT_ALIASES: Final = {
     "chart": "charts",
 }
 LISTENER_KINDS: Final = ("new", "returning")
+#: Signals watched by drift detectors (``signal`` label of the drift counter).
+DRIFT_SIGNALS: Final = ("skip_rate",)
 
 
 def context_label(context: str | None) -> str:
@@ -248,6 +250,8 @@ class Metrics:
             self.skips.labels(context)
         for kind in LISTENER_KINDS:
             self.sessions_started.labels(kind)
+        for signal in DRIFT_SIGNALS:
+            self.drift.labels(signal)
         self.redis_errors.labels("flush")
         self.redis_writes.labels("written")
         self.redis_writes.labels("stale_skipped")

@@ -58,7 +58,6 @@ AWAITING_EVALUATOR: frozenset[str] = frozenset(
         "stream_quality_ndcg_at_10",
         "stream_quality_window_events",
         "stream_skip_model_accuracy",
-        "stream_drift_detections_total",
     }
 )
 
