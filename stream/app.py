@@ -16,6 +16,8 @@ from typing import Any
 
 import faust
 import mode
+import orjson
+from faust.serializers import codecs
 from faust.types import TP
 
 from stream import __version__
@@ -23,10 +25,27 @@ from stream.config import Settings
 from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record, StageTimer
 from stream.recommender import Recommender
+from stream.session import UserState
 from stream.sizing import model_memory_bytes
 from stream.store import PendingWrite, RecoWriter, connect_async
 
 logger = logging.getLogger(__name__)
+
+
+USER_STATE_CODEC = "user_state"
+
+
+class UserStateCodec(codecs.Codec):
+    """Changelog values: UserState <-> orjson bytes (the table keeps live objects)."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        return orjson.dumps(obj.to_dict() if isinstance(obj, UserState) else obj)
+
+    def _loads(self, s: bytes) -> Any:
+        return UserState.from_dict(orjson.loads(s))
+
+
+codecs.register(USER_STATE_CODEC, UserStateCodec())
 
 
 @dataclass
@@ -113,7 +132,7 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         "sessions",
         default=None,
         partitions=partitions,
-        schema=faust.Schema(key_serializer="json", value_serializer="json"),
+        schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
         help="Per-listener session state (stream.session.UserState.to_dict()).",
     )
 

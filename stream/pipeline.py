@@ -131,8 +131,10 @@ class Processor:
                     f"record key {record.key[:64]!r} differs from user_id {event.user_id[:64]!r}",
                 ),
             )
-        raw_state = self.table.get(event.user_id)
-        state = UserState.from_dict(raw_state) if raw_state is not None else None
+        stored = self.table.get(event.user_id)
+        # the worker's table holds UserState objects (serialised by a codec on the changelog);
+        # plain dicts are accepted too (older changelog entries, simple test tables)
+        state = UserState.from_dict(stored) if isinstance(stored, dict) else stored
         update = update_session(
             state,
             event,
@@ -143,7 +145,7 @@ class Processor:
         if update.duplicate:
             timer.lap("session")
             return Outcome("duplicate", event=event, update=update)
-        self.table[event.user_id] = update.state.to_dict()
+        self.table[event.user_id] = update.state
         timer.lap("session")
         self.recommender.learn_one(update)
         timer.lap("learn")

@@ -36,7 +36,7 @@ def test_valid_event_updates_state_and_emits_a_write() -> None:
     p, table, writes, dead = make()
     out = p.process(rec(play("u1", "a", 0), b"u1"))
     assert out.outcome == "processed" and not dead
-    assert table["u1"]["plays_total"] == 1
+    assert table["u1"].plays_total == 1
     doc = orjson.loads(writes[-1].doc)
     assert doc["user_id"] == "u1" and doc["seq"] == 1 and doc["event_id"] == "u1-0"
     assert writes[-1].key == "reco:u1"
@@ -64,10 +64,10 @@ def test_redelivery_is_a_duplicate_and_changes_nothing() -> None:
     p, table, writes, _ = make()
     p.process(rec(play("u1", "a", 0), b"u1"))
     p.process(rec(play("u1", "b", 1), b"u1"))
-    before = dict(table["u1"])
+    before = table["u1"].to_dict()
     n_writes = len(writes)
     assert p.process(rec(play("u1", "a", 0), b"u1", offset=9)).outcome == "duplicate"
-    assert table["u1"] == before and len(writes) == n_writes
+    assert table["u1"].to_dict() == before and len(writes) == n_writes
 
 
 def test_recommendations_exclude_recent_and_carry_reasons() -> None:
