@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -450,3 +450,188 @@ def status(cfg: StackConfig) -> dict[str, dict[str, object]]:
             ok = False
         out[name] = {"pid": pid, "port": ports[name], "ready": ok}
     return out
+
+
+# --------------------------------------------------------------------------- private instances
+# Fault drills and security tests need services they may stop, restart or lock down without
+# touching the shared stack: same code paths, a separate state dir and ports.
+
+
+def private_config(
+    state_dir: Path,
+    *,
+    kafka_port: int = 0,
+    controller_port: int = 0,
+    redis_port: int = 0,
+    redis_password: str = "",
+) -> StackConfig:
+    """A StackConfig for a private instance (own state dir and ports, shared jar cache)."""
+    base = StackConfig.from_env()
+    return StackConfig(
+        state_dir=state_dir,
+        cache_dir=base.cache_dir,
+        kafka_port=kafka_port,
+        controller_port=controller_port,
+        redis_port=redis_port,
+        prometheus_port=0,
+        metrics_targets=(),
+        redis_password=redis_password,
+    )
+
+
+def stop_kafka(cfg: StackConfig) -> bool:
+    """Stop the broker this ``cfg`` started (SIGTERM, then SIGKILL after 30 s)."""
+    return _stop(cfg, "kafka", "kafka.Kafka")
+
+
+def sasl_kafka_properties(cfg: StackConfig, users: dict[str, str]) -> Path:
+    """configs/kafka/server.properties with the client listener switched to SASL_PLAINTEXT
+    (mechanism PLAIN, ``users`` as the JAAS user list). The first user is the broker's own
+    inter-broker identity; the controller listener stays PLAINTEXT on 127.0.0.1."""
+    if not users:
+        raise StackError("a SASL broker needs at least one user")
+    props = _kafka_properties(cfg)
+    text = props.read_text()
+    text = text.replace("PLAINTEXT://127.0.0.1:", "SASL_PLAINTEXT://127.0.0.1:").replace(
+        "inter.broker.listener.name=PLAINTEXT", "inter.broker.listener.name=SASL_PLAINTEXT"
+    )
+    text = text.replace(
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,",
+        "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,",
+    )
+    admin, admin_pw = next(iter(users.items()))
+    jaas_users = " ".join(f'user_{u}="{p}"' for u, p in users.items())
+    text += (
+        "\n# SASL variant rendered by stream.stack.sasl_kafka_properties\n"
+        "sasl.enabled.mechanisms=PLAIN\n"
+        "sasl.mechanism.inter.broker.protocol=PLAIN\n"
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{admin}" password="{admin_pw}" {jaas_users};\n'
+    )
+    props.write_text(text)
+    props.chmod(0o600)  # it holds passwords
+    return props
+
+
+def kafka_sasl_ready(port: int, username: str, password: str) -> bool:
+    """Like :func:`kafka_ready`, authenticating with SASL/PLAIN."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}",
+            request_timeout_ms=3000,
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism="PLAIN",
+            sasl_plain_username=username,
+            sasl_plain_password=password,
+        )
+        try:
+            await asyncio.wait_for(admin.start(), 5)
+            cluster = await asyncio.wait_for(admin.describe_cluster(), 5)
+            return bool(cluster.get("brokers"))
+        finally:
+            await admin.close()
+
+    return asyncio.run(probe())
+
+
+def start_sasl_kafka(cfg: StackConfig, users: dict[str, str], timeout: float = 90) -> None:
+    """Start a private broker whose client listener requires SASL/PLAIN (see
+    :func:`sasl_kafka_properties`). The default stack is unaffected."""
+    for port in (cfg.kafka_port, cfg.controller_port):
+        if _port_open(port):
+            raise StackError(f"port {port} is already in use")
+    libs = ensure_kafka_jars(cfg)
+    props = sasl_kafka_properties(cfg, users)
+    data = cfg.state_dir / "kafka" / "data"
+    if not (data / "meta.properties").exists():
+        import base64
+
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        proc = subprocess.run(
+            [*_java_base(cfg, libs), "kafka.tools.StorageTool", "format", "-t", cid, "-c",
+             str(props)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise StackError(f"kafka storage format failed:\n{proc.stdout}\n{proc.stderr}")
+    _spawn(cfg, "kafka", [*_java_base(cfg, libs), "kafka.Kafka", str(props)])
+    user, password = next(iter(users.items()))
+    _wait(
+        "kafka (SASL)",
+        lambda: _port_open(cfg.kafka_port) and kafka_sasl_ready(cfg.kafka_port, user, password),
+        timeout,
+        lambda: _alive(cfg, "kafka"),
+    )
+    log(f"kafka (SASL_PLAINTEXT/PLAIN) ready on 127.0.0.1:{cfg.kafka_port}")
+
+
+@dataclass
+class RedisServer:
+    """A private ``redis-server`` on its own port and directory that a test may stop and
+    start at will (outage drills) or lock down (``--requirepass``, ACL users, TLS).
+
+    ``args`` are extra server options, e.g. ``["--requirepass", "pw"]`` or
+    ``["--port", "0", "--tls-port", "7001", "--tls-cert-file", ...]``.
+    """
+
+    workdir: Path
+    port: int
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> RedisServer:
+        server = _require("redis-server", "install Redis (apt-get install redis-server)")
+        if _port_open(self.port):
+            raise StackError(f"port {self.port} is already in use")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            server,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "no",
+            "--logfile", str(self.workdir / "redis.log"),
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise StackError(
+                    f"private redis-server exited with {self.proc.returncode}; "
+                    f"see {self.workdir / 'redis.log'}"
+                )
+            if self._listening():
+                return self
+            time.sleep(0.1)
+        raise StackError(f"private redis-server not listening within {timeout:.0f}s")
+
+    def _listening(self) -> bool:
+        tls = "--tls-port" in self.args
+        port = int(self.args[self.args.index("--tls-port") + 1]) if tls else self.port
+        if port == 0:
+            return False
+        return _port_open(port)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
