@@ -46,3 +46,41 @@ def test_crash_loop_loses_and_double_counts_nothing(
     assert len(report["kill_log"]) == 3
     assert report["worker_alive"]
     assert_exactly_once(report)
+
+
+def test_hostile_input_is_dead_lettered_with_its_reason(
+    settings: Settings, worker_factory: Callable[..., faults.Worker]
+) -> None:
+    report = faults.hostile_input(
+        settings, worker_factory, count=2000, rss_limit_bytes=1024 * 2**20
+    )
+    kinds = report["kinds"]
+    for kind in ("valid", "duplicate", "random_bytes", "huge", "deep_nesting", "wrong_type",
+                 "unicode", "nan_inf", "bad_timestamp", "key_mismatch", "not_an_event"):
+        assert kinds.get(kind, 0) > 0, f"corpus has no {kind} records: {kinds}"
+    assert report["worker_alive"], report
+    # every rejected record is in the DLQ once, with the reason parse_event gives
+    assert report["dlq_records"] == report["expected_rejected"], report
+    assert report["dlq_missing"] == 0 and report["dlq_unexpected"] == 0, report
+    assert report["worker_metrics"] == {
+        "processed": report["expected_distinct_valid"],
+        "rejected": report["expected_rejected"],
+        "duplicate": report["expected_valid"] - report["expected_distinct_valid"],
+    }
+    assert_exactly_once(report)
+    assert report["rss_within_limit"], report
+    assert report["rss_peak_mb"] - report["rss_start_mb"] < 256, report
+
+
+def test_redis_outage_is_ridden_out_and_caught_up(
+    settings: Settings, worker_factory: Callable[..., faults.Worker], tmp_path: Path
+) -> None:
+    report = faults.redis_outage(
+        settings, worker_factory, tmp_path, outage_s=8.0, before_s=3.0, users=40, rate=100.0,
+        catch_up_timeout_s=60.0,
+    )
+    assert report["worker_alive_during_outage"] and report["worker_alive"], report
+    assert report["processed_during_outage"] > 0, "the worker stalled while Redis was down"
+    assert report["redis_errors_during_outage"] > 0, report
+    assert report["logged_redis_failure"] and report["logged_redis_back"], report
+    assert_exactly_once(report)
