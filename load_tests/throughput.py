@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
+from load_tests import profile as profiler
 from load_tests.common import (
     Proc,
     Report,
@@ -36,6 +37,7 @@ from load_tests.common import (
     spawn,
     start_worker,
     table,
+    wait_assigned,
 )
 from load_tests.traffic import make_events, produce, source_label
 from stream.config import Settings
@@ -128,9 +130,15 @@ def read_progress(path: Path) -> Series:
 
 
 def wait_series(
-    proc: Proc, label: str, n: int, timeout_s: float, sample: Any, rss: list[tuple[float, int]]
+    proc: Proc,
+    label: str,
+    n: int,
+    timeout_s: float,
+    sample: Any,
+    rss: list[tuple[float, int]],
+    interval: float = 0.1,
 ) -> Series:
-    """Poll ``sample()`` (-> events done) every 0.1 s until ``n`` or the timeout."""
+    """Poll ``sample()`` (-> events done) every ``interval`` s until ``n`` or the timeout."""
     series: Series = []
     bar = tqdm(total=n, desc=label, unit="ev", file=sys.stderr, mininterval=0.5)
     deadline = time.monotonic() + timeout_s
@@ -151,7 +159,7 @@ def wait_series(
             bar.update(min(done, n) - bar.n)
             if done >= n:
                 break
-            time.sleep(0.1)
+            time.sleep(interval)
     finally:
         bar.close()
     return series
@@ -187,16 +195,28 @@ def count_only(
 
 
 def full_pipeline(
-    rid: str, topic: str, n: int, timeout_s: float, log_dir: Path, rss: list[tuple[float, int]]
+    rid: str,
+    topic: str,
+    n: int,
+    timeout_s: float,
+    log_dir: Path,
+    rss: list[tuple[float, int]],
+    profile_s: float = 0.0,
 ) -> tuple[Series, dict[str, Any]]:
     proc = start_worker(f"{rid}-full", topic, log_dir)
+    spy = None
+    if profile_s > 0:
+        wait_assigned(proc, topic)
+        spy = profiler.start(proc.pid, profile_s, log_dir / "worker.pyspy.txt")
 
     def done() -> int:
         m = scrape(proc.metrics_url, timeout=1.0)
         return int(metric_sum(m, "stream_events_total", topic=topic)) if m else 0
 
     try:
-        series = wait_series(proc, "(c) full pipeline", n, timeout_s, done, rss)
+        # 1 s: a /metrics exposition costs the worker ~10 ms of CPU (py-spy), so scraping it
+        # at 10 Hz would slow the very thing measured; the drain lasts many seconds anyway
+        series = wait_series(proc, "(c) full pipeline", n, timeout_s, done, rss, interval=1.0)
         time.sleep(1.0)  # let the writer flush and the 2 s reporter run once more
         m = scrape(proc.metrics_url) or []
         extra = {
@@ -213,6 +233,9 @@ def full_pipeline(
             "processing_seconds_mean": metric_sum(m, "stream_processing_seconds_sum")
             / max(1.0, metric_sum(m, "stream_processing_seconds_count")),
         }
+        if spy is not None:
+            profiler.finish(spy, profile_s + 60)
+            extra["profile"] = profiler.summarise(log_dir / "worker.pyspy.txt")
         return series, extra
     finally:
         proc.stop()
@@ -293,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=240.0, help="max seconds per consumer")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--only", default="raw,count,full", help="subset, e.g. count,full")
+    ap.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="py-spy the full worker for SECONDS of its drain (slows it a little)",
+    )
     args = ap.parse_args(argv)
 
     rid = run_id("p1")
@@ -322,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         results["faust count-only"] = {"series": series, **drain_rate(series, n)}
     if "full" in only:
         rss["full pipeline"] = []
-        series, extra = full_pipeline(rid, topic, n, args.timeout, log_dir, rss["full pipeline"])
+        series, extra = full_pipeline(
+            rid, topic, n, args.timeout, log_dir, rss["full pipeline"], args.profile
+        )
         results["full pipeline"] = {"series": series, **drain_rate(series, n), **extra}
 
     def ratio(a: str, b: str) -> float:
@@ -364,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = {k: max((r for _, r in v), default=0) / 2**20 for k, v in rss.items()}
     for k, v in peak.items():
         print(f"  peak RSS {k}: {v:.0f} MiB")
+    if full.get("profile"):
+        profiler.print_summary(full["profile"])
     report.data = {
         "scenario": "P1 throughput (drain of a pre-filled topic)",
         "traffic": label,

@@ -55,6 +55,9 @@ class SessionTraffic:
     seed: int = 7
     start_ms: int = 1_760_000_000_000
     prefix: str = "syn"
+    #: start sessions with never-seen listeners in order (0, 1, 2, ...) before any returns:
+    #: reaches N listeners in ~N sessions (memory scenario)
+    sequential_users: bool = False
 
     def __post_init__(self) -> None:
         if min(self.users, self.tracks, self.artists, self.concurrent_sessions) < 1:
@@ -77,11 +80,20 @@ class SessionTraffic:
         active: list[list[int]] = []
         p = self.prefix
 
+        next_new = [0]
+
         def start_session() -> list[int]:
-            while True:
-                u = bisect.bisect_left(user_cum, rng.random())
-                if u not in busy or len(busy) >= self.users:
+            while self.sequential_users and next_new[0] < self.users:
+                u = next_new[0]
+                next_new[0] += 1
+                if u not in busy:
                     break
+            else:
+                u = -1
+            while u < 0:
+                u = bisect.bisect_left(user_cum, rng.random())
+                if u in busy and len(busy) < self.users:
+                    u = -1
             busy.add(u)
             if u not in clock:  # first ever session: spread start times over two weeks
                 clock[u] = self.start_ms + rng.randrange(14 * 86_400_000)
@@ -225,7 +237,7 @@ async def produce(
     pending: list[asyncio.Future[object]] = []
     try:
         for ev in events:
-            if sent >= max_count or time.monotonic() - started > max_seconds:
+            if time.monotonic() - started > max_seconds:
                 break
             if time_mode == "speedup":
                 if base_orig is None:
@@ -244,6 +256,8 @@ async def produce(
                 await producer.send(topic, value=encode_event(ev), key=ev.user_id.encode())
             )
             sent += 1
+            if sent >= max_count:
+                break  # before pulling the next event: a shared iterator loses nothing
             if len(pending) >= 2000:
                 await asyncio.gather(*pending)
                 pending.clear()
