@@ -49,18 +49,6 @@ RULES = ROOT / "configs" / "prometheus" / "rules"
 JOB = "stream-worker"
 TARGET = f"127.0.0.1:{stack.TEST_METRICS_PORT}"
 
-#: Metrics only the live prequential evaluator (stream/evaluation.py) sets. Until the worker
-#: exports it (stream/app.py ``export_quality``), queries on them are strict xfails: they
-#: start failing (XPASS) the moment the evaluator is wired, so this list gets emptied then.
-AWAITING_EVALUATOR: frozenset[str] = frozenset(
-    {
-        "stream_quality_hr_at_10",
-        "stream_quality_ndcg_at_10",
-        "stream_quality_window_events",
-        "stream_skip_model_accuracy",
-    }
-)
-
 # --------------------------------------------------------------------------- queries
 
 
@@ -173,7 +161,8 @@ def stream_metrics(expr: str) -> set[str]:
     return names
 
 
-def awaiting_evaluator(expr: str) -> bool:
+def raw_metrics(expr: str) -> set[str]:
+    """``stream_*`` metrics ``expr`` reads, through (chained) recording rules."""
     recorded = {
         r["record"]: r["expr"]
         for path in RULES.glob("*.yml")
@@ -181,28 +170,16 @@ def awaiting_evaluator(expr: str) -> bool:
         for r in g["rules"]
         if "record" in r
     }
-    # expand recording-rule names (they may chain) to the raw metrics they read
     seen = expr
     for _ in range(4):
         for name, body in recorded.items():
-            if name in seen:
+            if name in seen and body not in seen:
                 seen += " " + body
-    return bool(stream_metrics(seen) & AWAITING_EVALUATOR)
+    return stream_metrics(seen)
 
 
 def params() -> list[Any]:
-    out = []
-    for qid, expr in dashboard_queries() + rule_queries():
-        marks = []
-        if awaiting_evaluator(expr):
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="live evaluator not exported yet (stream/app.py export_quality hook)",
-                )
-            )
-        out.append(pytest.param(expr, id=qid, marks=marks))
-    return out
+    return [pytest.param(expr, id=qid) for qid, expr in dashboard_queries() + rule_queries()]
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -363,9 +340,9 @@ def test_target_is_up_and_scraped(prometheus: Prometheus, observed: WorkerProces
 def test_query_returns_data(
     expr: str, prometheus: Prometheus, observed: WorkerProcess, exported: set[str]
 ) -> None:
-    missing = stream_metrics(expr) - exported
+    missing = raw_metrics(expr) - exported
     assert not missing, f"not exported by the worker: {sorted(missing)} (renamed?) in {expr!r}"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 15
     while True:
         result = prometheus.query(expr)  # asserts the query parses
         if result or time.monotonic() > deadline:
