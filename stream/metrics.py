@@ -57,7 +57,7 @@ NAMESPACE: Final = "stream"
 
 # Prometheus 2.x ingests the ``*_created`` samples as separate series: one more series per
 # counter/histogram child for a value no dashboard or alert uses.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: The closed set of ``context`` label values (listening-behaviour metrics).
 CONTEXTS: Final = (

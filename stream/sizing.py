@@ -15,7 +15,8 @@ True
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Mapping
 from itertools import islice
 from typing import Any
 
@@ -50,9 +51,7 @@ def approx_size_bytes(
             for k, v in items
         )
         return size + _extrapolate(part, len(items), n)
-    if isinstance(obj, (list, tuple, set, frozenset)) or (
-        isinstance(obj, Iterable) and hasattr(obj, "__len__") and hasattr(obj, "maxlen")
-    ):
+    if isinstance(obj, (list, tuple, set, frozenset, deque)):
         n = len(obj)
         items = list(islice(iter(obj), sample))
         part = sum(approx_size_bytes(v, sample, _depth + 1, seen) for v in items)
