@@ -10,7 +10,7 @@ drive this same class. Time is always the event's time, passed in.
 >>> for i, (user, track) in enumerate([("u", "a"), ("u", "b"), ("v", "a")]):
 ...     up = update_session(states.get(user), PlayEvent(user, track, 1_700_000_000_000 + i,
 ...                                                     200_000, f"e{i}"))
-...     rec.learn_one(up)
+...     _ = rec.learn_one(up)
 ...     states[user] = up.state
 >>> [(r.track_id, r.reason) for r in rec.recommend(states["v"], k=2, now_ms=1_700_000_000_010)]
 [('b', 'because you played a')]
@@ -18,133 +18,323 @@ drive this same class. Time is always the event's time, passed in.
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
+import pickle
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
+import numpy as np
+
+from stream.events import PlayEvent
+from stream.models._vocab import Vocabulary, top_rows
+from stream.models.base import FloatArray, Interaction
+from stream.models.cooccurrence import SessionCooccurrence
+from stream.models.drift import SkipRateDrift
+from stream.models.factorization import ImplicitMF
+from stream.models.popularity import DecayedPopularity
+from stream.models.skip import SkipClassifier
+from stream.ranking import DEFAULT_WEIGHTS, Recommendation, rank_tracks
 from stream.session import SessionUpdate, UserState
 
-MODEL_VERSION: Final = "cooc-pop-1"
+__all__ = ["VARIANTS", "LearnResult", "Recommendation", "Recommender", "SnapshotError"]
+
+MODEL_VERSION: Final = "blend-1"
+SNAPSHOT_MAGIC: Final = b"STREAMREC"
+SNAPSHOT_VERSION: Final = 1
+
+#: Ways to rank, for side-by-side evaluation: each single component alone, and the blend.
+VARIANTS: Final = ("popularity", "mf", "cooccurrence", "blend")
+
+
+class SnapshotError(ValueError):
+    """A snapshot blob is not one this version of the recommender can restore."""
 
 
 @dataclass(frozen=True, slots=True)
-class Recommendation:
-    """One ranked track with a human-readable reason."""
+class LearnResult:
+    """What learning one event revealed: the skip model's prediction for it (made before
+    learning, for prequential accuracy) and whether the skip-rate drift detector fired."""
 
-    track_id: str
-    score: float
-    reason: str
-
-
-class DecayedPopularity:
-    """Time-decayed play counts: each play adds weight that halves every ``half_life_ms``.
-
-    Scores are kept in a log-domain-free form: weights are stored relative to a moving
-    reference time, so no per-step decay of every item is needed.
-    """
-
-    def __init__(self, half_life_ms: int = 7 * 24 * 3600 * 1000) -> None:
-        if half_life_ms <= 0:
-            raise ValueError("half_life_ms must be > 0")
-        self.half_life_ms = half_life_ms
-        self._rate = math.log(2) / half_life_ms
-        self._ref_ms: int | None = None
-        self.weights: dict[str, float] = {}
-
-    def learn_one(self, track_id: str, ts_ms: int, weight: float = 1.0) -> None:
-        if self._ref_ms is None:
-            self._ref_ms = ts_ms
-        exponent = (ts_ms - self._ref_ms) * self._rate
-        if exponent > 50:  # rebase before floats overflow
-            shift = math.exp(-exponent)
-            self.weights = {k: v * shift for k, v in self.weights.items()}
-            self._ref_ms = ts_ms
-            exponent = 0.0
-        self.weights[track_id] = self.weights.get(track_id, 0.0) + weight * math.exp(exponent)
-
-    def top(self, n: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, float]]:
-        total = sum(self.weights.values()) or 1.0
-        ranked = sorted(self.weights.items(), key=lambda kv: (-kv[1], kv[0]))
-        out: list[tuple[str, float]] = []
-        for track, w in ranked:
-            if track in exclude:
-                continue
-            out.append((track, w / total))
-            if len(out) >= n:
-                break
-        return out
-
-
-class SessionCooccurrence:
-    """Counts of 'track B played after track A in the same session', weighted by distance."""
-
-    def __init__(self, window: int = 3, decay: float = 0.6, max_neighbours: int = 200) -> None:
-        if window < 1:
-            raise ValueError("window must be >= 1")
-        if not 0 < decay <= 1:
-            raise ValueError("decay must be in (0, 1]")
-        self.window = window
-        self.decay = decay
-        self.max_neighbours = max_neighbours
-        self.counts: dict[str, dict[str, float]] = defaultdict(dict)
-
-    def learn_one(self, history: list[str], track_id: str, weight: float = 1.0) -> None:
-        for dist, prev in enumerate(reversed(history[-self.window :])):
-            if prev == track_id:
-                continue
-            row = self.counts[prev]
-            row[track_id] = row.get(track_id, 0.0) + weight * self.decay**dist
-            if len(row) > self.max_neighbours * 2:
-                keep = sorted(row.items(), key=lambda kv: -kv[1])[: self.max_neighbours]
-                self.counts[prev] = dict(keep)
-
-    def neighbours(self, track_id: str) -> dict[str, float]:
-        return self.counts.get(track_id, {})
+    skip_probability: float
+    skipped: bool
+    drift: bool
 
 
 class Recommender:
-    """Blend of session co-occurrence (what people play next) and decayed popularity."""
+    """Blend of session co-occurrence, online MF and trending, with a skip-model penalty.
 
-    def __init__(self, history_window: int = 5, history_decay: float = 0.6) -> None:
+    Parameters are plain values so the worker can build it from configuration:
+
+    - ``weights``: blend weight per component (``cooccurrence``, ``mf``, ``popularity``,
+      ``skip``); missing names take :data:`stream.ranking.DEFAULT_WEIGHTS`.
+    - ``history_window`` / ``history_decay``: how many recent tracks seed co-occurrence
+      candidates, and their geometric weight by distance.
+    - ``recent_filter``: never recommend the listener's last N tracks.
+    - ``max_per_artist``: at most this many tracks of one artist per list (when artist ids
+      are known); ``None`` disables the cap.
+    - ``candidates_per_source``: candidate-set size drawn from each component.
+    - ``cross_session``: learn co-occurrence across a listener's session boundary too.
+    """
+
+    def __init__(
+        self,
+        *,
+        weights: Mapping[str, float] | None = None,
+        history_window: int = 10,
+        history_decay: float = 0.8,
+        cooc_window: int = 10,
+        cooc_decay: float = 0.8,
+        recent_filter: int = 30,
+        max_per_artist: int | None = 3,
+        candidates_per_source: int = 50,
+        cross_session: bool = True,
+        n_factors: int = 32,
+        popularity_half_life_ms: float = 7 * 24 * 3600 * 1000,
+        seed: int = 0,
+    ) -> None:
+        if recent_filter < 0:
+            raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
+        if candidates_per_source < 1:
+            raise ValueError(f"candidates_per_source must be >= 1, got {candidates_per_source!r}")
+        if max_per_artist is not None and max_per_artist < 1:
+            raise ValueError(f"max_per_artist must be >= 1 or None, got {max_per_artist!r}")
+        unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown blend weight(s): {', '.join(sorted(unknown))}")
+        self.weights = weights
         self.history_window = history_window
         self.history_decay = history_decay
-        self.popularity = DecayedPopularity()
-        self.cooc = SessionCooccurrence()
+        self.cooc_window = cooc_window
+        self.cooc_decay = cooc_decay
+        self.recent_filter = recent_filter
+        self.max_per_artist = max_per_artist
+        self.candidates_per_source = candidates_per_source
+        self.cross_session = cross_session
+        self.n_factors = n_factors
+        self.popularity_half_life_ms = popularity_half_life_ms
+        self.seed = seed
+
+        self.blend_weights: dict[str, float] = {**DEFAULT_WEIGHTS, **(weights or {})}
+        self.vocabulary = Vocabulary()
+        self.popularity = DecayedPopularity(
+            half_life_ms=popularity_half_life_ms, vocabulary=self.vocabulary, seed=seed
+        )
+        self.cooccurrence = SessionCooccurrence(
+            window=cooc_window,
+            decay=cooc_decay,
+            backward=1.0,
+            query_window=history_window,
+            query_decay=history_decay,
+            vocabulary=self.vocabulary,
+            seed=seed,
+        )
+        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed)
+        self.skip = SkipClassifier(seed=seed)
+        self.drift = SkipRateDrift(seed=seed)
+        self.artist_of: dict[str, str] = {}
+        self.n_learned = 0
         self.model_version = MODEL_VERSION
 
-    def learn_one(self, update: SessionUpdate) -> None:
-        """Learn from one applied (non-duplicate) event."""
-        if update.duplicate:
-            return
-        state = update.state
-        track = state.recent[-1]
-        skipped = update.is_skip
-        weight = 0.2 if skipped else 1.0
-        self.popularity.learn_one(track, state.last_event_ts_ms, weight)
-        if not update.new_session and update.before.recent:
-            self.cooc.learn_one(update.before.recent, track, weight)
+    # -- learning -------------------------------------------------------------------------
 
-    def recommend(self, state: UserState, k: int, now_ms: int) -> list[Recommendation]:
-        """Top-k tracks for this listener, excluding what they played recently."""
-        exclude = set(state.recent)
-        scores: dict[str, float] = {}
-        because: dict[str, str] = {}
-        for dist, prev in enumerate(reversed(state.recent[-self.history_window :])):
-            w = self.history_decay**dist
-            nbrs = self.cooc.neighbours(prev)
-            total = sum(nbrs.values()) or 1.0
-            for track, c in nbrs.items():
-                if track in exclude:
-                    continue
-                s = w * c / total
-                if s > scores.get(track, 0.0):
-                    because[track] = prev
-                scores[track] = scores.get(track, 0.0) + s
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-        out = [Recommendation(t, round(s, 6), f"because you played {because[t]}") for t, s in ranked]
-        if len(out) < k:
-            taken = exclude | {r.track_id for r in out}
-            for track, s in self.popularity.top(k - len(out), taken):
-                out.append(Recommendation(track, round(s * 0.01, 6), "popular right now"))
-        return out
+    def learn_one(self, update: SessionUpdate, event: PlayEvent | None = None) -> LearnResult:
+        """Learn from one applied event. Pass the ``event`` too when you have it: its
+        artist id and context feed the diversity cap and the skip model."""
+        if update.duplicate:
+            return LearnResult(0.0, False, False)
+        state, before = update.state, update.before
+        track = state.recent[-1]
+        keep_history = self.cross_session or not update.new_session
+        history = tuple(before.recent) if keep_history else ()
+        context = event.context if event is not None else None
+        if event is not None and event.artist_id:
+            self.artist_of[track] = event.artist_id
+        probe = Interaction(before.user_id, track, state.last_event_ts_ms, history=history)
+        x = Interaction(
+            user_id=state.user_id,
+            track_id=track,
+            ts_ms=state.last_event_ts_ms,
+            skipped=update.is_skip,
+            history=history,
+            session_position=0 if update.new_session else before.session_plays,
+            recent_skip_rate=_recent_skip_rate(before),
+            context=context,
+            artist_id=event.artist_id if event is not None else None,
+            features={
+                "popularity": self.popularity.predict_one(probe),
+                "mf": self.mf.predict_one(probe),
+            },
+        )
+        skip_probability = self.skip.predict_one(x)
+        self.skip.learn_one(x)
+        self.drift.learn_one(x)
+        self.popularity.learn_one(x)
+        self.cooccurrence.learn_one(x)
+        self.mf.learn_one(x)
+        self.n_learned += 1
+        return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected)
+
+    # -- ranking --------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        state: UserState,
+        k: int,
+        now_ms: int,
+        *,
+        exclude: Collection[str] = (),
+        variant: str = "blend",
+        context: str | None = None,
+    ) -> list[Recommendation]:
+        """Top-``k`` tracks for this listener now, never one of their last
+        ``recent_filter`` tracks nor one in ``exclude``. ``variant`` ranks with one
+        component alone (``popularity``, ``mf``, ``cooccurrence``) for evaluation."""
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if k <= 0:
+            return []
+        recent = state.recent[-self.recent_filter :] if self.recent_filter else []
+        banned: set[str] = set(recent)
+        banned.update(exclude)
+        query = Interaction(
+            user_id=state.user_id,
+            ts_ms=now_ms,
+            history=tuple(state.recent),
+            session_position=state.session_plays,
+            recent_skip_rate=_recent_skip_rate(state),
+            context=context,
+        )
+        weights = self.blend_weights if variant == "blend" else {variant: 1.0}
+        anchors = self.cooccurrence.anchors(query.history)
+        track_ids, components = self._candidates(query, k, banned, weights)
+        if not track_ids:
+            return []
+        return rank_tracks(
+            track_ids,
+            components,
+            # Single-component variants are filled with trending when they run short.
+            weights=weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6},
+            k=k,
+            exclude=banned,
+            artist_of=self.artist_of,
+            max_per_artist=self.max_per_artist,
+            anchors=lambda t: self.cooccurrence.explain(query, t, anchors),
+        )
+
+    def _candidates(
+        self, query: Interaction, k: int, banned: Collection[str], weights: Mapping[str, float]
+    ) -> tuple[list[str], dict[str, FloatArray]]:
+        """The bounded candidate set (each component's best ``candidates_per_source``, never
+        a banned track) and every component's scores for it."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return [], {}
+        n = max(self.candidates_per_source, k)
+        banned_rows = self.vocabulary.known_rows(banned)
+        full: dict[str, FloatArray] = {"popularity": self.popularity.score_all()}
+        if weights.get("cooccurrence", 0.0) > 0:
+            full["cooccurrence"] = self.cooccurrence.score_all(query)
+        if weights.get("mf", 0.0) > 0:
+            mf = self.mf.score_all(query)
+            if mf is not None:
+                full["mf"] = mf
+        picks = []
+        for name, scores in full.items():
+            pool = scores.copy()
+            pool[banned_rows] = -np.inf
+            if name == "cooccurrence":
+                pool[pool <= 0] = -np.inf
+            picks.append(top_rows(pool, n if weights.get(name, 0.0) > 0 else k))
+        rows = np.unique(np.concatenate(picks))
+        components = {name: scores[rows] for name, scores in full.items()}
+        if weights.get("skip", 0.0) > 0:
+            feats: dict[str, FloatArray] = {
+                name: components[name] for name in ("popularity", "mf") if name in components
+            }
+            components["skip"] = self.skip.predict_many(query, feats)
+        ids = self.vocabulary.ids
+        return [ids[r] for r in rows.tolist()], components
+
+    def similar(self, track_id: str, k: int) -> list[Recommendation]:
+        """"More like this": the tracks played alongside ``track_id`` (co-occurrence in
+        both directions) blended with its nearest tracks in MF factor space."""
+        if k <= 0:
+            return []
+        row = self.vocabulary.index.get(track_id)
+        if row is None:
+            return []
+        n = max(self.candidates_per_source, k)
+        cooc = self.cooccurrence.score_all(Interaction(user_id="", history=(track_id,)))
+        cooc[row] = -np.inf
+        cooc[cooc <= 0] = -np.inf
+        near = self.mf.similar_all(track_id)
+        picks = [top_rows(cooc, n)]
+        if near is not None:
+            picks.append(top_rows(near, n))
+        rows = np.unique(np.concatenate(picks))
+        if not len(rows):
+            return []
+        components = {"cooccurrence": np.maximum(cooc[rows], 0.0)}
+        if near is not None:
+            components["mf"] = near[rows]
+        ids = self.vocabulary.ids
+        track_ids = [ids[r] for r in rows.tolist()]
+        recs = rank_tracks(
+            track_ids,
+            components,
+            weights={"cooccurrence": 1.0, "mf": 0.5},
+            k=k,
+            exclude={track_id},
+            anchors=lambda _t: track_id,
+        )
+        return [
+            Recommendation(r.track_id, r.score, _similar_reason(r.reason, track_id))
+            for r in recs
+        ]
+
+    def catalogue_size(self) -> int:
+        """Distinct tracks the models know."""
+        return len(self.vocabulary)
+
+    def forget_user(self, user_id: str) -> bool:
+        """Drop everything kept about one listener (their MF factors). Shared statistics
+        (co-occurrence, popularity) hold no user ids. Returns whether anything was held."""
+        return self.mf.forget_user(user_id)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """All learned state as bytes (versioned pickle). Restore with :meth:`restore`.
+
+        Only restore snapshots you wrote: pickle executes code from its input."""
+        payload = {"version": SNAPSHOT_VERSION, "model_version": self.model_version,
+                   "state": self.__dict__}
+        return SNAPSHOT_MAGIC + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(cls, blob: bytes) -> Recommender:
+        """A recommender with exactly the state captured by :meth:`snapshot`."""
+        if not blob.startswith(SNAPSHOT_MAGIC):
+            raise SnapshotError("not a recommender snapshot (bad magic bytes)")
+        try:
+            payload: dict[str, Any] = pickle.loads(blob[len(SNAPSHOT_MAGIC) :])
+        except Exception as exc:  # pickle raises many types on corrupt input
+            raise SnapshotError(f"corrupt recommender snapshot: {exc}") from exc
+        if payload.get("version") != SNAPSHOT_VERSION:
+            raise SnapshotError(
+                f"snapshot version {payload.get('version')!r}, expected {SNAPSHOT_VERSION}"
+            )
+        rec = cls.__new__(cls)
+        rec.__dict__.update(payload["state"])
+        return rec
+
+
+def _recent_skip_rate(state: UserState, window: int = 10) -> float:
+    flags = state.recent_skipped[-window:]
+    return (sum(flags) + 0.25) / (len(flags) + 1.0)
+
+
+def _similar_reason(reason: str, seed_track: str) -> str:
+    if reason.startswith("because you played"):
+        return f"often played with {seed_track}"
+    return f"liked by listeners of {seed_track}"

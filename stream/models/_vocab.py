@@ -1,9 +1,14 @@
-"""A growable string -> row index map with a numpy matrix alongside (shared helper)."""
+"""Track id <-> dense row number, shared by the models of one recommender so their score
+vectors line up and can be blended with numpy."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import numpy as np
 import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
 
 
 class Vocabulary:
@@ -26,10 +31,16 @@ class Vocabulary:
             self.ids.append(key)
         return row
 
-    def rows(self, keys: list[str] | tuple[str, ...]) -> npt.NDArray[np.int64]:
+    def rows(self, keys: Sequence[str] | Collection[str]) -> IntArray:
         """Row numbers for ``keys``; unknown keys map to -1 (nothing is added)."""
         get = self.index.get
         return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def known_rows(self, keys: Collection[str]) -> IntArray:
+        """Row numbers of the ``keys`` that are known (unknown ones are dropped)."""
+        rows = self.rows(keys)
+        out: IntArray = rows[rows >= 0]
+        return out
 
 
 def grow_rows(matrix: npt.NDArray[np.float64], needed: int) -> npt.NDArray[np.float64]:
@@ -40,3 +51,14 @@ def grow_rows(matrix: npt.NDArray[np.float64], needed: int) -> npt.NDArray[np.fl
     bigger = np.zeros((capacity, *matrix.shape[1:]), dtype=matrix.dtype)
     bigger[: matrix.shape[0]] = matrix
     return bigger
+
+
+def top_rows(scores: npt.NDArray[np.float64], n: int) -> IntArray:
+    """Rows of the ``n`` highest finite scores, best first; ties by row (deterministic)."""
+    size = len(scores)
+    if n <= 0 or size == 0:
+        return np.zeros(0, dtype=np.int64)
+    top = np.argpartition(-scores, n - 1)[:n] if n < size else np.arange(size)
+    top = top[np.isfinite(scores[top])]
+    out: IntArray = top[np.lexsort((top, -scores[top]))]
+    return out

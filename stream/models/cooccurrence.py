@@ -3,28 +3,71 @@
 The session-kNN family is a strong published baseline for music sessions. This is its
 item-to-item form: when a listener plays B shortly after A (within ``window`` plays), the
 pair (A -> B) gains weight ``decay ** distance``; the reverse pair gains ``backward`` times
-that. Counts decay with event time (``half_life_ms``) so the model follows what is played now.
+that. Counts can decay with event time (``half_life_ms``) so the model follows what is
+played now. Each row is a pair of numpy arrays, so scoring a query is a handful of
+vectorised operations however long the rows are.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 _MAX_EXPONENT = 50.0
 
 
+class _Row:
+    """One track's neighbours: row number -> weight, as growable parallel arrays."""
+
+    __slots__ = ("pos", "idx", "val", "size", "total")
+
+    def __init__(self) -> None:
+        self.pos: dict[int, int] = {}
+        self.idx: IntArray = np.zeros(8, dtype=np.int64)
+        self.val: FloatArray = np.zeros(8)
+        self.size = 0
+        self.total = 0.0
+
+    def add(self, dst: int, w: float, cap: int) -> None:
+        p = self.pos.get(dst)
+        if p is None:
+            if self.size >= 2 * cap:
+                self.prune(cap)
+            p = self.size
+            if p >= len(self.idx):
+                self.idx = np.concatenate([self.idx, np.zeros(p, dtype=np.int64)])
+                self.val = np.concatenate([self.val, np.zeros(p)])
+            self.idx[p] = dst
+            self.pos[dst] = p
+            self.size = p + 1
+        self.val[p] += w
+        self.total += w
+
+    def prune(self, cap: int) -> None:
+        """Keep the ``cap`` heaviest neighbours (the row total keeps the dropped mass)."""
+        keep = top_rows(self.val[: self.size], cap)
+        keep.sort()
+        n = len(keep)
+        self.idx[:n] = self.idx[keep]
+        self.val[:n] = self.val[keep]
+        self.val[n:] = 0.0
+        self.size = n
+        self.pos = {int(d): i for i, d in enumerate(self.idx[:n].tolist())}
+
+
 class SessionCooccurrence:
     """Item-to-item co-occurrence from each listener's recent plays.
 
-    Scoring a query sums, over its last ``query_window`` tracks (weighted ``query_decay **
-    distance``), each track's neighbour weights normalised by the track's total weight and
-    by the neighbour's popularity to the power ``pop_penalty`` (0 = plain conditional
-    probability, 0.5 = cosine-like). Rows keep at most ``max_neighbours`` entries.
+    Scoring a query sums, over its last ``query_window`` distinct tracks (weighted
+    ``query_decay ** distance``), each track's neighbour weights divided by the track's row
+    total (a conditional probability), then divides by the neighbour's own weight to the
+    power ``pop_penalty`` (0 = none, 0.5 = cosine-like). Rows keep at most
+    ``max_neighbours`` neighbours (heaviest first; pruned once they reach twice that).
 
     >>> m = SessionCooccurrence()
     >>> m.learn_one(Interaction("u", "b", 1, history=("a",)))
@@ -34,15 +77,16 @@ class SessionCooccurrence:
 
     def __init__(
         self,
-        window: int = 5,
-        decay: float = 0.6,
-        backward: float = 0.5,
-        query_window: int = 5,
-        query_decay: float = 0.6,
+        window: int = 10,
+        decay: float = 0.8,
+        backward: float = 1.0,
+        query_window: int = 10,
+        query_decay: float = 0.8,
         pop_penalty: float = 0.0,
         skip_weight: float = 0.2,
         half_life_ms: float | None = None,
         max_neighbours: int = 100,
+        vocabulary: Vocabulary | None = None,
         seed: int = 0,
     ) -> None:
         if window < 1 or query_window < 1:
@@ -65,36 +109,40 @@ class SessionCooccurrence:
         self.skip_weight = skip_weight
         self.half_life_ms = half_life_ms
         self.max_neighbours = max_neighbours
+        self.vocabulary = vocabulary
         self.seed = seed
         self._rate = 0.0 if half_life_ms is None else math.log(2) / half_life_ms
         self._ref_ms: int | None = None
-        self.rows: dict[str, dict[str, float]] = {}
-        self.row_totals: dict[str, float] = {}
-        self.track_weight: dict[str, float] = {}
+        self._vocab = vocabulary if vocabulary is not None else Vocabulary()
+        self.rows: dict[int, _Row] = {}
+        self.track_weight: FloatArray = np.zeros(0)
+
+    # -- learning -------------------------------------------------------------------------
 
     def learn_one(self, x: Interaction) -> None:
         scale = self._time_scale(x.ts_ms) * (self.skip_weight if x.skipped else 1.0)
         if scale <= 0:
             return
-        track = x.track_id
-        self.track_weight[track] = self.track_weight.get(track, 0.0) + scale
+        vocab = self._vocab
+        track = vocab.add(x.track_id)
+        self.track_weight = grow_rows(self.track_weight, track + 1)
+        self.track_weight[track] += scale
         w = scale
-        for prev in reversed(x.history[-self.window :]):
+        cap = self.max_neighbours
+        rows = self.rows
+        for prev_id in reversed(x.history[-self.window :]):
+            prev = vocab.add(prev_id)
             if prev != track:
-                self._add(prev, track, w)
+                row = rows.get(prev)
+                if row is None:
+                    row = rows[prev] = _Row()
+                row.add(track, w, cap)
                 if self.backward > 0:
-                    self._add(track, prev, w * self.backward)
+                    back = rows.get(track)
+                    if back is None:
+                        back = rows[track] = _Row()
+                    back.add(prev, w * self.backward, cap)
             w *= self.decay
-
-    def _add(self, src: str, dst: str, w: float) -> None:
-        row = self.rows.get(src)
-        if row is None:
-            row = self.rows[src] = {}
-        row[dst] = row.get(dst, 0.0) + w
-        self.row_totals[src] = self.row_totals.get(src, 0.0) + w
-        if len(row) > 2 * self.max_neighbours:
-            keep = sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_neighbours]
-            self.rows[src] = dict(keep)
 
     def _time_scale(self, ts_ms: int) -> float:
         if self._rate == 0.0:
@@ -105,66 +153,96 @@ class SessionCooccurrence:
         if exponent > _MAX_EXPONENT:
             shift = math.exp(-exponent)
             for row in self.rows.values():
-                for key in row:
-                    row[key] *= shift
-            self.row_totals = {k: v * shift for k, v in self.row_totals.items()}
-            self.track_weight = {k: v * shift for k, v in self.track_weight.items()}
+                row.val *= shift
+                row.total *= shift
+            self.track_weight *= shift
             self._ref_ms = ts_ms
             exponent = 0.0
         return math.exp(max(exponent, -_MAX_EXPONENT))
 
-    def candidates(
-        self, x: Interaction, n: int, exclude: frozenset[str] | set[str] = frozenset()
-    ) -> dict[str, float]:
-        """Up to ``n`` neighbours of the query's recent tracks, best first."""
-        scores = self._scores(x.history, exclude)
-        if len(scores) > n:
-            top = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
-            return dict(top)
-        return dict(sorted(scores.items(), key=lambda kv: (-kv[1], kv[0])))
+    # -- scoring --------------------------------------------------------------------------
 
-    def explain(self, x: Interaction, track_id: str) -> str | None:
-        """The recent track that contributes most to ``track_id``'s score (for reasons)."""
-        best, best_s = None, 0.0
+    def anchors(self, history: Sequence[str]) -> list[tuple[int, float]]:
+        """(row, weight) of the distinct recent tracks that seed a query, newest first."""
+        out: list[tuple[int, float]] = []
+        seen: set[int] = set()
         w = 1.0
-        for prev in reversed(x.history[-self.query_window :]):
-            row = self.rows.get(prev)
-            if row is not None and track_id in row:
-                s = w * row[track_id] / self.row_totals[prev]
+        index = self._vocab.index
+        for prev_id in reversed(history[-self.query_window :]):
+            prev = index.get(prev_id)
+            if prev is not None and prev not in seen and prev in self.rows:
+                seen.add(prev)
+                out.append((prev, w))
+            w *= self.query_decay
+        return out
+
+    def score_all(self, x: Interaction) -> FloatArray:
+        """Scores of every known track after ``x.history`` (vocabulary rows; 0 = unrelated).
+        The query's own recent tracks score 0."""
+        size = len(self._vocab)
+        out = np.zeros(size)
+        anchors = self.anchors(x.history)
+        for prev, w in anchors:
+            row = self.rows[prev]
+            # No duplicate rows within one row, so fancy-index += is exact.
+            out[row.idx[: row.size]] += (w / row.total) * row.val[: row.size]
+        if not anchors:
+            return out
+        if self.pop_penalty > 0:
+            tw = grow_rows(self.track_weight, size)[:size]
+            out /= np.maximum(tw, 1e-12) ** self.pop_penalty
+        out[[prev for prev, _ in anchors]] = 0.0
+        return out
+
+    def explain(
+        self, x: Interaction, track_id: str, anchors: list[tuple[int, float]] | None = None
+    ) -> str | None:
+        """The recent track that contributes most to ``track_id``'s score (for reasons).
+        Pass ``anchors`` (from :meth:`anchors`) when explaining many tracks of one query."""
+        target = self._vocab.index.get(track_id)
+        if target is None:
+            return None
+        best, best_s = None, 0.0
+        for prev, w in self.anchors(x.history) if anchors is None else anchors:
+            row = self.rows[prev]
+            p = row.pos.get(target)
+            if p is not None:
+                s = w * float(row.val[p]) / row.total
                 if s > best_s:
                     best, best_s = prev, s
-            w *= self.query_decay
-        return best
+        return None if best is None else self._vocab.ids[best]
 
-    def _scores(self, history: Sequence[str], exclude: frozenset[str] | set[str]) -> dict[str, float]:
-        scores: dict[str, float] = {}
-        w = 1.0
-        seen_anchor: set[str] = set()
-        for prev in reversed(history[-self.query_window :]):
-            row = self.rows.get(prev)
-            if row is not None and prev not in seen_anchor:
-                seen_anchor.add(prev)
-                f = w / self.row_totals[prev]
-                get = scores.get
-                for track, c in row.items():
-                    scores[track] = get(track, 0.0) + f * c
-            w *= self.query_decay
-        for track in exclude & scores.keys() if exclude else ():
-            del scores[track]
-        for prev in seen_anchor:
-            scores.pop(prev, None)
-        if self.pop_penalty > 0 and scores:
-            tw = self.track_weight
-            p = self.pop_penalty
-            scores = {t: s / (tw.get(t, 1.0) ** p) for t, s in scores.items()}
-        return scores
+    def candidates(
+        self, x: Interaction, n: int, exclude: Collection[str] = frozenset()
+    ) -> dict[str, float]:
+        """Up to ``n`` neighbours of the query's recent tracks not in ``exclude``, best first."""
+        scores = self.score_all(x)
+        scores[scores <= 0] = -np.inf
+        scores[self._vocab.known_rows(exclude)] = -np.inf
+        ids = self._vocab.ids
+        return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}
 
     def predict_one(self, x: Interaction) -> float:
-        if not x.track_id:
+        """Score of ``x.track_id`` after ``x.history`` (one lookup per anchor)."""
+        target = self._vocab.index.get(x.track_id)
+        if target is None:
             return 0.0
-        return self._scores(x.history, frozenset()).get(x.track_id, 0.0)
+        total = 0.0
+        anchors = self.anchors(x.history)
+        for prev, w in anchors:
+            row = self.rows[prev]
+            p = row.pos.get(target)
+            if p is not None:
+                total += w * float(row.val[p]) / row.total
+        if any(prev == target for prev, _ in anchors):
+            return 0.0
+        if self.pop_penalty > 0 and total > 0:
+            total /= max(float(self.track_weight[target]), 1e-12) ** self.pop_penalty
+        return total
 
     def score_many(self, x: Interaction, track_ids: Sequence[str]) -> FloatArray:
-        scores = self._scores(x.history, frozenset())
-        return np.fromiter((scores.get(t, 0.0) for t in track_ids), dtype=np.float64,
-                           count=len(track_ids))
+        rows = self._vocab.rows(track_ids)
+        scores = self.score_all(x)
+        if not len(scores):
+            return np.zeros(len(rows))
+        return np.where(rows >= 0, scores[np.maximum(rows, 0)], 0.0)

@@ -9,11 +9,11 @@ does the positive and its negatives in one vectorised step (~10 us), on the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from stream.models._vocab import Vocabulary, grow_rows
+from stream.models._vocab import Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 
@@ -41,6 +41,8 @@ class ImplicitMF:
         skip_target: float = 0.0,
         init_scale: float = 0.1,
         negative_pool: int = 10_000,
+        uniform_negatives: bool = False,
+        vocabulary: Vocabulary | None = None,
         seed: int = 0,
     ) -> None:
         if n_factors < 1:
@@ -60,9 +62,12 @@ class ImplicitMF:
         self.skip_target = skip_target
         self.init_scale = init_scale
         self.negative_pool = negative_pool
+        self.uniform_negatives = uniform_negatives
+        self.vocabulary = vocabulary
         self.seed = seed
         self._rng = np.random.default_rng(seed)
-        self._vocab = Vocabulary()
+        self._vocab = vocabulary if vocabulary is not None else Vocabulary()
+        self._known = 0  # rows of item_factors initialised so far
         self.item_factors: FloatArray = np.zeros((0, n_factors))
         self.user_factors: dict[str, FloatArray] = {}
         self._pool: list[int] = []
@@ -71,12 +76,18 @@ class ImplicitMF:
     # -- learning -------------------------------------------------------------------------
 
     def _item_row(self, track_id: str) -> int:
-        n_before = len(self._vocab)
         row = self._vocab.add(track_id)
-        if row == n_before:
-            self.item_factors = grow_rows(self.item_factors, row + 1)
-            self.item_factors[row] = self._rng.normal(0.0, self.init_scale, self.n_factors)
+        self._sync()
         return row
+
+    def _sync(self) -> None:
+        """Give factors to rows the (possibly shared) vocabulary gained since last time."""
+        size = len(self._vocab)
+        if size > self._known:
+            self.item_factors = grow_rows(self.item_factors, size)
+            fresh = self._rng.normal(0.0, self.init_scale, (size - self._known, self.n_factors))
+            self.item_factors[self._known : size] = fresh
+            self._known = size
 
     def learn_one(self, x: Interaction) -> None:
         row = self._item_row(x.track_id)
@@ -85,20 +96,24 @@ class ImplicitMF:
             user = self._rng.normal(0.0, self.init_scale, self.n_factors)
             self.user_factors[x.user_id] = user
         target = self.skip_target if x.skipped else 1.0
-        if self.n_negatives and self._pool:
+        if self.n_negatives and self.uniform_negatives and len(self._vocab) > 1:
+            picks = self._rng.integers(0, len(self._vocab), self.n_negatives)
+            negatives = [p for p in picks.tolist() if p != row]
+        elif self.n_negatives and self._pool:
             picks = self._rng.integers(0, len(self._pool), self.n_negatives)
             negatives = [self._pool[p] for p in picks.tolist() if self._pool[p] != row]
         else:
             negatives = []
-        rows = np.array([row, *negatives], dtype=np.int64)
+        rows = [row, *negatives]
         targets = np.zeros(len(rows))
         targets[0] = target
         items = self.item_factors[rows]
         err = targets - items @ user
-        lr, l2 = self.learning_rate, self.l2
-        old_user = user.copy()
-        user += lr * (err @ items - l2 * user)
-        self.item_factors[rows] = items + lr * (np.outer(err, old_user) - l2 * items)
+        lr = self.learning_rate
+        shrink = 1.0 - lr * self.l2
+        self.item_factors[rows] = shrink * items + lr * np.outer(err, user)
+        user *= shrink
+        user += lr * (err @ items)
         if not x.skipped:
             self._remember(row)
 
@@ -109,6 +124,10 @@ class ImplicitMF:
             self._pool[self._pool_pos] = row
             self._pool_pos = (self._pool_pos + 1) % self.negative_pool
 
+    def forget_user(self, user_id: str) -> bool:
+        """Drop the listener's factors (right to be forgotten); True if there were any."""
+        return self.user_factors.pop(user_id, None) is not None
+
     # -- scoring --------------------------------------------------------------------------
 
     def user_vector(self, x: Interaction) -> FloatArray | None:
@@ -116,7 +135,7 @@ class ImplicitMF:
         user = self.user_factors.get(x.user_id)
         if user is not None:
             return user
-        rows = [r for r in self._vocab.rows(x.history).tolist() if r >= 0]
+        rows = [r for r in self._vocab.rows(x.history).tolist() if 0 <= r < self._known]
         if not rows:
             return None
         vec: FloatArray = self.item_factors[rows].mean(axis=0)
@@ -125,58 +144,54 @@ class ImplicitMF:
     def predict_one(self, x: Interaction) -> float:
         row = self._vocab.index.get(x.track_id)
         user = self.user_vector(x)
-        if row is None or user is None:
+        if row is None or row >= self._known or user is None:
             return 0.0
         return float(self.item_factors[row] @ user)
 
-    def score_many(self, x: Interaction, track_ids: Sequence[str]) -> FloatArray:
-        out = np.zeros(len(track_ids))
+    def score_all(self, x: Interaction) -> FloatArray | None:
+        """Predicted preference for every known track (vocabulary rows), or None when the
+        listener has neither factors nor known recent tracks."""
         user = self.user_vector(x)
         if user is None:
-            return out
-        rows = self._vocab.rows(tuple(track_ids))
-        known = rows >= 0
-        out[known] = self.item_factors[rows[known]] @ user
+            return None
+        self._sync()
+        out: FloatArray = self.item_factors[: len(self._vocab)] @ user
         return out
+
+    def score_many(self, x: Interaction, track_ids: Sequence[str]) -> FloatArray:
+        rows = self._vocab.rows(track_ids)
+        scores = self.score_all(x)
+        if scores is None or not len(scores):
+            return np.zeros(len(rows))
+        return np.where(rows >= 0, scores[np.maximum(rows, 0)], 0.0)
 
     def candidates(
-        self, x: Interaction, n: int, exclude: frozenset[str] | set[str] = frozenset()
+        self, x: Interaction, n: int, exclude: Collection[str] = frozenset()
     ) -> dict[str, float]:
         """The ``n`` tracks with the highest predicted preference, excluding ``exclude``."""
-        user = self.user_vector(x)
-        size = len(self._vocab)
-        if user is None or n <= 0 or size == 0:
+        scores = self.score_all(x)
+        if scores is None:
             return {}
-        scores = self.item_factors[:size] @ user
-        return self._top(scores, n, exclude)
+        scores[self._vocab.known_rows(exclude)] = -np.inf
+        ids = self._vocab.ids
+        return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}
+
+    def similar_all(self, track_id: str) -> FloatArray | None:
+        """Cosine similarity of every known track's factors to ``track_id``'s, or None."""
+        row = self._vocab.index.get(track_id)
+        if row is None:
+            return None
+        self._sync()
+        matrix = self.item_factors[: len(self._vocab)]
+        norms = np.linalg.norm(matrix, axis=1) + 1e-12
+        out: FloatArray = (matrix @ matrix[row]) / (norms * norms[row])
+        out[row] = -np.inf
+        return out
 
     def similar(self, track_id: str, n: int) -> dict[str, float]:
-        """Tracks whose factors point the same way as ``track_id``'s (cosine similarity)."""
-        row = self._vocab.index.get(track_id)
-        size = len(self._vocab)
-        if row is None or n <= 0:
+        """The ``n`` tracks whose factors point the same way as ``track_id``'s."""
+        scores = self.similar_all(track_id)
+        if scores is None:
             return {}
-        matrix = self.item_factors[:size]
-        norms = np.linalg.norm(matrix, axis=1) + 1e-12
-        scores = (matrix @ matrix[row]) / (norms * norms[row])
-        return self._top(scores, n, frozenset((track_id,)))
-
-    def _top(
-        self, scores: FloatArray, n: int, exclude: frozenset[str] | set[str]
-    ) -> dict[str, float]:
-        size = len(scores)
-        depth = min(size, n + len(exclude))
-        if depth < size:
-            top = np.argpartition(-scores, depth - 1)[:depth]
-        else:
-            top = np.arange(size)
-        order = top[np.lexsort((top, -scores[top]))]
         ids = self._vocab.ids
-        out: dict[str, float] = {}
-        for row in order.tolist():
-            track = ids[row]
-            if track not in exclude:
-                out[track] = float(scores[row])
-                if len(out) >= n:
-                    break
-        return out
+        return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}

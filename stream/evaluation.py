@@ -1,0 +1,175 @@
+"""Prequential (test-then-train) evaluation: score each event against the list recommended
+*before* learning from it. The same code runs live in the worker (over a sliding window of
+the last N events, exported as metrics) and offline in ``stream replay`` (whole stream).
+
+>>> ev = Prequential(k=3)
+>>> ev.observe("blend", ["a", "b", "c"], "b")
+1
+>>> ev.observe("blend", ["a", "b", "c"], "z") is None
+True
+>>> ev.summary()["blend"]["hr@3"], ev.summary()["blend"]["mrr@3"]
+(0.5, 0.25)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+_EPS = 1e-15
+
+
+def rank_of(recommended: Sequence[str], actual: str, k: int) -> int | None:
+    """0-based position of ``actual`` in the first ``k`` recommendations, or None."""
+    for i, track in enumerate(recommended[:k]):
+        if track == actual:
+            return i
+    return None
+
+
+def hit_at_k(recommended: Sequence[str], actual: str, k: int) -> float:
+    """1.0 if ``actual`` is among the first ``k`` recommendations, else 0.0."""
+    return 0.0 if rank_of(recommended, actual, k) is None else 1.0
+
+
+def reciprocal_rank_at_k(recommended: Sequence[str], actual: str, k: int) -> float:
+    """1 / (1-based rank) of ``actual`` within the top ``k``, 0.0 when absent."""
+    rank = rank_of(recommended, actual, k)
+    return 0.0 if rank is None else 1.0 / (rank + 1)
+
+
+def ndcg_at_k(recommended: Sequence[str], actual: str, k: int) -> float:
+    """NDCG@k with one relevant item: 1 / log2(rank + 1) (1-based rank); ideal DCG is 1."""
+    rank = rank_of(recommended, actual, k)
+    return 0.0 if rank is None else 1.0 / math.log2(rank + 2)
+
+
+def log_loss(probability: float, label: bool) -> float:
+    """Binary cross-entropy of one prediction (clipped so a sure miss is finite)."""
+    p = min(max(probability, _EPS), 1 - _EPS)
+    return -math.log(p if label else 1 - p)
+
+
+@dataclass(slots=True)
+class _Sums:
+    n: int = 0
+    hits: float = 0.0
+    rr: float = 0.0
+    ndcg: float = 0.0
+
+    def add(self, hit: float, rr: float, ndcg: float, sign: int = 1) -> None:
+        self.n += sign
+        self.hits += sign * hit
+        self.rr += sign * rr
+        self.ndcg += sign * ndcg
+
+
+@dataclass(slots=True)
+class _Variant:
+    total: _Sums = field(default_factory=_Sums)
+    recent: _Sums = field(default_factory=_Sums)
+    window: deque[tuple[float, float, float, tuple[str, ...]]] = field(default_factory=deque)
+    shown_all: set[str] = field(default_factory=set)
+    shown_recent: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Skip:
+    n: int = 0
+    correct: float = 0.0
+    loss: float = 0.0
+
+
+class Prequential:
+    """Running HR@K, MRR@K, NDCG@K and catalogue coverage per variant, plus skip-model
+    accuracy and log-loss.
+
+    With ``window=None`` :meth:`summary` covers every observed event (offline replay); with
+    ``window=N`` it covers the last N events per variant (live monitoring) -- pass
+    ``cumulative=True`` to get the all-time numbers then. Catalogue coverage is the share of
+    distinct tracks seen so far (as actual plays) that appeared in some recommended list.
+    """
+
+    def __init__(self, k: int = 10, window: int | None = None) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k!r}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window!r}")
+        self.k = k
+        self.window = window
+        self._variants: dict[str, _Variant] = {}
+        self._catalogue: set[str] = set()
+        self._skip = _Skip()
+        self._skip_window: deque[tuple[float, float]] = deque()
+        self._skip_recent = _Skip()
+
+    def observe(self, variant: str, recommended: Sequence[str], actual: str) -> int | None:
+        """Record one test-then-train step; returns the 0-based rank of the hit, or None."""
+        v = self._variants.get(variant)
+        if v is None:
+            v = self._variants[variant] = _Variant()
+        self._catalogue.add(actual)
+        top = tuple(recommended[: self.k])
+        rank = rank_of(top, actual, self.k)
+        hit = 0.0 if rank is None else 1.0
+        rr = 0.0 if rank is None else 1.0 / (rank + 1)
+        ndcg = 0.0 if rank is None else 1.0 / math.log2(rank + 2)
+        v.total.add(hit, rr, ndcg)
+        v.shown_all.update(top)
+        if self.window is not None:
+            v.recent.add(hit, rr, ndcg)
+            v.window.append((hit, rr, ndcg, top))
+            v.shown_recent.update(top)
+            if len(v.window) > self.window:
+                old_hit, old_rr, old_ndcg, old_top = v.window.popleft()
+                v.recent.add(old_hit, old_rr, old_ndcg, sign=-1)
+                v.shown_recent.subtract(old_top)
+                for track in old_top:
+                    if v.shown_recent[track] <= 0:
+                        del v.shown_recent[track]
+        return rank
+
+    def observe_skip(self, probability: float, skipped: bool) -> None:
+        """Record the skip model's prediction for an event, made before learning from it."""
+        correct = 1.0 if (probability >= 0.5) == skipped else 0.0
+        loss = log_loss(probability, skipped)
+        for acc in (self._skip, self._skip_recent):
+            acc.n += 1
+            acc.correct += correct
+            acc.loss += loss
+        if self.window is not None:
+            self._skip_window.append((correct, loss))
+            if len(self._skip_window) > self.window:
+                old_correct, old_loss = self._skip_window.popleft()
+                self._skip_recent.n -= 1
+                self._skip_recent.correct -= old_correct
+                self._skip_recent.loss -= old_loss
+
+    def summary(self, cumulative: bool | None = None) -> dict[str, dict[str, float]]:
+        """``{variant: {"hr@K", "mrr@K", "ndcg@K", "coverage", "events"}}`` and, once skip
+        predictions were observed, ``{"skip": {"accuracy", "log_loss", "events"}}``."""
+        whole = self.window is None if cumulative is None else cumulative
+        k = self.k
+        catalogue = len(self._catalogue) or 1
+        out: dict[str, dict[str, float]] = {}
+        for name, v in self._variants.items():
+            sums = v.total if whole or self.window is None else v.recent
+            n = sums.n or 1
+            shown = len(v.shown_all) if whole or self.window is None else len(v.shown_recent)
+            out[name] = {
+                f"hr@{k}": sums.hits / n,
+                f"mrr@{k}": sums.rr / n,
+                f"ndcg@{k}": sums.ndcg / n,
+                "coverage": min(shown / catalogue, 1.0),
+                "events": float(sums.n),
+            }
+        skip = self._skip if whole or self.window is None else self._skip_recent
+        if skip.n:
+            out["skip"] = {
+                "accuracy": skip.correct / skip.n,
+                "log_loss": skip.loss / skip.n,
+                "events": float(skip.n),
+            }
+        return out

@@ -1,0 +1,107 @@
+"""Skip model: the probability that a listener skips a track, from session and context
+features, learned online with river's logistic regression.
+
+Linear was chosen by measurement: ~10 us per learn+predict here versus ~1 ms per event for a
+forest ensemble, and its weights let the ranker score a whole candidate set with numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from river import linear_model, optim
+
+from stream.models.base import FloatArray, Interaction, check_positive
+
+#: Scores other models put in ``Interaction.features`` that the skip model uses.
+TRACK_FEATURES = ("popularity", "mf", "cooccurrence")
+
+_DAY_MS = 24 * 3600 * 1000
+
+
+def _squash(name: str, value: float) -> float:
+    # Bring each score into a similar, bounded range so one learning rate fits all.
+    if name == "popularity":
+        return math.log1p(1000.0 * max(value, 0.0)) / 7.0
+    return math.tanh(value)
+
+
+def _squash_many(name: str, values: FloatArray) -> FloatArray:
+    if name == "popularity":
+        out: FloatArray = np.log1p(1000.0 * np.maximum(values, 0.0)) / 7.0
+        return out
+    return np.tanh(values)
+
+
+class SkipClassifier:
+    """Online logistic regression on skip labels.
+
+    Features: position in session, the listener's recent skip rate and skip streak context,
+    context type (one-hot), hour of day (cyclic), and the track's popularity / MF /
+    co-occurrence scores passed in ``x.features``.
+
+    >>> m = SkipClassifier()
+    >>> for i in range(200):
+    ...     m.learn_one(Interaction("u", "t", 0, skipped=i % 2 == 0, context="radio" if i % 2
+    ...                 else "search"))
+    >>> m.predict_one(Interaction("u", "t", 0, context="search")) > 0.5
+    True
+    """
+
+    def __init__(self, learning_rate: float = 0.05, l2: float = 0.0, seed: int = 0) -> None:
+        check_positive("learning_rate", learning_rate)
+        check_positive("l2", l2, allow_zero=True)
+        self.learning_rate = learning_rate
+        self.l2 = l2
+        self.seed = seed
+        self.classifier = linear_model.LogisticRegression(
+            optimizer=optim.SGD(learning_rate), l2=l2
+        )
+        self.n_learned = 0
+
+    @staticmethod
+    def context_features(x: Interaction) -> dict[str, float]:
+        """The features that depend on the listener and moment, not on the track."""
+        angle = 2 * math.pi * ((x.ts_ms % _DAY_MS) / _DAY_MS)
+        feats = {
+            "position": math.log1p(max(x.session_position, 0)) / 4.0,
+            "recent_skip_rate": x.recent_skip_rate,
+            "hour_sin": math.sin(angle),
+            "hour_cos": math.cos(angle),
+        }
+        if x.context:
+            feats[f"context={x.context}"] = 1.0
+        return feats
+
+    def features(self, x: Interaction) -> dict[str, float]:
+        feats = self.context_features(x)
+        for name in TRACK_FEATURES:
+            if name in x.features:
+                feats[name] = _squash(name, x.features[name])
+        return feats
+
+    def learn_one(self, x: Interaction) -> None:
+        self.classifier.learn_one(self.features(x), bool(x.skipped))
+        self.n_learned += 1
+
+    def predict_one(self, x: Interaction) -> float:
+        """Probability that ``x.track_id`` is skipped (0.5 before any learning)."""
+        proba = self.classifier.predict_proba_one(self.features(x))  # type: ignore[no-untyped-call]
+        return float(proba.get(True, 0.0))
+
+    def predict_many(self, x: Interaction, track_features: Mapping[str, FloatArray]) -> FloatArray:
+        """Skip probabilities for many candidate tracks at once (vectorised)."""
+        size = len(next(iter(track_features.values()))) if track_features else 0
+        weights = self.classifier.weights
+        base = float(self.classifier.intercept)
+        for name, value in self.context_features(x).items():
+            base += weights.get(name, 0.0) * value
+        logit = np.full(size, base)
+        for name, values in track_features.items():
+            w = weights.get(name, 0.0)
+            if w:
+                logit += w * _squash_many(name, values)
+        out: FloatArray = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
+        return out
