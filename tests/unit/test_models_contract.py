@@ -114,7 +114,9 @@ def test_learns_something(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_deterministic_under_seed(name: str) -> None:
-    probes = [Interaction(f"u{i}", f"t{i}", 1_700_000_500_000, history=("t1", "t2")) for i in range(6)]
+    probes = [
+        Interaction(f"u{i}", f"t{i}", 1_700_000_500_000, history=("t1", "t2")) for i in range(6)
+    ]
     a, b = fitted(name, seed=11), fitted(name, seed=11)
     assert [a.predict_one(x) for x in probes] == [b.predict_one(x) for x in probes]
     if hasattr(a, "candidates"):

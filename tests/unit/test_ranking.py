@@ -24,7 +24,10 @@ def test_normalise_scales_non_negative_and_signed_scores() -> None:
 def test_blend_orders_by_weighted_sum_and_filters_excluded() -> None:
     recs = rank_tracks(
         ["a", "b", "c", "d"],
-        {"cooccurrence": np.array([1.0, 0.0, 0.5, 0.9]), "popularity": np.array([0.0, 1.0, 1.0, 0.0])},
+        {
+            "cooccurrence": np.array([1.0, 0.0, 0.5, 0.9]),
+            "popularity": np.array([0.0, 1.0, 1.0, 0.0]),
+        },
         weights={"cooccurrence": 1.0, "popularity": 0.4},
         k=3,
         exclude={"a"},
