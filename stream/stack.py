@@ -130,19 +130,25 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _spawn(cfg: StackConfig, name: str, argv: list[str], cwd: Path | None = None) -> int:
     logs = cfg.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (cfg.state_dir / "pids").mkdir(parents=True, exist_ok=True)
-    out = (logs / f"{name}.out").open("ab")
-    proc = subprocess.Popen(
-        argv,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        start_new_session=True,  # survives the CLI; `down` stops it by PID
-    )
+    with (logs / f"{name}.out").open("ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,  # survives the CLI; `down` stops it by PID
+        )
+    # keep the handle: a process that stops a service it started itself (private instances
+    # in tests) reaps it in _stop, and no "subprocess still running" warning fires
+    _CHILDREN[proc.pid] = proc
     _pid_file(cfg, name).write_text(str(proc.pid))
     log(f"started {name} (pid {proc.pid}), log: {logs / (name + '.out')}")
     return proc.pid
@@ -176,6 +182,9 @@ def _stop(cfg: StackConfig, name: str, marker: str, timeout: float = 30.0) -> bo
     if _running_pid(cfg, name, marker) is not None:
         log(f"{name} did not stop after SIGTERM in {timeout:.0f}s; sending SIGKILL")
         os.kill(pid, signal.SIGKILL)
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        child.wait(10)
     path.unlink(missing_ok=True)
     log(f"stopped {name} (pid {pid})")
     return True

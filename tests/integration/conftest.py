@@ -203,6 +203,7 @@ def reader(settings: Settings) -> Iterator[RecoReader]:
     )
     yield r
     keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
+    keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=1000))
     keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=1000))
     for i in range(0, len(keys), 500):
         r.client.delete(*keys[i : i + 500])
@@ -221,3 +222,58 @@ def wait_until(
             return last
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+# --------------------------------------------------------------------------- private services
+# For fault and security tests: instances this test may stop, restart or lock down. The
+# shared stack (9092, 6379) is never touched.
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., stack.RedisServer]]:
+    """``private_redis(*args, port=None)`` starts a redis-server on a free port (extra server
+    options in ``args``); every one started is stopped at teardown."""
+    servers: list[stack.RedisServer] = []
+
+    def make(*args: str, port: int | None = None) -> stack.RedisServer:
+        server = stack.RedisServer(
+            tmp_path / f"redis-{len(servers)}", port if port is not None else free_port(),
+            list(args),
+        )
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, made
+    with ``openssl`` at test time."""
+    d = tmp_path / "tls"
+    d.mkdir()
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", f"{name}.pem")
+    return TlsFiles(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
+                    d / "client.key")
