@@ -207,7 +207,7 @@ class SessionCooccurrence:
             row = self.rows[prev]
             p = row.pos.get(target)
             if p is not None:
-                s = w * float(row.val[p]) / row.total
+                s = w * row.val.item(p) / row.total
                 if s > best_s:
                     best, best_s = prev, s
         return None if best is None else self._vocab.ids[best]
@@ -233,7 +233,7 @@ class SessionCooccurrence:
             row = self.rows[prev]
             p = row.pos.get(target)
             if p is not None:
-                total += w * float(row.val[p]) / row.total
+                total += w * row.val.item(p) / row.total
         if any(prev == target for prev, _ in anchors):
             return 0.0
         if self.pop_penalty > 0 and total > 0:

@@ -71,6 +71,8 @@ class ImplicitMF:
         self.item_factors: FloatArray = np.zeros((0, n_factors))
         self.user_factors: dict[str, FloatArray] = {}
         self._pool: list[int] = []
+        self._draws: list[float] = []
+        self._draw_pos = 0
         self._pool_pos = 0
 
     # -- learning -------------------------------------------------------------------------
@@ -96,14 +98,15 @@ class ImplicitMF:
             user = self._rng.normal(0.0, self.init_scale, self.n_factors)
             self.user_factors[x.user_id] = user
         target = self.skip_target if x.skipped else 1.0
-        if self.n_negatives and self.uniform_negatives and len(self._vocab) > 1:
-            picks = self._rng.integers(0, len(self._vocab), self.n_negatives)
-            negatives = [p for p in picks.tolist() if p != row]
-        elif self.n_negatives and self._pool:
-            picks = self._rng.integers(0, len(self._pool), self.n_negatives)
-            negatives = [self._pool[p] for p in picks.tolist() if self._pool[p] != row]
-        else:
-            negatives = []
+        negatives: list[int] = []
+        if self.uniform_negatives and len(self._vocab) > 1:
+            size = len(self._vocab)
+            negatives = [r for r in (int(self._uniform() * size) for _ in range(self.n_negatives))
+                         if r != row]
+        elif self._pool:
+            pool = self._pool
+            negatives = [r for r in (pool[int(self._uniform() * len(pool))]
+                                     for _ in range(self.n_negatives)) if r != row]
         rows = [row, *negatives]
         targets = np.zeros(len(rows))
         targets[0] = target
@@ -116,6 +119,15 @@ class ImplicitMF:
         user += lr * (err @ items)
         if not x.skipped:
             self._remember(row)
+
+    def _uniform(self) -> float:
+        # numpy's per-call overhead dominates one draw; draw in seeded batches instead.
+        if self._draw_pos >= len(self._draws):
+            self._draws = self._rng.random(4096).tolist()
+            self._draw_pos = 0
+        value = self._draws[self._draw_pos]
+        self._draw_pos += 1
+        return value
 
     def _remember(self, row: int) -> None:
         if len(self._pool) < self.negative_pool:

@@ -83,7 +83,7 @@ def _feed(rec: Recommender, plays: list[tuple[str, str, str | None]]) -> dict[st
 
 
 def test_recommender_filters_recent_plays_and_explains() -> None:
-    rec = Recommender(seed=1)
+    rec = Recommender(weights={"mf": 0.0}, seed=1)  # co-occurrence decides: exact expectations
     plays = [(f"u{u}", t, None) for u in range(6) for t in ("a", "b", "c", "d")]
     states = _feed(rec, plays + [("new", "a", None)])
     recs = rec.recommend(states["new"], k=3, now_ms=T0 + 10**6)
@@ -122,8 +122,8 @@ def test_similar_tracks_and_snapshot_round_trip() -> None:
     rec = Recommender(seed=3)
     states = _feed(rec, [(f"u{u}", t, None) for u in range(5) for t in ("a", "b", "c")])
     similar = rec.similar("a", 2)
-    assert [r.track_id for r in similar][0] == "b"
-    assert similar[0].reason == "often played with a"
+    assert {r.track_id for r in similar} == {"b", "c"}
+    assert all(r.reason in ("often played with a", "liked by listeners of a") for r in similar)
     assert rec.similar("never-seen", 5) == []
     twin = Recommender.restore(rec.snapshot())
     assert twin.recommend(states["u1"], 3, T0) == rec.recommend(states["u1"], 3, T0)
