@@ -51,6 +51,9 @@ TARGET = f"127.0.0.1:{stack.TEST_METRICS_PORT}"
 
 # --------------------------------------------------------------------------- queries
 
+MALFORMED = (b"not json", b'{"user_id": "u1"}', b"[1, 2, 3]")
+
+
 
 def substitute_variables(expr: str) -> str:
     """Grafana template variables -> what "All" selects."""
@@ -293,10 +296,9 @@ def observed(
     try:
         lastfm = load_events(datasets_dir / "lastfm-1k-sample", "lastfm", limit=3000)
         spotify = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
-        malformed = [b"not json", b'{"user_id": "u1"}', b"[1, 2, 3]"]
         sent = produce(s, lastfm[:1500])  # original times: sessions split by real gaps
         sent += produce(s, spotify)  # contexts, skips, explicit session ids
-        sent += produce(s, malformed)
+        sent += produce(s, MALFORMED)
         # live traffic at a steady rate for a while, so rates and freshness are current
         sent += produce(s, retime(lastfm[1500:], None), rate=100.0, max_seconds=20)
         consumed = f'sum(stream_events_total{{instance="{TARGET}", topic="{s.plays_topic}"}})'
@@ -334,6 +336,13 @@ def test_target_is_up_and_scraped(prometheus: Prometheus, observed: WorkerProces
     assert target is not None and target["health"] == "up", target
     scrapes = prometheus.value(f'count_over_time(up{{instance="{TARGET}"}}[1m])')
     assert scrapes is not None and scrapes >= 5
+
+
+def test_worker_processed_the_plays(observed: WorkerProcess) -> None:
+    """The data behind the queries comes from a healthy pipeline, not only from rejections."""
+    processed = observed.metric_value("stream_events_total", outcome="processed")
+    rejected = observed.metric_value("stream_events_total", outcome="rejected")
+    assert processed >= 3000 and rejected == len(MALFORMED), (processed, rejected)
 
 
 @pytest.mark.parametrize("expr", params())
