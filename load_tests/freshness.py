@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  matched {res['notifications_matched']:,}/{res['events_sent']:,} events "
-        f"({res['match_coverage']:.1%}; the rest were coalesced into a later write)"
+        f"({res['match_coverage']:.1%}; the rest: not processed before the drain ended, "
+        "or coalesced into a later write)"
     )
     for name in ("lag_metrics", "lag_group_committed"):
         lg = res[name]
