@@ -84,3 +84,14 @@ def test_redis_outage_is_ridden_out_and_caught_up(
     assert report["redis_errors_during_outage"] > 0, report
     assert report["logged_redis_failure"] and report["logged_redis_back"], report
     assert_exactly_once(report)
+
+
+def test_broker_restart_is_ridden_out_without_loss(
+    settings: Settings, worker_factory: Callable[..., faults.Worker], tmp_path: Path
+) -> None:
+    report = faults.broker_restart(
+        settings, fast_failover(worker_factory), tmp_path, down_s=5.0, count=1500, users=30,
+        catch_up_timeout_s=90.0,
+    )
+    assert report["worker_alive_while_broker_down"] and report["worker_alive"], report
+    assert_exactly_once(report)

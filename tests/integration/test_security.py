@@ -114,11 +114,12 @@ def test_tls_file_settings_are_validated(settings: Settings, tls_files: TlsFiles
     assert ok.redis_tls_ca_file == str(tls_files.ca)
 
 
-@pytest.fixture
-def sasl_kafka(tmp_path: Path) -> Iterator[stack.StackConfig]:
-    """A private KRaft broker whose client listener requires SASL_PLAINTEXT / PLAIN."""
+@pytest.fixture(scope="module")
+def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackConfig]:
+    """A private KRaft broker whose client listener requires SASL_PLAINTEXT / PLAIN (one per
+    module: it takes ~10-20 s to start)."""
     cfg = stack.private_config(
-        tmp_path / "kafka-sasl", kafka_port=free_port(), controller_port=free_port()
+        tmp_path_factory.mktemp("kafka-sasl"), kafka_port=free_port(), controller_port=free_port()
     )
     try:
         stack.start_sasl_kafka(cfg, {"admin": KAFKA_ADMIN_PW, KAFKA_USER: KAFKA_PW})
