@@ -21,13 +21,20 @@ from faust.serializers import codecs
 from faust.types import TP
 
 from stream import __version__
+from stream.checkpoint import frame
 from stream.config import Settings
 from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record, StageTimer
 from stream.recommender import Recommender
 from stream.session import UserState
 from stream.sizing import model_memory_bytes
-from stream.store import PendingWrite, RecoWriter, connect_async
+from stream.store import (
+    PendingWrite,
+    RecoWriter,
+    checkpoint_key,
+    connect_async,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +93,12 @@ def broker_credentials(settings: Settings) -> Any:
     return faust.SSLCredentials(ssl_context)
 
 
-def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Worker:
+def create_worker(
+    settings: Settings,
+    metrics: Metrics,
+    partitions: int,
+    recommender: Recommender | None = None,
+) -> Worker:
     """Build the Faust app for these settings. ``partitions`` is the plays topic's count."""
     app = faust.App(
         settings.app_id,
@@ -105,7 +117,7 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         broker_commit_interval=1.0,
         stream_buffer_maxsize=4096,
     )
-    recommender = Recommender()
+    recommender = recommender if recommender is not None else Recommender()
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
         {"version": __version__, "model_version": recommender.model_version, "app_id": settings.app_id}
@@ -135,6 +147,11 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
         help="Per-listener session state (stream.session.UserState.to_dict()).",
     )
+    # Faust derives the changelog serializers from key/value *types* (and they override the
+    # schema's), so name the codecs explicitly: live UserState objects in the store,
+    # orjson on the changelog, and UserState objects back on recovery.
+    sessions.key_serializer = "json"
+    sessions.value_serializer = USER_STATE_CODEC
 
     topic = settings.plays_topic
     m = metrics
@@ -176,6 +193,8 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
 
         async def on_stop(self) -> None:
             if worker.writer is not None:
+                if settings.checkpoint_interval_s:
+                    await write_checkpoint()  # a clean stop keeps everything learned
                 await worker.writer.stop()
                 await worker.writer.client.aclose()
 
@@ -192,7 +211,13 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
         else:  # writer not started yet (first events during start-up)
             pending_writes.append(write)
 
-    processor = Processor(settings, recommender, sessions, submit, dead_letters.append)
+    from stream.evaluation import Prequential
+
+    # live quality: HR@10 / NDCG@10 of the list each listener had before their next play
+    worker.evaluator = Prequential(k=10, window=settings.quality_window)
+    processor = Processor(
+        settings, recommender, sessions, submit, dead_letters.append, evaluator=worker.evaluator
+    )
 
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
@@ -248,6 +273,8 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
                 m.dlq_writes.labels(topic).inc()
                 m.rejected.labels(topic, dl.rejection.reason).inc()
             m.events.labels(topic, outcome.outcome).inc()
+            if outcome.model_error is not None:
+                m.model_errors.inc()
             for stage, seconds in timer.stages:
                 m.stage.labels(stage).observe(seconds)
             m.processing.observe(time.perf_counter() - started)
@@ -256,6 +283,28 @@ def create_worker(settings: Settings, metrics: Metrics, partitions: int) -> Work
                 if outcome.update is not None:
                     m.observe_session(outcome.update, outcome.event.context)
             worker.processed_offsets[TP(msg.topic, msg.partition)] = msg.offset
+
+    async def write_checkpoint() -> None:
+        """Snapshot the models to Redis (key model:{app_id}); failures are retried next time."""
+        if worker.writer is None:
+            return
+        started = time.perf_counter()
+        try:
+            blob = frame(recommender.snapshot(), settings.checkpoint_secret)
+            await save_checkpoint(worker.writer.client, checkpoint_key(settings.app_id), blob)
+        except Exception as exc:  # noqa: BLE001 - Redis down etc.: keep serving, retry later
+            m.checkpoints.labels("error").inc()
+            logger.warning("model checkpoint failed: %s: %s", type(exc).__name__, exc)
+            return
+        m.checkpoints.labels("written").inc()
+        m.checkpoint_seconds.observe(time.perf_counter() - started)
+        m.checkpoint_bytes.set(len(blob))
+
+    if settings.checkpoint_interval_s:
+
+        @app.timer(interval=settings.checkpoint_interval_s)
+        async def checkpoint_models() -> None:
+            await write_checkpoint()
 
     @app.timer(interval=2.0)
     async def report_state() -> None:

@@ -52,6 +52,35 @@ def cmd_stack(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- worker
 
 
+def _restore_models(settings: Settings):  # type: ignore[no-untyped-def]
+    """The recommender from the last checkpoint in Redis, or None to start fresh."""
+    from stream.checkpoint import CheckpointError, unframe
+    from stream.recommender import Recommender, SnapshotError
+    from stream.store import checkpoint_key, load_checkpoint
+
+    log = logging.getLogger("stream.worker")
+    if not settings.checkpoint_interval_s:
+        return None
+    key = checkpoint_key(settings.app_id)
+    try:
+        blob = load_checkpoint(settings.redis_url, key, settings.redis_password)
+    except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
+        log.warning("could not read model checkpoint %s (%s); starting fresh", key, exc)
+        return None
+    if blob is None:
+        log.info("no model checkpoint at %s; starting fresh", key)
+        return None
+    try:
+        rec = Recommender.restore(unframe(blob, settings.checkpoint_secret))
+    except (CheckpointError, SnapshotError) as exc:
+        log.error("ignoring model checkpoint %s: %s", key, exc)
+        return None
+    if not settings.checkpoint_secret:
+        log.warning("model checkpoints are unsigned; set STREAM_CHECKPOINT_SECRET in production")
+    log.info("restored models from checkpoint %s (%d bytes)", key, len(blob))
+    return rec
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logging.basicConfig(
@@ -79,7 +108,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    worker = create_worker(settings, metrics, partitions)
+    recommender = _restore_models(settings)
+    metrics.checkpoint_restored.set(1 if recommender is not None else 0)
+    worker = create_worker(settings, metrics, partitions, recommender)
     run_worker(worker)
     return 0
 

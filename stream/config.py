@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from stream.errors import ConfigError
 
-SECRET_FIELDS: Final = frozenset({"redis_password", "kafka_sasl_password"})
+SECRET_FIELDS: Final = frozenset({"redis_password", "kafka_sasl_password", "checkpoint_secret"})
 _DEFAULT_FILE: Final = Path(__file__).resolve().parents[1] / "configs" / "stream.toml"
 
 
@@ -71,7 +71,11 @@ class Settings:
     top_k: int = 10
     session_gap_s: int = 1800
     max_recent: int = 30
-    max_seen: int = 64
+    max_seen: int = 48
+    # Live quality window (events) and model checkpoints (Redis key model:{app_id})
+    quality_window: int = 2000
+    checkpoint_interval_s: float = 30.0
+    checkpoint_secret: str = ""
     # Input limits
     max_event_bytes: int = 16 * 1024
     max_future_s: int = 24 * 3600
@@ -194,6 +198,7 @@ def validate(s: Settings) -> Settings:
         "session_gap_s",
         "max_recent",
         "max_seen",
+        "quality_window",
         "max_event_bytes",
         "max_future_s",
     )
@@ -202,6 +207,8 @@ def validate(s: Settings) -> Settings:
             raise bad(name, f"must be > 0, got {getattr(s, name)}")
     if s.top_k > 500:
         raise bad("top_k", f"must be <= 500, got {s.top_k}")
+    if s.checkpoint_interval_s < 0:
+        raise bad("checkpoint_interval_s", "must be >= 0 (0 disables checkpoints)")
     if s.redis_flush_interval_ms < 0:
         raise bad("redis_flush_interval_ms", "must be >= 0")
     if not 0 <= s.metrics_port <= 65535:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -240,8 +241,10 @@ def _type_name(value: object) -> str:
 def _id_field(obj: dict[str, Any], name: str) -> str:
     value = obj[name]
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise _Invalid("wrong_type", f"'{name}' must be a string or integer, got {_type_name(value)}")
-    text = str(value)
+        raise _Invalid(
+            "wrong_type", f"'{name}' must be a string or integer, got {_type_name(value)}"
+        )
+    text = sys.intern(str(value))  # ids repeat: one shared string per id saves memory
     if not text or text.strip() != text or not text.isprintable():
         raise _Invalid("bad_value", f"'{name}' must be non-empty printable text without padding")
     if len(text) > MAX_ID_LEN:
@@ -262,8 +265,11 @@ def _opt_text_field(obj: dict[str, Any], name: str) -> str | None:
     if not isinstance(value, str):
         raise _Invalid("wrong_type", f"'{name}' must be a string, got {_type_name(value)}")
     if len(value) > MAX_TEXT_LEN:
-        raise _Invalid("string_too_long", f"'{name}' is {len(value)} chars, limit is {MAX_TEXT_LEN}")
-    return value
+        raise _Invalid(
+            "string_too_long", f"'{name}' is {len(value)} chars, limit is {MAX_TEXT_LEN}"
+        )
+    # contexts and reasons come from small vocabularies: share one string per value
+    return sys.intern(value) if len(value) <= 32 else value
 
 
 def _int_field(obj: dict[str, Any], name: str, lo: int, hi: int) -> int:
@@ -308,4 +314,6 @@ def _timestamp(value: object) -> int:
         if parsed.tzinfo is None:
             raise _Invalid("bad_value", "'ts' ISO-8601 string needs a timezone (e.g. 'Z')")
         return int(parsed.timestamp() * 1000)
-    raise _Invalid("wrong_type", f"'ts' must be epoch milliseconds or ISO-8601, got {_type_name(value)}")
+    raise _Invalid(
+        "wrong_type", f"'ts' must be epoch milliseconds or ISO-8601, got {_type_name(value)}"
+    )

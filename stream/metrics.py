@@ -241,6 +241,26 @@ class Metrics:
             "control_commands", "Control-topic commands handled, by result.",
             ["result"], namespace=ns, registry=registry,
         )
+        self.checkpoints = Counter(
+            "checkpoints", "Model checkpoints to Redis, by result (written, error).",
+            ["result"], namespace=ns, registry=registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "checkpoint_seconds", "Time to snapshot the models and store the checkpoint.",
+            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.checkpoint_bytes = Gauge(
+            "checkpoint_bytes", "Size of the last model checkpoint.",
+            namespace=ns, registry=registry,
+        )
+        self.checkpoint_restored = Gauge(
+            "checkpoint_restored", "1 if this worker started from a model checkpoint, else 0.",
+            namespace=ns, registry=registry,
+        )
+        self.model_errors = Counter(
+            "model_errors", "Events whose state was applied but learning/ranking raised.",
+            namespace=ns, registry=registry,
+        )
         self.build = Info("build", "Version information.", namespace=ns, registry=registry)
 
         # Pre-create the bounded label children so every series exists (at 0) from the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -63,6 +64,7 @@ class Outcome:
     update: SessionUpdate | None = None
     recs: list[Recommendation] | None = None
     rejection: Rejection | None = None
+    model_error: Exception | None = None
 
 
 class StageTimer:
@@ -91,6 +93,8 @@ class Processor:
         submit: Callable[[PendingWrite], None],
         dead_letter: Callable[[DeadLetter], None],
         clock: Callable[[], float] = time.time,
+        evaluator: Any = None,
+        max_tracked_users: int = 100_000,
     ) -> None:
         self.settings = settings
         self.recommender = recommender
@@ -100,6 +104,12 @@ class Processor:
         self.clock = clock
         self.gap_ms = settings.session_gap_s * 1000
         self.max_future_ms = settings.max_future_s * 1000
+        #: live test-then-train evaluator (a windowed stream.evaluation.Prequential) or None
+        self.evaluator = evaluator
+        #: each listener's last published list, to score their next play against (bounded)
+        self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self.max_tracked_users = max_tracked_users
+        self.model_errors = 0
 
     def reject(self, record: Record, rejection: Rejection) -> Outcome:
         logger.info(
@@ -147,18 +157,42 @@ class Processor:
             return Outcome("duplicate", event=event, update=update)
         self.table[event.user_id] = update.state
         timer.lap("session")
-        self.recommender.learn_one(update)
-        timer.lap("learn")
-        recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
-        timer.lap("rank")
+        previous = self.last_recs.get(event.user_id)
+        if self.evaluator is not None and previous is not None:
+            # test-then-train: was this play in the list we published before it?
+            self.evaluator.observe("blend", previous, event.track_id)
+        try:
+            result = self.recommender.learn_one(update, event)
+            skip_p = getattr(result, "skip_probability", None)
+            if self.evaluator is not None and skip_p is not None:
+                self.evaluator.observe_skip(float(skip_p), update.is_skip)
+            timer.lap("learn")
+            recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
+            timer.lap("rank")
+        except Exception as exc:  # noqa: BLE001 - a model bug must not lose the play
+            # the session state above is already applied (and will be changelogged): the play
+            # counts; only this list refresh is missed. Counted and logged, never dead-lettered.
+            self.model_errors += 1
+            if self.model_errors <= 10 or self.model_errors % 1000 == 0:
+                logger.exception("model error #%d on %s[%d]@%d", self.model_errors,
+                                 record.topic, record.partition, record.offset)
+            return Outcome("processed", event=event, update=update, model_error=exc)
+        self._remember(event.user_id, tuple(r.track_id for r in recs))
         self.submit(self.make_write(event, update.state, recs, record.timestamp_ms))
         timer.lap("enqueue")
         return Outcome("processed", event=event, update=update, recs=recs)
+
+    def _remember(self, user_id: str, track_ids: tuple[str, ...]) -> None:
+        self.last_recs[user_id] = track_ids
+        self.last_recs.move_to_end(user_id)
+        if len(self.last_recs) > self.max_tracked_users:
+            self.last_recs.popitem(last=False)
 
     def forget_user(self, user_id: str) -> bool:
         """Purge a listener: session state (a changelog tombstone, so a restart cannot
         resurrect it) and user-side model parameters. Returns whether state existed.
         The caller deletes the Redis document."""
+        self.last_recs.pop(user_id, None)
         existed = self.table.get(user_id) is not None
         if existed:
             del self.table[user_id]

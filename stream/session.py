@@ -16,7 +16,9 @@ True
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -24,14 +26,23 @@ from stream.events import PlayEvent
 
 DEFAULT_SESSION_GAP_MS: Final = 30 * 60 * 1000
 DEFAULT_MAX_RECENT: Final = 30
-DEFAULT_MAX_SEEN: Final = 64
+DEFAULT_MAX_SEEN: Final = 48
 STATE_VERSION: Final = 1
 
 
 def event_fingerprint(event_id: str) -> int:
-    """A 53-bit fingerprint of an event id (fits a JSON number exactly, 8 bytes per entry)."""
+    """A 63-bit fingerprint of an event id (one signed 64-bit slot in the ring)."""
     digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 11
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _ring(values: Any) -> array[int]:
+    """The fingerprint ring from its serialised forms (base64 of int64s, or a list of ints)."""
+    if isinstance(values, str):
+        ring = array("q")
+        ring.frombytes(base64.b64decode(values))
+        return ring
+    return array("q", values or ())
 
 
 @dataclass(slots=True)
@@ -54,7 +65,8 @@ class UserState:
     seq: int = 0
     last_event_id: str = ""
     last_event_ts_ms: int = 0
-    seen: list[int] = field(default_factory=list)
+    #: fingerprints of the last ``max_seen`` applied event ids (8 bytes each, one object)
+    seen: array[int] = field(default_factory=lambda: array("q"))
 
     @property
     def last_track(self) -> str | None:
@@ -69,14 +81,14 @@ class UserState:
             **{name: getattr(self, name) for name in _SCALARS},
             recent=list(self.recent),
             recent_skipped=list(self.recent_skipped),
-            seen=list(self.seen),
+            seen=array("q", self.seen),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name) for name in _SCALARS}
         out["recent"] = list(self.recent)
         out["recent_skipped"] = [int(s) for s in self.recent_skipped]
-        out["seen"] = list(self.seen)
+        out["seen"] = base64.b64encode(self.seen.tobytes()).decode()
         out["v"] = STATE_VERSION
         return out
 
@@ -87,7 +99,7 @@ class UserState:
             **kwargs,
             recent=list(data.get("recent", [])),
             recent_skipped=[bool(s) for s in data.get("recent_skipped", [])],
-            seen=list(data.get("seen", [])),
+            seen=_ring(data.get("seen")),
         )
 
 
@@ -177,4 +189,3 @@ def update_session(
     new.last_event_id = event.event_id
     new.last_event_ts_ms = event.ts_ms
     return SessionUpdate(new, before, False, new_session, skip, first)
-

@@ -396,3 +396,29 @@ class RecoReader:
 
     def close(self) -> None:
         self.client.close()
+
+
+# --------------------------------------------------------------------------- model checkpoints
+
+
+def checkpoint_key(app_id: str) -> str:
+    return f"model:{app_id}"
+
+
+def load_checkpoint(url: str, key: str, password: str = "") -> bytes | None:
+    """Read a model checkpoint synchronously (worker start-up, before the event loop)."""
+    kwargs: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5}
+    if password:
+        kwargs["password"] = password
+    client = redis.Redis.from_url(url, **kwargs)
+    try:
+        raw = client.get(key)
+    finally:
+        client.close()
+    return None if raw is None else bytes(raw)  # type: ignore[arg-type]
+
+
+async def save_checkpoint(client: aioredis.Redis, key: str, blob: bytes) -> None:
+    """Replace the checkpoint atomically (SET of one value; no TTL: it is the model)."""
+    await client.set(key, blob)
+

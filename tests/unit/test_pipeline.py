@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from stream.config import load_settings
-from stream.events import encode_event, PlayEvent
+from stream.events import PlayEvent, encode_event
 from stream.pipeline import DeadLetter, Processor, Record
 from stream.recommender import Recommender
 from stream.store import PendingWrite
@@ -78,3 +78,17 @@ def test_recommendations_exclude_recent_and_carry_reasons() -> None:
     ids = [it["track_id"] for it in doc["items"]]
     assert "a" not in ids and ids and ids[0] == "b"
     assert all(it["reason"] for it in doc["items"])
+
+
+def test_model_error_keeps_the_play_and_is_not_dead_lettered() -> None:
+    p, table, writes, dead = make()
+
+    class Broken(Recommender):
+        def recommend(self, *a: object, **k: object) -> list:  # type: ignore[override]
+            raise RuntimeError("boom")
+
+    p.recommender = Broken()
+    out = p.process(rec(play("u1", "a", 0), b"u1"))
+    assert out.outcome == "processed" and isinstance(out.model_error, RuntimeError)
+    assert table["u1"].plays_total == 1 and not dead and not writes
+    assert p.model_errors == 1
