@@ -165,8 +165,12 @@ def rss_bytes(pid: int) -> int:
 # --------------------------------------------------------------------------- traffic
 
 
-def valid_events(count: int, *, users: int, seed: int, tag: str) -> list[PlayEvent]:
-    """``count`` distinct plays (unique event ids), timestamped just before now."""
+def valid_events(
+    count: int, *, users: int, seed: int, tag: str, heavy_tail: bool = True
+) -> list[PlayEvent]:
+    """``count`` distinct plays (unique event ids), timestamped just before now. With
+    ``heavy_tail`` a few listeners get a large share (as in real traffic); without it the
+    plays are spread round-robin."""
     traffic = SyntheticTraffic(
         users=users,
         tracks=2000,
@@ -175,7 +179,11 @@ def valid_events(count: int, *, users: int, seed: int, tag: str) -> list[PlayEve
         start_ms=int(time.time() * 1000) - 3_600_000,
     )
     return [
-        replace(e, user_id=f"{tag}-{e.user_id}", event_id=f"{tag}-{i}")
+        replace(
+            e,
+            user_id=f"{tag}-{e.user_id}" if heavy_tail else f"{tag}-syn-u{i % users}",
+            event_id=f"{tag}-{i}",
+        )
         for i, e in enumerate(traffic.events(count))
     ]
 
@@ -348,13 +356,16 @@ def crash_loop(
     min_uptime_s: float = 1.0,
     max_uptime_s: float = 4.0,
     catch_up_timeout_s: float = 120.0,
+    heavy_tail: bool = True,
 ) -> dict[str, Any]:
     """SIGKILL the worker ``kills`` times while a background producer streams plays, restart
     it each time, then check every listener's state counts each event exactly once."""
     rng = random.Random(seed)
     per_cycle_s = max_uptime_s + 12.0  # uptime + a generous restart
     budget_s = kills * per_cycle_s + 10.0
-    events = valid_events(int(rate * budget_s), users=users, seed=seed, tag=f"c{seed}")
+    events = valid_events(
+        int(rate * budget_s), users=users, seed=seed, tag=f"c{seed}", heavy_tail=heavy_tail
+    )
     worker = start_worker(settings)
     producer = BackgroundProducer(settings, events, rate, max_seconds=budget_s)
     producer.start()
@@ -832,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-s", type=float, default=10.0)
     p.add_argument("--count", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--uniform", action="store_true",
+                   help="crash-loop: spread plays evenly (no heavy listeners)")
     p.add_argument("--report", type=Path, default=Path("faults-report.json"))
     args = p.parse_args(argv)
     drills = ["crash-loop", "redis-outage", "broker-restart", "hostile"]
