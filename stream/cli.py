@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from stream.config import Settings, load_settings
+from stream.config import Settings, load_settings, redis_auth
 from stream.errors import ConfigError, StackError, StreamError
 
 
@@ -63,7 +63,7 @@ def _restore_models(settings: Settings):  # type: ignore[no-untyped-def]
         return None
     key = checkpoint_key(settings.app_id)
     try:
-        blob = load_checkpoint(settings.redis_url, key, settings.redis_password)
+        blob = load_checkpoint(settings.redis_url, key, **redis_auth(settings))
     except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
         log.warning("could not read model checkpoint %s (%s); starting fresh", key, exc)
         return None
@@ -87,6 +87,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
     )
+    # aiokafka's connection debug log prints SASL login bytes (user and password): never
+    # let it log below INFO, whatever log_level says
+    logging.getLogger("aiokafka.conn").setLevel(max(logging.INFO, logging.getLogger().level))
     from stream.app import create_worker, run_worker
     from stream.kafka_io import ensure_topics
     from stream.metrics import Metrics, serve
@@ -146,7 +149,7 @@ def _reader(settings: Settings):  # type: ignore[no-untyped-def]
 
     return RecoReader(
         settings.redis_url,
-        password=settings.redis_password,
+        **redis_auth(settings),
         prefix=settings.redis_prefix,
         similar_prefix=settings.similar_prefix,
         channel=settings.notify_channel,

@@ -250,3 +250,14 @@ def validate(s: Settings) -> Settings:
 
 
 _TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def redis_auth(s: Settings) -> dict[str, str]:
+    """Redis credentials and TLS files as keyword arguments for stream.store clients."""
+    return {
+        "password": s.redis_password,
+        "username": s.redis_username,
+        "tls_ca_file": s.redis_tls_ca_file,
+        "tls_cert_file": s.redis_tls_cert_file,
+        "tls_key_file": s.redis_tls_key_file,
+    }

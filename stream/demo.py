@@ -14,14 +14,16 @@ import urllib.request
 from dataclasses import fields
 
 from stream import stack
-from stream.config import Settings
+from stream.config import Settings, redis_auth
 from stream.producer import dataset_events, produce_events
 from stream.store import RecoReader
 
 
 def _env_for(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_")}
-    env.update({f"STREAM_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)})
+    env.update(
+        {f"STREAM_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}
+    )
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -32,7 +34,10 @@ def _metric_sum(url: str, name: str) -> float:
     with urllib.request.urlopen(url, timeout=3) as resp:
         text = resp.read().decode()
     return sum(
-        s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name
     )
 
 
@@ -97,7 +102,7 @@ def run_demo(
 
         reader = RecoReader(
             settings.redis_url,
-            password=settings.redis_password,
+            **redis_auth(settings),
             prefix=settings.redis_prefix,
             channel=settings.notify_channel,
         )
@@ -131,7 +136,9 @@ def run_demo(
             produce_events(settings, events, rate=rate, max_count=count, max_seconds=600)
         )
         deadline = time.monotonic() + 60
-        while _metric_sum(metrics_url, "stream_events_total") < sent and time.monotonic() < deadline:
+        while (
+            _metric_sum(metrics_url, "stream_events_total") < sent and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
         time.sleep(0.5)
         stop.set()
@@ -139,10 +146,14 @@ def run_demo(
         p50 = _quantile(metrics_url, "stream_freshness_seconds", 0.5)
         p99 = _quantile(metrics_url, "stream_freshness_seconds", 0.99)
         print(f"\n[demo] replayed {sent} real {source} plays; worker consumed {processed:.0f}")
-        print(f"[demo] {len(landed)} recommendation updates published on '{settings.notify_channel}'")
+        print(
+            f"[demo] {len(landed)} recommendation updates published on '{settings.notify_channel}'"
+        )
         if p50 is not None and p99 is not None:
-            print(f"[demo] freshness (play -> visible in Redis): p50 {p50 * 1000:.1f} ms, "
-                  f"p99 {p99 * 1000:.1f} ms")
+            print(
+                f"[demo] freshness (play -> visible in Redis): p50 {p50 * 1000:.1f} ms, "
+                f"p99 {p99 * 1000:.1f} ms"
+            )
         if landed:
             user = str(landed[-1]["user_id"])
             print(f"[demo] try: stream recs {user}")

@@ -95,6 +95,7 @@ class Processor:
         clock: Callable[[], float] = time.time,
         evaluator: Any = None,
         max_tracked_users: int = 100_000,
+        defer_ranking: bool = False,
     ) -> None:
         self.settings = settings
         self.recommender = recommender
@@ -110,6 +111,9 @@ class Processor:
         self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.max_tracked_users = max_tracked_users
         self.model_errors = 0
+        self.defer_ranking = defer_ranking
+        #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
+        self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
 
     def reject(self, record: Record, rejection: Rejection) -> Outcome:
         logger.info(
@@ -151,6 +155,7 @@ class Processor:
             gap_ms=self.gap_ms,
             max_recent=self.settings.max_recent,
             max_seen=self.settings.max_seen,
+            position=(record.partition, record.offset) if record.offset >= 0 else None,
         )
         if update.duplicate:
             timer.lap("session")
@@ -167,20 +172,59 @@ class Processor:
             if self.evaluator is not None and skip_p is not None:
                 self.evaluator.observe_skip(float(skip_p), update.is_skip)
             timer.lap("learn")
-            recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
-            timer.lap("rank")
         except Exception as exc:  # noqa: BLE001 - a model bug must not lose the play
             # the session state above is already applied (and will be changelogged): the play
-            # counts; only this list refresh is missed. Counted and logged, never dead-lettered.
-            self.model_errors += 1
-            if self.model_errors <= 10 or self.model_errors % 1000 == 0:
-                logger.exception("model error #%d on %s[%d]@%d", self.model_errors,
-                                 record.topic, record.partition, record.offset)
+            # counts; only the model update is missed. Counted and logged, never dead-lettered.
+            self._model_error(exc, record)
             return Outcome("processed", event=event, update=update, model_error=exc)
-        self._remember(event.user_id, tuple(r.track_id for r in recs))
-        self.submit(self.make_write(event, update.state, recs, record.timestamp_ms))
+        if self.defer_ranking:
+            # rank later, once per listener per flush (see rank_pending): a burst of plays
+            # from one listener costs one ranking, and the agent never waits for it
+            self.pending_rank[event.user_id] = (event, update.state, record.timestamp_ms)
+            timer.lap("enqueue")
+            return Outcome("processed", event=event, update=update)
+        try:
+            recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
+        except Exception as exc:  # noqa: BLE001
+            self._model_error(exc, record)
+            return Outcome("processed", event=event, update=update, model_error=exc)
+        timer.lap("rank")
+        self._publish(event, update.state, recs, record.timestamp_ms)
         timer.lap("enqueue")
         return Outcome("processed", event=event, update=update, recs=recs)
+
+    def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
+        """Rank every listener with new plays since the last call and submit their lists.
+
+        Called by the Redis writer right before each flush. Returns how many were ranked."""
+        if not self.pending_rank:
+            return 0
+        batch, self.pending_rank = self.pending_rank, {}
+        now_ms = int(self.clock() * 1000)
+        for event, state, ingest_ts in batch.values():
+            started = time.perf_counter()
+            try:
+                recs = self.recommender.recommend(state, self.settings.top_k, now_ms)
+            except Exception as exc:  # noqa: BLE001
+                self._model_error(exc, None)
+                continue
+            self._publish(event, state, recs, ingest_ts)
+            if on_ranked is not None:
+                on_ranked(time.perf_counter() - started)
+        return len(batch)
+
+    def _publish(
+        self, event: PlayEvent, state: UserState, recs: list[Recommendation], ingest: int | None
+    ) -> None:
+        self._remember(event.user_id, tuple(r.track_id for r in recs))
+        self.submit(self.make_write(event, state, recs, ingest))
+
+    def _model_error(self, exc: Exception, record: Record | None) -> None:
+        self.model_errors += 1
+        if self.model_errors <= 10 or self.model_errors % 1000 == 0:
+            where = f"{record.topic}[{record.partition}]@{record.offset}" if record else "ranking"
+            logger.error("model error #%d at %s: %r", self.model_errors, where, exc,
+                         exc_info=exc)
 
     def _remember(self, user_id: str, track_ids: tuple[str, ...]) -> None:
         self.last_recs[user_id] = track_ids
@@ -193,6 +237,7 @@ class Processor:
         resurrect it) and user-side model parameters. Returns whether state existed.
         The caller deletes the Redis document."""
         self.last_recs.pop(user_id, None)
+        self.pending_rank.pop(user_id, None)
         existed = self.table.get(user_id) is not None
         if existed:
             del self.table[user_id]

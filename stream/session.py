@@ -65,6 +65,10 @@ class UserState:
     seq: int = 0
     last_event_id: str = ""
     last_event_ts_ms: int = 0
+    #: Kafka position of the last applied record: a replay after a crash (offsets at or
+    #: below it on the same partition) is a duplicate however many plays it spans
+    last_partition: int = -1
+    last_offset: int = -1
     #: fingerprints of the last ``max_seen`` applied event ids (8 bytes each, one object)
     seen: array[int] = field(default_factory=lambda: array("q"))
 
@@ -117,6 +121,8 @@ _SCALARS: Final = (
     "seq",
     "last_event_id",
     "last_event_ts_ms",
+    "last_partition",
+    "last_offset",
 )
 
 
@@ -143,15 +149,25 @@ def update_session(
     gap_ms: int = DEFAULT_SESSION_GAP_MS,
     max_recent: int = DEFAULT_MAX_RECENT,
     max_seen: int = DEFAULT_MAX_SEEN,
+    position: tuple[int, int] | None = None,
 ) -> SessionUpdate:
     """Apply ``event`` to ``state`` (None for a listener never seen) and return the result.
 
-    Idempotent on event id: re-applying an event whose fingerprint is in the recent ring
-    returns ``duplicate=True`` and the unchanged state. Out-of-order events are applied
+    Idempotent twice over: with ``position`` = (partition, offset) of the Kafka record, a
+    record at or below the last applied offset of the same partition (a replay after a crash
+    or rebalance, however long) is a duplicate; and an event whose id fingerprint is in the
+    recent ring (a producer re-send, at a new offset) is a duplicate. Either returns
+    ``duplicate=True`` and the unchanged state. Out-of-order events are applied
     (counts stay exact) but never move ``last_ts_ms`` backwards.
     """
     first = state is None
     before = UserState(user_id=event.user_id) if state is None else state
+    if (
+        position is not None
+        and position[0] == before.last_partition
+        and position[1] <= before.last_offset
+    ):
+        return SessionUpdate(before, before, True, False, False, False)
     fp = event_fingerprint(event.event_id)
     if fp in before.seen:
         return SessionUpdate(before, before, True, False, False, False)
@@ -188,4 +204,6 @@ def update_session(
     new.seq += 1
     new.last_event_id = event.event_id
     new.last_event_ts_ms = event.ts_ms
+    if position is not None:
+        new.last_partition, new.last_offset = position
     return SessionUpdate(new, before, False, new_session, skip, first)

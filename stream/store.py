@@ -122,6 +122,8 @@ class RecoWriter:
         retry_max_s: float = 5.0,
         on_flush: FlushCallback | None = None,
         on_error: ErrorCallback | None = None,
+        before_flush: Callable[[], object] | None = None,
+        has_work: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
         self.ttl_s = ttl_s
@@ -131,6 +133,10 @@ class RecoWriter:
         self.retry_max_s = retry_max_s
         self.on_flush = on_flush
         self.on_error = on_error
+        #: called right before each flush (the worker ranks its pending listeners there)
+        self.before_flush = before_flush
+        #: whether the before_flush hook has work queued (so drained() waits for it)
+        self.has_work = has_work
         self.pending: dict[str, PendingWrite] = {}
         self.deletes: set[str] = set()
         self._wake = asyncio.Event()
@@ -147,6 +153,14 @@ class RecoWriter:
             self.pending[write.key] = write
         self._idle.clear()
         self._wake.set()
+
+    def wake(self) -> None:
+        """Ask for a flush soon (work is queued in the before_flush hook)."""
+        self._idle.clear()
+        self._wake.set()
+
+    def _busy(self) -> bool:
+        return bool(self.pending or self.deletes or (self.has_work and self.has_work()))
 
     def forget(self, key: str) -> None:
         """Delete ``key`` (a forgotten listener): drops any pending write for it, and the DEL
@@ -178,8 +192,9 @@ class RecoWriter:
 
     async def drained(self) -> None:
         """Wait until nothing is pending."""
-        while self.pending or self.deletes:
+        while self._busy():
             self._wake.set()
+            self._idle.clear()
             await self._idle.wait()
 
     async def _run(self) -> None:
@@ -189,6 +204,11 @@ class RecoWriter:
             if self.flush_interval_s:
                 # let a burst accumulate so one round trip carries many users
                 await asyncio.sleep(self.flush_interval_s)
+            if self.before_flush is not None:
+                try:
+                    self.before_flush()
+                except Exception:  # noqa: BLE001 - never let the hook kill the flusher
+                    logger.exception("before_flush hook failed")
             while self.pending or self.deletes:
                 ok = await self.flush_once()
                 if not ok:
@@ -405,11 +425,10 @@ def checkpoint_key(app_id: str) -> str:
     return f"model:{app_id}"
 
 
-def load_checkpoint(url: str, key: str, password: str = "") -> bytes | None:
+def load_checkpoint(url: str, key: str, password: str = "", **auth: str) -> bytes | None:
     """Read a model checkpoint synchronously (worker start-up, before the event loop)."""
-    kwargs: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5}
-    if password:
-        kwargs["password"] = password
+    url, kwargs = client_options(url, password=password, **auth)
+    kwargs.update(socket_timeout=30, socket_connect_timeout=5)
     client = redis.Redis.from_url(url, **kwargs)
     try:
         raw = client.get(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import orjson
@@ -19,13 +20,25 @@ def make() -> tuple[Processor, dict[str, Any], list[PendingWrite], list[DeadLett
     table: dict[str, Any] = {}
     writes: list[PendingWrite] = []
     dead: list[DeadLetter] = []
-    p = Processor(load_settings(env={}, file=None), Recommender(), table, writes.append,
-                  dead.append, clock=lambda: NOW_S)
+    p = Processor(
+        load_settings(env={}, file=None),
+        Recommender(),
+        table,
+        writes.append,
+        dead.append,
+        clock=lambda: NOW_S,
+    )
     return p, table, writes, dead
 
 
-def rec(value: bytes | None, key: bytes | None, offset: int = 0) -> Record:
-    return Record("plays", 0, offset, key, value, 1_700_000_000_000)
+_offsets = itertools.count()
+
+
+def rec(value: bytes | None, key: bytes | None, offset: int | None = None) -> Record:
+    """A record at the next offset of partition 0 (or at ``offset``)."""
+    return Record(
+        "plays", 0, next(_offsets) if offset is None else offset, key, value, 1_700_000_000_000
+    )
 
 
 def play(user: str, track: str, i: int) -> bytes:
@@ -66,7 +79,9 @@ def test_redelivery_is_a_duplicate_and_changes_nothing() -> None:
     p.process(rec(play("u1", "b", 1), b"u1"))
     before = table["u1"].to_dict()
     n_writes = len(writes)
-    assert p.process(rec(play("u1", "a", 0), b"u1", offset=9)).outcome == "duplicate"
+    # a producer re-send (new offset) and a replay (old offset) are both duplicates
+    assert p.process(rec(play("u1", "a", 0), b"u1")).outcome == "duplicate"
+    assert p.process(rec(play("u1", "c", 7), b"u1", offset=0)).outcome == "duplicate"
     assert table["u1"].to_dict() == before and len(writes) == n_writes
 
 

@@ -12,7 +12,9 @@ T0 = 1_700_000_000_000
 MIN = 60_000
 
 
-def ev(track: str, ts: int, *, played: int = 200_000, eid: str | None = None, **kw: object) -> PlayEvent:
+def ev(
+    track: str, ts: int, *, played: int = 200_000, eid: str | None = None, **kw: object
+) -> PlayEvent:
     return PlayEvent("u", track, ts, played, eid or f"{track}@{ts}", **kw)  # type: ignore[arg-type]
 
 
@@ -39,8 +41,13 @@ def test_inactivity_gap_splits_sessions() -> None:
 
 
 def test_explicit_session_ids_win_over_the_gap() -> None:
-    s = apply([ev("a", T0, session_id="s1"), ev("b", T0 + 90 * MIN, session_id="s1"),
-               ev("c", T0 + 91 * MIN, session_id="s2")])
+    s = apply(
+        [
+            ev("a", T0, session_id="s1"),
+            ev("b", T0 + 90 * MIN, session_id="s1"),
+            ev("c", T0 + 91 * MIN, session_id="s2"),
+        ]
+    )
     assert s.sessions_total == 2 and s.session_key == "s2"
 
 
@@ -106,3 +113,19 @@ def test_property_counts_are_exact_and_state_bounded(rows: list[tuple[str, int, 
     assert 0 <= state.skips_total <= state.plays_total
     assert state.session_plays <= state.plays_total
     assert UserState.from_dict(state.to_dict()) == state
+
+
+def test_replay_longer_than_the_ring_is_still_a_duplicate_by_offset() -> None:
+    # a heavy listener's replay after a crash can span more plays than the id ring holds
+    events = [ev(f"t{i}", T0 + i, eid=f"e{i}") for i in range(100)]
+    state = None
+    for offset, e in enumerate(events):
+        state = update_session(state, e, max_seen=8, position=(3, offset)).state
+    assert state is not None and state.plays_total == 100
+    for offset, e in enumerate(events):  # the whole run again, same partition and offsets
+        up = update_session(state, e, max_seen=8, position=(3, offset))
+        assert up.duplicate
+    # without positions only the ring protects, and 100 > 8 slots would double count
+    assert not update_session(state, events[0], max_seen=8).duplicate
+    # a producer re-send arrives at a NEW offset: the id ring catches it
+    assert update_session(state, events[-1], max_seen=8, position=(3, 500)).duplicate
