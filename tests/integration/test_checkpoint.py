@@ -10,7 +10,7 @@ from stream.config import Settings
 from stream.datasets import load_events
 from stream.store import RecoReader, checkpoint_key
 
-from .conftest import produce, wait_until
+from .conftest import free_port, produce, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +64,7 @@ def test_live_quality_survives_restart(
         dlq_topic=settings.dlq_topic + "-fresh",
         control_topic=settings.control_topic + "-fresh",
         checkpoint_interval_s=0,
+        metrics_port=free_port(),
     )
     w3 = worker_factory(fresh)
     produce(fresh, second)
