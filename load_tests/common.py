@@ -319,7 +319,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [[_fmt(c) for c in r] for r in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
         for r in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))

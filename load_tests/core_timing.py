@@ -60,7 +60,7 @@ def main() -> None:
         learn.append(clock() - t0)
         states[e.user_id] = up.state
     print(f"river FunkMF learn_one (reference): {river_us:.1f} us/update (CPU time)")
-    print(f"learn_one: {_per_call_us(learn[len(learn) // 2:])}")
+    print(f"learn_one: {_per_call_us(learn[len(learn) // 2 :])}")
     for v, samples in recommend.items():
         print(f"recommend[{v}]: {_per_call_us(samples)}")
     print(f"catalogue: {rec.catalogue_size()} tracks, {len(states)} listeners")

@@ -843,8 +843,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-s", type=float, default=10.0)
     p.add_argument("--count", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=11)
-    p.add_argument("--uniform", action="store_true",
-                   help="crash-loop: spread plays evenly (no heavy listeners)")
+    p.add_argument(
+        "--uniform",
+        action="store_true",
+        help="crash-loop: spread plays evenly (no heavy listeners)",
+    )
     p.add_argument("--report", type=Path, default=Path("faults-report.json"))
     args = p.parse_args(argv)
     drills = ["crash-loop", "redis-outage", "broker-restart", "hostile"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import subprocess
 import sys
@@ -80,10 +81,8 @@ async def sample_loop(
                     "redis_pending": metric_sum(m, "stream_redis_pending_writes") if m else None,
                 }
             )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(0.0, 1.0 - (time.time() - t)))
-            except TimeoutError:
-                pass
     finally:
         await lag.stop()
 
@@ -346,7 +345,7 @@ def plot(path: Path, res: dict[str, Any]) -> None:
     pts = [(s["t"], s["processed"]) for s in samples if s["processed"] is not None]
     rates = [
         ((t1 + t0) / 2, (c1 - c0) / (t1 - t0))
-        for (t0, c0), (t1, c1) in zip(pts, pts[1:])
+        for (t0, c0), (t1, c1) in zip(pts, pts[1:], strict=False)
         if t1 > t0
     ]
     ax.plot([r[0] for r in rates], [r[1] for r in rates], label="processed by worker (events/s)")

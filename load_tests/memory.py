@@ -25,6 +25,7 @@ two (``--rank`` keeps it, much slower).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import math
@@ -68,9 +69,7 @@ def deep_size(obj: Any, seen: set[int] | None = None) -> int:
         if isinstance(o, dict):
             stack.extend(o.keys())
             stack.extend(o.values())
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            stack.extend(o)
-        elif hasattr(o, "maxlen") and hasattr(o, "__iter__"):
+        elif isinstance(o, (list, tuple, set, frozenset)) or hasattr(o, "maxlen") and hasattr(o, "__iter__"):
             stack.extend(o)
         else:
             d = getattr(o, "__dict__", None)
@@ -259,10 +258,8 @@ def item_side(rec: Recommender, tbl: dict[str, Any]) -> dict[str, Any]:
     for name in FOOTPRINT_METHODS:
         fn = getattr(rec, name, None)
         if callable(fn):
-            try:
+            with contextlib.suppress(TypeError):
                 out["recommender_footprint"] = {"method": name, "value": fn()}
-            except TypeError:
-                pass
             break
     user_maps = {id(m) for m in user_keyed(rec, tbl, "recommender", 2).values()}
     seen: set[int] = set(user_maps)  # user-side maps are counted on the user side
@@ -281,7 +278,7 @@ def item_side(rec: Recommender, tbl: dict[str, Any]) -> dict[str, Any]:
         if getattr(model, "n_factors", None):
             n_factors = int(model.n_factors)
     n_items = 0
-    for attr, model in vars(rec).items():
+    for model in vars(rec).values():
         vocab = getattr(model, "_vocab", None)
         if vocab is not None:
             n_items = max(n_items, len(vocab))

@@ -128,7 +128,11 @@ def create_worker(
     recommender = recommender if recommender is not None else Recommender()
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
-        {"version": __version__, "model_version": recommender.model_version, "app_id": settings.app_id}
+        {
+            "version": __version__,
+            "model_version": recommender.model_version,
+            "app_id": settings.app_id,
+        }
     )
 
     plays = app.topic(
@@ -239,7 +243,6 @@ def create_worker(
     def rank_pending() -> None:
         processor.rank_pending(on_ranked=rank_stage.observe)
 
-
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
         """Deletion requests: co-partitioned with plays, so this worker owns the user."""
@@ -250,8 +253,13 @@ def create_worker(
             msg = event.message
             cmd = parse_control(msg.value)
             if isinstance(cmd, Rejection):
-                logger.warning("bad control message at %s[%d]@%d: %s",
-                               msg.topic, msg.partition, msg.offset, cmd)
+                logger.warning(
+                    "bad control message at %s[%d]@%d: %s",
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    cmd,
+                )
                 m.control.labels("rejected").inc()
                 continue
             existed = processor.forget_user(cmd.user_id)
@@ -281,7 +289,9 @@ def create_worker(
             try:
                 outcome = processor.process(record, timer)
             except Exception as exc:  # a bug must not kill the stream: dead-letter and go on
-                logger.exception("unexpected error on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+                logger.exception(
+                    "unexpected error on %s[%d]@%d", msg.topic, msg.partition, msg.offset
+                )
                 from stream.events import Rejection
 
                 outcome = processor.reject(record, Rejection("internal_error", repr(exc)[:500]))
@@ -291,7 +301,9 @@ def create_worker(
                 worker.writer.submit(pending_writes.popleft())
             while dead_letters:
                 dl = dead_letters.popleft()
-                await dlq.send(key=dl.record.key, value=dl.record.value or b"", headers=dl.headers())
+                await dlq.send(
+                    key=dl.record.key, value=dl.record.value or b"", headers=dl.headers()
+                )
                 m.dlq_writes.labels(topic).inc()
                 m.rejected.labels(topic, dl.rejection.reason).inc()
             m.events.labels(topic, outcome.outcome).inc()
@@ -355,7 +367,9 @@ def create_worker(
         lag_partitions.clear()
         lag_partitions.update(reported)
         m.active_users.set(len(sessions))
-        m.catalogue.set(recommender.catalogue_size() if hasattr(recommender, "catalogue_size") else 0)
+        m.catalogue.set(
+            recommender.catalogue_size() if hasattr(recommender, "catalogue_size") else 0
+        )
         if worker.writer is not None:
             m.redis_pending.set(len(worker.writer.pending))
         report_ticks[0] += 1

@@ -32,7 +32,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
     cfg = stack.StackConfig.from_env()
     services = args.services or (
-        ["kafka", "redis", "prometheus"] if args.action != "up" or not args.no_prometheus
+        ["kafka", "redis", "prometheus"]
+        if args.action != "up" or not args.no_prometheus
         else ["kafka", "redis"]
     )
     if args.action == "up":
@@ -181,10 +182,14 @@ def cmd_similar(args: argparse.Namespace) -> int:
     if doc is None:
         print(f"no 'more like this' list for {args.track!r} yet")
         return 1
-    print(json.dumps(doc, indent=2) if args.json else "\n".join(
-        f"{i:>3}. {it['track_id']:<40} {it['score']:>9.4f}  {it['reason']}"
-        for i, it in enumerate(doc.get("items", []), 1)
-    ))
+    print(
+        json.dumps(doc, indent=2)
+        if args.json
+        else "\n".join(
+            f"{i:>3}. {it['track_id']:<40} {it['score']:>9.4f}  {it['reason']}"
+            for i, it in enumerate(doc.get("items", []), 1)
+        )
+    )
     return 0
 
 
@@ -207,9 +212,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
             await producer.stop()
 
     asyncio.run(send())
-    print(f"deletion request for {args.user!r} sent to {settings.control_topic}; the owning "
-          f"worker purges its session state, model parameters and {settings.redis_prefix}"
-          f"{args.user}")
+    print(
+        f"deletion request for {args.user!r} sent to {settings.control_topic}; the owning "
+        f"worker purges its session state, model parameters and {settings.redis_prefix}"
+        f"{args.user}"
+    )
     return 0
 
 
@@ -224,8 +231,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from stream.demo import run_demo
 
-    return run_demo(_settings(args), source=args.source, count=args.count, rate=args.rate,
-                    keep_running=args.keep_running)
+    return run_demo(
+        _settings(args),
+        source=args.source,
+        count=args.count,
+        rate=args.rate,
+        keep_running=args.keep_running,
+    )
 
 
 # --------------------------------------------------------------------------- parser
@@ -254,15 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("produce", help="replay a dataset or synthetic traffic into Kafka")
     common(pr)
-    pr.add_argument("--source", choices=("movielens", "lastfm", "spotify", "csv", "synthetic"),
-                    default="lastfm")
+    pr.add_argument(
+        "--source", choices=("movielens", "lastfm", "spotify", "csv", "synthetic"), default="lastfm"
+    )
     pr.add_argument("--path", help="dataset file/folder (default: ../shared/datasets/...)")
     pr.add_argument("--count", type=int, default=None, help="stop after N events")
     pr.add_argument("--seconds", type=float, default=600.0, help="stop after N seconds")
     pr.add_argument("--rate", type=float, default=None, help="events/s (default: max)")
-    pr.add_argument("--time-mode", choices=("now", "original"), default="now",
-                    help="'now': stamp events with the time they are sent (default); "
-                         "'original': keep the dataset's timestamps")
+    pr.add_argument(
+        "--time-mode",
+        choices=("now", "original"),
+        default="now",
+        help="'now': stamp events with the time they are sent (default); "
+        "'original': keep the dataset's timestamps",
+    )
     pr.add_argument("--speedup", type=float, default=1.0, help=argparse.SUPPRESS)
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_produce)
@@ -293,8 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="lastfm")
     d.add_argument("--count", type=int, default=5000)
     d.add_argument("--rate", type=float, default=200.0)
-    d.add_argument("--keep-running", action="store_true",
-                   help="leave the worker running after the replay (Ctrl-C to stop)")
+    d.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the worker running after the replay (Ctrl-C to stop)",
+    )
     d.set_defaults(func=cmd_demo)
 
     for name in ("replay", "top"):

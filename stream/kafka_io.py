@@ -4,6 +4,7 @@ client settings from :class:`Settings`, topic creation, and a bounded topic read
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -53,7 +54,8 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
         except KafkaConnectionError as exc:
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(
-                    f"cannot reach Kafka at {settings.kafka_bootstrap} (setting kafka_bootstrap): {exc}"
+                    f"cannot reach Kafka at {settings.kafka_bootstrap} "
+                    f"(setting kafka_bootstrap): {exc}"
                 ) from exc
             await asyncio.sleep(1)
     try:
@@ -71,10 +73,8 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
             if name not in existing
         ]
         if to_create:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(to_create)
-            except TopicAlreadyExistsError:
-                pass
             logger.info("created topics %s", [t.name for t in to_create])
         for _ in range(50):
             counts = await _partition_counts(admin, [settings.plays_topic])
@@ -96,7 +96,10 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
         if n != settings.partitions:
             logger.warning(
                 "topic %s has %d partitions (setting partitions=%d); using %d",
-                settings.plays_topic, n, settings.partitions, n,
+                settings.plays_topic,
+                n,
+                settings.partitions,
+                n,
             )
         return n
     finally:

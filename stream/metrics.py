@@ -38,17 +38,60 @@ if TYPE_CHECKING:  # only for type hints: metrics never reaches into the core at
 
 #: Resolve from ~50 us to several seconds (processing stages, Redis writes).
 LATENCY_BUCKETS: Final = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075,
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 #: Freshness: a few ms when live, up to minutes while catching up after an outage.
 FRESHNESS_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
 )
 #: Session length (first to last play of a session, event time): a minute to a day.
 SESSION_LENGTH_BUCKETS: Final = (
-    0.0, 60.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
+    0.0,
+    60.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    28800.0,
+    86400.0,
 )
 #: Plays per session: roughly Fibonacci, 1 to a few hundred.
 SESSION_PLAYS_BUCKETS: Final = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377)
@@ -61,8 +104,16 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: The closed set of ``context`` label values (listening-behaviour metrics).
 CONTEXTS: Final = (
-    "playlist", "album", "artist", "radio", "search", "collection", "catalog", "charts",
-    "other", "none",
+    "playlist",
+    "album",
+    "artist",
+    "radio",
+    "search",
+    "collection",
+    "catalog",
+    "charts",
+    "other",
+    "none",
 )
 _CONTEXT_ALIASES: Final = {
     "editorial_playlist": "playlist",
@@ -107,159 +158,247 @@ class Metrics:
         self.registry = registry
         # ---------------------------------------------------------------- events
         self.events = Counter(
-            "events", "Play events consumed, by outcome (processed, rejected, duplicate).",
-            ["topic", "outcome"], namespace=ns, registry=registry,
+            "events",
+            "Play events consumed, by outcome (processed, rejected, duplicate).",
+            ["topic", "outcome"],
+            namespace=ns,
+            registry=registry,
         )
         self.rejected = Counter(
-            "events_rejected", "Events rejected by validation, by reason.",
-            ["topic", "reason"], namespace=ns, registry=registry,
+            "events_rejected",
+            "Events rejected by validation, by reason.",
+            ["topic", "reason"],
+            namespace=ns,
+            registry=registry,
         )
         self.dlq_writes = Counter(
-            "dlq_writes", "Messages written to the dead-letter topic.",
-            ["topic"], namespace=ns, registry=registry,
+            "dlq_writes",
+            "Messages written to the dead-letter topic.",
+            ["topic"],
+            namespace=ns,
+            registry=registry,
         )
         # ---------------------------------------------------------------- latency
         self.processing = Histogram(
-            "processing_seconds", "Per-event processing time in the worker, decode to enqueue.",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+            "processing_seconds",
+            "Per-event processing time in the worker, decode to enqueue.",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.stage = Histogram(
-            "stage_seconds", "Per-event time spent in each pipeline stage.",
-            ["stage"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+            "stage_seconds",
+            "Per-event time spent in each pipeline stage.",
+            ["stage"],
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.freshness = Histogram(
             "freshness_seconds",
             "Event time (the play's ts) to recommendations visible in Redis.",
-            namespace=ns, buckets=FRESHNESS_BUCKETS, registry=registry,
+            namespace=ns,
+            buckets=FRESHNESS_BUCKETS,
+            registry=registry,
         )
         self.ingest_freshness = Histogram(
             "ingest_freshness_seconds",
             "Kafka record timestamp (produce time) to recommendations visible in Redis.",
-            namespace=ns, buckets=FRESHNESS_BUCKETS, registry=registry,
+            namespace=ns,
+            buckets=FRESHNESS_BUCKETS,
+            registry=registry,
         )
         # ---------------------------------------------------------------- Redis
         self.redis_errors = Counter(
-            "redis_errors", "Failed Redis operations (each failed flush attempt).",
-            ["operation"], namespace=ns, registry=registry,
+            "redis_errors",
+            "Failed Redis operations (each failed flush attempt).",
+            ["operation"],
+            namespace=ns,
+            registry=registry,
         )
         self.redis_retries = Counter(
-            "redis_retries", "Redis flush retries after an error.",
-            namespace=ns, registry=registry,
+            "redis_retries",
+            "Redis flush retries after an error.",
+            namespace=ns,
+            registry=registry,
         )
         self.redis_writes = Counter(
-            "redis_writes", "Recommendation documents written to Redis, by result.",
-            ["result"], namespace=ns, registry=registry,
+            "redis_writes",
+            "Recommendation documents written to Redis, by result.",
+            ["result"],
+            namespace=ns,
+            registry=registry,
         )
         self.redis_pending = Gauge(
-            "redis_pending_writes", "Recommendation documents waiting to be flushed to Redis.",
-            namespace=ns, registry=registry,
+            "redis_pending_writes",
+            "Recommendation documents waiting to be flushed to Redis.",
+            namespace=ns,
+            registry=registry,
         )
         self.redis_flush = Histogram(
-            "redis_flush_seconds", "Duration of one pipelined Redis flush.",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+            "redis_flush_seconds",
+            "Duration of one pipelined Redis flush.",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         # ---------------------------------------------------------------- Kafka consumer
         self.lag = Gauge(
-            "consumer_lag_messages", "End offset minus next offset to process, per partition.",
-            ["topic", "partition"], namespace=ns, registry=registry,
+            "consumer_lag_messages",
+            "End offset minus next offset to process, per partition.",
+            ["topic", "partition"],
+            namespace=ns,
+            registry=registry,
         )
         self.assigned = Gauge(
-            "assigned_partitions", "Partitions of the plays topic assigned to this worker.",
-            ["topic"], namespace=ns, registry=registry,
+            "assigned_partitions",
+            "Partitions of the plays topic assigned to this worker.",
+            ["topic"],
+            namespace=ns,
+            registry=registry,
         )
         self.rebalances = Counter(
-            "rebalances", "Consumer group rebalances completed by this worker.",
-            namespace=ns, registry=registry,
+            "rebalances",
+            "Consumer group rebalances completed by this worker.",
+            namespace=ns,
+            registry=registry,
         )
         self.last_event_ts = Gauge(
-            "last_event_timestamp_seconds", "Event time of the newest processed play.",
-            namespace=ns, registry=registry,
+            "last_event_timestamp_seconds",
+            "Event time of the newest processed play.",
+            namespace=ns,
+            registry=registry,
         )
         # ---------------------------------------------------------------- state and models
         self.active_users = Gauge(
-            "session_table_users", "Listeners with state in this worker's session table.",
-            namespace=ns, registry=registry,
+            "session_table_users",
+            "Listeners with state in this worker's session table.",
+            namespace=ns,
+            registry=registry,
         )
         self.catalogue = Gauge(
-            "catalogue_tracks", "Tracks known to the recommender models.",
-            namespace=ns, registry=registry,
+            "catalogue_tracks",
+            "Tracks known to the recommender models.",
+            namespace=ns,
+            registry=registry,
         )
         self.model_memory = Gauge(
             "model_memory_bytes",
             "Approximate memory held by each online model (sampled deep size estimate).",
-            ["model"], namespace=ns, registry=registry,
+            ["model"],
+            namespace=ns,
+            registry=registry,
         )
         # ---------------------------------------------------------------- live quality
         self.quality_hr = Gauge(
             "quality_hr_at_10",
             "Prequential hit rate at 10 over the evaluator's sliding window, per variant.",
-            ["variant"], namespace=ns, registry=registry,
+            ["variant"],
+            namespace=ns,
+            registry=registry,
         )
         self.quality_ndcg = Gauge(
             "quality_ndcg_at_10",
             "Prequential NDCG at 10 over the evaluator's sliding window, per variant.",
-            ["variant"], namespace=ns, registry=registry,
+            ["variant"],
+            namespace=ns,
+            registry=registry,
         )
         self.quality_window = Gauge(
             "quality_window_events",
             "Events in the evaluator's sliding window (how much the quality gauges rest on).",
-            ["variant"], namespace=ns, registry=registry,
+            ["variant"],
+            namespace=ns,
+            registry=registry,
         )
         self.skip_accuracy = Gauge(
             "skip_model_accuracy",
             "Accuracy of the skip classifier (predicted before learning) over a sliding window.",
-            ["model"], namespace=ns, registry=registry,
+            ["model"],
+            namespace=ns,
+            registry=registry,
         )
         self.drift = Counter(
-            "drift_detections", "Concept-drift detections, by monitored signal.",
-            ["signal"], namespace=ns, registry=registry,
+            "drift_detections",
+            "Concept-drift detections, by monitored signal.",
+            ["signal"],
+            namespace=ns,
+            registry=registry,
         )
         # ---------------------------------------------------------------- listening behaviour
         self.plays = Counter(
-            "plays", "Applied plays (not duplicates), by play context (bounded set).",
-            ["context"], namespace=ns, registry=registry,
+            "plays",
+            "Applied plays (not duplicates), by play context (bounded set).",
+            ["context"],
+            namespace=ns,
+            registry=registry,
         )
         self.skips = Counter(
-            "skips", "Applied plays that were skips, by play context (bounded set).",
-            ["context"], namespace=ns, registry=registry,
+            "skips",
+            "Applied plays that were skips, by play context (bounded set).",
+            ["context"],
+            namespace=ns,
+            registry=registry,
         )
         self.sessions_started = Counter(
             "sessions_started",
             "Listening sessions started, by whether the listener was new to this worker.",
-            ["listener"], namespace=ns, registry=registry,
+            ["listener"],
+            namespace=ns,
+            registry=registry,
         )
         self.session_length = Histogram(
             "session_length_seconds",
             "Length of finished sessions, first to last play (event time).",
-            namespace=ns, buckets=SESSION_LENGTH_BUCKETS, registry=registry,
+            namespace=ns,
+            buckets=SESSION_LENGTH_BUCKETS,
+            registry=registry,
         )
         self.session_plays = Histogram(
-            "session_plays", "Plays per finished session.",
-            namespace=ns, buckets=SESSION_PLAYS_BUCKETS, registry=registry,
+            "session_plays",
+            "Plays per finished session.",
+            namespace=ns,
+            buckets=SESSION_PLAYS_BUCKETS,
+            registry=registry,
         )
         self.control = Counter(
-            "control_commands", "Control-topic commands handled, by result.",
-            ["result"], namespace=ns, registry=registry,
+            "control_commands",
+            "Control-topic commands handled, by result.",
+            ["result"],
+            namespace=ns,
+            registry=registry,
         )
         self.checkpoints = Counter(
-            "checkpoints", "Model checkpoints to Redis, by result (written, error).",
-            ["result"], namespace=ns, registry=registry,
+            "checkpoints",
+            "Model checkpoints to Redis, by result (written, error).",
+            ["result"],
+            namespace=ns,
+            registry=registry,
         )
         self.checkpoint_seconds = Histogram(
-            "checkpoint_seconds", "Time to snapshot the models and store the checkpoint.",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+            "checkpoint_seconds",
+            "Time to snapshot the models and store the checkpoint.",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.checkpoint_bytes = Gauge(
-            "checkpoint_bytes", "Size of the last model checkpoint.",
-            namespace=ns, registry=registry,
+            "checkpoint_bytes",
+            "Size of the last model checkpoint.",
+            namespace=ns,
+            registry=registry,
         )
         self.checkpoint_restored = Gauge(
-            "checkpoint_restored", "1 if this worker started from a model checkpoint, else 0.",
-            namespace=ns, registry=registry,
+            "checkpoint_restored",
+            "1 if this worker started from a model checkpoint, else 0.",
+            namespace=ns,
+            registry=registry,
         )
         self.model_errors = Counter(
-            "model_errors", "Events whose state was applied but learning/ranking raised.",
-            namespace=ns, registry=registry,
+            "model_errors",
+            "Events whose state was applied but learning/ranking raised.",
+            namespace=ns,
+            registry=registry,
         )
         self.build = Info("build", "Version information.", namespace=ns, registry=registry)
 

@@ -223,8 +223,7 @@ class Processor:
         self.model_errors += 1
         if self.model_errors <= 10 or self.model_errors % 1000 == 0:
             where = f"{record.topic}[{record.partition}]@{record.offset}" if record else "ranking"
-            logger.error("model error #%d at %s: %r", self.model_errors, where, exc,
-                         exc_info=exc)
+            logger.error("model error #%d at %s: %r", self.model_errors, where, exc, exc_info=exc)
 
     def _remember(self, user_id: str, track_ids: tuple[str, ...]) -> None:
         self.last_recs[user_id] = track_ids

@@ -266,9 +266,7 @@ def kafka_ready(port: int) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient
 
     async def probe() -> bool:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000
-        )
+        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000)
         try:
             await asyncio.wait_for(admin.start(), 5)
             cluster = await asyncio.wait_for(admin.describe_cluster(), 5)
@@ -281,10 +279,9 @@ def kafka_ready(port: int) -> bool:
 
 def start_kafka(cfg: StackConfig) -> None:
     marker = "kafka.Kafka"
-    if _running_pid(cfg, "kafka", marker):
-        if kafka_ready(cfg.kafka_port):
-            log(f"kafka already running on 127.0.0.1:{cfg.kafka_port}")
-            return
+    if _running_pid(cfg, "kafka", marker) and kafka_ready(cfg.kafka_port):
+        log(f"kafka already running on 127.0.0.1:{cfg.kafka_port}")
+        return
     for port in (cfg.kafka_port, cfg.controller_port):
         if _port_open(port) and not _running_pid(cfg, "kafka", marker):
             raise StackError(
@@ -301,8 +298,15 @@ def start_kafka(cfg: StackConfig) -> None:
 
             cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
             proc = subprocess.run(
-                [*_java_base(cfg, libs), "kafka.tools.StorageTool", "format", "-t", cid, "-c",
-                 str(props)],
+                [
+                    *_java_base(cfg, libs),
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cid,
+                    "-c",
+                    str(props),
+                ],
                 capture_output=True,
                 text=True,
             )
@@ -347,13 +351,20 @@ def start_redis(cfg: StackConfig) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             server,
-            "--bind", "127.0.0.1",
-            "--port", str(cfg.redis_port),
-            "--dir", str(workdir),
-            "--daemonize", "no",
-            "--save", "",
-            "--appendonly", "no",
-            "--logfile", "",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(cfg.redis_port),
+            "--dir",
+            str(workdir),
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            "",
         ]
         if cfg.redis_password:
             argv += ["--requirepass", cfg.redis_password]
@@ -560,8 +571,15 @@ def start_sasl_kafka(cfg: StackConfig, users: dict[str, str], timeout: float = 9
 
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         proc = subprocess.run(
-            [*_java_base(cfg, libs), "kafka.tools.StorageTool", "format", "-t", cid, "-c",
-             str(props)],
+            [
+                *_java_base(cfg, libs),
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cid,
+                "-c",
+                str(props),
+            ],
             capture_output=True,
             text=True,
         )
@@ -599,17 +617,27 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             server,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.workdir),
-            "--daemonize", "no",
-            "--save", "",
-            "--appendonly", "no",
-            "--logfile", str(self.workdir / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            str(self.workdir / "redis.log"),
             *self.args,
         ]
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout

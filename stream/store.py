@@ -23,6 +23,7 @@ pipelined batches every few milliseconds, retrying with backoff while Redis is d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -184,10 +185,8 @@ class RecoWriter:
         self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     async def drained(self) -> None:
@@ -229,7 +228,10 @@ class RecoWriter:
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
                 logger.warning(
                     "redis flush of %d writes failed (%s: %s); attempt %d, retrying with backoff",
-                    len(batch), type(exc).__name__, exc, self.consecutive_failures,
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    self.consecutive_failures,
                 )
             if self.on_error is not None:
                 self.on_error(exc, time.perf_counter() - started)
@@ -440,4 +442,3 @@ def load_checkpoint(url: str, key: str, password: str = "", **auth: str) -> byte
 async def save_checkpoint(client: aioredis.Redis, key: str, blob: bytes) -> None:
     """Replace the checkpoint atomically (SET of one value; no TTL: it is the model)."""
     await client.set(key, blob)
-

@@ -347,11 +347,14 @@ def default_url() -> str:
 def register(subparsers: Any) -> None:
     """Add the ``top`` subcommand to the ``stream`` CLI."""
     p = subparsers.add_parser("top", help="live terminal view of a worker's metrics")
-    p.add_argument("--url", default=default_url(),
-                   help="the worker's metrics endpoint (default: %(default)s)")
+    p.add_argument(
+        "--url", default=default_url(), help="the worker's metrics endpoint (default: %(default)s)"
+    )
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="stop after N frames (default: until Ctrl-C)")
-    p.add_argument("--no-clear", action="store_true",
-                   help="append frames instead of redrawing the screen")
+    p.add_argument(
+        "--iterations", type=int, default=None, help="stop after N frames (default: until Ctrl-C)"
+    )
+    p.add_argument(
+        "--no-clear", action="store_true", help="append frames instead of redrawing the screen"
+    )
     p.set_defaults(func=cmd_top)

@@ -129,7 +129,9 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                pytest.fail(
+                    f"worker exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             text = self.log_text()[start_size:]
             if "Worker]: Ready" in text:
                 return
@@ -147,7 +149,9 @@ class WorkerProcess:
         total = 0.0
         for family in text_string_to_metric_families(self.metrics()):
             for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
                     total += sample.value
         return total
 
@@ -170,9 +174,7 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def worker_factory(
-    settings: Settings, tmp_path: Path
-) -> Iterator[Callable[..., WorkerProcess]]:
+def worker_factory(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start workers for this test's settings; all are stopped at teardown."""
     started: list[WorkerProcess] = []
 
@@ -237,7 +239,8 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[..., stack.RedisServer]]:
 
     def make(*args: str, port: int | None = None) -> stack.RedisServer:
         server = stack.RedisServer(
-            tmp_path / f"redis-{len(servers)}", port if port is not None else free_port(),
+            tmp_path / f"redis-{len(servers)}",
+            port if port is not None else free_port(),
             list(args),
         )
         servers.append(server)
@@ -267,13 +270,52 @@ def tls_files(tmp_path: Path) -> TlsFiles:
     def run(*argv: str) -> None:
         subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", f"{name}.pem")
-    return TlsFiles(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
-                    d / "client.key")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            f"{name}.pem",
+        )
+    return TlsFiles(
+        d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key"
+    )
