@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +25,12 @@ from faust.types import TP
 from stream import __version__
 from stream.checkpoint import frame
 from stream.config import Settings, redis_auth
+from stream.kafka_io import signals_topic
 from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record, StageTimer
 from stream.recommender import Recommender
 from stream.session import UserState
+from stream.sharing import apply_signal, decode_signal, encode_signal, signal_from
 from stream.sizing import model_memory_bytes
 from stream.store import (
     PendingWrite,
@@ -144,6 +147,9 @@ def create_worker(
         partitions=partitions,
     )
     dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+    signals_name = signals_topic(settings)  # created by ensure_topics; read by SignalReader
+    signals = app.topic(signals_name, key_serializer="raw", value_serializer="raw")
+    worker_id = uuid.uuid4().hex[:12]
     control = app.topic(
         settings.control_topic,
         key_type=bytes,
@@ -211,6 +217,64 @@ def create_worker(
                     await write_checkpoint()  # a clean stop keeps everything learned
                 await worker.writer.stop()
                 await worker.writer.client.aclose()
+
+    class SignalReader(mode.Service):
+        """Broadcast consumer of the signals topic: all partitions, no consumer group, from
+        the end (a restored checkpoint already holds what came before). Applies the other
+        workers' signals to this worker's item-side models."""
+
+        consumer: Any = None
+
+        async def on_start(self) -> None:
+            from aiokafka import AIOKafkaConsumer, TopicPartition
+
+            from stream.kafka_io import client_kwargs
+
+            self.consumer = AIOKafkaConsumer(
+                **client_kwargs(settings), enable_auto_commit=False, group_id=None
+            )
+            await self.consumer.start()
+            cluster = await self.consumer._client.fetch_all_metadata()
+            for _ in range(50):  # Faust declares the topic during its own start-up
+                parts = cluster.partitions_for_topic(signals_name)
+                if parts:
+                    break
+                await asyncio.sleep(0.2)
+                cluster = await self.consumer._client.fetch_all_metadata()
+            else:
+                parts = set()
+            tps = [TopicPartition(signals_name, p) for p in sorted(parts)]
+            if tps:
+                self.consumer.assign(tps)
+                await self.consumer.seek_to_end(*tps)
+            else:
+                logger.warning("signals topic %s not found; not sharing", signals_name)
+
+        async def on_stop(self) -> None:
+            if self.consumer is not None:
+                await self.consumer.stop()
+
+        @mode.Service.task
+        async def _apply(self) -> None:
+            while not self.should_stop:
+                if self.consumer is None or not self.consumer.assignment():
+                    await self.sleep(0.5)
+                    continue
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=2000)
+                for records in batch.values():
+                    for r in records:
+                        sig = decode_signal(r.value) if r.value else None
+                        if sig is None or sig.worker == worker_id:
+                            continue
+                        try:
+                            apply_signal(recommender, sig)
+                        except Exception as exc:  # noqa: BLE001 - advisory data
+                            m.signals.labels("error").inc()
+                            logger.debug("could not apply a track signal: %r", exc)
+                            continue
+                        m.signals.labels("applied").inc()
+
+    app.service(SignalReader())  # type: ignore[arg-type]
 
     writer_service = RedisWriterService()
     app.service(writer_service)  # type: ignore[arg-type]
@@ -317,6 +381,16 @@ def create_worker(
                 if outcome.update is not None:
                     m.observe_session(outcome.update, outcome.event.context)
             worker.processed_offsets[TP(msg.topic, msg.partition)] = msg.offset
+            if (
+                outcome.outcome == "processed"
+                and outcome.update is not None
+                and outcome.event is not None
+                and outcome.model_error is None
+            ):
+                # tell the other workers what this play teaches about tracks
+                sig = signal_from(worker_id, outcome.update, outcome.event)
+                signals.send_soon(key=None, value=encode_signal(sig))
+                m.signals.labels("sent").inc()
             if worker.writer is not None and processor.pending_rank:
                 worker.writer.wake()
             # Under a backlog the stream hands over buffered events without suspending; give

@@ -39,6 +39,11 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
     return kw
 
 
+def signals_topic(settings: Settings) -> str:
+    """The topic where workers share item-side learning signals (stream.sharing)."""
+    return f"{settings.app_id}-track-signals"
+
+
 async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
     """Create the plays and dead-letter topics if missing; return the plays partition count.
 
@@ -59,7 +64,12 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
                 ) from exc
             await asyncio.sleep(1)
     try:
-        names = [settings.plays_topic, settings.dlq_topic, settings.control_topic]
+        names = [
+            settings.plays_topic,
+            settings.dlq_topic,
+            settings.control_topic,
+            signals_topic(settings),
+        ]
         existing = await _partition_counts(admin, names)
         # the control topic must be co-partitioned with plays (same key -> same partition)
         plays_n = existing.get(settings.plays_topic, settings.partitions)

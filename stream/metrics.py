@@ -400,6 +400,11 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
+        self.signals = Counter(
+            "track_signals",
+            "Item-side learning signals shared between workers (sent, applied, error).",
+            ["direction"], namespace=ns, registry=registry,
+        )
         self.build = Info("build", "Version information.", namespace=ns, registry=registry)
 
         # Pre-create the bounded label children so every series exists (at 0) from the
