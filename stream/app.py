@@ -30,7 +30,7 @@ from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record, StageTimer
 from stream.recommender import Recommender
 from stream.session import UserState
-from stream.sharing import apply_signal, decode_signal, encode_signal, signal_from
+from stream.sharing import TrackSignal, apply_signal, decode_batch, encode_batch, signal_from
 from stream.sizing import model_memory_bytes
 from stream.store import (
     PendingWrite,
@@ -263,16 +263,18 @@ def create_worker(
                 batch = await self.consumer.getmany(timeout_ms=200, max_records=2000)
                 for records in batch.values():
                     for r in records:
-                        sig = decode_signal(r.value) if r.value else None
-                        if sig is None or sig.worker == worker_id:
+                        sender, sigs = decode_batch(r.value) if r.value else ("", [])
+                        if sender == worker_id:
                             continue
-                        try:
-                            apply_signal(recommender, sig)
-                        except Exception as exc:  # noqa: BLE001 - advisory data
-                            m.signals.labels("error").inc()
-                            logger.debug("could not apply a track signal: %r", exc)
-                            continue
-                        m.signals.labels("applied").inc()
+                        for sig in sigs:
+                            try:
+                                apply_signal(recommender, sig)
+                            except Exception as exc:  # noqa: BLE001 - advisory data
+                                m.signals.labels("error").inc()
+                                logger.debug("could not apply a track signal: %r", exc)
+                                continue
+                            m.signals.labels("applied").inc()
+                    await asyncio.sleep(0)  # let the agent run between partitions
 
     app.service(SignalReader())  # type: ignore[arg-type]
 
@@ -304,8 +306,20 @@ def create_worker(
     )
     rank_stage = m.stage.labels("rank")
 
+    pending_signals: list[TrackSignal] = []
+
+    def flush_signals() -> None:
+        if not pending_signals:
+            return
+        for i in range(0, len(pending_signals), 1000):
+            chunk = pending_signals[i : i + 1000]
+            signals.send_soon(key=None, value=encode_batch(worker_id, chunk))
+        m.signals.labels("sent").inc(len(pending_signals))
+        pending_signals.clear()
+
     def rank_pending() -> None:
         processor.rank_pending(on_ranked=rank_stage.observe)
+        flush_signals()
 
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
@@ -388,9 +402,8 @@ def create_worker(
                 and outcome.model_error is None
             ):
                 # tell the other workers what this play teaches about tracks
-                sig = signal_from(worker_id, outcome.update, outcome.event)
-                signals.send_soon(key=None, value=encode_signal(sig))
-                m.signals.labels("sent").inc()
+                # (batched: one record per Redis flush cycle, see flush_signals)
+                pending_signals.append(signal_from(worker_id, outcome.update, outcome.event))
             if worker.writer is not None and processor.pending_rank:
                 worker.writer.wake()
             # Under a backlog the stream hands over buffered events without suspending; give

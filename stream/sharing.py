@@ -52,35 +52,61 @@ def signal_from(worker: str, update: SessionUpdate, event: PlayEvent) -> TrackSi
     )
 
 
-def encode_signal(sig: TrackSignal) -> bytes:
-    return orjson.dumps(
-        {
-            "w": sig.worker,
-            "t": sig.track_id,
-            "ts": sig.ts_ms,
-            "s": sig.skipped,
-            "h": list(sig.history),
-            "a": sig.artist_id,
-            "c": sig.context,
-        }
+def _as_dict(sig: TrackSignal) -> dict[str, object]:
+    return {
+        "t": sig.track_id,
+        "ts": sig.ts_ms,
+        "s": sig.skipped,
+        "h": list(sig.history),
+        "a": sig.artist_id,
+        "c": sig.context,
+    }
+
+
+def _from_dict(worker: str, d: dict[str, object]) -> TrackSignal:
+    return TrackSignal(
+        worker=worker,
+        track_id=str(d["t"]),
+        ts_ms=int(d["ts"]),  # type: ignore[call-overload]
+        skipped=bool(d["s"]),
+        history=tuple(str(t) for t in d.get("h") or ())[-HISTORY_SENT:],  # type: ignore[attr-defined]
+        artist_id=d.get("a"),  # type: ignore[arg-type]
+        context=d.get("c"),  # type: ignore[arg-type]
     )
 
 
-def decode_signal(raw: bytes) -> TrackSignal | None:
-    """The signal, or None for anything malformed (signals are advisory: skip, never fail)."""
+def encode_signal(sig: TrackSignal) -> bytes:
+    """One signal as a batch of one (see :func:`encode_batch`)."""
+    return encode_batch(sig.worker, [sig])
+
+
+def encode_batch(worker: str, sigs: list[TrackSignal]) -> bytes:
+    """Many signals from one worker in one message (one Kafka record per flush, not per
+    play: the per-message cost is what matters at high rates)."""
+    return orjson.dumps({"w": worker, "v": 1, "signals": [_as_dict(s) for s in sigs]})
+
+
+def decode_batch(raw: bytes) -> tuple[str, list[TrackSignal]]:
+    """(worker, signals); malformed entries are skipped (signals are advisory, never fatal)."""
     try:
         d = orjson.loads(raw)
-        return TrackSignal(
-            worker=str(d["w"]),
-            track_id=str(d["t"]),
-            ts_ms=int(d["ts"]),
-            skipped=bool(d["s"]),
-            history=tuple(str(t) for t in d.get("h") or ())[-HISTORY_SENT:],
-            artist_id=d.get("a"),
-            context=d.get("c"),
-        )
+        worker = str(d["w"])
+        items = d["signals"]
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None
+        return "", []
+    out: list[TrackSignal] = []
+    for item in items if isinstance(items, list) else ():
+        try:
+            out.append(_from_dict(worker, item))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return worker, out
+
+
+def decode_signal(raw: bytes) -> TrackSignal | None:
+    """The first signal of a message, or None if there is none."""
+    _, sigs = decode_batch(raw)
+    return sigs[0] if sigs else None
 
 
 def apply_signal(recommender: object, sig: TrackSignal) -> None:

@@ -107,3 +107,17 @@ def test_model_error_keeps_the_play_and_is_not_dead_lettered() -> None:
     assert out.outcome == "processed" and isinstance(out.model_error, RuntimeError)
     assert table["u1"].plays_total == 1 and not dead and not writes
     assert p.model_errors == 1
+
+
+def test_track_signals_round_trip_and_skip_garbage() -> None:
+    from stream.sharing import TrackSignal, decode_batch, encode_batch
+
+    sigs = [
+        TrackSignal("w1", f"t{i}", 1_700_000_000_000 + i, i % 2 == 0, ("a", "b")) for i in range(3)
+    ]
+    worker, back = decode_batch(encode_batch("w1", sigs))
+    assert worker == "w1" and back == sigs
+    assert decode_batch(b"garbage") == ("", [])
+    raw = orjson.dumps({"w": "w2", "signals": [{"t": "x"}, {"t": "y", "ts": 5, "s": False}]})
+    worker, back = decode_batch(raw)
+    assert worker == "w2" and [s.track_id for s in back] == ["y"]
