@@ -113,11 +113,15 @@ def rank_tracks(
         raise ValueError(f"max_per_artist must be >= 1, got {max_per_artist!r}")
     size = len(track_ids)
     total, parts = blend(components, weights, size)
-    order = np.lexsort((np.arange(size), -total))
+    # Stable sort on -total: ties keep candidate order, as lexsort((arange, -total)) did.
+    order = np.argsort(-total, kind="stable")
     artist_lookup = _lookup(artist_of)
     anchor_lookup = _lookup(anchors)
     per_artist: dict[str, int] = {}
     out: list[Recommendation] = []
+    # Python lists: reading a few entries from them is far cheaper than numpy scalar reads.
+    totals = total.tolist()
+    part_lists = {name: part.tolist() for name, part in parts.items()}
     for i in order.tolist():
         track = track_ids[i]
         if track in exclude:
@@ -128,8 +132,8 @@ def rank_tracks(
                 if per_artist.get(artist, 0) >= max_per_artist:
                     continue
                 per_artist[artist] = per_artist.get(artist, 0) + 1
-        reason = explain(i, parts, track, anchor_lookup)
-        out.append(Recommendation(track, round(float(total[i]), 6), reason))
+        reason = explain(i, part_lists, track, anchor_lookup)
+        out.append(Recommendation(track, round(totals[i], 6), reason))
         if len(out) >= k:
             break
     return out
@@ -137,7 +141,7 @@ def rank_tracks(
 
 def explain(
     i: int,
-    parts: Mapping[str, FloatArray],
+    parts: Mapping[str, FloatArray] | Mapping[str, list[float]],
     track: str,
     anchor_of: Callable[[str], str | None] | None,
 ) -> str:

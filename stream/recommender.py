@@ -26,7 +26,7 @@ from typing import Any, Final
 import numpy as np
 
 from stream.events import PlayEvent
-from stream.models._vocab import Vocabulary, top_rows
+from stream.models._vocab import Vocabulary, top_rows, top_set
 from stream.models.base import FloatArray, Interaction
 from stream.models.cooccurrence import SessionCooccurrence
 from stream.models.drift import SkipRateDrift
@@ -165,8 +165,7 @@ class Recommender:
                 "mf": self.mf.predict_one(probe),
             },
         )
-        skip_probability = self.skip.predict_one(x)
-        self.skip.learn_one(x)
+        skip_probability = self.skip.predict_learn_one(x)
         self.drift.learn_one(x)
         self.popularity.learn_one(x)
         self.cooccurrence.learn_one(x)
@@ -206,7 +205,7 @@ class Recommender:
         )
         weights = self.blend_weights if variant == "blend" else {variant: 1.0}
         anchors = self.cooccurrence.anchors(query.history)
-        track_ids, components = self._candidates(query, k, banned, weights)
+        track_ids, components = self._candidates(query, k, banned, weights, anchors)
         if not track_ids:
             return []
         return rank_tracks(
@@ -218,11 +217,16 @@ class Recommender:
             exclude=banned,
             artist_of=self.artist_of,
             max_per_artist=self.max_per_artist,
-            anchors=lambda t: self.cooccurrence.explain(query, t, anchors),
+            anchors=self.cooccurrence.explainer(anchors),
         )
 
     def _candidates(
-        self, query: Interaction, k: int, banned: Collection[str], weights: Mapping[str, float]
+        self,
+        query: Interaction,
+        k: int,
+        banned: Collection[str],
+        weights: Mapping[str, float],
+        anchors: list[tuple[int, float]],
     ) -> tuple[list[str], dict[str, FloatArray]]:
         """The bounded candidate set (each component's best ``candidates_per_source``, never
         a banned track) and every component's scores for it."""
@@ -230,23 +234,36 @@ class Recommender:
         if size == 0:
             return [], {}
         n = max(self.candidates_per_source, k)
-        banned_rows = self.vocabulary.known_rows(banned)
+        index = self.vocabulary.index
+        banned_rows = np.array([r for r in map(index.get, banned) if r is not None], np.int64)
         full: dict[str, FloatArray] = {"popularity": self.popularity.score_all()}
         if weights.get("cooccurrence", 0.0) > 0:
-            full["cooccurrence"] = self.cooccurrence.score_all(query)
+            full["cooccurrence"] = self.cooccurrence.score_all(query, anchors)
         if weights.get("mf", 0.0) > 0:
             mf = self.mf.score_all(query)
             if mf is not None:
                 full["mf"] = mf
-        picks = []
-        for name, scores in full.items():
-            pool = scores.copy()
-            pool[banned_rows] = -np.inf
-            if name == "cooccurrence":
-                pool[pool <= 0] = -np.inf
-            picks.append(top_rows(pool, n if weights.get(name, 0.0) > 0 else k))
-        rows = np.unique(np.concatenate(picks))
-        components = {name: scores[rows] for name, scores in full.items()}
+        # All pools in one matrix so masking and top-n selection are one numpy call each,
+        # whatever the number of components (per-call overhead dominates at this size).
+        names = list(full)
+        matrix = np.stack([full[name] for name in names])
+        pools = -matrix
+        if "cooccurrence" in full:
+            cooc = pools[names.index("cooccurrence")]
+            cooc[cooc >= 0] = np.inf  # only tracks that co-occur are candidates
+        pools[:, banned_rows] = np.inf
+        sizes = [n if weights.get(name, 0.0) > 0 else k for name in names]
+        chosen = np.zeros(size, dtype=bool)
+        if len(set(sizes)) == 1 and sizes[0] < size:
+            top = np.argpartition(pools, sizes[0] - 1, axis=1)[:, : sizes[0]]
+            top = top[np.isfinite(np.take_along_axis(pools, top, axis=1))]
+            chosen[top] = True
+        else:
+            for pool, m in zip(pools, sizes, strict=True):
+                chosen[top_set(-pool, m)] = True
+        rows = np.flatnonzero(chosen)
+        picked = matrix[:, rows]
+        components = {name: picked[i] for i, name in enumerate(names)}
         if weights.get("skip", 0.0) > 0:
             feats: dict[str, FloatArray] = {
                 name: components[name] for name in ("popularity", "mf") if name in components

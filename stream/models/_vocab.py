@@ -62,3 +62,16 @@ def top_rows(scores: npt.NDArray[np.float64], n: int) -> IntArray:
     top = top[np.isfinite(scores[top])]
     out: IntArray = top[np.lexsort((top, -scores[top]))]
     return out
+
+
+def top_set(scores: npt.NDArray[np.float64], n: int) -> IntArray:
+    """The rows :func:`top_rows` returns, in no particular order (skips the final sort, for
+    callers that only take the union of several top sets)."""
+    size = len(scores)
+    if n <= 0 or size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if n >= size:
+        return np.flatnonzero(np.isfinite(scores))
+    top = np.argpartition(-scores, n - 1)[:n]
+    out: IntArray = top[np.isfinite(scores[top])]
+    return out

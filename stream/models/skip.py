@@ -86,6 +86,15 @@ class SkipClassifier:
         self.classifier.learn_one(self.features(x), bool(x.skipped))
         self.n_learned += 1
 
+    def predict_learn_one(self, x: Interaction) -> float:
+        """:meth:`predict_one` then :meth:`learn_one` (prequential), building the features
+        once; returns the prediction made before learning."""
+        feats = self.features(x)
+        proba = self.classifier.predict_proba_one(feats)  # type: ignore[no-untyped-call]
+        self.classifier.learn_one(feats, bool(x.skipped))
+        self.n_learned += 1
+        return float(proba.get(True, 0.0))
+
     def predict_one(self, x: Interaction) -> float:
         """Probability that ``x.track_id`` is skipped (0.5 before any learning)."""
         proba = self.classifier.predict_proba_one(self.features(x))  # type: ignore[no-untyped-call]
