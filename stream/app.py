@@ -451,8 +451,13 @@ def create_worker(
         assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
         m.assigned.labels(topic).set(len(assigned))
         reported: set[str] = set()
+        # end offsets from the broker (the fetcher's highwater lags behind under a backlog)
+        try:
+            ends = await asyncio.wait_for(consumer.highwaters(*assigned), 2.0) if assigned else {}
+        except Exception:  # noqa: BLE001 - fall back to the last fetch's view
+            ends = {tp: consumer.highwater(tp) for tp in assigned}
         for tp in assigned:
-            end = consumer.highwater(tp)
+            end = ends.get(tp)
             done = worker.processed_offsets.get(tp)
             if end is None:
                 continue

@@ -38,7 +38,9 @@ def approx_size_bytes(
         return 0
     seen.add(oid)
     if _np is not None and isinstance(obj, _np.ndarray):
-        return int(sys.getsizeof(obj) + (obj.nbytes if obj.base is None else 0))
+        # getsizeof of an array that owns its buffer already includes it; a view only
+        # counts its header (the buffer belongs to its base)
+        return int(sys.getsizeof(obj))
     size = sys.getsizeof(obj)
     if isinstance(obj, _ATOMS) or _depth > 12:
         return size
