@@ -408,10 +408,14 @@ class RecoReader:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.channel)
         try:
-            while True:
-                msg = pubsub.get_message(timeout=timeout_s)
-                if msg is None:
-                    return
+            quiet_until = time.monotonic() + timeout_s
+            while time.monotonic() < quiet_until:
+                # get_message also returns None for the (ignored) subscribe confirmation,
+                # so "None" alone does not mean the channel went quiet
+                msg = pubsub.get_message(timeout=max(0.0, quiet_until - time.monotonic()))
+                if msg is None or msg.get("type") != "message":
+                    continue
+                quiet_until = time.monotonic() + timeout_s
                 yield orjson.loads(msg["data"])
         finally:
             pubsub.close()

@@ -25,8 +25,15 @@ def write_for(settings: Settings, user: str, seq: int, track: str) -> PendingWri
         event_id=f"e{seq}",
         model_version="test",
     )
-    return PendingWrite(f"{settings.redis_prefix}{user}", seq, doc, note,
-                        1_700_000_000_000 + seq, None, time.perf_counter())
+    return PendingWrite(
+        f"{settings.redis_prefix}{user}",
+        seq,
+        doc,
+        note,
+        1_700_000_000_000 + seq,
+        None,
+        time.perf_counter(),
+    )
 
 
 def test_writer_never_regresses_and_publishes(settings: Settings, reader: RecoReader) -> None:
@@ -34,8 +41,12 @@ def test_writer_never_regresses_and_publishes(settings: Settings, reader: RecoRe
 
     async def scenario() -> None:
         client = connect_async(settings.redis_url, settings.redis_password)
-        writer = RecoWriter(client, ttl_s=60, channel=settings.notify_channel,
-                            on_flush=lambda b, r, s: flushed.append(r))
+        writer = RecoWriter(
+            client,
+            ttl_s=60,
+            channel=settings.notify_channel,
+            on_flush=lambda b, r, s: flushed.append(r),
+        )
         writer.start()
         writer.submit(write_for(settings, "u1", 5, "newer"))
         await asyncio.wait_for(writer.drained(), 10)
@@ -71,8 +82,13 @@ def test_submit_coalesces_per_user(settings: Settings, reader: RecoReader) -> No
 
     async def scenario() -> None:
         client = connect_async(settings.redis_url, settings.redis_password)
-        writer = RecoWriter(client, ttl_s=60, channel="", flush_interval_ms=50,
-                            on_flush=lambda b, r, s: batches.append(len(b)))
+        writer = RecoWriter(
+            client,
+            ttl_s=60,
+            channel="",
+            flush_interval_ms=50,
+            on_flush=lambda b, r, s: batches.append(len(b)),
+        )
         writer.start()
         for seq in range(1, 101):
             writer.submit(write_for(settings, "u2", seq, f"t{seq}"))
@@ -84,3 +100,30 @@ def test_submit_coalesces_per_user(settings: Settings, reader: RecoReader) -> No
     assert batches == [1]
     doc = reader.get("u2")
     assert doc is not None and doc.seq == 100 and doc.items[0].track_id == "t100"
+
+
+def test_reader_updates_yields_notifications(settings: Settings, reader: RecoReader) -> None:
+    import threading
+
+    got: list[dict[str, object]] = []
+
+    def listen() -> None:
+        got.extend(reader.updates(timeout_s=3))
+
+    t = threading.Thread(target=listen)
+    t.start()
+    time.sleep(0.5)  # subscribed
+
+    async def scenario() -> None:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        writer = RecoWriter(client, ttl_s=60, channel=settings.notify_channel)
+        writer.start()
+        for i, user in enumerate(["n1", "n2", "n3"], start=1):
+            writer.submit(write_for(settings, user, i, "t"))
+            await asyncio.wait_for(writer.drained(), 10)
+        await writer.stop()
+        await client.aclose()
+
+    asyncio.run(scenario())
+    t.join(10)
+    assert [n["user_id"] for n in got] == ["n1", "n2", "n3"]
