@@ -256,7 +256,7 @@ class Recommender:
         chosen = np.zeros(size, dtype=bool)
         if len(set(sizes)) == 1 and sizes[0] < size:
             top = np.argpartition(pools, sizes[0] - 1, axis=1)[:, : sizes[0]]
-            top = top[np.isfinite(np.take_along_axis(pools, top, axis=1))]
+            top = top[np.isfinite(pools[np.arange(len(names))[:, None], top])]
             chosen[top] = True
         else:
             for pool, m in zip(pools, sizes, strict=True):

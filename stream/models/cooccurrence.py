@@ -189,17 +189,23 @@ class SessionCooccurrence:
             return np.zeros(size)
         idx: list[IntArray] = []
         val: list[FloatArray] = []
+        scales: list[float] = []
+        sizes: list[int] = []
+        rows = self.rows
         for prev, w in anchors:
-            row = self.rows[prev]
+            row = rows[prev]
             n = row.size
             idx.append(row.idx[:n])
-            val.append((w / row.total) * row.val[:n])
-        # One bincount instead of one fancy-index += per anchor: it adds in the same order
-        # (anchor by anchor, from zero), so the sums are bit-identical, in 3 numpy calls.
+            val.append(row.val[:n])
+            scales.append(w / row.total)
+            sizes.append(n)
+        # One bincount instead of one scaled fancy-index += per anchor: the same products,
+        # added in the same order (anchor by anchor, from zero), so the sums are
+        # bit-identical, in 5 numpy calls instead of ~4 per anchor.
+        weights = np.concatenate(val) * np.repeat(scales, sizes)
         # (With weights, bincount returns float64; numpy's stubs only know the int case.)
         out = cast(
-            FloatArray,
-            np.bincount(np.concatenate(idx), weights=np.concatenate(val), minlength=size),
+            FloatArray, np.bincount(np.concatenate(idx), weights=weights, minlength=size)
         )
         if self.pop_penalty > 0:
             tw = grow_rows(self.track_weight, size)[:size]
@@ -229,7 +235,10 @@ class SessionCooccurrence:
         """:meth:`explain` for one query's ``anchors``, with the per-anchor lookups done once
         (the ranker asks it for each of the top K tracks)."""
         rows = self.rows
-        seeds = [(prev, w, rows[prev]) for prev, w in anchors]
+        seeds = [
+            (prev, w, rows[prev].pos.get, rows[prev].val.item, rows[prev].total)
+            for prev, w in anchors
+        ]
         index, ids = self._vocab.index, self._vocab.ids
 
         def explain(track_id: str) -> str | None:
@@ -237,10 +246,10 @@ class SessionCooccurrence:
             if target is None:
                 return None
             best, best_s = None, 0.0
-            for prev, w, row in seeds:
-                p = row.pos.get(target)
+            for prev, w, position, value, total in seeds:
+                p = position(target)
                 if p is not None:
-                    s = w * row.val.item(p) / row.total
+                    s = w * value(p) / total
                     if s > best_s:
                         best, best_s = prev, s
             return None if best is None else ids[best]
