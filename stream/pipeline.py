@@ -263,6 +263,7 @@ class Processor:
             event_ts_ms=event.ts_ms,
             event_id=event.event_id,
             model_version=self.recommender.model_version,
+            lineage=self.settings.app_id,
             session={
                 "session_id": state.session_key,
                 "session_plays": state.session_plays,
@@ -280,4 +281,5 @@ class Processor:
             event_ts_ms=event.ts_ms,
             ingest_ts_ms=ingest_ts_ms,
             enqueued_at=time.perf_counter(),
+            lineage=self.settings.app_id,
         )

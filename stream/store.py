@@ -4,7 +4,7 @@ Contract (see README "Reading recommendations"):
 
 - ``{prefix}{user_id}`` (default ``reco:u42``) holds one JSON document::
 
-    {"user_id": "u42", "seq": 17, "k": 10, "model_version": "...",
+    {"user_id": "u42", "seq": 17, "lineage": "stream-reco", "k": 10, "model_version": "...",
      "generated_at": 1700000000123, "event_ts": 1700000000000, "event_id": "...",
      "session": {"session_id": "u42#3", "session_plays": 4, "sessions_total": 3,
                  "plays_total": 17, "skips_total": 5, "skip_streak": 0},
@@ -41,7 +41,10 @@ WRITE_SCRIPT: Final = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, old = pcall(cjson.decode, cur)
-  if ok and type(old) == 'table' and old['seq'] and tonumber(old['seq']) > tonumber(ARGV[1]) then
+  -- refuse to go back in the same lineage (the same app's state); a document from another
+  -- lineage (a re-deployment under a new app id, a rebuilt state) is simply replaced
+  if ok and type(old) == 'table' and old['seq'] and (old['lineage'] or '') == ARGV[6]
+     and tonumber(old['seq']) > tonumber(ARGV[1]) then
     return 0
   end
 end
@@ -62,6 +65,8 @@ class PendingWrite:
     event_ts_ms: int
     ingest_ts_ms: int | None
     enqueued_at: float
+    #: whose state ``seq`` counts (the app id; also inside ``doc``): the guard compares within it
+    lineage: str = ""
 
 
 def encode_document(
@@ -74,11 +79,13 @@ def encode_document(
     event_id: str,
     model_version: str,
     session: dict[str, Any] | None = None,
+    lineage: str = "",
 ) -> tuple[bytes, bytes]:
     """The JSON document and its pub/sub notification. ``items`` have track_id/score/reason."""
     doc = {
         "user_id": user_id,
         "seq": seq,
+        "lineage": lineage,
         "k": len(items),
         "model_version": model_version,
         "generated_at": generated_at_ms,
@@ -257,7 +264,15 @@ class RecoWriter:
                 pipe.delete(key)
             for w in batch:
                 pipe.evalsha(
-                    self._sha, 1, w.key, w.seq, w.doc, self.ttl_s, self.channel, w.notification
+                    self._sha,
+                    1,
+                    w.key,
+                    w.seq,
+                    w.doc,
+                    self.ttl_s,
+                    self.channel,
+                    w.notification,
+                    w.lineage,
                 )
             try:
                 return list(await pipe.execute())[len(deletes) :]

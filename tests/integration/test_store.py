@@ -15,7 +15,9 @@ from stream.store import PendingWrite, RecoReader, RecoWriter, connect_async, en
 pytestmark = pytest.mark.integration
 
 
-def write_for(settings: Settings, user: str, seq: int, track: str) -> PendingWrite:
+def write_for(
+    settings: Settings, user: str, seq: int, track: str, lineage: str = ""
+) -> PendingWrite:
     doc, note = encode_document(
         user_id=user,
         seq=seq,
@@ -24,6 +26,7 @@ def write_for(settings: Settings, user: str, seq: int, track: str) -> PendingWri
         event_ts_ms=1_700_000_000_000 + seq,
         event_id=f"e{seq}",
         model_version="test",
+        lineage=lineage,
     )
     return PendingWrite(
         f"{settings.redis_prefix}{user}",
@@ -33,6 +36,7 @@ def write_for(settings: Settings, user: str, seq: int, track: str) -> PendingWri
         1_700_000_000_000 + seq,
         None,
         time.perf_counter(),
+        lineage,
     )
 
 
@@ -127,3 +131,27 @@ def test_reader_updates_yields_notifications(settings: Settings, reader: RecoRea
     asyncio.run(scenario())
     t.join(10)
     assert [n["user_id"] for n in got] == ["n1", "n2", "n3"]
+
+
+def test_guard_is_per_lineage(settings: Settings, reader: RecoReader) -> None:
+    async def write(lineage: str, seq: int, track: str) -> list[int]:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        results: list[int] = []
+        writer = RecoWriter(
+            client,
+            ttl_s=60,
+            channel="",
+            on_flush=lambda b, r, s: results.extend(r),
+        )
+        writer.start()
+        writer.submit(write_for(settings, "lin", seq, track, lineage))
+        await asyncio.wait_for(writer.drained(), 10)
+        await writer.stop()
+        await client.aclose()
+        return results
+
+    assert asyncio.run(write("app-a", 50, "a50")) == [1]
+    assert asyncio.run(write("app-a", 10, "a10")) == [0]  # same lineage: no regression
+    assert asyncio.run(write("app-b", 1, "b1")) == [1]  # a new deployment takes over
+    doc = reader.get("lin")
+    assert doc is not None and doc.seq == 1 and doc.items[0].track_id == "b1"
