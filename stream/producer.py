@@ -48,7 +48,11 @@ class SyntheticTraffic:
         import bisect
 
         for i in range(count):
-            u = min(int(rng.paretovariate(1.2)) - 1, self.users - 1) if rng.random() < 0.3 else rng.randrange(self.users)
+            u = (
+                min(int(rng.paretovariate(1.2)) - 1, self.users - 1)
+                if rng.random() < 0.3
+                else rng.randrange(self.users)
+            )
             clock += rng.randint(1, 50)
             prev = last_track[u]
             if prev is not None and rng.random() < 0.5:
