@@ -217,7 +217,7 @@ def create_worker(
                 on_flush=on_flush,
                 on_error=on_error,
                 before_flush=rank_pending,
-                has_work=lambda: bool(processor.pending_rank),
+                has_work=lambda: bool(processor.pending_rank or pending_signals),
             )
             worker.writer.start()
 
@@ -317,6 +317,7 @@ def create_worker(
     rank_stage = m.stage.labels("rank")
 
     pending_signals: list[TrackSignal] = []
+    similar_at = [0.0]
 
     def flush_signals() -> None:
         if not pending_signals:
@@ -330,6 +331,11 @@ def create_worker(
     def rank_pending() -> None:
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
+        now = time.time()
+        if worker.writer is not None and processor.touched_tracks and now - similar_at[0] >= 1.0:
+            similar_at[0] = now  # scan the touched tracks at most once a second
+            for key, doc in processor.similar_due(now):
+                worker.writer.submit_plain(key, doc)
 
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:

@@ -64,6 +64,7 @@ class Settings:
     similar_prefix: str = "similar:"
     notify_channel: str = "reco-updates"
     reco_ttl_s: int = 7 * 24 * 3600
+    similar_refresh_s: float = 10.0
     redis_flush_interval_ms: float = 2.0
     redis_max_batch: int = 512
     redis_retry_max_s: float = 5.0
@@ -207,6 +208,8 @@ def validate(s: Settings) -> Settings:
             raise bad(name, f"must be > 0, got {getattr(s, name)}")
     if s.top_k > 500:
         raise bad("top_k", f"must be <= 500, got {s.top_k}")
+    if s.similar_refresh_s < 0:
+        raise bad("similar_refresh_s", "must be >= 0")
     if s.checkpoint_interval_s < 0:
         raise bad("checkpoint_interval_s", "must be >= 0 (0 disables checkpoints)")
     if s.redis_flush_interval_ms < 0:

@@ -15,6 +15,8 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+
 from stream.config import Settings
 from stream.events import PlayEvent, Rejection, parse_event
 from stream.recommender import Recommendation, Recommender
@@ -112,6 +114,9 @@ class Processor:
         self.max_tracked_users = max_tracked_users
         self.model_errors = 0
         self.defer_ranking = defer_ranking
+        #: tracks played since their "more like this" list was last refreshed
+        self.touched_tracks: dict[str, None] = {}
+        self.similar_refreshed: dict[str, float] = {}
         #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
         self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
 
@@ -177,6 +182,7 @@ class Processor:
             # counts; only the model update is missed. Counted and logged, never dead-lettered.
             self._model_error(exc, record)
             return Outcome("processed", event=event, update=update, model_error=exc)
+        self.touched_tracks[event.track_id] = None
         if self.defer_ranking:
             # rank later, once per listener per flush (see rank_pending): a burst of plays
             # from one listener costs one ranking, and the agent never waits for it
@@ -212,6 +218,40 @@ class Processor:
             if on_ranked is not None:
                 on_ranked(time.perf_counter() - started)
         return len(batch)
+
+    def similar_due(self, now: float, limit: int = 50) -> list[tuple[str, bytes]]:
+        """Refresh the "more like this" lists of recently played tracks: at most ``limit``
+        per call, each track at most once per ``similar_refresh_s``. Returns (key, JSON)."""
+        out: list[tuple[str, bytes]] = []
+        interval = self.settings.similar_refresh_s
+        for track in list(self.touched_tracks):
+            if len(out) >= limit:
+                break
+            if now - self.similar_refreshed.get(track, -1e18) < interval:
+                continue
+            del self.touched_tracks[track]
+            self.similar_refreshed[track] = now
+            try:
+                items = self.recommender.similar(track, self.settings.top_k)
+            except Exception as exc:  # noqa: BLE001
+                self._model_error(exc, None)
+                continue
+            doc = orjson.dumps(
+                {
+                    "track_id": track,
+                    "k": len(items),
+                    "model_version": self.recommender.model_version,
+                    "generated_at": int(now * 1000),
+                    "items": [
+                        {"track_id": r.track_id, "score": float(r.score), "reason": r.reason}
+                        for r in items
+                    ],
+                }
+            )
+            out.append((f"{self.settings.similar_prefix}{track}", doc))
+        if len(self.similar_refreshed) > 4 * self.max_tracked_users:
+            self.similar_refreshed.clear()  # bounded; worst case a list refreshes early
+        return out
 
     def _publish(
         self, event: PlayEvent, state: UserState, recs: list[Recommendation], ingest: int | None

@@ -147,6 +147,8 @@ class RecoWriter:
         self.has_work = has_work
         self.pending: dict[str, PendingWrite] = {}
         self.deletes: set[str] = set()
+        #: unguarded documents (key -> JSON), e.g. per-track "more like this" lists
+        self.plain: dict[str, bytes] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -162,13 +164,21 @@ class RecoWriter:
         self._idle.clear()
         self._wake.set()
 
+    def submit_plain(self, key: str, doc: bytes) -> None:
+        """Write ``doc`` at ``key`` with the TTL on the next flush (last writer wins)."""
+        self.plain[key] = doc
+        self._idle.clear()
+        self._wake.set()
+
     def wake(self) -> None:
         """Ask for a flush soon (work is queued in the before_flush hook)."""
         self._idle.clear()
         self._wake.set()
 
     def _busy(self) -> bool:
-        return bool(self.pending or self.deletes or (self.has_work and self.has_work()))
+        return bool(
+            self.pending or self.deletes or self.plain or (self.has_work and self.has_work())
+        )
 
     def forget(self, key: str) -> None:
         """Delete ``key`` (a forgotten listener): drops any pending write for it, and the DEL
@@ -215,7 +225,7 @@ class RecoWriter:
                     self.before_flush()
                 except Exception:  # noqa: BLE001 - never let the hook kill the flusher
                     logger.exception("before_flush hook failed")
-            while self.pending or self.deletes:
+            while self.pending or self.deletes or self.plain:
                 ok = await self.flush_once()
                 if not ok:
                     backoff = min(self.retry_max_s, 0.05 * 2 ** min(self.consecutive_failures, 10))
@@ -227,9 +237,10 @@ class RecoWriter:
         keys = list(self.pending)[: self.max_batch]
         batch = [self.pending[k] for k in keys]
         deletes = list(self.deletes)
+        plain = dict(list(self.plain.items())[: self.max_batch])
         started = time.perf_counter()
         try:
-            results = await self._send(batch, deletes)
+            results = await self._send(batch, deletes, plain)
         except (RedisError, OSError) as exc:
             self.consecutive_failures += 1
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
@@ -247,6 +258,9 @@ class RecoWriter:
             logger.info("redis is back after %d failed flushes", self.consecutive_failures)
         self.consecutive_failures = 0
         self.deletes.difference_update(deletes)
+        for key, doc in plain.items():
+            if self.plain.get(key) is doc:
+                del self.plain[key]
         for write in batch:
             # only drop it if no newer document for that user arrived during the flush
             if self.pending.get(write.key) is write:
@@ -255,13 +269,18 @@ class RecoWriter:
             self.on_flush(batch, [int(r) for r in results], time.perf_counter() - started)
         return True
 
-    async def _send(self, batch: list[PendingWrite], deletes: list[str]) -> list[Any]:
+    async def _send(
+        self, batch: list[PendingWrite], deletes: list[str], plain: dict[str, bytes] | None = None
+    ) -> list[Any]:
+        plain = plain or {}
         if self._sha is None:
             self._sha = await self.client.script_load(WRITE_SCRIPT)
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
             for key in deletes:
                 pipe.delete(key)
+            for key, doc in plain.items():
+                pipe.set(key, doc, ex=self.ttl_s)
             for w in batch:
                 pipe.evalsha(
                     self._sha,
@@ -275,7 +294,7 @@ class RecoWriter:
                     w.lineage,
                 )
             try:
-                return list(await pipe.execute())[len(deletes) :]
+                return list(await pipe.execute())[len(deletes) + len(plain) :]
             except NoScriptError:
                 # Redis restarted and lost its script cache
                 self._sha = await self.client.script_load(WRITE_SCRIPT)
