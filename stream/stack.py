@@ -10,6 +10,7 @@ processes whose PID files it wrote, after checking the PID still runs what it st
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import signal
@@ -277,6 +278,19 @@ def kafka_ready(port: int) -> bool:
     return asyncio.run(probe())
 
 
+def _format_storage(cfg: StackConfig, libs: Path, props: Path) -> None:
+    """Format the KRaft log directory once (a fresh cluster id); no-op when formatted."""
+    data = cfg.state_dir / "kafka" / "data"
+    if (data / "meta.properties").exists():
+        return
+    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    argv = [*_java_base(cfg, libs), "kafka.tools.StorageTool", "format", "-t", cid, "-c"]
+    proc = subprocess.run([*argv, str(props)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StackError(f"kafka storage format failed:\n{proc.stdout}\n{proc.stderr}")
+    log(f"formatted KRaft storage in {data} (cluster id {cid})")
+
+
 def start_kafka(cfg: StackConfig) -> None:
     marker = "kafka.Kafka"
     if _running_pid(cfg, "kafka", marker) and kafka_ready(cfg.kafka_port):
@@ -291,28 +305,7 @@ def start_kafka(cfg: StackConfig) -> None:
     if _running_pid(cfg, "kafka", marker) is None:
         libs = ensure_kafka_jars(cfg)
         props = _kafka_properties(cfg)
-        data = cfg.state_dir / "kafka" / "data"
-        if not (data / "meta.properties").exists():
-            cluster_id = uuid.uuid4().bytes
-            import base64
-
-            cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
-            proc = subprocess.run(
-                [
-                    *_java_base(cfg, libs),
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "-t",
-                    cid,
-                    "-c",
-                    str(props),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                raise StackError(f"kafka storage format failed:\n{proc.stdout}\n{proc.stderr}")
-            log(f"formatted KRaft storage in {data} (cluster id {cid})")
+        _format_storage(cfg, libs, props)
         _spawn(cfg, "kafka", [*_java_base(cfg, libs), "kafka.Kafka", str(props)])
     _wait(
         "kafka",
@@ -565,26 +558,7 @@ def start_sasl_kafka(cfg: StackConfig, users: dict[str, str], timeout: float = 9
             raise StackError(f"port {port} is already in use")
     libs = ensure_kafka_jars(cfg)
     props = sasl_kafka_properties(cfg, users)
-    data = cfg.state_dir / "kafka" / "data"
-    if not (data / "meta.properties").exists():
-        import base64
-
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        proc = subprocess.run(
-            [
-                *_java_base(cfg, libs),
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                cid,
-                "-c",
-                str(props),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise StackError(f"kafka storage format failed:\n{proc.stdout}\n{proc.stderr}")
+    _format_storage(cfg, libs, props)
     _spawn(cfg, "kafka", [*_java_base(cfg, libs), "kafka.Kafka", str(props)])
     user, password = next(iter(users.items()))
     _wait(
