@@ -191,6 +191,8 @@ def create_worker(
         for write, result in zip(batch, results, strict=True):
             if result:
                 m.redis_writes.labels("written").inc()
+                if not write.fresh:
+                    continue
                 m.freshness.observe(max(0.0, now - write.event_ts_ms / 1000.0))
                 if write.ingest_ts_ms:
                     m.ingest_freshness.observe(max(0.0, now - write.ingest_ts_ms / 1000.0))

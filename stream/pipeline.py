@@ -164,6 +164,11 @@ class Processor:
         )
         if update.duplicate:
             timer.lap("session")
+            if self.defer_ranking and state is not None:
+                # A replay after a crash: the state has this play, but the worker that applied
+                # it may have died before its Redis flush. Re-publish the listener's current
+                # list (same seq: the guard accepts it) so Redis always catches up.
+                self.pending_rank.setdefault(event.user_id, (event, state, None))
             return Outcome("duplicate", event=event, update=update)
         self.table[event.user_id] = update.state
         timer.lap("session")
@@ -214,7 +219,9 @@ class Processor:
             except Exception as exc:  # noqa: BLE001
                 self._model_error(exc, None)
                 continue
-            self._publish(event, state, recs, ingest_ts)
+            self._publish(
+                event, state, recs, ingest_ts, fresh=event.event_id == state.last_event_id
+            )
             if on_ranked is not None:
                 on_ranked(time.perf_counter() - started)
         return len(batch)
@@ -254,10 +261,15 @@ class Processor:
         return out
 
     def _publish(
-        self, event: PlayEvent, state: UserState, recs: list[Recommendation], ingest: int | None
+        self,
+        event: PlayEvent,
+        state: UserState,
+        recs: list[Recommendation],
+        ingest: int | None,
+        fresh: bool = True,
     ) -> None:
         self._remember(event.user_id, tuple(r.track_id for r in recs))
-        self.submit(self.make_write(event, state, recs, ingest))
+        self.submit(self.make_write(event, state, recs, ingest, fresh=fresh))
 
     def _model_error(self, exc: Exception, record: Record | None) -> None:
         self.model_errors += 1
@@ -294,14 +306,15 @@ class Processor:
         state: UserState,
         recs: list[Recommendation],
         ingest_ts_ms: int | None,
+        fresh: bool = True,
     ) -> PendingWrite:
         doc, note = encode_document(
             user_id=event.user_id,
             seq=state.seq,
             items=recs,
             generated_at_ms=int(self.clock() * 1000),
-            event_ts_ms=event.ts_ms,
-            event_id=event.event_id,
+            event_ts_ms=state.last_event_ts_ms,
+            event_id=state.last_event_id,
             model_version=self.recommender.model_version,
             lineage=self.settings.app_id,
             session={
@@ -318,8 +331,9 @@ class Processor:
             seq=state.seq,
             doc=doc,
             notification=note,
-            event_ts_ms=event.ts_ms,
+            event_ts_ms=state.last_event_ts_ms,
             ingest_ts_ms=ingest_ts_ms,
             enqueued_at=time.perf_counter(),
             lineage=self.settings.app_id,
+            fresh=fresh,
         )

@@ -67,6 +67,8 @@ class PendingWrite:
     enqueued_at: float
     #: whose state ``seq`` counts (the app id; also inside ``doc``): the guard compares within it
     lineage: str = ""
+    #: False for a re-publication of an older play (after a crash replay): not a freshness sample
+    fresh: bool = True
 
 
 def encode_document(

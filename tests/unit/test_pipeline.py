@@ -121,3 +121,29 @@ def test_track_signals_round_trip_and_skip_garbage() -> None:
     raw = orjson.dumps({"w": "w2", "signals": [{"t": "x"}, {"t": "y", "ts": 5, "s": False}]})
     worker, back = decode_batch(raw)
     assert worker == "w2" and [s.track_id for s in back] == ["y"]
+
+
+def test_replayed_duplicates_republish_the_current_list_in_deferred_mode() -> None:
+    table: dict[str, Any] = {}
+    writes: list[PendingWrite] = []
+    p = Processor(
+        load_settings(env={}, file=None),
+        Recommender(),
+        table,
+        writes.append,
+        lambda d: None,
+        clock=lambda: NOW_S,
+        defer_ranking=True,
+    )
+    first = rec(play("u1", "a", 0), b"u1")
+    second = rec(play("u1", "b", 1), b"u1")
+    p.process(first)
+    p.process(second)
+    assert p.rank_pending() == 1 and len(writes) == 1  # coalesced: one ranking, one write
+    assert orjson.loads(writes[0].doc)["event_id"] == "u1-1" and writes[0].fresh
+    # the worker died before that write reached Redis; the replay is a duplicate...
+    assert p.process(first).outcome == "duplicate"
+    assert p.rank_pending() == 1
+    # ...that re-publishes the current list: same seq, metadata of the latest applied play
+    doc = orjson.loads(writes[1].doc)
+    assert writes[1].seq == 2 and doc["event_id"] == "u1-1" and not writes[1].fresh
