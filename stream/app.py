@@ -405,6 +405,9 @@ def create_worker(
             m.events.labels(topic, outcome.outcome).inc()
             if outcome.model_error is not None:
                 m.model_errors.inc()
+            if processor.evicted_tracks:
+                m.tracks_evicted.inc(processor.evicted_tracks)
+                processor.evicted_tracks = 0
             for stage, seconds in timer.stages:
                 m.stage.labels(stage).observe(seconds)
             m.processing.observe(time.perf_counter() - started)

@@ -73,6 +73,8 @@ class Settings:
     session_gap_s: int = 1800
     max_recent: int = 30
     max_seen: int = 48
+    #: bounded catalogue: above this many tracks the least popular are evicted (0 = no bound)
+    max_tracks: int = 500_000
     # Live quality window (events) and model checkpoints (Redis key model:{app_id})
     quality_window: int = 2000
     checkpoint_interval_s: float = 30.0
@@ -208,6 +210,8 @@ def validate(s: Settings) -> Settings:
             raise bad(name, f"must be > 0, got {getattr(s, name)}")
     if s.top_k > 500:
         raise bad("top_k", f"must be <= 500, got {s.top_k}")
+    if s.max_tracks < 0:
+        raise bad("max_tracks", "must be >= 0 (0 = unbounded)")
     if s.similar_refresh_s < 0:
         raise bad("similar_refresh_s", "must be >= 0")
     if s.checkpoint_interval_s < 0:

@@ -405,6 +405,10 @@ class Metrics:
             "Item-side learning signals shared between workers (sent, applied, error).",
             ["direction"], namespace=ns, registry=registry,
         )
+        self.tracks_evicted = Counter(
+            "tracks_evicted", "Tracks evicted from the models to keep the catalogue bounded.",
+            namespace=ns, registry=registry,
+        )
         self.build = Info("build", "Version information.", namespace=ns, registry=registry)
 
         # Pre-create the bounded label children so every series exists (at 0) from the

@@ -114,6 +114,8 @@ class Processor:
         self.max_tracked_users = max_tracked_users
         self.model_errors = 0
         self.defer_ranking = defer_ranking
+        self.max_tracks = settings.max_tracks
+        self.evicted_tracks = 0
         #: tracks played since their "more like this" list was last refreshed
         self.touched_tracks: dict[str, None] = {}
         self.similar_refreshed: dict[str, float] = {}
@@ -181,6 +183,8 @@ class Processor:
             skip_p = getattr(result, "skip_probability", None)
             if self.evaluator is not None and skip_p is not None:
                 self.evaluator.observe_skip(float(skip_p), update.is_skip)
+            if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
+                self._evict()
             timer.lap("learn")
         except Exception as exc:  # noqa: BLE001 - a model bug must not lose the play
             # the session state above is already applied (and will be changelogged): the play
@@ -203,6 +207,19 @@ class Processor:
         self._publish(event, update.state, recs, record.timestamp_ms)
         timer.lap("enqueue")
         return Outcome("processed", event=event, update=update, recs=recs)
+
+    def _evict(self) -> None:
+        """Bound the catalogue (hostile or just huge): drop the least popular 10 % of the
+        allowed size in one go, so eviction runs rarely."""
+        started = time.perf_counter()
+        n = self.recommender.evict_tracks(int(self.max_tracks * 0.9))
+        self.evicted_tracks += n
+        logger.info(
+            "catalogue above max_tracks=%d: evicted %d least popular tracks in %.0f ms",
+            self.max_tracks,
+            n,
+            (time.perf_counter() - started) * 1000,
+        )
 
     def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
         """Rank every listener with new plays since the last call and submit their lists.

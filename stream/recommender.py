@@ -309,6 +309,32 @@ class Recommender:
             for r in recs
         ]
 
+    def evict_tracks(self, keep: int) -> int:
+        """Bound the catalogue: keep the ``keep`` tracks with the highest decayed popularity
+        (ties: the older row), drop the rest from every model, and renumber. Returns how
+        many were evicted. Listeners' histories may still name evicted tracks: they are
+        unknown ids to the models from then on (like tracks never seen)."""
+        n = len(self.vocabulary)
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep!r}")
+        if n <= keep:
+            return 0
+        weights = np.zeros(n)
+        w = self.popularity.weights()
+        weights[: len(w)] = w[:n]
+        order = np.lexsort((np.arange(n), -weights))  # heaviest first, older row on ties
+        kept = np.sort(order[:keep]).astype(np.int64)
+        remap = np.full(n, -1, dtype=np.int64)
+        remap[kept] = np.arange(len(kept), dtype=np.int64)
+        evicted = [self.vocabulary.ids[int(r)] for r in order[keep:]]
+        self.popularity.remap_rows(kept)
+        self.cooccurrence.remap_rows(kept, remap)
+        self.mf.remap_rows(kept, remap)
+        self.vocabulary.compact(kept)
+        for track in evicted:
+            self.artist_of.pop(track, None)
+        return len(evicted)
+
     def catalogue_size(self) -> int:
         """Distinct tracks the models know."""
         return len(self.vocabulary)

@@ -12,7 +12,8 @@ IntArray = npt.NDArray[np.int64]
 
 
 class Vocabulary:
-    """Track ids <-> dense row numbers, growing as new ids arrive; never shrinks."""
+    """Track ids <-> dense row numbers, growing as new ids arrive; shrinks only through
+    :meth:`compact` (catalogue eviction, see ``Recommender.evict_tracks``)."""
 
     __slots__ = ("index", "ids")
 
@@ -30,6 +31,14 @@ class Vocabulary:
             self.index[key] = row
             self.ids.append(key)
         return row
+
+    def compact(self, kept: IntArray) -> None:
+        """Keep only the tracks at rows ``kept`` (ascending), renumbered 0..len(kept)-1, in
+        place (the models share this object)."""
+        ids = [self.ids[int(r)] for r in kept]
+        self.ids[:] = ids
+        self.index.clear()
+        self.index.update((key, i) for i, key in enumerate(ids))
 
     def rows(self, keys: Sequence[str] | Collection[str]) -> IntArray:
         """Row numbers for ``keys``; unknown keys map to -1 (nothing is added)."""

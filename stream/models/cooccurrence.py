@@ -266,6 +266,32 @@ class SessionCooccurrence:
         ids = self._vocab.ids
         return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}
 
+    def remap_rows(self, kept: IntArray, remap: IntArray) -> None:
+        """Keep the rows ``kept`` (ascending); ``remap[old] -> new`` or -1 if evicted.
+        Neighbours that were evicted leave their rows (the row totals keep their mass, as
+        when pruning)."""
+        n = len(self.track_weight)
+        self.track_weight = self.track_weight[kept[kept < n]].copy()
+        rows: dict[int, _Row] = {}
+        for src, row in self.rows.items():
+            new_src = int(remap[src]) if src < len(remap) else -1
+            if new_src < 0:
+                continue
+            idx = row.idx[: row.size]
+            new_idx = np.where(idx < len(remap), remap[np.minimum(idx, len(remap) - 1)], -1)
+            keep = new_idx >= 0
+            m = int(keep.sum())
+            fresh = _Row()
+            fresh.idx = np.zeros(max(8, m), dtype=np.int64)
+            fresh.val = np.zeros(max(8, m))
+            fresh.idx[:m] = new_idx[keep]
+            fresh.val[:m] = row.val[: row.size][keep]
+            fresh.size = m
+            fresh.total = row.total
+            fresh.pos = {int(d): i for i, d in enumerate(fresh.idx[:m].tolist())}
+            rows[new_src] = fresh
+        self.rows = rows
+
     def predict_one(self, x: Interaction) -> float:
         """Score of ``x.track_id`` after ``x.history`` (one lookup per anchor)."""
         target = self._vocab.index.get(x.track_id)

@@ -13,7 +13,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from stream.models._vocab import Vocabulary, grow_rows, top_rows
+from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 
@@ -154,6 +154,15 @@ class ImplicitMF:
             return None
         vec: FloatArray = self.item_factors[rows].mean(axis=0)
         return vec
+
+    def remap_rows(self, kept: IntArray, remap: IntArray) -> None:
+        """Keep the item rows ``kept`` (ascending); ``remap[old] -> new`` or -1 if evicted."""
+        known = kept[kept < self._known]
+        self.item_factors = self.item_factors[known].copy()
+        self._known = len(known)
+        pool = [int(remap[r]) for r in self._pool if r < len(remap) and remap[r] >= 0]
+        self._pool = pool
+        self._pool_pos = self._pool_pos % max(len(pool), 1)
 
     def predict_one(self, x: Interaction) -> float:
         row = self._vocab.index.get(x.track_id)

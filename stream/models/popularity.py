@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from stream.models._vocab import Vocabulary, grow_rows, top_rows
+from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 #: Rebase the reference time before exp() gets anywhere near float overflow.
@@ -71,6 +71,16 @@ class DecayedPopularity:
         self._weights = grow_rows(self._weights, size)
         out: FloatArray = self._weights[:size] / (self._total or 1.0)
         return out
+
+    def weights(self) -> FloatArray:
+        """Decayed weight per vocabulary row (relative to the internal reference time)."""
+        return self._weights[: len(self._vocab)]
+
+    def remap_rows(self, kept: IntArray) -> None:
+        """Keep the rows ``kept`` (ascending) only; called after the vocabulary compacted."""
+        n = len(self._weights)
+        self._weights = self._weights[kept[kept < n]].copy()
+        self._total = float(self._weights.sum())
 
     def predict_one(self, x: Interaction) -> float:
         """Share of recent (decayed) plays that went to ``x.track_id``; 0 if never played."""

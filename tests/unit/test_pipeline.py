@@ -147,3 +147,17 @@ def test_replayed_duplicates_republish_the_current_list_in_deferred_mode() -> No
     # ...that re-publishes the current list: same seq, metadata of the latest applied play
     doc = orjson.loads(writes[1].doc)
     assert writes[1].seq == 2 and doc["event_id"] == "u1-1" and not writes[1].fresh
+
+
+def test_catalogue_stays_bounded_under_a_flood_of_new_tracks() -> None:
+    table: dict[str, Any] = {}
+    writes: list[PendingWrite] = []
+    settings = load_settings(env={"STREAM_MAX_TRACKS": "100"}, file=None)
+    p = Processor(
+        settings, Recommender(), table, writes.append, lambda d: None, clock=lambda: NOW_S
+    )
+    for i in range(1000):  # hostile: every play a never-seen track
+        p.process(rec(play(f"u{i % 7}", f"junk-{i}", i), f"u{i % 7}".encode()))
+    assert p.recommender.catalogue_size() <= 100
+    assert p.evicted_tracks > 0 and p.model_errors == 0
+    assert table["u0"].plays_total == 143  # every play still counted

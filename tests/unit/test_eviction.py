@@ -1,0 +1,49 @@
+"""Bounded catalogue: evicting the least popular tracks keeps every model consistent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stream.datasets import load_events
+from stream.events import PlayEvent
+from stream.recommender import Recommender
+from stream.session import UserState, update_session
+
+
+def learn(rec: Recommender, events: list[PlayEvent], states: dict[str, UserState]) -> None:
+    for e in events:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+
+
+def test_evict_keeps_the_most_popular_and_models_consistent(datasets_dir: Path) -> None:
+    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=3000)
+    rec, states = Recommender(seed=1), {}
+    learn(rec, events, states)
+    before = rec.catalogue_size()
+    weights = dict(zip(rec.vocabulary.ids, rec.popularity.weights().tolist(), strict=True))
+    evicted = rec.evict_tracks(200)
+    assert evicted == before - 200 and rec.catalogue_size() == 200
+    kept = set(rec.vocabulary.ids)
+    cutoff = min(weights[t] for t in kept)
+    assert all(weights[t] <= cutoff for t in weights if t not in kept)
+    assert rec.vocabulary.index == {t: i for i, t in enumerate(rec.vocabulary.ids)}
+    assert len(rec.popularity.weights()) == 200
+    assert all(0 <= r < 200 for r in rec.cooccurrence.rows)
+    for row in rec.cooccurrence.rows.values():
+        assert all(0 <= int(d) < 200 for d in row.idx[: row.size])
+    # it keeps learning and recommending (evicted ids in histories are just unknown)
+    learn(rec, load_events(datasets_dir / "movielens-100k", "movielens", limit=4000)[3000:], states)
+    for state in list(states.values())[:50]:
+        recs = rec.recommend(state, 10, events[-1].ts_ms)
+        assert len({r.track_id for r in recs}) == len(recs)
+        assert all(r.track_id in rec.vocabulary.index for r in recs)
+    assert Recommender.restore(rec.snapshot()).catalogue_size() == rec.catalogue_size()
+
+
+def test_evict_is_a_no_op_under_the_bound() -> None:
+    rec = Recommender()
+    up = update_session(None, PlayEvent("u", "t", 1_700_000_000_000, 1000, "e"))
+    rec.learn_one(up)
+    assert rec.evict_tracks(10) == 0 and rec.catalogue_size() == 1
