@@ -265,6 +265,8 @@ def create_worker(
         async def on_stop(self) -> None:
             if self.consumer is not None:
                 await self.consumer.stop()
+            if lag_client[0] is not None:
+                await lag_client[0].stop()
 
         @mode.Service.task
         async def _apply(self) -> None:
@@ -456,17 +458,32 @@ def create_worker(
         async def checkpoint_models() -> None:
             await write_checkpoint()
 
+    lag_client: list[Any] = [None]
+
     @app.timer(interval=2.0)
     async def report_state() -> None:
         consumer = app.consumer
         assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
         m.assigned.labels(topic).set(len(assigned))
         reported: set[str] = set()
-        # end offsets from the broker (the fetcher's highwater lags behind under a backlog)
-        try:
-            ends = await asyncio.wait_for(consumer.highwaters(*assigned), 2.0) if assigned else {}
-        except Exception:  # noqa: BLE001 - fall back to the last fetch's view
-            ends = {tp: consumer.highwater(tp) for tp in assigned}
+        # End offsets from the broker through our own small client: the fetcher's highwater
+        # lags behind under a backlog, and Faust's consumer lives in another thread (a
+        # cancelled cross-thread call could wedge it), so it is not asked.
+        ends: dict[Any, Any] = {tp: consumer.highwater(tp) for tp in assigned}
+        if assigned:
+            try:
+                if lag_client[0] is None:
+                    from aiokafka import AIOKafkaConsumer
+
+                    from stream.kafka_io import client_kwargs
+
+                    client = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+                    await asyncio.wait_for(client.start(), 5.0)
+                    lag_client[0] = client
+                broker_ends = await asyncio.wait_for(lag_client[0].end_offsets(assigned), 2.0)
+                ends.update(broker_ends)
+            except Exception as exc:  # noqa: BLE001 - keep the fetch view; retry next tick
+                logger.debug("end offsets for lag unavailable: %r", exc)
         for tp in assigned:
             end = ends.get(tp)
             done = worker.processed_offsets.get(tp)
