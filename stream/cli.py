@@ -126,7 +126,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from stream.producer import dataset_events, produce_events
 
     settings = _settings(args)
-    events = dataset_events(args.source, args.path, args.count, args.time_mode, args.speedup)
+    events = dataset_events(args.source, args.path, args.count, args.time_mode)
     sent = asyncio.run(
         produce_events(
             settings,
@@ -280,7 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="'now': stamp events with the time they are sent (default); "
         "'original': keep the dataset's timestamps",
     )
-    pr.add_argument("--speedup", type=float, default=1.0, help=argparse.SUPPRESS)
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_produce)
 

@@ -131,7 +131,7 @@ def run_demo(
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        events = dataset_events(source, None, count, "now", 1.0)
+        events = dataset_events(source, None, count, "now")
         sent = asyncio.run(
             produce_events(settings, events, rate=rate, max_count=count, max_seconds=600)
         )

@@ -146,7 +146,7 @@ async def produce_events(
 
 
 def dataset_events(
-    source: str, path: str | None, limit: int | None, time_mode: str, speedup: float
+    source: str, path: str | None, limit: int | None, time_mode: str
 ) -> Iterable[PlayEvent]:
     if source == "synthetic":
         return SyntheticTraffic().events(limit or 10_000)
@@ -165,4 +165,4 @@ def dataset_events(
     events = load_events(path, source, limit=limit)
     if time_mode == "original":
         return events
-    return retime(events, None if time_mode == "now" else speedup)
+    return retime(events, None)  # "now": stamped when sent (relative order kept)
