@@ -1,0 +1,65 @@
+"""The local stack's guard rails (no services started here)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from stream import stack
+from stream.errors import StackError
+
+
+def cfg(tmp_path: Path, **ports: int) -> stack.StackConfig:
+    return stack.StackConfig(
+        state_dir=tmp_path / "state",
+        cache_dir=tmp_path / "cache",
+        kafka_port=ports.get("kafka", 1),
+        controller_port=ports.get("controller", 2),
+        redis_port=ports.get("redis", 3),
+        prometheus_port=ports.get("prometheus", 4),
+        metrics_targets=("127.0.0.1:8000", "127.0.0.1:9464"),
+        redis_password="",
+    )
+
+
+@pytest.mark.parametrize("service", ["redis", "prometheus", "kafka"])
+def test_a_port_taken_by_someone_else_is_a_clear_error(tmp_path: Path, service: str) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        c = cfg(tmp_path, **{service: port})
+        with pytest.raises(StackError, match=f"port {port} is already in use"):
+            stack.SERVICES[service][1](c)
+
+
+def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    c = cfg(tmp_path)
+    with pytest.raises(StackError, match="'mvn' is not on PATH: install Maven"):
+        stack.ensure_kafka_jars(c)
+    with pytest.raises(StackError, match="'redis-server' is not on PATH"):
+        stack.start_redis(cfg(tmp_path, redis=free_port()))
+
+
+def test_prometheus_config_points_at_local_workers_and_rules(tmp_path: Path) -> None:
+    text = stack.prometheus_config(cfg(tmp_path)).read_text()
+    assert '"127.0.0.1:8000", "127.0.0.1:9464"' in text
+    assert '["worker:8000"]' not in text
+    assert str(stack.CONFIGS / "prometheus" / "rules") in text
+
+
+def test_down_stops_nothing_it_did_not_start(tmp_path: Path) -> None:
+    c = cfg(tmp_path)
+    (c.state_dir / "pids").mkdir(parents=True)
+    (c.state_dir / "pids" / "redis.pid").write_text("1")  # PID 1 is not our redis-server
+    stack.down(c, ["redis"])
+    assert not (c.state_dir / "pids" / "redis.pid").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
