@@ -26,7 +26,7 @@ from typing import Any, Final
 import numpy as np
 
 from stream.events import PlayEvent
-from stream.models._vocab import Vocabulary, top_rows, top_set
+from stream.models._vocab import IntArray, Vocabulary, top_rows
 from stream.models.base import FloatArray, Interaction
 from stream.models.cooccurrence import SessionCooccurrence
 from stream.models.drift import SkipRateDrift
@@ -235,35 +235,31 @@ class Recommender:
             return [], {}
         n = max(self.candidates_per_source, k)
         index = self.vocabulary.index
-        banned_rows = np.array([r for r in map(index.get, banned) if r is not None], np.int64)
-        full: dict[str, FloatArray] = {"popularity": self.popularity.score_all()}
+        ban = np.zeros(size, dtype=bool)
+        ban[[r for r in map(index.get, banned) if r is not None]] = True
+        # Each source yields its own top rows without sorting the catalogue: trending from
+        # its kept top set, co-occurrence from the rows the anchors' neighbours touch, MF
+        # from one partition of its scores.
+        picks = [self.popularity.top_set(n if weights.get("popularity", 0.0) > 0 else k, ban)]
+        cooc: FloatArray | None = None
         if weights.get("cooccurrence", 0.0) > 0:
-            full["cooccurrence"] = self.cooccurrence.score_all(query, anchors)
+            cooc = self.cooccurrence.score_all(query, anchors)
+            touched = np.flatnonzero(cooc > 0)  # only tracks that co-occur are candidates
+            picks.append(_top_of(touched[~ban[touched]], cooc, n))
+        mf: FloatArray | None = None
         if weights.get("mf", 0.0) > 0:
             mf = self.mf.score_all(query)
             if mf is not None:
-                full["mf"] = mf
-        # All pools in one matrix so masking and top-n selection are one numpy call each,
-        # whatever the number of components (per-call overhead dominates at this size).
-        names = list(full)
-        matrix = np.stack([full[name] for name in names])
-        pools = -matrix
-        if "cooccurrence" in full:
-            cooc = pools[names.index("cooccurrence")]
-            cooc[cooc >= 0] = np.inf  # only tracks that co-occur are candidates
-        pools[:, banned_rows] = np.inf
-        sizes = [n if weights.get(name, 0.0) > 0 else k for name in names]
+                picks.append(_top_of(np.flatnonzero(~ban), mf, n))
         chosen = np.zeros(size, dtype=bool)
-        if len(set(sizes)) == 1 and sizes[0] < size:
-            top = np.argpartition(pools, sizes[0] - 1, axis=1)[:, : sizes[0]]
-            top = top[np.isfinite(pools[np.arange(len(names))[:, None], top])]
-            chosen[top] = True
-        else:
-            for pool, m in zip(pools, sizes, strict=True):
-                chosen[top_set(-pool, m)] = True
+        for pick in picks:
+            chosen[pick] = True
         rows = np.flatnonzero(chosen)
-        picked = matrix[:, rows]
-        components = {name: picked[i] for i, name in enumerate(names)}
+        components: dict[str, FloatArray] = {"popularity": self.popularity.score_rows(rows)}
+        if cooc is not None:
+            components["cooccurrence"] = cooc[rows]
+        if mf is not None:
+            components["mf"] = mf[rows]
         if weights.get("skip", 0.0) > 0:
             feats: dict[str, FloatArray] = {
                 name: components[name] for name in ("popularity", "mf") if name in components
@@ -370,6 +366,14 @@ class Recommender:
         rec = cls.__new__(cls)
         rec.__dict__.update(payload["state"])
         return rec
+
+
+def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
+    """The (up to) ``n`` of ``rows`` with the highest ``scores``, in no particular order."""
+    if len(rows) <= n:
+        return rows
+    out: IntArray = rows[np.argpartition(-scores[rows], n - 1)[:n]]
+    return out
 
 
 def _recent_skip_rate(state: UserState, window: int = 10) -> float:

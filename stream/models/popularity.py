@@ -7,11 +7,14 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
+from stream.models._vocab import BoolArray, IntArray, Vocabulary, grow_rows, top_rows, top_set
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 #: Rebase the reference time before exp() gets anywhere near float overflow.
 _MAX_EXPONENT = 50.0
+
+#: How many of the heaviest rows :meth:`DecayedPopularity.top_rows` keeps up to date.
+_TOP_SIZE = 256
 
 
 class DecayedPopularity:
@@ -48,6 +51,12 @@ class DecayedPopularity:
         self._vocab = vocabulary if vocabulary is not None else Vocabulary()
         self._weights: FloatArray = np.zeros(0)
         self._total = 0.0
+        # The heaviest rows (at most _TOP_SIZE), so top-n queries need not scan the
+        # catalogue: every row outside has weight <= every row inside (ties: the lower row
+        # inside). Weights only grow between rebases, so a play can only move its own row in.
+        self._top: dict[int, int] = {}  # member row -> its slot in _top_rows
+        self._top_rows: IntArray = np.zeros(_TOP_SIZE, dtype=np.int64)
+        self._top_floor = -1.0  # <= the lightest member's weight (refreshed lazily)
 
     def learn_one(self, x: Interaction) -> None:
         if self._ref_ms is None:
@@ -59,11 +68,71 @@ class DecayedPopularity:
             self._total *= shift
             self._ref_ms = x.ts_ms
             exponent = 0.0
+            self._rebuild_top()  # rounding may have tied weights that differed
         row = self._vocab.add(x.track_id)
         self._weights = grow_rows(self._weights, row + 1)
         w = (self.skip_weight if x.skipped else 1.0) * math.exp(max(exponent, -_MAX_EXPONENT))
         self._weights[row] += w
         self._total += w
+        top = self._top
+        if row in top or w <= 0:
+            return
+        if len(top) < _TOP_SIZE:
+            self._top_rows[len(top)] = row
+            top[row] = len(top)
+        elif self._weights[row] >= self._top_floor:
+            self._challenge(row)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if "_top" not in state:  # pickled before the top set existed
+            self._rebuild_top()
+
+    def _challenge(self, row: int) -> None:
+        """Swap ``row`` into the top set if it now outranks the lightest member."""
+        members = self._top_rows
+        weights = self._weights[members]
+        lightest = float(weights.min())
+        worst = int(members[weights == lightest].max())
+        w = float(self._weights[row])
+        if w > lightest or (w == lightest and row < worst):
+            slot = self._top.pop(worst)
+            members[slot] = row
+            self._top[row] = slot
+            weights[slot] = w
+            lightest = float(weights.min())
+        self._top_floor = lightest
+
+    def _rebuild_top(self) -> None:
+        weights = self._weights[: len(self._vocab)]
+        rows = [r for r in top_rows(weights, _TOP_SIZE).tolist() if weights[r] > 0]
+        self._top = {r: slot for slot, r in enumerate(rows)}
+        self._top_rows = np.zeros(_TOP_SIZE, dtype=np.int64)
+        self._top_rows[: len(rows)] = rows
+        self._top_floor = -1.0
+
+    def top_set(self, n: int, banned: BoolArray) -> IntArray:
+        """Rows of the ``n`` heaviest tracks whose ``banned`` flag (indexed by vocabulary row)
+        is not set, in no particular order. Reads the kept top set only, unless bans leave it
+        short."""
+        size = len(self._vocab)
+        members = self._top_rows[: len(self._top)]
+        members = members[members < len(banned)]
+        allowed = members[~banned[members]]
+        if len(allowed) > n:
+            out: IntArray = allowed[np.argpartition(-self._weights[allowed], n - 1)[:n]]
+            return out
+        if len(allowed) == n or len(members) >= size:
+            return allowed
+        scores = self.score_all().copy()
+        scores[banned[:size]] = -np.inf
+        return top_set(scores, n)
+
+    def score_rows(self, rows: IntArray) -> FloatArray:
+        """:meth:`score_all` at ``rows`` only."""
+        self._weights = grow_rows(self._weights, len(self._vocab))
+        out: FloatArray = self._weights[rows] / (self._total or 1.0)
+        return out
 
     def score_all(self) -> FloatArray:
         """Every known track's share of the decayed plays, indexed by vocabulary row."""
@@ -81,6 +150,7 @@ class DecayedPopularity:
         n = len(self._weights)
         self._weights = self._weights[kept[kept < n]].copy()
         self._total = float(self._weights.sum())
+        self._rebuild_top()  # runs before the vocabulary compacts: size by the weights
 
     def predict_one(self, x: Interaction) -> float:
         """Share of recent (decayed) plays that went to ``x.track_id``; 0 if never played."""
