@@ -19,8 +19,9 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Final
 
 import numpy as np
@@ -193,8 +194,6 @@ class Recommender:
         if k <= 0:
             return []
         recent = state.recent[-self.recent_filter :] if self.recent_filter else []
-        banned: set[str] = set(recent)
-        banned.update(exclude)
         query = Interaction(
             user_id=state.user_id,
             ts_ms=now_ms,
@@ -205,7 +204,10 @@ class Recommender:
         )
         weights = self.blend_weights if variant == "blend" else {variant: 1.0}
         anchors = self.cooccurrence.anchors(query.history)
-        track_ids, components = self._candidates(query, k, banned, weights, anchors)
+        # Banned tracks never become candidates, so the ranker needs no exclusion set (and
+        # the listener's seen set, up to hundreds of ids, is not copied into one).
+        track_ids, components = self._candidates(query, k, chain(recent, exclude), weights,
+                                                 anchors)
         if not track_ids:
             return []
         return rank_tracks(
@@ -214,7 +216,6 @@ class Recommender:
             # Single-component variants are filled with trending when they run short.
             weights=weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6},
             k=k,
-            exclude=banned,
             artist_of=self.artist_of,
             max_per_artist=self.max_per_artist,
             anchors=self.cooccurrence.explainer(anchors),
@@ -224,7 +225,7 @@ class Recommender:
         self,
         query: Interaction,
         k: int,
-        banned: Collection[str],
+        banned: Iterable[str],
         weights: Mapping[str, float],
         anchors: list[tuple[int, float]],
     ) -> tuple[list[str], dict[str, FloatArray]]:
@@ -266,7 +267,7 @@ class Recommender:
             }
             components["skip"] = self.skip.predict_many(query, feats)
         ids = self.vocabulary.ids
-        return [ids[r] for r in rows.tolist()], components
+        return list(map(ids.__getitem__, rows.tolist())), components
 
     def similar(self, track_id: str, k: int) -> list[Recommendation]:
         """"More like this": the tracks played alongside ``track_id`` (co-occurrence in
