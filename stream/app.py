@@ -321,7 +321,6 @@ def create_worker(
     rank_stage = m.stage.labels("rank")
 
     pending_signals: list[TrackSignal] = []
-    similar_at = [0.0]
 
     def flush_signals() -> None:
         if not pending_signals:
@@ -335,11 +334,6 @@ def create_worker(
     def rank_pending() -> None:
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
-        now = time.time()
-        if worker.writer is not None and processor.touched_tracks and now - similar_at[0] >= 1.0:
-            similar_at[0] = now  # scan the touched tracks at most once a second
-            for key, doc in processor.similar_due(now):
-                worker.writer.submit_plain(key, doc)
 
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
@@ -459,6 +453,15 @@ def create_worker(
             await write_checkpoint()
 
     lag_client: list[Any] = [None]
+
+    @app.timer(interval=1.0)
+    async def refresh_similar() -> None:
+        """Once a second, refresh the "more like this" lists of recently played tracks
+        (each at most every similar_refresh_s), whether or not plays are still arriving."""
+        if worker.writer is None or not processor.touched_tracks:
+            return
+        for key, doc in processor.similar_due(time.time(), limit=200):
+            worker.writer.submit_plain(key, doc)
 
     @app.timer(interval=2.0)
     async def report_state() -> None:
