@@ -63,27 +63,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides: Any) -> Settings:
+    """Settings whose topic, group, Redis key and channel names are unique to one caller."""
+    tag = f"{prefix}{uuid.uuid4().hex[:8]}"
+    values: dict[str, Any] = {
+        "kafka_bootstrap": f"127.0.0.1:{services.kafka_port}",
+        "redis_url": f"redis://127.0.0.1:{services.redis_port}/0",
+        "redis_password": services.redis_password or None,
+        "app_id": f"{tag}-app",
+        "plays_topic": f"{tag}-plays",
+        "dlq_topic": f"{tag}-dlq",
+        "control_topic": f"{tag}-control",
+        "redis_prefix": f"{tag}:reco:",
+        "similar_prefix": f"{tag}:similar:",
+        "notify_channel": f"{tag}:reco-updates",
+        "metrics_port": free_port(),
+        "partitions": 4,
+        "redis_flush_interval_ms": 1.0,
+    }
+    return load_settings(env={}, file=None, **(values | overrides))
+
+
 @pytest.fixture
-def settings(services: stack.StackConfig, request: pytest.FixtureRequest) -> Settings:
+def settings(services: stack.StackConfig) -> Settings:
     """Settings with names unique to this test."""
-    tag = f"t{uuid.uuid4().hex[:8]}"
-    return load_settings(
-        env={},
-        file=None,
-        kafka_bootstrap=f"127.0.0.1:{services.kafka_port}",
-        redis_url=f"redis://127.0.0.1:{services.redis_port}/0",
-        redis_password=services.redis_password or None,
-        app_id=f"{tag}-app",
-        plays_topic=f"{tag}-plays",
-        dlq_topic=f"{tag}-dlq",
-        control_topic=f"{tag}-control",
-        redis_prefix=f"{tag}:reco:",
-        similar_prefix=f"{tag}:similar:",
-        notify_channel=f"{tag}:reco-updates",
-        metrics_port=free_port(),
-        partitions=4,
-        redis_flush_interval_ms=1.0,
-    )
+    return unique_settings(services)
 
 
 def settings_env(s: Settings) -> dict[str, str]:

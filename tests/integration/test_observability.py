@@ -35,11 +35,11 @@ import pytest
 import yaml
 
 from stream import stack
-from stream.config import Settings, load_settings
+from stream.config import Settings
 from stream.datasets import load_events
 from stream.producer import retime
 
-from .conftest import WorkerProcess, produce, wait_until
+from .conftest import WorkerProcess, produce, unique_settings, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -260,25 +260,7 @@ def prometheus(services: stack.StackConfig) -> Prometheus:
 
 @pytest.fixture(scope="module")
 def observed_settings(services: stack.StackConfig) -> Settings:
-    import uuid
-
-    tag = f"obs{uuid.uuid4().hex[:8]}"
-    return load_settings(
-        env={},
-        file=None,
-        kafka_bootstrap=f"127.0.0.1:{services.kafka_port}",
-        redis_url=f"redis://127.0.0.1:{services.redis_port}/0",
-        redis_password=services.redis_password or None,
-        app_id=f"{tag}-app",
-        plays_topic=f"{tag}-plays",
-        dlq_topic=f"{tag}-dlq",
-        redis_prefix=f"{tag}:reco:",
-        similar_prefix=f"{tag}:similar:",
-        notify_channel=f"{tag}:reco-updates",
-        metrics_port=stack.TEST_METRICS_PORT,
-        partitions=4,
-        redis_flush_interval_ms=1.0,
-    )
+    return unique_settings(services, "obs", metrics_port=stack.TEST_METRICS_PORT)
 
 
 @pytest.fixture(scope="module")
