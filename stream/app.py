@@ -107,6 +107,46 @@ def broker_credentials(settings: Settings) -> Any:
     return faust.SSLCredentials(ssl_context)
 
 
+def make_commit_wait_for_changelog(producer: Any) -> None:
+    """Make Faust's pre-commit ``producer.flush()`` really wait for every buffered record.
+
+    With ``at_least_once`` Faust flushes its producer (table changelog records included)
+    and then commits consumer offsets. But ``ProducerBuffer.flush`` gives up as soon as no
+    record has been handed to aiokafka for 0.1 s (``flush_atmost`` returns on its
+    ``wait_for`` timeout), and ``buffer.size`` does not count the record that
+    ``_handle_pending`` is handing over at that moment. On a loaded machine, or while the
+    producer is still fetching metadata after a restart, offsets were committed ahead of
+    changelog records that had not reached Kafka; a SIGKILL then lost those plays from the
+    listener's state (CI: ``lost 161`` in the crash-loop drill). This wraps the flush so it
+    returns only when the buffer is empty, nothing is in hand-over, and aiokafka has
+    delivered its batches. If the producer cannot send, the commit waits: redelivery,
+    never loss.
+    """
+    buffer = producer.buffer
+    in_hand = [0]
+    send_pending = buffer._send_pending
+
+    async def counted_send(fut: Any) -> None:
+        in_hand[0] += 1
+        try:
+            await send_pending(fut)
+        finally:
+            in_hand[0] -= 1
+
+    # _handle_pending looks the method up when the buffer starts, i.e. after this
+    buffer._send_pending = counted_send
+    inner_flush = producer.flush
+
+    async def flush() -> None:
+        while buffer.size or in_hand[0]:
+            await buffer.flush()  # returns on a 0.1 s lull even if records remain
+            if buffer.size or in_hand[0]:
+                await asyncio.sleep(0.005)
+        await inner_flush()  # buffer (now empty) + aiokafka accumulator: delivered batches
+
+    producer.flush = flush
+
+
 def create_worker(
     settings: Settings,
     metrics: Metrics,
@@ -138,6 +178,7 @@ def create_worker(
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
     )
+    make_commit_wait_for_changelog(app.producer)
     recommender = recommender if recommender is not None else Recommender()
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(

@@ -12,6 +12,7 @@ load_tests.faults``; see docs/reliability.md).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +29,15 @@ def fast_failover(worker_factory: Callable[..., faults.Worker]) -> faults.StartW
 
 
 def assert_exactly_once(report: dict) -> None:
-    assert report["users_missing"] == 0, report
-    assert report["lost"] == 0, report
-    assert report["double_applied"] == 0, report
-    assert report["seq_plays_total_mismatch"] == 0, report
-    assert report["users_without_recommendations"] == 0, report
+    # the whole report in the message (pytest would elide a long dict repr), so a CI
+    # failure says whether the worker lagged (catch_up_s at its timeout), lost state
+    # (examples) and when the kills happened
+    detail = json.dumps(report, indent=1, default=str)
+    assert report["users_missing"] == 0, detail
+    assert report["lost"] == 0, detail
+    assert report["double_applied"] == 0, detail
+    assert report["seq_plays_total_mismatch"] == 0, detail
+    assert report["users_without_recommendations"] == 0, detail
 
 
 def test_crash_loop_loses_and_double_counts_nothing(
