@@ -117,10 +117,10 @@ def make_commit_wait_for_changelog(producer: Any) -> None:
     ``_handle_pending`` is handing over at that moment. On a loaded machine, or while the
     producer is still fetching metadata after a restart, offsets were committed ahead of
     changelog records that had not reached Kafka; a SIGKILL then lost those plays from the
-    listener's state (the likely cause of one CI crash-loop run reporting ``lost 161``). This wraps the flush so it
-    returns only when the buffer is empty, nothing is in hand-over, and aiokafka has
-    delivered its batches. If the producer cannot send, the commit waits: redelivery,
-    never loss.
+    listener's state (the likely cause of one CI crash-loop run reporting ``lost 161``).
+    This wraps the flush so it returns only when the buffer is empty, nothing is in
+    hand-over, and aiokafka has delivered its batches. If the producer cannot send, the
+    commit waits: redelivery, never loss.
     """
     buffer = producer.buffer
     in_hand = [0]
