@@ -19,7 +19,7 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final
@@ -27,14 +27,21 @@ from typing import Any, Final
 import numpy as np
 
 from stream.events import PlayEvent
-from stream.models._vocab import IntArray, Vocabulary, top_rows
+from stream.models import _kernels as _k
+from stream.models._vocab import BoolArray, IntArray, Vocabulary, top_rows
 from stream.models.base import FloatArray, Interaction
 from stream.models.cooccurrence import SessionCooccurrence
 from stream.models.drift import SkipRateDrift
 from stream.models.factorization import ImplicitMF
 from stream.models.popularity import DecayedPopularity
 from stream.models.skip import SkipClassifier
-from stream.ranking import DEFAULT_WEIGHTS, Recommendation, rank_tracks
+from stream.ranking import (
+    DEFAULT_WEIGHTS,
+    FALLBACK_REASON,
+    REASONS,
+    Recommendation,
+    rank_tracks,
+)
 from stream.session import SessionUpdate, UserState
 
 __all__ = ["VARIANTS", "LearnResult", "Recommendation", "Recommender", "SnapshotError"]
@@ -203,22 +210,104 @@ class Recommender:
             context=context,
         )
         weights = self.blend_weights if variant == "blend" else {variant: 1.0}
+        # Single-component variants are filled with trending when they run short.
+        blend_weights = weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6}
         anchors = self.cooccurrence.anchors(query.history)
+        banned = chain(recent, exclude)
+        if blend_weights.get("skip", 0.0) > 0:  # the skip penalty: the general path
+            return self._rank_reference(query, k, banned, weights, blend_weights, anchors)
+        return self._rank_compiled(query, k, banned, weights, blend_weights, anchors)
+
+    def _rank_compiled(
+        self,
+        query: Interaction,
+        k: int,
+        banned: Iterable[str],
+        weights: Mapping[str, float],
+        blend_weights: Mapping[str, float],
+        anchors: list[tuple[int, float]],
+    ) -> list[Recommendation]:
+        """:meth:`_rank_reference` (without the skip penalty) in one compiled call:
+        candidates, normalised blend, order and reasons; Python only applies the artist cap
+        to the first tracks and builds the K results."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return []
+        n = max(self.candidates_per_source, k)
+        index = self.vocabulary.index
+        ban = self._ban_buffer(size)
+        ban_rows = [r for r in map(index.get, banned) if r is not None]
+        ban[ban_rows] = True
+        use_cooc = weights.get("cooccurrence", 0.0) > 0
+        try:
+            with self.cooccurrence.accumulate(anchors if use_cooc else []) as touched:
+                mf = self.mf.score_all(query) if weights.get("mf", 0.0) > 0 else None
+                members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
+                rows, totals, reasons, leads = _k.blend_rank(
+                    size,
+                    n if weights.get("popularity", 0.0) > 0 else k,
+                    n,
+                    use_cooc,
+                    mf is not None,
+                    blend_weights.get("popularity", 0.0),
+                    blend_weights.get("cooccurrence", 0.0),
+                    blend_weights.get("mf", 0.0),
+                    members,
+                    pop_weights,
+                    pop_total,
+                    touched.scratch.acc,
+                    touched.scratch.anchor,
+                    touched.rows(),
+                    mf if mf is not None else _NO_SCORES,
+                    ban,
+                    self._mark_buffer(size),
+                )
+        finally:
+            ban[ban_rows] = False
+        ids = self.vocabulary.ids
+        artist_of = self.artist_of
+        cap = self.max_per_artist if artist_of else None
+        per_artist: dict[str, int] = {}
+        out: list[Recommendation] = []
+        for row, total, code, lead in zip(
+            rows.tolist(), totals.tolist(), reasons.tolist(), leads.tolist(), strict=True
+        ):
+            track = ids[row]
+            if cap is not None:
+                artist = artist_of.get(track)
+                if artist is not None:
+                    if per_artist.get(artist, 0) >= cap:
+                        continue
+                    per_artist[artist] = per_artist.get(artist, 0) + 1
+            out.append(Recommendation(track, round(total, 6), _reason(code, lead, ids)))
+            if len(out) >= k:
+                break
+        return out
+
+    def _rank_reference(
+        self,
+        query: Interaction,
+        k: int,
+        banned: Iterable[str],
+        weights: Mapping[str, float],
+        blend_weights: Mapping[str, float],
+        anchors: list[tuple[int, float]],
+    ) -> list[Recommendation]:
+        """Candidates and component scores in numpy, ranked by :func:`rank_tracks` (any
+        blend, the skip penalty included; the compiled path's reference)."""
         # Banned tracks never become candidates, so the ranker needs no exclusion set (and
         # the listener's seen set, up to hundreds of ids, is not copied into one).
-        track_ids, components = self._candidates(query, k, chain(recent, exclude), weights,
-                                                 anchors)
+        track_ids, components, leads = self._candidates(query, k, banned, weights, anchors)
         if not track_ids:
             return []
         return rank_tracks(
             track_ids,
             components,
-            # Single-component variants are filled with trending when they run short.
-            weights=weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6},
+            weights=blend_weights,
             k=k,
             artist_of=self.artist_of,
             max_per_artist=self.max_per_artist,
-            anchors=self.cooccurrence.explainer(anchors),
+            anchors=leads,
         )
 
     def _candidates(
@@ -228,37 +317,43 @@ class Recommender:
         banned: Iterable[str],
         weights: Mapping[str, float],
         anchors: list[tuple[int, float]],
-    ) -> tuple[list[str], dict[str, FloatArray]]:
+    ) -> tuple[list[str], dict[str, FloatArray], Callable[[str], str | None]]:
         """The bounded candidate set (each component's best ``candidates_per_source``, never
-        a banned track) and every component's scores for it."""
+        a banned track), every component's scores for it, and for the tracks co-occurrence
+        reached, the recent track that led there most strongly."""
         size = len(self.vocabulary)
         if size == 0:
-            return [], {}
+            return [], {}, _no_lead
         n = max(self.candidates_per_source, k)
         index = self.vocabulary.index
-        ban = np.zeros(size, dtype=bool)
-        ban[[r for r in map(index.get, banned) if r is not None]] = True
-        # Each source yields its own top rows without sorting the catalogue: trending from
-        # its kept top set, co-occurrence from the rows the anchors' neighbours touch, MF
-        # from one partition of its scores.
-        picks = [self.popularity.top_set(n if weights.get("popularity", 0.0) > 0 else k, ban)]
-        cooc: FloatArray | None = None
-        if weights.get("cooccurrence", 0.0) > 0:
-            cooc = self.cooccurrence.score_all(query, anchors)
-            touched = np.flatnonzero(cooc > 0)  # only tracks that co-occur are candidates
-            picks.append(_top_of(touched[~ban[touched]], cooc, n))
-        mf: FloatArray | None = None
-        if weights.get("mf", 0.0) > 0:
-            mf = self.mf.score_all(query)
-            if mf is not None:
-                picks.append(_top_of(np.flatnonzero(~ban), mf, n))
-        chosen = np.zeros(size, dtype=bool)
-        for pick in picks:
-            chosen[pick] = True
-        rows = np.flatnonzero(chosen)
-        components: dict[str, FloatArray] = {"popularity": self.popularity.score_rows(rows)}
-        if cooc is not None:
-            components["cooccurrence"] = cooc[rows]
+        ban = self._ban_buffer(size)
+        ban_rows = [r for r in map(index.get, banned) if r is not None]
+        ban[ban_rows] = True
+        use_cooc = weights.get("cooccurrence", 0.0) > 0
+        try:
+            with self.cooccurrence.accumulate(anchors if use_cooc else []) as touched:
+                # Each source yields its own top rows without sorting the catalogue:
+                # trending from its kept top set, co-occurrence from the rows its anchors
+                # touch (compiled), MF from one partition of its scores.
+                picks = [self.popularity.top_set(
+                    n if weights.get("popularity", 0.0) > 0 else k, ban)]
+                if use_cooc and touched.n:
+                    picks.append(_k.top_allowed(touched.rows(), touched.scratch.acc, ban, n))
+                mf: FloatArray | None = None
+                if weights.get("mf", 0.0) > 0:
+                    mf = self.mf.score_all(query)
+                    if mf is not None:
+                        picks.append(_top_of(np.flatnonzero(~ban[:size]), mf, n))
+                rows = _k.unique_rows(np.concatenate(picks), self._mark_buffer(size))
+                components: dict[str, FloatArray] = {
+                    "popularity": self.popularity.score_rows(rows)}
+                ids = self.vocabulary.ids
+                lead: IntArray | None = None
+                if use_cooc:
+                    components["cooccurrence"] = touched.scratch.acc[rows]
+                    lead = touched.scratch.anchor[rows]
+        finally:
+            ban[ban_rows] = False
         if mf is not None:
             components["mf"] = mf[rows]
         if weights.get("skip", 0.0) > 0:
@@ -266,8 +361,23 @@ class Recommender:
                 name: components[name] for name in ("popularity", "mf") if name in components
             }
             components["skip"] = self.skip.predict_many(query, feats)
-        ids = self.vocabulary.ids
-        return list(map(ids.__getitem__, rows.tolist())), components
+        track_ids = list(map(ids.__getitem__, rows.tolist()))
+        return track_ids, components, _leads(track_ids, lead, ids)
+
+    def _ban_buffer(self, size: int) -> BoolArray:
+        """A reusable all-False flag per track (set and cleared by each query)."""
+        return self._scratch_flags("_ban", size)
+
+    def _mark_buffer(self, size: int) -> BoolArray:
+        return self._scratch_flags("_mark", size)
+
+    def _scratch_flags(self, name: str, size: int) -> BoolArray:
+        buf = self.__dict__.get(name)
+        if buf is None or len(buf) < size:
+            buf = np.zeros(max(size, 2 * (0 if buf is None else len(buf)), 64), dtype=bool)
+            self.__dict__[name] = buf
+        out: BoolArray = buf
+        return out
 
     def similar(self, track_id: str, k: int) -> list[Recommendation]:
         """"More like this": the tracks played alongside ``track_id`` (co-occurrence in
@@ -347,8 +457,9 @@ class Recommender:
         """All learned state as bytes (versioned pickle). Restore with :meth:`restore`.
 
         Only restore snapshots you wrote: pickle executes code from its input."""
+        state = {key: v for key, v in self.__dict__.items() if key not in _SCRATCH}
         payload = {"version": SNAPSHOT_VERSION, "model_version": self.model_version,
-                   "state": self.__dict__}
+                   "state": state}
         return SNAPSHOT_MAGIC + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
@@ -367,6 +478,46 @@ class Recommender:
         rec = cls.__new__(cls)
         rec.__dict__.update(payload["state"])
         return rec
+
+
+_SCRATCH: Final = frozenset({"_ban", "_mark"})  # per-process buffers, not model state
+_NO_SCORES: Final[FloatArray] = np.zeros(0)
+
+
+def _reason(code: int, lead: int, ids: list[str]) -> str:
+    """The text of a :func:`stream.models._kernels.blend_rank` reason code."""
+    if code == _k.REASON_COOCCURRENCE:
+        if lead < 0:
+            return "often played together with your recent tracks"
+        return REASONS["cooccurrence"].format(anchor=ids[lead])
+    if code == _k.REASON_MF:
+        return REASONS["mf"]
+    if code == _k.REASON_POPULARITY:
+        return REASONS["popularity"]
+    return FALLBACK_REASON
+
+
+def _no_lead(_track: str) -> str | None:
+    return None
+
+
+def _leads(
+    track_ids: list[str], lead: IntArray | None, ids: list[str]
+) -> Callable[[str], str | None]:
+    """The recent track that led co-occurrence to each candidate (looked up lazily: the
+    ranker asks only for the K tracks it keeps)."""
+    if lead is None:
+        return _no_lead
+    position = {t: i for i, t in enumerate(track_ids)}
+    leads: list[int] = lead.tolist()
+
+    def anchor_of(track: str) -> str | None:
+        i = position.get(track)
+        if i is None or leads[i] < 0:
+            return None
+        return ids[leads[i]]
+
+    return anchor_of
 
 
 def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:

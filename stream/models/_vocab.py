@@ -4,6 +4,7 @@ vectors line up and can be blended with numpy."""
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +54,10 @@ class Vocabulary:
         return out
 
 
-def grow_rows(matrix: npt.NDArray[np.float64], needed: int) -> npt.NDArray[np.float64]:
+_Item = TypeVar("_Item", bound=np.generic)
+
+
+def grow_rows(matrix: npt.NDArray[_Item], needed: int) -> npt.NDArray[_Item]:
     """``matrix`` with at least ``needed`` rows (capacity doubles; new rows are zero)."""
     if needed <= matrix.shape[0]:
         return matrix

@@ -4,61 +4,24 @@ The session-kNN family is a strong published baseline for music sessions. This i
 item-to-item form: when a listener plays B shortly after A (within ``window`` plays), the
 pair (A -> B) gains weight ``decay ** distance``; the reverse pair gains ``backward`` times
 that. Counts can decay with event time (``half_life_ms``) so the model follows what is
-played now. Each row is a pair of numpy arrays, so scoring a query is a handful of
-vectorised operations however long the rows are.
+played now. All neighbour lists live in one arena of flat arrays, learned and queried by
+compiled kernels (:mod:`stream.models._kernels`); a query touches only the anchors' lists,
+never the whole catalogue.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
-from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 
+from stream.models import _kernels as _k
 from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 _MAX_EXPONENT = 50.0
-
-
-class _Row:
-    """One track's neighbours: row number -> weight, as growable parallel arrays."""
-
-    __slots__ = ("pos", "idx", "val", "size", "total")
-
-    def __init__(self) -> None:
-        self.pos: dict[int, int] = {}
-        self.idx: IntArray = np.zeros(8, dtype=np.int64)
-        self.val: FloatArray = np.zeros(8)
-        self.size = 0
-        self.total = 0.0
-
-    def add(self, dst: int, w: float, cap: int) -> None:
-        p = self.pos.get(dst)
-        if p is None:
-            if self.size >= 2 * cap:
-                self.prune(cap)
-            p = self.size
-            if p >= len(self.idx):
-                self.idx = np.concatenate([self.idx, np.zeros(p, dtype=np.int64)])
-                self.val = np.concatenate([self.val, np.zeros(p)])
-            self.idx[p] = dst
-            self.pos[dst] = p
-            self.size = p + 1
-        self.val[p] += w
-        self.total += w
-
-    def prune(self, cap: int) -> None:
-        """Keep the ``cap`` heaviest neighbours (the row total keeps the dropped mass)."""
-        keep = top_rows(self.val[: self.size], cap)
-        keep.sort()
-        n = len(keep)
-        self.idx[:n] = self.idx[keep]
-        self.val[:n] = self.val[keep]
-        self.val[n:] = 0.0
-        self.size = n
-        self.pos = {int(d): i for i, d in enumerate(self.idx[:n].tolist())}
 
 
 class SessionCooccurrence:
@@ -115,8 +78,64 @@ class SessionCooccurrence:
         self._rate = 0.0 if half_life_ms is None else math.log(2) / half_life_ms
         self._ref_ms: int | None = None
         self._vocab = vocabulary if vocabulary is not None else Vocabulary()
-        self.rows: dict[int, _Row] = {}
         self.track_weight: FloatArray = np.zeros(0)
+        # neighbour lists: one arena (see stream.models._kernels), indexed by vocabulary row
+        self._start: IntArray = np.zeros(0, dtype=np.int64)
+        self._size: IntArray = np.zeros(0, dtype=np.int64)
+        self._cap: IntArray = np.zeros(0, dtype=np.int64)
+        self._total: FloatArray = np.zeros(0)
+        self._nbr: npt.NDArray[np.int32] = np.zeros(1024, dtype=np.int32)
+        self._val: FloatArray = np.zeros(1024)
+        self._used = 0
+        self._live = 0  # room held by rows (the rest of [0, _used) is holes left by moves)
+        self._scratch = _Scratch()
+
+    # -- storage --------------------------------------------------------------------------
+
+    def _ensure_rows(self, n: int) -> None:
+        if n > len(self._start):
+            self._start = grow_rows(self._start, n)
+            self._size = grow_rows(self._size, n)
+            self._cap = grow_rows(self._cap, n)
+            self._total = grow_rows(self._total, n)
+
+    def _ensure_room(self, needed: int) -> None:
+        """At least ``needed`` free arena slots; compacts when holes dominate, else grows."""
+        if self._used + needed <= len(self._nbr):
+            return
+        live = int(self._cap[: len(self._start)].sum())
+        length = len(self._nbr)
+        if live + needed > length // 2:
+            length = max(2 * length, 2 * (live + needed))
+        nbr = np.zeros(length, dtype=np.int32)
+        val = np.zeros(length)
+        self._used = int(
+            _k.compact_arena(self._start, self._size, self._cap, self._nbr, self._val,
+                             len(self._start), nbr, val)
+        )
+        self._nbr, self._val = nbr, val
+
+    @property
+    def n_rows(self) -> int:
+        """Tracks that have a neighbour list."""
+        return int(np.count_nonzero(self._cap))
+
+    def neighbours(self, row: int) -> tuple[npt.NDArray[np.int32], FloatArray]:
+        """Row ``row``'s neighbour rows and weights (views; empty when it has none)."""
+        if row >= len(self._start) or self._cap[row] == 0:
+            return np.zeros(0, dtype=np.int32), np.zeros(0)
+        s, n = int(self._start[row]), int(self._size[row])
+        return self._nbr[s : s + n], self._val[s : s + n]
+
+    def rows_with_neighbours(self) -> IntArray:
+        out: IntArray = np.flatnonzero(self._cap)
+        return out
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the arrays of this model (arena, row index, track weights)."""
+        arrays = (self._start, self._size, self._cap, self._total, self._nbr, self._val,
+                  self.track_weight)
+        return sum(a.nbytes for a in arrays)
 
     # -- learning -------------------------------------------------------------------------
 
@@ -126,24 +145,22 @@ class SessionCooccurrence:
             return
         vocab = self._vocab
         track = vocab.add(x.track_id)
-        self.track_weight = grow_rows(self.track_weight, track + 1)
+        prevs = [vocab.add(p) for p in reversed(x.history[-self.window :])]
+        size = len(vocab)
+        self.track_weight = grow_rows(self.track_weight, size)
         self.track_weight[track] += scale
-        w = scale
-        cap = self.max_neighbours
-        rows = self.rows
-        for prev_id in reversed(x.history[-self.window :]):
-            prev = vocab.add(prev_id)
-            if prev != track:
-                row = rows.get(prev)
-                if row is None:
-                    row = rows[prev] = _Row()
-                row.add(track, w, cap)
-                if self.backward > 0:
-                    back = rows.get(track)
-                    if back is None:
-                        back = rows[track] = _Row()
-                    back.add(prev, w * self.backward, cap)
-            w *= self.decay
+        if not prevs:
+            return
+        self._ensure_rows(size)
+        # worst case: every touched row moves once, to a slice of 2 * max_neighbours
+        self._ensure_room(2 * len(prevs) * 2 * self.max_neighbours)
+        self._used = int(
+            _k.cooc_learn(
+                self._start, self._size, self._cap, self._total, self._nbr, self._val,
+                self._used, track, np.array(prevs, dtype=np.int64), scale, self.decay,
+                self.backward, self.max_neighbours,
+            )
+        )
 
     def _time_scale(self, ts_ms: int) -> float:
         if self._rate == 0.0:
@@ -153,9 +170,8 @@ class SessionCooccurrence:
         exponent = (ts_ms - self._ref_ms) * self._rate
         if exponent > _MAX_EXPONENT:
             shift = math.exp(-exponent)
-            for row in self.rows.values():
-                row.val *= shift
-                row.total *= shift
+            self._val[: self._used] *= shift
+            self._total *= shift
             self.track_weight *= shift
             self._ref_ms = ts_ms
             exponent = 0.0
@@ -169,13 +185,38 @@ class SessionCooccurrence:
         seen: set[int] = set()
         w = 1.0
         index = self._vocab.index
+        cap = self._cap
+        n = len(cap)
         for prev_id in reversed(history[-self.query_window :]):
             prev = index.get(prev_id)
-            if prev is not None and prev not in seen and prev in self.rows:
+            if prev is not None and prev < n and prev not in seen and cap[prev]:
                 seen.add(prev)
                 out.append((prev, w))
             w *= self.query_decay
         return out
+
+    def accumulate(self, anchors: list[tuple[int, float]]) -> Touched:
+        """Sparse scores of the tracks the ``anchors`` lead to, in the shared scratch
+        buffers. Use as a context manager: the scratch is cleared on exit."""
+        size = len(self._vocab)
+        sc = self._scratch
+        sc.ensure(size)
+        if not anchors:
+            return Touched(self, sc, 0, anchors)
+        rows = np.array([a for a, _ in anchors], dtype=np.int64)
+        weights = np.array([w for _, w in anchors])
+        n = int(
+            _k.cooc_accumulate(
+                self._start, self._size, self._total, self._nbr, self._val, rows, weights,
+                sc.acc, sc.best, sc.anchor, sc.touched,
+            )
+        )
+        if self.pop_penalty > 0 and n:
+            tw = grow_rows(self.track_weight, size)
+            t = sc.touched[:n]
+            sc.acc[t] /= np.maximum(tw[t], 1e-12) ** self.pop_penalty
+        sc.acc[rows] = 0.0  # the query's own recent tracks score 0
+        return Touched(self, sc, n, anchors)
 
     def score_all(
         self, x: Interaction, anchors: list[tuple[int, float]] | None = None
@@ -183,34 +224,9 @@ class SessionCooccurrence:
         """Scores of every known track after ``x.history`` (vocabulary rows; 0 = unrelated).
         The query's own recent tracks score 0. Pass ``anchors`` (from :meth:`anchors`) when
         they are already known."""
-        size = len(self._vocab)
         anchors = self.anchors(x.history) if anchors is None else anchors
-        if not anchors:
-            return np.zeros(size)
-        idx: list[IntArray] = []
-        val: list[FloatArray] = []
-        scales: list[float] = []
-        sizes: list[int] = []
-        rows = self.rows
-        for prev, w in anchors:
-            row = rows[prev]
-            n = row.size
-            idx.append(row.idx[:n])
-            val.append(row.val[:n])
-            scales.append(w / row.total)
-            sizes.append(n)
-        # One bincount instead of one scaled fancy-index += per anchor: the same products,
-        # added in the same order (anchor by anchor, from zero), so the sums are
-        # bit-identical, in 5 numpy calls instead of ~4 per anchor.
-        weights = np.concatenate(val) * np.repeat(scales, sizes)
-        # (With weights, bincount returns float64; numpy's stubs only know the int case.)
-        out = cast(
-            FloatArray, np.bincount(np.concatenate(idx), weights=weights, minlength=size)
-        )
-        if self.pop_penalty > 0:
-            tw = grow_rows(self.track_weight, size)[:size]
-            out /= np.maximum(tw, 1e-12) ** self.pop_penalty
-        out[[prev for prev, _ in anchors]] = 0.0
+        with self.accumulate(anchors) as touched:
+            out = touched.scratch.acc[: len(self._vocab)].copy()
         return out
 
     def explain(
@@ -221,38 +237,23 @@ class SessionCooccurrence:
         target = self._vocab.index.get(track_id)
         if target is None:
             return None
-        best, best_s = None, 0.0
-        for prev, w in self.anchors(x.history) if anchors is None else anchors:
-            row = self.rows[prev]
-            p = row.pos.get(target)
-            if p is not None:
-                s = w * row.val.item(p) / row.total
-                if s > best_s:
-                    best, best_s = prev, s
-        return None if best is None else self._vocab.ids[best]
+        with self.accumulate(self.anchors(x.history) if anchors is None else anchors) as t:
+            best = int(t.scratch.anchor[target])
+        return None if best < 0 else self._vocab.ids[best]
 
     def explainer(self, anchors: list[tuple[int, float]]) -> Callable[[str], str | None]:
-        """:meth:`explain` for one query's ``anchors``, with the per-anchor lookups done once
-        (the ranker asks it for each of the top K tracks)."""
-        rows = self.rows
-        seeds = [
-            (prev, w, rows[prev].pos.get, rows[prev].val.item, rows[prev].total)
-            for prev, w in anchors
-        ]
+        """:meth:`explain` for one query's ``anchors`` (one accumulation for all tracks)."""
+        with self.accumulate(anchors) as t:
+            n = t.n
+            rows = t.scratch.touched[:n].copy()
+            best = t.scratch.anchor[rows].copy()
         index, ids = self._vocab.index, self._vocab.ids
+        lead = dict(zip(rows.tolist(), best.tolist(), strict=True))
 
         def explain(track_id: str) -> str | None:
             target = index.get(track_id)
-            if target is None:
-                return None
-            best, best_s = None, 0.0
-            for prev, w, position, value, total in seeds:
-                p = position(target)
-                if p is not None:
-                    s = w * value(p) / total
-                    if s > best_s:
-                        best, best_s = prev, s
-            return None if best is None else ids[best]
+            a = lead.get(target) if target is not None else None
+            return None if a is None else ids[a]
 
         return explain
 
@@ -272,40 +273,54 @@ class SessionCooccurrence:
         when pruning)."""
         n = len(self.track_weight)
         self.track_weight = self.track_weight[kept[kept < n]].copy()
-        rows: dict[int, _Row] = {}
-        for src, row in self.rows.items():
-            new_src = int(remap[src]) if src < len(remap) else -1
-            if new_src < 0:
+        old = (self._start, self._size, self._cap, self._total, self._nbr, self._val)
+        start, size, cap, total, nbr, val = old
+        n_new = len(kept)
+        self._start = np.zeros(n_new, dtype=np.int64)
+        self._size = np.zeros(n_new, dtype=np.int64)
+        self._cap = np.zeros(n_new, dtype=np.int64)
+        self._total = np.zeros(n_new)
+        parts_n: list[npt.NDArray[np.int32]] = []
+        parts_v: list[FloatArray] = []
+        used = 0
+        for new_src, src in enumerate(kept.tolist()):
+            if src >= len(cap) or cap[src] == 0:
                 continue
-            idx = row.idx[: row.size]
+            s, m = int(start[src]), int(size[src])
+            idx = nbr[s : s + m].astype(np.int64)
             new_idx = np.where(idx < len(remap), remap[np.minimum(idx, len(remap) - 1)], -1)
             keep = new_idx >= 0
-            m = int(keep.sum())
-            fresh = _Row()
-            fresh.idx = np.zeros(max(8, m), dtype=np.int64)
-            fresh.val = np.zeros(max(8, m))
-            fresh.idx[:m] = new_idx[keep]
-            fresh.val[:m] = row.val[: row.size][keep]
-            fresh.size = m
-            fresh.total = row.total
-            fresh.pos = {int(d): i for i, d in enumerate(fresh.idx[:m].tolist())}
-            rows[new_src] = fresh
-        self.rows = rows
+            k = int(keep.sum())
+            room = max(_k.FIRST_CAP, k)
+            block_n = np.zeros(room, dtype=np.int32)
+            block_v = np.zeros(room)
+            block_n[:k] = new_idx[keep]
+            block_v[:k] = val[s : s + m][keep]
+            parts_n.append(block_n)
+            parts_v.append(block_v)
+            self._start[new_src] = used
+            self._size[new_src] = k
+            self._cap[new_src] = room
+            self._total[new_src] = total[src]
+            used += room
+        self._nbr = np.concatenate(parts_n) if parts_n else np.zeros(1024, dtype=np.int32)
+        self._val = np.concatenate(parts_v) if parts_v else np.zeros(1024)
+        self._used = used
 
     def predict_one(self, x: Interaction) -> float:
         """Score of ``x.track_id`` after ``x.history`` (one lookup per anchor)."""
         target = self._vocab.index.get(x.track_id)
         if target is None:
             return 0.0
-        total = 0.0
         anchors = self.anchors(x.history)
-        for prev, w in anchors:
-            row = self.rows[prev]
-            p = row.pos.get(target)
-            if p is not None:
-                total += w * row.val.item(p) / row.total
         if any(prev == target for prev, _ in anchors):
             return 0.0
+        total = 0.0
+        for prev, w in anchors:
+            idx, val = self.neighbours(prev)
+            hit = np.flatnonzero(idx == target)
+            if len(hit):
+                total += w * float(val[hit[0]]) / float(self._total[prev])
         if self.pop_penalty > 0 and total > 0:
             total /= max(float(self.track_weight[target]), 1e-12) ** self.pop_penalty
         return total
@@ -316,3 +331,65 @@ class SessionCooccurrence:
         if not len(scores):
             return np.zeros(len(rows))
         return np.where(rows >= 0, scores[np.maximum(rows, 0)], 0.0)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_scratch"] = None  # per-process buffers, rebuilt empty
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._scratch = _Scratch()
+
+
+class _Scratch:
+    """Dense per-track buffers reused across queries (all-zero / -1 between queries), so a
+    query costs what it touches, not the catalogue size."""
+
+    __slots__ = ("acc", "best", "anchor", "touched")
+
+    def __init__(self) -> None:
+        self.acc: FloatArray = np.zeros(0)
+        self.best: FloatArray = np.zeros(0)
+        self.anchor: IntArray = np.zeros(0, dtype=np.int64)
+        self.touched: IntArray = np.zeros(0, dtype=np.int64)
+
+    def ensure(self, size: int) -> None:
+        if size > len(self.acc):
+            cap = max(size, 2 * len(self.acc), 64)
+            self.acc = np.zeros(cap)
+            self.best = np.zeros(cap)
+            self.anchor = np.full(cap, -1, dtype=np.int64)
+            self.touched = np.zeros(cap, dtype=np.int64)
+
+
+class Touched:
+    """The result of :meth:`SessionCooccurrence.accumulate`: ``scratch.acc[row]`` is each
+    track's score, ``scratch.anchor[row]`` its strongest anchor (-1: not touched), and
+    ``scratch.touched[:n]`` the touched rows. Valid inside its ``with`` block only."""
+
+    __slots__ = ("model", "scratch", "n", "anchors")
+
+    def __init__(
+        self,
+        model: SessionCooccurrence,
+        scratch: _Scratch,
+        n: int,
+        anchors: list[tuple[int, float]],
+    ) -> None:
+        self.model = model
+        self.scratch = scratch
+        self.n = n
+        self.anchors = anchors
+
+    def rows(self) -> IntArray:
+        return self.scratch.touched[: self.n]
+
+    def __enter__(self) -> Touched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sc = self.scratch
+        _k.reset_touched(sc.acc, sc.best, sc.anchor, sc.touched, self.n)
+        for row, _ in self.anchors:  # anchors were zeroed, maybe without being touched
+            sc.acc[row] = 0.0

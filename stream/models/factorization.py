@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from stream.models import _kernels as _k
 from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
@@ -109,16 +110,9 @@ class ImplicitMF:
             pool = self._pool
             negatives = [r for r in (pool[int(self._uniform() * len(pool))]
                                      for _ in range(self.n_negatives)) if r != row]
-        # Few numpy calls on purpose: at 3 rows x 32 factors their overhead is the cost.
-        rows = np.array([row, *negatives])
+        rows = np.array([row, *negatives], dtype=np.int64)
         targets = np.array([target, *(0.0 for _ in negatives)])
-        items = self.item_factors[rows]
-        err = targets - items @ user
-        lr = self.learning_rate
-        shrink = 1.0 - lr * self.l2
-        self.item_factors[rows] = shrink * items + lr * (err[:, None] * user)  # = np.outer
-        user *= shrink
-        user += lr * (err @ items)
+        _k.mf_step(self.item_factors, user, rows, targets, self.learning_rate, self.l2)
         if not x.skipped:
             self._remember(row)
 

@@ -128,6 +128,12 @@ class DecayedPopularity:
         scores[banned[:size]] = -np.inf
         return top_set(scores, n)
 
+    def ranking_inputs(self, size: int) -> tuple[IntArray, FloatArray, float]:
+        """For the compiled ranker: the kept top rows, the weight per row (at least
+        ``size`` long) and the total weight."""
+        self._weights = grow_rows(self._weights, size)
+        return self._top_rows[: len(self._top)], self._weights, float(self._total)
+
     def score_rows(self, rows: IntArray) -> FloatArray:
         """:meth:`score_all` at ``rows`` only."""
         self._weights = grow_rows(self._weights, len(self._vocab))

@@ -30,9 +30,10 @@ def test_evict_keeps_the_most_popular_and_models_consistent(datasets_dir: Path) 
     assert all(weights[t] <= cutoff for t in weights if t not in kept)
     assert rec.vocabulary.index == {t: i for i, t in enumerate(rec.vocabulary.ids)}
     assert len(rec.popularity.weights()) == 200
-    assert all(0 <= r < 200 for r in rec.cooccurrence.rows)
-    for row in rec.cooccurrence.rows.values():
-        assert all(0 <= int(d) < 200 for d in row.idx[: row.size])
+    assert all(0 <= r < 200 for r in rec.cooccurrence.rows_with_neighbours().tolist())
+    for row in rec.cooccurrence.rows_with_neighbours().tolist():
+        neighbours, _ = rec.cooccurrence.neighbours(row)
+        assert all(0 <= int(d) < 200 for d in neighbours)
     # it keeps learning and recommending (evicted ids in histories are just unknown)
     learn(rec, load_events(datasets_dir / "movielens-100k", "movielens", limit=4000)[3000:], states)
     for state in list(states.values())[:50]:

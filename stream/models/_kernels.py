@@ -1,0 +1,358 @@
+"""Compiled inner loops (numba) for the per-event hot path.
+
+Each kernel replaces dozens of small numpy calls or Python loop iterations, whose per-call
+overhead (not arithmetic) was the cost: see "Speed" in docs/benchmarks.md. Kernels take and
+mutate plain numpy arrays only; the model classes own the arrays and keep the logic that
+is not hot. ``cache=True`` stores the machine code next to this file, so only the first
+process after an install pays the compile (a few seconds).
+
+Co-occurrence storage ("arena"): every track's neighbour list is a slice
+``[start[r], start[r] + size[r])`` of two shared arrays ``nbr`` (neighbour row, int32) and
+``val`` (weight), with room for ``cap[r]`` entries. A full slice moves to the free end of
+the arena with twice the room (up to ``2 * max_nbr``); the caller guarantees enough free
+room before each call and compacts the holes now and then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+_jit: Any = numba.njit(cache=True, nogil=True)
+
+#: Initial room of a neighbour list.
+FIRST_CAP = 8
+
+
+@_jit
+def _prune(start, size, nbr, val, r, keep):  # type: ignore[no-untyped-def]
+    """Keep the ``keep`` heaviest neighbours of row ``r`` in their current order (ties:
+    the earlier position), zeroing the rest."""
+    s = start[r]
+    n = size[r]
+    order = np.argsort(-val[s : s + n], kind="mergesort")[:keep]
+    order.sort()
+    for i in range(keep):
+        p = s + order[i]
+        nbr[s + i] = nbr[p]
+        val[s + i] = val[p]
+    for i in range(keep, n):
+        val[s + i] = 0.0
+    size[r] = keep
+
+
+@_jit
+def cooc_add(start, size, cap, total, nbr, val, used, src, dst, w, max_nbr):  # type: ignore[no-untyped-def]
+    """``row src: dst += w`` (appending ``dst`` if new); returns the new arena fill mark."""
+    s = start[src]
+    n = size[src]
+    for p in range(s, s + n):
+        if nbr[p] == dst:
+            val[p] += w
+            total[src] += w
+            return used
+    if n >= 2 * max_nbr:
+        _prune(start, size, nbr, val, src, max_nbr)
+        n = size[src]
+    if n >= cap[src]:
+        new_cap = min(max(FIRST_CAP, 2 * cap[src]), 2 * max_nbr)
+        for i in range(n):
+            nbr[used + i] = nbr[s + i]
+            val[used + i] = val[s + i]
+        start[src] = used
+        s = used
+        cap[src] = new_cap
+        used += new_cap
+    nbr[s + n] = dst
+    val[s + n] = w
+    size[src] = n + 1
+    total[src] += w
+    return used
+
+
+@_jit
+def cooc_learn(start, size, cap, total, nbr, val, used, track, prevs, w, decay, backward, max_nbr):  # type: ignore[no-untyped-def]
+    """One play of ``track`` after ``prevs`` (newest first): the pair (prev -> track) gains
+    ``w * decay**distance``, the reverse pair ``backward`` times that."""
+    for prev in prevs:
+        if prev != track:
+            used = cooc_add(start, size, cap, total, nbr, val, used, prev, track, w, max_nbr)
+            if backward > 0:
+                used = cooc_add(
+                    start, size, cap, total, nbr, val, used, track, prev, w * backward, max_nbr
+                )
+        w *= decay
+    return used
+
+
+@_jit
+def cooc_accumulate(start, size, total, nbr, val, rows, weights, acc, best, anchor, touched):  # type: ignore[no-untyped-def]
+    """Add ``weights[j] / total[r] * val`` of each anchor row ``rows[j]`` into ``acc``
+    (dense scratch, all zero on entry), remembering for each touched track the anchor that
+    contributed most (``best``/``anchor``, -1 = untouched). Returns how many tracks were
+    touched (their rows are ``touched[:n]``). Sums run anchor by anchor, in order."""
+    n = 0
+    for j in range(len(rows)):
+        r = rows[j]
+        scale = weights[j] / total[r]
+        s = start[r]
+        for p in range(s, s + size[r]):
+            d = nbr[p]
+            c = val[p] * scale
+            if anchor[d] < 0:
+                touched[n] = d
+                n += 1
+                anchor[d] = r
+                best[d] = c
+            elif c > best[d]:
+                best[d] = c
+                anchor[d] = r
+            acc[d] += c
+    return n
+
+
+@_jit
+def reset_touched(acc, best, anchor, touched, n):  # type: ignore[no-untyped-def]
+    for i in range(n):
+        d = touched[i]
+        acc[d] = 0.0
+        best[d] = 0.0
+        anchor[d] = -1
+
+
+@_jit
+def top_allowed(rows, scores, banned, n):  # type: ignore[no-untyped-def]
+    """The (up to) ``n`` of ``rows`` with the highest positive ``scores[row]`` whose
+    ``banned`` flag is unset, in no particular order; ties at the cut go to the lower row
+    (deterministic)."""
+    m = 0
+    keep = np.empty(len(rows), dtype=np.int64)
+    key = np.empty(len(rows))
+    for i in range(len(rows)):
+        r = rows[i]
+        if not banned[r] and scores[r] > 0:
+            keep[m] = r
+            key[m] = -scores[r]
+            m += 1
+    if m <= n:
+        return keep[:m]
+    cut = np.partition(key[:m], n - 1)[n - 1]
+    out = np.empty(n, dtype=np.int64)
+    j = 0
+    for i in range(m):
+        if key[i] < cut:
+            out[j] = keep[i]
+            j += 1
+    if j < n:
+        ties = np.sort(keep[:m][key[:m] == cut])
+        for t in ties[: n - j]:
+            out[j] = t
+            j += 1
+    return out
+
+
+@_jit
+def unique_rows(rows, mark):  # type: ignore[no-untyped-def]
+    """Sorted distinct ``rows``; ``mark`` is an all-False scratch flag per row (restored)."""
+    out = np.empty(len(rows), dtype=np.int64)
+    m = 0
+    for r in rows:
+        if not mark[r]:
+            mark[r] = True
+            out[m] = r
+            m += 1
+    out = np.sort(out[:m])
+    for r in out:
+        mark[r] = False
+    return out
+
+
+@_jit
+def compact_arena(start, size, cap, nbr, val, n_rows, new_nbr, new_val):  # type: ignore[no-untyped-def]
+    """Copy every row's slice, in row order, into the fresh arrays; returns the fill mark."""
+    used = 0
+    for r in range(n_rows):
+        c = cap[r]
+        if c == 0:
+            continue
+        s = start[r]
+        for i in range(size[r]):
+            new_nbr[used + i] = nbr[s + i]
+            new_val[used + i] = val[s + i]
+        start[r] = used
+        used += c
+    return used
+
+
+@_jit
+def mf_step(item_factors, user, rows, targets, lr, l2):  # type: ignore[no-untyped-def]
+    """One SGD step of squared loss with L2 on (user, rows) at once: the same update as
+    ``err = t - V[rows] @ u; V[rows] = (1 - lr*l2) V[rows] + lr * err u; u = (1 - lr*l2) u
+    + lr * err @ V_old[rows]``."""
+    k = user.shape[0]
+    m = len(rows)
+    shrink = 1.0 - lr * l2
+    err = np.empty(m)
+    for i in range(m):
+        acc = 0.0
+        for f in range(k):
+            acc += item_factors[rows[i], f] * user[f]
+        err[i] = targets[i] - acc
+    grad = np.zeros(k)
+    for i in range(m):
+        r = rows[i]
+        e = err[i]
+        for f in range(k):
+            old = item_factors[r, f]
+            grad[f] += e * old
+            item_factors[r, f] = shrink * old + lr * e * user[f]
+    for f in range(k):
+        user[f] = shrink * user[f] + lr * grad[f]
+
+
+@_jit
+def _top_n(rows, key, n):  # type: ignore[no-untyped-def]
+    """The ``n`` entries of ``rows`` with the highest ``key`` (aligned arrays), in no
+    particular order; ties at the cut go to the lower row."""
+    m = len(rows)
+    if m <= n:
+        return rows.copy()
+    neg = -key
+    cut = np.partition(neg, n - 1)[n - 1]
+    out = np.empty(n, dtype=np.int64)
+    j = 0
+    for i in range(m):
+        if neg[i] < cut:
+            out[j] = rows[i]
+            j += 1
+    if j < n:
+        ties = np.sort(rows[neg == cut])
+        for t in ties[: n - j]:
+            out[j] = t
+            j += 1
+    return out
+
+
+@_jit
+def _normalise_into(part, scores, w):  # type: ignore[no-untyped-def]
+    """``part = w * normalise(scores)`` (see stream.ranking.normalise)."""
+    hi = scores.max()
+    lo = scores.min()
+    if lo >= 0:
+        if hi > 0:
+            for i in range(len(scores)):
+                part[i] = w * (scores[i] / hi)
+        else:
+            part[:] = 0.0
+    elif hi <= lo:
+        part[:] = 0.0
+    else:
+        span = hi - lo
+        for i in range(len(scores)):
+            part[i] = w * ((scores[i] - lo) / span)
+
+
+#: Reason codes returned by :func:`blend_rank` (0: none of the components contributed).
+REASON_POPULARITY, REASON_COOCCURRENCE, REASON_MF = 1, 2, 3
+
+
+@_jit
+def blend_rank(  # type: ignore[no-untyped-def]
+    size, n_pop, n, use_cooc, use_mf, bw_pop, bw_cooc, bw_mf,
+    pop_members, pop_w, pop_total, acc, lead, touched, mf, ban, mark,
+):
+    """Candidates -> blended, ranked list, in one call (the per-query numpy calls were the
+    cost; see Recommender.recommend for the reference semantics it follows).
+
+    Candidates: the ``n_pop`` heaviest non-banned tracks (the kept top set, or every row
+    when bans leave it short), the ``n`` best co-occurrence tracks among ``touched``
+    (positive scores in ``acc``), and with ``use_mf`` the ``n`` best of ``mf`` (scores of
+    every row). Scores per component are normalised within the candidates, weighted and
+    summed (popularity, co-occurrence, MF, in that order). Returns the candidate rows
+    ordered best first (stable on row order), their totals, reason codes
+    (the component contributing most) and the anchor row that led co-occurrence there
+    (-1 if none)."""
+    # -- candidates
+    allowed = np.empty(len(pop_members), dtype=np.int64)
+    m = 0
+    for r in pop_members:
+        if r < size and not ban[r]:
+            allowed[m] = r
+            m += 1
+    allowed = allowed[:m]
+    if m < n_pop and len(pop_members) < size:
+        every = np.empty(size, dtype=np.int64)
+        m = 0
+        for r in range(size):
+            if not ban[r]:
+                every[m] = r
+                m += 1
+        allowed = every[:m]
+    picks = [_top_n(allowed, pop_w[allowed], n_pop)]
+    if use_cooc and len(touched):
+        picks.append(top_allowed(touched, acc, ban, n))
+    if use_mf:
+        free = np.empty(size, dtype=np.int64)
+        m = 0
+        for r in range(size):
+            if not ban[r]:
+                free[m] = r
+                m += 1
+        free = free[:m]
+        picks.append(_top_n(free, mf[free], n))
+    total_len = 0
+    for p in picks:
+        total_len += len(p)
+    every_pick = np.empty(total_len, dtype=np.int64)
+    j = 0
+    for p in picks:
+        every_pick[j : j + len(p)] = p
+        j += len(p)
+    rows = unique_rows(every_pick, mark)
+    c = len(rows)
+    if c == 0:
+        return rows, np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    # -- components, blend, reasons
+    denom = pop_total if pop_total != 0.0 else 1.0
+    total = np.zeros(c)
+    best = np.zeros(c)
+    reason = np.zeros(c, dtype=np.int64)
+    part = np.empty(c)
+    if bw_pop != 0.0:
+        scores = np.empty(c)
+        for i in range(c):
+            scores[i] = pop_w[rows[i]] / denom
+        _normalise_into(part, scores, bw_pop)
+        for i in range(c):
+            total[i] += part[i]
+            if part[i] > best[i]:
+                best[i] = part[i]
+                reason[i] = REASON_POPULARITY
+    if use_cooc and bw_cooc != 0.0:
+        scores = np.empty(c)
+        for i in range(c):
+            scores[i] = acc[rows[i]]
+        _normalise_into(part, scores, bw_cooc)
+        for i in range(c):
+            total[i] += part[i]
+            if part[i] > best[i]:
+                best[i] = part[i]
+                reason[i] = REASON_COOCCURRENCE
+    if use_mf and bw_mf != 0.0:
+        scores = np.empty(c)
+        for i in range(c):
+            scores[i] = mf[rows[i]]
+        _normalise_into(part, scores, bw_mf)
+        for i in range(c):
+            total[i] += part[i]
+            if part[i] > best[i]:
+                best[i] = part[i]
+                reason[i] = REASON_MF
+    order = np.argsort(-total, kind="mergesort")
+    leads = np.full(c, -1, dtype=np.int64)
+    if use_cooc:
+        for i in range(c):
+            leads[i] = lead[rows[i]]
+    return rows[order], total[order], reason[order], leads[order]
