@@ -254,25 +254,39 @@ def _normalise_into(part, scores, w):  # type: ignore[no-untyped-def]
             part[i] = w * ((scores[i] - lo) / span)
 
 
+@_jit
+def _dot_rows(factors, user, rows):  # type: ignore[no-untyped-def]
+    out = np.empty(len(rows))
+    k = len(user)
+    for i in range(len(rows)):
+        r = rows[i]
+        acc = 0.0
+        for f in range(k):
+            acc += factors[r, f] * user[f]
+        out[i] = acc
+    return out
+
+
 #: Reason codes returned by :func:`blend_rank` (0: none of the components contributed).
 REASON_POPULARITY, REASON_COOCCURRENCE, REASON_MF = 1, 2, 3
 
 
 @_jit
 def blend_rank(  # type: ignore[no-untyped-def]
-    size, n_pop, n, use_cooc, use_mf, bw_pop, bw_cooc, bw_mf,
-    pop_members, pop_w, pop_total, acc, lead, touched, mf, ban, mark,
+    size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
+    pop_members, pop_w, pop_total, acc, lead, touched, factors, user, ban, mark,
 ):
     """Candidates -> blended, ranked list, in one call (the per-query numpy calls were the
     cost; see Recommender.recommend for the reference semantics it follows).
 
     Candidates: the ``n_pop`` heaviest non-banned tracks (the kept top set, or every row
     when bans leave it short), the ``n`` best co-occurrence tracks among ``touched``
-    (positive scores in ``acc``), and with ``use_mf`` the ``n`` best of ``mf`` (scores of
-    every row). Scores per component are normalised within the candidates, weighted and
-    summed (popularity, co-occurrence, MF, in that order). Returns the candidate rows
-    ordered best first (stable on row order), their totals, reason codes
-    (the component contributing most) and the anchor row that led co-occurrence there
+    (positive scores in ``acc``), and with ``use_mf and pick_mf`` the ``n`` best MF scores
+    ``factors[row] @ user`` over every row (with ``pick_mf`` off, or an empty ``user``, MF
+    only scores the other sources' candidates). Scores per component are normalised within
+    the candidates, weighted and summed (popularity, co-occurrence, MF, in that order).
+    Returns the candidate rows ordered best first (stable on row order), their totals,
+    reason codes (the component contributing most) and the anchor row that led co-occurrence there
     (-1 if none)."""
     # -- candidates
     allowed = np.empty(len(pop_members), dtype=np.int64)
@@ -293,7 +307,9 @@ def blend_rank(  # type: ignore[no-untyped-def]
     picks = [_top_n(allowed, pop_w[allowed], n_pop)]
     if use_cooc and len(touched):
         picks.append(top_allowed(touched, acc, ban, n))
-    if use_mf:
+    use_mf = use_mf and len(user) > 0
+    if use_mf and pick_mf:
+        mf = _dot_rows(factors, user, np.arange(size))
         free = np.empty(size, dtype=np.int64)
         m = 0
         for r in range(size):
@@ -341,9 +357,7 @@ def blend_rank(  # type: ignore[no-untyped-def]
                 best[i] = part[i]
                 reason[i] = REASON_COOCCURRENCE
     if use_mf and bw_mf != 0.0:
-        scores = np.empty(c)
-        for i in range(c):
-            scores[i] = mf[rows[i]]
+        scores = _dot_rows(factors, user, rows)
         _normalise_into(part, scores, bw_mf)
         for i in range(c):
             total[i] += part[i]

@@ -165,6 +165,11 @@ class ImplicitMF:
             return 0.0
         return float(self.item_factors[row] @ user)
 
+    def factors(self) -> FloatArray:
+        """The item factor matrix, one row per vocabulary row (at least)."""
+        self._sync()
+        return self.item_factors
+
     def score_all(self, x: Interaction) -> FloatArray | None:
         """Predicted preference for every known track (vocabulary rows), or None when the
         listener has neither factors nor known recent tracks."""
