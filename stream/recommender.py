@@ -19,7 +19,8 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Collection, Iterable, Mapping
+from array import array
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final
@@ -44,7 +45,14 @@ from stream.ranking import (
 )
 from stream.session import SessionUpdate, UserState
 
-__all__ = ["VARIANTS", "LearnResult", "Recommendation", "Recommender", "SnapshotError"]
+__all__ = [
+    "VARIANTS",
+    "LearnResult",
+    "Recommendation",
+    "Recommender",
+    "SeenTracks",
+    "SnapshotError",
+]
 
 MODEL_VERSION: Final = "blend-1"
 SNAPSHOT_MAGIC: Final = b"STREAMREC"
@@ -223,7 +231,9 @@ class Recommender:
         # Single-component variants are filled with trending when they run short.
         blend_weights = weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6}
         anchors = self.cooccurrence.anchors(query.history)
-        banned = chain(recent, exclude)
+        banned: Iterable[str] | tuple[Iterable[str], SeenTracks] = (
+            (recent, exclude) if isinstance(exclude, SeenTracks) else chain(recent, exclude)
+        )
         if blend_weights.get("skip", 0.0) > 0:  # the skip penalty: the general path
             return self._rank_reference(query, k, banned, weights, blend_weights, anchors)
         return self._rank_compiled(query, k, banned, weights, blend_weights, anchors)
@@ -232,7 +242,7 @@ class Recommender:
         self,
         query: Interaction,
         k: int,
-        banned: Iterable[str],
+        banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
         weights: Mapping[str, float],
         blend_weights: Mapping[str, float],
         anchors: list[tuple[int, float]],
@@ -246,7 +256,7 @@ class Recommender:
         n = max(self.candidates_per_source, k)
         index = self.vocabulary.index
         ban = self._ban_buffer(size)
-        ban_rows = [r for r in map(index.get, banned) if r is not None]
+        ban_rows = _ban_rows(banned, index, self.vocabulary)
         ban[ban_rows] = True
         use_cooc = weights.get("cooccurrence", 0.0) > 0
         try:
@@ -279,6 +289,8 @@ class Recommender:
         ids = self.vocabulary.ids
         artist_of = self.artist_of
         cap = self.max_per_artist if artist_of else None
+        if cap is None:  # no artist cap: exactly the first k are kept
+            rows, totals, reasons, leads = rows[:k], totals[:k], reasons[:k], leads[:k]
         per_artist: dict[str, int] = {}
         because: dict[int, str] = {}
         out: list[Recommendation] = []
@@ -307,7 +319,7 @@ class Recommender:
         self,
         query: Interaction,
         k: int,
-        banned: Iterable[str],
+        banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
         weights: Mapping[str, float],
         blend_weights: Mapping[str, float],
         anchors: list[tuple[int, float]],
@@ -333,7 +345,7 @@ class Recommender:
         self,
         query: Interaction,
         k: int,
-        banned: Iterable[str],
+        banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
         weights: Mapping[str, float],
         anchors: list[tuple[int, float]],
     ) -> tuple[list[str], dict[str, FloatArray], Callable[[str], str | None]]:
@@ -346,7 +358,7 @@ class Recommender:
         n = max(self.candidates_per_source, k)
         index = self.vocabulary.index
         ban = self._ban_buffer(size)
-        ban_rows = [r for r in map(index.get, banned) if r is not None]
+        ban_rows = _ban_rows(banned, index, self.vocabulary)
         ban[ban_rows] = True
         use_cooc = weights.get("cooccurrence", 0.0) > 0
         try:
@@ -361,7 +373,7 @@ class Recommender:
                 mf: FloatArray | None = None
                 if weights.get("mf", 0.0) > 0:
                     mf = self.mf.score_all(query)
-                    if mf is not None:
+                    if mf is not None and (self.mf_candidates or not use_cooc):
                         picks.append(_top_of(np.flatnonzero(~ban[:size]), mf, n))
                 rows = _k.unique_rows(np.concatenate(picks), self._mark_buffer(size))
                 components: dict[str, FloatArray] = {
@@ -499,6 +511,59 @@ class Recommender:
         return rec
 
 
+class SeenTracks(Collection[str]):
+    """A listener's tracks to exclude (e.g. everything they played), kept both as ids and
+    as this recommender's vocabulary rows, so ``recommend(..., exclude=seen)`` bans them
+    with one array operation instead of hundreds of id lookups per query. Rows are rebuilt
+    from the ids if the catalogue was renumbered (eviction) since."""
+
+    __slots__ = ("_vocabulary", "_ids", "_rows", "_generation")
+
+    def __init__(self, vocabulary: Vocabulary) -> None:
+        self._vocabulary = vocabulary
+        self._ids: set[str] = set()
+        self._rows = array("q")
+        self._generation = vocabulary.generation
+
+    def add(self, track_id: str) -> None:
+        if track_id in self._ids:
+            return
+        self._ids.add(track_id)
+        row = self._vocabulary.index.get(track_id)
+        if row is not None and self._generation == self._vocabulary.generation:
+            self._rows.append(row)
+
+    def rows(self) -> IntArray:
+        """Vocabulary rows of the known ids (a view: valid until the next :meth:`add`)."""
+        vocab = self._vocabulary
+        if self._generation != vocab.generation or len(self._rows) < len(self._ids):
+            self._rows = array("q", (r for r in map(vocab.index.get, self._ids) if r is not None))
+            self._generation = vocab.generation
+        return np.frombuffer(self._rows, dtype=np.int64) if self._rows else _NO_ROWS
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def _ban_rows(
+    banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
+    index: dict[str, int],
+    vocabulary: Vocabulary,
+) -> IntArray | list[int]:
+    if isinstance(banned, tuple) and len(banned) == 2 and isinstance(banned[1], SeenTracks):
+        recent, seen = banned
+        rows = [r for r in map(index.get, recent) if r is not None]
+        return np.concatenate((np.fromiter(rows, np.int64, len(rows)), seen.rows()))
+    return [r for r in map(index.get, banned) if r is not None]
+
+
+_NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _SCRATCH: Final = frozenset({"_ban", "_mark"})  # per-process buffers, not model state
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _BECAUSE: Final = REASONS["cooccurrence"]

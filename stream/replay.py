@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from stream.datasets import FORMATS, load_events
 from stream.evaluation import Prequential
 from stream.events import PlayEvent
-from stream.recommender import VARIANTS, Recommender
+from stream.recommender import VARIANTS, Recommender, SeenTracks
 from stream.session import UserState, update_session
 
 #: Which earlier plays a listener must not be recommended again, by format. MovieLens users
@@ -63,7 +63,7 @@ def replay(
     rec = recommender if recommender is not None else Recommender(seed=seed)
     evaluator = Prequential(k=k)
     states: dict[str, UserState] = {}
-    seen: dict[str, set[str]] = {}
+    seen: dict[str, SeenTracks] = {}
     hits = {v: bytearray() for v in variants}
     applied = 0
     no_exclusion: frozenset[str] = frozenset()
@@ -72,7 +72,12 @@ def replay(
         update = update_session(states.get(event.user_id), event, max_recent=max_recent)
         if update.duplicate:
             continue
-        history = seen.setdefault(event.user_id, set()) if exclude_seen else no_exclusion
+        history: Collection[str] = no_exclusion
+        if exclude_seen:
+            user_seen = seen.get(event.user_id)
+            if user_seen is None:
+                user_seen = seen[event.user_id] = SeenTracks(rec.vocabulary)
+            history = user_seen
         for variant in variants:
             recs = rec.recommend(update.before, k, event.ts_ms, exclude=history, variant=variant)
             rank = evaluator.observe(variant, [r.track_id for r in recs], event.track_id)

@@ -17,11 +17,18 @@ class Vocabulary:
     """Track ids <-> dense row numbers, growing as new ids arrive; shrinks only through
     :meth:`compact` (catalogue eviction, see ``Recommender.evict_tracks``)."""
 
-    __slots__ = ("index", "ids")
+    __slots__ = ("index", "ids", "generation")
 
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
         self.ids: list[str] = []
+        self.generation = 0  # bumped when rows are renumbered (compact)
+
+    def __setstate__(self, state: tuple[None, dict[str, object]]) -> None:
+        _, slots = state
+        self.generation = 0  # snapshots from before the field existed
+        for key, value in slots.items():
+            setattr(self, key, value)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -38,6 +45,7 @@ class Vocabulary:
         """Keep only the tracks at rows ``kept`` (ascending), renumbered 0..len(kept)-1, in
         place (the models share this object)."""
         ids = [self.ids[int(r)] for r in kept]
+        self.generation += 1
         self.ids[:] = ids
         self.index.clear()
         self.index.update((key, i) for i, key in enumerate(ids))

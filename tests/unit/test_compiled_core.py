@@ -1,0 +1,151 @@
+"""The compiled (numba) hot path against plain-Python / numpy references."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream.datasets import load_events
+from stream.models import _kernels as _k
+from stream.models.base import Interaction
+from stream.models.cooccurrence import SessionCooccurrence
+from stream.recommender import Recommender, SeenTracks
+from stream.session import UserState, update_session
+
+
+def _reference_cooc(plays: list[tuple[str, tuple[str, ...]]], window: int, decay: float,
+                    backward: float) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for track, history in plays:
+        w = 1.0
+        for prev in reversed(history[-window:]):
+            if prev != track:
+                rows[prev][track] += w
+                rows[track][prev] += w * backward
+            w *= decay
+    return rows
+
+
+def test_arena_matches_a_dict_of_dicts_through_moves_and_compactions() -> None:
+    rng = random.Random(3)
+    tracks = [f"t{i}" for i in range(300)]
+    model = SessionCooccurrence(window=5, decay=0.7, backward=0.5, max_neighbours=10_000)
+    plays: list[tuple[str, tuple[str, ...]]] = []
+    history: list[str] = []
+    for i in range(6000):
+        track = tracks[min(int(rng.paretovariate(1.2)) - 1, 299)] if i % 3 else rng.choice(tracks)
+        plays.append((track, tuple(history)))
+        model.learn_one(Interaction("u", track, i, history=tuple(history)))
+        history = (history + [track])[-5:]
+    expected = _reference_cooc(plays, 5, 0.7, 0.5)
+    ids = model._vocab.ids
+    for src, neighbours in expected.items():
+        row = model._vocab.index[src]
+        idx, val = model.neighbours(row)
+        got = {ids[int(d)]: float(v) for d, v in zip(idx, val, strict=True)}
+        assert got.keys() == neighbours.keys()
+        for dst, w in neighbours.items():
+            assert got[dst] == pytest.approx(w, rel=1e-12)
+    # rows moved many times: the arena holds holes, and compaction kept every list intact
+    assert model._used >= int(model._cap.sum())
+
+
+def test_a_full_row_keeps_its_heaviest_neighbours() -> None:
+    model = SessionCooccurrence(window=1, backward=0.0, max_neighbours=2)
+    for dst, times in (("b", 5), ("c", 1), ("d", 3), ("e", 2)):
+        for i in range(times):
+            model.learn_one(Interaction("u", dst, i, history=("a",)))
+    model.learn_one(Interaction("u", "f", 99, history=("a",)))  # 5th neighbour: prune first
+    idx, val = model.neighbours(model._vocab.index["a"])
+    got = {model._vocab.ids[int(d)]: float(v) for d, v in zip(idx, val, strict=True)}
+    assert got == {"b": 5.0, "d": 3.0, "f": 1.0}
+
+
+def test_mf_step_is_the_numpy_update() -> None:
+    rng = np.random.default_rng(0)
+    factors = rng.normal(size=(10, 8))
+    user = rng.normal(size=8)
+    rows = np.array([3, 7, 1])
+    targets = np.array([1.0, 0.0, 0.0])
+    lr, l2 = 0.1, 0.01
+    items = factors[rows]
+    err = targets - items @ user
+    want_items = (1 - lr * l2) * items + lr * np.outer(err, user)
+    want_user = (1 - lr * l2) * user + lr * (err @ items)
+    _k.mf_step(factors, user, rows, targets, lr, l2)
+    np.testing.assert_allclose(factors[rows], want_items, rtol=1e-12)
+    np.testing.assert_allclose(user, want_user, rtol=1e-12)
+
+
+def _trained(datasets_dir: Path, limit: int = 4000) -> tuple[Recommender, dict[str, UserState]]:
+    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=limit)
+    rec, states = Recommender(seed=2), {}
+    for e in events:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+    return rec, states
+
+
+@pytest.mark.parametrize("mf_candidates", [False, True])
+@pytest.mark.parametrize("variant", ["blend", "popularity", "mf", "cooccurrence"])
+def test_compiled_ranking_matches_the_reference_path(
+    datasets_dir: Path, variant: str, mf_candidates: bool
+) -> None:
+    rec, states = _trained(datasets_dir)
+    rec.mf_candidates = mf_candidates
+    rng = random.Random(1)
+    # an artist per track, so the per-artist cap is exercised too
+    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    now = 893_000_000_000
+    compared = 0
+    for state in list(states.values())[:120]:
+        seen = SeenTracks(rec.vocabulary)
+        for t in state.recent[:-3]:
+            seen.add(t)
+        fast = rec.recommend(state, 10, now, exclude=seen, variant=variant)
+        weights = rec.blend_weights if variant == "blend" else {variant: 1.0}
+        blend = weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6}
+        ref = rec._rank_reference(
+            _query(state, now), 10, _banned(rec, state, set(seen)), weights, blend,
+            rec.cooccurrence.anchors(tuple(state.recent)),
+        )
+        assert [r.score for r in fast] == pytest.approx([r.score for r in ref], abs=1e-6)
+        same = {r.track_id: r.reason for r in ref}
+        for r in fast:
+            if r.track_id in same:
+                assert r.reason == same[r.track_id]
+        counts: dict[str, int] = defaultdict(int)
+        for r in fast:
+            counts[rec.artist_of[r.track_id]] += 1
+            assert r.track_id not in seen and r.track_id not in state.recent
+        assert max(counts.values(), default=0) <= 3
+        compared += len(fast)
+    assert compared >= 400  # ~49 listeners x 10
+
+
+def _query(state: UserState, now: int) -> Interaction:
+    return Interaction(user_id=state.user_id, ts_ms=now, history=tuple(state.recent),
+                       session_position=state.session_plays)
+
+
+def _banned(rec: Recommender, state: UserState, exclude: set[str]) -> list[str]:
+    return [*state.recent[-rec.recent_filter :], *exclude]
+
+
+def test_seen_tracks_rows_follow_eviction(datasets_dir: Path) -> None:
+    rec, states = _trained(datasets_dir, limit=3000)
+    seen = SeenTracks(rec.vocabulary)
+    picked = rec.vocabulary.ids[:50]
+    for t in picked + ["never-heard-of"]:
+        seen.add(t)
+    assert len(seen) == 51 and "never-heard-of" in seen and set(seen) == {*picked,
+                                                                          "never-heard-of"}
+    assert sorted(seen.rows().tolist()) == list(range(50))
+    rec.evict_tracks(200)
+    index = rec.vocabulary.index
+    assert sorted(seen.rows().tolist()) == sorted(index[t] for t in picked if t in index)
