@@ -243,13 +243,21 @@ class Processor:
                 on_ranked(time.perf_counter() - started)
         return len(batch)
 
-    def similar_due(self, now: float, limit: int = 50) -> list[tuple[str, bytes]]:
+    def similar_due(
+        self, now: float, limit: int = 50, budget_s: float | None = None
+    ) -> list[tuple[str, bytes]]:
         """Refresh the "more like this" lists of recently played tracks: at most ``limit``
-        per call, each track at most once per ``similar_refresh_s``. Returns (key, JSON)."""
+        per call and, with ``budget_s``, only while this call has used less than that much
+        time (each list scans the MF factors of the whole catalogue: background work must
+        not starve the plays); each track at most once per ``similar_refresh_s``; the
+        longest-waiting tracks first. Returns (key, JSON)."""
         out: list[tuple[str, bytes]] = []
         interval = self.settings.similar_refresh_s
+        started = time.perf_counter()
         for track in list(self.touched_tracks):
             if len(out) >= limit:
+                break
+            if budget_s is not None and time.perf_counter() - started > budget_s:
                 break
             if now - self.similar_refreshed.get(track, -1e18) < interval:
                 continue
