@@ -56,7 +56,7 @@ __all__ = [
 
 MODEL_VERSION: Final = "blend-1"
 SNAPSHOT_MAGIC: Final = b"STREAMREC"
-SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_VERSION: Final = 2  # 2: co-occurrence arena, float32 MF factors
 
 #: Ways to rank, for side-by-side evaluation: each single component alone, and the blend.
 VARIANTS: Final = ("popularity", "mf", "cooccurrence", "blend")
@@ -491,15 +491,25 @@ class Recommender:
         state = {key: v for key, v in self.__dict__.items() if key not in _SCRATCH}
         payload = {"version": SNAPSHOT_VERSION, "model_version": self.model_version,
                    "state": state}
-        return SNAPSHOT_MAGIC + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        # the format version sits before the pickle, so an old snapshot is refused by
+        # number instead of failing to unpickle classes that no longer exist
+        return (SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION])
+                + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
     def restore(cls, blob: bytes) -> Recommender:
         """A recommender with exactly the state captured by :meth:`snapshot`."""
         if not blob.startswith(SNAPSHOT_MAGIC):
             raise SnapshotError("not a recommender snapshot (bad magic bytes)")
+        body = blob[len(SNAPSHOT_MAGIC) :]
+        if body[:1] == b"\x80":  # format 1 put the pickle right after the magic
+            raise SnapshotError(f"snapshot version 1, expected {SNAPSHOT_VERSION}")
+        if body[:1] != bytes([SNAPSHOT_VERSION]):
+            raise SnapshotError(
+                f"snapshot version {body[0] if body else None!r}, expected {SNAPSHOT_VERSION}"
+            )
         try:
-            payload: dict[str, Any] = pickle.loads(blob[len(SNAPSHOT_MAGIC) :])
+            payload: dict[str, Any] = pickle.loads(body[1:])
         except Exception as exc:  # pickle raises many types on corrupt input
             raise SnapshotError(f"corrupt recommender snapshot: {exc}") from exc
         if payload.get("version") != SNAPSHOT_VERSION:

@@ -65,11 +65,14 @@ class Vocabulary:
 _Item = TypeVar("_Item", bound=np.generic)
 
 
-def grow_rows(matrix: npt.NDArray[_Item], needed: int) -> npt.NDArray[_Item]:
-    """``matrix`` with at least ``needed`` rows (capacity doubles; new rows are zero)."""
+def grow_rows(
+    matrix: npt.NDArray[_Item], needed: int, growth: float = 2.0
+) -> npt.NDArray[_Item]:
+    """``matrix`` with at least ``needed`` rows (capacity grows by ``growth``; new rows are
+    zero)."""
     if needed <= matrix.shape[0]:
         return matrix
-    capacity = max(needed, 2 * matrix.shape[0], 64)
+    capacity = max(needed, int(growth * matrix.shape[0]), 64)
     bigger = np.zeros((capacity, *matrix.shape[1:]), dtype=matrix.dtype)
     bigger[: matrix.shape[0]] = matrix
     return bigger

@@ -114,7 +114,7 @@ def test_compiled_ranking_matches_the_reference_path(
             _query(state, now), 10, _banned(rec, state, set(seen)), weights, blend,
             rec.cooccurrence.anchors(tuple(state.recent)),
         )
-        assert [r.score for r in fast] == pytest.approx([r.score for r in ref], abs=1e-6)
+        assert [r.score for r in fast] == pytest.approx([r.score for r in ref], abs=3e-6)
         same = {r.track_id: r.reason for r in ref}
         for r in fast:
             if r.track_id in same:

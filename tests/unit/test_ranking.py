@@ -130,6 +130,12 @@ def test_similar_tracks_and_snapshot_round_trip() -> None:
     assert twin.similar("a", 2) == similar
     with pytest.raises(SnapshotError):
         Recommender.restore(b"garbage")
+    # a format-1 snapshot (pickle right after the magic) is refused by its version
+    import pickle
+
+    old = b"STREAMREC" + pickle.dumps({"version": 1, "state": {}}, protocol=5)
+    with pytest.raises(SnapshotError, match="snapshot version 1, expected 2"):
+        Recommender.restore(old)
 
 
 def test_forget_user_drops_their_factors() -> None:
