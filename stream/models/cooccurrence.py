@@ -22,6 +22,7 @@ from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 _MAX_EXPONENT = 50.0
+Float32Array = npt.NDArray[np.float32]
 
 
 class SessionCooccurrence:
@@ -85,7 +86,7 @@ class SessionCooccurrence:
         self._cap: IntArray = np.zeros(0, dtype=np.int64)
         self._total: FloatArray = np.zeros(0)
         self._nbr: npt.NDArray[np.int32] = np.zeros(1024, dtype=np.int32)
-        self._val: FloatArray = np.zeros(1024)
+        self._val: Float32Array = np.zeros(1024, dtype=np.float32)  # P3: item memory
         self._used = 0
         self._live = 0  # room held by rows (the rest of [0, _used) is holes left by moves)
         self._scratch = _Scratch()
@@ -108,7 +109,7 @@ class SessionCooccurrence:
         if live + needed > length // 2:
             length = max(2 * length, 2 * (live + needed))
         nbr = np.zeros(length, dtype=np.int32)
-        val = np.zeros(length)
+        val = np.zeros(length, dtype=np.float32)
         self._used = int(
             _k.compact_arena(self._start, self._size, self._cap, self._nbr, self._val,
                              len(self._start), nbr, val)
@@ -120,10 +121,10 @@ class SessionCooccurrence:
         """Tracks that have a neighbour list."""
         return int(np.count_nonzero(self._cap))
 
-    def neighbours(self, row: int) -> tuple[npt.NDArray[np.int32], FloatArray]:
+    def neighbours(self, row: int) -> tuple[npt.NDArray[np.int32], Float32Array]:
         """Row ``row``'s neighbour rows and weights (views; empty when it has none)."""
         if row >= len(self._start) or self._cap[row] == 0:
-            return np.zeros(0, dtype=np.int32), np.zeros(0)
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
         s, n = int(self._start[row]), int(self._size[row])
         return self._nbr[s : s + n], self._val[s : s + n]
 
@@ -281,7 +282,7 @@ class SessionCooccurrence:
         self._cap = np.zeros(n_new, dtype=np.int64)
         self._total = np.zeros(n_new)
         parts_n: list[npt.NDArray[np.int32]] = []
-        parts_v: list[FloatArray] = []
+        parts_v: list[Float32Array] = []
         used = 0
         for new_src, src in enumerate(kept.tolist()):
             if src >= len(cap) or cap[src] == 0:
@@ -293,7 +294,7 @@ class SessionCooccurrence:
             k = int(keep.sum())
             room = max(_k.FIRST_CAP, k)
             block_n = np.zeros(room, dtype=np.int32)
-            block_v = np.zeros(room)
+            block_v = np.zeros(room, dtype=np.float32)
             block_n[:k] = new_idx[keep]
             block_v[:k] = val[s : s + m][keep]
             parts_n.append(block_n)
@@ -304,7 +305,8 @@ class SessionCooccurrence:
             self._total[new_src] = total[src]
             used += room
         self._nbr = np.concatenate(parts_n) if parts_n else np.zeros(1024, dtype=np.int32)
-        self._val = np.concatenate(parts_v) if parts_v else np.zeros(1024)
+        self._val = (np.concatenate(parts_v) if parts_v
+                     else np.zeros(1024, dtype=np.float32))
         self._used = used
 
     def predict_one(self, x: Interaction) -> float:

@@ -49,7 +49,7 @@ def test_arena_matches_a_dict_of_dicts_through_moves_and_compactions() -> None:
         got = {ids[int(d)]: float(v) for d, v in zip(idx, val, strict=True)}
         assert got.keys() == neighbours.keys()
         for dst, w in neighbours.items():
-            assert got[dst] == pytest.approx(w, rel=1e-12)
+            assert got[dst] == pytest.approx(w, rel=1e-5)  # float32 weights, summed
     # rows moved many times: the arena holds holes, and compaction kept every list intact
     assert model._used >= int(model._cap.sum())
 
