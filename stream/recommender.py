@@ -54,7 +54,7 @@ __all__ = [
     "SnapshotError",
 ]
 
-MODEL_VERSION: Final = "blend-1"
+MODEL_VERSION: Final = "blend-2"  # 2: compiled core, MF retrieval off by default
 SNAPSHOT_MAGIC: Final = b"STREAMREC"
 SNAPSHOT_VERSION: Final = 2  # 2: co-occurrence arena, float32 MF factors
 
