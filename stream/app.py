@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 import uuid
@@ -108,41 +109,61 @@ def broker_credentials(settings: Settings) -> Any:
 
 
 def make_commit_wait_for_changelog(producer: Any) -> None:
-    """Make Faust's pre-commit ``producer.flush()`` really wait for every buffered record.
+    """Make Faust's pre-commit ``producer.flush()`` really wait for the buffered records.
 
-    With ``at_least_once`` Faust flushes its producer (table changelog records included)
-    and then commits consumer offsets. But ``ProducerBuffer.flush`` gives up as soon as no
-    record has been handed to aiokafka for 0.1 s (``flush_atmost`` returns on its
-    ``wait_for`` timeout), and ``buffer.size`` does not count the record that
+    With ``at_least_once`` Faust fixes the offsets to commit, flushes its producer (table
+    changelog records included) and then commits. But ``ProducerBuffer.flush`` gives up as
+    soon as no record has been handed to aiokafka for 0.1 s (``flush_atmost`` returns on
+    its ``wait_for`` timeout), and ``buffer.size`` does not count the record that
     ``_handle_pending`` is handing over at that moment. On a loaded machine, or while the
     producer is still fetching metadata after a restart, offsets were committed ahead of
     changelog records that had not reached Kafka; a SIGKILL then lost those plays from the
     listener's state (the likely cause of one CI crash-loop run reporting ``lost 161``).
-    This wraps the flush so it returns only when the buffer is empty, nothing is in
-    hand-over, and aiokafka has delivered its batches. If the producer cannot send, the
-    commit waits: redelivery, never loss.
+
+    The wrapped flush waits until every record *enqueued before it started* has been
+    handed to aiokafka (the buffer is FIFO: a count of hand-overs is enough), then waits
+    for aiokafka's batches. Records enqueued later belong to events after
+    the commit point and are not waited for: waiting for an empty buffer instead stalled
+    the agent (Faust commits inline every ``broker_commit_every`` events) for ~1.3 s at
+    200 events/s. If the producer cannot send, the commit waits: redelivery, never loss.
     """
     buffer = producer.buffer
-    in_hand = [0]
+    counts = {"enqueued": 0, "handed_over": 0}
+    put = buffer.put
     send_pending = buffer._send_pending
+    handed_over = asyncio.Event()
+
+    def counted_put(fut: Any) -> None:
+        counts["enqueued"] += 1
+        put(fut)
 
     async def counted_send(fut: Any) -> None:
-        in_hand[0] += 1
         try:
             await send_pending(fut)
         finally:
-            in_hand[0] -= 1
+            counts["handed_over"] += 1
+            handed_over.set()
 
-    # _handle_pending looks the method up when the buffer starts, i.e. after this
+    # Producer.send_soon calls buffer.put, and _handle_pending looks _send_pending up when
+    # the buffer starts (after this): instance attributes take precedence
+    buffer.put = counted_put
     buffer._send_pending = counted_send
-    inner_flush = producer.flush
-
     async def flush() -> None:
-        while buffer.size or in_hand[0]:
-            await buffer.flush()  # returns on a 0.1 s lull even if records remain
-            if buffer.size or in_hand[0]:
-                await asyncio.sleep(0.005)
-        await inner_flush()  # buffer (now empty) + aiokafka accumulator: delivered batches
+        target = counts["enqueued"]
+        while counts["handed_over"] < target:
+            handed_over.clear()
+            if counts["handed_over"] >= target:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(handed_over.wait(), 1.0)
+        # then what Faust's aiokafka Producer.flush does after its buffer flush (which
+        # itself waits for an empty buffer, i.e. stalls under steady load): aiokafka's
+        # flush, which waits for the batches accumulated so far to be acknowledged
+        kafka = getattr(producer, "_producer", None)
+        if kafka is not None:
+            await kafka.flush()
+        for transactional in getattr(producer, "_transaction_producers", {}).values():
+            await transactional.flush()
 
     producer.flush = flush
 

@@ -57,6 +57,47 @@ async def test_patched_flush_returns_only_when_every_record_is_handed_over() -> 
 
 
 @pytest.mark.asyncio
+async def test_patched_flush_does_not_wait_for_records_enqueued_after_it_started() -> None:
+    # Faust commits inline in the agent every broker_commit_every events: a flush that
+    # waited for an empty buffer while plays keep arriving stalled the stream (~1.3 s).
+    app = faust.App("commit-flush-test-2", broker="kafka://127.0.0.1:1", autodiscover=False)
+    producer = app.producer
+    buffer = producer.buffer
+    sent: list[Any] = []
+
+    async def send(fut: Any) -> None:
+        await asyncio.sleep(0.02)
+        sent.append(fut)
+
+    buffer._send_pending = send
+    make_commit_wait_for_changelog(producer)
+    await buffer.start()
+    stop = asyncio.Event()
+
+    async def keep_putting() -> None:
+        i = 100
+        while not stop.is_set():
+            buffer.put(i)  # faster than they are sent: the buffer is never empty
+            i += 1
+            await asyncio.sleep(0.005)
+
+    try:
+        for i in range(5):
+            buffer.put(i)
+        feeder = asyncio.create_task(keep_putting())
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(producer.flush(), 5.0)
+        assert sent[:5] == [0, 1, 2, 3, 4]  # everything enqueued before the flush
+        assert buffer.size > 0  # ... while later records were still waiting
+    finally:
+        stop.set()
+        await feeder
+        while not buffer.pending.empty():
+            buffer.pending.get_nowait()
+        await buffer.stop()
+
+
+@pytest.mark.asyncio
 async def test_patched_flush_on_an_empty_buffer_returns_at_once() -> None:
     sent = await asyncio.wait_for(_flush_with_slow_sends(patched=True, records=0), 2.0)
     assert sent == []
