@@ -134,23 +134,9 @@ def top_allowed(rows, scores, banned, n):  # type: ignore[no-untyped-def]
         r = rows[i]
         if not banned[r] and scores[r] > 0:
             keep[m] = r
-            key[m] = -scores[r]
+            key[m] = scores[r]
             m += 1
-    if m <= n:
-        return keep[:m]
-    cut = np.partition(key[:m], n - 1)[n - 1]
-    out = np.empty(n, dtype=np.int64)
-    j = 0
-    for i in range(m):
-        if key[i] < cut:
-            out[j] = keep[i]
-            j += 1
-    if j < n:
-        ties = np.sort(keep[:m][key[:m] == cut])
-        for t in ties[: n - j]:
-            out[j] = t
-            j += 1
-    return out
+    return _top_n(keep[:m], key[:m], n)
 
 
 @_jit
@@ -255,6 +241,18 @@ def _normalise_into(part, scores, w):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _unbanned(ban, size):  # type: ignore[no-untyped-def]
+    """Rows ``0 .. size-1`` whose ``ban`` flag is unset."""
+    out = np.empty(size, dtype=np.int64)
+    m = 0
+    for r in range(size):
+        if not ban[r]:
+            out[m] = r
+            m += 1
+    return out[:m]
+
+
+@_jit
 def _dot_rows(factors, user, rows):  # type: ignore[no-untyped-def]
     out = np.empty(len(rows))
     k = len(user)
@@ -265,6 +263,19 @@ def _dot_rows(factors, user, rows):  # type: ignore[no-untyped-def]
             acc += factors[r, f] * user[f]
         out[i] = acc
     return out
+
+
+@_jit
+def _blend_in(total, best, reason, scores, w, code):  # type: ignore[no-untyped-def]
+    """Add ``w * normalise(scores)`` to ``total``; where it is the largest part so far,
+    the reason becomes ``code`` (strictly larger: the earlier component wins ties)."""
+    part = np.empty(len(scores))
+    _normalise_into(part, scores, w)
+    for i in range(len(scores)):
+        total[i] += part[i]
+        if part[i] > best[i]:
+            best[i] = part[i]
+            reason[i] = code
 
 
 #: Reason codes returned by :func:`blend_rank` (0: none of the components contributed).
@@ -297,26 +308,14 @@ def blend_rank(  # type: ignore[no-untyped-def]
             m += 1
     allowed = allowed[:m]
     if m < n_pop and len(pop_members) < size:
-        every = np.empty(size, dtype=np.int64)
-        m = 0
-        for r in range(size):
-            if not ban[r]:
-                every[m] = r
-                m += 1
-        allowed = every[:m]
+        allowed = _unbanned(ban, size)
     picks = [_top_n(allowed, pop_w[allowed], n_pop)]
     if use_cooc and len(touched):
         picks.append(top_allowed(touched, acc, ban, n))
     use_mf = use_mf and len(user) > 0
     if use_mf and pick_mf:
         mf = _dot_rows(factors, user, np.arange(size))
-        free = np.empty(size, dtype=np.int64)
-        m = 0
-        for r in range(size):
-            if not ban[r]:
-                free[m] = r
-                m += 1
-        free = free[:m]
+        free = _unbanned(ban, size)
         picks.append(_top_n(free, mf[free], n))
     total_len = 0
     for p in picks:
@@ -335,35 +334,18 @@ def blend_rank(  # type: ignore[no-untyped-def]
     total = np.zeros(c)
     best = np.zeros(c)
     reason = np.zeros(c, dtype=np.int64)
-    part = np.empty(c)
     if bw_pop != 0.0:
         scores = np.empty(c)
         for i in range(c):
             scores[i] = pop_w[rows[i]] / denom
-        _normalise_into(part, scores, bw_pop)
-        for i in range(c):
-            total[i] += part[i]
-            if part[i] > best[i]:
-                best[i] = part[i]
-                reason[i] = REASON_POPULARITY
+        _blend_in(total, best, reason, scores, bw_pop, REASON_POPULARITY)
     if use_cooc and bw_cooc != 0.0:
         scores = np.empty(c)
         for i in range(c):
             scores[i] = acc[rows[i]]
-        _normalise_into(part, scores, bw_cooc)
-        for i in range(c):
-            total[i] += part[i]
-            if part[i] > best[i]:
-                best[i] = part[i]
-                reason[i] = REASON_COOCCURRENCE
+        _blend_in(total, best, reason, scores, bw_cooc, REASON_COOCCURRENCE)
     if use_mf and bw_mf != 0.0:
-        scores = _dot_rows(factors, user, rows)
-        _normalise_into(part, scores, bw_mf)
-        for i in range(c):
-            total[i] += part[i]
-            if part[i] > best[i]:
-                best[i] = part[i]
-                reason[i] = REASON_MF
+        _blend_in(total, best, reason, _dot_rows(factors, user, rows), bw_mf, REASON_MF)
     order = np.argsort(-total, kind="mergesort")
     leads = np.full(c, -1, dtype=np.int64)
     if use_cooc:
