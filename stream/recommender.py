@@ -175,7 +175,7 @@ class Recommender:
         context = event.context if event is not None else None
         if event is not None and event.artist_id:
             self.artist_of[track] = event.artist_id
-        probe = Interaction(before.user_id, track, state.last_event_ts_ms, history=history)
+        features: dict[str, float] = {}
         x = Interaction(
             user_id=state.user_id,
             track_id=track,
@@ -186,11 +186,12 @@ class Recommender:
             recent_skip_rate=_recent_skip_rate(before),
             context=context,
             artist_id=event.artist_id if event is not None else None,
-            features={
-                "popularity": self.popularity.predict_one(probe),
-                "mf": self.mf.predict_one(probe),
-            },
+            features=features,
         )
+        # the other models' scores of this play *before* learning it, for the skip model
+        # (their predict_one reads the listener, track and history, never the features)
+        features["popularity"] = self.popularity.predict_one(x)
+        features["mf"] = self.mf.predict_one(x)
         skip_probability = self.skip.predict_learn_one(x)
         self.drift.learn_one(x)
         self.popularity.learn_one(x)
