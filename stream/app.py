@@ -125,32 +125,55 @@ def make_commit_wait_for_changelog(producer: Any) -> None:
     for aiokafka's batches. Records enqueued later belong to events after
     the commit point and are not waited for: waiting for an empty buffer instead stalled
     the agent (Faust commits inline every ``broker_commit_every`` events) for ~1.3 s at
-    200 events/s. If the producer cannot send, the commit waits: redelivery, never loss.
+    200 events/s. If a record cannot be handed over, or the buffer stops or crashes with
+    records pending, the flush raises, so Faust does not commit: those events are
+    redelivered. (A record aiokafka accepted but then failed to deliver, e.g. too large,
+    is only logged by Faust, as before; aiokafka's flush does not report it.)
     """
+    if producer.app.conf.producer_threaded:  # put() would bypass _send_pending
+        raise ValueError("make_commit_wait_for_changelog needs producer_threaded=False")
     buffer = producer.buffer
     counts = {"enqueued": 0, "handed_over": 0}
+    failures: list[BaseException] = []
     put = buffer.put
     send_pending = buffer._send_pending
     handed_over = asyncio.Event()
 
     def counted_put(fut: Any) -> None:
-        counts["enqueued"] += 1
         put(fut)
+        counts["enqueued"] += 1
 
     async def counted_send(fut: Any) -> None:
         try:
             await send_pending(fut)
-        finally:
-            counts["handed_over"] += 1
+        except BaseException as exc:
+            # not handed over: a commit waiting for it must fail, not go ahead (Faust's
+            # _handle_pending task dies with this exception, so nothing more is sent)
+            failures.append(exc)
             handed_over.set()
+            raise
+        counts["handed_over"] += 1
+        handed_over.set()
 
     # Producer.send_soon calls buffer.put, and _handle_pending looks _send_pending up when
     # the buffer starts (after this): instance attributes take precedence
     buffer.put = counted_put
     buffer._send_pending = counted_send
+
     async def flush() -> None:
         target = counts["enqueued"]
         while counts["handed_over"] < target:
+            if failures:
+                raise RuntimeError(
+                    f"a changelog record could not be handed to Kafka ({failures[-1]!r}); "
+                    "not committing offsets past it"
+                )
+            if buffer.crashed or buffer.state != "running":
+                raise RuntimeError(
+                    f"producer buffer is {buffer.state}, "
+                    f"{target - counts['handed_over']} record(s) not handed to Kafka; "
+                    "not committing offsets past them"
+                )
             handed_over.clear()
             if counts["handed_over"] >= target:
                 break

@@ -19,7 +19,6 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import pickle
-from array import array
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import chain
@@ -525,15 +524,18 @@ class Recommender:
 class SeenTracks(Collection[str]):
     """A listener's tracks to exclude (e.g. everything they played), kept both as ids and
     as this recommender's vocabulary rows, so ``recommend(..., exclude=seen)`` bans them
-    with one array operation instead of hundreds of id lookups per query. Rows are rebuilt
-    from the ids if the catalogue was renumbered (eviction) since."""
+    with one array operation instead of hundreds of id lookups per query. Ids not in the
+    catalogue yet are resolved when they appear; rows are rebuilt from the ids if the
+    catalogue was renumbered (eviction) since."""
 
-    __slots__ = ("_vocabulary", "_ids", "_rows", "_generation")
+    __slots__ = ("_vocabulary", "_ids", "_rows", "_n", "_unresolved", "_generation")
 
     def __init__(self, vocabulary: Vocabulary) -> None:
         self._vocabulary = vocabulary
         self._ids: set[str] = set()
-        self._rows = array("q")
+        self._rows: IntArray = np.zeros(16, dtype=np.int64)
+        self._n = 0
+        self._unresolved: set[str] = set()
         self._generation = vocabulary.generation
 
     def add(self, track_id: str) -> None:
@@ -541,16 +543,31 @@ class SeenTracks(Collection[str]):
             return
         self._ids.add(track_id)
         row = self._vocabulary.index.get(track_id)
-        if row is not None and self._generation == self._vocabulary.generation:
-            self._rows.append(row)
+        if row is None:
+            self._unresolved.add(track_id)
+        else:
+            self._append(row)
+
+    def _append(self, row: int) -> None:
+        if self._n == len(self._rows):
+            self._rows = np.concatenate((self._rows, np.zeros(self._n, dtype=np.int64)))
+        self._rows[self._n] = row
+        self._n += 1
 
     def rows(self) -> IntArray:
-        """Vocabulary rows of the known ids (a view: valid until the next :meth:`add`)."""
+        """Vocabulary rows of the ids the catalogue knows (a view; read it, don't keep it)."""
         vocab = self._vocabulary
-        if self._generation != vocab.generation or len(self._rows) < len(self._ids):
-            self._rows = array("q", (r for r in map(vocab.index.get, self._ids) if r is not None))
+        if self._generation != vocab.generation:  # renumbered: map every id again
+            self._n = 0
+            self._unresolved = set(self._ids)
             self._generation = vocab.generation
-        return np.frombuffer(self._rows, dtype=np.int64) if self._rows else _NO_ROWS
+        if self._unresolved:
+            index = vocab.index
+            found = [t for t in self._unresolved if t in index]
+            for t in found:
+                self._unresolved.discard(t)
+                self._append(index[t])
+        return self._rows[: self._n]
 
     def __contains__(self, item: object) -> bool:
         return item in self._ids
@@ -574,7 +591,6 @@ def _ban_rows(
     return [r for r in map(index.get, banned) if r is not None]
 
 
-_NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _SCRATCH: Final = frozenset({"_ban", "_mark"})  # per-process buffers, not model state
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _BECAUSE: Final = REASONS["cooccurrence"]

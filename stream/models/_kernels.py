@@ -52,6 +52,7 @@ def cooc_add(start, size, cap, total, nbr, val, used, src, dst, w, max_nbr):  # 
         if nbr[p] == dst:
             val[p] += w
             total[src] += w
+            _rescale_if_heavy(start, size, total, val, src)
             return used
     if n >= 2 * max_nbr:
         _prune(start, size, nbr, val, src, max_nbr)
@@ -70,6 +71,19 @@ def cooc_add(start, size, cap, total, nbr, val, used, src, dst, w, max_nbr):  # 
     size[src] = n + 1
     total[src] += w
     return used
+
+
+@_jit
+def _rescale_if_heavy(start, size, total, val, src):  # type: ignore[no-untyped-def]
+    """Weights are float32 and co-occurrence counts grow without bound: once a row's total
+    passes 2**14, scale the row (weights and total) by 2**-6. Scores only use weight /
+    total, so nothing changes for them, while an added weight stays large next to a
+    float32 step (unscaled, at 3e6 a 0.13 add rounded to 0.25)."""
+    if total[src] > 16384.0:
+        s = start[src]
+        for p in range(s, s + size[src]):
+            val[p] *= 0.015625
+        total[src] *= 0.015625
 
 
 @_jit
@@ -96,6 +110,8 @@ def cooc_accumulate(start, size, total, nbr, val, rows, weights, acc, best, anch
     n = 0
     for j in range(len(rows)):
         r = rows[j]
+        if total[r] <= 0.0:  # (a fully decayed row) contributes nothing
+            continue
         scale = weights[j] / total[r]
         s = start[r]
         for p in range(s, s + size[r]):
@@ -176,7 +192,7 @@ def compact_arena(start, size, cap, nbr, val, n_rows, new_nbr, new_val):  # type
 def mf_step(item_factors, user, rows, targets, lr, l2):  # type: ignore[no-untyped-def]
     """One SGD step of squared loss with L2 on (user, rows) at once: the same update as
     ``err = t - V[rows] @ u; V[rows] = (1 - lr*l2) V[rows] + lr * err u; u = (1 - lr*l2) u
-    + lr * err @ V_old[rows]``."""
+    + lr * err @ V_old[rows]``, for distinct ``rows`` (the caller drops repeats)."""
     k = user.shape[0]
     m = len(rows)
     shrink = 1.0 - lr * l2
@@ -206,6 +222,9 @@ def _top_n(rows, key, n):  # type: ignore[no-untyped-def]
     if m <= n:
         return rows.copy()
     neg = -key
+    for i in range(m):
+        if np.isnan(neg[i]):  # (diverged scores) rank last, never as garbage rows
+            neg[i] = np.inf
     cut = np.partition(neg, n - 1)[n - 1]
     out = np.empty(n, dtype=np.int64)
     j = 0
@@ -218,7 +237,7 @@ def _top_n(rows, key, n):  # type: ignore[no-untyped-def]
         for t in ties[: n - j]:
             out[j] = t
             j += 1
-    return out
+    return out[:j]
 
 
 @_jit

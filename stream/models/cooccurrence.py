@@ -197,21 +197,29 @@ class SessionCooccurrence:
         return out
 
     def accumulate(self, anchors: list[tuple[int, float]]) -> Touched:
-        """Sparse scores of the tracks the ``anchors`` lead to, in the shared scratch
-        buffers. Use as a context manager: the scratch is cleared on exit."""
+        """Sparse scores of the tracks the ``anchors`` lead to, in scratch buffers reused
+        across queries. Use as a context manager: the scratch is cleared on exit. (A nested
+        call, while another accumulation is open, gets fresh buffers.)"""
         size = len(self._vocab)
         sc = self._scratch
+        if sc.busy:
+            sc = _Scratch()
         sc.ensure(size)
+        sc.busy = True
         if not anchors:
             return Touched(self, sc, 0, anchors)
         rows = np.array([a for a, _ in anchors], dtype=np.int64)
         weights = np.array([w for _, w in anchors])
-        n = int(
-            _k.cooc_accumulate(
-                self._start, self._size, self._total, self._nbr, self._val, rows, weights,
-                sc.acc, sc.best, sc.anchor, sc.touched,
+        try:
+            n = int(
+                _k.cooc_accumulate(
+                    self._start, self._size, self._total, self._nbr, self._val, rows,
+                    weights, sc.acc, sc.best, sc.anchor, sc.touched,
+                )
             )
-        )
+        except BaseException:
+            sc.clear()  # which rows it touched is unknown: clear everything
+            raise
         if self.pop_penalty > 0 and n:
             tw = grow_rows(self.track_weight, size)
             t = sc.touched[:n]
@@ -348,13 +356,20 @@ class _Scratch:
     """Dense per-track buffers reused across queries (all-zero / -1 between queries), so a
     query costs what it touches, not the catalogue size."""
 
-    __slots__ = ("acc", "best", "anchor", "touched")
+    __slots__ = ("acc", "best", "anchor", "touched", "busy")
 
     def __init__(self) -> None:
         self.acc: FloatArray = np.zeros(0)
         self.best: FloatArray = np.zeros(0)
         self.anchor: IntArray = np.zeros(0, dtype=np.int64)
         self.touched: IntArray = np.zeros(0, dtype=np.int64)
+        self.busy = False  # an accumulation is open on these buffers
+
+    def clear(self) -> None:
+        self.acc[:] = 0.0
+        self.best[:] = 0.0
+        self.anchor[:] = -1
+        self.busy = False
 
     def ensure(self, size: int) -> None:
         if size > len(self.acc):
@@ -395,3 +410,4 @@ class Touched:
         _k.reset_touched(sc.acc, sc.best, sc.anchor, sc.touched, self.n)
         for row, _ in self.anchors:  # anchors were zeroed, maybe without being touched
             sc.acc[row] = 0.0
+        sc.busy = False

@@ -115,6 +115,8 @@ class ImplicitMF:
             pool = self._pool
             negatives = [r for r in (pool[int(self._uniform() * len(pool))]
                                      for _ in range(self.n_negatives)) if r != row]
+        if len(negatives) > 1:
+            negatives = list(dict.fromkeys(negatives))  # one update per row (mf_step)
         rows = np.array([row, *negatives], dtype=np.int64)
         targets = np.array([target, *(0.0 for _ in negatives)])
         _k.mf_step(self.item_factors, user, rows, targets, self.learning_rate, self.l2)

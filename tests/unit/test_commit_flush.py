@@ -7,6 +7,7 @@ coroutine (a loaded machine, or a producer still fetching metadata after a resta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import faust
@@ -101,3 +102,31 @@ async def test_patched_flush_does_not_wait_for_records_enqueued_after_it_started
 async def test_patched_flush_on_an_empty_buffer_returns_at_once() -> None:
     sent = await asyncio.wait_for(_flush_with_slow_sends(patched=True, records=0), 2.0)
     assert sent == []
+
+
+@pytest.mark.asyncio
+async def test_a_record_that_cannot_be_handed_over_fails_the_flush() -> None:
+    # e.g. a KafkaError from aiokafka's send: counting it as handed over would let Faust
+    # commit offsets past a changelog record that never reached Kafka
+    app = faust.App("commit-flush-test-3", broker="kafka://127.0.0.1:1", autodiscover=False)
+    producer = app.producer
+    buffer = producer.buffer
+
+    async def send(fut: Any) -> None:
+        await asyncio.sleep(0.01)
+        if fut == 1:
+            raise ConnectionError("broker gone")
+
+    buffer._send_pending = send
+    make_commit_wait_for_changelog(producer)
+    await buffer.start()
+    try:
+        for i in range(3):
+            buffer.put(i)
+        with pytest.raises(RuntimeError, match="not committing offsets"):
+            await asyncio.wait_for(producer.flush(), 5.0)
+    finally:
+        while not buffer.pending.empty():
+            buffer.pending.get_nowait()
+        with contextlib.suppress(Exception):
+            await buffer.stop()

@@ -65,6 +65,36 @@ def test_a_full_row_keeps_its_heaviest_neighbours() -> None:
     assert got == {"b": 5.0, "d": 3.0, "f": 1.0}
 
 
+def test_heavy_rows_are_rescaled_so_float32_weights_keep_their_ratios() -> None:
+    # one pair played millions of times: float32 weights alone would stop adding 0.13
+    model = SessionCooccurrence(window=10, decay=0.8, backward=0.0)
+    history = tuple(f"h{i}" for i in range(9)) + ("a",)
+    for i in range(20_000):
+        model.learn_one(Interaction("u", "b", i, history=history))
+    row = model._vocab.index["a"]
+    idx, val = model.neighbours(row)
+    assert float(model._total[row]) < 16384.0 * 1.01  # rescaled, not growing
+    for h in range(9):  # every prev -> b share stays exact: its row holds one neighbour
+        r = model._vocab.index[f"h{h}"]
+        share = float(model.neighbours(r)[1][0]) / float(model._total[r])
+        assert share == pytest.approx(1.0, rel=1e-3)  # (unscaled: 0.86 off at 3e6)
+    scores = model.score_all(Interaction("v", history=("a",)))
+    assert scores[model._vocab.index["b"]] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_a_nested_query_gets_its_own_scratch() -> None:
+    model = SessionCooccurrence()
+    model.learn_one(Interaction("u", "b", 1, history=("a",)))
+    model.learn_one(Interaction("u", "c", 2, history=("a",)))
+    anchors = model.anchors(("a",))
+    with model.accumulate(anchors) as outer:
+        inner = model.score_all(Interaction("v", history=("a",)))
+        assert inner[model._vocab.index["b"]] == pytest.approx(0.5)
+        assert outer.scratch.acc[model._vocab.index["b"]] == pytest.approx(0.5)
+    again = model.score_all(Interaction("v", history=("a",)))
+    np.testing.assert_allclose(again, inner)
+
+
 def test_mf_step_is_the_numpy_update() -> None:
     rng = np.random.default_rng(0)
     factors = rng.normal(size=(10, 8))
@@ -134,7 +164,8 @@ def _query(state: UserState, now: int) -> Interaction:
 
 
 def _banned(rec: Recommender, state: UserState, exclude: set[str]) -> list[str]:
-    return [*state.recent[-rec.recent_filter :], *exclude]
+    recent = state.recent[-rec.recent_filter :] if rec.recent_filter else []
+    return [*recent, *exclude]
 
 
 def test_seen_tracks_rows_follow_eviction(datasets_dir: Path) -> None:
@@ -149,3 +180,11 @@ def test_seen_tracks_rows_follow_eviction(datasets_dir: Path) -> None:
     rec.evict_tracks(200)
     index = rec.vocabulary.index
     assert sorted(seen.rows().tolist()) == sorted(index[t] for t in picked if t in index)
+    # an id the catalogue learns later is banned from then on; rows stay a cheap view
+    seen.add("brand-new")
+    assert len(seen.rows()) == sum(t in index for t in picked)
+    rec.vocabulary.add("brand-new")
+    view = seen.rows()
+    assert index["brand-new"] in view.tolist()
+    seen.add(rec.vocabulary.ids[0])  # adding while a view exists is fine
+    assert len(seen.rows()) == len(view) + (rec.vocabulary.ids[0] not in picked)
