@@ -108,6 +108,10 @@ def broker_credentials(settings: Settings) -> Any:
     return faust.SSLCredentials(ssl_context)
 
 
+#: how long the commit flush waits for a changelog hand-over that makes no progress
+STALLED_HANDOVER_S = 10.0
+
+
 def make_commit_wait_for_changelog(producer: Any) -> None:
     """Make Faust's pre-commit ``producer.flush()`` really wait for the buffered records.
 
@@ -162,7 +166,20 @@ def make_commit_wait_for_changelog(producer: Any) -> None:
 
     async def flush() -> None:
         target = counts["enqueued"]
+        progress, last_change = counts["handed_over"], time.monotonic()
         while counts["handed_over"] < target:
+            if counts["handed_over"] != progress:
+                progress, last_change = counts["handed_over"], time.monotonic()
+            elif time.monotonic() - last_change > STALLED_HANDOVER_S:
+                # aiokafka has accepted nothing for that long (a send stuck on metadata or
+                # a full accumulator): stop holding the commit -- and with it the agent,
+                # which commits inline -- and fall back to Faust's own behaviour, loudly
+                logger.warning(
+                    "changelog producer accepted nothing for %.0f s with %d record(s) "
+                    "pending; committing without waiting for them",
+                    STALLED_HANDOVER_S, target - counts["handed_over"],
+                )
+                break
             if failures:
                 raise RuntimeError(
                     f"a changelog record could not be handed to Kafka ({failures[-1]!r}); "
