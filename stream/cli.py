@@ -94,6 +94,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from stream.app import create_worker, run_worker
     from stream.kafka_io import ensure_topics
     from stream.metrics import Metrics, serve
+    from stream.recommender import warm_up
+
+    # compile/load the numba kernels now, not on the first play (see warm_up)
+    logging.getLogger(__name__).info("recommender kernels ready in %.1f s", warm_up())
 
     logging.getLogger(__name__).info("effective settings: %s", json.dumps(settings.masked()))
     partitions = asyncio.run(ensure_topics(settings))

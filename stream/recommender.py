@@ -649,3 +649,41 @@ def _similar_reason(reason: str, seed_track: str) -> str:
     if reason.startswith("because you played"):
         return f"often played with {seed_track}"
     return f"liked by listeners of {seed_track}"
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's on-disk cache) every kernel the recommender uses, by
+    running a tiny recommender through learning, every ranking path, "more like this" and
+    eviction. Returns the seconds it took.
+
+    The worker calls this before it joins its consumer group: compiling on the first play
+    instead held the event loop for tens of seconds on a fresh install, and a worker
+    killed mid-compile left the cache empty for the next one. ``scripts/setup.sh`` runs it
+    once after installing, so processes start from the cache."""
+    import time
+
+    from stream.events import PlayEvent
+    from stream.session import update_session
+
+    started = time.perf_counter()
+    rec = Recommender(seed=0, max_per_artist=1)
+    rec.cooccurrence.max_neighbours = 2  # so rows fill up and get pruned
+    states: dict[str, UserState] = {}
+    for i in range(400):
+        user, track = f"u{i % 7}", f"t{(i * 7919) % 97}"
+        event = PlayEvent(user, track, 1_700_000_000_000 + i * 1000, 200_000, f"e{i}",
+                          artist_id=f"a{i % 5}", skipped=i % 4 == 0)
+        update = update_session(states.get(user), event)
+        rec.learn_one(update, event)
+        states[user] = update.state
+    seen = SeenTracks(rec.vocabulary)
+    for state in states.values():
+        for variant in VARIANTS:
+            rec.recommend(state, 5, 1_700_000_500_000, variant=variant, exclude=seen)
+        seen.add(state.recent[0])
+    rec.mf_candidates = True
+    rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
+    rec.similar("t0", 5)
+    rec.evict_tracks(50)
+    rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
+    return time.perf_counter() - started
