@@ -12,7 +12,7 @@ never the whole catalogue.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -237,34 +237,6 @@ class SessionCooccurrence:
         with self.accumulate(anchors) as touched:
             out = touched.scratch.acc[: len(self._vocab)].copy()
         return out
-
-    def explain(
-        self, x: Interaction, track_id: str, anchors: list[tuple[int, float]] | None = None
-    ) -> str | None:
-        """The recent track that contributes most to ``track_id``'s score (for reasons).
-        Pass ``anchors`` (from :meth:`anchors`) when explaining many tracks of one query."""
-        target = self._vocab.index.get(track_id)
-        if target is None:
-            return None
-        with self.accumulate(self.anchors(x.history) if anchors is None else anchors) as t:
-            best = int(t.scratch.anchor[target])
-        return None if best < 0 else self._vocab.ids[best]
-
-    def explainer(self, anchors: list[tuple[int, float]]) -> Callable[[str], str | None]:
-        """:meth:`explain` for one query's ``anchors`` (one accumulation for all tracks)."""
-        with self.accumulate(anchors) as t:
-            n = t.n
-            rows = t.scratch.touched[:n].copy()
-            best = t.scratch.anchor[rows].copy()
-        index, ids = self._vocab.index, self._vocab.ids
-        lead = dict(zip(rows.tolist(), best.tolist(), strict=True))
-
-        def explain(track_id: str) -> str | None:
-            target = index.get(track_id)
-            a = lead.get(target) if target is not None else None
-            return None if a is None else ids[a]
-
-        return explain
 
     def candidates(
         self, x: Interaction, n: int, exclude: Collection[str] = frozenset()
