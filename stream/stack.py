@@ -283,7 +283,9 @@ def _format_storage(cfg: StackConfig, libs: Path, props: Path) -> None:
     data = cfg.state_dir / "kafka" / "data"
     if (data / "meta.properties").exists():
         return
-    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cid = "-"
+    while cid.startswith("-"):  # as Kafka's Uuid.randomUuid: "-..." reads as an option
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     argv = [*_java_base(cfg, libs), "kafka.tools.StorageTool", "format", "-t", cid, "-c"]
     proc = subprocess.run([*argv, str(props)], capture_output=True, text=True)
     if proc.returncode != 0:
