@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -328,11 +329,45 @@ def wait_for_match(
     started = time.monotonic()
     result = compare(reader, expected)
     while time.monotonic() - started < timeout:
-        if result["lost"] == 0 and result["double_applied"] == 0 and not result["users_missing"]:
+        if _clean(result):
             break
         time.sleep(0.5)
         result = compare(reader, expected)
     return result, time.monotonic() - started
+
+
+def _clean(result: dict[str, Any]) -> bool:
+    return result["lost"] == 0 and result["double_applied"] == 0 and not result["users_missing"]
+
+
+def stall_diagnostics(worker: Worker, wait_s: float = 3.0, max_chars: int = 30_000) -> dict:
+    """What a worker that did not catch up was doing: its event counters and lag, the
+    worker's own ``stream stalled`` warnings (asyncio task stacks, see stream.watchdog) and
+    every thread's stack (mode's worker dumps them on SIGUSR1) -- so a failed drill in CI
+    says where the worker was stuck without a rerun."""
+    if worker.proc is None or worker.proc.poll() is not None:
+        return {"worker_alive": False}
+    out: dict[str, Any] = {}
+    try:
+        out["events"] = {
+            o: int(worker.metric_value("stream_events_total", outcome=o))
+            for o in ("processed", "duplicate", "rejected")
+        }
+        out["lag"] = int(worker.metric_value("stream_consumer_lag_messages"))
+        out["stalls"] = int(worker.metric_value("stream_stalls_total"))
+    except Exception as exc:  # noqa: BLE001 - diagnostics must not hide the drill's result
+        out["metrics_error"] = repr(exc)
+    log = worker.log_text()
+    warnings = [m.group(0) for m in re.finditer(r"stream stalled:.*?(?=\n\[\d{4}-|\Z)", log, re.S)]
+    out["stall_warnings"] = [w[:max_chars] for w in warnings[-2:]]
+    before = len(log)
+    worker.proc.send_signal(signal.SIGUSR1)
+    time.sleep(wait_s)
+    dump = worker.log_text()[before:]
+    # mode prints each frame's locals too: far too long for a test report
+    dump = re.sub(r"-{20,}\nLOCAL VARIABLES\n-{20,}\n.*?\n\n", "", dump, flags=re.S)
+    out["thread_stacks"] = dump[:max_chars]
+    return out
 
 
 def cleanup_keys(reader: RecoReader, settings: Settings) -> None:
@@ -399,6 +434,8 @@ def crash_loop(
     reader = reader_for(settings)
     try:
         result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(worker)
         cleanup_keys(reader, settings)
     finally:
         reader.close()
@@ -470,6 +507,8 @@ def redis_outage(
             raise DrillFailed(f"producer failed: {producer.error!r}")
         expected = expected_counts(producer.sent)
         result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(worker)
         log = worker.log_text()
         report = {
             "drill": "redis_outage",
@@ -527,6 +566,8 @@ def broker_restart(
         asyncio.run(_produce(settings, second))
         expected = expected_counts(events)
         result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(worker)
         alive = worker.proc is not None and worker.proc.poll() is None
         report = {
             "drill": "broker_restart",

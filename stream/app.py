@@ -42,6 +42,7 @@ from stream.store import (
     connect_async,
     save_checkpoint,
 )
+from stream.watchdog import StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -422,6 +423,21 @@ def create_worker(
     )
     rank_stage = m.stage.labels("rank")
 
+    def consumer_state() -> dict[str, Any]:
+        consumer = app.consumer
+        buffer = app.producer.buffer
+        return {
+            "assigned": sorted(str(tp) for tp in consumer.assignment() if tp.topic == topic),
+            "paused": sorted(str(tp) for tp in getattr(consumer, "_paused_partitions", ())),
+            "flow_active": app.flow_control.is_active(),
+            "committing": getattr(consumer, "_commit_fut", None) is not None,
+            "producer_buffer": getattr(buffer, "size", None),
+            "processed_offsets": {str(tp): o for tp, o in worker.processed_offsets.items()},
+            "redis_pending": len(worker.writer.pending) if worker.writer else None,
+        }
+
+    stall_watch = StallWatch(after_s=settings.stall_warning_s, describe_state=consumer_state)
+
     pending_signals: list[TrackSignal] = []
 
     def flush_signals() -> None:
@@ -514,6 +530,7 @@ def create_worker(
                 if outcome.update is not None:
                     m.observe_session(outcome.update, outcome.event.context)
             worker.processed_offsets[TP(msg.topic, msg.partition)] = msg.offset
+            stall_watch.progress(time.monotonic())
             if (
                 outcome.outcome == "processed"
                 and outcome.update is not None
@@ -591,6 +608,7 @@ def create_worker(
                 ends.update(broker_ends)
             except Exception as exc:  # noqa: BLE001 - keep the fetch view; retry next tick
                 logger.debug("end offsets for lag unavailable: %r", exc)
+        waiting = 0
         for tp in assigned:
             end = ends.get(tp)
             done = worker.processed_offsets.get(tp)
@@ -599,6 +617,11 @@ def create_worker(
             committed = done + 1 if done is not None else 0
             m.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
             reported.add(str(tp.partition))
+            waiting += max(0, end - committed)
+        if getattr(app, "in_recovery", False):
+            waiting = 0  # restoring tables: not a stall (the clock restarts afterwards)
+        if stall_watch.check(time.monotonic(), waiting):
+            m.stalls.inc()
         for stale in lag_partitions - reported:  # revoked: its new owner reports it now
             m.lag.remove(topic, stale)
         lag_partitions.clear()

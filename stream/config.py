@@ -86,6 +86,9 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 8000
     log_level: str = "info"
+    #: warn (once per episode, with every asyncio task's stack) when messages wait but none
+    #: has been applied for this long; see stream.watchdog
+    stall_warning_s: float = 15.0
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
@@ -204,6 +207,7 @@ def validate(s: Settings) -> Settings:
         "quality_window",
         "max_event_bytes",
         "max_future_s",
+        "stall_warning_s",
     )
     for name in positive:
         if getattr(s, name) <= 0:

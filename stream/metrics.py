@@ -257,6 +257,13 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
+        self.stalls = Counter(
+            "stalls",
+            "Episodes of messages waiting with none applied for stall_warning_s (each one "
+            "logs every asyncio task's stack).",
+            namespace=ns,
+            registry=registry,
+        )
         self.rebalances = Counter(
             "rebalances",
             "Consumer group rebalances completed by this worker.",
