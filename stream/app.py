@@ -209,6 +209,66 @@ def make_commit_wait_for_changelog(producer: Any) -> None:
     producer.flush = flush
 
 
+def resume_after_seek(app: faust.App, topic: str) -> None:
+    """Let ``topic``'s partitions deliver records only once Faust has sought them to their
+    committed offsets (faust-streaming 0.15 resumes them *before* awaiting that seek).
+
+    In the gap, aiokafka's fetch position can be ahead of the committed offset (Faust's
+    ``getmany`` discards the rest of a fetched batch when flow stops, after aiokafka's
+    position moved past it), so the restarted worker applied offsets 183-188 of a
+    partition, the seek then rewound it to 34, and the per-listener offset guard dropped
+    34-182 as replays (the crash-loop loss, docs/reliability.md). The partitions are
+    resumed once the seek has run *and* Faust has resumed flow (which clears its stream
+    buffers), so every record the stream sees comes from a position the seek set: Faust
+    pauses partitions in its own fetch filter, so nothing fetched before can pass, and
+    aiokafka's seek drops what it had buffered.
+    """
+    consumer = app.consumer
+    held: set[TP] = set()
+    sought = [False]
+    resume = consumer.resume_partitions
+    pause = consumer.pause_partitions
+    perform_seek = consumer.perform_seek
+    resume_flow = app.flow_control.resume
+
+    def release() -> None:
+        sought[0] = False
+        if held:
+            tps = set(held)
+            held.clear()
+            resume(tps)
+
+    def resume_partitions(tps: Any) -> None:
+        tps = set(tps)
+        streams = {tp for tp in tps if tp.topic == topic}
+        held.update(streams)
+        if tps - streams:
+            resume(tps - streams)
+
+    def pause_partitions(tps: Any) -> None:
+        tps = set(tps)
+        held.difference_update(tps)
+        pause(tps)
+
+    async def seek_then_resume() -> None:
+        try:
+            await perform_seek()
+        except BaseException:
+            release()  # a partition held forever would stall the stream
+            raise
+        sought[0] = True
+
+    def flow_resumed() -> None:
+        resume_flow()  # clears the stream buffers (records from before the seek)
+        if sought[0]:
+            release()  # only now: nothing fetched after the seek can be cleared away
+
+    consumer.resume_partitions = resume_partitions  # type: ignore[method-assign]
+    consumer.pause_partitions = pause_partitions  # type: ignore[method-assign]
+    consumer.perform_seek = seek_then_resume  # type: ignore[method-assign]
+    app.flow_control.resume = flow_resumed  # type: ignore[method-assign]
+
+
 def create_worker(
     settings: Settings,
     metrics: Metrics,
@@ -241,6 +301,7 @@ def create_worker(
         broker_heartbeat_interval=2.0,
     )
     make_commit_wait_for_changelog(app.producer)
+    resume_after_seek(app, settings.plays_topic)
     recommender = recommender if recommender is not None else Recommender()
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
