@@ -218,52 +218,73 @@ class Recommender:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if k <= 0:
             return []
-        recent = state.recent[-self.recent_filter :] if self.recent_filter else []
-        query = Interaction(
-            user_id=state.user_id,
-            ts_ms=now_ms,
-            history=tuple(state.recent),
-            session_position=state.session_plays,
-            recent_skip_rate=_recent_skip_rate(state),
-            context=context,
-        )
         weights = self.blend_weights if variant == "blend" else {variant: 1.0}
         # Single-component variants are filled with trending when they run short.
         blend_weights = weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6}
-        anchors = self.cooccurrence.anchors(query.history)
-        banned: Iterable[str] | tuple[Iterable[str], SeenTracks] = (
-            (recent, exclude) if isinstance(exclude, SeenTracks) else chain(recent, exclude)
-        )
         if blend_weights.get("skip", 0.0) > 0:  # the skip penalty: the general path
+            recent = state.recent[-self.recent_filter :] if self.recent_filter else []
+            query = Interaction(
+                user_id=state.user_id,
+                ts_ms=now_ms,
+                history=tuple(state.recent),
+                session_position=state.session_plays,
+                recent_skip_rate=_recent_skip_rate(state),
+                context=context,
+            )
+            banned: Iterable[str] | tuple[Iterable[str], SeenTracks] = (
+                (recent, exclude) if isinstance(exclude, SeenTracks) else chain(recent, exclude)
+            )
+            anchors = self.cooccurrence.anchors(query.history)
             return self._rank_reference(query, k, banned, weights, blend_weights, anchors)
-        return self._rank_compiled(query, k, banned, weights, blend_weights, anchors)
+        return self._rank_compiled(state, k, exclude, weights, blend_weights)
 
     def _rank_compiled(
         self,
-        query: Interaction,
+        state: UserState,
         k: int,
-        banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
+        exclude: Collection[str],
         weights: Mapping[str, float],
         blend_weights: Mapping[str, float],
-        anchors: list[tuple[int, float]],
     ) -> list[Recommendation]:
-        """:meth:`_rank_reference` (without the skip penalty) in one compiled call:
-        candidates, normalised blend, order and reasons; Python only applies the artist cap
-        to the first tracks and builds the K results."""
+        """:meth:`_rank_reference` (without the skip penalty) in one compiled call
+        (:func:`stream.models._kernels.rank_query`): bans, co-occurrence from the recent
+        tracks, candidates, normalised blend, order and reasons. Python looks up the recent
+        tracks' rows, applies the artist cap to the first tracks and builds the K results."""
         size = len(self.vocabulary)
         if size == 0:
             return []
         n = max(self.candidates_per_source, k)
-        index = self.vocabulary.index
-        ban = self._ban_buffer(size)
-        ban_rows = _ban_rows(banned, index, self.vocabulary)
-        ban[ban_rows] = True
+        cooc = self.cooccurrence
+        get = self.vocabulary.index.get
+        span = max(self.recent_filter, cooc.query_window)
+        recent_ids = state.recent[-span:] if span else []
+        recent_rows = np.fromiter(
+            (get(t, -1) for t in recent_ids), dtype=np.int64, count=len(recent_ids)
+        )
+        hist_rows = recent_rows[len(recent_rows) - min(cooc.query_window, len(recent_rows)) :]
+        ban_recent = (
+            recent_rows[len(recent_rows) - min(self.recent_filter, len(recent_rows)) :]
+            if self.recent_filter else _NO_ROWS
+        )
+        if isinstance(exclude, SeenTracks):
+            ban_other = exclude.rows()
+        elif exclude:
+            ban_other = np.fromiter(
+                (r for r in map(get, exclude) if r is not None), dtype=np.int64
+            )
+        else:
+            ban_other = _NO_ROWS
         use_cooc = weights.get("cooccurrence", 0.0) > 0
-        try:
-            with self.cooccurrence.accumulate(anchors if use_cooc else []) as touched:
-                user = self.mf.user_vector(query) if weights.get("mf", 0.0) > 0 else None
-                members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
-                rows, totals, reasons, leads = _k.blend_rank(
+        user = None
+        if weights.get("mf", 0.0) > 0:
+            user = self.mf.user_vector(Interaction(user_id=state.user_id,
+                                                   history=tuple(state.recent)))
+        members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
+        start, csize, cap, total, nbr, val = cooc.arena()
+        ban = self._ban_buffer(size)
+        with cooc.scratch(size) as sc:
+            try:
+                ranked = _k.rank_query(
                     size,
                     n if weights.get("popularity", 0.0) > 0 else k,
                     n,
@@ -276,32 +297,37 @@ class Recommender:
                     members,
                     pop_weights,
                     pop_total,
-                    touched.scratch.acc,
-                    touched.scratch.anchor,
-                    touched.rows(),
+                    start, csize, cap, total, nbr, val,
+                    hist_rows,
+                    cooc.query_decay,
+                    sc.acc, sc.best, sc.anchor, sc.touched,
                     self.mf.factors(),
                     user if user is not None else _NO_SCORES,
                     ban,
                     self._mark_buffer(size),
+                    ban_recent,
+                    ban_other,
                 )
-        finally:
-            ban[ban_rows] = False
+            except BaseException:
+                ban[:] = False  # the kernel did not get to clear its bans
+                raise
+        rows, totals, reasons, leads = ranked
         ids = self.vocabulary.ids
         artist_of = self.artist_of
-        cap = self.max_per_artist if artist_of else None
-        if cap is None:  # no artist cap: exactly the first k are kept
+        cap_n = self.max_per_artist if artist_of else None
+        if cap_n is None:  # no artist cap: exactly the first k are kept
             rows, totals, reasons, leads = rows[:k], totals[:k], reasons[:k], leads[:k]
         per_artist: dict[str, int] = {}
         because: dict[int, str] = {}
         out: list[Recommendation] = []
-        for row, total, code, lead in zip(
+        for row, score, code, lead in zip(
             rows.tolist(), totals.tolist(), reasons.tolist(), leads.tolist(), strict=True
         ):
             track = ids[row]
-            if cap is not None:
+            if cap_n is not None:
                 artist = artist_of.get(track)
                 if artist is not None:
-                    if per_artist.get(artist, 0) >= cap:
+                    if per_artist.get(artist, 0) >= cap_n:
                         continue
                     per_artist[artist] = per_artist.get(artist, 0) + 1
             if code == _k.REASON_COOCCURRENCE and lead >= 0:
@@ -310,7 +336,7 @@ class Recommender:
                     reason = because[lead] = _BECAUSE.format(anchor=ids[lead])
             else:
                 reason = _reason(code, lead, ids)
-            out.append(Recommendation(track, round(total, 6), reason))
+            out.append(Recommendation(track, round(score, 6), reason))
             if len(out) >= k:
                 break
         return out
@@ -593,6 +619,7 @@ def _ban_rows(
 
 _SCRATCH: Final = frozenset({"_ban", "_mark"})  # per-process buffers, not model state
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
+_NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _BECAUSE: Final = REASONS["cooccurrence"]
 
 

@@ -371,3 +371,71 @@ def blend_rank(  # type: ignore[no-untyped-def]
         for i in range(c):
             leads[i] = lead[rows[i]]
     return rows[order], total[order], reason[order], leads[order]
+
+
+@_jit
+def query_anchors(hist_rows, cap, decay):  # type: ignore[no-untyped-def]
+    """The anchors of a query: from ``hist_rows`` (the listener's recent tracks' rows,
+    oldest first, -1 = unknown), newest first, the distinct rows that have a neighbour list,
+    weighted ``decay ** distance`` (distance counted over every recent track)."""
+    m = len(hist_rows)
+    rows = np.empty(m, dtype=np.int64)
+    weights = np.empty(m)
+    k = 0
+    w = 1.0
+    for i in range(m - 1, -1, -1):
+        r = hist_rows[i]
+        if 0 <= r < len(cap) and cap[r] != 0:
+            seen = False
+            for j in range(k):
+                if rows[j] == r:
+                    seen = True
+                    break
+            if not seen:
+                rows[k] = r
+                weights[k] = w
+                k += 1
+        w *= decay
+    return rows[:k], weights[:k]
+
+
+@_jit
+def rank_query(  # type: ignore[no-untyped-def]
+    size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
+    pop_members, pop_w, pop_total,
+    start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor, touched,
+    factors, user, ban, mark, ban_recent, ban_other,
+):
+    """One whole query: ban ``ban_recent`` (-1 = unknown, skipped) and ``ban_other``,
+    accumulate co-occurrence from the anchors of ``hist_rows`` (:func:`query_anchors`,
+    :func:`cooc_accumulate`; the anchors themselves score 0), rank with
+    :func:`blend_rank`, then leave the scratch (``acc``, ``best``, ``anchor``) and ``ban``
+    as they were. Returns what :func:`blend_rank` returns."""
+    for r in ban_recent:
+        if r >= 0:
+            ban[r] = True
+    for r in ban_other:
+        ban[r] = True
+    n_touched = 0
+    if use_cooc:
+        a_rows, a_weights = query_anchors(hist_rows, cap, decay)
+    else:
+        a_rows, a_weights = np.empty(0, dtype=np.int64), np.empty(0)
+    if len(a_rows):
+        n_touched = cooc_accumulate(
+            start, csize, total, nbr, val, a_rows, a_weights, acc, best, anchor, touched
+        )
+        for r in a_rows:
+            acc[r] = 0.0
+    out = blend_rank(
+        size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
+        pop_members, pop_w, pop_total, acc, anchor, touched[:n_touched], factors, user,
+        ban, mark,
+    )
+    reset_touched(acc, best, anchor, touched, n_touched)
+    for r in ban_recent:
+        if r >= 0:
+            ban[r] = False
+    for r in ban_other:
+        ban[r] = False
+    return out

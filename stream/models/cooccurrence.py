@@ -11,8 +11,10 @@ never the whole catalogue.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -195,6 +197,29 @@ class SessionCooccurrence:
                 out.append((prev, w))
             w *= self.query_decay
         return out
+
+    def arena(self) -> tuple[IntArray, IntArray, IntArray, FloatArray, Any, Any]:
+        """The neighbour-list arrays (``start``, ``size``, ``cap``, ``total``, ``nbr``,
+        ``val``) for a compiled query (see stream.models._kernels.rank_query)."""
+        return self._start, self._size, self._cap, self._total, self._nbr, self._val
+
+    @contextlib.contextmanager
+    def scratch(self, size: int) -> Iterator[_Scratch]:
+        """Query scratch buffers for ``size`` tracks, all zero/-1; the caller's kernel
+        leaves them so. If it raises, they are cleared here. (A nested query, while
+        another one holds them, gets fresh buffers.)"""
+        sc = self._scratch
+        if sc.busy:
+            sc = _Scratch()
+        sc.ensure(size)
+        sc.busy = True
+        try:
+            yield sc
+        except BaseException:
+            sc.clear()
+            raise
+        finally:
+            sc.busy = False
 
     def accumulate(self, anchors: list[tuple[int, float]]) -> Touched:
         """Sparse scores of the tracks the ``anchors`` lead to, in scratch buffers reused
