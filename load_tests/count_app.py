@@ -63,4 +63,5 @@ async def count_plays(stream: faust.StreamT[bytes]) -> None:
 
 if __name__ == "__main__":
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker.spinner = None  # as stream.app.run_worker: no DEBUG root logger for the spinner
     worker.execute_from_commandline()

@@ -202,7 +202,13 @@ def make_commit_wait_for_changelog(producer: Any) -> None:
         # flush, which waits for the batches accumulated so far to be acknowledged
         kafka = getattr(producer, "_producer", None)
         if kafka is not None:
-            await kafka.flush()
+            accumulator = getattr(kafka, "_message_accumulator", None)
+            if accumulator is not None and hasattr(accumulator, "flush_for_commit"):
+                # close the batches still lingering (producer_linger) so they go out now
+                # instead of after the linger: the agent commits inline and waits here
+                await accumulator.flush_for_commit()
+            else:
+                await kafka.flush()
         for transactional in getattr(producer, "_transaction_producers", {}).values():
             await transactional.flush()
 
@@ -292,9 +298,13 @@ def create_worker(
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=4096,
-        # batch changelog writes (one produce request per event otherwise); freshness is
-        # unaffected: recommendations go to Redis, not through this producer
-        producer_linger=0.005,
+        # batch changelog writes: every produce request costs the agent's event loop
+        # far more than a record (P1 drain 635 -> 879 events/s going from 5 ms to 50 ms,
+        # docs/benchmarks.md). Freshness is unaffected: recommendations go to Redis, not
+        # through this producer, and a commit sends the lingering batches at once
+        # (make_commit_wait_for_changelog), so the inline commit never waits out the linger.
+        producer_linger=0.1,
+        producer_max_batch_size=256 * 1024,
         # a crashed worker's partitions move to the others (or its restart) within ~10 s
         # instead of Faust's default 60 s
         broker_session_timeout=10.0,
@@ -741,4 +751,8 @@ def run_worker(worker: Worker) -> None:
         quiet=True,
         redirect_stdouts=False,
     )
+    # Faust's terminal spinner (kept at log levels >= WARNING) sets the root logger to DEBUG
+    # and handles every record: aiokafka's per-message debug logs then cost the hot path
+    # ~2 % of the worker's CPU even though nothing is printed.
+    faust_worker.spinner = None
     faust_worker.execute_from_commandline()
