@@ -20,7 +20,7 @@ one of them is renamed here without updating the configs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import (
     REGISTRY,
@@ -431,6 +431,13 @@ class Metrics:
         self.redis_writes.labels("written")
         self.redis_writes.labels("stale_skipped")
 
+    @property
+    def _context_children(self) -> dict[str | None, tuple[Any, Any]]:
+        cache: dict[str | None, tuple[Any, Any]] | None = self.__dict__.get("_ctx_children")
+        if cache is None:
+            cache = self.__dict__["_ctx_children"] = {}
+        return cache
+
     def init_topic(self, topic: str, outcomes: tuple[str, ...]) -> None:
         """Create the per-topic series at 0 (so the DLQ ratio is 0, not absent, when clean)."""
         for outcome in outcomes:
@@ -441,10 +448,15 @@ class Metrics:
         """Listening-behaviour metrics for one applied (non-duplicate) play."""
         if update.duplicate:
             return
-        label = context_label(context)
-        self.plays.labels(label).inc()
+        children = self._context_children.get(context)
+        if children is None:  # labels() costs a lock and a dict per call: resolve once
+            label = context_label(context)
+            children = (self.plays.labels(label), self.skips.labels(label))
+            if len(self._context_children) < 1024:  # contexts are free text: bounded
+                self._context_children[context] = children
+        children[0].inc()
         if update.is_skip:
-            self.skips.labels(label).inc()
+            children[1].inc()
         if update.new_session:
             self.sessions_started.labels("new" if update.first_event else "returning").inc()
             before = update.before

@@ -445,17 +445,27 @@ class Recommender:
         if row is None:
             return []
         n = max(self.candidates_per_source, k)
-        cooc = self.cooccurrence.score_all(Interaction(user_id="", history=(track_id,)))
-        cooc[row] = -np.inf
-        cooc[cooc <= 0] = -np.inf
-        near = self.mf.similar_all(track_id)
-        picks = [top_rows(cooc, n)]
+        # co-occurrence: only the rows the seed's neighbour list touches (no dense pass
+        # over the catalogue; the worker refreshes many of these lists per second)
+        cooc_model = self.cooccurrence
+        with cooc_model.accumulate(cooc_model.anchors((track_id,))) as touched:
+            t_rows = touched.rows().copy()
+            t_vals = touched.scratch.acc[t_rows]
+        keep = (t_vals > 0) & (t_rows != row)
+        t_rows, t_vals = t_rows[keep], t_vals[keep]
+        by_row = np.argsort(t_rows, kind="stable")
+        t_rows, t_vals = t_rows[by_row], t_vals[by_row]
+        picks = [t_rows[np.lexsort((t_rows, -t_vals))[:n]]]
+        near = self.mf.similar_all(track_id, norms=self._item_norms())
         if near is not None:
             picks.append(top_rows(near, n))
         rows = np.unique(np.concatenate(picks))
         if not len(rows):
             return []
-        components = {"cooccurrence": np.maximum(cooc[rows], 0.0)}
+        at = np.minimum(np.searchsorted(t_rows, rows), max(len(t_rows) - 1, 0))
+        cooc = (np.where(t_rows[at] == rows, t_vals[at], 0.0) if len(t_rows)
+                else np.zeros(len(rows)))
+        components = {"cooccurrence": cooc}
         if near is not None:
             components["mf"] = near[rows]
         ids = self.vocabulary.ids
@@ -472,6 +482,19 @@ class Recommender:
             Recommendation(r.track_id, r.score, _similar_reason(r.reason, track_id))
             for r in recs
         ]
+
+    def _item_norms(self) -> FloatArray:
+        """L2 norms of the MF item factors, computed once per model state: the worker
+        refreshes many "more like this" lists between two plays, and the norms over the
+        whole catalogue were most of each list's cost."""
+        key = (self.n_learned, self.vocabulary.generation, len(self.vocabulary))
+        cached = self.__dict__.get("_norms")
+        if cached is not None and cached[0] == key:
+            norms: FloatArray = cached[1]
+            return norms
+        norms = self.mf.item_norms()
+        self.__dict__["_norms"] = (key, norms)
+        return norms
 
     def evict_tracks(self, keep: int) -> int:
         """Bound the catalogue: keep the ``keep`` tracks with the highest decayed popularity
@@ -617,7 +640,7 @@ def _ban_rows(
     return [r for r in map(index.get, banned) if r is not None]
 
 
-_SCRATCH: Final = frozenset({"_ban", "_mark"})  # per-process buffers, not model state
+_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms"})  # per-process buffers, not model state
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _BECAUSE: Final = REASONS["cooccurrence"]

@@ -205,14 +205,22 @@ class ImplicitMF:
         ids = self._vocab.ids
         return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}
 
-    def similar_all(self, track_id: str) -> FloatArray | None:
-        """Cosine similarity of every known track's factors to ``track_id``'s, or None."""
+    def item_norms(self) -> FloatArray:
+        """The L2 norm of every known track's factors (plus 1e-12), for :meth:`similar_all`."""
+        self._sync()
+        out: FloatArray = np.linalg.norm(self.item_factors[: len(self._vocab)], axis=1) + 1e-12
+        return out
+
+    def similar_all(self, track_id: str, norms: FloatArray | None = None) -> FloatArray | None:
+        """Cosine similarity of every known track's factors to ``track_id``'s, or None.
+        ``norms`` (from :meth:`item_norms`, same model state) saves recomputing them."""
         row = self._vocab.index.get(track_id)
         if row is None:
             return None
         self._sync()
         matrix = self.item_factors[: len(self._vocab)]
-        norms = np.linalg.norm(matrix, axis=1) + 1e-12
+        if norms is None or len(norms) != len(matrix):
+            norms = self.item_norms()
         out: FloatArray = (matrix @ matrix[row]) / (norms * norms[row])
         out[row] = -np.inf
         return out
