@@ -148,7 +148,7 @@ def make_commit_wait_for_changelog(
     The tables in ``batched`` (filled in later, once they exist) send their pending
     changelog records (:meth:`BatchedChangelogTable.send_dirty`) after that hand-over and
     before the producer flush, and a record of theirs that failed to deliver fails the
-    flush (:meth:`BatchedChangelogTable.check_delivered`).
+    flush (:meth:`BatchedChangelogTable.wait_delivered`).
     """
     batched_tables = batched if batched is not None else []
     if producer.app.conf.producer_threaded:  # put() would bypass _send_pending
@@ -230,7 +230,7 @@ def make_commit_wait_for_changelog(
         for transactional in getattr(producer, "_transaction_producers", {}).values():
             await transactional.flush()
         for table in batched_tables:
-            table.check_delivered()
+            await table.wait_delivered()
 
     producer.flush = flush
 

@@ -107,6 +107,14 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
                 self.check_delivered(raise_on_failure=False)
             return sent
 
+    async def wait_delivered(self) -> None:
+        """Wait for every record handed over so far to be acknowledged (or to fail), then
+        :meth:`check_delivered`: raises :class:`ChangelogSendError` if any failed."""
+        pending = [fut for fut, *_ in self._in_flight if not fut.done()]
+        if pending:
+            await asyncio.wait(pending)
+        self.check_delivered()
+
     def check_delivered(self, *, raise_on_failure: bool = True) -> int:
         """After the producer's flush: drop delivered records from the in-flight list; put
         failed ones back as dirty (unless a newer value is waiting) and raise

@@ -258,9 +258,7 @@ class Recommender:
         get = self.vocabulary.index.get
         span = max(self.recent_filter, cooc.query_window)
         recent_ids = state.recent[-span:] if span else []
-        recent_rows = np.fromiter(
-            (get(t, -1) for t in recent_ids), dtype=np.int64, count=len(recent_ids)
-        )
+        recent_rows = np.array([get(t, -1) for t in recent_ids], dtype=np.int64)
         hist_rows = recent_rows[len(recent_rows) - min(cooc.query_window, len(recent_rows)) :]
         ban_recent = (
             recent_rows[len(recent_rows) - min(self.recent_filter, len(recent_rows)) :]
@@ -277,8 +275,10 @@ class Recommender:
         use_cooc = weights.get("cooccurrence", 0.0) > 0
         user = None
         if weights.get("mf", 0.0) > 0:
-            user = self.mf.user_vector(Interaction(user_id=state.user_id,
-                                                   history=tuple(state.recent)))
+            user = self.mf.user_factors.get(state.user_id)
+            if user is None:  # a listener without factors yet: their recent tracks' mean
+                user = self.mf.user_vector(Interaction(user_id=state.user_id,
+                                                       history=tuple(state.recent)))
         members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
         start, csize, cap, total, nbr, val = cooc.arena()
         ban = self._ban_buffer(size)

@@ -1,0 +1,176 @@
+"""The session table's batched changelog (stream.changelog): what reaches the producer.
+
+A real Faust app and table (no broker: nothing connects); only the producer's ``send`` is
+replaced by a recorder whose delivery futures the test resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import faust
+import pytest
+
+from stream.app import USER_STATE_CODEC, UserStateCodec, make_commit_wait_for_changelog
+from stream.changelog import BatchedChangelogTable, ChangelogSendError, batched_table
+from stream.session import UserState
+
+
+class RecordingProducer:
+    """Stands in for ``app.producer.send``: records each call, returns a future."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.sent: list[tuple[str, bytes, bytes, int]] = []
+        self.futures: list[asyncio.Future[Any]] = []
+        self.fail_after = fail_after
+
+    async def send(self, topic: str, key: bytes, value: bytes, partition: int,
+                   timestamp: float, headers: Any) -> asyncio.Future[Any]:
+        if self.fail_after is not None and len(self.sent) >= self.fail_after:
+            raise RuntimeError("producer is down")
+        self.sent.append((topic, key, value, partition))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.futures.append(fut)
+        return fut
+
+
+def _table(name: str) -> tuple[faust.App, BatchedChangelogTable]:
+    app = faust.App(name, broker="kafka://127.0.0.1:1", autodiscover=False)
+    table = batched_table(
+        app, "sessions", default=None, partitions=4,
+        schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
+    )
+    table.key_serializer = "json"
+    table.value_serializer = USER_STATE_CODEC
+    partitions = {"u1": 1, "u2": 3}
+    table.partition_for_key = lambda key: partitions[key]  # as inside stream iteration
+    return app, table
+
+
+def _state(user: str, seq: int) -> UserState:
+    return UserState(user_id=user, seq=seq, recent=[f"t{seq}"])
+
+
+def _decoded(value: bytes) -> UserState:
+    state = UserStateCodec().loads(value)
+    assert isinstance(state, UserState)
+    return state
+
+
+@pytest.mark.asyncio
+async def test_a_key_set_many_times_is_one_record_with_its_latest_value() -> None:
+    app, table = _table("changelog-coalesce")
+    producer = RecordingProducer()
+    app.producer.send = producer.send  # type: ignore[method-assign]
+    for seq in (1, 2, 3):
+        table["u1"] = _state("u1", seq)
+    table["u2"] = _state("u2", 1)
+    assert table.dirty == 2
+    assert await table.send_dirty() == 2
+    assert table.dirty == 0
+    (t1, k1, v1, p1), (_, k2, v2, p2) = producer.sent
+    assert t1 == table.changelog_topic.get_topic_name()
+    assert (json.loads(k1), p1, _decoded(v1).seq) == ("u1", 1, 3)
+    assert (json.loads(k2), p2, _decoded(v2).seq) == ("u2", 3, 1)
+    assert table["u1"].seq == 3  # the store itself is Faust's, unchanged
+    assert await table.send_dirty() == 0  # nothing new: nothing sent
+
+
+@pytest.mark.asyncio
+async def test_delete_drops_the_pending_value_so_no_older_state_follows_the_tombstone() -> None:
+    app, table = _table("changelog-delete")
+    producer = RecordingProducer()
+    app.producer.send = producer.send  # type: ignore[method-assign]
+    tombstones: list[Any] = []
+    table.send_changelog = (  # type: ignore[method-assign]
+        lambda partition, key, value, *a, **kw: tombstones.append((partition, key, value))
+        or _Fut(partition)
+    )
+    table["u1"] = _state("u1", 1)
+    del table["u1"]
+    assert await table.send_dirty() == 0
+    assert producer.sent == []
+    assert tombstones == [(1, "u1", None)]
+
+
+class _Fut:
+    def __init__(self, partition: int) -> None:
+        self.message = type("M", (), {"partition": partition})()
+
+
+@pytest.mark.asyncio
+async def test_failed_delivery_fails_the_check_and_the_key_is_sent_again() -> None:
+    app, table = _table("changelog-fail")
+    producer = RecordingProducer()
+    app.producer.send = producer.send  # type: ignore[method-assign]
+    table["u1"] = _state("u1", 1)
+    table["u2"] = _state("u2", 1)
+    await table.send_dirty()
+    producer.futures[0].set_exception(RuntimeError("message too large"))
+    producer.futures[1].set_result(None)
+    table["u2"] = _state("u2", 2)  # newer value of a delivered key, not yet sent
+    with pytest.raises(ChangelogSendError, match="not delivered"):
+        table.check_delivered()
+    assert table.dirty == 2
+    await table.send_dirty()
+    resent = {json.loads(k): _decoded(v).seq for _, k, v, _ in producer.sent[2:]}
+    assert resent == {"u1": 1, "u2": 2}
+    for fut in producer.futures[2:]:
+        fut.set_result(None)
+    assert table.check_delivered() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_failed_resend_never_replaces_a_newer_pending_value() -> None:
+    app, table = _table("changelog-newer")
+    producer = RecordingProducer()
+    app.producer.send = producer.send  # type: ignore[method-assign]
+    table["u1"] = _state("u1", 1)
+    await table.send_dirty()
+    table["u1"] = _state("u1", 2)
+    producer.futures[0].set_exception(RuntimeError("broker gone"))
+    with pytest.raises(ChangelogSendError):
+        table.check_delivered()
+    await table.send_dirty()
+    assert _decoded(producer.sent[-1][2]).seq == 2
+
+
+@pytest.mark.asyncio
+async def test_producer_error_keeps_the_unsent_keys_dirty() -> None:
+    app, table = _table("changelog-producer-down")
+    producer = RecordingProducer(fail_after=1)
+    app.producer.send = producer.send  # type: ignore[method-assign]
+    table["u1"] = _state("u1", 1)
+    table["u2"] = _state("u2", 1)
+    with pytest.raises(RuntimeError, match="producer is down"):
+        await table.send_dirty()
+    assert len(producer.sent) == 1
+    assert table.dirty == 1  # u2: sent by the next call (the commit retries it)
+
+
+@pytest.mark.asyncio
+async def test_commit_flush_sends_pending_records_and_fails_on_undelivered_ones() -> None:
+    app, table = _table("changelog-commit")
+    producer = RecordingProducer()
+    app.producer.send = producer.send  # type: ignore[method-assign]
+    batched: list[BatchedChangelogTable] = []
+    make_commit_wait_for_changelog(app.producer, batched)
+    batched.append(table)
+    buffer = app.producer.buffer
+    await buffer.start()
+    try:
+        table["u1"] = _state("u1", 1)
+        flush = asyncio.ensure_future(app.producer.flush())
+        for _ in range(50):
+            if producer.futures:
+                break
+            await asyncio.sleep(0.01)
+        assert len(producer.sent) == 1  # handed over by the flush itself
+        producer.futures[0].set_exception(RuntimeError("not authorised"))
+        with pytest.raises(ChangelogSendError):
+            await flush  # Faust does not commit: the offsets stay, the record is resent
+        assert table.dirty == 1
+    finally:
+        await buffer.stop()
