@@ -113,11 +113,15 @@ def worker_env(rid: str, topic: str, metrics_port: int) -> dict[str, str]:
 
 
 def start_worker(
-    rid: str, topic: str, log_dir: Path, extra_env: Mapping[str, str] | None = None
+    rid: str,
+    topic: str,
+    log_dir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    name: str = "worker",
 ) -> Proc:
     port = free_port()
     env = {**worker_env(rid, topic, port), **(extra_env or {})}
-    proc = spawn("worker", [sys.executable, "-m", "stream.cli", "worker"], env, log_dir)
+    proc = spawn(name, [sys.executable, "-m", "stream.cli", "worker"], env, log_dir)
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     return proc
 

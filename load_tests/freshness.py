@@ -13,6 +13,7 @@ Targets: p50 <= 10 ms, p99 <= 50 ms, lag not growing.
 
     python -m load_tests.freshness --rate 1000 --seconds 60     # P2
     python -m load_tests.freshness --rate 1000 --seconds 10     # quick variant
+    python -m load_tests.freshness --rate 1000 --seconds 60 --workers 2   # scaled out
     python -m load_tests.freshness --source lastfm --rate 500 --seconds 30
 """
 
@@ -54,21 +55,24 @@ Sample = dict[str, Any]
 
 async def sample_loop(
     settings: Settings,
-    worker: Proc,
+    workers: list[Proc],
     group: str,
     topic: str,
     samples: list[Sample],
     stop: asyncio.Event,
     max_seconds: float,
 ) -> None:
-    """Once a second: worker metrics (events, lag), group lag from Kafka, worker RSS."""
+    """Once a second: worker metrics (events, lag), group lag from Kafka, worker RSS
+    (summed over the workers of the group)."""
     lag = GroupLag(settings, group, topic)
     await lag.start()
     deadline = time.monotonic() + max_seconds
     try:
         while not stop.is_set() and time.monotonic() < deadline:
             t = time.time()
-            m = await asyncio.to_thread(scrape, worker.metrics_url, 1.0)
+            scraped = [await asyncio.to_thread(scrape, w.metrics_url, 1.0) for w in workers]
+            m = None if any(x is None for x in scraped) else [s for x in scraped for s in x or ()]
+            rss = [rss_bytes(w.pid) for w in workers]
             samples.append(
                 {
                     "t": t,
@@ -77,7 +81,7 @@ async def sample_loop(
                     if m
                     else None,
                     "group_lag": await lag.lag(),
-                    "rss": rss_bytes(worker.pid),
+                    "rss": None if None in rss else sum(r or 0 for r in rss),
                     "redis_pending": metric_sum(m, "stream_redis_pending_writes") if m else None,
                 }
             )
@@ -101,7 +105,11 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
     from stream.kafka_io import ensure_topics
 
     await ensure_topics(settings)
-    worker = start_worker(worker_id, topic, report.dir)
+    # --workers N: one consumer group, the Kafka way (partitions split between them)
+    workers = [
+        start_worker(worker_id, topic, report.dir, name="worker" if i == 0 else f"worker-{i}")
+        for i in range(args.workers)
+    ]
     notes_path = report.dir / "notifications.tsv"
     sub_seconds = args.warmup + args.seconds * 1.5 + args.drain + 60
     sub = subprocess.Popen(
@@ -128,13 +136,13 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
     stop = asyncio.Event()
     sampler: asyncio.Task[None] | None = None
     try:
-        waited = await asyncio.to_thread(wait_assigned, worker, topic)
+        waited = max([await asyncio.to_thread(wait_assigned, w, topic) for w in workers])
         assert sub.stdout is not None
         line = await asyncio.to_thread(sub.stdout.readline)
         if line.strip() != b"ready":
             raise RuntimeError("subscriber did not start")
         sampler = asyncio.create_task(
-            sample_loop(settings, worker, worker_id, topic, samples, stop, sub_seconds)
+            sample_loop(settings, workers, worker_id, topic, samples, stop, sub_seconds)
         )
 
         def on_send(ev: PlayEvent, t: float) -> None:
@@ -187,8 +195,9 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
             sub.wait(30)
         except subprocess.TimeoutExpired:
             sub.kill()
-        final = scrape(worker.metrics_url) or []
-        worker.stop()
+        final = [s for w in workers for s in scrape(w.metrics_url) or ()]
+        for w in workers:
+            w.stop()
     notes = read_notes(notes_path)
     return analyse(
         args,
@@ -408,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--users", type=int, default=20_000, help="synthetic listeners")
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="workers in the consumer group (RSS and metrics are summed)")
     ap.add_argument(
         "--linger-ms",
         type=int,
@@ -417,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rate <= 0 or args.seconds <= 0:
         ap.error("--rate and --seconds must be > 0")
+    if not 1 <= args.workers <= args.partitions:
+        ap.error("--workers must be between 1 and --partitions")
     rid = run_id("p2")
     report = Report("freshness", rid)
     print(
@@ -424,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     res = asyncio.run(scenario(args, rid, report))
+    res["workers"] = args.workers
     report.data = res
     path = report.write()
     png = report.dir / "freshness.png"
@@ -432,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nP2 freshness ({res['traffic']}; target {args.rate:g} ev/s for {args.seconds:g} s; "
         f"sent {res['events_sent']:,} to {res['distinct_users_sent']:,} users at "
-        f"{res['producer']['rate']:.0f} ev/s; worker processed {res['processed_rate_during_run']:.0f} ev/s)"
+        f"{res['producer']['rate']:.0f} ev/s; {args.workers} worker(s) processed "
+        f"{res['processed_rate_during_run']:.0f} ev/s)"
     )
     print(
         table(
@@ -455,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             f"last third {lg['last_third_mean']:.0f}, max {lg['max']:.0f}, after drain {lg['after_drain']:.0f}"
         )
     rss = res["worker_rss_mib"]
-    print(f"  worker RSS: {rss['start']:.0f} -> {rss['end']:.0f} MiB (max {rss['max']:.0f})")
+    print(f"  worker RSS (all workers): {rss['start']:.0f} -> {rss['end']:.0f} MiB "
+          f"(max {rss['max']:.0f})")
     print(
         "  targets: "
         + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in res["targets"].items())

@@ -282,35 +282,38 @@ class Recommender:
         members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
         start, csize, cap, total, nbr, val = cooc.arena()
         ban = self._ban_buffer(size)
-        with cooc.scratch(size) as sc:
-            try:
-                ranked = _k.rank_query(
-                    size,
-                    n if weights.get("popularity", 0.0) > 0 else k,
-                    n,
-                    use_cooc,
-                    user is not None,
-                    self.mf_candidates or weights.get("cooccurrence", 0.0) == 0,
-                    blend_weights.get("popularity", 0.0),
-                    blend_weights.get("cooccurrence", 0.0),
-                    blend_weights.get("mf", 0.0),
-                    members,
-                    pop_weights,
-                    pop_total,
-                    start, csize, cap, total, nbr, val,
-                    hist_rows,
-                    cooc.query_decay,
-                    sc.acc, sc.best, sc.anchor, sc.touched,
-                    self.mf.factors(),
-                    user if user is not None else _NO_SCORES,
-                    ban,
-                    self._mark_buffer(size),
-                    ban_recent,
-                    ban_other,
-                )
-            except BaseException:
-                ban[:] = False  # the kernel did not get to clear its bans
-                raise
+        sc = cooc.acquire_scratch(size)
+        try:
+            ranked = _k.rank_query(
+                size,
+                n if weights.get("popularity", 0.0) > 0 else k,
+                n,
+                use_cooc,
+                user is not None,
+                self.mf_candidates or weights.get("cooccurrence", 0.0) == 0,
+                blend_weights.get("popularity", 0.0),
+                blend_weights.get("cooccurrence", 0.0),
+                blend_weights.get("mf", 0.0),
+                members,
+                pop_weights,
+                pop_total,
+                start, csize, cap, total, nbr, val,
+                hist_rows,
+                cooc.query_decay,
+                sc.acc, sc.best, sc.anchor, sc.touched,
+                self.mf.factors(),
+                user if user is not None else _NO_SCORES,
+                ban,
+                self._mark_buffer(size),
+                ban_recent,
+                ban_other,
+            )
+        except BaseException:
+            ban[:] = False  # the kernel did not get to clear its bans
+            sc.clear()  # nor its scratch
+            raise
+        finally:
+            cooc.release_scratch(sc)
         rows, totals, reasons, leads = ranked
         ids = self.vocabulary.ids
         artist_of = self.artist_of

@@ -148,7 +148,10 @@ class SessionCooccurrence:
             return
         vocab = self._vocab
         track = vocab.add(x.track_id)
-        prevs = [vocab.add(p) for p in reversed(x.history[-self.window :])]
+        get = vocab.index.get  # recent tracks are nearly always known: look up first
+        prevs = [get(p) for p in reversed(x.history[-self.window :])]
+        if None in prevs:
+            prevs = [vocab.add(p) for p in reversed(x.history[-self.window :])]
         size = len(vocab)
         self.track_weight = grow_rows(self.track_weight, size)
         self.track_weight[track] += scale
@@ -202,6 +205,20 @@ class SessionCooccurrence:
         """The neighbour-list arrays (``start``, ``size``, ``cap``, ``total``, ``nbr``,
         ``val``) for a compiled query (see stream.models._kernels.rank_query)."""
         return self._start, self._size, self._cap, self._total, self._nbr, self._val
+
+    def acquire_scratch(self, size: int) -> _Scratch:
+        """:meth:`scratch` without the context manager (the per-query hot path): pair it
+        with :meth:`release_scratch`, and ``clear()`` the buffers if the kernel raised."""
+        sc = self._scratch
+        if sc.busy:
+            sc = _Scratch()
+        sc.ensure(size)
+        sc.busy = True
+        return sc
+
+    @staticmethod
+    def release_scratch(sc: _Scratch) -> None:
+        sc.busy = False
 
     @contextlib.contextmanager
     def scratch(self, size: int) -> Iterator[_Scratch]:

@@ -87,7 +87,8 @@ class ImplicitMF:
 
     def _item_row(self, track_id: str) -> int:
         row = self._vocab.add(track_id)
-        self._sync()
+        if len(self._vocab) > self._known:
+            self._sync()
         return row
 
     def _sync(self) -> None:
@@ -106,19 +107,24 @@ class ImplicitMF:
             user = self._rng.normal(0.0, self.init_scale, self.n_factors).astype(np.float32)
             self.user_factors[x.user_id] = user
         target = self.skip_target if x.skipped else 1.0
-        negatives: list[int] = []
-        if self.uniform_negatives and len(self._vocab) > 1:
-            size = len(self._vocab)
-            negatives = [r for r in (int(self._uniform() * size) for _ in range(self.n_negatives))
-                         if r != row]
+        # the row, then the distinct sampled negatives other than it, in draw order (one
+        # update per row in mf_step); draws come from the seeded batch, in the same order
+        picked = [row]
+        size = len(self._vocab)
+        if self.uniform_negatives and size > 1:
+            for _ in range(self.n_negatives):
+                r = int(self._uniform() * size)
+                if r not in picked:
+                    picked.append(r)
         elif self._pool:
             pool = self._pool
-            negatives = [r for r in (pool[int(self._uniform() * len(pool))]
-                                     for _ in range(self.n_negatives)) if r != row]
-        if len(negatives) > 1:
-            negatives = list(dict.fromkeys(negatives))  # one update per row (mf_step)
-        rows = np.array([row, *negatives], dtype=np.int64)
-        targets = np.array([target, *(0.0 for _ in negatives)])
+            for _ in range(self.n_negatives):
+                r = pool[int(self._uniform() * len(pool))]
+                if r not in picked:
+                    picked.append(r)
+        rows = np.array(picked, dtype=np.int64)
+        targets = np.zeros(len(picked))
+        targets[0] = target
         _k.mf_step(self.item_factors, user, rows, targets, self.learning_rate, self.l2)
         if not x.skipped:
             self._remember(row)
