@@ -9,6 +9,9 @@ quality metrics differ.
     python -m load_tests.replay_speed --baseline 7dbf7c9 [--rounds 3] [--limit 100000]
         [--report load_tests/results/replay-speed.json]
 
+Each replay process also times river's FunkMF update (the issue quotes ~9 us for it on the
+reference machine) before and after its replay, and reports the rate scaled to that speed.
+
 The baseline is checked out with ``git worktree`` under a temporary directory (removed
 afterwards). Each run prints one JSON line: events/s from the replay's own wall clock (the
 loop only, after loading the file) and its report.
@@ -33,18 +36,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _RUN = """
 import json, sys, time
+from river import optim, reco
 from stream.datasets import load_events
 from stream.replay import replay
 events = load_events(sys.argv[1], "movielens", limit=int(sys.argv[2]))
+
+def funk_us():  # machine-speed probe: river FunkMF updates, the issue's reference (~9 us)
+    funk = reco.FunkMF(n_factors=10, optimizer=optim.SGD(0.05), seed=0)
+    t = time.perf_counter()
+    for e in events[:20000]:
+        funk.learn_one(e.user_id, e.track_id, 1.0)
+    return (time.perf_counter() - t) / 20000 * 1e6
+
 replay(events[:2000], variants=("blend",), exclude_seen=True)  # warm-up: imports, JIT cache
+before = funk_us()
 started = time.perf_counter()
 result = replay(events, variants=("blend",), exclude_seen=True)
 seconds = time.perf_counter() - started
+probe = (before + funk_us()) / 2
 print(json.dumps({"events": len(events), "seconds": seconds,
                   "events_per_s": len(events) / seconds,
+                  "funkmf_us": probe,
+                  "events_per_s_at_reference": len(events) / seconds * probe / REFERENCE_US,
                   "metrics": result.report["variants"]["blend"],
                   "skip": result.report["skip_model"]}))
-"""
+""".replace("REFERENCE_US", "9.0")
 
 
 def run_once(tree: Path, dataset: Path, limit: int) -> dict[str, Any]:
@@ -90,8 +106,9 @@ def main() -> int:
                 print(
                     f"[replay-speed] round {i + 1}/{args.rounds}: baseline "
                     f"{before['events_per_s']:,.0f} ev/s, this tree "
-                    f"{after['events_per_s']:,.0f} ev/s, ratio {ratio:.2f}x "
-                    f"({time.monotonic() - t0:.0f} s)",
+                    f"{after['events_per_s']:,.0f} ev/s, ratio {ratio:.2f}x; this tree at the "
+                    f"reference speed {after['events_per_s_at_reference']:,.0f} ev/s (FunkMF "
+                    f"{after['funkmf_us']:.1f} us here vs 9.0) ({time.monotonic() - t0:.0f} s)",
                     file=sys.stderr,
                 )
         finally:
@@ -105,6 +122,12 @@ def main() -> int:
         "median_ratio": statistics.median(r["ratio"] for r in rows),
         "baseline_events_per_s": [round(r["baseline"]["events_per_s"]) for r in rows],
         "this_tree_events_per_s": [round(r["this_tree"]["events_per_s"]) for r in rows],
+        # the issue's 5,000 events/s target is an absolute rate on a machine where river's
+        # FunkMF update takes ~9 us; the same probe, run in each replay process, scales the
+        # measured rate to that speed (the shared VM here drifts 1.7x within an hour)
+        "this_tree_events_per_s_at_reference": [
+            round(r["this_tree"]["events_per_s_at_reference"]) for r in rows],
+        "this_tree_funkmf_us": [round(r["this_tree"]["funkmf_us"], 2) for r in rows],
         "metrics_baseline": last["baseline"]["metrics"],
         "metrics_this_tree": last["this_tree"]["metrics"],
     }
