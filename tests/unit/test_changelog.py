@@ -36,8 +36,13 @@ class RecordingProducer:
         return fut
 
 
-def _table(name: str) -> tuple[faust.App, BatchedChangelogTable]:
+def _table(
+    name: str, producer: RecordingProducer | None = None
+) -> tuple[faust.App, BatchedChangelogTable, RecordingProducer]:
+    """A real Faust app and batched table whose producer ``send`` is the recorder."""
     app = faust.App(name, broker="kafka://127.0.0.1:1", autodiscover=False)
+    recorder = producer if producer is not None else RecordingProducer()
+    app.producer.send = recorder.send  # type: ignore[method-assign]
     table = batched_table(
         app, "sessions", default=None, partitions=4,
         schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
@@ -46,7 +51,7 @@ def _table(name: str) -> tuple[faust.App, BatchedChangelogTable]:
     table.value_serializer = USER_STATE_CODEC
     partitions = {"u1": 1, "u2": 3}
     table.partition_for_key = lambda key: partitions[key]  # as inside stream iteration
-    return app, table
+    return app, table, recorder
 
 
 def _state(user: str, seq: int) -> UserState:
@@ -61,9 +66,7 @@ def _decoded(value: bytes) -> UserState:
 
 @pytest.mark.asyncio
 async def test_a_key_set_many_times_is_one_record_with_its_latest_value() -> None:
-    app, table = _table("changelog-coalesce")
-    producer = RecordingProducer()
-    app.producer.send = producer.send  # type: ignore[method-assign]
+    app, table, producer = _table("changelog-coalesce")
     for seq in (1, 2, 3):
         table["u1"] = _state("u1", seq)
     table["u2"] = _state("u2", 1)
@@ -80,9 +83,7 @@ async def test_a_key_set_many_times_is_one_record_with_its_latest_value() -> Non
 
 @pytest.mark.asyncio
 async def test_delete_drops_the_pending_value_so_no_older_state_follows_the_tombstone() -> None:
-    app, table = _table("changelog-delete")
-    producer = RecordingProducer()
-    app.producer.send = producer.send  # type: ignore[method-assign]
+    app, table, producer = _table("changelog-delete")
     tombstones: list[Any] = []
     table.send_changelog = (  # type: ignore[method-assign]
         lambda partition, key, value, *a, **kw: tombstones.append((partition, key, value))
@@ -102,9 +103,7 @@ class _Fut:
 
 @pytest.mark.asyncio
 async def test_failed_delivery_fails_the_check_and_the_key_is_sent_again() -> None:
-    app, table = _table("changelog-fail")
-    producer = RecordingProducer()
-    app.producer.send = producer.send  # type: ignore[method-assign]
+    app, table, producer = _table("changelog-fail")
     table["u1"] = _state("u1", 1)
     table["u2"] = _state("u2", 1)
     await table.send_dirty()
@@ -124,9 +123,7 @@ async def test_failed_delivery_fails_the_check_and_the_key_is_sent_again() -> No
 
 @pytest.mark.asyncio
 async def test_a_failed_resend_never_replaces_a_newer_pending_value() -> None:
-    app, table = _table("changelog-newer")
-    producer = RecordingProducer()
-    app.producer.send = producer.send  # type: ignore[method-assign]
+    app, table, producer = _table("changelog-newer")
     table["u1"] = _state("u1", 1)
     await table.send_dirty()
     table["u1"] = _state("u1", 2)
@@ -139,9 +136,7 @@ async def test_a_failed_resend_never_replaces_a_newer_pending_value() -> None:
 
 @pytest.mark.asyncio
 async def test_producer_error_keeps_the_unsent_keys_dirty() -> None:
-    app, table = _table("changelog-producer-down")
-    producer = RecordingProducer(fail_after=1)
-    app.producer.send = producer.send  # type: ignore[method-assign]
+    app, table, producer = _table("changelog-producer-down", RecordingProducer(fail_after=1))
     table["u1"] = _state("u1", 1)
     table["u2"] = _state("u2", 1)
     with pytest.raises(RuntimeError, match="producer is down"):
@@ -152,9 +147,7 @@ async def test_producer_error_keeps_the_unsent_keys_dirty() -> None:
 
 @pytest.mark.asyncio
 async def test_commit_flush_sends_pending_records_and_fails_on_undelivered_ones() -> None:
-    app, table = _table("changelog-commit")
-    producer = RecordingProducer()
-    app.producer.send = producer.send  # type: ignore[method-assign]
+    app, table, producer = _table("changelog-commit")
     batched: list[BatchedChangelogTable] = []
     make_commit_wait_for_changelog(app.producer, batched)
     batched.append(table)
