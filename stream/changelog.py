@@ -80,7 +80,7 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
             return 0
         async with self._send_lock:  # snapshots are sent in order, never interleaved
             batch, self._dirty = self._dirty, {}
-            topic = self.changelog_topic
+            topic: Any = self.changelog_topic  # a faust Topic (prepare_* are not on TopicT)
             name = topic.get_topic_name()
             producer = self.app.producer
             key_serializer, value_serializer = self.key_serializer, self.value_serializer
@@ -93,7 +93,7 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
                     value_bytes, headers = topic.prepare_value(
                         value, value_serializer, None, headers
                     )
-                    fut = await producer.send(
+                    fut: Any = await producer.send(
                         name, key_bytes, value_bytes, partition, time.time(), headers or None
                     )
                     self._in_flight.append((fut, key, partition, value))
@@ -147,5 +147,5 @@ def batched_table(app: faust.App, name: str, **kwargs: Any) -> BatchedChangelogT
     table = BatchedChangelogTable(
         app, name=name, beacon=app.tables.beacon, **kwargs
     )
-    registered: BatchedChangelogTable = app.tables.add(table)
-    return registered
+    app.tables.add(table)
+    return table
