@@ -217,7 +217,8 @@ def make_commit_wait_for_changelog(
         # itself waits for an empty buffer, i.e. stalls under steady load): aiokafka's
         # flush, which waits for the batches accumulated so far to be acknowledged
         for table in batched_tables:
-            await table.send_dirty()
+            await table.send_dirty()  # waits for an agent hand-over in progress, too
+        commit_futures = [table.handed_over() for table in batched_tables]
         kafka = getattr(producer, "_producer", None)
         if kafka is not None:
             accumulator = getattr(kafka, "_message_accumulator", None)
@@ -229,8 +230,8 @@ def make_commit_wait_for_changelog(
                 await kafka.flush()
         for transactional in getattr(producer, "_transaction_producers", {}).values():
             await transactional.flush()
-        for table in batched_tables:
-            await table.wait_delivered()
+        for table, futures in zip(batched_tables, commit_futures, strict=True):
+            await table.wait_delivered(futures)
 
     producer.flush = flush
 
@@ -601,6 +602,7 @@ def create_worker(
     @app.agent(plays, name="process-plays")
     async def process_plays(stream: faust.StreamT[bytes]) -> None:
         last_yield = last_changelog = time.perf_counter()
+        changelog_failures = [0]
         async for event in stream.events():
             msg = event.message
             started = time.perf_counter()
@@ -669,7 +671,11 @@ def create_worker(
                 try:
                     await sessions.send_dirty()
                 except Exception as exc:  # noqa: BLE001 - kept dirty; the commit retries
-                    logger.warning("session changelog send failed (retried): %r", exc)
+                    changelog_failures[0] += 1
+                    if changelog_failures[0] in (1, 10) or changelog_failures[0] % 1000 == 0:
+                        logger.warning("session changelog send failed %d time(s), kept "
+                                       "pending (the commit retries): %r",
+                                       changelog_failures[0], exc)
             if now - last_yield > 0.004:
                 last_yield = now
                 await asyncio.sleep(0)

@@ -82,23 +82,73 @@ async def test_a_key_set_many_times_is_one_record_with_its_latest_value() -> Non
 
 
 @pytest.mark.asyncio
-async def test_delete_drops_the_pending_value_so_no_older_state_follows_the_tombstone() -> None:
+async def test_delete_is_a_tombstone_on_the_same_queue_after_the_pending_value() -> None:
     app, table, producer = _table("changelog-delete")
-    tombstones: list[Any] = []
-    table.send_changelog = (  # type: ignore[method-assign]
-        lambda partition, key, value, *a, **kw: tombstones.append((partition, key, value))
-        or _Fut(partition)
-    )
     table["u1"] = _state("u1", 1)
     del table["u1"]
-    assert await table.send_dirty() == 0
-    assert producer.sent == []
-    assert tombstones == [(1, "u1", None)]
+    assert await table.send_dirty() == 1  # the older value is never sent
+    ((_, key, value, partition),) = producer.sent
+    assert (json.loads(key), value, partition) == ("u1", None, 1)
+    table["u1"] = _state("u1", 2)  # plays again after being forgotten
+    await table.send_dirty()
+    assert _decoded(producer.sent[-1][2]).seq == 2  # after the tombstone, same queue
 
 
-class _Fut:
-    def __init__(self, partition: int) -> None:
-        self.message = type("M", (), {"partition": partition})()
+@pytest.mark.asyncio
+async def test_a_failed_record_is_resent_with_the_current_value_never_its_own() -> None:
+    app, table, producer = _table("changelog-current")
+    table["u1"] = _state("u1", 1)
+    await table.send_dirty()  # V1 in flight
+    table["u1"] = _state("u1", 2)
+    await table.send_dirty()  # V2 in flight, later on the same partition
+    producer.futures[0].set_exception(RuntimeError("leader not available"))
+    producer.futures[1].set_result(None)  # V2 delivered
+    with pytest.raises(ChangelogSendError):
+        table.check_delivered()
+    await table.send_dirty()
+    assert _decoded(producer.sent[-1][2]).seq == 2  # not V1 again after V2
+
+
+@pytest.mark.asyncio
+async def test_a_failed_value_of_a_deleted_key_is_resent_as_a_tombstone() -> None:
+    app, table, producer = _table("changelog-failed-then-deleted")
+    table["u1"] = _state("u1", 1)
+    await table.send_dirty()
+    del table["u1"]
+    await table.send_dirty()  # the tombstone
+    producer.futures[0].set_exception(RuntimeError("request timed out"))
+    producer.futures[1].set_result(None)
+    with pytest.raises(ChangelogSendError):
+        table.check_delivered()
+    await table.send_dirty()
+    assert producer.sent[-1][2] is None  # a forgotten listener stays forgotten
+
+
+@pytest.mark.asyncio
+async def test_a_commit_waits_for_an_agent_hand_over_in_progress() -> None:
+    app, table, _ = _table("changelog-in-progress")
+    gate = asyncio.Event()
+    handed: list[str] = []
+
+    async def slow_send(topic: str, key: bytes, value: bytes, partition: int,
+                        timestamp: float, headers: Any) -> asyncio.Future[Any]:
+        await gate.wait()  # e.g. aiokafka waiting for a full batch to drain
+        handed.append(json.loads(key))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    app.producer.send = slow_send  # type: ignore[method-assign]
+    table["u1"] = _state("u1", 1)
+    table["u2"] = _state("u2", 1)
+    agent = asyncio.ensure_future(table.send_dirty())  # takes both keys, then blocks
+    await asyncio.sleep(0.01)
+    commit = asyncio.ensure_future(table.send_dirty())  # nothing dirty: must still wait
+    await asyncio.sleep(0.01)
+    assert not commit.done()
+    gate.set()
+    await asyncio.gather(agent, commit)
+    assert handed == ["u1", "u2"]  # both handed over before the commit's call returned
 
 
 @pytest.mark.asyncio
@@ -167,3 +217,20 @@ async def test_commit_flush_sends_pending_records_and_fails_on_undelivered_ones(
         assert table.dirty == 1
     finally:
         await buffer.stop()
+
+
+@pytest.mark.asyncio
+async def test_delivered_offsets_are_recorded_as_faust_does_for_a_rocksdb_store() -> None:
+    app, table, producer = _table("changelog-persisted")
+    persisted: list[tuple[Any, int]] = []
+    table.data.set_persisted_offset = lambda tp, offset: persisted.append((tp, offset))
+    table["u1"] = _state("u1", 1)
+    table["u2"] = _state("u2", 1)
+    await table.send_dirty()
+    meta = type("RecordMetadata", (), {})
+    for fut, (tp, offset) in zip(producer.futures, (("tp1", 7), ("tp1", 9)), strict=True):
+        m = meta()
+        m.topic_partition, m.offset = tp, offset
+        fut.set_result(m)
+    assert table.check_delivered() == 0
+    assert persisted == [("tp1", 9)]  # the highest offset per partition, once
