@@ -430,13 +430,8 @@ class Metrics:
         self.redis_errors.labels("flush")
         self.redis_writes.labels("written")
         self.redis_writes.labels("stale_skipped")
-
-    @property
-    def _context_children(self) -> dict[str | None, tuple[Any, Any]]:
-        cache: dict[str | None, tuple[Any, Any]] | None = self.__dict__.get("_ctx_children")
-        if cache is None:
-            cache = self.__dict__["_ctx_children"] = {}
-        return cache
+        #: play context -> its (plays, skips) children, resolved once (bounded, see below)
+        self._context_children: dict[str | None, tuple[Any, Any]] = {}
 
     def init_topic(self, topic: str, outcomes: tuple[str, ...]) -> None:
         """Create the per-topic series at 0 (so the DLQ ratio is 0, not absent, when clean)."""

@@ -225,18 +225,14 @@ class SessionCooccurrence:
         """Query scratch buffers for ``size`` tracks, all zero/-1; the caller's kernel
         leaves them so. If it raises, they are cleared here. (A nested query, while
         another one holds them, gets fresh buffers.)"""
-        sc = self._scratch
-        if sc.busy:
-            sc = _Scratch()
-        sc.ensure(size)
-        sc.busy = True
+        sc = self.acquire_scratch(size)
         try:
             yield sc
         except BaseException:
             sc.clear()
             raise
         finally:
-            sc.busy = False
+            self.release_scratch(sc)
 
     def accumulate(self, anchors: list[tuple[int, float]]) -> Touched:
         """Sparse scores of the tracks the ``anchors`` lead to, in scratch buffers reused
