@@ -82,17 +82,27 @@ class Proc:
             return ""
 
 
-def spawn(name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path) -> Proc:
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    log_dir: Path,
+    tree: Path | None = None,
+) -> Proc:
+    """Start ``argv`` logging to ``log_dir/name.log``. With ``tree`` (another checkout, e.g. a
+    baseline commit's worktree) it runs that tree's code: cwd and PYTHONPATH point there."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    if tree is not None:
+        full_env["PYTHONPATH"] = str(tree)
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
             list(argv),
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=tree or ROOT,
             start_new_session=True,
         )
     return Proc(name, popen, log_path)
@@ -118,10 +128,11 @@ def start_worker(
     log_dir: Path,
     extra_env: Mapping[str, str] | None = None,
     name: str = "worker",
+    tree: Path | None = None,
 ) -> Proc:
     port = free_port()
     env = {**worker_env(rid, topic, port), **(extra_env or {})}
-    proc = spawn(name, [sys.executable, "-m", "stream.cli", "worker"], env, log_dir)
+    proc = spawn(name, [sys.executable, "-m", "stream.cli", "worker"], env, log_dir, tree)
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     return proc
 

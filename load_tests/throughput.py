@@ -8,6 +8,7 @@ first), so start-up and group join are excluded. Target P1: full / count-only >=
 
     python -m load_tests.throughput --count 40000            # synthetic sessions
     python -m load_tests.throughput --source lastfm --count 20000
+    python -m load_tests.throughput --only count,full --baseline 0e753f0 --rounds 2
 
 Writes load_tests/results/<run>/throughput.json and throughput.png; prints a table.
 """
@@ -16,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from tqdm import tqdm
 
 from load_tests import profile as profiler
 from load_tests.common import (
+    ROOT,
     Proc,
     Report,
     base_settings,
@@ -202,12 +208,16 @@ def full_pipeline(
     log_dir: Path,
     rss: list[tuple[float, int]],
     profile_s: float = 0.0,
+    *,
+    name: str = "worker",
+    label: str = "(c) full pipeline",
+    tree: Path | None = None,
 ) -> tuple[Series, dict[str, Any]]:
-    proc = start_worker(f"{rid}-full", topic, log_dir)
+    proc = start_worker(f"{rid}-{name}", topic, log_dir, name=name, tree=tree)
     spy = None
     if profile_s > 0:
         wait_assigned(proc, topic)
-        spy = profiler.start(proc.pid, profile_s, log_dir / "worker.pyspy.txt")
+        spy = profiler.start(proc.pid, profile_s, log_dir / f"{name}.pyspy.txt")
 
     def done() -> int:
         m = scrape(proc.metrics_url, timeout=1.0)
@@ -216,7 +226,7 @@ def full_pipeline(
     try:
         # 1 s: a /metrics exposition costs the worker ~10 ms of CPU (py-spy), so scraping it
         # at 10 Hz would slow the very thing measured; the drain lasts many seconds anyway
-        series = wait_series(proc, "(c) full pipeline", n, timeout_s, done, rss, interval=1.0)
+        series = wait_series(proc, label, n, timeout_s, done, rss, interval=1.0)
         time.sleep(1.0)  # let the writer flush and the 2 s reporter run once more
         m = scrape(proc.metrics_url) or []
         extra = {
@@ -235,10 +245,27 @@ def full_pipeline(
         }
         if spy is not None:
             profiler.finish(spy, profile_s + 60)
-            extra["profile"] = profiler.summarise(log_dir / "worker.pyspy.txt")
+            extra["profile"] = profiler.summarise(log_dir / f"{name}.pyspy.txt")
         return series, extra
     finally:
         proc.stop()
+
+
+@contextlib.contextmanager
+def baseline_tree(commit: str | None) -> Iterator[Path | None]:
+    """A detached git worktree of ``commit`` (removed afterwards), or None."""
+    if not commit:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="p1-base-") as tmp:
+        base = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), commit],
+                       cwd=ROOT, check=True, capture_output=True)
+        try:
+            yield base
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT,
+                           check=False, capture_output=True)
 
 
 def plot(
@@ -323,7 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="py-spy the full worker for SECONDS of its drain (slows it a little)",
     )
+    ap.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="also drain with this commit's worker (a git worktree), alternating with this "
+        "tree's, round by round: a paired speed-up in the same session",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="full-pipeline rounds (with --baseline)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
 
     rid = run_id("p1")
     topic = f"{rid}-plays"
@@ -350,12 +386,41 @@ def main(argv: list[str] | None = None) -> int:
             rid, topic, args.partitions, n, args.timeout, log_dir, rss["faust count-only"]
         )
         results["faust count-only"] = {"series": series, **drain_rate(series, n)}
+    paired: list[dict[str, float]] = []
     if "full" in only:
-        rss["full pipeline"] = []
-        series, extra = full_pipeline(
-            rid, topic, n, args.timeout, log_dir, rss["full pipeline"], args.profile
-        )
-        results["full pipeline"] = {"series": series, **drain_rate(series, n), **extra}
+        with baseline_tree(args.baseline) as base:
+            for i in range(args.rounds):
+                suffix = f" r{i + 1}" if args.rounds > 1 else ""
+                base_rate = float("nan")
+                if base is not None:
+                    key = f"baseline {args.baseline}{suffix}"
+                    rss[key] = []
+                    series, extra = full_pipeline(
+                        rid, topic, n, args.timeout, log_dir, rss[key],
+                        name=f"base{i + 1}", label=f"(c0) baseline {args.baseline}{suffix}",
+                        tree=base,
+                    )
+                    results[key] = {"series": series, **drain_rate(series, n), **extra}
+                    base_rate = results[key]["rate"]
+                key = f"full pipeline{suffix}"
+                rss[key] = []
+                series, extra = full_pipeline(
+                    rid, topic, n, args.timeout, log_dir, rss[key],
+                    args.profile if i == 0 else 0.0,
+                    name=f"worker{i + 1}" if args.rounds > 1 else "worker",
+                    label=f"(c) full pipeline{suffix}",
+                )
+                results[key] = {"series": series, **drain_rate(series, n), **extra}
+                if base is not None:
+                    paired.append({"round": i + 1, "baseline": base_rate,
+                                   "this_tree": results[key]["rate"],
+                                   "ratio": results[key]["rate"] / base_rate})
+        if args.rounds > 1:  # the P1 ratio uses this tree's median round
+            rates = sorted(results[f"full pipeline r{i + 1}"]["rate"] for i in range(args.rounds))
+            median_key = next(f"full pipeline r{i + 1}" for i in range(args.rounds)
+                              if results[f"full pipeline r{i + 1}"]["rate"] == rates[len(rates) // 2])
+            results["full pipeline"] = results[median_key]
+            rss["full pipeline"] = rss[median_key]
 
     def ratio(a: str, b: str) -> float:
         if a in results and b in results:
@@ -379,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             per_event_us.get(name, float("nan")),
         ]
         for name, r in results.items()
+        if not (args.rounds > 1 and name == "full pipeline")  # an alias of the median round
     ]
     print(
         f"\nP1 throughput ({label}; {n:,} events pre-filled in {fill['seconds']:.1f} s, "
@@ -387,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, ["consumer", "events", "seconds", "events/s", "steady 10-90%", "us/event"]))
     for k, v in ratios.items():
         print(f"  {k}: {v:.3f}")
+    for row in paired:
+        print(f"  round {row['round']}: this tree / baseline {args.baseline} = "
+              f"{row['this_tree']:,.0f} / {row['baseline']:,.0f} = {row['ratio']:.2f}x")
     if full.get("stage_seconds_mean"):
         stages = ", ".join(f"{k} {v * 1e6:.0f}" for k, v in full["stage_seconds_mean"].items())
         print(
@@ -406,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         "prefill": fill,
         "results": results,
         "ratios": ratios,
+        "baseline": args.baseline,
+        "paired_rounds": paired,
         "us_per_event": per_event_us,
         "peak_rss_mib": peak,
         "rss": rss,
