@@ -648,7 +648,7 @@ def create_worker(
                 m.last_event_ts.set(outcome.event.ts_ms / 1000.0)
                 if outcome.update is not None:
                     m.observe_session(outcome.update, outcome.event.context)
-            worker.processed_offsets[TP(msg.topic, msg.partition)] = msg.offset
+            worker.processed_offsets[msg.tp] = msg.offset
             stall_watch.progress(time.monotonic())
             if (
                 outcome.outcome == "processed"

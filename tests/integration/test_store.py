@@ -155,3 +155,60 @@ def test_guard_is_per_lineage(settings: Settings, reader: RecoReader) -> None:
     assert asyncio.run(write("app-b", 1, "b1")) == [1]  # a new deployment takes over
     doc = reader.get("lin")
     assert doc is not None and doc.seq == 1 and doc.items[0].track_id == "b1"
+
+
+def test_writer_recovers_from_lost_scripts_dropped_connections_and_error_replies(
+    settings: Settings, reader: RecoReader
+) -> None:
+    """The hand-packed round trip: a flushed script cache (NOSCRIPT) is reloaded and the
+    batch resent; a connection the server killed is replaced; an error reply in the middle
+    of a batch (a key of the wrong type) fails the flush, keeps the batch pending and
+    loses none of the other documents once the key is fixed."""
+    results: list[list[int]] = []
+    errors: list[str] = []
+    bad_key = f"{settings.redis_prefix}wrongtype"
+
+    async def scenario() -> None:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        writer = RecoWriter(
+            client,
+            ttl_s=60,
+            channel="",
+            retry_max_s=0.2,
+            on_flush=lambda b, r, s: results.append(r),
+            on_error=lambda exc, s: errors.append(type(exc).__name__),
+        )
+        writer.start()
+        writer.submit(write_for(settings, "r1", 1, "first"))
+        await asyncio.wait_for(writer.drained(), 10)
+        reader.client.script_flush()
+        writer.submit(write_for(settings, "r1", 2, "after-script-flush"))
+        await asyncio.wait_for(writer.drained(), 10)
+        reader.client.client_kill_filter(_type="normal", skipme=True)
+        writer.submit(write_for(settings, "r1", 3, "after-kill"))
+        await asyncio.wait_for(writer.drained(), 10)
+        reader.client.hset(bad_key, "x", "1")  # GET on a hash: a WRONGTYPE error reply
+        writer.submit(write_for(settings, "r2", 1, "before-bad"))
+        writer.submit(PendingWrite(bad_key, 1, b"{}", b"{}", 0, None, 0.0, ""))
+        writer.submit(write_for(settings, "r3", 1, "after-bad"))
+        deadline = time.monotonic() + 10
+        while not errors or "ResponseError" not in errors:
+            assert time.monotonic() < deadline, errors
+            await asyncio.sleep(0.05)
+        assert len(writer.pending) == 3  # nothing dropped while it fails
+        reader.client.delete(bad_key)
+        await asyncio.wait_for(writer.drained(), 10)
+        await writer.stop()
+        await client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        reader.client.delete(bad_key)
+    docs = {u: reader.get(u) for u in ("r1", "r2", "r3")}
+    assert docs["r1"] is not None and docs["r1"].items[0].track_id == "after-kill"
+    assert docs["r2"] is not None and docs["r2"].items[0].track_id == "before-bad"
+    assert docs["r3"] is not None and docs["r3"].items[0].track_id == "after-bad"
+    assert results[:3] == [[1], [1], [1]]
+    assert results[-1] == [1, 1, 1]
+    assert "ResponseError" in errors
