@@ -14,9 +14,10 @@ True
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 _EPS = 1e-15
 
@@ -72,7 +73,6 @@ class _Variant:
     recent: _Sums = field(default_factory=_Sums)
     window: deque[tuple[float, float, float, tuple[str, ...]]] = field(default_factory=deque)
     shown_all: set[str] = field(default_factory=set)
-    shown_recent: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -121,14 +121,9 @@ class Prequential:
         if self.window is not None:
             v.recent.add(hit, rr, ndcg)
             v.window.append((hit, rr, ndcg, top))
-            v.shown_recent.update(top)
             if len(v.window) > self.window:
-                old_hit, old_rr, old_ndcg, old_top = v.window.popleft()
+                old_hit, old_rr, old_ndcg, _ = v.window.popleft()
                 v.recent.add(old_hit, old_rr, old_ndcg, sign=-1)
-                v.shown_recent.subtract(old_top)
-                for track in old_top:
-                    if v.shown_recent[track] <= 0:
-                        del v.shown_recent[track]
         return rank
 
     def observe_skip(self, probability: float, skipped: bool) -> None:
@@ -157,7 +152,13 @@ class Prequential:
         for name, v in self._variants.items():
             sums = v.total if whole or self.window is None else v.recent
             n = sums.n or 1
-            shown = len(v.shown_all) if whole or self.window is None else len(v.shown_recent)
+            if whole or self.window is None:
+                shown = len(v.shown_all)
+            else:
+                # the window's distinct shown tracks, counted here (the report timer asks
+                # every 2 s) rather than kept up to date per play: ~1 ms for the worker's
+                # 2,000-play window against ~10 us of Counter bookkeeping on every play
+                shown = len(set(chain.from_iterable(entry[3] for entry in v.window)))
             out[name] = {
                 f"hr@{k}": sums.hits / n,
                 f"mrr@{k}": sums.rr / n,

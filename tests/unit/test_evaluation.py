@@ -76,3 +76,24 @@ def test_bad_arguments() -> None:
         Prequential(k=0)
     with pytest.raises(ValueError):
         Prequential(window=0)
+
+
+def test_windowed_coverage_counts_the_lists_still_in_the_window() -> None:
+    import random
+
+    rng = random.Random(5)
+    ev = Prequential(k=3, window=50)
+    history: list[tuple[list[str], str]] = []
+    for _ in range(400):
+        top = [f"t{rng.randrange(200)}" for _ in range(3)]
+        actual = f"t{rng.randrange(200)}"
+        ev.observe("blend", top, actual)
+        history.append((top, actual))
+    window = history[-50:]
+    shown = {t for top, _ in window for t in top}
+    catalogue = {actual for _, actual in history}
+    assert ev.summary()["blend"]["coverage"] == pytest.approx(len(shown) / len(catalogue))
+    whole = {t for top, _ in history for t in top}
+    assert ev.summary(cumulative=True)["blend"]["coverage"] == pytest.approx(
+        min(len(whole) / len(catalogue), 1.0)
+    )

@@ -144,3 +144,29 @@ def test_out_of_order_delivery_loses_nothing_while_the_ring_holds_every_play() -
     # listener has fewer plays than the ring holds. Past that the offset guard is back on,
     # and the same delivery order would still drop plays (docs/reliability.md).
     assert state.plays_total == 41
+
+
+def test_copy_carries_every_field_and_shares_no_container() -> None:
+    import dataclasses
+    from array import array
+
+    from stream.session import _SCALARS, UserState
+
+    values = {
+        f.name: (f"v-{f.name}" if f.type in ("str", str) else 7 + i)
+        for i, f in enumerate(dataclasses.fields(UserState))
+        if f.name in _SCALARS
+    }
+    state = UserState(**values, recent=["a", "b"], recent_skipped=[True, False],
+                      seen=array("q", [1, 2, 3]))
+    # every dataclass field is a scalar listed in _SCALARS or one of the three containers
+    assert {f.name for f in dataclasses.fields(UserState)} == {
+        *_SCALARS, "recent", "recent_skipped", "seen"
+    }
+    twin = state.copy()
+    assert twin == state and twin is not state
+    twin.recent.append("c")
+    twin.recent_skipped.append(True)
+    twin.seen.append(4)
+    assert state.recent == ["a", "b"] and state.recent_skipped == [True, False]
+    assert list(state.seen) == [1, 2, 3]
