@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -12,10 +13,11 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,3 +355,20 @@ def _fmt(x: Any) -> str:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+@contextlib.contextmanager
+def baseline_tree(commit: str | None) -> Iterator[Path | None]:
+    """A detached git worktree of ``commit`` (removed afterwards), or None."""
+    if not commit:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="p1-base-") as tmp:
+        base = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), commit],
+                       cwd=ROOT, check=True, capture_output=True)
+        try:
+            yield base
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT,
+                           check=False, capture_output=True)

@@ -36,6 +36,7 @@ from load_tests.common import (
     Proc,
     Report,
     base_settings,
+    baseline_tree,
     metric_sum,
     percentiles,
     rss_bytes,
@@ -107,7 +108,8 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
     await ensure_topics(settings)
     # --workers N: one consumer group, the Kafka way (partitions split between them)
     workers = [
-        start_worker(worker_id, topic, report.dir, name="worker" if i == 0 else f"worker-{i}")
+        start_worker(worker_id, topic, report.dir, name="worker" if i == 0 else f"worker-{i}",
+                     tree=args.tree)
         for i in range(args.workers)
     ]
     notes_path = report.dir / "notifications.tsv"
@@ -425,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="producer linger (0: measure the pipeline, not producer batching)",
     )
+    ap.add_argument(
+        "--worker-commit",
+        metavar="COMMIT",
+        help="run the worker(s) from a git worktree of this commit (a baseline for a paired "
+        "comparison: run once with it and once without, in the same session)",
+    )
     args = ap.parse_args(argv)
     if args.rate <= 0 or args.seconds <= 0:
         ap.error("--rate and --seconds must be > 0")
@@ -436,8 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         f"run {rid}: {args.rate:g} events/s for {args.seconds:g} s, {source_label(args.source)}",
         file=sys.stderr,
     )
-    res = asyncio.run(scenario(args, rid, report))
+    with baseline_tree(args.worker_commit) as tree:
+        args.tree = tree
+        res = asyncio.run(scenario(args, rid, report))
     res["workers"] = args.workers
+    res["worker_commit"] = args.worker_commit or "this tree"
     report.data = res
     path = report.write()
     png = report.dir / "freshness.png"
@@ -447,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nP2 freshness ({res['traffic']}; target {args.rate:g} ev/s for {args.seconds:g} s; "
         f"sent {res['events_sent']:,} to {res['distinct_users_sent']:,} users at "
         f"{res['producer']['rate']:.0f} ev/s; {args.workers} worker(s) processed "
-        f"{res['processed_rate_during_run']:.0f} ev/s)"
+        f"{res['processed_rate_during_run']:.0f} ev/s; worker code: {res['worker_commit']})"
     )
     print(
         table(

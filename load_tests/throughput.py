@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +28,10 @@ from tqdm import tqdm
 
 from load_tests import profile as profiler
 from load_tests.common import (
-    ROOT,
     Proc,
     Report,
     base_settings,
+    baseline_tree,
     metric_sum,
     rss_bytes,
     run_id,
@@ -249,23 +245,6 @@ def full_pipeline(
         return series, extra
     finally:
         proc.stop()
-
-
-@contextlib.contextmanager
-def baseline_tree(commit: str | None) -> Iterator[Path | None]:
-    """A detached git worktree of ``commit`` (removed afterwards), or None."""
-    if not commit:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="p1-base-") as tmp:
-        base = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), commit],
-                       cwd=ROOT, check=True, capture_output=True)
-        try:
-            yield base
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT,
-                           check=False, capture_output=True)
 
 
 def plot(
