@@ -368,6 +368,17 @@ def baseline_tree(commit: str | None) -> Iterator[Path | None]:
         subprocess.run(["git", "worktree", "add", "--detach", str(base), commit],
                        cwd=ROOT, check=True, capture_output=True)
         try:
+            # compile its numba kernels into its own cache first, as scripts/setup.sh does
+            # for a checkout: a cold cache made the baseline worker compile after joining
+            # its group and start every freshness run with a backlog
+            warm = subprocess.run(
+                [sys.executable, "-c", "from stream.recommender import warm_up; warm_up()"],
+                cwd=base, env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True,
+                text=True, timeout=600,
+            )
+            if warm.returncode != 0:
+                print(f"baseline {commit}: kernel warm-up failed:\n{warm.stderr[-2000:]}",
+                      file=sys.stderr)
             yield base
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT,
