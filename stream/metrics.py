@@ -142,13 +142,16 @@ DRIFT_SIGNALS: Final = ("skip_rate",)
 #
 # prometheus_client's Counter.inc and Histogram.observe take a lock and go through a value
 # object on every call: ~1 and ~2.2 us here, and the worker makes about ten such calls per
-# play (py-spy: 6.5 % of the worker's samples in prometheus_client). The per-event series
-# below are written only by the worker's event-loop thread, so they keep plain Python
-# numbers (an observe is a bisect and two additions, ~0.5 us) and are read by a collector
-# at scrape time. Names, labels, buckets and exposition are exactly those of the
-# prometheus_client types they replace. The scrape thread may read a histogram between a
-# bucket increment and its sum update; every sample stays monotonic, and _count is derived
-# from the same bucket snapshot as the +Inf bucket, so they always agree.
+# play (py-spy: 6.5 % of the worker's samples in prometheus_client), and a paired P2 run
+# at 400 events/s fell ~1 s behind with them where this tree keeps p50 ~10 ms (only
+# metrics.py swapped back, docs/benchmarks.md "Session 5"). Every series the event loop
+# writes (per play, per flush, per session) is written only by that thread, so it keeps
+# plain Python numbers (an observe is a bisect and two additions, ~0.5 us) read by a
+# collector at scrape time; series the timers set stay prometheus_client types. Names,
+# labels, buckets and exposition are exactly those of the types they replace. The scrape
+# thread may read a histogram between a bucket increment and its sum update; every sample
+# stays monotonic, and _count is derived from the same bucket snapshot as the +Inf bucket,
+# so they always agree.
 
 
 class _Family:
@@ -353,14 +356,14 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
-        self.rejected = Counter(
+        self.rejected = FastCounter(
             "events_rejected",
             "Events rejected by validation, by reason.",
             ["topic", "reason"],
             namespace=ns,
             registry=registry,
         )
-        self.dlq_writes = Counter(
+        self.dlq_writes = FastCounter(
             "dlq_writes",
             "Messages written to the dead-letter topic.",
             ["topic"],
@@ -398,14 +401,14 @@ class Metrics:
             registry=registry,
         )
         # ---------------------------------------------------------------- Redis
-        self.redis_errors = Counter(
+        self.redis_errors = FastCounter(
             "redis_errors",
             "Failed Redis operations (each failed flush attempt).",
             ["operation"],
             namespace=ns,
             registry=registry,
         )
-        self.redis_retries = Counter(
+        self.redis_retries = FastCounter(
             "redis_retries",
             "Redis flush retries after an error.",
             namespace=ns,
@@ -514,7 +517,7 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
-        self.drift = Counter(
+        self.drift = FastCounter(
             "drift_detections",
             "Concept-drift detections, by monitored signal.",
             ["signal"],
@@ -536,28 +539,28 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
-        self.sessions_started = Counter(
+        self.sessions_started = FastCounter(
             "sessions_started",
             "Listening sessions started, by whether the listener was new to this worker.",
             ["listener"],
             namespace=ns,
             registry=registry,
         )
-        self.session_length = Histogram(
+        self.session_length = FastHistogram(
             "session_length_seconds",
             "Length of finished sessions, first to last play (event time).",
             namespace=ns,
             buckets=SESSION_LENGTH_BUCKETS,
             registry=registry,
         )
-        self.session_plays = Histogram(
+        self.session_plays = FastHistogram(
             "session_plays",
             "Plays per finished session.",
             namespace=ns,
             buckets=SESSION_PLAYS_BUCKETS,
             registry=registry,
         )
-        self.control = Counter(
+        self.control = FastCounter(
             "control_commands",
             "Control-topic commands handled, by result.",
             ["result"],
@@ -590,18 +593,18 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
-        self.model_errors = Counter(
+        self.model_errors = FastCounter(
             "model_errors",
             "Events whose state was applied but learning/ranking raised.",
             namespace=ns,
             registry=registry,
         )
-        self.signals = Counter(
+        self.signals = FastCounter(
             "track_signals",
             "Item-side learning signals shared between workers (sent, applied, error).",
             ["direction"], namespace=ns, registry=registry,
         )
-        self.tracks_evicted = Counter(
+        self.tracks_evicted = FastCounter(
             "tracks_evicted", "Tracks evicted from the models to keep the catalogue bounded.",
             namespace=ns, registry=registry,
         )
