@@ -214,23 +214,32 @@ class _CounterChild:
         self.value += amount
 
 
-class FastCounter(_Family):
+class _ValueFamily(_Family):
+    """A family whose children hold one number each (counters and gauges)."""
+
+    family_type: Any = CounterMetricFamily
+
+    def _family(self) -> Metric:
+        family: Metric = self.family_type(self.name, self.documentation, labels=self.labelnames)
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for key, child in list(self._children.items()):
+            family.add_metric(list(key), child.value)  # type: ignore[attr-defined]
+        yield family
+
+
+class FastCounter(_ValueFamily):
     """A counter for the event-loop thread's hot path (see the section comment)."""
+
+    family_type = CounterMetricFamily
 
     def _new_child(self) -> _CounterChild:
         return _CounterChild()
 
     def inc(self, amount: float = 1.0) -> None:
         self._unlabelled().inc(amount)
-
-    def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for key, child in list(self._children.items()):
-            family.add_metric(list(key), child.value)
-        yield family
 
 
 class _GaugeChild:
@@ -243,23 +252,16 @@ class _GaugeChild:
         self.value = float(value)
 
 
-class FastGauge(_Family):
+class FastGauge(_ValueFamily):
     """A gauge for the event-loop thread's hot path (see the section comment)."""
+
+    family_type = GaugeMetricFamily
 
     def _new_child(self) -> _GaugeChild:
         return _GaugeChild()
 
     def set(self, value: float) -> None:
         self._unlabelled().set(value)
-
-    def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for key, child in list(self._children.items()):
-            family.add_metric(list(key), child.value)
-        yield family
 
 
 class _HistogramChild:
@@ -295,7 +297,7 @@ class FastHistogram(_Family):
         if bounds[-1] == float("inf"):
             bounds = bounds[:-1]
         self.bounds = bounds
-        self._les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+        self._les = [floatToGoString(b) for b in bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         super().__init__(
             name, documentation, labelnames, namespace=namespace, registry=registry
         )
