@@ -293,20 +293,10 @@ class RecoWriter:
                 parts.append(pack_command(b"DEL", key))
             for key, doc in plain.items():
                 parts.append(pack_command(b"SET", key, doc, b"EX", self.ttl_s))
-            prefix = b"*10\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha.encode()) + b"$1\r\n1\r\n"
-            ttl, channel = _bulk(b"%d" % self.ttl_s), _bulk(self.channel.encode())
             for w in batch:
                 parts.append(
-                    b"".join((
-                        prefix,
-                        _bulk(w.key.encode()),
-                        _bulk(b"%d" % w.seq),
-                        _bulk(w.doc),
-                        ttl,
-                        channel,
-                        _bulk(w.notification),
-                        _bulk(w.lineage.encode()),
-                    ))
+                    pack_command(b"EVALSHA", self._sha, 1, w.key, w.seq, w.doc, self.ttl_s,
+                                 self.channel, w.notification, w.lineage)
                 )
             replies = await self._round_trip(parts)
             if any(isinstance(r, NoScriptError) for r in replies):
