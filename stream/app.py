@@ -32,7 +32,7 @@ from stream.checkpoint import frame
 from stream.config import Settings, redis_auth
 from stream.kafka_io import signals_topic
 from stream.metrics import Metrics
-from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record, StageTimer
+from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record
 from stream.recommender import Recommender
 from stream.session import UserState
 from stream.sharing import TrackSignal, apply_signal, decode_batch, encode_batch, signal_from
@@ -116,6 +116,9 @@ def broker_credentials(settings: Settings) -> Any:
 #: record, and a commit sends whatever is pending first anyway
 CHANGELOG_SEND_S = 0.02
 CHANGELOG_BATCH = 256
+#: loop turns the plays agent yields, at most, for Faust's fetcher to hand over the next
+#: buffered message (it takes two or three: a task per message and an asyncio.wait)
+HANDOVER_TURNS = 3
 
 #: how long the commit flush waits for a changelog hand-over that makes no progress
 STALLED_HANDOVER_S = 10.0
@@ -603,27 +606,79 @@ def create_worker(
     async def process_plays(stream: faust.StreamT[bytes]) -> None:
         last_yield = last_changelog = time.perf_counter()
         changelog_failures = [0]
-        async for event in stream.events():
-            msg = event.message
-            started = time.perf_counter()
-            timer = StageTimer()
-            record = Record(
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-                key=msg.key,
-                value=msg.value,
-                timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
-            )
-            try:
-                outcome = processor.process(record, timer)
-            except Exception as exc:  # a bug must not kill the stream: dead-letter and go on
-                logger.exception(
-                    "unexpected error on %s[%d]@%d", msg.topic, msg.partition, msg.offset
-                )
-                from stream.events import Rejection
+        queue = getattr(stream.channel, "queue", None)
+        nothing_buffered = queue.empty if queue is not None else (lambda: True)
+        set_current_event = stream._set_current_event  # type: ignore[attr-defined]
+        on_message_out = stream._on_message_out  # type: ignore[attr-defined]
 
-                outcome = processor.reject(record, Rejection("internal_error", repr(exc)[:500]))
+        def more_fetched(msg: Any) -> bool:
+            """Whether this partition has records after ``msg`` (the fetched highwater)."""
+            try:
+                highwater = app.consumer.highwater(msg.tp)
+            except Exception:  # noqa: BLE001 - e.g. no longer assigned (a rebalance)
+                return False
+            return highwater is not None and highwater > msg.offset + 1
+
+        max_batch, max_wait = settings.agent_batch, settings.agent_batch_ms / 1000.0
+        # Acked below, once processed: a buffered play must not be committed before it is
+        # applied (Faust acks an event when the iteration moves on to the next one).
+        stream.enable_acks = False
+        batch: list[Any] = []
+        batch_started = 0.0
+        async for event in stream.events():
+            now = time.perf_counter()
+            if not batch:
+                batch_started = now
+            batch.append(event)
+            # Take what is already buffered, never waiting on the network: a lone play is
+            # processed at once; under a backlog up to `agent_batch` plays go through each
+            # stage together (Processor.process_batch: the stages stay in the CPU caches).
+            if len(batch) < max_batch and now - batch_started < max_wait:
+                if nothing_buffered() and more_fetched(event.message):
+                    # Faust's fetcher hands the agent one message per few turns of the
+                    # event loop, so its buffer is nearly always empty even under a
+                    # backlog: give it those turns when it holds more of this partition
+                    for _ in range(HANDOVER_TURNS):
+                        await asyncio.sleep(0)
+                        if not nothing_buffered():
+                            break
+                if not nothing_buffered():
+                    continue
+            events, batch = batch, []
+            generation = app.consumer_generation_id
+            records: list[Record] = []
+            live: list[Any] = []
+            for ev in events:
+                msg = ev.message
+                if msg.generation_id != generation:
+                    # a rebalance happened while these were buffered: drop them as Faust
+                    # drops a stale generation's messages (the new owner reads them again)
+                    if ev.ack():
+                        on_message_out(msg.tp, msg.offset, msg)
+                    continue
+                live.append(ev)
+                records.append(
+                    Record(
+                        topic=msg.topic,
+                        partition=msg.partition,
+                        offset=msg.offset,
+                        key=msg.key,
+                        value=msg.value,
+                        timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
+                    )
+                )
+            started = time.perf_counter()
+            stage_totals: dict[str, float] = {}
+            outcomes = processor.process_batch(
+                records, stage_totals, lambda i, live=live: set_current_event(live[i])
+            )
+            n = len(records)
+            per_event, stage_shares = 0.0, []
+            if n:
+                per_event = (time.perf_counter() - started) / n
+                # stage histograms observe each play's share of its batch's stage time
+                stage_shares = [(stage_histogram(stage), seconds / n)
+                                for stage, seconds in stage_totals.items()]
             while pending_forgets and worker.writer is not None:
                 worker.writer.forget(pending_forgets.popleft())
             while pending_writes and worker.writer is not None:
@@ -635,34 +690,40 @@ def create_worker(
                 )
                 m.dlq_writes.labels(topic).inc()
                 m.rejected.labels(topic, dl.rejection.reason).inc()
-            outcome_counters[outcome.outcome].inc()
-            if outcome.model_error is not None:
-                m.model_errors.inc()
             if processor.evicted_tracks:
                 m.tracks_evicted.inc(processor.evicted_tracks)
                 processor.evicted_tracks = 0
-            for stage, seconds in timer.stages:
-                stage_histogram(stage).observe(seconds)
-            processing_histogram.observe(time.perf_counter() - started)
-            if outcome.event is not None:
-                m.last_event_ts.set(outcome.event.ts_ms / 1000.0)
-                if outcome.update is not None:
-                    m.observe_session(outcome.update, outcome.event.context)
-            worker.processed_offsets[msg.tp] = msg.offset
-            stall_watch.progress(time.monotonic())
-            if (
-                outcome.outcome == "processed"
-                and outcome.update is not None
-                and outcome.event is not None
-                and outcome.model_error is None
-            ):
-                # tell the other workers what this play teaches about tracks
-                # (batched: one record per Redis flush cycle, see flush_signals)
-                pending_signals.append(signal_from(worker_id, outcome.update, outcome.event))
+            monotonic = time.monotonic()
+            for ev, outcome in zip(live, outcomes, strict=True):
+                outcome_counters[outcome.outcome].inc()
+                if outcome.model_error is not None:
+                    m.model_errors.inc()
+                for child, seconds in stage_shares:
+                    child.observe(seconds)
+                processing_histogram.observe(per_event)
+                if outcome.event is not None:
+                    m.last_event_ts.set(outcome.event.ts_ms / 1000.0)
+                    if outcome.update is not None:
+                        m.observe_session(outcome.update, outcome.event.context)
+                msg = ev.message
+                worker.processed_offsets[msg.tp] = msg.offset
+                if (
+                    outcome.outcome == "processed"
+                    and outcome.update is not None
+                    and outcome.event is not None
+                    and outcome.model_error is None
+                ):
+                    # tell the other workers what this play teaches about tracks
+                    # (batched: one record per Redis flush cycle, see flush_signals)
+                    pending_signals.append(signal_from(worker_id, outcome.update, outcome.event))
+                # processed (its state is in the table, its changelog record is dirty and a
+                # commit sends that first): now its offset may be committed
+                if ev.ack():
+                    on_message_out(msg.tp, msg.offset, msg)
+            set_current_event(None)
+            stall_watch.progress(monotonic)
             if worker.writer is not None and processor.pending_rank:
                 worker.writer.wake()
-            # Under a backlog the stream hands over buffered events without suspending; give
-            # the Redis writer (ranking + flush) a turn every few ms so freshness stays bounded.
             now = time.perf_counter()
             if sessions.dirty and (
                 now - last_changelog > CHANGELOG_SEND_S or sessions.dirty >= CHANGELOG_BATCH
@@ -676,6 +737,8 @@ def create_worker(
                         logger.warning("session changelog send failed %d time(s), kept "
                                        "pending (the commit retries): %r",
                                        changelog_failures[0], exc)
+            # Under a backlog the stream hands over buffered events without suspending; give
+            # the Redis writer (ranking + flush) a turn every few ms so freshness stays bounded.
             if now - last_yield > 0.004:
                 last_yield = now
                 await asyncio.sleep(0)

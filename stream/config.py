@@ -68,6 +68,10 @@ class Settings:
     redis_flush_interval_ms: float = 2.0
     redis_max_batch: int = 512
     redis_retry_max_s: float = 5.0
+    #: the plays agent takes up to this many already-buffered plays, for at most
+    #: ``agent_batch_ms`` since the first, and applies them stage by stage (1 = one at a time)
+    agent_batch: int = 64
+    agent_batch_ms: float = 10.0
     # Recommendations and sessions
     top_k: int = 10
     session_gap_s: int = 1800
@@ -200,6 +204,7 @@ def validate(s: Settings) -> Settings:
         "replication_factor",
         "reco_ttl_s",
         "redis_max_batch",
+        "agent_batch",
         "top_k",
         "session_gap_s",
         "max_recent",
@@ -222,6 +227,8 @@ def validate(s: Settings) -> Settings:
         raise bad("checkpoint_interval_s", "must be >= 0 (0 disables checkpoints)")
     if s.redis_flush_interval_ms < 0:
         raise bad("redis_flush_interval_ms", "must be >= 0")
+    if s.agent_batch_ms < 0:
+        raise bad("agent_batch_ms", "must be >= 0")
     if not 0 <= s.metrics_port <= 65535:
         raise bad("metrics_port", f"must be a TCP port (0-65535), got {s.metrics_port}")
     for name in ("app_id", "plays_topic", "dlq_topic", "control_topic"):

@@ -162,3 +162,64 @@ def test_catalogue_stays_bounded_under_a_flood_of_new_tracks() -> None:
     assert p.recommender.catalogue_size() <= 100
     assert p.evicted_tracks > 0 and p.model_errors == 0
     assert table["u0"].plays_total == 143  # every play still counted
+
+
+def _scenario() -> list[Record]:
+    """Plays of a few listeners (repeats, a replayed record, a malformed one, a key
+    mismatch) on two partitions, in order."""
+    records: list[Record] = []
+    for i in range(60):
+        user = f"u{i % 5}"
+        records.append(Record("plays", i % 2, 1000 + i, user.encode(),
+                              play(user, f"t{(i * 7) % 13}", i), 1_700_000_000_000 + i))
+    records.insert(20, records[10])  # a replay of an applied record
+    records.insert(30, Record("plays", 0, 5000, b"u1", b"{nope", 1))
+    records.insert(40, Record("plays", 1, 5001, b"someone", play("u2", "t1", 99), 1))
+    return records
+
+
+def _run(defer: bool, batch: int) -> tuple[list[tuple[str, str | None]], list[bytes], dict[str, Any]]:
+    table: dict[str, Any] = {}
+    writes: list[PendingWrite] = []
+    dead: list[DeadLetter] = []
+    p = Processor(load_settings(env={}, file=None), Recommender(), table, writes.append,
+                  dead.append, clock=lambda: NOW_S, defer_ranking=defer)
+    records = _scenario()
+    outcomes = []
+    for start in range(0, len(records), batch):
+        chunk = records[start : start + batch]
+        outcomes += p.process_batch(chunk) if batch > 1 else [p.process(chunk[0])]
+        p.rank_pending()
+    summary = [(o.outcome, o.rejection.reason if o.rejection else None) for o in outcomes]
+    return summary, [w.doc for w in writes], {u: s.to_dict() for u, s in table.items()}
+
+
+def test_a_batch_gives_exactly_what_one_record_at_a_time_gives() -> None:
+    for defer in (False, True):
+        one = _run(defer, 1)
+        if not defer:  # ranked per play: the same lists whatever the batching
+            assert _run(defer, 16) == one
+        else:  # ranked once per listener per flush: same outcomes and state
+            batched = _run(defer, 16)
+            assert batched[0] == one[0] and batched[2] == one[2]
+        outcomes = [o for o, _ in one[0]]
+        assert outcomes.count("duplicate") == 1 and outcomes.count("rejected") == 2
+
+
+def test_a_record_that_raises_is_dead_lettered_and_the_batch_goes_on() -> None:
+    p, table, writes, dead = make()
+    seen: list[int] = []
+    records = [rec(play(u, "a", i), u.encode()) for i, u in enumerate(["u1", "boom", "u2"])]
+
+    def before_state(i: int) -> None:
+        seen.append(i)
+        if records[i].key == b"boom":
+            raise RuntimeError("table unavailable")
+
+    out = p.process_batch(records, stages := {}, before_state)
+    assert [o.outcome for o in out] == ["processed", "rejected", "processed"]
+    assert out[1].rejection is not None and out[1].rejection.reason == "internal_error"
+    assert [d.record.key for d in dead] == [b"boom"] and seen == [0, 1, 2]
+    assert set(table) == {"u1", "u2"} and len(writes) == 2
+    assert set(stages) >= {"decode", "session", "learn", "rank"} and all(
+        v >= 0 for v in stages.values())
