@@ -178,7 +178,10 @@ def _scenario() -> list[Record]:
     return records
 
 
-def _run(defer: bool, batch: int) -> tuple[list[tuple[str, str | None]], list[bytes], dict[str, Any]]:
+Run = tuple[list[tuple[str, str | None]], list[bytes], dict[str, Any]]
+
+
+def _run(defer: bool, batch: int) -> Run:
     table: dict[str, Any] = {}
     writes: list[PendingWrite] = []
     dead: list[DeadLetter] = []
