@@ -304,24 +304,42 @@ class Processor:
     def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
         """Rank every listener with new plays since the last call and submit their lists.
 
-        Called by the Redis writer right before each flush. Returns how many were ranked."""
+        Called by the Redis writer right before each flush, with all of them ranked in one
+        call (``Recommender.recommend_many``; one by one if that raises, so a listener
+        whose ranking fails loses only their own update). ``on_ranked`` gets each
+        listener's share of the ranking time. Returns how many were ranked."""
         if not self.pending_rank:
             return 0
         batch, self.pending_rank = self.pending_rank, {}
         now_ms = int(self.clock() * 1000)
-        for event, state, ingest_ts in batch.values():
-            started = time.perf_counter()
+        entries = list(batch.values())
+        started = time.perf_counter()
+        many = getattr(self.recommender, "recommend_many", None)
+        ranked: list[list[Recommendation] | None] | None = None
+        if many is not None:
             try:
-                recs = self.recommender.recommend(state, self.settings.top_k, now_ms)
-            except Exception as exc:  # noqa: BLE001
+                ranked = list(many([e[1] for e in entries], self.settings.top_k, now_ms))
+            except Exception as exc:  # noqa: BLE001 - then one by one (below)
                 self._model_error(exc, None)
+        if ranked is None:
+            ranked = [self._rank_one(state, now_ms) for _, state, _ in entries]
+        per_listener = (time.perf_counter() - started) / len(entries)
+        for (event, state, ingest_ts), recs in zip(entries, ranked, strict=True):
+            if recs is None:
                 continue
             self._publish(
                 event, state, recs, ingest_ts, fresh=event.event_id == state.last_event_id
             )
             if on_ranked is not None:
-                on_ranked(time.perf_counter() - started)
+                on_ranked(per_listener)
         return len(batch)
+
+    def _rank_one(self, state: UserState, now_ms: int) -> list[Recommendation] | None:
+        try:
+            return self.recommender.recommend(state, self.settings.top_k, now_ms)
+        except Exception as exc:  # noqa: BLE001
+            self._model_error(exc, None)
+            return None
 
     def similar_due(
         self, now: float, limit: int = 50, budget_s: float | None = None

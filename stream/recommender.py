@@ -19,7 +19,7 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final
@@ -32,7 +32,7 @@ from stream.models._vocab import BoolArray, IntArray, Vocabulary, top_rows
 from stream.models.base import FloatArray, Interaction
 from stream.models.cooccurrence import SessionCooccurrence
 from stream.models.drift import SkipRateDrift
-from stream.models.factorization import ImplicitMF
+from stream.models.factorization import Float32Array, ImplicitMF
 from stream.models.popularity import DecayedPopularity
 from stream.models.skip import SkipClassifier
 from stream.ranking import (
@@ -238,6 +238,101 @@ class Recommender:
             return self._rank_reference(query, k, banned, weights, blend_weights, anchors)
         return self._rank_compiled(state, k, exclude, weights, blend_weights)
 
+    def recommend_many(
+        self, states: Sequence[UserState], k: int, now_ms: int
+    ) -> list[list[Recommendation]]:
+        """``[self.recommend(state, k, now_ms) for state in states]`` (the blend, nothing
+        excluded), with every listener ranked in one compiled call
+        (:func:`stream.models._kernels.rank_many`). The worker ranks each flush's
+        listeners this way."""
+        if k <= 0 or not states:
+            return [[] for _ in states]
+        weights = self.blend_weights
+        if weights.get("skip", 0.0) > 0 or len(states) == 1:
+            return [self.recommend(state, k, now_ms) for state in states]
+        size = len(self.vocabulary)
+        if size == 0:
+            return [[] for _ in states]
+        n = max(self.candidates_per_source, k)
+        n_pop = n if weights.get("popularity", 0.0) > 0 else k
+        cooc = self.cooccurrence
+        m = len(states)
+        hist: list[int] = []
+        hist_off = np.zeros(m + 1, dtype=np.int64)
+        bans: list[int] = []
+        ban_off = np.zeros(m + 1, dtype=np.int64)
+        factors = self.mf.factors()
+        users = np.zeros((m, factors.shape[1]), dtype=factors.dtype)
+        has_user = np.zeros(m, dtype=np.bool_)
+        use_mf = weights.get("mf", 0.0) > 0
+        for q, state in enumerate(states):
+            hist_rows, ban_recent = self._query_rows(state)
+            hist += hist_rows
+            hist_off[q + 1] = len(hist)
+            bans += ban_recent
+            ban_off[q + 1] = len(bans)
+            if use_mf:
+                user = self._user_vector(state)
+                if user is not None:
+                    users[q] = user
+                    has_user[q] = True
+        width = n_pop + 2 * n
+        out_rows = np.empty((m, width), dtype=np.int64)
+        out_totals = np.empty((m, width))
+        out_reasons = np.empty((m, width), dtype=np.int64)
+        out_leads = np.empty((m, width), dtype=np.int64)
+        out_count = np.zeros(m, dtype=np.int64)
+        members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
+        start, csize, cap, total, nbr, val = cooc.arena()
+        ban = self._ban_buffer(size)
+        sc = cooc.acquire_scratch(size)
+        try:
+            _k.rank_many(
+                size, n_pop, n,
+                weights.get("cooccurrence", 0.0) > 0,
+                self.mf_candidates or weights.get("cooccurrence", 0.0) == 0,
+                weights.get("popularity", 0.0),
+                weights.get("cooccurrence", 0.0),
+                weights.get("mf", 0.0),
+                members, pop_weights, pop_total,
+                start, csize, cap, total, nbr, val,
+                np.array(hist, dtype=np.int64), hist_off, cooc.query_decay,
+                sc.acc, sc.best, sc.anchor, sc.touched,
+                factors, users, has_user, ban, self._mark_buffer(size),
+                np.array(bans, dtype=np.int64), ban_off,
+                out_rows, out_totals, out_reasons, out_leads, out_count,
+            )
+        except BaseException:
+            ban[:] = False  # the kernel did not get to clear its bans
+            sc.clear()  # nor its scratch
+            raise
+        finally:
+            cooc.release_scratch(sc)
+        return [
+            self._results(out_rows[q, :c], out_totals[q, :c], out_reasons[q, :c],
+                          out_leads[q, :c], k)
+            for q, c in enumerate(out_count.tolist())
+        ]
+
+    def _query_rows(self, state: UserState) -> tuple[list[int], list[int]]:
+        """A listener's recent tracks as vocabulary rows (-1 = unknown): the history that
+        seeds co-occurrence, and the ones banned from their list."""
+        cooc = self.cooccurrence
+        get = self.vocabulary.index.get
+        span = max(self.recent_filter, cooc.query_window)
+        recent = [get(t, -1) for t in state.recent[-span:]] if span else []
+        hist = recent[len(recent) - min(cooc.query_window, len(recent)) :]
+        banned = (recent[len(recent) - min(self.recent_filter, len(recent)) :]
+                  if self.recent_filter else [])
+        return hist, banned
+
+    def _user_vector(self, state: UserState) -> Float32Array | None:
+        user = self.mf.user_factors.get(state.user_id)
+        if user is None:  # a listener without factors yet: their recent tracks' mean
+            user = self.mf.user_vector(Interaction(user_id=state.user_id,
+                                                   history=tuple(state.recent)))
+        return user
+
     def _rank_compiled(
         self,
         state: UserState,
@@ -256,14 +351,9 @@ class Recommender:
         n = max(self.candidates_per_source, k)
         cooc = self.cooccurrence
         get = self.vocabulary.index.get
-        span = max(self.recent_filter, cooc.query_window)
-        recent_ids = state.recent[-span:] if span else []
-        recent_rows = np.array([get(t, -1) for t in recent_ids], dtype=np.int64)
-        hist_rows = recent_rows[len(recent_rows) - min(cooc.query_window, len(recent_rows)) :]
-        ban_recent = (
-            recent_rows[len(recent_rows) - min(self.recent_filter, len(recent_rows)) :]
-            if self.recent_filter else _NO_ROWS
-        )
+        hist_list, ban_list = self._query_rows(state)
+        hist_rows = np.array(hist_list, dtype=np.int64)
+        ban_recent = np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS
         if isinstance(exclude, SeenTracks):
             ban_other = exclude.rows()
         elif exclude:
@@ -273,12 +363,7 @@ class Recommender:
         else:
             ban_other = _NO_ROWS
         use_cooc = weights.get("cooccurrence", 0.0) > 0
-        user = None
-        if weights.get("mf", 0.0) > 0:
-            user = self.mf.user_factors.get(state.user_id)
-            if user is None:  # a listener without factors yet: their recent tracks' mean
-                user = self.mf.user_vector(Interaction(user_id=state.user_id,
-                                                       history=tuple(state.recent)))
+        user = self._user_vector(state) if weights.get("mf", 0.0) > 0 else None
         members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
         start, csize, cap, total, nbr, val = cooc.arena()
         ban = self._ban_buffer(size)
@@ -315,6 +400,12 @@ class Recommender:
         finally:
             cooc.release_scratch(sc)
         rows, totals, reasons, leads = ranked
+        return self._results(rows, totals, reasons, leads, k)
+
+    def _results(
+        self, rows: IntArray, totals: FloatArray, reasons: IntArray, leads: IntArray, k: int
+    ) -> list[Recommendation]:
+        """The first ``k`` ranked candidates (after the artist cap) with their reasons."""
         ids = self.vocabulary.ids
         artist_of = self.artist_of
         cap_n = self.max_per_artist if artist_of else None
@@ -734,8 +825,10 @@ def warm_up() -> float:
         for variant in VARIANTS:
             rec.recommend(state, 5, 1_700_000_500_000, variant=variant, exclude=seen)
         seen.add(state.recent[0])
+    rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
     rec.mf_candidates = True
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
+    rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
     rec.similar("t0", 5)
     rec.evict_tracks(50)
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)

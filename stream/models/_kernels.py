@@ -439,3 +439,35 @@ def rank_query(  # type: ignore[no-untyped-def]
     for r in ban_other:
         ban[r] = False
     return out
+
+
+@_jit
+def rank_many(  # type: ignore[no-untyped-def]
+    size, n_pop, n, use_cooc, pick_mf, bw_pop, bw_cooc, bw_mf,
+    pop_members, pop_w, pop_total,
+    start, csize, cap, total, nbr, val, hist_rows, hist_off, decay, acc, best, anchor,
+    touched, factors, users, has_user, ban, mark, ban_recent, ban_recent_off,
+    out_rows, out_totals, out_reasons, out_leads, out_count,
+):
+    """:func:`rank_query` for many listeners in one call (one compiled call per flush
+    instead of one per listener: their arguments' unboxing and the Python around each
+    call were half a ranking's cost). Listener ``q`` has the history rows
+    ``hist_rows[hist_off[q]:hist_off[q + 1]]``, the bans
+    ``ban_recent[ban_recent_off[q]:ban_recent_off[q + 1]]`` and, if ``has_user[q]``, the
+    MF vector ``users[q]``. Its ranked candidates go to row ``q`` of the ``out_*`` arrays
+    (``out_count[q]`` of them; the rows must have room for ``n_pop + 2 * n``)."""
+    no_other = np.empty(0, dtype=np.int64)
+    for q in range(len(has_user)):
+        rows, totals, reasons, leads = rank_query(
+            size, n_pop, n, use_cooc, has_user[q], pick_mf, bw_pop, bw_cooc, bw_mf,
+            pop_members, pop_w, pop_total,
+            start, csize, cap, total, nbr, val, hist_rows[hist_off[q] : hist_off[q + 1]],
+            decay, acc, best, anchor, touched, factors, users[q], ban, mark,
+            ban_recent[ban_recent_off[q] : ban_recent_off[q + 1]], no_other,
+        )
+        c = len(rows)
+        out_count[q] = c
+        out_rows[q, :c] = rows
+        out_totals[q, :c] = totals
+        out_reasons[q, :c] = reasons
+        out_leads[q, :c] = leads

@@ -188,3 +188,52 @@ def test_seen_tracks_rows_follow_eviction(datasets_dir: Path) -> None:
     assert index["brand-new"] in view.tolist()
     seen.add(rec.vocabulary.ids[0])  # adding while a view exists is fine
     assert len(seen.rows()) == len(view) + (rec.vocabulary.ids[0] not in picked)
+
+
+@pytest.mark.parametrize("mf_candidates", [False, True])
+def test_ranking_many_listeners_at_once_matches_ranking_each(
+    datasets_dir: Path, mf_candidates: bool
+) -> None:
+    rec, states = _trained(datasets_dir)
+    rec.mf_candidates = mf_candidates
+    rng = random.Random(4)
+    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    now = 893_000_000_000
+    listeners = list(states.values())[:150]
+    # a listener the MF has no factors for, and one whose recent tracks are all unknown
+    listeners.append(UserState(user_id="new", recent=[listeners[0].recent[-1]]))
+    listeners.append(UserState(user_id="stranger", recent=["never-seen-1", "never-seen-2"]))
+    each = [rec.recommend(state, 10, now) for state in listeners]
+    assert rec.recommend_many(listeners, 10, now) == each
+    assert sum(len(r) for r in each) >= 400  # (many early MovieLens lists are short)
+    assert rec.recommend_many(listeners[:1], 10, now) == each[:1]
+    assert rec.recommend_many(listeners, 0, now) == [[] for _ in listeners]
+    assert Recommender().recommend_many(listeners[:3], 10, now) == [[], [], []]
+
+
+def test_a_failing_batch_ranking_falls_back_to_one_listener_at_a_time() -> None:
+    from stream.config import load_settings
+    from stream.events import PlayEvent
+    from stream.pipeline import Processor, Record
+    from stream.store import PendingWrite
+
+    class Flaky(Recommender):
+        def recommend_many(self, states, k, now_ms):  # type: ignore[no-untyped-def]
+            raise RuntimeError("kernel bug")
+
+        def recommend(self, state, k, now_ms, **kw):  # type: ignore[no-untyped-def]
+            if state.user_id == "bad":
+                raise ValueError("this listener only")
+            return super().recommend(state, k, now_ms, **kw)
+
+    from stream.events import encode_event
+
+    writes: list[PendingWrite] = []
+    p = Processor(load_settings(env={}, file=None), Flaky(), {}, writes.append,
+                  lambda d: None, clock=lambda: 1_700_000_100.0, defer_ranking=True)
+    for i, user in enumerate(["u1", "bad", "u2"]):
+        raw = encode_event(PlayEvent(user, f"t{i}", 1_700_000_000_000 + i, 200_000, f"e{i}"))
+        p.process(Record("plays", 0, i, user.encode(), raw, None))
+    assert p.rank_pending() == 3
+    assert sorted(w.key for w in writes) == ["reco:u1", "reco:u2"]
+    assert p.model_errors == 2  # the batch, then the one listener
