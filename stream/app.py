@@ -239,6 +239,33 @@ def make_commit_wait_for_changelog(
     producer.flush = flush
 
 
+def limit_fetch_wait(app: faust.App, max_wait_ms: int) -> None:
+    """Have the app's Kafka consumer ask the broker to hold a fetch at most
+    ``max_wait_ms`` when it has no data (Faust hard-codes aiokafka's ``fetch_max_wait_ms``
+    to 1,500 ms).
+
+    Fed live at 700-1,000 events/s, the worker now and then received nothing for ~1.5 s
+    although records kept arriving, and at that load it never caught up again (P2 runs:
+    the processed rate fell to ~200/s for about 1.5 s, with no event-loop block or slow
+    commit logged). With 100 ms the stalls were gone in every run (docs/benchmarks.md,
+    session 6). Which fetch the broker held, and why, is not pinned down. The price is at
+    most 10 empty fetches a second per idle consumer."""
+    thread = getattr(app.consumer, "_thread", None)
+    create = getattr(thread, "_create_worker_consumer", None)
+    if create is None:  # not Faust's aiokafka driver: leave it
+        logger.warning("cannot set the consumer's fetch wait (no aiokafka consumer thread)")
+        return
+
+    def create_worker_consumer(transport: Any) -> Any:
+        consumer = create(transport)
+        if not hasattr(consumer, "_fetch_max_wait_ms"):
+            logger.warning("aiokafka consumer has no _fetch_max_wait_ms: fetch wait left as is")
+        consumer._fetch_max_wait_ms = max_wait_ms  # read by AIOKafkaConsumer.start()
+        return consumer
+
+    thread._create_worker_consumer = create_worker_consumer
+
+
 def resume_after_seek(app: faust.App, topic: str) -> None:
     """Let ``topic``'s partitions deliver records only once Faust has sought them to their
     committed offsets (faust-streaming 0.15 resumes them *before* awaiting that seek).
@@ -337,6 +364,7 @@ def create_worker(
     batched_tables: list[BatchedChangelogTable] = []
     make_commit_wait_for_changelog(app.producer, batched_tables)
     resume_after_seek(app, settings.plays_topic)
+    limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms)
     recommender = recommender if recommender is not None else Recommender()
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(

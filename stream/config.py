@@ -47,6 +47,9 @@ class Settings:
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = ""
     kafka_ssl_cafile: str = ""
+    #: longest the broker may hold an empty fetch (Faust's own value is 1,500 ms; see
+    #: stream.app.limit_fetch_wait)
+    kafka_fetch_max_wait_ms: int = 100
     # Table storage: memory:// (rebuilt from the changelog at start) or rocksdb://
     table_store: str = "memory://"
     data_dir: str = ""
@@ -205,6 +208,7 @@ def validate(s: Settings) -> Settings:
         "reco_ttl_s",
         "redis_max_batch",
         "agent_batch",
+        "kafka_fetch_max_wait_ms",
         "top_k",
         "session_gap_s",
         "max_recent",

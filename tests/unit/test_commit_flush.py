@@ -130,3 +130,32 @@ async def test_a_record_that_cannot_be_handed_over_fails_the_flush() -> None:
             buffer.pending.get_nowait()
         with contextlib.suppress(Exception):
             await buffer.stop()
+
+
+def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> None:
+    import inspect
+    from types import SimpleNamespace
+
+    import aiokafka
+
+    from stream.app import limit_fetch_wait
+
+    app = faust.App("fetch-wait-test", broker="kafka://127.0.0.1:1", autodiscover=False)
+    thread = app.consumer._thread
+    # Faust's own value, in the source of the method the wrapper wraps
+    assert "fetch_max_wait_ms=1500" in inspect.getsource(type(thread)._create_worker_consumer)
+    built: list[Any] = []
+
+    def faust_create(transport: Any) -> Any:  # stands in for building an AIOKafkaConsumer
+        built.append(SimpleNamespace(_fetch_max_wait_ms=1500))
+        return built[-1]
+
+    thread._create_worker_consumer = faust_create
+    limit_fetch_wait(app, 100)
+    try:
+        consumer = thread._create_consumer(loop=None)
+    finally:
+        thread.thread_loop.close()  # the consumer thread's own loop (never started)
+    assert consumer is built[-1] and consumer._fetch_max_wait_ms == 100
+    # ... and aiokafka hands that attribute to its fetcher when the consumer starts
+    assert "self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
