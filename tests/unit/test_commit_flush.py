@@ -159,3 +159,17 @@ def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> 
     assert consumer is built[-1] and consumer._fetch_max_wait_ms == 100
     # ... and aiokafka hands that attribute to its fetcher when the consumer starts
     assert "self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+
+
+def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
+    import gc
+
+    from stream.app import freeze_startup_heap
+
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 1000  # the interpreter + imports alone
+        # a full collection no longer walks them
+        assert len(gc.get_objects(generation=2)) < frozen
+    finally:
+        gc.unfreeze()
