@@ -120,6 +120,9 @@ CHANGELOG_BATCH = 256
 #: loop turns the plays agent yields, at most, for Faust's fetcher to hand over the next
 #: buffered message (it takes two or three: a task per message and an asyncio.wait)
 HANDOVER_TURNS = 3
+#: longest the plays agent gathers a batch when no backlog waits (a play's freshness pays
+#: for it); with a backlog it gathers up to ``agent_batch_ms``
+LIVE_GATHER_S = 0.002
 
 #: how long the commit flush waits for a changelog hand-over that makes no progress
 STALLED_HANDOVER_S = 10.0
@@ -640,15 +643,17 @@ def create_worker(
         set_current_event = stream._set_current_event  # type: ignore[attr-defined]
         on_message_out = stream._on_message_out  # type: ignore[attr-defined]
 
-        def more_fetched(msg: Any) -> bool:
-            """Whether this partition has records after ``msg`` (the fetched highwater)."""
+        def fetched_behind(msg: Any) -> int:
+            """How many records this partition has after ``msg`` (the fetched highwater)."""
             try:
                 highwater = app.consumer.highwater(msg.tp)
             except Exception:  # noqa: BLE001 - e.g. no longer assigned (a rebalance)
-                return False
-            return highwater is not None and highwater > msg.offset + 1
+                return 0
+            return 0 if highwater is None else max(0, highwater - msg.offset - 1)
 
-        max_batch, max_wait = settings.agent_batch, settings.agent_batch_ms / 1000.0
+        max_batch = settings.agent_batch
+        backlog_wait = settings.agent_batch_ms / 1000.0
+        live_wait = min(backlog_wait, LIVE_GATHER_S)
         # Acked below, once processed: a buffered play must not be committed before it is
         # applied (Faust acks an event when the iteration moves on to the next one).
         stream.enable_acks = False
@@ -659,20 +664,24 @@ def create_worker(
             if not batch:
                 batch_started = now
             batch.append(event)
-            # Take what is already buffered, never waiting on the network: a lone play is
-            # processed at once; under a backlog up to `agent_batch` plays go through each
-            # stage together (Processor.process_batch: the stages stay in the CPU caches).
-            if len(batch) < max_batch and now - batch_started < max_wait:
-                if nothing_buffered() and more_fetched(event.message):
+            # Take what Faust has already fetched, never waiting on the network: a lone
+            # play is processed at once; otherwise up to `agent_batch` plays go through
+            # each stage together (Processor.process_batch: the stages stay in the CPU
+            # caches), gathered for at most LIVE_GATHER_S, or `agent_batch_ms` when a
+            # backlog of at least `agent_batch` plays waits (freshness is queueing then).
+            if len(batch) < max_batch:
+                behind = fetched_behind(event.message)
+                window = backlog_wait if behind >= max_batch else live_wait
+                if now - batch_started < window and (behind or not nothing_buffered()):
                     # Faust's fetcher hands the agent one message per few turns of the
                     # event loop, so its buffer is nearly always empty even under a
-                    # backlog: give it those turns when it holds more of this partition
+                    # backlog: give it those turns
                     for _ in range(HANDOVER_TURNS):
-                        await asyncio.sleep(0)
                         if not nothing_buffered():
                             break
-                if not nothing_buffered():
-                    continue
+                        await asyncio.sleep(0)
+                    if not nothing_buffered():
+                        continue
             events, batch = batch, []
             generation = app.consumer_generation_id
             records: list[Record] = []
