@@ -121,8 +121,10 @@ CHANGELOG_BATCH = 256
 #: buffered message (it takes two or three: a task per message and an asyncio.wait)
 HANDOVER_TURNS = 3
 #: longest the plays agent gathers a batch when no backlog waits (a play's freshness pays
-#: for it); with a backlog it gathers up to ``agent_batch_ms``
+#: for it); once BACKLOG_PLAYS wait behind a play on its partition (tens of ms of queue
+#: already: throughput is what shortens it), it gathers up to ``agent_batch_ms``
 LIVE_GATHER_S = 0.002
+BACKLOG_PLAYS = 8
 
 #: how long the commit flush waits for a changelog hand-over that makes no progress
 STALLED_HANDOVER_S = 10.0
@@ -668,10 +670,10 @@ def create_worker(
             # play is processed at once; otherwise up to `agent_batch` plays go through
             # each stage together (Processor.process_batch: the stages stay in the CPU
             # caches), gathered for at most LIVE_GATHER_S, or `agent_batch_ms` when a
-            # backlog of at least `agent_batch` plays waits (freshness is queueing then).
+            # backlog waits (BACKLOG_PLAYS: freshness is queueing then).
             if len(batch) < max_batch:
                 behind = fetched_behind(event.message)
-                window = backlog_wait if behind >= max_batch else live_wait
+                window = backlog_wait if behind >= BACKLOG_PLAYS else live_wait
                 if now - batch_started < window and (behind or not nothing_buffered()):
                     # Faust's fetcher hands the agent one message per few turns of the
                     # event loop, so its buffer is nearly always empty even under a
