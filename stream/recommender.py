@@ -18,6 +18,7 @@ drive this same class. Time is always the event's time, passed in.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -284,9 +285,7 @@ class Recommender:
         out_count = np.zeros(m, dtype=np.int64)
         members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
         start, csize, cap, total, nbr, val = cooc.arena()
-        ban = self._ban_buffer(size)
-        sc = cooc.acquire_scratch(size)
-        try:
+        with self._query_buffers(size) as (ban, sc):
             _k.rank_many(
                 size, n_pop, n,
                 weights.get("cooccurrence", 0.0) > 0,
@@ -302,12 +301,6 @@ class Recommender:
                 np.array(bans, dtype=np.int64), ban_off,
                 out_rows, out_totals, out_reasons, out_leads, out_count,
             )
-        except BaseException:
-            ban[:] = False  # the kernel did not get to clear its bans
-            sc.clear()  # nor its scratch
-            raise
-        finally:
-            cooc.release_scratch(sc)
         return [
             self._results(out_rows[q, :c], out_totals[q, :c], out_reasons[q, :c],
                           out_leads[q, :c], k)
@@ -366,9 +359,7 @@ class Recommender:
         user = self._user_vector(state) if weights.get("mf", 0.0) > 0 else None
         members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
         start, csize, cap, total, nbr, val = cooc.arena()
-        ban = self._ban_buffer(size)
-        sc = cooc.acquire_scratch(size)
-        try:
+        with self._query_buffers(size) as (ban, sc):
             ranked = _k.rank_query(
                 size,
                 n if weights.get("popularity", 0.0) > 0 else k,
@@ -393,12 +384,6 @@ class Recommender:
                 ban_recent,
                 ban_other,
             )
-        except BaseException:
-            ban[:] = False  # the kernel did not get to clear its bans
-            sc.clear()  # nor its scratch
-            raise
-        finally:
-            cooc.release_scratch(sc)
         rows, totals, reasons, leads = ranked
         return self._results(rows, totals, reasons, leads, k)
 
@@ -514,6 +499,21 @@ class Recommender:
             components["skip"] = self.skip.predict_many(query, feats)
         track_ids = list(map(ids.__getitem__, rows.tolist()))
         return track_ids, components, _leads(track_ids, lead, ids)
+
+    @contextlib.contextmanager
+    def _query_buffers(self, size: int) -> Iterator[tuple[BoolArray, Any]]:
+        """The ban flags and co-occurrence scratch for one compiled query call, which leaves
+        them as it found them; if it raises, they are cleared here."""
+        ban = self._ban_buffer(size)
+        sc = self.cooccurrence.acquire_scratch(size)
+        try:
+            yield ban, sc
+        except BaseException:
+            ban[:] = False  # the kernel did not get to clear its bans
+            sc.clear()  # nor its scratch
+            raise
+        finally:
+            self.cooccurrence.release_scratch(sc)
 
     def _ban_buffer(self, size: int) -> BoolArray:
         """A reusable all-False flag per track (set and cleared by each query)."""
