@@ -125,6 +125,10 @@ HANDOVER_TURNS = 3
 #: already: throughput is what shortens it), it gathers up to ``agent_batch_ms``
 LIVE_GATHER_S = 0.002
 BACKLOG_PLAYS = 8
+#: how often a held batch re-sends its wake-up (see process_plays in create_worker)
+WAKE_S = 0.005
+#: the plays agent's wake-up value (never a Kafka record)
+_WAKE: Any = object()
 
 #: how long the commit flush waits for a changelog hand-over that makes no progress
 STALLED_HANDOVER_S = 10.0
@@ -638,7 +642,7 @@ def create_worker(
 
     @app.agent(plays, name="process-plays")
     async def process_plays(stream: faust.StreamT[bytes]) -> None:
-        last_yield = last_changelog = time.perf_counter()
+        timing = {"yield": time.perf_counter(), "changelog": time.perf_counter()}
         changelog_failures = [0]
         queue = getattr(stream.channel, "queue", None)
         nothing_buffered = queue.empty if queue is not None else (lambda: True)
@@ -659,32 +663,9 @@ def create_worker(
         # Acked below, once processed: a buffered play must not be committed before it is
         # applied (Faust acks an event when the iteration moves on to the next one).
         stream.enable_acks = False
-        batch: list[Any] = []
-        batch_started = 0.0
-        async for event in stream.events():
-            now = time.perf_counter()
-            if not batch:
-                batch_started = now
-            batch.append(event)
-            # Take what Faust has already fetched, never waiting on the network: a lone
-            # play is processed at once; otherwise up to `agent_batch` plays go through
-            # each stage together (Processor.process_batch: the stages stay in the CPU
-            # caches), gathered for at most LIVE_GATHER_S, or `agent_batch_ms` when a
-            # backlog waits (BACKLOG_PLAYS: freshness is queueing then).
-            if len(batch) < max_batch:
-                behind = fetched_behind(event.message)
-                window = backlog_wait if behind >= BACKLOG_PLAYS else live_wait
-                if now - batch_started < window and (behind or not nothing_buffered()):
-                    # Faust's fetcher hands the agent one message per few turns of the
-                    # event loop, so its buffer is nearly always empty even under a
-                    # backlog: give it those turns
-                    for _ in range(HANDOVER_TURNS):
-                        if not nothing_buffered():
-                            break
-                        await asyncio.sleep(0)
-                    if not nothing_buffered():
-                        continue
-            events, batch = batch, []
+
+        async def apply(events: list[Any]) -> None:
+            """Apply a gathered batch, then ack each play (see the loop below)."""
             generation = app.consumer_generation_id
             records: list[Record] = []
             live: list[Any] = []
@@ -766,9 +747,9 @@ def create_worker(
                 worker.writer.wake()
             now = time.perf_counter()
             if sessions.dirty and (
-                now - last_changelog > CHANGELOG_SEND_S or sessions.dirty >= CHANGELOG_BATCH
+                now - timing["changelog"] > CHANGELOG_SEND_S or sessions.dirty >= CHANGELOG_BATCH
             ):
-                last_changelog = now
+                timing["changelog"] = now
                 try:
                     await sessions.send_dirty()
                 except Exception as exc:  # noqa: BLE001 - kept dirty; the commit retries
@@ -779,9 +760,72 @@ def create_worker(
                                        changelog_failures[0], exc)
             # Under a backlog the stream hands over buffered events without suspending; give
             # the Redis writer (ranking + flush) a turn every few ms so freshness stays bounded.
-            if now - last_yield > 0.004:
-                last_yield = now
+            if now - timing["yield"] > 0.004:
+                timing["yield"] = now
                 await asyncio.sleep(0)
+
+        batch: list[Any] = []
+        batch_started = 0.0
+        loop = asyncio.get_running_loop()
+        wake_handle: list[asyncio.TimerHandle | None] = [None]
+
+        def wake() -> None:
+            """A held batch must never wait for a play that will not come: Faust skips the
+            buffered messages while its flow control is off (a rebalance, shutdown), and
+            then waits for every tracked play to be acked. Until the batch is applied, put
+            a wake-up in the stream buffer every few ms; the loop applies the batch on it."""
+            wake_handle[0] = None
+            if batch and queue is not None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(_WAKE)
+                wake_handle[0] = loop.call_later(WAKE_S, wake)
+
+        def release() -> list[Any]:
+            events = batch[:]
+            batch.clear()
+            handle, wake_handle[0] = wake_handle[0], None
+            if handle is not None:
+                handle.cancel()
+            return events
+
+        try:
+            async for value in stream:
+                event = stream.current_event
+                if event is None:  # a wake-up (or any value that is not a Kafka record)
+                    if value is not _WAKE:
+                        logger.warning("plays agent ignored a non-record value %r", value)
+                    if batch:
+                        await apply(release())
+                    continue
+                now = time.perf_counter()
+                if not batch:
+                    batch_started = now
+                batch.append(event)
+                # Take what Faust has already fetched, never waiting on the network: a lone
+                # play is processed at once; otherwise up to `agent_batch` plays go through
+                # each stage together (Processor.process_batch: the stages stay in the CPU
+                # caches), gathered for at most LIVE_GATHER_S, or `agent_batch_ms` when a
+                # backlog waits (BACKLOG_PLAYS: freshness is queueing then).
+                if len(batch) < max_batch:
+                    behind = fetched_behind(event.message)
+                    window = backlog_wait if behind >= BACKLOG_PLAYS else live_wait
+                    if now - batch_started < window and (behind or not nothing_buffered()):
+                        # Faust's fetcher hands the agent one message per few turns of the
+                        # event loop, so its buffer is nearly always empty even under a
+                        # backlog: give it those turns
+                        for _ in range(HANDOVER_TURNS):
+                            if not nothing_buffered():
+                                break
+                            await asyncio.sleep(0)
+                        if not nothing_buffered():
+                            if wake_handle[0] is None:
+                                wake_handle[0] = loop.call_later(window + WAKE_S, wake)
+                            continue
+                await apply(release())
+        finally:
+            if batch:  # the stream stopped with plays gathered: apply them (and ack)
+                await apply(release())
+
 
     async def write_checkpoint() -> None:
         """Snapshot the models to Redis (key model:{app_id}); failures are retried next time."""
