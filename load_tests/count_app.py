@@ -61,6 +61,11 @@ async def count_plays(stream: faust.StreamT[bytes]) -> None:
                 out.write(f"{time.time():.6f} {count}\n")
 
 
+if os.environ.get("LT_FAST_DRAIN") == "1":
+    from stream.fastdrain import fast_delivery
+
+    fast_delivery(app)
+
 if __name__ == "__main__":
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
     worker.spinner = None  # as stream.app.run_worker: no DEBUG root logger for the spinner

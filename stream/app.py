@@ -14,6 +14,7 @@ import base64
 import contextlib
 import gc
 import logging
+import os
 import time
 import uuid
 from array import array
@@ -31,6 +32,7 @@ from stream import __version__
 from stream.changelog import BatchedChangelogTable, batched_table
 from stream.checkpoint import frame
 from stream.config import Settings, redis_auth
+from stream.fastdrain import fast_delivery
 from stream.kafka_io import signals_topic
 from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record
@@ -375,6 +377,8 @@ def create_worker(
     make_commit_wait_for_changelog(app.producer, batched_tables)
     resume_after_seek(app, settings.plays_topic)
     limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms)
+    if os.environ.get("STREAM_FAST_DRAIN", "1") == "1":
+        fast_delivery(app)
     recommender = recommender if recommender is not None else Recommender()
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
@@ -657,6 +661,38 @@ def create_worker(
                 return 0
             return 0 if highwater is None else max(0, highwater - msg.offset - 1)
 
+        acking_topics = app.topics.acking_topics  # type: ignore[attr-defined]
+        track_message = app.consumer.track_message
+        flow_active = app.flow_control.is_active
+        errors = getattr(queue, "_errors", None)
+        quick_get = queue.get_nowait if queue is not None else None
+        peek = getattr(queue, "_queue", None)  # asyncio.Queue's deque
+
+        def take_buffered(batch: list[Any], limit: int) -> None:
+            """Move the plays already in the stream's buffer into ``batch`` (up to
+            ``limit``) without a trip through Faust's stream iterator per play: the
+            iterator's bookkeeping for a play is done here (track it as unacked, count
+            it), its per-event sensors are not called (the worker's metrics are its own).
+            Stops at the first value the iterator must see itself: a wake-up or any
+            non-record, and any record it would skip (flow control off, a stale
+            generation), or a queued error."""
+            if quick_get is None or peek is None or errors is None:
+                return
+            generation = app.consumer_generation_id
+            while len(batch) < limit and peek and not errors:
+                event = peek[0]
+                if not isinstance(event, faust.types.EventT) or not flow_active():
+                    return
+                message = event.message
+                if message.generation_id != generation:
+                    return
+                quick_get()
+                if message.topic in acking_topics and not message.tracked:
+                    message.tracked = True
+                    track_message(message)
+                stream.events_total += 1
+                batch.append(event)
+
         max_batch = settings.agent_batch
         backlog_wait = settings.agent_batch_ms / 1000.0
         live_wait = min(backlog_wait, LIVE_GATHER_S)
@@ -715,13 +751,14 @@ def create_worker(
                 m.tracks_evicted.inc(processor.evicted_tracks)
                 processor.evicted_tracks = 0
             monotonic = time.monotonic()
+            if live:
+                for child, seconds in stage_shares:
+                    child.observe_many(seconds, len(live))
+                processing_histogram.observe_many(per_event, len(live))
             for ev, outcome in zip(live, outcomes, strict=True):
                 outcome_counters[outcome.outcome].inc()
                 if outcome.model_error is not None:
                     m.model_errors.inc()
-                for child, seconds in stage_shares:
-                    child.observe(seconds)
-                processing_histogram.observe(per_event)
                 if outcome.event is not None:
                     m.last_event_ts.set(outcome.event.ts_ms / 1000.0)
                     if outcome.update is not None:
@@ -801,13 +838,14 @@ def create_worker(
                 if not batch:
                     batch_started = now
                 batch.append(event)
+                take_buffered(batch, max_batch)
                 # Take what Faust has already fetched, never waiting on the network: a lone
                 # play is processed at once; otherwise up to `agent_batch` plays go through
                 # each stage together (Processor.process_batch: the stages stay in the CPU
                 # caches), gathered for at most LIVE_GATHER_S, or `agent_batch_ms` when a
                 # backlog waits (BACKLOG_PLAYS: freshness is queueing then).
                 if len(batch) < max_batch:
-                    behind = fetched_behind(event.message)
+                    behind = fetched_behind(batch[-1].message)
                     window = backlog_wait if behind >= BACKLOG_PLAYS else live_wait
                     if now - batch_started < window and (behind or not nothing_buffered()):
                         # Faust's fetcher hands the agent one message per few turns of the

@@ -277,6 +277,11 @@ class _HistogramChild:
         self.counts[bisect_left(self.bounds, amount)] += 1
         self.sum += amount
 
+    def observe_many(self, amount: float, n: int) -> None:
+        """``n`` observations of the same ``amount`` (a batch's per-play share) at once."""
+        self.counts[bisect_left(self.bounds, amount)] += n
+        self.sum += amount * n
+
 
 class FastHistogram(_Family):
     """A histogram for the event-loop thread's hot path (see the section comment)."""
@@ -307,6 +312,9 @@ class FastHistogram(_Family):
 
     def observe(self, amount: float) -> None:
         self._unlabelled().observe(amount)
+
+    def observe_many(self, amount: float, n: int) -> None:
+        self._unlabelled().observe_many(amount, n)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

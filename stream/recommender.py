@@ -394,30 +394,41 @@ class Recommender:
         ids = self.vocabulary.ids
         artist_of = self.artist_of
         cap_n = self.max_per_artist if artist_of else None
-        if cap_n is None:  # no artist cap: exactly the first k are kept
-            rows, totals, reasons, leads = rows[:k], totals[:k], reasons[:k], leads[:k]
+        count = len(rows)
+        # Materialise only the prefix that can be kept (rows are up to n_pop + 2n long, and
+        # turning all of them into Python objects was most of this method's cost): the
+        # first k without an artist cap, else 2k at first and the rest only if the cap
+        # dropped enough of those.
+        stop = min(count, k if cap_n is None else 2 * k)
+        start = 0
         per_artist: dict[str, int] = {}
         because: dict[int, str] = {}
         out: list[Recommendation] = []
-        for row, score, code, lead in zip(
-            rows.tolist(), totals.tolist(), reasons.tolist(), leads.tolist(), strict=True
-        ):
-            track = ids[row]
-            if cap_n is not None:
-                artist = artist_of.get(track)
-                if artist is not None:
-                    if per_artist.get(artist, 0) >= cap_n:
-                        continue
-                    per_artist[artist] = per_artist.get(artist, 0) + 1
-            if code == _k.REASON_COOCCURRENCE and lead >= 0:
-                reason = because.get(lead)
-                if reason is None:
-                    reason = because[lead] = _BECAUSE.format(anchor=ids[lead])
-            else:
-                reason = _reason(code, lead, ids)
-            out.append(Recommendation(track, round(score, 6), reason))
-            if len(out) >= k:
-                break
+        while start < stop:
+            for row, score, code, lead in zip(
+                rows[start:stop].tolist(),
+                totals[start:stop].tolist(),
+                reasons[start:stop].tolist(),
+                leads[start:stop].tolist(),
+                strict=True,
+            ):
+                track = ids[row]
+                if cap_n is not None:
+                    artist = artist_of.get(track)
+                    if artist is not None:
+                        if per_artist.get(artist, 0) >= cap_n:
+                            continue
+                        per_artist[artist] = per_artist.get(artist, 0) + 1
+                if code == _k.REASON_COOCCURRENCE and lead >= 0:
+                    reason = because.get(lead)
+                    if reason is None:
+                        reason = because[lead] = _BECAUSE.format(anchor=ids[lead])
+                else:
+                    reason = _reason(code, lead, ids)
+                out.append(Recommendation(track, round(score, 6), reason))
+                if len(out) >= k:
+                    return out
+            start, stop = stop, count
         return out
 
     def _rank_reference(

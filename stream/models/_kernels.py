@@ -215,29 +215,62 @@ def mf_step(item_factors, user, rows, targets, lr, l2):  # type: ignore[no-untyp
 
 
 @_jit
+def _worse(ka, ra, kb, rb):  # type: ignore[no-untyped-def]
+    """Whether entry (key ``ka``, row ``ra``) ranks below (``kb``, ``rb``): a lower key, or
+    the same key and a higher row."""
+    return ka < kb or (ka == kb and ra > rb)
+
+
+@_jit
 def _top_n(rows, key, n):  # type: ignore[no-untyped-def]
     """The ``n`` entries of ``rows`` with the highest ``key`` (aligned arrays), in no
-    particular order; ties at the cut go to the lower row."""
+    particular order; ties at the cut go to the lower row, NaN keys rank last.
+
+    A heap of the ``n`` best so far (its root the worst of them), so one pass with a
+    comparison per entry (``np.partition`` plus a tie pass cost ~12 us for 50 of ~450
+    co-occurrence candidates)."""
     m = len(rows)
     if m <= n:
         return rows.copy()
-    neg = -key
-    for i in range(m):
-        if np.isnan(neg[i]):  # (diverged scores) rank last, never as garbage rows
-            neg[i] = np.inf
-    cut = np.partition(neg, n - 1)[n - 1]
-    out = np.empty(n, dtype=np.int64)
-    j = 0
-    for i in range(m):
-        if neg[i] < cut:
-            out[j] = rows[i]
-            j += 1
-    if j < n:
-        ties = np.sort(rows[neg == cut])
-        for t in ties[: n - j]:
-            out[j] = t
-            j += 1
-    return out[:j]
+    hk = np.empty(n)
+    hr = np.empty(n, dtype=np.int64)
+    for i in range(n):  # heapify the first n: sift each up while worse than its parent
+        k = key[i]
+        if np.isnan(k):
+            k = -np.inf
+        r = rows[i]
+        j = i
+        while j > 0:
+            parent = (j - 1) >> 1
+            if not _worse(k, r, hk[parent], hr[parent]):
+                break
+            hk[j] = hk[parent]
+            hr[j] = hr[parent]
+            j = parent
+        hk[j] = k
+        hr[j] = r
+    for i in range(n, m):
+        k = key[i]
+        if np.isnan(k):
+            k = -np.inf
+        r = rows[i]
+        if not _worse(hk[0], hr[0], k, r):  # not better than the worst kept
+            continue
+        j = 0  # replace the root, sift down: move the worse child up while it is worse
+        while True:
+            c = 2 * j + 1
+            if c >= n:
+                break
+            if c + 1 < n and _worse(hk[c + 1], hr[c + 1], hk[c], hr[c]):
+                c += 1
+            if not _worse(hk[c], hr[c], k, r):
+                break
+            hk[j] = hk[c]
+            hr[j] = hr[c]
+            j = c
+        hk[j] = k
+        hr[j] = r
+    return hr
 
 
 @_jit

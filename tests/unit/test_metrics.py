@@ -72,6 +72,28 @@ def test_exposition_is_byte_identical_to_prometheus_client() -> None:
     ) == fast.get_sample_value("stream_stage_seconds_count", {"stage": "decode"})
 
 
+def test_observe_many_is_n_observations() -> None:
+    """A batch's per-play share is observed once with a count: the same exposition as n
+    single observations (dyadic values, so the sums are exact both ways)."""
+    one_reg, many_reg = CollectorRegistry(), CollectorRegistry()
+    one = FastHistogram("stage_seconds", "s", ["stage"], namespace="stream",
+                        buckets=LATENCY_BUCKETS, registry=one_reg)
+    many = FastHistogram("stage_seconds", "s", ["stage"], namespace="stream",
+                         buckets=LATENCY_BUCKETS, registry=many_reg)
+    plain_one = FastHistogram("processing_seconds", "s", namespace="stream",
+                              buckets=LATENCY_BUCKETS, registry=one_reg)
+    plain_many = FastHistogram("processing_seconds", "s", namespace="stream",
+                               buckets=LATENCY_BUCKETS, registry=many_reg)
+    for value, n in ((2.0**-12, 64), (2.0**-7, 3), (0.5, 1), (2.0**-20, 0)):
+        for _ in range(n):
+            one.labels("rank").observe(value)  # type: ignore[attr-defined]
+            plain_one.observe(value)
+        many.labels("rank").observe_many(value, n)  # type: ignore[attr-defined]
+        plain_many.observe_many(value, n)
+    assert generate_latest(many_reg) == generate_latest(one_reg)
+    assert many_reg.get_sample_value("stream_stage_seconds_count", {"stage": "rank"}) == 68
+
+
 def test_misuse_is_refused_like_prometheus_client() -> None:
     reg = CollectorRegistry()
     c = FastCounter("things", "things", ["kind"], namespace="stream", registry=reg)

@@ -1,0 +1,151 @@
+"""Faust's fetcher hands each fetched message over without four tasks and an ``asyncio.wait``.
+
+faust-streaming 0.15's ``Consumer._drain_messages`` delivers every message with
+``await self.wait_first(callback(message), self.suspend_flow.wait())``. ``wait_first``
+wraps each of the callback, ``suspend_flow.wait()``, ``_stopped.wait()`` and
+``_crashed.wait()`` in a task, waits for the first with ``asyncio.wait`` and cancels the
+other three: four tasks, a waiter future and a dozen event-loop handles per message,
+although the callback (the conductor's ``on_message``: decode, put in the stream's buffer)
+nearly always completes without ever suspending. That hand-over was the largest fixed cost
+of a play in the worker (docs/benchmarks.md, session 7).
+
+:func:`fast_delivery` replaces the app consumer's ``_drain_messages`` with the same loop
+that awaits the callback directly whenever nothing it could block on is in the way:
+
+- flow is not being suspended (``suspend_flow``) and the app's flow control is active
+  (else ``on_message`` blocks in ``flow_control.acquire()``);
+- the conductor is not re-indexing its callbacks (its lock is free);
+- the producer's buffer is not over its limit (else ``on_message`` flushes it);
+- no stream buffer subscribed to the message's partition is full (else ``on_message``
+  waits for room).
+
+Otherwise it falls back to Faust's ``wait_first``, so a delivery blocked by back-pressure
+is still abandoned when a rebalance suspends flow. Everything else (read offsets, gaps,
+``commit_every``, stop and error handling) is Faust's loop as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+from typing import Any, cast
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+
+logger = logging.getLogger(__name__)
+
+
+def can_deliver_now(app: Any, consumer: Any, tp: Any) -> bool:
+    """Whether the conductor's ``on_message`` for a message of ``tp`` would complete
+    without suspending (see the module doc); ``False`` whenever unsure."""
+    if consumer.suspend_flow.is_set() or not app.flow_control.is_active():
+        return False
+    conductor = app.topics
+    if conductor._tp_to_callback_lock.locked():
+        return False
+    buffer = app.producer.buffer
+    if buffer.size > buffer.max_messages:
+        return False
+    return not any(chan.queue.full() for chan in conductor._tp_index.get(tp, ()))
+
+
+async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - Faust's loop
+    # faust/transport/consumer.py Consumer._drain_messages (faust-streaming 0.15.3), with
+    # the direct hand-over. Kept line for line otherwise.
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+    app = self.app
+
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    flag_consumer_fetching = CONSUMER_FETCHING
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(flag_consumer_fetching)
+            ait = getmany(timeout=1.0)
+
+            # Sleeping because sometimes getmany is called in a loop
+            # never releasing to the event loop
+            await self.sleep(0)
+            if not self.should_stop:
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        # We have a gap in income messages
+                        if gap > 1 and r_offset:
+                            acks_enabled = acks_enabled_for(message.topic)
+                            if acks_enabled:
+                                await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        if can_deliver_now(app, self, tp):
+                            await callback(message)
+                        else:
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                    else:
+                        self.log.dev(
+                            "DROPPED MESSAGE ROFF %r: k=%r v=%r",
+                            offset,
+                            message.key,
+                            message.value,
+                        )
+                unset_flag(flag_consumer_fetching)
+
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            # we're already stopping so ignore
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            # we're already stopping so ignore
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(flag_consumer_fetching)
+
+
+def fast_delivery(app: faust.App) -> bool:
+    """Install the direct hand-over on ``app``'s consumer; ``False`` (and a warning) when
+    this Faust's consumer does not look like the one it was written against."""
+    consumer = cast(Any, app.consumer)
+    conductor = cast(Any, app.topics)
+    needed = (
+        hasattr(consumer, "_drain_messages")
+        and hasattr(consumer, "suspend_flow")
+        and hasattr(consumer, "_read_offset")
+        and hasattr(conductor, "_tp_to_callback_lock")
+        and hasattr(conductor, "_tp_index")
+    )
+    if not needed:
+        logger.warning("Faust's consumer is not the one fast_delivery knows: left as is")
+        return False
+    consumer._drain_messages = types.MethodType(_drain_messages, consumer)
+    return True
