@@ -251,7 +251,7 @@ def make_commit_wait_for_changelog(
     producer.flush = flush
 
 
-def limit_fetch_wait(app: faust.App, max_wait_ms: int) -> None:
+def limit_fetch_wait(app: faust.App, max_wait_ms: int, min_bytes: int = 1) -> None:
     """Have the app's Kafka consumer ask the broker to hold a fetch at most
     ``max_wait_ms`` when it has no data (Faust hard-codes aiokafka's ``fetch_max_wait_ms``
     to 1,500 ms).
@@ -273,6 +273,7 @@ def limit_fetch_wait(app: faust.App, max_wait_ms: int) -> None:
         if not hasattr(consumer, "_fetch_max_wait_ms"):
             logger.warning("aiokafka consumer has no _fetch_max_wait_ms: fetch wait left as is")
         consumer._fetch_max_wait_ms = max_wait_ms  # read by AIOKafkaConsumer.start()
+        consumer._fetch_min_bytes = min_bytes
         return consumer
 
     thread._create_worker_consumer = create_worker_consumer
@@ -376,7 +377,7 @@ def create_worker(
     batched_tables: list[BatchedChangelogTable] = []
     make_commit_wait_for_changelog(app.producer, batched_tables)
     resume_after_seek(app, settings.plays_topic)
-    limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms)
+    limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms, settings.kafka_fetch_min_bytes)
     if os.environ.get("STREAM_FAST_DRAIN", "1") == "1":
         fast_delivery(app)
     recommender = recommender if recommender is not None else Recommender()

@@ -50,6 +50,8 @@ class Settings:
     #: longest the broker may hold an empty fetch (Faust's own value is 1,500 ms; see
     #: stream.app.limit_fetch_wait)
     kafka_fetch_max_wait_ms: int = 100
+    #: bytes a fetch waits for (up to kafka_fetch_max_wait_ms) before the broker answers
+    kafka_fetch_min_bytes: int = 1
     # Table storage: memory:// (rebuilt from the changelog at start) or rocksdb://
     table_store: str = "memory://"
     data_dir: str = ""
@@ -209,6 +211,7 @@ def validate(s: Settings) -> Settings:
         "redis_max_batch",
         "agent_batch",
         "kafka_fetch_max_wait_ms",
+        "kafka_fetch_min_bytes",
         "top_k",
         "session_gap_s",
         "max_recent",

@@ -147,18 +147,20 @@ def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> 
     built: list[Any] = []
 
     def faust_create(transport: Any) -> Any:  # stands in for building an AIOKafkaConsumer
-        built.append(SimpleNamespace(_fetch_max_wait_ms=1500))
+        built.append(SimpleNamespace(_fetch_max_wait_ms=1500, _fetch_min_bytes=1))
         return built[-1]
 
     thread._create_worker_consumer = faust_create
-    limit_fetch_wait(app, 100)
+    limit_fetch_wait(app, 100, 4096)
     try:
         consumer = thread._create_consumer(loop=None)
     finally:
         thread.thread_loop.close()  # the consumer thread's own loop (never started)
     assert consumer is built[-1] and consumer._fetch_max_wait_ms == 100
-    # ... and aiokafka hands that attribute to its fetcher when the consumer starts
+    assert consumer._fetch_min_bytes == 4096
+    # ... and aiokafka hands those attributes to its fetcher when the consumer starts
     assert "self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+    assert "self._fetch_min_bytes" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
 
 
 def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
