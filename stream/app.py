@@ -19,6 +19,7 @@ import time
 import uuid
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +128,8 @@ HANDOVER_TURNS = 3
 #: already: throughput is what shortens it), it gathers up to ``agent_batch_ms``
 LIVE_GATHER_S = 0.002
 BACKLOG_PLAYS = 8
+#: how often the "more like this" refresh runs while plays wait in the stream buffer
+SIMILAR_BACKLOG_S = 1.0
 #: how often a held batch re-sends its wake-up (see process_plays in create_worker)
 WAKE_S = 0.005
 #: the plays agent's wake-up value (never a Kafka record)
@@ -549,6 +552,8 @@ def create_worker(
 
     pending_writes: deque[PendingWrite] = deque()
     pending_forgets: deque[str] = deque()
+    #: the plays agent's "is the stream buffer empty" (set once the agent starts)
+    plays_buffer: list[Callable[[], bool]] = []
     dead_letters: deque[DeadLetter] = deque()
 
     def submit(write: PendingWrite) -> None:
@@ -651,6 +656,7 @@ def create_worker(
         changelog_failures = [0]
         queue = getattr(stream.channel, "queue", None)
         nothing_buffered = queue.empty if queue is not None else (lambda: True)
+        plays_buffer[:] = [nothing_buffered]
         set_current_event = stream._set_current_event  # type: ignore[attr-defined]
         on_message_out = stream._on_message_out  # type: ignore[attr-defined]
 
@@ -890,6 +896,8 @@ def create_worker(
 
     lag_client: list[Any] = [None]
 
+    similar_refreshed = [0.0]
+
     @app.timer(interval=0.1)
     async def refresh_similar() -> None:
         """Ten times a second, refresh a few "more like this" lists of recently played
@@ -899,7 +907,13 @@ def create_worker(
         loop is never held long enough to show in the freshness p99."""
         if worker.writer is None or not processor.touched_tracks:
             return
-        for key, doc in processor.similar_due(time.time(), limit=20, budget_s=0.0025):
+        now = time.time()
+        # plays waiting in the stream buffer come first: then refresh once a second only
+        waiting = plays_buffer and not plays_buffer[0]()
+        if waiting and now - similar_refreshed[0] < SIMILAR_BACKLOG_S:
+            return
+        similar_refreshed[0] = now
+        for key, doc in processor.similar_due(now, limit=20, budget_s=0.0025):
             worker.writer.submit_plain(key, doc)
 
     @app.timer(interval=2.0)
