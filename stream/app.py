@@ -128,6 +128,9 @@ HANDOVER_TURNS = 3
 #: already: throughput is what shortens it), it gathers up to ``agent_batch_ms``
 LIVE_GATHER_S = 0.002
 BACKLOG_PLAYS = 8
+#: a partition this many plays behind is a backlog being drained: rankings are then
+#: coalesced over up to ``catch_up_rank_ms`` (see rank_pending in create_worker)
+CATCH_UP_PLAYS = 256
 #: how often the "more like this" refresh runs while plays wait in the stream buffer
 SIMILAR_BACKLOG_S = 1.0
 #: how often a held batch re-sends its wake-up (see process_plays in create_worker)
@@ -605,7 +608,20 @@ def create_worker(
         m.signals.labels("sent").inc(len(pending_signals))
         pending_signals.clear()
 
+    #: [0]: a real backlog waits (CATCH_UP_PLAYS behind on a partition at the last batch);
+    #: [1]: when the listeners waiting to be ranked started waiting (perf_counter)
+    catch_up: list[Any] = [False, 0.0]
+    catch_up_s = settings.catch_up_rank_ms / 1000.0
+
     def rank_pending() -> None:
+        """The Redis writer's pre-flush hook: rank the listeners with new plays. While a
+        real backlog is being drained, a listener's rankings are coalesced over up to
+        ``catch_up_rank_ms`` (their plays come back to back then, and each list would be
+        replaced within milliseconds; at 200 ms, 0.42 rankings per play instead of 0.72
+        in a P1 drain, ~10 % more plays/s). A play waits at least ~250 ms in such a
+        backlog anyway. Otherwise every flush ranks everyone pending."""
+        if catch_up[0] and time.perf_counter() - catch_up[1] < catch_up_s:
+            return  # the agent wakes the writer again after its next batch
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
 
@@ -732,6 +748,13 @@ def create_worker(
                     )
                 )
             started = time.perf_counter()
+            if not processor.pending_rank:
+                catch_up[1] = started
+            # the backlog behind this batch, per partition (the fetched highwater)
+            last: dict[Any, Any] = {ev.message.tp: ev.message for ev in live}
+            catch_up[0] = any(fetched_behind(msg) >= CATCH_UP_PLAYS for msg in last.values())
+            if catch_up[0]:
+                m.catch_up_batches.inc()
             stage_totals: dict[str, float] = {}
             outcomes = processor.process_batch(
                 records, stage_totals, lambda i, live=live: set_current_event(live[i])

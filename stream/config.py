@@ -77,6 +77,9 @@ class Settings:
     #: ``agent_batch_ms`` since the first, and applies them stage by stage (1 = one at a time)
     agent_batch: int = 64
     agent_batch_ms: float = 10.0
+    #: while a backlog is drained (a partition 256+ plays behind), a listener is ranked at
+    #: most once per this many ms (their plays come back to back; 0 = every flush)
+    catch_up_rank_ms: float = 200.0
     # Recommendations and sessions
     top_k: int = 10
     session_gap_s: int = 1800
@@ -236,6 +239,8 @@ def validate(s: Settings) -> Settings:
         raise bad("redis_flush_interval_ms", "must be >= 0")
     if s.agent_batch_ms < 0:
         raise bad("agent_batch_ms", "must be >= 0")
+    if s.catch_up_rank_ms < 0:
+        raise bad("catch_up_rank_ms", "must be >= 0 (0 = rank at every flush)")
     if not 0 <= s.metrics_port <= 65535:
         raise bad("metrics_port", f"must be a TCP port (0-65535), got {s.metrics_port}")
     for name in ("app_id", "plays_topic", "dlq_topic", "control_topic"):

@@ -618,6 +618,12 @@ class Metrics:
             "tracks_evicted", "Tracks evicted from the models to keep the catalogue bounded.",
             namespace=ns, registry=registry,
         )
+        self.catch_up_batches = FastCounter(
+            "catch_up_batches",
+            "Play batches applied while draining a backlog (a partition 256+ plays behind; "
+            "rankings are then coalesced over catch_up_rank_ms).",
+            namespace=ns, registry=registry,
+        )
         self.build = Info("build", "Version information.", namespace=ns, registry=registry)
 
         # Pre-create the bounded label children so every series exists (at 0) from the

@@ -87,6 +87,27 @@ def test_lastfm_plays_produce_fresh_recommendations(
     assert worker.metric_value("stream_freshness_seconds_count") > 0
 
 
+def test_a_drained_backlog_leaves_every_listener_ranked_after_their_last_play(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    """Real Last.fm plays produced before the worker starts: it drains them as a backlog,
+    coalescing each listener's rankings (catch_up_rank_ms), and still every listener's
+    document ends up ranked after their very last play."""
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")
+    assert produce(settings, events) == len(events)
+    worker = worker_factory()
+    expected = counts_by_user(events)
+    wait_for_counts(reader, expected)
+    latest = {e.user_id: e for e in events}
+    for user in expected:
+        doc = reader.get(user)
+        assert doc is not None and doc.event_id == latest[user].event_id
+        assert doc.generated_at_ms >= doc.event_ts_ms
+    assert worker.metric_value("stream_catch_up_batches_total") > 0
+    rankings = worker.metric_value("stream_stage_seconds_count", stage="rank")
+    assert 0 < rankings < len(events), "rankings were not coalesced over the backlog"
+
+
 MALFORMED: list[bytes] = [
     b"",
     b"not json at all",

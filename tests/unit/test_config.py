@@ -36,6 +36,8 @@ def test_env_config_path(tmp_path: Path) -> None:
         ({"STREAM_TABLE_STORE": "s3://x"}, "'table_store'"),
         ({"STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "'kafka_sasl_mechanism'"),
         ({"STREAM_LOG_LEVEL": "loud"}, "'log_level'"),
+        ({"STREAM_CATCH_UP_RANK_MS": "-1"}, "'catch_up_rank_ms'"),
+        ({"STREAM_KAFKA_FETCH_MIN_BYTES": "0"}, "'kafka_fetch_min_bytes'"),
         ({"STREAM_CONFIG": "/nonexistent.toml"}, "STREAM_CONFIG"),
     ],
 )
