@@ -70,7 +70,9 @@ class Settings:
     notify_channel: str = "reco-updates"
     reco_ttl_s: int = 7 * 24 * 3600
     similar_refresh_s: float = 10.0
-    redis_flush_interval_ms: float = 2.0
+    #: extra wait after the agent's batch before the writer ranks and flushes (0: at once;
+    #: the agent's batch is the burst already -- 2 ms cost ~5 ms of p50 at 1,000 ev/s)
+    redis_flush_interval_ms: float = 0.0
     redis_max_batch: int = 512
     redis_retry_max_s: float = 5.0
     #: the plays agent takes up to this many already-buffered plays, for at most

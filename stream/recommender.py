@@ -404,6 +404,9 @@ class Recommender:
         per_artist: dict[str, int] = {}
         because: dict[int, str] = {}
         out: list[Recommendation] = []
+        make = _make_recommendation  # tuple.__new__: skips the NamedTuple's Python __new__
+        fixed = _FIXED_REASONS
+        cooc = _k.REASON_COOCCURRENCE
         while start < stop:
             for row, score, code, lead in zip(
                 rows[start:stop].tolist(),
@@ -416,16 +419,17 @@ class Recommender:
                 if cap_n is not None:
                     artist = artist_of.get(track)
                     if artist is not None:
-                        if per_artist.get(artist, 0) >= cap_n:
+                        n_artist = per_artist.get(artist, 0)
+                        if n_artist >= cap_n:
                             continue
-                        per_artist[artist] = per_artist.get(artist, 0) + 1
-                if code == _k.REASON_COOCCURRENCE and lead >= 0:
+                        per_artist[artist] = n_artist + 1
+                if code == cooc and lead >= 0:
                     reason = because.get(lead)
                     if reason is None:
                         reason = because[lead] = _BECAUSE.format(anchor=ids[lead])
                 else:
-                    reason = _reason(code, lead, ids)
-                out.append(Recommendation(track, round(score, 6), reason))
+                    reason = fixed.get(code) or _reason(code, lead, ids)
+                out.append(make(Recommendation, (track, round(score, 6), reason)))
                 if len(out) >= k:
                     return out
             start, stop = stop, count
@@ -751,6 +755,12 @@ _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _BECAUSE: Final = REASONS["cooccurrence"]
 
 
+#: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's
+#: Python-level ``__new__`` (a third of the per-item cost of ``_results``)
+_make_recommendation: Final[Callable[[type[Recommendation], tuple[str, float, str]],
+                                     Recommendation]] = tuple.__new__
+
+
 def _reason(code: int, lead: int, ids: list[str]) -> str:
     """The text of a :func:`stream.models._kernels.blend_rank` reason code."""
     if code == _k.REASON_COOCCURRENCE:
@@ -762,6 +772,13 @@ def _reason(code: int, lead: int, ids: list[str]) -> str:
     if code == _k.REASON_POPULARITY:
         return REASONS["popularity"]
     return FALLBACK_REASON
+
+
+#: the reasons that do not name a track, by reason code (see _reason for the rest)
+_FIXED_REASONS: Final[dict[int, str]] = {
+    _k.REASON_MF: REASONS["mf"],
+    _k.REASON_POPULARITY: REASONS["popularity"],
+}
 
 
 def _no_lead(_track: str) -> str | None:
