@@ -4,7 +4,8 @@ Same broker/consumer settings as the worker (stream/app.py: at-least-once, commi
 or 1 s, stream buffer 4096, raw bytes, ``stream.events()``), but memory store, no table and
 its own app id. Configured by env: LT_APP_ID, LT_TOPIC, LT_PARTITIONS, LT_PROGRESS (a file it
 appends ``<epoch s> <count>`` to every LT_EVERY events), LT_EXPECT (writes a final line when
-reached). Run by load_tests.throughput; by hand:
+reached), LT_FAST_DRAIN=1 (the worker's direct hand-over, stream/fastdrain.py, for the
+stricter comparison in docs/benchmarks.md, session 7). Run by load_tests.throughput; by hand:
 
     LT_APP_ID=lt-count LT_TOPIC=plays LT_PROGRESS=/tmp/count.txt python -m load_tests.count_app
 """

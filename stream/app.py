@@ -878,9 +878,9 @@ def create_worker(
                     behind = fetched_behind(batch[-1].message)
                     window = backlog_wait if behind >= BACKLOG_PLAYS else live_wait
                     if now - batch_started < window and (behind or not nothing_buffered()):
-                        # Faust's fetcher hands the agent one message per few turns of the
-                        # event loop, so its buffer is nearly always empty even under a
-                        # backlog: give it those turns
+                        # a fetch response lands in the buffer at once (stream.fastdrain;
+                        # Faust's own loop hands over one message per few turns of the
+                        # event loop): give the fetcher a few turns before applying
                         for _ in range(HANDOVER_TURNS):
                             if not nothing_buffered():
                                 break
