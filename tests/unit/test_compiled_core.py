@@ -237,3 +237,21 @@ def test_a_failing_batch_ranking_falls_back_to_one_listener_at_a_time() -> None:
     assert p.rank_pending() == 3
     assert sorted(w.key for w in writes) == ["reco:u1", "reco:u2"]
     assert p.model_errors == 2  # the batch, then the one listener
+
+
+def test_top_n_heap_keeps_the_n_best_with_ties_to_the_lower_row() -> None:
+    """The kernels' top-n (a heap since session 7) against a sort by (key desc, row asc),
+    NaN keys last, over random sizes, tie-heavy keys, NaN and -inf."""
+    rng = np.random.default_rng(0)
+    for t in range(2000):
+        m, n = int(rng.integers(0, 300)), int(rng.integers(1, 60))
+        rows = rng.permutation(1000)[:m].astype(np.int64)
+        key = rng.integers(0, 5, m).astype(float) if t % 2 else rng.random(m)
+        if t % 5 == 0 and m:
+            key[rng.integers(0, m, 3)] = np.nan
+        if t % 7 == 0 and m:
+            key[rng.integers(0, m, 3)] = -np.inf
+        order = sorted(range(m), key=lambda i: (-(-np.inf if np.isnan(key[i]) else key[i]),
+                                                 rows[i]))
+        expected = sorted(rows[order[:n]].tolist())
+        assert sorted(_k._top_n(rows, key, n).tolist()) == expected, (t, m, n)
