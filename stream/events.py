@@ -240,11 +240,14 @@ def _type_name(value: object) -> str:
 
 def _id_field(obj: dict[str, Any], name: str) -> str:
     value = obj[name]
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if type(value) is str:  # the common case first: no str() copy, one type check
+        text = sys.intern(value)  # ids repeat: one shared string per id saves memory
+    elif isinstance(value, bool) or not isinstance(value, str | int):
         raise _Invalid(
             "wrong_type", f"'{name}' must be a string or integer, got {_type_name(value)}"
         )
-    text = sys.intern(str(value))  # ids repeat: one shared string per id saves memory
+    else:
+        text = sys.intern(str(value))
     if not text or text.strip() != text or not text.isprintable():
         raise _Invalid("bad_value", f"'{name}' must be non-empty printable text without padding")
     if len(text) > MAX_ID_LEN:
