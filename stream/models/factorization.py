@@ -10,6 +10,7 @@ does the positive and its negatives in one vectorised step (~10 us), on the same
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -82,6 +83,30 @@ class ImplicitMF:
         self._draws: list[float] = []
         self._draw_pos = 0
         self._pool_pos = 0
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, object]:
+        """The listeners' factors go into a snapshot as one matrix and one id list: pickling
+        a dict of small arrays cost ~3.5 us per listener (12 ms of a 35 ms model checkpoint
+        at 3,475 listeners, held on the event loop; seconds at a million listeners)."""
+        state = dict(self.__dict__)
+        users = state.pop("user_factors")
+        ids = list(users)
+        matrix = (np.stack([users[u] for u in ids]) if ids
+                  else np.zeros((0, self.n_factors), dtype=np.float32))
+        state["_user_ids"] = ids
+        state["_user_matrix"] = matrix
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state = dict(state)
+        if "user_factors" not in state:  # (snapshots before session 7 hold the dict)
+            ids = cast(list[str], state.pop("_user_ids"))
+            matrix = cast(Float32Array, state.pop("_user_matrix"))
+            # one row array per listener, as learn_one makes them (updated in place)
+            state["user_factors"] = {u: matrix[i].copy() for i, u in enumerate(ids)}
+        self.__dict__.update(state)
 
     # -- learning -------------------------------------------------------------------------
 
