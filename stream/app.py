@@ -14,7 +14,6 @@ import base64
 import contextlib
 import gc
 import logging
-import os
 import time
 import uuid
 from array import array
@@ -384,8 +383,7 @@ def create_worker(
     make_commit_wait_for_changelog(app.producer, batched_tables)
     resume_after_seek(app, settings.plays_topic)
     limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms, settings.kafka_fetch_min_bytes)
-    if os.environ.get("STREAM_FAST_DRAIN", "1") == "1":
-        fast_delivery(app)
+    fast_delivery(app)
     recommender = recommender if recommender is not None else Recommender()
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
