@@ -405,7 +405,6 @@ class Recommender:
         because: dict[int, str] = {}
         out: list[Recommendation] = []
         make = _make_recommendation  # tuple.__new__: skips the NamedTuple's Python __new__
-        fixed = _FIXED_REASONS
         cooc = _k.REASON_COOCCURRENCE
         while start < stop:
             for row, score, code, lead in zip(
@@ -428,7 +427,7 @@ class Recommender:
                     if reason is None:
                         reason = because[lead] = _BECAUSE.format(anchor=ids[lead])
                 else:
-                    reason = fixed.get(code) or _reason(code, lead, ids)
+                    reason = _reason(code, lead, ids)
                 out.append(make(Recommendation, (track, round(score, 6), reason)))
                 if len(out) >= k:
                     return out
@@ -761,24 +760,23 @@ _make_recommendation: Final[Callable[[type[Recommendation], tuple[str, float, st
                                      Recommendation]] = tuple.__new__
 
 
-def _reason(code: int, lead: int, ids: list[str]) -> str:
-    """The text of a :func:`stream.models._kernels.blend_rank` reason code."""
-    if code == _k.REASON_COOCCURRENCE:
-        if lead < 0:
-            return "often played together with your recent tracks"
-        return REASONS["cooccurrence"].format(anchor=ids[lead])
-    if code == _k.REASON_MF:
-        return REASONS["mf"]
-    if code == _k.REASON_POPULARITY:
-        return REASONS["popularity"]
-    return FALLBACK_REASON
-
-
-#: the reasons that do not name a track, by reason code (see _reason for the rest)
+#: the reasons that do not name a track, by reason code
 _FIXED_REASONS: Final[dict[int, str]] = {
     _k.REASON_MF: REASONS["mf"],
     _k.REASON_POPULARITY: REASONS["popularity"],
 }
+
+
+def _reason(code: int, lead: int, ids: list[str]) -> str:
+    """The text of a :func:`stream.models._kernels.blend_rank` reason code."""
+    fixed = _FIXED_REASONS.get(code)
+    if fixed is not None:
+        return fixed
+    if code == _k.REASON_COOCCURRENCE:
+        if lead < 0:
+            return "often played together with your recent tracks"
+        return REASONS["cooccurrence"].format(anchor=ids[lead])
+    return FALLBACK_REASON
 
 
 def _no_lead(_track: str) -> str | None:
