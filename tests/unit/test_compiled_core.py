@@ -121,16 +121,23 @@ def _trained(datasets_dir: Path, limit: int = 4000) -> tuple[Recommender, dict[s
     return rec, states
 
 
+def _trained_with_artists(
+    datasets_dir: Path, mf_candidates: bool, seed: int
+) -> tuple[Recommender, dict[str, UserState]]:
+    """``_trained``, with an artist per track (so the per-artist cap is exercised too)."""
+    rec, states = _trained(datasets_dir)
+    rec.mf_candidates = mf_candidates
+    rng = random.Random(seed)
+    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    return rec, states
+
+
 @pytest.mark.parametrize("mf_candidates", [False, True])
 @pytest.mark.parametrize("variant", ["blend", "popularity", "mf", "cooccurrence"])
 def test_compiled_ranking_matches_the_reference_path(
     datasets_dir: Path, variant: str, mf_candidates: bool
 ) -> None:
-    rec, states = _trained(datasets_dir)
-    rec.mf_candidates = mf_candidates
-    rng = random.Random(1)
-    # an artist per track, so the per-artist cap is exercised too
-    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    rec, states = _trained_with_artists(datasets_dir, mf_candidates, seed=1)
     now = 893_000_000_000
     compared = 0
     for state in list(states.values())[:120]:
@@ -194,10 +201,7 @@ def test_seen_tracks_rows_follow_eviction(datasets_dir: Path) -> None:
 def test_ranking_many_listeners_at_once_matches_ranking_each(
     datasets_dir: Path, mf_candidates: bool
 ) -> None:
-    rec, states = _trained(datasets_dir)
-    rec.mf_candidates = mf_candidates
-    rng = random.Random(4)
-    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    rec, states = _trained_with_artists(datasets_dir, mf_candidates, seed=4)
     now = 893_000_000_000
     listeners = list(states.values())[:150]
     # a listener the MF has no factors for, and one whose recent tracks are all unknown
