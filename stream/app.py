@@ -33,6 +33,7 @@ from stream.changelog import BatchedChangelogTable, batched_table
 from stream.checkpoint import frame
 from stream.config import Settings, redis_auth
 from stream.fastdrain import fast_delivery
+from stream.inloop import consume_in_loop
 from stream.kafka_io import signals_topic
 from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record
@@ -379,6 +380,10 @@ def create_worker(
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
     )
+    if not settings.kafka_consumer_thread:
+        consume_in_loop(app)  # before anything creates app.consumer
+    else:
+        logger.info("Kafka consumer: in Faust's consumer thread (kafka_consumer_thread=true)")
     batched_tables: list[BatchedChangelogTable] = []
     make_commit_wait_for_changelog(app.producer, batched_tables)
     resume_after_seek(app, settings.plays_topic)

@@ -161,18 +161,28 @@ def test_malformed_events_go_to_dead_letter_topic(
     assert worker.proc is not None and worker.proc.poll() is None, "worker died"
 
 
+@pytest.mark.parametrize("consumer_thread", [False, True], ids=["in-loop", "faust-thread"])
 def test_restart_restores_session_state_from_changelog(
-    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+    settings: Settings,
+    worker_factory,
+    reader: RecoReader,
+    datasets_dir: Path,
+    consumer_thread: bool,
 ) -> None:
+    """Both consumer modes (stream.inloop, and Faust's own thread) stop cleanly with their
+    offsets committed and the changelog flushed, and a restart resumes from them."""
+    settings = settings.replace(kafka_consumer_thread=consumer_thread)
+    where = "in Faust's consumer thread" if consumer_thread else "on the worker's event loop"
     events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]
     first, second = events[:1500], events[1500:]
-    w1 = worker_factory()
+    w1 = worker_factory(settings)
+    assert f"Kafka consumer: {where}" in w1.log_text()
     produce(settings, first)
     wait_for_counts(reader, counts_by_user(first))
     assert w1.stop() == 0
 
     produce(settings, second)  # while no worker runs
-    w2 = worker_factory()
+    w2 = worker_factory(settings)
     expected = counts_by_user(events)
     wait_for_counts(reader, expected)
     for user, n in expected.items():

@@ -38,6 +38,10 @@ def test_env_config_path(tmp_path: Path) -> None:
         ({"STREAM_LOG_LEVEL": "loud"}, "'log_level'"),
         ({"STREAM_CATCH_UP_RANK_MS": "-1"}, "'catch_up_rank_ms'"),
         ({"STREAM_KAFKA_FETCH_MIN_BYTES": "0"}, "'kafka_fetch_min_bytes'"),
+        (
+            {"STREAM_KAFKA_CONSUMER_THREAD": "maybe"},
+            "'kafka_consumer_thread' (env STREAM_KAFKA_CONSUMER_THREAD): expected true/false",
+        ),
         ({"STREAM_CONFIG": "/nonexistent.toml"}, "STREAM_CONFIG"),
     ],
 )
