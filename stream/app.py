@@ -33,6 +33,7 @@ from stream.changelog import BatchedChangelogTable, batched_table
 from stream.checkpoint import frame
 from stream.config import Settings, redis_auth
 from stream.fastdrain import fast_delivery
+from stream.forksnap import build_in_child, can_fork
 from stream.inloop import consume_in_loop
 from stream.kafka_io import signals_topic
 from stream.metrics import Metrics
@@ -140,6 +141,8 @@ _WAKE: Any = object()
 
 #: how long the commit flush waits for a changelog hand-over that makes no progress
 STALLED_HANDOVER_S = 10.0
+#: a checkpoint's snapshot child is killed (and the checkpoint counted as an error) after this
+CHECKPOINT_CHILD_TIMEOUT_S = 120.0
 
 
 def make_commit_wait_for_changelog(
@@ -485,7 +488,9 @@ def create_worker(
         async def on_stop(self) -> None:
             if worker.writer is not None:
                 if settings.checkpoint_interval_s:
-                    await write_checkpoint()  # a clean stop keeps everything learned
+                    # a clean stop keeps everything learned (in-process: nothing to hide
+                    # from the event loop now, and no child to outlive the worker)
+                    await write_checkpoint(in_child=False)
                 await worker.writer.stop()
                 await worker.writer.client.aclose()
 
@@ -898,13 +903,35 @@ def create_worker(
                 await apply(release())
 
 
-    async def write_checkpoint() -> None:
-        """Snapshot the models to Redis (key model:{app_id}); failures are retried next time."""
-        if worker.writer is None:
+    #: one checkpoint at a time: a periodic one skips while another runs, the final one
+    #: waits for it (so the newer snapshot is the one left in Redis)
+    checkpoint_lock = asyncio.Lock()
+
+    def checkpoint_blob() -> bytes:
+        return frame(recommender.snapshot(), settings.checkpoint_secret)
+
+    async def write_checkpoint(in_child: bool = True) -> None:
+        """Snapshot the models to Redis (key model:{app_id}); failures are retried next time.
+        The snapshot is built in a forked child (stream.forksnap: the event loop pays only
+        for the fork) unless ``in_child`` is off (the final one at a stop) or there is no
+        fork() here."""
+        if worker.writer is None or (in_child and checkpoint_lock.locked()):
             return
+        async with checkpoint_lock:
+            await _write_checkpoint(in_child)
+
+    async def _write_checkpoint(in_child: bool) -> None:
+        assert worker.writer is not None
         started = time.perf_counter()
         try:
-            blob = frame(recommender.snapshot(), settings.checkpoint_secret)
+            if in_child and can_fork():
+                blob, paused = await build_in_child(
+                    checkpoint_blob, timeout_s=CHECKPOINT_CHILD_TIMEOUT_S
+                )
+            else:
+                blob = checkpoint_blob()
+                paused = time.perf_counter() - started
+            m.checkpoint_pause_seconds.observe(paused)
             await save_checkpoint(worker.writer.client, checkpoint_key(settings.app_id), blob)
         except Exception as exc:  # noqa: BLE001 - Redis down etc.: keep serving, retry later
             m.checkpoints.labels("error").inc()

@@ -591,6 +591,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.checkpoint_pause_seconds = Histogram(
+            "checkpoint_pause_seconds",
+            "Event-loop time a model checkpoint held the worker: the fork() of the child "
+            "that builds the snapshot (or the whole snapshot when built in-process).",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.checkpoint_bytes = Gauge(
             "checkpoint_bytes",
             "Size of the last model checkpoint.",

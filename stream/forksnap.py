@@ -1,0 +1,120 @@
+"""Build a large blob from this process's state in a forked child, off the event loop.
+
+A model checkpoint pickles every model (~10 MB and 25-60 ms of CPU at 60k plays, growing
+with the catalogue and the listeners) and signs it. Done on the worker's event loop, that
+was a ~100-150 ms stall every ``checkpoint_interval_s``: the largest spike in the P2
+freshness plot (docs/benchmarks.md, session 8). A thread would not help: the copy has to be
+consistent, and pickle holds the GIL.
+
+:func:`build_in_child` does what Redis does for BGSAVE: ``fork()`` gives the child a
+copy-on-write view of the whole process as it was at that instant (consistent by
+construction, and nothing is copied up front); the child runs ``build()``, writes the bytes
+to a pipe and exits with ``os._exit`` (no atexit hooks, no finalizers, no event loop). The
+parent reads the pipe on its event loop and reaps the child. Its event loop pays for the
+``fork()`` call alone (page tables: a few ms for a few hundred MB).
+
+The child runs only ``build()``: it must not touch the event loop, Kafka, Redis or anything
+another thread might have held a lock on at the fork (pickling plain model state is fine).
+POSIX only: :func:`can_fork` says whether it is available.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+
+#: exit status of a child whose ``build()`` raised
+_BUILD_FAILED = 3
+
+
+class ChildBuildError(RuntimeError):
+    """The forked child did not deliver its blob (it failed, was killed or timed out)."""
+
+
+def can_fork() -> bool:
+    return hasattr(os, "fork")
+
+
+def _child(build: Callable[[], bytes], fd: int) -> None:  # pragma: no cover - in the child
+    code = _BUILD_FAILED
+    try:
+        # the parent's handlers (asyncio's, through a wakeup fd) must not run here:
+        # a SIGTERM/SIGINT to the process group simply ends the child
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        view = memoryview(build())
+        while view:
+            view = view[os.write(fd, view) :]
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported to the parent as the exit status
+        code = _BUILD_FAILED
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()  # into the worker's log (stderr is inherited)
+    finally:
+        os._exit(code)
+
+
+async def build_in_child(build: Callable[[], bytes], *, timeout_s: float) -> tuple[bytes, float]:
+    """``build()``'s bytes, computed in a forked child. Returns them and the time the
+    event loop was held by the fork itself (seconds). Raises :class:`ChildBuildError` if the
+    child fails or has not delivered within ``timeout_s`` (it is killed then)."""
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    started = time.perf_counter()
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read_fd)
+        _child(build, write_fd)
+    paused = time.perf_counter() - started
+    os.close(write_fd)
+    reader = asyncio.StreamReader(limit=2**20)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    try:
+        data = await asyncio.wait_for(reader.read(-1), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise ChildBuildError(
+            f"snapshot child {pid} did not finish within {timeout_s:g} s"
+        ) from None
+    finally:
+        transport.close()
+        status = await _reap(pid)
+    if status != 0:
+        raise ChildBuildError(f"snapshot child {pid} failed ({_describe(status)})")
+    return data, paused
+
+
+async def _reap(pid: int, timeout_s: float = 10.0) -> int:
+    """The child's wait status (it has closed its pipe, so it is exiting; bounded anyway)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            return status
+        await asyncio.sleep(0.005)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    code = os.waitstatus_to_exitcode(status)
+    return "build() raised" if code == _BUILD_FAILED else f"exit status {code}"

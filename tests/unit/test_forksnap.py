@@ -1,0 +1,92 @@
+"""stream.forksnap: a blob built in a forked child (real fork(), real pipe)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import time
+
+import pytest
+
+from stream.forksnap import ChildBuildError, build_in_child, can_fork
+
+pytestmark = pytest.mark.skipif(not can_fork(), reason="POSIX fork() only")
+
+
+def children() -> list[str]:
+    """This process's children as ``pid:state`` (from /proc; other tests' services too)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            out.append(f"{entry}:{fields[0]}")
+    return out
+
+
+def test_the_child_returns_a_large_blob_intact() -> None:
+    payload = os.urandom(5 * 2**20)  # several pipe buffers' worth
+    data, paused = asyncio.run(build_in_child(lambda: payload, timeout_s=30))
+    assert data == payload
+    assert 0 <= paused < 5
+
+
+def test_the_child_sees_the_state_as_it_was_at_the_fork() -> None:
+    state = {"plays": 1}
+
+    def build() -> bytes:
+        time.sleep(0.3)  # the parent changes its state meanwhile
+        return pickle.dumps(state)
+
+    async def main() -> bytes:
+        task = asyncio.ensure_future(build_in_child(build, timeout_s=30))
+        await asyncio.sleep(0.1)  # the fork has happened: the child has its own copy
+        state["plays"] = 2
+        data, _ = await task
+        return data
+
+    assert pickle.loads(asyncio.run(main())) == {"plays": 1}
+    assert state == {"plays": 2}
+
+
+def test_the_event_loop_keeps_running_while_the_child_works() -> None:
+    async def main() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        await build_in_child(lambda: (time.sleep(0.5), b"x")[1], timeout_s=30)
+        ticker.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 20  # ~50 ticks in 0.5 s when nothing blocks the loop
+
+
+def test_a_failing_build_raises_and_leaves_no_child() -> None:
+    def build() -> bytes:
+        raise ValueError("no model")
+
+    before = set(children())
+    with pytest.raises(ChildBuildError, match="build\\(\\) raised"):
+        asyncio.run(build_in_child(build, timeout_s=30))
+    assert set(children()) <= before  # reaped: no new child, not even a zombie
+
+
+def test_a_hanging_child_is_killed_at_the_timeout() -> None:
+    before = set(children())
+    started = time.monotonic()
+    with pytest.raises(ChildBuildError, match="did not finish within 0.5 s"):
+        asyncio.run(build_in_child(lambda: (time.sleep(60), b"")[1], timeout_s=0.5))
+    assert time.monotonic() - started < 10
+    assert set(children()) <= before
