@@ -333,6 +333,15 @@ def analyse(
                 / max(1.0, metric_sum(final, "stream_stage_seconds_count", stage=st))
                 for st in ("decode", "session", "learn", "rank", "enqueue")
             },
+            # periodic model checkpoints during the run: how many, and how long each held
+            # the event loop (the fork of the snapshot child) and took end to end
+            "checkpoints": metric_sum(final, "stream_checkpoints_total", result="written"),
+            "checkpoint_pause_seconds_mean": metric_sum(
+                final, "stream_checkpoint_pause_seconds_sum"
+            )
+            / max(1.0, metric_sum(final, "stream_checkpoint_pause_seconds_count")),
+            "checkpoint_seconds_mean": metric_sum(final, "stream_checkpoint_seconds_sum")
+            / max(1.0, metric_sum(final, "stream_checkpoint_seconds_count")),
         },
         "samples": [{**s, "t": s["t"] - t_start} for s in samples],
         "times": {

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -535,6 +536,36 @@ def load_checkpoint(url: str, key: str, password: str = "", **auth: str) -> byte
     return None if raw is None else bytes(raw)  # type: ignore[arg-type]
 
 
-async def save_checkpoint(client: aioredis.Redis, key: str, blob: bytes) -> None:
-    """Replace the checkpoint atomically (SET of one value; no TTL: it is the model)."""
-    await client.set(key, blob)
+#: a checkpoint goes to Redis in pieces of this size (see save_checkpoint)
+CHECKPOINT_CHUNK = 1 << 20
+#: an upload key left behind by a writer that died mid-upload expires after this
+CHECKPOINT_UPLOAD_TTL_S = 600
+
+
+async def save_checkpoint(
+    client: aioredis.Redis, key: str, blob: bytes, chunk: int = CHECKPOINT_CHUNK
+) -> None:
+    """Replace the checkpoint atomically (no TTL: it is the model).
+
+    Redis runs one command at a time, and a single SET of a ~10 MB value held every other
+    client (this worker's recommendation writes too) for its whole transfer: a freshness
+    spike at every checkpoint (docs/benchmarks.md, session 8). The blob goes instead in
+    ``chunk``-sized SET/APPENDs to an upload key of this writer's own, then one RENAME
+    puts it in place: readers see the old checkpoint or the new one, never a part. The
+    upload key shares the checkpoint key's hash slot (``{key}`` is its hash tag), so RENAME
+    works on Redis Cluster too, and it expires if the writer dies mid-upload."""
+    upload = f"{{{key}}}:upload:{uuid.uuid4().hex}"
+    view = memoryview(blob)
+    try:
+        await client.set(upload, view[:chunk], ex=CHECKPOINT_UPLOAD_TTL_S)
+        for offset in range(chunk, len(view), chunk):
+            await client.append(upload, view[offset : offset + chunk])
+        # one transaction: the upload's expiry must not come along, not even for a moment
+        async with client.pipeline(transaction=True) as tx:
+            tx.rename(upload, key)
+            tx.persist(key)
+            await tx.execute()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.delete(upload)
+        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import orjson
@@ -10,7 +11,15 @@ import pytest
 
 from stream.config import Settings
 from stream.recommender import Recommendation
-from stream.store import PendingWrite, RecoReader, RecoWriter, connect_async, encode_document
+from stream.store import (
+    PendingWrite,
+    RecoReader,
+    RecoWriter,
+    checkpoint_key,
+    connect_async,
+    encode_document,
+    save_checkpoint,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +221,43 @@ def test_writer_recovers_from_lost_scripts_dropped_connections_and_error_replies
     assert results[:3] == [[1], [1], [1]]
     assert results[-1] == [1, 1, 1]
     assert "ResponseError" in errors
+
+
+def test_checkpoint_upload_is_chunked_atomic_and_leaves_nothing_behind(
+    settings: Settings, reader: RecoReader
+) -> None:
+    """save_checkpoint sends the blob in pieces to an upload key and RENAMEs it in place:
+    the result is byte for byte the blob, has no expiry, replaces the previous one, and no
+    upload key is left; while it uploads, other clients' commands are served in between."""
+    key = checkpoint_key(settings.app_id)
+    first, second = os.urandom(3 * 2**20 + 12345), os.urandom(2**20 + 1)
+
+    async def main() -> list[float]:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        other = connect_async(settings.redis_url, settings.redis_password)
+        try:
+            await save_checkpoint(client, key, first, chunk=2**20)
+            assert await client.get(key) == first
+            # a concurrent client keeps getting answers while a 24 MB upload runs
+            big = os.urandom(24 * 2**20)
+            upload = asyncio.ensure_future(save_checkpoint(client, key, big, chunk=2**20))
+            pings: list[float] = []
+            while not upload.done():
+                t = time.perf_counter()
+                await other.ping()
+                pings.append(time.perf_counter() - t)
+            await upload
+            assert await client.get(key) == big
+            await save_checkpoint(client, key, second, chunk=2**20)
+            assert await client.get(key) == second
+            assert await client.ttl(key) == -1  # no expiry: it is the model
+            left = [k async for k in client.scan_iter(match=f"{{{key}}}:upload:*")]
+            assert left == []
+            return pings
+        finally:
+            await client.delete(key)
+            await client.aclose()
+            await other.aclose()
+
+    pings = asyncio.run(main())
+    assert len(pings) >= 5, "the other client was not served during the upload"

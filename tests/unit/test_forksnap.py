@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import time
@@ -66,11 +67,22 @@ def test_the_event_loop_keeps_running_while_the_child_works() -> None:
                 ticks += 1
 
         ticker = asyncio.ensure_future(tick())
-        await build_in_child(lambda: (time.sleep(0.5), b"x")[1], timeout_s=30)
+        child = asyncio.ensure_future(
+            build_in_child(lambda: (time.sleep(0.5), b"x")[1], timeout_s=30)
+        )
+        await asyncio.sleep(0.1)
+        collecting_meanwhile.append(gc.isenabled())
+        await child
         ticker.cancel()
         return ticks
 
+    collecting_meanwhile: list[bool] = []
+    assert gc.isenabled()
     assert asyncio.run(main()) >= 20  # ~50 ticks in 0.5 s when nothing blocks the loop
+    # no garbage collection while the child lives (it would copy the heap's pages), and
+    # collection is back on afterwards
+    assert collecting_meanwhile == [False]
+    assert gc.isenabled()
 
 
 def test_a_failing_build_raises_and_leaves_no_child() -> None:
@@ -90,3 +102,4 @@ def test_a_hanging_child_is_killed_at_the_timeout() -> None:
         asyncio.run(build_in_child(lambda: (time.sleep(60), b"")[1], timeout_s=0.5))
     assert time.monotonic() - started < 10
     assert set(children()) <= before
+    assert gc.isenabled()
