@@ -4,8 +4,9 @@ Same broker/consumer settings as the worker (stream/app.py: at-least-once, commi
 or 1 s, stream buffer 4096, raw bytes, ``stream.events()``), but memory store, no table and
 its own app id. Configured by env: LT_APP_ID, LT_TOPIC, LT_PARTITIONS, LT_PROGRESS (a file it
 appends ``<epoch s> <count>`` to every LT_EVERY events), LT_EXPECT (writes a final line when
-reached), LT_FAST_DRAIN=1 (the worker's direct hand-over, stream/fastdrain.py, for the
-stricter comparison in docs/benchmarks.md, session 7). Run by load_tests.throughput; by hand:
+reached), LT_FAST_DRAIN=1 (the worker's own Faust changes: the direct hand-over,
+stream/fastdrain.py, and since session 8 the consumer on the event loop, stream/inloop.py;
+for the stricter comparison in docs/benchmarks.md). Run by load_tests.throughput; by hand:
 
     LT_APP_ID=lt-count LT_TOPIC=plays LT_PROGRESS=/tmp/count.txt python -m load_tests.count_app
 """
@@ -64,7 +65,9 @@ async def count_plays(stream: faust.StreamT[bytes]) -> None:
 
 if os.environ.get("LT_FAST_DRAIN") == "1":
     from stream.fastdrain import fast_delivery
+    from stream.inloop import consume_in_loop
 
+    consume_in_loop(app)  # before fast_delivery creates app.consumer
     fast_delivery(app)
 
 if __name__ == "__main__":
