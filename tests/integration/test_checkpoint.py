@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from stream.config import Settings
 from stream.datasets import load_events
 from stream.store import RecoReader, checkpoint_key
+from tests.procfs import child_states
 
 from .conftest import free_port, produce, wait_until
 
@@ -86,22 +86,6 @@ def test_live_quality_survives_restart(
     assert hr_after >= 0.5 * hr_before
 
 
-def child_states(pid: int) -> list[str]:
-    """States (R, S, Z, ...) of ``pid``'s child processes, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(fields[0])
-    return out
-
-
 def test_periodic_checkpoint_is_built_off_the_loop_and_survives_a_kill(
     settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
 ) -> None:
@@ -133,7 +117,7 @@ def test_periodic_checkpoint_is_built_off_the_loop_and_survives_a_kill(
     assert pauses >= 2
     assert pause_total / pauses < 0.25, "the event loop was held for the snapshot itself"
     assert w1.proc is not None
-    assert "Z" not in child_states(w1.proc.pid), "a snapshot child was left unreaped"
+    assert "Z" not in child_states(w1.proc.pid).values(), "a snapshot child was left unreaped"
     assert reader.client.exists(checkpoint_key(settings.app_id))
 
     w1.kill()  # SIGKILL: no final checkpoint, only the periodic ones

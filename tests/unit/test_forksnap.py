@@ -11,24 +11,14 @@ import time
 import pytest
 
 from stream.forksnap import ChildBuildError, build_in_child, can_fork
+from tests.procfs import child_states
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="POSIX fork() only")
 
 
-def children() -> list[str]:
-    """This process's children as ``pid:state`` (from /proc; other tests' services too)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid():
-            out.append(f"{entry}:{fields[0]}")
-    return out
+def children() -> set[str]:
+    """This process's children as ``pid:state`` (other tests' services too)."""
+    return {f"{pid}:{state}" for pid, state in child_states(os.getpid()).items()}
 
 
 def test_the_child_returns_a_large_blob_intact() -> None:
@@ -89,17 +79,17 @@ def test_a_failing_build_raises_and_leaves_no_child() -> None:
     def build() -> bytes:
         raise ValueError("no model")
 
-    before = set(children())
+    before = children()
     with pytest.raises(ChildBuildError, match="build\\(\\) raised"):
         asyncio.run(build_in_child(build, timeout_s=30))
-    assert set(children()) <= before  # reaped: no new child, not even a zombie
+    assert children() <= before  # reaped: no new child, not even a zombie
 
 
 def test_a_hanging_child_is_killed_at_the_timeout() -> None:
-    before = set(children())
+    before = children()
     started = time.monotonic()
     with pytest.raises(ChildBuildError, match="did not finish within 0.5 s"):
         asyncio.run(build_in_child(lambda: (time.sleep(60), b"")[1], timeout_s=0.5))
     assert time.monotonic() - started < 10
-    assert set(children()) <= before
+    assert children() <= before
     assert gc.isenabled()
