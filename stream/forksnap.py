@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 #: the child runs at this much lower CPU priority than the worker (which keeps serving)
 CHILD_NICENESS = 10
+#: file descriptors above this are left alone in the child (close_range makes the span cheap)
+_MAX_FD = 1 << 20
 #: exit status of a child whose ``build()`` raised
 _BUILD_FAILED = 3
 
@@ -53,6 +55,10 @@ def _child(build: Callable[[], bytes], fd: int) -> None:  # pragma: no cover - i
             signal.signal(sig, signal.SIG_DFL)
         with contextlib.suppress(OSError):
             os.nice(CHILD_NICENESS)  # the worker's own process comes first for the CPU
+        # the worker's sockets (Kafka, Redis, the metrics port) are not the child's: if
+        # the worker dies first, they must not stay open (or bound) until the child exits
+        os.closerange(3, fd)
+        os.closerange(fd + 1, _MAX_FD)
         view = memoryview(build())
         while view:
             view = view[os.write(fd, view) :]

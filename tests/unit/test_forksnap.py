@@ -93,3 +93,27 @@ def test_a_hanging_child_is_killed_at_the_timeout() -> None:
     assert time.monotonic() - started < 10
     assert children() <= before
     assert gc.isenabled()
+
+
+def test_the_child_holds_none_of_the_parents_sockets() -> None:
+    """Only the pipe: a worker's Kafka, Redis and metrics sockets must not outlive it."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        fd = listener.fileno()
+
+        def build() -> bytes:
+            try:
+                os.fstat(fd)
+            except OSError:
+                return b"closed"
+            return b"open"
+
+        data, _ = asyncio.run(build_in_child(build, timeout_s=30))
+        assert data == b"closed"
+        os.fstat(fd)  # the parent's own socket is untouched
+    finally:
+        listener.close()
