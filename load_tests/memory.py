@@ -7,9 +7,11 @@ have state.
 Per listener it reports
 - the serialised table value (Faust's ``json`` codec, what the changelog carries) + key;
 - the Python heap a memory-store table holds per listener *after a changelog restore*
-  (tracemalloc around decoding every serialised value into a fresh dict: nothing shared);
+  (tracemalloc around decoding every serialised value into a fresh dict; track ids resolve
+  to the catalogue's shared strings, as in a worker that restored its models first);
 - an exact deep ``sys.getsizeof`` walk of the live table values, and of a ``UserState``
-  (in case the table ever keeps objects instead of dicts).
+  (in case the table ever keeps objects instead of dicts), leaving out the catalogue's
+  track-id strings the rings point at (counted once, on the item side).
 
 Item side: the recommender's own ``memory_footprint()``-style method if it has one, else an
 exact deep walk of every model attribute (and stream.sizing's sampled estimate, what the
@@ -50,14 +52,17 @@ from stream.sizing import model_memory_bytes
 FOOTPRINT_METHODS = ("memory_footprint", "footprint_bytes", "memory_bytes", "footprint", "nbytes")
 
 
-def deep_size(obj: Any, seen: set[int] | None = None) -> int:
-    """Exact deep size (every reachable container/attribute, each object once)."""
+def deep_size(
+    obj: Any, seen: set[int] | None = None, shared: frozenset[int] | set[int] = frozenset()
+) -> int:
+    """Exact deep size (every reachable container/attribute, each object once), leaving
+    out the objects in ``shared`` (ids of objects another structure owns and counts)."""
     seen = set() if seen is None else seen
     stack = [obj]
     total = 0
     while stack:
         o = stack.pop()
-        if id(o) in seen:
+        if id(o) in seen or id(o) in shared:
             continue
         seen.add(id(o))
         if isinstance(o, np.ndarray):
@@ -210,7 +215,7 @@ def user_side(
     states = {k: _as_dict(tbl[k]) for k in keys[:: max(1, len(keys) // 50_000)]}
     plays = [d["plays_total"] for d in states.values()]
     # heap a memory-store table holds after a changelog restore: decode every value into a
-    # fresh dict under tracemalloc (nothing shared with the live models)
+    # fresh dict under tracemalloc (only the track ids resolve to the catalogue's strings)
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -221,14 +226,18 @@ def user_side(
     del restored
     step = max(1, len(keys) // sample)
     sampled = keys[::step]
-    live = [deep_size(k) + deep_size(tbl[k]) for k in sampled]
+    # A listener's ring points at the catalogue's own track-id strings (parsing and
+    # UserState.from_dict intern them): those are counted once, on the item side (the
+    # vocabulary), not again for every listener who played the track.
+    catalogue = frozenset(id(t) for t in rec.vocabulary.ids)
+    live = [deep_size(k) + deep_size(tbl[k], shared=catalogue) for k in sampled]
     full = [
         k
         for k in keys
         if len(_as_dict(tbl[k])["seen"]) >= 64 and len(_as_dict(tbl[k])["recent"]) >= 30
     ]
     sat_vals = [len(codec.dumps(tbl[k])) for k in full]
-    sat_live = [deep_size(tbl[k]) for k in full[:sample]]
+    sat_live = [deep_size(tbl[k], shared=catalogue) for k in full[:sample]]
     # other per-listener structures the worker keeps (Processor caches, model user vectors)
     side = {**user_keyed(proc, tbl, "processor", 1), **user_keyed(rec, tbl, "recommender", 2)}
     side_bytes = {name: deep_size(m) for name, m in side.items()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -117,7 +118,9 @@ class UserState:
         kwargs = {name: data[name] for name in _SCALARS if name in data}
         return cls(
             **kwargs,
-            recent=list(data.get("recent", [])),
+            # one shared string per track id, as parsing gives live (stream.events): a
+            # restored listener's ring costs 8 bytes per track, not a copy of each id
+            recent=[sys.intern(t) if type(t) is str else t for t in data.get("recent", [])],
             recent_skipped=[bool(s) for s in data.get("recent_skipped", [])],
             seen=_ring(data.get("seen")),
         )

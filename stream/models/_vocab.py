@@ -3,6 +3,7 @@ vectors line up and can be blended with numpy."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Sequence
 from typing import TypeVar
 
@@ -29,6 +30,11 @@ class Vocabulary:
         self.generation = 0  # snapshots from before the field existed
         for key, value in slots.items():
             setattr(self, key, value)
+        # Register the restored ids as the process's shared strings (sys.intern keeps these
+        # very objects): the plays parsed from now on, and the listeners restored from the
+        # changelog, then point at the catalogue's strings instead of holding copies.
+        self.ids = [sys.intern(key) for key in self.ids]
+        self.index = {sys.intern(key): row for key, row in self.index.items()}
 
     def __len__(self) -> int:
         return len(self.ids)

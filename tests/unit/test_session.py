@@ -170,3 +170,25 @@ def test_copy_carries_every_field_and_shares_no_container() -> None:
     twin.seen.append(4)
     assert state.recent == ["a", "b"] and state.recent_skipped == [True, False]
     assert list(state.seen) == [1, 2, 3]
+
+
+def test_a_restored_listener_shares_the_track_id_strings() -> None:
+    """Changelog recovery decodes fresh strings; from_dict swaps them for the process's
+    shared ones (as parsing does live), so a restored ring holds references, not copies."""
+    import pickle
+    import sys
+
+    from stream.models._vocab import Vocabulary
+
+    track = "".join(["restored-", "track-", "42"])  # built at run time: not interned yet
+    vocab = Vocabulary()
+    vocab.add(track)
+    restored_vocab = pickle.loads(pickle.dumps(vocab))  # a checkpoint restore
+    shared = restored_vocab.ids[0]
+    assert shared is sys.intern("".join(["restored-track-", "42"]))
+    assert next(iter(restored_vocab.index)) is shared
+
+    a = UserState.from_dict({"user_id": "u1", "recent": ["".join(["restored-track-", "42"])]})
+    b = UserState.from_dict({"user_id": "u2", "recent": ["".join(["restored-", "track-42"])]})
+    assert a.recent[0] is b.recent[0] is shared
+    assert a.recent == ["restored-track-42"]
