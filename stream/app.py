@@ -120,6 +120,8 @@ def broker_credentials(settings: Settings) -> Any:
 #: or once this many listeners are pending: a listener's plays within the window cost one
 #: record, and a commit sends whatever is pending first anyway
 CHANGELOG_SEND_S = 0.02
+#: pending track signals (for the other workers' item models) go out at most this often
+SIGNALS_SEND_S = 0.05
 CHANGELOG_BATCH = 256
 #: loop turns the plays agent yields, at most, for Faust's fetcher to hand over the next
 #: buffered message (it takes two or three: a task per message and an asyncio.wait)
@@ -481,7 +483,7 @@ def create_worker(
                 on_flush=on_flush,
                 on_error=on_error,
                 before_flush=rank_pending,
-                has_work=lambda: bool(processor.pending_rank or pending_signals),
+                has_work=lambda: bool(processor.pending_rank),
             )
             worker.writer.start()
 
@@ -492,6 +494,7 @@ def create_worker(
                     # from the event loop now, and no child to outlive the worker)
                     await write_checkpoint(in_child=False)
                 await worker.writer.stop()
+                flush_signals(force=True)  # what the last plays taught, for the others
                 await worker.writer.client.aclose()
 
     class SignalReader(mode.Service):
@@ -605,9 +608,19 @@ def create_worker(
 
     pending_signals: list[TrackSignal] = []
 
-    def flush_signals() -> None:
+    signals_sent = [0.0]
+
+    def flush_signals(force: bool = False) -> None:
+        """Send the pending track signals: at most every SIGNALS_SEND_S (they are advisory,
+        for the other workers' item models; one send per Redis flush was ~200 sends/s at
+        1,000 plays/s), at once when 1,000 wait or when ``force``d (a stop). The 10 Hz
+        refresh_similar timer calls it too, so none waits long after plays stop."""
         if not pending_signals:
             return
+        now = time.perf_counter()
+        if not force and len(pending_signals) < 1000 and now - signals_sent[0] < SIGNALS_SEND_S:
+            return
+        signals_sent[0] = now
         for i in range(0, len(pending_signals), 1000):
             chunk = pending_signals[i : i + 1000]
             # keyed by the sender, so every worker's reader skips its own batches without
@@ -810,7 +823,7 @@ def create_worker(
                     and outcome.model_error is None
                 ):
                     # tell the other workers what this play teaches about tracks
-                    # (batched: one record per Redis flush cycle, see flush_signals)
+                    # (batched: one record per SIGNALS_SEND_S at most, see flush_signals)
                     pending_signals.append(signal_from(worker_id, outcome.update, outcome.event))
                 # processed (its state is in the table, its changelog record is dirty and a
                 # commit sends that first): now its offset may be committed
@@ -958,6 +971,7 @@ def create_worker(
         At most 2.5 ms per tick (2.5 % of a core; a list costs ~0.3 ms at 12k tracks now
         that the factor norms are computed once per tick, ~0.8 ms before), so the event
         loop is never held long enough to show in the freshness p99."""
+        flush_signals()
         if worker.writer is None or not processor.touched_tracks:
             return
         now = time.time()
