@@ -990,8 +990,9 @@ def create_worker(
         m.assigned.labels(topic).set(len(assigned))
         reported: set[str] = set()
         # End offsets from the broker through our own small client: the fetcher's highwater
-        # lags behind under a backlog, and Faust's consumer lives in another thread (a
-        # cancelled cross-thread call could wedge it), so it is not asked.
+        # lags behind under a backlog, and Faust's consumer is not asked (with
+        # kafka_consumer_thread it lives in another thread, where a cancelled cross-thread
+        # call could wedge it; on the event loop, a slow answer would hold up its fetches).
         ends: dict[Any, Any] = {tp: consumer.highwater(tp) for tp in assigned}
         if assigned:
             try:

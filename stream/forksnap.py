@@ -105,30 +105,50 @@ async def build_in_child(build: Callable[[], bytes], *, timeout_s: float) -> tup
 async def _collect(
     pid: int, read_fd: int, write_fd: int, loop: asyncio.AbstractEventLoop, timeout_s: float
 ) -> bytes:
-    """The child's bytes from its pipe, then its exit status checked."""
+    """The child's bytes from its pipe, then its exit status checked. On any other way
+    out (a timeout, a failure, the caller's task cancelled) the child is killed and reaped
+    before this returns: no child outlives its checkpoint, none is left a zombie."""
     os.close(write_fd)
-    reader = asyncio.StreamReader(limit=2**20)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-    )
+    transport: asyncio.BaseTransport | None = None
+    delivered = False
     try:
-        data = await asyncio.wait_for(reader.read(-1), timeout_s)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        raise ChildBuildError(
-            f"snapshot child {pid} did not finish within {timeout_s:g} s"
-        ) from None
+        pipe = os.fdopen(read_fd, "rb", buffering=0)  # owns read_fd from here
+        reader = asyncio.StreamReader(limit=2**20)
+        try:
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), pipe
+            )
+        except BaseException:
+            pipe.close()
+            raise
+        try:
+            data = await asyncio.wait_for(reader.read(-1), timeout_s)
+        except TimeoutError:
+            raise ChildBuildError(
+                f"snapshot child {pid} did not finish within {timeout_s:g} s"
+            ) from None
+        delivered = True
     finally:
-        transport.close()
-        status = await _reap(pid)
+        if transport is not None:
+            transport.close()
+        if not delivered:
+            _kill_and_reap(pid)  # synchronous: a second cancellation cannot skip it
+    status = await _reap(pid)
     if status != 0:
         raise ChildBuildError(f"snapshot child {pid} failed ({_describe(status)})")
     return data
 
 
+def _kill_and_reap(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # returns at once: SIGKILL cannot be caught or delayed
+
+
 async def _reap(pid: int, timeout_s: float = 10.0) -> int:
-    """The child's wait status (it has closed its pipe, so it is exiting; bounded anyway)."""
+    """The child's wait status (it has closed its pipe, so it is exiting; bounded anyway,
+    and a cancelled wait kills and reaps it)."""
     deadline = time.monotonic() + timeout_s
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -139,7 +159,11 @@ async def _reap(pid: int, timeout_s: float = 10.0) -> int:
                 os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
             return status
-        await asyncio.sleep(0.005)
+        try:
+            await asyncio.sleep(0.005)
+        except BaseException:
+            _kill_and_reap(pid)
+            raise
 
 
 def _describe(status: int) -> str:

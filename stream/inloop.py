@@ -49,6 +49,10 @@ class InLoopConsumerThread(AIOKafkaConsumerThread):
         self._serve_task = self.parent_loop.create_task(
             self._serve(), name=f"in-loop {type(self).__name__}"
         )
+        # a crash is reported by start() (through _thread_running) and by Faust's crash
+        # handling; the task's own copy of the exception is read here so asyncio does not
+        # log it again as "never retrieved"
+        self._serve_task.add_done_callback(_retrieve)
         try:
             if not self.should_stop and self.wait_for_thread:
                 await self._thread_running
@@ -72,6 +76,11 @@ class InLoopConsumerThread(AIOKafkaConsumerThread):
 
     async def cast_thread(self, fun: Any, *args: Any, **kwargs: Any) -> None:
         await self.method_queue.cast(fun, *args, **kwargs)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("in-loop consumer service ended with %r", task.exception())
 
 
 class InLoopConsumer(AIOKafkaConsumer):

@@ -296,8 +296,18 @@ class RecoWriter:
                 parts.append(pack_command(b"SET", key, doc, b"EX", self.ttl_s))
             for w in batch:
                 parts.append(
-                    pack_command(b"EVALSHA", self._sha, 1, w.key, w.seq, w.doc, self.ttl_s,
-                                 self.channel, w.notification, w.lineage)
+                    pack_command(
+                        b"EVALSHA",
+                        self._sha,
+                        1,
+                        w.key,
+                        w.seq,
+                        w.doc,
+                        self.ttl_s,
+                        self.channel,
+                        w.notification,
+                        w.lineage,
+                    )
                 )
             replies = await self._round_trip(parts)
             if any(isinstance(r, NoScriptError) for r in replies):
@@ -536,6 +546,30 @@ def load_checkpoint(url: str, key: str, password: str = "", **auth: str) -> byte
     return None if raw is None else bytes(raw)  # type: ignore[arg-type]
 
 
+class CheckpointUploadError(RuntimeError):
+    """A checkpoint upload did not add up (it is dropped; the old checkpoint stays)."""
+
+
+def same_slot_key(key: str, suffix: str) -> str:
+    """A key for ``suffix`` in ``key``'s Redis Cluster hash slot: ``key``'s own hash tag
+    when it has one (the part between its first ``{`` and the next ``}``, if not empty),
+    else all of ``key`` as the tag.
+
+    >>> same_slot_key("model:app", "upload:1")
+    '{model:app}:upload:1'
+    >>> same_slot_key("model:{app}", "upload:1")
+    'model:{app}:upload:1'
+    """
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return f"{key}:{suffix}"  # the same first tag, so the same slot
+    if "{" in key or "}" in key:
+        raise ValueError(f"key {key!r} has braces that are not a hash tag")
+    return f"{{{key}}}:{suffix}"
+
+
 #: a checkpoint goes to Redis in pieces of this size (see save_checkpoint)
 CHECKPOINT_CHUNK = 1 << 20
 #: an upload key left behind by a writer that died mid-upload expires after this
@@ -552,14 +586,21 @@ async def save_checkpoint(
     spike at every checkpoint (docs/benchmarks.md, session 8). The blob goes instead in
     ``chunk``-sized SET/APPENDs to an upload key of this writer's own, then one RENAME
     puts it in place: readers see the old checkpoint or the new one, never a part. The
-    upload key shares the checkpoint key's hash slot (``{key}`` is its hash tag), so RENAME
-    works on Redis Cluster too, and it expires if the writer dies mid-upload."""
-    upload = f"{{{key}}}:upload:{uuid.uuid4().hex}"
+    upload key shares the checkpoint key's hash slot (:func:`same_slot_key`), so RENAME
+    works on Redis Cluster too, and it expires if the writer dies mid-upload. Each APPEND's
+    reply (the new length) is checked: a piece sent twice or lost fails the upload."""
+    upload = same_slot_key(key, f"upload:{uuid.uuid4().hex}")
     view = memoryview(blob)
     try:
         await client.set(upload, view[:chunk], ex=CHECKPOINT_UPLOAD_TTL_S)
         for offset in range(chunk, len(view), chunk):
-            await client.append(upload, view[offset : offset + chunk])
+            piece = view[offset : offset + chunk]
+            length = await client.append(upload, piece)
+            if length != offset + len(piece):  # APPEND is not idempotent: never RENAME
+                raise CheckpointUploadError(  # a retried or lost piece over the model
+                    f"checkpoint upload {upload} is {length} bytes after the piece at "
+                    f"{offset}, expected {offset + len(piece)}"
+                )
         # one transaction: the upload's expiry must not come along, not even for a moment
         async with client.pipeline(transaction=True) as tx:
             tx.rename(upload, key)

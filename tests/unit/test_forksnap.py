@@ -117,3 +117,22 @@ def test_the_child_holds_none_of_the_parents_sockets() -> None:
         os.fstat(fd)  # the parent's own socket is untouched
     finally:
         listener.close()
+
+
+def test_a_cancelled_build_kills_and_reaps_its_child_at_once() -> None:
+    """A checkpoint task cancelled mid-build (e.g. the loop tearing down) takes its child
+    with it: no waiting for the build, no child left running, no zombie."""
+    before = children()
+
+    async def main() -> float:
+        task = asyncio.ensure_future(build_in_child(lambda: (time.sleep(30), b"")[1], timeout_s=60))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 2.0
+    assert children() <= before
+    assert gc.isenabled()
