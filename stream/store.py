@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 import redis
@@ -592,10 +592,10 @@ async def save_checkpoint(
     upload = same_slot_key(key, f"upload:{uuid.uuid4().hex}")
     view = memoryview(blob)
     try:
-        await client.set(upload, view[:chunk], ex=CHECKPOINT_UPLOAD_TTL_S)
+        await client.set(upload, cast(Any, view[:chunk]), ex=CHECKPOINT_UPLOAD_TTL_S)
         for offset in range(chunk, len(view), chunk):
             piece = view[offset : offset + chunk]
-            length = await client.append(upload, piece)
+            length = await client.append(upload, piece)  # type: ignore[no-untyped-call]
             if length != offset + len(piece):  # APPEND is not idempotent: never RENAME
                 raise CheckpointUploadError(  # a retried or lost piece over the model
                     f"checkpoint upload {upload} is {length} bytes after the piece at "
