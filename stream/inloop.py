@@ -5,8 +5,9 @@ faust-streaming runs its aiokafka consumer in a separate thread with its own eve
 method queue: each ``getmany`` costs a ``call_soon_threadsafe`` each way (a self-pipe write
 and a wake-up of the other loop), the thread loop's own turns, and two hand-overs of the GIL
 between two busy threads. The thread exists so heartbeats and fetches keep going while an
-agent blocks the main loop; this worker's agent never blocks for long (its longest step is a
-model checkpoint, tens of milliseconds, against a session timeout of seconds), and in a live
+agent blocks the main loop; this worker's agent never blocks for long (its longest step is
+the fork of a checkpoint's snapshot child, ~10 ms, stream.forksnap, against a session
+timeout of 10 s), and in a live
 stream the thread was a cost on every batch (docs/benchmarks.md, session 8).
 
 :class:`InLoopConsumer` is Faust's aiokafka ``Consumer`` whose consumer "thread" is the same
