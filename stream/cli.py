@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("produce", help="replay a dataset or synthetic traffic into Kafka")
     common(pr)
     pr.add_argument(
-        "--source", choices=("movielens", "lastfm", "spotify", "csv", "synthetic"), default="lastfm"
+        "--source", choices=("movielens", "lastfm", "spotify", "sessionrec", "csv", "synthetic"),
+        default="lastfm",
     )
     pr.add_argument("--path", help="dataset file/folder (default: ../shared/datasets/...)")
     pr.add_argument("--count", type=int, default=None, help="stop after N events")

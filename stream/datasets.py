@@ -12,6 +12,15 @@ Formats (the full public files are accepted unchanged, not only the shipped samp
 - ``spotify``: the Spotify MSSD training log (CSV with its 21 columns). There is no user id:
   each listening session stands for a listener. The event time is the session date + hour,
   plus one second per position. ``skipped`` is the challenge label ``skip_2``.
+- ``sessionrec``: the session-rec toolkit's preprocessed form (e.g. ``30music-200ks``):
+  tab-separated with header ``UserId SessionId ItemId Time ArtistId`` (``Time`` in unix
+  seconds). A folder is read file by file in name order (``*_test.0.txt``, ``.1``, ...) as
+  one stream. Rows repeated verbatim on consecutive lines (same user, session, track and
+  second) are dropped and counted (:func:`load_sessionrec`). The given session ids are kept
+  verbatim as ``session_id``. No
+  durations are logged: ``ms_played`` is *derived* from the gap to the listener's next play
+  in the same session (capped at 10 minutes; the last play of a session gets a nominal
+  200 s), and a gap under 30 s counts as a skip, as for Last.fm.
 - ``csv``: a generic CSV with header ``user_id,item_id,timestamp`` (unix seconds), optional
   ``skipped``, ``ms_played``, ``duration_ms``, ``artist_id``, ``context``.
 
@@ -31,7 +40,8 @@ from typing import Final
 
 from stream.events import PlayEvent, derive_event_id
 
-FORMATS: Final = ("movielens", "lastfm", "spotify", "csv")
+FORMATS: Final = ("movielens", "lastfm", "spotify", "sessionrec", "csv")
+SESSIONREC_COLUMNS: Final = ("UserId", "SessionId", "ItemId", "Time", "ArtistId")
 NOMINAL_TRACK_MS: Final = 200_000
 LASTFM_MAX_PLAY_MS: Final = 600_000
 
@@ -51,11 +61,14 @@ def default_datasets_dir() -> Path:
 def resolve_path(path: str | Path, fmt: str) -> Path:
     """Accept a file, or the dataset's folder (the well-known file name is filled in)."""
     p = Path(path)
+    if p.is_dir() and fmt == "sessionrec":
+        return p  # every file of the folder, in name order (see _sessionrec_files)
     if p.is_dir():
         names = {
             "movielens": ("ml-100k.inter", "u.data"),
             "lastfm": ("userid-timestamp-artid-artname-traid-traname.tsv",),
             "spotify": ("log_sample.csv",),
+            "sessionrec": (),
             "csv": (),
         }[fmt]
         for name in names:
@@ -75,11 +88,84 @@ def load_events(path: str | Path, fmt: str, limit: int | None = None) -> list[Pl
     """Load a whole log as events sorted stably by time (``limit`` keeps the first N)."""
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "sessionrec":
+        events, _ = load_sessionrec(path, limit=limit)
+        return events
     file = resolve_path(path, fmt)
     reader = {"movielens": _movielens, "lastfm": _lastfm, "spotify": _spotify, "csv": _csv}[fmt]
     events = list(reader(file))
     events.sort(key=lambda e: e.ts_ms)  # list.sort is stable: ties keep file order
     return events[:limit] if limit is not None else events
+
+
+def load_sessionrec(
+    path: str | Path, limit: int | None = None
+) -> tuple[list[PlayEvent], int]:
+    """A session-rec log (a file, or every file of a folder in name order) as events sorted
+    stably by time, and how many verbatim consecutive copies were dropped.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "x.txt").write_text("UserId\tSessionId\tItemId\tTime\tArtistId\n"
+    ...     "1\t7\t10\t100\t3\n1\t7\t10\t100\t3\n1\t7\t11\t160\t3\n")
+    >>> events, dropped = load_sessionrec(d)
+    >>> [(e.user_id, e.session_id, e.track_id, e.ms_played) for e in events], dropped
+    ([('1', '7', '10', 60000), ('1', '1:7', '11', 200000)], 1)
+    """
+    rows: list[tuple[str, str, str, int, str]] = []
+    dropped = 0
+    for file in _sessionrec_files(path):
+        previous: tuple[str, ...] | None = None
+        with file.open(encoding="utf-8") as fh:
+            header = tuple(fh.readline().rstrip("\n").split("\t"))
+            if header[:5] != SESSIONREC_COLUMNS:
+                raise DatasetError(
+                    f"{file}: expected the header {' '.join(SESSIONREC_COLUMNS)}, got "
+                    f"{' '.join(header)[:200]!r}"
+                )
+            for lineno, line in enumerate(fh, start=2):
+                parts = tuple(line.rstrip("\n").split("\t"))
+                if len(parts) < 5:
+                    if line.strip():
+                        raise DatasetError(f"{file}:{lineno}: expected 5 tab-separated columns")
+                    continue
+                if parts == previous:
+                    dropped += 1
+                    continue
+                previous = parts
+                user, session, item, ts, artist = parts[:5]
+                try:
+                    ts_ms = int(float(ts) * 1000)
+                except ValueError:
+                    raise DatasetError(
+                        f"{file}:{lineno}: Time {ts[:40]!r} is not a number"
+                    ) from None
+                rows.append((user, session, item, ts_ms, artist))
+    # durations from the gap to the same listener's next play of the same session
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][0], rows[i][3], i))
+    played = [NOMINAL_TRACK_MS] * len(rows)
+    for a, b in zip(order, order[1:], strict=False):
+        if rows[a][0] == rows[b][0] and rows[a][1] == rows[b][1]:
+            played[a] = max(0, min(rows[b][3] - rows[a][3], LASTFM_MAX_PLAY_MS))
+    events = [
+        _event(user, item, ts_ms, played[i], artist_id=artist or None,
+               skipped=played[i] < 30_000, session_id=session)
+        for i, (user, session, item, ts_ms, artist) in enumerate(rows)
+    ]
+    events.sort(key=lambda e: e.ts_ms)
+    return (events[:limit] if limit is not None else events), dropped
+
+
+def _sessionrec_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise DatasetError(f"{p}: no sessionrec files in this folder")
+        return files
+    if not p.exists():
+        raise DatasetError(f"{p}: no such file")
+    return [p]
 
 
 def _event(user: str, track: str, ts_ms: int, ms_played: int, **extra: object) -> PlayEvent:

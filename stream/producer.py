@@ -156,6 +156,7 @@ def dataset_events(
         "movielens": "movielens-100k",
         "lastfm": "lastfm-1k-sample",
         "spotify": "spotify-mssd-sample",
+        "sessionrec": "30music-200ks",
         "csv": "",
     }[source]
     if path is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from stream.datasets import FORMATS, load_events
+from stream.datasets import FORMATS, load_events, load_sessionrec
 from stream.evaluation import Prequential
 from stream.events import PlayEvent
 from stream.recommender import VARIANTS, Recommender, SeenTracks
@@ -167,7 +167,12 @@ def plot_hits(hits: dict[str, bytearray], k: int, out: Path, title: str = "") ->
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``stream replay`` (returns the exit code)."""
-    events = load_events(args.path, args.format, limit=args.limit)
+    dropped: int | None = None
+    if args.format == "sessionrec":
+        events, dropped = load_sessionrec(args.path, limit=args.limit)
+        print(f"dropped {dropped} verbatim consecutive copies", file=sys.stderr)
+    else:
+        events = load_events(args.path, args.format, limit=args.limit)
     if not events:
         print(f"no events in {args.path}", file=sys.stderr)
         return 1
@@ -184,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     report = {"dataset": str(args.path), "format": args.format, **result.report}
+    if dropped is not None:
+        report["dropped_copies"] = dropped
     print(format_table(report))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

@@ -48,3 +48,32 @@ def test_bad_inputs_have_clear_errors(tmp_path: Path) -> None:
         load_events(f, "parquet")
     with pytest.raises(DatasetError, match="no such file"):
         load_events(tmp_path / "missing.tsv", "lastfm")
+
+
+def test_sessionrec_folder_drops_verbatim_copies(datasets_dir: Path) -> None:
+    from stream.datasets import load_sessionrec
+
+    folder = datasets_dir / "30music-200ks"
+    events, dropped = load_sessionrec(folder)
+    raw = sum(len(f.read_text().splitlines()) - 1 for f in sorted(folder.iterdir()))
+    assert dropped > 0 and len(events) + dropped == raw
+    assert all(a.ts_ms <= b.ts_ms for a, b in zip(events, events[1:], strict=False))
+    assert all(e.session_id and e.artist_id for e in events)
+    assert load_events(folder, "sessionrec", limit=10) == events[:10]
+    users = {e.user_id for e in events}
+    assert len(users) == 2487
+
+
+def test_sessionrec_files_in_name_order_and_bad_header(tmp_path: Path) -> None:
+    from stream.datasets import load_sessionrec
+
+    head = "UserId\tSessionId\tItemId\tTime\tArtistId\n"
+    (tmp_path / "b.1.txt").write_text(head + "u\t8\tx\t100\ta\n")
+    (tmp_path / "a.0.txt").write_text(head + "u\t7\ty\t100\ta\nu\t7\ty\t100\ta\nu\t7\ty\t101\ta\n")
+    events, dropped = load_sessionrec(tmp_path)
+    assert dropped == 1  # only the verbatim copy; the same track a second later stays
+    # ties on time keep the files' name order
+    assert [(e.track_id, e.session_id) for e in events] == [("y", "7"), ("x", "8"), ("y", "7")]
+    (tmp_path / "c.txt").write_text("user\tsession\n")
+    with pytest.raises(DatasetError, match="expected the header"):
+        load_sessionrec(tmp_path)
