@@ -19,6 +19,7 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import contextlib
+import math
 import pickle
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,18 +30,22 @@ import numpy as np
 
 from stream.events import PlayEvent
 from stream.models import _kernels as _k
-from stream.models._vocab import BoolArray, IntArray, Vocabulary, top_rows
+from stream.models._vocab import BoolArray, IntArray, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction
+from stream.models.blend import N_FEATURES, LearnedBlend
 from stream.models.cooccurrence import SessionCooccurrence
 from stream.models.drift import SkipRateDrift
 from stream.models.factorization import Float32Array, ImplicitMF
 from stream.models.popularity import DecayedPopularity
+from stream.models.rules import SequentialRules
 from stream.models.skip import SkipClassifier
+from stream.models.stan import SessionKNN
 from stream.ranking import (
     DEFAULT_WEIGHTS,
     FALLBACK_REASON,
     REASONS,
     Recommendation,
+    normalise,
     rank_tracks,
 )
 from stream.session import SessionUpdate, UserState
@@ -54,12 +59,18 @@ __all__ = [
     "SnapshotError",
 ]
 
-MODEL_VERSION: Final = "blend-2"  # 2: compiled core, MF retrieval off by default
+MODEL_VERSION: Final = "blend-3"  # 3: learned blend over co-occurrence, STAN, SR, MF, trending
 SNAPSHOT_MAGIC: Final = b"STREAMREC"
 SNAPSHOT_VERSION: Final = 2  # 2: co-occurrence arena, float32 MF factors
 
-#: Ways to rank, for side-by-side evaluation: each single component alone, and the blend.
-VARIANTS: Final = ("popularity", "mf", "cooccurrence", "blend")
+#: Ways to rank, for side-by-side evaluation: each single component alone (``sknn`` is the
+#: STAN index queried without its three weights), the fixed-weight blend (``fixed``) and the
+#: learned blend (``blend``, what the worker publishes unless ``blend="fixed"``).
+VARIANTS: Final = ("popularity", "mf", "cooccurrence", "sknn", "stan", "sr", "fixed", "blend")
+#: the variants ranked by :meth:`Recommender._rank_session_model`
+_SESSION_VARIANTS: Final = frozenset({"sknn", "stan", "sr"})
+#: what a ``variant="blend"`` query runs for each ``blend`` setting
+BLEND_MODES: Final = ("learned", "fixed")
 
 
 class SnapshotError(ValueError):
@@ -90,6 +101,13 @@ class Recommender:
       are known); ``None`` disables the cap.
     - ``candidates_per_source``: candidate-set size drawn from each component.
     - ``cross_session``: learn co-occurrence across a listener's session boundary too.
+    - ``blend``: what ``variant="blend"`` (the worker's lists) ranks with: ``"learned"``
+      (:class:`~stream.models.blend.LearnedBlend` over every component's candidates, see
+      docs/blend.md) or ``"fixed"`` (the fixed weights, as variant ``fixed``).
+    - ``stan_params`` / ``rules_params`` / ``blend_params``: constructor arguments of the
+      session-kNN (:class:`~stream.models.stan.SessionKNN`), sequential-rules
+      (:class:`~stream.models.rules.SequentialRules`) and learned-blend models.
+    - ``blend_candidates``: candidates drawn from each component for the learned blend.
     - ``mf_candidates``: also draw the listener's nearest tracks in MF space over the
       whole catalogue as candidates. Off by default: on MovieLens-100K it changed HR@10 by
       0.00003 and cost 40 % of the replay time, and its cost grows with the catalogue; MF
@@ -97,8 +115,13 @@ class Recommender:
       retrieves.
     """
 
-    #: default for snapshots taken before the setting existed
+    #: defaults for snapshots taken before the settings existed
     mf_candidates: bool = False
+    blend: str = "fixed"
+    stan_params: Mapping[str, Any] | None = None
+    rules_params: Mapping[str, Any] | None = None
+    blend_params: Mapping[str, Any] | None = None
+    blend_candidates: int = 30
 
     def __init__(
         self,
@@ -116,6 +139,11 @@ class Recommender:
         popularity_half_life_ms: float = 7 * 24 * 3600 * 1000,
         seed: int = 0,
         mf_candidates: bool = False,
+        blend: str = "learned",
+        stan_params: Mapping[str, Any] | None = None,
+        rules_params: Mapping[str, Any] | None = None,
+        blend_params: Mapping[str, Any] | None = None,
+        blend_candidates: int = 30,
     ) -> None:
         if recent_filter < 0:
             raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
@@ -123,6 +151,10 @@ class Recommender:
             raise ValueError(f"candidates_per_source must be >= 1, got {candidates_per_source!r}")
         if max_per_artist is not None and max_per_artist < 1:
             raise ValueError(f"max_per_artist must be >= 1 or None, got {max_per_artist!r}")
+        if blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+        if blend_candidates < 1:
+            raise ValueError(f"blend_candidates must be >= 1, got {blend_candidates!r}")
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown blend weight(s): {', '.join(sorted(unknown))}")
@@ -157,9 +189,24 @@ class Recommender:
         self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed)
         self.skip = SkipClassifier(seed=seed)
         self.drift = SkipRateDrift(seed=seed)
+        self.blend = blend
+        self.stan_params = stan_params
+        self.rules_params = rules_params
+        self.blend_params = blend_params
+        self.blend_candidates = blend_candidates
+        self._build_session_models()
         self.artist_of: dict[str, str] = {}
         self.n_learned = 0
         self.model_version = MODEL_VERSION
+
+    def _build_session_models(self) -> None:
+        """The session-kNN, sequential-rules and learned-blend models (fresh)."""
+        self.session_knn = SessionKNN(**{**(self.stan_params or {}),
+                                         "vocabulary": self.vocabulary, "seed": self.seed})
+        self.rules = SequentialRules(**{**(self.rules_params or {}),
+                                        "vocabulary": self.vocabulary, "seed": self.seed})
+        self.ranker = LearnedBlend(**{**(self.blend_params or {}), "seed": self.seed})
+        self.first_seen: IntArray = np.zeros(0, dtype=np.int64)
 
     # -- learning -------------------------------------------------------------------------
 
@@ -170,6 +217,9 @@ class Recommender:
             return LearnResult(0.0, False, False)
         state, before = update.state, update.before
         track = state.recent[-1]
+        if self.blend == "learned" and before.recent:
+            # test-then-train: the candidates ranked before this play, the play as positive
+            self._learn_blend(before, track, state.last_event_ts_ms)
         keep_history = self.cross_session or not update.new_session
         history = tuple(before.recent) if keep_history else ()
         context = event.context if event is not None else None
@@ -197,6 +247,13 @@ class Recommender:
         self.popularity.learn_one(x)
         self.cooccurrence.learn_one(x)
         self.mf.learn_one(x)
+        self.session_knn.learn_one(x)
+        self.rules.learn_one(x)
+        row = self.vocabulary.index[track]
+        if row >= len(self.first_seen):
+            self.first_seen = grow_rows(self.first_seen, row + 1)
+        if self.first_seen[row] == 0:
+            self.first_seen[row] = max(x.ts_ms, 1)
         self.n_learned += 1
         return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected)
 
@@ -219,9 +276,14 @@ class Recommender:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if k <= 0:
             return []
-        weights = self.blend_weights if variant == "blend" else {variant: 1.0}
+        if variant in _SESSION_VARIANTS:
+            return self._rank_session_model(state, k, now_ms, exclude, variant)
+        if variant == "blend" and self.blend == "learned":
+            return self._rank_learned(state, k, now_ms, exclude)
+        fixed = variant in ("blend", "fixed")
+        weights = self.blend_weights if fixed else {variant: 1.0}
         # Single-component variants are filled with trending when they run short.
-        blend_weights = weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6}
+        blend_weights = weights if fixed else {variant: 1.0, "popularity": 1e-6}
         if blend_weights.get("skip", 0.0) > 0:  # the skip penalty: the general path
             recent = state.recent[-self.recent_filter :] if self.recent_filter else []
             query = Interaction(
@@ -249,7 +311,7 @@ class Recommender:
         if k <= 0 or not states:
             return [[] for _ in states]
         weights = self.blend_weights
-        if weights.get("skip", 0.0) > 0 or len(states) == 1:
+        if weights.get("skip", 0.0) > 0 or len(states) == 1 or self.blend == "learned":
             return [self.recommend(state, k, now_ms) for state in states]
         size = len(self.vocabulary)
         if size == 0:
@@ -306,6 +368,183 @@ class Recommender:
                           out_leads[q, :c], k)
             for q, c in enumerate(out_count.tolist())
         ]
+
+    # -- learned blend and session models ----------------------------------------------------
+
+    def _learn_blend(self, before: UserState, track: str, ts_ms: int) -> None:
+        cache = self.__dict__.pop("_blend_cache", None)
+        if cache is not None and cache[0] == before.user_id and cache[1] == before.seq:
+            rows, X = cache[2], cache[3]
+        else:  # not ranked just before (the worker ranks after learning): rank now
+            rows, X, *_ = self._blend_candidates(before, ts_ms, ())
+        row = self.vocabulary.index.get(track)
+        if row is None or not len(rows):
+            return
+        hit = np.flatnonzero(rows == row)
+        if len(hit):
+            self.ranker.learn(X, int(hit[0]), key=self.n_learned)
+
+    def _session_items(self, state: UserState) -> list[str]:
+        """The listener's current session, oldest first (the last track at least)."""
+        n = max(min(state.session_plays, len(state.recent)), 1)
+        return state.recent[-n:]
+
+    def _banned_rows(self, state: UserState, exclude: Collection[str]) -> IntArray:
+        ban_list = self._query_rows(state)[1]
+        recent = np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS
+        if isinstance(exclude, SeenTracks):
+            other = exclude.rows()
+        elif exclude:
+            get = self.vocabulary.index.get
+            other = np.fromiter((r for r in map(get, exclude) if r is not None), np.int64)
+        else:
+            return recent[recent >= 0]
+        rows = np.concatenate((recent, other))
+        out: IntArray = rows[rows >= 0]
+        return out
+
+    def _blend_candidates(
+        self, state: UserState, now_ms: int, exclude: Collection[str]
+    ) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray]:
+        """Every component's best ``blend_candidates`` tracks (none banned), and per
+        candidate the feature row of :data:`stream.models.blend.FEATURES`; also the
+        co-occurrence, SR and STAN scores and co-occurrence's lead (for reasons)."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return (_NO_ROWS, np.zeros((0, N_FEATURES)), _NO_SCORES, _NO_SCORES, _NO_SCORES,
+                    _NO_ROWS)
+        n = self.blend_candidates
+        ban_rows = self._banned_rows(state, exclude)
+        ban = self._ban_buffer(size)
+        ban[ban_rows] = True
+        dense, dense_lead = self._dense_buffers(size)
+        session = self._session_items(state)
+        try:
+            cooc, rules = self.cooccurrence, self.rules
+            with cooc.accumulate(cooc.anchors(state.recent)) as touched:
+                c_rows = touched.rows().copy()
+                c_vals = touched.scratch.acc[c_rows]
+                dense_lead[c_rows] = touched.scratch.anchor[c_rows]
+            s_rows, s_vals = self.session_knn.score(session, state.user_id, now_ms)
+            with rules.accumulate(rules.anchors(session)) as t2:
+                r_rows = t2.rows().copy()
+                r_vals = t2.scratch.acc[r_rows]
+            picks = [self.popularity.top_set(n, ban)]
+            for col, (rows, vals) in enumerate(((c_rows, c_vals), (s_rows, s_vals),
+                                                (r_rows, r_vals))):
+                dense[rows, col] = vals
+                ok = (vals > 0) & ~ban[rows]
+                rows, vals = rows[ok], vals[ok]
+                if len(rows) > n:
+                    rows = rows[np.argpartition(-vals, n - 1)[:n]]
+                picks.append(rows)
+            cands = _k.unique_rows(np.concatenate(picks), self._mark_buffer(size))
+            comp = dense[cands].copy()
+            lead = dense_lead[cands].copy()
+        finally:
+            ban[ban_rows] = False
+            for col, rows in enumerate((c_rows, s_rows, r_rows)):
+                dense[rows, col] = 0.0
+            dense_lead[c_rows] = -1
+        cs, ss, rs = comp[:, 0], comp[:, 1], comp[:, 2]
+        pop = self.popularity.score_rows(cands)
+        user = self._user_vector(state)
+        mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
+            else np.zeros(len(cands))
+        query = Interaction(user_id=state.user_id, ts_ms=now_ms,
+                            session_position=state.session_plays,
+                            recent_skip_rate=_recent_skip_rate(state))
+        skip = self.skip.predict_many(query, {"popularity": pop, "mf": mf})
+        s_cooc, s_stan, s_sr, s_pop = (_scale(v) for v in (cs, ss, rs, pop))
+        s_mf = normalise(mf)
+        hist = math.log1p(state.plays_total) / 5.0
+        first = self.first_seen[np.minimum(cands, max(len(self.first_seen) - 1, 0))] \
+            if len(self.first_seen) else np.zeros(len(cands), dtype=np.int64)
+        first = np.where(cands < len(self.first_seen), first, 0)
+        age = np.where(first > 0, np.log1p(np.maximum(now_ms - first, 0) / _DAY_MS) / 3.0, 0.0)
+        same_artist = np.zeros(len(cands))
+        artist_of = self.artist_of
+        last_artist = artist_of.get(state.recent[-1]) if state.recent else None
+        if last_artist is not None:
+            ids = self.vocabulary.ids
+            same_artist = np.fromiter((artist_of.get(ids[r]) == last_artist
+                                       for r in cands.tolist()), np.float64, len(cands))
+        w = self.blend_weights
+        X = np.column_stack((
+            w.get("cooccurrence", 0.0) * s_cooc + w.get("mf", 0.0) * s_mf
+            + w.get("popularity", 0.0) * s_pop,
+            s_cooc, s_stan, s_sr, s_pop, s_mf,
+            _recip_rank(cs), _recip_rank(ss), _recip_rank(rs), _recip_rank(pop),
+            _recip_rank(mf, signed=True),
+            skip, hist * s_cooc, hist * s_stan, hist * s_mf, age,
+            np.log1p(1e4 * pop) / 10.0, same_artist, np.zeros(len(cands)),
+        ))
+        return cands, X, cs, ss, rs, lead
+
+    def _rank_learned(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str]
+    ) -> list[Recommendation]:
+        rows, X, cs, ss, rs, lead = self._blend_candidates(state, now_ms, exclude)
+        self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X)
+        if not len(rows):
+            return []
+        scores = self.ranker.score(X)
+        order = np.argsort(-scores, kind="stable")
+        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        codes, leads = _codes(cs, ss, rs, lead, last)
+        return self._results(rows[order], scores[order], codes[order], leads[order], k)
+
+    def _rank_session_model(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
+    ) -> list[Recommendation]:
+        """One session model alone (``sknn``, ``stan``, ``sr``), filled with trending."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return []
+        session = self._session_items(state)
+        if variant == "sr":
+            with self.rules.accumulate(self.rules.anchors(session)) as touched:
+                rows = touched.rows().copy()
+                vals = touched.scratch.acc[rows]
+        else:
+            rows, vals = self.session_knn.score(session, state.user_id, now_ms,
+                                                plain=variant == "sknn")
+        ban_rows = self._banned_rows(state, exclude)
+        ban = self._ban_buffer(size)
+        ban[ban_rows] = True
+        try:
+            ok = (vals > 0) & ~ban[rows]
+            rows, vals = rows[ok], vals[ok]
+            room = 3 * k
+            if len(rows) > room:
+                sel = np.argpartition(-vals, room - 1)[:room]
+                rows, vals = rows[sel], vals[sel]
+            fill = self.popularity.top_set(room, ban)
+        finally:
+            ban[ban_rows] = False
+        fill = fill[~np.isin(fill, rows)]
+        all_rows = np.concatenate((rows, fill))
+        scores = np.concatenate((_scale(vals), np.zeros(len(fill))))
+        scores += 1e-6 * _scale(self.popularity.score_rows(all_rows))
+        order = np.lexsort((all_rows, -scores))
+        n_model = len(rows)
+        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        from_model = order < n_model
+        if variant == "sr":
+            codes = np.where(from_model, _k.REASON_COOCCURRENCE, _k.REASON_POPULARITY)
+        else:
+            codes = np.where(from_model, _k.REASON_MF, _k.REASON_POPULARITY)
+        leads = np.full(len(order), last, dtype=np.int64)
+        return self._results(all_rows[order], scores[order], codes.astype(np.int64), leads, k)
+
+    def _dense_buffers(self, size: int) -> tuple[Any, IntArray]:
+        """Per-track scratch: 3 component scores (all 0) and a lead row (all -1)."""
+        buf = self.__dict__.get("_dense")
+        if buf is None or len(buf[0]) < size:
+            cap = max(size, 2 * (0 if buf is None else len(buf[0])), 64)
+            buf = (np.zeros((cap, 3)), np.full(cap, -1, dtype=np.int64))
+            self.__dict__["_dense"] = buf
+        return buf
 
     def _query_rows(self, state: UserState) -> tuple[list[int], list[int]]:
         """A listener's recent tracks as vocabulary rows (-1 = unknown): the history that
@@ -625,6 +864,10 @@ class Recommender:
         self.popularity.remap_rows(kept)
         self.cooccurrence.remap_rows(kept, remap)
         self.mf.remap_rows(kept, remap)
+        self.session_knn.remap_rows(kept, remap)
+        self.rules.remap_rows(kept, remap)
+        self.first_seen = grow_rows(self.first_seen, n)[kept].copy()
+        self.__dict__.pop("_blend_cache", None)
         self.vocabulary.compact(kept)
         for track in evicted:
             self.artist_of.pop(track, None)
@@ -637,7 +880,8 @@ class Recommender:
     def forget_user(self, user_id: str) -> bool:
         """Drop everything kept about one listener (their MF factors). Shared statistics
         (co-occurrence, popularity) hold no user ids. Returns whether anything was held."""
-        return self.mf.forget_user(user_id)
+        held = self.mf.forget_user(user_id)
+        return self.session_knn.forget_user(user_id) or held
 
     # -- persistence ----------------------------------------------------------------------
 
@@ -675,6 +919,8 @@ class Recommender:
             )
         rec = cls.__new__(cls)
         rec.__dict__.update(payload["state"])
+        if "session_knn" not in rec.__dict__:  # a snapshot from before the session models
+            rec._build_session_models()
         return rec
 
 
@@ -748,7 +994,8 @@ def _ban_rows(
     return [r for r in map(index.get, banned) if r is not None]
 
 
-_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms"})  # per-process buffers, not model state
+#: per-process buffers, not model state
+_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms", "_dense", "_blend_cache"})
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _BECAUSE: Final = REASONS["cooccurrence"]
@@ -808,6 +1055,45 @@ def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
         return rows
     out: IntArray = rows[np.argpartition(-scores[rows], n - 1)[:n]]
     return out
+
+
+_DAY_MS: Final = 24 * 3600 * 1000
+
+
+def _scale(values: FloatArray) -> FloatArray:
+    """Non-negative scores divided by their maximum (all zero stays zero)."""
+    hi = float(values.max()) if len(values) else 0.0
+    if hi <= 0:
+        return np.zeros(len(values))
+    out: FloatArray = values / hi
+    return out
+
+
+def _recip_rank(values: FloatArray, signed: bool = False) -> FloatArray:
+    """1 / (1 + rank) of each value among ``values`` (best first); 0 where a non-negative
+    component does not score the track."""
+    n = len(values)
+    out = np.zeros(n)
+    if n == 0:
+        return out
+    order = np.argsort(-values, kind="stable")
+    out[order] = 1.0 / np.arange(1, n + 1)
+    if not signed:
+        out[values <= 0] = 0.0
+    return out
+
+
+def _codes(
+    cs: FloatArray, ss: FloatArray, rs: FloatArray, lead: IntArray, last: int
+) -> tuple[IntArray, IntArray]:
+    """Reason codes and lead rows of learned-blend candidates: co-occurrence (its lead),
+    else SR (the last track led), else STAN (session neighbours), else trending."""
+    by_cooc = (cs > 0) & (lead >= 0)
+    by_sr = ~by_cooc & (rs > 0)
+    codes = np.where(by_cooc | by_sr, _k.REASON_COOCCURRENCE,
+                     np.where(ss > 0, _k.REASON_MF, _k.REASON_POPULARITY)).astype(np.int64)
+    leads = np.where(by_cooc, lead, np.where(by_sr, last, -1)).astype(np.int64)
+    return codes, leads
 
 
 def _recent_skip_rate(state: UserState, window: int = 10) -> float:
