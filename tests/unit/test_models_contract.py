@@ -20,6 +20,8 @@ from stream.models import (
     clone,
     get_params,
 )
+from stream.models.rules import SequentialRules
+from stream.models.stan import SessionKNN
 
 MODELS: dict[str, Callable[[int], Any]] = {
     "popularity": lambda seed: DecayedPopularity(seed=seed),
@@ -27,6 +29,10 @@ MODELS: dict[str, Callable[[int], Any]] = {
     "mf": lambda seed: ImplicitMF(n_factors=8, seed=seed),
     "skip": lambda seed: SkipClassifier(seed=seed),
     "drift": lambda seed: SkipRateDrift(seed=seed),
+    "stan": lambda seed: SessionKNN(k=20, sample=8, max_sessions=16, seed=seed),
+    "sknn": lambda seed: SessionKNN(k=20, lambda_position=None, lambda_recency_ms=None,
+                                    lambda_distance=None, seed=seed),
+    "sr": lambda seed: SequentialRules(steps=4, seed=seed),
 }
 
 BAD_ARGS: dict[str, list[dict[str, Any]]] = {
@@ -35,6 +41,9 @@ BAD_ARGS: dict[str, list[dict[str, Any]]] = {
     "mf": [{"n_factors": 0}, {"learning_rate": 0}, {"n_negatives": -1}],
     "skip": [{"learning_rate": -1.0}],
     "drift": [{"delta": 0.0}, {"clock": 0}],
+    "stan": [{"k": 0}, {"sample": 0}, {"lambda_position": 0.0}, {"lambda_distance": -1.0}],
+    "sknn": [{"max_sessions": 0}, {"session_length": 0}, {"lambda_recency_ms": 0}],
+    "sr": [{"steps": 0}, {"query_decay": 0.0}, {"max_neighbours": 0}],
 }
 
 
