@@ -69,6 +69,9 @@ SNAPSHOT_VERSION: Final = 2  # 2: co-occurrence arena, float32 MF factors
 VARIANTS: Final = ("popularity", "mf", "cooccurrence", "sknn", "stan", "sr", "fixed", "blend")
 #: the variants ranked by :meth:`Recommender._rank_session_model`
 _SESSION_VARIANTS: Final = frozenset({"sknn", "stan", "sr"})
+#: SR's query reads the last 5 tracks (decay 0.6), not only the last one: on the first 25,000
+#: 30Music plays HR@10 0.0312 -> 0.0359, MRR@10 0.0264 -> 0.0296 (docs/benchmarks.md)
+DEFAULT_RULES: Final[Mapping[str, Any]] = {"query_window": 5, "query_decay": 0.6}
 #: what a ``variant="blend"`` query runs for each ``blend`` setting
 BLEND_MODES: Final = ("learned", "fixed")
 
@@ -107,6 +110,13 @@ class Recommender:
     - ``stan_params`` / ``rules_params`` / ``blend_params``: constructor arguments of the
       session-kNN (:class:`~stream.models.stan.SessionKNN`), sequential-rules
       (:class:`~stream.models.rules.SequentialRules`) and learned-blend models.
+    - ``session_scope``: what the session models (STAN, SR) query with: the listener's
+      current ``"session"`` or all their ``"recent"`` tracks.
+    - ``artist_tracks``: the learned blend also draws the latest tracks of the artists of
+      the listener's last two plays; this many are kept per artist (0: off).
+    - ``repeats``: keep each listener's last N distinct tracks and let the learned blend
+      recommend them again once they are out of the recent filter (0: off; "repeats are
+      music", measured with ``stream replay --exclude-seen recent --repeats N``).
     - ``blend_candidates``: candidates drawn from each component for the learned blend.
     - ``mf_candidates``: also draw the listener's nearest tracks in MF space over the
       whole catalogue as candidates. Off by default: on MovieLens-100K it changed HR@10 by
@@ -122,6 +132,9 @@ class Recommender:
     rules_params: Mapping[str, Any] | None = None
     blend_params: Mapping[str, Any] | None = None
     blend_candidates: int = 30
+    session_scope: str = "session"
+    artist_tracks: int = 50
+    repeats: int = 0
 
     def __init__(
         self,
@@ -144,6 +157,9 @@ class Recommender:
         rules_params: Mapping[str, Any] | None = None,
         blend_params: Mapping[str, Any] | None = None,
         blend_candidates: int = 30,
+        session_scope: str = "session",
+        artist_tracks: int = 50,
+        repeats: int = 0,
     ) -> None:
         if recent_filter < 0:
             raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
@@ -153,6 +169,10 @@ class Recommender:
             raise ValueError(f"max_per_artist must be >= 1 or None, got {max_per_artist!r}")
         if blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+        if session_scope not in ("session", "recent"):
+            raise ValueError(f"session_scope must be 'session' or 'recent', got {session_scope!r}")
+        if artist_tracks < 0 or repeats < 0:
+            raise ValueError("artist_tracks and repeats must be >= 0")
         if blend_candidates < 1:
             raise ValueError(f"blend_candidates must be >= 1, got {blend_candidates!r}")
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
@@ -194,6 +214,9 @@ class Recommender:
         self.rules_params = rules_params
         self.blend_params = blend_params
         self.blend_candidates = blend_candidates
+        self.session_scope = session_scope
+        self.artist_tracks = artist_tracks
+        self.repeats = repeats
         self._build_session_models()
         self.artist_of: dict[str, str] = {}
         self.n_learned = 0
@@ -203,10 +226,14 @@ class Recommender:
         """The session-kNN, sequential-rules and learned-blend models (fresh)."""
         self.session_knn = SessionKNN(**{**(self.stan_params or {}),
                                          "vocabulary": self.vocabulary, "seed": self.seed})
-        self.rules = SequentialRules(**{**(self.rules_params or {}),
+        self.rules = SequentialRules(**{**DEFAULT_RULES, **(self.rules_params or {}),
                                         "vocabulary": self.vocabulary, "seed": self.seed})
         self.ranker = LearnedBlend(**{**(self.blend_params or {}), "seed": self.seed})
         self.first_seen: IntArray = np.zeros(0, dtype=np.int64)
+        #: artist -> their latest distinct tracks, oldest first (at most artist_tracks)
+        self.tracks_of: dict[str, list[str]] = {}
+        #: listener -> their last distinct tracks, oldest first (at most repeats)
+        self.own_history: dict[str, dict[str, None]] = {}
 
     # -- learning -------------------------------------------------------------------------
 
@@ -225,6 +252,19 @@ class Recommender:
         context = event.context if event is not None else None
         if event is not None and event.artist_id:
             self.artist_of[track] = event.artist_id
+            if self.artist_tracks:
+                latest = self.tracks_of.setdefault(event.artist_id, [])
+                if track in latest:
+                    latest.remove(track)
+                latest.append(track)
+                if len(latest) > self.artist_tracks:
+                    del latest[0]
+        if self.repeats:
+            own = self.own_history.setdefault(state.user_id, {})
+            own.pop(track, None)
+            own[track] = None
+            if len(own) > self.repeats:
+                del own[next(iter(own))]
         features: dict[str, float] = {}
         x = Interaction(
             user_id=state.user_id,
@@ -385,7 +425,10 @@ class Recommender:
             self.ranker.learn(X, int(hit[0]), key=self.n_learned)
 
     def _session_items(self, state: UserState) -> list[str]:
-        """The listener's current session, oldest first (the last track at least)."""
+        """The listener's current session, oldest first (the last track at least), or all
+        their recent tracks with ``session_scope="recent"``."""
+        if self.session_scope == "recent":
+            return state.recent
         n = max(min(state.session_plays, len(state.recent)), 1)
         return state.recent[-n:]
 
@@ -405,14 +448,15 @@ class Recommender:
 
     def _blend_candidates(
         self, state: UserState, now_ms: int, exclude: Collection[str]
-    ) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray]:
+    ) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray,
+               FloatArray, FloatArray]:
         """Every component's best ``blend_candidates`` tracks (none banned), and per
         candidate the feature row of :data:`stream.models.blend.FEATURES`; also the
         co-occurrence, SR and STAN scores and co-occurrence's lead (for reasons)."""
         size = len(self.vocabulary)
         if size == 0:
             return (_NO_ROWS, np.zeros((0, N_FEATURES)), _NO_SCORES, _NO_SCORES, _NO_SCORES,
-                    _NO_ROWS)
+                    _NO_ROWS, _NO_SCORES, _NO_SCORES)
         n = self.blend_candidates
         ban_rows = self._banned_rows(state, exclude)
         ban = self._ban_buffer(size)
@@ -429,9 +473,12 @@ class Recommender:
             with rules.accumulate(rules.anchors(session)) as t2:
                 r_rows = t2.rows().copy()
                 r_vals = t2.scratch.acc[r_rows]
+            a_rows, a_vals = self._artist_source(state)
+            o_rows, o_vals = self._own_source(state)
             picks = [self.popularity.top_set(n, ban)]
             for col, (rows, vals) in enumerate(((c_rows, c_vals), (s_rows, s_vals),
-                                                (r_rows, r_vals))):
+                                                (r_rows, r_vals), (a_rows, a_vals),
+                                                (o_rows, o_vals))):
                 dense[rows, col] = vals
                 ok = (vals > 0) & ~ban[rows]
                 rows, vals = rows[ok], vals[ok]
@@ -443,10 +490,10 @@ class Recommender:
             lead = dense_lead[cands].copy()
         finally:
             ban[ban_rows] = False
-            for col, rows in enumerate((c_rows, s_rows, r_rows)):
+            for col, rows in enumerate((c_rows, s_rows, r_rows, a_rows, o_rows)):
                 dense[rows, col] = 0.0
             dense_lead[c_rows] = -1
-        cs, ss, rs = comp[:, 0], comp[:, 1], comp[:, 2]
+        cs, ss, rs, arts, owns = comp[:, 0], comp[:, 1], comp[:, 2], comp[:, 3], comp[:, 4]
         pop = self.popularity.score_rows(cands)
         user = self._user_vector(state)
         mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
@@ -477,21 +524,22 @@ class Recommender:
             _recip_rank(cs), _recip_rank(ss), _recip_rank(rs), _recip_rank(pop),
             _recip_rank(mf, signed=True),
             skip, hist * s_cooc, hist * s_stan, hist * s_mf, age,
-            np.log1p(1e4 * pop) / 10.0, same_artist, np.zeros(len(cands)),
+            np.log1p(1e4 * pop) / 10.0, same_artist, (owns > 0).astype(np.float64),
+            _scale(arts), _recip_rank(arts), _scale(owns), _recip_rank(owns),
         ))
-        return cands, X, cs, ss, rs, lead
+        return cands, X, cs, ss, rs, lead, arts, owns
 
     def _rank_learned(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str]
     ) -> list[Recommendation]:
-        rows, X, cs, ss, rs, lead = self._blend_candidates(state, now_ms, exclude)
+        rows, X, cs, ss, rs, lead, arts, owns = self._blend_candidates(state, now_ms, exclude)
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X)
         if not len(rows):
             return []
         scores = self.ranker.score(X)
         order = np.argsort(-scores, kind="stable")
         last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
-        codes, leads = _codes(cs, ss, rs, lead, last)
+        codes, leads = _codes(cs, ss, rs, lead, last, arts, owns)
         return self._results(rows[order], scores[order], codes[order], leads[order], k)
 
     def _rank_session_model(
@@ -537,12 +585,46 @@ class Recommender:
         leads = np.full(len(order), last, dtype=np.int64)
         return self._results(all_rows[order], scores[order], codes.astype(np.int64), leads, k)
 
+    def _artist_source(self, state: UserState) -> tuple[IntArray, FloatArray]:
+        """The latest tracks of the artists of the last two plays: score 1 / (1 + how many
+        newer tracks the artist has), halved for the older play's artist."""
+        if not self.artist_tracks or not state.recent:
+            return _NO_ROWS, _NO_SCORES
+        artists: list[str] = []
+        for t in state.recent[-1:-3:-1]:
+            a = self.artist_of.get(t)
+            if a is not None and a not in artists:
+                artists.append(a)
+        get = self.vocabulary.index.get
+        rows: list[int] = []
+        vals: list[float] = []
+        for weight, artist in zip((1.0, 0.5), artists, strict=False):
+            for i, t in enumerate(reversed(self.tracks_of.get(artist, ()))):
+                r = get(t)
+                if r is not None:
+                    rows.append(r)
+                    vals.append(weight / (1 + i))
+        if not rows:
+            return _NO_ROWS, _NO_SCORES
+        return np.array(rows, dtype=np.int64), np.array(vals)
+
+    def _own_source(self, state: UserState) -> tuple[IntArray, FloatArray]:
+        """The listener's own earlier tracks (repeats option), most recent first."""
+        own = self.own_history.get(state.user_id) if self.repeats else None
+        if not own:
+            return _NO_ROWS, _NO_SCORES
+        get = self.vocabulary.index.get
+        rows = [r for r in map(get, reversed(own)) if r is not None]
+        if not rows:
+            return _NO_ROWS, _NO_SCORES
+        return np.array(rows, dtype=np.int64), 1.0 / np.arange(1, len(rows) + 1)
+
     def _dense_buffers(self, size: int) -> tuple[Any, IntArray]:
-        """Per-track scratch: 3 component scores (all 0) and a lead row (all -1)."""
+        """Per-track scratch: 5 source scores (all 0) and a lead row (all -1)."""
         buf = self.__dict__.get("_dense")
         if buf is None or len(buf[0]) < size:
             cap = max(size, 2 * (0 if buf is None else len(buf[0])), 64)
-            buf = (np.zeros((cap, 3)), np.full(cap, -1, dtype=np.int64))
+            buf = (np.zeros((cap, 5)), np.full(cap, -1, dtype=np.int64))
             self.__dict__["_dense"] = buf
         return buf
 
@@ -870,7 +952,12 @@ class Recommender:
         self.__dict__.pop("_blend_cache", None)
         self.vocabulary.compact(kept)
         for track in evicted:
-            self.artist_of.pop(track, None)
+            artist = self.artist_of.pop(track, None)
+            latest = self.tracks_of.get(artist) if artist is not None else None
+            if latest is not None and track in latest:
+                latest.remove(track)
+                if not latest:
+                    del self.tracks_of[artist]  # type: ignore[arg-type]
         return len(evicted)
 
     def catalogue_size(self) -> int:
@@ -880,7 +967,8 @@ class Recommender:
     def forget_user(self, user_id: str) -> bool:
         """Drop everything kept about one listener (their MF factors). Shared statistics
         (co-occurrence, popularity) hold no user ids. Returns whether anything was held."""
-        held = self.mf.forget_user(user_id)
+        held = self.own_history.pop(user_id, None) is not None
+        held = self.mf.forget_user(user_id) or held
         return self.session_knn.forget_user(user_id) or held
 
     # -- persistence ----------------------------------------------------------------------
@@ -1012,6 +1100,11 @@ _FIXED_REASONS: Final[dict[int, str]] = {
     _k.REASON_MF: REASONS["mf"],
     _k.REASON_POPULARITY: REASONS["popularity"],
 }
+#: reason codes of the learned blend's own sources (after the kernels' codes)
+REASON_ARTIST: Final = 4
+REASON_OWN: Final = 5
+_FIXED_REASONS[REASON_ARTIST] = "more from an artist you just played"
+_FIXED_REASONS[REASON_OWN] = "one of your favourites"
 
 
 def _reason(code: int, lead: int, ids: list[str]) -> str:
@@ -1084,14 +1177,18 @@ def _recip_rank(values: FloatArray, signed: bool = False) -> FloatArray:
 
 
 def _codes(
-    cs: FloatArray, ss: FloatArray, rs: FloatArray, lead: IntArray, last: int
+    cs: FloatArray, ss: FloatArray, rs: FloatArray, lead: IntArray, last: int,
+    arts: FloatArray, owns: FloatArray,
 ) -> tuple[IntArray, IntArray]:
     """Reason codes and lead rows of learned-blend candidates: co-occurrence (its lead),
-    else SR (the last track led), else STAN (session neighbours), else trending."""
+    else SR (the last track led), else STAN (session neighbours), else the artist source,
+    else own history, else trending."""
     by_cooc = (cs > 0) & (lead >= 0)
     by_sr = ~by_cooc & (rs > 0)
+    rest = np.where(arts > 0, REASON_ARTIST,
+                    np.where(owns > 0, REASON_OWN, _k.REASON_POPULARITY))
     codes = np.where(by_cooc | by_sr, _k.REASON_COOCCURRENCE,
-                     np.where(ss > 0, _k.REASON_MF, _k.REASON_POPULARITY)).astype(np.int64)
+                     np.where(ss > 0, _k.REASON_MF, rest)).astype(np.int64)
     leads = np.where(by_cooc, lead, np.where(by_sr, last, -1)).astype(np.int64)
     return codes, leads
 

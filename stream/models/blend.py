@@ -22,7 +22,10 @@ Features per candidate (:data:`FEATURES`; built by ``stream.recommender``):
   can change an order);
 - ``age``: log days since the track was first played; ``log_pop``: log trending share;
 - ``same_artist``: same artist as the listener's last play; ``own_history``: the track is
-  in the listener's own longer history (the repeats option).
+  in the listener's own longer history (the repeats option);
+- ``s_artist`` / ``r_artist``: the artist source (the latest tracks of the artists of the
+  listener's last two plays, newest first), ``s_own`` / ``r_own``: the own-history source
+  (repeats option; most recently played first).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ FEATURES: Final = (
     "hist_cooc", "hist_stan", "hist_mf",
     "age", "log_pop",
     "same_artist", "own_history",
+    "s_artist", "r_artist", "s_own", "r_own",
 )
 N_FEATURES: Final = len(FEATURES)
 #: weight of the fixed blend's score added to the learned one (order of an untrained model)

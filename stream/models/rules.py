@@ -2,11 +2,11 @@
 
 Within one session, when a track B follows A by d steps (1 <= d <= ``steps``), the rule
 A -> B gains ``1 / d`` (session-rec's ``div`` weighting); rules only point forward and never
-cross a session boundary. A query reads the rules of its last ``query_window`` tracks
-(newest first, weighted ``query_decay ** distance``; the default reads the last track only,
-as SR does). Rules live in the co-occurrence arena (:class:`SessionCooccurrence`, whose
-storage, pruning to ``max_neighbours``, eviction and compiled scoring this reuses), but it
-is a separate, separately evaluated model.
+cross a session boundary (unless ``within_session=False``). A query reads the rules of its
+last ``query_window`` tracks (newest first, weighted ``query_decay ** distance``; the
+default reads the last track only, as SR does). Rules live in the co-occurrence arena
+(:class:`SessionCooccurrence`, whose storage, pruning to ``max_neighbours``, eviction and
+compiled scoring this reuses), but it is a separate, separately evaluated model.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class SequentialRules(SessionCooccurrence):
         query_decay: float = 0.5,
         skip_weight: float = 0.2,
         max_neighbours: int = 100,
+        within_session: bool = True,
         vocabulary: Vocabulary | None = None,
         seed: int = 0,
     ) -> None:
@@ -62,6 +63,7 @@ class SequentialRules(SessionCooccurrence):
             vocabulary=vocabulary, seed=seed,
         )
         self.steps = steps
+        self.within_session = within_session
 
     def learn_one(self, x: Interaction) -> None:
         scale = self.skip_weight if x.skipped else 1.0
@@ -70,7 +72,8 @@ class SequentialRules(SessionCooccurrence):
         size = len(vocab)
         self.track_weight = grow_rows(self.track_weight, size)
         self.track_weight[track] += scale
-        in_session = min(x.session_position, self.steps)
+        in_session = min(x.session_position if self.within_session else len(x.history),
+                         self.steps)
         if scale <= 0 or in_session <= 0:
             return
         prevs = [vocab.add(p) for p in reversed(x.history[-in_session:])]
