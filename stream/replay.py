@@ -2,9 +2,10 @@
 
 For every event, in timestamp order (ties keep file order): recommend for the listener from
 the state *before* the event, with every variant (``popularity``, ``mf``, ``cooccurrence``,
-``blend``); score whether the played track is in the top K; then learn from the event. The
-same :class:`~stream.recommender.Recommender` and :class:`~stream.evaluation.Prequential`
-run inside the worker, so replay numbers are the worker's numbers.
+``sknn``, ``stan``, ``sr``, ``fixed``, ``blend``); score whether the played track is in the
+top K; then learn from the event. The same :class:`~stream.recommender.Recommender` and
+:class:`~stream.evaluation.Prequential` run inside the worker, so replay numbers are the
+worker's numbers.
 
 Example::
 
@@ -55,12 +56,13 @@ def replay(
     max_recent: int = 30,
     recommender: Recommender | None = None,
     progress: bool = False,
+    repeats: int = 0,
 ) -> ReplayResult:
     """Prequential replay of ``events`` (already in time order) -> metrics per variant."""
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected from {VARIANTS}")
-    rec = recommender if recommender is not None else Recommender(seed=seed)
+    rec = recommender if recommender is not None else Recommender(seed=seed, repeats=repeats)
     evaluator = Prequential(k=k)
     states: dict[str, UserState] = {}
     seen: dict[str, SeenTracks] = {}
@@ -95,6 +97,7 @@ def replay(
         "k": k,
         "seed": seed,
         "exclude_seen": exclude_seen,
+        "repeats": rec.repeats,
         "variants": {
             v: {name: round(value, 6) for name, value in summary[v].items() if name != "events"}
             for v in variants
@@ -187,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_recent=args.max_recent,
         progress=not args.no_progress,
+        repeats=args.repeats,
     )
     report = {"dataset": str(args.path), "format": args.format, **result.report}
     if dropped is not None:
@@ -221,6 +225,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "plays (recent); auto = all for movielens, recent otherwise")
     p.add_argument("--max-recent", type=int, default=30,
                    help="recent tracks kept per listener (session state)")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="let the learned blend recommend the listener's last N distinct tracks "
+                   "again once out of the recent filter (0: off)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
     return p

@@ -34,7 +34,8 @@ def test_lastfm_sample_replay_via_cli(tmp_path: Path) -> None:
     assert args.func(args) == 0
     data = json.loads(report.read_text())
     assert data["events"] == 2500 and data["k"] == 10
-    assert set(data["variants"]) == {"popularity", "mf", "cooccurrence", "blend"}
+    assert set(data["variants"]) == {"popularity", "mf", "cooccurrence", "sknn", "stan", "sr",
+                                     "fixed", "blend"}
     for metrics in data["variants"].values():
         assert 0.0 <= metrics["mrr@10"] <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
     # A real play log repeats itself: the session model must find that, well above chance.
