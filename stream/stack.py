@@ -393,6 +393,31 @@ def prometheus_ready(port: int) -> bool:
         return bool(resp.status == 200)
 
 
+def prometheus_args(cfg: StackConfig) -> list[str]:
+    """The local Prometheus's flags (renders its config). No ``--web.enable-lifecycle``:
+    anyone who reaches the port could otherwise shut it down or reload it over HTTP;
+    :func:`reload_prometheus` signals the process instead."""
+    data = cfg.state_dir / "prometheus" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    return [
+        f"--config.file={prometheus_config(cfg)}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{cfg.prometheus_port}",
+        "--storage.tsdb.retention.time=2d",
+    ]
+
+
+def reload_prometheus(cfg: StackConfig) -> bool:
+    """Make the stack's Prometheus re-read its config and rule files, as rendered at its
+    start (SIGHUP, which only the user running the stack can send). False if this stack
+    runs no Prometheus."""
+    pid = _running_pid(cfg, "prometheus", "prometheus")
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGHUP)
+    return True
+
+
 def start_prometheus(cfg: StackConfig) -> None:
     marker = "prometheus"
     if _running_pid(cfg, "prometheus", marker) and prometheus_ready(cfg.prometheus_port):
@@ -405,21 +430,7 @@ def start_prometheus(cfg: StackConfig) -> None:
         )
     if _running_pid(cfg, "prometheus", marker) is None:
         binary = _require("prometheus", "install Prometheus (apt-get install prometheus)")
-        conf = prometheus_config(cfg)
-        data = cfg.state_dir / "prometheus" / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        _spawn(
-            cfg,
-            "prometheus",
-            [
-                binary,
-                f"--config.file={conf}",
-                f"--storage.tsdb.path={data}",
-                f"--web.listen-address=127.0.0.1:{cfg.prometheus_port}",
-                "--storage.tsdb.retention.time=2d",
-                "--web.enable-lifecycle",
-            ],
-        )
+        _spawn(cfg, "prometheus", [binary, *prometheus_args(cfg)])
     _wait(
         "prometheus",
         lambda: prometheus_ready(cfg.prometheus_port),

@@ -63,3 +63,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_prometheus_has_no_http_lifecycle_api(tmp_path: Path) -> None:
+    """Without --web.enable-lifecycle nobody who merely reaches the port can POST
+    /-/quit or /-/reload; the stack reloads by signal (reload_prometheus)."""
+    args = stack.prometheus_args(cfg(tmp_path, prometheus=9999))
+    assert not any("lifecycle" in a for a in args)
+    assert "--web.listen-address=127.0.0.1:9999" in args
+    assert stack.reload_prometheus(cfg(tmp_path)) is False  # none started by this stack
