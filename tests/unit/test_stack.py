@@ -83,7 +83,7 @@ def test_redis_acl_is_rendered_without_passwords_or_comments(tmp_path: Path) -> 
     assert all(line.startswith("user ") for line in lines)  # redis-server allows no comments
     assert [line.split()[1] for line in lines] == ["default", *stack.REDIS_ACL_USERS]
     text = path.read_text()
-    for user, pw in passwords.items():
+    for pw in passwords.values():
         assert pw not in text
         assert "#" + hashlib.sha256(pw.encode()).hexdigest() in text
     assert "_PASSWORD_SHA256@" not in text
