@@ -27,7 +27,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from stream import stack
 from stream.config import Settings
 from stream.events import PlayEvent
-from stream.store import RecoReader, checkpoint_key
+from stream.store import WRITE_SCRIPT, RecoReader, checkpoint_key, same_slot_key
 
 from .conftest import WorkerProcess, free_port, produce, wait_until
 
@@ -211,12 +211,26 @@ def test_the_reader_user_reads_and_subscribes_and_is_refused_writes(
         check.close()
 
 
-def test_the_worker_user_is_refused_what_it_does_not_need(
+def test_the_worker_user_may_do_its_job_and_nothing_else(
     acl_redis: stack.RedisServer,
 ) -> None:
     worker = client_as(acl_redis, "stream-worker")
     try:
+        # granted: each command the worker sends, on its own key families
         assert worker.set("reco:u1", b"{}") and worker.set("similar:t1", b"{}")
+        assert worker.get("reco:u1") == b"{}" and worker.type("reco:u1") == b"string"
+        sha = worker.script_load(WRITE_SCRIPT)
+        doc = b'{"seq": 2, "lineage": "app"}'
+        assert worker.evalsha(sha, 1, "reco:u2", 2, doc, 60, "reco-updates", b"{}", "app") == 1
+        assert worker.publish("reco-updates", b"{}") == 0
+        assert worker.delete("reco:u2") == 1
+        upload = same_slot_key(checkpoint_key("app"), "upload:1")
+        assert worker.set(upload, b"ab", ex=60) and worker.append(upload, b"c") == 3
+        with worker.pipeline(transaction=True) as tx:
+            tx.rename(upload, checkpoint_key("app"))
+            tx.persist(checkpoint_key("app"))
+            tx.execute()
+        assert worker.get(checkpoint_key("app")) == b"abc" and worker.ping()
         refused: list[Callable[[], Any]] = [
             lambda: worker.get("similar:t1"),  # similar lists are written, never read
             lambda: worker.set("other:key", b"x"),
