@@ -77,10 +77,11 @@ class LearnedBlend:
 
     def __init__(
         self,
-        learning_rate: float = 0.05,
+        learning_rate: float = 0.01,
         l2: float = 1e-5,
         negatives: int = 3,
-        hard_pool: int = 20,
+        hard_pool: int = 1000,
+        prior_init: float = 1.0,
         seed: int = 0,
     ) -> None:
         check_positive("learning_rate", learning_rate)
@@ -91,9 +92,13 @@ class LearnedBlend:
         self.l2 = l2
         self.negatives = negatives
         self.hard_pool = hard_pool
+        self.prior_init = prior_init
         self.seed = seed
         self.model = self._new_model()
+        # start from the fixed blend (weight prior_init on its score) and learn from there
+        self.model._weights = utils.VectorDict({"prior": prior_init} if prior_init else None)
         self._w: FloatArray = np.zeros(N_FEATURES)
+        self._w[0] = prior_init
         self.n_learned = 0  # lists learned from
         self.n_pairs = 0
 
@@ -146,7 +151,7 @@ class LearnedBlend:
             "kind": "LearnedBlend",
             "params": {"learning_rate": self.learning_rate, "l2": self.l2,
                        "negatives": self.negatives, "hard_pool": self.hard_pool,
-                       "seed": self.seed},
+                       "prior_init": self.prior_init, "seed": self.seed},
             "weights": {f: float(self.model._weights.get(f, 0.0)) for f in FEATURES},
             "n_learned": self.n_learned,
             "n_pairs": self.n_pairs,

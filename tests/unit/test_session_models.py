@@ -113,7 +113,7 @@ def test_import_rejects_bad_state_naming_the_field(cls: type) -> None:
 
 def test_learned_blend_learns_the_useful_feature_and_round_trips() -> None:
     rng = np.random.default_rng(0)
-    blend = LearnedBlend(seed=5)
+    blend = LearnedBlend(seed=5, prior_init=0.0, learning_rate=0.05)
     col = FEATURES.index("s_sr")
     for i in range(300):
         X = rng.random((20, N_FEATURES))
