@@ -133,7 +133,7 @@ def _trained_with_artists(
 
 
 @pytest.mark.parametrize("mf_candidates", [False, True])
-@pytest.mark.parametrize("variant", ["blend", "popularity", "mf", "cooccurrence"])
+@pytest.mark.parametrize("variant", ["fixed", "popularity", "mf", "cooccurrence"])
 def test_compiled_ranking_matches_the_reference_path(
     datasets_dir: Path, variant: str, mf_candidates: bool
 ) -> None:
@@ -145,8 +145,9 @@ def test_compiled_ranking_matches_the_reference_path(
         for t in state.recent[:-3]:
             seen.add(t)
         fast = rec.recommend(state, 10, now, exclude=seen, variant=variant)
-        weights = rec.blend_weights if variant == "blend" else {variant: 1.0}
-        blend = weights if variant == "blend" else {variant: 1.0, "popularity": 1e-6}
+        # "fixed": the fixed-weight blend (variant "blend" is the learned one)
+        weights = rec.blend_weights if variant == "fixed" else {variant: 1.0}
+        blend = weights if variant == "fixed" else {variant: 1.0, "popularity": 1e-6}
         ref = rec._rank_reference(
             _query(state, now), 10, _banned(rec, state, set(seen)), weights, blend,
             rec.cooccurrence.anchors(tuple(state.recent)),
