@@ -53,32 +53,78 @@ def cmd_stack(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- worker
 
 
-def _restore_models(settings: Settings):  # type: ignore[no-untyped-def]
-    """The recommender from the last checkpoint in Redis, or None to start fresh."""
-    from stream.checkpoint import CheckpointError, unframe
-    from stream.recommender import Recommender, SnapshotError
-    from stream.store import checkpoint_key, load_checkpoint
+def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def]
+    """The recommender from the last checkpoint in Redis, or None to start fresh.
+
+    A checkpoint that cannot be read or is refused (stream.checkpoint.REJECT_REASONS) is
+    logged in one line, counted in ``stream_checkpoints_rejected_total{reason}``, and the
+    worker learns from scratch: it never stops over a checkpoint. Listeners forgotten since
+    (the forget tombstones) are dropped from the restored models."""
+    from redis.exceptions import ResponseError
+
+    from stream.checkpoint import CheckpointRejected, checkpoint_mode, open_checks, open_models
+    from stream.store import (
+        CheckpointTooLarge,
+        checkpoint_key,
+        load_checkpoint,
+        load_tombstones,
+        tombstones_key,
+    )
 
     log = logging.getLogger("stream.worker")
-    if not settings.checkpoint_interval_s:
-        return None
     key = checkpoint_key(settings.app_id)
+    mode = checkpoint_mode(settings)
+    if mode == "off":
+        log.info("model checkpoints are off (checkpoint_interval_s = 0)")
+        return None
+    if mode == "refused":
+        log.error(
+            "model checkpoints DISABLED: no checkpoint key is set, so this worker will "
+            "neither restore nor write %s (anyone who can write Redis could forge one). Set "
+            "STREAM_CHECKPOINT_KEYS=kid:secret, or STREAM_CHECKPOINT_INSECURE=true to accept "
+            "unsigned checkpoints anyway", key)
+        return None
+    if mode == "insecure":
+        log.warning(
+            "model checkpoints are UNSIGNED (checkpoint_insecure=true): anyone who can write "
+            "Redis key %s can replace this worker's models; set STREAM_CHECKPOINT_KEYS", key)
+
+    def reject(reason: str, why: str) -> None:
+        metrics.checkpoints_rejected.labels(reason).inc()
+        log.error("rejected model checkpoint %s (%s): %s; starting fresh", key, reason, why)
+
     try:
-        blob = load_checkpoint(settings.redis_url, key, **redis_auth(settings))
+        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
+                               **redis_auth(settings))
+    except CheckpointTooLarge as exc:
+        reject("oversized", str(exc))
+        return None
+    except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
+        reject("malformed", f"Redis refused to read it: {exc}")
+        return None
     except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
-        log.warning("could not read model checkpoint %s (%s); starting fresh", key, exc)
+        reject("unreadable", f"could not read it: {type(exc).__name__}: {exc}")
         return None
     if blob is None:
         log.info("no model checkpoint at %s; starting fresh", key)
         return None
+    now_ms = int(time.time() * 1000)
     try:
-        rec = Recommender.restore(unframe(blob, settings.checkpoint_secret))
-    except (CheckpointError, SnapshotError) as exc:
-        log.error("ignoring model checkpoint %s: %s", key, exc)
+        rec, opened = open_models(blob, **open_checks(settings, now_ms))
+    except CheckpointRejected as exc:
+        reject(exc.reason, str(exc))
         return None
-    if not settings.checkpoint_secret:
-        log.warning("model checkpoints are unsigned; set STREAM_CHECKPOINT_SECRET in production")
-    log.info("restored models from checkpoint %s (%d bytes)", key, len(blob))
+    try:
+        forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
+                                    settings.forget_tombstone_ttl_s, **redis_auth(settings))
+    except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
+        reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
+        return None
+    dropped = sum(rec.forget_user(user) for user in forgotten)
+    log.info(
+        "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
+        "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,
+        (now_ms - opened.created_ms) / 1000, len(forgotten), dropped)
     return rec
 
 
@@ -116,7 +162,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    recommender = _restore_models(settings)
+    recommender = _restore_models(settings, metrics)
     metrics.checkpoint_restored.set(1 if recommender is not None else 0)
     worker = create_worker(settings, metrics, partitions, recommender)
     run_worker(worker)
