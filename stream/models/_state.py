@@ -112,10 +112,14 @@ def check_array(
     return array
 
 
-def get_array(arrays: Mapping[str, np.ndarray], name: str, dtype: Any, **checks: Any) -> np.ndarray:
+def get_array(
+    arrays: Mapping[str, np.ndarray], name: str, dtype: Any, *, where: str = "", **checks: Any
+) -> np.ndarray:
+    """``arrays[name]``, checked by :func:`check_array` (errors name ``where.name``)."""
+    label = f"{where}.{name}" if where else name
     if name not in arrays:
-        raise ValueError(f"{name}: missing array")
-    return check_array(name, arrays[name], dtype, **checks)
+        raise ValueError(f"{label}: missing array")
+    return check_array(label, arrays[name], dtype, **checks)
 
 
 def get_field(

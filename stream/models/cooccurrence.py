@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -410,27 +411,28 @@ class SessionCooccurrence:
         the bad one): neighbour rows must be known tracks, since the compiled kernels index
         with them unchecked."""
         params = get_params(manifest, where, cls._PARAMS)
+        array = partial(get_array, arrays, where=where)
         vocab = import_vocabulary(manifest, arrays, where, vocabulary)
         model: SessionCooccurrence = build(where, cls, {**params, "vocabulary": vocabulary})
         model._vocab = vocab
         n = len(vocab)
         model._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
-        weight = get_array(arrays, "track_weight", np.float64, ndim=1, finite=True, lo=0.0)
+        weight = array("track_weight", np.float64, ndim=1, finite=True, lo=0.0)
         if len(weight) > n:
             raise ValueError(f"{where}.track_weight: {len(weight)} rows, the vocabulary has {n}")
-        rows = get_array(arrays, "rows", np.int64, ndim=1, lo=0, hi=n - 1)
+        rows = array("rows", np.int64, ndim=1, lo=0, hi=n - 1)
         m = len(rows)
         if m and bool(np.any(np.diff(rows) <= 0)):
             raise ValueError(f"{where}.rows: not strictly ascending")
         limit = 2 * model.max_neighbours
-        sizes = get_array(arrays, "row_size", np.int64, shape=(m,), lo=0, hi=limit)
-        caps = get_array(arrays, "row_cap", np.int64, shape=(m,), lo=1, hi=max(limit, _k.FIRST_CAP))
+        sizes = array("row_size", np.int64, shape=(m,), lo=0, hi=limit)
+        caps = array("row_cap", np.int64, shape=(m,), lo=1, hi=max(limit, _k.FIRST_CAP))
         if bool(np.any(sizes > caps)):
             raise ValueError(f"{where}.row_size: a row holds more than its row_cap")
-        totals = get_array(arrays, "row_total", np.float64, shape=(m,), finite=True, lo=0.0)
+        totals = array("row_total", np.float64, shape=(m,), finite=True, lo=0.0)
         live = int(sizes.sum())
-        nbr = get_array(arrays, "nbr", np.int32, shape=(live,), lo=0, hi=n - 1)
-        val = get_array(arrays, "val", np.float32, shape=(live,), finite=True, lo=0.0)
+        nbr = array("nbr", np.int32, shape=(live,), lo=0, hi=n - 1)
+        val = array("val", np.float32, shape=(live,), finite=True, lo=0.0)
         # the arena, rebuilt: each row's slice at the next free position, with its room
         n_rows = max(n, int(rows[-1]) + 1 if m else 0)
         model._ensure_rows(n_rows)

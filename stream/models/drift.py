@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -233,6 +234,7 @@ class SkipRateDrift:
         """The model :meth:`export_state` described, every field checked (ValueError names
         the bad one)."""
         params = get_params(manifest, where, {"delta": float, "clock": int, "seed": int})
+        array = partial(get_array, arrays, where=where)
         model: SkipRateDrift = build(where, cls, params)
         model.drift_detected = get_field(manifest, "drift_detected", bool, where=where)
         model.n_detections = get_field(manifest, "n_detections", int, where=where, lo=0)
@@ -248,14 +250,14 @@ class SkipRateDrift:
         for name in ("tick", "n_buckets", "max_n_buckets", "n_detections"):
             setattr(w, name, get_field(state, name, int, where=at, lo=0))
         # a window of up to 2**62 values fits in 62 rows
-        row_len = get_array(arrays, "row_len", np.int64, ndim=1, lo=0, hi=w.max_buckets)
+        row_len = array("row_len", np.int64, ndim=1, lo=0, hi=w.max_buckets)
         if not 1 <= len(row_len) <= 62:
             raise ValueError(f"{where}.row_len: {len(row_len)} rows, expected 1 to 62")
         if len(row_len) > 1 and int(row_len[-1]) == 0:
             raise ValueError(f"{where}.row_len: the oldest row is empty")
         n = int(row_len.sum())
-        totals = get_array(arrays, "totals", np.float64, shape=(n,), finite=True)
-        variances = get_array(arrays, "variances", np.float64, shape=(n,), finite=True)
+        totals = array("totals", np.float64, shape=(n,), finite=True)
+        variances = array("variances", np.float64, shape=(n,), finite=True)
         held = float(np.sum(row_len * (2.0 ** np.arange(len(row_len)))))
         if held != w.width:
             raise ValueError(f"{at}.width: {w.width} values, the buckets hold {held}")

@@ -10,6 +10,7 @@ does the positive and its negatives in one vectorised step (~10 us), on the same
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -153,22 +154,24 @@ class ImplicitMF:
         """The model :meth:`export_state` described, every field checked (ValueError names
         the bad one): pool rows index the item factors in a compiled kernel, unchecked."""
         params = get_params(manifest, where, cls._PARAMS)
+        array = partial(get_array, arrays, where=where)
         vocab = import_vocabulary(manifest, arrays, where, vocabulary)
         model: ImplicitMF = build(where, cls, {**params, "vocabulary": vocabulary})
         model._vocab = vocab
         k = model.n_factors
         known = get_field(manifest, "known", int, where=where, lo=0, hi=len(vocab))
-        items = get_array(arrays, "item_factors", np.float32, shape=(known, k), finite=True)
-        users = get_array(arrays, "user_factors", np.float32, shape=(None, k), finite=True)
+        items = array("item_factors", np.float32, shape=(known, k), finite=True)
+        users = array("user_factors", np.float32, shape=(None, k), finite=True)
         ids = unique_ids(f"{where}.user_ids", decode_strings(
-            f"{where}.user_ids", _need(arrays, "user_ids.bytes"), _need(arrays, "user_ids.ends")))
+            f"{where}.user_ids", _need(arrays, "user_ids.bytes", where),
+            _need(arrays, "user_ids.ends", where)))
         if len(ids) != len(users):
             raise ValueError(f"{where}.user_ids: {len(ids)} ids for {len(users)} factor rows")
-        pool = get_array(arrays, "pool", np.int64, ndim=1, lo=0, hi=known - 1)
+        pool = array("pool", np.int64, ndim=1, lo=0, hi=known - 1)
         if len(pool) > model.negative_pool:
             raise ValueError(f"{where}.pool: {len(pool)} rows, negative_pool is "
                              f"{model.negative_pool}")
-        draws = get_array(arrays, "draws", np.float64, ndim=1, finite=True, lo=0.0, hi=1.0)
+        draws = array("draws", np.float64, ndim=1, finite=True, lo=0.0, hi=1.0)
         if len(draws) and float(draws.max()) >= 1.0:
             raise ValueError(f"{where}.draws: values must be below 1.0")
         if len(draws) > _DRAW_BATCH:
@@ -344,9 +347,9 @@ class ImplicitMF:
         return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}
 
 
-def _need(arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+def _need(arrays: Mapping[str, np.ndarray], name: str, where: str) -> np.ndarray:
     if name not in arrays:
-        raise ValueError(f"{name}: missing array")
+        raise ValueError(f"{where}.{name}: missing array")
     return arrays[name]
 
 

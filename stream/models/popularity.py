@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,7 @@ class DecayedPopularity:
         a shared one."""
         params = get_params(manifest, where, {"half_life_ms": float, "skip_weight": float,
                                               "seed": int})
+        array = partial(get_array, arrays, where=where)
         vocab = import_vocabulary(manifest, arrays, where, vocabulary)
         model: DecayedPopularity = build(where, cls, {
             **params, "vocabulary": vocabulary})
@@ -135,10 +137,10 @@ class DecayedPopularity:
         model._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
         model._total = get_field(manifest, "total", float, where=where, lo=0.0)
         model._top_floor = get_field(manifest, "top_floor", float, where=where, lo=-1.0)
-        weights = get_array(arrays, "weights", np.float64, ndim=1, finite=True, lo=0.0)
+        weights = array("weights", np.float64, ndim=1, finite=True, lo=0.0)
         if len(weights) > n:
             raise ValueError(f"{where}.weights: {len(weights)} rows, the vocabulary has {n}")
-        top = get_array(arrays, "top", np.int64, ndim=1, lo=0, hi=max(len(weights) - 1, 0))
+        top = array("top", np.int64, ndim=1, lo=0, hi=max(len(weights) - 1, 0))
         if len(top) > _TOP_SIZE or (len(top) and not len(weights)):
             raise ValueError(f"{where}.top: {len(top)} rows, at most {_TOP_SIZE} known rows")
         if len(np.unique(top)) != len(top):

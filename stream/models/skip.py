@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,7 @@ class SkipClassifier:
         """The model :meth:`export_state` described, every field checked (ValueError names
         the bad one)."""
         params = get_params(manifest, where, {"learning_rate": float, "l2": float, "seed": int})
+        array = partial(get_array, arrays, where=where)
         model: SkipClassifier = build(where, cls, params)
         for name in ("feature_names.bytes", "feature_names.ends"):
             if name not in arrays:
@@ -109,7 +111,7 @@ class SkipClassifier:
         names = unique_ids(f"{where}.feature_names", decode_strings(
             f"{where}.feature_names", arrays["feature_names.bytes"],
             arrays["feature_names.ends"], max_len=_FEATURE_LEN))
-        values = get_array(arrays, "weights", np.float64, shape=(len(names),), finite=True)
+        values = array("weights", np.float64, shape=(len(names),), finite=True)
         clf = model.classifier
         clf.intercept = get_field(manifest, "intercept", float, where=where)
         clf.optimizer.n_iterations = get_field(manifest, "n_iterations", int, where=where, lo=0)
