@@ -270,6 +270,43 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Verify the model checkpoint in Redis as the worker would, and describe it."""
+    from stream.checkpoint import CheckpointRejected, open_checks, open_models
+    from stream.store import CheckpointTooLarge, checkpoint_key, load_checkpoint
+
+    settings = _settings(args)
+    key = checkpoint_key(settings.app_id)
+    now_ms = int(time.time() * 1000)
+    try:
+        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
+                               **redis_auth(settings))
+        if blob is None:
+            raise CheckpointRejected("malformed", "no checkpoint stored")
+        rec, opened = open_models(blob, **open_checks(settings, now_ms))
+    except (CheckpointRejected, CheckpointTooLarge) as exc:
+        reason = getattr(exc, "reason", "oversized")
+        out = {"key": key, "valid": False, "reason": reason, "error": str(exc)}
+        print(json.dumps(out) if args.json else f"{key}: REJECTED ({reason}): {exc}")
+        return 1
+    info = {
+        "key": key, "valid": True, "bytes": len(blob), "kid": opened.kid,
+        "app_id": opened.app_id, "created_ms": opened.created_ms,
+        "age_s": round((now_ms - opened.created_ms) / 1000, 1),
+        "tracks": rec.catalogue_size(), "listeners": len(rec.mf.user_factors),
+        "plays_learned": rec.n_learned,
+    }
+    if args.user:
+        info["user"] = args.user
+        info["user_has_factors"] = args.user in rec.mf.user_factors
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for name, value in info.items():
+            print(f"{name:<17} {value}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(_settings(args).masked(), indent=2))
     return 0
@@ -349,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(fg)
     fg.add_argument("user")
     fg.set_defaults(func=cmd_forget)
+
+    ck = sub.add_parser("checkpoint", help="verify and describe the model checkpoint in Redis")
+    common(ck)
+    ck.add_argument("--user", help="also say whether this listener's factors are in it")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_checkpoint)
 
     c = sub.add_parser("config", help="print the effective settings (secrets masked)")
     common(c)

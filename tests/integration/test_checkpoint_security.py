@@ -4,6 +4,9 @@ worker neither restores nor writes one; a forget is not undone by a crash and a 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +19,7 @@ from stream.datasets import load_events
 from stream.recommender import Recommender
 from stream.store import RecoReader, checkpoint_key, tombstones_key
 
-from .conftest import produce, wait_until
+from .conftest import produce, settings_env, wait_until
 from .test_forget import send_forget
 
 pytestmark = pytest.mark.integration
@@ -136,3 +139,17 @@ def test_a_forget_is_not_undone_by_a_crash_and_a_restore(
     restored = checkpoint_users()
     assert victim not in restored and other in restored
     assert reader.get(victim) is None
+    # the operator's view: `stream checkpoint` verifies it as the worker does
+    out = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "checkpoint", "--user", victim, "--json"],
+        env=settings_env(settings), capture_output=True, text=True, timeout=120, check=True,
+    )
+    info = json.loads(out.stdout)
+    assert info["valid"] and info["kid"] == settings_keys(settings).ids[0]
+    assert info["user_has_factors"] is False and info["listeners"] == len(restored)
+    forged = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "checkpoint", "--json"],
+        env=settings_env(settings.replace(checkpoint_keys=f"{info['kid']}:{'x' * 32}")),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert forged.returncode == 1 and json.loads(forged.stdout)["reason"] == "bad_signature"
