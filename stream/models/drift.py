@@ -7,7 +7,7 @@ differs significantly from the newer part's (a Hoeffding-style bound at confiden
 implementation, written so its whole state is plain numbers that a checkpoint can store
 and check (river's ``drift.ADWIN`` keeps it in a compiled object whose state is an opaque
 byte string). Its decisions match river 0.26's ``drift.ADWIN`` value for value on the same
-stream (tests/unit/test_checkpoint_state.py).
+stream (tests/unit/test_drift_adwin.py).
 """
 
 from __future__ import annotations
