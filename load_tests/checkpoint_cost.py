@@ -3,7 +3,9 @@
 Feeds the first ``--plays`` MovieLens-100K ratings (in time order, a rating <= 2 counted
 as a skip) through one Recommender, then builds the signed checkpoint blob and restores it
 ``--repeat`` times each, reporting the median and the fastest. The checkpoint path is the
-worker's own (the forked child runs exactly this build).
+worker's own (the forked child runs exactly this build). Also reports the feed's cost per
+play and the drift detector's alone (``SkipRateDrift.learn_one``, which changed with the
+format: see docs/benchmarks.md).
 
 Self-contained on purpose (no ``load_tests`` imports), so the same file measures another
 tree too: ``PYTHONPATH=/path/to/other/tree python load_tests/checkpoint_cost.py`` runs
@@ -72,6 +74,23 @@ def codec(app_id: str) -> tuple[str, Any, Any]:
     return "format 1 (pickled, HMAC)", build_v1, restore_v1
 
 
+def drift_us_per_play(n: int = 200_000, repeat: int = 3) -> float:
+    """``SkipRateDrift.learn_one`` per play (fastest of ``repeat`` passes over ``n`` skip
+    indicators whose rate rises every 50,000 plays)."""
+    from stream.models.base import Interaction
+    from stream.models.drift import SkipRateDrift
+
+    xs = [Interaction("u", "t", i, skipped=(i * 7919) % 10 < 3 + i // 50_000) for i in range(n)]
+    best = float("inf")
+    for _ in range(repeat):
+        d = SkipRateDrift()
+        started = time.perf_counter()
+        for x in xs:
+            d.learn_one(x)
+        best = min(best, (time.perf_counter() - started) / n * 1e6)
+    return best
+
+
 def timed(fn: Any, arg: Any, repeat: int) -> tuple[list[float], Any]:
     out: Any = None
     times = []
@@ -95,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     import stream
 
     print(f"tree: {Path(stream.__file__).resolve().parents[1]}", file=sys.stderr)
+    started = time.perf_counter()
     rec, n = feed(args.plays, args.datasets)
+    feed_s = time.perf_counter() - started
     name, build, restore = codec("bench")
     build_s, blob = timed(build, rec, args.repeat)
     restore_s, twin = timed(restore, blob, args.repeat)
@@ -114,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "restore_ms_median": round(1000 * statistics.median(restore_s), 1),
         "restore_ms_min": round(1000 * min(restore_s), 1),
         "repeat": args.repeat, "restored_recommends_the_same": same,
+        "feed_us_per_play": round(feed_s / n * 1e6, 1),
+        "drift_learn_us_per_play": round(drift_us_per_play(), 2),
     }
     print(json.dumps(result) if args.json else "\n".join(f"{k:<30} {v}" for k, v in
                                                           result.items()))
