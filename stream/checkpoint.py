@@ -71,6 +71,8 @@ _DTYPES: Final = frozenset(
 )
 #: arrays start at multiples of this many bytes in the payload
 _ALIGN: Final = 8
+#: the most dimensions an array may have
+_MAX_DIMS: Final = 8
 
 #: why a checkpoint was rejected (the label values of stream_checkpoints_rejected_total)
 REJECT_REASONS: Final = (
@@ -137,10 +139,7 @@ class KeySet:
         return self.keys[0] if self.keys else None
 
     def get(self, kid: str) -> bytes | None:
-        for key_id, secret in self.keys:
-            if hmac.compare_digest(key_id, kid):
-                return secret
-        return None
+        return dict(self.keys).get(kid)
 
 
 def _secret(secret: str, what: str) -> bytes:
@@ -194,8 +193,9 @@ def unpack_state(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     arrays: dict[str, np.ndarray] = {}
     for n, entry in enumerate(index):
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
-                and entry[1] in _DTYPES and isinstance(entry[2], list)
-                and all(_is_int(d) for d in entry[2]) and _is_int(entry[3])):
+                and isinstance(entry[1], str) and entry[1] in _DTYPES
+                and isinstance(entry[2], list) and len(entry[2]) <= _MAX_DIMS
+                and all(_is_int(d) and d < 2**40 for d in entry[2]) and _is_int(entry[3])):
             raise CheckpointRejected("malformed", f"array index entry {n} is not "
                                      "[name, dtype, shape, offset] with a known dtype")
         name, dtype_str, shape, offset = entry
@@ -303,7 +303,8 @@ def open_checkpoint(
             "version", f"checkpoint format {version!r}, this worker reads {FORMAT_VERSION}"
         )
     kid, claimed_app = header.get("kid"), header.get("app_id")
-    if (not (kid is None or isinstance(kid, str)) or not isinstance(claimed_app, str)
+    if (not (kid is None or (isinstance(kid, str) and _KID.fullmatch(kid)))
+            or not isinstance(claimed_app, str)
             or not _is_int(header.get("payload_bytes")) or not _is_int(header.get("created_ms"))):
         raise CheckpointRejected("malformed", "header fields have the wrong types")
     payload_bytes: int = header["payload_bytes"]
@@ -359,7 +360,7 @@ def _is_int(value: object) -> bool:
 def _header(raw: bytes) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointRejected("malformed", "checkpoint header is not JSON") from None
     if not isinstance(header, dict):
         raise CheckpointRejected("malformed", "checkpoint header is not a JSON object")
@@ -381,11 +382,22 @@ def open_models(blob: bytes, **checks: Any) -> tuple[Any, Opened]:
     from stream.recommender import Recommender
 
     opened = open_checkpoint(blob, **checks)
-    manifest, arrays = unpack_state(opened.payload)
+    try:
+        manifest, arrays = unpack_state(opened.payload)
+    except CheckpointRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a case the checks missed: refuse, never crash
+        raise CheckpointRejected(
+            "malformed", f"payload does not unpack: {type(exc).__name__}: {exc}"
+        ) from None
     try:
         recommender = Recommender.import_state(manifest, arrays)
     except ValueError as exc:
         raise CheckpointRejected("invalid_state", f"model state: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a case the checks missed: refuse, never crash
+        raise CheckpointRejected(
+            "invalid_state", f"model state: {type(exc).__name__}: {exc}"
+        ) from None
     return recommender, opened
 
 

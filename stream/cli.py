@@ -114,6 +114,9 @@ def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def
     except CheckpointRejected as exc:
         reject(exc.reason, str(exc))
         return None
+    except Exception as exc:  # noqa: BLE001 - never let a checkpoint stop the worker
+        reject("malformed", f"{type(exc).__name__}: {exc}")
+        return None
     try:
         forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
                                     settings.forget_tombstone_ttl_s, **redis_auth(settings))

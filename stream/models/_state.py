@@ -33,6 +33,9 @@ from stream.events import MAX_ID_LEN
 
 #: the longest id (in characters) a checkpoint may hold: the play events' own limit
 ID_LEN: int = MAX_ID_LEN
+#: no integer in a manifest may exceed this in magnitude unless its field gives its own
+#: bounds (it must convert to a float and fit numpy's int64; JSON integers have any size)
+INT_LIMIT: int = 2**62
 
 
 def encode_strings(items: Sequence[str]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
@@ -145,6 +148,10 @@ def get_field(
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds:
         raise ValueError(f"{label}: expected {_names(kinds)}, got a boolean")
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+        (-INT_LIMIT if lo is None else lo) <= value <= (INT_LIMIT if hi is None else hi)
+    ):
+        raise ValueError(f"{label}: {value!r} is out of range")
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kinds):

@@ -205,3 +205,57 @@ def test_checkpoint_settings_fail_at_start_naming_the_setting() -> None:
         load_settings(env={"STREAM_CHECKPOINT_INSECURE": "maybe"}, file=None)
     with pytest.raises(ConfigError, match="forget_tombstone_ttl_s"):
         load_settings(env={"STREAM_FORGET_TOMBSTONE_TTL_S": "60"}, file=None)
+
+
+def _envelope(header: dict[str, object] | bytes, payload: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return MAGIC + struct.pack(">I", len(raw)) + raw + payload
+
+
+def test_hostile_headers_and_indexes_are_refused_not_raised() -> None:
+    """Inputs chosen to hit corners the random fuzz rarely reaches."""
+    base = {"format": 2, "app_id": "app", "created_ms": NOW, "payload_bytes": 0}
+    cases = {
+        "non-ASCII key id": _envelope({**base, "kid": "clé"}) + bytes(32),
+        "key id of another type": _envelope({**base, "kid": 7}) + bytes(32),
+        "deeply nested header": _envelope(b"[" * 3000 + b"]" * 3000),
+        "header with NaN": _envelope(b'{"format": NaN}'),
+        "bool as size": _envelope({**base, "kid": None, "payload_bytes": True}),
+    }
+    for what, blob in cases.items():
+        with pytest.raises(CheckpointRejected) as info:
+            open_models(blob, keys=KEYS, app_id="app", now_ms=NOW, insecure=True)
+        assert info.value.reason in ("malformed", "unsigned"), what
+    text = json.dumps({}).encode()
+    for index in ([["a", "<f8", [0] * 40, 0]], [["a", "<f8", [2**50, 0], 0]],
+                  [["a", "<f8", [3], 10**6]], [["a", 5, [1], 0]], {"a": 1}):
+        table = json.dumps(index).encode()
+        state = (b"SRSTATE1" + struct.pack(">I", len(text)) + text
+                 + struct.pack(">I", len(table)) + table + bytes(16))
+        blob = seal(state, keys=KeySet(), app_id="app", created_ms=NOW)
+        with pytest.raises(CheckpointRejected) as info:
+            open_models(blob, keys=KeySet(), insecure=True, app_id="app", now_ms=NOW)
+        assert info.value.reason == "malformed", index
+
+
+def test_out_of_range_numbers_in_a_manifest_are_invalid_state() -> None:
+    rec, _ = trained(100)
+    manifest, arrays = rec.export_state()
+    for path, value in ((("models", "popularity", "ref_ms"), 10**400),
+                        (("models", "skip", "intercept"), 1e400),
+                        (("n_learned",), -1),
+                        (("models", "mf", "rng", "state"), 2**128)):
+        broken = json.loads(json.dumps(manifest))
+        node = broken
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+        try:
+            state = pack_state(broken, arrays)
+        except ValueError:  # json refuses to write inf: splice in 1.00e4000 (same length)
+            node[path[-1]] = 12345.678
+            state = pack_state(broken, arrays).replace(b"12345.678", b"1.00e4000", 1)
+        blob = seal(state, keys=KEYS, app_id="app", created_ms=NOW)
+        with pytest.raises(CheckpointRejected, match=path[-1]) as info:
+            open_models(blob, keys=KEYS, app_id="app", now_ms=NOW)
+        assert info.value.reason == "invalid_state"
