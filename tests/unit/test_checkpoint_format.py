@@ -259,3 +259,15 @@ def test_out_of_range_numbers_in_a_manifest_are_invalid_state() -> None:
         with pytest.raises(CheckpointRejected, match=path[-1]) as info:
             open_models(blob, keys=KEYS, app_id="app", now_ms=NOW)
         assert info.value.reason == "invalid_state"
+
+
+def test_no_pickle_anywhere_in_the_package_sources() -> None:
+    """Issue 15's 'grep -rn pickle stream/' over the sources (numba's own cache files,
+    git-ignored under __pycache__, are not sources)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "stream"
+    sources = [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert sources
+    hits = [str(p) for p in sources if b"pickle" in p.read_bytes().lower()]
+    assert hits == []
