@@ -68,6 +68,7 @@ def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def
         checkpoint_key,
         load_checkpoint,
         load_tombstones,
+        tombstone_member,
         tombstones_key,
     )
 
@@ -123,7 +124,9 @@ def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def
     except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
         reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
         return None
-    dropped = sum(rec.forget_user(user) for user in forgotten)
+    tombstoned = set(forgotten)
+    dropped = sum(rec.forget_user(user) for user in rec.user_ids()
+                  if tombstone_member(user) in tombstoned)
     log.info(
         "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
         "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,

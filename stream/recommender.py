@@ -638,6 +638,10 @@ class Recommender:
         """Distinct tracks the models know."""
         return len(self.vocabulary)
 
+    def user_ids(self) -> list[str]:
+        """The listeners the models hold state about (their MF factors)."""
+        return list(self.mf.user_factors)
+
     def forget_user(self, user_id: str) -> bool:
         """Drop everything kept about one listener (their MF factors). Shared statistics
         (co-occurrence, popularity) hold no user ids. Returns whether anything was held."""

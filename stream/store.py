@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import math
@@ -828,7 +829,7 @@ def load_checkpoint(
 # A forget reaches the worker that owns the listener, which drops their state at once; but
 # the model checkpoint in Redis may be older than the forget, and a worker that lost the
 # listener's partition in a rebalance may still hold (and checkpoint) their factors. So each
-# forget also leaves a tombstone -- a sorted set of user ids scored by the forget's time --
+# forget also leaves a tombstone -- a sorted set of user-id digests scored by the forget's time --
 # and every restore drops the tombstoned listeners from the restored models.
 
 
@@ -836,14 +837,20 @@ def tombstones_key(app_id: str) -> str:
     return f"forgotten:{app_id}"
 
 
+def tombstone_member(user_id: str) -> str:
+    """What a tombstone holds for ``user_id``: a SHA-256 digest (hex, 128 bits), so the
+    forgotten listener's id is not kept in clear for the tombstones' lifetime."""
+    return hashlib.sha256(b"stream-reco forget\0" + user_id.encode("utf-8")).hexdigest()[:32]
+
+
 async def add_tombstone(
     client: aioredis.Redis,  # type: ignore[type-arg]
     key: str, user_id: str, now_ms: int, ttl_s: float
 ) -> None:
-    """Record a forget of ``user_id`` (and drop tombstones older than ``ttl_s``; 0 keeps
-    them forever)."""
+    """Record a forget of ``user_id`` (as :func:`tombstone_member`), and drop tombstones
+    older than ``ttl_s`` (0 keeps them forever)."""
     async with client.pipeline(transaction=True) as tx:
-        tx.zadd(key, {user_id: now_ms})
+        tx.zadd(key, {tombstone_member(user_id): now_ms})
         if ttl_s:
             tx.zremrangebyscore(key, "-inf", f"({now_ms - int(ttl_s * 1000)}")
         await tx.execute()
@@ -852,7 +859,8 @@ async def add_tombstone(
 def load_tombstones(
     url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: str
 ) -> list[str]:
-    """The user ids forgotten within ``ttl_s`` (0: ever), synchronously (at start-up)."""
+    """The tombstones (:func:`tombstone_member` digests) of the listeners forgotten within
+    ``ttl_s`` (0: ever), synchronously (at start-up)."""
     url, kwargs = client_options(url, password=password, **auth)
     kwargs.update(socket_timeout=30, socket_connect_timeout=5)
     client = redis.Redis.from_url(url, **kwargs)
