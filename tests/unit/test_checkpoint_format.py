@@ -271,3 +271,16 @@ def test_no_pickle_anywhere_in_the_package_sources() -> None:
     assert sources
     hits = [str(p) for p in sources if b"pickle" in p.read_bytes().lower()]
     assert hits == []
+
+
+def test_every_stateful_part_of_the_recommender_is_in_its_checkpoint() -> None:
+    """A model added to the Recommender but not to its checkpoint would silently start
+    from scratch after every restart: every attribute that can export state must be one
+    of the checkpointed components (or the shared vocabulary)."""
+    from stream.recommender import _COMPONENTS
+
+    rec, _ = trained(50)
+    stateful = {name for name, value in vars(rec).items() if hasattr(value, "export_state")}
+    assert stateful == set(_COMPONENTS) | {"vocabulary"}
+    manifest, _ = rec.export_state()
+    assert set(manifest["models"]) == set(_COMPONENTS)
