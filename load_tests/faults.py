@@ -758,7 +758,7 @@ def expected_outcomes(
         )
         if isinstance(parsed, Rejection):
             rejected.append((value, parsed.reason))
-        elif key is not None and key != parsed.user_id.encode():
+        elif key != parsed.user_id.encode():
             rejected.append((value, "key_mismatch"))
         else:
             accepted.append(parsed)
@@ -865,6 +865,7 @@ def _drill_settings(tag: str) -> Settings:
         metrics_port=free_port(),
         partitions=4,
         redis_flush_interval_ms=1.0,
+        worker_keys=f"drill:{uuid.uuid4().hex}",
     )
 
 

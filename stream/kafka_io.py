@@ -39,6 +39,10 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
     return kw
 
 
+#: configuration of the control topic when the worker creates it
+CONTROL_TOPIC_CONFIGS: dict[str, str] = {"message.timestamp.type": "LogAppendTime"}
+
+
 def signals_topic(settings: Settings) -> str:
     """The topic where workers share item-side learning signals (stream.sharing)."""
     return f"{settings.app_id}-track-signals"
@@ -78,6 +82,9 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
                 name,
                 plays_n if name == settings.control_topic else settings.partitions,
                 settings.replication_factor,
+                # the broker stamps control records: a command's freshness is checked
+                # against a time no producer can choose (stream.control.ControlGate)
+                topic_configs=CONTROL_TOPIC_CONFIGS if name == settings.control_topic else {},
             )
             for name in names
             if name not in existing

@@ -70,7 +70,10 @@ def test_key_must_match_user_id() -> None:
     p, table, _, dead = make()
     out = p.process(rec(play("u1", "a", 0), b"someone-else"))
     assert out.outcome == "rejected" and dead[0].rejection.reason == "key_mismatch"
-    assert p.process(rec(play("u1", "a", 0), None)).outcome == "processed"
+    # a record without a key is dead-lettered too: its partition says nothing of the owner
+    out = p.process(rec(play("u1", "a", 0), None))
+    assert out.outcome == "rejected" and dead[1].rejection.reason == "key_mismatch"
+    assert "no key" in dead[1].rejection.detail and not table
 
 
 def test_redelivery_is_a_duplicate_and_changes_nothing() -> None:
@@ -113,15 +116,15 @@ def test_model_error_keeps_the_play_and_is_not_dead_lettered() -> None:
 def test_track_signals_round_trip_and_skip_garbage() -> None:
     from stream.sharing import TrackSignal, decode_batch, encode_batch
 
-    sigs = [
-        TrackSignal("w1", f"t{i}", 1_700_000_000_000 + i, i % 2 == 0, ("a", "b")) for i in range(3)
-    ]
-    worker, back = decode_batch(encode_batch("w1", sigs))
-    assert worker == "w1" and back == sigs
-    assert decode_batch(b"garbage") == ("", [])
-    raw = orjson.dumps({"w": "w2", "signals": [{"t": "x"}, {"t": "y", "ts": 5, "s": False}]})
-    worker, back = decode_batch(raw)
-    assert worker == "w2" and [s.track_id for s in back] == ["y"]
+    now = 1_700_000_000_000
+    sigs = [TrackSignal("w1", f"t{i}", now + i, i % 2 == 0, ("a", "b")) for i in range(3)]
+    back = decode_batch(encode_batch("w1", sigs), now_ms=now)
+    assert back.worker == "w1" and back.signals == sigs and not back.rejected
+    assert decode_batch(b"garbage", now_ms=now).rejected == ["not_json"]
+    raw = orjson.dumps({"w": "w2", "signals": [{"t": "x"}, {"t": "y", "ts": now, "s": False}]})
+    back = decode_batch(raw, now_ms=now)
+    assert back.worker == "w2" and [s.track_id for s in back.signals] == ["y"]
+    assert back.rejected == ["missing_field"]
 
 
 def test_replayed_duplicates_republish_the_current_list_in_deferred_mode() -> None:
