@@ -745,8 +745,9 @@ def create_worker(
             else:
                 pending_forgets.append(key)
             m.control.labels("forgotten" if existed else "forgotten_unknown").inc()
-            logger.info("forgot user %s (request %s, state existed: %s)",
-                        escape_text(cmd.user_id, 64), escape_text(cmd.request_id, 128), existed)
+            # the request id identifies the deletion; the user id is not logged (privacy)
+            logger.info("forgot user (request %s, state existed: %s)",
+                        escape_text(cmd.request_id, 128), existed)
 
     # per-event metrics: resolve the labelled children once (labels() takes a lock and
     # builds a key on every call)
