@@ -515,7 +515,7 @@ def checkpoint_forgery(d: Drill) -> Result:
 @attack("junk-ids-burst", "memory")
 def junk_ids(d: Drill) -> Result:
     """A burst of plays with unique junk track and user ids."""
-    n = 3000 if d.short else 100_000
+    n = 3000 if d.short else 30_000
     jt = f"{d.tag}-junk"
     records = [
         (f"{jt}-u{i}".encode(), d.play(f"{jt}-u{i}", track=f"{jt}-t{i}")) for i in range(n)

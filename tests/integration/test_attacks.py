@@ -13,12 +13,11 @@ from stream.config import Settings
 
 pytestmark = pytest.mark.integration
 
-#: attacks whose defences live on other branches (issue 15 items 1, 2): expected NOT
+#: attacks whose defences live on other branches (issue 15 item 1): expected NOT
 #: contained here. The test fails once one of them is contained, so that the entry is
 #: removed when those defences are merged -- the set must end up empty.
 PENDING: dict[str, str] = {
     "checkpoint-forgery": "data-only signed checkpoints (ckpt branch)",
-    "wrongtype-reco-key": "writer isolation (writer branch)",
 }
 
 
