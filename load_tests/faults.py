@@ -599,12 +599,12 @@ async def _produce(settings: Settings, events: list[PlayEvent]) -> int:
 # --------------------------------------------------------------------------- hostile input
 
 UNICODE_IDS = (
-    "u-\u202eevil",  # RTL override: not printable -> bad_value
-    "u-\u200bzw",  # zero-width space: not printable
+    "u-\u202eevil",  # RTL override: a format character -> control_character
+    "u-\u200bzw",  # zero-width space: a format character -> control_character
     "u-\U0001f3b5\U0001f525",  # emoji: valid
     "u-\u05e9\u05dc\u05d5\u05dd",  # Hebrew (RTL script, printable): valid
     "u-e\u0301",  # combining accent: valid
-    "u-\ufeffbom",  # BOM: not printable
+    "u-\ufeffbom",  # BOM: a format character -> control_character
 )
 
 

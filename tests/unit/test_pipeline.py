@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any
 
 import orjson
+import pytest
 
 from stream.config import load_settings
 from stream.events import PlayEvent, encode_event
@@ -229,3 +231,20 @@ def test_a_record_that_raises_is_dead_lettered_and_the_batch_goes_on() -> None:
     assert set(table) == {"u1", "u2"} and len(writes) == 2
     assert set(stages) >= {"decode", "session", "learn", "rank"} and all(
         v >= 0 for v in stages.values())
+
+
+def test_a_flood_of_rejections_logs_a_bounded_number_of_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every rejection is dead-lettered (and so counted), but the log gets at most the
+    rate limit's lines per reason (stream.ratelog)."""
+    p, _, _, dead = make()
+    with caplog.at_level(logging.INFO, logger="stream.pipeline"):
+        for i in range(500):
+            p.process(rec(b"junk %d" % i, None))
+            p.process(rec(play("u1", "a", i), b"x\n[fake] ERROR forged"))
+    assert len(dead) == 1000
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 20  # 10 per reason: not_json, key_mismatch
+    assert all("\n" not in line for line in lines)
+    assert any("forged" in line for line in lines)  # escaped, not dropped
