@@ -347,3 +347,16 @@ def test_rate_limited_log_writes_to_its_logger(caplog: pytest.LogCaptureFixture)
         log.log("r", "first %s", "x")
         log.log("r", "second")
     assert [r.getMessage() for r in caplog.records] == ["first x"]
+
+
+def test_stream_forget_refuses_to_send_an_unsigned_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream.cli import main
+
+    for name in ("STREAM_WORKER_KEYS", "STREAM_WORKER_INSECURE", "STREAM_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    # an unreachable broker: the refusal must come before any connection attempt
+    monkeypatch.setenv("STREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    assert main(["forget", "u1"]) == 2
+    assert "worker_keys" in capsys.readouterr().err
