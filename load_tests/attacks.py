@@ -407,6 +407,25 @@ def control_replayed(d: Drill) -> Result:
     return Result(r.contained and back, r.evidence)
 
 
+@attack("control-replayed-after-restart", "control")
+def control_replayed_after_restart(d: Drill) -> Result:
+    """As control-replayed, but the worker restarts between the forget and the replay (a
+    new process: its nonce memory is rebuilt from the topic)."""
+    user = _victim(d, "ctl-replay-rs")
+    topic = d.settings.control_topic
+    record = forget_record(user, d.ring, topic)
+    before = d.metric("stream_control_commands_total", result="forgotten")
+    d.send(topic, [record])
+    d.wait_metric("stream_control_commands_total", before + 1, result="forgotten")
+    d.worker.stop()
+    d.worker = d.start_worker(d.settings)
+    d.send_plays([(user.encode(), d.play(user))])  # the listener comes back
+    back = d.wait_doc(user, 1) is not None
+    r = _control_attack(d, user, record, "replayed")
+    r.evidence["listener_back_before_replay"] = back
+    return Result(r.contained and back, r.evidence)
+
+
 @attack("control-stale", "control")
 def control_stale(d: Drill) -> Result:
     """A signed forget whose time is outside the freshness window (an old copy)."""
@@ -643,7 +662,7 @@ def run_attacks(
     finally:
         _cleanup(d)
         d.close()
-        worker.stop()
+        d.worker.stop()  # (an attack may have restarted it)
     return {
         "drill": "attacks",
         "variant": "short" if short else "full",

@@ -714,6 +714,31 @@ def create_worker(
     )
     control_log = RateLimitedLog(logging.getLogger("stream.control"), level=logging.WARNING)
     m.init_topic(settings.control_topic, ())
+    #: (partition, consumer generation) whose recent nonces the gate has read back
+    nonces_loaded: set[tuple[int, int]] = set()
+
+    async def load_recent_nonces(msg: Any) -> None:
+        """Before the first command of a partition this process (re)took, read that
+        partition's last two windows back and remember their nonces: a replay right after
+        a restart or a rebalance is refused as well (stream.control.ControlGate)."""
+        from stream.kafka_io import read_partition_since
+
+        nonces_loaded.add((msg.partition, msg.generation_id))
+        now = int(time.time() * 1000)
+        try:
+            records = await read_partition_since(
+                settings, msg.topic, msg.partition, now - 2 * control_gate.max_age_ms, msg.offset
+            )
+        except Exception as exc:  # noqa: BLE001 - Kafka trouble: admit on memory alone
+            logger.warning("could not read back %s[%d] for control nonces: %r",
+                           msg.topic, msg.partition, exc)
+            return
+        learned = sum(
+            control_gate.learn(r.topic, r.partition, r.offset, r.key, r.value, r.headers, now)
+            for r in records
+        )
+        logger.info("control %s[%d]: %d recent nonce(s) read back", msg.topic, msg.partition,
+                    learned)
 
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
@@ -722,6 +747,8 @@ def create_worker(
         (stream.control.ControlGate); the rest go to the dead-letter topic."""
         async for event in stream.events():
             msg = event.message
+            if (msg.partition, msg.generation_id) not in nonces_loaded:
+                await load_recent_nonces(msg)
             cmd = control_gate.admit(
                 msg.topic,
                 msg.partition,

@@ -129,8 +129,9 @@ class ControlGate:
     ``max_age_ms``; the same nonce at another position is a replay, at the same position a
     redelivery (a crash before the offset commit), which is admitted again -- a forget is
     idempotent. Older commands are refused as stale, so the memory is bounded by the
-    window. The memory is per process: a replay within the window, after a restart or a
-    rebalance moved the partition, is not detected (docs/reliability.md)."""
+    window. The memory is per process: when it takes a partition over (a restart, a
+    rebalance), the worker reads that partition's last ``2 * max_age_ms`` back and
+    remembers their nonces (:meth:`learn`) before admitting anything from it."""
 
     def __init__(
         self,
@@ -190,6 +191,30 @@ class ControlGate:
         while len(self.seen) > self.max_nonces:
             self.seen.popitem(last=False)
         return cmd
+
+    def learn(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes] | None,
+        now_ms: int,
+    ) -> bool:
+        """Remember the nonce of an earlier record of the topic (read back when this
+        process takes a partition over: a restart or a rebalance), if it is authentic.
+        Returns whether a nonce was remembered."""
+        problem = self.ring.verify(headers, PURPOSE, topic, key, value)
+        if problem is not None and not (self.insecure and problem == "unsigned"):
+            return False
+        cmd = parse_control(value)
+        if isinstance(cmd, Rejection):
+            return False
+        self.seen.setdefault(cmd.nonce, (partition, offset, now_ms + 2 * self.max_age_ms))
+        while len(self.seen) > self.max_nonces:
+            self.seen.popitem(last=False)
+        return True
 
     def _expire(self, now_ms: int) -> None:
         while self.seen:

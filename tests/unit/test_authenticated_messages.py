@@ -280,6 +280,21 @@ def test_nonce_memory_is_bounded_by_the_window_and_the_cap() -> None:
     assert len(g.seen) == 1  # the others expired
 
 
+def test_nonces_read_back_after_a_restart_refuse_a_replay() -> None:
+    record = signed()
+    key, value, headers = record
+    fresh = gate()  # a new process: empty memory
+    assert fresh.learn(TOPIC, 0, 5, key, value, headers, NOW)  # read back from the topic
+    replay = admit(fresh, record, offset=9)
+    assert isinstance(replay, Rejection) and replay.reason == "replayed"
+    assert isinstance(admit(fresh, record, offset=5), ControlCommand)  # its redelivery
+    # only authentic commands are remembered (a stranger cannot block a future nonce)
+    assert not fresh.learn(TOPIC, 0, 6, key, value, [], NOW)
+    forged = signed(ring="k1:" + "f" * 32)
+    assert not fresh.learn(TOPIC, 0, 7, *forged, NOW)
+    assert not fresh.learn(TOPIC, 0, 8, key, b"{", headers, NOW)
+
+
 @pytest.mark.parametrize(
     ("patch", "reason"),
     [
