@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.models import _kernels as _k
-from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
+from stream.models._vocab import EvictionPlan, Vocabulary, grow_rows, top_rows
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 Float32Array = npt.NDArray[np.float32]
@@ -187,14 +187,18 @@ class ImplicitMF:
         vec: Float32Array = self.item_factors[rows].mean(axis=0)
         return vec
 
-    def remap_rows(self, kept: IntArray, remap: IntArray) -> None:
-        """Keep the item rows ``kept`` (ascending); ``remap[old] -> new`` or -1 if evicted."""
-        known = kept[kept < self._known]
-        self.item_factors = self.item_factors[known].copy()
-        self._known = len(known)
-        pool = [int(remap[r]) for r in self._pool if r < len(remap) and remap[r] >= 0]
-        self._pool = pool
-        self._pool_pos = self._pool_pos % max(len(pool), 1)
+    def evict_rows(self, plan: EvictionPlan) -> None:
+        """Apply a catalogue eviction (see :class:`~stream.models._vocab.EvictionPlan`;
+        called before the vocabulary applies it): movers' factors move into the holes, rows
+        from ``keep`` on get fresh factors when reused. O(evicted)."""
+        self._sync()  # every row has factors before rows move
+        self.item_factors[plan.holes] = self.item_factors[plan.movers]
+        self._known = min(self._known, plan.keep)
+        if self._pool:
+            pool = np.array(self._pool, dtype=np.int64)
+            pool = plan.remap[pool[pool < len(plan.remap)]]
+            self._pool = pool[pool >= 0].tolist()
+        self._pool_pos = self._pool_pos % max(len(self._pool), 1)
 
     def predict_one(self, x: Interaction) -> float:
         row = self._vocab.index.get(x.track_id)
