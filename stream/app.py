@@ -395,6 +395,9 @@ def create_worker(
     limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms, settings.kafka_fetch_min_bytes)
     fast_delivery(app)
     recommender = recommender if recommender is not None else Recommender()
+    limit_users = getattr(recommender, "limit_users", None)
+    if callable(limit_users):  # also bounds a recommender restored from a checkpoint
+        limit_users(settings.max_users or None)
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
         {

@@ -93,6 +93,9 @@ class Settings:
     max_seen: int = 48
     #: bounded catalogue: above this many tracks the least popular are evicted (0 = no bound)
     max_tracks: int = 500_000
+    #: bounded per-listener model state: at most this many listeners keep MF factors, the
+    #: most recently played (0 = no bound; see docs/benchmarks.md "Memory under hostile ids")
+    max_users: int = 500_000
     # Live quality window (events) and model checkpoints (Redis key model:{app_id})
     quality_window: int = 2000
     checkpoint_interval_s: float = 30.0
@@ -237,6 +240,8 @@ def validate(s: Settings) -> Settings:
         raise bad("top_k", f"must be <= 500, got {s.top_k}")
     if s.max_tracks < 0:
         raise bad("max_tracks", "must be >= 0 (0 = unbounded)")
+    if s.max_users < 0:
+        raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
     if s.similar_refresh_s < 0:
         raise bad("similar_refresh_s", "must be >= 0")
     if s.checkpoint_interval_s < 0:

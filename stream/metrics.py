@@ -41,6 +41,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from stream.contexts import CONTEXTS, fold_context
+
 if TYPE_CHECKING:  # only for type hints: metrics never reaches into the core at runtime
     from stream.session import SessionUpdate
 
@@ -110,29 +112,6 @@ NAMESPACE: Final = "stream"
 # counter/histogram child for a value no dashboard or alert uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-#: The closed set of ``context`` label values (listening-behaviour metrics).
-CONTEXTS: Final = (
-    "playlist",
-    "album",
-    "artist",
-    "radio",
-    "search",
-    "collection",
-    "catalog",
-    "charts",
-    "other",
-    "none",
-)
-_CONTEXT_ALIASES: Final = {
-    "editorial_playlist": "playlist",
-    "personalized_playlist": "playlist",
-    "user_playlist": "playlist",
-    "user_collection": "collection",
-    "library": "collection",
-    "liked_songs": "collection",
-    "station": "radio",
-    "chart": "charts",
-}
 LISTENER_KINDS: Final = ("new", "returning")
 #: Signals watched by drift detectors (``signal`` label of the drift counter).
 DRIFT_SIGNALS: Final = ("skip_rate",)
@@ -333,23 +312,13 @@ class FastHistogram(_Family):
 
 
 def context_label(context: str | None) -> str:
-    """Fold a free-text play context into the bounded :data:`CONTEXTS` label set.
+    """Fold a free-text play context into the bounded :data:`CONTEXTS` label set
+    (:func:`stream.contexts.fold_context`, which the skip model's features use too).
 
     >>> [context_label(c) for c in ("Album", "editorial_playlist", None, "my-own-thing")]
     ['album', 'playlist', 'none', 'other']
     """
-    if not context:
-        return "none"
-    c = context.strip().lower()
-    if c in CONTEXTS:
-        return c
-    if c in _CONTEXT_ALIASES:
-        return _CONTEXT_ALIASES[c]
-    if "playlist" in c:
-        return "playlist"
-    if "radio" in c:
-        return "radio"
-    return "other"
+    return fold_context(context)
 
 
 class Metrics:

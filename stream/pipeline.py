@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 OUTCOMES: Final = ("processed", "rejected", "duplicate")
 
+#: Most tracks waiting for a "more like this" refresh. The refresh timer writes at most ~200
+#: lists a second, so 10,000 waiting is ~50 s of its work: under a flood of new track ids
+#: the oldest waiting ones are dropped (refreshed again when next played) instead of the
+#: set growing with every id ever played.
+MAX_TOUCHED_TRACKS: Final = 10_000
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -98,6 +104,7 @@ class Processor:
         evaluator: Any = None,
         max_tracked_users: int = 100_000,
         defer_ranking: bool = False,
+        max_touched_tracks: int = MAX_TOUCHED_TRACKS,
     ) -> None:
         self.settings = settings
         self.recommender = recommender
@@ -116,8 +123,13 @@ class Processor:
         self.defer_ranking = defer_ranking
         self.max_tracks = settings.max_tracks
         self.evicted_tracks = 0
-        #: tracks played since their "more like this" list was last refreshed
-        self.touched_tracks: dict[str, None] = {}
+        #: tracks played since their "more like this" list was last refreshed, oldest first
+        #: (at most ``max_touched_tracks``; evicted tracks leave it)
+        self.touched_tracks: OrderedDict[str, None] = OrderedDict()
+        self.max_touched_tracks = max_touched_tracks
+        self.touched_dropped = 0
+        #: refreshes that found no similar track (nothing written)
+        self.similar_empty = 0
         self.similar_refreshed: dict[str, float] = {}
         #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
         self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
@@ -271,7 +283,11 @@ class Processor:
             return (Outcome("processed", event=event, update=update, model_error=exc),
                     (clock() - t0, 0.0, 0.0))
         t1 = clock()
-        self.touched_tracks[event.track_id] = None
+        touched = self.touched_tracks
+        touched[event.track_id] = None
+        if len(touched) > self.max_touched_tracks:
+            touched.popitem(last=False)
+            self.touched_dropped += 1
         if self.defer_ranking:
             # rank later, once per listener per flush (see rank_pending): a burst of plays
             # from one listener costs one ranking, and the agent never waits for it
@@ -292,7 +308,8 @@ class Processor:
         """Bound the catalogue (hostile or just huge): drop the least popular 10 % of the
         allowed size in one go, so eviction runs rarely."""
         started = time.perf_counter()
-        n = self.recommender.evict_tracks(int(self.max_tracks * 0.9))
+        n = self.recommender.evict_tracks(int(self.max_tracks * 0.9),
+                                          on_evicted=self._forget_tracks)
         self.evicted_tracks += n
         logger.info(
             "catalogue above max_tracks=%d: evicted %d least popular tracks in %.0f ms",
@@ -300,6 +317,20 @@ class Processor:
             n,
             (time.perf_counter() - started) * 1000,
         )
+
+    def _forget_tracks(self, track_ids: list[str]) -> None:
+        """Evicted tracks: no "more like this" refresh is due for them any more."""
+        touched, refreshed = self.touched_tracks, self.similar_refreshed
+        vocabulary = getattr(self.recommender, "vocabulary", None)
+        if vocabulary is not None and len(track_ids) > len(touched) + len(refreshed):
+            index = vocabulary.index  # walk the smaller side
+            for table in (touched, refreshed):
+                for track in [t for t in table if t not in index]:
+                    del table[track]
+            return
+        for track in track_ids:
+            touched.pop(track, None)
+            refreshed.pop(track, None)
 
     def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
         """Rank every listener with new plays since the last call and submit their lists.
@@ -365,6 +396,9 @@ class Processor:
                 items = self.recommender.similar(track, self.settings.top_k)
             except Exception as exc:  # noqa: BLE001
                 self._model_error(exc, None)
+                continue
+            if not items:  # nothing to say about it (yet): no key for it
+                self.similar_empty += 1
                 continue
             doc = orjson.dumps(
                 {

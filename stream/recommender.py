@@ -96,10 +96,13 @@ class Recommender:
       0.00003 and cost 40 % of the replay time, and its cost grows with the catalogue; MF
       still scores (and explains) every candidate. Single-component ``mf`` ranking always
       retrieves.
+    - ``max_users``: at most this many listeners keep MF factors (least recently played
+      first out; see :meth:`limit_users`); ``None``: no bound.
     """
 
-    #: default for snapshots taken before the setting existed
+    #: defaults for snapshots taken before the settings existed
     mf_candidates: bool = False
+    max_users: int | None = None
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class Recommender:
         popularity_half_life_ms: float = 7 * 24 * 3600 * 1000,
         seed: int = 0,
         mf_candidates: bool = False,
+        max_users: int | None = None,
     ) -> None:
         if recent_filter < 0:
             raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
@@ -155,7 +159,9 @@ class Recommender:
             vocabulary=self.vocabulary,
             seed=seed,
         )
-        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed)
+        self.max_users = max_users
+        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed,
+                             max_users=max_users)
         self.skip = SkipClassifier(seed=seed)
         self.drift = SkipRateDrift(seed=seed)
         self.artist_of: dict[str, str] = {}
@@ -642,6 +648,14 @@ class Recommender:
     def catalogue_size(self) -> int:
         """Distinct tracks the models know."""
         return len(self.vocabulary)
+
+    def limit_users(self, max_users: int | None) -> int:
+        """Bound the per-listener model state (MF factors) to ``max_users`` listeners, the
+        most recently played ones; returns how many were dropped now. The worker applies
+        its ``max_users`` setting this way (also to a recommender restored from a
+        checkpoint)."""
+        self.max_users = max_users
+        return self.mf.limit_users(max_users)
 
     def forget_user(self, user_id: str) -> bool:
         """Drop everything kept about one listener (their MF factors). Shared statistics

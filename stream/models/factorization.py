@@ -9,6 +9,7 @@ does the positive and its negatives in one vectorised step (~10 us), on the same
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from typing import cast
 
@@ -37,7 +38,13 @@ class ImplicitMF:
     ...     mf.learn_one(Interaction("u", "ab"[i % 2], i))
     >>> sorted(mf.candidates(Interaction("u"), 2))
     ['a', 'b']
+
+    ``max_users`` bounds the listeners with factors: past it, the one who played least
+    recently loses theirs (and is treated as new when they come back). ``None``: no bound.
     """
+
+    #: default for snapshots taken before the setting existed
+    max_users: int | None = None
 
     def __init__(
         self,
@@ -51,6 +58,7 @@ class ImplicitMF:
         uniform_negatives: bool = True,
         vocabulary: Vocabulary | None = None,
         seed: int = 0,
+        max_users: int | None = None,
     ) -> None:
         if n_factors < 1:
             raise ValueError(f"n_factors must be >= 1, got {n_factors!r}")
@@ -62,6 +70,8 @@ class ImplicitMF:
             raise ValueError(f"n_negatives must be >= 0, got {n_negatives!r}")
         if negative_pool < 1:
             raise ValueError(f"negative_pool must be >= 1, got {negative_pool!r}")
+        if max_users is not None and max_users < 1:
+            raise ValueError(f"max_users must be >= 1 or None, got {max_users!r}")
         self.n_factors = n_factors
         self.learning_rate = learning_rate
         self.l2 = l2
@@ -72,13 +82,16 @@ class ImplicitMF:
         self.uniform_negatives = uniform_negatives
         self.vocabulary = vocabulary
         self.seed = seed
+        self.max_users = max_users
         self._rng = np.random.default_rng(seed)
         self._vocab = vocabulary if vocabulary is not None else Vocabulary()
         self._known = 0  # rows of item_factors initialised so far
         # float32: the item side is the memory that grows with the catalogue (P3 target:
         # within 1.5x of a dense float32 matrix, so capacity grows by 1/8, not doubling)
         self.item_factors: Float32Array = np.zeros((0, n_factors), dtype=np.float32)
-        self.user_factors: dict[str, Float32Array] = {}
+        #: listener -> factors, least recently learned first (the LRU order of max_users)
+        self.user_factors: OrderedDict[str, Float32Array] = OrderedDict()
+        self.users_evicted = 0
         self._pool: list[int] = []
         self._draws: list[float] = []
         self._draw_pos = 0
@@ -106,6 +119,9 @@ class ImplicitMF:
             matrix = cast(Float32Array, state.pop("_user_matrix"))
             # one row array per listener, as learn_one makes them (updated in place)
             state["user_factors"] = {u: matrix[i].copy() for i, u in enumerate(ids)}
+        state["user_factors"] = OrderedDict(cast(dict[str, Float32Array],
+                                                 state["user_factors"]))
+        state.setdefault("users_evicted", 0)
         self.__dict__.update(state)
 
     # -- learning -------------------------------------------------------------------------
@@ -127,10 +143,16 @@ class ImplicitMF:
 
     def learn_one(self, x: Interaction) -> None:
         row = self._item_row(x.track_id)
-        user = self.user_factors.get(x.user_id)
+        users = self.user_factors
+        user = users.get(x.user_id)
         if user is None:
             user = self._rng.normal(0.0, self.init_scale, self.n_factors).astype(np.float32)
-            self.user_factors[x.user_id] = user
+            users[x.user_id] = user
+            if self.max_users is not None and len(users) > self.max_users:
+                users.popitem(last=False)
+                self.users_evicted += 1
+        else:
+            users.move_to_end(x.user_id)
         target = self.skip_target if x.skipped else 1.0
         # the row, then the distinct sampled negatives other than it, in draw order (one
         # update per row in mf_step); draws come from the seeded batch, in the same order
@@ -169,6 +191,19 @@ class ImplicitMF:
         else:
             self._pool[self._pool_pos] = row
             self._pool_pos = (self._pool_pos + 1) % self.negative_pool
+
+    def limit_users(self, max_users: int | None) -> int:
+        """Set ``max_users`` and drop the least recently learned listeners above it now;
+        returns how many were dropped."""
+        if max_users is not None and max_users < 1:
+            raise ValueError(f"max_users must be >= 1 or None, got {max_users!r}")
+        self.max_users = max_users
+        dropped = 0
+        while max_users is not None and len(self.user_factors) > max_users:
+            self.user_factors.popitem(last=False)
+            dropped += 1
+        self.users_evicted += dropped
+        return dropped
 
     def forget_user(self, user_id: str) -> bool:
         """Drop the listener's factors (right to be forgotten); True if there were any."""

@@ -13,12 +13,16 @@ from collections.abc import Mapping
 import numpy as np
 from river import linear_model, optim
 
+from stream.contexts import CONTEXTS, fold_context
 from stream.models.base import FloatArray, Interaction, check_positive
 
 #: Scores other models put in ``Interaction.features`` that the skip model uses.
 TRACK_FEATURES = ("popularity", "mf", "cooccurrence")
 
 _DAY_MS = 24 * 3600 * 1000
+
+#: feature name per folded context (built once: no string formatting per event)
+_CONTEXT_FEATURE = {c: f"context={c}" for c in CONTEXTS}
 
 
 def _squash(name: str, value: float) -> float:
@@ -39,8 +43,10 @@ class SkipClassifier:
     """Online logistic regression on skip labels.
 
     Features: position in session, the listener's recent skip rate and skip streak context,
-    context type (one-hot), hour of day (cyclic), and the track's popularity / MF /
-    co-occurrence scores passed in ``x.features``.
+    context type (one-hot over the closed set :data:`stream.contexts.CONTEXTS`: free text
+    is folded first, so the model keeps a bounded number of weights whatever producers
+    write), hour of day (cyclic), and the track's popularity / MF / co-occurrence scores
+    passed in ``x.features``.
 
     >>> m = SkipClassifier()
     >>> for i in range(200):
@@ -72,7 +78,7 @@ class SkipClassifier:
             "hour_cos": math.cos(angle),
         }
         if x.context:
-            feats[f"context={x.context}"] = 1.0
+            feats[_CONTEXT_FEATURE[fold_context(x.context)]] = 1.0
         return feats
 
     def features(self, x: Interaction) -> dict[str, float]:
