@@ -49,7 +49,7 @@ from stream.store import (
     connect_async,
     save_checkpoint,
 )
-from stream.watchdog import StallWatch
+from stream.watchdog import LoopLagProbe, StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -471,6 +471,8 @@ def create_worker(
         m.redis_errors.labels("flush").inc()
         m.redis_retries.inc()
 
+    lag_task: list[asyncio.Task[None] | None] = [None]
+
     class RedisWriterService(mode.Service):
         """Owns the Redis connection and the flusher; drains pending writes on stop."""
 
@@ -489,8 +491,12 @@ def create_worker(
                 has_work=lambda: bool(processor.pending_rank),
             )
             worker.writer.start()
+            lag_task[0] = asyncio.get_running_loop().create_task(loop_lag.run(),
+                                                                 name="loop-lag-probe")
 
         async def on_stop(self) -> None:
+            if lag_task[0] is not None:
+                lag_task[0].cancel()
             if worker.writer is not None:
                 if settings.checkpoint_interval_s:
                     # a clean stop keeps everything learned (in-process: nothing to hide
@@ -552,6 +558,7 @@ def create_worker(
                         sender, sigs = decode_batch(r.value) if r.value else ("", [])
                         if sender == worker_id:
                             continue
+                        await models_free()
                         for sig in sigs:
                             try:
                                 apply_signal(recommender, sig)
@@ -591,8 +598,50 @@ def create_worker(
         dead_letters.append,
         evaluator=worker.evaluator,
         defer_ranking=True,
+        defer_eviction=True,
     )
     rank_stage = m.stage.labels("rank")
+
+    #: the catalogue eviction running in a thread (a future), or None. While it runs,
+    #: nothing on the event loop touches the models: the plays agent awaits it, and the
+    #: writer's ranking hook, the "more like this" refresh, the signals reader, the model
+    #: checkpoint and the memory gauge wait or skip their turn (see models_busy).
+    evicting: list[asyncio.Future[None] | None] = [None]
+
+    def models_busy() -> bool:
+        return evicting[0] is not None
+
+    async def evict_off_loop() -> None:
+        """Run the eviction the last batch asked for (a catalogue above max_tracks) in a
+        thread: at the 500k-track cap it takes ~0.1-0.4 s of CPU, mostly a compiled pass
+        that releases the GIL and dictionary work in ~1 ms slices, so the event loop keeps
+        heartbeats, fetches and Redis flushes going (docs/benchmarks.md, "Eviction at the
+        track cap"). If this task is cancelled (a stop), the thread still finishes, and
+        models_busy() stays true until it has."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, processor.evict_due)
+        evicting[0] = fut
+
+        def finished(f: asyncio.Future[None]) -> None:
+            evicting[0] = None
+            if not f.cancelled() and f.exception() is not None:
+                m.model_errors.inc()
+                processor._model_error(f.exception(), None)  # type: ignore[arg-type]
+            for seconds in processor.eviction_seconds:
+                m.eviction_seconds.observe(seconds)
+            processor.eviction_seconds.clear()
+            if worker.writer is not None and processor.pending_rank:
+                worker.writer.wake()
+
+        fut.add_done_callback(finished)
+        with contextlib.suppress(Exception):  # reported by finished()
+            await asyncio.shield(fut)
+
+    async def models_free(timeout_s: float = 30.0) -> None:
+        """Wait (bounded) for a running eviction to finish."""
+        deadline = time.monotonic() + timeout_s
+        while models_busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     def consumer_state() -> dict[str, Any]:
         consumer = app.consumer
@@ -608,6 +657,13 @@ def create_worker(
         }
 
     stall_watch = StallWatch(after_s=settings.stall_warning_s, describe_state=consumer_state)
+
+    def on_loop_lag(seconds: float) -> None:
+        m.loop_lag.observe(seconds)
+        if seconds >= loop_lag.max_lag:
+            m.loop_lag_max.set(seconds)
+
+    loop_lag = LoopLagProbe(on_lag=on_loop_lag)
 
     pending_signals: list[TrackSignal] = []
 
@@ -646,6 +702,8 @@ def create_worker(
         backlog anyway. Otherwise every flush ranks everyone pending."""
         if catch_up[0] and time.perf_counter() - catch_up[1] < catch_up_s:
             return  # the agent wakes the writer again after its next batch
+        if models_busy():
+            return  # the eviction wakes the writer when it is done
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
 
@@ -834,6 +892,8 @@ def create_worker(
                     on_message_out(msg.tp, msg.offset, msg)
             set_current_event(None)
             stall_watch.progress(monotonic)
+            if processor.eviction_due:
+                await evict_off_loop()
             if worker.writer is not None and processor.pending_rank:
                 worker.writer.wake()
             now = time.perf_counter()
@@ -934,6 +994,7 @@ def create_worker(
         if worker.writer is None or (in_child and checkpoint_lock.locked()):
             return
         async with checkpoint_lock:
+            await models_free()  # never snapshot models an eviction is changing
             await _write_checkpoint(in_child)
 
     async def _write_checkpoint(in_child: bool) -> None:
@@ -975,7 +1036,7 @@ def create_worker(
         that the factor norms are computed once per tick, ~0.8 ms before), so the event
         loop is never held long enough to show in the freshness p99."""
         flush_signals()
-        if worker.writer is None or not processor.touched_tracks:
+        if worker.writer is None or not processor.touched_tracks or models_busy():
             return
         now = time.time()
         # plays waiting in the stream buffer come first: then refresh once a second only
@@ -1036,11 +1097,17 @@ def create_worker(
         if worker.writer is not None:
             m.redis_pending.set(len(worker.writer.pending))
         report_ticks[0] += 1
-        if report_ticks[0] % 8 == 1:  # sampled deep size: cheap, but no need every 2 s
+        mf = getattr(recommender, "mf", None)
+        users_evicted = getattr(mf, "users_evicted", 0)
+        if users_evicted > users_evicted_seen[0]:
+            m.mf_users_evicted.inc(users_evicted - users_evicted_seen[0])
+        users_evicted_seen[0] = users_evicted
+        if report_ticks[0] % 8 == 1 and not models_busy():  # sampled deep size
             m.set_model_memory(model_memory_bytes(recommender))
         export_quality()
 
     report_ticks = [0]
+    users_evicted_seen = [0]
     lag_partitions: set[str] = set()
 
     drift_seen = [0]

@@ -46,6 +46,9 @@ from stream.contexts import CONTEXTS, fold_context
 if TYPE_CHECKING:  # only for type hints: metrics never reaches into the core at runtime
     from stream.session import SessionUpdate
 
+#: Event-loop lag: the drill target is 50 ms, the eviction target 20 ms.
+LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 #: Resolve from ~50 us to several seconds (processing stages, Redis writes).
 LATENCY_BUCKETS: Final = (
     0.00005,
@@ -593,6 +596,27 @@ class Metrics:
         )
         self.tracks_evicted = FastCounter(
             "tracks_evicted", "Tracks evicted from the models to keep the catalogue bounded.",
+            namespace=ns, registry=registry,
+        )
+        self.eviction_seconds = Histogram(
+            "eviction_seconds",
+            "Duration of one catalogue eviction (runs in a thread beside the event loop).",
+            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.mf_users_evicted = Counter(
+            "mf_users_evicted",
+            "Listeners whose MF factors were dropped to stay under max_users.",
+            namespace=ns, registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 10 ms: the time it was held by "
+            "something else (stream.watchdog.LoopLagProbe).",
+            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
+        )
+        self.loop_lag_max = Gauge(
+            "event_loop_lag_max_seconds",
+            "The longest event-loop lag since the worker started.",
             namespace=ns, registry=registry,
         )
         self.catch_up_batches = FastCounter(

@@ -105,6 +105,7 @@ class Processor:
         max_tracked_users: int = 100_000,
         defer_ranking: bool = False,
         max_touched_tracks: int = MAX_TOUCHED_TRACKS,
+        defer_eviction: bool = False,
     ) -> None:
         self.settings = settings
         self.recommender = recommender
@@ -123,6 +124,12 @@ class Processor:
         self.defer_ranking = defer_ranking
         self.max_tracks = settings.max_tracks
         self.evicted_tracks = 0
+        #: with ``defer_eviction`` a catalogue over ``max_tracks`` only sets
+        #: ``eviction_due``; the caller runs :meth:`evict_due` when nothing else uses the
+        #: models (the worker: in a thread, off its event loop)
+        self.defer_eviction = defer_eviction
+        self.eviction_due = False
+        self.eviction_seconds: list[float] = []
         #: tracks played since their "more like this" list was last refreshed, oldest first
         #: (at most ``max_touched_tracks``; evicted tracks leave it)
         self.touched_tracks: OrderedDict[str, None] = OrderedDict()
@@ -275,7 +282,10 @@ class Processor:
             if self.evaluator is not None and skip_p is not None:
                 self.evaluator.observe_skip(float(skip_p), update.is_skip)
             if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
-                self._evict()
+                if self.defer_eviction:
+                    self.eviction_due = True
+                else:
+                    self._evict()
         except Exception as exc:  # noqa: BLE001 - a model bug must not lose the play
             # the session state is already applied (and will be changelogged): the play
             # counts; only the model update is missed. Counted and logged, never dead-lettered.
@@ -304,6 +314,15 @@ class Processor:
         return (Outcome("processed", event=event, update=update, recs=recs),
                 (t1 - t0, t2 - t1, clock() - t2))
 
+    def evict_due(self) -> None:
+        """Run the eviction :attr:`eviction_due` asks for (see ``defer_eviction``). Touches
+        the models, ``touched_tracks`` and ``similar_refreshed`` only: safe in another
+        thread while the caller keeps every other user of those away."""
+        if self.eviction_due:
+            self.eviction_due = False
+            if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
+                self._evict()
+
     def _evict(self) -> None:
         """Bound the catalogue (hostile or just huge): drop the least popular 10 % of the
         allowed size in one go, so eviction runs rarely."""
@@ -311,6 +330,7 @@ class Processor:
         n = self.recommender.evict_tracks(int(self.max_tracks * 0.9),
                                           on_evicted=self._forget_tracks)
         self.evicted_tracks += n
+        self.eviction_seconds.append(time.perf_counter() - started)
         logger.info(
             "catalogue above max_tracks=%d: evicted %d least popular tracks in %.0f ms",
             self.max_tracks,
