@@ -2,8 +2,11 @@
 caller (in the worker: the event loop).
 
 Builds a recommender whose catalogue is ``--tracks`` + 1 tracks (the worker evicts when the
-catalogue passes ``max_tracks``, down to 90 % of it), then evicts, adds ``--rounds`` x 10 %
-fresh tracks and evicts again, timing each eviction. The catalogue is synthetic (no public
+catalogue passes ``max_tracks``, down to 90 % of it), then evicts, adds 10 % fresh tracks
+and evicts again, ``--rounds`` times, timing each eviction. Odd rounds evict inline (the
+time an event loop would be held if it ran there); even rounds evict in a thread as the
+worker does (stream.app), with a 1 ms lag probe on an asyncio loop beside it: its longest
+lag is what the event loop feels. The catalogue is synthetic (no public
 log has 500k tracks here): skewed sessions of 10 plays over the catalogue, learned by the
 popularity, co-occurrence and MF models exactly as in the worker (the skip model and the
 drift detector hold no per-track state and are left out to keep the build short).
@@ -17,6 +20,7 @@ Run it against another tree (e.g. the code before a change) with
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import resource
 import sys
@@ -28,6 +32,7 @@ import numpy as np
 
 from stream.models.base import Interaction
 from stream.recommender import Recommender
+from stream.watchdog import LoopLagProbe
 
 SESSION = 10
 
@@ -69,6 +74,25 @@ def build(n_tracks: int, plays_per_track: float, seed: int) -> tuple[Recommender
     return rec, next_track
 
 
+async def evict_beside_loop(rec: Recommender, keep: int) -> tuple[int, float, float, float]:
+    """Evict in a thread (as stream.app does) while a 1 ms lag probe runs on this loop;
+    returns (evicted, seconds, longest loop lag, longest lag of the same probe over as long
+    a span just before, with no eviction: the machine's own noise)."""
+    probe = LoopLagProbe(on_lag=lambda _s: None, interval_s=0.001)
+    task = asyncio.get_running_loop().create_task(probe.run())
+    await asyncio.sleep(0.05)
+    probe.max_lag = 0.0
+    await asyncio.sleep(max(0.5, 2 * rec.catalogue_size() / 1e6))
+    control = probe.max_lag
+    probe.max_lag = 0.0
+    started = time.perf_counter()
+    evicted = await asyncio.to_thread(rec.evict_tracks, keep)
+    seconds = time.perf_counter() - started
+    await asyncio.sleep(0.01)
+    task.cancel()
+    return evicted, seconds, probe.max_lag, control
+
+
 def arena_entries(rec: Recommender) -> int:
     _, size, _, _, _, _ = rec.cooccurrence.arena()
     return int(size.sum())
@@ -79,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracks", type=int, default=500_000, help="max_tracks (the cap)")
     p.add_argument("--plays-per-track", type=float, default=2.0)
-    p.add_argument("--rounds", type=int, default=3, help="evictions to time")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="evictions to time (odd rounds inline, even ones in a thread)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None)
     args = p.parse_args(argv)
@@ -93,13 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         before = rec.catalogue_size()
         entries = arena_entries(rec)
-        started = time.perf_counter()
-        evicted = rec.evict_tracks(keep)
-        seconds = time.perf_counter() - started
-        rounds.append({"catalogue_before": before, "evicted": evicted,
-                       "arena_entries_before": entries, "seconds": round(seconds, 4)})
-        print(f"[eviction] round {r + 1}: {before:,} -> {rec.catalogue_size():,} tracks "
-              f"({entries:,} neighbour entries): {seconds * 1000:.1f} ms",
+        mode = "inline" if r % 2 == 0 else "thread"
+        if mode == "inline":  # on the caller's thread: what an event loop would be held
+            started = time.perf_counter()
+            evicted = rec.evict_tracks(keep)
+            seconds = time.perf_counter() - started
+            lag, control = seconds, None
+        else:  # as the worker runs it: in a thread, with a lag probe on an event loop
+            evicted, seconds, lag, control = asyncio.run(evict_beside_loop(rec, keep))
+        rounds.append({"mode": mode, "catalogue_before": before, "evicted": evicted,
+                       "arena_entries_before": entries, "seconds": round(seconds, 4),
+                       "max_loop_lag_s": round(lag, 4),
+                       "max_loop_lag_no_eviction_s": None if control is None
+                       else round(control, 4)})
+        print(f"[eviction] round {r + 1} ({mode}): {before:,} -> {rec.catalogue_size():,} "
+              f"tracks ({entries:,} neighbour entries): {seconds * 1000:.1f} ms, longest "
+              f"event-loop lag {lag * 1000:.1f} ms"
+              + ("" if control is None else f" (without eviction: {control * 1000:.1f} ms)"),
               file=sys.stderr, flush=True)
         if r + 1 < args.rounds:  # grow past the cap again with fresh and known tracks
             fresh = cap + 1 - rec.catalogue_size()
@@ -122,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "plays_per_track": args.plays_per_track,
         "rounds": rounds,
         "max_seconds": max(r["seconds"] for r in rounds),
+        "max_loop_lag_s_thread": max((r["max_loop_lag_s"] for r in rounds
+                                      if r["mode"] == "thread"), default=None),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(json.dumps(report, indent=1))

@@ -227,7 +227,9 @@ class ImplicitMF:
         called before the vocabulary applies it): movers' factors move into the holes, rows
         from ``keep`` on get fresh factors when reused. O(evicted)."""
         self._sync()  # every row has factors before rows move
-        self.item_factors[plan.holes] = self.item_factors[plan.movers]
+        factors = self.item_factors
+        for lo in range(0, len(plan.holes), 4096):  # slices: numpy's gather holds the GIL
+            factors[plan.holes[lo : lo + 4096]] = factors[plan.movers[lo : lo + 4096]]
         self._known = min(self._known, plan.keep)
         if self._pool:
             pool = np.array(self._pool, dtype=np.int64)
