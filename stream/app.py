@@ -1097,6 +1097,14 @@ def create_worker(
         if worker.writer is not None:
             m.redis_pending.set(len(worker.writer.pending))
         report_ticks[0] += 1
+        if settings.gc_freeze_interval_s and (
+            time.monotonic() - gc_frozen_at[0] >= settings.gc_freeze_interval_s
+        ):
+            gc_frozen_at[0] = time.monotonic()
+            frozen, seconds = freeze_survivors()
+            m.gc_frozen.set(frozen)
+            logger.debug("froze %d objects out of full collections in %.1f ms",
+                         frozen, seconds * 1000)
         mf = getattr(recommender, "mf", None)
         users_evicted = getattr(mf, "users_evicted", 0)
         if users_evicted > users_evicted_seen[0]:
@@ -1107,6 +1115,7 @@ def create_worker(
         export_quality()
 
     report_ticks = [0]
+    gc_frozen_at = [time.monotonic()]
     users_evicted_seen = [0]
     lag_partitions: set[str] = set()
 
@@ -1152,6 +1161,24 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def freeze_survivors() -> tuple[int, float]:
+    """Collect the young generations (cheap: only objects created since the last
+    collection of them), then freeze every object alive (O(1): the generations' lists are
+    moved, not walked). Returns (objects now frozen, seconds taken).
+
+    Why: the state of every listener ever seen (the session table) is long-lived and its
+    objects are tracked by the cyclic collector, so a full collection walks all of them --
+    0.4 s at 100k listeners, seconds at a million, on the event loop. Frozen objects are
+    still freed by reference counting when dropped (a forgotten or expired listener); only
+    a reference *cycle* that dies after being frozen is never reclaimed, and the worker's
+    long-lived objects do not form such cycles in steady state. The junk-ids drill measures
+    the effect on RSS and stalls (docs/benchmarks.md, "Memory under hostile ids")."""
+    started = time.perf_counter()
+    gc.collect(1)
+    gc.freeze()
+    return gc.get_freeze_count(), time.perf_counter() - started
 
 
 def run_worker(worker: Worker) -> None:

@@ -110,6 +110,12 @@ class Settings:
     #: warn (once per episode, with every asyncio task's stack) when messages wait but none
     #: has been applied for this long; see stream.watchdog
     stall_warning_s: float = 15.0
+    #: every this many seconds, collect the young garbage and move every surviving object
+    #: out of the cyclic garbage collector's full scans (gc.freeze; 0 = never after
+    #: start-up): listener state grows with every listener, and a full collection over
+    #: 100k listeners held the event loop ~0.4 s (docs/benchmarks.md, "Memory under
+    #: hostile ids")
+    gc_freeze_interval_s: float = 30.0
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
@@ -242,6 +248,8 @@ def validate(s: Settings) -> Settings:
         raise bad("max_tracks", "must be >= 0 (0 = unbounded)")
     if s.max_users < 0:
         raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
+    if s.gc_freeze_interval_s < 0:
+        raise bad("gc_freeze_interval_s", f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
     if s.similar_refresh_s < 0:
         raise bad("similar_refresh_s", "must be >= 0")
     if s.checkpoint_interval_s < 0:

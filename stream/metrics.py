@@ -614,6 +614,11 @@ class Metrics:
             "something else (stream.watchdog.LoopLagProbe).",
             namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
         )
+        self.gc_frozen = Gauge(
+            "gc_frozen_objects",
+            "Objects moved out of the cyclic garbage collector's scans (gc.freeze).",
+            namespace=ns, registry=registry,
+        )
         self.loop_lag_max = Gauge(
             "event_loop_lag_max_seconds",
             "The longest event-loop lag since the worker started.",

@@ -76,3 +76,31 @@ def test_skip_model_weights_stay_bounded_under_free_text_contexts() -> None:
     contexts = {n for n in names if n.startswith("context=")}
     assert contexts == {"context=other", "context=radio"}
     assert contexts <= {f"context={c}" for c in CONTEXTS} and len(names) <= 4 + len(CONTEXTS)
+
+
+def test_freeze_survivors_collects_young_cycles_then_freezes_the_rest() -> None:
+    import gc
+    import weakref
+
+    from stream.app import freeze_survivors
+
+    class Node:
+        pass
+
+    gc.collect()
+    try:
+        garbage = Node()
+        garbage.me = garbage  # type: ignore[attr-defined]  # a young reference cycle
+        gone = weakref.ref(garbage)
+        del garbage
+        kept = [Node() for _ in range(1000)]
+        before = gc.get_freeze_count()
+        frozen, seconds = freeze_survivors()
+        assert gone() is None  # collected, not frozen
+        assert frozen == gc.get_freeze_count() >= before + 1000 and seconds < 5
+        assert len(gc.get_objects(generation=2)) < 1000  # the full scans skip them now
+        del kept  # frozen objects are still freed by reference counting
+    finally:
+        gc.unfreeze()
+    with pytest.raises(ConfigError, match="'gc_freeze_interval_s'"):
+        load_settings(env={"STREAM_GC_FREEZE_INTERVAL_S": "-1"}, file=None)
