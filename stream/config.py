@@ -113,9 +113,9 @@ class Settings:
     #: every this many seconds, collect the young garbage and move every surviving object
     #: out of the cyclic garbage collector's full scans (gc.freeze; 0 = never after
     #: start-up): listener state grows with every listener, and a full collection over
-    #: 100k listeners held the event loop ~0.4 s (docs/benchmarks.md, "Memory under
-    #: hostile ids")
-    gc_freeze_interval_s: float = 30.0
+    #: 150k listeners held the event loop ~0.4 s; freezing every 5,000 new listeners
+    #: left no full collection at all (docs/benchmarks.md, "Memory under hostile ids")
+    gc_freeze_interval_s: float = 5.0
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
