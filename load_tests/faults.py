@@ -967,7 +967,8 @@ def _junk_ids_main(args: argparse.Namespace) -> int:
             tail = w.log_text()[-3000:] if w.log_path.exists() else ""
             w.kill()
     r["worker_log_tail"] = tail
-    ok = bool(r["worker_alive"] and r["real_lists_fresh"] and r["loop_lag_max_ms"] <= 50)
+    lag = r.get("loop_lag_max_ms")
+    ok = bool(r["worker_alive"] and r["real_lists_fresh"] and lag is not None and lag <= 50)
     args.report.write_text(json.dumps({"ok": ok, "drills": [r]}, indent=2, default=str))
     summary = {k: v for k, v in r.items() if k not in ("series", "worker_log_tail")}
     print(json.dumps(summary, indent=1), file=sys.stderr)
