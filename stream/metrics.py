@@ -614,10 +614,10 @@ class Metrics:
             "something else (stream.watchdog.LoopLagProbe).",
             namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
         )
-        self.gc_frozen = Gauge(
-            "gc_frozen_objects",
-            "Objects moved out of the cyclic garbage collector's scans (gc.freeze).",
-            namespace=ns, registry=registry,
+        self.gc_freeze_seconds = Histogram(
+            "gc_freeze_seconds",
+            "Duration of one young collection + gc.freeze (every gc_freeze_interval_s).",
+            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
         )
         self.loop_lag_max = Gauge(
             "event_loop_lag_max_seconds",

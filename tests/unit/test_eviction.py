@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from stream.datasets import load_events
 from stream.events import PlayEvent
 from stream.recommender import Recommender
@@ -104,3 +106,43 @@ def test_evict_moves_state_with_each_kept_track_and_forgets_the_evicted(
         assert all(r.track_id in rec.vocabulary.index for r in recs)
     assert all(r.track_id not in gone or r.track_id in rec.vocabulary.index
                for r in rec.similar(rec.vocabulary.ids[0], 10))
+
+
+def test_similar_lists_after_an_eviction_match_a_fresh_computation(datasets_dir: Path) -> None:
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]
+    rec, states = Recommender(seed=5), {}
+    learn(rec, events[:2000], states)
+    seed_track = rec.vocabulary.ids[0]
+    rec.similar(seed_track, 10)  # the norms cache exists now
+    learn(rec, events[2000:], states)  # new tracks since, and moved factors
+    rec.evict_tracks(rec.catalogue_size() * 2 // 3)
+    for _ in range(3):  # the rolling refresh has caught up with every row
+        got = rec.similar(rec.vocabulary.ids[0], 10)
+    fresh = Recommender.restore(rec.snapshot())  # no norms cache: computed from scratch
+    want = fresh.similar(rec.vocabulary.ids[0], 10)
+    assert [r.track_id for r in got] == [r.track_id for r in want]
+    assert all(abs(a.score - b.score) < 1e-9 for a, b in zip(got, want, strict=True))
+
+
+def test_eviction_moves_the_cached_factor_norms_with_their_tracks(
+    datasets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    import stream.recommender as recommender_module
+
+    monkeypatch.setattr(recommender_module, "_NORM_SLICE", 7)  # a partial rolling refresh
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]
+    rec, states = Recommender(seed=5), {}
+    learn(rec, events[:2000], states)
+    rec.similar(rec.vocabulary.ids[0], 10)
+    learn(rec, events[2000:], states)  # rows the cache has not seen yet
+    cached = rec.__dict__["_norms"][1]
+    factors = rec.mf.factors()
+    expected = {t: float(cached[r]) if r < len(cached) else float(np.linalg.norm(factors[r]))
+                + 1e-12 for r, t in enumerate(rec.vocabulary.ids)}
+    rec.evict_tracks(rec.catalogue_size() * 2 // 3)
+    generation, moved, _ = rec.__dict__["_norms"]
+    assert generation == rec.vocabulary.generation and len(moved) == rec.catalogue_size()
+    for row, track in enumerate(rec.vocabulary.ids):
+        assert abs(moved[row] - expected[track]) < 1e-6
