@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import subprocess
@@ -470,8 +471,60 @@ def noise_probe(seconds: float, out: Path) -> None:
     write()
 
 
+def bytes_per_item(n: int = 200_000) -> dict[str, int]:
+    """RSS growth per junk play, in-process, for the cap formula: the models with every
+    listener keeping MF factors ("track + MF user"), with ``max_users=1`` ("track"), and a
+    dict of session states alone ("session state"), each in a fresh process."""
+    out: dict[str, int] = {}
+    for mode in ("track", "track + MF user", "session state"):
+        code = (
+            "import gc, sys\n"
+            "from load_tests.junk_ids import _rss_growth\n"
+            f"print(_rss_growth({mode!r}, {n}))\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True)
+        out[mode] = int(done.stdout.strip())
+        print(f"[junk-ids] {mode}: {out[mode]} bytes per junk play", file=sys.stderr,
+              flush=True)
+    return out
+
+
+def _rss_growth(mode: str, n: int) -> int:
+    import gc
+
+    from load_tests.faults import rss_bytes
+    from stream.recommender import Recommender
+    from stream.session import update_session
+
+    def event(i: int) -> PlayEvent:
+        return PlayEvent(f"j0000000-ju{i}", f"j0000000-jt{i}", 1_700_000_000_000 + i, 100_000,
+                         f"j0000000-je{i}", artist_id=f"j0000000-ja{i}",
+                         context=f"junk-context-{i}")
+
+    rec = Recommender(seed=0, max_users=1 if mode == "track" else None)
+    table: dict[str, Any] = {}
+    for i in range(2000):  # warm: first-call allocations out of the measurement
+        e = event(10**8 + i)
+        rec.learn_one(update_session(None, e), e)
+    gc.collect()
+    before = rss_bytes(os.getpid())
+    for i in range(n):
+        e = event(i)
+        update = update_session(None, e)
+        if mode == "session state":
+            table[e.user_id] = update.state
+        else:
+            rec.learn_one(update, e)
+    gc.collect()
+    return (rss_bytes(os.getpid()) - before) // n
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--noise-probe":
         noise_probe(float(sys.argv[2]), Path(sys.argv[3]))
+    elif len(sys.argv) == 2 and sys.argv[1] == "--bytes-per-item":
+        print(json.dumps(bytes_per_item()))
     else:
-        raise SystemExit("use: python -m load_tests.faults junk-ids ...")
+        raise SystemExit("use: python -m load_tests.faults junk-ids ... | "
+                         "python -m load_tests.junk_ids --bytes-per-item")
