@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from stream.models.base import Interaction
-from stream.recommender import Recommender
+from stream.recommender import Recommender, warm_up
 from stream.watchdog import LoopLagProbe
 
 SESSION = 10
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tracks must be >= 10 and --rounds >= 1")
     cap = args.tracks
     keep = int(cap * 0.9)  # as stream.pipeline.Processor._evict
+    warm_up()  # as the worker does before it joins: kernels compiled or loaded from cache
     rec, next_track = build(cap + 1, args.plays_per_track, args.seed)
     rounds: list[dict[str, Any]] = []
     ts = 10**9
