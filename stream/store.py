@@ -86,7 +86,8 @@ def encode_document(
     session: dict[str, Any] | None = None,
     lineage: str = "",
 ) -> tuple[bytes, bytes]:
-    """The JSON document and its pub/sub notification. ``items`` have track_id/score/reason."""
+    """The JSON document and its pub/sub notification. ``items`` are JSON-ready dicts
+    (:meth:`stream.catalog.TrackCatalog.items`) or objects with track_id/score/reason."""
     doc = {
         "user_id": user_id,
         "seq": seq,
@@ -98,7 +99,9 @@ def encode_document(
         "event_id": event_id,
         "session": session or {},
         "items": [
-            {"track_id": it.track_id, "score": float(it.score), "reason": it.reason} for it in items
+            it if isinstance(it, dict)  # built with names and reason codes (stream.catalog)
+            else {"track_id": it.track_id, "score": float(it.score), "reason": it.reason}
+            for it in items
         ],
     }
     note = {
@@ -154,6 +157,8 @@ class RecoWriter:
         self.deletes: set[str] = set()
         #: unguarded documents (key -> JSON), e.g. per-track "more like this" lists
         self.plain: dict[str, bytes] = {}
+        #: other packed commands (the track catalogue's HSETs/HINCRBYs), sent in order
+        self.commands: list[bytes] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -175,6 +180,15 @@ class RecoWriter:
         self._idle.clear()
         self._wake.set()
 
+    def submit_commands(self, commands: Sequence[bytes]) -> None:
+        """Send these packed commands (:func:`pack_command`) with the next flush. A flush
+        that fails is retried whole, so a command may be applied twice: use idempotent
+        commands, or accept that (the catalogue's play counts do)."""
+        if commands:
+            self.commands.extend(commands)
+            self._idle.clear()
+            self._wake.set()
+
     def wake(self) -> None:
         """Ask for a flush soon (work is queued in the before_flush hook)."""
         self._idle.clear()
@@ -182,7 +196,8 @@ class RecoWriter:
 
     def _busy(self) -> bool:
         return bool(
-            self.pending or self.deletes or self.plain or (self.has_work and self.has_work())
+            self.pending or self.deletes or self.plain or self.commands
+            or (self.has_work and self.has_work())
         )
 
     def forget(self, key: str) -> None:
@@ -230,7 +245,7 @@ class RecoWriter:
                     self.before_flush()
                 except Exception:  # noqa: BLE001 - never let the hook kill the flusher
                     logger.exception("before_flush hook failed")
-            while self.pending or self.deletes or self.plain:
+            while self.pending or self.deletes or self.plain or self.commands:
                 ok = await self.flush_once()
                 if not ok:
                     backoff = min(self.retry_max_s, 0.05 * 2 ** min(self.consecutive_failures, 10))
@@ -243,9 +258,10 @@ class RecoWriter:
         batch = [self.pending[k] for k in keys]
         deletes = list(self.deletes)
         plain = dict(list(self.plain.items())[: self.max_batch])
+        commands = self.commands[: 4 * self.max_batch]
         started = time.perf_counter()
         try:
-            results = await self._send(batch, deletes, plain)
+            results = await self._send(batch, deletes, plain, commands)
         except (RedisError, OSError) as exc:
             self.consecutive_failures += 1
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
@@ -263,6 +279,7 @@ class RecoWriter:
             logger.info("redis is back after %d failed flushes", self.consecutive_failures)
         self.consecutive_failures = 0
         self.deletes.difference_update(deletes)
+        del self.commands[: len(commands)]
         for key, doc in plain.items():
             if self.plain.get(key) is doc:
                 del self.plain[key]
@@ -275,7 +292,11 @@ class RecoWriter:
         return True
 
     async def _send(
-        self, batch: list[PendingWrite], deletes: list[str], plain: dict[str, bytes] | None = None
+        self,
+        batch: list[PendingWrite],
+        deletes: list[str],
+        plain: dict[str, bytes] | None = None,
+        commands: Sequence[bytes] = (),
     ) -> list[Any]:
         """One round trip: DELs, plain SETs, then one guarded write per document; returns the
         guarded writes' results (1 written, 0 refused as stale).
@@ -294,6 +315,7 @@ class RecoWriter:
                 parts.append(pack_command(b"DEL", key))
             for key, doc in plain.items():
                 parts.append(pack_command(b"SET", key, doc, b"EX", self.ttl_s))
+            parts.extend(commands)
             for w in batch:
                 parts.append(
                     pack_command(
@@ -319,7 +341,7 @@ class RecoWriter:
             for r in replies:
                 if isinstance(r, Exception):
                     raise r
-            return replies[len(deletes) + len(plain) :]
+            return replies[len(deletes) + len(plain) + len(commands) :]
         raise AssertionError("unreachable")
 
     async def _round_trip(self, commands: list[bytes]) -> list[Any]:
@@ -426,6 +448,82 @@ def connect_async(
     return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
 
 
+# --------------------------------------------------------------------------- track catalogue
+
+
+def catalog_commands(
+    prefix: str,
+    changes: dict[str, tuple[int | None, Any]],
+    counts: dict[str, tuple[int, int]],
+    ttl_s: int,
+) -> list[bytes]:
+    """Packed commands that bring the ``{prefix}{track_id}`` hashes up to date: names
+    (HSET, only the parts known) and ``first_seen`` (HSETNX: the earliest writer wins) for
+    ``changes`` (track -> (first-seen ms or None, names with name/artist/album)),
+    ``plays`` (HINCRBY) and ``last_seen`` for ``counts`` (track -> (plays, last ms)); each
+    touched hash's expiry is renewed to ``ttl_s``.
+
+    >>> catalog_commands("track:", {}, {"t1": (3, 1000)}, 60)[0]
+    b'*4\r\n$7\r\nHINCRBY\r\n$8\r\ntrack:t1\r\n$5\r\nplays\r\n$1\r\n3\r\n'
+    """
+    out: list[bytes] = []
+    for track, (first_ms, info) in changes.items():
+        key = f"{prefix}{track}"
+        fields: list[bytes | str | int] = []
+        for name in ("name", "artist", "album"):
+            value = getattr(info, name, None)
+            if value is not None:
+                fields += [name, value]
+        if fields:
+            out.append(pack_command(b"HSET", key, *fields))
+        if first_ms is not None:
+            out.append(pack_command(b"HSETNX", key, b"first_seen", first_ms))
+        if track not in counts:
+            out.append(pack_command(b"EXPIRE", key, ttl_s))
+    for track, (plays, last_ms) in counts.items():
+        key = f"{prefix}{track}"
+        out.append(pack_command(b"HINCRBY", key, b"plays", plays))
+        out.append(pack_command(b"HSET", key, b"last_seen", last_ms))
+        out.append(pack_command(b"EXPIRE", key, ttl_s))
+    return out
+
+
+def decode_track(raw: dict[Any, Any] | list[Any] | None) -> dict[str, str]:
+    """A ``track:`` hash as str -> str, keeping only text that is valid UTF-8."""
+    out: dict[str, str] = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            try:
+                key = k.decode() if isinstance(k, bytes) else str(k)
+                out[key] = v.decode() if isinstance(v, bytes) else str(v)
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+async def read_track_names(
+    client: Any, prefix: str, track_ids: Sequence[str]
+) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """name/artist/album of each of ``track_ids`` from the catalogue (None where unknown;
+    tracks without a hash are left out). Values are cut to the event limit (256)."""
+    if not track_ids:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for track in track_ids:
+            pipe.hmget(f"{prefix}{track}", "name", "artist", "album")
+        replies = await pipe.execute()
+    out: dict[str, tuple[str | None, str | None, str | None]] = {}
+    for track, values in zip(track_ids, replies, strict=True):
+        if not values or all(v is None for v in values):
+            continue
+        parts: list[str | None] = []
+        for v in values:
+            text = v.decode("utf-8", "replace") if isinstance(v, bytes) else None
+            parts.append(text[:256] if text else None)
+        out[track] = (parts[0], parts[1], parts[2])
+    return out
+
+
 # --------------------------------------------------------------------------- client side
 
 
@@ -434,6 +532,18 @@ class RecoItem:
     track_id: str
     score: float
     reason: str
+    reason_code: str | None = None
+    reason_track_id: str | None = None
+    name: str | None = None
+    artist: str | None = None
+    album: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecoItem:
+        return cls(
+            d["track_id"], float(d["score"]), d["reason"], d.get("reason_code"),
+            d.get("reason_track_id"), d.get("name"), d.get("artist"), d.get("album"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,7 +563,7 @@ class RecoDocument:
         return cls(
             user_id=d["user_id"],
             seq=int(d["seq"]),
-            items=[RecoItem(i["track_id"], float(i["score"]), i["reason"]) for i in d["items"]],
+            items=[RecoItem.from_dict(i) for i in d["items"]],
             generated_at_ms=int(d["generated_at"]),
             event_ts_ms=int(d["event_ts"]),
             event_id=d["event_id"],
@@ -484,6 +594,7 @@ class RecoReader:
         tls_ca_file: str = "",
         tls_cert_file: str = "",
         tls_key_file: str = "",
+        catalog_prefix: str = "track:",
     ) -> None:
         url, kwargs = client_options(
             url,
@@ -497,14 +608,38 @@ class RecoReader:
         self.prefix = prefix
         self.similar_prefix = similar_prefix
         self.channel = channel
+        self.catalog_prefix = catalog_prefix
 
     def get(self, user_id: str) -> RecoDocument | None:
+        raw = self.get_raw(user_id)
+        return None if raw is None else RecoDocument.from_json(raw)
+
+    def get_raw(self, user_id: str) -> bytes | None:
+        """The stored list document exactly as written (JSON bytes), or None."""
         raw = self.client.get(f"{self.prefix}{user_id}")
-        return None if raw is None else RecoDocument.from_json(raw)  # type: ignore[arg-type]
+        return None if raw is None else bytes(raw)
 
     def similar(self, track_id: str) -> dict[str, Any] | None:
+        raw = self.similar_raw(track_id)
+        return None if raw is None else orjson.loads(raw)
+
+    def similar_raw(self, track_id: str) -> bytes | None:
+        """The stored "more like this" document exactly as written, or None."""
         raw = self.client.get(f"{self.similar_prefix}{track_id}")
-        return None if raw is None else orjson.loads(raw)  # type: ignore[arg-type]
+        return None if raw is None else bytes(raw)
+
+    def tracks(self, track_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The catalogue hashes (``{catalog_prefix}{track_id}``: name, artist, album,
+        first_seen, last_seen, plays) of those of ``track_ids`` that have one."""
+        pipe = self.client.pipeline(transaction=False)
+        for track in track_ids:
+            pipe.hgetall(f"{self.catalog_prefix}{track}")
+        out: dict[str, dict[str, str]] = {}
+        for track, raw in zip(track_ids, pipe.execute(), strict=True):
+            decoded = decode_track(raw)
+            if decoded:
+                out[track] = decoded
+        return out
 
     def updates(self, timeout_s: float = 10.0) -> Iterator[dict[str, Any]]:
         """Yield update notifications until ``timeout_s`` passes without one."""
