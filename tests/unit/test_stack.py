@@ -63,3 +63,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_down_stops_the_detached_demo_worker_first(tmp_path: Path) -> None:
+    """`stream stack down` stops a worker `stream demo` left running (tracked by its PID
+    file), and only a process that really runs `stream.cli worker`."""
+    import subprocess
+    import sys
+
+    c = cfg(tmp_path)
+    (c.state_dir / "pids").mkdir(parents=True)
+    # a stand-in for the worker: its command line carries the marker; it sleeps until stopped
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "stream.cli", "worker"],
+        start_new_session=True,
+    )
+    try:
+        (c.state_dir / "pids" / "worker.pid").write_text(f"{proc.pid}\n")
+        assert stack.worker_pid(c) == proc.pid
+        stack.down(c, ["redis"])  # nothing of ours on the redis port: only the worker stops
+        assert proc.wait(10) != 0
+        assert stack.worker_pid(c) is None
+        assert not (c.state_dir / "pids" / "worker.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    # a PID file pointing at something else is left alone
+    (c.state_dir / "pids" / "worker.pid").write_text("1")
+    assert stack.worker_pid(c) is None and not stack.stop_worker(c)
