@@ -351,13 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="stack + worker + producer replaying real plays")
     common(d)
-    d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="lastfm")
-    d.add_argument("--count", type=int, default=5000)
-    d.add_argument("--rate", type=float, default=200.0)
+    d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="movielens",
+                   help="real plays to replay (default: MovieLens-100K ratings as plays)")
+    d.add_argument("--count", type=int, default=20_000)
+    d.add_argument("--rate", type=float, default=500.0)
     d.add_argument(
         "--keep-running",
         action="store_true",
-        help="leave the worker running after the replay (Ctrl-C to stop)",
+        help=argparse.SUPPRESS,  # the worker always stays up now (`stream stack down`)
     )
     d.set_defaults(func=cmd_demo)
 
