@@ -47,6 +47,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
         for name, info in st.items():
             state = "ready" if info["ready"] else ("running" if info["pid"] else "stopped")
             print(f"{name:<11} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
+        worker = stack.worker_pid(cfg)
+        if worker is not None:  # the detached worker `stream demo` left running
+            print(f"{'worker':<11} {'running':<8} pid={worker:<8} (stopped by `stream stack down`)")
         return 0 if all(i["ready"] for i in st.values()) else 3
     return 0
 

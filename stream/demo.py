@@ -145,9 +145,10 @@ def run_demo(
     user = listeners[0] if listeners else "USER"
     print("\n[demo] the worker keeps running (detached, pid "
           f"{stack.worker_pid(cfg) or pid}); explore:")
-    print(f"  stream top                      # live view of {metrics_url}")
-    print(f"  stream recs {user}              # a listener's list (--json: the stored document)")
-    print(f"  stream similar {track or 'TRACK'}  # 'more like this' for a track")
+    top = "stream top" if settings.metrics_port == 8000 else f"stream top --url {metrics_url}"
+    print(f"  {top}    # live view of the worker's metrics")
+    print(f"  stream recs {user}    # a listener's list (--json: the stored document)")
+    print(f"  stream similar {track or 'TRACK'}    # 'more like this' for a track")
     print(f"  {prom}/graph?g0.expr=rate(stream_events_total[1m])   # Prometheus")
     print("[demo] stop the worker and the stack with: stream stack down", flush=True)
     return 0

@@ -184,3 +184,37 @@ def test_short_lists_are_topped_up_and_refreshed(
     validate(full, "list")
     assert full["seq"] == first["seq"]  # no new play: the same play's list, re-ranked
     assert "only-track" not in {i["track_id"] for i in full["items"]}  # just played
+
+
+def test_reader_example_renders_names_from_updates(
+    settings: Settings, worker_factory, reader: RecoReader
+) -> None:
+    """examples/reader.py subscribes to the updates and prints lists with names."""
+    import threading
+
+    worker_factory()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples/reader.py"), "--redis-url", settings.redis_url,
+         "--prefix", settings.redis_prefix, "--channel", settings.notify_channel,
+         "--catalog-prefix", settings.catalog_prefix, "--seconds", "120"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+                     daemon=True).start()
+    try:
+        time.sleep(1.0)  # let it subscribe (pub/sub keeps no history)
+        now = int(time.time() * 1000)
+        songs = [("kp", "Karma Police"), ("ns", "No Surprises"), ("ab", "Airbag")]
+        plays = [PlayEvent(f"fan{i % 3}", songs[i % 3][0], now + i, 200_000, f"r{i}",
+                           track_name=songs[i % 3][1], artist_name="Radiohead")
+                 for i in range(12)]
+        produce(settings, plays)
+        wait_until(lambda: any("by Radiohead" in line for line in lines), 60,
+                   what="the reader printing a named list")
+        assert any(line.startswith("fan") and "(list #" in line for line in lines)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
