@@ -158,10 +158,11 @@ class TrackCatalog:
                 break
 
     def get(self, track_id: str) -> TrackInfo | None:
-        """What is known of ``track_id`` here; an unknown track is noted as wanted (the
-        worker asks Redis for it, :meth:`take_wanted`)."""
+        """What is known of ``track_id`` here; a track without a known title is noted as
+        wanted (the worker asks the Redis catalogue for it, :meth:`take_wanted`: names may
+        come from another worker's plays or ``stream catalog load``)."""
         info = self._info.get(track_id)
-        if info is None and len(self._wanted) < self.max_wanted:
+        if (info is None or info.name is None) and len(self._wanted) < self.max_wanted:
             self._wanted[track_id] = None
         return info
 

@@ -28,6 +28,8 @@ from stream.store import PendingWrite, encode_document
 logger = logging.getLogger(__name__)
 
 OUTCOMES: Final = ("processed", "rejected", "duplicate")
+#: listeners with a short list remembered for the background refresh (each holds a state)
+MAX_SHORT_LISTS: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +422,7 @@ class Processor:
         if len(recs) < k:
             self.short_lists[user] = (event, state, self.recommender.catalogue_size())
             self.short_lists.move_to_end(user)
-            if len(self.short_lists) > self.max_tracked_users:
+            if len(self.short_lists) > min(self.max_tracked_users, MAX_SHORT_LISTS):
                 self.short_lists.popitem(last=False)
         else:
             self.short_lists.pop(user, None)

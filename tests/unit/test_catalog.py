@@ -102,3 +102,42 @@ def test_top_up_fills_from_trending_and_never_leaves_a_list_empty() -> None:
     assert [r.code for r in full[1:]] == ["trending_topup"] * 2
     assert [r.track_id for r in top_up([], ["b"], 3, avoid={"b"})] == ["b"]
     assert top_up(recs, ["b"], 3, avoid={"b"}) == recs  # not empty: avoided stay out
+
+
+def test_processor_writes_named_documents_tops_up_and_refreshes_short_lists() -> None:
+    """Pipeline level: names from the plays reach the documents; a short list is topped
+    up at once and re-ranked (same seq) by the background refresh once the catalogue grew."""
+    from stream.config import load_settings
+    from stream.events import encode_event
+    from stream.pipeline import Processor, Record
+    from stream.store import PendingWrite
+
+    writes: list[PendingWrite] = []
+    p = Processor(load_settings(env={}, file=None), Recommender(), {}, writes.append,
+                  lambda _d: None, clock=lambda: NOW / 1000, defer_ranking=True)
+
+    def play(user: str, track: str, i: int, name: str | None = None) -> None:
+        ev = PlayEvent(user, track, NOW + i, 200_000, f"{user}-{i}", track_name=name,
+                       artist_name="Radiohead" if name else None)
+        p.process(Record("plays", 0, i, user.encode(), encode_event(ev), NOW))
+
+    play("early", "kp", 0, "Karma Police")
+    p.rank_pending()
+    first = orjson.loads(writes[-1].doc)
+    assert [(i["track_id"], i["reason_code"], i["name"]) for i in first["items"]] == [
+        ("kp", "trending_topup", "Karma Police")]
+    assert "early" in p.short_lists
+    assert p.refresh_short_lists() == 0  # nothing new in the catalogue yet
+    for i in range(1, 25):
+        play(f"o{i % 3}", f"t{i}", i)
+    p.rank_pending()
+    assert p.refresh_short_lists() == 1
+    p.rank_pending()
+    again = orjson.loads(writes[-1].doc)
+    assert again["user_id"] == "early" and again["seq"] == first["seq"]
+    assert len(again["items"]) == 10 and "kp" not in {i["track_id"] for i in again["items"]}
+    assert not writes[-1].fresh  # a re-ranking, not a freshness sample
+    assert "early" not in p.short_lists
+    changes = p.catalog.take_changes()
+    assert changes["kp"][1] == TrackInfo("Karma Police", "Radiohead", None)
+    assert len(changes) == 25
