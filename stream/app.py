@@ -496,6 +496,7 @@ def create_worker(
                     # a clean stop keeps everything learned (in-process: nothing to hide
                     # from the event loop now, and no child to outlive the worker)
                     await write_checkpoint(in_child=False)
+                write_catalog(counts=True)  # the play counts not written yet
                 await worker.writer.stop()
                 flush_signals(force=True)  # what the last plays taught, for the others
                 await worker.writer.client.aclose()

@@ -105,9 +105,9 @@ class TrackCatalog:
         """Record one play of ``track_id`` (names as the event carried them; a part the
         event leaves out keeps its known value). Returns whether the Redis catalogue
         needs a metadata write (first sighting here, or a changed name)."""
-        count, _ = self._counts.get(track_id, (0, 0))
+        count, last = self._counts.get(track_id, (0, ts_ms))
         if count or len(self._counts) < 4 * self.max_tracks:  # bounded between drains
-            self._counts[track_id] = (count + 1, ts_ms)
+            self._counts[track_id] = (count + 1, max(last, ts_ms))  # plays come out of order
         known = self._info.get(track_id)
         incoming = TrackInfo(_clean(name), _clean(artist), _clean(album))
         if known is None:
@@ -176,7 +176,7 @@ class TrackCatalog:
         return out
 
     def take_counts(self) -> dict[str, tuple[int, int]]:
-        """Plays per track since the last call and the last play's time (ms)."""
+        """Plays per track since the last call and the latest play's event time (ms)."""
         out, self._counts = self._counts, {}
         return out
 

@@ -141,3 +141,34 @@ def test_processor_writes_named_documents_tops_up_and_refreshes_short_lists() ->
     changes = p.catalog.take_changes()
     assert changes["kp"][1] == TrackInfo("Karma Police", "Radiohead", None)
     assert len(changes) == 25
+
+
+def test_loaders_pass_the_names_they_have(datasets_dir) -> None:  # type: ignore[no-untyped-def]
+    from stream.datasets import load_events
+
+    movies = load_events(datasets_dir / "movielens-100k", "movielens", limit=2000)
+    assert all(e.track_name for e in movies)  # every rated movie has a title in ml-100k.item
+    toy_story = next(e for e in load_events(datasets_dir / "movielens-100k", "movielens")
+                     if e.track_id == "1")
+    assert toy_story.track_name == "Toy Story"
+    plays = load_events(datasets_dir / "lastfm-1k-sample", "lastfm", limit=2000)
+    assert all(e.track_name and e.artist_name for e in plays)
+    spotify = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
+    assert all(e.track_name is None for e in spotify)  # the MSSD log has no names
+
+
+def test_catalog_files_are_validated_before_anything_is_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from stream.catalog_load import CatalogFileError, read_catalog_file
+
+    good = tmp_path / "a.csv"
+    good.write_text("track_id,track_name,artist,album\nt1,Airbag,Radiohead,\nt2,,,\n")
+    assert read_catalog_file(good) == [("t1", "Airbag", "Radiohead", None),
+                                       ("t2", None, None, None)]
+    lines = tmp_path / "b.jsonl"
+    lines.write_text('{"track_id": 7, "name": "Seven"}\n\n{"track_id": "x", "artist": 3}\n')
+    with pytest.raises(CatalogFileError, match=r"b.jsonl:3: wrong_type: 'artist_name'"):
+        read_catalog_file(lines)
+    headless = tmp_path / "c.csv"
+    headless.write_text("id,name\n1,x\n")
+    with pytest.raises(CatalogFileError, match="no 'track_id' column"):
+        read_catalog_file(headless)
