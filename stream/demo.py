@@ -95,7 +95,8 @@ def run_demo(
             stack.stop_worker(cfg)
             return 1
         time.sleep(0.3)
-    print(f"[demo] worker ready (pid {pid}); metrics: {metrics_url}", flush=True)
+    print(f"[demo] worker ready (pid {pid}, app id {settings.app_id}, topic "
+          f"{settings.plays_topic}); metrics: {metrics_url}", flush=True)
     reader = RecoReader(
         settings.redis_url,
         **redis_auth(settings),

@@ -57,4 +57,7 @@ def test_demo_leaves_a_live_worker_and_prints_named_lists(
             assert command in text
     finally:
         stack.stop_worker(stack_config)  # by its PID file only
+        app = re.search(r"app id (demo-[\d-]+),", out.stdout if "out" in locals() else "")
+        if app:  # the demo's model checkpoint (it names its own app id per run)
+            reader.client.delete(f"model:{app.group(1)}")
     assert stack.worker_pid(stack_config) is None
