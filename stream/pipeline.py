@@ -418,7 +418,8 @@ class Processor:
         if len(recs) < k:
             recent_filter = getattr(self.recommender, "recent_filter", 0)
             avoid = set(state.recent[-recent_filter:]) if recent_filter else set()
-            recs = top_up(recs, self.recommender.trending(k + len(avoid)), k, avoid)
+            trending = self.recommender.trending(k + len(avoid) + len(recs))
+            recs = top_up(recs, trending, k, avoid)
         if len(recs) < k:
             self.short_lists[user] = (event, state, self.recommender.catalogue_size())
             self.short_lists.move_to_end(user)

@@ -429,7 +429,7 @@ class Recommender:
                     out.append(make(Recommendation,
                                     (track, round(score, 6), reason, "played", ids[lead])))
                 else:
-                    name = _reason_code(code, lead)
+                    name = _reason_code(code)
                     out.append(make(Recommendation,
                                     (track, round(score, 6), reason_text(name), name, None)))
                 if len(out) >= k:
@@ -776,7 +776,7 @@ _make_recommendation: Final[
 ] = tuple.__new__
 
 
-def _reason_code(code: int, lead: int) -> str:
+def _reason_code(code: int) -> str:
     """The :data:`stream.ranking.REASON_TEXTS` key of a kernel reason code (never the
     co-occurrence code with a lead: that one names its track)."""
     if code == _k.REASON_MF:

@@ -57,6 +57,10 @@ return 1
 """
 
 
+#: the most packed extra commands (track catalogue writes) a writer keeps while Redis is down
+MAX_COMMANDS: Final = 200_000
+
+
 @dataclass(frozen=True, slots=True)
 class PendingWrite:
     """A recommendation document waiting for the next flush."""
@@ -157,8 +161,10 @@ class RecoWriter:
         self.deletes: set[str] = set()
         #: unguarded documents (key -> JSON), e.g. per-track "more like this" lists
         self.plain: dict[str, bytes] = {}
-        #: other packed commands (the track catalogue's HSETs/HINCRBYs), sent in order
+        #: other packed commands (the track catalogue's HSETs/HINCRBYs), sent in order;
+        #: at most MAX_COMMANDS wait (a long Redis outage drops the oldest, counted here)
         self.commands: list[bytes] = []
+        self.dropped_commands = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -186,6 +192,12 @@ class RecoWriter:
         commands, or accept that (the catalogue's play counts do)."""
         if commands:
             self.commands.extend(commands)
+            excess = len(self.commands) - MAX_COMMANDS
+            if excess > 0:  # derived, cosmetic data: bounded memory wins over completeness
+                del self.commands[:excess]
+                if not self.dropped_commands:
+                    logger.warning("Redis unreachable: dropping the oldest catalogue writes")
+                self.dropped_commands += excess
             self._idle.clear()
             self._wake.set()
 

@@ -172,3 +172,15 @@ def test_catalog_files_are_validated_before_anything_is_written(tmp_path) -> Non
     headless.write_text("id,name\n1,x\n")
     with pytest.raises(CatalogFileError, match="no 'track_id' column"):
         read_catalog_file(headless)
+
+
+def test_catalogue_writes_waiting_for_redis_are_bounded() -> None:
+    from stream import store
+
+    writer = store.RecoWriter(None, ttl_s=60, channel="c")  # type: ignore[arg-type]
+    batch = catalog_commands("track:", {}, {f"t{i}": (1, i) for i in range(1000)}, 60)
+    for _ in range(store.MAX_COMMANDS // len(batch) + 5):  # Redis down: nothing flushes
+        writer.submit_commands(batch)
+    assert len(writer.commands) == store.MAX_COMMANDS
+    assert writer.dropped_commands > 0
+    assert writer.commands[-1] == batch[-1]  # the newest are kept
