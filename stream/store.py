@@ -8,11 +8,18 @@ Contract (see README "Reading recommendations"):
      "generated_at": 1700000000123, "event_ts": 1700000000000, "event_id": "...",
      "session": {"session_id": "u42#3", "session_plays": 4, "sessions_total": 3,
                  "plays_total": 17, "skips_total": 5, "skip_streak": 0},
-     "items": [{"track_id": "t1", "score": 0.42, "reason": "because you played t9"}, ...]}
+     "items": [{"track_id": "t1", "score": 0.42, "reason": "because you played Airbag by
+                Radiohead", "reason_code": "played", "reason_track_id": "t9",
+                "name": "Let Down", "artist": "Radiohead"}, ...]}
+
+  (``name``/``artist``/``album`` only when known; JSON Schema in
+  ``configs/schemas/recommendations.schema.json``)
 
   written atomically (one ``SET ... EX ttl`` inside a Lua script) with a TTL. ``seq`` is the
   listener's count of applied events: the script refuses a document whose ``seq`` is lower
   than the stored one, so a re-delivered or late write can never regress a newer list.
+- ``{catalog_prefix}{track_id}`` (default ``track:t1``) is the track catalogue hash: name,
+  artist, album, first_seen, last_seen, plays (:func:`catalog_commands`).
 - every accepted write publishes ``{"user_id", "seq", "event_id", "event_ts",
   "generated_at"}`` on the channel ``reco-updates`` (configurable).
 
@@ -476,7 +483,7 @@ def catalog_commands(
     touched hash's expiry is renewed to ``ttl_s``.
 
     >>> catalog_commands("track:", {}, {"t1": (3, 1000)}, 60)[0]
-    b'*4\r\n$7\r\nHINCRBY\r\n$8\r\ntrack:t1\r\n$5\r\nplays\r\n$1\r\n3\r\n'
+    b'*4\\r\\n$7\\r\\nHINCRBY\\r\\n$8\\r\\ntrack:t1\\r\\n$5\\r\\nplays\\r\\n$1\\r\\n3\\r\\n'
     """
     out: list[bytes] = []
     for track, (first_ms, info) in changes.items():
