@@ -28,12 +28,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from stream.ranking import Recommendation, reason_text
-
-#: the Redis hash fields written for a track (see docs/reading-recommendations.md)
-NAME_FIELDS: Final = ("name", "artist", "album")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +49,6 @@ class TrackInfo:
         if not self.name:
             return None
         return f"{self.name} by {self.artist}" if self.artist else self.name
-
-
-_UNKNOWN: Final = TrackInfo()
 
 
 def _clean(value: str | None) -> str | None:
@@ -200,19 +194,25 @@ class TrackCatalog:
         ``reason_code`` and ``reason_track_id`` (for apps that render their own text), and
         ``name`` / ``artist`` / ``album`` when known."""
         out: list[dict[str, Any]] = []
+        reasons: dict[tuple[str, str], str] = {}  # most items share one or two anchors
         for r in recs:
-            item: dict[str, Any] = {"track_id": r.track_id, "score": float(r.score)}
             anchor = r.anchor
+            reason = r.reason
             if anchor is not None:
-                item["reason"] = reason_text(r.code, self.label(anchor) or anchor)
-            else:
-                item["reason"] = r.reason
-            item["reason_code"] = r.code
-            item["reason_track_id"] = anchor
-            info = self.get(r.track_id) or _UNKNOWN
-            for field in NAME_FIELDS:
-                value = getattr(info, field)
-                if value is not None:
-                    item[field] = value
+                key = (r.code, anchor)
+                reason = reasons.get(key) or reasons.setdefault(
+                    key, reason_text(r.code, self.label(anchor) or anchor))
+            item: dict[str, Any] = {
+                "track_id": r.track_id, "score": float(r.score), "reason": reason,
+                "reason_code": r.code, "reason_track_id": anchor,
+            }
+            info = self.get(r.track_id)
+            if info is not None:
+                if info.name is not None:
+                    item["name"] = info.name
+                if info.artist is not None:
+                    item["artist"] = info.artist
+                if info.album is not None:
+                    item["album"] = info.album
             out.append(item)
         return out
