@@ -140,15 +140,25 @@ def test_cli_documented_flags_against_the_real_stack(
                      + "".join(f"cli-u,zz-{i % 3},{1_700_000_000 + i},Song {i % 3},Band\n"
                                for i in range(6)))
     out = cli(settings, "produce", "--source", "csv", "--path", str(plays), "--count", "6",
-              "--rate", "100", "--seconds", "30", "--time-mode", "now", "--quiet")
+              "--rate", "100", "--seconds", "30", "--time-mode", "now", "--quiet",
+              "--kafka-bootstrap", settings.kafka_bootstrap, "--plays-topic",
+              settings.plays_topic)
     assert "produced 6 csv events" in out.stdout
     doc = wait_until(lambda: json.loads(reader.get_raw("cli-u") or b"null"), 60,
                      what="the CLI listener's list")
     validate(doc, "list")
     assert doc["session"]["plays_total"] <= 6
-    # config, stack status
+    # the common flags override the environment
+    out = cli(settings, "recs", "cli-u", "--json", "--redis-url", settings.redis_url,
+              "--app-id", settings.app_id)
+    assert json.loads(out.stdout)["user_id"] == "cli-u"
+    # config, stack up (idempotent: the stack is running) and status, top without a terminal
     assert json.loads(cli(settings, "config").stdout)["catalog_prefix"] == settings.catalog_prefix
+    assert "stack is up" in cli(settings, "stack", "up", "--no-prometheus").stdout
     assert "redis" in cli(settings, "stack", "status").stdout
+    frames = cli(settings, "top", "--url", worker.metrics_url, "--iterations", "2",
+                 "--interval", "0.2", "--no-clear").stdout
+    assert frames.count(f"worker {settings.app_id}") == 2
     # forget: the list is gone
     cli(settings, "forget", "cli-u")
     wait_until(lambda: reader.get_raw("cli-u") is None, 60, what="forgotten list deleted")
@@ -157,8 +167,9 @@ def test_cli_documented_flags_against_the_real_stack(
     cli(settings, "replay", str(datasets_dir / "movielens-100k"), "--format", "movielens",
         "--k", "10", "--limit", "2000", "--report", str(report), "--seed", "1",
         "--variants", "popularity,blend", "--exclude-seen", "all", "--max-recent", "20",
-        "--no-progress")
+        "--no-progress", "--plot", str(tmp_path / "hr.png"))
     assert json.loads(report.read_text())
+    assert (tmp_path / "hr.png").read_bytes()[:4] == b"\x89PNG"
     assert worker.proc is not None and worker.proc.poll() is None
 
 
