@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from stream.errors import ConfigError
 
-SECRET_FIELDS: Final = frozenset({"redis_password", "kafka_sasl_password", "checkpoint_secret"})
+SECRET_FIELDS: Final = frozenset(
+    {"redis_password", "kafka_sasl_password", "checkpoint_secret", "worker_keys"}
+)
 _DEFAULT_FILE: Final = Path(__file__).resolve().parents[1] / "configs" / "stream.toml"
 
 
@@ -107,6 +110,17 @@ class Settings:
     quality_window: int = 2000
     checkpoint_interval_s: float = 30.0
     checkpoint_secret: str = ""
+    #: keys that sign and verify track signals and control commands (stream.auth):
+    #: ``kid:secret[,kid:secret...]``, the first signs, any verifies. Empty: signals are
+    #: neither sent nor applied and control commands are refused, unless worker_insecure
+    worker_keys: str = ""
+    #: accept unsigned signals and control commands (a trusted test network, or a rolling
+    #: upgrade from unsigned workers); a record signed with a wrong or unknown key is
+    #: still refused when worker_keys is set
+    worker_insecure: bool = False
+    #: a control command older (or further ahead) than this, against the broker's append
+    #: time of its record, is refused as stale; nonces are remembered for this long
+    control_max_age_s: int = 900
     # Input limits
     max_event_bytes: int = 16 * 1024
     max_future_s: int = 24 * 3600
@@ -134,14 +148,35 @@ class Settings:
         return validate(dataclasses.replace(self, **changes))
 
 
+#: query parameters whose value is a secret (``?password=``, ``?access_token=``, ...)
+_SECRET_QUERY_NAME: Final = re.compile(
+    r"pass|pwd|secret|token|auth|credential|api[_-]?key|signature|^sig$|^key$", re.IGNORECASE
+)
+
+
 def mask_url(url: str) -> str:
-    """``redis://user:pw@host`` -> ``redis://user:***@host``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The URL with its password and any secret query parameters masked.
+
+    >>> mask_url("redis://user:pw@host:6379/0")
+    'redis://user:***@host:6379/0'
+    >>> mask_url("redis://host/0?password=pw&ssl_ca_certs=/ca.pem&access_token=t")
+    'redis://host/0?password=***&ssl_ca_certs=/ca.pem&access_token=***'
+    """
+    parts = original = urlsplit(url)
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{netloc}")
+    if parts.query:
+        # piece by piece, so everything that is not a secret stays byte for byte as given
+        pieces = []
+        for piece in parts.query.split("&"):
+            name, sep, _ = piece.partition("=")
+            if sep and _SECRET_QUERY_NAME.search(unquote_plus(name)):
+                piece = f"{name}=***"
+            pieces.append(piece)
+        parts = parts._replace(query="&".join(pieces))
+    return url if parts == original else urlunsplit(parts)
 
 
 def _coerce(name: str, source: str, raw: Any, kind: type) -> Any:
@@ -243,6 +278,7 @@ def validate(s: Settings) -> Settings:
         "catalog_flush_s",
         "catalog_max_tracks",
         "catalog_max_chars",
+        "control_max_age_s",
     )
     for name in positive:
         if getattr(s, name) <= 0:
@@ -296,6 +332,12 @@ def validate(s: Settings) -> Settings:
         "SCRAM-SHA-512",
     ):
         raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    from stream.auth import KeyRing
+
+    try:
+        KeyRing.parse(s.worker_keys)
+    except ValueError as exc:
+        raise bad("worker_keys", f"{exc}; expected kid:secret[,kid:secret...]") from None
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise bad("log_level", f"unknown level {s.log_level!r}")
     return s
