@@ -70,6 +70,7 @@ def test_down_stops_the_detached_demo_worker_first(tmp_path: Path) -> None:
     file), and only a process that really runs `stream.cli worker`."""
     import subprocess
     import sys
+    import time
 
     c = cfg(tmp_path)
     (c.state_dir / "pids").mkdir(parents=True)
@@ -80,6 +81,9 @@ def test_down_stops_the_detached_demo_worker_first(tmp_path: Path) -> None:
     )
     try:
         (c.state_dir / "pids" / "worker.pid").write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + 10  # until the child has exec'd (its cmdline is set)
+        while stack.worker_pid(c) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert stack.worker_pid(c) == proc.pid
         stack.down(c, ["redis"])  # nothing of ours on the redis port: only the worker stops
         assert proc.wait(10) != 0
