@@ -8,7 +8,9 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults redis-outage --outage-s 30 --report outage.json
     python -m load_tests.faults broker-restart --down-s 10 --report broker.json
     python -m load_tests.faults hostile --count 10000 --report hostile.json
+    python -m load_tests.faults junk-ids --count 1000000 --seconds 1500 --report junk.json
     python -m load_tests.faults all --report faults.json
+    python -m load_tests.faults attacks [--short] --report attacks.json   (load_tests.attacks)
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
 :mod:`stream.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
@@ -598,12 +600,12 @@ async def _produce(settings: Settings, events: list[PlayEvent]) -> int:
 # --------------------------------------------------------------------------- hostile input
 
 UNICODE_IDS = (
-    "u-\u202eevil",  # RTL override: not printable -> bad_value
-    "u-\u200bzw",  # zero-width space: not printable
+    "u-\u202eevil",  # RTL override: a format character -> control_character
+    "u-\u200bzw",  # zero-width space: a format character -> control_character
     "u-\U0001f3b5\U0001f525",  # emoji: valid
     "u-\u05e9\u05dc\u05d5\u05dd",  # Hebrew (RTL script, printable): valid
     "u-e\u0301",  # combining accent: valid
-    "u-\ufeffbom",  # BOM: not printable
+    "u-\ufeffbom",  # BOM: a format character -> control_character
 )
 
 
@@ -758,7 +760,7 @@ def expected_outcomes(
         )
         if isinstance(parsed, Rejection):
             rejected.append((value, parsed.reason))
-        elif key is not None and key != parsed.user_id.encode():
+        elif key != parsed.user_id.encode():
             rejected.append((value, "key_mismatch"))
         else:
             accepted.append(parsed)
@@ -865,6 +867,8 @@ def _drill_settings(tag: str) -> Settings:
         metrics_port=free_port(),
         partitions=4,
         redis_flush_interval_ms=1.0,
+        checkpoint_keys=f"{tag}:{uuid.uuid4().hex}",  # restarts restore what was written
+        worker_keys=f"drill:{uuid.uuid4().hex}",
     )
 
 
@@ -875,8 +879,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "drill", choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all"]
+        "drill",
+        choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks",
+                 "junk-ids"],
     )
+    p.add_argument("--short", action="store_true", help="attacks: the CI variant")
+    p.add_argument("--only", nargs="*", help="attacks: run only these (by name)")
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--rate", type=float, default=250.0)
@@ -890,7 +898,15 @@ def main(argv: list[str] | None = None) -> int:
         help="crash-loop: spread plays evenly (no heavy listeners)",
     )
     p.add_argument("--report", type=Path, default=Path("faults-report.json"))
+    p.add_argument("--seconds", type=float, default=600.0, help="junk-ids: bound on sending")
+    p.add_argument("--junk-rate", type=float, default=1000.0, help="junk-ids: plays/s")
+    p.add_argument("--max-tracks", type=int, default=None, help="junk-ids: worker's cap")
+    p.add_argument("--max-users", type=int, default=None, help="junk-ids: worker's cap")
     args = p.parse_args(argv)
+    if args.drill == "junk-ids":
+        return _junk_ids_main(args)
+    if args.drill == "attacks":
+        return _attacks_main(args)
     drills = ["crash-loop", "redis-outage", "broker-restart", "hostile"]
     chosen = drills if args.drill == "all" else [args.drill]
     reports: list[dict[str, Any]] = []
@@ -939,6 +955,61 @@ def main(argv: list[str] | None = None) -> int:
     args.report.write_text(json.dumps({"ok": ok, "drills": reports}, indent=2, default=str))
     print(f"[faults] report: {args.report} ({'OK' if ok else 'FAILED'})", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _junk_ids_main(args: argparse.Namespace) -> int:
+    """``junk-ids`` (load_tests/junk_ids.py): its own report and a PNG plot beside it."""
+    from load_tests.junk_ids import drill_settings, junk_ids, new_tag
+
+    if args.count < 1 or args.seconds <= 0:
+        raise SystemExit("--count must be >= 1 and --seconds > 0")
+    s = drill_settings(_drill_settings(new_tag()), max_tracks=args.max_tracks,
+                       max_users=args.max_users)
+    with tempfile.TemporaryDirectory(prefix="junk-") as tmp:
+        w = LocalWorker(s, Path(tmp) / "worker.log")
+        try:
+            r = junk_ids(s, lambda _s: w.start(), count=args.count, seconds=args.seconds,
+                         rate=args.junk_rate, seed=args.seed,
+                         plot=args.report.with_suffix(".png"))
+        finally:
+            tail = w.log_text()[-3000:] if w.log_path.exists() else ""
+            w.kill()
+    r["worker_log_tail"] = tail
+    lag = r.get("loop_lag_max_ms")
+    ok = bool(r["worker_alive"] and r["real_lists_fresh"] and lag is not None and lag <= 50)
+    args.report.write_text(json.dumps({"ok": ok, "drills": [r]}, indent=2, default=str))
+    summary = {k: v for k, v in r.items() if k not in ("series", "worker_log_tail")}
+    print(json.dumps(summary, indent=1), file=sys.stderr)
+    print(f"[faults] report: {args.report} ({'OK' if ok else 'FAILED'})", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _attacks_main(args: argparse.Namespace) -> int:
+    from load_tests.attacks import run_attacks
+
+    with tempfile.TemporaryDirectory(prefix="attacks-") as tmp:
+        workers: list[LocalWorker] = []
+
+        def start(s: Settings) -> LocalWorker:
+            w = LocalWorker(s, Path(tmp) / f"worker-{len(workers)}.log")
+            workers.append(w)
+            return w.start()
+
+        try:
+            report = run_attacks(
+                _drill_settings(f"a{uuid.uuid4().hex[:8]}"), start, short=args.short,
+                only=args.only,
+            )
+        finally:
+            for w in workers:
+                w.kill()
+    args.report.write_text(json.dumps(report, indent=2, default=str))
+    for r in report["attacks"]:
+        print(f"  {r['attack']:<28} {r['area']:<11} "
+              f"{'contained' if r['contained'] else 'NOT CONTAINED'}", file=sys.stderr)
+    print(f"[attacks] {report['contained']}/{len(report['attacks'])} contained; report: "
+          f"{args.report}", file=sys.stderr)
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -29,15 +29,19 @@ from faust.serializers import codecs
 from faust.types import TP
 
 from stream import __version__
+from stream.auth import KeyRing
+from stream.catalog import TrackInfo
 from stream.changelog import BatchedChangelogTable, batched_table
-from stream.checkpoint import frame
+from stream.checkpoint import checkpoint_mode, seal_models, settings_keys
 from stream.config import Settings, redis_auth
+from stream.events import Rejection, escape_text
 from stream.fastdrain import fast_delivery
 from stream.forksnap import build_in_child, can_fork
 from stream.inloop import consume_in_loop
 from stream.kafka_io import signals_topic
 from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record
+from stream.ratelog import RateLimitedLog
 from stream.recommender import Recommender
 from stream.session import UserState
 from stream.sharing import TrackSignal, apply_signal, decode_batch, encode_batch, signal_from
@@ -46,16 +50,24 @@ from stream.store import (
     WRITE_ERROR_REASONS,
     PendingWrite,
     RecoWriter,
+    add_tombstone,
+    catalog_commands,
     checkpoint_key,
     connect_async,
+    read_track_names,
     save_checkpoint,
+    tombstones_key,
 )
-from stream.watchdog import StallWatch
+from stream.watchdog import LoopLagProbe, StallWatch
 
 logger = logging.getLogger(__name__)
 
 
 USER_STATE_CODEC = "user_state"
+#: the MAC's purpose for track signals (stream.auth)
+SIGNALS_PURPOSE = b"signals"
+#: Kafka's timestamp type of a record whose timestamp the broker set at append time
+LOG_APPEND_TIME = 1
 
 
 def _encode_array(obj: Any) -> str:
@@ -395,7 +407,13 @@ def create_worker(
     resume_after_seek(app, settings.plays_topic)
     limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms, settings.kafka_fetch_min_bytes)
     fast_delivery(app)
-    recommender = recommender if recommender is not None else Recommender()
+    recommender = recommender if recommender is not None else Recommender(
+        blend=settings.ranker, session_models=settings.ranker == "learned")
+    if isinstance(recommender, Recommender):  # also one restored from a checkpoint
+        recommender.use_ranker(settings.ranker)
+    limit_users = getattr(recommender, "limit_users", None)
+    if callable(limit_users):  # also bounds a recommender restored from a checkpoint
+        limit_users(settings.max_users or None)
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
         {
@@ -415,6 +433,22 @@ def create_worker(
     )
     dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
     signals_name = signals_topic(settings)  # created by ensure_topics; read by SignalReader
+    ring = KeyRing.parse(settings.worker_keys)
+    #: signals go out (and are applied) only when they can be authenticated, or when the
+    #: operator explicitly allowed unsigned ones
+    share_signals = bool(ring) or settings.worker_insecure
+    if not ring:
+        logger.warning(
+            "worker_keys is not set: %s",
+            "track signals and control commands are accepted UNSIGNED (worker_insecure=true)"
+            if settings.worker_insecure
+            else "track signals are not shared between workers and control commands "
+            "(stream forget) are refused; set STREAM_WORKER_KEYS=kid:secret (see "
+            "docs/reliability.md) or STREAM_WORKER_INSECURE=true on a trusted network",
+        )
+    elif settings.worker_insecure:
+        logger.warning("worker_insecure=true: unsigned track signals and control commands "
+                       "are accepted (signed ones are verified)")
     signals = app.topic(signals_name, key_serializer="raw", value_serializer="raw")
     worker_id = uuid.uuid4().hex[:12]
     worker_key = worker_id.encode()
@@ -469,6 +503,8 @@ def create_worker(
         m.redis_errors.labels("flush").inc()
         m.redis_retries.inc()
 
+    lag_task: list[asyncio.Task[None] | None] = [None]
+
     write_error_counters = {r: m.redis_write_errors.labels(r) for r in WRITE_ERROR_REASONS}
     dropped_counter = m.redis_writes.labels("dropped")
 
@@ -496,13 +532,18 @@ def create_worker(
                 on_key_error=on_key_error,
             )
             worker.writer.start()
+            lag_task[0] = asyncio.get_running_loop().create_task(loop_lag.run(),
+                                                                 name="loop-lag-probe")
 
         async def on_stop(self) -> None:
+            if lag_task[0] is not None:
+                lag_task[0].cancel()
             if worker.writer is not None:
-                if settings.checkpoint_interval_s:
+                if checkpoints_on:
                     # a clean stop keeps everything learned (in-process: nothing to hide
                     # from the event loop now, and no child to outlive the worker)
                     await write_checkpoint(in_child=False)
+                write_catalog(counts=True)  # the play counts not written yet
                 await worker.writer.stop()
                 flush_signals(force=True)  # what the last plays taught, for the others
                 await worker.writer.client.aclose()
@@ -556,9 +597,9 @@ def create_worker(
                     for r in records:
                         if r.key == worker_key:
                             continue  # our own signals: already learned locally
-                        sender, sigs = decode_batch(r.value) if r.value else ("", [])
-                        if sender == worker_id:
-                            continue
+                        sigs = admit_signals(r)
+                        if sigs:
+                            await models_free()  # never while an eviction runs
                         for sig in sigs:
                             try:
                                 apply_signal(recommender, sig)
@@ -570,6 +611,32 @@ def create_worker(
                     await asyncio.sleep(0)  # let the agent run between partitions
 
     app.service(SignalReader())  # type: ignore[arg-type]
+
+    signal_log = RateLimitedLog(logging.getLogger("stream.signals"), level=logging.WARNING)
+    signals_rejected = m.signals_rejected
+
+    def admit_signals(r: Any) -> list[TrackSignal]:
+        """The valid signals of one signals record from another worker: authenticated
+        (stream.auth) and validated (stream.sharing.decode_batch); the rest is counted in
+        stream_signals_rejected_total{reason} and logged (rate-limited)."""
+        problem = ring.verify(r.headers, SIGNALS_PURPOSE, signals_name, r.key, r.value)
+        if problem is not None and not (settings.worker_insecure and problem == "unsigned"):
+            signals_rejected.labels(problem).inc()
+            signal_log.log(problem, "dropped signals record %s[%d]@%d: %s",
+                           r.topic, r.partition, r.offset, problem)
+            return []
+        decoded = decode_batch(
+            r.value, now_ms=int(time.time() * 1000), max_future_ms=settings.max_future_s * 1000
+        )
+        for reason in decoded.rejected:
+            signals_rejected.labels(reason).inc()
+        if decoded.rejected:
+            signal_log.log(decoded.rejected[0], "dropped %d signal(s) of %s[%d]@%d: %s",
+                           len(decoded.rejected), r.topic, r.partition, r.offset,
+                           ", ".join(sorted(set(decoded.rejected))))
+        if decoded.worker == worker_id:
+            return []
+        return decoded.signals
 
     writer_service = RedisWriterService()
     app.service(writer_service)  # type: ignore[arg-type]
@@ -598,8 +665,50 @@ def create_worker(
         dead_letters.append,
         evaluator=worker.evaluator,
         defer_ranking=True,
+        defer_eviction=True,
     )
     rank_stage = m.stage.labels("rank")
+
+    #: the catalogue eviction running in a thread (a future), or None. While it runs,
+    #: nothing on the event loop touches the models: the plays agent awaits it, and the
+    #: writer's ranking hook, the "more like this" refresh, the signals reader, the model
+    #: checkpoint and the memory gauge wait or skip their turn (see models_busy).
+    evicting: list[asyncio.Future[None] | None] = [None]
+
+    def models_busy() -> bool:
+        return evicting[0] is not None
+
+    async def evict_off_loop() -> None:
+        """Run the eviction the last batch asked for (a catalogue above max_tracks) in a
+        thread: at the 500k-track cap it takes ~0.1-0.4 s of CPU, mostly a compiled pass
+        that releases the GIL and dictionary work in ~1 ms slices, so the event loop keeps
+        heartbeats, fetches and Redis flushes going (docs/benchmarks.md, "Eviction at the
+        track cap"). If this task is cancelled (a stop), the thread still finishes, and
+        models_busy() stays true until it has."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, processor.evict_due)
+        evicting[0] = fut
+
+        def finished(f: asyncio.Future[None]) -> None:
+            evicting[0] = None
+            if not f.cancelled() and f.exception() is not None:
+                m.model_errors.inc()
+                processor._model_error(f.exception(), None)  # type: ignore[arg-type]
+            for seconds in processor.eviction_seconds:
+                m.eviction_seconds.observe(seconds)
+            processor.eviction_seconds.clear()
+            if worker.writer is not None and processor.pending_rank:
+                worker.writer.wake()
+
+        fut.add_done_callback(finished)
+        with contextlib.suppress(Exception):  # reported by finished()
+            await asyncio.shield(fut)
+
+    async def models_free(timeout_s: float = 30.0) -> None:
+        """Wait (bounded) for a running eviction to finish."""
+        deadline = time.monotonic() + timeout_s
+        while models_busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     def consumer_state() -> dict[str, Any]:
         consumer = app.consumer
@@ -616,6 +725,13 @@ def create_worker(
 
     stall_watch = StallWatch(after_s=settings.stall_warning_s, describe_state=consumer_state)
 
+    def on_loop_lag(seconds: float) -> None:
+        m.loop_lag.observe(seconds)
+        if seconds >= loop_lag.max_lag:
+            m.loop_lag_max.set(seconds)
+
+    loop_lag = LoopLagProbe(on_lag=on_loop_lag)
+
     pending_signals: list[TrackSignal] = []
 
     signals_sent = [0.0]
@@ -627,6 +743,9 @@ def create_worker(
         refresh_similar timer calls it too, so none waits long after plays stop."""
         if not pending_signals:
             return
+        if not share_signals:
+            pending_signals.clear()  # nobody could authenticate them (see worker_keys)
+            return
         now = time.perf_counter()
         if not force and len(pending_signals) < 1000 and now - signals_sent[0] < SIGNALS_SEND_S:
             return
@@ -635,7 +754,9 @@ def create_worker(
             chunk = pending_signals[i : i + 1000]
             # keyed by the sender, so every worker's reader skips its own batches without
             # decoding them (a single worker used to re-parse every signal it sent)
-            signals.send_soon(key=worker_key, value=encode_batch(worker_id, chunk))
+            value = encode_batch(worker_id, chunk)
+            headers = ring.sign(SIGNALS_PURPOSE, signals_name, worker_key, value)
+            signals.send_soon(key=worker_key, value=value, headers=headers)
         m.signals.labels("sent").inc(len(pending_signals))
         pending_signals.clear()
 
@@ -653,36 +774,124 @@ def create_worker(
         backlog anyway. Otherwise every flush ranks everyone pending."""
         if catch_up[0] and time.perf_counter() - catch_up[1] < catch_up_s:
             return  # the agent wakes the writer again after its next batch
+        if models_busy():
+            return  # the eviction wakes the writer when it is done
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
+        write_catalog(counts=False)
+
+    def write_catalog(counts: bool) -> None:
+        """Queue the track catalogue's writes on the Redis writer: first sightings and
+        changed names with every flush, the coalesced play counts when ``counts``."""
+        if worker.writer is None:
+            return
+        changes = processor.catalog.take_changes()
+        plays = processor.catalog.take_counts() if counts else {}
+        if changes or plays:
+            worker.writer.submit_commands(
+                catalog_commands(settings.catalog_prefix, changes, plays, settings.catalog_ttl_s)
+            )
+
+    tombstones = tombstones_key(settings.app_id)
+
+    async def record_forget(user_id: str) -> None:
+        """Leave a forget tombstone in Redis before the command is acknowledged, so that no
+        restore (of an older checkpoint, or one another worker wrote) brings the listener
+        back. Retried while Redis is unreachable (the control agent waits; plays do not)."""
+        delay = 0.1
+        while True:
+            writer = worker.writer
+            if writer is not None:
+                try:
+                    await add_tombstone(writer.client, tombstones, user_id,
+                                        int(time.time() * 1000), settings.forget_tombstone_ttl_s)
+                    return
+                except Exception as exc:  # noqa: BLE001 - Redis down: retry, bounded delay
+                    m.redis_errors.labels("tombstone").inc()
+                    logger.warning("could not record a forget tombstone (%s: %s); retrying",
+                                   type(exc).__name__, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.redis_retry_max_s)
+
+    from stream.control import ControlGate
+
+    control_gate = ControlGate(
+        ring, insecure=settings.worker_insecure, max_age_ms=settings.control_max_age_s * 1000
+    )
+    control_log = RateLimitedLog(logging.getLogger("stream.control"), level=logging.WARNING)
+    m.init_topic(settings.control_topic, ())
+    #: (partition, consumer generation) whose recent nonces the gate has read back
+    nonces_loaded: set[tuple[int, int]] = set()
+
+    async def load_recent_nonces(msg: Any) -> None:
+        """Before the first command of a partition this process (re)took, read that
+        partition's last two windows back and remember their nonces: a replay right after
+        a restart or a rebalance is refused as well (stream.control.ControlGate)."""
+        from stream.kafka_io import read_partition_since
+
+        nonces_loaded.add((msg.partition, msg.generation_id))
+        now = int(time.time() * 1000)
+        try:
+            records = await read_partition_since(
+                settings, msg.topic, msg.partition, now - 2 * control_gate.max_age_ms, msg.offset
+            )
+        except Exception as exc:  # noqa: BLE001 - Kafka trouble: admit on memory alone
+            logger.warning("could not read back %s[%d] for control nonces: %r",
+                           msg.topic, msg.partition, exc)
+            return
+        learned = sum(
+            control_gate.learn(r.topic, r.partition, r.offset, r.key, r.value, r.headers, now)
+            for r in records
+        )
+        logger.info("control %s[%d]: %d recent nonce(s) read back", msg.topic, msg.partition,
+                    learned)
 
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
-        """Deletion requests: co-partitioned with plays, so this worker owns the user."""
-        from stream.control import parse_control
-        from stream.events import Rejection
-
+        """Deletion requests: co-partitioned with plays, so this worker owns the user.
+        Only authentic, fresh, first-seen commands keyed by their user are applied
+        (stream.control.ControlGate); the rest go to the dead-letter topic."""
         async for event in stream.events():
             msg = event.message
-            cmd = parse_control(msg.value)
+            if (msg.partition, msg.generation_id) not in nonces_loaded:
+                await load_recent_nonces(msg)
+            cmd = control_gate.admit(
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                msg.key,
+                msg.value,
+                msg.headers,
+                int(msg.timestamp * 1000) if msg.timestamp else None,
+                msg.timestamp_type == LOG_APPEND_TIME,
+                int(time.time() * 1000),
+            )
             if isinstance(cmd, Rejection):
-                logger.warning(
-                    "bad control message at %s[%d]@%d: %s",
-                    msg.topic,
-                    msg.partition,
-                    msg.offset,
-                    cmd,
+                control_log.log(
+                    cmd.reason,
+                    "refused control message at %s[%d]@%d: %s: %s",
+                    msg.topic, msg.partition, msg.offset, cmd.reason,
+                    escape_text(cmd.detail, 300),
                 )
                 m.control.labels("rejected").inc()
+                record = Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
+                                int(msg.timestamp * 1000) if msg.timestamp else None)
+                await dlq.send(key=msg.key, value=msg.value or b"",
+                               headers=DeadLetter(record, cmd).headers())
+                m.dlq_writes.labels(msg.topic).inc()
+                m.rejected.labels(msg.topic, cmd.reason).inc()
                 continue
             existed = processor.forget_user(cmd.user_id)
+            await record_forget(cmd.user_id)
             key = processor.redis_key(cmd.user_id)
             if worker.writer is not None:
                 worker.writer.forget(key)
             else:
                 pending_forgets.append(key)
             m.control.labels("forgotten" if existed else "forgotten_unknown").inc()
-            logger.info("forgot user (request %s, state existed: %s)", cmd.request_id, existed)
+            # the request id identifies the deletion; the user id is not logged (privacy)
+            logger.info("forgot user (request %s, state existed: %s)",
+                        escape_text(cmd.request_id, 128), existed)
 
     # per-event metrics: resolve the labelled children once (labels() takes a lock and
     # builds a key on every call)
@@ -841,6 +1050,8 @@ def create_worker(
                     on_message_out(msg.tp, msg.offset, msg)
             set_current_event(None)
             stall_watch.progress(monotonic)
+            if processor.eviction_due:
+                await evict_off_loop()
             if worker.writer is not None and processor.pending_rank:
                 worker.writer.wake()
             now = time.perf_counter()
@@ -930,17 +1141,25 @@ def create_worker(
     #: waits for it (so the newer snapshot is the one left in Redis)
     checkpoint_lock = asyncio.Lock()
 
+    checkpoint_keys = settings_keys(settings)
+    checkpoints_on = checkpoint_mode(settings) in ("signed", "insecure")
+
     def checkpoint_blob() -> bytes:
-        return frame(recommender.snapshot(), settings.checkpoint_secret)
+        # in the snapshot child: the time is the instant the state was forked
+        return seal_models(recommender, keys=checkpoint_keys, app_id=settings.app_id,
+                           created_ms=int(time.time() * 1000))
 
     async def write_checkpoint(in_child: bool = True) -> None:
         """Snapshot the models to Redis (key model:{app_id}); failures are retried next time.
         The snapshot is built in a forked child (stream.forksnap: the event loop pays only
         for the fork) unless ``in_child`` is off (the final one at a stop) or there is no
         fork() here."""
-        if worker.writer is None or (in_child and checkpoint_lock.locked()):
+        if not checkpoints_on or worker.writer is None or (
+            in_child and checkpoint_lock.locked()
+        ):
             return
         async with checkpoint_lock:
+            await models_free()  # never snapshot models an eviction is changing
             await _write_checkpoint(in_child)
 
     async def _write_checkpoint(in_child: bool) -> None:
@@ -964,7 +1183,7 @@ def create_worker(
         m.checkpoint_seconds.observe(time.perf_counter() - started)
         m.checkpoint_bytes.set(len(blob))
 
-    if settings.checkpoint_interval_s:
+    if checkpoints_on:
 
         @app.timer(interval=settings.checkpoint_interval_s)
         async def checkpoint_models() -> None:
@@ -982,7 +1201,7 @@ def create_worker(
         that the factor norms are computed once per tick, ~0.8 ms before), so the event
         loop is never held long enough to show in the freshness p99."""
         flush_signals()
-        if worker.writer is None or not processor.touched_tracks:
+        if worker.writer is None or not processor.touched_tracks or models_busy():
             return
         now = time.time()
         # plays waiting in the stream buffer come first: then refresh once a second only
@@ -992,6 +1211,40 @@ def create_worker(
         similar_refreshed[0] = now
         for key, doc in processor.similar_due(now, limit=20, budget_s=0.0025):
             worker.writer.submit_plain(key, doc)
+
+    async def flush_catalog_counts() -> None:
+        """Every catalog_flush_s: each track's plays since the last time (one HINCRBY and
+        last_seen per track, not a write per play)."""
+        write_catalog(counts=True)
+
+    async def resolve_names() -> None:
+        """Once a second, read back from the Redis catalogue the names of up to 256
+        tracks a document wanted and this worker has not seen named (tracks played on
+        other workers' partitions, names loaded with ``stream catalog load``, names seen
+        before a restart): later documents carry them."""
+        wanted = processor.catalog.take_wanted(256)
+        if not wanted or worker.writer is None:
+            return
+        try:
+            found = await read_track_names(worker.writer.client, settings.catalog_prefix, wanted)
+        except Exception as exc:  # noqa: BLE001 - names are cosmetic: try again later
+            m.redis_errors.labels("catalog").inc()
+            logger.warning("could not read track names from Redis: %s", exc)
+            return
+        for track in wanted:
+            name, artist, album = found.get(track, (None, None, None))
+            processor.catalog.learn(track, TrackInfo(name, artist, album))
+
+    async def refresh_short_lists() -> None:
+        """Re-rank (bounded) the listeners whose list came out short, once the catalogue
+        has grown since (their next play would otherwise be the next time)."""
+        if processor.refresh_short_lists() and worker.writer is not None:
+            worker.writer.wake()
+
+    app.timer(interval=settings.catalog_flush_s)(flush_catalog_counts)
+    app.timer(interval=1.0)(resolve_names)
+    if settings.short_refresh_s:
+        app.timer(interval=settings.short_refresh_s)(refresh_short_lists)
 
     @app.timer(interval=2.0)
     async def report_state() -> None:
@@ -1042,12 +1295,27 @@ def create_worker(
         )
         if worker.writer is not None:
             m.redis_pending.set(len(worker.writer.pending))
+        processor.reject_log.flush()
+        signal_log.flush()
+        control_log.flush()
         report_ticks[0] += 1
-        if report_ticks[0] % 8 == 1:  # sampled deep size: cheap, but no need every 2 s
+        if settings.gc_freeze_interval_s and (
+            time.monotonic() - gc_frozen_at[0] >= settings.gc_freeze_interval_s
+        ):
+            gc_frozen_at[0] = time.monotonic()
+            m.gc_freeze_seconds.observe(freeze_survivors())
+        mf = getattr(recommender, "mf", None)
+        users_evicted = getattr(mf, "users_evicted", 0)
+        if users_evicted > users_evicted_seen[0]:
+            m.mf_users_evicted.inc(users_evicted - users_evicted_seen[0])
+        users_evicted_seen[0] = users_evicted
+        if report_ticks[0] % 8 == 1 and not models_busy():  # sampled deep size
             m.set_model_memory(model_memory_bytes(recommender))
         export_quality()
 
     report_ticks = [0]
+    gc_frozen_at = [time.monotonic()]
+    users_evicted_seen = [0]
     lag_partitions: set[str] = set()
 
     drift_seen = [0]
@@ -1092,6 +1360,25 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def freeze_survivors() -> float:
+    """Collect the young generations (cheap: only objects created since the last
+    collection of them), then freeze every object alive (O(1): the generations' lists are
+    moved, not walked). Returns the seconds it took. (It does not count the frozen objects:
+    ``gc.get_freeze_count()`` walks them all -- ~0.7 s at a million listeners.)
+
+    Why: the state of every listener ever seen (the session table) is long-lived and its
+    objects are tracked by the cyclic collector, so a full collection walks all of them --
+    0.4 s at 100k listeners, seconds at a million, on the event loop. Frozen objects are
+    still freed by reference counting when dropped (a forgotten or expired listener); only
+    a reference *cycle* that dies after being frozen is never reclaimed, and the worker's
+    long-lived objects do not form such cycles in steady state. The junk-ids drill measures
+    the effect on RSS and stalls (docs/benchmarks.md, "Memory under hostile ids")."""
+    started = time.perf_counter()
+    gc.collect(1)
+    gc.freeze()
+    return time.perf_counter() - started
 
 
 def run_worker(worker: Worker) -> None:

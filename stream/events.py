@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -37,7 +38,14 @@ REJECTION_REASONS: Final = (
     "too_old_timestamp",
     "unknown_field",
     "key_mismatch",
+    "control_character",
     "internal_error",
+    # authenticated topics (the control topic; stream.control, stream.auth)
+    "unsigned",
+    "bad_signature",
+    "unknown_key",
+    "stale",
+    "replayed",
 )
 
 MAX_EVENT_BYTES: Final = 16 * 1024
@@ -60,6 +68,9 @@ OPTIONAL_FIELDS: Final = (
     "reason_end",
     "session_id",
     "event_id",
+    "track_name",
+    "artist_name",
+    "album_name",
 )
 _KNOWN_FIELDS: Final = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
 
@@ -84,6 +95,10 @@ class PlayEvent:
     reason_start: str | None = None
     reason_end: str | None = None
     session_id: str | None = None
+    #: display metadata (optional; validated like the other text fields)
+    track_name: str | None = None
+    artist_name: str | None = None
+    album_name: str | None = None
 
     def is_skip(self, short_play_ms: int = 30_000) -> bool:
         """Explicit skip label if present, else a short play (< 30 s, or < half a short track)."""
@@ -123,11 +138,43 @@ class Rejection:
         return f"{self.reason}: {self.detail}"
 
 
-class _Invalid(Exception):
+class InvalidField(Exception):
+    """One field broke the contract: ``reason`` (one of REJECTION_REASONS) and ``detail``.
+    Raised by the field checks below, which the signals and control parsers share."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+_Invalid = InvalidField
+
+#: Unicode categories never allowed in ids or text fields: controls (NUL, ESC, newline, DEL,
+#: C1), format characters (bidi overrides, zero-width, BOM) and line/paragraph separators --
+#: they forge log lines, hide text or reorder what an operator sees.
+CONTROL_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def has_control_character(text: str) -> bool:
+    r"""Whether ``text`` holds a character of :data:`CONTROL_CATEGORIES`.
+
+    >>> [has_control_character(t) for t in ("radio", "a\x1b[2J", "\u202eevil")]
+    [False, True, True]
+    """
+    if text.isprintable():  # the fast path: printable text has none of them
+        return False
+    return any(unicodedata.category(c) in CONTROL_CATEGORIES for c in text)
+
+
+def escape_text(text: object, limit: int = 200) -> str:
+    r"""A value safe to put in a log line: control characters escaped (``repr`` style),
+    cut to ``limit`` characters.
+
+    >>> print(escape_text("u1\nFAKE LOG LINE"))
+    'u1\nFAKE LOG LINE'
+    """
+    return repr(str(text)[:limit])
 
 
 def derive_event_id(user_id: str, track_id: str, ts_ms: int, ms_played: int) -> str:
@@ -222,6 +269,9 @@ def _parse(
         reason_start=_opt_text_field(obj, "reason_start"),
         reason_end=_opt_text_field(obj, "reason_end"),
         session_id=_opt_id_field(obj, "session_id"),
+        track_name=_opt_text_field(obj, "track_name"),
+        artist_name=_opt_text_field(obj, "artist_name"),
+        album_name=_opt_text_field(obj, "album_name"),
     )
 
 
@@ -239,20 +289,29 @@ def _type_name(value: object) -> str:
 
 
 def _id_field(obj: dict[str, Any], name: str) -> str:
-    value = obj[name]
+    return check_id(obj[name], name)
+
+
+def check_id(value: object, name: str, max_len: int = MAX_ID_LEN) -> str:
+    """An id (string or integer) as a string, or :class:`InvalidField`: non-empty, printable,
+    unpadded, at most ``max_len`` characters."""
     if type(value) is str:  # the common case first: no str() copy, one type check
-        text = sys.intern(value)  # ids repeat: one shared string per id saves memory
+        text = value
     elif isinstance(value, bool) or not isinstance(value, str | int):
         raise _Invalid(
             "wrong_type", f"'{name}' must be a string or integer, got {_type_name(value)}"
         )
+    elif isinstance(value, int) and not -(10**max_len) < value < 10**max_len:
+        raise _Invalid("string_too_long", f"'{name}' is an integer of over {max_len} digits")
     else:
-        text = sys.intern(str(value))
+        text = str(value)
+    if len(text) > max_len:
+        raise _Invalid("string_too_long", f"'{name}' is {len(text)} chars, limit is {max_len}")
     if not text or text.strip() != text or not text.isprintable():
+        if has_control_character(text):
+            raise _Invalid("control_character", f"'{name}' holds a control character")
         raise _Invalid("bad_value", f"'{name}' must be non-empty printable text without padding")
-    if len(text) > MAX_ID_LEN:
-        raise _Invalid("string_too_long", f"'{name}' is {len(text)} chars, limit is {MAX_ID_LEN}")
-    return text
+    return sys.intern(text)  # ids repeat: one shared string per id saves memory
 
 
 def _opt_id_field(obj: dict[str, Any], name: str) -> str | None:
@@ -265,12 +324,20 @@ def _opt_text_field(obj: dict[str, Any], name: str) -> str | None:
     value = obj.get(name)
     if value is None:
         return None
+    return check_text(value, name)
+
+
+def check_text(value: object, name: str) -> str:
+    """A free-text field (``context``, ``reason_*``), or :class:`InvalidField`: a string of
+    at most MAX_TEXT_LEN characters without control characters."""
     if not isinstance(value, str):
         raise _Invalid("wrong_type", f"'{name}' must be a string, got {_type_name(value)}")
     if len(value) > MAX_TEXT_LEN:
         raise _Invalid(
             "string_too_long", f"'{name}' is {len(value)} chars, limit is {MAX_TEXT_LEN}"
         )
+    if has_control_character(value):
+        raise _Invalid("control_character", f"'{name}' holds a control character")
     # contexts and reasons come from small vocabularies: share one string per value
     return sys.intern(value) if len(value) <= 32 else value
 
@@ -320,3 +387,24 @@ def _timestamp(value: object) -> int:
     raise _Invalid(
         "wrong_type", f"'ts' must be epoch milliseconds or ISO-8601, got {_type_name(value)}"
     )
+
+
+def parse_track_metadata(obj: dict[str, Any]) -> tuple[str, str | None, str | None, str | None]:
+    """``track_id`` and the optional ``track_name``/``artist_name``/``album_name`` of a
+    metadata record (``stream catalog load``), validated as in a play event. Raises
+    ``ValueError`` naming the field.
+
+    >>> parse_track_metadata({"track_id": "t1", "track_name": "Karma Police"})
+    ('t1', 'Karma Police', None, None)
+    """
+    try:
+        if obj.get("track_id") is None:
+            raise _Invalid("missing_field", "required field 'track_id' is missing")
+        return (
+            _id_field(obj, "track_id"),
+            _opt_text_field(obj, "track_name"),
+            _opt_text_field(obj, "artist_name"),
+            _opt_text_field(obj, "album_name"),
+        )
+    except _Invalid as exc:
+        raise ValueError(f"{exc.reason}: {exc.detail}") from None

@@ -20,17 +20,35 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Final
 
 import numpy as np
 
 from stream.events import PlayEvent
 from stream.models import _kernels as _k
-from stream.models._vocab import BoolArray, IntArray, Vocabulary, grow_rows, top_rows
+from stream.models._state import (
+    build,
+    decode_strings,
+    encode_strings,
+    get_array,
+    get_field,
+    get_params,
+    prefixed,
+    under,
+    unique_ids,
+)
+from stream.models._vocab import (
+    BoolArray,
+    EvictionPlan,
+    IntArray,
+    Vocabulary,
+    grow_rows,
+    top_rows,
+)
 from stream.models.base import FloatArray, Interaction
 from stream.models.blend import N_FEATURES, LearnedBlend
 from stream.models.cooccurrence import SessionCooccurrence
@@ -42,11 +60,10 @@ from stream.models.skip import SkipClassifier
 from stream.models.stan import SessionKNN
 from stream.ranking import (
     DEFAULT_WEIGHTS,
-    FALLBACK_REASON,
-    REASONS,
     Recommendation,
     normalise,
     rank_tracks,
+    reason_text,
 )
 from stream.session import SessionUpdate, UserState
 
@@ -60,8 +77,6 @@ __all__ = [
 ]
 
 MODEL_VERSION: Final = "blend-3"  # 3: learned blend over co-occurrence, STAN, SR, MF, trending
-SNAPSHOT_MAGIC: Final = b"STREAMREC"
-SNAPSHOT_VERSION: Final = 2  # 2: co-occurrence arena, float32 MF factors
 
 #: Ways to rank, for side-by-side evaluation: each single component alone (``sknn`` is the
 #: STAN index queried without its three weights), the fixed-weight blend (``fixed``) and the
@@ -118,23 +133,18 @@ class Recommender:
       recommend them again once they are out of the recent filter (0: off; "repeats are
       music", measured with ``stream replay --exclude-seen recent --repeats N``).
     - ``blend_candidates``: candidates drawn from each component for the learned blend.
+    - ``session_models``: learn the session-kNN/STAN and SR models and the learned blend's
+      other sources (artist tracks, own history, track ages). Off: each play costs what it
+      did before they existed (the live worker with its default ``ranker=fixed``; variants
+      ``sknn``/``stan``/``sr`` then fall back to trending). ``blend="learned"`` needs it.
     - ``mf_candidates``: also draw the listener's nearest tracks in MF space over the
       whole catalogue as candidates. Off by default: on MovieLens-100K it changed HR@10 by
       0.00003 and cost 40 % of the replay time, and its cost grows with the catalogue; MF
       still scores (and explains) every candidate. Single-component ``mf`` ranking always
       retrieves.
+    - ``max_users``: at most this many listeners keep MF factors (least recently played
+      first out; see :meth:`limit_users`); ``None``: no bound.
     """
-
-    #: defaults for snapshots taken before the settings existed
-    mf_candidates: bool = False
-    blend: str = "fixed"
-    stan_params: Mapping[str, Any] | None = None
-    rules_params: Mapping[str, Any] | None = None
-    blend_params: Mapping[str, Any] | None = None
-    blend_candidates: int = 30
-    session_scope: str = "session"
-    artist_tracks: int = 50
-    repeats: int = 0
 
     def __init__(
         self,
@@ -152,6 +162,7 @@ class Recommender:
         popularity_half_life_ms: float = 7 * 24 * 3600 * 1000,
         seed: int = 0,
         mf_candidates: bool = False,
+        max_users: int | None = None,
         blend: str = "learned",
         stan_params: Mapping[str, Any] | None = None,
         rules_params: Mapping[str, Any] | None = None,
@@ -160,6 +171,7 @@ class Recommender:
         session_scope: str = "session",
         artist_tracks: int = 50,
         repeats: int = 0,
+        session_models: bool = True,
     ) -> None:
         if recent_filter < 0:
             raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
@@ -169,6 +181,8 @@ class Recommender:
             raise ValueError(f"max_per_artist must be >= 1 or None, got {max_per_artist!r}")
         if blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+        if blend == "learned" and not session_models:
+            raise ValueError("blend='learned' needs session_models=True (its candidates)")
         if session_scope not in ("session", "recent"):
             raise ValueError(f"session_scope must be 'session' or 'recent', got {session_scope!r}")
         if artist_tracks < 0 or repeats < 0:
@@ -206,7 +220,9 @@ class Recommender:
             vocabulary=self.vocabulary,
             seed=seed,
         )
-        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed)
+        self.max_users = max_users
+        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed,
+                             max_users=max_users)
         self.skip = SkipClassifier(seed=seed)
         self.drift = SkipRateDrift(seed=seed)
         self.blend = blend
@@ -217,6 +233,7 @@ class Recommender:
         self.session_scope = session_scope
         self.artist_tracks = artist_tracks
         self.repeats = repeats
+        self.session_models = session_models
         self._build_session_models()
         self.artist_of: dict[str, str] = {}
         self.n_learned = 0
@@ -250,21 +267,26 @@ class Recommender:
         keep_history = self.cross_session or not update.new_session
         history = tuple(before.recent) if keep_history else ()
         context = event.context if event is not None else None
+        session_models = self.session_models
         if event is not None and event.artist_id:
             self.artist_of[track] = event.artist_id
-            if self.artist_tracks:
+            if self.artist_tracks and session_models:
                 latest = self.tracks_of.setdefault(event.artist_id, [])
                 if track in latest:
                     latest.remove(track)
                 latest.append(track)
                 if len(latest) > self.artist_tracks:
                     del latest[0]
-        if self.repeats:
-            own = self.own_history.setdefault(state.user_id, {})
+        if self.repeats and session_models:
+            histories = self.own_history
+            own = histories.pop(state.user_id, None) or {}
+            histories[state.user_id] = own  # most recently played listener last
             own.pop(track, None)
             own[track] = None
             if len(own) > self.repeats:
                 del own[next(iter(own))]
+            if self.max_users is not None and len(histories) > self.max_users:
+                del histories[next(iter(histories))]  # least recently played listener
         features: dict[str, float] = {}
         x = Interaction(
             user_id=state.user_id,
@@ -287,13 +309,14 @@ class Recommender:
         self.popularity.learn_one(x)
         self.cooccurrence.learn_one(x)
         self.mf.learn_one(x)
-        self.session_knn.learn_one(x)
-        self.rules.learn_one(x)
-        row = self.vocabulary.index[track]
-        if row >= len(self.first_seen):
-            self.first_seen = grow_rows(self.first_seen, row + 1)
-        if self.first_seen[row] == 0:
-            self.first_seen[row] = max(x.ts_ms, 1)
+        if session_models:
+            self.session_knn.learn_one(x)
+            self.rules.learn_one(x)
+            row = self.vocabulary.index[track]
+            if row >= len(self.first_seen):
+                self.first_seen = grow_rows(self.first_seen, row + 1)
+            if self.first_seen[row] == 0:
+                self.first_seen[row] = max(x.ts_ms, 1)
         self.n_learned += 1
         return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected)
 
@@ -540,6 +563,18 @@ class Recommender:
         order = np.argsort(-scores, kind="stable")
         last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
         codes, leads = _codes(cs, ss, rs, lead, last, arts, owns)
+        by_artist = np.flatnonzero(codes == REASON_ARTIST)
+        if len(by_artist):  # lead: the recent play by the same artist (most recent first)
+            artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
+            played: dict[str, int] = {}
+            for t in state.recent[-1:-3:-1]:
+                a = artist_of.get(t)
+                r = get(t)
+                if a is not None and r is not None:
+                    played.setdefault(a, r)
+            for i in by_artist.tolist():
+                a = artist_of.get(ids[int(rows[i])])
+                leads[i] = played.get(a, -1) if a is not None else -1
         return self._results(rows[order], scores[order], codes[order], leads[order], k)
 
     def _rank_session_model(
@@ -723,10 +758,10 @@ class Recommender:
         stop = min(count, k if cap_n is None else 2 * k)
         start = 0
         per_artist: dict[str, int] = {}
-        because: dict[int, str] = {}
+        because: dict[tuple[int, int], str] = {}
         out: list[Recommendation] = []
         make = _make_recommendation  # tuple.__new__: skips the NamedTuple's Python __new__
-        cooc = _k.REASON_COOCCURRENCE
+        naming = _NAMING_REASONS
         while start < stop:
             for row, score, code, lead in zip(
                 rows[start:stop].tolist(),
@@ -743,13 +778,17 @@ class Recommender:
                         if n_artist >= cap_n:
                             continue
                         per_artist[artist] = n_artist + 1
-                if code == cooc and lead >= 0:
-                    reason = because.get(lead)
+                if lead >= 0 and code in naming:
+                    name = naming[code]
+                    reason = because.get((code, lead))
                     if reason is None:
-                        reason = because[lead] = _BECAUSE.format(anchor=ids[lead])
+                        reason = because[code, lead] = reason_text(name, ids[lead])
+                    out.append(make(Recommendation,
+                                    (track, round(score, 6), reason, name, ids[lead])))
                 else:
-                    reason = _reason(code, lead, ids)
-                out.append(make(Recommendation, (track, round(score, 6), reason)))
+                    name = _reason_code(code)
+                    out.append(make(Recommendation,
+                                    (track, round(score, 6), reason_text(name), name, None)))
                 if len(out) >= k:
                     return out
             start, stop = stop, count
@@ -907,29 +946,51 @@ class Recommender:
             exclude={track_id},
             anchors=lambda _t: track_id,
         )
-        return [
-            Recommendation(r.track_id, r.score, _similar_reason(r.reason, track_id))
-            for r in recs
-        ]
+        out = []
+        for r in recs:
+            code = "played_with" if r.code == "played" else "liked_by_listeners_of"
+            out.append(
+                Recommendation(r.track_id, r.score, reason_text(code, track_id), code, track_id)
+            )
+        return out
 
     def _item_norms(self) -> FloatArray:
-        """L2 norms of the MF item factors, computed once per model state: the worker
-        refreshes many "more like this" lists between two plays, and the norms over the
-        whole catalogue were most of each list's cost."""
-        key = (self.n_learned, self.vocabulary.generation, len(self.vocabulary))
+        """L2 norms of the MF item factors for "more like this", kept across calls: the
+        worker refreshes many lists between two plays, and recomputing the norms of the
+        whole catalogue (~50 ms at 500k tracks) was most of each list's cost. New tracks get
+        theirs as they appear; learning moves the factors of the rows it touches, so each
+        call also recomputes the next :data:`_NORM_SLICE` rows, round robin (at 500k
+        tracks a norm is at most 16 calls old); an eviction moves them with their tracks."""
+        factors = self.mf.factors()
+        n = len(self.vocabulary)
         cached = self.__dict__.get("_norms")
-        if cached is not None and cached[0] == key:
-            norms: FloatArray = cached[1]
+        if cached is None or cached[0] != self.vocabulary.generation or len(cached[1]) > n:
+            norms: FloatArray = np.linalg.norm(factors[:n], axis=1) + 1e-12
+            self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0)
             return norms
-        norms = self.mf.item_norms()
-        self.__dict__["_norms"] = (key, norms)
+        _, norms, pos = cached
+        if len(norms) < n:
+            norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                    + 1e-12))
+        end = min(pos + _NORM_SLICE, n)
+        norms[pos:end] = np.linalg.norm(factors[pos:end], axis=1) + 1e-12
+        self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0 if end >= n else end)
         return norms
 
-    def evict_tracks(self, keep: int) -> int:
+    def evict_tracks(
+        self, keep: int, on_evicted: Callable[[list[str]], None] | None = None
+    ) -> int:
         """Bound the catalogue: keep the ``keep`` tracks with the highest decayed popularity
-        (ties: the older row), drop the rest from every model, and renumber. Returns how
-        many were evicted. Listeners' histories may still name evicted tracks: they are
-        unknown ids to the models from then on (like tracks never seen)."""
+        (ties at the cut: the lower row stays), drop the rest from every model, and give
+        their rows to the survivors above ``keep`` (every other track keeps its row).
+        Returns how many were evicted; ``on_evicted`` gets their ids. Listeners' histories
+        may still name evicted tracks: they are unknown ids to the models from then on
+        (like tracks never seen).
+
+        Cost: O(catalogue) numpy work (a partition of the weights), one compiled pass over
+        the co-occurrence lists and O(evicted) dictionary work -- ~15 ms at the default
+        500k-track cap, against ~4 s for the renumber-everything loop it replaced
+        (docs/benchmarks.md, "Eviction at the track cap")."""
         n = len(self.vocabulary)
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep!r}")
@@ -938,78 +999,218 @@ class Recommender:
         weights = np.zeros(n)
         w = self.popularity.weights()
         weights[: len(w)] = w[:n]
-        order = np.lexsort((np.arange(n), -weights))  # heaviest first, older row on ties
-        kept = np.sort(order[:keep]).astype(np.int64)
-        remap = np.full(n, -1, dtype=np.int64)
-        remap[kept] = np.arange(len(kept), dtype=np.int64)
-        evicted = [self.vocabulary.ids[int(r)] for r in order[keep:]]
-        self.popularity.remap_rows(kept)
-        self.cooccurrence.remap_rows(kept, remap)
-        self.mf.remap_rows(kept, remap)
-        self.session_knn.remap_rows(kept, remap)
-        self.rules.remap_rows(kept, remap)
-        self.first_seen = grow_rows(self.first_seen, n)[kept].copy()
-        self.__dict__.pop("_blend_cache", None)
-        self.vocabulary.compact(kept)
+        plan = EvictionPlan.lightest(weights, keep)
+        cached = self.__dict__.pop("_norms", None)
+        if cached is not None and cached[0] == self.vocabulary.generation:
+            norms = cached[1][:n]
+            if len(norms) < n:  # rows added since the last call: theirs first
+                factors = self.mf.factors()
+                norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                        + 1e-12))
+            norms[plan.holes] = norms[plan.movers]
+            # (the generation the vocabulary takes below)
+            self.__dict__["_norms"] = (self.vocabulary.generation + 1, norms[:keep], 0)
+        self.__dict__.pop("_blend_cache", None)  # candidate rows of the old numbering
+        self.popularity.evict_rows(plan)
+        self.cooccurrence.evict_rows(plan)
+        self.mf.evict_rows(plan)
+        self.session_knn.evict_rows(plan)
+        self.rules.evict_rows(plan)
+        first_seen = grow_rows(self.first_seen, n)
+        first_seen[plan.holes] = first_seen[plan.movers]
+        first_seen[keep:n] = 0
+        self.first_seen = first_seen
+        evicted = self.vocabulary.fill_holes(plan)
+        if self.tracks_of:
+            self._drop_artist_tracks(evicted)
+        if self.artist_of:
+            pop = self.artist_of.pop
+            deque(map(pop, evicted, repeat(None)), maxlen=0)
+        if on_evicted is not None:
+            on_evicted(evicted)
+        return len(evicted)
+
+    def _drop_artist_tracks(self, evicted: list[str]) -> None:
+        """Take evicted tracks out of their artists' latest-tracks lists (before
+        ``artist_of`` forgets whose they were)."""
+        artist_of, tracks_of = self.artist_of, self.tracks_of
         for track in evicted:
-            artist = self.artist_of.pop(track, None)
-            latest = self.tracks_of.get(artist) if artist is not None else None
+            artist = artist_of.get(track)
+            latest = tracks_of.get(artist) if artist is not None else None
             if latest is not None and track in latest:
                 latest.remove(track)
                 if not latest:
-                    del self.tracks_of[artist]  # type: ignore[arg-type]
-        return len(evicted)
+                    del tracks_of[artist]  # type: ignore[arg-type]
+
+    def trending(self, n: int) -> list[str]:
+        """The ``n`` most popular tracks now (decayed plays), most popular first."""
+        weights = self.popularity.weights()
+        if n <= 0 or not len(weights):
+            return []
+        rows = top_rows(weights, n)  # best first
+        ids = self.vocabulary.ids
+        return [ids[r] for r in rows.tolist() if weights[r] > 0]
 
     def catalogue_size(self) -> int:
         """Distinct tracks the models know."""
         return len(self.vocabulary)
 
+    def use_ranker(self, ranker: str) -> None:
+        """Rank the ``variant="blend"`` lists with ``ranker`` (a :data:`BLEND_MODES` name;
+        the worker's ``ranker`` setting, applied to a restored recommender too):
+        ``"learned"`` also turns the session models on, ``"fixed"`` turns them off (they
+        keep what they learned, and learn again if the learned ranker comes back)."""
+        if ranker not in BLEND_MODES:
+            raise ValueError(f"ranker must be one of {BLEND_MODES}, got {ranker!r}")
+        self.session_models = ranker == "learned"
+        self.blend = ranker
+        self.__dict__.pop("_blend_cache", None)
+
+    def user_ids(self) -> list[str]:
+        """The listeners the models hold state about (their MF factors, their own recent
+        tracks for ``repeats``, the link to their open session in session-kNN)."""
+        return list(dict.fromkeys(chain(self.mf.user_factors, self.own_history,
+                                        self.session_knn.open_users())))
+
+    def limit_users(self, max_users: int | None) -> int:
+        """Bound the per-listener model state (MF factors) to ``max_users`` listeners, the
+        most recently played ones; returns how many were dropped now. The worker applies
+        its ``max_users`` setting this way (also to a recommender restored from a
+        checkpoint)."""
+        self.max_users = max_users
+        dropped = self.mf.limit_users(max_users)
+        if max_users is not None:
+            own = self.own_history
+            while len(own) > max_users:  # least recently played first (insertion order)
+                del own[next(iter(own))]
+        return dropped
+
     def forget_user(self, user_id: str) -> bool:
-        """Drop everything kept about one listener (their MF factors). Shared statistics
-        (co-occurrence, popularity) hold no user ids. Returns whether anything was held."""
+        """Drop everything kept about one listener (their MF factors, own recent tracks and
+        session-kNN's link to their open session). Shared statistics (co-occurrence, SR,
+        popularity, session-kNN's sessions) hold no user ids. Returns whether anything was
+        held."""
         held = self.own_history.pop(user_id, None) is not None
         held = self.mf.forget_user(user_id) or held
         return self.session_knn.forget_user(user_id) or held
 
-    # -- persistence ----------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """All learned state: a JSON-able manifest (parameters, counters, the component
+        models' manifests) and numeric arrays (the shared vocabulary once, then each
+        component's arrays under its name). :meth:`import_state` rebuilds an equal
+        recommender; :mod:`stream.checkpoint` frames and signs the pair."""
+        vocab_manifest, vocab_arrays = self.vocabulary.export_state()
+        tracks = list(self.artist_of)
+        t_blob, t_ends = encode_strings(tracks)
+        a_blob, a_ends = encode_strings([self.artist_of[t] for t in tracks])
+        manifest: dict[str, Any] = {
+            "model_version": self.model_version,
+            "params": {name: getattr(self, name) for name in _PARAMS},
+            "blend_weights": dict(self.blend_weights),
+            "n_learned": self.n_learned,
+            "vocabulary": vocab_manifest,
+            "models": {},
+        }
+        arrays: dict[str, np.ndarray] = {
+            **prefixed("vocabulary", vocab_arrays),
+            "artist_of.tracks.bytes": t_blob, "artist_of.tracks.ends": t_ends,
+            "artist_of.artists.bytes": a_blob, "artist_of.artists.ends": a_ends,
+            "first_seen": self.first_seen[: len(self.vocabulary)].astype(np.int64),
+        }
+        # artist -> latest tracks and listener -> own recent tracks: keys, then the
+        # concatenated lists with one end offset per key
+        for name, table in (("tracks_of", self.tracks_of), ("own_history", self.own_history)):
+            keys = list(table)
+            k_blob, k_ends = encode_strings(keys)
+            values = [t for key in keys for t in table[key]]
+            v_blob, v_ends = encode_strings(values)
+            arrays.update({
+                f"{name}.keys.bytes": k_blob, f"{name}.keys.ends": k_ends,
+                f"{name}.values.bytes": v_blob, f"{name}.values.ends": v_ends,
+                f"{name}.counts": np.array([len(table[key]) for key in keys], dtype=np.int64),
+            })
+        for name in _COMPONENTS:
+            model_manifest, model_arrays = getattr(self, name).export_state()
+            manifest["models"][name] = model_manifest
+            arrays.update(prefixed(name, model_arrays))
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+    ) -> Recommender:
+        """The recommender :meth:`export_state` described. Every field is checked (type,
+        dtype, shape, range, id lengths) and a bad one raises ValueError naming it."""
+        version = get_field(manifest, "model_version", str)
+        if version != MODEL_VERSION:
+            raise ValueError(f"model_version: {version!r}, expected {MODEL_VERSION!r}")
+        params = get_params(manifest, "recommender", _PARAMS)
+        weights = params["weights"]
+        if weights is not None and not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in weights.items()
+        ):
+            raise ValueError("recommender.params.weights: expected names and numbers")
+        rec: Recommender = build("recommender", cls, params)
+        blend = get_field(manifest, "blend_weights", dict)
+        if set(blend) != set(rec.blend_weights):
+            raise ValueError(f"blend_weights: names {sorted(blend)}, expected "
+                             f"{sorted(rec.blend_weights)}")
+        rec.blend_weights = {name: get_field(blend, name, float, where="blend_weights")
+                             for name in rec.blend_weights}
+        rec.n_learned = get_field(manifest, "n_learned", int, lo=0)
+        vocab = Vocabulary.import_state(
+            get_field(manifest, "vocabulary", dict), under("vocabulary", arrays),
+            where="vocabulary")
+        rec.vocabulary = vocab
+        models = get_field(manifest, "models", dict)
+        unknown = set(models) - set(_COMPONENTS)
+        if unknown:
+            raise ValueError(f"models: unknown component(s) {sorted(unknown)}")
+        for name, model_cls in _COMPONENTS.items():
+            sub = get_field(models, name, dict, where="models")
+            kwargs: dict[str, Any] = {"where": name}
+            if name in _SHARED_VOCABULARY:
+                kwargs["vocabulary"] = vocab
+            setattr(rec, name, model_cls.import_state(sub, under(name, arrays), **kwargs))
+        tracks = _strings(arrays, "artist_of.tracks")
+        artists = _strings(arrays, "artist_of.artists")
+        if len(tracks) != len(artists):
+            raise ValueError(f"artist_of: {len(tracks)} tracks for {len(artists)} artists")
+        rec.artist_of = dict(zip(unique_ids("artist_of.tracks", tracks), artists, strict=True))
+        n = len(vocab)
+        first_seen = get_array(arrays, "first_seen", np.int64, ndim=1, lo=0)
+        if len(first_seen) > n:
+            raise ValueError(f"first_seen: {len(first_seen)} rows, the vocabulary has {n}")
+        rec.first_seen = first_seen.copy()
+        rec.tracks_of = {k: list(v) for k, v in _table(arrays, "tracks_of",
+                                                       rec.artist_tracks).items()}
+        rec.own_history = {k: dict.fromkeys(v) for k, v in _table(arrays, "own_history",
+                                                                  rec.repeats).items()}
+        if rec.max_users is not None and len(rec.own_history) > rec.max_users:
+            raise ValueError(f"own_history: {len(rec.own_history)} listeners, max_users is "
+                             f"{rec.max_users}")
+        return rec
 
     def snapshot(self) -> bytes:
-        """All learned state as bytes (versioned pickle). Restore with :meth:`restore`.
+        """All learned state as bytes (:meth:`export_state` in the unsigned container of
+        :func:`stream.checkpoint.pack_state`). Restore with :meth:`restore`."""
+        from stream.checkpoint import pack_state
 
-        Only restore snapshots you wrote: pickle executes code from its input."""
-        state = {key: v for key, v in self.__dict__.items() if key not in _SCRATCH}
-        payload = {"version": SNAPSHOT_VERSION, "model_version": self.model_version,
-                   "state": state}
-        # the format version sits before the pickle, so an old snapshot is refused by
-        # number instead of failing to unpickle classes that no longer exist
-        return (SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION])
-                + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+        return pack_state(*self.export_state())
 
     @classmethod
     def restore(cls, blob: bytes) -> Recommender:
-        """A recommender with exactly the state captured by :meth:`snapshot`."""
-        if not blob.startswith(SNAPSHOT_MAGIC):
-            raise SnapshotError("not a recommender snapshot (bad magic bytes)")
-        body = blob[len(SNAPSHOT_MAGIC) :]
-        if body[:1] == b"\x80":  # format 1 put the pickle right after the magic
-            raise SnapshotError(f"snapshot version 1, expected {SNAPSHOT_VERSION}")
-        if body[:1] != bytes([SNAPSHOT_VERSION]):
-            raise SnapshotError(
-                f"snapshot version {body[0] if body else None!r}, expected {SNAPSHOT_VERSION}"
-            )
+        """A recommender with exactly the state captured by :meth:`snapshot`; a blob that
+        is not one raises :class:`SnapshotError`."""
+        from stream.checkpoint import CheckpointError, unpack_state
+
         try:
-            payload: dict[str, Any] = pickle.loads(body[1:])
-        except Exception as exc:  # pickle raises many types on corrupt input
-            raise SnapshotError(f"corrupt recommender snapshot: {exc}") from exc
-        if payload.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(
-                f"snapshot version {payload.get('version')!r}, expected {SNAPSHOT_VERSION}"
-            )
-        rec = cls.__new__(cls)
-        rec.__dict__.update(payload["state"])
-        if "session_knn" not in rec.__dict__:  # a snapshot from before the session models
-            rec._build_session_models()
-        return rec
+            return cls.import_state(*unpack_state(blob))
+        except (CheckpointError, ValueError) as exc:
+            raise SnapshotError(f"not a restorable recommender state: {exc}") from exc
 
 
 class SeenTracks(Collection[str]):
@@ -1082,41 +1283,102 @@ def _ban_rows(
     return [r for r in map(index.get, banned) if r is not None]
 
 
+#: the constructor arguments, as stored in a checkpoint (with their types)
+_PARAMS: Final[dict[str, Any]] = {
+    "weights": (dict, type(None)), "history_window": int, "history_decay": float,
+    "cooc_window": int, "cooc_decay": float, "recent_filter": int,
+    "max_per_artist": (int, type(None)), "candidates_per_source": int, "cross_session": bool,
+    "n_factors": int, "popularity_half_life_ms": float, "seed": int, "mf_candidates": bool,
+    "max_users": (int, type(None)), "blend": str, "stan_params": (dict, type(None)),
+    "rules_params": (dict, type(None)), "blend_params": (dict, type(None)),
+    "blend_candidates": int, "session_scope": str, "artist_tracks": int, "repeats": int,
+    "session_models": bool,
+}
+#: the component models, by attribute name, each with export_state / import_state
+_COMPONENTS: Final[dict[str, Any]] = {
+    "popularity": DecayedPopularity,
+    "cooccurrence": SessionCooccurrence,
+    "mf": ImplicitMF,
+    "skip": SkipClassifier,
+    "drift": SkipRateDrift,
+    "session_knn": SessionKNN,
+    "rules": SequentialRules,
+    "ranker": LearnedBlend,
+}
+#: the components that index tracks through the recommender's vocabulary
+_SHARED_VOCABULARY: Final = frozenset({"popularity", "cooccurrence", "mf", "session_knn",
+                                       "rules"})
+
+
+def _strings(arrays: Mapping[str, np.ndarray], name: str) -> list[str]:
+    for part in ("bytes", "ends"):
+        if f"{name}.{part}" not in arrays:
+            raise ValueError(f"{name}.{part}: missing array")
+    return decode_strings(name, arrays[f"{name}.bytes"], arrays[f"{name}.ends"])
+
+
+def _table(arrays: Mapping[str, np.ndarray], name: str, limit: int) -> dict[str, list[str]]:
+    """A str -> list of distinct str table exported as keys, values and per-key counts
+    (each list non-empty and at most ``limit`` long)."""
+    keys = unique_ids(f"{name}.keys", _strings(arrays, f"{name}.keys"))
+    values = _strings(arrays, f"{name}.values")
+    counts = get_array(arrays, f"{name}.counts", np.int64, shape=(len(keys),), lo=1,
+                       hi=max(limit, 1))
+    if int(counts.sum()) != len(values):
+        raise ValueError(f"{name}.counts: sum to {int(counts.sum())}, there are "
+                         f"{len(values)} values")
+    if keys and limit < 1:
+        raise ValueError(f"{name}: holds entries but its setting is 0")
+    out: dict[str, list[str]] = {}
+    pos = 0
+    for key, count in zip(keys, counts.tolist(), strict=True):
+        out[key] = unique_ids(f"{name}.values", values[pos : pos + count])
+        pos += count
+    return out
+
+
 #: per-process buffers, not model state
 _SCRATCH: Final = frozenset({"_ban", "_mark", "_norms", "_dense", "_blend_cache"})
+#: item-factor norms recomputed per "more like this" call (see Recommender._item_norms)
+_NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
-_BECAUSE: Final = REASONS["cooccurrence"]
 
 
 #: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's
 #: Python-level ``__new__`` (a third of the per-item cost of ``_results``)
-_make_recommendation: Final[Callable[[type[Recommendation], tuple[str, float, str]],
-                                     Recommendation]] = tuple.__new__
+_make_recommendation: Final[
+    Callable[[type[Recommendation], tuple[str, float, str, str, str | None]], Recommendation]
+] = tuple.__new__
 
 
-#: the reasons that do not name a track, by reason code
-_FIXED_REASONS: Final[dict[int, str]] = {
-    _k.REASON_MF: REASONS["mf"],
-    _k.REASON_POPULARITY: REASONS["popularity"],
-}
 #: reason codes of the learned blend's own sources (after the kernels' codes)
 REASON_ARTIST: Final = 4
 REASON_OWN: Final = 5
-_FIXED_REASONS[REASON_ARTIST] = "more from an artist you just played"
-_FIXED_REASONS[REASON_OWN] = "one of your favourites"
+#: the :data:`stream.ranking.REASON_TEXTS` key of each reason code; the codes whose key
+#: names a track (their lead row) are in :data:`_NAMING_REASONS`, with the key they take
+#: when there is no lead
+_REASON_KEYS: Final[Mapping[int, str]] = {
+    _k.REASON_MF: "similar_taste",
+    _k.REASON_COOCCURRENCE: "played_recently",
+    _k.REASON_POPULARITY: "trending",
+    REASON_ARTIST: "same_artist",
+    REASON_OWN: "played_before",
+}
+#: reason code -> the REASON_TEXTS key naming its lead track ({anchor})
+_NAMING_REASONS: Final[Mapping[int, str]] = {
+    _k.REASON_COOCCURRENCE: "played",
+    REASON_ARTIST: "same_artist",
+}
+#: the key of a naming code without a lead
+_UNNAMED: Final[Mapping[int, str]] = {REASON_ARTIST: "trending"}
 
 
-def _reason(code: int, lead: int, ids: list[str]) -> str:
-    """The text of a :func:`stream.models._kernels.blend_rank` reason code."""
-    fixed = _FIXED_REASONS.get(code)
-    if fixed is not None:
-        return fixed
-    if code == _k.REASON_COOCCURRENCE:
-        if lead < 0:
-            return "often played together with your recent tracks"
-        return REASONS["cooccurrence"].format(anchor=ids[lead])
-    return FALLBACK_REASON
+def _reason_code(code: int) -> str:
+    """The :data:`stream.ranking.REASON_TEXTS` key of a reason code without a lead track
+    (a code with a lead names its track: see :data:`_NAMING_REASONS`)."""
+    key = _UNNAMED.get(code) or _REASON_KEYS.get(code)
+    return key if key is not None else "trending"
 
 
 def _no_lead(_track: str) -> str | None:
@@ -1196,12 +1458,6 @@ def _codes(
 def _recent_skip_rate(state: UserState, window: int = 10) -> float:
     flags = state.recent_skipped[-window:]
     return (sum(flags) + 0.25) / (len(flags) + 1.0)
-
-
-def _similar_reason(reason: str, seed_track: str) -> str:
-    if reason.startswith("because you played"):
-        return f"often played with {seed_track}"
-    return f"liked by listeners of {seed_track}"
 
 
 def warm_up() -> float:

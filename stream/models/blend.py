@@ -36,6 +36,7 @@ from typing import Any, Final
 import numpy as np
 from river import linear_model, optim, utils
 
+from stream.models._state import build, get_field, get_params
 from stream.models.base import FloatArray, check_positive
 
 FEATURES: Final = (
@@ -145,13 +146,16 @@ class LearnedBlend:
 
     # -- state ----------------------------------------------------------------------------
 
+    _PARAMS: dict[str, Any] = {
+        "learning_rate": float, "l2": float, "negatives": int, "hard_pool": int,
+        "prior_init": float, "seed": int,
+    }
+
     def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The river model's weights as JSON (feature -> weight) plus counters."""
+        """The river model's weights as JSON (feature -> weight) plus counters (no arrays).
+        See :mod:`stream.models._state`."""
         manifest: dict[str, Any] = {
-            "kind": "LearnedBlend",
-            "params": {"learning_rate": self.learning_rate, "l2": self.l2,
-                       "negatives": self.negatives, "hard_pool": self.hard_pool,
-                       "prior_init": self.prior_init, "seed": self.seed},
+            "params": {name: getattr(self, name) for name in self._PARAMS},
             "weights": {f: float(self.model._weights.get(f, 0.0)) for f in FEATURES},
             "n_learned": self.n_learned,
             "n_pairs": self.n_pairs,
@@ -161,34 +165,28 @@ class LearnedBlend:
 
     @classmethod
     def import_state(
-        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+        cls,
+        manifest: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        *,
+        vocabulary: Any = None,
+        where: str = "ranker",
     ) -> LearnedBlend:
-        """The blend :meth:`export_state` described; ``ValueError`` naming the bad field."""
-        if manifest.get("kind") != "LearnedBlend":
-            raise ValueError(f"kind: expected 'LearnedBlend', got {manifest.get('kind')!r}")
-        params = manifest.get("params")
-        if not isinstance(params, dict):
-            raise ValueError("params: expected an object")
-        try:
-            model = cls(**params)
-        except TypeError as exc:
-            raise ValueError(f"params: {exc}") from None
-        weights = manifest.get("weights")
-        if not isinstance(weights, dict) or set(weights) - set(FEATURES):
-            raise ValueError(f"weights: expected feature -> number for {FEATURES}")
-        clean: dict[str, float] = {}
-        for name, value in weights.items():
-            if (not isinstance(value, int | float) or isinstance(value, bool)
-                    or not np.isfinite(value)):
-                raise ValueError(f"weights.{name}: not a finite number")
-            clean[name] = float(value)
-        for name in ("n_learned", "n_pairs", "optimizer_iterations"):
-            value = manifest.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: expected an integer >= 0")
+        """The blend :meth:`export_state` described, every field checked (ValueError names
+        the bad one). ``vocabulary`` is accepted for the common signature (the blend holds
+        no track ids)."""
+        params = get_params(manifest, where, cls._PARAMS)
+        model: LearnedBlend = build(where, cls, params)
+        weights = get_field(manifest, "weights", dict, where=where)
+        unknown = set(weights) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"{where}.weights: unknown feature(s) {sorted(unknown)[:5]}")
+        clean = {name: get_field(weights, name, float, where=f"{where}.weights")
+                 for name in FEATURES if name in weights}
+        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
+        model.n_pairs = get_field(manifest, "n_pairs", int, where=where, lo=0)
+        iterations = get_field(manifest, "optimizer_iterations", int, where=where, lo=0)
         model.model._weights = utils.VectorDict(clean)
-        model.model.optimizer.n_iterations = manifest["optimizer_iterations"]
+        model.model.optimizer.n_iterations = iterations
         model._w = np.array([clean.get(f, 0.0) for f in FEATURES])
-        model.n_learned = manifest["n_learned"]
-        model.n_pairs = manifest["n_pairs"]
         return model

@@ -11,7 +11,6 @@ compiled scoring this reuses), but it is a separate, separately evaluated model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numba
@@ -65,6 +64,13 @@ class SequentialRules(SessionCooccurrence):
         self.steps = steps
         self.within_session = within_session
 
+    #: the constructor arguments a checkpoint stores (SessionCooccurrence's export_state /
+    #: import_state handle the rest: the rules are its neighbour lists)
+    _PARAMS: dict[str, Any] = {
+        "steps": int, "query_window": int, "query_decay": float, "skip_weight": float,
+        "max_neighbours": int, "within_session": bool, "seed": int,
+    }
+
     def learn_one(self, x: Interaction) -> None:
         scale = self.skip_weight if x.skipped else 1.0
         vocab = self._vocab
@@ -83,61 +89,3 @@ class SequentialRules(SessionCooccurrence):
             self._start, self._size, self._cap, self._total, self._nbr, self._val,
             self._used, track, np.array(prevs, dtype=np.int64), scale, self.max_neighbours,
         ))
-
-    # -- state ----------------------------------------------------------------------------
-
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """JSON-able manifest + numeric arrays (see :meth:`import_state`)."""
-        from stream.models.stan import _params
-
-        manifest: dict[str, Any] = {"kind": "SequentialRules", "params": _params(self)}
-        n = len(self._start)
-        arrays: dict[str, np.ndarray] = {
-            "start": self._start, "size": self._size, "cap": self._cap,
-            "total": self._total, "nbr": self._nbr[: self._used],
-            "val": self._val[: self._used], "track_weight": self.track_weight[:n]
-            if len(self.track_weight) >= n else grow_rows(self.track_weight, n)[:n],
-        }
-        if self.vocabulary is None:
-            arrays["vocab"] = np.array(self._vocab.ids, dtype=str)
-        return manifest, arrays
-
-    @classmethod
-    def import_state(
-        cls,
-        manifest: Mapping[str, Any],
-        arrays: Mapping[str, np.ndarray],
-        vocabulary: Vocabulary | None = None,
-    ) -> SequentialRules:
-        """The model :meth:`export_state` described; ``ValueError`` naming the bad field."""
-        from stream.models.stan import _array, _require
-
-        if manifest.get("kind") != "SequentialRules":
-            raise ValueError(f"kind: expected 'SequentialRules', got {manifest.get('kind')!r}")
-        params = dict(_require(manifest, "params", dict))
-        try:
-            model = cls(**params, vocabulary=vocabulary)
-        except TypeError as exc:
-            raise ValueError(f"params: {exc}") from None
-        if vocabulary is None:
-            for t in _array(arrays, "vocab", "U", None).tolist():
-                model._vocab.add(t)
-        n = len(_array(arrays, "start", "i", None))
-        model._start = _array(arrays, "start", "i", (n,)).astype(np.int64)
-        model._size = _array(arrays, "size", "i", (n,)).astype(np.int64)
-        model._cap = _array(arrays, "cap", "i", (n,)).astype(np.int64)
-        model._total = _array(arrays, "total", "f", (n,)).astype(np.float64)
-        model.track_weight = _array(arrays, "track_weight", "f", (n,)).astype(np.float64)
-        nbr = _array(arrays, "nbr", "i", None)
-        val = _array(arrays, "val", "f", nbr.shape)
-        used = len(nbr)
-        if ((model._size < 0) | (model._size > model._cap) | (model._start < 0)
-                | (model._start + model._cap > used)).any():
-            raise ValueError("start/size/cap: a rule slice out of bounds")
-        if len(nbr) and (nbr.min() < 0 or nbr.max() >= max(n, len(model._vocab))):
-            raise ValueError("nbr: a track row outside the vocabulary")
-        room = max(1024, used)
-        model._nbr = np.concatenate((nbr.astype(np.int32), np.zeros(room, dtype=np.int32)))
-        model._val = np.concatenate((val.astype(np.float32), np.zeros(room, dtype=np.float32)))
-        model._used = used
-        return model

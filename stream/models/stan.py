@@ -29,13 +29,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numba
 import numpy as np
 import numpy.typing as npt
 
-from stream.models._vocab import IntArray, Vocabulary, grow_rows
+from stream.models._state import (
+    ID_LEN,
+    INT_LIMIT,
+    build,
+    decode_strings,
+    encode_strings,
+    get_array,
+    get_field,
+    get_params,
+)
+from stream.models._vocab import (
+    EvictionPlan,
+    IntArray,
+    Vocabulary,
+    export_vocabulary,
+    grow_rows,
+    import_vocabulary,
+)
 from stream.models.base import FloatArray, Interaction, check_positive
 
 _jit: Any = numba.njit(cache=True, nogil=True)
@@ -385,9 +403,12 @@ class SessionKNN:
 
     # -- catalogue, privacy, memory ---------------------------------------------------------
 
-    def remap_rows(self, kept: IntArray, remap: IntArray) -> None:
-        """Keep track rows ``kept`` (ascending), ``remap[old] -> new`` or -1 (evicted):
-        sessions lose evicted tracks, their postings go."""
+    def evict_rows(self, plan: EvictionPlan) -> None:
+        """Apply a catalogue eviction (see :class:`~stream.models._vocab.EvictionPlan`;
+        called before the vocabulary applies it): sessions lose evicted tracks and renumber
+        the rest, the movers' session rings move into the holes, evicted rings go (the
+        arena is compacted)."""
+        remap, keep = plan.remap, plan.keep
         items = self._items.astype(np.int64)
         live = np.arange(self.session_length)[None, :] < self._lengths[:, None]
         items = np.where(live & (items < len(remap)), remap[np.minimum(items, len(remap) - 1)],
@@ -396,12 +417,11 @@ class SessionKNN:
         items = np.take_along_axis(items, order, axis=1)
         self._lengths = (items >= 0).sum(axis=1).astype(np.int32)
         self._items = np.where(items >= 0, items, 0).astype(np.int32)
-        n = len(self._p_start)
-        keep = kept[kept < n]
-        self._p_start = self._p_start[keep].copy()
-        self._p_size = self._p_size[keep].copy()
-        self._p_cap = self._p_cap[keep].copy()
-        self._p_head = self._p_head[keep].copy()
+        self._ensure_rows(len(remap))
+        for name in ("_p_start", "_p_size", "_p_cap", "_p_head"):
+            arr = getattr(self, name)
+            arr[plan.holes] = arr[plan.movers]
+            setattr(self, name, arr[:keep].copy())
         self._make_room()
 
     def forget_user(self, user_id: str) -> bool:
@@ -417,30 +437,49 @@ class SessionKNN:
                   self._p_size, self._p_cap, self._p_head, self._arena)
         return sum(a.nbytes for a in arrays)
 
-    def __getstate__(self) -> dict[str, object]:
-        state = dict(self.__dict__)
-        state["_scratch"] = {}  # per-process buffers, rebuilt empty
-        return state
+    def open_users(self) -> list[str]:
+        """The listeners linked to their open session (the only listener ids held)."""
+        return list(self._open)
 
     # -- state ----------------------------------------------------------------------------
 
+    _PARAMS: dict[str, Any] = {
+        "k": int, "sample": int, "max_sessions": int, "session_length": int,
+        "query_window": int, "lambda_position": (float, type(None)),
+        "lambda_recency_ms": (float, type(None)), "lambda_distance": (float, type(None)),
+        "seed": int,
+    }
+
     def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """JSON-able manifest + numeric arrays (see :meth:`import_state`)."""
-        owners = [o if o is not None else "" for o in self._owner]
+        """Parameters, the session table (track rows, lengths, last-play times, serials,
+        owners) and each track's ring of recent sessions, compacted. See
+        :mod:`stream.models._state`."""
+        n = min(len(self._p_start), len(self._vocab))
+        p_start = self._p_start[:n].copy()
+        p_size, p_cap = self._p_size[:n].copy(), self._p_cap[:n].copy()
+        arena = np.zeros(int(p_cap.sum()), dtype=np.int64)
+        used = int(_compact(p_start, p_size, p_cap, self._arena, n, arena))
+        # only the live sessions (the table is max_sessions x session_length, mostly empty
+        # early on): their slots, then their tracks concatenated
+        slots = np.flatnonzero(self._serials >= 0).astype(np.int64)
+        lengths = self._lengths[slots].astype(np.int64)
+        width = self.session_length
+        items = self._items[slots][np.arange(width)[None, :] < lengths[:, None]]
+        o_blob, o_ends = encode_strings([self._owner[i] or "" for i in slots.tolist()])
         manifest: dict[str, Any] = {
-            "kind": "SessionKNN",
-            "params": _params(self),
+            "params": {name: getattr(self, name) for name in self._PARAMS},
             "next_serial": self._next_serial,
             "open": dict(self._open),
         }
         arrays: dict[str, np.ndarray] = {
-            "serials": self._serials, "items": self._items, "lengths": self._lengths,
-            "times": self._times, "p_start": self._p_start, "p_size": self._p_size,
-            "p_cap": self._p_cap, "p_head": self._p_head, "arena": self._arena[: self._used],
-            "owners": np.array(owners, dtype=str) if any(owners) else np.zeros(0, dtype="<U1"),
+            "slots": slots, "serials": self._serials[slots].astype(np.int64),
+            "lengths": lengths, "items": items.astype(np.int32),
+            "times": self._times[slots].astype(np.int64),
+            "p_start": p_start, "p_size": p_size, "p_cap": p_cap,
+            "p_head": self._p_head[:n].copy(), "arena": arena[:used],
+            "owners.bytes": o_blob, "owners.ends": o_ends,
         }
-        if self.vocabulary is None:
-            arrays["vocab"] = np.array(self._vocab.ids, dtype=str)
+        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
         return manifest, arrays
 
     @classmethod
@@ -448,86 +487,79 @@ class SessionKNN:
         cls,
         manifest: Mapping[str, Any],
         arrays: Mapping[str, np.ndarray],
+        *,
         vocabulary: Vocabulary | None = None,
+        where: str = "session_knn",
     ) -> SessionKNN:
-        """The model :meth:`export_state` described; ``ValueError`` naming the bad field."""
-        if manifest.get("kind") != "SessionKNN":
-            raise ValueError(f"kind: expected 'SessionKNN', got {manifest.get('kind')!r}")
-        params = dict(_require(manifest, "params", dict))
-        params.pop("vocabulary", None)
-        try:
-            model = cls(**params, vocabulary=vocabulary)
-        except TypeError as exc:
-            raise ValueError(f"params: {exc}") from None
-        if vocabulary is None:
-            vocab = _array(arrays, "vocab", "U", None)
-            for t in vocab.tolist():
-                model._vocab.add(t)
+        """The model :meth:`export_state` described, every field checked (ValueError names
+        the bad one): rows, serials and ring slices feed compiled kernels unchecked."""
+        params = get_params(manifest, where, cls._PARAMS)
+        array = partial(get_array, arrays, where=where)
+        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
+        model: SessionKNN = build(where, cls, {**params, "vocabulary": vocabulary})
+        model._vocab = vocab
+        size = len(vocab)
         s, width = model.max_sessions, model.session_length
-        model._serials = _array(arrays, "serials", "i", (s,)).astype(np.int64)
-        model._items = _array(arrays, "items", "i", (s, width)).astype(np.int32)
-        model._lengths = _array(arrays, "lengths", "i", (s,)).astype(np.int32)
-        model._times = _array(arrays, "times", "i", (s,)).astype(np.int64)
-        n_rows = len(_array(arrays, "p_start", "i", None))
-        for name in ("p_start", "p_size", "p_cap", "p_head"):
-            setattr(model, "_" + name, _array(arrays, name, "i", (n_rows,)).astype(np.int64))
-        arena = _array(arrays, "arena", "i", None).astype(np.int64)
-        size = len(model._vocab)
-        if n_rows < size:
-            raise ValueError(f"p_start: {n_rows} rows for {size} tracks")
-        if ((model._lengths < 0) | (model._lengths > width)).any():
-            raise ValueError("lengths: out of [0, session_length]")
-        if size and (model._items >= max(size, 1)).any() or (model._items < 0).any():
-            raise ValueError("items: a track row outside the vocabulary")
-        caps, starts, sizes = model._p_cap, model._p_start, model._p_size
-        if ((sizes < 0) | (sizes > caps) | (caps > model.sample) | (starts < 0)
-                | (starts + caps > len(arena)) | (model._p_head < 0)
-                | ((caps > 0) & (model._p_head >= np.maximum(caps, 1)))).any():
-            raise ValueError("p_start/p_size/p_cap/p_head: a posting slice out of bounds")
+        next_serial = get_field(manifest, "next_serial", int, where=where, lo=0)
+        slots = array("slots", np.int64, ndim=1, lo=0, hi=s - 1)
+        m = len(slots)
+        if m and bool(np.any(np.diff(slots) <= 0)):
+            raise ValueError(f"{where}.slots: not strictly ascending")
+        live_serials = array("serials", np.int64, shape=(m,), lo=0,
+                             hi=max(next_serial - 1, 0))
+        if bool(np.any(live_serials % s != slots)):
+            raise ValueError(f"{where}.serials: a session in the wrong slot")
+        live_lengths = array("lengths", np.int64, shape=(m,), lo=0, hi=width)
+        total = int(live_lengths.sum())
+        live_items = array("items", np.int32, shape=(total,), lo=0, hi=max(size - 1, 0))
+        if total and size == 0:
+            raise ValueError(f"{where}.items: sessions hold tracks, the vocabulary is empty")
+        live_times = array("times", np.int64, shape=(m,), lo=0, hi=INT_LIMIT)
+        serials = np.full(s, -1, dtype=np.int64)
+        serials[slots] = live_serials
+        lengths = np.zeros(s, dtype=np.int32)
+        lengths[slots] = live_lengths
+        items = np.zeros((s, width), dtype=np.int32)
+        items[np.repeat(slots, live_lengths),
+              np.arange(total) - np.repeat(np.cumsum(live_lengths) - live_lengths,
+                                           live_lengths)] = live_items
+        times = np.zeros(s, dtype=np.int64)
+        times[slots] = live_times
+        arena = array("arena", np.int64, ndim=1, lo=0, hi=max(next_serial - 1, 0))
+        p_start = array("p_start", np.int64, ndim=1, lo=0, hi=len(arena))
+        n = len(p_start)
+        if n > size:
+            raise ValueError(f"{where}.p_start: {n} rows, the vocabulary has {size}")
+        p_cap = array("p_cap", np.int64, shape=(n,), lo=0, hi=model.sample)
+        p_size = array("p_size", np.int64, shape=(n,), lo=0, hi=model.sample)
+        p_head = array("p_head", np.int64, shape=(n,), lo=0, hi=max(model.sample - 1, 0))
+        if bool(np.any(p_size > p_cap)) or bool(np.any((p_cap > 0) & (p_head >= p_cap))) \
+                or bool(np.any((p_cap == 0) & (p_head > 0))):
+            raise ValueError(f"{where}.p_size/p_head: outside their ring's p_cap")
+        if bool(np.any(p_start + p_cap > len(arena))):
+            raise ValueError(f"{where}.p_start: a ring runs past the arena")
+        owners = decode_strings(f"{where}.owners", *(
+            array(f"owners.{part}", dtype) for part, dtype in (("bytes", np.uint8),
+                                                              ("ends", np.int64))))
+        if len(owners) != m:
+            raise ValueError(f"{where}.owners: {len(owners)} entries for {m} sessions")
+        opened = get_field(manifest, "open", dict, where=where)
+        for user, serial in opened.items():
+            if len(user) > ID_LEN:
+                raise ValueError(f"{where}.open: a listener id longer than {ID_LEN}")
+            if not isinstance(serial, int) or isinstance(serial, bool) \
+                    or not 0 <= serial < next_serial:
+                raise ValueError(f"{where}.open.{user[:64]}: expects a session serial")
+        model._serials, model._lengths, model._items = serials, lengths, items
+        model._times = times
+        model._p_start, model._p_size = p_start.copy(), p_size.copy()
+        model._p_cap, model._p_head = p_cap.copy(), p_head.copy()
+        model._ensure_rows(size)
         model._arena = np.concatenate((arena, np.zeros(max(1024, len(arena)), dtype=np.int64)))
         model._used = len(arena)
-        next_serial = _require(manifest, "next_serial", int)
-        if next_serial < 0 or (model._serials >= next_serial).any():
-            raise ValueError("next_serial: not above every stored session serial")
         model._next_serial = next_serial
-        owners = _array(arrays, "owners", "U", None).tolist()
-        if owners and len(owners) != s:
-            raise ValueError(f"owners: {len(owners)} entries for {s} sessions")
-        model._owner = [o or None for o in owners] if owners else [None] * s
-        opened = _require(manifest, "open", dict)
-        for user, serial in opened.items():
-            if not isinstance(user, str) or not isinstance(serial, int) or serial < 0:
-                raise ValueError("open: expects listener -> session serial")
+        model._owner = [None] * s
+        for slot, owner in zip(slots.tolist(), owners, strict=True):
+            model._owner[slot] = owner or None
         model._open = dict(opened)
         return model
-
-
-def _params(model: Any) -> dict[str, Any]:
-    from stream.models.base import get_params
-
-    return {k: v for k, v in get_params(model).items() if k != "vocabulary"}
-
-
-def _require(manifest: Mapping[str, Any], name: str, kind: type) -> Any:
-    value = manifest.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise ValueError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _array(
-    arrays: Mapping[str, np.ndarray], name: str, kind: str, shape: tuple[int, ...] | None
-) -> np.ndarray:
-    """``arrays[name]``, checked: numpy array of dtype kind ``kind`` (``i``: integer, ``f``:
-    float, ``U``: unicode) and the given shape."""
-    value = arrays.get(name)
-    if not isinstance(value, np.ndarray):
-        raise ValueError(f"{name}: missing or not an array")
-    ok = value.dtype.kind in ("i", "u") if kind == "i" else value.dtype.kind == kind
-    if not ok:
-        raise ValueError(f"{name}: dtype {value.dtype} is not of kind {kind!r}")
-    if shape is None and value.ndim != 1 or shape is not None and value.shape != shape:
-        raise ValueError(f"{name}: shape {value.shape}, expected {shape or '1-D'}")
-    if kind == "f" and not np.isfinite(value).all():
-        raise ValueError(f"{name}: not finite")
-    return value

@@ -63,6 +63,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: one random key per test session (the workers refuse unsigned control commands)
+TEST_WORKER_KEYS = f"test{uuid.uuid4().hex[:6]}:{uuid.uuid4().hex}"
+
+
 def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides: Any) -> Settings:
     """Settings whose topic, group, Redis key and channel names are unique to one caller."""
     tag = f"{prefix}{uuid.uuid4().hex[:8]}"
@@ -76,10 +80,15 @@ def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides:
         "control_topic": f"{tag}-control",
         "redis_prefix": f"{tag}:reco:",
         "similar_prefix": f"{tag}:similar:",
+        "catalog_prefix": f"{tag}:track:",
         "notify_channel": f"{tag}:reco-updates",
         "metrics_port": free_port(),
         "partitions": 4,
         "redis_flush_interval_ms": 1.0,
+        # workers restore and write checkpoints only with a key (stream.checkpoint)
+        "checkpoint_keys": f"{tag}:{uuid.uuid4().hex}",
+        # the workers sign and verify track signals and control commands (stream.auth)
+        "worker_keys": TEST_WORKER_KEYS,
     }
     return load_settings(env={}, file=None, **(values | overrides))
 
@@ -206,11 +215,14 @@ def reader(settings: Settings) -> Iterator[RecoReader]:
         prefix=settings.redis_prefix,
         similar_prefix=settings.similar_prefix,
         channel=settings.notify_channel,
+        catalog_prefix=settings.catalog_prefix,
     )
     yield r
     keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
     keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=1000))
+    keys += list(r.client.scan_iter(match=f"forgotten:{settings.app_id}*", count=1000))
     keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=1000))
+    keys += list(r.client.scan_iter(match=f"{settings.catalog_prefix}*", count=1000))
     for i in range(0, len(keys), 500):
         r.client.delete(*keys[i : i + 500])
     r.close()

@@ -104,8 +104,8 @@ def test_import_rejects_bad_state_naming_the_field(cls: type) -> None:
     bad[name] = arrays[name].astype(np.float64)
     with pytest.raises(ValueError, match=name):
         cls.import_state(manifest, bad)
-    with pytest.raises(ValueError, match="kind"):
-        cls.import_state({**manifest, "kind": "Other"}, arrays)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        cls.import_state({**manifest, "params": {**manifest["params"], "other": 1}}, arrays)
     missing = {k: v for k, v in arrays.items() if k != name}
     with pytest.raises(ValueError, match=name):
         cls.import_state(manifest, missing)
@@ -193,3 +193,171 @@ def test_recommender_is_deterministic_and_eviction_keeps_it_working() -> None:
     for variant in VARIANTS:
         recs = a.recommend(sa[user], 10, 1_700_100_000_000, variant=variant)
         assert all(r.track_id in a.vocabulary.index for r in recs)
+
+
+def artist_events(n: int = 700) -> list[PlayEvent]:
+    """Plays with real artist ids (7 artists) over 50 tracks, 12 listeners."""
+    out = []
+    for i in range(n):
+        user = f"u{i % 12}"
+        t = (i * 13 + (i // 12) * 7) % 50
+        out.append(PlayEvent(user, f"t{t}", 1_700_000_000_000 + i * 30_000, 200_000, f"e{i}",
+                             artist_id=f"a{t % 7}"))
+    return out
+
+
+def test_checkpoint_round_trip_keeps_session_models_and_blend_sources() -> None:
+    """session_knn, rules and ranker are checkpoint components; first_seen, tracks_of and
+    own_history travel too: the restored recommender ranks and learns exactly alike."""
+    from stream.checkpoint import pack_state, unpack_state
+
+    rec = Recommender(seed=3, repeats=8, artist_tracks=5)
+    states = run_recommender(rec, artist_events())
+    assert rec.own_history and rec.tracks_of and rec.ranker.n_learned > 0
+    manifest, arrays = unpack_state(pack_state(*rec.export_state()))
+    twin = Recommender.import_state(manifest, arrays)
+    assert twin.own_history == rec.own_history and twin.tracks_of == rec.tracks_of
+    n = len(rec.vocabulary)
+    assert twin.first_seen[:n].tolist() == rec.first_seen[:n].tolist()
+    assert twin.ranker.weights.tolist() == rec.ranker.weights.tolist()
+    assert (twin.repeats, twin.artist_tracks, twin.blend) == (8, 5, "learned")
+    now = 1_700_100_000_000
+    for state in states.values():
+        for variant in VARIANTS:
+            assert (twin.recommend(state, 10, now, variant=variant)
+                    == rec.recommend(state, 10, now, variant=variant))
+    more = artist_events(900)[700:]
+    s1 = run_recommender(rec, more)
+    s2 = run_recommender(twin, more)
+    assert s1 == s2
+    assert twin.ranker.weights.tolist() == rec.ranker.weights.tolist()
+    for state in s1.values():
+        assert twin.recommend(state, 10, now) == rec.recommend(state, 10, now)
+
+
+@pytest.mark.parametrize("name", ["own_history.counts", "tracks_of.counts", "first_seen",
+                                  "session_knn.items", "rules.nbr"])
+def test_import_refuses_a_spoiled_blend_source_naming_it(name: str) -> None:
+    rec = Recommender(seed=3, repeats=8, artist_tracks=5)
+    run_recommender(rec, artist_events(300))
+    manifest, arrays = rec.export_state()
+    bad = dict(arrays)
+    spoiled = arrays[name].copy()
+    spoiled.flat[-1] = -5
+    bad[name] = spoiled
+    with pytest.raises(ValueError, match=name.split(".")[0]):
+        Recommender.import_state(manifest, bad)
+
+
+def test_eviction_renumbers_session_models_and_blend_sources() -> None:
+    rec = Recommender(seed=3, repeats=8, artist_tracks=5)
+    states = run_recommender(rec, artist_events())
+    ids_before = list(rec.vocabulary.ids)
+    first_before = {t: int(rec.first_seen[r]) for r, t in enumerate(ids_before)}
+    evicted: list[str] = []
+    rec.evict_tracks(30, evicted.extend)
+    assert len(evicted) == 20 and len(rec.vocabulary) == 30
+    gone = set(evicted)
+    # every track row the session models hold is a live row, and means the same track
+    knn = rec.session_knn
+    live = np.arange(knn.session_length)[None, :] < knn._lengths[:, None]
+    assert int(knn._items[live].max()) < 30
+    assert len(knn._p_start) == 30
+    assert all(not gone & set(v) for v in rec.tracks_of.values())
+    assert all(rec.artist_of.get(t) == a for a, v in rec.tracks_of.items() for t in v)
+    for r, t in enumerate(rec.vocabulary.ids):
+        assert int(rec.first_seen[r]) == first_before[t]
+    # a freshly restored copy of the evicted recommender ranks alike (state consistent)
+    twin = Recommender.import_state(*rec.export_state())
+    now = 1_700_100_000_000
+    for state in states.values():
+        for variant in ("sknn", "stan", "sr", "blend"):
+            recs = rec.recommend(state, 10, now, variant=variant)
+            assert recs == twin.recommend(state, 10, now, variant=variant)
+            assert not {r.track_id for r in recs} & gone
+
+
+def test_per_listener_state_is_listed_forgotten_and_bounded() -> None:
+    rec = Recommender(seed=3, repeats=4, max_users=5)
+    run_recommender(rec, artist_events(240))
+    assert len(rec.own_history) == 5  # the 5 most recently played of 12 listeners
+    assert list(rec.own_history) == [f"u{i % 12}" for i in range(235, 240)]
+    users = set(rec.user_ids())
+    assert set(rec.own_history) <= users and set(rec.session_knn.open_users()) <= users
+    victim = next(iter(rec.own_history))
+    assert rec.forget_user(victim)
+    assert victim not in rec.user_ids() and victim not in rec.own_history
+    rec.limit_users(2)
+    assert len(rec.own_history) == 2
+
+
+def test_learned_blend_reason_codes_map_to_named_reasons() -> None:
+    """The learned blend's own sources have reason keys: the artist source names the
+    recent play by that artist (so the catalogue can say "more by the artist of X by Y"),
+    own history is "you played this before"; every code the blend emits is a key of
+    REASON_TEXTS."""
+    from stream.ranking import REASON_TEXTS
+    from stream.recommender import REASON_ARTIST, REASON_OWN
+
+    rec = Recommender(seed=3, artist_tracks=20, max_per_artist=None, repeats=5)
+    states = run_recommender(rec, artist_events())
+    for state in states.values():
+        for r in rec.recommend(state, 50, 1_700_100_000_000):
+            assert r.code in REASON_TEXTS
+            if r.code == "played":
+                assert r.anchor is not None and r.reason == f"because you played {r.anchor}"
+    rows = np.array([0, 1, 2], dtype=np.int64)
+    codes = np.array([REASON_ARTIST, REASON_OWN, REASON_ARTIST], dtype=np.int64)
+    leads = np.array([5, -1, -1], dtype=np.int64)
+    out = rec._results(rows, np.array([3.0, 2.0, 1.0]), codes, leads, 3)
+    ids = rec.vocabulary.ids
+    assert [(r.code, r.anchor) for r in out] == [
+        ("same_artist", ids[5]), ("played_before", None), ("trending", None)]
+    assert out[0].reason == f"more by the artist of {ids[5]}"
+    assert out[1].reason == "you played this before"
+    # in a ranked list: tracks only the artist source reaches (one-play listeners, so no
+    # co-occurrence or shared session) name the listener's play by that artist
+    t = 1_700_200_000_000
+    solo = [PlayEvent(u, tr, t + i, 200_000, f"s{i}", artist_id="z")
+            for i, (u, tr) in enumerate((("p", "solo2"), ("q", "solo3"), ("r", "solo1")))]
+    states = {**states, **run_recommender(rec, solo)}
+    recs = rec.recommend(states["r"], 50, t + 10)
+    by_artist = {r.track_id: r for r in recs if r.code == "same_artist"}
+    assert set(by_artist) == {"solo2", "solo3"}
+    assert all(r.anchor == "solo1" and r.reason == "more by the artist of solo1"
+               for r in by_artist.values())
+    # and the catalogue names the anchor in the published text
+    from stream.catalog import TrackCatalog
+
+    cat = TrackCatalog()
+    cat.observe("solo1", "Karma Police", "Radiohead", None, ts_ms=1)
+    item = cat.items([by_artist["solo2"]])[0]
+    assert item["reason"] == "more by the artist of Karma Police by Radiohead"
+    assert (item["reason_code"], item["reason_track_id"]) == ("same_artist", "solo1")
+
+
+def test_fixed_ranker_learns_no_session_models_and_the_setting_is_validated() -> None:
+    from stream.config import load_settings
+    from stream.errors import ConfigError
+
+    assert load_settings(env={}, file=None).ranker == "fixed"
+    assert load_settings(env={"STREAM_RANKER": "learned"}, file=None).ranker == "learned"
+    with pytest.raises(ConfigError, match="STREAM_RANKER"):
+        load_settings(env={"STREAM_RANKER": "smart"}, file=None)
+    with pytest.raises(ValueError, match="session_models"):
+        Recommender(blend="learned", session_models=False)
+    fixed = Recommender(seed=2, blend="fixed", session_models=False, repeats=3)
+    states = run_recommender(fixed, artist_events(300))
+    assert fixed.session_knn.memory_bytes() == SessionKNN().memory_bytes()
+    assert not fixed.own_history and not fixed.tracks_of and fixed.ranker.n_learned == 0
+    assert len(fixed.rules.arena()[4]) == 0 or int(fixed.rules._size.sum()) == 0
+    # the same plays, the fixed blend's lists: identical to a recommender with everything on
+    full = Recommender(seed=2, blend="fixed", repeats=3)
+    run_recommender(full, artist_events(300))
+    now = 1_700_100_000_000
+    for state in states.values():
+        assert fixed.recommend(state, 10, now) == full.recommend(state, 10, now)
+    fixed.use_ranker("learned")
+    assert fixed.session_models and fixed.blend == "learned"
+    run_recommender(fixed, artist_events(400)[300:])
+    assert fixed.ranker.n_learned > 0 and fixed.own_history
