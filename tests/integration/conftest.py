@@ -230,6 +230,60 @@ def wait_until(
     pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def subscribe_confirmed(client: Any, channel: str, timeout: float = 30.0) -> Any:
+    """A pub/sub connection subscribed to ``channel``, returned once the server has
+    confirmed the subscription (so nothing published after this returns is missed).
+
+    Subscribe confirmations are read, not ignored: with ``ignore_subscribe_messages=True``
+    ``get_message`` returns ``None`` for the confirmation, which looks like "no message"."""
+    pubsub = client.pubsub(ignore_subscribe_messages=False)
+    pubsub.subscribe(channel)
+    try:
+        wait_until(
+            lambda: (m := pubsub.get_message(timeout=0.2)) is not None
+            and m["type"] == "subscribe",
+            timeout,
+            interval=0,
+            what=f"the subscription to {channel!r} confirmed",
+        )
+    except BaseException:
+        pubsub.close()
+        raise
+    return pubsub
+
+
+def collect_notifications(
+    pubsub: Any,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float,
+    what: str = "notifications",
+) -> list[dict[str, Any]]:
+    """Read notifications (JSON messages) from ``pubsub`` until ``done(notes)`` (bounded)."""
+    import orjson
+
+    notes: list[dict[str, Any]] = []
+
+    def step() -> bool:
+        m = pubsub.get_message(timeout=0.2)
+        if m is not None and m["type"] == "message":
+            notes.append(orjson.loads(m["data"]))
+        return done(notes)
+
+    wait_until(step, timeout, interval=0, what=what)
+    return notes
+
+
+def drain_notifications(pubsub: Any, quiet_s: float = 0.5) -> list[dict[str, Any]]:
+    """What else arrives until the channel has been quiet for ``quiet_s``."""
+    import orjson
+
+    notes = []
+    while (m := pubsub.get_message(timeout=quiet_s)) is not None:
+        if m["type"] == "message":
+            notes.append(orjson.loads(m["data"]))
+    return notes
+
+
 # --------------------------------------------------------------------------- private services
 # For fault and security tests: instances this test may stop, restart or lock down. The
 # shared stack (9092, 6379) is never touched.
