@@ -146,18 +146,26 @@ class WorkerProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
             return str(resp.read().decode())
 
-    def metric_value(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
+    def samples(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        """The exported samples of ``name`` whose labels include ``labels``."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        total = 0.0
-        for family in text_string_to_metric_families(self.metrics()):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    total += sample.value
-        return total
+        return [
+            (dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def metric_value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none is
+        exported: to tell "0" from "absent", use :meth:`metric_sample`)."""
+        return sum(value for _, value in self.samples(name, **labels))
+
+    def metric_sample(self, name: str, **labels: str) -> float | None:
+        """Like :meth:`metric_value`, but ``None`` when no such sample is exported."""
+        found = self.samples(name, **labels)
+        return sum(value for _, value in found) if found else None
 
     def stop(self, timeout: float = 40.0) -> int:
         """Graceful stop (SIGTERM): Faust commits offsets and flushes the changelog."""
