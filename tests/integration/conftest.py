@@ -238,6 +238,23 @@ def wait_until(
     pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+class Budget:
+    """One wall-clock bound shared by several waits (e.g. a module fixture's, which all run
+    inside the first test's per-test timeout): each step gets its own bound, cut to what is
+    left of the whole."""
+
+    def __init__(self, total_s: float, what: str) -> None:
+        self.total_s = total_s
+        self.what = what
+        self.deadline = time.monotonic() + total_s
+
+    def step(self, seconds: float) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"{self.what}: the {self.total_s:.0f} s budget is spent")
+        return min(seconds, left)
+
+
 def subscribe_confirmed(client: Any, channel: str, timeout: float = 30.0) -> Any:
     """A pub/sub connection subscribed to ``channel``, returned once the server has
     confirmed the subscription (so nothing published after this returns is missed).
