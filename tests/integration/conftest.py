@@ -216,9 +216,11 @@ def reader(settings: Settings) -> Iterator[RecoReader]:
         channel=settings.notify_channel,
     )
     yield r
-    keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
-    keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=1000))
-    keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=1000))
+    # large SCAN pages: the shared Redis may hold ~10^6 keys of other runs, and the
+    # teardown counts against the per-test timeout
+    keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=20_000))
     for i in range(0, len(keys), 500):
         r.client.delete(*keys[i : i + 500])
     r.close()

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 
+import orjson
 import pytest
 
 from stream.config import Settings
