@@ -12,8 +12,9 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from stream.auth import KeyRing
 from stream.config import Settings
-from stream.control import encode_forget
+from stream.control import forget_record
 from stream.datasets import load_events
 from stream.events import PlayEvent
 from stream.kafka_io import client_kwargs, make_producer
@@ -31,9 +32,10 @@ def send_forget(settings: Settings, user: str) -> tuple[int, int]:
         p = make_producer(settings)
         await p.start()
         try:
-            md = await p.send_and_wait(
-                settings.control_topic, encode_forget(user), key=user.encode()
+            key, value, headers = forget_record(
+                user, KeyRing.parse(settings.worker_keys), settings.control_topic
             )
+            md = await p.send_and_wait(settings.control_topic, value, key=key, headers=headers)
             return md.partition, md.offset
         finally:
             await p.stop()
