@@ -42,8 +42,8 @@ def settled_quality(worker: WorkerProcess, what: str, timeout: float = 60) -> fl
 def test_live_quality_survives_restart(
     settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
 ) -> None:
-    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=6000)
-    first, second = events[:4000], events[4000:]
+    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=10000)
+    first, second = events[:6000], events[6000:]
     w1 = worker_factory()
     produce(settings, first)
     wait_until(
