@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from stream.config import Settings, load_settings, redis_auth
 from stream.errors import ConfigError, StackError, StreamError
@@ -46,6 +47,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
         for name, info in st.items():
             state = "ready" if info["ready"] else ("running" if info["pid"] else "stopped")
             print(f"{name:<11} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
+        worker = stack.worker_pid(cfg)
+        if worker is not None:  # the detached worker `stream demo` left running
+            print(f"{'worker':<11} {'running':<8} pid={worker:<8} (stopped by `stream stack down`)")
         return 0 if all(i["ready"] for i in st.values()) else 3
     return 0
 
@@ -53,32 +57,84 @@ def cmd_stack(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- worker
 
 
-def _restore_models(settings: Settings):  # type: ignore[no-untyped-def]
-    """The recommender from the last checkpoint in Redis, or None to start fresh."""
-    from stream.checkpoint import CheckpointError, unframe
-    from stream.recommender import Recommender, SnapshotError
-    from stream.store import checkpoint_key, load_checkpoint
+def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def]
+    """The recommender from the last checkpoint in Redis, or None to start fresh.
+
+    A checkpoint that cannot be read or is refused (stream.checkpoint.REJECT_REASONS) is
+    logged in one line, counted in ``stream_checkpoints_rejected_total{reason}``, and the
+    worker learns from scratch: it never stops over a checkpoint. Listeners forgotten since
+    (the forget tombstones) are dropped from the restored models."""
+    from redis.exceptions import ResponseError
+
+    from stream.checkpoint import CheckpointRejected, checkpoint_mode, open_checks, open_models
+    from stream.store import (
+        CheckpointTooLarge,
+        checkpoint_key,
+        load_checkpoint,
+        load_tombstones,
+        tombstone_member,
+        tombstones_key,
+    )
 
     log = logging.getLogger("stream.worker")
-    if not settings.checkpoint_interval_s:
-        return None
     key = checkpoint_key(settings.app_id)
+    mode = checkpoint_mode(settings)
+    if mode == "off":
+        log.info("model checkpoints are off (checkpoint_interval_s = 0)")
+        return None
+    if mode == "refused":
+        log.error(
+            "model checkpoints DISABLED: no checkpoint key is set, so this worker will "
+            "neither restore nor write %s (anyone who can write Redis could forge one). Set "
+            "STREAM_CHECKPOINT_KEYS=kid:secret, or STREAM_CHECKPOINT_INSECURE=true to accept "
+            "unsigned checkpoints anyway", key)
+        return None
+    if mode == "insecure":
+        log.warning(
+            "model checkpoints are UNSIGNED (checkpoint_insecure=true): anyone who can write "
+            "Redis key %s can replace this worker's models; set STREAM_CHECKPOINT_KEYS", key)
+
+    def reject(reason: str, why: str) -> None:
+        metrics.checkpoints_rejected.labels(reason).inc()
+        log.error("rejected model checkpoint %s (%s): %s; starting fresh", key, reason, why)
+
     try:
-        blob = load_checkpoint(settings.redis_url, key, **redis_auth(settings))
+        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
+                               **redis_auth(settings))
+    except CheckpointTooLarge as exc:
+        reject("oversized", str(exc))
+        return None
+    except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
+        reject("malformed", f"Redis refused to read it: {exc}")
+        return None
     except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
-        log.warning("could not read model checkpoint %s (%s); starting fresh", key, exc)
+        reject("unreadable", f"could not read it: {type(exc).__name__}: {exc}")
         return None
     if blob is None:
         log.info("no model checkpoint at %s; starting fresh", key)
         return None
+    now_ms = int(time.time() * 1000)
     try:
-        rec = Recommender.restore(unframe(blob, settings.checkpoint_secret))
-    except (CheckpointError, SnapshotError) as exc:
-        log.error("ignoring model checkpoint %s: %s", key, exc)
+        rec, opened = open_models(blob, **open_checks(settings, now_ms))
+    except CheckpointRejected as exc:
+        reject(exc.reason, str(exc))
         return None
-    if not settings.checkpoint_secret:
-        log.warning("model checkpoints are unsigned; set STREAM_CHECKPOINT_SECRET in production")
-    log.info("restored models from checkpoint %s (%d bytes)", key, len(blob))
+    except Exception as exc:  # noqa: BLE001 - never let a checkpoint stop the worker
+        reject("malformed", f"{type(exc).__name__}: {exc}")
+        return None
+    try:
+        forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
+                                    settings.forget_tombstone_ttl_s, **redis_auth(settings))
+    except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
+        reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
+        return None
+    tombstoned = set(forgotten)
+    dropped = sum(rec.forget_user(user) for user in rec.user_ids()
+                  if tombstone_member(user) in tombstoned)
+    log.info(
+        "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
+        "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,
+        (now_ms - opened.created_ms) / 1000, len(forgotten), dropped)
     return rec
 
 
@@ -116,7 +172,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    recommender = _restore_models(settings)
+    recommender = _restore_models(settings, metrics)
     metrics.checkpoint_restored.set(1 if recommender is not None else 0)
     worker = create_worker(settings, metrics, partitions, recommender)
     run_worker(worker)
@@ -158,42 +214,74 @@ def _reader(settings: Settings):  # type: ignore[no-untyped-def]
         prefix=settings.redis_prefix,
         similar_prefix=settings.similar_prefix,
         channel=settings.notify_channel,
+        catalog_prefix=settings.catalog_prefix,
     )
+
+
+def _show_item(i: int, item: dict[str, Any], catalogue: dict[str, dict[str, str]]) -> str:
+    """One list line: title by artist (from the document, else the Redis catalogue), or the
+    track id when no name is known; the reason as stored."""
+    track = str(item["track_id"])
+    known = catalogue.get(track, {})
+    name = item.get("name") or known.get("name")
+    artist = item.get("artist") or known.get("artist")
+    label = track if not name else (f"{name} by {artist}" if artist else str(name))
+    return f"{i:>3}. {label:<48} {float(item['score']):>7.4f}  {item.get('reason', '')}"
+
+
+def _show_list(reader: Any, items: list[dict[str, Any]]) -> list[str]:
+    missing = [str(it["track_id"]) for it in items if not it.get("name")]
+    catalogue = reader.tracks(missing) if missing else {}
+    return [_show_item(i, it, catalogue) for i, it in enumerate(items, 1)]
 
 
 def cmd_recs(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    doc = _reader(settings).get(args.user)
-    if doc is None:
+    reader = _reader(settings)
+    raw = reader.get_raw(args.user)
+    if raw is None:
         print(f"no recommendations for {args.user!r} (key {settings.redis_prefix}{args.user})")
         return 1
-    if args.json:
-        print(json.dumps(doc, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+    if args.json:  # exactly the stored document
+        sys.stdout.write(raw.decode() + "\n")
         return 0
-    age = time.time() - doc.generated_at_ms / 1000
+    doc = json.loads(raw)
+    age = time.time() - doc["generated_at"] / 1000
     print(
-        f"{doc.user_id}: {len(doc.items)} tracks, seq {doc.seq}, model {doc.model_version}, "
-        f"generated {age:.1f}s ago from event {doc.event_id}"
+        f"{doc['user_id']}: {len(doc['items'])} tracks, seq {doc['seq']}, model "
+        f"{doc.get('model_version', '')}, generated {age:.1f}s ago from event {doc['event_id']}"
     )
-    for i, item in enumerate(doc.items, 1):
-        print(f"{i:>3}. {item.track_id:<40} {item.score:>9.4f}  {item.reason}")
+    print("\n".join(_show_list(reader, doc["items"])))
     return 0
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    doc = _reader(settings).similar(args.track)
-    if doc is None:
+    reader = _reader(settings)
+    raw = reader.similar_raw(args.track)
+    if raw is None:
         print(f"no 'more like this' list for {args.track!r} yet")
         return 1
-    print(
-        json.dumps(doc, indent=2)
-        if args.json
-        else "\n".join(
-            f"{i:>3}. {it['track_id']:<40} {it['score']:>9.4f}  {it['reason']}"
-            for i, it in enumerate(doc.get("items", []), 1)
-        )
-    )
+    if args.json:  # exactly the stored document
+        sys.stdout.write(raw.decode() + "\n")
+        return 0
+    doc = json.loads(raw)
+    seed = reader.tracks([args.track]).get(args.track, {})
+    title = seed.get("name")
+    label = args.track if not title else (
+        f"{title} by {seed['artist']}" if seed.get("artist") else title)
+    print(f"more like {label}: {len(doc.get('items', []))} tracks")
+    print("\n".join(_show_list(reader, doc.get("items", []))))
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """``stream catalog load FILE``: upsert track names without a play."""
+    from stream.catalog_load import load_catalog_file
+
+    settings = _settings(args)
+    written = load_catalog_file(settings, args.file)
+    print(f"upserted {written} tracks into {settings.catalog_prefix}* from {args.file}")
     return 0
 
 
@@ -230,6 +318,43 @@ def cmd_forget(args: argparse.Namespace) -> int:
         f"worker purges its session state, model parameters and {settings.redis_prefix}"
         f"{args.user}"
     )
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Verify the model checkpoint in Redis as the worker would, and describe it."""
+    from stream.checkpoint import CheckpointRejected, open_checks, open_models
+    from stream.store import CheckpointTooLarge, checkpoint_key, load_checkpoint
+
+    settings = _settings(args)
+    key = checkpoint_key(settings.app_id)
+    now_ms = int(time.time() * 1000)
+    try:
+        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
+                               **redis_auth(settings))
+        if blob is None:
+            raise CheckpointRejected("malformed", "no checkpoint stored")
+        rec, opened = open_models(blob, **open_checks(settings, now_ms))
+    except (CheckpointRejected, CheckpointTooLarge) as exc:
+        reason = getattr(exc, "reason", "oversized")
+        out = {"key": key, "valid": False, "reason": reason, "error": str(exc)}
+        print(json.dumps(out) if args.json else f"{key}: REJECTED ({reason}): {exc}")
+        return 1
+    info = {
+        "key": key, "valid": True, "bytes": len(blob), "kid": opened.kid,
+        "app_id": opened.app_id, "created_ms": opened.created_ms,
+        "age_s": round((now_ms - opened.created_ms) / 1000, 1),
+        "tracks": rec.catalogue_size(), "listeners": len(rec.mf.user_factors),
+        "plays_learned": rec.n_learned,
+    }
+    if args.user:
+        info["user"] = args.user
+        info["user_has_factors"] = args.user in rec.mf.user_factors
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for name, value in info.items():
+            print(f"{name:<17} {value}")
     return 0
 
 
@@ -308,10 +433,24 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_similar)
 
+    cl = sub.add_parser("catalog", help="track metadata: upsert names without a play")
+    common(cl)
+    cl.add_argument("action", choices=("load",))
+    cl.add_argument(
+        "file", help="CSV (header track_id,name,artist,album) or JSONL (one object per line)"
+    )
+    cl.set_defaults(func=cmd_catalog)
+
     fg = sub.add_parser("forget", help="purge a listener's state and recommendations")
     common(fg)
     fg.add_argument("user")
     fg.set_defaults(func=cmd_forget)
+
+    ck = sub.add_parser("checkpoint", help="verify and describe the model checkpoint in Redis")
+    common(ck)
+    ck.add_argument("--user", help="also say whether this listener's factors are in it")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_checkpoint)
 
     c = sub.add_parser("config", help="print the effective settings (secrets masked)")
     common(c)
@@ -319,13 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="stack + worker + producer replaying real plays")
     common(d)
-    d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="lastfm")
-    d.add_argument("--count", type=int, default=5000)
-    d.add_argument("--rate", type=float, default=200.0)
+    d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="movielens",
+                   help="real plays to replay (default: MovieLens-100K ratings as plays)")
+    d.add_argument("--count", type=int, default=20_000)
+    d.add_argument("--rate", type=float, default=500.0)
     d.add_argument(
         "--keep-running",
         action="store_true",
-        help="leave the worker running after the replay (Ctrl-C to stop)",
+        help=argparse.SUPPRESS,  # the worker always stays up now (`stream stack down`)
     )
     d.set_defaults(func=cmd_demo)
 

@@ -80,10 +80,13 @@ def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides:
         "control_topic": f"{tag}-control",
         "redis_prefix": f"{tag}:reco:",
         "similar_prefix": f"{tag}:similar:",
+        "catalog_prefix": f"{tag}:track:",
         "notify_channel": f"{tag}:reco-updates",
         "metrics_port": free_port(),
         "partitions": 4,
         "redis_flush_interval_ms": 1.0,
+        # workers restore and write checkpoints only with a key (stream.checkpoint)
+        "checkpoint_keys": f"{tag}:{uuid.uuid4().hex}",
         # the workers sign and verify track signals and control commands (stream.auth)
         "worker_keys": TEST_WORKER_KEYS,
     }
@@ -220,13 +223,16 @@ def reader(settings: Settings) -> Iterator[RecoReader]:
         prefix=settings.redis_prefix,
         similar_prefix=settings.similar_prefix,
         channel=settings.notify_channel,
+        catalog_prefix=settings.catalog_prefix,
     )
     yield r
     # large SCAN pages: the shared Redis may hold ~10^6 keys of other runs, and the
     # teardown counts against the per-test timeout
     keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=20_000))
     keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"forgotten:{settings.app_id}*", count=20_000))
     keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"{settings.catalog_prefix}*", count=20_000))
     for i in range(0, len(keys), 500):
         r.client.delete(*keys[i : i + 500])
     r.close()

@@ -19,7 +19,9 @@ CORE = [
     "stream/checkpoint.py",
     "stream/recommender.py",
     "stream/ranking.py",
+    "stream/catalog.py",
     "stream/evaluation.py",
+    "stream/contexts.py",
     "stream/models",
 ]
 FORBIDDEN = ("faust", "mode", "aiokafka", "kafka", "redis", "prometheus_client")

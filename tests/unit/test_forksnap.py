@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -56,7 +56,7 @@ def test_the_child_sees_the_state_as_it_was_at_the_fork(tmp_path: Path) -> None:
 
     def build() -> bytes:
         assert wait_for_file(changed)  # the parent changes its state meanwhile
-        return pickle.dumps(state)
+        return json.dumps(state).encode()
 
     async def main() -> bytes:
         before = procfs_children(os.getpid())
@@ -67,7 +67,7 @@ def test_the_child_sees_the_state_as_it_was_at_the_fork(tmp_path: Path) -> None:
         data, _ = await task
         return data
 
-    assert pickle.loads(asyncio.run(main())) == {"plays": 1}
+    assert json.loads(asyncio.run(main())) == {"plays": 1}
     assert state == {"plays": 2}
 
 
