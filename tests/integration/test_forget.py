@@ -5,20 +5,22 @@ restore of a model checkpoint taken before the forget."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from stream.auth import KeyRing
-from stream.config import Settings
+from stream.config import Settings, redis_auth
 from stream.control import forget_record
 from stream.datasets import load_events
 from stream.events import PlayEvent
 from stream.kafka_io import client_kwargs, make_producer
-from stream.store import RecoReader, checkpoint_key
+from stream.store import RecoReader, checkpoint_key, load_checkpoint
 
 from .conftest import WorkerProcess, produce, wait_until
 
@@ -102,12 +104,11 @@ def test_forget_then_sigkill_restores_no_trace_of_the_listener(
     settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
 ) -> None:
     """A model checkpoint taken before the forget holds the listener's model state (their
-    MF factors). The worker that applied the forget is SIGKILLed before any newer
-    checkpoint, with the forget's offset committed (so the restart does not simply re-read
-    and re-apply it): the restarted worker must hold nothing of the listener -- no model
-    state, no session, no document."""
-    from stream.cli import _restore_models  # the worker's own checkpoint restore
-
+    MF factors, read as stored, without the worker's restore-time filtering). The worker
+    that applied the forget is SIGKILLed before any newer checkpoint, with the forget's
+    offset committed (so the restart does not simply re-read and re-apply it): the
+    restarted worker must hold nothing of the listener -- no model state (checked on its
+    own final checkpoint), no session, no document."""
     # checkpoints only at a clean stop: none is taken after the forget
     settings = settings.replace(checkpoint_interval_s=3600.0)
     events = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
@@ -119,7 +120,7 @@ def test_forget_then_sigkill_restores_no_trace_of_the_listener(
     wait_all_applied(reader, expected)
     assert w1.stop() == 0  # the final checkpoint: taken before the forget
     assert reader.client.exists(checkpoint_key(settings.app_id))
-    before = _restore_models(settings)
+    before = checkpointed_models(settings)
     assert before is not None and before.forget_user(victim), (
         "precondition: the checkpoint holds the victim's model state"
     )
@@ -142,7 +143,7 @@ def test_forget_then_sigkill_restores_no_trace_of_the_listener(
     assert w3.stop() == 0  # its final checkpoint is exactly the model state it restored
     assert forgets_applied(w2) == 1
     assert forgets_applied(w3) == 0, "the forget was re-applied: the restore was not tested"
-    after = _restore_models(settings)
+    after = checkpointed_models(settings)
     assert after is not None
     assert not after.forget_user(victim), (
         "the restarted worker restored the forgotten listener's model state from a "
@@ -157,6 +158,22 @@ def test_forget_then_sigkill_restores_no_trace_of_the_listener(
     doc = wait_until(lambda: reader.get(victim), 60, what="victim's fresh doc")
     assert doc.seq == 1 and doc.session["plays_total"] == 1 and doc.session["sessions_total"] == 1
     assert w4.metric_value("stream_events_total", outcome="processed") == 1
+
+
+def checkpointed_models(settings: Settings) -> Any:
+    """The recommender in the app's checkpoint in Redis, opened (and verified) as the worker
+    opens it, but without dropping forgotten listeners: what the checkpoint itself holds."""
+    from stream.checkpoint import open_checks, open_models
+
+    blob = load_checkpoint(
+        settings.redis_url,
+        checkpoint_key(settings.app_id),
+        max_bytes=settings.checkpoint_max_bytes,
+        **redis_auth(settings),
+    )
+    assert blob is not None, "no checkpoint"
+    rec, _ = open_models(blob, **open_checks(settings, int(time.time() * 1000)))
+    return rec
 
 
 def forgets_applied(worker: WorkerProcess) -> int:
