@@ -411,6 +411,8 @@ def create_worker(
         blend=settings.ranker, session_models=settings.ranker == "learned")
     if isinstance(recommender, Recommender):  # also one restored from a checkpoint
         recommender.use_ranker(settings.ranker)
+        logger.info("ranker: %s (setting ranker; session models %s)", settings.ranker,
+                    "on" if recommender.session_models else "off")
     limit_users = getattr(recommender, "limit_users", None)
     if callable(limit_users):  # also bounds a recommender restored from a checkpoint
         limit_users(settings.max_users or None)

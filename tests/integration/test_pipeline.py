@@ -251,3 +251,39 @@ def test_pubsub_notification_per_update(
         doc = reader.get(user)
         assert doc is not None and doc.event_id == ns[-1]["event_id"]
         assert doc.seq == ns[-1]["seq"]
+
+
+def test_learned_ranker_worker_publishes_valid_lists(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    """STREAM_RANKER=learned (the learned blend over the session models; the default is
+    the fixed blend): the worker learns and publishes full, valid lists whose reason codes
+    are documented ones."""
+    from stream.ranking import REASON_TEXTS
+
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm", limit=3000)
+    learned = settings.replace(ranker="learned")
+    worker = worker_factory(learned)
+    assert produce(learned, events) == len(events)
+    expected = counts_by_user(events)
+    wait_for_counts(reader, expected)
+    known = {e.track_id for e in events}
+    history: dict[str, list[str]] = defaultdict(list)
+    for e in events:
+        history[e.user_id].append(e.track_id)
+    codes: Counter[str] = Counter()
+    for user, n in expected.items():
+        doc = reader.get(user)
+        assert doc is not None and doc.session["plays_total"] == n
+        ids = [i.track_id for i in doc.items]
+        assert len(ids) <= settings.top_k and len(set(ids)) == len(ids)
+        assert set(ids) <= known
+        assert not set(history[user][-settings.max_recent :]) & set(ids)
+        if n > 100:
+            assert len(ids) == settings.top_k
+        for item in doc.items:
+            assert item.reason and item.reason_code in REASON_TEXTS
+            codes[item.reason_code] += 1
+    assert sum(codes.values()) > 0
+    assert worker.metric_value("stream_events_total", outcome="processed") == len(events)
+    assert "ranker: learned (setting ranker; session models on)" in worker.log_text()
