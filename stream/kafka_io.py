@@ -73,11 +73,17 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
         existing = await _partition_counts(admin, names)
         # the control topic must be co-partitioned with plays (same key -> same partition)
         plays_n = existing.get(settings.plays_topic, settings.partitions)
+        topic_configs = (
+            {"min.insync.replicas": str(settings.min_insync_replicas)}
+            if settings.min_insync_replicas
+            else {}
+        )
         to_create = [
             NewTopic(
                 name,
                 plays_n if name == settings.control_topic else settings.partitions,
                 settings.replication_factor,
+                topic_configs=topic_configs,
             )
             for name in names
             if name not in existing
@@ -130,9 +136,9 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
 
 def make_producer(settings: Settings, **extra: Any) -> AIOKafkaProducer:
     kw = client_kwargs(settings)
-    kw.setdefault("acks", "all")
+    kw.setdefault("acks", settings.kafka_acks)
     kw.setdefault("linger_ms", 5)
-    kw.setdefault("enable_idempotence", True)
+    kw.setdefault("enable_idempotence", settings.kafka_acks == "all")  # idempotence needs all
     kw.update(extra)
     return AIOKafkaProducer(**kw)
 
