@@ -112,6 +112,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # aiokafka's connection debug log prints SASL login bytes (user and password): never
     # let it log below INFO, whatever log_level says
     logging.getLogger("aiokafka.conn").setLevel(max(logging.INFO, logging.getLogger().level))
+    from stream.store import check_redis_mode
+
+    # a cluster client against a standalone server (or the reverse) is a setting's mistake
+    check_redis_mode(settings.redis_url, **redis_auth(settings))
     from stream.app import create_worker, run_worker
     from stream.kafka_io import ensure_topics
     from stream.metrics import Metrics, serve

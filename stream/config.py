@@ -337,7 +337,7 @@ def validate(s: Settings) -> Settings:
 _TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
-def redis_auth(s: Settings) -> dict[str, str]:
+def redis_auth(s: Settings) -> dict[str, Any]:
     """Redis credentials and TLS files as keyword arguments for stream.store clients."""
     return {
         "password": s.redis_password,
@@ -345,4 +345,5 @@ def redis_auth(s: Settings) -> dict[str, str]:
         "tls_ca_file": s.redis_tls_ca_file,
         "tls_cert_file": s.redis_tls_cert_file,
         "tls_key_file": s.redis_tls_key_file,
+        "cluster": s.redis_cluster,
     }

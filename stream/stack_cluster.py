@@ -96,9 +96,7 @@ def _node_properties(cc: ClusterConfig, i: int) -> Path:
     root = cc.base.state_dir / "kafka-cluster" / f"node-{i}"
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
-    voters = ",".join(
-        f"{j + 1}@127.0.0.1:{cc.controller_port + j}" for j in range(cc.brokers)
-    )
+    voters = ",".join(f"{j + 1}@127.0.0.1:{cc.controller_port + j}" for j in range(cc.brokers))
     text = (stack.CONFIGS / "kafka" / "cluster.properties").read_text()
     for name, value in {
         "node_id": str(i + 1),
@@ -382,7 +380,11 @@ def status(cc: ClusterConfig) -> dict[str, dict[str, object]]:
 
 
 def private_cluster_config(
-    state_dir: Path, *, kafka_port: int = 0, controller_port: int = 0, redis_port: int = 0,
+    state_dir: Path,
+    *,
+    kafka_port: int = 0,
+    controller_port: int = 0,
+    redis_port: int = 0,
     brokers: int = 3,
 ) -> ClusterConfig:
     """A ClusterConfig with its own state dir and ports (tests, drills)."""
@@ -404,4 +406,3 @@ def env_for(cc: ClusterConfig) -> dict[str, str]:
         "STREAM_MIN_INSYNC_REPLICAS": str(min(2, cc.brokers)),
         "STREAM_REDIS_URL": cc.redis_url,
     }
-

@@ -46,6 +46,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from stream.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 #: WRITE_SCRIPT's replies
@@ -550,13 +552,14 @@ class RecoWriter:
         plain = plain or {}
         if self._sha is None:
             self._sha = await self.client.script_load(WRITE_SCRIPT)
+        cluster = isinstance(self.client, aioredis.RedisCluster)
         for attempt in range(2):
             parts: list[bytes] = []
-            for key in deletes:
+            for key in deletes if not cluster else ():
                 parts.append(pack_command(b"DEL", key))
-            for key, doc in plain.items():
+            for key, doc in plain.items() if not cluster else ():
                 parts.append(pack_command(b"SET", key, doc, b"EX", self.ttl_s))
-            for w in batch:
+            for w in batch if not cluster else ():
                 parts.append(
                     pack_command(
                         b"EVALSHA",
@@ -571,7 +574,10 @@ class RecoWriter:
                         w.lineage,
                     )
                 )
-            replies = await self._round_trip(parts)
+            if isinstance(self.client, aioredis.RedisCluster):
+                replies = await self._cluster_round_trip(batch, deletes, plain)
+            else:
+                replies = await self._round_trip(parts)
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted and lost its script cache: load it and send the batch again
                 self._sha = await self.client.script_load(WRITE_SCRIPT)
@@ -583,6 +589,36 @@ class RecoWriter:
                     raise r
             return replies
         raise AssertionError("unreachable")
+
+    async def _cluster_round_trip(
+        self, batch: list[PendingWrite], deletes: list[str], plain: dict[str, bytes]
+    ) -> list[Any]:
+        """The same commands as :meth:`_send` packs, through redis-py's cluster pipeline:
+        it groups them by the node owning each key's slot (one round trip per node, in
+        parallel), follows MOVED/ASK (and refreshes its slot map), and retries a node it
+        lost after refreshing the topology (a failover). Every command names one key, so
+        none is ever CROSSSLOT. Error replies come back in place, as from
+        :meth:`_round_trip`; a node that stays unreachable raises (the batch is retried,
+        and the ``seq`` guard makes the commands that did land idempotent)."""
+        pipe = cast(Any, self.client).pipeline(transaction=False)
+        for key in deletes:
+            pipe.execute_command("DEL", key)
+        for key, doc in plain.items():
+            pipe.execute_command("SET", key, doc, "EX", self.ttl_s)
+        for w in batch:
+            pipe.execute_command(
+                "EVALSHA",
+                self._sha,
+                1,
+                w.key,
+                w.seq,
+                w.doc,
+                self.ttl_s,
+                self.channel,
+                w.notification,
+                w.lineage,
+            )
+        return list(await pipe.execute(raise_on_error=False))
 
     async def _round_trip(self, commands: list[bytes]) -> list[Any]:
         """Send packed ``commands`` on one pooled connection and read one reply each (error
@@ -675,8 +711,13 @@ def connect_async(
     tls_ca_file: str = "",
     tls_cert_file: str = "",
     tls_key_file: str = "",
+    cluster: bool = False,
 ) -> aioredis.Redis:
-    """The worker's Redis client (see :func:`client_options` for auth and TLS)."""
+    """The worker's Redis client (see :func:`client_options` for auth and TLS): redis-py's
+    cluster client when ``cluster`` or a ``redis+cluster://`` URL says so
+    (:func:`cluster_url`). It answers the same commands; typed as ``Redis`` because
+    types-redis' stubs give ``RedisCluster`` few of them."""
+    url, cluster = cluster_url(url, cluster)
     url, kwargs = client_options(
         url,
         password=password,
@@ -685,7 +726,77 @@ def connect_async(
         tls_cert_file=tls_cert_file,
         tls_key_file=tls_key_file,
     )
+    if cluster:
+        return cast(
+            "aioredis.Redis[Any]",
+            aioredis.RedisCluster.from_url(
+                url, socket_timeout=5, socket_connect_timeout=5, **kwargs
+            ),
+        )
     return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
+
+
+def cluster_url(url: str, cluster: bool = False) -> tuple[str, bool]:
+    """The URL redis-py understands and whether it is a Redis Cluster: ``redis+cluster://``
+    and ``rediss+cluster://`` select cluster mode (as does ``cluster``, the setting
+    ``redis_cluster``); the node in the URL is only the seed the topology is read from.
+
+    >>> cluster_url("redis+cluster://127.0.0.1:7000/0")
+    ('redis://127.0.0.1:7000/0', True)
+    >>> cluster_url("redis://127.0.0.1:7000/0", True), cluster_url("redis://h:6379/0")
+    (('redis://127.0.0.1:7000/0', True), ('redis://h:6379/0', False))
+    """
+    for scheme in ("redis", "rediss"):
+        prefix = f"{scheme}+cluster://"
+        if url.startswith(prefix):
+            return f"{scheme}://{url[len(prefix) :]}", True
+    return url, cluster
+
+
+def check_redis_mode(url: str, password: str = "", **auth: Any) -> bool | None:
+    """Whether the server at ``url`` agrees with the configured mode: raises ConfigError
+    (naming the setting ``redis_cluster``) when a cluster client meets a standalone server
+    or a standalone client meets a cluster node; None when the server does not answer
+    (the writer retries until it does), else the server's ``cluster_enabled``."""
+    url, cluster = cluster_url(url, bool(auth.pop("cluster", False)))
+    url, kwargs = client_options(url, password=password, **auth)
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
+    try:
+        enabled = bool(int(client.info("cluster").get("cluster_enabled", 0)))
+    except (RedisError, OSError, ValueError) as exc:
+        logger.warning("could not ask Redis whether it is a cluster (%s); not checked", exc)
+        return None
+    finally:
+        client.close()
+    if enabled and not cluster:
+        raise ConfigError(
+            "setting 'redis_cluster' (env STREAM_REDIS_CLUSTER): the Redis server at "
+            "redis_url is a Redis Cluster node; set redis_cluster=true or use a "
+            "redis+cluster:// URL"
+        )
+    if cluster and not enabled:
+        raise ConfigError(
+            "setting 'redis_cluster' (env STREAM_REDIS_CLUSTER): redis_url asks for Redis "
+            "Cluster but the server there is standalone (cluster_enabled:0); set "
+            "redis_cluster=false and use a redis:// URL"
+        )
+    return enabled
+
+
+def connect_sync(
+    url: str, password: str = "", *, cluster: bool = False, **auth: Any
+) -> redis.Redis[Any]:
+    """A blocking client (readers, start-up): the cluster one when the mode says so
+    (typed as ``Redis``, as :func:`connect_async`)."""
+    timeouts: dict[str, Any] = {
+        k: auth.pop(k) for k in ("socket_timeout", "socket_connect_timeout") if k in auth
+    }
+    url, cluster = cluster_url(url, cluster)
+    url, kwargs = client_options(url, password=password, **cast(dict[str, str], auth))
+    kwargs.update(timeouts)
+    if cluster:
+        return cast("redis.Redis[Any]", redis.RedisCluster.from_url(url, **kwargs))
+    return redis.Redis.from_url(url, **kwargs)
 
 
 # --------------------------------------------------------------------------- client side
@@ -746,16 +857,27 @@ class RecoReader:
         tls_ca_file: str = "",
         tls_cert_file: str = "",
         tls_key_file: str = "",
+        cluster: bool = False,
     ) -> None:
-        url, kwargs = client_options(
-            url,
-            password=password,
-            username=username,
-            tls_ca_file=tls_ca_file,
-            tls_cert_file=tls_cert_file,
-            tls_key_file=tls_key_file,
-        )
-        self.client = redis.Redis.from_url(url, socket_timeout=5, **kwargs)
+        self.cluster = cluster_url(url, cluster)[1]
+        try:
+            self.client = connect_sync(
+                url,
+                password,
+                cluster=self.cluster,
+                username=username,
+                tls_ca_file=tls_ca_file,
+                tls_cert_file=tls_cert_file,
+                tls_key_file=tls_key_file,
+                socket_timeout=5,
+            )
+        except redis.exceptions.RedisClusterException as exc:
+            if "not enabled" in str(exc):
+                raise ConfigError(
+                    "setting 'redis_cluster': redis_url asks for Redis Cluster but the "
+                    "server there is standalone; use a redis:// URL"
+                ) from exc
+            raise
         self.prefix = prefix
         self.similar_prefix = similar_prefix
         self.channel = channel
@@ -769,7 +891,12 @@ class RecoReader:
         return None if raw is None else orjson.loads(raw)  # type: ignore[arg-type]
 
     def updates(self, timeout_s: float = 10.0) -> Iterator[dict[str, Any]]:
-        """Yield update notifications until ``timeout_s`` passes without one."""
+        """Yield update notifications until ``timeout_s`` passes without one.
+
+        On a Redis Cluster the writer's script publishes with classic ``PUBLISH``, which
+        the cluster forwards to every node, so the subscription may sit on any node (see
+        README "Running on clustered Kafka and Redis Cluster" for why not sharded pub/sub).
+        """
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.channel)
         try:
@@ -796,11 +923,9 @@ def checkpoint_key(app_id: str) -> str:
     return f"model:{app_id}"
 
 
-def load_checkpoint(url: str, key: str, password: str = "", **auth: str) -> bytes | None:
+def load_checkpoint(url: str, key: str, password: str = "", **auth: Any) -> bytes | None:
     """Read a model checkpoint synchronously (worker start-up, before the event loop)."""
-    url, kwargs = client_options(url, password=password, **auth)
-    kwargs.update(socket_timeout=30, socket_connect_timeout=5)
-    client = redis.Redis.from_url(url, **kwargs)
+    client = connect_sync(url, password, socket_timeout=30, socket_connect_timeout=5, **auth)
     try:
         raw = client.get(key)
     finally:
@@ -864,9 +989,11 @@ async def save_checkpoint(
                     f"{offset}, expected {offset + len(piece)}"
                 )
         # one transaction: the upload's expiry must not come along, not even for a moment
+        # (execute_command: redis-py's cluster pipeline refuses its rename() helper, though
+        # a MULTI whose keys share one slot, as these do, is fine on Redis Cluster)
         async with client.pipeline(transaction=True) as tx:
-            tx.rename(upload, key)
-            tx.persist(key)
+            tx.execute_command("RENAME", upload, key)
+            tx.execute_command("PERSIST", key)
             await tx.execute()
     except BaseException:
         with contextlib.suppress(Exception):
