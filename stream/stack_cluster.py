@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -212,7 +213,10 @@ def stop_kafka_node(cc: ClusterConfig, i: int) -> bool:
 
 
 def stop_kafka_cluster(cc: ClusterConfig) -> bool:
-    stopped = [stop_kafka_node(cc, i) for i in reversed(range(cc.brokers))]
+    """Stop every node at once: stopped one after the other, the last ones lose their
+    quorum and hang in controlled shutdown until the SIGKILL."""
+    with ThreadPoolExecutor(max_workers=cc.brokers) as pool:
+        stopped = list(pool.map(lambda i: stop_kafka_node(cc, i), range(cc.brokers)))
     return any(stopped)
 
 
