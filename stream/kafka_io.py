@@ -136,7 +136,7 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
 
 def make_producer(settings: Settings, **extra: Any) -> AIOKafkaProducer:
     kw = client_kwargs(settings)
-    kw.setdefault("acks", settings.kafka_acks)
+    kw.setdefault("acks", "all" if settings.kafka_acks == "all" else int(settings.kafka_acks))
     kw.setdefault("linger_ms", 5)
     kw.setdefault("enable_idempotence", settings.kafka_acks == "all")  # idempotence needs all
     kw.update(extra)

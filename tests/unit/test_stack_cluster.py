@@ -6,6 +6,7 @@ test_redis_cluster.py; this checks what can be checked without starting them.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,55 @@ def test_cluster_profile_mirrors_cluster_properties(compose: dict[str, Any]) -> 
         assert command[command.index("--cluster-enabled") + 1] == "yes"
     # the single-node services stay outside the profile: `docker compose up` is unchanged
     assert "profiles" not in compose["services"]["kafka"]
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"STREAM_KAFKA_ACKS": "0"}, "'kafka_acks'"),
+        ({"STREAM_MIN_INSYNC_REPLICAS": "2"}, "'min_insync_replicas'"),  # RF 1
+        ({"STREAM_REDIS_URL": "redis+sentinel://h:1/0"}, "'redis_url'"),
+        (
+            {"STREAM_REDIS_URL": "unix:///tmp/r.sock", "STREAM_REDIS_CLUSTER": "true"},
+            "'redis_cluster'",
+        ),
+    ],
+)
+def test_cluster_settings_are_validated(env: dict[str, str], needle: str) -> None:
+    from stream.config import load_settings
+    from stream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_settings(env=env, file=None)
+
+
+def test_cluster_settings_reach_the_clients() -> None:
+    from stream.config import load_settings, redis_auth
+    from stream.kafka_io import make_producer
+    from stream.store import cluster_url
+
+    s = load_settings(
+        env={
+            "STREAM_REPLICATION_FACTOR": "3",
+            "STREAM_MIN_INSYNC_REPLICAS": "2",
+            "STREAM_REDIS_URL": "redis+cluster://127.0.0.1:7000/0",
+        },
+        file=None,
+    )
+    assert s.kafka_acks == "all"  # the default, said by the setting
+    assert cluster_url(s.redis_url, redis_auth(s)["cluster"]) == ("redis://127.0.0.1:7000/0", True)
+    assert cluster_url("redis://h:1/0", load_settings(env={"STREAM_REDIS_CLUSTER": "1"},
+                                                      file=None).redis_cluster)[1]
+
+    async def acks(settings: Any) -> tuple[int, bool]:
+        producer = make_producer(settings)  # not started: nothing is sent
+        try:
+            return producer._sender._acks, producer._txn_manager is not None
+        finally:
+            await producer.stop()
+
+    assert asyncio.run(acks(s)) == (-1, True)  # all, idempotent
+    assert asyncio.run(acks(load_settings(env={"STREAM_KAFKA_ACKS": "1"}, file=None))) == (
+        1,
+        False,  # acks=1 cannot be idempotent
+    )
