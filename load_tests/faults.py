@@ -9,6 +9,7 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults broker-restart --down-s 10 --report broker.json
     python -m load_tests.faults hostile --count 10000 --report hostile.json
     python -m load_tests.faults all --report faults.json
+    python -m load_tests.faults redis-failover --rate 300 --report failover.json  # Redis Cluster
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
 :mod:`stream.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
@@ -875,7 +876,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "drill", choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all"]
+        "drill",
+        choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all", "redis-failover"],
     )
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--users", type=int, default=50)
@@ -913,6 +915,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 elif name == "redis-outage":
                     r = redis_outage(s, start, workdir, outage_s=args.outage_s, seed=args.seed)
+                elif name == "redis-failover":  # Redis Cluster: load_tests.cluster_faults
+                    from load_tests import cluster_faults
+
+                    r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed)
                 elif name == "broker-restart":
                     r = broker_restart(s, start, workdir, down_s=args.down_s, seed=args.seed)
                 else:

@@ -245,3 +245,25 @@ def test_writer_isolates_keys_keeps_the_seq_guard_and_follows_a_moved_slot(
     finally:
         sync.delete(*[k for k in [*keys, moved_key]])
         sync.close()
+
+
+def test_redis_failover_drill_short(
+    services: stack.StackConfig,
+    redis_cluster: stack_cluster.ClusterConfig,
+    worker_factory,
+) -> None:
+    """The CI variant of ``python -m load_tests.faults redis-failover`` (last in this
+    module: it kills a primary of the module's cluster; the node rejoins as a replica)."""
+    from load_tests.cluster_faults import redis_failover
+
+    s = cluster_settings(services, redis_cluster)
+    report = redis_failover(
+        s, worker_factory, redis_cluster, rate=300, before_s=6, after_s=12, users=100
+    )
+    assert report["replica_promoted"], report
+    assert report["worker_alive"], report
+    assert report["listener_keys_on_killed_primary"] > 0, report
+    assert report["listeners_with_play_after_promotion"] > 0, report
+    assert report["lost"] == 0 and report["double_applied"] == 0, report
+    assert report["users_missing"] == 0, report
+    assert report["all_listeners"]["double_applied"] == 0, report

@@ -1,0 +1,174 @@
+"""Fault drills on the clustered stack (issue 18): a Redis Cluster primary failover.
+
+Run from load_tests.faults (``python -m load_tests.faults redis-failover``); the CI variant
+is tests/integration/test_redis_cluster.py::test_redis_failover_drill_short. The cluster is
+started through stream.stack_cluster (own ports and state dir); Kafka is the shared broker.
+Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from load_tests.faults import (
+    BackgroundProducer,
+    DrillFailed,
+    StartWorker,
+    _clean,
+    cleanup_keys,
+    compare,
+    expected_counts,
+    reader_for,
+    stall_diagnostics,
+    valid_events,
+    wait_for_match,
+)
+from stream import stack, stack_cluster
+from stream.config import Settings
+
+
+def _primaries(cc: stack_cluster.ClusterConfig) -> dict[int, int]:
+    """Port of each primary -> index of the node (its PID file)."""
+    import redis
+
+    out: dict[int, int] = {}
+    for i, port in enumerate(cc.redis_ports):
+        try:
+            if redis.Redis(port=port, socket_timeout=2).info("replication")["role"] == "master":
+                out[port] = i
+        except (redis.RedisError, OSError):
+            continue
+    return out
+
+
+def _promoted(cc: stack_cluster.ClusterConfig, dead_port: int) -> bool:
+    """A surviving node reports cluster_state:ok again and the dead node as failed."""
+    import redis
+
+    for port in cc.redis_ports:
+        if port == dead_port:
+            continue
+        try:
+            client = redis.Redis(port=port, socket_timeout=2)
+            if client.cluster("info").get("cluster_state") != "ok":
+                return False
+            nodes = client.cluster("nodes")
+        except (redis.RedisError, OSError):
+            continue
+        dead = [v for k, v in nodes.items() if k.split("@")[0].endswith(f":{dead_port}")]
+        return bool(dead) and "fail" in dead[0]["flags"]
+    return False
+
+
+def redis_failover(
+    settings: Settings,
+    start_worker: StartWorker,
+    cc: stack_cluster.ClusterConfig,
+    *,
+    rate: float = 300.0,
+    before_s: float = 15.0,
+    after_s: float = 30.0,
+    users: int = 300,
+    seed: int = 21,
+    promotion_timeout_s: float = 60.0,
+    catch_up_timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """Plays at ``rate`` for ``before_s + after_s``; after ``before_s`` SIGKILL the Redis
+    primary owning the most listener keys. Its replica is promoted; the worker must stay
+    alive, every listener with a play after the promotion must end with a list that counts
+    all their plays (nothing lost from the Faust table), and the other listeners' lists are
+    reported (a write acknowledged by the dead primary and not yet replicated is lost from
+    Redis until that listener's next play)."""
+    if not stack_cluster.redis_cluster_ok(cc):
+        stack_cluster.start_redis_cluster(cc)
+    settings = settings.replace(
+        redis_url=cc.redis_url, redis_password="", redis_cluster=True, redis_retry_max_s=1.0
+    )
+    events = valid_events(int(rate * (before_s + after_s)), users=users, seed=seed, tag=f"rf{seed}")
+    reader = reader_for(settings)
+    started = time.monotonic()
+    try:
+        worker = start_worker(settings)
+        producer = BackgroundProducer(settings, events, rate, max_seconds=before_s + after_s + 30)
+        producer.start()
+        time.sleep(before_s)
+        primaries = _primaries(cc)
+        owners = Counter(
+            reader.client.get_node_from_key(f"{settings.redis_prefix}{u}").port  # type: ignore[attr-defined]
+            for u in {e.user_id for e in events[: producer.yielded]}
+        )
+        victim_port = max(primaries, key=lambda p: owners.get(p, 0))
+        pid = stack._running_pid(cc.base, stack_cluster.redis_node(primaries[victim_port]), "redis")
+        if pid is None:
+            raise DrillFailed(f"no PID for the primary on {victim_port}")
+        errors_before = worker.metric_value("stream_redis_errors_total")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        produced_at_kill = producer.yielded
+        deadline = killed_at + promotion_timeout_s
+        while time.monotonic() < deadline and not _promoted(cc, victim_port):
+            time.sleep(0.2)
+        promoted = _promoted(cc, victim_port)
+        promotion_s = time.monotonic() - killed_at
+        produced_at_promotion = producer.yielded
+        producer.join(before_s + after_s + 60)
+        if producer.error is not None:
+            raise DrillFailed(f"producer failed: {producer.error!r}")
+        sent = producer.sent
+        expected = expected_counts(sent)
+        # listeners with a play sent after the promotion (+1 s for it to be read)
+        margin = int(rate)
+        after = {e.user_id for e in sent[produced_at_promotion + margin :]}
+        result, waited = wait_for_match(
+            reader, {u: n for u, n in expected.items() if u in after}, catch_up_timeout_s
+        )
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(worker)
+        everyone = compare(reader, expected)
+        alive = worker.proc is not None and worker.proc.poll() is None
+        report = {
+            "drill": "redis_failover",
+            "rate_ev_s": rate,
+            "produced": len(sent),
+            "produced_before_kill": produced_at_kill,
+            "killed_primary_port": victim_port,
+            "listener_keys_on_killed_primary": owners.get(victim_port, 0),
+            "replica_promoted": promoted,
+            "kill_to_promotion_s": round(promotion_s, 2),
+            "redis_flush_errors": int(
+                worker.metric_value("stream_redis_errors_total") - errors_before
+            ),
+            "redis_key_write_errors": int(worker.metric_value("stream_redis_write_errors_total")),
+            "worker_alive": alive,
+            "logged_redis_back": "redis is back" in worker.log_text(),
+            "catch_up_s": round(waited, 2),
+            "listeners_with_play_after_promotion": len(after),
+            **result,
+            "all_listeners": {
+                k: everyone[k] for k in ("users", "lost", "double_applied", "users_missing")
+            },
+            "duration_s": round(time.monotonic() - started, 1),
+        }
+        cleanup_keys(reader, settings)
+        if alive:
+            worker.stop()
+        # the killed node comes back as a replica of the promoted one
+        stack_cluster.start_redis_node(cc, primaries[victim_port])
+        return report
+    finally:
+        reader.close()
+
+
+def run(settings: Settings, start_worker: StartWorker, workdir: Path, **kw: Any) -> dict[str, Any]:
+    """The command-line variant: its own cluster (ports 17000-17005), stopped at the end."""
+    cc = stack_cluster.private_cluster_config(workdir / "redis-cluster", redis_port=17000)
+    stack_cluster.start_redis_cluster(cc)
+    try:
+        return redis_failover(settings, start_worker, cc, **kw)
+    finally:
+        stack_cluster.stop_redis_cluster(cc)
