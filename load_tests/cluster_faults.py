@@ -1,13 +1,17 @@
-"""Fault drills on the clustered stack (issue 18): a Redis Cluster primary failover.
+"""Fault drills on the clustered stack (issue 18): a Redis Cluster primary failover and a
+Kafka partition leader kill.
 
-Run from load_tests.faults (``python -m load_tests.faults redis-failover``); the CI variant
-is tests/integration/test_redis_cluster.py::test_redis_failover_drill_short. The cluster is
+Run from load_tests.faults (``python -m load_tests.faults redis-failover`` /
+``kafka-leader-kill``); the CI variants are test_redis_failover_drill_short
+(tests/integration/test_redis_cluster.py) and test_kafka_leader_kill_drill_short
+(tests/integration/test_kafka_cluster.py). The cluster is
 started through stream.stack_cluster (own ports and state dir); Kafka is the shared broker.
 Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -172,3 +176,120 @@ def run(settings: Settings, start_worker: StartWorker, workdir: Path, **kw: Any)
         return redis_failover(settings, start_worker, cc, **kw)
     finally:
         stack_cluster.stop_redis_cluster(cc)
+
+
+async def _plays_leaders(bootstrap: str, topic: str) -> Counter[int]:
+    """Node id -> how many partitions of ``topic`` it leads."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        return Counter(p["leader"] for p in described["partitions"])
+    finally:
+        await admin.close()
+
+
+def kafka_leader_kill(
+    settings: Settings,
+    start_worker: StartWorker,
+    cc: stack_cluster.ClusterConfig,
+    *,
+    rate: float = 300.0,
+    before_s: float = 15.0,
+    down_s: float = 20.0,
+    after_s: float = 15.0,
+    users: int = 300,
+    seed: int = 22,
+    catch_up_timeout_s: float = 180.0,
+) -> dict[str, Any]:
+    """Plays at ``rate`` on a 3-broker cluster (RF 3, min ISR 2, acks=all); after
+    ``before_s`` SIGKILL the broker leading the most plays partitions, restart it
+    ``down_s`` later. Every play must be applied exactly once (lost 0, double-applied 0)
+    and the worker must stay alive."""
+    settings = settings.replace(
+        kafka_bootstrap=cc.bootstrap,
+        replication_factor=3,
+        min_insync_replicas=2,
+        kafka_acks="all",
+    )
+    events = valid_events(
+        int(rate * (before_s + down_s + after_s)), users=users, seed=seed, tag=f"lk{seed}"
+    )
+    reader = reader_for(settings)
+    started = time.monotonic()
+    try:
+        worker = start_worker(settings)
+        producer = BackgroundProducer(
+            settings, events, rate, max_seconds=before_s + down_s + after_s + 60
+        )
+        producer.start()
+        time.sleep(before_s)
+        leaders = asyncio.run(_plays_leaders(cc.bootstrap, settings.plays_topic))
+        victim_id = max(leaders, key=lambda n: leaders[n])
+        index = victim_id - 1  # node.id = index + 1 (configs/kafka/cluster.properties)
+        pid = stack._running_pid(cc.base, stack_cluster.kafka_node(index), "kafka.Kafka")
+        if pid is None:
+            raise DrillFailed(f"no PID for Kafka node {index}")
+        processed_before = worker.metric_value("stream_events_total", outcome="processed")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        produced_at_kill = producer.yielded
+        time.sleep(down_s)
+        processed_while_down = (
+            worker.metric_value("stream_events_total", outcome="processed") - processed_before
+        )
+        alive_while_down = worker.proc is not None and worker.proc.poll() is None
+        stack_cluster.start_kafka_node(cc, index)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if stack_cluster.kafka_cluster_brokers(cc.bootstrap) == cc.brokers:
+                break
+            time.sleep(1)
+        back_s = time.monotonic() - killed_at
+        producer.join(before_s + down_s + after_s + 90)
+        if producer.error is not None:
+            raise DrillFailed(f"producer failed: {producer.error!r}")
+        expected = expected_counts(producer.sent)
+        result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(worker)
+        alive = worker.proc is not None and worker.proc.poll() is None
+        report = {
+            "drill": "kafka_leader_kill",
+            "rate_ev_s": rate,
+            "produced": len(producer.sent),
+            "produced_before_kill": produced_at_kill,
+            "killed_node_id": victim_id,
+            "plays_partitions_led_by_killed_node": leaders[victim_id],
+            "plays_partitions": sum(leaders.values()),
+            "broker_down_s": down_s,
+            "kill_to_broker_back_s": round(back_s, 1),
+            "processed_while_broker_down": int(processed_while_down),
+            "worker_alive_while_broker_down": alive_while_down,
+            "worker_alive": alive,
+            "catch_up_s": round(waited, 2),
+            **result,
+            "duration_s": round(time.monotonic() - started, 1),
+        }
+        cleanup_keys(reader, settings)
+        if alive:
+            worker.stop()
+        return report
+    finally:
+        reader.close()
+
+
+def run_leader_kill(
+    settings: Settings, start_worker: StartWorker, workdir: Path, **kw: Any
+) -> dict[str, Any]:
+    """The command-line variant: its own 3-broker cluster (29092-29094), stopped at the end."""
+    cc = stack_cluster.private_cluster_config(
+        workdir / "kafka-cluster", kafka_port=29092, controller_port=29192
+    )
+    stack_cluster.start_kafka_cluster(cc)
+    try:
+        return kafka_leader_kill(settings, start_worker, cc, **kw)
+    finally:
+        stack_cluster.stop_kafka_cluster(cc)

@@ -10,6 +10,7 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults hostile --count 10000 --report hostile.json
     python -m load_tests.faults all --report faults.json
     python -m load_tests.faults redis-failover --rate 300 --report failover.json  # Redis Cluster
+    python -m load_tests.faults kafka-leader-kill --rate 300 --report leader.json  # 3 brokers
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
 :mod:`stream.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
@@ -877,7 +878,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "drill",
-        choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all", "redis-failover"],
+        choices=[
+            *("crash-loop", "redis-outage", "broker-restart", "hostile", "all"),
+            *("redis-failover", "kafka-leader-kill"),  # load_tests.cluster_faults
+        ],
     )
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--users", type=int, default=50)
@@ -919,6 +923,12 @@ def main(argv: list[str] | None = None) -> int:
                     from load_tests import cluster_faults
 
                     r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed)
+                elif name == "kafka-leader-kill":  # 3 brokers: load_tests.cluster_faults
+                    from load_tests import cluster_faults
+
+                    r = cluster_faults.run_leader_kill(
+                        s, start, workdir, rate=args.rate, seed=args.seed
+                    )
                 elif name == "broker-restart":
                     r = broker_restart(s, start, workdir, down_s=args.down_s, seed=args.seed)
                 else:

@@ -126,6 +126,11 @@ _CODE_OF_CLASS: Final = (
     (getattr(redis.exceptions, "OutOfMemoryError", ReadOnlyError), "OOM"),
     (ReadOnlyError, "READONLY"),
     (ExecAbortError, "EXECABORT"),
+    # redis-py's cluster client maps these replies to classes too (Redis Cluster)
+    (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    (redis.exceptions.MovedError, "MOVED"),
+    (redis.exceptions.AskError, "ASK"),
 )
 
 
@@ -458,7 +463,7 @@ class RecoWriter:
         started = time.perf_counter()
         try:
             replies = await self._send(batch, deletes, plain)
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, redis.exceptions.RedisClusterException) as exc:
             self.consecutive_failures += 1
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
                 logger.warning(
@@ -585,7 +590,11 @@ class RecoWriter:
                     raise next(r for r in replies if isinstance(r, NoScriptError))
                 continue
             for r in replies:
-                if is_server_error(r):
+                # in place from the cluster pipeline: a node it could not reach (connection
+                # error, timeout, uncovered slot during a failover) is no key's fault either
+                if is_server_error(r) or (
+                    isinstance(r, BaseException) and not isinstance(r, ResponseError)
+                ):
                     raise r
             return replies
         raise AssertionError("unreachable")

@@ -142,3 +142,22 @@ def test_worker_on_three_brokers_rf3_acks_all_survives_a_broker_loss(
             reader.client.delete(key)
         reader.client.delete(f"model:{s.app_id}")
         reader.close()
+
+
+def test_kafka_leader_kill_drill_short(
+    services: stack.StackConfig,
+    kafka_cluster: stack_cluster.ClusterConfig,
+    worker_factory,
+) -> None:
+    """The CI variant of ``python -m load_tests.faults kafka-leader-kill``: SIGKILL the
+    broker leading the most plays partitions under 300 plays/s, restart it 10 s later."""
+    from load_tests.cluster_faults import kafka_leader_kill
+
+    s = unique_settings(services, prefix="lk")
+    report = kafka_leader_kill(
+        s, worker_factory, kafka_cluster, rate=300, before_s=6, down_s=10, after_s=6, users=100
+    )
+    assert report["plays_partitions_led_by_killed_node"] >= 1, report
+    assert report["worker_alive_while_broker_down"] and report["worker_alive"], report
+    assert report["lost"] == 0 and report["double_applied"] == 0, report
+    assert report["users_missing"] == 0, report
