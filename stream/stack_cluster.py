@@ -209,7 +209,7 @@ def start_kafka_cluster(cc: ClusterConfig, timeout: float = 180) -> None:
 
 
 def stop_kafka_node(cc: ClusterConfig, i: int) -> bool:
-    return stack._stop(cc.base, kafka_node(i), KAFKA_MARKER)
+    return stack._stop(cc.base, kafka_node(i), KAFKA_MARKER, timeout=15.0)
 
 
 def stop_kafka_cluster(cc: ClusterConfig) -> bool:
