@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from load_tests.faults import (
     cleanup_keys,
     compare,
     expected_counts,
+    free_port,
     reader_for,
     stall_diagnostics,
     valid_events,
@@ -34,6 +38,7 @@ from load_tests.faults import (
 )
 from stream import stack, stack_cluster
 from stream.config import Settings
+from stream.events import PlayEvent
 
 
 def _primaries(cc: stack_cluster.ClusterConfig) -> dict[int, int]:
@@ -293,3 +298,112 @@ def run_leader_kill(
         return kafka_leader_kill(settings, start_worker, cc, **kw)
     finally:
         stack_cluster.stop_kafka_cluster(cc)
+
+
+class TimedProducer(BackgroundProducer):
+    """A BackgroundProducer that notes when each event id was handed to the producer."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sent_at_ms: dict[str, int] = {}
+
+    def _source(self) -> Iterator[PlayEvent]:
+        for ev in super()._source():
+            self.sent_at_ms[ev.event_id] = int(time.time() * 1000)
+            yield ev
+
+
+def rebalance_storm(
+    settings: Settings,
+    start_worker: StartWorker,
+    *,
+    workers: int = 3,
+    rate: float = 300.0,
+    storm_s: float = 120.0,
+    every_s: float = 15.0,
+    users: int = 300,
+    seed: int = 23,
+    catch_up_timeout_s: float = 180.0,
+) -> dict[str, Any]:
+    """``workers`` workers in one group take plays at ``rate`` for ``storm_s``; every
+    ``every_s`` one of them is SIGKILLed or a new one joins (alternating, kills first).
+    Reports lost / double-applied, the p99 freshness of the notifications during the storm
+    (notification's generated_at - the time the play went to the producer) and the longest
+    gap without any notification."""
+    rng = random.Random(seed)
+    events = valid_events(int(rate * storm_s), users=users, seed=seed, tag=f"rs{seed}")
+    reader = reader_for(settings)
+    notes: list[tuple[float, dict[str, Any]]] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            for note in reader_for(settings).updates(timeout_s=2):
+                notes.append((time.monotonic(), note))
+                if stop.is_set():
+                    return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    time.sleep(1.0)
+    running = [start_worker(settings.replace(metrics_port=free_port())) for _ in range(workers)]
+    producer = TimedProducer(settings, events, rate, max_seconds=storm_s + 60)
+    storm_start = time.monotonic()
+    producer.start()
+    changes: list[dict[str, Any]] = []
+    try:
+        kill = True
+        while time.monotonic() - storm_start + every_s < storm_s:
+            time.sleep(every_s)
+            t = round(time.monotonic() - storm_start, 1)
+            if kill and len(running) > 1:
+                victim = running.pop(rng.randrange(len(running)))
+                victim.kill()
+                changes.append({"at_s": t, "change": "kill", "workers": len(running)})
+            else:
+                running.append(start_worker(settings.replace(metrics_port=free_port())))
+                changes.append({"at_s": t, "change": "join", "workers": len(running)})
+            kill = not kill
+        producer.join(storm_s + 90)
+        storm_end = time.monotonic()
+        if producer.error is not None:
+            raise DrillFailed(f"producer failed: {producer.error!r}")
+        expected = expected_counts(producer.sent)
+        result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(running[0])
+    finally:
+        stop.set()
+        producer.halt()
+    listener.join(10)
+    during = [(t, n) for t, n in notes if storm_start <= t <= storm_end]
+    fresh = sorted(
+        n["generated_at"] - producer.sent_at_ms[n["event_id"]]
+        for _, n in during
+        if n.get("event_id") in producer.sent_at_ms
+    )
+    times = [storm_start] + [t for t, _ in during] + [storm_end]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    alive = [w for w in running if w.proc is not None and w.proc.poll() is None]
+    report = {
+        "drill": "rebalance_storm",
+        "rate_ev_s": rate,
+        "storm_s": storm_s,
+        "every_s": every_s,
+        "produced": len(producer.sent),
+        "changes": changes,
+        "workers_alive_at_end": len(alive),
+        "worker_alive": len(alive) == len(running),
+        "notifications_during_storm": len(during),
+        "freshness_p50_ms": fresh[len(fresh) // 2] if fresh else None,
+        "freshness_p99_ms": fresh[int(len(fresh) * 0.99)] if fresh else None,
+        "freshness_max_ms": fresh[-1] if fresh else None,
+        "longest_gap_without_updates_s": round(max(gaps), 2) if gaps else None,
+        "catch_up_s": round(waited, 2),
+        **result,
+    }
+    cleanup_keys(reader, settings)
+    reader.close()
+    for w in running:
+        w.stop()
+    return report

@@ -12,6 +12,7 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults attacks [--short] --report attacks.json   (load_tests.attacks)
     python -m load_tests.faults redis-failover --rate 300 --report failover.json  # Redis Cluster
     python -m load_tests.faults kafka-leader-kill --rate 300 --report leader.json  # 3 brokers
+    python -m load_tests.faults rebalance-storm --rate 300 --report storm.json  # 3 workers
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
 :mod:`stream.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
@@ -882,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         "drill",
         choices=[
             *("crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks"),
-            *("redis-failover", "kafka-leader-kill"),  # load_tests.cluster_faults
+            *("redis-failover", "kafka-leader-kill", "rebalance-storm"),  # cluster_faults
         ],
     )
     p.add_argument("--short", action="store_true", help="attacks: the CI variant")
@@ -929,6 +930,10 @@ def main(argv: list[str] | None = None) -> int:
                     from load_tests import cluster_faults
 
                     r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed)
+                elif name == "rebalance-storm":  # 3 workers: load_tests.cluster_faults
+                    from load_tests import cluster_faults
+
+                    r = cluster_faults.rebalance_storm(s, start, rate=args.rate, seed=args.seed)
                 elif name == "kafka-leader-kill":  # 3 brokers: load_tests.cluster_faults
                     from load_tests import cluster_faults
 
