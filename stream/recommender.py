@@ -19,17 +19,27 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import contextlib
-import pickle
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Final
 
 import numpy as np
 
 from stream.events import PlayEvent
 from stream.models import _kernels as _k
-from stream.models._vocab import BoolArray, IntArray, Vocabulary, top_rows
+from stream.models._state import (
+    build,
+    decode_strings,
+    encode_strings,
+    get_field,
+    get_params,
+    prefixed,
+    under,
+    unique_ids,
+)
+from stream.models._vocab import BoolArray, EvictionPlan, IntArray, Vocabulary, top_rows
 from stream.models.base import FloatArray, Interaction
 from stream.models.cooccurrence import SessionCooccurrence
 from stream.models.drift import SkipRateDrift
@@ -55,8 +65,6 @@ __all__ = [
 ]
 
 MODEL_VERSION: Final = "blend-2"  # 2: compiled core, MF retrieval off by default
-SNAPSHOT_MAGIC: Final = b"STREAMREC"
-SNAPSHOT_VERSION: Final = 2  # 2: co-occurrence arena, float32 MF factors
 
 #: Ways to rank, for side-by-side evaluation: each single component alone, and the blend.
 VARIANTS: Final = ("popularity", "mf", "cooccurrence", "blend")
@@ -95,10 +103,9 @@ class Recommender:
       0.00003 and cost 40 % of the replay time, and its cost grows with the catalogue; MF
       still scores (and explains) every candidate. Single-component ``mf`` ranking always
       retrieves.
+    - ``max_users``: at most this many listeners keep MF factors (least recently played
+      first out; see :meth:`limit_users`); ``None``: no bound.
     """
-
-    #: default for snapshots taken before the setting existed
-    mf_candidates: bool = False
 
     def __init__(
         self,
@@ -116,6 +123,7 @@ class Recommender:
         popularity_half_life_ms: float = 7 * 24 * 3600 * 1000,
         seed: int = 0,
         mf_candidates: bool = False,
+        max_users: int | None = None,
     ) -> None:
         if recent_filter < 0:
             raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
@@ -154,7 +162,9 @@ class Recommender:
             vocabulary=self.vocabulary,
             seed=seed,
         )
-        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed)
+        self.max_users = max_users
+        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed,
+                             max_users=max_users)
         self.skip = SkipClassifier(seed=seed)
         self.drift = SkipRateDrift(seed=seed)
         self.artist_of: dict[str, str] = {}
@@ -592,23 +602,42 @@ class Recommender:
         ]
 
     def _item_norms(self) -> FloatArray:
-        """L2 norms of the MF item factors, computed once per model state: the worker
-        refreshes many "more like this" lists between two plays, and the norms over the
-        whole catalogue were most of each list's cost."""
-        key = (self.n_learned, self.vocabulary.generation, len(self.vocabulary))
+        """L2 norms of the MF item factors for "more like this", kept across calls: the
+        worker refreshes many lists between two plays, and recomputing the norms of the
+        whole catalogue (~50 ms at 500k tracks) was most of each list's cost. New tracks get
+        theirs as they appear; learning moves the factors of the rows it touches, so each
+        call also recomputes the next :data:`_NORM_SLICE` rows, round robin (at 500k
+        tracks a norm is at most 16 calls old); an eviction moves them with their tracks."""
+        factors = self.mf.factors()
+        n = len(self.vocabulary)
         cached = self.__dict__.get("_norms")
-        if cached is not None and cached[0] == key:
-            norms: FloatArray = cached[1]
+        if cached is None or cached[0] != self.vocabulary.generation or len(cached[1]) > n:
+            norms: FloatArray = np.linalg.norm(factors[:n], axis=1) + 1e-12
+            self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0)
             return norms
-        norms = self.mf.item_norms()
-        self.__dict__["_norms"] = (key, norms)
+        _, norms, pos = cached
+        if len(norms) < n:
+            norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                    + 1e-12))
+        end = min(pos + _NORM_SLICE, n)
+        norms[pos:end] = np.linalg.norm(factors[pos:end], axis=1) + 1e-12
+        self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0 if end >= n else end)
         return norms
 
-    def evict_tracks(self, keep: int) -> int:
+    def evict_tracks(
+        self, keep: int, on_evicted: Callable[[list[str]], None] | None = None
+    ) -> int:
         """Bound the catalogue: keep the ``keep`` tracks with the highest decayed popularity
-        (ties: the older row), drop the rest from every model, and renumber. Returns how
-        many were evicted. Listeners' histories may still name evicted tracks: they are
-        unknown ids to the models from then on (like tracks never seen)."""
+        (ties at the cut: the lower row stays), drop the rest from every model, and give
+        their rows to the survivors above ``keep`` (every other track keeps its row).
+        Returns how many were evicted; ``on_evicted`` gets their ids. Listeners' histories
+        may still name evicted tracks: they are unknown ids to the models from then on
+        (like tracks never seen).
+
+        Cost: O(catalogue) numpy work (a partition of the weights), one compiled pass over
+        the co-occurrence lists and O(evicted) dictionary work -- ~15 ms at the default
+        500k-track cap, against ~4 s for the renumber-everything loop it replaced
+        (docs/benchmarks.md, "Eviction at the track cap")."""
         n = len(self.vocabulary)
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep!r}")
@@ -617,65 +646,141 @@ class Recommender:
         weights = np.zeros(n)
         w = self.popularity.weights()
         weights[: len(w)] = w[:n]
-        order = np.lexsort((np.arange(n), -weights))  # heaviest first, older row on ties
-        kept = np.sort(order[:keep]).astype(np.int64)
-        remap = np.full(n, -1, dtype=np.int64)
-        remap[kept] = np.arange(len(kept), dtype=np.int64)
-        evicted = [self.vocabulary.ids[int(r)] for r in order[keep:]]
-        self.popularity.remap_rows(kept)
-        self.cooccurrence.remap_rows(kept, remap)
-        self.mf.remap_rows(kept, remap)
-        self.vocabulary.compact(kept)
-        for track in evicted:
-            self.artist_of.pop(track, None)
+        plan = EvictionPlan.lightest(weights, keep)
+        cached = self.__dict__.pop("_norms", None)
+        if cached is not None and cached[0] == self.vocabulary.generation:
+            norms = cached[1][:n]
+            if len(norms) < n:  # rows added since the last call: theirs first
+                factors = self.mf.factors()
+                norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                        + 1e-12))
+            norms[plan.holes] = norms[plan.movers]
+            # (the generation the vocabulary takes below)
+            self.__dict__["_norms"] = (self.vocabulary.generation + 1, norms[:keep], 0)
+        self.popularity.evict_rows(plan)
+        self.cooccurrence.evict_rows(plan)
+        self.mf.evict_rows(plan)
+        evicted = self.vocabulary.fill_holes(plan)
+        if self.artist_of:
+            pop = self.artist_of.pop
+            deque(map(pop, evicted, repeat(None)), maxlen=0)
+        if on_evicted is not None:
+            on_evicted(evicted)
         return len(evicted)
 
     def catalogue_size(self) -> int:
         """Distinct tracks the models know."""
         return len(self.vocabulary)
 
+    def user_ids(self) -> list[str]:
+        """The listeners the models hold state about (their MF factors)."""
+        return list(self.mf.user_factors)
+
+    def limit_users(self, max_users: int | None) -> int:
+        """Bound the per-listener model state (MF factors) to ``max_users`` listeners, the
+        most recently played ones; returns how many were dropped now. The worker applies
+        its ``max_users`` setting this way (also to a recommender restored from a
+        checkpoint)."""
+        self.max_users = max_users
+        return self.mf.limit_users(max_users)
+
     def forget_user(self, user_id: str) -> bool:
         """Drop everything kept about one listener (their MF factors). Shared statistics
         (co-occurrence, popularity) hold no user ids. Returns whether anything was held."""
         return self.mf.forget_user(user_id)
 
-    # -- persistence ----------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """All learned state: a JSON-able manifest (parameters, counters, the component
+        models' manifests) and numeric arrays (the shared vocabulary once, then each
+        component's arrays under its name). :meth:`import_state` rebuilds an equal
+        recommender; :mod:`stream.checkpoint` frames and signs the pair."""
+        vocab_manifest, vocab_arrays = self.vocabulary.export_state()
+        tracks = list(self.artist_of)
+        t_blob, t_ends = encode_strings(tracks)
+        a_blob, a_ends = encode_strings([self.artist_of[t] for t in tracks])
+        manifest: dict[str, Any] = {
+            "model_version": self.model_version,
+            "params": {name: getattr(self, name) for name in _PARAMS},
+            "blend_weights": dict(self.blend_weights),
+            "n_learned": self.n_learned,
+            "vocabulary": vocab_manifest,
+            "models": {},
+        }
+        arrays: dict[str, np.ndarray] = {
+            **prefixed("vocabulary", vocab_arrays),
+            "artist_of.tracks.bytes": t_blob, "artist_of.tracks.ends": t_ends,
+            "artist_of.artists.bytes": a_blob, "artist_of.artists.ends": a_ends,
+        }
+        for name in _COMPONENTS:
+            model_manifest, model_arrays = getattr(self, name).export_state()
+            manifest["models"][name] = model_manifest
+            arrays.update(prefixed(name, model_arrays))
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+    ) -> Recommender:
+        """The recommender :meth:`export_state` described. Every field is checked (type,
+        dtype, shape, range, id lengths) and a bad one raises ValueError naming it."""
+        version = get_field(manifest, "model_version", str)
+        if version != MODEL_VERSION:
+            raise ValueError(f"model_version: {version!r}, expected {MODEL_VERSION!r}")
+        params = get_params(manifest, "recommender", _PARAMS)
+        weights = params["weights"]
+        if weights is not None and not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in weights.items()
+        ):
+            raise ValueError("recommender.params.weights: expected names and numbers")
+        rec: Recommender = build("recommender", cls, params)
+        blend = get_field(manifest, "blend_weights", dict)
+        if set(blend) != set(rec.blend_weights):
+            raise ValueError(f"blend_weights: names {sorted(blend)}, expected "
+                             f"{sorted(rec.blend_weights)}")
+        rec.blend_weights = {name: get_field(blend, name, float, where="blend_weights")
+                             for name in rec.blend_weights}
+        rec.n_learned = get_field(manifest, "n_learned", int, lo=0)
+        vocab = Vocabulary.import_state(
+            get_field(manifest, "vocabulary", dict), under("vocabulary", arrays),
+            where="vocabulary")
+        rec.vocabulary = vocab
+        models = get_field(manifest, "models", dict)
+        unknown = set(models) - set(_COMPONENTS)
+        if unknown:
+            raise ValueError(f"models: unknown component(s) {sorted(unknown)}")
+        for name, model_cls in _COMPONENTS.items():
+            sub = get_field(models, name, dict, where="models")
+            kwargs: dict[str, Any] = {"where": name}
+            if name in _SHARED_VOCABULARY:
+                kwargs["vocabulary"] = vocab
+            setattr(rec, name, model_cls.import_state(sub, under(name, arrays), **kwargs))
+        tracks = _strings(arrays, "artist_of.tracks")
+        artists = _strings(arrays, "artist_of.artists")
+        if len(tracks) != len(artists):
+            raise ValueError(f"artist_of: {len(tracks)} tracks for {len(artists)} artists")
+        rec.artist_of = dict(zip(unique_ids("artist_of.tracks", tracks), artists, strict=True))
+        return rec
 
     def snapshot(self) -> bytes:
-        """All learned state as bytes (versioned pickle). Restore with :meth:`restore`.
+        """All learned state as bytes (:meth:`export_state` in the unsigned container of
+        :func:`stream.checkpoint.pack_state`). Restore with :meth:`restore`."""
+        from stream.checkpoint import pack_state
 
-        Only restore snapshots you wrote: pickle executes code from its input."""
-        state = {key: v for key, v in self.__dict__.items() if key not in _SCRATCH}
-        payload = {"version": SNAPSHOT_VERSION, "model_version": self.model_version,
-                   "state": state}
-        # the format version sits before the pickle, so an old snapshot is refused by
-        # number instead of failing to unpickle classes that no longer exist
-        return (SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION])
-                + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+        return pack_state(*self.export_state())
 
     @classmethod
     def restore(cls, blob: bytes) -> Recommender:
-        """A recommender with exactly the state captured by :meth:`snapshot`."""
-        if not blob.startswith(SNAPSHOT_MAGIC):
-            raise SnapshotError("not a recommender snapshot (bad magic bytes)")
-        body = blob[len(SNAPSHOT_MAGIC) :]
-        if body[:1] == b"\x80":  # format 1 put the pickle right after the magic
-            raise SnapshotError(f"snapshot version 1, expected {SNAPSHOT_VERSION}")
-        if body[:1] != bytes([SNAPSHOT_VERSION]):
-            raise SnapshotError(
-                f"snapshot version {body[0] if body else None!r}, expected {SNAPSHOT_VERSION}"
-            )
+        """A recommender with exactly the state captured by :meth:`snapshot`; a blob that
+        is not one raises :class:`SnapshotError`."""
+        from stream.checkpoint import CheckpointError, unpack_state
+
         try:
-            payload: dict[str, Any] = pickle.loads(body[1:])
-        except Exception as exc:  # pickle raises many types on corrupt input
-            raise SnapshotError(f"corrupt recommender snapshot: {exc}") from exc
-        if payload.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(
-                f"snapshot version {payload.get('version')!r}, expected {SNAPSHOT_VERSION}"
-            )
-        rec = cls.__new__(cls)
-        rec.__dict__.update(payload["state"])
-        return rec
+            return cls.import_state(*unpack_state(blob))
+        except (CheckpointError, ValueError) as exc:
+            raise SnapshotError(f"not a restorable recommender state: {exc}") from exc
 
 
 class SeenTracks(Collection[str]):
@@ -748,7 +853,35 @@ def _ban_rows(
     return [r for r in map(index.get, banned) if r is not None]
 
 
+#: the constructor arguments, as stored in a checkpoint (with their types)
+_PARAMS: Final[dict[str, Any]] = {
+    "weights": (dict, type(None)), "history_window": int, "history_decay": float,
+    "cooc_window": int, "cooc_decay": float, "recent_filter": int,
+    "max_per_artist": (int, type(None)), "candidates_per_source": int, "cross_session": bool,
+    "n_factors": int, "popularity_half_life_ms": float, "seed": int, "mf_candidates": bool,
+    "max_users": (int, type(None)),
+}
+#: the component models, by attribute name, each with export_state / import_state
+_COMPONENTS: Final[dict[str, Any]] = {
+    "popularity": DecayedPopularity,
+    "cooccurrence": SessionCooccurrence,
+    "mf": ImplicitMF,
+    "skip": SkipClassifier,
+    "drift": SkipRateDrift,
+}
+#: the components that index tracks through the recommender's vocabulary
+_SHARED_VOCABULARY: Final = frozenset({"popularity", "cooccurrence", "mf"})
+
+
+def _strings(arrays: Mapping[str, np.ndarray], name: str) -> list[str]:
+    for part in ("bytes", "ends"):
+        if f"{name}.{part}" not in arrays:
+            raise ValueError(f"{name}.{part}: missing array")
+    return decode_strings(name, arrays[f"{name}.bytes"], arrays[f"{name}.ends"])
+
 _SCRATCH: Final = frozenset({"_ban", "_mark", "_norms"})  # per-process buffers, not model state
+#: item-factor norms recomputed per "more like this" call (see Recommender._item_norms)
+_NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _BECAUSE: Final = REASONS["cooccurrence"]
