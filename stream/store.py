@@ -993,13 +993,11 @@ async def add_tombstone(
 
 
 def load_tombstones(
-    url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: str
+    url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: Any
 ) -> list[str]:
     """The tombstones (:func:`tombstone_member` digests) of the listeners forgotten within
-    ``ttl_s`` (0: ever), synchronously (at start-up)."""
-    url, kwargs = client_options(url, password=password, **auth)
-    kwargs.update(socket_timeout=30, socket_connect_timeout=5)
-    client = redis.Redis.from_url(url, **kwargs)
+    ``ttl_s`` (0: ever), synchronously (at start-up; the cluster client on Redis Cluster)."""
+    client = connect_sync(url, password, socket_timeout=30, socket_connect_timeout=5, **auth)
     low = f"{now_ms - int(ttl_s * 1000)}" if ttl_s else "-inf"
     out: list[str] = []
     try:
