@@ -83,3 +83,21 @@ def test_a_key_error_in_place_fails_that_key_alone(monkeypatch) -> None:
     assert asyncio.run(writer.flush_once()) is True
     assert set(writer.pending) == {"reco:b"}
     assert errors == [("doc", "wrong_type", False)]
+
+
+def test_catalogue_commands_go_unpacked_and_bool_replies_read_as_the_server_said(
+    monkeypatch,
+) -> None:
+    from stream.store import catalog_commands
+
+    writer, errors = _writer([], monkeypatch)
+    writer.pending.clear()
+    packed = catalog_commands("track:", {}, {"t1": (3, 1000)}, 60)
+    writer.submit_commands(packed)
+    # HINCRBY -> 4, HSET -> 0 (field existed), EXPIRE -> True (redis-py's bool)
+    writer.client.pipe.replies = [4, 0, True]  # type: ignore[attr-defined]
+    assert asyncio.run(writer.flush_once()) is True
+    commands = writer.client.pipe.commands  # type: ignore[attr-defined]
+    assert commands[0] == (b"HINCRBY", b"track:t1", b"plays", b"3")
+    assert [c[1] for c in commands] == [b"track:t1"] * 3  # routed by the track's key
+    assert errors == [] and writer.commands == [] and writer.dropped_commands == 0
