@@ -673,7 +673,8 @@ class RecoWriter:
         for key, doc in plain.items():
             pipe.execute_command("SET", key, doc, "EX", self.ttl_s)
         for packed in commands:  # one key each (the catalogue's), routed by it
-            pipe.execute_command(*unpack_command(packed))
+            name, *args = unpack_command(packed)
+            pipe.execute_command(name.decode(), *args)  # redis-py wants the name as str
         for w in batch:
             pipe.execute_command(
                 "EVALSHA",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,10 @@ def redis_cluster(
 def cluster_settings(
     services: stack.StackConfig, cc: stack_cluster.ClusterConfig, **overrides: Any
 ) -> Settings:
-    return unique_settings(services, prefix="rc", redis_url=cc.redis_url, **overrides)
+    tag_prefix = {"catalog_prefix": f"rc{uuid.uuid4().hex[:6]}:track:"}
+    return unique_settings(
+        services, prefix="rc", redis_url=cc.redis_url, **(tag_prefix | overrides)
+    )
 
 
 def cluster_reader(s: Settings) -> RecoReader:
@@ -125,6 +129,15 @@ def test_worker_writes_lists_notifications_and_checkpoints_on_redis_cluster(
     assert client.ttl(key) == -1
     assert worker.metric_value("stream_checkpoints_total", result="written") >= 1
     assert worker.metric_value("stream_redis_write_errors_total") == 0
+    # the track catalogue's packed commands went through the cluster pipeline too
+    played = {e.track_id for e in events}
+    wait_until(
+        lambda: sum(client.exists(f"{s.catalog_prefix}{t}") for t in list(played)[:20]) == 20,
+        30,
+        what="track catalogue hashes in the cluster",
+    )
+    first = f"{s.catalog_prefix}{events[0].track_id}"
+    wait_until(lambda: client.hget(first, "plays"), 30, what="play counts (HINCRBY) in the cluster")
     worker.stop()
     # a restart reads that checkpoint back through the cluster client
     again = worker_factory(s)

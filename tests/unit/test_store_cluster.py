@@ -98,6 +98,6 @@ def test_catalogue_commands_go_unpacked_and_bool_replies_read_as_the_server_said
     writer.client.pipe.replies = [4, 0, True]  # type: ignore[attr-defined]
     assert asyncio.run(writer.flush_once()) is True
     commands = writer.client.pipe.commands  # type: ignore[attr-defined]
-    assert commands[0] == (b"HINCRBY", b"track:t1", b"plays", b"3")
+    assert commands[0] == ("HINCRBY", b"track:t1", b"plays", b"3")  # the name as str
     assert [c[1] for c in commands] == [b"track:t1"] * 3  # routed by the track's key
     assert errors == [] and writer.commands == [] and writer.dropped_commands == 0
