@@ -36,6 +36,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         if args.action != "up" or not args.no_prometheus
         else ["kafka", "redis"]
     )
+    if args.action == "down" and not args.services:
+        services = services + list(stack.OPTIONAL_SERVICES)  # stopped first (reverse order)
     if args.action == "up":
         stack.up(cfg, services)
         print(f"stack is up (state dir: {cfg.state_dir})")
@@ -259,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stack", help="local Kafka (KRaft) + Redis + Prometheus without Docker")
     s.add_argument("action", choices=("up", "down", "status"))
-    s.add_argument("services", nargs="*", choices=("kafka", "redis", "prometheus", []), default=[])
+    s.add_argument(
+        "services",
+        nargs="*",
+        choices=("kafka", "redis", "prometheus", "kafka-secure", []),
+        default=[],
+        help="default: kafka redis prometheus; kafka-secure (SASL/SCRAM + ACLs, "
+        "docs/reliability.md) starts only when named; a bare `down` stops it too",
+    )
     s.add_argument("--no-prometheus", action="store_true", help="up: start only Kafka and Redis")
     s.set_defaults(func=cmd_stack)
 
