@@ -47,7 +47,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         st = stack.status(cfg)
         for name, info in st.items():
             state = "ready" if info["ready"] else ("running" if info["pid"] else "stopped")
-            print(f"{name:<11} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
+            print(f"{name:<12} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
         return 0 if all(i["ready"] for i in st.values()) else 3
     return 0
 

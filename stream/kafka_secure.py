@@ -69,7 +69,7 @@ _PLACEHOLDER: Final = re.compile(r"\$\{(\w+)\}")
 class SecureKafka:
     """Where the secured broker lives: the stack's state dir and jar cache, its own ports."""
 
-    stack: stack.StackConfig
+    cfg: stack.StackConfig
     port: int
     controller_port: int
 
@@ -87,7 +87,7 @@ class SecureKafka:
 
     @property
     def home(self) -> Path:
-        return self.stack.state_dir / SERVICE
+        return self.cfg.state_dir / SERVICE
 
     @property
     def bootstrap(self) -> str:
@@ -270,7 +270,7 @@ def _format(kafka: SecureKafka, libs: Path, props: Path, creds: Mapping[str, str
 
 
 def _java(kafka: SecureKafka, libs: Path) -> list[str]:
-    return stack._java_base(kafka.stack, libs, logs=kafka.home / "logs")
+    return stack._java_base(kafka.cfg, libs, logs=kafka.home / "logs")
 
 
 def ready(kafka: SecureKafka, principal: str = "admin") -> bool:
@@ -281,7 +281,7 @@ def ready(kafka: SecureKafka, principal: str = "admin") -> bool:
 
 
 def running(kafka: SecureKafka) -> int | None:
-    return stack._running_pid(kafka.stack, SERVICE, MARKER)
+    return stack._running_pid(kafka.cfg, SERVICE, MARKER)
 
 
 def start(kafka: SecureKafka, timeout: float = 120.0) -> dict[str, str]:
@@ -301,28 +301,28 @@ def start(kafka: SecureKafka, timeout: float = 120.0) -> dict[str, str]:
                     f"port {port} is already in use by a process this stack did not start; "
                     "set STREAM_STACK_KAFKA_SECURE_PORT / STREAM_STACK_KAFKA_SECURE_CONTROLLER_PORT"
                 )
-        libs = stack.ensure_kafka_jars(kafka.stack)
+        libs = stack.ensure_kafka_jars(kafka.cfg)
         props = _properties(kafka, creds, config)
         _format(kafka, libs, props, creds)
-        stack._spawn(kafka.stack, SERVICE, [*_java(kafka, libs), "kafka.Kafka", str(props)])
+        stack._spawn(kafka.cfg, SERVICE, [*_java(kafka, libs), "kafka.Kafka", str(props)])
     stack._wait(
         SERVICE,
         lambda: stack._port_open(kafka.port) and ready(kafka),
         timeout,
-        lambda: stack._alive(kafka.stack, SERVICE),
+        lambda: stack._alive(kafka.cfg, SERVICE),
     )
     stack.log(f"kafka-secure (SASL_PLAINTEXT/{MECHANISM}, ACLs) ready on {kafka.bootstrap}")
     return creds
 
 
 def stop(kafka: SecureKafka) -> bool:
-    return stack._stop(kafka.stack, SERVICE, MARKER)
+    return stack._stop(kafka.cfg, SERVICE, MARKER)
 
 
 # --------------------------------------------------------------------------- ACLs
 
 
-class _CreateAcls(Request[CreateAclsRequestStruct]):
+class _CreateAcls(Request[CreateAclsRequestStruct]):  # type: ignore[misc]
     """CreateAcls (v1, Kafka 4's baseline) carrying many bindings in one request (aiokafka's
     own CreateAclsRequest builds one)."""
 
@@ -379,7 +379,7 @@ async def describe_acls(kafka: SecureKafka, principal: str) -> set[AclBinding]:
     ops = {v: k for k, v in OPERATIONS.items()}
     admin = await _admin(kafka)
     try:
-        request = DescribeAclsRequest(_ANY, None, _ANY, f"User:{principal}", None, _ANY, _ALLOW)  # type: ignore[arg-type]
+        request = DescribeAclsRequest(_ANY, None, _ANY, f"User:{principal}", None, _ANY, _ALLOW)
         resp = await asyncio.wait_for(admin._send_request(request), 15)
     finally:
         await admin.close()
