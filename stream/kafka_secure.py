@@ -199,6 +199,12 @@ def credentials(kafka: SecureKafka, config: AclConfig | None = None) -> dict[str
     if path.exists():
         creds = json.loads(path.read_text())
     missing = [p for p in config.principals if p not in creds]
+    if missing and (kafka.home / "data" / "meta.properties").exists():
+        # SCRAM users are written at format time only
+        raise StackError(
+            f"principals {missing} were added to acls.json after {kafka.home} was formatted; "
+            f"stop the broker and remove {kafka.home} to re-create it with them"
+        )
     if missing:
         creds.update({p: secrets.token_urlsafe(24) for p in missing})
         kafka.home.mkdir(parents=True, exist_ok=True)

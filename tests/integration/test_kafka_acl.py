@@ -10,7 +10,10 @@ teardown; Redis is the shared stack's (unique key prefix per test).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,17 +36,38 @@ pytestmark = pytest.mark.integration
 NOT_ADMIN = ("worker", "producer", "reader")
 
 
+def stack_cli(env: dict[str, str], *args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "stack", *args],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"stream stack {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+
+
 @pytest.fixture(scope="module")
 def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ks.SecureKafka]:
-    """The secured broker (one per module: a second JVM costs ~10 s and ~0.5 GB)."""
-    cfg = stack.private_config(tmp_path_factory.mktemp("kafka-secure"))
-    kafka = ks.SecureKafka.from_stack(cfg, free_port(), free_port())
+    """The secured broker, started and stopped by `stream stack up kafka-secure` / a bare
+    `stream stack down` in a private state dir on free ports (one per module: a second JVM
+    costs ~10 s and ~0.5 GB)."""
+    state = tmp_path_factory.mktemp("kafka-secure")
+    kafka = ks.SecureKafka.from_stack(stack.private_config(state), free_port(), free_port())
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAM_") or k == "STREAM_CACHE_DIR"}
+    env |= {
+        "STREAM_STATE_DIR": str(state),
+        "STREAM_STACK_KAFKA_SECURE_PORT": str(kafka.port),
+        "STREAM_STACK_KAFKA_SECURE_CONTROLLER_PORT": str(kafka.controller_port),
+    }
     try:
-        ks.start(kafka)
+        stack_cli(env, "up", "kafka-secure")
+        assert ks.running(kafka) is not None and ks.ready(kafka)
         yield kafka
     finally:
-        ks.stop(kafka)
-    assert ks.running(kafka) is None
+        stack_cli(env, "down")
+        if ks.running(kafka) is not None:  # never leave a JVM behind, even on a failure
+            ks.stop(kafka)
+            pytest.fail("`stream stack down` did not stop kafka-secure")
 
 
 @pytest.fixture

@@ -103,6 +103,12 @@ def test_credentials_are_private_and_stable(tmp_path: Path) -> None:
     assert len(set(first.values())) == len(first)
     assert ((kafka.home / "credentials.json").stat().st_mode & 0o777) == 0o600
     assert ks.credentials(kafka) == first
+    # a principal added to acls.json after format time has no SCRAM user: said, not ignored
+    (kafka.home / "data").mkdir()
+    (kafka.home / "data" / "meta.properties").write_text("")
+    (kafka.home / "credentials.json").write_text(json.dumps({"admin": "x"}))
+    with pytest.raises(StackError, match="after .* was formatted"):
+        ks.credentials(kafka)
 
 
 def test_rendered_properties_lock_down_every_listener(tmp_path: Path) -> None:
