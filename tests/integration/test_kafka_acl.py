@@ -248,3 +248,45 @@ def test_only_admin_may_write_control(secure_kafka: ks.SecureKafka, app: Setting
     # ... and the worker, which must act on them, reads what the admin wrote
     got = asyncio.run(consume_one(as_(secure_kafka, "worker", app), app.control_topic, None))
     assert got == b"forget"
+
+
+def test_no_listener_takes_an_unauthenticated_or_wrong_client(
+    secure_kafka: ks.SecureKafka,
+) -> None:
+    """Both listeners are up, and neither lets a client in without the right SCRAM
+    credentials: no PLAINTEXT (User:ANONYMOUS), no wrong password, no PLAIN on the client
+    listener, and no client identity on the controller listener (it takes the broker only)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaConnectionError
+
+    creds = ks.credentials(secure_kafka)
+
+    async def metadata(port: int, **kw: str) -> object:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=5000, **kw
+        )
+        try:
+            await asyncio.wait_for(admin.start(), 15)
+            return await asyncio.wait_for(admin.describe_cluster(), 15)
+        finally:
+            await admin.close()
+
+    def sasl(user: str, password: str, mechanism: str = ks.MECHANISM) -> dict[str, str]:
+        return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": mechanism,
+                "sasl_plain_username": user, "sasl_plain_password": password}
+
+    assert stack._port_open(secure_kafka.port) and stack._port_open(secure_kafka.controller_port)
+    assert asyncio.run(metadata(secure_kafka.port, **sasl("worker", creds["worker"])))
+    wrong = "wr0ng-scram-pw"
+    refused = [
+        (secure_kafka.port, {}),
+        (secure_kafka.controller_port, {}),
+        (secure_kafka.port, sasl("worker", wrong)),
+        (secure_kafka.port, sasl("admin", creds["admin"], "PLAIN")),
+        (secure_kafka.controller_port, sasl("admin", creds["admin"])),
+        (secure_kafka.controller_port, sasl("admin", creds["admin"], "PLAIN")),
+    ]
+    for port, kw in refused:
+        with pytest.raises(KafkaConnectionError) as err:
+            asyncio.run(metadata(port, **kw))
+        assert wrong not in repr(err.value) and creds["admin"] not in repr(err.value)
