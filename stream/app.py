@@ -43,6 +43,7 @@ from stream.session import UserState
 from stream.sharing import TrackSignal, apply_signal, decode_batch, encode_batch, signal_from
 from stream.sizing import model_memory_bytes
 from stream.store import (
+    WRITE_ERROR_REASONS,
     PendingWrite,
     RecoWriter,
     checkpoint_key,
@@ -468,6 +469,14 @@ def create_worker(
         m.redis_errors.labels("flush").inc()
         m.redis_retries.inc()
 
+    write_error_counters = {r: m.redis_write_errors.labels(r) for r in WRITE_ERROR_REASONS}
+    dropped_counter = m.redis_writes.labels("dropped")
+
+    def on_key_error(kind: str, reason: str, dropped: bool) -> None:
+        write_error_counters[reason].inc()
+        if dropped and kind == "doc":
+            dropped_counter.inc()
+
     class RedisWriterService(mode.Service):
         """Owns the Redis connection and the flusher; drains pending writes on stop."""
 
@@ -484,6 +493,7 @@ def create_worker(
                 on_error=on_error,
                 before_flush=rank_pending,
                 has_work=lambda: bool(processor.pending_rank),
+                on_key_error=on_key_error,
             )
             worker.writer.start()
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from stream.errors import ConfigError
 
@@ -124,14 +125,35 @@ class Settings:
         return validate(dataclasses.replace(self, **changes))
 
 
+#: query parameters whose value is a secret (``?password=``, ``?access_token=``, ...)
+_SECRET_QUERY_NAME: Final = re.compile(
+    r"pass|pwd|secret|token|auth|credential|api[_-]?key|signature|^sig$|^key$", re.IGNORECASE
+)
+
+
 def mask_url(url: str) -> str:
-    """``redis://user:pw@host`` -> ``redis://user:***@host``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The URL with its password and any secret query parameters masked.
+
+    >>> mask_url("redis://user:pw@host:6379/0")
+    'redis://user:***@host:6379/0'
+    >>> mask_url("redis://host/0?password=pw&ssl_ca_certs=/ca.pem&access_token=t")
+    'redis://host/0?password=***&ssl_ca_certs=/ca.pem&access_token=***'
+    """
+    parts = original = urlsplit(url)
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{netloc}")
+    if parts.query:
+        # piece by piece, so everything that is not a secret stays byte for byte as given
+        pieces = []
+        for piece in parts.query.split("&"):
+            name, sep, _ = piece.partition("=")
+            if sep and _SECRET_QUERY_NAME.search(unquote_plus(name)):
+                piece = f"{name}=***"
+            pieces.append(piece)
+        parts = parts._replace(query="&".join(pieces))
+    return url if parts == original else urlunsplit(parts)
 
 
 def _coerce(name: str, source: str, raw: Any, kind: type) -> Any:

@@ -424,9 +424,18 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
+        self.redis_write_errors = FastCounter(
+            "redis_write_errors",
+            "Failed writes of one Redis key (the rest of the batch is written), by reason "
+            "(stream.store.WRITE_ERROR_REASONS); a key is dropped after a few attempts.",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
         self.redis_writes = FastCounter(
             "redis_writes",
-            "Recommendation documents written to Redis, by result.",
+            "Recommendation documents written to Redis, by result (written, stale_skipped, "
+            "dropped after failed attempts).",
             ["result"],
             namespace=ns,
             registry=registry,
@@ -646,6 +655,7 @@ class Metrics:
         self.redis_errors.labels("flush")
         self.redis_writes.labels("written")
         self.redis_writes.labels("stale_skipped")
+        self.redis_writes.labels("dropped")
         #: play context -> its (plays, skips) children, resolved once (bounded, see below)
         self._context_children: dict[str | None, tuple[Any, Any]] = {}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -393,6 +395,31 @@ def prometheus_ready(port: int) -> bool:
         return bool(resp.status == 200)
 
 
+def prometheus_args(cfg: StackConfig) -> list[str]:
+    """The local Prometheus's flags (renders its config). No ``--web.enable-lifecycle``:
+    anyone who reaches the port could otherwise shut it down or reload it over HTTP;
+    :func:`reload_prometheus` signals the process instead."""
+    data = cfg.state_dir / "prometheus" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    return [
+        f"--config.file={prometheus_config(cfg)}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{cfg.prometheus_port}",
+        "--storage.tsdb.retention.time=2d",
+    ]
+
+
+def reload_prometheus(cfg: StackConfig) -> bool:
+    """Make the stack's Prometheus re-read its config and rule files, as rendered at its
+    start (SIGHUP, which only the user running the stack can send). False if this stack
+    runs no Prometheus."""
+    pid = _running_pid(cfg, "prometheus", "prometheus")
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGHUP)
+    return True
+
+
 def start_prometheus(cfg: StackConfig) -> None:
     marker = "prometheus"
     if _running_pid(cfg, "prometheus", marker) and prometheus_ready(cfg.prometheus_port):
@@ -405,21 +432,7 @@ def start_prometheus(cfg: StackConfig) -> None:
         )
     if _running_pid(cfg, "prometheus", marker) is None:
         binary = _require("prometheus", "install Prometheus (apt-get install prometheus)")
-        conf = prometheus_config(cfg)
-        data = cfg.state_dir / "prometheus" / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        _spawn(
-            cfg,
-            "prometheus",
-            [
-                binary,
-                f"--config.file={conf}",
-                f"--storage.tsdb.path={data}",
-                f"--web.listen-address=127.0.0.1:{cfg.prometheus_port}",
-                "--storage.tsdb.retention.time=2d",
-                "--web.enable-lifecycle",
-            ],
-        )
+        _spawn(cfg, "prometheus", [binary, *prometheus_args(cfg)])
     _wait(
         "prometheus",
         lambda: prometheus_ready(cfg.prometheus_port),
@@ -673,3 +686,54 @@ class RedisServer:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- Redis ACL
+
+#: the ACL users of configs/redis/users.acl.in
+REDIS_ACL_USERS: Final = ("stream-admin", "stream-worker", "stream-reader")
+
+
+def render_redis_acl(dest: Path, passwords: Mapping[str, str]) -> Path:
+    """Write ``configs/redis/users.acl.in`` as a loadable aclfile at ``dest``: comment lines
+    dropped, each user's password as its SHA-256 (the file holds no password). Every user
+    of :data:`REDIS_ACL_USERS` needs a non-empty password in ``passwords``."""
+    missing = [u for u in REDIS_ACL_USERS if not passwords.get(u)]
+    if missing:
+        raise StackError(f"no password for the Redis ACL user(s) {', '.join(missing)}")
+    text = (CONFIGS / "redis" / "users.acl.in").read_text()
+    for user in REDIS_ACL_USERS:
+        digest = hashlib.sha256(passwords[user].encode()).hexdigest()
+        placeholder = "@" + user.removeprefix("stream-").upper() + "_PASSWORD_SHA256@"
+        text = text.replace(placeholder, digest)
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if any("_PASSWORD_SHA256@" in ln for ln in lines):
+        raise StackError("configs/redis/users.acl.in has a placeholder nobody fills in")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(lines) + "\n")
+    dest.chmod(0o600)
+    return dest
+
+
+def start_acl_redis(
+    workdir: Path, port: int, passwords: Mapping[str, str], *args: str
+) -> RedisServer:
+    """A private redis-server on ``port`` that admits only the users of
+    ``configs/redis/users.acl.in`` (the default user is off). Raises StackError if it
+    does not start or its aclfile does not load (the server refuses to start then)."""
+    acl = render_redis_acl(workdir / "users.acl", passwords)
+    server = RedisServer(workdir, port, ["--aclfile", str(acl), *args]).start()
+    import redis  # here: `stream stack` itself runs without the client library
+
+    client = redis.Redis(
+        port=port, username="stream-admin", password=passwords["stream-admin"], socket_timeout=5
+    )
+    try:
+        if not client.ping():
+            raise StackError(f"redis-server with ACL users on {port} does not answer PING")
+    except redis.RedisError as exc:
+        server.stop()
+        raise StackError(f"redis-server with ACL users on {port}: {exc}") from exc
+    finally:
+        client.close()
+    return server

@@ -24,37 +24,170 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import orjson
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    ExecAbortError,
+    NoPermissionError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
 
+#: WRITE_SCRIPT's replies
+WRITTEN: Final = 1
+#: refused: the stored document of the same lineage has a higher seq
+STALE: Final = 0
+#: refused: the key holds another type than a string (a hash, a list, ...); left alone
+WRONG_TYPE: Final = -1
+#: refused: the stored document of the same lineage has no usable seq; left alone
+BAD_SEQ: Final = -2
+
 WRITE_SCRIPT: Final = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, old = pcall(cjson.decode, cur)
+-- KEYS[1] the listener's key; ARGV: seq, document, ttl, channel, notification, lineage.
+-- Reads the stored value's type first, so a key of another type is a status (-1), not
+-- an error reply, and is never touched.
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then
+  local ok, old = pcall(cjson.decode, redis.call('GET', KEYS[1]))
   -- refuse to go back in the same lineage (the same app's state); a document from another
-  -- lineage (a re-deployment under a new app id, a rebuilt state) is simply replaced
-  if ok and type(old) == 'table' and old['seq'] and (old['lineage'] or '') == ARGV[6]
-     and tonumber(old['seq']) > tonumber(ARGV[1]) then
-    return 0
+  -- lineage (a re-deployment under a new app id, a rebuilt state) or that is not a JSON
+  -- object is simply replaced
+  if ok and type(old) == 'table' and (old['lineage'] or '') == ARGV[6] then
+    local seq = tonumber(old['seq'])
+    -- not a number, NaN or beyond 2^53: no order to keep, and no reason to trust it
+    if seq == nil or seq ~= seq or seq >= 9007199254740992 or seq <= -9007199254740992 then
+      return -2
+    end
+    if seq > tonumber(ARGV[1]) then
+      return 0
+    end
   end
+elseif kind ~= 'none' then
+  return -1
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
 """
+
+#: reasons of ``stream_redis_write_errors_total``: why one key's write failed (closed set)
+WRITE_ERROR_REASONS: Final = (
+    "wrong_type",  # the key holds another Redis type (script status -1, or WRONGTYPE)
+    "bad_seq",  # the stored document of this lineage has no numeric seq (status -2)
+    "no_permission",  # NOPERM: the ACL user may not write this key or channel
+    "script_error",  # the guard script failed on this key
+    "error_reply",  # any other error reply about this command
+    "unexpected_reply",  # a reply that is not an error but not one we know either
+)
+
+#: error-reply codes about the server, not about one key: like a lost connection, the
+#: whole batch stays pending and is retried with backoff (nothing is dropped)
+SERVER_ERROR_CODES: Final = frozenset(
+    {
+        "OOM",
+        "READONLY",
+        "MASTERDOWN",
+        "LOADING",
+        "BUSY",
+        "MISCONF",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+        "NOAUTH",
+        "WRONGPASS",
+        "MOVED",
+        "ASK",
+        "EXECABORT",
+        "NOSCRIPT",
+    }
+)
+
+_CODE_OF_CLASS: Final = (
+    (NoPermissionError, "NOPERM"),
+    (NoScriptError, "NOSCRIPT"),
+    # not in types-redis' stubs; redis-py has it since 4.x
+    (getattr(redis.exceptions, "OutOfMemoryError", ReadOnlyError), "OOM"),
+    (ReadOnlyError, "READONLY"),
+    (ExecAbortError, "EXECABORT"),
+)
+
+
+def error_code(reply: BaseException) -> str:
+    """The code an error reply starts with (``WRONGTYPE``, ``NOPERM``, ``ERR``, ...).
+
+    redis-py strips the code from the message of the errors it maps to a class, and
+    versions before 8 do not keep it: the class says it then.
+
+    >>> error_code(ResponseError("WRONGTYPE Operation against a key holding the wrong kind"))
+    'WRONGTYPE'
+    >>> error_code(NoPermissionError("this user has no permissions to access one of the keys"))
+    'NOPERM'
+    """
+    code = getattr(reply, "status_code", None)
+    if code:
+        return str(code)
+    for cls, name in _CODE_OF_CLASS:
+        if isinstance(reply, cls):
+            return name
+    first = str(reply).split(" ", 1)[0]
+    return first if first.isupper() and first.isalpha() else "ERR"
+
+
+def is_server_error(reply: Any) -> bool:
+    """Whether ``reply`` is an error reply about the server as a whole (out of memory, a
+    read-only replica, loading, ...): then no key is to blame and the batch is retried."""
+    return isinstance(reply, ResponseError) and error_code(reply) in SERVER_ERROR_CODES
+
+
+def write_error_reason(reply: Any, *, guarded: bool) -> str | None:
+    """Why one command of a flush failed for its key (one of :data:`WRITE_ERROR_REASONS`),
+    or None if it did its job. ``guarded`` for a :data:`WRITE_SCRIPT` reply, else the
+    reply of a plain ``SET`` or ``DEL``. Server errors (:func:`is_server_error`) are
+    decided before this is asked.
+
+    >>> write_error_reason(1, guarded=True), write_error_reason(0, guarded=True)
+    (None, None)
+    >>> write_error_reason(WRONG_TYPE, guarded=True), write_error_reason(BAD_SEQ, guarded=True)
+    ('wrong_type', 'bad_seq')
+    >>> write_error_reason(ResponseError("WRONGTYPE Operation against a key"), guarded=False)
+    'wrong_type'
+    >>> write_error_reason(b"OK", guarded=False), write_error_reason(1, guarded=False)
+    (None, None)
+    """
+    if isinstance(reply, BaseException):
+        code = error_code(reply)
+        if code == "WRONGTYPE":
+            return "wrong_type"
+        if code == "NOPERM":
+            return "no_permission"
+        text = str(reply)
+        if "user_script" in text or "script:" in text or "Error running script" in text:
+            return "script_error"
+        return "error_reply"
+    if type(reply) is int:  # not bool: a SET with a callback would give True
+        if guarded:
+            if reply in (WRITTEN, STALE):
+                return None
+            return {WRONG_TYPE: "wrong_type", BAD_SEQ: "bad_seq"}.get(reply, "unexpected_reply")
+        return None if reply >= 0 else "unexpected_reply"  # DEL: how many keys it removed
+    if not guarded and reply in (b"OK", "OK", True):
+        return None
+    return "unexpected_reply"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +246,15 @@ def encode_document(
 
 FlushCallback = Callable[[list[PendingWrite], list[int], float], None]
 ErrorCallback = Callable[[Exception, float], None]
+#: (kind, reason, dropped): one key's command failed; kind is "doc" (a listener's guarded
+#: document), "plain" (e.g. a similar list) or "del"; dropped once it is given up
+KeyErrorCallback = Callable[[str, str, bool], None]
+
+
+@dataclass(slots=True)
+class _KeyFailure:
+    attempts: int
+    retry_at: float
 
 
 class RecoWriter:
@@ -120,8 +262,17 @@ class RecoWriter:
 
     ``submit`` never blocks on Redis: it replaces any pending document of the same user
     (a newer ``seq`` wins) and wakes the flusher. The flusher sends up to ``max_batch``
-    documents per pipeline round trip. On a Redis error the batch stays pending and is
-    retried with exponential backoff (capped at ``retry_max_s``); nothing is dropped.
+    documents per pipeline round trip.
+
+    Each reply is checked on its own. When Redis is unreachable (a connection error, a
+    timeout) or answers about itself (out of memory, read-only, loading, ...: see
+    :data:`SERVER_ERROR_CODES`), the whole batch stays pending and is retried with
+    exponential backoff (capped at ``retry_max_s``); nothing is dropped. When one key
+    fails (a key of another type, a stored document without a numeric seq, an ACL
+    refusal, a script error: :func:`write_error_reason`), the rest of the batch is
+    written; that key alone is retried after ``key_retry_s``, doubling, and dropped after
+    ``key_attempts`` failed attempts in a row (``on_key_error`` hears of each failure).
+    The key is left as it is: the writer never deletes what it cannot read.
     """
 
     def __init__(
@@ -137,7 +288,12 @@ class RecoWriter:
         on_error: ErrorCallback | None = None,
         before_flush: Callable[[], object] | None = None,
         has_work: Callable[[], bool] | None = None,
+        on_key_error: KeyErrorCallback | None = None,
+        key_attempts: int = 3,
+        key_retry_s: float = 0.1,
     ) -> None:
+        if key_attempts < 1:
+            raise ValueError(f"key_attempts must be >= 1, got {key_attempts}")
         self.client = client
         self.ttl_s = ttl_s
         self.channel = channel
@@ -161,6 +317,13 @@ class RecoWriter:
         self._sha: str | None = None
         self._stopping = False
         self.consecutive_failures = 0
+        self.on_key_error = on_key_error
+        self.key_attempts = key_attempts
+        self.key_retry_s = key_retry_s
+        #: (kind, key) -> failed attempts in a row and when to try again; only for queued keys
+        self._failures: dict[tuple[str, str], _KeyFailure] = {}
+        #: writes given up after key_attempts failures (logged at a bounded rate)
+        self.dropped_total = 0
 
     def submit(self, write: PendingWrite) -> None:
         old = self.pending.get(write.key)
@@ -189,6 +352,7 @@ class RecoWriter:
         """Delete ``key`` (a forgotten listener): drops any pending write for it, and the DEL
         is sent before writes in the next flush."""
         self.pending.pop(key, None)
+        self._failures.pop(("doc", key), None)
         self.deletes.add(key)
         self._idle.clear()
         self._wake.set()
@@ -220,7 +384,12 @@ class RecoWriter:
 
     async def _run(self) -> None:
         while not self._stopping:
-            await self._wake.wait()
+            retry_in = self._next_retry_in(time.monotonic())
+            if retry_in is None:
+                await self._wake.wait()
+            elif retry_in > 0:  # only keys waiting for their retry time: sleep until then
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), retry_in)
             self._wake.clear()
             if self.flush_interval_s:
                 # let a burst accumulate so one round trip carries many users
@@ -230,22 +399,63 @@ class RecoWriter:
                     self.before_flush()
                 except Exception:  # noqa: BLE001 - never let the hook kill the flusher
                     logger.exception("before_flush hook failed")
-            while self.pending or self.deletes or self.plain:
+            while self._has_due(time.monotonic()):
                 ok = await self.flush_once()
                 if not ok:
                     backoff = min(self.retry_max_s, 0.05 * 2 ** min(self.consecutive_failures, 10))
                     await asyncio.sleep(backoff)
-            self._idle.set()
+            if self._next_retry_in(time.monotonic()) is None:
+                self._idle.set()
+
+    def _queued(self, kind: str, key: str) -> bool:
+        if kind == "doc":
+            return key in self.pending
+        if kind == "plain":
+            return key in self.plain
+        return key in self.deletes
+
+    def _next_retry_in(self, now: float) -> float | None:
+        """Seconds until the earliest queued key waiting for a retry (0 if one is due now),
+        or None if none waits; forgets failures of keys no longer queued."""
+        earliest: float | None = None
+        for (kind, key), failure in list(self._failures.items()):
+            if not self._queued(kind, key):
+                del self._failures[(kind, key)]
+            elif earliest is None or failure.retry_at < earliest:
+                earliest = failure.retry_at
+        return None if earliest is None else max(0.0, earliest - now)
+
+    def _due(self, kind: str, key: str, now: float) -> bool:
+        failure = self._failures.get((kind, key))
+        return failure is None or failure.retry_at <= now
+
+    def _has_due(self, now: float) -> bool:
+        if not self._failures:
+            return bool(self.pending or self.deletes or self.plain)
+        return (
+            any(self._due("doc", k, now) for k in self.pending)
+            or any(self._due("del", k, now) for k in self.deletes)
+            or any(self._due("plain", k, now) for k in self.plain)
+        )
+
+    def _take(self, kind: str, keys: Iterable[str], now: float, limit: int | None) -> list[str]:
+        """Up to ``limit`` of ``keys`` that are not waiting for a retry."""
+        if self._failures:
+            keys = (k for k in keys if self._due(kind, k, now))
+        return list(itertools.islice(keys, limit))
 
     async def flush_once(self) -> bool:
-        """Send one batch. Returns False (and keeps the batch pending) on a Redis error."""
-        keys = list(self.pending)[: self.max_batch]
+        """Send one batch. Returns False (and keeps the batch pending) when Redis is
+        unreachable or answers with a server error; True when the round trip went
+        through, even if some keys failed (each is then retried or dropped on its own)."""
+        now = time.monotonic()
+        keys = self._take("doc", self.pending, now, self.max_batch)
         batch = [self.pending[k] for k in keys]
-        deletes = list(self.deletes)
-        plain = dict(list(self.plain.items())[: self.max_batch])
+        deletes = self._take("del", self.deletes, now, None)
+        plain = {k: self.plain[k] for k in self._take("plain", self.plain, now, self.max_batch)}
         started = time.perf_counter()
         try:
-            results = await self._send(batch, deletes, plain)
+            replies = await self._send(batch, deletes, plain)
         except (RedisError, OSError) as exc:
             self.consecutive_failures += 1
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
@@ -262,29 +472,81 @@ class RecoWriter:
         if self.consecutive_failures:
             logger.info("redis is back after %d failed flushes", self.consecutive_failures)
         self.consecutive_failures = 0
-        self.deletes.difference_update(deletes)
-        for key, doc in plain.items():
-            if self.plain.get(key) is doc:
+        now = time.monotonic()
+        del_replies = replies[: len(deletes)]
+        plain_replies = replies[len(deletes) : len(deletes) + len(plain)]
+        doc_replies = replies[len(deletes) + len(plain) :]
+        failures = self._failures
+        for key, reply in zip(deletes, del_replies, strict=True):
+            reason = write_error_reason(reply, guarded=False)
+            if reason is None:
+                failures.pop(("del", key), None)
+            if reason is None or self._failed("del", key, reason, reply, now):
+                self.deletes.discard(key)
+        for (key, doc), reply in zip(plain.items(), plain_replies, strict=True):
+            reason = write_error_reason(reply, guarded=False)
+            if reason is None and failures:
+                failures.pop(("plain", key), None)
+            if (reason is None or self._failed("plain", key, reason, reply, now)) and (
+                self.plain.get(key) is doc
+            ):
                 del self.plain[key]
-        for write in batch:
+        done: list[PendingWrite] = []
+        results: list[int] = []
+        for write, reply in zip(batch, doc_replies, strict=True):
+            reason = write_error_reason(reply, guarded=True)
+            if reason is None:
+                done.append(write)
+                results.append(int(reply))
+                if failures:
+                    failures.pop(("doc", write.key), None)
+            elif not self._failed("doc", write.key, reason, reply, now):
+                continue  # stays pending for its retry
             # only drop it if no newer document for that user arrived during the flush
             if self.pending.get(write.key) is write:
                 del self.pending[write.key]
         if self.on_flush is not None:
-            self.on_flush(batch, [int(r) for r in results], time.perf_counter() - started)
+            self.on_flush(done, results, time.perf_counter() - started)
         return True
+
+    def _failed(self, kind: str, key: str, reason: str, reply: Any, now: float) -> bool:
+        """Count one key's failed attempt; True if it is now given up (dropped)."""
+        failure = self._failures.pop((kind, key), None)
+        attempts = 1 if failure is None else failure.attempts + 1
+        dropped = attempts >= self.key_attempts
+        if not dropped:
+            delay = min(self.retry_max_s, self.key_retry_s * 2 ** (attempts - 1))
+            self._failures[(kind, key)] = _KeyFailure(attempts, now + delay)
+        else:
+            self.dropped_total += 1
+            if self.dropped_total <= 10 or self.dropped_total % 1000 == 0:
+                logger.warning(
+                    "dropped the %s write to Redis key %r after %d failed attempts (%s: %.200s);"
+                    " the key is left as it is; %d writes dropped so far",
+                    kind,
+                    key,
+                    attempts,
+                    reason,
+                    str(reply),
+                    self.dropped_total,
+                )
+        if self.on_key_error is not None:
+            self.on_key_error(kind, reason, dropped)
+        return dropped
 
     async def _send(
         self, batch: list[PendingWrite], deletes: list[str], plain: dict[str, bytes] | None = None
     ) -> list[Any]:
-        """One round trip: DELs, plain SETs, then one guarded write per document; returns the
-        guarded writes' results (1 written, 0 refused as stale).
+        """One round trip: DELs, plain SETs, then one guarded write per document; returns
+        every command's reply in that order (an error reply as its exception object).
 
         The commands are packed here (:func:`pack_command`) and their replies read back on
         one pooled connection: redis-py's pipeline packed and parsed each command in Python
         at ~50-95 us of CPU per document (py-spy: 6.5 % of the worker), this costs a few.
-        Any error but a missing script drops the connection, so no reply is left unread;
-        the caller retries the whole batch (the ``seq`` guard makes writes idempotent)."""
+        A connection error drops the connection, so no reply is left unread, and a server
+        error reply (:func:`is_server_error`) is raised: the caller retries the whole batch
+        (the ``seq`` guard makes writes idempotent). Other error replies are about one key
+        and come back in place."""
         plain = plain or {}
         if self._sha is None:
             self._sha = await self.client.script_load(WRITE_SCRIPT)
@@ -317,9 +579,9 @@ class RecoWriter:
                     raise next(r for r in replies if isinstance(r, NoScriptError))
                 continue
             for r in replies:
-                if isinstance(r, Exception):
+                if is_server_error(r):
                     raise r
-            return replies[len(deletes) + len(plain) :]
+            return replies
         raise AssertionError("unreachable")
 
     async def _round_trip(self, commands: list[bytes]) -> list[Any]:

@@ -19,7 +19,6 @@ from an earlier run cannot hide a renamed metric).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -211,11 +210,6 @@ class Prometheus:
         res = self.query(expr)
         return float(res[0]["value"][1]) if res else None
 
-    def reload(self) -> None:
-        req = urllib.request.Request(f"{self.base}/-/reload", method="POST")
-        # lifecycle API off (HTTP 403): the loaded-rules check in the fixture says what to do
-        with contextlib.suppress(urllib.error.HTTPError):
-            urllib.request.urlopen(req, timeout=10).close()
 
     def target(self) -> dict[str, Any] | None:
         body = self.get("/api/v1/targets", state="active")
@@ -233,7 +227,8 @@ def prometheus(services: stack.StackConfig) -> Prometheus:
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"Prometheus on 127.0.0.1:{services.prometheus_port} unreachable: {exc!r}")
     assert ready, "Prometheus not ready"
-    prom.reload()  # pick up rule edits made since the stack started
+    # pick up rule edits made since the stack started (SIGHUP: the HTTP lifecycle API is off)
+    stack.reload_prometheus(services)
     if prom.target() is None:
         pytest.fail(
             f"Prometheus does not scrape {TARGET}: restart it so the stack renders the default "

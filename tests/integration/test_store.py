@@ -12,6 +12,9 @@ import pytest
 from stream.config import Settings
 from stream.recommender import Recommendation
 from stream.store import (
+    BAD_SEQ,
+    WRITE_SCRIPT,
+    WRONG_TYPE,
     PendingWrite,
     RecoReader,
     RecoWriter,
@@ -166,16 +169,12 @@ def test_guard_is_per_lineage(settings: Settings, reader: RecoReader) -> None:
     assert doc is not None and doc.seq == 1 and doc.items[0].track_id == "b1"
 
 
-def test_writer_recovers_from_lost_scripts_dropped_connections_and_error_replies(
+def test_writer_recovers_from_lost_scripts_and_dropped_connections(
     settings: Settings, reader: RecoReader
 ) -> None:
     """The hand-packed round trip: a flushed script cache (NOSCRIPT) is reloaded and the
-    batch resent; a connection the server killed is replaced; an error reply in the middle
-    of a batch (a key of the wrong type) fails the flush, keeps the batch pending and
-    loses none of the other documents once the key is fixed."""
+    batch resent; a connection the server killed is replaced."""
     results: list[list[int]] = []
-    errors: list[str] = []
-    bad_key = f"{settings.redis_prefix}wrongtype"
 
     async def scenario() -> None:
         client = connect_async(settings.redis_url, settings.redis_password)
@@ -185,7 +184,6 @@ def test_writer_recovers_from_lost_scripts_dropped_connections_and_error_replies
             channel="",
             retry_max_s=0.2,
             on_flush=lambda b, r, s: results.append(r),
-            on_error=lambda exc, s: errors.append(type(exc).__name__),
         )
         writer.start()
         writer.submit(write_for(settings, "r1", 1, "first"))
@@ -196,31 +194,110 @@ def test_writer_recovers_from_lost_scripts_dropped_connections_and_error_replies
         reader.client.client_kill_filter(_type="normal", skipme=True)
         writer.submit(write_for(settings, "r1", 3, "after-kill"))
         await asyncio.wait_for(writer.drained(), 10)
-        reader.client.hset(bad_key, "x", "1")  # GET on a hash: a WRONGTYPE error reply
-        writer.submit(write_for(settings, "r2", 1, "before-bad"))
-        writer.submit(PendingWrite(bad_key, 1, b"{}", b"{}", 0, None, 0.0, ""))
-        writer.submit(write_for(settings, "r3", 1, "after-bad"))
-        deadline = time.monotonic() + 10
-        while not errors or "ResponseError" not in errors:
-            assert time.monotonic() < deadline, errors
-            await asyncio.sleep(0.05)
-        assert len(writer.pending) == 3  # nothing dropped while it fails
-        reader.client.delete(bad_key)
+        await writer.stop()
+        await client.aclose()
+
+    asyncio.run(scenario())
+    doc = reader.get("r1")
+    assert doc is not None and doc.items[0].track_id == "after-kill"
+    assert results == [[1], [1], [1]]
+
+
+def test_a_poisoned_key_is_isolated_within_one_flush(
+    settings: Settings, reader: RecoReader
+) -> None:
+    """Issue 15: with ``reco:victim`` holding a hash and another listener's stored document
+    (of this lineage) carrying a non-numeric seq, the first flush still writes every other
+    document and the similar list (not one flush later); each poisoned key is retried
+    ``key_attempts`` times, counted with its reason, dropped, and left as it was."""
+    prefix = settings.redis_prefix
+    victim, bad_seq = f"{prefix}victim", f"{prefix}badseq"
+    reader.client.hset(victim, "x", "1")
+    reader.client.set(bad_seq, orjson.dumps({"seq": "NaN-ish", "lineage": "app"}))
+    events: list[tuple[str, str, bool]] = []
+    flushes: list[list[str]] = []
+
+    async def scenario() -> None:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        writer = RecoWriter(
+            client,
+            ttl_s=60,
+            channel=settings.notify_channel,
+            flush_interval_ms=0,
+            key_retry_s=0.02,
+            on_flush=lambda b, r, s: flushes.append([w.key for w in b]),
+            on_key_error=lambda kind, reason, dropped: events.append((kind, reason, dropped)),
+        )
+        writer.submit(write_for(settings, "before", 1, "t-before", "app"))
+        writer.submit(PendingWrite(victim, 1, b"{}", b"{}", 0, None, 0.0, "app"))
+        writer.submit(write_for(settings, "badseq", 5, "t-bad", "app"))
+        writer.submit(write_for(settings, "after", 1, "t-after", "app"))
+        writer.submit_plain(f"{settings.similar_prefix}t1", b'{"track_id": "t1"}')
+        assert await writer.flush_once()
+        # one flush: everyone else is in Redis already
+        assert reader.get("before") is not None and reader.get("after") is not None
+        assert reader.similar("t1") == {"track_id": "t1"}
+        assert set(writer.pending) == {victim, bad_seq}
+        writer.start()
         await asyncio.wait_for(writer.drained(), 10)
         await writer.stop()
         await client.aclose()
 
     try:
         asyncio.run(scenario())
+        assert flushes[0] == [f"{prefix}before", f"{prefix}after"]
+        assert sorted(events) == sorted(
+            [("doc", "wrong_type", False)] * 2
+            + [("doc", "wrong_type", True)]
+            + [("doc", "bad_seq", False)] * 2
+            + [("doc", "bad_seq", True)]
+        )
+        assert reader.client.type(victim) == b"hash"
+        assert reader.client.hgetall(victim) == {b"x": b"1"}
+        assert orjson.loads(reader.client.get(bad_seq))["seq"] == "NaN-ish"
     finally:
-        reader.client.delete(bad_key)
-    docs = {u: reader.get(u) for u in ("r1", "r2", "r3")}
-    assert docs["r1"] is not None and docs["r1"].items[0].track_id == "after-kill"
-    assert docs["r2"] is not None and docs["r2"].items[0].track_id == "before-bad"
-    assert docs["r3"] is not None and docs["r3"].items[0].track_id == "after-bad"
-    assert results[:3] == [[1], [1], [1]]
-    assert results[-1] == [1, 1, 1]
-    assert "ResponseError" in errors
+        reader.client.delete(victim, bad_seq, f"{settings.similar_prefix}t1")
+
+
+def test_the_guard_script_reports_each_poisoned_value(
+    settings: Settings, reader: RecoReader
+) -> None:
+    """WRITE_SCRIPT's statuses against the real Redis: a wrong type and a stored seq that
+    is not a number are distinct statuses and leave the key alone; a lower seq of the same
+    lineage is still refused; a non-JSON value or another lineage's document is replaced."""
+    sha = reader.client.script_load(WRITE_SCRIPT)
+    key = f"{settings.redis_prefix}guard"
+
+    def write(seq: int, lineage: str = "app") -> int:
+        doc = b'{"seq": %d, "lineage": "%s"}' % (seq, lineage.encode())
+        return int(reader.client.evalsha(sha, 1, key, seq, doc, 60, "", b"", lineage))
+
+    try:
+        reader.client.rpush(key, "x")
+        assert write(1) == WRONG_TYPE and reader.client.type(key) == b"list"
+        reader.client.delete(key)
+        reader.client.zadd(key, {"x": 1})
+        assert write(1) == WRONG_TYPE and reader.client.type(key) == b"zset"
+        for stored in (
+            b'{"seq": "x", "lineage": "app"}',
+            b'{"lineage": "app"}',
+            b'{"seq": 1e300, "lineage": "app"}',
+            b'{"seq": null, "lineage": "app"}',
+            b'{"seq": [1], "lineage": "app"}',
+        ):
+            reader.client.set(key, stored)
+            assert write(1) == BAD_SEQ, stored
+            assert reader.client.get(key) == stored
+        reader.client.set(key, b'{"seq": "x", "lineage": "other"}')
+        assert write(1) == 1  # another lineage's document: replaced, no order to keep
+        assert write(9) == 1 and write(3) == 0 and write(9) == 1  # never back
+        assert orjson.loads(reader.client.get(key))["seq"] == 9
+        reader.client.set(key, b"not json")
+        assert write(2) == 1
+        reader.client.set(key, b'{"seq": "7", "lineage": "app"}')  # a numeric string
+        assert write(6) == 0 and write(7) == 1
+    finally:
+        reader.client.delete(key)
 
 
 def test_checkpoint_upload_is_chunked_atomic_and_leaves_nothing_behind(

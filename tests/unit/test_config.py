@@ -72,3 +72,32 @@ def test_secrets_are_masked() -> None:
         assert secret not in shown
     assert s.masked()["redis_url"] == "redis://app:***@127.0.0.1:6379/0"
     assert mask_url("redis://127.0.0.1") == "redis://127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://h:6379/0?password=hunter2", "redis://h:6379/0?password=***"),
+        ("redis://h/0?db=1&Pass=hunter2&x=1", "redis://h/0?db=1&Pass=***&x=1"),
+        ("rediss://u@h/0?access_token=hunter2", "rediss://u@h/0?access_token=***"),
+        ("http://h/x?api-key=hunter2&sig=hunter2", "http://h/x?api-key=***&sig=***"),
+        ("redis://h/0?client%5Fsecret=hunter2", "redis://h/0?client%5Fsecret=***"),
+        ("redis://u:hunter2@h/0?pwd=hunter2#frag", "redis://u:***@h/0?pwd=***#frag"),
+        # not secrets: kept byte for byte, so the URL still says what it connects to
+        (
+            "rediss://u@h/0?ssl_ca_certs=/a%20b/ca.pem&ssl_keyfile=/k.pem&db=2",
+            "rediss://u@h/0?ssl_ca_certs=/a%20b/ca.pem&ssl_keyfile=/k.pem&db=2",
+        ),
+        ("unix:///run/redis.sock?db=0", "unix:///run/redis.sock?db=0"),
+        ("redis://h/0?password", "redis://h/0?password"),  # a name without a value
+    ],
+)
+def test_mask_url_masks_secrets_in_the_query_string(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    if "hunter2" in url:
+        assert "hunter2" not in mask_url(url)
+
+
+def test_masked_settings_hide_query_string_passwords() -> None:
+    s = load_settings(env={"STREAM_REDIS_URL": "redis://127.0.0.1/0?password=hunter2"}, file=None)
+    assert "hunter2" not in str(s.masked())

@@ -96,6 +96,7 @@ def test_prometheus_scrapes_the_worker_service(compose: dict[str, Any]) -> None:
     port = str(compose["services"]["worker"]["environment"]["STREAM_METRICS_PORT"])
     assert f"worker:{port}" in targets
     assert "/etc/prometheus/rules/*.yml" in prom["rule_files"]
+    assert not any("lifecycle" in str(a) for a in compose["services"]["prometheus"]["command"])
 
 
 def test_bind_mounts_exist(compose: dict[str, Any]) -> None:

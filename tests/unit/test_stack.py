@@ -63,3 +63,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_prometheus_has_no_http_lifecycle_api(tmp_path: Path) -> None:
+    """Without --web.enable-lifecycle nobody who merely reaches the port can POST
+    /-/quit or /-/reload; the stack reloads by signal (reload_prometheus)."""
+    args = stack.prometheus_args(cfg(tmp_path, prometheus=9999))
+    assert not any("lifecycle" in a for a in args)
+    assert "--web.listen-address=127.0.0.1:9999" in args
+    assert stack.reload_prometheus(cfg(tmp_path)) is False  # none started by this stack
+
+
+def test_redis_acl_is_rendered_without_passwords_or_comments(tmp_path: Path) -> None:
+    import hashlib
+
+    passwords = {u: f"pw-of-{u}" for u in stack.REDIS_ACL_USERS}
+    path = stack.render_redis_acl(tmp_path / "users.acl", passwords)
+    lines = path.read_text().splitlines()
+    assert all(line.startswith("user ") for line in lines)  # redis-server allows no comments
+    assert [line.split()[1] for line in lines] == ["default", *stack.REDIS_ACL_USERS]
+    text = path.read_text()
+    for pw in passwords.values():
+        assert pw not in text
+        assert "#" + hashlib.sha256(pw.encode()).hexdigest() in text
+    assert "_PASSWORD_SHA256@" not in text
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert lines[0] == "user default off resetkeys resetchannels -@all"
+    with pytest.raises(StackError, match="stream-reader"):
+        stack.render_redis_acl(tmp_path / "x.acl", {**passwords, "stream-reader": ""})
