@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,14 @@ def test_rendered_properties_lock_down_every_listener(tmp_path: Path) -> None:
 def test_stack_down_knows_the_secure_broker() -> None:
     assert "kafka-secure" in stack.OPTIONAL_SERVICES
     assert stack.OPTIONAL_SERVICES["kafka-secure"][0] == ks.MARKER
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        kafka = ks.SecureKafka.from_stack(stack.private_config(tmp_path), port, 2)
+        with pytest.raises(StackError, match=f"port {port} is already in use.*SECURE_PORT"):
+            ks.start(kafka)
+    assert ks.running(kafka) is None
