@@ -29,7 +29,7 @@ from stream.events import PlayEvent
 from stream.kafka_io import client_kwargs, ensure_topics, make_producer, read_topic
 from stream.store import RecoReader
 
-from .conftest import free_port, produce, unique_settings, wait_until
+from .conftest import free_port, produce, settings_env, unique_settings, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +119,13 @@ async def consume_one(s: Settings, topic: str, group: str | None) -> bytes | Non
         await consumer.stop()
 
 
+def forget_cli(s: Settings, user: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", "forget", user],
+        env=settings_env(s), capture_output=True, text=True, timeout=90,
+    )
+
+
 def broker_log(kafka: ks.SecureKafka) -> Path:
     return kafka.home / "logs" / "server.log"
 
@@ -161,6 +168,14 @@ def test_worker_runs_end_to_end_with_exactly_its_acls(
             90,
             what="every listener's recommendations from the worker principal",
         )
+        # `stream forget`: refused as the producer, carried out when the admin sends it
+        refused = forget_cli(as_(secure_kafka, "producer", app), "u0")
+        assert refused.returncode != 0
+        assert "TopicAuthorizationFailedError" in refused.stderr
+        assert reader.get("u0") is not None
+        assert forget_cli(as_(secure_kafka, "admin", app), "u0").returncode == 0
+        wait_until(lambda: reader.get("u0") is None, 60, what="u0 forgotten by the worker")
+        assert reader.get("u1") is not None
     finally:
         keys = list(reader.client.scan_iter(match=f"{app.redis_prefix}*", count=1000))
         keys += list(reader.client.scan_iter(match=f"{app.similar_prefix}*", count=1000))
