@@ -451,8 +451,6 @@ SERVICES: Final = {
 }
 
 
-
-
 def _start_kafka_secure(cfg: StackConfig) -> None:
     from stream import kafka_secure
 
