@@ -41,8 +41,9 @@ from aiokafka.protocol.admin import (
 from aiokafka.protocol.api import Request
 
 from stream import stack
-from stream.config import Settings
+from stream.config import Settings, load_settings
 from stream.errors import StackError
+from stream.kafka_io import client_kwargs, ensure_topics
 
 SECURE_CONFIGS: Final = stack.CONFIGS / "kafka" / "secure"
 ACLS_FILE: Final = SECURE_CONFIGS / "acls.json"
@@ -72,18 +73,39 @@ class SecureKafka:
     cfg: stack.StackConfig
     port: int
     controller_port: int
+    #: client listener SASL_SSL (certificate from the stack's own CA) instead of SASL_PLAINTEXT
+    tls: bool = True
 
     @classmethod
     def from_stack(
-        cls, cfg: stack.StackConfig, port: int | None = None, controller_port: int | None = None
+        cls,
+        cfg: stack.StackConfig,
+        port: int | None = None,
+        controller_port: int | None = None,
+        tls: bool | None = None,
     ) -> SecureKafka:
+        if tls is None:
+            raw = os.environ.get("STREAM_STACK_KAFKA_SECURE_TLS", "1").strip().lower()
+            if raw not in ("1", "true", "yes", "0", "false", "no"):
+                raise StackError(f"STREAM_STACK_KAFKA_SECURE_TLS must be 1 or 0, got {raw!r}")
+            tls = raw in ("1", "true", "yes")
         return cls(
             cfg,
             port if port is not None else stack._env_int("STREAM_STACK_KAFKA_SECURE_PORT", 9094),
             controller_port
             if controller_port is not None
             else stack._env_int("STREAM_STACK_KAFKA_SECURE_CONTROLLER_PORT", 9095),
+            tls,
         )
+
+    @property
+    def protocol(self) -> str:
+        return "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the broker's certificate (clients verify the broker with it)."""
+        return self.home / "tls" / "ca.pem"
 
     @property
     def home(self) -> Path:
@@ -230,7 +252,8 @@ def client_settings(kafka: SecureKafka, principal: str, base: Settings) -> Setti
     """``base`` pointed at the secured broker, authenticated as ``principal``."""
     return base.replace(
         kafka_bootstrap=kafka.bootstrap,
-        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_security_protocol=kafka.protocol,
+        kafka_ssl_cafile=str(kafka.ca_file) if kafka.tls else "",
         kafka_sasl_mechanism=MECHANISM,
         kafka_sasl_username=principal,
         kafka_sasl_password=credentials(kafka)[principal],
@@ -240,10 +263,50 @@ def client_settings(kafka: SecureKafka, principal: str, base: Settings) -> Setti
 # --------------------------------------------------------------------------- broker
 
 
+def _openssl(cwd: Path, *argv: str) -> None:
+    openssl = stack._require("openssl", "install OpenSSL (apt-get install openssl)")
+    proc = subprocess.run([openssl, *argv], cwd=cwd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise StackError(f"openssl {argv[0]} failed: {proc.stderr[-1000:]}")
+
+
+def _tls_files(kafka: SecureKafka) -> Path:
+    """A CA of this broker's own and a certificate for 127.0.0.1 signed by it (made once);
+    returns the broker's PEM keystore (unencrypted PKCS#8 key + certificate, mode 0600)."""
+    d = kafka.home / "tls"
+    keystore = d / "keystore.pem"
+    if keystore.exists() and kafka.ca_file.exists():
+        return keystore
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
+             "-subj", "/CN=stream-reco kafka-secure CA", "-keyout", "ca.key", "-out", "ca.pem")
+    _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", "server.key", "-out", "server.csr")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(d, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "365", "-extfile", "san.ext", "-out", "server.pem")
+    fd = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write((d / "server.key").read_text() + (d / "server.pem").read_text())
+    return keystore
+
+
 def _properties(kafka: SecureKafka, creds: Mapping[str, str], config: AclConfig) -> Path:
     data = kafka.home / "data"
     data.mkdir(parents=True, exist_ok=True)
+    tls = "# client listener without TLS (STREAM_STACK_KAFKA_SECURE_TLS=0): loopback only"
+    if kafka.tls:
+        prefix = "listener.name.client.ssl"
+        tls = "\n".join([
+            f"{prefix}.keystore.type=PEM",
+            f"{prefix}.keystore.location={_tls_files(kafka)}",
+            f"{prefix}.truststore.type=PEM",
+            f"{prefix}.truststore.location={kafka.ca_file}",
+        ])
     values = {
+        "client_protocol": kafka.protocol,
+        "tls_settings": tls,
         "broker_port": str(kafka.port),
         "controller_port": str(kafka.controller_port),
         "log_dir": str(data),
@@ -281,9 +344,16 @@ def _java(kafka: SecureKafka, libs: Path) -> list[str]:
 
 def ready(kafka: SecureKafka, principal: str = "admin") -> bool:
     """True when the broker answers a metadata request authenticated as ``principal``."""
-    return stack.kafka_sasl_ready(
-        kafka.port, principal, credentials(kafka)[principal], mechanism=MECHANISM
-    )
+
+    async def probe() -> bool:
+        admin = await _admin(kafka, principal)
+        try:
+            cluster = await asyncio.wait_for(admin.describe_cluster(), 5)
+            return bool(cluster.get("brokers"))
+        finally:
+            await admin.close()
+
+    return asyncio.run(probe())
 
 
 def running(kafka: SecureKafka) -> int | None:
@@ -317,7 +387,7 @@ def start(kafka: SecureKafka, timeout: float = 120.0) -> dict[str, str]:
         timeout,
         lambda: stack._alive(kafka.cfg, SERVICE),
     )
-    stack.log(f"kafka-secure (SASL_PLAINTEXT/{MECHANISM}, ACLs) ready on {kafka.bootstrap}")
+    stack.log(f"kafka-secure ({kafka.protocol}/{MECHANISM}, ACLs) ready on {kafka.bootstrap}")
     return creds
 
 
@@ -350,16 +420,14 @@ def _wire(b: AclBinding) -> tuple[int, str, int, str, str, int, int]:
     )
 
 
-async def _admin(kafka: SecureKafka) -> AIOKafkaAdminClient:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=kafka.bootstrap,
-        security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism=MECHANISM,
-        sasl_plain_username="admin",
-        sasl_plain_password=credentials(kafka)["admin"],
-        request_timeout_ms=10_000,
-    )
-    await asyncio.wait_for(admin.start(), 15)
+async def _admin(kafka: SecureKafka, principal: str = "admin") -> AIOKafkaAdminClient:
+    s = client_settings(kafka, principal, load_settings(env={}, file=None))
+    admin = AIOKafkaAdminClient(**client_kwargs(s), request_timeout_ms=10_000)
+    try:
+        await asyncio.wait_for(admin.start(), 15)
+    except BaseException:
+        await admin.close()
+        raise
     return admin
 
 
@@ -405,8 +473,6 @@ def grant(
 ) -> list[AclBinding]:
     """Create the app's shared topics as the admin (plays, dead letters, control: the worker
     may not create them) and apply acls.json for its names. Returns the bindings applied."""
-    from stream.kafka_io import ensure_topics
-
     bindings = render_acls(load_acl_config(), acl_names(settings))
 
     async def run() -> None:
@@ -430,8 +496,6 @@ def grant(
 def up(cfg: stack.StackConfig) -> None:
     """``stream stack up kafka-secure``: start the broker, grant the ACLs for the settings
     in the environment (STREAM_APP_ID, STREAM_PLAYS_TOPIC, ...), say where the passwords are."""
-    from stream.config import load_settings
-
     kafka = SecureKafka.from_stack(cfg)
     start(kafka)
     grant(kafka, load_settings())

@@ -1,7 +1,8 @@
-"""Least privilege on a real secured broker (SASL/SCRAM-SHA-512, KRaft StandardAuthorizer,
-deny by default), started through the project's stack code (stream.kafka_secure) from
-configs/kafka/secure/: the worker runs end to end with exactly the ACLs of acls.json, and
-every other principal is refused where it must be.
+"""Least privilege on a real secured broker (SASL_SSL with SCRAM-SHA-512, KRaft
+StandardAuthorizer, deny by default), started through the project's stack code
+(`stream stack up kafka-secure`, stream.kafka_secure) from configs/kafka/secure/: the worker
+runs end to end with exactly the ACLs of acls.json, and every other principal is refused
+where it must be.
 
 The broker is private to this module (its own state dir and free ports) and stopped at
 teardown; Redis is the shared stack's (unique key prefix per test).
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -51,13 +54,16 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ks.Secure
     `stream stack down` in a private state dir on free ports (one per module: a second JVM
     costs ~10 s and ~0.5 GB)."""
     state = tmp_path_factory.mktemp("kafka-secure")
-    kafka = ks.SecureKafka.from_stack(stack.private_config(state), free_port(), free_port())
+    kafka = ks.SecureKafka.from_stack(
+        stack.private_config(state), free_port(), free_port(), tls=True
+    )
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("STREAM_") or k == "STREAM_CACHE_DIR"}
     env |= {
         "STREAM_STATE_DIR": str(state),
         "STREAM_STACK_KAFKA_SECURE_PORT": str(kafka.port),
         "STREAM_STACK_KAFKA_SECURE_CONTROLLER_PORT": str(kafka.controller_port),
+        "STREAM_STACK_KAFKA_SECURE_TLS": "1",
     }
     try:
         stack_cli(env, "up", "kafka-secure")
@@ -268,15 +274,18 @@ def test_only_admin_may_write_control(secure_kafka: ks.SecureKafka, app: Setting
 def test_no_listener_takes_an_unauthenticated_or_wrong_client(
     secure_kafka: ks.SecureKafka,
 ) -> None:
-    """Both listeners are up, and neither lets a client in without the right SCRAM
-    credentials: no PLAINTEXT (User:ANONYMOUS), no wrong password, no PLAIN on the client
-    listener, and no client identity on the controller listener (it takes the broker only)."""
+    """Both listeners are up, and neither lets a client in without TLS and the right SCRAM
+    credentials: no PLAINTEXT (User:ANONYMOUS), no SASL without TLS, no wrong password, no
+    PLAIN on the client listener, and no client identity on the controller listener (it
+    takes the broker only)."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaConnectionError
 
+    assert secure_kafka.protocol == "SASL_SSL"
     creds = ks.credentials(secure_kafka)
+    trusted = ssl.create_default_context(cafile=str(secure_kafka.ca_file))
 
-    async def metadata(port: int, **kw: str) -> object:
+    async def metadata(port: int, **kw: Any) -> object:
         admin = AIOKafkaAdminClient(
             bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=5000, **kw
         )
@@ -286,20 +295,27 @@ def test_no_listener_takes_an_unauthenticated_or_wrong_client(
         finally:
             await admin.close()
 
-    def sasl(user: str, password: str, mechanism: str = ks.MECHANISM) -> dict[str, str]:
-        return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": mechanism,
-                "sasl_plain_username": user, "sasl_plain_password": password}
+    def sasl(user: str, password: str, mechanism: str = ks.MECHANISM,
+             tls: bool = True) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "security_protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
+            "sasl_mechanism": mechanism, "sasl_plain_username": user,
+            "sasl_plain_password": password,
+        }
+        return kw | ({"ssl_context": trusted} if tls else {})
 
-    assert stack._port_open(secure_kafka.port) and stack._port_open(secure_kafka.controller_port)
-    assert asyncio.run(metadata(secure_kafka.port, **sasl("worker", creds["worker"])))
+    client, controller = secure_kafka.port, secure_kafka.controller_port
+    assert stack._port_open(client) and stack._port_open(controller)
+    assert asyncio.run(metadata(client, **sasl("worker", creds["worker"])))
     wrong = "wr0ng-scram-pw"
-    refused = [
-        (secure_kafka.port, {}),
-        (secure_kafka.controller_port, {}),
-        (secure_kafka.port, sasl("worker", wrong)),
-        (secure_kafka.port, sasl("admin", creds["admin"], "PLAIN")),
-        (secure_kafka.controller_port, sasl("admin", creds["admin"])),
-        (secure_kafka.controller_port, sasl("admin", creds["admin"], "PLAIN")),
+    refused: list[tuple[int, dict[str, Any]]] = [
+        (client, {}),
+        (controller, {}),
+        (client, sasl("worker", creds["worker"], tls=False)),
+        (client, sasl("worker", wrong)),
+        (client, sasl("admin", creds["admin"], "PLAIN")),
+        (controller, sasl("admin", creds["admin"], tls=False)),
+        (controller, sasl("admin", creds["admin"], "PLAIN", tls=False)),
     ]
     for port, kw in refused:
         with pytest.raises(KafkaConnectionError) as err:

@@ -112,8 +112,9 @@ def test_credentials_are_private_and_stable(tmp_path: Path) -> None:
         ks.credentials(kafka)
 
 
-def test_rendered_properties_lock_down_every_listener(tmp_path: Path) -> None:
-    kafka = ks.SecureKafka.from_stack(stack.private_config(tmp_path), 19092, 19093)
+@pytest.mark.parametrize("tls", [True, False])
+def test_rendered_properties_lock_down_every_listener(tmp_path: Path, tls: bool) -> None:
+    kafka = ks.SecureKafka.from_stack(stack.private_config(tmp_path), 19092, 19093, tls=tls)
     config = ks.load_acl_config()
     creds = ks.credentials(kafka, config)
     props = ks._properties(kafka, creds, config)
@@ -129,13 +130,24 @@ def test_rendered_properties_lock_down_every_listener(tmp_path: Path) -> None:
     assert conf["allow.everyone.if.no.acl.found"] == "false"
     assert conf["super.users"] == "User:broker;User:admin"
     assert conf["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
-    assert conf["listeners"] == (
-        "SASL_PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
-    )
-    # no listener maps to PLAINTEXT: no request can run as User:ANONYMOUS
-    assert all(p.split(":")[1] == "SASL_PLAINTEXT"
-               for p in conf["listener.security.protocol.map"].split(","))
+    assert conf["listeners"] == "CLIENT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
+    # no listener maps to PLAINTEXT/SSL: no request can run as User:ANONYMOUS
+    protocols = dict(p.split(":") for p in conf["listener.security.protocol.map"].split(","))
+    assert protocols == {
+        "CLIENT": "SASL_SSL" if tls else "SASL_PLAINTEXT",
+        "CONTROLLER": "SASL_PLAINTEXT",
+    }
     assert creds["broker"] in text and creds["worker"] not in text
+    if tls:
+        keystore = Path(conf["listener.name.client.ssl.keystore.location"])
+        assert conf["listener.name.client.ssl.keystore.type"] == "PEM"
+        assert (keystore.stat().st_mode & 0o777) == 0o600
+        assert "PRIVATE KEY" in keystore.read_text()
+        assert conf["listener.name.client.ssl.truststore.location"] == str(kafka.ca_file)
+        s = ks.client_settings(kafka, "worker", load_settings(env={}, file=None))
+        assert (s.kafka_security_protocol, s.kafka_ssl_cafile) == ("SASL_SSL", str(kafka.ca_file))
+    else:
+        assert "ssl.keystore" not in text
 
 
 def test_stack_down_knows_the_secure_broker() -> None:
