@@ -1,12 +1,15 @@
 """A secured single-node KRaft broker for least-privilege deployments and their tests:
-SASL/SCRAM-SHA-512 on every listener clients reach, KRaft's ``StandardAuthorizer`` with
-deny-by-default ACLs, one SCRAM user per principal of ``configs/kafka/secure/acls.json``.
+clients connect over SASL_SSL (a certificate from the stack's own CA) with SCRAM-SHA-512,
+KRaft's ``StandardAuthorizer`` denies whatever no ACL allows, and each principal of
+``configs/kafka/secure/acls.json`` is its own SCRAM user.
 
 Started by ``stream stack up kafka-secure`` (ports ``$STREAM_STACK_KAFKA_SECURE_PORT``, default
-9094, and ``$STREAM_STACK_KAFKA_SECURE_CONTROLLER_PORT``, default 9095) or by
-:func:`start` with a private :class:`stream.stack.StackConfig` (tests). It runs from the same
-Maven jars as the plain broker, in its own directory ``<state dir>/kafka-secure`` where
-``credentials.json`` (mode 0600) holds the generated passwords. ``stream stack down`` stops it.
+9094, and ``$STREAM_STACK_KAFKA_SECURE_CONTROLLER_PORT``, default 9095;
+``STREAM_STACK_KAFKA_SECURE_TLS=0`` for SASL_PLAINTEXT) or by :func:`start` with a private
+:class:`stream.stack.StackConfig`. It runs from the same Maven jars as the plain broker, in
+its own directory ``<state dir>/kafka-secure``: ``credentials.json`` (mode 0600) holds the
+generated passwords, ``tls/ca.pem`` the CA clients verify the broker with. ``stream stack
+down`` stops it.
 
 Passwords never appear on a command line: SCRAM users are written into the cluster metadata
 at format time as salted hashes (``kafka-storage format --add-scram
