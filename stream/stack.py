@@ -565,8 +565,8 @@ def sasl_kafka_properties(cfg: StackConfig, users: dict[str, str]) -> Path:
     return props
 
 
-def kafka_sasl_ready(port: int, username: str, password: str, mechanism: str = "PLAIN") -> bool:
-    """Like :func:`kafka_ready`, authenticating with SASL (PLAIN or SCRAM-SHA-*)."""
+def kafka_sasl_ready(port: int, username: str, password: str) -> bool:
+    """Like :func:`kafka_ready`, authenticating with SASL/PLAIN."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     async def probe() -> bool:
@@ -574,7 +574,7 @@ def kafka_sasl_ready(port: int, username: str, password: str, mechanism: str = "
             bootstrap_servers=f"127.0.0.1:{port}",
             request_timeout_ms=3000,
             security_protocol="SASL_PLAINTEXT",
-            sasl_mechanism=mechanism,
+            sasl_mechanism="PLAIN",
             sasl_plain_username=username,
             sasl_plain_password=password,
         )
