@@ -9,6 +9,7 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults broker-restart --down-s 10 --report broker.json
     python -m load_tests.faults hostile --count 10000 --report hostile.json
     python -m load_tests.faults all --report faults.json
+    python -m load_tests.faults attacks [--short] --report attacks.json   (load_tests.attacks)
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
 :mod:`stream.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
@@ -598,12 +599,12 @@ async def _produce(settings: Settings, events: list[PlayEvent]) -> int:
 # --------------------------------------------------------------------------- hostile input
 
 UNICODE_IDS = (
-    "u-\u202eevil",  # RTL override: not printable -> bad_value
-    "u-\u200bzw",  # zero-width space: not printable
+    "u-\u202eevil",  # RTL override: a format character -> control_character
+    "u-\u200bzw",  # zero-width space: a format character -> control_character
     "u-\U0001f3b5\U0001f525",  # emoji: valid
     "u-\u05e9\u05dc\u05d5\u05dd",  # Hebrew (RTL script, printable): valid
     "u-e\u0301",  # combining accent: valid
-    "u-\ufeffbom",  # BOM: not printable
+    "u-\ufeffbom",  # BOM: a format character -> control_character
 )
 
 
@@ -758,7 +759,7 @@ def expected_outcomes(
         )
         if isinstance(parsed, Rejection):
             rejected.append((value, parsed.reason))
-        elif key is not None and key != parsed.user_id.encode():
+        elif key != parsed.user_id.encode():
             rejected.append((value, "key_mismatch"))
         else:
             accepted.append(parsed)
@@ -865,6 +866,7 @@ def _drill_settings(tag: str) -> Settings:
         metrics_port=free_port(),
         partitions=4,
         redis_flush_interval_ms=1.0,
+        worker_keys=f"drill:{uuid.uuid4().hex}",
     )
 
 
@@ -875,8 +877,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "drill", choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all"]
+        "drill",
+        choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks"],
     )
+    p.add_argument("--short", action="store_true", help="attacks: the CI variant")
+    p.add_argument("--only", nargs="*", help="attacks: run only these (by name)")
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--rate", type=float, default=250.0)
@@ -891,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--report", type=Path, default=Path("faults-report.json"))
     args = p.parse_args(argv)
+    if args.drill == "attacks":
+        return _attacks_main(args)
     drills = ["crash-loop", "redis-outage", "broker-restart", "hostile"]
     chosen = drills if args.drill == "all" else [args.drill]
     reports: list[dict[str, Any]] = []
@@ -939,6 +946,34 @@ def main(argv: list[str] | None = None) -> int:
     args.report.write_text(json.dumps({"ok": ok, "drills": reports}, indent=2, default=str))
     print(f"[faults] report: {args.report} ({'OK' if ok else 'FAILED'})", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _attacks_main(args: argparse.Namespace) -> int:
+    from load_tests.attacks import run_attacks
+
+    with tempfile.TemporaryDirectory(prefix="attacks-") as tmp:
+        workers: list[LocalWorker] = []
+
+        def start(s: Settings) -> LocalWorker:
+            w = LocalWorker(s, Path(tmp) / f"worker-{len(workers)}.log")
+            workers.append(w)
+            return w.start()
+
+        try:
+            report = run_attacks(
+                _drill_settings(f"a{uuid.uuid4().hex[:8]}"), start, short=args.short,
+                only=args.only,
+            )
+        finally:
+            for w in workers:
+                w.kill()
+    args.report.write_text(json.dumps(report, indent=2, default=str))
+    for r in report["attacks"]:
+        print(f"  {r['attack']:<28} {r['area']:<11} "
+              f"{'contained' if r['contained'] else 'NOT CONTAINED'}", file=sys.stderr)
+    print(f"[attacks] {report['contained']}/{len(report['attacks'])} contained; report: "
+          f"{args.report}", file=sys.stderr)
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":

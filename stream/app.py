@@ -29,15 +29,18 @@ from faust.serializers import codecs
 from faust.types import TP
 
 from stream import __version__
+from stream.auth import KeyRing
 from stream.changelog import BatchedChangelogTable, batched_table
 from stream.checkpoint import frame
 from stream.config import Settings, redis_auth
+from stream.events import Rejection, escape_text
 from stream.fastdrain import fast_delivery
 from stream.forksnap import build_in_child, can_fork
 from stream.inloop import consume_in_loop
 from stream.kafka_io import signals_topic
 from stream.metrics import Metrics
 from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record
+from stream.ratelog import RateLimitedLog
 from stream.recommender import Recommender
 from stream.session import UserState
 from stream.sharing import TrackSignal, apply_signal, decode_batch, encode_batch, signal_from
@@ -56,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 
 USER_STATE_CODEC = "user_state"
+#: the MAC's purpose for track signals (stream.auth)
+SIGNALS_PURPOSE = b"signals"
+#: Kafka's timestamp type of a record whose timestamp the broker set at append time
+LOG_APPEND_TIME = 1
 
 
 def _encode_array(obj: Any) -> str:
@@ -415,6 +422,22 @@ def create_worker(
     )
     dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
     signals_name = signals_topic(settings)  # created by ensure_topics; read by SignalReader
+    ring = KeyRing.parse(settings.worker_keys)
+    #: signals go out (and are applied) only when they can be authenticated, or when the
+    #: operator explicitly allowed unsigned ones
+    share_signals = bool(ring) or settings.worker_insecure
+    if not ring:
+        logger.warning(
+            "worker_keys is not set: %s",
+            "track signals and control commands are accepted UNSIGNED (worker_insecure=true)"
+            if settings.worker_insecure
+            else "track signals are not shared between workers and control commands "
+            "(stream forget) are refused; set STREAM_WORKER_KEYS=kid:secret (see "
+            "docs/reliability.md) or STREAM_WORKER_INSECURE=true on a trusted network",
+        )
+    elif settings.worker_insecure:
+        logger.warning("worker_insecure=true: unsigned track signals and control commands "
+                       "are accepted (signed ones are verified)")
     signals = app.topic(signals_name, key_serializer="raw", value_serializer="raw")
     worker_id = uuid.uuid4().hex[:12]
     worker_key = worker_id.encode()
@@ -556,10 +579,7 @@ def create_worker(
                     for r in records:
                         if r.key == worker_key:
                             continue  # our own signals: already learned locally
-                        sender, sigs = decode_batch(r.value) if r.value else ("", [])
-                        if sender == worker_id:
-                            continue
-                        for sig in sigs:
+                        for sig in admit_signals(r):
                             try:
                                 apply_signal(recommender, sig)
                             except Exception as exc:  # noqa: BLE001 - advisory data
@@ -570,6 +590,32 @@ def create_worker(
                     await asyncio.sleep(0)  # let the agent run between partitions
 
     app.service(SignalReader())  # type: ignore[arg-type]
+
+    signal_log = RateLimitedLog(logging.getLogger("stream.signals"), level=logging.WARNING)
+    signals_rejected = m.signals_rejected
+
+    def admit_signals(r: Any) -> list[TrackSignal]:
+        """The valid signals of one signals record from another worker: authenticated
+        (stream.auth) and validated (stream.sharing.decode_batch); the rest is counted in
+        stream_signals_rejected_total{reason} and logged (rate-limited)."""
+        problem = ring.verify(r.headers, SIGNALS_PURPOSE, signals_name, r.key, r.value)
+        if problem is not None and not (settings.worker_insecure and problem == "unsigned"):
+            signals_rejected.labels(problem).inc()
+            signal_log.log(problem, "dropped signals record %s[%d]@%d: %s",
+                           r.topic, r.partition, r.offset, problem)
+            return []
+        decoded = decode_batch(
+            r.value, now_ms=int(time.time() * 1000), max_future_ms=settings.max_future_s * 1000
+        )
+        for reason in decoded.rejected:
+            signals_rejected.labels(reason).inc()
+        if decoded.rejected:
+            signal_log.log(decoded.rejected[0], "dropped %d signal(s) of %s[%d]@%d: %s",
+                           len(decoded.rejected), r.topic, r.partition, r.offset,
+                           ", ".join(sorted(set(decoded.rejected))))
+        if decoded.worker == worker_id:
+            return []
+        return decoded.signals
 
     writer_service = RedisWriterService()
     app.service(writer_service)  # type: ignore[arg-type]
@@ -627,6 +673,9 @@ def create_worker(
         refresh_similar timer calls it too, so none waits long after plays stop."""
         if not pending_signals:
             return
+        if not share_signals:
+            pending_signals.clear()  # nobody could authenticate them (see worker_keys)
+            return
         now = time.perf_counter()
         if not force and len(pending_signals) < 1000 and now - signals_sent[0] < SIGNALS_SEND_S:
             return
@@ -635,7 +684,9 @@ def create_worker(
             chunk = pending_signals[i : i + 1000]
             # keyed by the sender, so every worker's reader skips its own batches without
             # decoding them (a single worker used to re-parse every signal it sent)
-            signals.send_soon(key=worker_key, value=encode_batch(worker_id, chunk))
+            value = encode_batch(worker_id, chunk)
+            headers = ring.sign(SIGNALS_PURPOSE, signals_name, worker_key, value)
+            signals.send_soon(key=worker_key, value=value, headers=headers)
         m.signals.labels("sent").inc(len(pending_signals))
         pending_signals.clear()
 
@@ -656,24 +707,73 @@ def create_worker(
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
 
+    from stream.control import ControlGate
+
+    control_gate = ControlGate(
+        ring, insecure=settings.worker_insecure, max_age_ms=settings.control_max_age_s * 1000
+    )
+    control_log = RateLimitedLog(logging.getLogger("stream.control"), level=logging.WARNING)
+    m.init_topic(settings.control_topic, ())
+    #: (partition, consumer generation) whose recent nonces the gate has read back
+    nonces_loaded: set[tuple[int, int]] = set()
+
+    async def load_recent_nonces(msg: Any) -> None:
+        """Before the first command of a partition this process (re)took, read that
+        partition's last two windows back and remember their nonces: a replay right after
+        a restart or a rebalance is refused as well (stream.control.ControlGate)."""
+        from stream.kafka_io import read_partition_since
+
+        nonces_loaded.add((msg.partition, msg.generation_id))
+        now = int(time.time() * 1000)
+        try:
+            records = await read_partition_since(
+                settings, msg.topic, msg.partition, now - 2 * control_gate.max_age_ms, msg.offset
+            )
+        except Exception as exc:  # noqa: BLE001 - Kafka trouble: admit on memory alone
+            logger.warning("could not read back %s[%d] for control nonces: %r",
+                           msg.topic, msg.partition, exc)
+            return
+        learned = sum(
+            control_gate.learn(r.topic, r.partition, r.offset, r.key, r.value, r.headers, now)
+            for r in records
+        )
+        logger.info("control %s[%d]: %d recent nonce(s) read back", msg.topic, msg.partition,
+                    learned)
+
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
-        """Deletion requests: co-partitioned with plays, so this worker owns the user."""
-        from stream.control import parse_control
-        from stream.events import Rejection
-
+        """Deletion requests: co-partitioned with plays, so this worker owns the user.
+        Only authentic, fresh, first-seen commands keyed by their user are applied
+        (stream.control.ControlGate); the rest go to the dead-letter topic."""
         async for event in stream.events():
             msg = event.message
-            cmd = parse_control(msg.value)
+            if (msg.partition, msg.generation_id) not in nonces_loaded:
+                await load_recent_nonces(msg)
+            cmd = control_gate.admit(
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                msg.key,
+                msg.value,
+                msg.headers,
+                int(msg.timestamp * 1000) if msg.timestamp else None,
+                msg.timestamp_type == LOG_APPEND_TIME,
+                int(time.time() * 1000),
+            )
             if isinstance(cmd, Rejection):
-                logger.warning(
-                    "bad control message at %s[%d]@%d: %s",
-                    msg.topic,
-                    msg.partition,
-                    msg.offset,
-                    cmd,
+                control_log.log(
+                    cmd.reason,
+                    "refused control message at %s[%d]@%d: %s: %s",
+                    msg.topic, msg.partition, msg.offset, cmd.reason,
+                    escape_text(cmd.detail, 300),
                 )
                 m.control.labels("rejected").inc()
+                record = Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
+                                int(msg.timestamp * 1000) if msg.timestamp else None)
+                await dlq.send(key=msg.key, value=msg.value or b"",
+                               headers=DeadLetter(record, cmd).headers())
+                m.dlq_writes.labels(msg.topic).inc()
+                m.rejected.labels(msg.topic, cmd.reason).inc()
                 continue
             existed = processor.forget_user(cmd.user_id)
             key = processor.redis_key(cmd.user_id)
@@ -682,7 +782,9 @@ def create_worker(
             else:
                 pending_forgets.append(key)
             m.control.labels("forgotten" if existed else "forgotten_unknown").inc()
-            logger.info("forgot user (request %s, state existed: %s)", cmd.request_id, existed)
+            # the request id identifies the deletion; the user id is not logged (privacy)
+            logger.info("forgot user (request %s, state existed: %s)",
+                        escape_text(cmd.request_id, 128), existed)
 
     # per-event metrics: resolve the labelled children once (labels() takes a lock and
     # builds a key on every call)
@@ -1042,6 +1144,9 @@ def create_worker(
         )
         if worker.writer is not None:
             m.redis_pending.set(len(worker.writer.pending))
+        processor.reject_log.flush()
+        signal_log.flush()
+        control_log.flush()
         report_ticks[0] += 1
         if report_ticks[0] % 8 == 1:  # sampled deep size: cheap, but no need every 2 s
             m.set_model_memory(model_memory_bytes(recommender))

@@ -200,19 +200,28 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    """Send a deletion request for a listener to the control topic."""
-    from stream.control import encode_forget
+    """Send a deletion request for a listener to the control topic, signed with the first
+    of ``worker_keys`` (the workers refuse unsigned ones unless worker_insecure)."""
+    from stream.auth import KeyRing
+    from stream.control import forget_record
     from stream.kafka_io import ensure_topics, make_producer
 
     settings = _settings(args)
+    ring = KeyRing.parse(settings.worker_keys)
+    if not ring and not settings.worker_insecure:
+        raise ConfigError(
+            "setting 'worker_keys' (env STREAM_WORKER_KEYS): required to sign a control "
+            "command (the workers refuse unsigned ones unless worker_insecure=true)"
+        )
 
     async def send() -> None:
         await ensure_topics(settings)
         producer = make_producer(settings)
         await producer.start()
         try:
+            key, value, headers = forget_record(args.user, ring, settings.control_topic)
             await producer.send_and_wait(
-                settings.control_topic, encode_forget(args.user), key=args.user.encode()
+                settings.control_topic, value, key=key, headers=headers
             )
         finally:
             await producer.stop()

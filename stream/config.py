@@ -27,7 +27,9 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from stream.errors import ConfigError
 
-SECRET_FIELDS: Final = frozenset({"redis_password", "kafka_sasl_password", "checkpoint_secret"})
+SECRET_FIELDS: Final = frozenset(
+    {"redis_password", "kafka_sasl_password", "checkpoint_secret", "worker_keys"}
+)
 _DEFAULT_FILE: Final = Path(__file__).resolve().parents[1] / "configs" / "stream.toml"
 
 
@@ -98,6 +100,17 @@ class Settings:
     quality_window: int = 2000
     checkpoint_interval_s: float = 30.0
     checkpoint_secret: str = ""
+    #: keys that sign and verify track signals and control commands (stream.auth):
+    #: ``kid:secret[,kid:secret...]``, the first signs, any verifies. Empty: signals are
+    #: neither sent nor applied and control commands are refused, unless worker_insecure
+    worker_keys: str = ""
+    #: accept unsigned signals and control commands (a trusted test network, or a rolling
+    #: upgrade from unsigned workers); a record signed with a wrong or unknown key is
+    #: still refused when worker_keys is set
+    worker_insecure: bool = False
+    #: a control command older (or further ahead) than this, against the broker's append
+    #: time of its record, is refused as stale; nonces are remembered for this long
+    control_max_age_s: int = 900
     # Input limits
     max_event_bytes: int = 16 * 1024
     max_future_s: int = 24 * 3600
@@ -251,6 +264,7 @@ def validate(s: Settings) -> Settings:
         "max_event_bytes",
         "max_future_s",
         "stall_warning_s",
+        "control_max_age_s",
     )
     for name in positive:
         if getattr(s, name) <= 0:
@@ -302,6 +316,12 @@ def validate(s: Settings) -> Settings:
         "SCRAM-SHA-512",
     ):
         raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    from stream.auth import KeyRing
+
+    try:
+        KeyRing.parse(s.worker_keys)
+    except ValueError as exc:
+        raise bad("worker_keys", f"{exc}; expected kid:secret[,kid:secret...]") from None
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise bad("log_level", f"unknown level {s.log_level!r}")
     return s

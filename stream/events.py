@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -37,7 +38,14 @@ REJECTION_REASONS: Final = (
     "too_old_timestamp",
     "unknown_field",
     "key_mismatch",
+    "control_character",
     "internal_error",
+    # authenticated topics (the control topic; stream.control, stream.auth)
+    "unsigned",
+    "bad_signature",
+    "unknown_key",
+    "stale",
+    "replayed",
 )
 
 MAX_EVENT_BYTES: Final = 16 * 1024
@@ -123,11 +131,43 @@ class Rejection:
         return f"{self.reason}: {self.detail}"
 
 
-class _Invalid(Exception):
+class InvalidField(Exception):
+    """One field broke the contract: ``reason`` (one of REJECTION_REASONS) and ``detail``.
+    Raised by the field checks below, which the signals and control parsers share."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+_Invalid = InvalidField
+
+#: Unicode categories never allowed in ids or text fields: controls (NUL, ESC, newline, DEL,
+#: C1), format characters (bidi overrides, zero-width, BOM) and line/paragraph separators --
+#: they forge log lines, hide text or reorder what an operator sees.
+CONTROL_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def has_control_character(text: str) -> bool:
+    r"""Whether ``text`` holds a character of :data:`CONTROL_CATEGORIES`.
+
+    >>> [has_control_character(t) for t in ("radio", "a\x1b[2J", "\u202eevil")]
+    [False, True, True]
+    """
+    if text.isprintable():  # the fast path: printable text has none of them
+        return False
+    return any(unicodedata.category(c) in CONTROL_CATEGORIES for c in text)
+
+
+def escape_text(text: object, limit: int = 200) -> str:
+    r"""A value safe to put in a log line: control characters escaped (``repr`` style),
+    cut to ``limit`` characters.
+
+    >>> print(escape_text("u1\nFAKE LOG LINE"))
+    'u1\nFAKE LOG LINE'
+    """
+    return repr(str(text)[:limit])
 
 
 def derive_event_id(user_id: str, track_id: str, ts_ms: int, ms_played: int) -> str:
@@ -239,20 +279,29 @@ def _type_name(value: object) -> str:
 
 
 def _id_field(obj: dict[str, Any], name: str) -> str:
-    value = obj[name]
+    return check_id(obj[name], name)
+
+
+def check_id(value: object, name: str, max_len: int = MAX_ID_LEN) -> str:
+    """An id (string or integer) as a string, or :class:`InvalidField`: non-empty, printable,
+    unpadded, at most ``max_len`` characters."""
     if type(value) is str:  # the common case first: no str() copy, one type check
-        text = sys.intern(value)  # ids repeat: one shared string per id saves memory
+        text = value
     elif isinstance(value, bool) or not isinstance(value, str | int):
         raise _Invalid(
             "wrong_type", f"'{name}' must be a string or integer, got {_type_name(value)}"
         )
+    elif isinstance(value, int) and not -(10**max_len) < value < 10**max_len:
+        raise _Invalid("string_too_long", f"'{name}' is an integer of over {max_len} digits")
     else:
-        text = sys.intern(str(value))
+        text = str(value)
+    if len(text) > max_len:
+        raise _Invalid("string_too_long", f"'{name}' is {len(text)} chars, limit is {max_len}")
     if not text or text.strip() != text or not text.isprintable():
+        if has_control_character(text):
+            raise _Invalid("control_character", f"'{name}' holds a control character")
         raise _Invalid("bad_value", f"'{name}' must be non-empty printable text without padding")
-    if len(text) > MAX_ID_LEN:
-        raise _Invalid("string_too_long", f"'{name}' is {len(text)} chars, limit is {MAX_ID_LEN}")
-    return text
+    return sys.intern(text)  # ids repeat: one shared string per id saves memory
 
 
 def _opt_id_field(obj: dict[str, Any], name: str) -> str | None:
@@ -265,12 +314,20 @@ def _opt_text_field(obj: dict[str, Any], name: str) -> str | None:
     value = obj.get(name)
     if value is None:
         return None
+    return check_text(value, name)
+
+
+def check_text(value: object, name: str) -> str:
+    """A free-text field (``context``, ``reason_*``), or :class:`InvalidField`: a string of
+    at most MAX_TEXT_LEN characters without control characters."""
     if not isinstance(value, str):
         raise _Invalid("wrong_type", f"'{name}' must be a string, got {_type_name(value)}")
     if len(value) > MAX_TEXT_LEN:
         raise _Invalid(
             "string_too_long", f"'{name}' is {len(value)} chars, limit is {MAX_TEXT_LEN}"
         )
+    if has_control_character(value):
+        raise _Invalid("control_character", f"'{name}' holds a control character")
     # contexts and reasons come from small vocabularies: share one string per value
     return sys.intern(value) if len(value) <= 32 else value
 

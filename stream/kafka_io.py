@@ -44,6 +44,10 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
     return kw
 
 
+#: configuration of the control topic when the worker creates it
+CONTROL_TOPIC_CONFIGS: dict[str, str] = {"message.timestamp.type": "LogAppendTime"}
+
+
 def signals_topic(settings: Settings) -> str:
     """The topic where workers share item-side learning signals (stream.sharing)."""
     return f"{settings.app_id}-track-signals"
@@ -86,6 +90,9 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
                 name,
                 plays_n if name == settings.control_topic else settings.partitions,
                 settings.replication_factor,
+                # the broker stamps control records: a command's freshness is checked
+                # against a time no producer can choose (stream.control.ControlGate)
+                topic_configs=CONTROL_TOPIC_CONFIGS if name == settings.control_topic else {},
             )
             for name in names
             if name not in existing and name not in denied
@@ -178,6 +185,46 @@ async def read_topic(
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 out.extend(records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_partition_since(
+    settings: Settings,
+    topic: str,
+    partition: int,
+    since_ms: int,
+    until_offset: int,
+    *,
+    max_records: int = 100_000,
+    timeout_s: float = 10.0,
+) -> list[Any]:
+    """The records of one partition from the first at or after ``since_ms`` (the broker's
+    time index) up to, not including, ``until_offset``; bounded by count and time (raises
+    :class:`KafkaUnavailable` when the time runs out first)."""
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        found = await consumer.offsets_for_times({tp: since_ms})
+        start = found.get(tp)
+        if start is None or start.offset >= until_offset:
+            return []
+        consumer.seek(tp, start.offset)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < max_records:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"reading {topic}[{partition}] back timed out")
+            batch = await consumer.getmany(tp, timeout_ms=200, max_records=1000)
+            for r in batch.get(tp, []):
+                if r.offset >= until_offset:
+                    return out
+                out.append(r)
+            if await consumer.position(tp) >= until_offset:
+                return out
         return out
     finally:
         await consumer.stop()

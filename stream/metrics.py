@@ -631,6 +631,12 @@ class Metrics:
             "Item-side learning signals shared between workers (sent, applied, error).",
             ["direction"], namespace=ns, registry=registry,
         )
+        self.signals_rejected = FastCounter(
+            "signals_rejected",
+            "Track signals (or whole signals messages) dropped: failed authentication "
+            "(unsigned, unknown_key, bad_signature) or validation, by reason.",
+            ["reason"], namespace=ns, registry=registry,
+        )
         self.tracks_evicted = FastCounter(
             "tracks_evicted", "Tracks evicted from the models to keep the catalogue bounded.",
             namespace=ns, registry=registry,

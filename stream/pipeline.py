@@ -18,7 +18,8 @@ from typing import Any, Final
 import orjson
 
 from stream.config import Settings
-from stream.events import PlayEvent, Rejection, parse_event
+from stream.events import PlayEvent, Rejection, escape_text, parse_event
+from stream.ratelog import RateLimitedLog
 from stream.recommender import Recommendation, Recommender
 from stream.session import SessionUpdate, UserState, update_session
 from stream.store import PendingWrite, encode_document
@@ -98,8 +99,11 @@ class Processor:
         evaluator: Any = None,
         max_tracked_users: int = 100_000,
         defer_ranking: bool = False,
+        reject_log: RateLimitedLog | None = None,
     ) -> None:
         self.settings = settings
+        #: rejection log lines, at most 10 per reason per minute (the metrics count all)
+        self.reject_log = reject_log if reject_log is not None else RateLimitedLog(logger)
         self.recommender = recommender
         self.table = table
         self.submit = submit
@@ -123,8 +127,14 @@ class Processor:
         self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
 
     def reject(self, record: Record, rejection: Rejection) -> Outcome:
-        logger.info(
-            "rejected %s[%d]@%d: %s", record.topic, record.partition, record.offset, rejection
+        self.reject_log.log(
+            rejection.reason,
+            "rejected %s[%d]@%d: %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            rejection.reason,
+            escape_text(rejection.detail, 300),
         )
         self.dead_letter(DeadLetter(record, rejection))
         return Outcome("rejected", rejection=rejection)
@@ -170,15 +180,15 @@ class Processor:
             )
             if isinstance(parsed, Rejection):
                 outcomes[i] = self.reject(record, parsed)
-            elif record.key is not None and record.key != parsed.user_id.encode():
-                # State is partitioned by the record key; a mismatched key would split a
-                # listener's state across partitions (and workers).
+            elif record.key != parsed.user_id.encode():
+                # State is partitioned by the record key; a missing or mismatched key would
+                # split a listener's state across partitions (and workers).
+                shown = "no key" if record.key is None else f"key {record.key[:64]!r}"
                 outcomes[i] = self.reject(
                     record,
                     Rejection(
                         "key_mismatch",
-                        f"record key {record.key[:64]!r} differs from user_id "
-                        f"{parsed.user_id[:64]!r}",
+                        f"record has {shown}, user_id is {escape_text(parsed.user_id, 64)}",
                     ),
                 )
             else:

@@ -10,8 +10,15 @@ item-side models (trending popularity and session co-occurrence). User-side stat
 leaves its owner. Pure: no I/O here.
 
 >>> sig = TrackSignal("w1", "t9", 1_700_000_000_000, False, ("t1", "t2"), "a1", "radio")
->>> decode_signal(encode_signal(sig)) == sig
+>>> decode_signal(encode_signal(sig), now_ms=1_700_000_000_000) == sig
 True
+>>> bad = (b'{"w": "w2", "signals": [{"t": "t1", "ts": 1e301, "s": false},'
+...        b' {"t": "t2", "ts": 1700000000000, "s": false, "a": {"x": 1}}]}')
+>>> decode_batch(bad, now_ms=1_700_000_000_000).rejected
+['wrong_type', 'wrong_type']
+
+Messages are validated (:func:`decode_batch`) before anything reaches a model, and are
+authenticated by the worker (:mod:`stream.auth`, purpose ``b"signals"``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,15 @@ from typing import Final
 
 import orjson
 
-from stream.events import PlayEvent
+from stream.events import (
+    MAX_FUTURE_MS,
+    MIN_TS_MS,
+    REJECTION_REASONS,
+    InvalidField,
+    PlayEvent,
+    check_id,
+    check_text,
+)
 from stream.session import SessionUpdate
 
 #: how many preceding tracks travel with a signal (co-occurrence windows are shorter)
@@ -63,15 +78,67 @@ def _as_dict(sig: TrackSignal) -> dict[str, object]:
     }
 
 
-def _from_dict(worker: str, d: dict[str, object]) -> TrackSignal:
+#: the most signals one message may carry (the sender chunks by this many)
+MAX_SIGNALS_PER_MESSAGE: Final = 1000
+#: the largest signals message read (1,000 signals with long ids and a full history)
+MAX_SIGNAL_BYTES: Final = 1024 * 1024
+MAX_WORKER_ID_LEN: Final = 64
+
+#: why a signal (or a whole message) was dropped: the play-event reasons of the fields
+#: plus "too_many_signals" and the authentication ones (stream.auth.AUTH_REASONS)
+SIGNAL_REJECTION_REASONS: Final = (
+    *REJECTION_REASONS,
+    "too_many_signals",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """What one signals message held: the sender, its valid signals, and one rejection
+    reason per dropped entry (or one for the whole message when it is unusable)."""
+
+    worker: str
+    signals: list[TrackSignal]
+    rejected: list[str]
+
+
+def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> TrackSignal:
+    """One entry, validated as strictly as a play's fields (stream.events), or
+    :class:`InvalidField`."""
+    if not isinstance(d, dict):
+        raise InvalidField("not_object", "a signal must be a JSON object")
+    for name in ("t", "ts", "s"):
+        if d.get(name) is None:
+            raise InvalidField("missing_field", f"signal field '{name}' is missing")
+    track = check_id(d["t"], "t")
+    ts = d["ts"]
+    if type(ts) is not int:
+        raise InvalidField("wrong_type", "signal 'ts' must be an integer (epoch ms)")
+    if ts < MIN_TS_MS:
+        raise InvalidField("too_old_timestamp", f"signal 'ts' {ts} is before 1990")
+    if ts > now_ms + max_future_ms:
+        raise InvalidField("future_timestamp", "signal 'ts' is ahead of the processing clock")
+    skipped = d["s"]
+    if type(skipped) is not bool:
+        raise InvalidField("wrong_type", "signal 's' must be a boolean")
+    raw_history = d.get("h")
+    if raw_history is None:
+        raw_history = []
+    if not isinstance(raw_history, list):
+        raise InvalidField("wrong_type", "signal 'h' must be an array of track ids")
+    if len(raw_history) > HISTORY_SENT:
+        raise InvalidField("bad_value", f"signal 'h' has over {HISTORY_SENT} entries")
+    history = tuple(check_id(t, "h") for t in raw_history)
+    artist = d.get("a")
+    context = d.get("c")
     return TrackSignal(
         worker=worker,
-        track_id=str(d["t"]),
-        ts_ms=int(d["ts"]),  # type: ignore[call-overload]
-        skipped=bool(d["s"]),
-        history=tuple(str(t) for t in d.get("h") or ())[-HISTORY_SENT:],  # type: ignore[attr-defined]
-        artist_id=d.get("a"),  # type: ignore[arg-type]
-        context=d.get("c"),  # type: ignore[arg-type]
+        track_id=track,
+        ts_ms=ts,
+        skipped=skipped,
+        history=history,
+        artist_id=None if artist is None else check_id(artist, "a"),
+        context=None if context is None else check_text(context, "c"),
     )
 
 
@@ -86,26 +153,54 @@ def encode_batch(worker: str, sigs: list[TrackSignal]) -> bytes:
     return orjson.dumps({"w": worker, "v": 1, "signals": [_as_dict(s) for s in sigs]})
 
 
-def decode_batch(raw: bytes) -> tuple[str, list[TrackSignal]]:
-    """(worker, signals); malformed entries are skipped (signals are advisory, never fatal)."""
+def decode_batch(
+    raw: bytes | None, *, now_ms: int, max_future_ms: int = MAX_FUTURE_MS
+) -> DecodedBatch:
+    """Validate a signals message; never raises. Every entry passes the limits of a play
+    (ids printable and at most 256 characters, timestamps from 1990 to ``max_future_ms``
+    ahead of ``now_ms``, strict types); a bad entry is dropped (its reason listed), the
+    others are kept. A message that is not a JSON object with a valid sender and a list of
+    at most MAX_SIGNALS_PER_MESSAGE entries yields no signal and one reason."""
+    try:
+        return _decode(raw, now_ms, max_future_ms)
+    except InvalidField as exc:
+        return DecodedBatch("", [], [exc.reason])
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError):
+        return DecodedBatch("", [], ["bad_value"])
+
+
+def _decode(raw: bytes | None, now_ms: int, max_future_ms: int) -> DecodedBatch:
+    if not raw:
+        raise InvalidField("not_json", "empty signals message")
+    if len(raw) > MAX_SIGNAL_BYTES:
+        raise InvalidField("oversized", f"signals message over {MAX_SIGNAL_BYTES} bytes")
     try:
         d = orjson.loads(raw)
-        worker = str(d["w"])
-        items = d["signals"]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return "", []
+    except orjson.JSONDecodeError:
+        raise InvalidField("not_json", "signals message is not JSON") from None
+    if not isinstance(d, dict):
+        raise InvalidField("not_object", "signals message must be a JSON object")
+    if d.get("w") is None or d.get("signals") is None:
+        raise InvalidField("missing_field", "signals message needs 'w' and 'signals'")
+    worker = check_id(d["w"], "w", MAX_WORKER_ID_LEN)
+    items = d["signals"]
+    if not isinstance(items, list):
+        raise InvalidField("wrong_type", "'signals' must be an array")
+    if len(items) > MAX_SIGNALS_PER_MESSAGE:
+        raise InvalidField("too_many_signals", f"over {MAX_SIGNALS_PER_MESSAGE} signals")
     out: list[TrackSignal] = []
-    for item in items if isinstance(items, list) else ():
+    rejected: list[str] = []
+    for item in items:
         try:
-            out.append(_from_dict(worker, item))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            continue
-    return worker, out
+            out.append(_from_dict(worker, item, now_ms, max_future_ms))
+        except InvalidField as exc:
+            rejected.append(exc.reason)
+    return DecodedBatch(worker, out, rejected)
 
 
-def decode_signal(raw: bytes) -> TrackSignal | None:
-    """The first signal of a message, or None if there is none."""
-    _, sigs = decode_batch(raw)
+def decode_signal(raw: bytes, now_ms: int) -> TrackSignal | None:
+    """The first valid signal of a message, or None if there is none."""
+    sigs = decode_batch(raw, now_ms=now_ms).signals
     return sigs[0] if sigs else None
 
 

@@ -63,6 +63,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: one random key per test session (the workers refuse unsigned control commands)
+TEST_WORKER_KEYS = f"test{uuid.uuid4().hex[:6]}:{uuid.uuid4().hex}"
+
+
 def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides: Any) -> Settings:
     """Settings whose topic, group, Redis key and channel names are unique to one caller."""
     tag = f"{prefix}{uuid.uuid4().hex[:8]}"
@@ -80,6 +84,8 @@ def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides:
         "metrics_port": free_port(),
         "partitions": 4,
         "redis_flush_interval_ms": 1.0,
+        # the workers sign and verify track signals and control commands (stream.auth)
+        "worker_keys": TEST_WORKER_KEYS,
     }
     return load_settings(env={}, file=None, **(values | overrides))
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from stream.auth import KeyRing
 from stream.config import Settings
-from stream.control import encode_forget
+from stream.control import forget_record
 from stream.datasets import load_events
 from stream.events import PlayEvent
 from stream.kafka_io import make_producer
@@ -24,7 +25,10 @@ def send_forget(settings: Settings, user: str) -> None:
         p = make_producer(settings)
         await p.start()
         try:
-            await p.send_and_wait(settings.control_topic, encode_forget(user), key=user.encode())
+            key, value, headers = forget_record(
+                user, KeyRing.parse(settings.worker_keys), settings.control_topic
+            )
+            await p.send_and_wait(settings.control_topic, value, key=key, headers=headers)
         finally:
             await p.stop()
 

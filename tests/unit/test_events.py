@@ -167,3 +167,60 @@ def test_arbitrary_json_objects_parse_or_reject_with_reason(obj: dict[str, objec
         assert result.user_id and result.track_id
         assert result.ts_ms <= NOW + 86_400_000
         assert result.ms_played >= 0 and not math.isnan(result.ms_played)
+
+
+# --------------------------------------------------------------------------- control characters
+
+#: characters that forge log lines or hide/reorder text: C0/C1 controls, DEL, bidi overrides
+#: and isolates, zero-width and BOM format characters, line/paragraph separators
+CONTROL_CHARS = [
+    "\x00", "\x1b", "\n", "\r", "\t", "\x7f", "\x85", "\u202e", "\u2066", "\u200b",
+    "\ufeff", "\u2028", "\u2029",
+]
+
+
+@pytest.mark.parametrize("char", CONTROL_CHARS, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize(
+    "field", ["user_id", "track_id", "artist_id", "session_id", "event_id", "context",
+              "reason_start", "reason_end"]
+)
+def test_control_characters_are_rejected_in_ids_and_text_fields(field: str, char: str) -> None:
+    result = parse(GOOD | {field: f"ab{char}cd"})
+    assert isinstance(result, Rejection), (field, char)
+    assert result.reason == "control_character" and field in result.detail
+    assert char not in result.detail  # the detail never echoes the character
+
+
+def test_printable_unicode_text_is_still_accepted() -> None:
+    ev = parse(GOOD | {"context": "caf\u00e9 \u00a0mix \U0001f3b5", "track_id": "\u05e9\u05dc"})
+    assert isinstance(ev, PlayEvent) and ev.context == "caf\u00e9 \u00a0mix \U0001f3b5"
+
+
+_CONTROL = st.sampled_from(CONTROL_CHARS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["user_id", "track_id", "context", "reason_end", "artist_id"]),
+    st.text(max_size=40),
+    _CONTROL,
+    st.text(max_size=40),
+)
+def test_any_text_with_a_control_character_is_rejected(
+    field: str, before: str, char: str, after: str
+) -> None:
+    result = parse(GOOD | {field: before + char + after})
+    assert isinstance(result, Rejection)
+    assert result.reason == "control_character" and field in result.detail
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=60))
+def test_accepted_text_fields_never_hold_control_characters(text: str) -> None:
+    import unicodedata
+
+    result = parse(GOOD | {"context": text, "track_id": text})
+    if isinstance(result, PlayEvent):
+        for value in (result.context, result.track_id):
+            assert value is not None
+            assert not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value)

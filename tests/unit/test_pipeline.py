@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any
 
 import orjson
+import pytest
 
 from stream.config import load_settings
 from stream.events import PlayEvent, encode_event
@@ -70,7 +72,10 @@ def test_key_must_match_user_id() -> None:
     p, table, _, dead = make()
     out = p.process(rec(play("u1", "a", 0), b"someone-else"))
     assert out.outcome == "rejected" and dead[0].rejection.reason == "key_mismatch"
-    assert p.process(rec(play("u1", "a", 0), None)).outcome == "processed"
+    # a record without a key is dead-lettered too: its partition says nothing of the owner
+    out = p.process(rec(play("u1", "a", 0), None))
+    assert out.outcome == "rejected" and dead[1].rejection.reason == "key_mismatch"
+    assert "no key" in dead[1].rejection.detail and not table
 
 
 def test_redelivery_is_a_duplicate_and_changes_nothing() -> None:
@@ -113,15 +118,15 @@ def test_model_error_keeps_the_play_and_is_not_dead_lettered() -> None:
 def test_track_signals_round_trip_and_skip_garbage() -> None:
     from stream.sharing import TrackSignal, decode_batch, encode_batch
 
-    sigs = [
-        TrackSignal("w1", f"t{i}", 1_700_000_000_000 + i, i % 2 == 0, ("a", "b")) for i in range(3)
-    ]
-    worker, back = decode_batch(encode_batch("w1", sigs))
-    assert worker == "w1" and back == sigs
-    assert decode_batch(b"garbage") == ("", [])
-    raw = orjson.dumps({"w": "w2", "signals": [{"t": "x"}, {"t": "y", "ts": 5, "s": False}]})
-    worker, back = decode_batch(raw)
-    assert worker == "w2" and [s.track_id for s in back] == ["y"]
+    now = 1_700_000_000_000
+    sigs = [TrackSignal("w1", f"t{i}", now + i, i % 2 == 0, ("a", "b")) for i in range(3)]
+    back = decode_batch(encode_batch("w1", sigs), now_ms=now)
+    assert back.worker == "w1" and back.signals == sigs and not back.rejected
+    assert decode_batch(b"garbage", now_ms=now).rejected == ["not_json"]
+    raw = orjson.dumps({"w": "w2", "signals": [{"t": "x"}, {"t": "y", "ts": now, "s": False}]})
+    back = decode_batch(raw, now_ms=now)
+    assert back.worker == "w2" and [s.track_id for s in back.signals] == ["y"]
+    assert back.rejected == ["missing_field"]
 
 
 def test_replayed_duplicates_republish_the_current_list_in_deferred_mode() -> None:
@@ -226,3 +231,20 @@ def test_a_record_that_raises_is_dead_lettered_and_the_batch_goes_on() -> None:
     assert set(table) == {"u1", "u2"} and len(writes) == 2
     assert set(stages) >= {"decode", "session", "learn", "rank"} and all(
         v >= 0 for v in stages.values())
+
+
+def test_a_flood_of_rejections_logs_a_bounded_number_of_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every rejection is dead-lettered (and so counted), but the log gets at most the
+    rate limit's lines per reason (stream.ratelog)."""
+    p, _, _, dead = make()
+    with caplog.at_level(logging.INFO, logger="stream.pipeline"):
+        for i in range(500):
+            p.process(rec(b"junk %d" % i, None))
+            p.process(rec(play("u1", "a", i), b"x\n[fake] ERROR forged"))
+    assert len(dead) == 1000
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 20  # 10 per reason: not_json, key_mismatch
+    assert all("\n" not in line for line in lines)
+    assert any("forged" in line for line in lines)  # escaped, not dropped
