@@ -24,8 +24,8 @@ said).
   and the listener keeps their list; a genuine forget still works.
 - logs: an injected newline never starts a log line of its own; a flood of junk writes at
   most the rate limit's lines.
-- other helpers' areas: a forged pickle checkpoint in ``model:{app_id}`` is not loaded (and
-  runs no code), a ``reco:`` key of the wrong type does not hold up other listeners'
+- other helpers' areas: a pickle checkpoint (format 1) or a forged format-2 checkpoint in
+  ``model:{app_id}`` is not loaded (and runs no code) and is counted as rejected, a ``reco:`` key of the wrong type does not hold up other listeners'
   lists, a burst of unique junk ids leaves the worker responsive and writes no empty
   "more like this" lists.
 
@@ -491,8 +491,14 @@ def _flood(d: Drill, n: int, topic: str) -> tuple[float, float]:
 
 @attack("checkpoint-forgery", "checkpoint", own_worker=True)
 def checkpoint_forgery(d: Drill) -> Result:
-    """A pickle in ``model:{app_id}`` that would create a file when unpickled, framed as an
-    unsigned checkpoint of today's format; then a worker starts on that app id."""
+    """Two blobs an attacker with Redis write access plants in ``model:{app_id}``, each
+    followed by a worker start on that app id: a pickle that would create a file when
+    unpickled, framed as the old (format 1) unsigned checkpoint; then a format-2 checkpoint
+    signed under the worker's key id with a guessed secret. Contained: no code ran, the
+    worker serves, nothing was restored, and each was counted as rejected."""
+    from stream.checkpoint import KeySet, seal_models, settings_keys
+    from stream.recommender import Recommender
+
     app_id = f"{d.tag}-ckpt-app"
     settings = d.settings.replace(
         app_id=app_id, plays_topic=f"{app_id}-plays", dlq_topic=f"{app_id}-dlq",
@@ -504,31 +510,39 @@ def checkpoint_forgery(d: Drill) -> Result:
         def __reduce__(self) -> tuple[Any, ...]:
             return (open, (str(marker), "w"))
 
-    from stream import recommender
-
-    magic = getattr(recommender, "SNAPSHOT_MAGIC", b"STREAMREC")
-    version = getattr(recommender, "SNAPSHOT_VERSION", 2)
-    blob = b"SRCK1P" + magic + bytes([version]) + pickle.dumps(Payload())
+    legacy = b"SRCK1P" + b"STREAMREC" + bytes([2]) + pickle.dumps(Payload())
+    kid = (settings_keys(settings).ids or ["k1"])[0]
+    forged = seal_models(Recommender(seed=1), keys=KeySet.parse(f"{kid}:guessed-secret-0000000"),
+                         app_id=app_id, created_ms=int(time.time() * 1000))
     key = f"model:{app_id}"
-    d.reader.client.set(key, blob)
-    worker = None
-    try:
-        worker = d.start_worker(settings)
-        alive = worker.proc is not None and worker.proc.poll() is None
-        restored = worker.metric_value("stream_checkpoint_restored") if alive else None
-        ran = marker.exists()
-        return Result(alive and not ran and restored == 0,
-                      {"code_ran": ran, "worker_alive": alive, "checkpoint_restored": restored})
-    except BaseException as exc:  # noqa: BLE001 - pytest.fail is a BaseException
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            raise
-        # a worker that will not start (or crash-loops) is not contained
-        return Result(False, {"worker_start_error": repr(exc)[:300], "code_ran": marker.exists()})
-    finally:
-        if worker is not None:
-            worker.stop()
-        d.reader.client.delete(key)
-        marker.unlink(missing_ok=True)
+    evidence: dict[str, Any] = {}
+    ok = True
+    for name, blob, reason in (("format1_pickle", legacy, "version"),
+                               ("forged_format2", forged, "bad_signature")):
+        d.reader.client.set(key, blob)
+        worker = None
+        try:
+            worker = d.start_worker(settings)
+            alive = worker.proc is not None and worker.proc.poll() is None
+            restored = worker.metric_value("stream_checkpoint_restored") if alive else None
+            rejected = (worker.metric_value("stream_checkpoints_rejected_total", reason=reason)
+                        if alive else None)
+            ran = marker.exists()
+            evidence[name] = {"code_ran": ran, "worker_alive": alive,
+                              "checkpoint_restored": restored, f"rejected_{reason}": rejected}
+            ok = ok and alive and not ran and restored == 0 and rejected == 1
+        except BaseException as exc:  # noqa: BLE001 - pytest.fail is a BaseException
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            # a worker that will not start (or crash-loops) is not contained
+            evidence[name] = {"worker_start_error": repr(exc)[:300], "code_ran": marker.exists()}
+            ok = False
+        finally:
+            if worker is not None:
+                worker.stop()
+            d.reader.client.delete(key)
+    marker.unlink(missing_ok=True)
+    return Result(ok, evidence)
 
 
 @attack("junk-ids-burst", "memory")

@@ -110,9 +110,15 @@ def spawn(
     return Proc(name, popen, log_path)
 
 
+#: one checkpoint key per load-test process: its workers sign and restore checkpoints, and
+#: a worker restarted by a drill verifies what the previous one wrote
+_CHECKPOINT_KEYS = f"lt{uuid.uuid4().hex[:6]}:{uuid.uuid4().hex}"
+
+
 def worker_env(rid: str, topic: str, metrics_port: int) -> dict[str, str]:
     """Env for a `stream worker` isolated from every other run (app id, topics, Redis keys)."""
     return {
+        "STREAM_CHECKPOINT_KEYS": _CHECKPOINT_KEYS,
         "STREAM_APP_ID": rid,
         "STREAM_PLAYS_TOPIC": topic,
         "STREAM_DLQ_TOPIC": f"{topic}-dlq",

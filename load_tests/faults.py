@@ -866,6 +866,7 @@ def _drill_settings(tag: str) -> Settings:
         metrics_port=free_port(),
         partitions=4,
         redis_flush_interval_ms=1.0,
+        checkpoint_keys=f"{tag}:{uuid.uuid4().hex}",  # restarts restore what was written
         worker_keys=f"drill:{uuid.uuid4().hex}",
     )
 

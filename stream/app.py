@@ -31,7 +31,7 @@ from faust.types import TP
 from stream import __version__
 from stream.auth import KeyRing
 from stream.changelog import BatchedChangelogTable, batched_table
-from stream.checkpoint import frame
+from stream.checkpoint import checkpoint_mode, seal_models, settings_keys
 from stream.config import Settings, redis_auth
 from stream.events import Rejection, escape_text
 from stream.fastdrain import fast_delivery
@@ -49,9 +49,11 @@ from stream.store import (
     WRITE_ERROR_REASONS,
     PendingWrite,
     RecoWriter,
+    add_tombstone,
     checkpoint_key,
     connect_async,
     save_checkpoint,
+    tombstones_key,
 )
 from stream.watchdog import StallWatch
 
@@ -522,7 +524,7 @@ def create_worker(
 
         async def on_stop(self) -> None:
             if worker.writer is not None:
-                if settings.checkpoint_interval_s:
+                if checkpoints_on:
                     # a clean stop keeps everything learned (in-process: nothing to hide
                     # from the event loop now, and no child to outlive the worker)
                     await write_checkpoint(in_child=False)
@@ -707,6 +709,27 @@ def create_worker(
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
 
+    tombstones = tombstones_key(settings.app_id)
+
+    async def record_forget(user_id: str) -> None:
+        """Leave a forget tombstone in Redis before the command is acknowledged, so that no
+        restore (of an older checkpoint, or one another worker wrote) brings the listener
+        back. Retried while Redis is unreachable (the control agent waits; plays do not)."""
+        delay = 0.1
+        while True:
+            writer = worker.writer
+            if writer is not None:
+                try:
+                    await add_tombstone(writer.client, tombstones, user_id,
+                                        int(time.time() * 1000), settings.forget_tombstone_ttl_s)
+                    return
+                except Exception as exc:  # noqa: BLE001 - Redis down: retry, bounded delay
+                    m.redis_errors.labels("tombstone").inc()
+                    logger.warning("could not record a forget tombstone (%s: %s); retrying",
+                                   type(exc).__name__, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.redis_retry_max_s)
+
     from stream.control import ControlGate
 
     control_gate = ControlGate(
@@ -776,6 +799,7 @@ def create_worker(
                 m.rejected.labels(msg.topic, cmd.reason).inc()
                 continue
             existed = processor.forget_user(cmd.user_id)
+            await record_forget(cmd.user_id)
             key = processor.redis_key(cmd.user_id)
             if worker.writer is not None:
                 worker.writer.forget(key)
@@ -1032,15 +1056,22 @@ def create_worker(
     #: waits for it (so the newer snapshot is the one left in Redis)
     checkpoint_lock = asyncio.Lock()
 
+    checkpoint_keys = settings_keys(settings)
+    checkpoints_on = checkpoint_mode(settings) in ("signed", "insecure")
+
     def checkpoint_blob() -> bytes:
-        return frame(recommender.snapshot(), settings.checkpoint_secret)
+        # in the snapshot child: the time is the instant the state was forked
+        return seal_models(recommender, keys=checkpoint_keys, app_id=settings.app_id,
+                           created_ms=int(time.time() * 1000))
 
     async def write_checkpoint(in_child: bool = True) -> None:
         """Snapshot the models to Redis (key model:{app_id}); failures are retried next time.
         The snapshot is built in a forked child (stream.forksnap: the event loop pays only
         for the fork) unless ``in_child`` is off (the final one at a stop) or there is no
         fork() here."""
-        if worker.writer is None or (in_child and checkpoint_lock.locked()):
+        if not checkpoints_on or worker.writer is None or (
+            in_child and checkpoint_lock.locked()
+        ):
             return
         async with checkpoint_lock:
             await _write_checkpoint(in_child)
@@ -1066,7 +1097,7 @@ def create_worker(
         m.checkpoint_seconds.observe(time.perf_counter() - started)
         m.checkpoint_bytes.set(len(blob))
 
-    if settings.checkpoint_interval_s:
+    if checkpoints_on:
 
         @app.timer(interval=settings.checkpoint_interval_s)
         async def checkpoint_models() -> None:

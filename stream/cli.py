@@ -55,32 +55,84 @@ def cmd_stack(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- worker
 
 
-def _restore_models(settings: Settings):  # type: ignore[no-untyped-def]
-    """The recommender from the last checkpoint in Redis, or None to start fresh."""
-    from stream.checkpoint import CheckpointError, unframe
-    from stream.recommender import Recommender, SnapshotError
-    from stream.store import checkpoint_key, load_checkpoint
+def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def]
+    """The recommender from the last checkpoint in Redis, or None to start fresh.
+
+    A checkpoint that cannot be read or is refused (stream.checkpoint.REJECT_REASONS) is
+    logged in one line, counted in ``stream_checkpoints_rejected_total{reason}``, and the
+    worker learns from scratch: it never stops over a checkpoint. Listeners forgotten since
+    (the forget tombstones) are dropped from the restored models."""
+    from redis.exceptions import ResponseError
+
+    from stream.checkpoint import CheckpointRejected, checkpoint_mode, open_checks, open_models
+    from stream.store import (
+        CheckpointTooLarge,
+        checkpoint_key,
+        load_checkpoint,
+        load_tombstones,
+        tombstone_member,
+        tombstones_key,
+    )
 
     log = logging.getLogger("stream.worker")
-    if not settings.checkpoint_interval_s:
-        return None
     key = checkpoint_key(settings.app_id)
+    mode = checkpoint_mode(settings)
+    if mode == "off":
+        log.info("model checkpoints are off (checkpoint_interval_s = 0)")
+        return None
+    if mode == "refused":
+        log.error(
+            "model checkpoints DISABLED: no checkpoint key is set, so this worker will "
+            "neither restore nor write %s (anyone who can write Redis could forge one). Set "
+            "STREAM_CHECKPOINT_KEYS=kid:secret, or STREAM_CHECKPOINT_INSECURE=true to accept "
+            "unsigned checkpoints anyway", key)
+        return None
+    if mode == "insecure":
+        log.warning(
+            "model checkpoints are UNSIGNED (checkpoint_insecure=true): anyone who can write "
+            "Redis key %s can replace this worker's models; set STREAM_CHECKPOINT_KEYS", key)
+
+    def reject(reason: str, why: str) -> None:
+        metrics.checkpoints_rejected.labels(reason).inc()
+        log.error("rejected model checkpoint %s (%s): %s; starting fresh", key, reason, why)
+
     try:
-        blob = load_checkpoint(settings.redis_url, key, **redis_auth(settings))
+        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
+                               **redis_auth(settings))
+    except CheckpointTooLarge as exc:
+        reject("oversized", str(exc))
+        return None
+    except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
+        reject("malformed", f"Redis refused to read it: {exc}")
+        return None
     except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
-        log.warning("could not read model checkpoint %s (%s); starting fresh", key, exc)
+        reject("unreadable", f"could not read it: {type(exc).__name__}: {exc}")
         return None
     if blob is None:
         log.info("no model checkpoint at %s; starting fresh", key)
         return None
+    now_ms = int(time.time() * 1000)
     try:
-        rec = Recommender.restore(unframe(blob, settings.checkpoint_secret))
-    except (CheckpointError, SnapshotError) as exc:
-        log.error("ignoring model checkpoint %s: %s", key, exc)
+        rec, opened = open_models(blob, **open_checks(settings, now_ms))
+    except CheckpointRejected as exc:
+        reject(exc.reason, str(exc))
         return None
-    if not settings.checkpoint_secret:
-        log.warning("model checkpoints are unsigned; set STREAM_CHECKPOINT_SECRET in production")
-    log.info("restored models from checkpoint %s (%d bytes)", key, len(blob))
+    except Exception as exc:  # noqa: BLE001 - never let a checkpoint stop the worker
+        reject("malformed", f"{type(exc).__name__}: {exc}")
+        return None
+    try:
+        forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
+                                    settings.forget_tombstone_ttl_s, **redis_auth(settings))
+    except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
+        reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
+        return None
+    tombstoned = set(forgotten)
+    dropped = sum(rec.forget_user(user) for user in rec.user_ids()
+                  if tombstone_member(user) in tombstoned)
+    log.info(
+        "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
+        "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,
+        (now_ms - opened.created_ms) / 1000, len(forgotten), dropped)
     return rec
 
 
@@ -118,7 +170,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    recommender = _restore_models(settings)
+    recommender = _restore_models(settings, metrics)
     metrics.checkpoint_restored.set(1 if recommender is not None else 0)
     worker = create_worker(settings, metrics, partitions, recommender)
     run_worker(worker)
@@ -235,6 +287,43 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Verify the model checkpoint in Redis as the worker would, and describe it."""
+    from stream.checkpoint import CheckpointRejected, open_checks, open_models
+    from stream.store import CheckpointTooLarge, checkpoint_key, load_checkpoint
+
+    settings = _settings(args)
+    key = checkpoint_key(settings.app_id)
+    now_ms = int(time.time() * 1000)
+    try:
+        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
+                               **redis_auth(settings))
+        if blob is None:
+            raise CheckpointRejected("malformed", "no checkpoint stored")
+        rec, opened = open_models(blob, **open_checks(settings, now_ms))
+    except (CheckpointRejected, CheckpointTooLarge) as exc:
+        reason = getattr(exc, "reason", "oversized")
+        out = {"key": key, "valid": False, "reason": reason, "error": str(exc)}
+        print(json.dumps(out) if args.json else f"{key}: REJECTED ({reason}): {exc}")
+        return 1
+    info = {
+        "key": key, "valid": True, "bytes": len(blob), "kid": opened.kid,
+        "app_id": opened.app_id, "created_ms": opened.created_ms,
+        "age_s": round((now_ms - opened.created_ms) / 1000, 1),
+        "tracks": rec.catalogue_size(), "listeners": len(rec.mf.user_factors),
+        "plays_learned": rec.n_learned,
+    }
+    if args.user:
+        info["user"] = args.user
+        info["user_has_factors"] = args.user in rec.mf.user_factors
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for name, value in info.items():
+            print(f"{name:<17} {value}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(_settings(args).masked(), indent=2))
     return 0
@@ -321,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(fg)
     fg.add_argument("user")
     fg.set_defaults(func=cmd_forget)
+
+    ck = sub.add_parser("checkpoint", help="verify and describe the model checkpoint in Redis")
+    common(ck)
+    ck.add_argument("--user", help="also say whether this listener's factors are in it")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_checkpoint)
 
     c = sub.add_parser("config", help="print the effective settings (secrets masked)")
     common(c)

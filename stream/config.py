@@ -28,7 +28,8 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from stream.errors import ConfigError
 
 SECRET_FIELDS: Final = frozenset(
-    {"redis_password", "kafka_sasl_password", "checkpoint_secret", "worker_keys"}
+    {"redis_password", "kafka_sasl_password", "checkpoint_secret", "checkpoint_keys",
+     "worker_keys"}
 )
 _DEFAULT_FILE: Final = Path(__file__).resolve().parents[1] / "configs" / "stream.toml"
 
@@ -99,7 +100,21 @@ class Settings:
     # Live quality window (events) and model checkpoints (Redis key model:{app_id})
     quality_window: int = 2000
     checkpoint_interval_s: float = 30.0
+    #: checkpoint signing keys, "kid1:secret1,kid2:secret2": the first signs, any verifies
+    #: (rotation: put the new key first, drop the old one once it has signed nothing live)
+    checkpoint_keys: str = ""
+    #: a single key (older configurations): the same as checkpoint_keys "default:<secret>",
+    #: listed after checkpoint_keys
     checkpoint_secret: str = ""
+    #: without any key, write and restore unsigned checkpoints anyway (off: no checkpoints)
+    checkpoint_insecure: bool = False
+    #: a checkpoint older than this is not restored (0 = no limit)
+    checkpoint_max_age_s: float = 30 * 24 * 3600
+    #: a checkpoint larger than this is not read
+    checkpoint_max_bytes: int = 1 << 30
+    #: forget tombstones (restore drops forgotten listeners) are kept this long; at least
+    #: checkpoint_max_age_s (0 = forever)
+    forget_tombstone_ttl_s: float = 90 * 24 * 3600
     #: keys that sign and verify track signals and control commands (stream.auth):
     #: ``kid:secret[,kid:secret...]``, the first signs, any verifies. Empty: signals are
     #: neither sent nor applied and control commands are refused, unless worker_insecure
@@ -127,7 +142,10 @@ class Settings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in SECRET_FIELDS and value:
+            if f.name == "checkpoint_keys" and value:
+                value = ",".join(f"{item.partition(':')[0].strip()}:***"
+                                 for item in value.split(",") if item.strip())
+            elif f.name in SECRET_FIELDS and value:
                 value = "***"
             elif f.name.endswith("_url"):
                 value = mask_url(value)
@@ -277,6 +295,29 @@ def validate(s: Settings) -> Settings:
         raise bad("similar_refresh_s", "must be >= 0")
     if s.checkpoint_interval_s < 0:
         raise bad("checkpoint_interval_s", "must be >= 0 (0 disables checkpoints)")
+    try:
+        from stream.checkpoint import KeySet
+
+        KeySet.parse(s.checkpoint_keys)
+    except ValueError as exc:
+        raise bad("checkpoint_keys", str(exc)) from None
+    try:
+        KeySet.parse("", s.checkpoint_secret)
+    except ValueError as exc:
+        raise bad("checkpoint_secret", str(exc)) from None
+    if "default" in KeySet.parse(s.checkpoint_keys).ids and s.checkpoint_secret:
+        raise bad("checkpoint_secret", "key id 'default' is taken by checkpoint_keys")
+    if s.checkpoint_max_age_s < 0:
+        raise bad("checkpoint_max_age_s", "must be >= 0 (0 = no limit)")
+    if s.checkpoint_max_bytes <= 0:
+        raise bad("checkpoint_max_bytes", "must be > 0")
+    if s.forget_tombstone_ttl_s < 0:
+        raise bad("forget_tombstone_ttl_s", "must be >= 0 (0 = forever)")
+    if s.forget_tombstone_ttl_s and (
+        not s.checkpoint_max_age_s or s.forget_tombstone_ttl_s < s.checkpoint_max_age_s
+    ):
+        raise bad("forget_tombstone_ttl_s", "must be 0 (forever) or at least "
+                  "checkpoint_max_age_s (a restorable checkpoint may predate a forget)")
     if s.redis_flush_interval_ms < 0:
         raise bad("redis_flush_interval_ms", "must be >= 0")
     if s.agent_batch_ms < 0:

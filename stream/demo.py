@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -77,6 +78,9 @@ def run_demo(
     settings = settings.replace(
         app_id=f"demo-{run}", plays_topic=f"demo-{run}-plays", dlq_topic=f"demo-{run}-dlq"
     )
+    if not settings.checkpoint_keys and not settings.checkpoint_secret:
+        # a key for this run only (a demo's app id is new each time: nothing to restore)
+        settings = settings.replace(checkpoint_keys=f"demo:{secrets.token_hex(16)}")
     log_path = cfg.state_dir / "logs" / f"worker-demo-{run}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"

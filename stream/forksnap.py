@@ -1,10 +1,10 @@
 """Build a large blob from this process's state in a forked child, off the event loop.
 
-A model checkpoint pickles every model (~10 MB and 25-60 ms of CPU at 60k plays, growing
-with the catalogue and the listeners) and signs it. Done on the worker's event loop, that
-was a ~100-150 ms stall every ``checkpoint_interval_s``: the largest spike in the P2
-freshness plot (docs/benchmarks.md, session 8). A thread would not help: the copy has to be
-consistent, and pickle holds the GIL.
+A model checkpoint serialises every model (several MB and tens of ms of CPU at 60k plays,
+growing with the catalogue and the listeners; see stream.checkpoint) and signs it. Done on
+the worker's event loop, that was a ~100-150 ms stall every ``checkpoint_interval_s``: the
+largest spike in the P2 freshness plot (docs/benchmarks.md, session 8). A thread would not
+help: the copy has to be consistent, and the serialisation holds the GIL.
 
 :func:`build_in_child` does what Redis does for BGSAVE: ``fork()`` gives the child a
 copy-on-write view of the whole process as it was at that instant (consistent by
@@ -14,7 +14,7 @@ parent reads the pipe on its event loop and reaps the child. Its event loop pays
 ``fork()`` call alone (page tables: a few ms for a few hundred MB).
 
 The child runs only ``build()``: it must not touch the event loop, Kafka, Redis or anything
-another thread might have held a lock on at the fork (pickling plain model state is fine).
+another thread might have held a lock on at the fork (serialising plain model state is fine).
 POSIX only: :func:`can_fork` says whether it is available.
 """
 

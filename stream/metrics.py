@@ -41,6 +41,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from stream.checkpoint import REJECT_REASONS
+
 if TYPE_CHECKING:  # only for type hints: metrics never reaches into the core at runtime
     from stream.session import SessionUpdate
 
@@ -614,6 +616,15 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
+        self.checkpoints_rejected = Counter(
+            "checkpoints_rejected",
+            "Model checkpoints refused at start-up (the worker started fresh), by reason: "
+            "oversized, malformed, truncated, version, unsigned, unknown_key, "
+            "bad_signature, foreign_app, too_old, future, invalid_state, unreadable.",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
         self.checkpoint_restored = Gauge(
             "checkpoint_restored",
             "1 if this worker started from a model checkpoint, else 0.",
@@ -659,6 +670,8 @@ class Metrics:
         for signal in DRIFT_SIGNALS:
             self.drift.labels(signal)
         self.redis_errors.labels("flush")
+        for reason in REJECT_REASONS:
+            self.checkpoints_rejected.labels(reason)
         self.redis_writes.labels("written")
         self.redis_writes.labels("stale_skipped")
         self.redis_writes.labels("dropped")

@@ -19,7 +19,6 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import contextlib
-import pickle
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -29,6 +28,16 @@ import numpy as np
 
 from stream.events import PlayEvent
 from stream.models import _kernels as _k
+from stream.models._state import (
+    build,
+    decode_strings,
+    encode_strings,
+    get_field,
+    get_params,
+    prefixed,
+    under,
+    unique_ids,
+)
 from stream.models._vocab import BoolArray, IntArray, Vocabulary, top_rows
 from stream.models.base import FloatArray, Interaction
 from stream.models.cooccurrence import SessionCooccurrence
@@ -55,8 +64,6 @@ __all__ = [
 ]
 
 MODEL_VERSION: Final = "blend-2"  # 2: compiled core, MF retrieval off by default
-SNAPSHOT_MAGIC: Final = b"STREAMREC"
-SNAPSHOT_VERSION: Final = 2  # 2: co-occurrence arena, float32 MF factors
 
 #: Ways to rank, for side-by-side evaluation: each single component alone, and the blend.
 VARIANTS: Final = ("popularity", "mf", "cooccurrence", "blend")
@@ -96,9 +103,6 @@ class Recommender:
       still scores (and explains) every candidate. Single-component ``mf`` ranking always
       retrieves.
     """
-
-    #: default for snapshots taken before the setting existed
-    mf_candidates: bool = False
 
     def __init__(
         self,
@@ -634,48 +638,107 @@ class Recommender:
         """Distinct tracks the models know."""
         return len(self.vocabulary)
 
+    def user_ids(self) -> list[str]:
+        """The listeners the models hold state about (their MF factors)."""
+        return list(self.mf.user_factors)
+
     def forget_user(self, user_id: str) -> bool:
         """Drop everything kept about one listener (their MF factors). Shared statistics
         (co-occurrence, popularity) hold no user ids. Returns whether anything was held."""
         return self.mf.forget_user(user_id)
 
-    # -- persistence ----------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """All learned state: a JSON-able manifest (parameters, counters, the component
+        models' manifests) and numeric arrays (the shared vocabulary once, then each
+        component's arrays under its name). :meth:`import_state` rebuilds an equal
+        recommender; :mod:`stream.checkpoint` frames and signs the pair."""
+        vocab_manifest, vocab_arrays = self.vocabulary.export_state()
+        tracks = list(self.artist_of)
+        t_blob, t_ends = encode_strings(tracks)
+        a_blob, a_ends = encode_strings([self.artist_of[t] for t in tracks])
+        manifest: dict[str, Any] = {
+            "model_version": self.model_version,
+            "params": {name: getattr(self, name) for name in _PARAMS},
+            "blend_weights": dict(self.blend_weights),
+            "n_learned": self.n_learned,
+            "vocabulary": vocab_manifest,
+            "models": {},
+        }
+        arrays: dict[str, np.ndarray] = {
+            **prefixed("vocabulary", vocab_arrays),
+            "artist_of.tracks.bytes": t_blob, "artist_of.tracks.ends": t_ends,
+            "artist_of.artists.bytes": a_blob, "artist_of.artists.ends": a_ends,
+        }
+        for name in _COMPONENTS:
+            model_manifest, model_arrays = getattr(self, name).export_state()
+            manifest["models"][name] = model_manifest
+            arrays.update(prefixed(name, model_arrays))
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+    ) -> Recommender:
+        """The recommender :meth:`export_state` described. Every field is checked (type,
+        dtype, shape, range, id lengths) and a bad one raises ValueError naming it."""
+        version = get_field(manifest, "model_version", str)
+        if version != MODEL_VERSION:
+            raise ValueError(f"model_version: {version!r}, expected {MODEL_VERSION!r}")
+        params = get_params(manifest, "recommender", _PARAMS)
+        weights = params["weights"]
+        if weights is not None and not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in weights.items()
+        ):
+            raise ValueError("recommender.params.weights: expected names and numbers")
+        rec: Recommender = build("recommender", cls, params)
+        blend = get_field(manifest, "blend_weights", dict)
+        if set(blend) != set(rec.blend_weights):
+            raise ValueError(f"blend_weights: names {sorted(blend)}, expected "
+                             f"{sorted(rec.blend_weights)}")
+        rec.blend_weights = {name: get_field(blend, name, float, where="blend_weights")
+                             for name in rec.blend_weights}
+        rec.n_learned = get_field(manifest, "n_learned", int, lo=0)
+        vocab = Vocabulary.import_state(
+            get_field(manifest, "vocabulary", dict), under("vocabulary", arrays),
+            where="vocabulary")
+        rec.vocabulary = vocab
+        models = get_field(manifest, "models", dict)
+        unknown = set(models) - set(_COMPONENTS)
+        if unknown:
+            raise ValueError(f"models: unknown component(s) {sorted(unknown)}")
+        for name, model_cls in _COMPONENTS.items():
+            sub = get_field(models, name, dict, where="models")
+            kwargs: dict[str, Any] = {"where": name}
+            if name in _SHARED_VOCABULARY:
+                kwargs["vocabulary"] = vocab
+            setattr(rec, name, model_cls.import_state(sub, under(name, arrays), **kwargs))
+        tracks = _strings(arrays, "artist_of.tracks")
+        artists = _strings(arrays, "artist_of.artists")
+        if len(tracks) != len(artists):
+            raise ValueError(f"artist_of: {len(tracks)} tracks for {len(artists)} artists")
+        rec.artist_of = dict(zip(unique_ids("artist_of.tracks", tracks), artists, strict=True))
+        return rec
 
     def snapshot(self) -> bytes:
-        """All learned state as bytes (versioned pickle). Restore with :meth:`restore`.
+        """All learned state as bytes (:meth:`export_state` in the unsigned container of
+        :func:`stream.checkpoint.pack_state`). Restore with :meth:`restore`."""
+        from stream.checkpoint import pack_state
 
-        Only restore snapshots you wrote: pickle executes code from its input."""
-        state = {key: v for key, v in self.__dict__.items() if key not in _SCRATCH}
-        payload = {"version": SNAPSHOT_VERSION, "model_version": self.model_version,
-                   "state": state}
-        # the format version sits before the pickle, so an old snapshot is refused by
-        # number instead of failing to unpickle classes that no longer exist
-        return (SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION])
-                + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+        return pack_state(*self.export_state())
 
     @classmethod
     def restore(cls, blob: bytes) -> Recommender:
-        """A recommender with exactly the state captured by :meth:`snapshot`."""
-        if not blob.startswith(SNAPSHOT_MAGIC):
-            raise SnapshotError("not a recommender snapshot (bad magic bytes)")
-        body = blob[len(SNAPSHOT_MAGIC) :]
-        if body[:1] == b"\x80":  # format 1 put the pickle right after the magic
-            raise SnapshotError(f"snapshot version 1, expected {SNAPSHOT_VERSION}")
-        if body[:1] != bytes([SNAPSHOT_VERSION]):
-            raise SnapshotError(
-                f"snapshot version {body[0] if body else None!r}, expected {SNAPSHOT_VERSION}"
-            )
+        """A recommender with exactly the state captured by :meth:`snapshot`; a blob that
+        is not one raises :class:`SnapshotError`."""
+        from stream.checkpoint import CheckpointError, unpack_state
+
         try:
-            payload: dict[str, Any] = pickle.loads(body[1:])
-        except Exception as exc:  # pickle raises many types on corrupt input
-            raise SnapshotError(f"corrupt recommender snapshot: {exc}") from exc
-        if payload.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(
-                f"snapshot version {payload.get('version')!r}, expected {SNAPSHOT_VERSION}"
-            )
-        rec = cls.__new__(cls)
-        rec.__dict__.update(payload["state"])
-        return rec
+            return cls.import_state(*unpack_state(blob))
+        except (CheckpointError, ValueError) as exc:
+            raise SnapshotError(f"not a restorable recommender state: {exc}") from exc
 
 
 class SeenTracks(Collection[str]):
@@ -748,7 +811,31 @@ def _ban_rows(
     return [r for r in map(index.get, banned) if r is not None]
 
 
-_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms"})  # per-process buffers, not model state
+#: the constructor arguments, as stored in a checkpoint (with their types)
+_PARAMS: Final[dict[str, Any]] = {
+    "weights": (dict, type(None)), "history_window": int, "history_decay": float,
+    "cooc_window": int, "cooc_decay": float, "recent_filter": int,
+    "max_per_artist": (int, type(None)), "candidates_per_source": int, "cross_session": bool,
+    "n_factors": int, "popularity_half_life_ms": float, "seed": int, "mf_candidates": bool,
+}
+#: the component models, by attribute name, each with export_state / import_state
+_COMPONENTS: Final[dict[str, Any]] = {
+    "popularity": DecayedPopularity,
+    "cooccurrence": SessionCooccurrence,
+    "mf": ImplicitMF,
+    "skip": SkipClassifier,
+    "drift": SkipRateDrift,
+}
+#: the components that index tracks through the recommender's vocabulary
+_SHARED_VOCABULARY: Final = frozenset({"popularity", "cooccurrence", "mf"})
+
+
+def _strings(arrays: Mapping[str, np.ndarray], name: str) -> list[str]:
+    for part in ("bytes", "ends"):
+        if f"{name}.{part}" not in arrays:
+            raise ValueError(f"{name}.{part}: missing array")
+    return decode_strings(name, arrays[f"{name}.bytes"], arrays[f"{name}.ends"])
+
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _BECAUSE: Final = REASONS["cooccurrence"]

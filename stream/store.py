@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import math
@@ -796,16 +797,86 @@ def checkpoint_key(app_id: str) -> str:
     return f"model:{app_id}"
 
 
-def load_checkpoint(url: str, key: str, password: str = "", **auth: str) -> bytes | None:
-    """Read a model checkpoint synchronously (worker start-up, before the event loop)."""
+class CheckpointTooLarge(RuntimeError):
+    """The stored checkpoint is larger than the reader accepts (it was not read)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"checkpoint is {size} bytes, checkpoint_max_bytes is {limit}")
+        self.size = size
+
+
+def load_checkpoint(
+    url: str, key: str, password: str = "", *, max_bytes: int = 0, **auth: str
+) -> bytes | None:
+    """Read a model checkpoint synchronously (worker start-up, before the event loop).
+    With ``max_bytes``, its length is asked first and a larger one is not read
+    (:class:`CheckpointTooLarge`). A key of another type raises redis's ResponseError."""
     url, kwargs = client_options(url, password=password, **auth)
     kwargs.update(socket_timeout=30, socket_connect_timeout=5)
     client = redis.Redis.from_url(url, **kwargs)
     try:
+        if max_bytes:
+            size = int(client.strlen(key))  # type: ignore[no-untyped-call]
+            if size > max_bytes:
+                raise CheckpointTooLarge(size, max_bytes)
         raw = client.get(key)
     finally:
         client.close()
     return None if raw is None else bytes(raw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- forget tombstones
+# A forget reaches the worker that owns the listener, which drops their state at once; but
+# the model checkpoint in Redis may be older than the forget, and a worker that lost the
+# listener's partition in a rebalance may still hold (and checkpoint) their factors. So each
+# forget also leaves a tombstone -- a sorted set of user-id digests scored by the forget's time --
+# and every restore drops the tombstoned listeners from the restored models.
+
+
+def tombstones_key(app_id: str) -> str:
+    return f"forgotten:{app_id}"
+
+
+def tombstone_member(user_id: str) -> str:
+    """What a tombstone holds for ``user_id``: a SHA-256 digest (hex, 128 bits), so the
+    forgotten listener's id is not kept in clear for the tombstones' lifetime."""
+    return hashlib.sha256(b"stream-reco forget\0" + user_id.encode("utf-8")).hexdigest()[:32]
+
+
+async def add_tombstone(
+    client: aioredis.Redis,  # type: ignore[type-arg]
+    key: str, user_id: str, now_ms: int, ttl_s: float
+) -> None:
+    """Record a forget of ``user_id`` (as :func:`tombstone_member`), and drop tombstones
+    older than ``ttl_s`` (0 keeps them forever)."""
+    async with client.pipeline(transaction=True) as tx:
+        tx.zadd(key, {tombstone_member(user_id): now_ms})
+        if ttl_s:
+            tx.zremrangebyscore(key, "-inf", f"({now_ms - int(ttl_s * 1000)}")
+        await tx.execute()
+
+
+def load_tombstones(
+    url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: str
+) -> list[str]:
+    """The tombstones (:func:`tombstone_member` digests) of the listeners forgotten within
+    ``ttl_s`` (0: ever), synchronously (at start-up)."""
+    url, kwargs = client_options(url, password=password, **auth)
+    kwargs.update(socket_timeout=30, socket_connect_timeout=5)
+    client = redis.Redis.from_url(url, **kwargs)
+    low = f"{now_ms - int(ttl_s * 1000)}" if ttl_s else "-inf"
+    out: list[str] = []
+    try:
+        offset, page = 0, 10_000
+        while True:
+            batch = client.zrangebyscore(key, low, "+inf", start=offset, num=page)
+            members = cast(list[bytes], batch)
+            out += [bytes(m).decode("utf-8", "replace") for m in members]
+            if len(members) < page:
+                return out
+            offset += page
+    finally:
+        client.close()
 
 
 class CheckpointUploadError(RuntimeError):

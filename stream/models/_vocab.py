@@ -3,12 +3,20 @@ vectors line up and can be blended with numpy."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Collection, Sequence
-from typing import TypeVar
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+
+from stream.models._state import (
+    decode_strings,
+    encode_strings,
+    get_field,
+    prefixed,
+    under,
+    unique_ids,
+)
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -25,16 +33,27 @@ class Vocabulary:
         self.ids: list[str] = []
         self.generation = 0  # bumped when rows are renumbered (compact)
 
-    def __setstate__(self, state: tuple[None, dict[str, object]]) -> None:
-        _, slots = state
-        self.generation = 0  # snapshots from before the field existed
-        for key, value in slots.items():
-            setattr(self, key, value)
-        # Register the restored ids as the process's shared strings (sys.intern keeps these
-        # very objects): the plays parsed from now on, and the listeners restored from the
-        # changelog, then point at the catalogue's strings instead of holding copies.
-        self.ids = [sys.intern(key) for key in self.ids]
-        self.index = {sys.intern(key): row for key, row in self.index.items()}
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The ids in row order (see :mod:`stream.models._state`) and the generation."""
+        blob, ends = encode_strings(self.ids)
+        return {"generation": self.generation}, {"ids.bytes": blob, "ids.ends": ends}
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, where: str
+    ) -> Vocabulary:
+        """A vocabulary from :meth:`export_state`; ids are checked (UTF-8, length, unique)
+        and interned: the plays parsed from now on, and the listeners restored from the
+        changelog, then point at the catalogue's strings instead of holding copies."""
+        vocab = cls()
+        vocab.generation = get_field(manifest, "generation", int, where=where, lo=0)
+        if "ids.bytes" not in arrays or "ids.ends" not in arrays:
+            raise ValueError(f"{where}.ids: missing array")
+        ids = unique_ids(f"{where}.ids", decode_strings(
+            f"{where}.ids", arrays["ids.bytes"], arrays["ids.ends"]))
+        vocab.ids = ids
+        vocab.index = {key: row for row, key in enumerate(ids)}
+        return vocab
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,3 +125,34 @@ def top_set(scores: npt.NDArray[np.float64], n: int) -> IntArray:
     top = np.argpartition(-scores, n - 1)[:n]
     out: IntArray = top[np.isfinite(scores[top])]
     return out
+
+
+def export_vocabulary(
+    shared: Vocabulary | None, own: Vocabulary, manifest: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+) -> None:
+    """Put a model's own vocabulary into its exported state (a shared one is the
+    container's to export: the model records ``None``)."""
+    if shared is None:
+        m, a = own.export_state()
+        manifest["vocabulary"] = m
+        arrays.update(prefixed("vocabulary", a))
+    else:
+        manifest["vocabulary"] = None
+
+
+def import_vocabulary(
+    manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str,
+    shared: Vocabulary | None,
+) -> Vocabulary:
+    """The ``shared`` vocabulary, if the container passes one, else the model's own from
+    its exported state; which of the two it must be is checked."""
+    own = get_field(manifest, "vocabulary", dict, where=where, optional=True)
+    if shared is not None:
+        if own is not None:
+            raise ValueError(f"{where}.vocabulary: holds its own, but a shared one was given")
+        return shared
+    if own is None:
+        raise ValueError(f"{where}.vocabulary: missing (the state was exported with a shared "
+                         "vocabulary; pass it)")
+    return Vocabulary.import_state(own, under("vocabulary", arrays), where=f"{where}.vocabulary")

@@ -8,6 +8,16 @@ the :class:`Interaction` -- never the wall clock.
 Every model implements ``learn_one(x)`` and ``predict_one(x) -> float``. Models that can
 propose tracks (:class:`CandidateSource`) also implement ``candidates(x, n)`` and
 ``score_many(x, track_ids)``; the ranker blends those.
+
+Checkpoints: every model also implements ``export_state() -> (manifest, arrays)`` (a
+JSON-able manifest of str/int/float/bool/None/list/dict, and numeric numpy arrays: bool,
+integer or float dtypes, never object) and the classmethod ``import_state(manifest,
+arrays, ...)``, which checks every field (type, dtype, shape, range, id length) with the
+helpers of :mod:`stream.models._state` and raises ``ValueError`` naming the bad one. A
+restored model must behave exactly like the exported one (tests/unit/test_models_contract.py
+checks both for every model). Models that index tracks through a shared vocabulary take it
+as ``import_state(..., vocabulary=...)``; lists of ids travel as
+:func:`stream.models._state.encode_strings` arrays.
 """
 
 from __future__ import annotations

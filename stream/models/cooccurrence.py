@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from stream.models import _kernels as _k
-from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
+from stream.models._state import build, get_array, get_field, get_params
+from stream.models._vocab import (
+    IntArray,
+    Vocabulary,
+    export_vocabulary,
+    grow_rows,
+    import_vocabulary,
+    top_rows,
+)
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 _MAX_EXPONENT = 50.0
@@ -352,14 +361,97 @@ class SessionCooccurrence:
             return np.zeros(len(rows))
         return np.where(rows >= 0, scores[np.maximum(rows, 0)], 0.0)
 
-    def __getstate__(self) -> dict[str, object]:
-        state = dict(self.__dict__)
-        state["_scratch"] = None  # per-process buffers, rebuilt empty
-        return state
+    # -- checkpoints ----------------------------------------------------------------------
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        self._scratch = _Scratch()
+    _PARAMS: dict[str, Any] = {
+        "window": int, "decay": float, "backward": float, "query_window": int,
+        "query_decay": float, "pop_penalty": float, "skip_weight": float,
+        "half_life_ms": (float, type(None)), "max_neighbours": int, "seed": int,
+    }
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Parameters, track weights and the neighbour lists, compacted (each row's
+        neighbours in order, then their weights; no arena holes). See
+        :mod:`stream.models._state`."""
+        manifest: dict[str, Any] = {
+            "params": {name: getattr(self, name) for name in self._PARAMS},
+            "ref_ms": self._ref_ms,
+        }
+        n_rows = len(self._start)
+        rows = np.flatnonzero(self._cap[:n_rows]).astype(np.int64)
+        sizes = self._size[rows].astype(np.int64)
+        starts = self._start[rows]
+        # every live slot, row by row: positions start[r] .. start[r] + size[r] - 1
+        ends = np.cumsum(sizes)
+        offsets = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+        if len(offsets):
+            offsets += np.repeat(starts - (ends - sizes), sizes)
+        arrays: dict[str, np.ndarray] = {
+            "track_weight": self.track_weight[: len(self._vocab)].copy(),
+            "rows": rows,
+            "row_size": sizes,
+            "row_cap": self._cap[rows].astype(np.int64),
+            "row_total": self._total[rows].astype(np.float64),
+            "nbr": self._nbr[offsets].astype(np.int32),
+            "val": self._val[offsets].astype(np.float32),
+        }
+        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls,
+        manifest: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        *,
+        vocabulary: Vocabulary | None = None,
+        where: str = "cooccurrence",
+    ) -> SessionCooccurrence:
+        """The model :meth:`export_state` described, every field checked (ValueError names
+        the bad one): neighbour rows must be known tracks, since the compiled kernels index
+        with them unchecked."""
+        params = get_params(manifest, where, cls._PARAMS)
+        array = partial(get_array, arrays, where=where)
+        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
+        model: SessionCooccurrence = build(where, cls, {**params, "vocabulary": vocabulary})
+        model._vocab = vocab
+        n = len(vocab)
+        model._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
+        weight = array("track_weight", np.float64, ndim=1, finite=True, lo=0.0)
+        if len(weight) > n:
+            raise ValueError(f"{where}.track_weight: {len(weight)} rows, the vocabulary has {n}")
+        rows = array("rows", np.int64, ndim=1, lo=0, hi=n - 1)
+        m = len(rows)
+        if m and bool(np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"{where}.rows: not strictly ascending")
+        limit = 2 * model.max_neighbours
+        sizes = array("row_size", np.int64, shape=(m,), lo=0, hi=limit)
+        caps = array("row_cap", np.int64, shape=(m,), lo=1, hi=max(limit, _k.FIRST_CAP))
+        if bool(np.any(sizes > caps)):
+            raise ValueError(f"{where}.row_size: a row holds more than its row_cap")
+        totals = array("row_total", np.float64, shape=(m,), finite=True, lo=0.0)
+        live = int(sizes.sum())
+        nbr = array("nbr", np.int32, shape=(live,), lo=0, hi=n - 1)
+        val = array("val", np.float32, shape=(live,), finite=True, lo=0.0)
+        # the arena, rebuilt: each row's slice at the next free position, with its room
+        n_rows = max(n, int(rows[-1]) + 1 if m else 0)
+        model._ensure_rows(n_rows)
+        model.track_weight = weight.copy()
+        used = int(caps.sum())
+        model._nbr = np.zeros(max(1024, used + used // 4), dtype=np.int32)
+        model._val = np.zeros(len(model._nbr), dtype=np.float32)
+        starts = np.concatenate(([0], np.cumsum(caps)[:-1])).astype(np.int64) if m else rows
+        model._start[rows] = starts
+        model._size[rows] = sizes
+        model._cap[rows] = caps
+        model._total[rows] = totals
+        if live:
+            ends = np.cumsum(sizes)
+            dest = np.arange(live, dtype=np.int64) + np.repeat(starts - (ends - sizes), sizes)
+            model._nbr[dest] = nbr
+            model._val[dest] = val
+        model._used = used
+        return model
 
 
 class _Scratch:

@@ -9,17 +9,38 @@ does the positive and its negatives in one vectorised step (~10 us), on the same
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import cast
+from collections.abc import Collection, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from stream.models import _kernels as _k
-from stream.models._vocab import IntArray, Vocabulary, grow_rows, top_rows
+from stream.models._state import (
+    build,
+    decode_strings,
+    encode_strings,
+    get_array,
+    get_field,
+    get_params,
+    unique_ids,
+)
+from stream.models._vocab import (
+    IntArray,
+    Vocabulary,
+    export_vocabulary,
+    grow_rows,
+    import_vocabulary,
+    top_rows,
+)
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 Float32Array = npt.NDArray[np.float32]
+
+#: uniform draws are made this many at a time (numpy's per-call overhead dominates one)
+_DRAW_BATCH = 4096
+_U128 = 1 << 128
 
 
 class ImplicitMF:
@@ -84,29 +105,90 @@ class ImplicitMF:
         self._draw_pos = 0
         self._pool_pos = 0
 
-    # -- snapshots ------------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------
 
-    def __getstate__(self) -> dict[str, object]:
-        """The listeners' factors go into a snapshot as one matrix and one id list: pickling
-        a dict of small arrays cost ~3.5 us per listener (12 ms of a 35 ms model checkpoint
-        at 3,475 listeners, held on the event loop; seconds at a million listeners)."""
-        state = dict(self.__dict__)
-        users = state.pop("user_factors")
-        ids = list(users)
-        matrix = (np.stack([users[u] for u in ids]) if ids
-                  else np.zeros((0, self.n_factors), dtype=np.float32))
-        state["_user_ids"] = ids
-        state["_user_matrix"] = matrix
-        return state
+    _PARAMS: dict[str, Any] = {
+        "n_factors": int, "learning_rate": float, "l2": float, "n_negatives": int,
+        "skip_target": float, "init_scale": float, "negative_pool": int,
+        "uniform_negatives": bool, "seed": int,
+    }
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        state = dict(state)
-        if "user_factors" not in state:  # (snapshots before session 7 hold the dict)
-            ids = cast(list[str], state.pop("_user_ids"))
-            matrix = cast(Float32Array, state.pop("_user_matrix"))
-            # one row array per listener, as learn_one makes them (updated in place)
-            state["user_factors"] = {u: matrix[i].copy() for i, u in enumerate(ids)}
-        self.__dict__.update(state)
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Parameters, item factors, the listeners' factors (one matrix and their ids),
+        the negative pool and the random generator's exact position (so a restored model
+        draws the same negatives). See :mod:`stream.models._state`."""
+        ids = list(self.user_factors)
+        users = (np.stack([self.user_factors[u] for u in ids]) if ids
+                 else np.zeros((0, self.n_factors), dtype=np.float32))
+        blob, ends = encode_strings(ids)
+        rng = self._rng.bit_generator.state
+        manifest: dict[str, Any] = {
+            "params": {name: getattr(self, name) for name in self._PARAMS},
+            "known": self._known,
+            "rng": {"bit_generator": rng["bit_generator"], "state": int(rng["state"]["state"]),
+                    "inc": int(rng["state"]["inc"]), "has_uint32": int(rng["has_uint32"]),
+                    "uinteger": int(rng["uinteger"])},
+            "draw_pos": self._draw_pos,
+            "pool_pos": self._pool_pos,
+        }
+        arrays: dict[str, np.ndarray] = {
+            "item_factors": self.item_factors[: self._known].copy(),
+            "user_factors": users.astype(np.float32),
+            "user_ids.bytes": blob,
+            "user_ids.ends": ends,
+            "pool": np.array(self._pool, dtype=np.int64),
+            "draws": np.array(self._draws, dtype=np.float64),
+        }
+        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls,
+        manifest: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        *,
+        vocabulary: Vocabulary | None = None,
+        where: str = "mf",
+    ) -> ImplicitMF:
+        """The model :meth:`export_state` described, every field checked (ValueError names
+        the bad one): pool rows index the item factors in a compiled kernel, unchecked."""
+        params = get_params(manifest, where, cls._PARAMS)
+        array = partial(get_array, arrays, where=where)
+        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
+        model: ImplicitMF = build(where, cls, {**params, "vocabulary": vocabulary})
+        model._vocab = vocab
+        k = model.n_factors
+        known = get_field(manifest, "known", int, where=where, lo=0, hi=len(vocab))
+        items = array("item_factors", np.float32, shape=(known, k), finite=True)
+        users = array("user_factors", np.float32, shape=(None, k), finite=True)
+        ids = unique_ids(f"{where}.user_ids", decode_strings(
+            f"{where}.user_ids", _need(arrays, "user_ids.bytes", where),
+            _need(arrays, "user_ids.ends", where)))
+        if len(ids) != len(users):
+            raise ValueError(f"{where}.user_ids: {len(ids)} ids for {len(users)} factor rows")
+        pool = array("pool", np.int64, ndim=1, lo=0, hi=known - 1)
+        if len(pool) > model.negative_pool:
+            raise ValueError(f"{where}.pool: {len(pool)} rows, negative_pool is "
+                             f"{model.negative_pool}")
+        draws = array("draws", np.float64, ndim=1, finite=True, lo=0.0, hi=1.0)
+        if len(draws) and float(draws.max()) >= 1.0:
+            raise ValueError(f"{where}.draws: values must be below 1.0")
+        if len(draws) > _DRAW_BATCH:
+            raise ValueError(f"{where}.draws: {len(draws)} draws, at most {_DRAW_BATCH}")
+        draw_pos = get_field(manifest, "draw_pos", int, where=where, lo=0, hi=len(draws))
+        pool_pos = get_field(manifest, "pool_pos", int, where=where, lo=0,
+                             hi=max(model.negative_pool - 1, 0))
+        model._rng = _generator(get_field(manifest, "rng", dict, where=where), f"{where}.rng")
+        model.item_factors = items.copy()
+        model._known = known
+        # one row array per listener, as learn_one makes them (updated in place)
+        model.user_factors = {u: users[i].copy() for i, u in enumerate(ids)}
+        model._pool = pool.tolist()
+        model._pool_pos = pool_pos
+        model._draws = draws.tolist()
+        model._draw_pos = draw_pos
+        return model
 
     # -- learning -------------------------------------------------------------------------
 
@@ -157,7 +239,7 @@ class ImplicitMF:
     def _uniform(self) -> float:
         # numpy's per-call overhead dominates one draw; draw in seeded batches instead.
         if self._draw_pos >= len(self._draws):
-            self._draws = self._rng.random(4096).tolist()
+            self._draws = self._rng.random(_DRAW_BATCH).tolist()
             self._draw_pos = 0
         value = self._draws[self._draw_pos]
         self._draw_pos += 1
@@ -263,3 +345,25 @@ class ImplicitMF:
             return {}
         ids = self._vocab.ids
         return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}
+
+
+def _need(arrays: Mapping[str, np.ndarray], name: str, where: str) -> np.ndarray:
+    if name not in arrays:
+        raise ValueError(f"{where}.{name}: missing array")
+    return arrays[name]
+
+
+def _generator(state: Mapping[str, Any], where: str) -> np.random.Generator:
+    """A PCG64 generator at exactly the exported position."""
+    kind = get_field(state, "bit_generator", str, where=where)
+    if kind != "PCG64":
+        raise ValueError(f"{where}.bit_generator: {kind!r}, expected 'PCG64'")
+    bits = np.random.PCG64()
+    bits.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": get_field(state, "state", int, where=where, lo=0, hi=_U128 - 1),
+                  "inc": get_field(state, "inc", int, where=where, lo=0, hi=_U128 - 1)},
+        "has_uint32": get_field(state, "has_uint32", int, where=where, lo=0, hi=1),
+        "uinteger": get_field(state, "uinteger", int, where=where, lo=0, hi=(1 << 32) - 1),
+    }
+    return np.random.Generator(bits)

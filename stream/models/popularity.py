@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import numpy as np
 
-from stream.models._vocab import BoolArray, IntArray, Vocabulary, grow_rows, top_rows, top_set
+from stream.models._state import build, get_array, get_field, get_params
+from stream.models._vocab import (
+    BoolArray,
+    IntArray,
+    Vocabulary,
+    export_vocabulary,
+    grow_rows,
+    import_vocabulary,
+    top_rows,
+    top_set,
+)
 from stream.models.base import FloatArray, Interaction, check_fraction, check_positive
 
 #: Rebase the reference time before exp() gets anywhere near float overflow.
@@ -83,10 +95,60 @@ class DecayedPopularity:
         elif self._weights[row] >= self._top_floor:
             self._challenge(row)
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        if "_top" not in state:  # pickled before the top set existed
-            self._rebuild_top()
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Parameters, the decayed weight per row and the kept top set (in slot order, so a
+        restored model breaks ties exactly as this one does). See :mod:`stream.models._state`."""
+        manifest: dict[str, Any] = {
+            "params": {"half_life_ms": self.half_life_ms, "skip_weight": self.skip_weight,
+                       "seed": self.seed},
+            "ref_ms": self._ref_ms,
+            "total": float(self._total),
+            "top_floor": float(self._top_floor),
+        }
+        arrays: dict[str, np.ndarray] = {
+            "weights": self._weights[: len(self._vocab)].copy(),
+            "top": self._top_rows[: len(self._top)].copy(),
+        }
+        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls,
+        manifest: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        *,
+        vocabulary: Vocabulary | None = None,
+        where: str = "popularity",
+    ) -> DecayedPopularity:
+        """The model :meth:`export_state` described, every field checked (ValueError names
+        the bad one). Pass the container's ``vocabulary`` when the state was exported with
+        a shared one."""
+        params = get_params(manifest, where, {"half_life_ms": float, "skip_weight": float,
+                                              "seed": int})
+        array = partial(get_array, arrays, where=where)
+        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
+        model: DecayedPopularity = build(where, cls, {
+            **params, "vocabulary": vocabulary})
+        model._vocab = vocab
+        n = len(vocab)
+        model._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
+        model._total = get_field(manifest, "total", float, where=where, lo=0.0)
+        model._top_floor = get_field(manifest, "top_floor", float, where=where, lo=-1.0)
+        weights = array("weights", np.float64, ndim=1, finite=True, lo=0.0)
+        if len(weights) > n:
+            raise ValueError(f"{where}.weights: {len(weights)} rows, the vocabulary has {n}")
+        top = array("top", np.int64, ndim=1, lo=0, hi=max(len(weights) - 1, 0))
+        if len(top) > _TOP_SIZE or (len(top) and not len(weights)):
+            raise ValueError(f"{where}.top: {len(top)} rows, at most {_TOP_SIZE} known rows")
+        if len(np.unique(top)) != len(top):
+            raise ValueError(f"{where}.top: repeated rows")
+        model._weights = weights.copy()
+        model._top = {int(r): slot for slot, r in enumerate(top.tolist())}
+        model._top_rows[: len(top)] = top
+        return model
 
     def _challenge(self, row: int) -> None:
         """Swap ``row`` into the top set if it now outranks the lightest member."""

@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
+from typing import Any
 
 import numpy as np
 from river import linear_model, optim
 
+from stream.models._state import (
+    ID_LEN,
+    build,
+    decode_strings,
+    encode_strings,
+    get_array,
+    get_field,
+    get_params,
+    unique_ids,
+)
 from stream.models.base import FloatArray, Interaction, check_positive
 
 #: Scores other models put in ``Interaction.features`` that the skip model uses.
 TRACK_FEATURES = ("popularity", "mf", "cooccurrence")
 
 _DAY_MS = 24 * 3600 * 1000
+#: the longest feature name a checkpoint may hold ("context=" and a context value)
+_FEATURE_LEN = ID_LEN + 16
 
 
 def _squash(name: str, value: float) -> float:
@@ -60,6 +74,51 @@ class SkipClassifier:
             optimizer=optim.SGD(learning_rate), l2=l2
         )
         self.n_learned = 0
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Parameters, the logistic regression's weights (feature names and values, in
+        order), intercept and step count. See :mod:`stream.models._state`."""
+        weights = self.classifier._weights
+        names = list(weights.keys())
+        blob, ends = encode_strings(names)
+        manifest: dict[str, Any] = {
+            "params": {"learning_rate": self.learning_rate, "l2": self.l2, "seed": self.seed},
+            "intercept": float(self.classifier.intercept),
+            "n_iterations": int(self.classifier.optimizer.n_iterations),
+            "n_learned": self.n_learned,
+        }
+        arrays: dict[str, np.ndarray] = {
+            "feature_names.bytes": blob,
+            "feature_names.ends": ends,
+            "weights": np.array([weights[n] for n in names], dtype=np.float64),
+        }
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, where: str = "skip"
+    ) -> SkipClassifier:
+        """The model :meth:`export_state` described, every field checked (ValueError names
+        the bad one)."""
+        params = get_params(manifest, where, {"learning_rate": float, "l2": float, "seed": int})
+        array = partial(get_array, arrays, where=where)
+        model: SkipClassifier = build(where, cls, params)
+        for name in ("feature_names.bytes", "feature_names.ends"):
+            if name not in arrays:
+                raise ValueError(f"{where}.{name}: missing array")
+        names = unique_ids(f"{where}.feature_names", decode_strings(
+            f"{where}.feature_names", arrays["feature_names.bytes"],
+            arrays["feature_names.ends"], max_len=_FEATURE_LEN))
+        values = array("weights", np.float64, shape=(len(names),), finite=True)
+        clf = model.classifier
+        clf.intercept = get_field(manifest, "intercept", float, where=where)
+        clf.optimizer.n_iterations = get_field(manifest, "n_iterations", int, where=where, lo=0)
+        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
+        for name, value in zip(names, values.tolist(), strict=True):
+            clf._weights[name] = value
+        return model
 
     @staticmethod
     def context_features(x: Interaction) -> dict[str, float]:

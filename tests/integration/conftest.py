@@ -84,6 +84,8 @@ def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides:
         "metrics_port": free_port(),
         "partitions": 4,
         "redis_flush_interval_ms": 1.0,
+        # workers restore and write checkpoints only with a key (stream.checkpoint)
+        "checkpoint_keys": f"{tag}:{uuid.uuid4().hex}",
         # the workers sign and verify track signals and control commands (stream.auth)
         "worker_keys": TEST_WORKER_KEYS,
     }
@@ -216,6 +218,7 @@ def reader(settings: Settings) -> Iterator[RecoReader]:
     yield r
     keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
     keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=1000))
+    keys += list(r.client.scan_iter(match=f"forgotten:{settings.app_id}*", count=1000))
     keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=1000))
     for i in range(0, len(keys), 500):
         r.client.delete(*keys[i : i + 500])

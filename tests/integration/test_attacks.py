@@ -16,9 +16,7 @@ pytestmark = pytest.mark.integration
 #: attacks whose defences live on other branches (issue 15 item 1): expected NOT
 #: contained here. The test fails once one of them is contained, so that the entry is
 #: removed when those defences are merged -- the set must end up empty.
-PENDING: dict[str, str] = {
-    "checkpoint-forgery": "data-only signed checkpoints (ckpt branch)",
-}
+PENDING: dict[str, str] = {}
 
 
 def test_every_attack_is_contained(

@@ -30,6 +30,7 @@ from stream.events import PlayEvent
 from stream.store import WRITE_SCRIPT, RecoReader, checkpoint_key, same_slot_key
 
 from .conftest import WorkerProcess, free_port, produce, wait_until
+from .test_forget import send_forget
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +128,9 @@ def test_the_worker_runs_end_to_end_as_the_worker_user(
         )
         similar = wait_until(lambda: reader.similar("t0"), 30, what="a similar list")
         assert similar["track_id"] == "t0"
+        # a forget: its tombstone (ZADD, ZREMRANGEBYSCORE) is written as stream-worker too
+        send_forget(s, users[0])
+        wait_until(lambda: reader.get(users[0]) is None, 30, what="forgotten listener's list gone")
         wait_until(
             lambda: worker.metric_value("stream_checkpoints_total", result="written") >= 1,
             30,
@@ -146,6 +150,7 @@ def test_the_worker_runs_end_to_end_as_the_worker_user(
         # a restart reads the checkpoint back as the same user
         again = worker_factory(s)
         assert again.metric_value("stream_checkpoint_restored") == 1
+        assert "1 forget tombstone(s)" in again.log_text()  # STRLEN, ZRANGEBYSCORE allowed
         assert again.stop() == 0
         listening.join(30)
         assert {n["user_id"] for n in notes} == set(users)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
-import pickle
 import time
 
 import pytest
@@ -33,7 +33,7 @@ def test_the_child_sees_the_state_as_it_was_at_the_fork() -> None:
 
     def build() -> bytes:
         time.sleep(0.3)  # the parent changes its state meanwhile
-        return pickle.dumps(state)
+        return json.dumps(state).encode()
 
     async def main() -> bytes:
         task = asyncio.ensure_future(build_in_child(build, timeout_s=30))
@@ -42,7 +42,7 @@ def test_the_child_sees_the_state_as_it_was_at_the_fork() -> None:
         data, _ = await task
         return data
 
-    assert pickle.loads(asyncio.run(main())) == {"plays": 1}
+    assert json.loads(asyncio.run(main())) == {"plays": 1}
     assert state == {"plays": 2}
 
 

@@ -3,12 +3,13 @@ and does not grow when asked about ids it has never seen."""
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
+from stream.checkpoint import pack_state, unpack_state
 from stream.models import (
     DecayedPopularity,
     ImplicitMF,
@@ -127,7 +128,7 @@ def test_deterministic_under_seed(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_predicting_unseen_ids_does_not_grow_memory(name: str) -> None:
     model = fitted(name)
-    before = pickle.dumps(model)
+    before = state_bytes(model)
     for i in range(50):
         x = Interaction(f"ghost-user-{i}", f"ghost-track-{i}", 1_700_000_900_000,
                         history=(f"ghost-h-{i}",))
@@ -136,4 +137,92 @@ def test_predicting_unseen_ids_does_not_grow_memory(name: str) -> None:
             model.candidates(x, 5)
         if hasattr(model, "score_many"):
             model.score_many(x, [f"ghost-{i}", "t1"])
-    assert len(pickle.dumps(model)) == len(before)
+    assert state_bytes(model) == before
+
+
+def state_bytes(model: Any) -> int:
+    """Size of the model's exported state (what a checkpoint holds of it)."""
+    manifest, arrays = model.export_state()
+    return len(pack_state(manifest, arrays))
+
+
+def restored(model: Any) -> Any:
+    """``model`` through a checkpoint's own encoding: JSON manifest + .npz arrays."""
+    manifest, arrays = unpack_state(pack_state(*model.export_state()))
+    return type(model).import_state(manifest, arrays)
+
+
+def probes() -> list[Interaction]:
+    return [
+        Interaction(f"u{i}", f"t{(i * 5) % 23}", 1_700_000_900_000 + i, history=("t1", "t8"),
+                    context="radio", features={"popularity": 0.1, "mf": 0.3})
+        for i in range(8)
+    ]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_round_trip_behaves_exactly_like_the_original(name: str) -> None:
+    """export_state -> import_state: the same predictions and candidates now, and the same
+    ones again after both learn the same further plays (random draws included)."""
+    model = fitted(name)
+    twin = restored(model)
+    for x in probes():
+        assert twin.predict_one(x) == model.predict_one(x)
+    if hasattr(model, "candidates"):
+        q = Interaction("u1", history=("t1", "t8"))
+        assert twin.candidates(q, 10) == model.candidates(q, 10)
+    for x in stream_of(120)[::-1]:  # different plays than before, in another order
+        model.learn_one(x)
+        twin.learn_one(x)
+    for x in probes():
+        assert twin.predict_one(x) == model.predict_one(x)
+    m1, a1 = model.export_state()
+    m2, a2 = twin.export_state()
+    assert m1 == m2 and a1.keys() == a2.keys()
+    assert all(np.array_equal(a1[k], a2[k]) and a1[k].dtype == a2[k].dtype for k in a1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exported_state_is_json_and_numeric_arrays_only(name: str) -> None:
+    import json
+
+    manifest, arrays = fitted(name).export_state()
+    assert json.loads(json.dumps(manifest, allow_nan=False)) == manifest
+    assert all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf" for a in arrays.values())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_import_rejects_each_corrupted_array_naming_it(name: str) -> None:
+    """Every array, replaced by one of the wrong dtype, then (when it has values) by one
+    with a NaN or a huge value: import_state raises ValueError naming that array."""
+    model = fitted(name)
+    manifest, arrays = model.export_state()
+    for key, array in arrays.items():
+        wrong = dict(arrays)
+        wrong[key] = array.astype(np.complex64 if array.dtype.kind != "c" else np.int8)
+        with pytest.raises(ValueError, match=key.split(".")[0]):
+            type(model).import_state(manifest, wrong)
+        if array.size and array.dtype.kind in "fi":
+            bad = dict(arrays)
+            spoiled = array.copy()
+            spoiled.flat[-1] = np.nan if array.dtype.kind == "f" else np.iinfo(array.dtype).max
+            bad[key] = spoiled
+            with pytest.raises(ValueError, match=key.split(".")[0]):
+                type(model).import_state(manifest, bad)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_import_rejects_bad_manifest_fields_naming_them(name: str) -> None:
+    model = fitted(name)
+    manifest, arrays = model.export_state()
+    for field in manifest:
+        broken = dict(manifest)
+        broken[field] = "not-a-number" if not isinstance(manifest[field], str) else 7
+        with pytest.raises(ValueError, match=field):
+            type(model).import_state(broken, arrays)
+        missing = {k: v for k, v in manifest.items() if k != field}
+        with pytest.raises(ValueError, match=field):
+            type(model).import_state(missing, arrays)
+    bad_params = {**manifest, "params": {**manifest["params"], "seed": True}}
+    with pytest.raises(ValueError, match="params.seed"):
+        type(model).import_state(bad_params, arrays)

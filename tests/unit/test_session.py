@@ -175,15 +175,16 @@ def test_copy_carries_every_field_and_shares_no_container() -> None:
 def test_a_restored_listener_shares_the_track_id_strings() -> None:
     """Changelog recovery decodes fresh strings; from_dict swaps them for the process's
     shared ones (as parsing does live), so a restored ring holds references, not copies."""
-    import pickle
     import sys
 
+    from stream.checkpoint import pack_state, unpack_state
     from stream.models._vocab import Vocabulary
 
     track = "".join(["restored-", "track-", "42"])  # built at run time: not interned yet
     vocab = Vocabulary()
     vocab.add(track)
-    restored_vocab = pickle.loads(pickle.dumps(vocab))  # a checkpoint restore
+    manifest, arrays = unpack_state(pack_state(*vocab.export_state()))  # a checkpoint restore
+    restored_vocab = Vocabulary.import_state(manifest, arrays, where="vocabulary")
     shared = restored_vocab.ids[0]
     assert shared is sys.intern("".join(["restored-track-", "42"]))
     assert next(iter(restored_vocab.index)) is shared
