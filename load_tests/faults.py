@@ -8,6 +8,7 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults redis-outage --outage-s 30 --report outage.json
     python -m load_tests.faults broker-restart --down-s 10 --report broker.json
     python -m load_tests.faults hostile --count 10000 --report hostile.json
+    python -m load_tests.faults junk-ids --count 1000000 --seconds 1500 --report junk.json
     python -m load_tests.faults all --report faults.json
     python -m load_tests.faults attacks [--short] --report attacks.json   (load_tests.attacks)
 
@@ -879,7 +880,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "drill",
-        choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks"],
+        choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks",
+                 "junk-ids"],
     )
     p.add_argument("--short", action="store_true", help="attacks: the CI variant")
     p.add_argument("--only", nargs="*", help="attacks: run only these (by name)")
@@ -896,7 +898,13 @@ def main(argv: list[str] | None = None) -> int:
         help="crash-loop: spread plays evenly (no heavy listeners)",
     )
     p.add_argument("--report", type=Path, default=Path("faults-report.json"))
+    p.add_argument("--seconds", type=float, default=600.0, help="junk-ids: bound on sending")
+    p.add_argument("--junk-rate", type=float, default=1000.0, help="junk-ids: plays/s")
+    p.add_argument("--max-tracks", type=int, default=None, help="junk-ids: worker's cap")
+    p.add_argument("--max-users", type=int, default=None, help="junk-ids: worker's cap")
     args = p.parse_args(argv)
+    if args.drill == "junk-ids":
+        return _junk_ids_main(args)
     if args.drill == "attacks":
         return _attacks_main(args)
     drills = ["crash-loop", "redis-outage", "broker-restart", "hostile"]
@@ -945,6 +953,33 @@ def main(argv: list[str] | None = None) -> int:
         for r in reports
     )
     args.report.write_text(json.dumps({"ok": ok, "drills": reports}, indent=2, default=str))
+    print(f"[faults] report: {args.report} ({'OK' if ok else 'FAILED'})", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _junk_ids_main(args: argparse.Namespace) -> int:
+    """``junk-ids`` (load_tests/junk_ids.py): its own report and a PNG plot beside it."""
+    from load_tests.junk_ids import drill_settings, junk_ids, new_tag
+
+    if args.count < 1 or args.seconds <= 0:
+        raise SystemExit("--count must be >= 1 and --seconds > 0")
+    s = drill_settings(_drill_settings(new_tag()), max_tracks=args.max_tracks,
+                       max_users=args.max_users)
+    with tempfile.TemporaryDirectory(prefix="junk-") as tmp:
+        w = LocalWorker(s, Path(tmp) / "worker.log")
+        try:
+            r = junk_ids(s, lambda _s: w.start(), count=args.count, seconds=args.seconds,
+                         rate=args.junk_rate, seed=args.seed,
+                         plot=args.report.with_suffix(".png"))
+        finally:
+            tail = w.log_text()[-3000:] if w.log_path.exists() else ""
+            w.kill()
+    r["worker_log_tail"] = tail
+    lag = r.get("loop_lag_max_ms")
+    ok = bool(r["worker_alive"] and r["real_lists_fresh"] and lag is not None and lag <= 50)
+    args.report.write_text(json.dumps({"ok": ok, "drills": [r]}, indent=2, default=str))
+    summary = {k: v for k, v in r.items() if k not in ("series", "worker_log_tail")}
+    print(json.dumps(summary, indent=1), file=sys.stderr)
     print(f"[faults] report: {args.report} ({'OK' if ok else 'FAILED'})", file=sys.stderr)
     return 0 if ok else 1
 

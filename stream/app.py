@@ -55,7 +55,7 @@ from stream.store import (
     save_checkpoint,
     tombstones_key,
 )
-from stream.watchdog import StallWatch
+from stream.watchdog import LoopLagProbe, StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -405,6 +405,9 @@ def create_worker(
     limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms, settings.kafka_fetch_min_bytes)
     fast_delivery(app)
     recommender = recommender if recommender is not None else Recommender()
+    limit_users = getattr(recommender, "limit_users", None)
+    if callable(limit_users):  # also bounds a recommender restored from a checkpoint
+        limit_users(settings.max_users or None)
     worker = Worker(app=app, settings=settings, metrics=metrics, recommender=recommender)
     metrics.build.info(
         {
@@ -494,6 +497,8 @@ def create_worker(
         m.redis_errors.labels("flush").inc()
         m.redis_retries.inc()
 
+    lag_task: list[asyncio.Task[None] | None] = [None]
+
     write_error_counters = {r: m.redis_write_errors.labels(r) for r in WRITE_ERROR_REASONS}
     dropped_counter = m.redis_writes.labels("dropped")
 
@@ -521,8 +526,12 @@ def create_worker(
                 on_key_error=on_key_error,
             )
             worker.writer.start()
+            lag_task[0] = asyncio.get_running_loop().create_task(loop_lag.run(),
+                                                                 name="loop-lag-probe")
 
         async def on_stop(self) -> None:
+            if lag_task[0] is not None:
+                lag_task[0].cancel()
             if worker.writer is not None:
                 if checkpoints_on:
                     # a clean stop keeps everything learned (in-process: nothing to hide
@@ -581,7 +590,10 @@ def create_worker(
                     for r in records:
                         if r.key == worker_key:
                             continue  # our own signals: already learned locally
-                        for sig in admit_signals(r):
+                        sigs = admit_signals(r)
+                        if sigs:
+                            await models_free()  # never while an eviction runs
+                        for sig in sigs:
                             try:
                                 apply_signal(recommender, sig)
                             except Exception as exc:  # noqa: BLE001 - advisory data
@@ -646,8 +658,50 @@ def create_worker(
         dead_letters.append,
         evaluator=worker.evaluator,
         defer_ranking=True,
+        defer_eviction=True,
     )
     rank_stage = m.stage.labels("rank")
+
+    #: the catalogue eviction running in a thread (a future), or None. While it runs,
+    #: nothing on the event loop touches the models: the plays agent awaits it, and the
+    #: writer's ranking hook, the "more like this" refresh, the signals reader, the model
+    #: checkpoint and the memory gauge wait or skip their turn (see models_busy).
+    evicting: list[asyncio.Future[None] | None] = [None]
+
+    def models_busy() -> bool:
+        return evicting[0] is not None
+
+    async def evict_off_loop() -> None:
+        """Run the eviction the last batch asked for (a catalogue above max_tracks) in a
+        thread: at the 500k-track cap it takes ~0.1-0.4 s of CPU, mostly a compiled pass
+        that releases the GIL and dictionary work in ~1 ms slices, so the event loop keeps
+        heartbeats, fetches and Redis flushes going (docs/benchmarks.md, "Eviction at the
+        track cap"). If this task is cancelled (a stop), the thread still finishes, and
+        models_busy() stays true until it has."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, processor.evict_due)
+        evicting[0] = fut
+
+        def finished(f: asyncio.Future[None]) -> None:
+            evicting[0] = None
+            if not f.cancelled() and f.exception() is not None:
+                m.model_errors.inc()
+                processor._model_error(f.exception(), None)  # type: ignore[arg-type]
+            for seconds in processor.eviction_seconds:
+                m.eviction_seconds.observe(seconds)
+            processor.eviction_seconds.clear()
+            if worker.writer is not None and processor.pending_rank:
+                worker.writer.wake()
+
+        fut.add_done_callback(finished)
+        with contextlib.suppress(Exception):  # reported by finished()
+            await asyncio.shield(fut)
+
+    async def models_free(timeout_s: float = 30.0) -> None:
+        """Wait (bounded) for a running eviction to finish."""
+        deadline = time.monotonic() + timeout_s
+        while models_busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     def consumer_state() -> dict[str, Any]:
         consumer = app.consumer
@@ -663,6 +717,13 @@ def create_worker(
         }
 
     stall_watch = StallWatch(after_s=settings.stall_warning_s, describe_state=consumer_state)
+
+    def on_loop_lag(seconds: float) -> None:
+        m.loop_lag.observe(seconds)
+        if seconds >= loop_lag.max_lag:
+            m.loop_lag_max.set(seconds)
+
+    loop_lag = LoopLagProbe(on_lag=on_loop_lag)
 
     pending_signals: list[TrackSignal] = []
 
@@ -706,6 +767,8 @@ def create_worker(
         backlog anyway. Otherwise every flush ranks everyone pending."""
         if catch_up[0] and time.perf_counter() - catch_up[1] < catch_up_s:
             return  # the agent wakes the writer again after its next batch
+        if models_busy():
+            return  # the eviction wakes the writer when it is done
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
 
@@ -967,6 +1030,8 @@ def create_worker(
                     on_message_out(msg.tp, msg.offset, msg)
             set_current_event(None)
             stall_watch.progress(monotonic)
+            if processor.eviction_due:
+                await evict_off_loop()
             if worker.writer is not None and processor.pending_rank:
                 worker.writer.wake()
             now = time.perf_counter()
@@ -1074,6 +1139,7 @@ def create_worker(
         ):
             return
         async with checkpoint_lock:
+            await models_free()  # never snapshot models an eviction is changing
             await _write_checkpoint(in_child)
 
     async def _write_checkpoint(in_child: bool) -> None:
@@ -1115,7 +1181,7 @@ def create_worker(
         that the factor norms are computed once per tick, ~0.8 ms before), so the event
         loop is never held long enough to show in the freshness p99."""
         flush_signals()
-        if worker.writer is None or not processor.touched_tracks:
+        if worker.writer is None or not processor.touched_tracks or models_busy():
             return
         now = time.time()
         # plays waiting in the stream buffer come first: then refresh once a second only
@@ -1179,11 +1245,23 @@ def create_worker(
         signal_log.flush()
         control_log.flush()
         report_ticks[0] += 1
-        if report_ticks[0] % 8 == 1:  # sampled deep size: cheap, but no need every 2 s
+        if settings.gc_freeze_interval_s and (
+            time.monotonic() - gc_frozen_at[0] >= settings.gc_freeze_interval_s
+        ):
+            gc_frozen_at[0] = time.monotonic()
+            m.gc_freeze_seconds.observe(freeze_survivors())
+        mf = getattr(recommender, "mf", None)
+        users_evicted = getattr(mf, "users_evicted", 0)
+        if users_evicted > users_evicted_seen[0]:
+            m.mf_users_evicted.inc(users_evicted - users_evicted_seen[0])
+        users_evicted_seen[0] = users_evicted
+        if report_ticks[0] % 8 == 1 and not models_busy():  # sampled deep size
             m.set_model_memory(model_memory_bytes(recommender))
         export_quality()
 
     report_ticks = [0]
+    gc_frozen_at = [time.monotonic()]
+    users_evicted_seen = [0]
     lag_partitions: set[str] = set()
 
     drift_seen = [0]
@@ -1228,6 +1306,25 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def freeze_survivors() -> float:
+    """Collect the young generations (cheap: only objects created since the last
+    collection of them), then freeze every object alive (O(1): the generations' lists are
+    moved, not walked). Returns the seconds it took. (It does not count the frozen objects:
+    ``gc.get_freeze_count()`` walks them all -- ~0.7 s at a million listeners.)
+
+    Why: the state of every listener ever seen (the session table) is long-lived and its
+    objects are tracked by the cyclic collector, so a full collection walks all of them --
+    0.4 s at 100k listeners, seconds at a million, on the event loop. Frozen objects are
+    still freed by reference counting when dropped (a forgotten or expired listener); only
+    a reference *cycle* that dies after being frozen is never reclaimed, and the worker's
+    long-lived objects do not form such cycles in steady state. The junk-ids drill measures
+    the effect on RSS and stalls (docs/benchmarks.md, "Memory under hostile ids")."""
+    started = time.perf_counter()
+    gc.collect(1)
+    gc.freeze()
+    return time.perf_counter() - started
 
 
 def run_worker(worker: Worker) -> None:

@@ -97,6 +97,9 @@ class Settings:
     max_seen: int = 48
     #: bounded catalogue: above this many tracks the least popular are evicted (0 = no bound)
     max_tracks: int = 500_000
+    #: bounded per-listener model state: at most this many listeners keep MF factors, the
+    #: most recently played (0 = no bound; see docs/benchmarks.md "Memory under hostile ids")
+    max_users: int = 500_000
     # Live quality window (events) and model checkpoints (Redis key model:{app_id})
     quality_window: int = 2000
     checkpoint_interval_s: float = 30.0
@@ -136,6 +139,12 @@ class Settings:
     #: warn (once per episode, with every asyncio task's stack) when messages wait but none
     #: has been applied for this long; see stream.watchdog
     stall_warning_s: float = 15.0
+    #: every this many seconds, collect the young garbage and move every surviving object
+    #: out of the cyclic garbage collector's full scans (gc.freeze; 0 = never after
+    #: start-up): listener state grows with every listener, and a full collection over
+    #: 150k listeners held the event loop ~0.4 s; freezing every 5,000 new listeners
+    #: left no full collection at all (docs/benchmarks.md, "Memory under hostile ids")
+    gc_freeze_interval_s: float = 5.0
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
@@ -291,6 +300,10 @@ def validate(s: Settings) -> Settings:
         raise bad("top_k", f"must be <= 500, got {s.top_k}")
     if s.max_tracks < 0:
         raise bad("max_tracks", "must be >= 0 (0 = unbounded)")
+    if s.max_users < 0:
+        raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
+    if s.gc_freeze_interval_s < 0:
+        raise bad("gc_freeze_interval_s", f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
     if s.similar_refresh_s < 0:
         raise bad("similar_refresh_s", "must be >= 0")
     if s.checkpoint_interval_s < 0:

@@ -42,9 +42,13 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from stream.checkpoint import REJECT_REASONS
+from stream.contexts import CONTEXTS, fold_context
 
 if TYPE_CHECKING:  # only for type hints: metrics never reaches into the core at runtime
     from stream.session import SessionUpdate
+
+#: Event-loop lag: the drill target is 50 ms, the eviction target 20 ms.
+LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 #: Resolve from ~50 us to several seconds (processing stages, Redis writes).
 LATENCY_BUCKETS: Final = (
@@ -112,29 +116,6 @@ NAMESPACE: Final = "stream"
 # counter/histogram child for a value no dashboard or alert uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-#: The closed set of ``context`` label values (listening-behaviour metrics).
-CONTEXTS: Final = (
-    "playlist",
-    "album",
-    "artist",
-    "radio",
-    "search",
-    "collection",
-    "catalog",
-    "charts",
-    "other",
-    "none",
-)
-_CONTEXT_ALIASES: Final = {
-    "editorial_playlist": "playlist",
-    "personalized_playlist": "playlist",
-    "user_playlist": "playlist",
-    "user_collection": "collection",
-    "library": "collection",
-    "liked_songs": "collection",
-    "station": "radio",
-    "chart": "charts",
-}
 LISTENER_KINDS: Final = ("new", "returning")
 #: Signals watched by drift detectors (``signal`` label of the drift counter).
 DRIFT_SIGNALS: Final = ("skip_rate",)
@@ -335,23 +316,13 @@ class FastHistogram(_Family):
 
 
 def context_label(context: str | None) -> str:
-    """Fold a free-text play context into the bounded :data:`CONTEXTS` label set.
+    """Fold a free-text play context into the bounded :data:`CONTEXTS` label set
+    (:func:`stream.contexts.fold_context`, which the skip model's features use too).
 
     >>> [context_label(c) for c in ("Album", "editorial_playlist", None, "my-own-thing")]
     ['album', 'playlist', 'none', 'other']
     """
-    if not context:
-        return "none"
-    c = context.strip().lower()
-    if c in CONTEXTS:
-        return c
-    if c in _CONTEXT_ALIASES:
-        return _CONTEXT_ALIASES[c]
-    if "playlist" in c:
-        return "playlist"
-    if "radio" in c:
-        return "radio"
-    return "other"
+    return fold_context(context)
 
 
 class Metrics:
@@ -650,6 +621,32 @@ class Metrics:
         )
         self.tracks_evicted = FastCounter(
             "tracks_evicted", "Tracks evicted from the models to keep the catalogue bounded.",
+            namespace=ns, registry=registry,
+        )
+        self.eviction_seconds = Histogram(
+            "eviction_seconds",
+            "Duration of one catalogue eviction (runs in a thread beside the event loop).",
+            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.mf_users_evicted = Counter(
+            "mf_users_evicted",
+            "Listeners whose MF factors were dropped to stay under max_users.",
+            namespace=ns, registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 10 ms: the time it was held by "
+            "something else (stream.watchdog.LoopLagProbe).",
+            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
+        )
+        self.gc_freeze_seconds = Histogram(
+            "gc_freeze_seconds",
+            "Duration of one young collection + gc.freeze (every gc_freeze_interval_s).",
+            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
+        )
+        self.loop_lag_max = Gauge(
+            "event_loop_lag_max_seconds",
+            "The longest event-loop lag since the worker started.",
             namespace=ns, registry=registry,
         )
         self.catch_up_batches = FastCounter(

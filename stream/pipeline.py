@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 
 OUTCOMES: Final = ("processed", "rejected", "duplicate")
 
+#: Most tracks waiting for a "more like this" refresh. The refresh timer writes at most ~200
+#: lists a second, so 10,000 waiting is ~50 s of its work: under a flood of new track ids
+#: the oldest waiting ones are dropped (refreshed again when next played) instead of the
+#: set growing with every id ever played.
+MAX_TOUCHED_TRACKS: Final = 10_000
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -99,6 +105,8 @@ class Processor:
         evaluator: Any = None,
         max_tracked_users: int = 100_000,
         defer_ranking: bool = False,
+        max_touched_tracks: int = MAX_TOUCHED_TRACKS,
+        defer_eviction: bool = False,
         reject_log: RateLimitedLog | None = None,
     ) -> None:
         self.settings = settings
@@ -120,8 +128,19 @@ class Processor:
         self.defer_ranking = defer_ranking
         self.max_tracks = settings.max_tracks
         self.evicted_tracks = 0
-        #: tracks played since their "more like this" list was last refreshed
-        self.touched_tracks: dict[str, None] = {}
+        #: with ``defer_eviction`` a catalogue over ``max_tracks`` only sets
+        #: ``eviction_due``; the caller runs :meth:`evict_due` when nothing else uses the
+        #: models (the worker: in a thread, off its event loop)
+        self.defer_eviction = defer_eviction
+        self.eviction_due = False
+        self.eviction_seconds: list[float] = []
+        #: tracks played since their "more like this" list was last refreshed, oldest first
+        #: (at most ``max_touched_tracks``; evicted tracks leave it)
+        self.touched_tracks: OrderedDict[str, None] = OrderedDict()
+        self.max_touched_tracks = max_touched_tracks
+        self.touched_dropped = 0
+        #: refreshes that found no similar track (nothing written)
+        self.similar_empty = 0
         self.similar_refreshed: dict[str, float] = {}
         #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
         self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
@@ -273,7 +292,10 @@ class Processor:
             if self.evaluator is not None and skip_p is not None:
                 self.evaluator.observe_skip(float(skip_p), update.is_skip)
             if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
-                self._evict()
+                if self.defer_eviction:
+                    self.eviction_due = True
+                else:
+                    self._evict()
         except Exception as exc:  # noqa: BLE001 - a model bug must not lose the play
             # the session state is already applied (and will be changelogged): the play
             # counts; only the model update is missed. Counted and logged, never dead-lettered.
@@ -281,7 +303,11 @@ class Processor:
             return (Outcome("processed", event=event, update=update, model_error=exc),
                     (clock() - t0, 0.0, 0.0))
         t1 = clock()
-        self.touched_tracks[event.track_id] = None
+        touched = self.touched_tracks
+        touched[event.track_id] = None
+        if len(touched) > self.max_touched_tracks:
+            touched.popitem(last=False)
+            self.touched_dropped += 1
         if self.defer_ranking:
             # rank later, once per listener per flush (see rank_pending): a burst of plays
             # from one listener costs one ranking, and the agent never waits for it
@@ -298,18 +324,43 @@ class Processor:
         return (Outcome("processed", event=event, update=update, recs=recs),
                 (t1 - t0, t2 - t1, clock() - t2))
 
+    def evict_due(self) -> None:
+        """Run the eviction :attr:`eviction_due` asks for (see ``defer_eviction``). Touches
+        the models, ``touched_tracks`` and ``similar_refreshed`` only: safe in another
+        thread while the caller keeps every other user of those away."""
+        if self.eviction_due:
+            self.eviction_due = False
+            if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
+                self._evict()
+
     def _evict(self) -> None:
         """Bound the catalogue (hostile or just huge): drop the least popular 10 % of the
         allowed size in one go, so eviction runs rarely."""
         started = time.perf_counter()
-        n = self.recommender.evict_tracks(int(self.max_tracks * 0.9))
+        n = self.recommender.evict_tracks(int(self.max_tracks * 0.9),
+                                          on_evicted=self._forget_tracks)
         self.evicted_tracks += n
+        self.eviction_seconds.append(time.perf_counter() - started)
         logger.info(
             "catalogue above max_tracks=%d: evicted %d least popular tracks in %.0f ms",
             self.max_tracks,
             n,
             (time.perf_counter() - started) * 1000,
         )
+
+    def _forget_tracks(self, track_ids: list[str]) -> None:
+        """Evicted tracks: no "more like this" refresh is due for them any more."""
+        touched, refreshed = self.touched_tracks, self.similar_refreshed
+        vocabulary = getattr(self.recommender, "vocabulary", None)
+        if vocabulary is not None and len(track_ids) > len(touched) + len(refreshed):
+            index = vocabulary.index  # walk the smaller side
+            for table in (touched, refreshed):
+                for track in [t for t in table if t not in index]:
+                    del table[track]
+            return
+        for track in track_ids:
+            touched.pop(track, None)
+            refreshed.pop(track, None)
 
     def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
         """Rank every listener with new plays since the last call and submit their lists.
@@ -375,6 +426,9 @@ class Processor:
                 items = self.recommender.similar(track, self.settings.top_k)
             except Exception as exc:  # noqa: BLE001
                 self._model_error(exc, None)
+                continue
+            if not items:  # nothing to say about it (yet): no key for it
+                self.similar_empty += 1
                 continue
             doc = orjson.dumps(
                 {

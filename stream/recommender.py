@@ -19,9 +19,10 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Final
 
 import numpy as np
@@ -38,7 +39,7 @@ from stream.models._state import (
     under,
     unique_ids,
 )
-from stream.models._vocab import BoolArray, IntArray, Vocabulary, top_rows
+from stream.models._vocab import BoolArray, EvictionPlan, IntArray, Vocabulary, top_rows
 from stream.models.base import FloatArray, Interaction
 from stream.models.cooccurrence import SessionCooccurrence
 from stream.models.drift import SkipRateDrift
@@ -102,6 +103,8 @@ class Recommender:
       0.00003 and cost 40 % of the replay time, and its cost grows with the catalogue; MF
       still scores (and explains) every candidate. Single-component ``mf`` ranking always
       retrieves.
+    - ``max_users``: at most this many listeners keep MF factors (least recently played
+      first out; see :meth:`limit_users`); ``None``: no bound.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Recommender:
         popularity_half_life_ms: float = 7 * 24 * 3600 * 1000,
         seed: int = 0,
         mf_candidates: bool = False,
+        max_users: int | None = None,
     ) -> None:
         if recent_filter < 0:
             raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
@@ -158,7 +162,9 @@ class Recommender:
             vocabulary=self.vocabulary,
             seed=seed,
         )
-        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed)
+        self.max_users = max_users
+        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed,
+                             max_users=max_users)
         self.skip = SkipClassifier(seed=seed)
         self.drift = SkipRateDrift(seed=seed)
         self.artist_of: dict[str, str] = {}
@@ -596,23 +602,42 @@ class Recommender:
         ]
 
     def _item_norms(self) -> FloatArray:
-        """L2 norms of the MF item factors, computed once per model state: the worker
-        refreshes many "more like this" lists between two plays, and the norms over the
-        whole catalogue were most of each list's cost."""
-        key = (self.n_learned, self.vocabulary.generation, len(self.vocabulary))
+        """L2 norms of the MF item factors for "more like this", kept across calls: the
+        worker refreshes many lists between two plays, and recomputing the norms of the
+        whole catalogue (~50 ms at 500k tracks) was most of each list's cost. New tracks get
+        theirs as they appear; learning moves the factors of the rows it touches, so each
+        call also recomputes the next :data:`_NORM_SLICE` rows, round robin (at 500k
+        tracks a norm is at most 16 calls old); an eviction moves them with their tracks."""
+        factors = self.mf.factors()
+        n = len(self.vocabulary)
         cached = self.__dict__.get("_norms")
-        if cached is not None and cached[0] == key:
-            norms: FloatArray = cached[1]
+        if cached is None or cached[0] != self.vocabulary.generation or len(cached[1]) > n:
+            norms: FloatArray = np.linalg.norm(factors[:n], axis=1) + 1e-12
+            self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0)
             return norms
-        norms = self.mf.item_norms()
-        self.__dict__["_norms"] = (key, norms)
+        _, norms, pos = cached
+        if len(norms) < n:
+            norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                    + 1e-12))
+        end = min(pos + _NORM_SLICE, n)
+        norms[pos:end] = np.linalg.norm(factors[pos:end], axis=1) + 1e-12
+        self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0 if end >= n else end)
         return norms
 
-    def evict_tracks(self, keep: int) -> int:
+    def evict_tracks(
+        self, keep: int, on_evicted: Callable[[list[str]], None] | None = None
+    ) -> int:
         """Bound the catalogue: keep the ``keep`` tracks with the highest decayed popularity
-        (ties: the older row), drop the rest from every model, and renumber. Returns how
-        many were evicted. Listeners' histories may still name evicted tracks: they are
-        unknown ids to the models from then on (like tracks never seen)."""
+        (ties at the cut: the lower row stays), drop the rest from every model, and give
+        their rows to the survivors above ``keep`` (every other track keeps its row).
+        Returns how many were evicted; ``on_evicted`` gets their ids. Listeners' histories
+        may still name evicted tracks: they are unknown ids to the models from then on
+        (like tracks never seen).
+
+        Cost: O(catalogue) numpy work (a partition of the weights), one compiled pass over
+        the co-occurrence lists and O(evicted) dictionary work -- ~15 ms at the default
+        500k-track cap, against ~4 s for the renumber-everything loop it replaced
+        (docs/benchmarks.md, "Eviction at the track cap")."""
         n = len(self.vocabulary)
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep!r}")
@@ -621,17 +646,26 @@ class Recommender:
         weights = np.zeros(n)
         w = self.popularity.weights()
         weights[: len(w)] = w[:n]
-        order = np.lexsort((np.arange(n), -weights))  # heaviest first, older row on ties
-        kept = np.sort(order[:keep]).astype(np.int64)
-        remap = np.full(n, -1, dtype=np.int64)
-        remap[kept] = np.arange(len(kept), dtype=np.int64)
-        evicted = [self.vocabulary.ids[int(r)] for r in order[keep:]]
-        self.popularity.remap_rows(kept)
-        self.cooccurrence.remap_rows(kept, remap)
-        self.mf.remap_rows(kept, remap)
-        self.vocabulary.compact(kept)
-        for track in evicted:
-            self.artist_of.pop(track, None)
+        plan = EvictionPlan.lightest(weights, keep)
+        cached = self.__dict__.pop("_norms", None)
+        if cached is not None and cached[0] == self.vocabulary.generation:
+            norms = cached[1][:n]
+            if len(norms) < n:  # rows added since the last call: theirs first
+                factors = self.mf.factors()
+                norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                        + 1e-12))
+            norms[plan.holes] = norms[plan.movers]
+            # (the generation the vocabulary takes below)
+            self.__dict__["_norms"] = (self.vocabulary.generation + 1, norms[:keep], 0)
+        self.popularity.evict_rows(plan)
+        self.cooccurrence.evict_rows(plan)
+        self.mf.evict_rows(plan)
+        evicted = self.vocabulary.fill_holes(plan)
+        if self.artist_of:
+            pop = self.artist_of.pop
+            deque(map(pop, evicted, repeat(None)), maxlen=0)
+        if on_evicted is not None:
+            on_evicted(evicted)
         return len(evicted)
 
     def catalogue_size(self) -> int:
@@ -641,6 +675,14 @@ class Recommender:
     def user_ids(self) -> list[str]:
         """The listeners the models hold state about (their MF factors)."""
         return list(self.mf.user_factors)
+
+    def limit_users(self, max_users: int | None) -> int:
+        """Bound the per-listener model state (MF factors) to ``max_users`` listeners, the
+        most recently played ones; returns how many were dropped now. The worker applies
+        its ``max_users`` setting this way (also to a recommender restored from a
+        checkpoint)."""
+        self.max_users = max_users
+        return self.mf.limit_users(max_users)
 
     def forget_user(self, user_id: str) -> bool:
         """Drop everything kept about one listener (their MF factors). Shared statistics
@@ -817,6 +859,7 @@ _PARAMS: Final[dict[str, Any]] = {
     "cooc_window": int, "cooc_decay": float, "recent_filter": int,
     "max_per_artist": (int, type(None)), "candidates_per_source": int, "cross_session": bool,
     "n_factors": int, "popularity_half_life_ms": float, "seed": int, "mf_candidates": bool,
+    "max_users": (int, type(None)),
 }
 #: the component models, by attribute name, each with export_state / import_state
 _COMPONENTS: Final[dict[str, Any]] = {
@@ -836,6 +879,9 @@ def _strings(arrays: Mapping[str, np.ndarray], name: str) -> list[str]:
             raise ValueError(f"{name}.{part}: missing array")
     return decode_strings(name, arrays[f"{name}.bytes"], arrays[f"{name}.ends"])
 
+_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms"})  # per-process buffers, not model state
+#: item-factor norms recomputed per "more like this" call (see Recommender._item_norms)
+_NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _BECAUSE: Final = REASONS["cooccurrence"]

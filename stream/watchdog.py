@@ -104,3 +104,33 @@ class StallWatch:
             lag, idle, state, describe_tasks(),
         )
         return True
+
+
+class LoopLagProbe:
+    """Measures how long the event loop is held: a task that sleeps ``interval_s`` at a time
+    and reports each wake-up's lateness (``on_lag(seconds)``), keeping the largest in
+    :attr:`max_lag`. A callback that holds the loop for T shows as a lateness between
+    T - ``interval_s`` and T. Run :meth:`run` as a task of the loop to watch."""
+
+    def __init__(self, on_lag: Callable[[float], None], interval_s: float = 0.01) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
+        self.on_lag = on_lag
+        self.interval_s = interval_s
+        self.max_lag = 0.0
+        self.samples = 0
+
+    def observe(self, lag: float) -> None:
+        lag = max(0.0, lag)
+        self.samples += 1
+        if lag > self.max_lag:
+            self.max_lag = lag
+        self.on_lag(lag)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.interval_s
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.observe(loop.time() - due)

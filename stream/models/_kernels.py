@@ -189,6 +189,32 @@ def compact_arena(start, size, cap, nbr, val, n_rows, new_nbr, new_val):  # type
 
 
 @_jit
+def cooc_renumber(start, size, cap, nbr, val, n_rows, remap):  # type: ignore[no-untyped-def]
+    """Renumber the neighbours of rows ``0 .. n_rows-1`` in place through ``remap`` (old row
+    -> new row, -1 = evicted: dropped, keeping the order of the others; rows beyond
+    ``remap`` count as evicted). The row totals keep the dropped mass, as when pruning.
+    One pass over the arena, no allocation (catalogue eviction, Recommender.evict_tracks)."""
+    m = len(remap)
+    for r in range(n_rows):
+        if cap[r] == 0:
+            continue
+        s = start[r]
+        n = size[r]
+        k = 0
+        for p in range(s, s + n):
+            d = nbr[p]
+            new = remap[d] if d < m else -1
+            if new >= 0:
+                nbr[s + k] = new
+                val[s + k] = val[p]
+                k += 1
+        for p in range(s + k, s + n):
+            nbr[p] = 0
+            val[p] = 0.0
+        size[r] = k
+
+
+@_jit
 def mf_step(item_factors, user, rows, targets, lr, l2):  # type: ignore[no-untyped-def]
     """One SGD step of squared loss with L2 on (user, rows) at once: the same update as
     ``err = t - V[rows] @ u; V[rows] = (1 - lr*l2) V[rows] + lr * err u; u = (1 - lr*l2) u

@@ -3,7 +3,9 @@ vectors line up and can be blended with numpy."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -20,6 +22,9 @@ from stream.models._state import (
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
+
+#: ids per C-level dictionary loop in :meth:`Vocabulary.fill_holes` (well under 1 ms each)
+_SLICE = 512
 
 
 class Vocabulary:
@@ -68,12 +73,34 @@ class Vocabulary:
 
     def compact(self, kept: IntArray) -> None:
         """Keep only the tracks at rows ``kept`` (ascending), renumbered 0..len(kept)-1, in
-        place (the models share this object)."""
+        place (the models share this object). Touches every row: eviction uses
+        :meth:`fill_holes`, which touches only the rows that change."""
         ids = [self.ids[int(r)] for r in kept]
         self.generation += 1
         self.ids[:] = ids
         self.index.clear()
         self.index.update((key, i) for i, key in enumerate(ids))
+
+    def fill_holes(self, plan: EvictionPlan) -> list[str]:
+        """Apply an :class:`EvictionPlan` in place: drop the evicted ids, move each mover
+        into a hole, and truncate to ``plan.keep`` rows. Returns the evicted ids. Costs
+        O(evicted) dictionary operations (C-level loops), not O(catalogue)."""
+        ids, index = self.ids, self.index
+        evicted: list[str] = []
+        # in slices of _SLICE: each C-level loop below holds the GIL for its whole run, and
+        # the worker runs an eviction in a thread beside its event loop (stream.app)
+        for lo in range(0, len(plan.evicted), _SLICE):
+            part = list(map(ids.__getitem__, plan.evicted[lo : lo + _SLICE].tolist()))
+            deque(map(index.__delitem__, part), maxlen=0)
+            evicted += part
+        for lo in range(0, len(plan.movers), _SLICE):
+            part = list(map(ids.__getitem__, plan.movers[lo : lo + _SLICE].tolist()))
+            holes = plan.holes[lo : lo + _SLICE].tolist()
+            deque(map(ids.__setitem__, holes, part), maxlen=0)
+            index.update(zip(part, holes, strict=True))
+        del ids[plan.keep :]
+        self.generation += 1
+        return evicted
 
     def rows(self, keys: Sequence[str] | Collection[str]) -> IntArray:
         """Row numbers for ``keys``; unknown keys map to -1 (nothing is added)."""
@@ -85,6 +112,48 @@ class Vocabulary:
         rows = self.rows(keys)
         out: IntArray = rows[rows >= 0]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionPlan:
+    """Which rows a catalogue eviction drops and how the survivors are renumbered, so that
+    only the rows that change move: ``evicted`` (ascending) leave; each row of ``movers``
+    (the survivors at or above ``keep``, ascending) moves into the row of ``holes`` at the
+    same position (the evicted rows below ``keep``); every other row keeps its number.
+    ``remap[old]`` is the new row of every old row (-1: evicted)."""
+
+    keep: int
+    evicted: IntArray
+    holes: IntArray
+    movers: IntArray
+    remap: IntArray
+
+    @classmethod
+    def lightest(cls, weights: npt.NDArray[np.float64], keep: int) -> EvictionPlan:
+        """Evict all but the ``keep`` heaviest rows of ``weights``; among equal weights at
+        the cut the higher rows go. O(rows) (a partition, no sort)."""
+        n = len(weights)
+        if not 0 <= keep <= n:
+            raise ValueError(f"keep must be in [0, {n}], got {keep!r}")
+        n_evict = n - keep
+        if n_evict == 0:
+            evicted = np.zeros(0, dtype=np.int64)
+        elif keep == 0:
+            evicted = np.arange(n, dtype=np.int64)
+        else:
+            cut = np.partition(weights, n_evict - 1)[n_evict - 1]
+            below = np.flatnonzero(weights < cut)
+            ties = np.flatnonzero(weights == cut)
+            evicted = np.sort(np.concatenate((below, ties[len(ties) - (n_evict - len(below)) :])))
+        holes = evicted[evicted < keep]
+        stays_up = np.ones(n_evict, dtype=bool)
+        stays_up[evicted[evicted >= keep] - keep] = False
+        movers = keep + np.flatnonzero(stays_up)
+        remap = np.arange(n, dtype=np.int64)
+        remap[evicted] = -1
+        remap[movers] = holes
+        return cls(keep, evicted.astype(np.int64), holes.astype(np.int64),
+                   movers.astype(np.int64), remap)
 
 
 _Item = TypeVar("_Item", bound=np.generic)

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from stream.models import _kernels as _k
 from stream.models._state import build, get_array, get_field, get_params
 from stream.models._vocab import (
+    EvictionPlan,
     IntArray,
     Vocabulary,
     export_vocabulary,
@@ -295,46 +296,21 @@ class SessionCooccurrence:
         ids = self._vocab.ids
         return {ids[r]: float(scores[r]) for r in top_rows(scores, n).tolist()}
 
-    def remap_rows(self, kept: IntArray, remap: IntArray) -> None:
-        """Keep the rows ``kept`` (ascending); ``remap[old] -> new`` or -1 if evicted.
-        Neighbours that were evicted leave their rows (the row totals keep their mass, as
-        when pruning)."""
-        n = len(self.track_weight)
-        self.track_weight = self.track_weight[kept[kept < n]].copy()
-        old = (self._start, self._size, self._cap, self._total, self._nbr, self._val)
-        start, size, cap, total, nbr, val = old
-        n_new = len(kept)
-        self._start = np.zeros(n_new, dtype=np.int64)
-        self._size = np.zeros(n_new, dtype=np.int64)
-        self._cap = np.zeros(n_new, dtype=np.int64)
-        self._total = np.zeros(n_new)
-        parts_n: list[npt.NDArray[np.int32]] = []
-        parts_v: list[Float32Array] = []
-        used = 0
-        for new_src, src in enumerate(kept.tolist()):
-            if src >= len(cap) or cap[src] == 0:
-                continue
-            s, m = int(start[src]), int(size[src])
-            idx = nbr[s : s + m].astype(np.int64)
-            new_idx = np.where(idx < len(remap), remap[np.minimum(idx, len(remap) - 1)], -1)
-            keep = new_idx >= 0
-            k = int(keep.sum())
-            room = max(_k.FIRST_CAP, k)
-            block_n = np.zeros(room, dtype=np.int32)
-            block_v = np.zeros(room, dtype=np.float32)
-            block_n[:k] = new_idx[keep]
-            block_v[:k] = val[s : s + m][keep]
-            parts_n.append(block_n)
-            parts_v.append(block_v)
-            self._start[new_src] = used
-            self._size[new_src] = k
-            self._cap[new_src] = room
-            self._total[new_src] = total[src]
-            used += room
-        self._nbr = np.concatenate(parts_n) if parts_n else np.zeros(1024, dtype=np.int32)
-        self._val = (np.concatenate(parts_v) if parts_v
-                     else np.zeros(1024, dtype=np.float32))
-        self._used = used
+    def evict_rows(self, plan: EvictionPlan) -> None:
+        """Apply a catalogue eviction (see :class:`~stream.models._vocab.EvictionPlan`;
+        called before the vocabulary applies it). Movers' lists move into the holes (the
+        evicted rows' slices become arena holes, reclaimed by the next compaction), then one
+        compiled pass renumbers every list and drops evicted neighbours (the row totals
+        keep their mass, as when pruning)."""
+        n, keep = len(plan.remap), plan.keep
+        self.track_weight = grow_rows(self.track_weight, n)
+        self._ensure_rows(n)
+        for arr in (self.track_weight, self._start, self._size, self._cap, self._total):
+            arr[plan.holes] = arr[plan.movers]
+            arr[keep:n] = 0
+        # int32 like the arena's neighbour rows: half the cache footprint of the lookups
+        _k.cooc_renumber(self._start, self._size, self._cap, self._nbr, self._val, keep,
+                         plan.remap.astype(np.int32))
 
     def predict_one(self, x: Interaction) -> float:
         """Score of ``x.track_id`` after ``x.history`` (one lookup per anchor)."""

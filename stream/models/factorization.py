@@ -9,6 +9,7 @@ does the positive and its negatives in one vectorised step (~10 us), on the same
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -27,7 +28,7 @@ from stream.models._state import (
     unique_ids,
 )
 from stream.models._vocab import (
-    IntArray,
+    EvictionPlan,
     Vocabulary,
     export_vocabulary,
     grow_rows,
@@ -58,7 +59,13 @@ class ImplicitMF:
     ...     mf.learn_one(Interaction("u", "ab"[i % 2], i))
     >>> sorted(mf.candidates(Interaction("u"), 2))
     ['a', 'b']
+
+    ``max_users`` bounds the listeners with factors: past it, the one who played least
+    recently loses theirs (and is treated as new when they come back). ``None``: no bound.
     """
+
+    #: default for snapshots taken before the setting existed
+    max_users: int | None = None
 
     def __init__(
         self,
@@ -72,6 +79,7 @@ class ImplicitMF:
         uniform_negatives: bool = True,
         vocabulary: Vocabulary | None = None,
         seed: int = 0,
+        max_users: int | None = None,
     ) -> None:
         if n_factors < 1:
             raise ValueError(f"n_factors must be >= 1, got {n_factors!r}")
@@ -83,6 +91,8 @@ class ImplicitMF:
             raise ValueError(f"n_negatives must be >= 0, got {n_negatives!r}")
         if negative_pool < 1:
             raise ValueError(f"negative_pool must be >= 1, got {negative_pool!r}")
+        if max_users is not None and max_users < 1:
+            raise ValueError(f"max_users must be >= 1 or None, got {max_users!r}")
         self.n_factors = n_factors
         self.learning_rate = learning_rate
         self.l2 = l2
@@ -93,13 +103,16 @@ class ImplicitMF:
         self.uniform_negatives = uniform_negatives
         self.vocabulary = vocabulary
         self.seed = seed
+        self.max_users = max_users
         self._rng = np.random.default_rng(seed)
         self._vocab = vocabulary if vocabulary is not None else Vocabulary()
         self._known = 0  # rows of item_factors initialised so far
         # float32: the item side is the memory that grows with the catalogue (P3 target:
         # within 1.5x of a dense float32 matrix, so capacity grows by 1/8, not doubling)
         self.item_factors: Float32Array = np.zeros((0, n_factors), dtype=np.float32)
-        self.user_factors: dict[str, Float32Array] = {}
+        #: listener -> factors, least recently learned first (the LRU order of max_users)
+        self.user_factors: OrderedDict[str, Float32Array] = OrderedDict()
+        self.users_evicted = 0
         self._pool: list[int] = []
         self._draws: list[float] = []
         self._draw_pos = 0
@@ -110,7 +123,7 @@ class ImplicitMF:
     _PARAMS: dict[str, Any] = {
         "n_factors": int, "learning_rate": float, "l2": float, "n_negatives": int,
         "skip_target": float, "init_scale": float, "negative_pool": int,
-        "uniform_negatives": bool, "seed": int,
+        "uniform_negatives": bool, "seed": int, "max_users": (int, type(None)),
     }
 
     def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -130,6 +143,7 @@ class ImplicitMF:
                     "uinteger": int(rng["uinteger"])},
             "draw_pos": self._draw_pos,
             "pool_pos": self._pool_pos,
+            "users_evicted": self.users_evicted,
         }
         arrays: dict[str, np.ndarray] = {
             "item_factors": self.item_factors[: self._known].copy(),
@@ -183,7 +197,11 @@ class ImplicitMF:
         model.item_factors = items.copy()
         model._known = known
         # one row array per listener, as learn_one makes them (updated in place)
-        model.user_factors = {u: users[i].copy() for i, u in enumerate(ids)}
+        model.user_factors = OrderedDict((u, users[i].copy()) for i, u in enumerate(ids))
+        model.users_evicted = get_field(manifest, "users_evicted", int, where=where, lo=0)
+        if model.max_users is not None and len(ids) > model.max_users:
+            raise ValueError(f"{where}.user_ids: {len(ids)} listeners, max_users is "
+                             f"{model.max_users}")
         model._pool = pool.tolist()
         model._pool_pos = pool_pos
         model._draws = draws.tolist()
@@ -209,10 +227,16 @@ class ImplicitMF:
 
     def learn_one(self, x: Interaction) -> None:
         row = self._item_row(x.track_id)
-        user = self.user_factors.get(x.user_id)
+        users = self.user_factors
+        user = users.get(x.user_id)
         if user is None:
             user = self._rng.normal(0.0, self.init_scale, self.n_factors).astype(np.float32)
-            self.user_factors[x.user_id] = user
+            users[x.user_id] = user
+            if self.max_users is not None and len(users) > self.max_users:
+                users.popitem(last=False)
+                self.users_evicted += 1
+        else:
+            users.move_to_end(x.user_id)
         target = self.skip_target if x.skipped else 1.0
         # the row, then the distinct sampled negatives other than it, in draw order (one
         # update per row in mf_step); draws come from the seeded batch, in the same order
@@ -252,6 +276,19 @@ class ImplicitMF:
             self._pool[self._pool_pos] = row
             self._pool_pos = (self._pool_pos + 1) % self.negative_pool
 
+    def limit_users(self, max_users: int | None) -> int:
+        """Set ``max_users`` and drop the least recently learned listeners above it now;
+        returns how many were dropped."""
+        if max_users is not None and max_users < 1:
+            raise ValueError(f"max_users must be >= 1 or None, got {max_users!r}")
+        self.max_users = max_users
+        dropped = 0
+        while max_users is not None and len(self.user_factors) > max_users:
+            self.user_factors.popitem(last=False)
+            dropped += 1
+        self.users_evicted += dropped
+        return dropped
+
     def forget_user(self, user_id: str) -> bool:
         """Drop the listener's factors (right to be forgotten); True if there were any."""
         return self.user_factors.pop(user_id, None) is not None
@@ -269,14 +306,20 @@ class ImplicitMF:
         vec: Float32Array = self.item_factors[rows].mean(axis=0)
         return vec
 
-    def remap_rows(self, kept: IntArray, remap: IntArray) -> None:
-        """Keep the item rows ``kept`` (ascending); ``remap[old] -> new`` or -1 if evicted."""
-        known = kept[kept < self._known]
-        self.item_factors = self.item_factors[known].copy()
-        self._known = len(known)
-        pool = [int(remap[r]) for r in self._pool if r < len(remap) and remap[r] >= 0]
-        self._pool = pool
-        self._pool_pos = self._pool_pos % max(len(pool), 1)
+    def evict_rows(self, plan: EvictionPlan) -> None:
+        """Apply a catalogue eviction (see :class:`~stream.models._vocab.EvictionPlan`;
+        called before the vocabulary applies it): movers' factors move into the holes, rows
+        from ``keep`` on get fresh factors when reused. O(evicted)."""
+        self._sync()  # every row has factors before rows move
+        factors = self.item_factors
+        for lo in range(0, len(plan.holes), 4096):  # slices: numpy's gather holds the GIL
+            factors[plan.holes[lo : lo + 4096]] = factors[plan.movers[lo : lo + 4096]]
+        self._known = min(self._known, plan.keep)
+        if self._pool:
+            pool = np.array(self._pool, dtype=np.int64)
+            pool = plan.remap[pool[pool < len(plan.remap)]]
+            self._pool = pool[pool >= 0].tolist()
+        self._pool_pos = self._pool_pos % max(len(self._pool), 1)
 
     def predict_one(self, x: Interaction) -> float:
         row = self._vocab.index.get(x.track_id)

@@ -12,6 +12,7 @@ import numpy as np
 from stream.models._state import build, get_array, get_field, get_params
 from stream.models._vocab import (
     BoolArray,
+    EvictionPlan,
     IntArray,
     Vocabulary,
     export_vocabulary,
@@ -213,12 +214,22 @@ class DecayedPopularity:
         """Decayed weight per vocabulary row (relative to the internal reference time)."""
         return self._weights[: len(self._vocab)]
 
-    def remap_rows(self, kept: IntArray) -> None:
-        """Keep the rows ``kept`` (ascending) only; called after the vocabulary compacted."""
-        n = len(self._weights)
-        self._weights = self._weights[kept[kept < n]].copy()
-        self._total = float(self._weights.sum())
-        self._rebuild_top()  # runs before the vocabulary compacts: size by the weights
+    def evict_rows(self, plan: EvictionPlan) -> None:
+        """Apply a catalogue eviction (see :class:`~stream.models._vocab.EvictionPlan`;
+        called before the vocabulary applies it). O(evicted) plus one sum."""
+        w = self._weights = grow_rows(self._weights, len(plan.remap))
+        w[plan.holes] = w[plan.movers]
+        w[plan.keep :] = 0.0
+        self._total = float(w[: plan.keep].sum())
+        members = plan.remap[self._top_rows[: len(self._top)]]
+        if (members < 0).any():  # only when nearly everything goes: rebuild from scratch
+            w_kept = w[: plan.keep]
+            rows = [r for r in top_rows(w_kept, _TOP_SIZE).tolist() if w_kept[r] > 0]
+            members = np.array(rows, dtype=np.int64)
+            self._top_floor = -1.0
+        self._top_rows = np.zeros(_TOP_SIZE, dtype=np.int64)
+        self._top_rows[: len(members)] = members
+        self._top = {int(r): slot for slot, r in enumerate(members.tolist())}
 
     def predict_one(self, x: Interaction) -> float:
         """Share of recent (decayed) plays that went to ``x.track_id``; 0 if never played."""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from river import linear_model, optim
 
+from stream.contexts import CONTEXTS, fold_context
 from stream.models._state import (
     ID_LEN,
     build,
@@ -33,6 +34,9 @@ TRACK_FEATURES = ("popularity", "mf", "cooccurrence")
 _DAY_MS = 24 * 3600 * 1000
 #: the longest feature name a checkpoint may hold ("context=" and a context value)
 _FEATURE_LEN = ID_LEN + 16
+
+#: feature name per folded context (built once: no string formatting per event)
+_CONTEXT_FEATURE = {c: f"context={c}" for c in CONTEXTS}
 
 
 def _squash(name: str, value: float) -> float:
@@ -53,8 +57,10 @@ class SkipClassifier:
     """Online logistic regression on skip labels.
 
     Features: position in session, the listener's recent skip rate and skip streak context,
-    context type (one-hot), hour of day (cyclic), and the track's popularity / MF /
-    co-occurrence scores passed in ``x.features``.
+    context type (one-hot over the closed set :data:`stream.contexts.CONTEXTS`: free text
+    is folded first, so the model keeps a bounded number of weights whatever producers
+    write), hour of day (cyclic), and the track's popularity / MF / co-occurrence scores
+    passed in ``x.features``.
 
     >>> m = SkipClassifier()
     >>> for i in range(200):
@@ -131,7 +137,7 @@ class SkipClassifier:
             "hour_cos": math.cos(angle),
         }
         if x.context:
-            feats[f"context={x.context}"] = 1.0
+            feats[_CONTEXT_FEATURE[fold_context(x.context)]] = 1.0
         return feats
 
     def features(self, x: Interaction) -> dict[str, float]:

@@ -20,6 +20,7 @@ CORE = [
     "stream/recommender.py",
     "stream/ranking.py",
     "stream/evaluation.py",
+    "stream/contexts.py",
     "stream/models",
 ]
 FORBIDDEN = ("faust", "mode", "aiokafka", "kafka", "redis", "prometheus_client")

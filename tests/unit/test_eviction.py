@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from stream.datasets import load_events
 from stream.events import PlayEvent
 from stream.recommender import Recommender
@@ -48,3 +50,99 @@ def test_evict_is_a_no_op_under_the_bound() -> None:
     up = update_session(None, PlayEvent("u", "t", 1_700_000_000_000, 1000, "e"))
     rec.learn_one(up)
     assert rec.evict_tracks(10) == 0 and rec.catalogue_size() == 1
+
+
+def _per_track(rec: Recommender) -> dict[str, tuple[float, tuple[float, ...], dict[str, float],
+                                                    float]]:
+    """Each track's learned state, by id: popularity weight, MF factors, co-occurrence
+    neighbours (id -> weight) and row total."""
+    ids = rec.vocabulary.ids
+    weights = rec.popularity.weights()
+    factors = rec.mf.factors()
+    _, _, _, totals, _, _ = rec.cooccurrence.arena()
+    out = {}
+    for row, track in enumerate(ids):
+        nbr, val = rec.cooccurrence.neighbours(row)
+        out[track] = (
+            float(weights[row]),
+            tuple(factors[row].tolist()),
+            {ids[int(d)]: float(v) for d, v in zip(nbr.tolist(), val.tolist(), strict=True)},
+            float(totals[row]) if row < len(totals) else 0.0,
+        )
+    return out
+
+
+def test_evict_moves_state_with_each_kept_track_and_forgets_the_evicted(
+    datasets_dir: Path,
+) -> None:
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:4000]
+    rec, states = Recommender(seed=3), {}
+    learn(rec, events, states)
+    before = _per_track(rec)
+    artists_before = dict(rec.artist_of)
+    told: list[str] = []
+    keep = rec.catalogue_size() // 2
+    evicted = rec.evict_tracks(keep, on_evicted=told.extend)
+    gone = set(before) - set(rec.vocabulary.ids)
+    assert evicted == len(gone) == len(told) and set(told) == gone
+    assert rec.catalogue_size() == keep == len(rec.vocabulary.ids)
+    assert rec.vocabulary.index == {t: i for i, t in enumerate(rec.vocabulary.ids)}
+    assert not gone & set(rec.artist_of)
+    assert {t: a for t, a in artists_before.items() if t not in gone} == rec.artist_of
+    after = _per_track(rec)
+    for track, (weight, factors, neighbours, total) in after.items():
+        old_weight, old_factors, old_neighbours, old_total = before[track]
+        assert weight == old_weight and factors == old_factors and total == old_total
+        # evicted neighbours leave the list; the others keep their weights, in order
+        assert neighbours == {t: v for t, v in old_neighbours.items() if t not in gone}
+    # the popularity top set and the MF negative pool name live rows only
+    assert all(0 <= r < keep for r in rec.popularity.ranking_inputs(keep)[0].tolist())
+    assert all(0 <= r < keep for r in rec.mf._pool)
+    # learning goes on: new tracks take rows from `keep` on, with fresh state
+    learn(rec, load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[4000:], states)
+    assert rec.vocabulary.index == {t: i for i, t in enumerate(rec.vocabulary.ids)}
+    for state in list(states.values())[:30]:
+        recs = rec.recommend(state, 10, events[-1].ts_ms)
+        assert all(r.track_id in rec.vocabulary.index for r in recs)
+    assert all(r.track_id not in gone or r.track_id in rec.vocabulary.index
+               for r in rec.similar(rec.vocabulary.ids[0], 10))
+
+
+def test_similar_lists_after_an_eviction_match_a_fresh_computation(datasets_dir: Path) -> None:
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]
+    rec, states = Recommender(seed=5), {}
+    learn(rec, events[:2000], states)
+    seed_track = rec.vocabulary.ids[0]
+    rec.similar(seed_track, 10)  # the norms cache exists now
+    learn(rec, events[2000:], states)  # new tracks since, and moved factors
+    rec.evict_tracks(rec.catalogue_size() * 2 // 3)
+    for _ in range(3):  # the rolling refresh has caught up with every row
+        got = rec.similar(rec.vocabulary.ids[0], 10)
+    fresh = Recommender.restore(rec.snapshot())  # no norms cache: computed from scratch
+    want = fresh.similar(rec.vocabulary.ids[0], 10)
+    assert [r.track_id for r in got] == [r.track_id for r in want]
+    assert all(abs(a.score - b.score) < 1e-9 for a, b in zip(got, want, strict=True))
+
+
+def test_eviction_moves_the_cached_factor_norms_with_their_tracks(
+    datasets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    import stream.recommender as recommender_module
+
+    monkeypatch.setattr(recommender_module, "_NORM_SLICE", 7)  # a partial rolling refresh
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]
+    rec, states = Recommender(seed=5), {}
+    learn(rec, events[:2000], states)
+    rec.similar(rec.vocabulary.ids[0], 10)
+    learn(rec, events[2000:], states)  # rows the cache has not seen yet
+    cached = rec.__dict__["_norms"][1]
+    factors = rec.mf.factors()
+    expected = {t: float(cached[r]) if r < len(cached) else float(np.linalg.norm(factors[r]))
+                + 1e-12 for r, t in enumerate(rec.vocabulary.ids)}
+    rec.evict_tracks(rec.catalogue_size() * 2 // 3)
+    generation, moved, _ = rec.__dict__["_norms"]
+    assert generation == rec.vocabulary.generation and len(moved) == rec.catalogue_size()
+    for row, track in enumerate(rec.vocabulary.ids):
+        assert abs(moved[row] - expected[track]) < 1e-6

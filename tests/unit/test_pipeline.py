@@ -233,6 +233,30 @@ def test_a_record_that_raises_is_dead_lettered_and_the_batch_goes_on() -> None:
         v >= 0 for v in stages.values())
 
 
+def test_tracks_waiting_for_a_similar_refresh_are_bounded_and_forget_evicted_ones() -> None:
+    settings = load_settings(env={"STREAM_MAX_TRACKS": "100"}, file=None)
+    p = Processor(settings, Recommender(), {}, lambda w: None, lambda d: None,
+                  clock=lambda: NOW_S, max_touched_tracks=50)
+    for i in range(1000):  # every play a never-seen track (and listener)
+        p.process(rec(play(f"junk-u{i}", f"junk-{i}", i), f"junk-u{i}".encode()))
+    assert len(p.touched_tracks) <= 50 and p.touched_dropped >= 1000 - 50 - p.evicted_tracks
+    index = p.recommender.vocabulary.index
+    assert p.evicted_tracks > 0 and all(t in index for t in p.touched_tracks)
+    # the newest stay (the oldest were dropped first)
+    assert "junk-999" in p.touched_tracks and "junk-0" not in p.touched_tracks
+
+
+def test_a_track_with_no_similar_tracks_gets_no_similar_key() -> None:
+    p, _, _, _ = make()
+    p.process(rec(play("lonely", "only-track", 0), b"lonely"))
+    assert p.recommender.similar("only-track", 10) == []
+    assert p.similar_due(NOW_S) == [] and p.similar_empty == 1
+    p.process(rec(play("lonely", "second-track", 1), b"lonely"))
+    out = p.similar_due(NOW_S + 100)  # now each has the other as a neighbour
+    assert {key for key, _ in out} == {"similar:second-track"}
+    assert all(orjson.loads(doc)["items"] for _, doc in out)
+
+
 def test_a_flood_of_rejections_logs_a_bounded_number_of_lines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

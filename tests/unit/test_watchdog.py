@@ -1,9 +1,10 @@
 import asyncio
 import logging
+import time
 
 import pytest
 
-from stream.watchdog import StallWatch, describe_tasks
+from stream.watchdog import LoopLagProbe, StallWatch, describe_tasks
 
 
 def test_idle_without_lag_is_not_a_stall() -> None:
@@ -71,3 +72,21 @@ def test_describe_tasks_shows_where_a_task_waits() -> None:
     line = next(x for x in text.splitlines() if x.startswith("task fetcher "))
     assert line.endswith("blocked_on_commit")
     assert "test_watchdog.py" in text  # the frame it is suspended in
+
+
+def test_loop_lag_probe_sees_a_blocking_callback() -> None:
+    seen: list[float] = []
+    probe = LoopLagProbe(on_lag=seen.append, interval_s=0.005)
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(probe.run())
+        await asyncio.sleep(0.05)
+        quiet = probe.max_lag
+        time.sleep(0.12)  # hold the loop
+        await asyncio.sleep(0.03)
+        task.cancel()
+        assert quiet < 0.1
+
+    asyncio.run(main())
+    assert probe.samples == len(seen) > 5
+    assert 0.12 - 0.005 - 0.01 <= probe.max_lag == max(seen) < 0.5
