@@ -16,6 +16,8 @@ command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 # TLS certificates for the secured broker (stream stack up kafka-secure) and the TLS tests
 command -v openssl >/dev/null || need+=(openssl)
+# `stream top` is checked in a real terminal (tests/integration/test_top_terminal.py)
+command -v tmux >/dev/null || need+=(tmux)
 # compose validation in the unit tests (no Docker engine needed for `config`)
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
   need+=(docker-compose)

@@ -30,6 +30,7 @@ from faust.types import TP
 
 from stream import __version__
 from stream.auth import KeyRing
+from stream.catalog import TrackInfo
 from stream.changelog import BatchedChangelogTable, batched_table
 from stream.checkpoint import checkpoint_mode, seal_models, settings_keys
 from stream.config import Settings, redis_auth
@@ -50,8 +51,10 @@ from stream.store import (
     PendingWrite,
     RecoWriter,
     add_tombstone,
+    catalog_commands,
     checkpoint_key,
     connect_async,
+    read_track_names,
     save_checkpoint,
     tombstones_key,
 )
@@ -537,6 +540,7 @@ def create_worker(
                     # a clean stop keeps everything learned (in-process: nothing to hide
                     # from the event loop now, and no child to outlive the worker)
                     await write_checkpoint(in_child=False)
+                write_catalog(counts=True)  # the play counts not written yet
                 await worker.writer.stop()
                 flush_signals(force=True)  # what the last plays taught, for the others
                 await worker.writer.client.aclose()
@@ -771,6 +775,19 @@ def create_worker(
             return  # the eviction wakes the writer when it is done
         processor.rank_pending(on_ranked=rank_stage.observe)
         flush_signals()
+        write_catalog(counts=False)
+
+    def write_catalog(counts: bool) -> None:
+        """Queue the track catalogue's writes on the Redis writer: first sightings and
+        changed names with every flush, the coalesced play counts when ``counts``."""
+        if worker.writer is None:
+            return
+        changes = processor.catalog.take_changes()
+        plays = processor.catalog.take_counts() if counts else {}
+        if changes or plays:
+            worker.writer.submit_commands(
+                catalog_commands(settings.catalog_prefix, changes, plays, settings.catalog_ttl_s)
+            )
 
     tombstones = tombstones_key(settings.app_id)
 
@@ -1191,6 +1208,40 @@ def create_worker(
         similar_refreshed[0] = now
         for key, doc in processor.similar_due(now, limit=20, budget_s=0.0025):
             worker.writer.submit_plain(key, doc)
+
+    async def flush_catalog_counts() -> None:
+        """Every catalog_flush_s: each track's plays since the last time (one HINCRBY and
+        last_seen per track, not a write per play)."""
+        write_catalog(counts=True)
+
+    async def resolve_names() -> None:
+        """Once a second, read back from the Redis catalogue the names of up to 256
+        tracks a document wanted and this worker has not seen named (tracks played on
+        other workers' partitions, names loaded with ``stream catalog load``, names seen
+        before a restart): later documents carry them."""
+        wanted = processor.catalog.take_wanted(256)
+        if not wanted or worker.writer is None:
+            return
+        try:
+            found = await read_track_names(worker.writer.client, settings.catalog_prefix, wanted)
+        except Exception as exc:  # noqa: BLE001 - names are cosmetic: try again later
+            m.redis_errors.labels("catalog").inc()
+            logger.warning("could not read track names from Redis: %s", exc)
+            return
+        for track in wanted:
+            name, artist, album = found.get(track, (None, None, None))
+            processor.catalog.learn(track, TrackInfo(name, artist, album))
+
+    async def refresh_short_lists() -> None:
+        """Re-rank (bounded) the listeners whose list came out short, once the catalogue
+        has grown since (their next play would otherwise be the next time)."""
+        if processor.refresh_short_lists() and worker.writer is not None:
+            worker.writer.wake()
+
+    app.timer(interval=settings.catalog_flush_s)(flush_catalog_counts)
+    app.timer(interval=1.0)(resolve_names)
+    if settings.short_refresh_s:
+        app.timer(interval=settings.short_refresh_s)(refresh_short_lists)
 
     @app.timer(interval=2.0)
     async def report_state() -> None:

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from stream.config import Settings, load_settings, redis_auth
 from stream.errors import ConfigError, StackError, StreamError
@@ -48,6 +49,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
         for name, info in st.items():
             state = "ready" if info["ready"] else ("running" if info["pid"] else "stopped")
             print(f"{name:<12} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
+        worker = stack.worker_pid(cfg)
+        if worker is not None:  # the detached worker `stream demo` left running
+            print(f"{'worker':<12} {'running':<8} pid={worker:<8} (stopped by `stream stack down`)")
         return 0 if all(i["ready"] for i in st.values()) else 3
     return 0
 
@@ -212,42 +216,74 @@ def _reader(settings: Settings):  # type: ignore[no-untyped-def]
         prefix=settings.redis_prefix,
         similar_prefix=settings.similar_prefix,
         channel=settings.notify_channel,
+        catalog_prefix=settings.catalog_prefix,
     )
+
+
+def _show_item(i: int, item: dict[str, Any], catalogue: dict[str, dict[str, str]]) -> str:
+    """One list line: title by artist (from the document, else the Redis catalogue), or the
+    track id when no name is known; the reason as stored."""
+    track = str(item["track_id"])
+    known = catalogue.get(track, {})
+    name = item.get("name") or known.get("name")
+    artist = item.get("artist") or known.get("artist")
+    label = track if not name else (f"{name} by {artist}" if artist else str(name))
+    return f"{i:>3}. {label:<48} {float(item['score']):>7.4f}  {item.get('reason', '')}"
+
+
+def _show_list(reader: Any, items: list[dict[str, Any]]) -> list[str]:
+    missing = [str(it["track_id"]) for it in items if not it.get("name")]
+    catalogue = reader.tracks(missing) if missing else {}
+    return [_show_item(i, it, catalogue) for i, it in enumerate(items, 1)]
 
 
 def cmd_recs(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    doc = _reader(settings).get(args.user)
-    if doc is None:
+    reader = _reader(settings)
+    raw = reader.get_raw(args.user)
+    if raw is None:
         print(f"no recommendations for {args.user!r} (key {settings.redis_prefix}{args.user})")
         return 1
-    if args.json:
-        print(json.dumps(doc, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+    if args.json:  # exactly the stored document
+        sys.stdout.write(raw.decode() + "\n")
         return 0
-    age = time.time() - doc.generated_at_ms / 1000
+    doc = json.loads(raw)
+    age = time.time() - doc["generated_at"] / 1000
     print(
-        f"{doc.user_id}: {len(doc.items)} tracks, seq {doc.seq}, model {doc.model_version}, "
-        f"generated {age:.1f}s ago from event {doc.event_id}"
+        f"{doc['user_id']}: {len(doc['items'])} tracks, seq {doc['seq']}, model "
+        f"{doc.get('model_version', '')}, generated {age:.1f}s ago from event {doc['event_id']}"
     )
-    for i, item in enumerate(doc.items, 1):
-        print(f"{i:>3}. {item.track_id:<40} {item.score:>9.4f}  {item.reason}")
+    print("\n".join(_show_list(reader, doc["items"])))
     return 0
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    doc = _reader(settings).similar(args.track)
-    if doc is None:
+    reader = _reader(settings)
+    raw = reader.similar_raw(args.track)
+    if raw is None:
         print(f"no 'more like this' list for {args.track!r} yet")
         return 1
-    print(
-        json.dumps(doc, indent=2)
-        if args.json
-        else "\n".join(
-            f"{i:>3}. {it['track_id']:<40} {it['score']:>9.4f}  {it['reason']}"
-            for i, it in enumerate(doc.get("items", []), 1)
-        )
-    )
+    if args.json:  # exactly the stored document
+        sys.stdout.write(raw.decode() + "\n")
+        return 0
+    doc = json.loads(raw)
+    seed = reader.tracks([args.track]).get(args.track, {})
+    title = seed.get("name")
+    label = args.track if not title else (
+        f"{title} by {seed['artist']}" if seed.get("artist") else title)
+    print(f"more like {label}: {len(doc.get('items', []))} tracks")
+    print("\n".join(_show_list(reader, doc.get("items", []))))
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """``stream catalog load FILE``: upsert track names without a play."""
+    from stream.catalog_load import load_catalog_file
+
+    settings = _settings(args)
+    written = load_catalog_file(settings, args.file)
+    print(f"upserted {written} tracks into {settings.catalog_prefix}* from {args.file}")
     return 0
 
 
@@ -406,6 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_similar)
 
+    cl = sub.add_parser("catalog", help="track metadata: upsert names without a play")
+    common(cl)
+    cl.add_argument("action", choices=("load",))
+    cl.add_argument(
+        "file", help="CSV (header track_id,name,artist,album) or JSONL (one object per line)"
+    )
+    cl.set_defaults(func=cmd_catalog)
+
     fg = sub.add_parser("forget", help="purge a listener's state and recommendations")
     common(fg)
     fg.add_argument("user")
@@ -423,13 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="stack + worker + producer replaying real plays")
     common(d)
-    d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="lastfm")
-    d.add_argument("--count", type=int, default=5000)
-    d.add_argument("--rate", type=float, default=200.0)
+    d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="movielens",
+                   help="real plays to replay (default: MovieLens-100K ratings as plays)")
+    d.add_argument("--count", type=int, default=20_000)
+    d.add_argument("--rate", type=float, default=500.0)
     d.add_argument(
         "--keep-running",
         action="store_true",
-        help="leave the worker running after the replay (Ctrl-C to stop)",
+        help=argparse.SUPPRESS,  # the worker always stays up now (`stream stack down`)
     )
     d.set_defaults(func=cmd_demo)
 

@@ -78,6 +78,16 @@ class Settings:
     notify_channel: str = "reco-updates"
     reco_ttl_s: int = 7 * 24 * 3600
     similar_refresh_s: float = 10.0
+    #: track catalogue: hash key prefix (``track:{track_id}``: name, artist, album,
+    #: first_seen, last_seen, plays), its TTL (renewed by plays), how often the coalesced
+    #: play counts are written, and the worker's bounded in-memory name map
+    catalog_prefix: str = "track:"
+    catalog_ttl_s: int = 30 * 24 * 3600
+    catalog_flush_s: float = 5.0
+    catalog_max_tracks: int = 200_000
+    catalog_max_chars: int = 20_000_000
+    #: how often listeners whose list came out shorter than top_k are re-ranked (0 = never)
+    short_refresh_s: float = 5.0
     #: extra wait after the agent's batch before the writer ranks and flushes (0: at once;
     #: the agent's batch is the burst already -- 2 ms cost ~5 ms of p50 at 1,000 ev/s)
     redis_flush_interval_ms: float = 0.0
@@ -291,6 +301,10 @@ def validate(s: Settings) -> Settings:
         "max_event_bytes",
         "max_future_s",
         "stall_warning_s",
+        "catalog_ttl_s",
+        "catalog_flush_s",
+        "catalog_max_tracks",
+        "catalog_max_chars",
         "control_max_age_s",
     )
     for name in positive:
@@ -304,6 +318,8 @@ def validate(s: Settings) -> Settings:
         raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
     if s.gc_freeze_interval_s < 0:
         raise bad("gc_freeze_interval_s", f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
+    if s.short_refresh_s < 0:
+        raise bad("short_refresh_s", "must be >= 0 (0 = never)")
     if s.similar_refresh_s < 0:
         raise bad("similar_refresh_s", "must be >= 0")
     if s.checkpoint_interval_s < 0:

@@ -13,7 +13,12 @@ Formats (the full public files are accepted unchanged, not only the shipped samp
   each listening session stands for a listener. The event time is the session date + hour,
   plus one second per position. ``skipped`` is the challenge label ``skip_2``.
 - ``csv``: a generic CSV with header ``user_id,item_id,timestamp`` (unix seconds), optional
-  ``skipped``, ``ms_played``, ``duration_ms``, ``artist_id``, ``context``.
+  ``skipped``, ``ms_played``, ``duration_ms``, ``artist_id``, ``context``, ``track_name``,
+  ``artist_name``, ``album_name``.
+
+Names: MovieLens events carry the movie title (``track_name``, from ``ml-100k.item`` or
+``u.item`` next to the ratings), Last.fm ones the track and artist names of the log; the
+Spotify MSSD log has no names.
 
 All loaders return events sorted stably by event time (ties keep file order), so replays
 are reproducible.
@@ -87,7 +92,32 @@ def _event(user: str, track: str, ts_ms: int, ms_played: int, **extra: object) -
     return PlayEvent(user, track, ts_ms, ms_played, eid, **extra)  # type: ignore[arg-type]
 
 
+def movielens_titles(file: Path) -> dict[str, str]:
+    """Movie titles next to a MovieLens ratings file: RecBole's ``ml-100k.item``
+    (tab-separated, typed header) or the original ``u.item`` (``|``-separated, Latin-1).
+    Empty when neither is there."""
+    out: dict[str, str] = {}
+    recbole = file.with_suffix(".item")
+    original = file.with_name("u.item")
+    if recbole.is_file():
+        with recbole.open(encoding="utf-8", errors="replace") as fh:
+            header = fh.readline().rstrip("\n").split("\t")
+            col = next((i for i, h in enumerate(header) if h.startswith("movie_title")), 1)
+            for line in fh:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) > col and parts[col].strip():
+                    out[parts[0]] = parts[col].strip()[:256]
+    elif original.is_file():
+        with original.open(encoding="latin-1") as fh:
+            for line in fh:
+                parts = line.split("|")
+                if len(parts) > 1 and parts[1].strip():
+                    out[parts[0]] = parts[1].strip()[:256]
+    return out
+
+
 def _movielens(file: Path) -> Iterator[PlayEvent]:
+    titles = movielens_titles(file)
     with file.open(encoding="utf-8") as fh:
         first = fh.readline()
         if ":" not in first.split("\t")[0]:
@@ -106,11 +136,12 @@ def _movielens(file: Path) -> Iterator[PlayEvent]:
                 int(NOMINAL_TRACK_MS * min(rating, 5.0) / 5.0),
                 track_duration_ms=NOMINAL_TRACK_MS,
                 skipped=rating <= 2,
+                track_name=titles.get(item),
             )
 
 
 def _lastfm(file: Path) -> Iterator[PlayEvent]:
-    rows: list[tuple[str, int, str, str]] = []
+    rows: list[tuple[str, int, str, str, str, str]] = []
     with file.open(encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, start=1):
             parts = line.rstrip("\n").split("\t")
@@ -125,12 +156,14 @@ def _lastfm(file: Path) -> Iterator[PlayEvent]:
             else:
                 key = f"{artist_id or artist}\x1f{title}".encode()
                 track = "lfm-" + hashlib.blake2b(key, digest_size=8).hexdigest()
-            rows.append((user, ts_ms, track, artist_id or artist[:200] or "unknown"))
+            rows.append((user, ts_ms, track, artist_id or artist[:200] or "unknown",
+                         title.strip()[:256], artist.strip()[:256]))
     rows.sort(key=lambda r: (r[0], r[1]))
-    for i, (user, ts_ms, track, artist) in enumerate(rows):
+    for i, (user, ts_ms, track, artist, title, artist_name) in enumerate(rows):
         nxt = rows[i + 1] if i + 1 < len(rows) and rows[i + 1][0] == user else None
         played = min(nxt[1] - ts_ms, LASTFM_MAX_PLAY_MS) if nxt else NOMINAL_TRACK_MS
-        yield _event(user, track, ts_ms, max(played, 0), artist_id=artist, skipped=played < 30_000)
+        yield _event(user, track, ts_ms, max(played, 0), artist_id=artist, skipped=played < 30_000,
+                     track_name=title or None, artist_name=artist_name or None)
 
 
 def _parse_day(text: str) -> datetime:
@@ -193,4 +226,7 @@ def _csv(file: Path) -> Iterator[PlayEvent]:
                 skipped=skipped,
                 artist_id=row.get("artist_id") or None,
                 context=row.get("context") or None,
+                track_name=row.get("track_name") or None,
+                artist_name=row.get("artist_name") or None,
+                album_name=row.get("album_name") or None,
             )

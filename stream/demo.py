@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import fields
 
 from stream import stack
 from stream.config import Settings, redis_auth
+from stream.events import PlayEvent
 from stream.producer import dataset_events, produce_events
 from stream.store import RecoReader
 
@@ -69,8 +69,13 @@ def _quantile(url: str, name: str, q: float) -> float | None:
 
 
 def run_demo(
-    settings: Settings, *, source: str, count: int, rate: float, keep_running: bool
+    settings: Settings, *, source: str, count: int, rate: float, keep_running: bool = True
 ) -> int:
+    """Stack up, a detached worker (left running: ``stream stack down`` stops it), a replay
+    of real plays, then three listeners' named lists and the commands to explore them.
+
+    ``keep_running`` is accepted for compatibility: the worker always stays up now."""
+    del keep_running
     cfg = stack.StackConfig.from_env()
     stack.up(cfg, ["kafka", "redis", "prometheus"])
     run = time.strftime("%Y%m%d-%H%M%S")
@@ -81,97 +86,79 @@ def run_demo(
     if not settings.checkpoint_keys and not settings.checkpoint_secret:
         # a key for this run only (a demo's app id is new each time: nothing to restore)
         settings = settings.replace(checkpoint_keys=f"demo:{secrets.token_hex(16)}")
-    log_path = cfg.state_dir / "logs" / f"worker-demo-{run}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = cfg.state_dir / "logs" / "worker.out"
     metrics_url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-    print(f"[demo] starting worker (log: {log_path})", flush=True)
-    with log_path.open("ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "worker"],
-            env=_env_for(settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    print(f"[demo] starting a detached worker (log: {log_path})", flush=True)
+    start_size = log_path.stat().st_size if log_path.exists() else 0
+    pid = stack.spawn_worker(cfg, _env_for(settings))
+    deadline = time.monotonic() + 180
+    while "Worker]: Ready" not in log_path.read_text(errors="replace")[start_size:]:
+        if stack.worker_pid(cfg) is None or time.monotonic() > deadline:
+            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
+            print("[demo] worker failed to start", file=sys.stderr)
+            stack.stop_worker(cfg)
+            return 1
+        time.sleep(0.3)
+    print(f"[demo] worker ready (pid {pid}, app id {settings.app_id}, topic "
+          f"{settings.plays_topic}); metrics: {metrics_url}", flush=True)
+    reader = RecoReader(
+        settings.redis_url,
+        **redis_auth(settings),
+        prefix=settings.redis_prefix,
+        similar_prefix=settings.similar_prefix,
+        channel=settings.notify_channel,
+        catalog_prefix=settings.catalog_prefix,
+    )
+    events = dataset_events(source, None, count, "now")
+    label = {"movielens": "MovieLens-100K ratings (real listeners; a rating is a play, "
+             "titles from ml-100k.item)", "lastfm": "Last.fm 1K sample (real plays, 2 "
+             "listeners)", "spotify": "Spotify MSSD sample (real sessions, no names)"}[source]
+    print(f"[demo] replaying {count} plays of the {label} at {rate:.0f} plays/s", flush=True)
     try:
-        deadline = time.monotonic() + 120
-        while "Worker]: Ready" not in log_path.read_text(errors="replace"):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-                print("[demo] worker failed to start", file=sys.stderr)
-                return 1
-            time.sleep(0.3)
-        print(f"[demo] worker ready; metrics: {metrics_url}", flush=True)
-        print(f"[demo] Prometheus: http://127.0.0.1:{cfg.prometheus_port}/graph", flush=True)
-
-        reader = RecoReader(
-            settings.redis_url,
-            **redis_auth(settings),
-            prefix=settings.redis_prefix,
-            channel=settings.notify_channel,
-        )
-        stop = threading.Event()
-        landed: list[dict[str, object]] = []
-
-        def watch() -> None:
-            last_print = 0.0
-            while not stop.is_set():
-                for note in reader.updates(timeout_s=1.0):
-                    landed.append(note)
-                    if stop.is_set():
-                        return
-                    if time.monotonic() - last_print < 2.0:
-                        continue
-                    last_print = time.monotonic()
-                    doc = reader.get(str(note["user_id"]))
-                    if doc and doc.items:
-                        top = "; ".join(f"{i.track_id[:18]} ({i.reason})" for i in doc.items[:3])
-                        lag_ms = doc.generated_at_ms - doc.event_ts_ms
-                        print(
-                            f"\n[demo] {doc.user_id} play #{doc.seq} -> top-3: {top} "
-                            f"[ranked {lag_ms:.0f} ms after the play]",
-                            flush=True,
-                        )
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        events = dataset_events(source, None, count, "now")
         sent = asyncio.run(
             produce_events(settings, events, rate=rate, max_count=count, max_seconds=600)
         )
-        deadline = time.monotonic() + 60
-        while (
-            _metric_sum(metrics_url, "stream_events_total") < sent and time.monotonic() < deadline
-        ):
-            time.sleep(0.5)
-        time.sleep(0.5)
-        stop.set()
-        processed = _metric_sum(metrics_url, "stream_events_total")
-        p50 = _quantile(metrics_url, "stream_freshness_seconds", 0.5)
-        p99 = _quantile(metrics_url, "stream_freshness_seconds", 0.99)
-        print(f"\n[demo] replayed {sent} real {source} plays; worker consumed {processed:.0f}")
-        print(
-            f"[demo] {len(landed)} recommendation updates published on '{settings.notify_channel}'"
-        )
-        if p50 is not None and p99 is not None:
-            print(
-                f"[demo] freshness (play -> visible in Redis): p50 {p50 * 1000:.1f} ms, "
-                f"p99 {p99 * 1000:.1f} ms"
-            )
-        if landed:
-            user = str(landed[-1]["user_id"])
-            print(f"[demo] try: stream recs {user}")
-        print("[demo] stop everything with: stream stack down")
-        if keep_running:
-            print("[demo] worker keeps running; Ctrl-C to stop it", flush=True)
-            worker.wait()
-        return 0
     except KeyboardInterrupt:
-        return 130
-    finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(40)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        print("\n[demo] replay interrupted; the worker keeps running", flush=True)
+        sent = int(_metric_sum(metrics_url, "stream_events_total"))
+    deadline = time.monotonic() + 60
+    while _metric_sum(metrics_url, "stream_events_total") < sent and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)  # the last flush
+    processed = _metric_sum(metrics_url, "stream_events_total")
+    p50 = _quantile(metrics_url, "stream_freshness_seconds", 0.5)
+    p99 = _quantile(metrics_url, "stream_freshness_seconds", 0.99)
+    print(f"\n[demo] replayed {sent} real {source} plays; the worker applied {processed:.0f}")
+    if p50 is not None and p99 is not None:
+        print(f"[demo] freshness (play -> visible in Redis): p50 {p50 * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms")
+    listeners = _busiest_listeners(dataset_events(source, None, count, "original"), 3)
+    track = None
+    for user in listeners:
+        doc = reader.get(user)
+        if doc is None:
+            continue
+        print(f"\n[demo] listener {user} ({doc.session.get('plays_total', '?')} plays):")
+        names = reader.tracks([i.track_id for i in doc.items if not i.name])
+        for n, item in enumerate(doc.items, 1):
+            name = item.name or names.get(item.track_id, {}).get("name") or item.track_id
+            artist = item.artist or names.get(item.track_id, {}).get("artist")
+            shown = f"{name} by {artist}" if artist else name
+            print(f"  {n:>2}. {shown[:60]:<60} {item.reason}")
+            track = track or item.track_id
+    prom = f"http://127.0.0.1:{cfg.prometheus_port}"
+    user = listeners[0] if listeners else "USER"
+    print("\n[demo] the worker keeps running (detached, pid "
+          f"{stack.worker_pid(cfg) or pid}); explore:")
+    top = "stream top" if settings.metrics_port == 8000 else f"stream top --url {metrics_url}"
+    print(f"  {top}    # live view of the worker's metrics")
+    print(f"  stream recs {user}    # a listener's list (--json: the stored document)")
+    print(f"  stream similar {track or 'TRACK'}    # 'more like this' for a track")
+    print(f"  {prom}/graph?g0.expr=rate(stream_events_total[1m])   # Prometheus")
+    print("[demo] stop the worker and the stack with: stream stack down", flush=True)
+    return 0
+
+
+def _busiest_listeners(events: Iterable[PlayEvent], n: int) -> list[str]:
+    """The ``n`` listeners with the most plays among ``events``."""
+    return [u for u, _ in Counter(ev.user_id for ev in events).most_common(n)]

@@ -68,6 +68,9 @@ OPTIONAL_FIELDS: Final = (
     "reason_end",
     "session_id",
     "event_id",
+    "track_name",
+    "artist_name",
+    "album_name",
 )
 _KNOWN_FIELDS: Final = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
 
@@ -92,6 +95,10 @@ class PlayEvent:
     reason_start: str | None = None
     reason_end: str | None = None
     session_id: str | None = None
+    #: display metadata (optional; validated like the other text fields)
+    track_name: str | None = None
+    artist_name: str | None = None
+    album_name: str | None = None
 
     def is_skip(self, short_play_ms: int = 30_000) -> bool:
         """Explicit skip label if present, else a short play (< 30 s, or < half a short track)."""
@@ -262,6 +269,9 @@ def _parse(
         reason_start=_opt_text_field(obj, "reason_start"),
         reason_end=_opt_text_field(obj, "reason_end"),
         session_id=_opt_id_field(obj, "session_id"),
+        track_name=_opt_text_field(obj, "track_name"),
+        artist_name=_opt_text_field(obj, "artist_name"),
+        album_name=_opt_text_field(obj, "album_name"),
     )
 
 
@@ -377,3 +387,24 @@ def _timestamp(value: object) -> int:
     raise _Invalid(
         "wrong_type", f"'ts' must be epoch milliseconds or ISO-8601, got {_type_name(value)}"
     )
+
+
+def parse_track_metadata(obj: dict[str, Any]) -> tuple[str, str | None, str | None, str | None]:
+    """``track_id`` and the optional ``track_name``/``artist_name``/``album_name`` of a
+    metadata record (``stream catalog load``), validated as in a play event. Raises
+    ``ValueError`` naming the field.
+
+    >>> parse_track_metadata({"track_id": "t1", "track_name": "Karma Police"})
+    ('t1', 'Karma Police', None, None)
+    """
+    try:
+        if obj.get("track_id") is None:
+            raise _Invalid("missing_field", "required field 'track_id' is missing")
+        return (
+            _id_field(obj, "track_id"),
+            _opt_text_field(obj, "track_name"),
+            _opt_text_field(obj, "artist_name"),
+            _opt_text_field(obj, "album_name"),
+        )
+    except _Invalid as exc:
+        raise ValueError(f"{exc.reason}: {exc.detail}") from None

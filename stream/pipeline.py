@@ -17,8 +17,10 @@ from typing import Any, Final
 
 import orjson
 
+from stream.catalog import TrackCatalog
 from stream.config import Settings
 from stream.events import PlayEvent, Rejection, escape_text, parse_event
+from stream.ranking import top_up
 from stream.ratelog import RateLimitedLog
 from stream.recommender import Recommendation, Recommender
 from stream.session import SessionUpdate, UserState, update_session
@@ -27,6 +29,8 @@ from stream.store import PendingWrite, encode_document
 logger = logging.getLogger(__name__)
 
 OUTCOMES: Final = ("processed", "rejected", "duplicate")
+#: listeners with a short list remembered for the background refresh (each holds a state)
+MAX_SHORT_LISTS: Final = 10_000
 
 #: Most tracks waiting for a "more like this" refresh. The refresh timer writes at most ~200
 #: lists a second, so 10,000 waiting is ~50 s of its work: under a flood of new track ids
@@ -144,6 +148,13 @@ class Processor:
         self.similar_refreshed: dict[str, float] = {}
         #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
         self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
+        #: track names seen in plays (bounded); documents carry them
+        self.catalog = TrackCatalog(settings.catalog_max_tracks, settings.catalog_max_chars)
+        #: listeners whose last list came out shorter than top_k (bounded, oldest first
+        #: out): re-ranked by refresh_short_lists when the catalogue has grown since
+        self.short_lists: OrderedDict[str, tuple[PlayEvent, UserState, int]] = OrderedDict()
+        #: listeners queued by refresh_short_lists only (their re-ranking is not fresh)
+        self._refreshing: set[str] = set()
 
     def reject(self, record: Record, rejection: Rejection) -> Outcome:
         self.reject_log.log(
@@ -282,6 +293,10 @@ class Processor:
         and the seconds spent learning, ranking and enqueueing."""
         clock = time.perf_counter
         t0 = clock()
+        self.catalog.observe(
+            event.track_id, event.track_name, event.artist_name, event.album_name,
+            ts_ms=event.ts_ms,
+        )
         previous = self.last_recs.get(event.user_id)
         if self.evaluator is not None and previous is not None:
             # test-then-train: was this play in the list we published before it?
@@ -312,6 +327,7 @@ class Processor:
             # rank later, once per listener per flush (see rank_pending): a burst of plays
             # from one listener costs one ranking, and the agent never waits for it
             self.pending_rank[event.user_id] = (event, update.state, record.timestamp_ms)
+            self._refreshing.discard(event.user_id)
             return Outcome("processed", event=event, update=update), (t1 - t0, 0.0, clock() - t1)
         try:
             recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
@@ -385,12 +401,12 @@ class Processor:
         if ranked is None:
             ranked = [self._rank_one(state, now_ms) for _, state, _ in entries]
         per_listener = (time.perf_counter() - started) / len(entries)
+        refreshing, self._refreshing = self._refreshing, set()
         for (event, state, ingest_ts), recs in zip(entries, ranked, strict=True):
             if recs is None:
                 continue
-            self._publish(
-                event, state, recs, ingest_ts, fresh=event.event_id == state.last_event_id
-            )
+            fresh = event.event_id == state.last_event_id and event.user_id not in refreshing
+            self._publish(event, state, recs, ingest_ts, fresh=fresh)
             if on_ranked is not None:
                 on_ranked(per_listener)
         return len(batch)
@@ -436,10 +452,7 @@ class Processor:
                     "k": len(items),
                     "model_version": self.recommender.model_version,
                     "generated_at": int(now * 1000),
-                    "items": [
-                        {"track_id": r.track_id, "score": float(r.score), "reason": r.reason}
-                        for r in items
-                    ],
+                    "items": self.catalog.items(items),
                 }
             )
             out.append((f"{self.settings.similar_prefix}{track}", doc))
@@ -455,8 +468,48 @@ class Processor:
         ingest: int | None,
         fresh: bool = True,
     ) -> None:
+        recs = self._top_up(event, state, recs)
         self._remember(event.user_id, tuple(r.track_id for r in recs))
         self.submit(self.make_write(event, state, recs, ingest, fresh=fresh))
+
+    def _top_up(
+        self, event: PlayEvent, state: UserState, recs: list[Recommendation]
+    ) -> list[Recommendation]:
+        """A list shorter than top_k is filled from trending (reason ``trending_topup``);
+        a listener whose list is still short is remembered for refresh_short_lists."""
+        k = self.settings.top_k
+        user = state.user_id
+        if len(recs) < k:
+            recent_filter = getattr(self.recommender, "recent_filter", 0)
+            avoid = set(state.recent[-recent_filter:]) if recent_filter else set()
+            trending = self.recommender.trending(k + len(avoid) + len(recs))
+            recs = top_up(recs, trending, k, avoid)
+        if len(recs) < k:
+            self.short_lists[user] = (event, state, self.recommender.catalogue_size())
+            self.short_lists.move_to_end(user)
+            if len(self.short_lists) > min(self.max_tracked_users, MAX_SHORT_LISTS):
+                self.short_lists.popitem(last=False)
+        else:
+            self.short_lists.pop(user, None)
+        return recs
+
+    def refresh_short_lists(self, limit: int = 500) -> int:
+        """Queue for re-ranking (with the next flush) up to ``limit`` listeners whose list
+        came out shorter than top_k and for whom the catalogue has grown since (the
+        bounded background refresh: the worker calls this every ``short_refresh_s``).
+        Their documents keep their ``seq``. Returns how many were queued."""
+        size = self.recommender.catalogue_size()
+        queued = 0
+        for user, (event, state, seen_size) in list(self.short_lists.items()):
+            if queued >= limit:
+                break
+            if seen_size >= size or user in self.pending_rank:
+                continue
+            self.short_lists[user] = (event, state, size)
+            self.pending_rank[user] = (event, state, None)
+            self._refreshing.add(user)
+            queued += 1
+        return queued
 
     def _model_error(self, exc: Exception, record: Record | None) -> None:
         self.model_errors += 1
@@ -476,6 +529,7 @@ class Processor:
         The caller deletes the Redis document."""
         self.last_recs.pop(user_id, None)
         self.pending_rank.pop(user_id, None)
+        self.short_lists.pop(user_id, None)
         existed = self.table.get(user_id) is not None
         if existed:
             del self.table[user_id]
@@ -498,7 +552,7 @@ class Processor:
         doc, note = encode_document(
             user_id=event.user_id,
             seq=state.seq,
-            items=recs,
+            items=self.catalog.items(recs),
             generated_at_ms=int(self.clock() * 1000),
             event_ts_ms=state.last_event_ts_ms,
             event_id=state.last_event_id,

@@ -44,14 +44,44 @@ REASONS: Final[Mapping[str, str]] = {
 }
 FALLBACK_REASON: Final = "popular right now"
 
+#: Stable, machine-readable reason codes (documents carry them as ``reason_code``, with the
+#: track a reason names as ``reason_track_id``), and the English text of each; ``{anchor}``
+#: is the named track (its title and artist when known, else its id).
+REASON_TEXTS: Final[Mapping[str, str]] = {
+    "played": "because you played {anchor}",
+    "played_recently": "often played together with your recent tracks",
+    "similar_taste": "listeners with similar taste play this",
+    "trending": "popular right now",
+    "trending_topup": "popular right now (topping up your list)",
+    "played_with": "often played with {anchor}",
+    "liked_by_listeners_of": "liked by listeners of {anchor}",
+}
+_CODE_OF_COMPONENT: Final[Mapping[str, str]] = {
+    "mf": "similar_taste",
+    "popularity": "trending",
+}
+
+
+def reason_text(code: str, anchor: str | None = None) -> str:
+    """The English reason for ``code``, naming ``anchor`` where the code names a track.
+
+    >>> reason_text("played", "Karma Police by Radiohead")
+    'because you played Karma Police by Radiohead'
+    """
+    text = REASON_TEXTS.get(code, FALLBACK_REASON)
+    return text.format(anchor=anchor) if "{anchor}" in text else text
+
 
 class Recommendation(NamedTuple):
     """One ranked track with a human-readable reason (a named tuple: built ten times per
-    ranking, where a frozen dataclass's ``__init__`` was a measurable cost)."""
+    ranking, where a frozen dataclass's ``__init__`` was a measurable cost). ``code`` is
+    the reason's key in :data:`REASON_TEXTS`, ``anchor`` the track it names (if any)."""
 
     track_id: str
     score: float
     reason: str
+    code: str = "trending"
+    anchor: str | None = None
 
 
 def normalise(scores: FloatArray) -> FloatArray:
@@ -131,8 +161,10 @@ def rank_tracks(
                 if per_artist.get(artist, 0) >= max_per_artist:
                     continue
                 per_artist[artist] = per_artist.get(artist, 0) + 1
-        reason = explain(i, part_lists, track, anchor_lookup)
-        out.append(Recommendation(track, round(totals[i], 6), reason))
+        code, anchor = explain_code(i, part_lists, track, anchor_lookup)
+        out.append(
+            Recommendation(track, round(totals[i], 6), reason_text(code, anchor), code, anchor)
+        )
         if len(out) >= k:
             break
     return out
@@ -145,19 +177,61 @@ def explain(
     anchor_of: Callable[[str], str | None] | None,
 ) -> str:
     """The reason of the component that contributed most to candidate ``i``'s score."""
+    return reason_text(*explain_code(i, parts, track, anchor_of))
+
+
+def explain_code(
+    i: int,
+    parts: Mapping[str, FloatArray] | Mapping[str, list[float]],
+    track: str,
+    anchor_of: Callable[[str], str | None] | None,
+) -> tuple[str, str | None]:
+    """(reason code, named track or None) of the component that contributed most."""
     best, best_value = None, 0.0
     for name, part in parts.items():
         value = float(part[i])
         if value > best_value:
             best, best_value = name, value
     if best is None:
-        return FALLBACK_REASON
+        return "trending", None
     if best == "cooccurrence":
         anchor = anchor_of(track) if anchor_of is not None else None
         if anchor is None:
-            return "often played together with your recent tracks"
-        return REASONS["cooccurrence"].format(anchor=anchor)
-    return REASONS.get(best, FALLBACK_REASON)
+            return "played_recently", None
+        return "played", anchor
+    return _CODE_OF_COMPONENT.get(best, "trending"), None
+
+
+def top_up(
+    recs: list[Recommendation], trending: Sequence[str], k: int, avoid: Collection[str] = ()
+) -> list[Recommendation]:
+    """``recs`` filled up to ``k`` from ``trending`` (most popular first) with the reason
+    ``trending_topup``: tracks not listed yet and not in ``avoid`` (the listener's recent
+    tracks) first; only an otherwise empty list takes ``avoid``'s tracks too, so a known
+    listener never gets an empty list once anything has been played.
+
+    >>> [r.track_id for r in top_up([], ["a", "b"], 3, avoid={"a"})]
+    ['b']
+    >>> [r.track_id for r in top_up([], ["a"], 3, avoid={"a"})]
+    ['a']
+    """
+    if len(recs) >= k:
+        return recs
+    out = list(recs)
+    listed = {r.track_id for r in recs}
+    for allow_avoided in (False, True):
+        if allow_avoided and out:
+            break
+        for track in trending:
+            if len(out) >= k:
+                break
+            if track in listed or (not allow_avoided and track in avoid):
+                continue
+            listed.add(track)
+            out.append(
+                Recommendation(track, 0.0, reason_text("trending_topup"), "trending_topup")
+            )
+    return out
 
 
 def _lookup(

@@ -48,10 +48,10 @@ from stream.models.popularity import DecayedPopularity
 from stream.models.skip import SkipClassifier
 from stream.ranking import (
     DEFAULT_WEIGHTS,
-    FALLBACK_REASON,
     REASONS,
     Recommendation,
     rank_tracks,
+    reason_text,
 )
 from stream.session import SessionUpdate, UserState
 
@@ -436,9 +436,12 @@ class Recommender:
                     reason = because.get(lead)
                     if reason is None:
                         reason = because[lead] = _BECAUSE.format(anchor=ids[lead])
+                    out.append(make(Recommendation,
+                                    (track, round(score, 6), reason, "played", ids[lead])))
                 else:
-                    reason = _reason(code, lead, ids)
-                out.append(make(Recommendation, (track, round(score, 6), reason)))
+                    name = _reason_code(code)
+                    out.append(make(Recommendation,
+                                    (track, round(score, 6), reason_text(name), name, None)))
                 if len(out) >= k:
                     return out
             start, stop = stop, count
@@ -596,10 +599,13 @@ class Recommender:
             exclude={track_id},
             anchors=lambda _t: track_id,
         )
-        return [
-            Recommendation(r.track_id, r.score, _similar_reason(r.reason, track_id))
-            for r in recs
-        ]
+        out = []
+        for r in recs:
+            code = "played_with" if r.code == "played" else "liked_by_listeners_of"
+            out.append(
+                Recommendation(r.track_id, r.score, reason_text(code, track_id), code, track_id)
+            )
+        return out
 
     def _item_norms(self) -> FloatArray:
         """L2 norms of the MF item factors for "more like this", kept across calls: the
@@ -667,6 +673,15 @@ class Recommender:
         if on_evicted is not None:
             on_evicted(evicted)
         return len(evicted)
+
+    def trending(self, n: int) -> list[str]:
+        """The ``n`` most popular tracks now (decayed plays), most popular first."""
+        weights = self.popularity.weights()
+        if n <= 0 or not len(weights):
+            return []
+        rows = top_rows(weights, n)  # best first
+        ids = self.vocabulary.ids
+        return [ids[r] for r in rows.tolist() if weights[r] > 0]
 
     def catalogue_size(self) -> int:
         """Distinct tracks the models know."""
@@ -889,27 +904,19 @@ _BECAUSE: Final = REASONS["cooccurrence"]
 
 #: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's
 #: Python-level ``__new__`` (a third of the per-item cost of ``_results``)
-_make_recommendation: Final[Callable[[type[Recommendation], tuple[str, float, str]],
-                                     Recommendation]] = tuple.__new__
+_make_recommendation: Final[
+    Callable[[type[Recommendation], tuple[str, float, str, str, str | None]], Recommendation]
+] = tuple.__new__
 
 
-#: the reasons that do not name a track, by reason code
-_FIXED_REASONS: Final[dict[int, str]] = {
-    _k.REASON_MF: REASONS["mf"],
-    _k.REASON_POPULARITY: REASONS["popularity"],
-}
-
-
-def _reason(code: int, lead: int, ids: list[str]) -> str:
-    """The text of a :func:`stream.models._kernels.blend_rank` reason code."""
-    fixed = _FIXED_REASONS.get(code)
-    if fixed is not None:
-        return fixed
+def _reason_code(code: int) -> str:
+    """The :data:`stream.ranking.REASON_TEXTS` key of a kernel reason code (never the
+    co-occurrence code with a lead: that one names its track)."""
+    if code == _k.REASON_MF:
+        return "similar_taste"
     if code == _k.REASON_COOCCURRENCE:
-        if lead < 0:
-            return "often played together with your recent tracks"
-        return REASONS["cooccurrence"].format(anchor=ids[lead])
-    return FALLBACK_REASON
+        return "played_recently"
+    return "trending"
 
 
 def _no_lead(_track: str) -> str | None:
@@ -946,12 +953,6 @@ def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
 def _recent_skip_rate(state: UserState, window: int = 10) -> float:
     flags = state.recent_skipped[-window:]
     return (sum(flags) + 0.25) / (len(flags) + 1.0)
-
-
-def _similar_reason(reason: str, seed_track: str) -> str:
-    if reason.startswith("because you played"):
-        return f"often played with {seed_track}"
-    return f"liked by listeners of {seed_track}"
 
 
 def warm_up() -> float:

@@ -468,7 +468,46 @@ def up(cfg: StackConfig, services: list[str]) -> None:
         (SERVICES | OPTIONAL_SERVICES)[name][1](cfg)
 
 
+#: what the PID file ``pids/worker.pid`` must run (a detached ``stream demo`` worker)
+WORKER_MARKER = "stream.cli worker"
+
+
+def spawn_worker(cfg: StackConfig, env: dict[str, str]) -> int:
+    """Start ``stream worker`` detached (its own session, log ``logs/worker.out``), tracked
+    by ``pids/worker.pid`` so ``stream stack down`` stops it (before Kafka and Redis). A
+    worker this stack started before is stopped first."""
+    stop_worker(cfg)
+    logs = cfg.state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (cfg.state_dir / "pids").mkdir(parents=True, exist_ok=True)
+    with (logs / "worker.out").open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # outlives the demo; `down` stops it by PID
+        )
+    _CHILDREN[proc.pid] = proc
+    _pid_file(cfg, "worker").write_text(str(proc.pid))
+    log(f"started worker (pid {proc.pid}), log: {logs / 'worker.out'}")
+    return proc.pid
+
+
+def worker_pid(cfg: StackConfig) -> int | None:
+    """The detached worker this stack started, if it still runs."""
+    return _running_pid(cfg, "worker", WORKER_MARKER)
+
+
+def stop_worker(cfg: StackConfig) -> bool:
+    """Stop the detached worker (SIGTERM: it commits and drains first). Whether one ran."""
+    return _stop(cfg, "worker", WORKER_MARKER, timeout=45.0)
+
+
 def down(cfg: StackConfig, services: list[str]) -> None:
+    if "kafka" in services or "redis" in services:
+        stop_worker(cfg)  # it needs both: stopped first, cleanly
     for name in reversed(services):
         stopped = _stop(cfg, name, (SERVICES | OPTIONAL_SERVICES)[name][0])
         if not stopped and name in SERVICES:

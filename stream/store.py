@@ -8,11 +8,18 @@ Contract (see README "Reading recommendations"):
      "generated_at": 1700000000123, "event_ts": 1700000000000, "event_id": "...",
      "session": {"session_id": "u42#3", "session_plays": 4, "sessions_total": 3,
                  "plays_total": 17, "skips_total": 5, "skip_streak": 0},
-     "items": [{"track_id": "t1", "score": 0.42, "reason": "because you played t9"}, ...]}
+     "items": [{"track_id": "t1", "score": 0.42, "reason": "because you played Airbag by
+                Radiohead", "reason_code": "played", "reason_track_id": "t9",
+                "name": "Let Down", "artist": "Radiohead"}, ...]}
+
+  (``name``/``artist``/``album`` only when known; JSON Schema in
+  ``configs/schemas/recommendations.schema.json``)
 
   written atomically (one ``SET ... EX ttl`` inside a Lua script) with a TTL. ``seq`` is the
   listener's count of applied events: the script refuses a document whose ``seq`` is lower
   than the stored one, so a re-delivered or late write can never regress a newer list.
+- ``{catalog_prefix}{track_id}`` (default ``track:t1``) is the track catalogue hash: name,
+  artist, album, first_seen, last_seen, plays (:func:`catalog_commands`).
 - every accepted write publishes ``{"user_id", "seq", "event_id", "event_ts",
   "generated_at"}`` on the channel ``reco-updates`` (configurable).
 
@@ -191,6 +198,10 @@ def write_error_reason(reply: Any, *, guarded: bool) -> str | None:
     return "unexpected_reply"
 
 
+#: the most packed extra commands (track catalogue writes) a writer keeps while Redis is down
+MAX_COMMANDS: Final = 200_000
+
+
 @dataclass(frozen=True, slots=True)
 class PendingWrite:
     """A recommendation document waiting for the next flush."""
@@ -220,7 +231,8 @@ def encode_document(
     session: dict[str, Any] | None = None,
     lineage: str = "",
 ) -> tuple[bytes, bytes]:
-    """The JSON document and its pub/sub notification. ``items`` have track_id/score/reason."""
+    """The JSON document and its pub/sub notification. ``items`` are JSON-ready dicts
+    (:meth:`stream.catalog.TrackCatalog.items`) or objects with track_id/score/reason."""
     doc = {
         "user_id": user_id,
         "seq": seq,
@@ -232,7 +244,9 @@ def encode_document(
         "event_id": event_id,
         "session": session or {},
         "items": [
-            {"track_id": it.track_id, "score": float(it.score), "reason": it.reason} for it in items
+            it if isinstance(it, dict)  # built with names and reason codes (stream.catalog)
+            else {"track_id": it.track_id, "score": float(it.score), "reason": it.reason}
+            for it in items
         ],
     }
     note = {
@@ -311,6 +325,10 @@ class RecoWriter:
         self.deletes: set[str] = set()
         #: unguarded documents (key -> JSON), e.g. per-track "more like this" lists
         self.plain: dict[str, bytes] = {}
+        #: other packed commands (the track catalogue's HSETs/HINCRBYs), sent in order;
+        #: at most MAX_COMMANDS wait (a long Redis outage drops the oldest, counted here)
+        self.commands: list[bytes] = []
+        self.dropped_commands = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -339,6 +357,21 @@ class RecoWriter:
         self._idle.clear()
         self._wake.set()
 
+    def submit_commands(self, commands: Sequence[bytes]) -> None:
+        """Send these packed commands (:func:`pack_command`) with the next flush. A flush
+        that fails is retried whole, so a command may be applied twice: use idempotent
+        commands, or accept that (the catalogue's play counts do)."""
+        if commands:
+            self.commands.extend(commands)
+            excess = len(self.commands) - MAX_COMMANDS
+            if excess > 0:  # derived, cosmetic data: bounded memory wins over completeness
+                del self.commands[:excess]
+                if not self.dropped_commands:
+                    logger.warning("Redis unreachable: dropping the oldest catalogue writes")
+                self.dropped_commands += excess
+            self._idle.clear()
+            self._wake.set()
+
     def wake(self) -> None:
         """Ask for a flush soon (work is queued in the before_flush hook)."""
         self._idle.clear()
@@ -346,7 +379,8 @@ class RecoWriter:
 
     def _busy(self) -> bool:
         return bool(
-            self.pending or self.deletes or self.plain or (self.has_work and self.has_work())
+            self.pending or self.deletes or self.plain or self.commands
+            or (self.has_work and self.has_work())
         )
 
     def forget(self, key: str) -> None:
@@ -432,9 +466,10 @@ class RecoWriter:
 
     def _has_due(self, now: float) -> bool:
         if not self._failures:
-            return bool(self.pending or self.deletes or self.plain)
+            return bool(self.pending or self.deletes or self.plain or self.commands)
         return (
-            any(self._due("doc", k, now) for k in self.pending)
+            bool(self.commands)
+            or any(self._due("doc", k, now) for k in self.pending)
             or any(self._due("del", k, now) for k in self.deletes)
             or any(self._due("plain", k, now) for k in self.plain)
         )
@@ -454,9 +489,10 @@ class RecoWriter:
         batch = [self.pending[k] for k in keys]
         deletes = self._take("del", self.deletes, now, None)
         plain = {k: self.plain[k] for k in self._take("plain", self.plain, now, self.max_batch)}
+        commands = self.commands[: 4 * self.max_batch]
         started = time.perf_counter()
         try:
-            replies = await self._send(batch, deletes, plain)
+            replies = await self._send(batch, deletes, plain, commands)
         except (RedisError, OSError) as exc:
             self.consecutive_failures += 1
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
@@ -476,7 +512,9 @@ class RecoWriter:
         now = time.monotonic()
         del_replies = replies[: len(deletes)]
         plain_replies = replies[len(deletes) : len(deletes) + len(plain)]
-        doc_replies = replies[len(deletes) + len(plain) :]
+        command_replies = replies[len(deletes) + len(plain) : len(deletes) + len(plain) +
+                                  len(commands)]
+        doc_replies = replies[len(deletes) + len(plain) + len(commands) :]
         failures = self._failures
         for key, reply in zip(deletes, del_replies, strict=True):
             reason = write_error_reason(reply, guarded=False)
@@ -492,6 +530,15 @@ class RecoWriter:
                 self.plain.get(key) is doc
             ):
                 del self.plain[key]
+        # catalogue writes are cosmetic and mostly not idempotent (HINCRBY): one that
+        # failed for its key is counted and dropped, never retried
+        del self.commands[: len(commands)]
+        for reply in command_replies:
+            reason = write_error_reason(reply, guarded=False)
+            if reason is not None:
+                self.dropped_commands += 1
+                if self.on_key_error is not None:
+                    self.on_key_error("catalog", reason, True)
         done: list[PendingWrite] = []
         results: list[int] = []
         for write, reply in zip(batch, doc_replies, strict=True):
@@ -536,7 +583,11 @@ class RecoWriter:
         return dropped
 
     async def _send(
-        self, batch: list[PendingWrite], deletes: list[str], plain: dict[str, bytes] | None = None
+        self,
+        batch: list[PendingWrite],
+        deletes: list[str],
+        plain: dict[str, bytes] | None = None,
+        commands: Sequence[bytes] = (),
     ) -> list[Any]:
         """One round trip: DELs, plain SETs, then one guarded write per document; returns
         every command's reply in that order (an error reply as its exception object).
@@ -557,6 +608,7 @@ class RecoWriter:
                 parts.append(pack_command(b"DEL", key))
             for key, doc in plain.items():
                 parts.append(pack_command(b"SET", key, doc, b"EX", self.ttl_s))
+            parts.extend(commands)
             for w in batch:
                 parts.append(
                     pack_command(
@@ -689,6 +741,82 @@ def connect_async(
     return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
 
 
+# --------------------------------------------------------------------------- track catalogue
+
+
+def catalog_commands(
+    prefix: str,
+    changes: dict[str, tuple[int | None, Any]],
+    counts: dict[str, tuple[int, int]],
+    ttl_s: int,
+) -> list[bytes]:
+    """Packed commands that bring the ``{prefix}{track_id}`` hashes up to date: names
+    (HSET, only the parts known) and ``first_seen`` (HSETNX: the earliest writer wins) for
+    ``changes`` (track -> (first-seen ms or None, names with name/artist/album)),
+    ``plays`` (HINCRBY) and ``last_seen`` for ``counts`` (track -> (plays, last ms)); each
+    touched hash's expiry is renewed to ``ttl_s``.
+
+    >>> catalog_commands("track:", {}, {"t1": (3, 1000)}, 60)[0]
+    b'*4\\r\\n$7\\r\\nHINCRBY\\r\\n$8\\r\\ntrack:t1\\r\\n$5\\r\\nplays\\r\\n$1\\r\\n3\\r\\n'
+    """
+    out: list[bytes] = []
+    for track, (first_ms, info) in changes.items():
+        key = f"{prefix}{track}"
+        fields: list[bytes | str | int] = []
+        for name in ("name", "artist", "album"):
+            value = getattr(info, name, None)
+            if value is not None:
+                fields += [name, value]
+        if fields:
+            out.append(pack_command(b"HSET", key, *fields))
+        if first_ms is not None:
+            out.append(pack_command(b"HSETNX", key, b"first_seen", first_ms))
+        if track not in counts:
+            out.append(pack_command(b"EXPIRE", key, ttl_s))
+    for track, (plays, last_ms) in counts.items():
+        key = f"{prefix}{track}"
+        out.append(pack_command(b"HINCRBY", key, b"plays", plays))
+        out.append(pack_command(b"HSET", key, b"last_seen", last_ms))
+        out.append(pack_command(b"EXPIRE", key, ttl_s))
+    return out
+
+
+def decode_track(raw: dict[Any, Any] | list[Any] | None) -> dict[str, str]:
+    """A ``track:`` hash as str -> str, keeping only text that is valid UTF-8."""
+    out: dict[str, str] = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            try:
+                key = k.decode() if isinstance(k, bytes) else str(k)
+                out[key] = v.decode() if isinstance(v, bytes) else str(v)
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+async def read_track_names(
+    client: Any, prefix: str, track_ids: Sequence[str]
+) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """name/artist/album of each of ``track_ids`` from the catalogue (None where unknown;
+    tracks without a hash are left out). Values are cut to the event limit (256)."""
+    if not track_ids:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for track in track_ids:
+            pipe.hmget(f"{prefix}{track}", "name", "artist", "album")
+        replies = await pipe.execute()
+    out: dict[str, tuple[str | None, str | None, str | None]] = {}
+    for track, values in zip(track_ids, replies, strict=True):
+        if not values or all(v is None for v in values):
+            continue
+        parts: list[str | None] = []
+        for v in values:
+            text = v.decode("utf-8", "replace") if isinstance(v, bytes) else None
+            parts.append(text[:256] if text else None)
+        out[track] = (parts[0], parts[1], parts[2])
+    return out
+
+
 # --------------------------------------------------------------------------- client side
 
 
@@ -697,6 +825,18 @@ class RecoItem:
     track_id: str
     score: float
     reason: str
+    reason_code: str | None = None
+    reason_track_id: str | None = None
+    name: str | None = None
+    artist: str | None = None
+    album: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecoItem:
+        return cls(
+            d["track_id"], float(d["score"]), d["reason"], d.get("reason_code"),
+            d.get("reason_track_id"), d.get("name"), d.get("artist"), d.get("album"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -716,7 +856,7 @@ class RecoDocument:
         return cls(
             user_id=d["user_id"],
             seq=int(d["seq"]),
-            items=[RecoItem(i["track_id"], float(i["score"]), i["reason"]) for i in d["items"]],
+            items=[RecoItem.from_dict(i) for i in d["items"]],
             generated_at_ms=int(d["generated_at"]),
             event_ts_ms=int(d["event_ts"]),
             event_id=d["event_id"],
@@ -747,6 +887,7 @@ class RecoReader:
         tls_ca_file: str = "",
         tls_cert_file: str = "",
         tls_key_file: str = "",
+        catalog_prefix: str = "track:",
     ) -> None:
         url, kwargs = client_options(
             url,
@@ -760,14 +901,38 @@ class RecoReader:
         self.prefix = prefix
         self.similar_prefix = similar_prefix
         self.channel = channel
+        self.catalog_prefix = catalog_prefix
 
     def get(self, user_id: str) -> RecoDocument | None:
+        raw = self.get_raw(user_id)
+        return None if raw is None else RecoDocument.from_json(raw)
+
+    def get_raw(self, user_id: str) -> bytes | None:
+        """The stored list document exactly as written (JSON bytes), or None."""
         raw = self.client.get(f"{self.prefix}{user_id}")
-        return None if raw is None else RecoDocument.from_json(raw)  # type: ignore[arg-type]
+        return None if raw is None else bytes(raw)
 
     def similar(self, track_id: str) -> dict[str, Any] | None:
+        raw = self.similar_raw(track_id)
+        return None if raw is None else orjson.loads(raw)
+
+    def similar_raw(self, track_id: str) -> bytes | None:
+        """The stored "more like this" document exactly as written, or None."""
         raw = self.client.get(f"{self.similar_prefix}{track_id}")
-        return None if raw is None else orjson.loads(raw)  # type: ignore[arg-type]
+        return None if raw is None else bytes(raw)
+
+    def tracks(self, track_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The catalogue hashes (``{catalog_prefix}{track_id}``: name, artist, album,
+        first_seen, last_seen, plays) of those of ``track_ids`` that have one."""
+        pipe = self.client.pipeline(transaction=False)
+        for track in track_ids:
+            pipe.hgetall(f"{self.catalog_prefix}{track}")
+        out: dict[str, dict[str, str]] = {}
+        for track, raw in zip(track_ids, pipe.execute(), strict=True):
+            decoded = decode_track(raw)
+            if decoded:
+                out[track] = decoded
+        return out
 
     def updates(self, timeout_s: float = 10.0) -> Iterator[dict[str, Any]]:
         """Yield update notifications until ``timeout_s`` passes without one."""

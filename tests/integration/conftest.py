@@ -80,6 +80,7 @@ def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides:
         "control_topic": f"{tag}-control",
         "redis_prefix": f"{tag}:reco:",
         "similar_prefix": f"{tag}:similar:",
+        "catalog_prefix": f"{tag}:track:",
         "notify_channel": f"{tag}:reco-updates",
         "metrics_port": free_port(),
         "partitions": 4,
@@ -214,12 +215,14 @@ def reader(settings: Settings) -> Iterator[RecoReader]:
         prefix=settings.redis_prefix,
         similar_prefix=settings.similar_prefix,
         channel=settings.notify_channel,
+        catalog_prefix=settings.catalog_prefix,
     )
     yield r
     keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
     keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=1000))
     keys += list(r.client.scan_iter(match=f"forgotten:{settings.app_id}*", count=1000))
     keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=1000))
+    keys += list(r.client.scan_iter(match=f"{settings.catalog_prefix}*", count=1000))
     for i in range(0, len(keys), 500):
         r.client.delete(*keys[i : i + 500])
     r.close()

@@ -95,6 +95,7 @@ def test_the_worker_runs_end_to_end_as_the_worker_user(
         redis_password=PASSWORDS["stream-worker"],
         redis_prefix="reco:",
         similar_prefix="similar:",
+        catalog_prefix="track:",
         notify_channel="reco-updates",
         checkpoint_interval_s=2.0,
         checkpoint_secret="acl-test-checkpoint-secret",
@@ -172,12 +173,15 @@ def test_the_reader_user_reads_and_subscribes_and_is_refused_writes(
     admin.set("reco:u1", b'{"user_id": "u1", "seq": 1, "items": []}')
     admin.set("similar:t1", b'{"track_id": "t1", "items": []}')
     admin.set(checkpoint_key("app"), b"model bytes")
+    admin.hset("track:t1", mapping={"name": "Airbag", "artist": "Radiohead"})
     admin.close()
     reader = client_as(acl_redis, "stream-reader")
     try:
         assert reader.ping()
         assert reader.get("reco:u1") is not None and reader.get("similar:t1") is not None
         assert reader.get("reco:missing") is None
+        assert reader.hgetall("track:t1") == {b"name": b"Airbag", b"artist": b"Radiohead"}
+        assert reader.hmget("track:t1", "name") == [b"Airbag"]
         pubsub = reader.pubsub()
         pubsub.subscribe("reco-updates")
         assert pubsub.get_message(timeout=2)["type"] == "subscribe"
@@ -190,6 +194,8 @@ def test_the_reader_user_reads_and_subscribes_and_is_refused_writes(
             lambda: reader.append("reco:u1", b"x"),
             lambda: reader.rename("reco:u1", "reco:u2"),
             lambda: reader.hset("reco:u9", "x", "1"),
+            lambda: reader.hset("track:t1", "name", "x"),
+            lambda: reader.hincrby("track:t1", "plays", 1),
             lambda: reader.publish("reco-updates", b"{}"),
             lambda: reader.eval("return 1", 0),
             lambda: reader.script_load("return 1"),
@@ -236,6 +242,12 @@ def test_the_worker_user_may_do_its_job_and_nothing_else(
             tx.persist(checkpoint_key("app"))
             tx.execute()
         assert worker.get(checkpoint_key("app")) == b"abc" and worker.ping()
+        # the track catalogue: its hash commands, on its keys only
+        assert worker.hset("track:t1", mapping={"name": "Airbag", "artist": "Radiohead"}) == 2
+        assert worker.hsetnx("track:t1", "first_seen", 1) == 1
+        assert worker.hincrby("track:t1", "plays", 3) == 3 and worker.expire("track:t1", 60)
+        assert worker.hmget("track:t1", "name", "artist", "album") == [b"Airbag", b"Radiohead",
+                                                                        None]
         refused: list[Callable[[], Any]] = [
             lambda: worker.get("similar:t1"),  # similar lists are written, never read
             lambda: worker.set("other:key", b"x"),
@@ -249,6 +261,10 @@ def test_the_worker_user_may_do_its_job_and_nothing_else(
             lambda: worker.eval("return 1", 0),  # it loads its script and uses EVALSHA
             lambda: worker.hset("reco:u1", "x", "1"),
             lambda: worker.expire("reco:u1", 1),
+            lambda: worker.hset("other:key", "x", "1"),
+            lambda: worker.get("track:t1"),  # the selector grants hash commands only
+            lambda: worker.hgetall("track:t1"),
+            lambda: worker.delete("track:t1"),
             lambda: worker.acl_list(),
             lambda: worker.script_flush(),
         ]

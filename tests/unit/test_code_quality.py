@@ -19,6 +19,7 @@ CORE = [
     "stream/checkpoint.py",
     "stream/recommender.py",
     "stream/ranking.py",
+    "stream/catalog.py",
     "stream/evaluation.py",
     "stream/contexts.py",
     "stream/models",

@@ -14,6 +14,8 @@ MODULES = [
     "stream.control",
     "stream.checkpoint",
     "stream.recommender",
+    "stream.catalog",
+    "stream.ranking",
 ]
 
 

@@ -65,6 +65,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def test_down_stops_the_detached_demo_worker_first(tmp_path: Path) -> None:
+    """`stream stack down` stops a worker `stream demo` left running (tracked by its PID
+    file), and only a process that really runs `stream.cli worker`."""
+    import subprocess
+    import sys
+    import time
+
+    c = cfg(tmp_path)
+    (c.state_dir / "pids").mkdir(parents=True)
+    # a stand-in for the worker: its command line carries the marker; it sleeps until stopped
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "stream.cli", "worker"],
+        start_new_session=True,
+    )
+    try:
+        (c.state_dir / "pids" / "worker.pid").write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + 10  # until the child has exec'd (its cmdline is set)
+        while stack.worker_pid(c) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stack.worker_pid(c) == proc.pid
+        stack.down(c, ["redis"])  # nothing of ours on the redis port: only the worker stops
+        assert proc.wait(10) != 0
+        assert stack.worker_pid(c) is None
+        assert not (c.state_dir / "pids" / "worker.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    # a PID file pointing at something else is left alone
+    (c.state_dir / "pids" / "worker.pid").write_text("1")
+    assert stack.worker_pid(c) is None and not stack.stop_worker(c)
+
+
 def test_prometheus_has_no_http_lifecycle_api(tmp_path: Path) -> None:
     """Without --web.enable-lifecycle nobody who merely reaches the port can POST
     /-/quit or /-/reload; the stack reloads by signal (reload_prometheus)."""

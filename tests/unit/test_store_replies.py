@@ -4,6 +4,7 @@ is replaced by scripted replies; the real-Redis side is tests/integration/test_s
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -136,12 +137,17 @@ class ScriptedWriter(RecoWriter):
         self.sent: list[list[str]] = []
 
     async def _send(
-        self, batch: list[PendingWrite], deletes: list[str], plain: dict[str, bytes] | None = None
+        self,
+        batch: list[PendingWrite],
+        deletes: list[str],
+        plain: dict[str, bytes] | None = None,
+        commands: Sequence[bytes] = (),
     ) -> list[Any]:
         plain = plain or {}
         self.sent.append(deletes + list(plain) + [w.key for w in batch])
         replies = [self.answer("del", k) for k in deletes]
         replies += [self.answer("plain", k) for k in plain]
+        replies += [self.answer("catalog", c.split(b"\r\n")[4].decode()) for c in commands]
         replies += [self.answer("doc", w.key) for w in batch]
         for r in replies:
             if is_server_error(r) or isinstance(r, RedisConnectionError):
@@ -285,3 +291,28 @@ def test_forget_drops_a_failing_write_and_its_retry() -> None:
 def test_key_attempts_is_validated() -> None:
     with pytest.raises(ValueError, match="key_attempts"):
         RecoWriter(None, ttl_s=1, channel="", key_attempts=0)  # type: ignore[arg-type]
+
+
+def test_a_failing_catalogue_write_is_counted_and_dropped_never_retried() -> None:
+    """Track catalogue commands (HINCRBY is not idempotent) that fail for their key are
+    counted and dropped; the documents of the same flush are written."""
+    from stream.store import catalog_commands
+
+    def answer(kind: str, key: str) -> Any:
+        if key == "track:bad":
+            return wrongtype()
+        return 1
+
+    writer = ScriptedWriter(answer)
+
+    async def go() -> None:
+        writer.submit_commands(
+            catalog_commands("track:", {}, {"good": (2, 5), "bad": (1, 5)}, 60))
+        writer.submit(doc("reco:u1"))
+        await run_until_drained(writer)
+
+    asyncio.run(go())
+    assert writer.flushed == [(["reco:u1"], [1])]
+    assert writer.events == [("catalog", "wrong_type", True)] * 3  # HINCRBY, HSET, EXPIRE
+    assert writer.dropped_commands == 3 and writer.commands == []
+    assert len(writer.sent) == 1  # not retried
