@@ -155,18 +155,26 @@ class WorkerProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
             return str(resp.read().decode())
 
-    def metric_value(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
+    def samples(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        """The exported samples of ``name`` whose labels include ``labels``."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        total = 0.0
-        for family in text_string_to_metric_families(self.metrics()):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    total += sample.value
-        return total
+        return [
+            (dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def metric_value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none is
+        exported: to tell "0" from "absent", use :meth:`metric_sample`)."""
+        return sum(value for _, value in self.samples(name, **labels))
+
+    def metric_sample(self, name: str, **labels: str) -> float | None:
+        """Like :meth:`metric_value`, but ``None`` when no such sample is exported."""
+        found = self.samples(name, **labels)
+        return sum(value for _, value in found) if found else None
 
     def stop(self, timeout: float = 40.0) -> int:
         """Graceful stop (SIGTERM): Faust commits offsets and flushes the changelog."""
@@ -218,11 +226,13 @@ def reader(settings: Settings) -> Iterator[RecoReader]:
         catalog_prefix=settings.catalog_prefix,
     )
     yield r
-    keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
-    keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=1000))
-    keys += list(r.client.scan_iter(match=f"forgotten:{settings.app_id}*", count=1000))
-    keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=1000))
-    keys += list(r.client.scan_iter(match=f"{settings.catalog_prefix}*", count=1000))
+    # large SCAN pages: the shared Redis may hold ~10^6 keys of other runs, and the
+    # teardown counts against the per-test timeout
+    keys = list(r.client.scan_iter(match=f"{settings.redis_prefix}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"model:{settings.app_id}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"forgotten:{settings.app_id}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"{settings.similar_prefix}*", count=20_000))
+    keys += list(r.client.scan_iter(match=f"{settings.catalog_prefix}*", count=20_000))
     for i in range(0, len(keys), 500):
         r.client.delete(*keys[i : i + 500])
     r.close()
@@ -240,6 +250,77 @@ def wait_until(
             return last
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Budget:
+    """One wall-clock bound shared by several waits (e.g. a module fixture's, which all run
+    inside the first test's per-test timeout): each step gets its own bound, cut to what is
+    left of the whole."""
+
+    def __init__(self, total_s: float, what: str) -> None:
+        self.total_s = total_s
+        self.what = what
+        self.deadline = time.monotonic() + total_s
+
+    def step(self, seconds: float) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"{self.what}: the {self.total_s:.0f} s budget is spent")
+        return min(seconds, left)
+
+
+def subscribe_confirmed(client: Any, channel: str, timeout: float = 30.0) -> Any:
+    """A pub/sub connection subscribed to ``channel``, returned once the server has
+    confirmed the subscription (so nothing published after this returns is missed).
+
+    Subscribe confirmations are read, not ignored: with ``ignore_subscribe_messages=True``
+    ``get_message`` returns ``None`` for the confirmation, which looks like "no message"."""
+    pubsub = client.pubsub(ignore_subscribe_messages=False)
+    pubsub.subscribe(channel)
+    try:
+        wait_until(
+            lambda: (m := pubsub.get_message(timeout=0.2)) is not None
+            and m["type"] == "subscribe",
+            timeout,
+            interval=0,
+            what=f"the subscription to {channel!r} confirmed",
+        )
+    except BaseException:
+        pubsub.close()
+        raise
+    return pubsub
+
+
+def collect_notifications(
+    pubsub: Any,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float,
+    what: str = "notifications",
+) -> list[dict[str, Any]]:
+    """Read notifications (JSON messages) from ``pubsub`` until ``done(notes)`` (bounded)."""
+    import orjson
+
+    notes: list[dict[str, Any]] = []
+
+    def step() -> bool:
+        m = pubsub.get_message(timeout=0.2)
+        if m is not None and m["type"] == "message":
+            notes.append(orjson.loads(m["data"]))
+        return done(notes)
+
+    wait_until(step, timeout, interval=0, what=what)
+    return notes
+
+
+def drain_notifications(pubsub: Any, quiet_s: float = 0.5) -> list[dict[str, Any]]:
+    """What else arrives until the channel has been quiet for ``quiet_s``."""
+    import orjson
+
+    notes = []
+    while (m := pubsub.get_message(timeout=quiet_s)) is not None:
+        if m["type"] == "message":
+            notes.append(orjson.loads(m["data"]))
+    return notes
 
 
 # --------------------------------------------------------------------------- private services

@@ -6,7 +6,6 @@ import asyncio
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import orjson
 import pytest
 
 from stream.config import Settings
@@ -15,7 +14,13 @@ from stream.events import PlayEvent, parse_event
 from stream.kafka_io import read_topic
 from stream.store import RecoReader
 
-from .conftest import produce, wait_until
+from .conftest import (
+    collect_notifications,
+    drain_notifications,
+    produce,
+    subscribe_confirmed,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -216,26 +221,33 @@ def test_duplicate_events_do_not_double_count(
 def test_pubsub_notification_per_update(
     settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
 ) -> None:
+    """Every document update is announced on the channel: the notifications name every
+    listener, in seq order, and each listener's last one announces the document that holds
+    all of their plays."""
     events = load_events(datasets_dir / "spotify-mssd-sample", "spotify")[:50]
+    expected = counts_by_user(events)
     worker_factory()
-    pubsub = reader.client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(settings.notify_channel)
+    # subscribed (confirmed by the server) before anything is produced: no note is missed
+    pubsub = subscribe_confirmed(reader.client, settings.notify_channel)
     try:
         produce(settings, events)
-        notes = []
-        wait_until(
-            lambda: (
-                (m := pubsub.get_message(timeout=0.2)) is None
-                or notes.append(orjson.loads(m["data"]))
-                or len(notes) >= len({e.user_id for e in events})
-            ),
+        notes = collect_notifications(
+            pubsub,
+            lambda ns: {n["user_id"]: n["seq"] for n in ns} == expected,
             60,
-            interval=0,
-            what="update notifications",
+            what=f"a notification of seq == plays for each of {len(expected)} listeners",
         )
+        notes += drain_notifications(pubsub)
     finally:
         pubsub.close()
-    users = {n["user_id"] for n in notes}
-    assert users <= {e.user_id for e in events}
+    assert {n["user_id"] for n in notes} == set(expected)
+    by_user: dict[str, list[dict]] = defaultdict(list)
     for n in notes:
         assert {"user_id", "seq", "event_id", "event_ts", "generated_at"} <= set(n)
+        by_user[n["user_id"]].append(n)
+    for user, ns in by_user.items():
+        seqs = [n["seq"] for n in ns]
+        assert seqs == sorted(seqs) and seqs[-1] == expected[user], (user, seqs)
+        doc = reader.get(user)
+        assert doc is not None and doc.event_id == ns[-1]["event_id"]
+        assert doc.seq == ns[-1]["seq"]

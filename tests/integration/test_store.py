@@ -24,6 +24,8 @@ from stream.store import (
     save_checkpoint,
 )
 
+from .conftest import collect_notifications, drain_notifications, subscribe_confirmed, wait_until
+
 pytestmark = pytest.mark.integration
 
 
@@ -73,23 +75,19 @@ def test_writer_never_regresses_and_publishes(settings: Settings, reader: RecoRe
         await writer.stop()
         await client.aclose()
 
-    pubsub = reader.client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(settings.notify_channel)
-    pubsub.get_message(timeout=1)
-    asyncio.run(scenario())
-    doc = reader.get("u1")
-    assert doc is not None and doc.seq == 5
-    assert doc.items[0].track_id == "same-seq-rewrite"
-    assert flushed == [[1], [0], [1]]
-    ttl = reader.client.ttl(f"{settings.redis_prefix}u1")
-    assert 0 < ttl <= 60
-    notes = []
-    deadline = time.monotonic() + 5
-    while len(notes) < 2 and time.monotonic() < deadline:
-        m = pubsub.get_message(timeout=0.5)
-        if m:
-            notes.append(orjson.loads(m["data"]))
-    pubsub.close()
+    pubsub = subscribe_confirmed(reader.client, settings.notify_channel)
+    try:
+        asyncio.run(scenario())
+        doc = reader.get("u1")
+        assert doc is not None and doc.seq == 5
+        assert doc.items[0].track_id == "same-seq-rewrite"
+        assert flushed == [[1], [0], [1]]
+        ttl = reader.client.ttl(f"{settings.redis_prefix}u1")
+        assert 0 < ttl <= 60
+        notes = collect_notifications(pubsub, lambda ns: len(ns) >= 2, 10, what="2 notes")
+        notes += drain_notifications(pubsub)
+    finally:
+        pubsub.close()
     assert [n["seq"] for n in notes] == [5, 5]  # the refused write published nothing
 
 
@@ -128,7 +126,15 @@ def test_reader_updates_yields_notifications(settings: Settings, reader: RecoRea
 
     t = threading.Thread(target=listen)
     t.start()
-    time.sleep(0.5)  # subscribed
+    # the listener thread has subscribed once the server counts a subscriber on the channel
+    wait_until(
+        lambda: dict(reader.client.pubsub_numsub(settings.notify_channel)).get(
+            settings.notify_channel.encode(), 0
+        ) >= 1,
+        30,
+        interval=0.02,
+        what="the updates() listener subscribed",
+    )
 
     async def scenario() -> None:
         client = connect_async(settings.redis_url, settings.redis_password)
@@ -143,6 +149,50 @@ def test_reader_updates_yields_notifications(settings: Settings, reader: RecoRea
     asyncio.run(scenario())
     t.join(10)
     assert [n["user_id"] for n in got] == ["n1", "n2", "n3"]
+
+
+def test_forget_drops_a_pending_write_so_the_delete_is_final(
+    settings: Settings, reader: RecoReader
+) -> None:
+    """A listener forgotten while their document waits for the next flush: the flush
+    deletes the stored document and writes nothing for them (no document, no notification),
+    while another listener's pending write in the same flush goes through."""
+    victim_key = f"{settings.redis_prefix}victim"
+    reader.client.set(victim_key, b"{}")  # the document stored before the forget
+    flushed: list[list[int]] = []
+
+    async def scenario() -> None:
+        client = connect_async(settings.redis_url, settings.redis_password)
+        writer = RecoWriter(
+            client,
+            ttl_s=60,
+            channel=settings.notify_channel,
+            on_flush=lambda b, r, s: flushed.append(r),
+        )
+        writer.start()
+        # no await in between: the flusher cannot run before the forget
+        writer.submit(write_for(settings, "victim", 7, "queued-before-forget"))
+        writer.submit(write_for(settings, "bystander", 1, "kept"))
+        writer.forget(victim_key)
+        await asyncio.wait_for(writer.drained(), 10)
+        await writer.stop()
+        await client.aclose()
+
+    pubsub = subscribe_confirmed(reader.client, settings.notify_channel)
+    try:
+        asyncio.run(scenario())
+        bystander = reader.get("bystander")
+        assert bystander is not None and bystander.items[0].track_id == "kept"
+        assert reader.client.exists(victim_key) == 0, "the forgotten listener's doc came back"
+        assert flushed == [[1]]  # one write only: the bystander's
+        notes = collect_notifications(
+            pubsub, lambda ns: any(n["user_id"] == "bystander" for n in ns), 10,
+            what="the bystander's notification",
+        )
+        notes += drain_notifications(pubsub)
+        assert [n["user_id"] for n in notes] == ["bystander"]
+    finally:
+        pubsub.close()
 
 
 def test_guard_is_per_lineage(settings: Settings, reader: RecoReader) -> None:

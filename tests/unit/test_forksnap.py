@@ -7,11 +7,13 @@ import gc
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from stream.forksnap import ChildBuildError, build_in_child, can_fork
 from tests.procfs import child_states
+from tests.procfs import children as procfs_children
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="POSIX fork() only")
 
@@ -28,17 +30,40 @@ def test_the_child_returns_a_large_blob_intact() -> None:
     assert 0 <= paused < 5
 
 
-def test_the_child_sees_the_state_as_it_was_at_the_fork() -> None:
+def wait_for_file(path: Path, timeout_s: float = 30.0) -> bool:
+    """In a child: wait (bounded) until the parent creates ``path``."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+async def new_child(before: set[int], timeout_s: float = 30.0) -> int:
+    """Wait (bounded, without blocking the loop) until this process has a child not in
+    ``before``: the fork has happened."""
+    deadline = time.monotonic() + timeout_s
+    while not (new := procfs_children(os.getpid()) - before):
+        assert time.monotonic() < deadline, "no child was forked"
+        await asyncio.sleep(0.005)
+    return min(new)
+
+
+def test_the_child_sees_the_state_as_it_was_at_the_fork(tmp_path: Path) -> None:
     state = {"plays": 1}
+    changed = tmp_path / "parent-changed-its-state"
 
     def build() -> bytes:
-        time.sleep(0.3)  # the parent changes its state meanwhile
+        assert wait_for_file(changed)  # the parent changes its state meanwhile
         return json.dumps(state).encode()
 
     async def main() -> bytes:
-        task = asyncio.ensure_future(build_in_child(build, timeout_s=30))
-        await asyncio.sleep(0.1)  # the fork has happened: the child has its own copy
+        before = procfs_children(os.getpid())
+        task = asyncio.ensure_future(build_in_child(build, timeout_s=60))
+        await new_child(before)  # the fork has happened: the child has its own copy
         state["plays"] = 2
+        changed.touch()
         data, _ = await task
         return data
 
@@ -46,8 +71,13 @@ def test_the_child_sees_the_state_as_it_was_at_the_fork() -> None:
     assert state == {"plays": 2}
 
 
-def test_the_event_loop_keeps_running_while_the_child_works() -> None:
-    async def main() -> int:
+def test_the_event_loop_keeps_running_while_the_child_works(tmp_path: Path) -> None:
+    """The child finishes only once the parent's loop has ticked 20 times: if the build
+    held the loop (built in-process, or waited on synchronously), it would never see them
+    and would give up after 30 s."""
+    ticked = tmp_path / "parent-ticked"
+
+    async def main() -> tuple[bytes, int]:
         ticks = 0
 
         async def tick() -> None:
@@ -55,20 +85,25 @@ def test_the_event_loop_keeps_running_while_the_child_works() -> None:
             while True:
                 await asyncio.sleep(0.01)
                 ticks += 1
+                if ticks == 20:
+                    ticked.touch()
 
+        before = procfs_children(os.getpid())
         ticker = asyncio.ensure_future(tick())
         child = asyncio.ensure_future(
-            build_in_child(lambda: (time.sleep(0.5), b"x")[1], timeout_s=30)
+            build_in_child(lambda: b"ok" if wait_for_file(ticked) else b"timeout",
+                           timeout_s=60)
         )
-        await asyncio.sleep(0.1)
+        await new_child(before)
         collecting_meanwhile.append(gc.isenabled())
-        await child
+        data, _ = await child
         ticker.cancel()
-        return ticks
+        return data, ticks
 
     collecting_meanwhile: list[bool] = []
     assert gc.isenabled()
-    assert asyncio.run(main()) >= 20  # ~50 ticks in 0.5 s when nothing blocks the loop
+    data, ticks = asyncio.run(main())
+    assert data == b"ok" and ticks >= 20
     # no garbage collection while the child lives (it would copy the heap's pages), and
     # collection is back on afterwards
     assert collecting_meanwhile == [False]
@@ -125,14 +160,16 @@ def test_a_cancelled_build_kills_and_reaps_its_child_at_once() -> None:
     before = children()
 
     async def main() -> float:
-        task = asyncio.ensure_future(build_in_child(lambda: (time.sleep(30), b"")[1], timeout_s=60))
-        await asyncio.sleep(0.2)
+        pids = procfs_children(os.getpid())
+        task = asyncio.ensure_future(build_in_child(lambda: (time.sleep(60), b"")[1], timeout_s=90))
+        await new_child(pids)
         started = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         return time.monotonic() - started
 
-    assert asyncio.run(main()) < 2.0
+    # "at once": nowhere near the 60 s the build would take (bound generous for a loaded box)
+    assert asyncio.run(main()) < 20.0
     assert children() <= before
     assert gc.isenabled()
