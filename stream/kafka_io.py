@@ -85,6 +85,11 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
             logger.info("not authorized to describe %s; not creating them", sorted(denied))
         # the control topic must be co-partitioned with plays (same key -> same partition)
         plays_n = existing.get(settings.plays_topic, settings.partitions)
+        topic_configs = (
+            {"min.insync.replicas": str(settings.min_insync_replicas)}
+            if settings.min_insync_replicas
+            else {}
+        )
         to_create = [
             NewTopic(
                 name,
@@ -92,7 +97,8 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
                 settings.replication_factor,
                 # the broker stamps control records: a command's freshness is checked
                 # against a time no producer can choose (stream.control.ControlGate)
-                topic_configs=CONTROL_TOPIC_CONFIGS if name == settings.control_topic else {},
+                topic_configs=topic_configs
+                | (CONTROL_TOPIC_CONFIGS if name == settings.control_topic else {}),
             )
             for name in names
             if name not in existing and name not in denied
@@ -151,9 +157,9 @@ async def _partition_counts(
 
 def make_producer(settings: Settings, **extra: Any) -> AIOKafkaProducer:
     kw = client_kwargs(settings)
-    kw.setdefault("acks", "all")
+    kw.setdefault("acks", "all" if settings.kafka_acks == "all" else int(settings.kafka_acks))
     kw.setdefault("linger_ms", 5)
-    kw.setdefault("enable_idempotence", True)
+    kw.setdefault("enable_idempotence", settings.kafka_acks == "all")  # idempotence needs all
     kw.update(extra)
     return AIOKafkaProducer(**kw)
 
