@@ -38,6 +38,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         if args.action != "up" or not args.no_prometheus
         else ["kafka", "redis"]
     )
+    if args.action == "down" and not args.services:
+        services = services + list(stack.OPTIONAL_SERVICES)  # stopped first (reverse order)
     # --brokers N / --redis-cluster swap the single node for the cluster (its own ports)
     kafka_cluster = bool(args.brokers and args.brokers > 1)
     redis_cluster = bool(args.redis_cluster)
@@ -418,7 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stack", help="local Kafka (KRaft) + Redis + Prometheus without Docker")
     s.add_argument("action", choices=("up", "down", "status"))
-    s.add_argument("services", nargs="*", choices=("kafka", "redis", "prometheus", []), default=[])
+    s.add_argument(
+        "services",
+        nargs="*",
+        choices=("kafka", "redis", "prometheus", "kafka-secure", []),
+        default=[],
+        help="default: kafka redis prometheus; kafka-secure (SASL/SCRAM + ACLs, "
+        "docs/reliability.md) starts only when named; a bare `down` stops it too",
+    )
     s.add_argument("--no-prometheus", action="store_true", help="up: start only Kafka and Redis")
     s.add_argument(
         "--brokers",

@@ -12,7 +12,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from stream.config import Settings
 from stream.errors import ConfigError, StreamError
@@ -74,7 +79,10 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
             settings.control_topic,
             signals_topic(settings),
         ]
-        existing = await _partition_counts(admin, names)
+        denied: set[str] = set()
+        existing = await _partition_counts(admin, names, denied)
+        if denied:  # a least-privilege principal (docs/reliability.md): the admin creates them
+            logger.info("not authorized to describe %s; not creating them", sorted(denied))
         # the control topic must be co-partitioned with plays (same key -> same partition)
         plays_n = existing.get(settings.plays_topic, settings.partitions)
         topic_configs = (
@@ -93,7 +101,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
                 | (CONTROL_TOPIC_CONFIGS if name == settings.control_topic else {}),
             )
             for name in names
-            if name not in existing
+            if name not in existing and name not in denied
         ]
         if to_create:
             with contextlib.suppress(TopicAlreadyExistsError):
@@ -129,13 +137,19 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
         await admin.close()
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+async def _partition_counts(
+    admin: AIOKafkaAdminClient, topics: list[str], denied: set[str] | None = None
+) -> dict[str, int]:
+    """Partition count of each topic that exists; names this principal may not describe
+    go into ``denied`` (when given)."""
     out: dict[str, int] = {}
     try:
         described = await admin.describe_topics(topics)
     except KafkaError:
         return out
     for t in described:
+        if denied is not None and t.get("error_code") == TopicAuthorizationFailedError.errno:
+            denied.add(t["topic"])
         if t.get("error_code", 0) == 0 and t.get("partitions"):
             out[t["topic"]] = len(t["partitions"])
     return out
