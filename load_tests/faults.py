@@ -11,6 +11,9 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults junk-ids --count 1000000 --seconds 1500 --report junk.json
     python -m load_tests.faults all --report faults.json
     python -m load_tests.faults attacks [--short] --report attacks.json   (load_tests.attacks)
+    python -m load_tests.faults redis-failover --rate 300 --report failover.json  # Redis Cluster
+    python -m load_tests.faults kafka-leader-kill --rate 300 --report leader.json  # 3 brokers
+    python -m load_tests.faults rebalance-storm --rate 300 --report storm.json  # 3 workers
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
 :mod:`stream.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
@@ -880,8 +883,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "drill",
-        choices=["crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks",
-                 "junk-ids"],
+        choices=[
+            *("crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks"),
+            "junk-ids",
+            *("redis-failover", "kafka-leader-kill", "rebalance-storm"),  # cluster_faults
+        ],
     )
     p.add_argument("--short", action="store_true", help="attacks: the CI variant")
     p.add_argument("--only", nargs="*", help="attacks: run only these (by name)")
@@ -929,6 +935,20 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 elif name == "redis-outage":
                     r = redis_outage(s, start, workdir, outage_s=args.outage_s, seed=args.seed)
+                elif name == "redis-failover":  # Redis Cluster: load_tests.cluster_faults
+                    from load_tests import cluster_faults
+
+                    r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed)
+                elif name == "rebalance-storm":  # 3 workers: load_tests.cluster_faults
+                    from load_tests import cluster_faults
+
+                    r = cluster_faults.rebalance_storm(s, start, rate=args.rate, seed=args.seed)
+                elif name == "kafka-leader-kill":  # 3 brokers: load_tests.cluster_faults
+                    from load_tests import cluster_faults
+
+                    r = cluster_faults.run_leader_kill(
+                        s, start, workdir, rate=args.rate, seed=args.seed
+                    )
                 elif name == "broker-restart":
                     r = broker_restart(s, start, workdir, down_s=args.down_s, seed=args.seed)
                 else:

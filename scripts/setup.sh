@@ -14,6 +14,8 @@ command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
+# TLS certificates for the secured broker (stream stack up kafka-secure) and the TLS tests
+command -v openssl >/dev/null || need+=(openssl)
 # `stream top` is checked in a real terminal (tests/integration/test_top_terminal.py)
 command -v tmux >/dev/null || need+=(tmux)
 # compose validation in the unit tests (no Docker engine needed for `config`)

@@ -378,6 +378,7 @@ def create_worker(
         datadir=settings.data_dir or None,
         topic_partitions=partitions,
         topic_replication_factor=settings.replication_factor,
+        producer_acks=-1 if settings.kafka_acks == "all" else int(settings.kafka_acks),
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
         web_enabled=False,

@@ -29,27 +29,50 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from stream import stack
+    from stream import stack, stack_cluster
 
     cfg = stack.StackConfig.from_env()
+    cc = stack_cluster.ClusterConfig.from_env(cfg, brokers=args.brokers or 3)
     services = args.services or (
         ["kafka", "redis", "prometheus"]
         if args.action != "up" or not args.no_prometheus
         else ["kafka", "redis"]
     )
+    if args.action == "down" and not args.services:
+        services = services + list(stack.OPTIONAL_SERVICES)  # stopped first (reverse order)
+    # --brokers N / --redis-cluster swap the single node for the cluster (its own ports)
+    kafka_cluster = bool(args.brokers and args.brokers > 1)
+    redis_cluster = bool(args.redis_cluster)
+    singles = [
+        s
+        for s in services
+        if not (s == "kafka" and kafka_cluster) and not (s == "redis" and redis_cluster)
+    ]
     if args.action == "up":
-        stack.up(cfg, services)
+        if kafka_cluster:
+            stack_cluster.start_kafka_cluster(cc)
+        if redis_cluster:
+            stack_cluster.start_redis_cluster(cc)
+        stack.up(cfg, singles)
         print(f"stack is up (state dir: {cfg.state_dir})")
+        if kafka_cluster:
+            print(f"  kafka_bootstrap={cc.bootstrap} replication_factor=3 min_insync_replicas=2")
+        if redis_cluster:
+            print(f"  redis_url={cc.redis_url}")
     elif args.action == "down":
-        stack.down(cfg, services)
+        stack.down(cfg, singles)
+        if kafka_cluster or (not args.services and not redis_cluster):
+            stack_cluster.stop_kafka_cluster(cc)
+        if redis_cluster or (not args.services and not kafka_cluster):
+            stack_cluster.stop_redis_cluster(cc)
     else:
-        st = stack.status(cfg)
+        st = {**stack.status(cfg), **stack_cluster.status(cc)}
         for name, info in st.items():
             state = "ready" if info["ready"] else ("running" if info["pid"] else "stopped")
-            print(f"{name:<11} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
+            print(f"{name:<15} {state:<8} pid={info['pid'] or '-':<8} port={info['port']}")
         worker = stack.worker_pid(cfg)
         if worker is not None:  # the detached worker `stream demo` left running
-            print(f"{'worker':<11} {'running':<8} pid={worker:<8} (stopped by `stream stack down`)")
+            print(f"{'worker':<15} {'running':<8} pid={worker:<8} (stopped by `stream stack down`)")
         return 0 if all(i["ready"] for i in st.values()) else 3
     return 0
 
@@ -147,6 +170,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # aiokafka's connection debug log prints SASL login bytes (user and password): never
     # let it log below INFO, whatever log_level says
     logging.getLogger("aiokafka.conn").setLevel(max(logging.INFO, logging.getLogger().level))
+    from stream.store import check_redis_mode
+
+    # a cluster client against a standalone server (or the reverse) is a setting's mistake
+    check_redis_mode(settings.redis_url, **redis_auth(settings))
     from stream.app import create_worker, run_worker
     from stream.kafka_io import ensure_topics
     from stream.metrics import Metrics, serve
@@ -393,8 +420,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stack", help="local Kafka (KRaft) + Redis + Prometheus without Docker")
     s.add_argument("action", choices=("up", "down", "status"))
-    s.add_argument("services", nargs="*", choices=("kafka", "redis", "prometheus", []), default=[])
+    s.add_argument(
+        "services",
+        nargs="*",
+        choices=("kafka", "redis", "prometheus", "kafka-secure", []),
+        default=[],
+        help="default: kafka redis prometheus; kafka-secure (SASL/SCRAM + ACLs, "
+        "docs/reliability.md) starts only when named; a bare `down` stops it too",
+    )
     s.add_argument("--no-prometheus", action="store_true", help="up: start only Kafka and Redis")
+    s.add_argument(
+        "--brokers",
+        type=int,
+        default=0,
+        help="a Kafka KRaft cluster of this many combined broker+controller nodes "
+        "(3: replication factor 3, min.insync.replicas 2) instead of the single broker",
+    )
+    s.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a Redis Cluster (3 primaries + 3 replicas) instead of the single Redis",
+    )
     s.set_defaults(func=cmd_stack)
 
     w = sub.add_parser("worker", help="run the Faust worker")

@@ -48,6 +48,15 @@ class Settings:
     control_topic: str = "plays-control"
     partitions: int = 4
     replication_factor: int = 1
+    #: ``min.insync.replicas`` of the topics ensure_topics creates (0: the broker's default;
+    #: ``stream stack up --brokers 3`` sets 2 on its brokers, so Faust's changelog gets it too)
+    min_insync_replicas: int = 0
+    #: acknowledgements every producer of the worker waits for: Faust's (changelog, DLQ,
+    #: signals; faust-streaming's own default ``producer_acks=-1`` is already "all") and
+    #: stream.kafka_io.make_producer's (aiokafka defaults to 1 unless idempotent). "all"
+    #: (with min_insync_replicas=2 on 3 brokers) loses no acknowledged record when one
+    #: broker dies; "1" acknowledges once the leader alone has it.
+    kafka_acks: str = "all"
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str = ""
     kafka_sasl_username: str = ""
@@ -75,6 +84,10 @@ class Settings:
     redis_tls_ca_file: str = ""
     redis_tls_cert_file: str = ""
     redis_tls_key_file: str = ""
+    #: Redis Cluster (redis-py's cluster client: slots, MOVED/ASK, failovers); also implied
+    #: by a ``redis+cluster://`` (or ``rediss+cluster://``) redis_url. Checked at start-up
+    #: against the server's ``cluster_enabled``.
+    redis_cluster: bool = False
     redis_prefix: str = "reco:"
     similar_prefix: str = "similar:"
     notify_channel: str = "reco-updates"
@@ -376,8 +389,22 @@ def validate(s: Settings) -> Settings:
     if not s.kafka_bootstrap or any(":" not in h for h in s.kafka_bootstrap.split(",")):
         raise bad("kafka_bootstrap", f"expected host:port[,host:port], got {s.kafka_bootstrap!r}")
     scheme = urlsplit(s.redis_url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise bad("redis_url", f"scheme must be redis://, rediss:// or unix://, got {scheme!r}")
+    if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        raise bad(
+            "redis_url",
+            "scheme must be redis://, rediss://, unix://, redis+cluster:// or "
+            f"rediss+cluster://, got {scheme!r}",
+        )
+    if scheme == "unix" and s.redis_cluster:
+        raise bad("redis_cluster", "a Redis Cluster is reached over TCP, not a unix:// socket")
+    if s.kafka_acks not in ("all", "1"):
+        raise bad("kafka_acks", f"must be 'all' or '1', got {s.kafka_acks!r}")
+    if not 0 <= s.min_insync_replicas <= s.replication_factor:
+        raise bad(
+            "min_insync_replicas",
+            f"must be between 0 and replication_factor ({s.replication_factor}), "
+            f"got {s.min_insync_replicas}",
+        )
     if bool(s.redis_tls_cert_file) != bool(s.redis_tls_key_file):
         name = "redis_tls_key_file" if s.redis_tls_cert_file else "redis_tls_cert_file"
         raise bad(name, "redis_tls_cert_file and redis_tls_key_file must be set together")
@@ -410,7 +437,7 @@ def validate(s: Settings) -> Settings:
 _TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
-def redis_auth(s: Settings) -> dict[str, str]:
+def redis_auth(s: Settings) -> dict[str, Any]:
     """Redis credentials and TLS files as keyword arguments for stream.store clients."""
     return {
         "password": s.redis_password,
@@ -418,4 +445,5 @@ def redis_auth(s: Settings) -> dict[str, str]:
         "tls_ca_file": s.redis_tls_ca_file,
         "tls_cert_file": s.redis_tls_cert_file,
         "tls_key_file": s.redis_tls_key_file,
+        "cluster": s.redis_cluster,
     }

@@ -12,7 +12,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from stream.config import Settings
 from stream.errors import ConfigError, StreamError
@@ -74,9 +79,17 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
             settings.control_topic,
             signals_topic(settings),
         ]
-        existing = await _partition_counts(admin, names)
+        denied: set[str] = set()
+        existing = await _partition_counts(admin, names, denied)
+        if denied:  # a least-privilege principal (docs/reliability.md): the admin creates them
+            logger.info("not authorized to describe %s; not creating them", sorted(denied))
         # the control topic must be co-partitioned with plays (same key -> same partition)
         plays_n = existing.get(settings.plays_topic, settings.partitions)
+        topic_configs = (
+            {"min.insync.replicas": str(settings.min_insync_replicas)}
+            if settings.min_insync_replicas
+            else {}
+        )
         to_create = [
             NewTopic(
                 name,
@@ -84,10 +97,11 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
                 settings.replication_factor,
                 # the broker stamps control records: a command's freshness is checked
                 # against a time no producer can choose (stream.control.ControlGate)
-                topic_configs=CONTROL_TOPIC_CONFIGS if name == settings.control_topic else {},
+                topic_configs=topic_configs
+                | (CONTROL_TOPIC_CONFIGS if name == settings.control_topic else {}),
             )
             for name in names
-            if name not in existing
+            if name not in existing and name not in denied
         ]
         if to_create:
             with contextlib.suppress(TopicAlreadyExistsError):
@@ -123,13 +137,19 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
         await admin.close()
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+async def _partition_counts(
+    admin: AIOKafkaAdminClient, topics: list[str], denied: set[str] | None = None
+) -> dict[str, int]:
+    """Partition count of each topic that exists; names this principal may not describe
+    go into ``denied`` (when given)."""
     out: dict[str, int] = {}
     try:
         described = await admin.describe_topics(topics)
     except KafkaError:
         return out
     for t in described:
+        if denied is not None and t.get("error_code") == TopicAuthorizationFailedError.errno:
+            denied.add(t["topic"])
         if t.get("error_code", 0) == 0 and t.get("partitions"):
             out[t["topic"]] = len(t["partitions"])
     return out
@@ -137,9 +157,9 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
 
 def make_producer(settings: Settings, **extra: Any) -> AIOKafkaProducer:
     kw = client_kwargs(settings)
-    kw.setdefault("acks", "all")
+    kw.setdefault("acks", "all" if settings.kafka_acks == "all" else int(settings.kafka_acks))
     kw.setdefault("linger_ms", 5)
-    kw.setdefault("enable_idempotence", True)
+    kw.setdefault("enable_idempotence", settings.kafka_acks == "all")  # idempotence needs all
     kw.update(extra)
     return AIOKafkaProducer(**kw)
 

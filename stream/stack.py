@@ -247,9 +247,9 @@ def _kafka_properties(cfg: StackConfig) -> Path:
     return out
 
 
-def _java_base(cfg: StackConfig, libs: Path) -> list[str]:
+def _java_base(cfg: StackConfig, libs: Path, logs: Path | None = None) -> list[str]:
     java = _require("java", "install a JDK >= 17 (apt-get install openjdk-17-jre-headless)")
-    logs = cfg.state_dir / "kafka" / "logs"
+    logs = logs or cfg.state_dir / "kafka" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     return [
         java,
@@ -451,9 +451,21 @@ SERVICES: Final = {
 }
 
 
+def _start_kafka_secure(cfg: StackConfig) -> None:
+    from stream import kafka_secure
+
+    kafka_secure.up(cfg)
+
+
+#: started only when named (`stream stack up kafka-secure`); a bare `down` stops them too
+OPTIONAL_SERVICES: Final = {
+    "kafka-secure": ("kafka-secure/server.properties", _start_kafka_secure),
+}
+
+
 def up(cfg: StackConfig, services: list[str]) -> None:
     for name in services:
-        SERVICES[name][1](cfg)
+        (SERVICES | OPTIONAL_SERVICES)[name][1](cfg)
 
 
 #: what the PID file ``pids/worker.pid`` must run (a detached ``stream demo`` worker)
@@ -497,7 +509,8 @@ def down(cfg: StackConfig, services: list[str]) -> None:
     if "kafka" in services or "redis" in services:
         stop_worker(cfg)  # it needs both: stopped first, cleanly
     for name in reversed(services):
-        if not _stop(cfg, name, SERVICES[name][0]):
+        stopped = _stop(cfg, name, (SERVICES | OPTIONAL_SERVICES)[name][0])
+        if not stopped and name in SERVICES:
             log(f"{name}: not running (nothing this stack started)")
 
 
@@ -516,6 +529,16 @@ def status(cfg: StackConfig) -> dict[str, dict[str, object]]:
         except Exception:  # noqa: BLE001
             ok = False
         out[name] = {"pid": pid, "port": ports[name], "ready": ok}
+    from stream import kafka_secure
+
+    secure = kafka_secure.SecureKafka.from_stack(cfg)
+    pid = kafka_secure.running(secure)
+    if pid is not None:  # listed only while running: it is not part of the default stack
+        try:
+            ok = kafka_secure.ready(secure)
+        except Exception:  # noqa: BLE001
+            ok = False
+        out["kafka-secure"] = {"pid": pid, "port": secure.port, "ready": ok}
     return out
 
 

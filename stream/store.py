@@ -54,6 +54,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from stream.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 #: WRITE_SCRIPT's replies
@@ -132,6 +134,11 @@ _CODE_OF_CLASS: Final = (
     (getattr(redis.exceptions, "OutOfMemoryError", ReadOnlyError), "OOM"),
     (ReadOnlyError, "READONLY"),
     (ExecAbortError, "EXECABORT"),
+    # redis-py's cluster client maps these replies to classes too (Redis Cluster)
+    (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    (redis.exceptions.MovedError, "MOVED"),
+    (redis.exceptions.AskError, "ASK"),
 )
 
 
@@ -493,7 +500,7 @@ class RecoWriter:
         started = time.perf_counter()
         try:
             replies = await self._send(batch, deletes, plain, commands)
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, redis.exceptions.RedisClusterException) as exc:
             self.consecutive_failures += 1
             if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0:
                 logger.warning(
@@ -602,14 +609,16 @@ class RecoWriter:
         plain = plain or {}
         if self._sha is None:
             self._sha = await self.client.script_load(WRITE_SCRIPT)
+        cluster = isinstance(self.client, aioredis.RedisCluster)
         for attempt in range(2):
             parts: list[bytes] = []
-            for key in deletes:
+            for key in deletes if not cluster else ():
                 parts.append(pack_command(b"DEL", key))
-            for key, doc in plain.items():
+            for key, doc in plain.items() if not cluster else ():
                 parts.append(pack_command(b"SET", key, doc, b"EX", self.ttl_s))
-            parts.extend(commands)
-            for w in batch:
+            if not cluster:
+                parts.extend(commands)
+            for w in batch if not cluster else ():
                 parts.append(
                     pack_command(
                         b"EVALSHA",
@@ -624,7 +633,10 @@ class RecoWriter:
                         w.lineage,
                     )
                 )
-            replies = await self._round_trip(parts)
+            if isinstance(self.client, aioredis.RedisCluster):
+                replies = await self._cluster_round_trip(batch, deletes, plain, commands)
+            else:
+                replies = await self._round_trip(parts)
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted and lost its script cache: load it and send the batch again
                 self._sha = await self.client.script_load(WRITE_SCRIPT)
@@ -632,10 +644,54 @@ class RecoWriter:
                     raise next(r for r in replies if isinstance(r, NoScriptError))
                 continue
             for r in replies:
-                if is_server_error(r):
+                # in place from the cluster pipeline: a node it could not reach (connection
+                # error, timeout, uncovered slot during a failover) is no key's fault either
+                if is_server_error(r) or (
+                    isinstance(r, BaseException) and not isinstance(r, ResponseError)
+                ):
                     raise r
             return replies
         raise AssertionError("unreachable")
+
+    async def _cluster_round_trip(
+        self,
+        batch: list[PendingWrite],
+        deletes: list[str],
+        plain: dict[str, bytes],
+        commands: Sequence[bytes] = (),
+    ) -> list[Any]:
+        """The same commands as :meth:`_send` packs, through redis-py's cluster pipeline:
+        it groups them by the node owning each key's slot (one round trip per node, in
+        parallel), follows MOVED/ASK (and refreshes its slot map), and retries a node it
+        lost after refreshing the topology (a failover). Every command names one key, so
+        none is ever CROSSSLOT. Error replies come back in place, as from
+        :meth:`_round_trip`; a node that stays unreachable raises (the batch is retried,
+        and the ``seq`` guard makes the commands that did land idempotent)."""
+        pipe = cast(Any, self.client).pipeline(transaction=False)
+        for key in deletes:
+            pipe.execute_command("DEL", key)
+        for key, doc in plain.items():
+            pipe.execute_command("SET", key, doc, "EX", self.ttl_s)
+        for packed in commands:  # one key each (the catalogue's), routed by it
+            name, *args = unpack_command(packed)
+            pipe.execute_command(name.decode(), *args)  # redis-py wants the name as str
+        for w in batch:
+            pipe.execute_command(
+                "EVALSHA",
+                self._sha,
+                1,
+                w.key,
+                w.seq,
+                w.doc,
+                self.ttl_s,
+                self.channel,
+                w.notification,
+                w.lineage,
+            )
+        replies = await pipe.execute(raise_on_error=False)
+        # redis-py's callbacks turn SET/EXPIRE/HSETNX replies into bools: back to what the
+        # server said (1/0, as the packer path reads them) for write_error_reason
+        return [int(r) if isinstance(r, bool) else r for r in replies]
 
     async def _round_trip(self, commands: list[bytes]) -> list[Any]:
         """Send packed ``commands`` on one pooled connection and read one reply each (error
@@ -669,6 +725,29 @@ class RecoWriter:
 
 def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def unpack_command(packed: bytes) -> list[bytes]:
+    """The arguments of one :func:`pack_command` (for redis-py's cluster pipeline, which
+    routes a command by its key).
+
+    >>> unpack_command(pack_command(b"HINCRBY", "track:t1", b"plays", 3))
+    [b'HINCRBY', b'track:t1', b'plays', b'3']
+    """
+    if not packed.startswith(b"*"):
+        raise ValueError("not a packed command")
+    head, _, rest = packed.partition(b"\r\n")
+    args: list[bytes] = []
+    view = memoryview(rest)
+    pos = 0
+    for _ in range(int(head[1:])):
+        end = rest.index(b"\r\n", pos)
+        if rest[pos : pos + 1] != b"$":
+            raise ValueError("not a packed command")
+        length = int(rest[pos + 1 : end])
+        args.append(bytes(view[end + 2 : end + 2 + length]))
+        pos = end + 2 + length + 2
+    return args
 
 
 def pack_command(*args: bytes | str | int) -> bytes:
@@ -728,8 +807,13 @@ def connect_async(
     tls_ca_file: str = "",
     tls_cert_file: str = "",
     tls_key_file: str = "",
+    cluster: bool = False,
 ) -> aioredis.Redis:
-    """The worker's Redis client (see :func:`client_options` for auth and TLS)."""
+    """The worker's Redis client (see :func:`client_options` for auth and TLS): redis-py's
+    cluster client when ``cluster`` or a ``redis+cluster://`` URL says so
+    (:func:`cluster_url`). It answers the same commands; typed as ``Redis`` because
+    types-redis' stubs give ``RedisCluster`` few of them."""
+    url, cluster = cluster_url(url, cluster)
     url, kwargs = client_options(
         url,
         password=password,
@@ -738,7 +822,77 @@ def connect_async(
         tls_cert_file=tls_cert_file,
         tls_key_file=tls_key_file,
     )
+    if cluster:
+        return cast(
+            "aioredis.Redis[Any]",
+            aioredis.RedisCluster.from_url(
+                url, socket_timeout=5, socket_connect_timeout=5, **kwargs
+            ),
+        )
     return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
+
+
+def cluster_url(url: str, cluster: bool = False) -> tuple[str, bool]:
+    """The URL redis-py understands and whether it is a Redis Cluster: ``redis+cluster://``
+    and ``rediss+cluster://`` select cluster mode (as does ``cluster``, the setting
+    ``redis_cluster``); the node in the URL is only the seed the topology is read from.
+
+    >>> cluster_url("redis+cluster://127.0.0.1:7000/0")
+    ('redis://127.0.0.1:7000/0', True)
+    >>> cluster_url("redis://127.0.0.1:7000/0", True), cluster_url("redis://h:6379/0")
+    (('redis://127.0.0.1:7000/0', True), ('redis://h:6379/0', False))
+    """
+    for scheme in ("redis", "rediss"):
+        prefix = f"{scheme}+cluster://"
+        if url.startswith(prefix):
+            return f"{scheme}://{url[len(prefix) :]}", True
+    return url, cluster
+
+
+def check_redis_mode(url: str, password: str = "", **auth: Any) -> bool | None:
+    """Whether the server at ``url`` agrees with the configured mode: raises ConfigError
+    (naming the setting ``redis_cluster``) when a cluster client meets a standalone server
+    or a standalone client meets a cluster node; None when the server does not answer
+    (the writer retries until it does), else the server's ``cluster_enabled``."""
+    url, cluster = cluster_url(url, bool(auth.pop("cluster", False)))
+    url, kwargs = client_options(url, password=password, **auth)
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
+    try:
+        enabled = bool(int(client.info("cluster").get("cluster_enabled", 0)))
+    except (RedisError, OSError, ValueError) as exc:
+        logger.warning("could not ask Redis whether it is a cluster (%s); not checked", exc)
+        return None
+    finally:
+        client.close()
+    if enabled and not cluster:
+        raise ConfigError(
+            "setting 'redis_cluster' (env STREAM_REDIS_CLUSTER): the Redis server at "
+            "redis_url is a Redis Cluster node; set redis_cluster=true or use a "
+            "redis+cluster:// URL"
+        )
+    if cluster and not enabled:
+        raise ConfigError(
+            "setting 'redis_cluster' (env STREAM_REDIS_CLUSTER): redis_url asks for Redis "
+            "Cluster but the server there is standalone (cluster_enabled:0); set "
+            "redis_cluster=false and use a redis:// URL"
+        )
+    return enabled
+
+
+def connect_sync(
+    url: str, password: str = "", *, cluster: bool = False, **auth: Any
+) -> redis.Redis[Any]:
+    """A blocking client (readers, start-up): the cluster one when the mode says so
+    (typed as ``Redis``, as :func:`connect_async`)."""
+    timeouts: dict[str, Any] = {
+        k: auth.pop(k) for k in ("socket_timeout", "socket_connect_timeout") if k in auth
+    }
+    url, cluster = cluster_url(url, cluster)
+    url, kwargs = client_options(url, password=password, **cast(dict[str, str], auth))
+    kwargs.update(timeouts)
+    if cluster:
+        return cast("redis.Redis[Any]", redis.RedisCluster.from_url(url, **kwargs))
+    return redis.Redis.from_url(url, **kwargs)
 
 
 # --------------------------------------------------------------------------- track catalogue
@@ -887,17 +1041,28 @@ class RecoReader:
         tls_ca_file: str = "",
         tls_cert_file: str = "",
         tls_key_file: str = "",
+        cluster: bool = False,
         catalog_prefix: str = "track:",
     ) -> None:
-        url, kwargs = client_options(
-            url,
-            password=password,
-            username=username,
-            tls_ca_file=tls_ca_file,
-            tls_cert_file=tls_cert_file,
-            tls_key_file=tls_key_file,
-        )
-        self.client = redis.Redis.from_url(url, socket_timeout=5, **kwargs)
+        self.cluster = cluster_url(url, cluster)[1]
+        try:
+            self.client = connect_sync(
+                url,
+                password,
+                cluster=self.cluster,
+                username=username,
+                tls_ca_file=tls_ca_file,
+                tls_cert_file=tls_cert_file,
+                tls_key_file=tls_key_file,
+                socket_timeout=5,
+            )
+        except redis.exceptions.RedisClusterException as exc:
+            if "not enabled" in str(exc):
+                raise ConfigError(
+                    "setting 'redis_cluster': redis_url asks for Redis Cluster but the "
+                    "server there is standalone; use a redis:// URL"
+                ) from exc
+            raise
         self.prefix = prefix
         self.similar_prefix = similar_prefix
         self.channel = channel
@@ -935,7 +1100,12 @@ class RecoReader:
         return out
 
     def updates(self, timeout_s: float = 10.0) -> Iterator[dict[str, Any]]:
-        """Yield update notifications until ``timeout_s`` passes without one."""
+        """Yield update notifications until ``timeout_s`` passes without one.
+
+        On a Redis Cluster the writer's script publishes with classic ``PUBLISH``, which
+        the cluster forwards to every node, so the subscription may sit on any node (see
+        README "Running on clustered Kafka and Redis Cluster" for why not sharded pub/sub).
+        """
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.channel)
         try:
@@ -971,14 +1141,14 @@ class CheckpointTooLarge(RuntimeError):
 
 
 def load_checkpoint(
-    url: str, key: str, password: str = "", *, max_bytes: int = 0, **auth: str
+    url: str, key: str, password: str = "", *, max_bytes: int = 0, **auth: Any
 ) -> bytes | None:
     """Read a model checkpoint synchronously (worker start-up, before the event loop).
     With ``max_bytes``, its length is asked first and a larger one is not read
-    (:class:`CheckpointTooLarge`). A key of another type raises redis's ResponseError."""
-    url, kwargs = client_options(url, password=password, **auth)
-    kwargs.update(socket_timeout=30, socket_connect_timeout=5)
-    client = redis.Redis.from_url(url, **kwargs)
+    (:class:`CheckpointTooLarge`). A key of another type raises redis's ResponseError.
+    On Redis Cluster (``cluster`` in ``auth`` or a ``redis+cluster://`` URL) through the
+    cluster client."""
+    client = connect_sync(url, password, socket_timeout=30, socket_connect_timeout=5, **auth)
     try:
         if max_bytes:
             size = int(client.strlen(key))  # type: ignore[no-untyped-call]
@@ -1022,13 +1192,11 @@ async def add_tombstone(
 
 
 def load_tombstones(
-    url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: str
+    url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: Any
 ) -> list[str]:
     """The tombstones (:func:`tombstone_member` digests) of the listeners forgotten within
-    ``ttl_s`` (0: ever), synchronously (at start-up)."""
-    url, kwargs = client_options(url, password=password, **auth)
-    kwargs.update(socket_timeout=30, socket_connect_timeout=5)
-    client = redis.Redis.from_url(url, **kwargs)
+    ``ttl_s`` (0: ever), synchronously (at start-up; the cluster client on Redis Cluster)."""
+    client = connect_sync(url, password, socket_timeout=30, socket_connect_timeout=5, **auth)
     low = f"{now_ms - int(ttl_s * 1000)}" if ttl_s else "-inf"
     out: list[str] = []
     try:
@@ -1100,9 +1268,11 @@ async def save_checkpoint(
                     f"{offset}, expected {offset + len(piece)}"
                 )
         # one transaction: the upload's expiry must not come along, not even for a moment
+        # (execute_command: redis-py's cluster pipeline refuses its rename() helper, though
+        # a MULTI whose keys share one slot, as these do, is fine on Redis Cluster)
         async with client.pipeline(transaction=True) as tx:
-            tx.rename(upload, key)
-            tx.persist(key)
+            tx.execute_command("RENAME", upload, key)
+            tx.execute_command("PERSIST", key)
             await tx.execute()
     except BaseException:
         with contextlib.suppress(Exception):

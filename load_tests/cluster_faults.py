@@ -1,0 +1,409 @@
+"""Fault drills on the clustered stack (issue 18): a Redis Cluster primary failover and a
+Kafka partition leader kill.
+
+Run from load_tests.faults (``python -m load_tests.faults redis-failover`` /
+``kafka-leader-kill``); the CI variants are test_redis_failover_drill_short
+(tests/integration/test_redis_cluster.py) and test_kafka_leader_kill_drill_short
+(tests/integration/test_kafka_cluster.py). The cluster is
+started through stream.stack_cluster (own ports and state dir); Kafka is the shared broker.
+Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from load_tests.faults import (
+    BackgroundProducer,
+    DrillFailed,
+    StartWorker,
+    _clean,
+    cleanup_keys,
+    compare,
+    expected_counts,
+    free_port,
+    reader_for,
+    stall_diagnostics,
+    valid_events,
+    wait_for_match,
+)
+from stream import stack, stack_cluster
+from stream.config import Settings
+from stream.events import PlayEvent
+
+
+def _primaries(cc: stack_cluster.ClusterConfig) -> dict[int, int]:
+    """Port of each primary -> index of the node (its PID file)."""
+    import redis
+
+    out: dict[int, int] = {}
+    for i, port in enumerate(cc.redis_ports):
+        try:
+            if redis.Redis(port=port, socket_timeout=2).info("replication")["role"] == "master":
+                out[port] = i
+        except (redis.RedisError, OSError):
+            continue
+    return out
+
+
+def _promoted(cc: stack_cluster.ClusterConfig, dead_port: int) -> bool:
+    """A surviving node reports cluster_state:ok again and the dead node as failed."""
+    import redis
+
+    for port in cc.redis_ports:
+        if port == dead_port:
+            continue
+        try:
+            client = redis.Redis(port=port, socket_timeout=2)
+            if client.cluster("info").get("cluster_state") != "ok":
+                return False
+            nodes = client.cluster("nodes")
+        except (redis.RedisError, OSError):
+            continue
+        dead = [v for k, v in nodes.items() if k.split("@")[0].endswith(f":{dead_port}")]
+        return bool(dead) and "fail" in dead[0]["flags"]
+    return False
+
+
+def redis_failover(
+    settings: Settings,
+    start_worker: StartWorker,
+    cc: stack_cluster.ClusterConfig,
+    *,
+    rate: float = 300.0,
+    before_s: float = 15.0,
+    after_s: float = 30.0,
+    users: int = 300,
+    seed: int = 21,
+    promotion_timeout_s: float = 60.0,
+    catch_up_timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """Plays at ``rate`` for ``before_s + after_s``; after ``before_s`` SIGKILL the Redis
+    primary owning the most listener keys. Its replica is promoted; the worker must stay
+    alive, every listener with a play after the promotion must end with a list that counts
+    all their plays (nothing lost from the Faust table), and the other listeners' lists are
+    reported (a write acknowledged by the dead primary and not yet replicated is lost from
+    Redis until that listener's next play)."""
+    if not stack_cluster.redis_cluster_ok(cc):
+        stack_cluster.start_redis_cluster(cc)
+    settings = settings.replace(
+        redis_url=cc.redis_url, redis_password="", redis_cluster=True, redis_retry_max_s=1.0
+    )
+    events = valid_events(int(rate * (before_s + after_s)), users=users, seed=seed, tag=f"rf{seed}")
+    reader = reader_for(settings)
+    started = time.monotonic()
+    try:
+        worker = start_worker(settings)
+        producer = BackgroundProducer(settings, events, rate, max_seconds=before_s + after_s + 30)
+        producer.start()
+        time.sleep(before_s)
+        primaries = _primaries(cc)
+        owners = Counter(
+            reader.client.get_node_from_key(f"{settings.redis_prefix}{u}").port  # type: ignore[attr-defined]
+            for u in {e.user_id for e in events[: producer.yielded]}
+        )
+        victim_port = max(primaries, key=lambda p: owners.get(p, 0))
+        pid = stack._running_pid(cc.base, stack_cluster.redis_node(primaries[victim_port]), "redis")
+        if pid is None:
+            raise DrillFailed(f"no PID for the primary on {victim_port}")
+        errors_before = worker.metric_value("stream_redis_errors_total")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        produced_at_kill = producer.yielded
+        deadline = killed_at + promotion_timeout_s
+        while time.monotonic() < deadline and not _promoted(cc, victim_port):
+            time.sleep(0.2)
+        promoted = _promoted(cc, victim_port)
+        promotion_s = time.monotonic() - killed_at
+        produced_at_promotion = producer.yielded
+        producer.join(before_s + after_s + 60)
+        if producer.error is not None:
+            raise DrillFailed(f"producer failed: {producer.error!r}")
+        sent = producer.sent
+        expected = expected_counts(sent)
+        # listeners with a play sent after the promotion (+1 s for it to be read)
+        margin = int(rate)
+        after = {e.user_id for e in sent[produced_at_promotion + margin :]}
+        result, waited = wait_for_match(
+            reader, {u: n for u, n in expected.items() if u in after}, catch_up_timeout_s
+        )
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(worker)
+        everyone = compare(reader, expected)
+        alive = worker.proc is not None and worker.proc.poll() is None
+        report = {
+            "drill": "redis_failover",
+            "rate_ev_s": rate,
+            "produced": len(sent),
+            "produced_before_kill": produced_at_kill,
+            "killed_primary_port": victim_port,
+            "listener_keys_on_killed_primary": owners.get(victim_port, 0),
+            "replica_promoted": promoted,
+            "kill_to_promotion_s": round(promotion_s, 2),
+            "redis_flush_errors": int(
+                worker.metric_value("stream_redis_errors_total") - errors_before
+            ),
+            "redis_key_write_errors": int(worker.metric_value("stream_redis_write_errors_total")),
+            "worker_alive": alive,
+            "logged_redis_back": "redis is back" in worker.log_text(),
+            "catch_up_s": round(waited, 2),
+            "listeners_with_play_after_promotion": len(after),
+            **result,
+            "all_listeners": {
+                k: everyone[k] for k in ("users", "lost", "double_applied", "users_missing")
+            },
+            "duration_s": round(time.monotonic() - started, 1),
+        }
+        cleanup_keys(reader, settings)
+        if alive:
+            worker.stop()
+        # the killed node comes back as a replica of the promoted one
+        stack_cluster.start_redis_node(cc, primaries[victim_port])
+        return report
+    finally:
+        reader.close()
+
+
+def run(settings: Settings, start_worker: StartWorker, workdir: Path, **kw: Any) -> dict[str, Any]:
+    """The command-line variant: its own cluster (ports 17000-17005), stopped at the end."""
+    cc = stack_cluster.private_cluster_config(workdir / "redis-cluster", redis_port=17000)
+    stack_cluster.start_redis_cluster(cc)
+    try:
+        return redis_failover(settings, start_worker, cc, **kw)
+    finally:
+        stack_cluster.stop_redis_cluster(cc)
+
+
+async def _plays_leaders(bootstrap: str, topic: str) -> Counter[int]:
+    """Node id -> how many partitions of ``topic`` it leads."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        return Counter(p["leader"] for p in described["partitions"])
+    finally:
+        await admin.close()
+
+
+def kafka_leader_kill(
+    settings: Settings,
+    start_worker: StartWorker,
+    cc: stack_cluster.ClusterConfig,
+    *,
+    rate: float = 300.0,
+    before_s: float = 15.0,
+    down_s: float = 20.0,
+    after_s: float = 15.0,
+    users: int = 300,
+    seed: int = 22,
+    catch_up_timeout_s: float = 180.0,
+) -> dict[str, Any]:
+    """Plays at ``rate`` on a 3-broker cluster (RF 3, min ISR 2, acks=all); after
+    ``before_s`` SIGKILL the broker leading the most plays partitions, restart it
+    ``down_s`` later. Every play must be applied exactly once (lost 0, double-applied 0)
+    and the worker must stay alive."""
+    settings = settings.replace(
+        kafka_bootstrap=cc.bootstrap,
+        replication_factor=3,
+        min_insync_replicas=2,
+        kafka_acks="all",
+    )
+    events = valid_events(
+        int(rate * (before_s + down_s + after_s)), users=users, seed=seed, tag=f"lk{seed}"
+    )
+    reader = reader_for(settings)
+    started = time.monotonic()
+    try:
+        worker = start_worker(settings)
+        producer = BackgroundProducer(
+            settings, events, rate, max_seconds=before_s + down_s + after_s + 60
+        )
+        producer.start()
+        time.sleep(before_s)
+        leaders = asyncio.run(_plays_leaders(cc.bootstrap, settings.plays_topic))
+        victim_id = max(leaders, key=lambda n: leaders[n])
+        index = victim_id - 1  # node.id = index + 1 (configs/kafka/cluster.properties)
+        pid = stack._running_pid(cc.base, stack_cluster.kafka_node(index), "kafka.Kafka")
+        if pid is None:
+            raise DrillFailed(f"no PID for Kafka node {index}")
+        processed_before = worker.metric_value("stream_events_total", outcome="processed")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        produced_at_kill = producer.yielded
+        time.sleep(down_s)
+        processed_while_down = (
+            worker.metric_value("stream_events_total", outcome="processed") - processed_before
+        )
+        alive_while_down = worker.proc is not None and worker.proc.poll() is None
+        stack_cluster.start_kafka_node(cc, index)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if stack_cluster.kafka_cluster_brokers(cc.bootstrap) == cc.brokers:
+                break
+            time.sleep(1)
+        back_s = time.monotonic() - killed_at
+        producer.join(before_s + down_s + after_s + 90)
+        if producer.error is not None:
+            raise DrillFailed(f"producer failed: {producer.error!r}")
+        expected = expected_counts(producer.sent)
+        result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(worker)
+        alive = worker.proc is not None and worker.proc.poll() is None
+        report = {
+            "drill": "kafka_leader_kill",
+            "rate_ev_s": rate,
+            "produced": len(producer.sent),
+            "produced_before_kill": produced_at_kill,
+            "killed_node_id": victim_id,
+            "plays_partitions_led_by_killed_node": leaders[victim_id],
+            "plays_partitions": sum(leaders.values()),
+            "broker_down_s": down_s,
+            "kill_to_broker_back_s": round(back_s, 1),
+            "processed_while_broker_down": int(processed_while_down),
+            "worker_alive_while_broker_down": alive_while_down,
+            "worker_alive": alive,
+            "catch_up_s": round(waited, 2),
+            **result,
+            "duration_s": round(time.monotonic() - started, 1),
+        }
+        cleanup_keys(reader, settings)
+        if alive:
+            worker.stop()
+        return report
+    finally:
+        reader.close()
+
+
+def run_leader_kill(
+    settings: Settings, start_worker: StartWorker, workdir: Path, **kw: Any
+) -> dict[str, Any]:
+    """The command-line variant: its own 3-broker cluster (29092-29094), stopped at the end."""
+    cc = stack_cluster.private_cluster_config(
+        workdir / "kafka-cluster", kafka_port=29092, controller_port=29192
+    )
+    stack_cluster.start_kafka_cluster(cc)
+    try:
+        return kafka_leader_kill(settings, start_worker, cc, **kw)
+    finally:
+        stack_cluster.stop_kafka_cluster(cc)
+
+
+class TimedProducer(BackgroundProducer):
+    """A BackgroundProducer that notes when each event id was handed to the producer."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sent_at_ms: dict[str, int] = {}
+
+    def _source(self) -> Iterator[PlayEvent]:
+        for ev in super()._source():
+            self.sent_at_ms[ev.event_id] = int(time.time() * 1000)
+            yield ev
+
+
+def rebalance_storm(
+    settings: Settings,
+    start_worker: StartWorker,
+    *,
+    workers: int = 3,
+    rate: float = 300.0,
+    storm_s: float = 120.0,
+    every_s: float = 15.0,
+    users: int = 300,
+    seed: int = 23,
+    catch_up_timeout_s: float = 180.0,
+) -> dict[str, Any]:
+    """``workers`` workers in one group take plays at ``rate`` for ``storm_s``; every
+    ``every_s`` one of them is SIGKILLed or a new one joins (alternating, kills first).
+    Reports lost / double-applied, the p99 freshness of the notifications during the storm
+    (notification's generated_at - the time the play went to the producer) and the longest
+    gap without any notification."""
+    rng = random.Random(seed)
+    events = valid_events(int(rate * storm_s), users=users, seed=seed, tag=f"rs{seed}")
+    reader = reader_for(settings)
+    notes: list[tuple[float, dict[str, Any]]] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            for note in reader_for(settings).updates(timeout_s=2):
+                notes.append((time.monotonic(), note))
+                if stop.is_set():
+                    return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    time.sleep(1.0)
+    running = [start_worker(settings.replace(metrics_port=free_port())) for _ in range(workers)]
+    producer = TimedProducer(settings, events, rate, max_seconds=storm_s + 60)
+    storm_start = time.monotonic()
+    producer.start()
+    changes: list[dict[str, Any]] = []
+    try:
+        kill = True
+        while time.monotonic() - storm_start + every_s < storm_s:
+            time.sleep(every_s)
+            t = round(time.monotonic() - storm_start, 1)
+            if kill and len(running) > 1:
+                victim = running.pop(rng.randrange(len(running)))
+                victim.kill()
+                changes.append({"at_s": t, "change": "kill", "workers": len(running)})
+            else:
+                running.append(start_worker(settings.replace(metrics_port=free_port())))
+                changes.append({"at_s": t, "change": "join", "workers": len(running)})
+            kill = not kill
+        producer.join(storm_s + 90)
+        storm_end = time.monotonic()
+        if producer.error is not None:
+            raise DrillFailed(f"producer failed: {producer.error!r}")
+        expected = expected_counts(producer.sent)
+        result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        if not _clean(result):
+            result["stall_diagnostics"] = stall_diagnostics(running[0])
+    finally:
+        stop.set()
+        producer.halt()
+    listener.join(10)
+    during = [(t, n) for t, n in notes if storm_start <= t <= storm_end]
+    fresh = sorted(
+        n["generated_at"] - producer.sent_at_ms[n["event_id"]]
+        for _, n in during
+        if n.get("event_id") in producer.sent_at_ms
+    )
+    times = [storm_start] + [t for t, _ in during] + [storm_end]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    alive = [w for w in running if w.proc is not None and w.proc.poll() is None]
+    report = {
+        "drill": "rebalance_storm",
+        "rate_ev_s": rate,
+        "storm_s": storm_s,
+        "every_s": every_s,
+        "produced": len(producer.sent),
+        "changes": changes,
+        "workers_alive_at_end": len(alive),
+        "worker_alive": len(alive) == len(running),
+        "notifications_during_storm": len(during),
+        "freshness_p50_ms": fresh[len(fresh) // 2] if fresh else None,
+        "freshness_p99_ms": fresh[int(len(fresh) * 0.99)] if fresh else None,
+        "freshness_max_ms": fresh[-1] if fresh else None,
+        "longest_gap_without_updates_s": round(max(gaps), 2) if gaps else None,
+        "catch_up_s": round(waited, 2),
+        **result,
+    }
+    cleanup_keys(reader, settings)
+    reader.close()
+    for w in running:
+        w.stop()
+    return report
