@@ -76,13 +76,11 @@ def read_catalog_file(path: str | Path) -> list[tuple[str, str | None, str | Non
 def load_catalog_file(settings: Settings, path: str | Path, chunk: int = 1000) -> int:
     """Upsert the names of ``path`` into Redis (pipelined, ``chunk`` tracks per round
     trip; each hash's expiry set to ``catalog_ttl_s``). Returns how many tracks."""
-    import redis
-
-    from stream.store import client_options
+    from stream.store import connect_sync
 
     records = read_catalog_file(path)
-    url, kwargs = client_options(settings.redis_url, **redis_auth(settings))
-    client = redis.Redis.from_url(url, socket_timeout=10, **kwargs)
+    # connect_sync: the cluster client too when the Redis mode says so (redis_auth carries it)
+    client = connect_sync(settings.redis_url, socket_timeout=10, **redis_auth(settings))
     try:
         for start in range(0, len(records), chunk):
             pipe = client.pipeline(transaction=False)
