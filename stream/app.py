@@ -58,6 +58,7 @@ from stream.store import (
     save_checkpoint,
     tombstones_key,
 )
+from stream.tablestore import faust_app_options, table_options
 from stream.watchdog import LoopLagProbe, StallWatch
 
 logger = logging.getLogger(__name__)
@@ -374,8 +375,7 @@ def create_worker(
         settings.app_id,
         broker=broker_url(settings),
         broker_credentials=broker_credentials(settings),
-        store=settings.table_store,
-        datadir=settings.data_dir or None,
+        **faust_app_options(settings),  # table store, data dir, standbys, group membership
         topic_partitions=partitions,
         topic_replication_factor=settings.replication_factor,
         producer_acks=-1 if settings.kafka_acks == "all" else int(settings.kafka_acks),
@@ -394,10 +394,6 @@ def create_worker(
         # (make_commit_wait_for_changelog), so the inline commit never waits out the linger.
         producer_linger=0.1,
         producer_max_batch_size=256 * 1024,
-        # a crashed worker's partitions move to the others (or its restart) within ~10 s
-        # instead of Faust's default 60 s
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
     )
     if not settings.kafka_consumer_thread:
         consume_in_loop(app)  # before anything creates app.consumer
@@ -470,6 +466,7 @@ def create_worker(
         partitions=partitions,
         schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
         help="Per-listener session state (stream.session.UserState.to_dict()).",
+        **table_options(settings),
     )
     # Faust derives the changelog serializers from key/value *types* (and they override the
     # schema's), so name the codecs explicitly: live UserState objects in the store,
@@ -1292,7 +1289,7 @@ def create_worker(
             m.lag.remove(topic, stale)
         lag_partitions.clear()
         lag_partitions.update(reported)
-        m.active_users.set(len(sessions))
+        m.active_users.set(sessions.approx_len())
         m.catalogue.set(
             recommender.catalogue_size() if hasattr(recommender, "catalogue_size") else 0
         )
