@@ -28,7 +28,7 @@ import orjson
 from faust.serializers import codecs
 from faust.types import TP
 
-from stream import __version__
+from stream import __version__, shutdown
 from stream.auth import KeyRing
 from stream.catalog import TrackInfo
 from stream.changelog import BatchedChangelogTable, batched_table
@@ -1381,6 +1381,17 @@ def freeze_survivors() -> float:
     return time.perf_counter() - started
 
 
+def pending_changelog(app: faust.App) -> str:
+    """What the batched changelog tables still hold (for the stop deadline's log)."""
+    parts = []
+    for table in app.tables.values():
+        if isinstance(table, BatchedChangelogTable):
+            unacked = sum(not f.done() for f in table.handed_over())
+            parts.append(f"{table.name}: {unacked} changelog record(s) not acknowledged, "
+                         f"{table.dirty} not sent")
+    return "; ".join(parts)
+
+
 def run_worker(worker: Worker) -> None:
     """Run until SIGTERM/SIGINT (Faust handles the signals and shuts down cleanly)."""
     faust_worker = faust.Worker(
@@ -1395,4 +1406,6 @@ def run_worker(worker: Worker) -> None:
     faust_worker.spinner = None
     logger.info("%d start-up objects frozen out of the garbage collector's scans",
                 freeze_startup_heap())
+    shutdown.install(faust_worker, worker.app, worker.settings.shutdown_timeout_s,
+                     describe=lambda: pending_changelog(worker.app))
     faust_worker.execute_from_commandline()

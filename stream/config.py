@@ -196,6 +196,10 @@ class Settings:
     #: 150k listeners held the event loop ~0.4 s; freezing every 5,000 new listeners
     #: left no full collection at all (docs/benchmarks.md, "Memory under hostile ids")
     gc_freeze_interval_s: float = 5.0
+    #: a SIGTERMed / Ctrl-C'd worker exits within this many seconds even if Kafka is
+    #: unreachable (the producer's flush gives up after a third of it; at the deadline the
+    #: worker logs what it was waiting for and exits with status 70; see stream.shutdown)
+    shutdown_timeout_s: float = 30.0
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
@@ -359,6 +363,8 @@ def validate(s: Settings) -> Settings:
         raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
     if s.ranker not in RANKERS:
         raise bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
+    if not 3 <= s.shutdown_timeout_s <= 3600:
+        raise bad("shutdown_timeout_s", f"must be between 3 and 3600 s, got {s.shutdown_timeout_s}")
     if s.gc_freeze_interval_s < 0:
         raise bad("gc_freeze_interval_s", f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
     if s.short_refresh_s < 0:
