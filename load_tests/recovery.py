@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.config import Settings
-from stream.events import PlayEvent, encode_event
+from stream.core.events import PlayEvent, encode_event
 
 MODES = ("memory", "rocksdb", "standby")
 
@@ -85,7 +85,7 @@ class DrillWorker:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "worker"],
+                [sys.executable, "-m", "stream.tools.cli", "worker"],
                 env=settings_env(self.settings),
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -186,7 +186,7 @@ def load_events(tag: str, users: int, plays_per_user: int, now_ms: int) -> list[
 
 def produce(settings: Settings, events: list[PlayEvent], label: str) -> int:
     """Send ``events`` keyed by listener as fast as the broker takes them (progress shown)."""
-    from stream.kafka_io import ensure_topics, make_producer
+    from stream.adapters.kafka import ensure_topics, make_producer
 
     async def run() -> int:
         await ensure_topics(settings)
@@ -247,7 +247,7 @@ class Probe(threading.Thread):
             self.error = exc
 
     async def _run(self) -> None:
-        from stream.kafka_io import make_producer
+        from stream.adapters.kafka import make_producer
 
         producer = make_producer(self.settings)
         await producer.start()
@@ -283,7 +283,7 @@ def fresh_after_kill(settings: Settings, probe: Probe, users: list[str], kill_at
     made from one of their plays produced after the kill (None: none within timeout)."""
     import redis
 
-    from stream.store import RecoDocument
+    from stream.adapters.redis_store import RecoDocument
 
     client = redis.Redis.from_url(settings.redis_url, password=settings.redis_password or None)
     keys = [f"{settings.redis_prefix}{u}" for u in users]
@@ -366,7 +366,7 @@ def changelog_ends(settings: Settings, changelog: str, partitions: int) -> dict[
     """The last offset (end - 1) of each changelog partition."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from stream.kafka_io import client_kwargs
+    from stream.adapters.kafka import client_kwargs
 
     async def run() -> dict[int, int]:
         consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)

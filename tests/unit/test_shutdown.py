@@ -1,4 +1,4 @@
-"""The bounded stop (stream.shutdown): a worker that cannot stop cleanly still exits."""
+"""The bounded stop (stream.faustx.shutdown): a worker that cannot stop cleanly still exits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from stream import shutdown
+from stream.faustx import shutdown
 
 
 def test_the_deadline_logs_the_last_step_and_what_is_pending_then_exits(
@@ -27,7 +27,7 @@ def test_the_deadline_logs_the_last_step_and_what_is_pending_then_exits(
                                          exit=fake_exit)
     with caplog.at_level(logging.INFO, logger="mode"):
         logging.getLogger("mode").info("[^-App]: Flush producer buffer...")
-    with caplog.at_level(logging.INFO, logger="stream.shutdown"):
+    with caplog.at_level(logging.INFO, logger="stream.faustx.shutdown"):
         deadline.arm("SIGTERM")
         deadline.arm("SIGINT")  # a second signal does not re-arm it
         assert exited.wait(5)
@@ -55,7 +55,7 @@ async def test_the_stop_flush_gives_up_after_its_bound(caplog: pytest.LogCapture
 
     app = App()
     shutdown.bound_stop_flush(app, 0.1)
-    with caplog.at_level(logging.WARNING, logger="stream.shutdown"):
+    with caplog.at_level(logging.WARNING, logger="stream.faustx.shutdown"):
         await asyncio.wait_for(app._producer_flush(None), 5)
     assert "giving up on them" in caplog.text
 

@@ -1,4 +1,4 @@
-"""Table store, data dir and recovery settings (stream.tablestore, stream.config)."""
+"""Table store, data dir and recovery settings (stream.faustx.tablestore, stream.config)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import pytest
 
 from stream.config import load_settings, table_store_kind
 from stream.errors import ConfigError
-from stream.tablestore import DataDirLock, data_dir, faust_app_options, prepare_store, table_options
+from stream.faustx.tablestore import (
+    DataDirLock,
+    data_dir,
+    faust_app_options,
+    prepare_store,
+    table_options,
+)
 
 
 def settings(tmp_path: Path, **env: str):
@@ -88,7 +94,7 @@ def test_a_second_worker_on_the_same_data_dir_is_refused(tmp_path: Path) -> None
     # would conflict too, but a real second worker is another process)
     code = (
         "import sys; from stream.config import load_settings; "
-        "from stream.tablestore import prepare_store\n"
+        "from stream.faustx.tablestore import prepare_store\n"
         f"s = load_settings(env={{'STREAM_DATA_DIR': {str(tmp_path)!r}, "
         "'STREAM_TABLE_STORE': 'rocksdb'}, file=None)\n"
         "try:\n    prepare_store(s)\nexcept Exception as exc:\n    print(exc); sys.exit(3)\n"
