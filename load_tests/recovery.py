@@ -637,34 +637,49 @@ def _free_port() -> int:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Kill -> fresh list per mode: every affected probe listener, and the 10 s target."""
+    """Kill -> fresh list per mode, split into where the time went (from the worker log),
+    with the 10 s target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    segments = (
+        ("python_and_kernels", "process start, imports, kernels", "#9ecae1"),
+        ("faust_starting", "models restored, app built", "#c6dbef"),
+        ("joined_group", "group join (restart) / session timeout (standby)", "#fdd0a2"),
+        ("recovery_complete", "changelog read (table recovery)", "#fb6a4a"),
+        ("fresh", "first play applied, list in Redis", "#74c476"),
+    )
     modes = [m for m in MODES if m in report["modes"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    used: set[str] = set()
     for i, mode in enumerate(modes):
         r = report["modes"][mode]
-        affected = set(report["probe"]["listeners"])
-        if mode == "standby":
-            affected = {u for u in affected if r["per_listener_s"].get(u) is not None
-                        and partition_of(u, report["partitions"]) in
-                        set(r["taken_over_partitions"])}
-        values = [v for u, v in r["per_listener_s"].items() if u in affected and v is not None]
-        ax.scatter([i] * len(values), values, alpha=0.6)
-        ax.bar(i, max(values, default=0), alpha=0.25)
-        ax.annotate(f"{max(values, default=0):.1f} s\n{r['changelog_records_read']:,} "
-                    "changelog\nrecords read", (i, max(values, default=0)),
-                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax.axhline(10, color="red", linestyle="--", linewidth=1, label="target (rocksdb, standby)")
-    ax.set_xticks(range(len(modes)), [f"{m}" for m in modes])
-    ax.set_ylabel("SIGKILL -> first fresh list (s)")
-    ax.set_title(f"Recovery with {report['users']:,} listeners ({report['plays']:,} plays), "
-                 f"session timeout {report['settings']['kafka_session_timeout_s']:.0f} s")
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_ylim(0, max(ax.get_ylim()[1] * 1.15, 12))
+        marks = dict(r["phases_after_kill_s"])
+        marks["fresh"] = r["affected"]["max_s"] or 0.0
+        left = 0.0
+        for key, label, colour in segments:
+            at = marks.get(key)
+            if at is None or at < left:
+                continue
+            ax.barh(i, at - left, left=left, color=colour,
+                    label=None if label in used else label)
+            used.add(label)
+            left = at
+        ax.annotate(f"{marks['fresh']:.1f} s ({r['changelog_records_read']:,} changelog "
+                    "records read)", (left, i), textcoords="offset points", xytext=(4, -3),
+                    fontsize=8)
+    ax.axvline(10, color="red", linestyle="--", linewidth=1)
+    ax.text(10, len(modes) - 0.45, " 10 s target (rocksdb, standby)", color="red", fontsize=8)
+    ax.set_yticks(range(len(modes)), modes)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from SIGKILL to the first fresh list (worst affected listener)")
+    ax.set_title(f"Recovery, {report['users']:,} listeners ({report['plays']:,} plays), "
+                 f"session timeout {report['settings']['kafka_session_timeout_s']:.0f} s",
+                 fontsize=10)
+    ax.set_xlim(0, max(ax.get_xlim()[1] * 1.35, 14))
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

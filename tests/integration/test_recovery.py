@@ -34,7 +34,7 @@ def drill(services: stack.StackConfig, tmp_path_factory: pytest.TempPathFactory)
     workdir = tmp_path_factory.mktemp("recovery")
     report = recovery.recovery_drill(
         s, workdir, recovery.Plan(users=USERS, modes=("rocksdb", "standby"),
-                                  fresh_timeout_s=90.0, standby_catch_up_s=120.0))
+                                  fresh_timeout_s=90.0, standby_catch_up_s=45.0))
     report["workdir"] = str(workdir)
     return report
 
