@@ -117,9 +117,26 @@ def bound_stop_flush(app: Any, timeout_s: float) -> None:
     app._producer_flush = bounded
 
 
+def pending_changelog(app: Any) -> str:
+    """What the app's batched changelog tables still hold (for the deadline's log)."""
+    from stream.faustx.changelog_table import BatchedChangelogTable
+
+    parts = []
+    for table in app.tables.values():
+        if isinstance(table, BatchedChangelogTable):
+            unacked = sum(not f.done() for f in table.handed_over())
+            parts.append(f"{table.name}: {unacked} changelog record(s) not acknowledged, "
+                         f"{table.dirty} not sent")
+    return "; ".join(parts)
+
+
 def install(faust_worker: Any, app: Any, timeout_s: float,
             describe: Callable[[], str] | None = None) -> ShutdownDeadline:
-    """Bound the stop of ``faust_worker`` (a ``faust.Worker``) to ``timeout_s``."""
+    """Bound the stop of ``faust_worker`` (a ``faust.Worker``) to ``timeout_s``. The
+    deadline's log says what ``describe()`` returns (default: :func:`pending_changelog`)."""
+    if describe is None:
+        def describe() -> str:
+            return pending_changelog(app)
     deadline = ShutdownDeadline(timeout_s, describe)
     bound_stop_flush(app, max(1.0, timeout_s / 3))
     schedule = faust_worker._schedule_shutdown  # mode.Worker: both signal handlers call it
