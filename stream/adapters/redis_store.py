@@ -1,27 +1,18 @@
 """Redis recommendation store -- the only module that imports redis.
 
-Contract (see README "Reading recommendations"):
+Contract (see README "Reading recommendations"; the document formats themselves --
+a listener's list, a track's similar list, the notification -- are defined in
+:mod:`stream.processing.documents`):
 
-- ``{prefix}{user_id}`` (default ``reco:u42``) holds one JSON document::
-
-    {"user_id": "u42", "seq": 17, "lineage": "stream-reco", "k": 10, "model_version": "...",
-     "generated_at": 1700000000123, "event_ts": 1700000000000, "event_id": "...",
-     "session": {"session_id": "u42#3", "session_plays": 4, "sessions_total": 3,
-                 "plays_total": 17, "skips_total": 5, "skip_streak": 0},
-     "items": [{"track_id": "t1", "score": 0.42, "reason": "because you played Airbag by
-                Radiohead", "reason_code": "played", "reason_track_id": "t9",
-                "name": "Let Down", "artist": "Radiohead"}, ...]}
-
-  (``name``/``artist``/``album`` only when known; JSON Schema in
-  ``configs/schemas/recommendations.schema.json``)
-
-  written atomically (one ``SET ... EX ttl`` inside a Lua script) with a TTL. ``seq`` is the
-  listener's count of applied events: the script refuses a document whose ``seq`` is lower
-  than the stored one, so a re-delivered or late write can never regress a newer list.
+- ``{prefix}{user_id}`` (default ``reco:u42``) holds a listener's list, written atomically
+  (one ``SET ... EX ttl`` inside a Lua script) with a TTL. ``seq`` is the listener's count
+  of applied events: the script refuses a document whose ``seq`` is lower than the stored
+  one, so a re-delivered or late write can never regress a newer list.
+- ``{similar_prefix}{track_id}`` (default ``similar:t1``) holds a track's similar list.
 - ``{catalog_prefix}{track_id}`` (default ``track:t1``) is the track catalogue hash: name,
   artist, album, first_seen, last_seen, plays (:func:`catalog_commands`).
-- every accepted write publishes ``{"user_id", "seq", "event_id", "event_ts",
-  "generated_at"}`` on the channel ``reco-updates`` (configurable).
+- every accepted list publishes its notification on the channel ``reco-updates``
+  (configurable).
 
 The worker side (:class:`RecoWriter`) coalesces updates per user and flushes them in
 pipelined batches every few milliseconds, retrying with backoff while Redis is down.
@@ -55,6 +46,12 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream.errors import ConfigError
+from stream.processing.documents import (  # noqa: F401 - re-exported for readers
+    PendingWrite,
+    RecoDocument,
+    RecoItem,
+    encode_document,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,63 +204,6 @@ def write_error_reason(reply: Any, *, guarded: bool) -> str | None:
 
 #: the most packed extra commands (track catalogue writes) a writer keeps while Redis is down
 MAX_COMMANDS: Final = 200_000
-
-
-@dataclass(frozen=True, slots=True)
-class PendingWrite:
-    """A recommendation document waiting for the next flush."""
-
-    key: str
-    seq: int
-    doc: bytes
-    notification: bytes
-    event_ts_ms: int
-    ingest_ts_ms: int | None
-    enqueued_at: float
-    #: whose state ``seq`` counts (the app id; also inside ``doc``): the guard compares within it
-    lineage: str = ""
-    #: False for a re-publication of an older play (after a crash replay): not a freshness sample
-    fresh: bool = True
-
-
-def encode_document(
-    *,
-    user_id: str,
-    seq: int,
-    items: Sequence[Any],
-    generated_at_ms: int,
-    event_ts_ms: int,
-    event_id: str,
-    model_version: str,
-    session: dict[str, Any] | None = None,
-    lineage: str = "",
-) -> tuple[bytes, bytes]:
-    """The JSON document and its pub/sub notification. ``items`` are JSON-ready dicts
-    (:meth:`stream.core.catalog.TrackCatalog.items`) or objects with track_id/score/reason."""
-    doc = {
-        "user_id": user_id,
-        "seq": seq,
-        "lineage": lineage,
-        "k": len(items),
-        "model_version": model_version,
-        "generated_at": generated_at_ms,
-        "event_ts": event_ts_ms,
-        "event_id": event_id,
-        "session": session or {},
-        "items": [
-            it if isinstance(it, dict)  # built with names and reason codes (stream.core.catalog)
-            else {"track_id": it.track_id, "score": float(it.score), "reason": it.reason}
-            for it in items
-        ],
-    }
-    note = {
-        "user_id": user_id,
-        "seq": seq,
-        "event_id": event_id,
-        "event_ts": event_ts_ms,
-        "generated_at": generated_at_ms,
-    }
-    return orjson.dumps(doc), orjson.dumps(note)
 
 
 FlushCallback = Callable[[list[PendingWrite], list[int], float], None]
@@ -972,51 +912,6 @@ async def read_track_names(
 
 
 # --------------------------------------------------------------------------- client side
-
-
-@dataclass(frozen=True, slots=True)
-class RecoItem:
-    track_id: str
-    score: float
-    reason: str
-    reason_code: str | None = None
-    reason_track_id: str | None = None
-    name: str | None = None
-    artist: str | None = None
-    album: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RecoItem:
-        return cls(
-            d["track_id"], float(d["score"]), d["reason"], d.get("reason_code"),
-            d.get("reason_track_id"), d.get("name"), d.get("artist"), d.get("album"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class RecoDocument:
-    user_id: str
-    seq: int
-    items: list[RecoItem]
-    generated_at_ms: int
-    event_ts_ms: int
-    event_id: str
-    model_version: str
-    session: dict[str, Any]
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> RecoDocument:
-        d = orjson.loads(raw)
-        return cls(
-            user_id=d["user_id"],
-            seq=int(d["seq"]),
-            items=[RecoItem.from_dict(i) for i in d["items"]],
-            generated_at_ms=int(d["generated_at"]),
-            event_ts_ms=int(d["event_ts"]),
-            event_id=d["event_id"],
-            model_version=d.get("model_version", ""),
-            session=d.get("session", {}),
-        )
 
 
 class RecoReader:

@@ -16,6 +16,7 @@ MODULES = [
     "stream.core.recommender",
     "stream.core.catalog",
     "stream.core.ranking",
+    "stream.processing.documents",
 ]
 
 
