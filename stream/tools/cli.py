@@ -80,87 +80,6 @@ def cmd_stack(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- worker
 
 
-def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def]
-    """The recommender from the last checkpoint in Redis, or None to start fresh.
-
-    A checkpoint that cannot be read or is refused (stream.core.checkpoint.REJECT_REASONS) is
-    logged in one line, counted in ``stream_checkpoints_rejected_total{reason}``, and the
-    worker learns from scratch: it never stops over a checkpoint. Listeners forgotten since
-    (the forget tombstones) are dropped from the restored models."""
-    from redis.exceptions import ResponseError
-
-    from stream.adapters.redis_store import (
-        CheckpointTooLarge,
-        checkpoint_key,
-        load_checkpoint,
-        load_tombstones,
-        tombstone_member,
-        tombstones_key,
-    )
-    from stream.core.checkpoint import CheckpointRejected, checkpoint_mode, open_checks, open_models
-
-    log = logging.getLogger("stream.worker")
-    key = checkpoint_key(settings.app_id)
-    mode = checkpoint_mode(settings)
-    if mode == "off":
-        log.info("model checkpoints are off (checkpoint_interval_s = 0)")
-        return None
-    if mode == "refused":
-        log.error(
-            "model checkpoints DISABLED: no checkpoint key is set, so this worker will "
-            "neither restore nor write %s (anyone who can write Redis could forge one). Set "
-            "STREAM_CHECKPOINT_KEYS=kid:secret, or STREAM_CHECKPOINT_INSECURE=true to accept "
-            "unsigned checkpoints anyway", key)
-        return None
-    if mode == "insecure":
-        log.warning(
-            "model checkpoints are UNSIGNED (checkpoint_insecure=true): anyone who can write "
-            "Redis key %s can replace this worker's models; set STREAM_CHECKPOINT_KEYS", key)
-
-    def reject(reason: str, why: str) -> None:
-        metrics.checkpoints_rejected.labels(reason).inc()
-        log.error("rejected model checkpoint %s (%s): %s; starting fresh", key, reason, why)
-
-    try:
-        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
-                               **redis_auth(settings))
-    except CheckpointTooLarge as exc:
-        reject("oversized", str(exc))
-        return None
-    except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
-        reject("malformed", f"Redis refused to read it: {exc}")
-        return None
-    except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
-        reject("unreadable", f"could not read it: {type(exc).__name__}: {exc}")
-        return None
-    if blob is None:
-        log.info("no model checkpoint at %s; starting fresh", key)
-        return None
-    now_ms = int(time.time() * 1000)
-    try:
-        rec, opened = open_models(blob, **open_checks(settings, now_ms))
-    except CheckpointRejected as exc:
-        reject(exc.reason, str(exc))
-        return None
-    except Exception as exc:  # noqa: BLE001 - never let a checkpoint stop the worker
-        reject("malformed", f"{type(exc).__name__}: {exc}")
-        return None
-    try:
-        forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
-                                    settings.forget_tombstone_ttl_s, **redis_auth(settings))
-    except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
-        reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
-        return None
-    tombstoned = set(forgotten)
-    dropped = sum(rec.forget_user(user) for user in rec.user_ids()
-                  if tombstone_member(user) in tombstoned)
-    log.info(
-        "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
-        "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,
-        (now_ms - opened.created_ms) / 1000, len(forgotten), dropped)
-    return rec
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logging.basicConfig(
@@ -178,6 +97,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from stream.adapters.metrics import Metrics, serve
     from stream.core.recommender import warm_up
     from stream.worker.app import create_worker, run_worker
+    from stream.worker.checkpointer import restore_models
 
     # compile/load the numba kernels now, not on the first play (see warm_up)
     logging.getLogger(__name__).info("recommender kernels ready in %.1f s", warm_up())
@@ -199,8 +119,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    recommender = _restore_models(settings, metrics)
-    metrics.checkpoint_restored.set(1 if recommender is not None else 0)
+    recommender = restore_models(settings, metrics)  # the checkpointer's: at start-up
     worker = create_worker(settings, metrics, partitions, recommender)
     run_worker(worker)
     return 0
@@ -350,23 +269,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """Verify the model checkpoint in Redis as the worker would, and describe it."""
-    from stream.adapters.redis_store import CheckpointTooLarge, checkpoint_key, load_checkpoint
-    from stream.core.checkpoint import CheckpointRejected, open_checks, open_models
+    from stream.adapters.redis_store import checkpoint_key
+    from stream.core.checkpoint import CheckpointRejected
+    from stream.worker.checkpointer import read_checkpoint
 
     settings = _settings(args)
     key = checkpoint_key(settings.app_id)
     now_ms = int(time.time() * 1000)
     try:
-        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
-                               **redis_auth(settings))
-        if blob is None:
+        stored = read_checkpoint(settings, now_ms)
+        if stored is None:
             raise CheckpointRejected("malformed", "no checkpoint stored")
-        rec, opened = open_models(blob, **open_checks(settings, now_ms))
-    except (CheckpointRejected, CheckpointTooLarge) as exc:
-        reason = getattr(exc, "reason", "oversized")
-        out = {"key": key, "valid": False, "reason": reason, "error": str(exc)}
-        print(json.dumps(out) if args.json else f"{key}: REJECTED ({reason}): {exc}")
+    except CheckpointRejected as exc:
+        out = {"key": key, "valid": False, "reason": exc.reason, "error": str(exc)}
+        print(json.dumps(out) if args.json else f"{key}: REJECTED ({exc.reason}): {exc}")
         return 1
+    blob, rec, opened = stored.blob, stored.recommender, stored.opened
     info = {
         "key": key, "valid": True, "bytes": len(blob), "kid": opened.kid,
         "app_id": opened.app_id, "created_ms": opened.created_ms,
