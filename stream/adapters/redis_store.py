@@ -239,7 +239,7 @@ class RecoWriter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis[Any],
         *,
         ttl_s: int,
         channel: str,
@@ -248,8 +248,6 @@ class RecoWriter:
         retry_max_s: float = 5.0,
         on_flush: FlushCallback | None = None,
         on_error: ErrorCallback | None = None,
-        before_flush: Callable[[], object] | None = None,
-        has_work: Callable[[], bool] | None = None,
         on_key_error: KeyErrorCallback | None = None,
         key_attempts: int = 3,
         key_retry_s: float = 0.1,
@@ -264,10 +262,6 @@ class RecoWriter:
         self.retry_max_s = retry_max_s
         self.on_flush = on_flush
         self.on_error = on_error
-        #: called right before each flush (the worker ranks its pending listeners there)
-        self.before_flush = before_flush
-        #: whether the before_flush hook has work queued (so drained() waits for it)
-        self.has_work = has_work
         self.pending: dict[str, PendingWrite] = {}
         self.deletes: set[str] = set()
         #: unguarded documents (key -> JSON), e.g. per-track "more like this" lists
@@ -279,6 +273,9 @@ class RecoWriter:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: set while no flush round trip is in flight (see ready)
+        self._ready = asyncio.Event()
+        self._ready.set()
         self._task: asyncio.Task[None] | None = None
         self._sha: str | None = None
         self._stopping = False
@@ -319,16 +316,18 @@ class RecoWriter:
             self._idle.clear()
             self._wake.set()
 
-    def wake(self) -> None:
-        """Ask for a flush soon (work is queued in the before_flush hook)."""
-        self._idle.clear()
-        self._wake.set()
+    async def ready(self) -> None:
+        """Return once no flush round trip is in flight: a producer that waits for this
+        before handing over a batch gets its writes into one flush, not many."""
+        await self._ready.wait()
+
+    async def _load_script(self) -> str:
+        client: Any = self.client  # types-redis leaves script_load untyped
+        sha: str = await client.script_load(WRITE_SCRIPT)
+        return sha
 
     def _busy(self) -> bool:
-        return bool(
-            self.pending or self.deletes or self.plain or self.commands
-            or (self.has_work and self.has_work())
-        )
+        return bool(self.pending or self.deletes or self.plain or self.commands)
 
     def forget(self, key: str) -> None:
         """Delete ``key`` (a forgotten listener): drops any pending write for it, and the DEL
@@ -376,16 +375,16 @@ class RecoWriter:
             if self.flush_interval_s:
                 # let a burst accumulate so one round trip carries many users
                 await asyncio.sleep(self.flush_interval_s)
-            if self.before_flush is not None:
-                try:
-                    self.before_flush()
-                except Exception:  # noqa: BLE001 - never let the hook kill the flusher
-                    logger.exception("before_flush hook failed")
-            while self._has_due(time.monotonic()):
-                ok = await self.flush_once()
-                if not ok:
-                    backoff = min(self.retry_max_s, 0.05 * 2 ** min(self.consecutive_failures, 10))
-                    await asyncio.sleep(backoff)
+            self._ready.clear()
+            try:
+                while self._has_due(time.monotonic()):
+                    ok = await self.flush_once()
+                    if not ok:
+                        backoff = min(self.retry_max_s,
+                                      0.05 * 2 ** min(self.consecutive_failures, 10))
+                        await asyncio.sleep(backoff)
+            finally:
+                self._ready.set()
             if self._next_retry_in(time.monotonic()) is None:
                 self._idle.set()
 
@@ -548,7 +547,7 @@ class RecoWriter:
         and come back in place."""
         plain = plain or {}
         if self._sha is None:
-            self._sha = await self.client.script_load(WRITE_SCRIPT)
+            self._sha = await self._load_script()
         cluster = isinstance(self.client, aioredis.RedisCluster)
         for attempt in range(2):
             parts: list[bytes] = []
@@ -579,7 +578,7 @@ class RecoWriter:
                 replies = await self._round_trip(parts)
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted and lost its script cache: load it and send the batch again
-                self._sha = await self.client.script_load(WRITE_SCRIPT)
+                self._sha = await self._load_script()
                 if attempt:
                     raise next(r for r in replies if isinstance(r, NoScriptError))
                 continue
@@ -748,7 +747,7 @@ def connect_async(
     tls_cert_file: str = "",
     tls_key_file: str = "",
     cluster: bool = False,
-) -> aioredis.Redis:
+) -> aioredis.Redis[Any]:
     """The worker's Redis client (see :func:`client_options` for auth and TLS): redis-py's
     cluster client when ``cluster`` or a ``redis+cluster://`` URL says so
     (:func:`cluster_url`). It answers the same commands; typed as ``Redis`` because
@@ -1052,7 +1051,7 @@ def load_checkpoint(
         raw = client.get(key)
     finally:
         client.close()
-    return None if raw is None else bytes(raw)  # type: ignore[arg-type]
+    return None if raw is None else bytes(raw)
 
 
 # --------------------------------------------------------------------------- forget tombstones
@@ -1074,7 +1073,7 @@ def tombstone_member(user_id: str) -> str:
 
 
 async def add_tombstone(
-    client: aioredis.Redis,  # type: ignore[type-arg]
+    client: aioredis.Redis[Any],
     key: str, user_id: str, now_ms: int, ttl_s: float
 ) -> None:
     """Record a forget of ``user_id`` (as :func:`tombstone_member`), and drop tombstones
@@ -1138,7 +1137,7 @@ CHECKPOINT_UPLOAD_TTL_S = 600
 
 
 async def save_checkpoint(
-    client: aioredis.Redis, key: str, blob: bytes, chunk: int = CHECKPOINT_CHUNK
+    client: aioredis.Redis[Any], key: str, blob: bytes, chunk: int = CHECKPOINT_CHUNK
 ) -> None:
     """Replace the checkpoint atomically (no TTL: it is the model).
 

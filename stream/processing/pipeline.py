@@ -327,7 +327,7 @@ class Processor:
             touched.popitem(last=False)
             self.touched_dropped += 1
         if self.defer_ranking:
-            # rank later, once per listener per flush (see rank_pending): a burst of plays
+            # rank later, once per listener per ranking pass (see rank_pending): a burst of plays
             # from one listener costs one ranking, and the agent never waits for it
             self.pending_rank[event.user_id] = (event, update.state, record.timestamp_ms)
             self._refreshing.discard(event.user_id)
@@ -384,7 +384,8 @@ class Processor:
     def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
         """Rank every listener with new plays since the last call and submit their lists.
 
-        Called by the Redis writer right before each flush, with all of them ranked in one
+        Called by the worker's ranker (stream.worker.ranker) whenever the pacing says so
+        (stream.processing.pacing), with all of them ranked in one
         call (``Recommender.recommend_many``; one by one if that raises, so a listener
         whose ranking fails loses only their own update). ``on_ranked`` gets each
         listener's share of the ranking time. Returns how many were ranked."""

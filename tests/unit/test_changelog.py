@@ -15,7 +15,8 @@ import pytest
 
 from stream.core.session import UserState
 from stream.faustx.changelog_table import BatchedChangelogTable, ChangelogSendError, batched_table
-from stream.worker.app import USER_STATE_CODEC, UserStateCodec, make_commit_wait_for_changelog
+from stream.worker.app import make_commit_wait_for_changelog
+from stream.worker.topics import USER_STATE_CODEC, UserStateCodec
 
 
 class RecordingProducer:

@@ -166,7 +166,7 @@ def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> 
 def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
     import gc
 
-    from stream.worker.app import freeze_startup_heap
+    from stream.worker.heap import freeze_startup_heap
 
     try:
         frozen = freeze_startup_heap()

@@ -17,6 +17,7 @@ MODULES = [
     "stream.core.catalog",
     "stream.core.ranking",
     "stream.processing.documents",
+    "stream.processing.pacing",
 ]
 
 
