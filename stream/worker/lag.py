@@ -36,7 +36,7 @@ class ConsumerLag:
         self.topic = settings.plays_topic
         self.processed_offsets = processed_offsets
         self.telemetry = telemetry
-        self._client: Any = None
+        self._offsets_client: Any = None
 
     async def measure(self) -> int:
         """Report the lag per assigned partition; returns the plays waiting in all of them
@@ -60,7 +60,7 @@ class ConsumerLag:
 
     async def _broker_ends(self, assigned: list[Any]) -> dict[Any, Any]:
         try:
-            if self._client is None:
+            if self._offsets_client is None:
                 from aiokafka import AIOKafkaConsumer
 
                 from stream.adapters.kafka import client_kwargs
@@ -68,14 +68,14 @@ class ConsumerLag:
                 client = AIOKafkaConsumer(**client_kwargs(self.settings),
                                           enable_auto_commit=False)
                 await asyncio.wait_for(client.start(), 5.0)
-                self._client = client
+                self._offsets_client = client
             ends: dict[Any, Any] = await asyncio.wait_for(
-                self._client.end_offsets(assigned), 2.0)
+                self._offsets_client.end_offsets(assigned), 2.0)
             return ends
         except Exception as exc:  # noqa: BLE001 - keep the fetch view; retry next tick
             logger.debug("end offsets for lag unavailable: %r", exc)
             return {}
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.stop()
+        if self._offsets_client is not None:
+            await self._offsets_client.stop()

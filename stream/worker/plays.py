@@ -17,13 +17,13 @@ Gathering (:meth:`PlaysAgent.run`): a lone play is applied at once; otherwise up
 ``agent_batch`` plays go through each stage together (the stages stay in the CPU caches),
 gathered for at most LIVE_GATHER_S, or ``agent_batch_ms`` when a backlog waits
 (BACKLOG_PLAYS behind: freshness is queueing then). The Faust side of this -- taking
-buffered plays, acks, the wake-up value -- is :class:`PlaysStream`.
+buffered plays, manual acks, the wake-up value -- is the seam's
+:class:`stream.faustx.stream.BatchingStream` (``App(Stream=...)``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any, Final
@@ -31,6 +31,7 @@ from typing import Any, Final
 import faust
 
 from stream.config import Settings
+from stream.faustx.stream import BatchingStream
 from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
@@ -54,84 +55,12 @@ HANDOVER_TURNS: Final = 3
 #: it); once BACKLOG_PLAYS wait behind a play on its partition, up to ``agent_batch_ms``
 LIVE_GATHER_S: Final = 0.002
 BACKLOG_PLAYS: Final = 8
-#: how often a held batch re-sends its wake-up (see PlaysStream.wake)
+#: how often a held batch re-sends its wake-up (see PlaysAgent._wake)
 WAKE_S: Final = 0.005
 #: under a backlog, the agent yields to the other tasks (ranker, writer) this often
 YIELD_S: Final = 0.004
 #: the agent's wake-up value (never a Kafka record)
 _WAKE: Any = object()
-
-
-class PlaysStream:
-    """The Faust side of the plays agent: its stream buffer, acks and current event.
-
-    Acks are the agent's (``enable_acks`` off): a buffered play must not be committed before
-    it is applied (Faust acks an event when the iteration moves on to the next one)."""
-
-    def __init__(self, app: faust.App, stream: Any) -> None:
-        self.app = app
-        self.stream = stream
-        stream.enable_acks = False
-        queue = getattr(stream.channel, "queue", None)
-        self.queue = queue
-        self.nothing_buffered = queue.empty if queue is not None else (lambda: True)
-        self.set_current_event = stream._set_current_event
-        self._on_message_out = stream._on_message_out
-        self._acking_topics = app.topics.acking_topics
-        self._track_message = app.consumer.track_message
-        self._flow_active = app.flow_control.is_active
-        self._errors = getattr(queue, "_errors", None)
-        self._quick_get = queue.get_nowait if queue is not None else None
-        self._peek = getattr(queue, "_queue", None)  # asyncio.Queue's deque
-
-    def fetched_behind(self, msg: Any) -> int:
-        """How many records this partition has after ``msg`` (the fetched highwater)."""
-        try:
-            highwater = self.app.consumer.highwater(msg.tp)
-        except Exception:  # noqa: BLE001 - e.g. no longer assigned (a rebalance)
-            return 0
-        if highwater is None:
-            return 0
-        behind: int = highwater - msg.offset - 1
-        return max(0, behind)
-
-    def take_buffered(self, batch: list[Any], limit: int) -> None:
-        """Move the plays already in the stream's buffer into ``batch`` (up to ``limit``)
-        without a trip through Faust's stream iterator per play: the iterator's bookkeeping
-        for a play is done here (track it as unacked, count it), its per-event sensors are
-        not called (the worker's metrics are its own). Stops at the first value the
-        iterator must see itself: a wake-up or any non-record, and any record it would
-        skip (flow control off, a stale generation), or a queued error."""
-        peek, quick_get, errors = self._peek, self._quick_get, self._errors
-        if quick_get is None or peek is None or errors is None:
-            return
-        generation = self.app.consumer_generation_id
-        while len(batch) < limit and peek and not errors:
-            event = peek[0]
-            if not isinstance(event, faust.types.EventT) or not self._flow_active():
-                return
-            message = event.message
-            if message.generation_id != generation:
-                return
-            quick_get()
-            if message.topic in self._acking_topics and not message.tracked:
-                message.tracked = True
-                self._track_message(message)
-            self.stream.events_total += 1
-            batch.append(event)
-
-    def ack(self, event: Any) -> None:
-        msg = event.message
-        if event.ack():
-            self._on_message_out(msg.tp, msg.offset, msg)
-
-    def wake(self) -> bool:
-        """Put a wake-up value in the stream buffer (False if there is no buffer)."""
-        if self.queue is None:
-            return False
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(_WAKE)
-        return True
 
 
 class PlaysAgent:
@@ -167,7 +96,7 @@ class PlaysAgent:
         self.max_batch = settings.agent_batch
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
-        self.tap: PlaysStream | None = None
+        self.stream: BatchingStream | None = None
         self.batch: list[Any] = []
         self._wake_handle: asyncio.TimerHandle | None = None
         self._yielded = self._changelog_sent = time.perf_counter()
@@ -175,12 +104,27 @@ class PlaysAgent:
 
     def nothing_buffered(self) -> bool:
         """Whether no play waits in the stream buffer (True before the agent starts)."""
-        return self.tap is None or self.tap.nothing_buffered()
+        return self.stream is None or self.stream.buffer_empty()
+
+    def fetched_behind(self, msg: Any) -> int:
+        """How many records this partition has after ``msg`` (the fetched highwater)."""
+        try:
+            highwater = self.app.consumer.highwater(msg.tp)
+        except Exception:  # noqa: BLE001 - e.g. no longer assigned (a rebalance)
+            return 0
+        if highwater is None:
+            return 0
+        behind: int = highwater - msg.offset - 1
+        return max(0, behind)
 
     # ------------------------------------------------------------------ gathering
 
     async def run(self, stream: faust.StreamT[bytes]) -> None:
-        tap = self.tap = PlaysStream(self.app, stream)
+        assert isinstance(stream, BatchingStream)  # App(Stream=BatchingStream)
+        self.stream = stream
+        # Acked once applied: a buffered play must not be committed before it is applied
+        # (Faust acks an event when the iteration moves on to the next one).
+        stream.manual_acks()
         batch = self.batch
         batch_started = 0.0
         try:
@@ -196,31 +140,31 @@ class PlaysAgent:
                 if not batch:
                     batch_started = now
                 batch.append(event)
-                tap.take_buffered(batch, self.max_batch)
-                if await self._keep_gathering(tap, now - batch_started):
+                stream.take_buffered(batch, self.max_batch)
+                if await self._keep_gathering(stream, now - batch_started):
                     continue
                 await self.apply(self._release())
         finally:
             if batch:  # the stream stopped with plays gathered: apply them (and ack)
                 await self.apply(self._release())
 
-    async def _keep_gathering(self, tap: PlaysStream, waited: float) -> bool:
+    async def _keep_gathering(self, stream: BatchingStream, waited: float) -> bool:
         """Whether to wait for more plays before applying the batch: never waiting on the
         network, only for what Faust has already fetched."""
         if len(self.batch) >= self.max_batch:
             return False
-        behind = tap.fetched_behind(self.batch[-1].message)
+        behind = self.fetched_behind(self.batch[-1].message)
         window = self.backlog_wait if behind >= BACKLOG_PLAYS else self.live_wait
-        if waited >= window or not (behind or not tap.nothing_buffered()):
+        if waited >= window or not (behind or not stream.buffer_empty()):
             return False
         # a fetch response lands in the buffer at once (stream.faustx.delivery; Faust's
         # own loop hands over one message per few turns of the event loop): give the
         # fetcher a few turns before applying
         for _ in range(HANDOVER_TURNS):
-            if not tap.nothing_buffered():
+            if not stream.buffer_empty():
                 break
             await asyncio.sleep(0)
-        if tap.nothing_buffered():
+        if stream.buffer_empty():
             return False
         if self._wake_handle is None:
             self._wake_handle = asyncio.get_running_loop().call_later(window + WAKE_S,
@@ -233,7 +177,8 @@ class PlaysAgent:
         waits for every tracked play to be acked. Until the batch is applied, put a wake-up
         in the stream buffer every few ms; the loop applies the batch on it."""
         self._wake_handle = None
-        if self.batch and self.tap is not None and self.tap.wake():
+        if self.batch and self.stream is not None:
+            self.stream.wake(_WAKE)  # a full buffer will be drained: try again then
             self._wake_handle = asyncio.get_running_loop().call_later(WAKE_S, self._wake)
 
     def _release(self) -> list[Any]:
@@ -248,24 +193,26 @@ class PlaysAgent:
 
     async def apply(self, events: list[Any]) -> None:
         """Apply a gathered batch, then ack each play (see the module docstring)."""
-        assert self.tap is not None
-        live, records = self._live(events)
+        stream = self.stream
+        assert stream is not None
+        live, records = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)
         stage_totals: dict[str, float] = {}
-        set_current = self.tap.set_current_event
+        set_current = stream.set_current_event
         outcomes = self.processor.process_batch(
             records, stage_totals, lambda i: set_current(live[i])
         )
         per_event = (time.perf_counter() - started) / len(records) if records else 0.0
         await self._hand_on(outcomes, stage_totals, per_event)
-        self._ack(live)
+        self._ack(stream, live)
         set_current(None)
         self.stall_watch.progress(time.monotonic())
         await self._after()
 
-    def _live(self, events: list[Any]) -> tuple[list[Any], list[Record]]:
-        assert self.tap is not None
+    def _live(
+        self, stream: BatchingStream, events: list[Any]
+    ) -> tuple[list[Any], list[Record]]:
         generation = self.app.consumer_generation_id
         live: list[Any] = []
         records: list[Record] = []
@@ -274,7 +221,7 @@ class PlaysAgent:
             if msg.generation_id != generation:
                 # a rebalance happened while these were buffered: drop them as Faust
                 # drops a stale generation's messages (the new owner reads them again)
-                self.tap.ack(ev)
+                stream.ack_processed(ev)
                 continue
             live.append(ev)
             records.append(
@@ -291,9 +238,8 @@ class PlaysAgent:
 
     def _pace(self, live: list[Any], now: float) -> None:
         """The backlog behind this batch, per partition (the fetched highwater)."""
-        assert self.tap is not None
         last = {ev.message.tp: ev.message for ev in live}
-        backlog = any(self.tap.fetched_behind(msg) >= CATCH_UP_PLAYS for msg in last.values())
+        backlog = any(self.fetched_behind(msg) >= CATCH_UP_PLAYS for msg in last.values())
         self.pacing.batch_applied(now, not self.processor.pending_rank, backlog)
         if backlog:
             self.telemetry.catch_up_batch()
@@ -316,15 +262,14 @@ class PlaysAgent:
                 # tell the other workers what this play teaches about tracks
                 self.signals.add(outcome.update, outcome.event)
 
-    def _ack(self, live: list[Any]) -> None:
-        assert self.tap is not None
+    def _ack(self, stream: BatchingStream, live: list[Any]) -> None:
         offsets = self.processed_offsets
         for ev in live:
             msg = ev.message
             offsets[msg.tp] = msg.offset
             # applied (its state is in the table, its changelog record is dirty and a
             # commit sends that first): now its offset may be committed
-            self.tap.ack(ev)
+            stream.ack_processed(ev)
 
     async def _after(self) -> None:
         if self.processor.eviction_due:

@@ -18,6 +18,7 @@ from stream.config import Settings
 from stream.core.events import PlayEvent
 from stream.core.recommender import Recommender
 from stream.core.session import SessionUpdate
+from stream.faustx.kafka_client import cluster_metadata
 from stream.processing.auth import KeyRing
 from stream.processing.ratelog import RateLimitedLog
 from stream.processing.replication import (
@@ -158,13 +159,13 @@ class SignalReader:
     async def _partitions(self) -> set[int]:
         """The signals topic's partitions (Faust declares the topic during its own start-up:
         wait up to ~10 s for it)."""
-        cluster = await self.consumer._client.fetch_all_metadata()
+        cluster = await cluster_metadata(self.consumer)
         for _ in range(50):
             parts = cluster.partitions_for_topic(self.topic_name)
             if parts:
                 return set(parts)
             await asyncio.sleep(0.2)
-            cluster = await self.consumer._client.fetch_all_metadata()
+            cluster = await cluster_metadata(self.consumer)
         return set()
 
     async def stop(self) -> None:

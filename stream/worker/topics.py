@@ -21,7 +21,8 @@ from faust.serializers import codecs
 from stream.adapters.kafka import signals_topic
 from stream.config import Settings
 from stream.core.session import UserState
-from stream.faustx.changelog_table import BatchedChangelogTable, batched_table
+from stream.faustx.app import SeamApp
+from stream.faustx.changelog_table import BatchedChangelogTable
 
 USER_STATE_CODEC: Final = "user_state"
 
@@ -57,7 +58,7 @@ class Topics:
     sessions: BatchedChangelogTable
 
 
-def declare_topics(app: faust.App, settings: Settings, partitions: int) -> Topics:
+def declare_topics(app: SeamApp, settings: Settings, partitions: int) -> Topics:
     """Declare the topics and the session table on ``app`` (``partitions``: the plays
     topic's count; control and the table are co-partitioned with it)."""
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -68,8 +69,7 @@ def declare_topics(app: faust.App, settings: Settings, partitions: int) -> Topic
     dlq = app.topic(settings.dlq_topic, **raw)
     signals_name = signals_topic(settings)  # created by ensure_topics; read by SignalReader
     signals = app.topic(signals_name, **raw)
-    sessions = batched_table(
-        app,
+    sessions = app.batched_table(
         "sessions",
         default=None,
         partitions=partitions,
