@@ -326,16 +326,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stream", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _common(sp: argparse.ArgumentParser) -> None:
+    """The connection options every subcommand but ``stack`` takes."""
+    sp.add_argument("--kafka-bootstrap", dest="kafka_bootstrap")
+    sp.add_argument("--redis-url", dest="redis_url")
+    sp.add_argument("--plays-topic", dest="plays_topic")
+    sp.add_argument("--app-id", dest="app_id")
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--kafka-bootstrap", dest="kafka_bootstrap")
-        sp.add_argument("--redis-url", dest="redis_url")
-        sp.add_argument("--plays-topic", dest="plays_topic")
-        sp.add_argument("--app-id", dest="app_id")
 
+def _add_stack(sub: Any) -> None:
     s = sub.add_parser("stack", help="local Kafka (KRaft) + Redis + Prometheus without Docker")
     s.add_argument("action", choices=("up", "down", "status"))
     s.add_argument(
@@ -361,13 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_stack)
 
-    w = sub.add_parser("worker", help="run the Faust worker")
-    common(w)
-    w.add_argument("--metrics-port", dest="metrics_port", type=int)
-    w.set_defaults(func=cmd_worker)
 
+def _add_produce(sub: Any) -> None:
     pr = sub.add_parser("produce", help="replay a dataset or synthetic traffic into Kafka")
-    common(pr)
+    _common(pr)
     pr.add_argument(
         "--source", choices=("movielens", "lastfm", "spotify", "sessionrec", "csv", "synthetic"),
         default="lastfm",
@@ -386,20 +382,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_produce)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_stack(sub)
+
+    w = sub.add_parser("worker", help="run the Faust worker")
+    _common(w)
+    w.add_argument("--metrics-port", dest="metrics_port", type=int)
+    w.set_defaults(func=cmd_worker)
+    _add_produce(sub)
+
+
     r = sub.add_parser("recs", help="print a listener's recommendations from Redis")
-    common(r)
+    _common(r)
     r.add_argument("user")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_recs)
 
     si = sub.add_parser("similar", help="print the 'more like this' list of a track")
-    common(si)
+    _common(si)
     si.add_argument("track")
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_similar)
 
     cl = sub.add_parser("catalog", help="track metadata: upsert names without a play")
-    common(cl)
+    _common(cl)
     cl.add_argument("action", choices=("load",))
     cl.add_argument(
         "file", help="CSV (header track_id,name,artist,album) or JSONL (one object per line)"
@@ -407,22 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_catalog)
 
     fg = sub.add_parser("forget", help="purge a listener's state and recommendations")
-    common(fg)
+    _common(fg)
     fg.add_argument("user")
     fg.set_defaults(func=cmd_forget)
 
     ck = sub.add_parser("checkpoint", help="verify and describe the model checkpoint in Redis")
-    common(ck)
+    _common(ck)
     ck.add_argument("--user", help="also say whether this listener's factors are in it")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(func=cmd_checkpoint)
 
     c = sub.add_parser("config", help="print the effective settings (secrets masked)")
-    common(c)
+    _common(c)
     c.set_defaults(func=cmd_config)
 
     d = sub.add_parser("demo", help="stack + worker + producer replaying real plays")
-    common(d)
+    _common(d)
     d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="movielens",
                    help="real plays to replay (default: MovieLens-100K ratings as plays)")
     d.add_argument("--count", type=int, default=20_000)
@@ -436,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("replay", "top"):
         try:
-            module = __import__(f"stream.{name}", fromlist=["register"])
+            module = __import__(f"stream.tools.{name}", fromlist=["register"])
         except ImportError:
             continue
         register = getattr(module, "register", None)
