@@ -58,7 +58,7 @@ from stream.store import (
     save_checkpoint,
     tombstones_key,
 )
-from stream.watchdog import LoopLagProbe, StallWatch
+from stream.watchdog import LoopLagProbe, StallSampler, StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -733,7 +733,11 @@ def create_worker(
         if seconds >= loop_lag.max_lag:
             m.loop_lag_max.set(seconds)
 
-    loop_lag = LoopLagProbe(on_lag=on_loop_lag)
+    loop_lag = LoopLagProbe(
+        on_lag=on_loop_lag,
+        sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
+        else None,
+    )
 
     pending_signals: list[TrackSignal] = []
 

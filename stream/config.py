@@ -125,6 +125,11 @@ class Settings:
     #: bounded per-listener model state: at most this many listeners keep MF factors, the
     #: most recently played (0 = no bound; see docs/benchmarks.md "Memory under hostile ids")
     max_users: int = 500_000
+    #: bounded session table: above this many listeners the least recently active ones
+    #: are evicted -- deleted through the table (a changelog tombstone) and their Redis
+    #: list deleted, so a returning listener starts afresh (0 = no bound; see
+    #: docs/reliability.md, "Session table cap")
+    max_sessions: int = 500_000
     #: what ranks the live lists: "fixed" (the fixed-weight blend, compiled, batched per
     #: flush) or "learned" (the learned blend over session-kNN/STAN, SR, co-occurrence, MF
     #: and trending, which also learns those session models). "learned" measured
@@ -176,6 +181,9 @@ class Settings:
     #: 150k listeners held the event loop ~0.4 s; freezing every 5,000 new listeners
     #: left no full collection at all (docs/benchmarks.md, "Memory under hostile ids")
     gc_freeze_interval_s: float = 5.0
+    #: diagnostics: log where the event loop is held whenever it is held at least this
+    #: many ms (a thread samples its stack; stream.watchdog.StallSampler). 0 = off
+    stall_sample_ms: float = 0.0
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
@@ -339,6 +347,10 @@ def validate(s: Settings) -> Settings:
         raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
     if s.ranker not in RANKERS:
         raise bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
+    if s.max_sessions < 0:
+        raise bad("max_sessions", f"must be >= 0 (0 = unbounded), got {s.max_sessions}")
+    if s.stall_sample_ms < 0:
+        raise bad("stall_sample_ms", f"must be >= 0 (0 = off), got {s.stall_sample_ms}")
     if s.gc_freeze_interval_s < 0:
         raise bad("gc_freeze_interval_s", f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
     if s.short_refresh_s < 0:
