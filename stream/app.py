@@ -669,6 +669,7 @@ def create_worker(
         evaluator=worker.evaluator,
         defer_ranking=True,
         defer_eviction=True,
+        partitions=partitions,
     )
     rank_stage = m.stage.labels("rank")
 
@@ -823,7 +824,8 @@ def create_worker(
     from stream.control import ControlGate
 
     control_gate = ControlGate(
-        ring, insecure=settings.worker_insecure, max_age_ms=settings.control_max_age_s * 1000
+        ring, insecure=settings.worker_insecure, max_age_ms=settings.control_max_age_s * 1000,
+        partitions=partitions,
     )
     control_log = RateLimitedLog(logging.getLogger("stream.control"), level=logging.WARNING)
     m.init_topic(settings.control_topic, ())

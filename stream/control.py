@@ -35,6 +35,7 @@ import orjson
 
 from stream.auth import KeyRing
 from stream.events import InvalidField, Rejection, check_id, escape_text
+from stream.pipeline import partition_problem
 
 OPERATIONS: Final = ("forget_user",)
 #: the MAC's purpose for control commands (stream.auth)
@@ -140,8 +141,12 @@ class ControlGate:
         insecure: bool,
         max_age_ms: int,
         max_nonces: int = MAX_NONCES,
+        partitions: int | None = None,
     ) -> None:
         self.ring = ring
+        #: the control topic's partition count: a command not on its key's partition is
+        #: refused as ``wrong_partition`` (None: not checked)
+        self.partitions = partitions
         self.insecure = insecure
         self.max_age_ms = max_age_ms
         self.max_nonces = max_nonces
@@ -174,6 +179,9 @@ class ControlGate:
             return Rejection(
                 "key_mismatch", f"record has {shown}, user_id is {escape_text(cmd.user_id, 64)}"
             )
+        wrong = partition_problem(key, partition, self.partitions)
+        if wrong is not None:
+            return wrong
         reference = record_ts_ms if log_append_time and record_ts_ms else now_ms
         age = reference - cmd.requested_at_ms
         if abs(age) > self.max_age_ms:

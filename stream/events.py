@@ -38,6 +38,10 @@ REJECTION_REASONS: Final = (
     "too_old_timestamp",
     "unknown_field",
     "key_mismatch",
+    # the record is not on the partition Kafka's default partitioner gives its key
+    # (murmur2(key) mod partitions): a producer chose it, which would split one listener's
+    # state (and a forget's reach) over two partitions
+    "wrong_partition",
     "control_character",
     "internal_error",
     # authenticated topics (the control topic; stream.control, stream.auth)

@@ -9,6 +9,7 @@ Prometheus objects are passed in -- this module imports none of them.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping, Sequence
@@ -37,6 +38,55 @@ MAX_SHORT_LISTS: Final = 10_000
 #: the oldest waiting ones are dropped (refreshed again when next played) instead of the
 #: set growing with every id ever played.
 MAX_TOUCHED_TRACKS: Final = 10_000
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of a record key (``org.apache.kafka.common.utils.Utils``), as
+    an unsigned 32-bit integer.
+
+    >>> murmur2(b"21"), murmur2(b"")
+    (3321034988, 275646681)
+    """
+    m, length = 0x5BD1E995, len(data)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    whole = length & ~3
+    for (k,) in struct.iter_unpack("<I", data[:whole]):
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    extra = length & 3
+    if extra == 3:
+        h ^= data[whole + 2] << 16
+    if extra >= 2:
+        h ^= data[whole + 1] << 8
+    if extra >= 1:
+        h ^= data[whole]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (Java and aiokafka) gives a keyed record:
+    ``toPositive(murmur2(key)) % partitions``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def partition_problem(key: bytes, partition: int, partitions: int | None) -> Rejection | None:
+    """A ``wrong_partition`` rejection if a keyed record is not on its key's partition
+    (checked only when ``partitions`` is known)."""
+    if not partitions:
+        return None
+    expected = key_partition(key, partitions)
+    if partition == expected:
+        return None
+    return Rejection(
+        "wrong_partition",
+        f"record is on partition {partition}, its key hashes to partition {expected} "
+        f"of {partitions}",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +162,12 @@ class Processor:
         max_touched_tracks: int = MAX_TOUCHED_TRACKS,
         defer_eviction: bool = False,
         reject_log: RateLimitedLog | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.settings = settings
+        #: the plays topic's partition count: a record not on its key's partition (Kafka's
+        #: default partitioner) is rejected as ``wrong_partition``; None: not checked
+        self.partitions = partitions
         #: rejection log lines, at most 10 per reason per minute (the metrics count all)
         self.reject_log = reject_log if reject_log is not None else RateLimitedLog(logger)
         self.recommender = recommender
@@ -222,7 +276,11 @@ class Processor:
                     ),
                 )
             else:
-                events.append((i, parsed))
+                wrong = partition_problem(record.key, record.partition, self.partitions)
+                if wrong is not None:
+                    outcomes[i] = self.reject(record, wrong)
+                else:
+                    events.append((i, parsed))
         t1 = clock()
         applied: list[tuple[int, PlayEvent, SessionUpdate]] = []
         for i, event in events:

@@ -375,3 +375,19 @@ def test_stream_forget_refuses_to_send_an_unsigned_command(
     monkeypatch.setenv("STREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")
     assert main(["forget", "u1"]) == 2
     assert "worker_keys" in capsys.readouterr().err
+
+
+def test_a_command_on_another_partition_than_its_key_is_refused() -> None:
+    """Review finding 2: with the topic's partition count known, a command keyed right but
+    not on murmur2(key)'s partition is ``wrong_partition`` (its forget would miss the
+    listener's owner)."""
+    from stream.pipeline import key_partition
+
+    key, value, headers = signed()
+    g = ControlGate(KeyRing.parse(K1), insecure=False, max_age_ms=900_000, partitions=4)
+    home = key_partition(key, 4)
+    wrong = g.admit(TOPIC, (home + 1) % 4, 0, key, value, headers, NOW, True, NOW)
+    assert isinstance(wrong, Rejection) and wrong.reason == "wrong_partition"
+    assert f"hashes to partition {home}" in wrong.detail
+    assert isinstance(g.admit(TOPIC, home, 1, key, value, headers, NOW, True, NOW),
+                      ControlCommand)
