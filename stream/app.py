@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import itertools
 import logging
 import time
 import uuid
@@ -136,6 +137,12 @@ CHANGELOG_SEND_S = 0.02
 #: pending track signals (for the other workers' item models) go out at most this often
 SIGNALS_SEND_S = 0.05
 CHANGELOG_BATCH = 256
+#: the writer's ranking hook ranks about this much at a time (stream.pipeline.rank_pending)
+RANK_BUDGET_S = 0.015
+#: most listeners evicted from the session table per batch (max_sessions), and restored
+#: listeners put in the eviction order per batch
+SESSION_EVICT_BATCH = 1024
+SESSION_SEED_CHUNK = 20_000
 #: loop turns the plays agent yields, at most, for Faust's fetcher to hand over the next
 #: buffered message (it takes two or three: a task per message and an asyncio.wait)
 HANDOVER_TURNS = 3
@@ -531,7 +538,7 @@ def create_worker(
                 on_flush=on_flush,
                 on_error=on_error,
                 before_flush=rank_pending,
-                has_work=lambda: bool(processor.pending_rank),
+                has_work=processor.rank_waiting,
                 on_key_error=on_key_error,
             )
             worker.writer.start()
@@ -672,6 +679,40 @@ def create_worker(
         partitions=partitions,
     )
     rank_stage = m.stage.labels("rank")
+    #: [generation whose restored listeners were put in the eviction order, iterator]
+    session_seed: list[Any] = [None, None]
+
+    def bound_sessions() -> None:
+        """``max_sessions``: evict (bounded per batch) the least recently active listeners
+        above the cap, deleted through the session table (a changelog tombstone on the
+        listener's partition, when this worker owns it) and from Redis
+        (stream.pipeline.Processor.evict_sessions). Listeners restored from the changelog
+        enter the order as the least recent, SESSION_SEED_CHUNK per batch, once per
+        consumer generation."""
+        if len(sessions) > processor.max_sessions and session_seed[0] != (
+                generation := app.consumer_generation_id):
+            if session_seed[1] is None:
+                session_seed[1] = iter(list(sessions.data.keys()))
+            chunk = list(itertools.islice(session_seed[1], SESSION_SEED_CHUNK))
+            processor.track_sessions(chunk)
+            if len(chunk) < SESSION_SEED_CHUNK:
+                session_seed[:] = [generation, None]
+        if not processor.sessions_over():
+            return
+        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topic}
+        evicted = processor.evict_sessions(
+            SESSION_EVICT_BATCH,
+            delete=lambda user, partition, mine: sessions.delete_on(user, partition,
+                                                                    changelog=mine),
+            owned=owned.__contains__,
+        )
+        for user in evicted:
+            if worker.writer is not None:
+                worker.writer.forget(processor.redis_key(user))
+            else:
+                pending_forgets.append(processor.redis_key(user))
+        if evicted:
+            m.sessions_evicted.inc(len(evicted))
 
     #: the catalogue eviction running in a thread (a future), or None. While it runs,
     #: nothing on the event loop touches the models: the plays agent awaits it, and the
@@ -701,7 +742,7 @@ def create_worker(
             for seconds in processor.eviction_seconds:
                 m.eviction_seconds.observe(seconds)
             processor.eviction_seconds.clear()
-            if worker.writer is not None and processor.pending_rank:
+            if worker.writer is not None and processor.rank_waiting():
                 worker.writer.wake()
 
         fut.add_done_callback(finished)
@@ -784,7 +825,10 @@ def create_worker(
             return  # the agent wakes the writer again after its next batch
         if models_busy():
             return  # the eviction wakes the writer when it is done
-        processor.rank_pending(on_ranked=rank_stage.observe)
+        # bounded work per loop turn: the rest waits for the next flush (woken at once)
+        processor.rank_pending(on_ranked=rank_stage.observe, budget_s=RANK_BUDGET_S)
+        if processor.rank_waiting() and worker.writer is not None:
+            worker.writer.wake()
         flush_signals()
         write_catalog(counts=False)
 
@@ -997,7 +1041,7 @@ def create_worker(
                     )
                 )
             started = time.perf_counter()
-            if not processor.pending_rank:
+            if not processor.rank_waiting():
                 catch_up[1] = started
             # the backlog behind this batch, per partition (the fetched highwater)
             last: dict[Any, Any] = {ev.message.tp: ev.message for ev in live}
@@ -1015,6 +1059,8 @@ def create_worker(
                 # stage histograms observe each play's share of its batch's stage time
                 stage_shares = [(stage_histogram(stage), seconds / n)
                                 for stage, seconds in stage_totals.items()]
+            if processor.max_sessions:
+                bound_sessions()
             while pending_forgets and worker.writer is not None:
                 worker.writer.forget(pending_forgets.popleft())
             while pending_writes and worker.writer is not None:
@@ -1061,7 +1107,7 @@ def create_worker(
             stall_watch.progress(monotonic)
             if processor.eviction_due:
                 await evict_off_loop()
-            if worker.writer is not None and processor.pending_rank:
+            if worker.writer is not None and processor.rank_waiting():
                 worker.writer.wake()
             now = time.perf_counter()
             if sessions.dirty and (
@@ -1313,6 +1359,9 @@ def create_worker(
         ):
             gc_frozen_at[0] = time.monotonic()
             m.gc_freeze_seconds.observe(freeze_survivors())
+        if processor.rank_shed > rank_shed_seen[0]:
+            m.rankings_shed.inc(processor.rank_shed - rank_shed_seen[0])
+            rank_shed_seen[0] = processor.rank_shed
         mf = getattr(recommender, "mf", None)
         users_evicted = getattr(mf, "users_evicted", 0)
         if users_evicted > users_evicted_seen[0]:
@@ -1325,6 +1374,7 @@ def create_worker(
     report_ticks = [0]
     gc_frozen_at = [time.monotonic()]
     users_evicted_seen = [0]
+    rank_shed_seen = [0]
     lag_partitions: set[str] = set()
 
     drift_seen = [0]

@@ -75,6 +75,20 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         self._dirty.pop(key, None)  # keep assignment order: the tombstone goes last
         self._dirty[key] = (partition, _TOMBSTONE)
 
+    def delete_on(self, key: Any, partition: int, *, changelog: bool = True) -> bool:
+        """Delete ``key`` outside stream iteration (no current event says its partition):
+        the caller names its changelog ``partition`` (the listener's, from their state).
+        The tombstone goes on the same queue as the key's values. With ``changelog`` off
+        the key only leaves this process's store (a partition it no longer owns: its new
+        owner's changelog must not be touched). Returns whether the key was there."""
+        if key not in self.data:
+            return False
+        del self.data[key]
+        if changelog:
+            self._dirty.pop(key, None)
+            self._dirty[key] = (partition, _TOMBSTONE)
+        return True
+
     def _current(self, key: Any) -> Any:
         """The key's value in the store now, or the tombstone marker if it is gone."""
         value = self.data.get(key) if key in self.data else None
