@@ -53,6 +53,7 @@ from stream.store import (
     RecoWriter,
     add_tombstone,
     catalog_commands,
+    claim_nonce,
     checkpoint_key,
     connect_async,
     read_track_names,
@@ -865,7 +866,7 @@ def create_worker(
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.redis_retry_max_s)
 
-    from stream.control import ControlGate
+    from stream.control import ControlGate, NonceLedger
 
     control_gate = ControlGate(
         ring, insecure=settings.worker_insecure, max_age_ms=settings.control_max_age_s * 1000,
@@ -873,31 +874,19 @@ def create_worker(
     )
     control_log = RateLimitedLog(logging.getLogger("stream.control"), level=logging.WARNING)
     m.init_topic(settings.control_topic, ())
-    #: (partition, consumer generation) whose recent nonces the gate has read back
-    nonces_loaded: set[tuple[int, int]] = set()
+    async def claim_nonce_in_redis(key: str, marker: str, ttl_ms: int) -> bytes | None:
+        if worker.writer is None:
+            raise ConnectionError("the Redis writer has not started yet")
+        return await claim_nonce(worker.writer.client, key, marker, ttl_ms)
 
-    async def load_recent_nonces(msg: Any) -> None:
-        """Before the first command of a partition this process (re)took, read that
-        partition's last two windows back and remember their nonces: a replay right after
-        a restart or a rebalance is refused as well (stream.control.ControlGate)."""
-        from stream.kafka_io import read_partition_since
+    def on_nonce_error(exc: BaseException) -> None:
+        m.redis_errors.labels("nonce").inc()
+        control_log.log("nonce_error", "could not check a control nonce in Redis (%s: %s); "
+                        "retrying", type(exc).__name__, escape_text(str(exc), 200))
 
-        nonces_loaded.add((msg.partition, msg.generation_id))
-        now = int(time.time() * 1000)
-        try:
-            records = await read_partition_since(
-                settings, msg.topic, msg.partition, now - 2 * control_gate.max_age_ms, msg.offset
-            )
-        except Exception as exc:  # noqa: BLE001 - Kafka trouble: admit on memory alone
-            logger.warning("could not read back %s[%d] for control nonces: %r",
-                           msg.topic, msg.partition, exc)
-            return
-        learned = sum(
-            control_gate.learn(r.topic, r.partition, r.offset, r.key, r.value, r.headers, now)
-            for r in records
-        )
-        logger.info("control %s[%d]: %d recent nonce(s) read back", msg.topic, msg.partition,
-                    learned)
+    # replay protection shared by every worker, in Redis; fails closed (stream.control)
+    nonces = NonceLedger(claim_nonce_in_redis, settings.app_id,
+                         2 * control_gate.max_age_ms, on_error=on_nonce_error)
 
     @app.agent(control, name="control")
     async def process_control(stream: faust.StreamT[bytes]) -> None:
@@ -906,8 +895,6 @@ def create_worker(
         (stream.control.ControlGate); the rest go to the dead-letter topic."""
         async for event in stream.events():
             msg = event.message
-            if (msg.partition, msg.generation_id) not in nonces_loaded:
-                await load_recent_nonces(msg)
             cmd = control_gate.admit(
                 msg.topic,
                 msg.partition,
@@ -919,6 +906,8 @@ def create_worker(
                 msg.timestamp_type == LOG_APPEND_TIME,
                 int(time.time() * 1000),
             )
+            if not isinstance(cmd, Rejection):
+                cmd = await nonces.check(cmd, msg.topic, msg.partition, msg.offset) or cmd
             if isinstance(cmd, Rejection):
                 control_log.log(
                     cmd.reason,

@@ -24,10 +24,12 @@ before. Anything else is a :class:`~stream.events.Rejection` the worker dead-let
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -240,3 +242,76 @@ def _auth_detail(reason: str, ring: KeyRing) -> str:
         "unknown_key": "control command signed with a key id not in worker_keys",
         "bad_signature": "control command's MAC does not verify",
     }.get(reason, reason)
+
+
+#: claim(key, marker, ttl_ms): SET key marker NX PX ttl_ms GET -- None if the key was free
+#: (now claimed), else the marker already there (stream.store.claim_nonce)
+NonceClaim = Callable[[str, str, int], Awaitable[bytes | str | None]]
+
+
+def nonce_key(app_id: str, nonce: str) -> str:
+    """The Redis key remembering a control nonce: in the app's ``forgotten:`` family (the
+    worker's ACL has it), the nonce hashed (any printable nonce, a fixed-length key)."""
+    digest = hashlib.sha256(b"stream-reco control nonce\0" + nonce.encode()).hexdigest()[:32]
+    return f"forgotten:{app_id}:nonce:{digest}"
+
+
+class NonceLedger:
+    """Replay protection shared by every worker of an app (review finding 3): an admitted
+    command's nonce is claimed in Redis with ``SET NX PX`` (``2 x control_max_age``; older
+    commands are refused as stale anyway) together with the record's position. The same
+    nonce at another position -- another partition, another offset, another worker, after
+    a restart or a flood -- is a replay; at the same position it is a redelivery (a crash
+    before the offset commit) and is admitted again, a forget being idempotent.
+
+    Fails closed: while Redis cannot answer, the check is retried (``on_error`` hears of
+    each failure) for up to ``wait_s``; then the command is refused as
+    ``nonce_unverified`` (dead-lettered: the operator sends it again)."""
+
+    def __init__(
+        self,
+        claim: NonceClaim,
+        app_id: str,
+        ttl_ms: int,
+        *,
+        wait_s: float = 30.0,
+        on_error: Callable[[BaseException], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.claim = claim
+        self.app_id = app_id
+        self.ttl_ms = ttl_ms
+        self.wait_s = wait_s
+        self.on_error = on_error
+        self.sleep = sleep
+
+    async def check(
+        self, cmd: ControlCommand, topic: str, partition: int, offset: int
+    ) -> Rejection | None:
+        """None if ``cmd`` may be applied (first seen, or redelivered at the same
+        position), else why not."""
+        marker = f"{topic}[{partition}]@{offset}"
+        key = nonce_key(self.app_id, cmd.nonce)
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
+        while True:
+            try:
+                held = await self.claim(key, marker, self.ttl_ms)
+                break
+            except Exception as exc:  # noqa: BLE001 - Redis trouble: retry, then refuse
+                if self.on_error is not None:
+                    self.on_error(exc)
+                if time.monotonic() >= deadline:
+                    return Rejection(
+                        "nonce_unverified",
+                        f"could not check the nonce in Redis for {self.wait_s:.0f} s "
+                        f"({type(exc).__name__}); refused (fail closed)",
+                    )
+                await self.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if held is None:
+            return None
+        seen = held.decode("utf-8", "replace") if isinstance(held, bytes) else str(held)
+        if seen == marker:
+            return None
+        return Rejection("replayed", f"nonce already used at {escape_text(seen, 200)}")

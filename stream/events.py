@@ -50,6 +50,8 @@ REJECTION_REASONS: Final = (
     "unknown_key",
     "stale",
     "replayed",
+    # the control command's nonce could not be checked in Redis (fail closed)
+    "nonce_unverified",
 )
 
 MAX_EVENT_BYTES: Final = 16 * 1024

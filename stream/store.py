@@ -1233,6 +1233,16 @@ async def add_tombstone(
         await tx.execute()
 
 
+async def claim_nonce(
+    client: aioredis.Redis,  # type: ignore[type-arg]
+    key: str, marker: str, ttl_ms: int,
+) -> bytes | None:
+    """``SET key marker NX PX ttl_ms GET`` (Redis 7+): None if the key was free and is now
+    claimed, else the value already there (stream.control.NonceLedger)."""
+    held = await client.set(key, marker, nx=True, px=ttl_ms, get=True)
+    return None if held is None else bytes(held)
+
+
 def load_tombstones(
     url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: Any
 ) -> list[str]:

@@ -195,3 +195,40 @@ def test_plays_and_control_commands_on_the_wrong_partition_are_dead_lettered(
         (stray.encode(), encode_event(play(stray, 2)), [], key_partition(stray.encode(), n)),
     ])
     wait_until(lambda: reader.get(stray), 30, what="the stray listener's list")
+
+
+def test_control_nonces_are_kept_in_redis_and_a_replay_after_a_restart_is_refused(
+    settings: Settings, worker_factory, reader: RecoReader
+) -> None:
+    """Review finding 3: the nonce of an applied command is claimed in Redis (shared by
+    every worker and every restart, SET NX PX), not only in the applying process's memory;
+    the identical signed record produced again after a restart is dead-lettered as
+    ``replayed``."""
+    import orjson
+
+    from stream.control import nonce_key
+
+    ring = KeyRing.parse(settings.worker_keys)
+    user = "nr-victim"
+    w1 = worker_factory()
+    produce(settings, [play(user, 0)])
+    wait_until(lambda: reader.get(user), 30, what="the listener's list")
+    key, value, headers = forget_record(user, ring, settings.control_topic)
+    send(settings, settings.control_topic, [(key, value, headers)])
+    wait_until(lambda: reader.get(user) is None, 30, what="the forget applied")
+    nonce = orjson.loads(value)["nonce"]
+    stored = reader.client.get(nonce_key(settings.app_id, nonce))
+    assert stored is not None and stored.decode().startswith(f"{settings.control_topic}[")
+    assert 0 < reader.client.pttl(nonce_key(settings.app_id, nonce)) <= (
+        2 * settings.control_max_age_s * 1000)
+    assert w1.stop() == 0
+
+    w2 = worker_factory()
+    produce(settings, [play(user, 1)])  # the listener comes back...
+    wait_until(lambda: reader.get(user), 30, what="the returning listener's list")
+    send(settings, settings.control_topic, [(key, value, headers)])  # ...and a replay
+    dlq = dlq_by_reason(settings, 1)
+    assert [h["dlq.topic"] for h in dlq.get("replayed", [])] == [settings.control_topic], dlq
+    assert w2.metric_value(
+        "stream_events_rejected_total", topic=settings.control_topic, reason="replayed") == 1
+    assert reader.get(user) is not None, "the replayed forget was applied"

@@ -391,3 +391,62 @@ def test_a_command_on_another_partition_than_its_key_is_refused() -> None:
     assert f"hashes to partition {home}" in wrong.detail
     assert isinstance(g.admit(TOPIC, home, 1, key, value, headers, NOW, True, NOW),
                       ControlCommand)
+
+
+# --------------------------------------------------------------------------- nonce ledger
+
+
+def test_the_nonce_ledger_admits_once_per_position_and_fails_closed() -> None:
+    """Review finding 3: nonces live in Redis (SET NX PX), shared by every worker and
+    restart; the same nonce at another position is a replay, at the same position a
+    redelivery; while Redis cannot answer the check is retried, then refused."""
+    import asyncio
+
+    from stream.control import NonceLedger, nonce_key
+
+    store: dict[str, str] = {}
+    calls: list[tuple[str, str, int]] = []
+    down = {"n": 0}
+
+    async def claim(key: str, marker: str, ttl_ms: int) -> bytes | None:
+        calls.append((key, marker, ttl_ms))
+        if down["n"]:
+            down["n"] -= 1
+            raise ConnectionError("redis down")
+        if key in store:
+            return store[key].encode()
+        store[key] = marker
+        return None
+
+    errors: list[BaseException] = []
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    ledger = NonceLedger(claim, "app", 1_800_000, wait_s=60, on_error=errors.append,
+                         sleep=no_sleep)
+    cmd = admit(gate(), signed())
+    assert isinstance(cmd, ControlCommand)
+
+    async def go() -> list:
+        first = await ledger.check(cmd, TOPIC, 0, 7)
+        again = await ledger.check(cmd, TOPIC, 0, 7)  # redelivered: same position
+        replay = await ledger.check(cmd, TOPIC, 1, 3)  # another partition / worker
+        down["n"] = 2  # two failures, then Redis answers: retried, not refused
+        other = admit(gate(), signed("u2"))
+        late = await ledger.check(other, TOPIC, 0, 8)  # type: ignore[arg-type]
+        return [first, again, replay, late]
+
+    first, again, replay, late = asyncio.run(go())
+    assert first is None and again is None and late is None
+    assert isinstance(replay, Rejection) and replay.reason == "replayed"
+    assert f"{TOPIC}[0]@7" in replay.detail
+    assert calls[0] == (nonce_key("app", cmd.nonce), f"{TOPIC}[0]@7", 1_800_000)
+    assert len(errors) == 2
+
+    # Redis never answers: refused as nonce_unverified once wait_s is over
+    closed = NonceLedger(claim, "app", 1000, wait_s=0.0, on_error=errors.append,
+                         sleep=no_sleep)
+    down["n"] = 10**6
+    refused = asyncio.run(closed.check(admit(gate(), signed("u3")), TOPIC, 0, 9))  # type: ignore[arg-type]
+    assert isinstance(refused, Rejection) and refused.reason == "nonce_unverified"
