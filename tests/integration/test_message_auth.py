@@ -11,12 +11,12 @@ import uuid
 
 import pytest
 
-from stream.auth import KeyRing
+from stream.adapters.kafka import ensure_topics, make_producer, read_topic
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.control import PURPOSE, encode_forget, forget_record
-from stream.events import PlayEvent, encode_event
-from stream.kafka_io import ensure_topics, make_producer, read_topic
-from stream.store import RecoReader
+from stream.core.events import PlayEvent, encode_event
+from stream.processing.auth import KeyRing
+from stream.processing.control import PURPOSE, encode_forget, forget_record
 
 from .conftest import free_port, produce, wait_until
 
@@ -162,7 +162,7 @@ def test_plays_and_control_commands_on_the_wrong_partition_are_dead_lettered(
     """Review finding 2: a record keyed right but put on another partition than
     murmur2(key) gives (the producer chose it) is dead-lettered as ``wrong_partition``: a
     listener's state stays on one partition, and a forget reaches its owner."""
-    from stream.pipeline import key_partition
+    from stream.processing.pipeline import key_partition
 
     worker = worker_factory()
     ring = KeyRing.parse(settings.worker_keys)
@@ -206,7 +206,7 @@ def test_control_nonces_are_kept_in_redis_and_a_replay_after_a_restart_is_refuse
     ``replayed``."""
     import orjson
 
-    from stream.control import nonce_key
+    from stream.processing.control import nonce_key
 
     ring = KeyRing.parse(settings.worker_keys)
     user = "nr-victim"

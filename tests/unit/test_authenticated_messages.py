@@ -1,6 +1,7 @@
 """Worker-to-worker signals and operator control commands: HMAC keys, validation,
-freshness and replays (stream.auth, stream.sharing, stream.control), and the rate-limited
-rejection log (stream.ratelog). Pure logic: no Kafka, no clocks."""
+freshness and replays (stream.processing.auth, stream.processing.replication,
+stream.processing.control), and the rate-limited rejection log (stream.processing.ratelog).
+Pure logic: no Kafka, no clocks."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.auth import AUTH_REASONS, KeyRing
 from stream.config import load_settings
-from stream.control import ControlCommand, ControlGate, encode_forget, forget_record
+from stream.core.events import MAX_FUTURE_MS, Rejection
 from stream.errors import ConfigError
-from stream.events import MAX_FUTURE_MS, Rejection
-from stream.ratelog import RateLimitedLog
-from stream.sharing import (
+from stream.processing.auth import AUTH_REASONS, KeyRing
+from stream.processing.control import ControlCommand, ControlGate, encode_forget, forget_record
+from stream.processing.ratelog import RateLimitedLog
+from stream.processing.replication import (
     HISTORY_SENT,
     MAX_SIGNALS_PER_MESSAGE,
     SIGNAL_REJECTION_REASONS,
@@ -367,7 +368,7 @@ def test_rate_limited_log_writes_to_its_logger(caplog: pytest.LogCaptureFixture)
 def test_stream_forget_refuses_to_send_an_unsigned_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stream.cli import main
+    from stream.tools.cli import main
 
     for name in ("STREAM_WORKER_KEYS", "STREAM_WORKER_INSECURE", "STREAM_CONFIG"):
         monkeypatch.delenv(name, raising=False)
@@ -381,7 +382,7 @@ def test_a_command_on_another_partition_than_its_key_is_refused() -> None:
     """Review finding 2: with the topic's partition count known, a command keyed right but
     not on murmur2(key)'s partition is ``wrong_partition`` (its forget would miss the
     listener's owner)."""
-    from stream.pipeline import key_partition
+    from stream.processing.pipeline import key_partition
 
     key, value, headers = signed()
     g = ControlGate(KeyRing.parse(K1), insecure=False, max_age_ms=900_000, partitions=4)
@@ -402,7 +403,7 @@ def test_the_nonce_ledger_admits_once_per_position_and_fails_closed() -> None:
     redelivery; while Redis cannot answer the check is retried, then refused."""
     import asyncio
 
-    from stream.control import NonceLedger, nonce_key
+    from stream.processing.control import NonceLedger, nonce_key
 
     store: dict[str, str] = {}
     calls: list[tuple[str, str, int]] = []

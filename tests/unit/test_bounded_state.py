@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from stream.config import load_settings
-from stream.contexts import CONTEXTS, fold_context
+from stream.core.contexts import CONTEXTS, fold_context
+from stream.core.events import PlayEvent
+from stream.core.models.base import Interaction
+from stream.core.models.factorization import ImplicitMF
+from stream.core.models.skip import SkipClassifier
+from stream.core.recommender import Recommender
+from stream.core.session import update_session
 from stream.errors import ConfigError
-from stream.events import PlayEvent
-from stream.models.base import Interaction
-from stream.models.factorization import ImplicitMF
-from stream.models.skip import SkipClassifier
-from stream.recommender import Recommender
-from stream.session import update_session
 
 
 def test_mf_keeps_at_most_max_users_listeners_least_recent_out() -> None:
@@ -82,7 +82,7 @@ def test_freeze_survivors_collects_young_cycles_then_freezes_the_rest() -> None:
     import gc
     import weakref
 
-    from stream.app import freeze_survivors
+    from stream.worker.app import freeze_survivors
 
     class Node:
         pass
@@ -126,7 +126,7 @@ def test_the_listener_cap_and_its_lru_order_survive_a_checkpoint() -> None:
 
 
 def _processor(**kw):  # type: ignore[no-untyped-def]
-    from stream.pipeline import Processor
+    from stream.processing.pipeline import Processor
 
     writes: list = []
     p = Processor(load_settings(env={}, file=None), Recommender(seed=0), {}, writes.append,
@@ -135,8 +135,8 @@ def _processor(**kw):  # type: ignore[no-untyped-def]
 
 
 def _play(p, user: str, i: int) -> None:  # type: ignore[no-untyped-def]
-    from stream.events import encode_event
-    from stream.pipeline import Record
+    from stream.core.events import encode_event
+    from stream.processing.pipeline import Record
 
     ev = PlayEvent(user, f"t{i % 7}", 1_700_000_000_000 + i, 200_000, f"{user}-{i}")
     p.process(Record("plays", 0, i, user.encode(), encode_event(ev), None))
@@ -173,7 +173,7 @@ def test_a_budgeted_ranking_takes_a_bounded_chunk_listeners_with_history_first()
 
 
 def test_first_play_rankings_are_bounded_and_the_oldest_shed() -> None:
-    import stream.pipeline as pipeline
+    import stream.processing.pipeline as pipeline
 
     p, _ = _processor()
     old = pipeline.MAX_PENDING_FIRST
@@ -197,7 +197,7 @@ def test_the_session_table_is_capped_least_recently_active_out_through_the_table
     from stream.config import Settings
 
     settings = load_settings(env={}, file=None).replace(max_sessions=3)
-    from stream.pipeline import Processor
+    from stream.processing.pipeline import Processor
 
     assert isinstance(settings, Settings)
     table: dict = {}

@@ -1,4 +1,4 @@
-"""The session table's batched changelog (stream.changelog): what reaches the producer.
+"""The session table's batched changelog (stream.faustx.changelog_table): what reaches the producer.
 
 A real Faust app and table (no broker: nothing connects); only the producer's ``send`` is
 replaced by a recorder whose delivery futures the test resolves.
@@ -13,9 +13,9 @@ from typing import Any
 import faust
 import pytest
 
-from stream.app import USER_STATE_CODEC, UserStateCodec, make_commit_wait_for_changelog
-from stream.changelog import BatchedChangelogTable, ChangelogSendError, batched_table
-from stream.session import UserState
+from stream.core.session import UserState
+from stream.faustx.changelog_table import BatchedChangelogTable, ChangelogSendError, batched_table
+from stream.worker.app import USER_STATE_CODEC, UserStateCodec, make_commit_wait_for_changelog
 
 
 class RecordingProducer:
@@ -238,7 +238,7 @@ async def test_delivered_offsets_are_recorded_as_faust_does_for_a_rocksdb_store(
 
 @pytest.mark.asyncio
 async def test_delete_on_names_the_partition_outside_stream_iteration() -> None:
-    """A session evicted by the max_sessions cap (stream.pipeline.evict_sessions) is
+    """A session evicted by the max_sessions cap (stream.processing.pipeline.evict_sessions) is
     deleted outside stream iteration: the tombstone goes to the partition given; with
     ``changelog=False`` (a partition no longer owned) the key only leaves the store."""
     app, table, producer = _table("changelog-delete-on")

@@ -19,7 +19,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from stream.store import (
+from stream.adapters.redis_store import (
     BAD_SEQ,
     STALE,
     WRITE_ERROR_REASONS,
@@ -296,7 +296,7 @@ def test_key_attempts_is_validated() -> None:
 def test_a_failing_catalogue_write_is_counted_and_dropped_never_retried() -> None:
     """Track catalogue commands (HINCRBY is not idempotent) that fail for their key are
     counted and dropped; the documents of the same flush are written."""
-    from stream.store import catalog_commands
+    from stream.adapters.redis_store import catalog_commands
 
     def answer(kind: str, key: str) -> Any:
         if key == "track:bad":
@@ -322,7 +322,7 @@ def test_a_refused_publish_is_counted_once_per_flush_and_the_documents_are_writt
     """Review finding 6: the guard script answers NOT_NOTIFIED when PUBLISH is refused
     (NOPERM on the channel): every document is written (no retry, no drop), and the flush
     counts one ``publish_refused``, not one error per key."""
-    from stream.store import NOT_NOTIFIED
+    from stream.adapters.redis_store import NOT_NOTIFIED
 
     writer = ScriptedWriter(lambda kind, key: NOT_NOTIFIED)
 
@@ -342,7 +342,7 @@ def test_a_refused_publish_is_counted_once_per_flush_and_the_documents_are_writt
 def test_catalogue_commands_queued_during_a_flush_survive_the_cap_trimming() -> None:
     """Review finding 7: the cap trims the queue's front while a flush is in flight; the
     flush must then remove only its own commands still queued, never newer ones."""
-    import stream.store as store_mod
+    import stream.adapters.redis_store as store_mod
 
     sent_commands: list[list[bytes]] = []
     release = asyncio.Event()
