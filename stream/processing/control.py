@@ -35,9 +35,14 @@ from typing import Final
 
 import orjson
 
-from stream.core.events import InvalidField, Rejection, check_id, escape_text
+from stream.core.events import (
+    InvalidField,
+    Rejection,
+    check_id,
+    escape_text,
+    partition_problem,
+)
 from stream.processing.auth import KeyRing
-from stream.processing.pipeline import partition_problem
 
 OPERATIONS: Final = ("forget_user",)
 #: the MAC's purpose for control commands (stream.processing.auth)

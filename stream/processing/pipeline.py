@@ -9,7 +9,6 @@ Prometheus objects are passed in -- this module imports none of them.
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping, Sequence
@@ -21,7 +20,15 @@ import orjson
 from stream.adapters.redis_store import PendingWrite, encode_document
 from stream.config import Settings
 from stream.core.catalog import TrackCatalog
-from stream.core.events import PlayEvent, Rejection, escape_text, parse_event
+from stream.core.events import (  # noqa: F401 - murmur2, key_partition: re-exported
+    PlayEvent,
+    Rejection,
+    escape_text,
+    key_partition,
+    murmur2,
+    parse_event,
+    partition_problem,
+)
 from stream.core.ranking import top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
@@ -44,55 +51,6 @@ MAX_TOUCHED_TRACKS: Final = 10_000
 MAX_PENDING_FIRST: Final = 20_000
 #: most listeners ranked in one budgeted call (Processor.rank_pending)
 MAX_RANK_CHUNK: Final = 1024
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 hash of a record key (``org.apache.kafka.common.utils.Utils``), as
-    an unsigned 32-bit integer.
-
-    >>> murmur2(b"21"), murmur2(b"")
-    (3321034988, 275646681)
-    """
-    m, length = 0x5BD1E995, len(data)
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    whole = length & ~3
-    for (k,) in struct.iter_unpack("<I", data[:whole]):
-        k = (k * m) & 0xFFFFFFFF
-        k ^= k >> 24
-        k = (k * m) & 0xFFFFFFFF
-        h = ((h * m) & 0xFFFFFFFF) ^ k
-    extra = length & 3
-    if extra == 3:
-        h ^= data[whole + 2] << 16
-    if extra >= 2:
-        h ^= data[whole + 1] << 8
-    if extra >= 1:
-        h ^= data[whole]
-        h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    return h ^ (h >> 15)
-
-
-def key_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (Java and aiokafka) gives a keyed record:
-    ``toPositive(murmur2(key)) % partitions``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
-def partition_problem(key: bytes, partition: int, partitions: int | None) -> Rejection | None:
-    """A ``wrong_partition`` rejection if a keyed record is not on its key's partition
-    (checked only when ``partitions`` is known)."""
-    if not partitions:
-        return None
-    expected = key_partition(key, partitions)
-    if partition == expected:
-        return None
-    return Rejection(
-        "wrong_partition",
-        f"record is on partition {partition}, its key hashes to partition {expected} "
-        f"of {partitions}",
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,8 @@ from stream.adapters.redis_store import (
     RecoWriter,
     add_tombstone,
     catalog_commands,
-    claim_nonce,
     checkpoint_key,
+    claim_nonce,
     connect_async,
     read_track_names,
     save_checkpoint,
@@ -145,7 +145,8 @@ CHANGELOG_SEND_S = 0.02
 #: pending track signals (for the other workers' item models) go out at most this often
 SIGNALS_SEND_S = 0.05
 CHANGELOG_BATCH = 256
-#: the writer's ranking hook ranks about this much at a time (stream.processing.pipeline.rank_pending)
+#: the writer's ranking hook ranks about this much at a time
+#: (stream.processing.pipeline.Processor.rank_pending)
 RANK_BUDGET_S = 0.015
 #: most listeners evicted from the session table per batch (max_sessions), and restored
 #: listeners put in the eviction order per batch
