@@ -389,7 +389,11 @@ def _round(x: float | None) -> float | None:
 
 def _delete_keys(redis: Any, settings: Settings) -> int:
     deleted = 0
-    for pattern in (f"{settings.redis_prefix}*", f"{settings.similar_prefix}*"):
+    tag = settings.redis_prefix.split(":")[0]
+    # the junk tracks' catalogue entries too (track:{tag}-jt...: a million keys otherwise
+    # left in the shared Redis until catalog_ttl_s)
+    for pattern in (f"{settings.redis_prefix}*", f"{settings.similar_prefix}*",
+                    f"{settings.catalog_prefix}{tag}-*"):
         batch: list[bytes] = []
         for key in redis.scan_iter(match=pattern, count=5000):
             batch.append(key)
