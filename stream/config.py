@@ -154,6 +154,11 @@ class Settings:
     #: forget tombstones (restore drops forgotten listeners) are kept this long; at least
     #: checkpoint_max_age_s (0 = forever)
     forget_tombstone_ttl_s: float = 90 * 24 * 3600
+    #: a restore drops a tombstoned listener's model state only from a checkpoint written
+    #: at most this long after the forget (its broadcast reaches every running worker well
+    #: within it); a later checkpoint's state for them was learned after the forget (a
+    #: returning listener) and is kept
+    forget_grace_s: float = 300.0
     #: keys that sign and verify track signals and control commands (stream.processing.auth):
     #: ``kid:secret[,kid:secret...]``, the first signs, any verifies. Empty: signals are
     #: neither sent nor applied and control commands are refused, unless worker_insecure
@@ -347,6 +352,8 @@ def validate(s: Settings) -> Settings:
         raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
     if s.ranker not in RANKERS:
         raise bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
+    if s.forget_grace_s < 0:
+        raise bad("forget_grace_s", f"must be >= 0, got {s.forget_grace_s}")
     if s.max_sessions < 0:
         raise bad("max_sessions", f"must be >= 0 (0 = unbounded), got {s.max_sessions}")
     if s.stall_sample_ms < 0:

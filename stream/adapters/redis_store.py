@@ -1245,19 +1245,22 @@ async def claim_nonce(
 
 def load_tombstones(
     url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: Any
-) -> list[str]:
-    """The tombstones (:func:`tombstone_member` digests) of the listeners forgotten within
-    ``ttl_s`` (0: ever), synchronously (at start-up; the cluster client on Redis Cluster)."""
+) -> dict[str, int]:
+    """The tombstones of the listeners forgotten within ``ttl_s`` (0: ever): each
+    :func:`tombstone_member` digest with its forget time (epoch ms), synchronously (at
+    start-up; the cluster client on Redis Cluster)."""
     client = connect_sync(url, password, socket_timeout=30, socket_connect_timeout=5, **auth)
     low = f"{now_ms - int(ttl_s * 1000)}" if ttl_s else "-inf"
-    out: list[str] = []
+    out: dict[str, int] = {}
     try:
         offset, page = 0, 10_000
         while True:
-            batch = client.zrangebyscore(key, low, "+inf", start=offset, num=page)
-            members = cast(list[bytes], batch)
-            out += [bytes(m).decode("utf-8", "replace") for m in members]
-            if len(members) < page:
+            batch = client.zrangebyscore(key, low, "+inf", start=offset, num=page,
+                                         withscores=True)
+            pairs = cast(list[tuple[bytes, float]], batch)
+            for member, score in pairs:
+                out[bytes(member).decode("utf-8", "replace")] = int(score)
+            if len(pairs) < page:
                 return out
             offset += page
     finally:

@@ -320,3 +320,38 @@ class NonceLedger:
         if seen == marker:
             return None
         return Rejection("replayed", f"nonce already used at {escape_text(seen, 200)}")
+
+
+#: a forget reaches every running worker through its broadcast within seconds; a
+#: checkpoint written this long after a forget no longer holds the forgotten state
+FORGET_GRACE_MS: Final = 300_000
+
+
+def forgotten_in_checkpoint(
+    users: Iterable[str],
+    tombstones: Mapping[str, int],
+    created_ms: int,
+    digest: Callable[[str], str],
+    grace_ms: int = FORGET_GRACE_MS,
+) -> list[str]:
+    """The listeners of a checkpoint (created at ``created_ms``) whose state a restore
+    must drop: those with a forget tombstone (``digest(user)`` -> forget time) no older
+    than ``grace_ms`` before the checkpoint. State in a checkpoint written later than
+    that was learned after the forget -- every worker dropped the listener when the
+    forget's broadcast reached it -- so a listener who came back keeps it (review finding
+    5: restore used to drop every tombstoned listener, whatever the times).
+
+    >>> d = {"u1": 1_000, "u2": 1_000}
+    >>> forgotten_in_checkpoint(["u1", "u2", "u3"], d, 200_000, str, grace_ms=300_000)
+    ['u1', 'u2']
+    >>> forgotten_in_checkpoint(["u1"], d, 1_000 + 300_001, str, grace_ms=300_000)
+    []
+    """
+    if not tombstones:
+        return []
+    out = []
+    for user in users:
+        forgot = tombstones.get(digest(user))
+        if forgot is not None and created_ms <= forgot + grace_ms:
+            out.append(user)
+    return out

@@ -617,6 +617,21 @@ class Processor:
             forget(user_id)
         return existed
 
+    def forget_model_state(self, user_id: str) -> bool:
+        """Drop what this process holds about a listener *outside* the session table:
+        their user-side model state (MF factors, own history, session-kNN link), queued
+        ranking and remembered lists. For a forget another worker applied (its broadcast
+        on the signals topic): this worker may hold their model state from a shared
+        checkpoint or from before a rebalance, never their session (not its partition).
+        Returns whether the models held anything."""
+        self.last_recs.pop(user_id, None)
+        self.pending_rank.pop(user_id, None)
+        self.pending_first.pop(user_id, None)
+        self._refreshing.discard(user_id)
+        self.short_lists.pop(user_id, None)
+        forget = getattr(self.recommender, "forget_user", None)
+        return bool(forget(user_id)) if callable(forget) else False
+
     def sessions_over(self) -> int:
         """How many listeners the session table holds above ``max_sessions`` (0 if none
         or unbounded), counting only those this processor has seen play."""

@@ -151,9 +151,11 @@ def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def
     except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
         reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
         return None
-    tombstoned = set(forgotten)
-    dropped = sum(rec.forget_user(user) for user in rec.user_ids()
-                  if tombstone_member(user) in tombstoned)
+    from stream.processing.control import forgotten_in_checkpoint
+
+    dropped = sum(rec.forget_user(user) for user in forgotten_in_checkpoint(
+        rec.user_ids(), forgotten, opened.created_ms, tombstone_member,
+        grace_ms=int(settings.forget_grace_s * 1000)))
     log.info(
         "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
         "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,

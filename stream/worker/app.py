@@ -60,6 +60,7 @@ from stream.processing.auth import KeyRing
 from stream.processing.pipeline import OUTCOMES, DeadLetter, Processor, Record
 from stream.processing.ratelog import RateLimitedLog
 from stream.processing.replication import (
+    ReplayGuard,
     TrackSignal,
     apply_signal,
     decode_batch,
@@ -617,8 +618,9 @@ def create_worker(
                         if r.key == worker_key:
                             continue  # our own signals: already learned locally
                         sigs = admit_signals(r)
-                        if sigs:
+                        if sigs or received_forgets:
                             await models_free()  # never while an eviction runs
+                            apply_forgets()
                         for sig in sigs:
                             try:
                                 apply_signal(recommender, sig)
@@ -655,7 +657,29 @@ def create_worker(
                            ", ".join(sorted(set(decoded.rejected))))
         if decoded.worker == worker_id:
             return []
+        if not decoded.signals and not decoded.forgets:
+            return []
+        # replay protection: the sender's sequence number and send time (signed)
+        replay = replay_guard.check(decoded.worker, decoded.seq, decoded.sent_ms,
+                                    int(time.time() * 1000))
+        if replay is not None:
+            signals_rejected.labels(replay).inc()
+            signal_log.log(replay, "dropped signals record %s[%d]@%d: %s", r.topic,
+                           r.partition, r.offset, replay)
+            return []
+        received_forgets.extend(decoded.forgets)
         return decoded.signals
+
+    replay_guard = ReplayGuard(max_future_ms=settings.max_future_s * 1000)
+    #: forgets other workers broadcast, applied by the signals reader (apply_forgets)
+    received_forgets: list[tuple[str, int]] = []
+
+    def apply_forgets() -> None:
+        """Drop the model state of listeners another worker forgot (review finding 1)."""
+        while received_forgets:
+            user, _ = received_forgets.pop()
+            dropped = processor.forget_model_state(user)
+            m.control.labels("forgotten_remote" if dropped else "forgotten_remote_unknown").inc()
 
     writer_service = RedisWriterService()
     app.service(writer_service)  # type: ignore[arg-type]
@@ -793,6 +817,19 @@ def create_worker(
     pending_signals: list[TrackSignal] = []
 
     signals_sent = [0.0]
+    #: this worker's signals message counter (ReplayGuard); every send takes the next one
+    signal_seq = [0]
+
+    def broadcast_forget(user_id: str, forget_ms: int) -> None:
+        """Tell every worker to drop a forgotten listener's model state (on the signals
+        topic, signed, in order with this worker's signals: send_soon's FIFO)."""
+        if not share_signals:
+            return
+        signal_seq[0] += 1
+        value = encode_batch(worker_id, [], seq=signal_seq[0], sent_ms=int(time.time() * 1000),
+                             forgets=[(user_id, forget_ms)])
+        headers = ring.sign(SIGNALS_PURPOSE, signals_name, worker_key, value)
+        signals.send_soon(key=worker_key, value=value, headers=headers)
 
     def flush_signals(force: bool = False) -> None:
         """Send the pending track signals: at most every SIGNALS_SEND_S (they are advisory,
@@ -812,7 +849,9 @@ def create_worker(
             chunk = pending_signals[i : i + 1000]
             # keyed by the sender, so every worker's reader skips its own batches without
             # decoding them (a single worker used to re-parse every signal it sent)
-            value = encode_batch(worker_id, chunk)
+            signal_seq[0] += 1
+            value = encode_batch(worker_id, chunk, seq=signal_seq[0],
+                                 sent_ms=int(time.time() * 1000))
             headers = ring.sign(SIGNALS_PURPOSE, signals_name, worker_key, value)
             signals.send_soon(key=worker_key, value=value, headers=headers)
         m.signals.labels("sent").inc(len(pending_signals))
@@ -855,7 +894,7 @@ def create_worker(
 
     tombstones = tombstones_key(settings.app_id)
 
-    async def record_forget(user_id: str) -> None:
+    async def record_forget(user_id: str, forget_ms: int) -> None:
         """Leave a forget tombstone in Redis before the command is acknowledged, so that no
         restore (of an older checkpoint, or one another worker wrote) brings the listener
         back. Retried while Redis is unreachable (the control agent waits; plays do not)."""
@@ -865,7 +904,7 @@ def create_worker(
             if writer is not None:
                 try:
                     await add_tombstone(writer.client, tombstones, user_id,
-                                        int(time.time() * 1000), settings.forget_tombstone_ttl_s)
+                                        forget_ms, settings.forget_tombstone_ttl_s)
                     return
                 except Exception as exc:  # noqa: BLE001 - Redis down: retry, bounded delay
                     m.redis_errors.labels("tombstone").inc()
@@ -933,7 +972,9 @@ def create_worker(
                 m.rejected.labels(msg.topic, cmd.reason).inc()
                 continue
             existed = processor.forget_user(cmd.user_id)
-            await record_forget(cmd.user_id)
+            forget_ms = int(time.time() * 1000)
+            await record_forget(cmd.user_id, forget_ms)
+            broadcast_forget(cmd.user_id, forget_ms)
             key = processor.redis_key(cmd.user_id)
             if worker.writer is not None:
                 worker.writer.forget(key)
