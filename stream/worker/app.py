@@ -165,6 +165,9 @@ def create_worker(
         recommender.use_ranker(settings.ranker)
         logger.info("ranker: %s (setting ranker; session models %s)", settings.ranker,
                     "on" if recommender.session_models else "off")
+    reserve = getattr(recommender, "reserve_tracks", None)
+    if callable(reserve):  # no per-track array is copied to grow up to max_tracks
+        reserve(settings.max_tracks)
     limit_users = getattr(recommender, "limit_users", None)
     if callable(limit_users):  # also bounds a recommender restored from a checkpoint
         limit_users(settings.max_users or None)

@@ -230,3 +230,61 @@ def test_the_session_table_is_capped_least_recently_active_out_through_the_table
 def test_max_sessions_setting_is_validated_at_start_up() -> None:
     with pytest.raises(ConfigError, match="max_sessions"):
         load_settings(env={"STREAM_MAX_SESSIONS": "-1"}, file=None)
+
+
+# --------------------------------------------------------------------------- reserved rows
+
+
+def _learn_catalogue(n_tracks: int) -> tuple[Recommender, list]:
+    rec = Recommender(seed=0)
+    states: dict = {}
+    for i in range(3 * n_tracks):
+        user = f"u{i % 13}"
+        ev = PlayEvent(user, f"t{(i * 7919) % n_tracks}", 1_700_000_000_000 + i * 1000,
+                       200_000, f"e{i}", artist_id=f"a{i % 17}")
+        up = update_session(states.get(user), ev)
+        rec.learn_one(up, ev)
+        states[user] = up.state
+    return rec, list(states.values())
+
+
+def test_reserved_rows_change_no_result_and_grow_each_array_once() -> None:
+    """The junk-ids drill's longest stalls were growth copies of the MF item matrix on
+    the event loop (``_vocab.grow_rows``). With rows reserved up to the cap, each array
+    is allocated once; learning, ranking, "more like this" and eviction give exactly the
+    results they give without the reservation."""
+    from stream.core.models import _vocab
+
+    plain, states = _learn_catalogue(300)
+    copies: list[int] = []
+    grow = _vocab.grow_rows
+
+    def counting(matrix, needed, growth=2.0):  # type: ignore[no-untyped-def]
+        out = grow(matrix, needed, growth)
+        if out is not matrix:
+            copies.append(out.shape[0])
+        return out
+
+    Recommender.reserve_tracks(1000)
+    try:
+        import stream.core.models.factorization as fact
+
+        fact.grow_rows = counting  # type: ignore[assignment]
+        try:
+            reserved, states2 = _learn_catalogue(300)
+        finally:
+            fact.grow_rows = grow  # type: ignore[assignment]
+        assert reserved.mf.item_factors.shape[0] == 1100 and copies == [1100]
+        now = 1_700_000_900_000
+        for a, b in zip(states, states2, strict=True):
+            assert [r.track_id for r in plain.recommend(a, 10, now)] == [
+                r.track_id for r in reserved.recommend(b, 10, now)]
+        assert [[r.track_id for r in recs] for recs in plain.recommend_many(states, 10, now)] \
+            == [[r.track_id for r in recs] for recs in reserved.recommend_many(states2, 10, now)]
+        assert [t for t, *_ in plain.similar("t5", 10)] == [
+            t for t, *_ in reserved.similar("t5", 10)]
+        assert plain.evict_tracks(200) == reserved.evict_tracks(200)
+        assert [r.track_id for r in plain.recommend(states[0], 10, now)] == [
+            r.track_id for r in reserved.recommend(states2[0], 10, now)]
+    finally:
+        Recommender.reserve_tracks(0)
