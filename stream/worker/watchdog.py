@@ -172,8 +172,9 @@ class StallSampler:
         self.last_beat = _monotonic()
         #: (seconds, most frequent stack) of the episodes seen, longest first, at most 20
         self.episodes: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stall-sampler", daemon=True)
+        self._halt = threading.Event()
+        self._sampling = threading.Thread(target=self._sample_loop, name="stall-sampler",
+                                          daemon=True)
 
     def beat(self) -> None:
         self.last_beat = _monotonic()
@@ -183,12 +184,12 @@ class StallSampler:
 
         self.loop_thread = threading.get_ident()
         self.last_beat = _monotonic()
-        self._thread.start()
+        self._sampling.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
-    def _stack(self) -> str | None:
+    def _loop_stack(self) -> str | None:
         import sys
         import traceback
 
@@ -199,19 +200,19 @@ class StallSampler:
         return " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
                            for f in reversed(summary))
 
-    def _run(self) -> None:
+    def _sample_loop(self) -> None:
         from collections import Counter
 
         stacks: Counter[str] = Counter()
         started: float | None = None
         last_log = 0.0
-        while not self._stop.wait(self.interval_s):
+        while not self._halt.wait(self.interval_s):
             now = _monotonic()
             held = now - self.last_beat
             if held >= self.threshold_s:
                 if started is None:
                     started = self.last_beat
-                stack = self._stack()
+                stack = self._loop_stack()
                 if stack:
                     stacks[stack] += 1
                 continue
