@@ -15,8 +15,8 @@ Redis keys are deleted at the end; its Kafka topics (unique names) are left to t
 retention.
 
 Memory caps (see docs/benchmarks.md, "Memory under hostile ids"): the models are bounded
-by ``max_tracks`` and ``max_users``; the session table holds one state per listener ever
-seen and is not bounded (reported as such).
+by ``max_tracks`` and ``max_users``, the session table by ``max_sessions`` (least recently
+active listeners evicted).
 """
 
 from __future__ import annotations
