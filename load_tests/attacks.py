@@ -17,11 +17,14 @@ said).
 - signals (the ``{app_id}-track-signals`` topic): an unsigned or forged record is dropped
   (``stream_signals_rejected_total{reason}``) and nothing of it is applied; a signed record
   whose entries break the limits (301-digit ``ts``, object ``artist_id``, 200,000-character
-  id) has exactly those entries dropped and its valid ones applied.
-- plays: a keyless or mis-keyed play, and control characters in any text field, go to the
-  dead-letter topic with reason ``key_mismatch`` / ``control_character``; no state for them.
-- control: a keyless, unsigned, forged or replayed forget is dead-lettered with its reason
-  and the listener keeps their list; a genuine forget still works.
+  id) has exactly those entries dropped and its valid ones applied; a genuine message
+  produced again is refused as ``replayed`` and one sent ten minutes ago as ``stale``.
+- plays: a keyless or mis-keyed play, one on another partition than its key's, and control
+  characters in any text field, go to the dead-letter topic with reason ``key_mismatch`` /
+  ``wrong_partition`` / ``control_character``; no state for them.
+- control: a keyless, unsigned, forged, replayed or misplaced (wrong partition) forget is
+  dead-lettered with its reason and the listener keeps their list; a genuine forget still
+  works.
 - logs: an injected newline never starts a log line of its own; a flood of junk writes at
   most the rate limit's lines.
 - other helpers' areas: a pickle checkpoint (format 1) or a forged format-2 checkpoint in
@@ -71,6 +74,8 @@ class Drill:
     tag: str = field(default_factory=lambda: f"atk{uuid.uuid4().hex[:6]}")
     seq: int = 0
     canary_plays: int = 0
+    #: the drill's signals sender: its message counter (stream.processing.replication)
+    signal_msgs: int = 0
 
     def __post_init__(self) -> None:
         self.ring = KeyRing.parse(self.settings.worker_keys)
@@ -89,13 +94,16 @@ class Drill:
         self,
         topic: str,
         records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+        partition: int | None = None,
     ) -> None:
+        """Produce ``records`` (on ``partition`` if given: the producer's choice)."""
         async def run() -> None:
             producer = make_producer(self.settings, max_request_size=2 * 1024 * 1024)
             await producer.start()
             try:
                 futures = [
-                    await producer.send(topic, value=v, key=k, headers=h or None)
+                    await producer.send(topic, value=v, key=k, headers=h or None,
+                                        partition=partition)
                     for k, v, h in records
                 ]
                 await asyncio.gather(*futures)
@@ -126,9 +134,14 @@ class Drill:
             headers = (ring or self.ring).sign(SIGNALS_PURPOSE, topic, key, value)
         self.send(topic, [(key, value, headers)])
 
-    def signal_batch(self, *entries: dict[str, Any]) -> bytes:
+    def signal_batch(self, *entries: dict[str, Any], sent_ms: int | None = None) -> bytes:
+        """A signals message as a worker sends it: the sender's next sequence number and
+        the send time inside the signed value."""
+        self.signal_msgs += 1
         # the stdlib writes integers of any size (the 301-digit ts)
-        return json.dumps({"w": f"{self.tag}-w", "v": 1, "signals": list(entries)}).encode()
+        return json.dumps({"w": f"{self.tag}-w", "v": 2, "n": self.signal_msgs,
+                           "at": int(time.time() * 1000) if sent_ms is None else sent_ms,
+                           "signals": list(entries)}).encode()
 
     def signal_entry(self, **over: Any) -> dict[str, Any]:
         self.seq += 1
@@ -293,6 +306,33 @@ def signal_huge_id(d: Drill) -> Result:
     )
 
 
+@attack("signal-replayed", "signals")
+def signal_replayed(d: Drill) -> Result:
+    """Capture a genuine signed signals message and produce the same bytes again (to pin
+    trending on a track): refused as ``replayed``, applied once only."""
+    value = d.signal_batch(d.signal_entry(), d.signal_entry())
+    applied0 = d.metric("stream_track_signals_total", direction="applied")
+    d.send_signals(value)
+    d.wait_metric("stream_track_signals_total", applied0 + 2, direction="applied")
+    before, after = _delta(d, "stream_signals_rejected_total", 1,
+                           lambda: d.send_signals(value), reason="replayed")
+    applied = d.metric("stream_track_signals_total", direction="applied") - applied0
+    return Result(after - before == 1 and applied == 2,
+                  {"refused": after - before, "applied_total": applied})
+
+
+@attack("signal-stale", "signals")
+def signal_stale(d: Drill) -> Result:
+    """A signed message sent ten minutes ago (held back, then released): ``stale``."""
+    old = d.signal_batch(d.signal_entry(), sent_ms=int(time.time() * 1000) - 600_000)
+    applied0 = d.metric("stream_track_signals_total", direction="applied")
+    before, after = _delta(d, "stream_signals_rejected_total", 1,
+                           lambda: d.send_signals(old), reason="stale")
+    applied = d.metric("stream_track_signals_total", direction="applied") - applied0
+    return Result(after - before == 1 and applied == 0,
+                  {"refused": after - before, "applied": applied})
+
+
 # --------------------------------------------------------------------------- plays
 
 
@@ -317,6 +357,25 @@ def play_keyless(d: Drill) -> Result:
 def play_key_mismatch(d: Drill) -> Result:
     user = f"{d.tag}-mismatch"
     return _play_rejection(d, [(b"someone-else", d.play(user))], "key_mismatch", [user])
+
+
+@attack("play-wrong-partition", "plays")
+def play_wrong_partition(d: Drill) -> Result:
+    """Keyed right, but produced on another partition than murmur2(key) gives: one
+    listener's state on two partitions (and a forget missing one)."""
+    from stream.core.events import key_partition
+
+    user = f"{d.tag}-wrongpart"
+    n = d.settings.partitions
+    wrong = (key_partition(user.encode(), n) + 1) % n
+    topic = d.settings.plays_topic
+    before, after = _delta(
+        d, "stream_events_rejected_total", 1,
+        lambda: d.send(topic, [(user.encode(), d.play(user), [])], partition=wrong),
+        topic=topic, reason="wrong_partition")
+    leaked = d.doc(user) is not None
+    return Result(after - before == 1 and not leaked,
+                  {"dead_lettered": after - before, "state_written": leaked})
 
 
 @attack("play-control-characters", "plays")
@@ -410,7 +469,7 @@ def control_replayed(d: Drill) -> Result:
 @attack("control-replayed-after-restart", "control")
 def control_replayed_after_restart(d: Drill) -> Result:
     """As control-replayed, but the worker restarts between the forget and the replay (a
-    new process: its nonce memory is rebuilt from the topic)."""
+    new process: the nonce is remembered in Redis, not in the process)."""
     user = _victim(d, "ctl-replay-rs")
     topic = d.settings.control_topic
     record = forget_record(user, d.ring, topic)
@@ -424,6 +483,24 @@ def control_replayed_after_restart(d: Drill) -> Result:
     r = _control_attack(d, user, record, "replayed")
     r.evidence["listener_back_before_replay"] = back
     return Result(r.contained and back, r.evidence)
+
+
+@attack("control-wrong-partition", "control")
+def control_wrong_partition(d: Drill) -> Result:
+    """A genuine signed forget produced on another partition than its key's (where
+    another worker, not the listener's owner, would apply it)."""
+    from stream.core.events import key_partition
+
+    user = _victim(d, "ctl-wrongpart")
+    topic = d.settings.control_topic
+    key, value, headers = forget_record(user, d.ring, topic)
+    wrong = (key_partition(key, d.settings.partitions) + 1) % d.settings.partitions
+    before, after = _delta(d, "stream_events_rejected_total", 1,
+                           lambda: d.send(topic, [(key, value, headers)], partition=wrong),
+                           topic=topic, reason="wrong_partition")
+    kept = d.doc(user) is not None
+    return Result(after - before == 1 and kept,
+                  {"refused": after - before, "victim_list_kept": kept})
 
 
 @attack("control-stale", "control")

@@ -1008,13 +1008,17 @@ def _junk_ids_main(args: argparse.Namespace) -> int:
                          rate=args.junk_rate, seed=args.seed,
                          plot=args.report.with_suffix(".png"))
         finally:
-            tail = w.log_text()[-3000:] if w.log_path.exists() else ""
+            text = w.log_text() if w.log_path.exists() else ""
+            tail = text[-3000:]
+            stalls = [line for line in text.splitlines() if "event loop held" in line]
             w.kill()
     r["worker_log_tail"] = tail
+    r["loop_stalls_sampled"] = stalls[-200:]
     lag = r.get("loop_lag_max_ms")
     ok = bool(r["worker_alive"] and r["real_lists_fresh"] and lag is not None and lag <= 50)
     args.report.write_text(json.dumps({"ok": ok, "drills": [r]}, indent=2, default=str))
-    summary = {k: v for k, v in r.items() if k not in ("series", "worker_log_tail")}
+    summary = {k: v for k, v in r.items()
+               if k not in ("series", "worker_log_tail", "loop_stalls_sampled")}
     print(json.dumps(summary, indent=1), file=sys.stderr)
     print(f"[faults] report: {args.report} ({'OK' if ok else 'FAILED'})", file=sys.stderr)
     return 0 if ok else 1

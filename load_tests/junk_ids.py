@@ -15,8 +15,8 @@ Redis keys are deleted at the end; its Kafka topics (unique names) are left to t
 retention.
 
 Memory caps (see docs/benchmarks.md, "Memory under hostile ids"): the models are bounded
-by ``max_tracks`` and ``max_users``; the session table holds one state per listener ever
-seen and is not bounded (reported as such).
+by ``max_tracks`` and ``max_users``, the session table by ``max_sessions`` (least recently
+active listeners evicted).
 """
 
 from __future__ import annotations
@@ -389,7 +389,11 @@ def _round(x: float | None) -> float | None:
 
 def _delete_keys(redis: Any, settings: Settings) -> int:
     deleted = 0
-    for pattern in (f"{settings.redis_prefix}*", f"{settings.similar_prefix}*"):
+    tag = settings.redis_prefix.split(":")[0]
+    # the junk tracks' catalogue entries too (track:{tag}-jt...: a million keys otherwise
+    # left in the shared Redis until catalog_ttl_s)
+    for pattern in (f"{settings.redis_prefix}*", f"{settings.similar_prefix}*",
+                    f"{settings.catalog_prefix}{tag}-*"):
         batch: list[bytes] = []
         for key in redis.scan_iter(match=pattern, count=5000):
             batch.append(key)
@@ -432,7 +436,9 @@ def plot_series(series: list[dict[str, Any]], path: Path, report: dict[str, Any]
 
 
 def drill_settings(base: Settings, *, max_tracks: int | None, max_users: int | None) -> Settings:
-    changes: dict[str, Any] = {"checkpoint_interval_s": 0.0}
+    # the stall sampler logs where every loop stall of 100 ms or more was spent
+    # (stream.worker.watchdog.StallSampler); the report lists those lines
+    changes: dict[str, Any] = {"checkpoint_interval_s": 0.0, "stall_sample_ms": 100.0}
     if max_tracks is not None:
         changes["max_tracks"] = max_tracks
     if max_users is not None:

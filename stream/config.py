@@ -151,6 +151,11 @@ class Settings:
     #: bounded per-listener model state: at most this many listeners keep MF factors, the
     #: most recently played (0 = no bound; see docs/benchmarks.md "Memory under hostile ids")
     max_users: int = 500_000
+    #: bounded session table: above this many listeners the least recently active ones
+    #: are evicted -- deleted through the table (a changelog tombstone) and their Redis
+    #: list deleted, so a returning listener starts afresh (0 = no bound; see
+    #: docs/reliability.md, "Session table cap")
+    max_sessions: int = 500_000
     #: what ranks the live lists: "fixed" (the fixed-weight blend, compiled, batched per
     #: flush) or "learned" (the learned blend over session-kNN/STAN, SR, co-occurrence, MF
     #: and trending, which also learns those session models). "learned" measured
@@ -175,6 +180,11 @@ class Settings:
     #: forget tombstones (restore drops forgotten listeners) are kept this long; at least
     #: checkpoint_max_age_s (0 = forever)
     forget_tombstone_ttl_s: float = 90 * 24 * 3600
+    #: a restore drops a tombstoned listener's model state only from a checkpoint written
+    #: at most this long after the forget (its broadcast reaches every running worker well
+    #: within it); a later checkpoint's state for them was learned after the forget (a
+    #: returning listener) and is kept
+    forget_grace_s: float = 300.0
     #: keys that sign and verify track signals and control commands (stream.processing.auth):
     #: ``kid:secret[,kid:secret...]``, the first signs, any verifies. Empty: signals are
     #: neither sent nor applied and control commands are refused, unless worker_insecure
@@ -202,6 +212,9 @@ class Settings:
     #: 150k listeners held the event loop ~0.4 s; freezing every 5,000 new listeners
     #: left no full collection at all (docs/benchmarks.md, "Memory under hostile ids")
     gc_freeze_interval_s: float = 5.0
+    #: diagnostics: log where the event loop is held whenever it is held at least this
+    #: many ms (a thread samples its stack; stream.worker.watchdog.StallSampler). 0 = off
+    stall_sample_ms: float = 0.0
     #: a SIGTERMed / Ctrl-C'd worker exits within this many seconds even if Kafka is
     #: unreachable (the producer's flush gives up after a third of it; at the deadline the
     #: worker logs what it was waiting for and exits with status 70; see stream.faustx.shutdown)
@@ -381,6 +394,12 @@ def _check_ranges(s: Settings) -> None:
                   f"must be one of {', '.join(COMPAT_CHECKS)}, got {s.faust_compat_check!r}")
     if s.ranker not in RANKERS:
         raise _bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
+    if s.forget_grace_s < 0:
+        raise _bad("forget_grace_s", f"must be >= 0, got {s.forget_grace_s}")
+    if s.max_sessions < 0:
+        raise _bad("max_sessions", f"must be >= 0 (0 = unbounded), got {s.max_sessions}")
+    if s.stall_sample_ms < 0:
+        raise _bad("stall_sample_ms", f"must be >= 0 (0 = off), got {s.stall_sample_ms}")
     if not 3 <= s.shutdown_timeout_s <= 3600:
         raise _bad("shutdown_timeout_s",
                    f"must be between 3 and 3600 s, got {s.shutdown_timeout_s}")

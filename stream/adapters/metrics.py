@@ -634,6 +634,18 @@ class Metrics:
             "Listeners whose MF factors were dropped to stay under max_users.",
             namespace=ns, registry=registry,
         )
+        self.sessions_evicted = Counter(
+            "sessions_evicted",
+            "Listeners evicted from the session table (least recently active) to stay under "
+            "max_sessions; their state and Redis list are deleted.",
+            namespace=ns, registry=registry,
+        )
+        self.rankings_shed = Counter(
+            "rankings_shed",
+            "First-play rankings dropped because too many waited (a flood of new ids); "
+            "that listener is ranked at their next play.",
+            namespace=ns, registry=registry,
+        )
         self.loop_lag = Histogram(
             "event_loop_lag_seconds",
             "How late the event loop ran a timer due every 10 ms: the time it was held by "

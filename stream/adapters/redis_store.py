@@ -63,6 +63,9 @@ STALE: Final = 0
 WRONG_TYPE: Final = -1
 #: refused: the stored document of the same lineage has no usable seq; left alone
 BAD_SEQ: Final = -2
+#: written, but its notification was refused (PUBLISH: NOPERM on the channel, or any other
+#: error reply): a server-wide problem, counted once per flush (reason "publish_refused")
+NOT_NOTIFIED: Final = 2
 
 WRITE_SCRIPT: Final = """
 -- KEYS[1] the listener's key; ARGV: seq, document, ttl, channel, notification, lineage.
@@ -88,7 +91,12 @@ elseif kind ~= 'none' then
   return -1
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if ARGV[4] ~= '' then
+  -- the document is written either way: a refused notification (NOPERM on the channel)
+  -- is a status (2), not an error that would blame -- and retry -- this key
+  local sent = redis.pcall('PUBLISH', ARGV[4], ARGV[5])
+  if type(sent) == 'table' and sent['err'] then return 2 end
+end
 return 1
 """
 
@@ -96,7 +104,10 @@ return 1
 WRITE_ERROR_REASONS: Final = (
     "wrong_type",  # the key holds another Redis type (script status -1, or WRONGTYPE)
     "bad_seq",  # the stored document of this lineage has no numeric seq (status -2)
-    "no_permission",  # NOPERM: the ACL user may not write this key or channel
+    "no_permission",  # NOPERM: the ACL user may not write this key
+    # the documents were written but PUBLISH was refused (the ACL user may not publish on
+    # the notification channel): one count per flush that met it, not one per key
+    "publish_refused",
     "script_error",  # the guard script failed on this key
     "error_reply",  # any other error reply about this command
     "unexpected_reply",  # a reply that is not an error but not one we know either
@@ -193,7 +204,7 @@ def write_error_reason(reply: Any, *, guarded: bool) -> str | None:
         return "error_reply"
     if type(reply) is int:  # not bool: a SET with a callback would give True
         if guarded:
-            if reply in (WRITTEN, STALE):
+            if reply in (WRITTEN, STALE, NOT_NOTIFIED):
                 return None
             return {WRONG_TYPE: "wrong_type", BAD_SEQ: "bad_seq"}.get(reply, "unexpected_reply")
         return None if reply >= 0 else "unexpected_reply"  # DEL: how many keys it removed
@@ -270,6 +281,11 @@ class RecoWriter:
         #: at most MAX_COMMANDS wait (a long Redis outage drops the oldest, counted here)
         self.commands: list[bytes] = []
         self.dropped_commands = 0
+        #: how many commands the cap has trimmed from the front of ``commands``, ever (a
+        #: flush in flight then removes only its own commands that are still queued)
+        self.trimmed_commands = 0
+        #: flushes in which PUBLISH was refused (documents written, not notified)
+        self.publish_refused = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -310,6 +326,7 @@ class RecoWriter:
             excess = len(self.commands) - MAX_COMMANDS
             if excess > 0:  # derived, cosmetic data: bounded memory wins over completeness
                 del self.commands[:excess]
+                self.trimmed_commands += excess
                 if not self.dropped_commands:
                     logger.warning("Redis unreachable: dropping the oldest catalogue writes")
                 self.dropped_commands += excess
@@ -436,6 +453,7 @@ class RecoWriter:
         deletes = self._take("del", self.deletes, now, None)
         plain = {k: self.plain[k] for k in self._take("plain", self.plain, now, self.max_batch)}
         commands = self.commands[: 4 * self.max_batch]
+        trimmed_before = self.trimmed_commands
         started = time.perf_counter()
         try:
             replies = await self._send(batch, deletes, plain, commands)
@@ -478,7 +496,10 @@ class RecoWriter:
                 del self.plain[key]
         # catalogue writes are cosmetic and mostly not idempotent (HINCRBY): one that
         # failed for its key is counted and dropped, never retried
-        del self.commands[: len(commands)]
+        # the cap may have trimmed some of the sent commands from the queue's front while
+        # the flush was in flight (submit_commands): remove only those still queued, never
+        # commands queued after them
+        del self.commands[: max(0, len(commands) - (self.trimmed_commands - trimmed_before))]
         for reply in command_replies:
             reason = write_error_reason(reply, guarded=False)
             if reason is not None:
@@ -487,10 +508,14 @@ class RecoWriter:
                     self.on_key_error("catalog", reason, True)
         done: list[PendingWrite] = []
         results: list[int] = []
+        not_notified = 0
         for write, reply in zip(batch, doc_replies, strict=True):
             reason = write_error_reason(reply, guarded=True)
             if reason is None:
                 done.append(write)
+                if reply == NOT_NOTIFIED:
+                    not_notified += 1
+                    reply = WRITTEN
                 results.append(int(reply))
                 if failures:
                     failures.pop(("doc", write.key), None)
@@ -499,9 +524,26 @@ class RecoWriter:
             # only drop it if no newer document for that user arrived during the flush
             if self.pending.get(write.key) is write:
                 del self.pending[write.key]
+        if not_notified:
+            self._publish_refused(not_notified)
         if self.on_flush is not None:
             self.on_flush(done, results, time.perf_counter() - started)
         return True
+
+    def _publish_refused(self, documents: int) -> None:
+        """PUBLISH on the notification channel was refused in this flush: the documents
+        were written (readers polling see them), subscribers were not told. About the
+        server's configuration (an ACL without the channel), not any key: counted once per
+        flush as ``publish_refused`` and logged at a bounded rate."""
+        self.publish_refused += 1
+        if self.publish_refused in (1, 10) or self.publish_refused % 1000 == 0:
+            logger.warning(
+                "Redis refused PUBLISH on channel %r (%d flush(es) so far; %d document(s) "
+                "in this one written without a notification): does the ACL user have the "
+                "channel (&%s)?", self.channel, self.publish_refused, documents, self.channel,
+            )
+        if self.on_key_error is not None:
+            self.on_key_error("publish", "publish_refused", False)
 
     def _failed(self, kind: str, key: str, reason: str, reply: Any, now: float) -> bool:
         """Count one key's failed attempt; True if it is now given up (dropped)."""
@@ -1085,21 +1127,34 @@ async def add_tombstone(
         await tx.execute()
 
 
+async def claim_nonce(
+    client: aioredis.Redis,  # type: ignore[type-arg]
+    key: str, marker: str, ttl_ms: int,
+) -> bytes | None:
+    """``SET key marker NX PX ttl_ms GET`` (Redis 7+): None if the key was free and is now
+    claimed, else the value already there (stream.processing.control.NonceLedger)."""
+    held = await client.set(key, marker, nx=True, px=ttl_ms, get=True)
+    return None if held is None else bytes(held)
+
+
 def load_tombstones(
     url: str, key: str, now_ms: int, ttl_s: float, password: str = "", **auth: Any
-) -> list[str]:
-    """The tombstones (:func:`tombstone_member` digests) of the listeners forgotten within
-    ``ttl_s`` (0: ever), synchronously (at start-up; the cluster client on Redis Cluster)."""
+) -> dict[str, int]:
+    """The tombstones of the listeners forgotten within ``ttl_s`` (0: ever): each
+    :func:`tombstone_member` digest with its forget time (epoch ms), synchronously (at
+    start-up; the cluster client on Redis Cluster)."""
     client = connect_sync(url, password, socket_timeout=30, socket_connect_timeout=5, **auth)
     low = f"{now_ms - int(ttl_s * 1000)}" if ttl_s else "-inf"
-    out: list[str] = []
+    out: dict[str, int] = {}
     try:
         offset, page = 0, 10_000
         while True:
-            batch = client.zrangebyscore(key, low, "+inf", start=offset, num=page)
-            members = cast(list[bytes], batch)
-            out += [bytes(m).decode("utf-8", "replace") for m in members]
-            if len(members) < page:
+            batch = client.zrangebyscore(key, low, "+inf", start=offset, num=page,
+                                         withscores=True)
+            pairs = cast(list[tuple[bytes, float]], batch)
+            for member, score in pairs:
+                out[bytes(member).decode("utf-8", "replace")] = int(score)
+            if len(pairs) < page:
                 return out
             offset += page
     finally:

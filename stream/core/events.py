@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ REJECTION_REASONS: Final = (
     "too_old_timestamp",
     "unknown_field",
     "key_mismatch",
+    # the record is not on the partition Kafka's default partitioner gives its key
+    # (murmur2(key) mod partitions): a producer chose it, which would split one listener's
+    # state (and a forget's reach) over two partitions
+    "wrong_partition",
     "control_character",
     "internal_error",
     # authenticated topics (the control topic; stream.processing.control, stream.processing.auth)
@@ -46,6 +51,8 @@ REJECTION_REASONS: Final = (
     "unknown_key",
     "stale",
     "replayed",
+    # the control command's nonce could not be checked in Redis (fail closed)
+    "nonce_unverified",
 )
 
 MAX_EVENT_BYTES: Final = 16 * 1024
@@ -408,3 +415,55 @@ def parse_track_metadata(obj: dict[str, Any]) -> tuple[str, str | None, str | No
         )
     except _Invalid as exc:
         raise ValueError(f"{exc.reason}: {exc.detail}") from None
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of a record key (``org.apache.kafka.common.utils.Utils``), as
+    an unsigned 32-bit integer.
+
+    >>> murmur2(b"21"), murmur2(b"")
+    (3321034988, 275646681)
+    """
+    m, length = 0x5BD1E995, len(data)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    whole = length & ~3
+    for (k,) in struct.iter_unpack("<I", data[:whole]):
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    extra = length & 3
+    if extra == 3:
+        h ^= data[whole + 2] << 16
+    if extra >= 2:
+        h ^= data[whole + 1] << 8
+    if extra >= 1:
+        h ^= data[whole]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (Java and aiokafka) gives a keyed record:
+    ``toPositive(murmur2(key)) % partitions``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def partition_problem(key: bytes, partition: int, partitions: int | None) -> Rejection | None:
+    """A ``wrong_partition`` rejection if a keyed record is not on its key's partition
+    (checked only when ``partitions`` is known)."""
+    if not partitions:
+        return None
+    expected = key_partition(key, partitions)
+    if partition == expected:
+        return None
+    return Rejection(
+        "wrong_partition",
+        f"record is on partition {partition}, its key hashes to partition {expected} "
+        f"of {partitions}",
+    )

@@ -47,6 +47,7 @@ from stream.core.models._vocab import (
     IntArray,
     Vocabulary,
     grow_rows,
+    reserve_rows,
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction
@@ -1081,6 +1082,13 @@ class Recommender:
         tracks for ``repeats``, the link to their open session in session-kNN)."""
         return list(dict.fromkeys(chain(self.mf.user_factors, self.own_history,
                                         self.session_knn.open_users())))
+
+    @staticmethod
+    def reserve_tracks(max_tracks: int) -> None:
+        """Size every per-track array for ``max_tracks`` (plus the 10 % an eviction round
+        overshoots) when it first grows: no growth copy on the event loop up to the cap
+        (:func:`stream.core.models._vocab.reserve_rows`; process-wide)."""
+        reserve_rows(int(max_tracks * 1.1) if max_tracks else 0)
 
     def limit_users(self, max_users: int | None) -> int:
         """Bound the per-listener model state (MF factors) to ``max_users`` listeners, the

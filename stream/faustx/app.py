@@ -35,6 +35,10 @@ class SeamApp(faust.App):
             raise TypeError(f"the app's Table class is {self.conf.Table!r}")
         return table
 
+    def assigned_partitions(self, topic: str) -> set[int]:
+        """The partitions of ``topic`` the consumer is assigned now."""
+        return {tp.partition for tp in self.consumer.assignment() if tp.topic == topic}
+
     @property
     def seam_consumer(self) -> SeamConsumer:
         """``app.consumer``, as the seam transport's consumer class."""

@@ -78,6 +78,20 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         self._dirty.pop(key, None)  # keep assignment order: the tombstone goes last
         self._dirty[key] = (partition, _TOMBSTONE)
 
+    def delete_on(self, key: Any, partition: int, *, changelog: bool = True) -> bool:
+        """Delete ``key`` outside stream iteration (no current event says its partition):
+        the caller names its changelog ``partition`` (the listener's, from their state).
+        The tombstone goes on the same queue as the key's values. With ``changelog`` off
+        the key only leaves this process's store (a partition it no longer owns: its new
+        owner's changelog must not be touched). Returns whether the key was there."""
+        if key not in self.data:
+            return False
+        del self.data[key]
+        if changelog:
+            self._dirty.pop(key, None)
+            self._dirty[key] = (partition, _TOMBSTONE)
+        return True
+
     def resend(self, key: Any) -> None:
         """Send the key's current value to the changelog again (called for a play that was
         already applied: a replay after a crash). With a persistent store the worker may have
@@ -143,6 +157,10 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
             if len(self._in_flight) > 4096:  # no commit for a while: drop what is delivered
                 self._prune_delivered()
             return sent
+
+    def keys_snapshot(self) -> list[Any]:
+        """Every key the table holds now, as a list (reads every key of a RocksDB store)."""
+        return list(self.data.keys())
 
     def approx_len(self) -> int:
         """How many listeners the table holds (RocksDB: its estimate; ``len`` reads every

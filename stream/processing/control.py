@@ -24,16 +24,24 @@ before. Anything else is a :class:`~stream.core.events.Rejection` the worker dea
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import orjson
 
-from stream.core.events import InvalidField, Rejection, check_id, escape_text
+from stream.core.events import (
+    InvalidField,
+    Rejection,
+    check_id,
+    escape_text,
+    partition_problem,
+)
 from stream.processing.auth import KeyRing
 
 OPERATIONS: Final = ("forget_user",)
@@ -140,8 +148,12 @@ class ControlGate:
         insecure: bool,
         max_age_ms: int,
         max_nonces: int = MAX_NONCES,
+        partitions: int | None = None,
     ) -> None:
         self.ring = ring
+        #: the control topic's partition count: a command not on its key's partition is
+        #: refused as ``wrong_partition`` (None: not checked)
+        self.partitions = partitions
         self.insecure = insecure
         self.max_age_ms = max_age_ms
         self.max_nonces = max_nonces
@@ -174,6 +186,9 @@ class ControlGate:
             return Rejection(
                 "key_mismatch", f"record has {shown}, user_id is {escape_text(cmd.user_id, 64)}"
             )
+        wrong = partition_problem(key, partition, self.partitions)
+        if wrong is not None:
+            return wrong
         reference = record_ts_ms if log_append_time and record_ts_ms else now_ms
         age = reference - cmd.requested_at_ms
         if abs(age) > self.max_age_ms:
@@ -232,3 +247,111 @@ def _auth_detail(reason: str, ring: KeyRing) -> str:
         "unknown_key": "control command signed with a key id not in worker_keys",
         "bad_signature": "control command's MAC does not verify",
     }.get(reason, reason)
+
+
+#: claim(key, marker, ttl_ms): SET key marker NX PX ttl_ms GET -- None if the key was free
+#: (now claimed), else the marker already there (stream.adapters.redis_store.claim_nonce)
+NonceClaim = Callable[[str, str, int], Awaitable[bytes | str | None]]
+
+
+def nonce_key(app_id: str, nonce: str) -> str:
+    """The Redis key remembering a control nonce: in the app's ``forgotten:`` family (the
+    worker's ACL has it), the nonce hashed (any printable nonce, a fixed-length key)."""
+    digest = hashlib.sha256(b"stream-reco control nonce\0" + nonce.encode()).hexdigest()[:32]
+    return f"forgotten:{app_id}:nonce:{digest}"
+
+
+class NonceLedger:
+    """Replay protection shared by every worker of an app (review finding 3): an admitted
+    command's nonce is claimed in Redis with ``SET NX PX`` (``2 x control_max_age``; older
+    commands are refused as stale anyway) together with the record's position. The same
+    nonce at another position -- another partition, another offset, another worker, after
+    a restart or a flood -- is a replay; at the same position it is a redelivery (a crash
+    before the offset commit) and is admitted again, a forget being idempotent.
+
+    Fails closed: while Redis cannot answer, the check is retried (``on_error`` hears of
+    each failure) for up to ``wait_s``; then the command is refused as
+    ``nonce_unverified`` (dead-lettered: the operator sends it again)."""
+
+    def __init__(
+        self,
+        claim: NonceClaim,
+        app_id: str,
+        ttl_ms: int,
+        *,
+        wait_s: float = 30.0,
+        on_error: Callable[[BaseException], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.claim = claim
+        self.app_id = app_id
+        self.ttl_ms = ttl_ms
+        self.wait_s = wait_s
+        self.on_error = on_error
+        self.sleep = sleep
+
+    async def check(
+        self, cmd: ControlCommand, topic: str, partition: int, offset: int
+    ) -> Rejection | None:
+        """None if ``cmd`` may be applied (first seen, or redelivered at the same
+        position), else why not."""
+        marker = f"{topic}[{partition}]@{offset}"
+        key = nonce_key(self.app_id, cmd.nonce)
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
+        while True:
+            try:
+                held = await self.claim(key, marker, self.ttl_ms)
+                break
+            except Exception as exc:  # noqa: BLE001 - Redis trouble: retry, then refuse
+                if self.on_error is not None:
+                    self.on_error(exc)
+                if time.monotonic() >= deadline:
+                    return Rejection(
+                        "nonce_unverified",
+                        f"could not check the nonce in Redis for {self.wait_s:.0f} s "
+                        f"({type(exc).__name__}); refused (fail closed)",
+                    )
+                await self.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if held is None:
+            return None
+        seen = held.decode("utf-8", "replace") if isinstance(held, bytes) else str(held)
+        if seen == marker:
+            return None
+        return Rejection("replayed", f"nonce already used at {escape_text(seen, 200)}")
+
+
+#: a forget reaches every running worker through its broadcast within seconds; a
+#: checkpoint written this long after a forget no longer holds the forgotten state
+FORGET_GRACE_MS: Final = 300_000
+
+
+def forgotten_in_checkpoint(
+    users: Iterable[str],
+    tombstones: Mapping[str, int],
+    created_ms: int,
+    digest: Callable[[str], str],
+    grace_ms: int = FORGET_GRACE_MS,
+) -> list[str]:
+    """The listeners of a checkpoint (created at ``created_ms``) whose state a restore
+    must drop: those with a forget tombstone (``digest(user)`` -> forget time) no older
+    than ``grace_ms`` before the checkpoint. State in a checkpoint written later than
+    that was learned after the forget -- every worker dropped the listener when the
+    forget's broadcast reached it -- so a listener who came back keeps it (review finding
+    5: restore used to drop every tombstoned listener, whatever the times).
+
+    >>> d = {"u1": 1_000, "u2": 1_000}
+    >>> forgotten_in_checkpoint(["u1", "u2", "u3"], d, 200_000, str, grace_ms=300_000)
+    ['u1', 'u2']
+    >>> forgotten_in_checkpoint(["u1"], d, 1_000 + 300_001, str, grace_ms=300_000)
+    []
+    """
+    if not tombstones:
+        return []
+    out = []
+    for user in users:
+        forgot = tombstones.get(digest(user))
+        if forgot is not None and created_ms <= forgot + grace_ms:
+            out.append(user)
+    return out

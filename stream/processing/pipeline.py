@@ -17,7 +17,15 @@ from typing import Any, Final
 
 from stream.config import Settings
 from stream.core.catalog import TrackCatalog
-from stream.core.events import PlayEvent, Rejection, escape_text, parse_event
+from stream.core.events import (  # noqa: F401 - murmur2, key_partition: re-exported
+    PlayEvent,
+    Rejection,
+    escape_text,
+    key_partition,
+    murmur2,
+    parse_event,
+    partition_problem,
+)
 from stream.core.ranking import top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
@@ -40,6 +48,12 @@ MAX_SHORT_LISTS: Final = 10_000
 #: the oldest waiting ones are dropped (refreshed again when next played) instead of the
 #: set growing with every id ever played.
 MAX_TOUCHED_TRACKS: Final = 10_000
+
+#: most first-play listeners waiting to be ranked (see Processor.pending_first): ~20 s of
+#: ranking at 300k+ tracks; a flood of new ids beyond it sheds the oldest
+MAX_PENDING_FIRST: Final = 20_000
+#: most listeners ranked in one budgeted call (Processor.rank_pending)
+MAX_RANK_CHUNK: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +129,17 @@ class Processor:
         max_touched_tracks: int = MAX_TOUCHED_TRACKS,
         defer_eviction: bool = False,
         reject_log: RateLimitedLog | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.settings = settings
+        #: bounded session table (``max_sessions``; 0 = unbounded): listeners in the
+        #: order of their last applied play, least recent first (see evict_sessions)
+        self.max_sessions = settings.max_sessions
+        self.session_order: OrderedDict[str, None] = OrderedDict()
+        self.sessions_evicted = 0
+        #: the plays topic's partition count: a record not on its key's partition (Kafka's
+        #: default partitioner) is rejected as ``wrong_partition``; None: not checked
+        self.partitions = partitions
         #: rejection log lines, at most 10 per reason per minute (the metrics count all)
         self.reject_log = reject_log if reject_log is not None else RateLimitedLog(logger)
         self.recommender = recommender
@@ -150,7 +173,16 @@ class Processor:
         self.similar_empty = 0
         self.similar_refreshed: dict[str, float] = {}
         #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
-        self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
+        self.pending_rank: OrderedDict[str, tuple[PlayEvent, UserState, int | None]] = (
+            OrderedDict())
+        #: the same for listeners at their first play (a flood of never-seen ids lands
+        #: here): ranked after ``pending_rank``, at most MAX_PENDING_FIRST wait (the oldest
+        #: is shed, counted in ``rank_shed``: that listener gets a list at their next play)
+        self.pending_first: OrderedDict[str, tuple[PlayEvent, UserState, int | None]] = (
+            OrderedDict())
+        self.rank_shed = 0
+        #: seconds one listener's ranking takes (moving average), to size budgeted chunks
+        self.rank_cost_s = 0.001
         #: track names seen in plays (bounded); documents carry them
         self.catalog = TrackCatalog(settings.catalog_max_tracks, settings.catalog_max_chars)
         #: listeners whose last list came out shorter than top_k (bounded, oldest first
@@ -225,7 +257,11 @@ class Processor:
                     ),
                 )
             else:
-                events.append((i, parsed))
+                wrong = partition_problem(record.key, record.partition, self.partitions)
+                if wrong is not None:
+                    outcomes[i] = self.reject(record, wrong)
+                else:
+                    events.append((i, parsed))
         t1 = clock()
         applied: list[tuple[int, PlayEvent, SessionUpdate]] = []
         for i, event in events:
@@ -292,6 +328,10 @@ class Processor:
                 self.pending_rank.setdefault(event.user_id, (event, state, None))
             return update
         self.table[event.user_id] = update.state
+        if self.max_sessions:
+            order = self.session_order
+            order[event.user_id] = None
+            order.move_to_end(event.user_id)
         return update
 
     def _learn_and_rank(
@@ -334,7 +374,7 @@ class Processor:
         if self.defer_ranking:
             # rank later, once per listener per ranking pass (see rank_pending): a burst of plays
             # from one listener costs one ranking, and the agent never waits for it
-            self.pending_rank[event.user_id] = (event, update.state, record.timestamp_ms)
+            self._queue_rank(event.user_id, (event, update.state, record.timestamp_ms))
             self._refreshing.discard(event.user_id)
             return Outcome("processed", event=event, update=update), (t1 - t0, 0.0, clock() - t1)
         try:
@@ -386,19 +426,50 @@ class Processor:
             touched.pop(track, None)
             refreshed.pop(track, None)
 
-    def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
-        """Rank every listener with new plays since the last call and submit their lists.
+    def _queue_rank(self, user: str, entry: tuple[PlayEvent, UserState, int | None]) -> None:
+        """Queue a listener's ranking: a first play (a never-seen id) waits behind the
+        listeners with a history, in a bounded queue (see ``pending_first``)."""
+        if entry[1].plays_total <= 1 and user not in self.pending_rank:
+            first = self.pending_first
+            first[user] = entry
+            if len(first) > MAX_PENDING_FIRST:
+                first.popitem(last=False)
+                self.rank_shed += 1
+            return
+        self.pending_first.pop(user, None)
+        self.pending_rank[user] = entry
+
+    def rank_waiting(self) -> bool:
+        """Whether any listener waits to be ranked."""
+        return bool(self.pending_rank or self.pending_first)
+
+    def rank_pending(
+        self, on_ranked: Callable[[float], None] | None = None, budget_s: float | None = None
+    ) -> int:
+        """Rank the listeners with new plays since the last call and submit their lists.
 
         Called by the worker's ranker (stream.worker.ranker) whenever the pacing says so
-        (stream.processing.pacing), with all of them ranked in one
-        call (``Recommender.recommend_many``; one by one if that raises, so a listener
-        whose ranking fails loses only their own update). ``on_ranked`` gets each
-        listener's share of the ranking time. Returns how many were ranked."""
-        if not self.pending_rank:
+        (stream.processing.pacing) (``Recommender.recommend_many`` over them; one by one if
+        that raises, so a listener whose ranking fails loses only their own update).
+        Listeners with a history first, then first plays. Without ``budget_s`` every
+        waiting listener is ranked; with it, only as many as take about that long at the
+        recent cost per listener (at least one): a ranking scans the catalogue's factors,
+        ~5-10 ms a listener at 300k+ tracks, so ranking a backlog of thousands at once held
+        the event loop for up to 56 s in the junk-ids drill. The rest wait for the next
+        call. ``on_ranked`` gets each listener's share of the
+        ranking time. Returns how many were ranked."""
+        if not (self.pending_rank or self.pending_first):
             return 0
-        batch, self.pending_rank = self.pending_rank, {}
+        entries: list[tuple[PlayEvent, UserState, int | None]] = []
+        if budget_s is None:
+            entries = [*self.pending_rank.values(), *self.pending_first.values()]
+            self.pending_rank, self.pending_first = OrderedDict(), OrderedDict()
+        else:
+            n = max(1, min(MAX_RANK_CHUNK, int(budget_s / max(self.rank_cost_s, 1e-6))))
+            for queue in (self.pending_rank, self.pending_first):
+                while queue and len(entries) < n:
+                    entries.append(queue.popitem(last=False)[1])
         now_ms = int(self.clock() * 1000)
-        entries = list(batch.values())
         started = time.perf_counter()
         many = getattr(self.recommender, "recommend_many", None)
         ranked: list[list[Recommendation] | None] | None = None
@@ -410,15 +481,20 @@ class Processor:
         if ranked is None:
             ranked = [self._rank_one(state, now_ms) for _, state, _ in entries]
         per_listener = (time.perf_counter() - started) / len(entries)
-        refreshing, self._refreshing = self._refreshing, set()
+        self.rank_cost_s = 0.7 * self.rank_cost_s + 0.3 * per_listener
+        refreshing = self._refreshing
         for (event, state, ingest_ts), recs in zip(entries, ranked, strict=True):
+            user = event.user_id
+            was_refresh = user in refreshing
+            if was_refresh:
+                refreshing.discard(user)
             if recs is None:
                 continue
-            fresh = event.event_id == state.last_event_id and event.user_id not in refreshing
+            fresh = event.event_id == state.last_event_id and not was_refresh
             self._publish(event, state, recs, ingest_ts, fresh=fresh)
             if on_ranked is not None:
                 on_ranked(per_listener)
-        return len(batch)
+        return len(entries)
 
     def _rank_one(self, state: UserState, now_ms: int) -> list[Recommendation] | None:
         try:
@@ -506,7 +582,7 @@ class Processor:
         for user, (event, state, seen_size) in list(self.short_lists.items()):
             if queued >= limit:
                 break
-            if seen_size >= size or user in self.pending_rank:
+            if seen_size >= size or user in self.pending_rank or user in self.pending_first:
                 continue
             self.short_lists[user] = (event, state, size)
             self.pending_rank[user] = (event, state, None)
@@ -541,14 +617,93 @@ class Processor:
         The caller deletes the Redis document."""
         self.last_recs.pop(user_id, None)
         self.pending_rank.pop(user_id, None)
+        self.pending_first.pop(user_id, None)
+        self._refreshing.discard(user_id)
         self.short_lists.pop(user_id, None)
         existed = self.table.get(user_id) is not None
         if existed:
             del self.table[user_id]
+        self.session_order.pop(user_id, None)
         forget = getattr(self.recommender, "forget_user", None)
         if callable(forget):
             forget(user_id)
         return existed
+
+    def forget_model_state(self, user_id: str) -> bool:
+        """Drop what this process holds about a listener *outside* the session table:
+        their user-side model state (MF factors, own history, session-kNN link), queued
+        ranking and remembered lists. For a forget another worker applied (its broadcast
+        on the signals topic): this worker may hold their model state from a shared
+        checkpoint or from before a rebalance, never their session (not its partition).
+        Returns whether the models held anything."""
+        self.last_recs.pop(user_id, None)
+        self.pending_rank.pop(user_id, None)
+        self.pending_first.pop(user_id, None)
+        self._refreshing.discard(user_id)
+        self.short_lists.pop(user_id, None)
+        forget = getattr(self.recommender, "forget_user", None)
+        return bool(forget(user_id)) if callable(forget) else False
+
+    def sessions_over(self) -> int:
+        """How many listeners the session table holds above ``max_sessions`` (0 if none
+        or unbounded), counting only those this processor has seen play."""
+        if not self.max_sessions:
+            return 0
+        return max(0, len(self.session_order) - self.max_sessions)
+
+    def track_sessions(self, users: Sequence[str]) -> int:
+        """Put listeners already in the table (restored from the changelog: no play seen
+        here yet) into the eviction order as the least recent. Returns how many were new."""
+        order, added = self.session_order, 0
+        for user in users:
+            if user not in order:
+                order[user] = None
+                order.move_to_end(user, last=False)
+                added += 1
+        return added
+
+    def evict_sessions(
+        self,
+        limit: int,
+        delete: Callable[[str, int, bool], object] | None = None,
+        owned: Callable[[int], bool] | None = None,
+    ) -> list[str]:
+        """Keep the session table at ``max_sessions``: evict up to ``limit`` of the least
+        recently active listeners above it (bounded work per call). Each is deleted
+        *through the table* -- ``delete(user, partition, changelog)``, by default
+        ``del table[user]`` -- so the changelog gets a tombstone and a restart does not
+        bring them back; a listener on a partition this worker no longer owns
+        (``owned(partition)`` false: revoked in a rebalance) leaves only this process's
+        memory. Their queued ranking and remembered list go too (their model state stays,
+        bounded by ``max_users``). Returns the evicted listeners on owned partitions: the
+        caller deletes their Redis lists, so a returning listener starts at seq 1 with no
+        document the seq guard would hold against them."""
+        out: list[str] = []
+        order = self.session_order
+        n = 0
+        while n < limit and self.max_sessions and len(order) > self.max_sessions:
+            user, _ = order.popitem(last=False)
+            n += 1
+            state = self.table.get(user)
+            if state is None:
+                continue  # forgotten already
+            partition = getattr(state, "last_partition", -1)
+            if isinstance(state, dict):
+                partition = int(state.get("last_partition", -1))
+            mine = owned is None or owned(partition)
+            if delete is None:
+                del self.table[user]
+            else:
+                delete(user, partition, mine)
+            self.last_recs.pop(user, None)
+            self.pending_rank.pop(user, None)
+            self.pending_first.pop(user, None)
+            self.short_lists.pop(user, None)
+            self._refreshing.discard(user)
+            if mine:
+                out.append(user)
+        self.sessions_evicted += len(out)
+        return out
 
     def redis_key(self, user_id: str) -> str:
         return f"{self.settings.redis_prefix}{user_id}"

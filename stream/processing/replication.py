@@ -23,6 +23,8 @@ authenticated by the worker (:mod:`stream.processing.auth`, purpose ``b"signals"
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -103,6 +105,13 @@ class DecodedBatch:
     worker: str
     signals: list[TrackSignal]
     rejected: list[str]
+    #: the sender's message sequence number and send time (epoch ms), None if absent (a
+    #: sender before replay protection): see :class:`ReplayGuard`
+    seq: int | None = None
+    sent_ms: int | None = None
+    #: listeners the sender's control agent forgot: (user id, forget time ms); every
+    #: worker drops their model state (see :func:`encode_batch`)
+    forgets: tuple[tuple[str, int], ...] = ()
 
 
 def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> TrackSignal:
@@ -150,10 +159,28 @@ def encode_signal(sig: TrackSignal) -> bytes:
     return encode_batch(sig.worker, [sig])
 
 
-def encode_batch(worker: str, sigs: list[TrackSignal]) -> bytes:
+def encode_batch(
+    worker: str,
+    sigs: list[TrackSignal],
+    *,
+    seq: int | None = None,
+    sent_ms: int | None = None,
+    forgets: Sequence[tuple[str, int]] = (),
+) -> bytes:
     """Many signals from one worker in one message (one Kafka record per flush, not per
-    play: the per-message cost is what matters at high rates)."""
-    return orjson.dumps({"w": worker, "v": 1, "signals": [_as_dict(s) for s in sigs]})
+    play: the per-message cost is what matters at high rates). ``seq`` (the sender's
+    message counter, from 1) and ``sent_ms`` go inside the signed value, so a captured
+    message cannot be replayed (:class:`ReplayGuard`). ``forgets`` broadcasts forgotten
+    listeners (id, forget time): user-side model state may be held by any worker (a
+    shared checkpoint, a rebalance), so every worker must drop it."""
+    d: dict[str, object] = {"w": worker, "v": 2 if seq is not None else 1,
+                            "signals": [_as_dict(s) for s in sigs]}
+    if seq is not None:
+        d["n"] = seq
+        d["at"] = sent_ms
+    if forgets:
+        d["f"] = [{"u": user, "at": at} for user, at in forgets]
+    return orjson.dumps(d)
 
 
 def decode_batch(
@@ -191,6 +218,20 @@ def _decode(raw: bytes | None, now_ms: int, max_future_ms: int) -> DecodedBatch:
         raise InvalidField("wrong_type", "'signals' must be an array")
     if len(items) > MAX_SIGNALS_PER_MESSAGE:
         raise InvalidField("too_many_signals", f"over {MAX_SIGNALS_PER_MESSAGE} signals")
+    seq, sent = d.get("n"), d.get("at")
+    if seq is not None and (type(seq) is not int or not 0 < seq < 2**63):
+        raise InvalidField("wrong_type", "'n' must be a positive integer")
+    if sent is not None and (type(sent) is not int or not MIN_TS_MS <= sent < 2**63):
+        raise InvalidField("wrong_type", "'at' must be an epoch-ms integer")
+    forgets: list[tuple[str, int]] = []
+    raw_forgets = d.get("f")
+    if raw_forgets is not None:
+        if not isinstance(raw_forgets, list) or len(raw_forgets) > MAX_FORGETS_PER_MESSAGE:
+            raise InvalidField("wrong_type", "'f' must be an array of forgets")
+        for f in raw_forgets:
+            if not isinstance(f, dict) or type(f.get("at")) is not int:
+                raise InvalidField("wrong_type", "a forget must be {u: id, at: ms}")
+            forgets.append((check_id(f.get("u"), "u"), f["at"]))
     out: list[TrackSignal] = []
     rejected: list[str] = []
     for item in items:
@@ -198,7 +239,57 @@ def _decode(raw: bytes | None, now_ms: int, max_future_ms: int) -> DecodedBatch:
             out.append(_from_dict(worker, item, now_ms, max_future_ms))
         except InvalidField as exc:
             rejected.append(exc.reason)
-    return DecodedBatch(worker, out, rejected)
+    return DecodedBatch(worker, out, rejected, seq, sent, tuple(forgets))
+
+
+#: most forgotten listeners one signals message may carry
+MAX_FORGETS_PER_MESSAGE: Final = 1000
+#: a signals message sent longer ago than this is refused as stale (seconds)
+SIGNAL_MAX_AGE_S: Final = 300
+#: senders whose last sequence number is remembered (workers are few; ids change per run)
+MAX_SENDERS: Final = 4096
+
+
+class ReplayGuard:
+    """Refuses replayed and stale signals messages (review finding 4): each message
+    carries its sender's sequence number and send time inside the signed value. A message
+    sent more than ``max_age_ms`` ago (or further ahead than ``max_future_ms``), or whose
+    sequence number is not above the last one seen from its sender, is refused. A sender
+    keys its messages by its id, so its messages reach every reader in order; a worker id
+    is new at each start, so its counter starts at 1 again under a new id. Pure (time
+    passed in); remembers at most ``max_senders`` senders (least recently heard out).
+
+    >>> g = ReplayGuard(max_age_ms=60_000)
+    >>> g.check("w1", 1, 1_000_000, 1_000_100), g.check("w1", 2, 1_000_050, 1_000_100)
+    (None, None)
+    >>> g.check("w1", 2, 1_000_050, 1_000_200), g.check("w1", 3, 900_000, 1_000_200)
+    ('replayed', 'stale')
+    """
+
+    def __init__(self, max_age_ms: int = SIGNAL_MAX_AGE_S * 1000,
+                 max_future_ms: int = 60_000, max_senders: int = MAX_SENDERS) -> None:
+        self.max_age_ms = max_age_ms
+        self.max_future_ms = max_future_ms
+        self.max_senders = max_senders
+        self.last: OrderedDict[str, int] = OrderedDict()
+
+    def check(self, worker: str, seq: int | None, sent_ms: int | None,
+              now_ms: int) -> str | None:
+        """None if the message is new, else why not (a rejection reason)."""
+        if seq is None or sent_ms is None:
+            return "missing_field"  # no sequence: a replay could not be told apart
+        if now_ms - sent_ms > self.max_age_ms:
+            return "stale"
+        if sent_ms - now_ms > self.max_future_ms:
+            return "future_timestamp"
+        last = self.last.get(worker)
+        if last is not None and seq <= last:
+            return "replayed"
+        self.last[worker] = seq
+        self.last.move_to_end(worker)
+        while len(self.last) > self.max_senders:
+            self.last.popitem(last=False)
+        return None
 
 
 def decode_signal(raw: bytes, now_ms: int) -> TrackSignal | None:

@@ -40,11 +40,12 @@ from stream.worker.lag import ConsumerLag
 from stream.worker.lifecycle import Lifecycle, Parts
 from stream.worker.plays import PlaysAgent
 from stream.worker.ranker import Ranker
+from stream.worker.sessions_bound import SessionBound
 from stream.worker.signals import SignalPublisher, SignalReader, worker_keys
 from stream.worker.telemetry import Telemetry
 from stream.worker.timers import Timers
 from stream.worker.topics import declare_topics
-from stream.worker.watchdog import LoopLagProbe, StallWatch
+from stream.worker.watchdog import LoopLagProbe, StallSampler, StallWatch
 from stream.worker.writer import WriterPart
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ def configure_recommender(recommender: Recommender | None, settings: Settings) -
         recommender.use_ranker(settings.ranker)
         logger.info("ranker: %s (setting ranker; session models %s)", settings.ranker,
                     "on" if recommender.session_models else "off")
+    reserve = getattr(recommender, "reserve_tracks", None)
+    if callable(reserve):  # no per-track array is copied to grow up to max_tracks
+        reserve(settings.max_tracks)
     limit_users = getattr(recommender, "limit_users", None)
     if callable(limit_users):  # also bounds a recommender restored from a checkpoint
         limit_users(settings.max_users or None)
@@ -106,6 +110,7 @@ def create_worker(
     processor = Processor(
         settings, recommender, topics.sessions, writer.submit, dead_letters.queue,
         evaluator=worker.evaluator, defer_ranking=True, defer_eviction=True,
+        partitions=partitions,
     )
     signals = SignalPublisher(topics.signals, topics.signals_name, ring, worker_id, settings,
                               telemetry)
@@ -117,17 +122,24 @@ def create_worker(
     checkpointer = Checkpointer(settings, recommender, lambda: writer.client, models.free,
                                 telemetry)
     reader = SignalReader(settings, topics.signals_name, ring, worker_id, recommender,
-                          models.free, telemetry)
+                          models.free, telemetry, forget_model_state=processor.forget_model_state)
     stall_watch = StallWatch(after_s=settings.stall_warning_s,
                              describe_state=lambda: consumer_state(worker))
     plays = PlaysAgent(
         app, settings, processor, topics.sessions, pacing=pacing, ranker=ranker, models=models,
         dead_letters=dead_letters, signals=signals, telemetry=telemetry,
         stall_watch=stall_watch, processed_offsets=worker.processed_offsets,
+        sessions_bound=SessionBound(app, settings, processor, topics.sessions, writer,
+                                    telemetry) if processor.max_sessions else None,
     )
-    control = ControlAgent(settings, ring, processor, writer, dead_letters, telemetry)
+    control = ControlAgent(settings, ring, processor, writer, dead_letters, telemetry,
+                           partitions=partitions, broadcast_forget=signals.broadcast_forget)
     lag = ConsumerLag(app, settings, worker.processed_offsets, telemetry)
-    loop_lag = LoopLagProbe(on_lag=lambda s: telemetry.loop_lag(s, loop_lag.max_lag))
+    loop_lag = LoopLagProbe(
+        on_lag=lambda s: telemetry.loop_lag(s, loop_lag.max_lag),
+        sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
+        else None,
+    )
     timers = Timers(
         settings, processor=processor, writer=writer, ranker=ranker, models=models,
         signals=signals, catalog=catalog, checkpointer=checkpointer, lag=lag,

@@ -47,6 +47,7 @@ from stream.core.checkpoint import (
     settings_keys,
 )
 from stream.core.recommender import Recommender
+from stream.processing.control import forgotten_in_checkpoint
 from stream.worker.snapshot import build_in_child, can_fork
 from stream.worker.telemetry import Telemetry
 
@@ -117,14 +118,17 @@ def _checkpoints_allowed(settings: Settings, key: str) -> bool:
     return True
 
 
-def _drop_forgotten(settings: Settings, rec: Recommender, now_ms: int) -> tuple[int, int]:
-    """Drop the listeners forgotten within forget_tombstone_ttl_s from the restored models;
-    returns (tombstones, listeners dropped). Raises if the tombstones cannot be read."""
+def _drop_forgotten(settings: Settings, rec: Recommender, created_ms: int,
+                    now_ms: int) -> tuple[int, int]:
+    """Drop the listeners forgotten within forget_tombstone_ttl_s from the restored models
+    (those forgotten after the checkpoint was written, less forget_grace_s:
+    stream.processing.control.forgotten_in_checkpoint); returns (tombstones, listeners
+    dropped). Raises if the tombstones cannot be read."""
     forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
                                 settings.forget_tombstone_ttl_s, **redis_auth(settings))
-    tombstoned = set(forgotten)
-    dropped = sum(rec.forget_user(user) for user in rec.user_ids()
-                  if tombstone_member(user) in tombstoned)
+    dropped = sum(rec.forget_user(user) for user in forgotten_in_checkpoint(
+        rec.user_ids(), forgotten, created_ms, tombstone_member,
+        grace_ms=int(settings.forget_grace_s * 1000)))
     return len(forgotten), dropped
 
 
@@ -156,7 +160,8 @@ def _restore(settings: Settings, telemetry: Telemetry) -> Recommender | None:
         logger.info("no model checkpoint at %s; starting fresh", key)
         return None
     try:
-        tombstones, dropped = _drop_forgotten(settings, stored.recommender, now_ms)
+        tombstones, dropped = _drop_forgotten(settings, stored.recommender,
+                                             stored.opened.created_ms, now_ms)
     except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
         reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
         return None

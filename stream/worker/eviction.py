@@ -61,5 +61,5 @@ class ModelGuard:
             processor.report_model_error(exc, None)
         self.telemetry.evictions_took(processor.eviction_seconds)
         processor.eviction_seconds.clear()
-        if processor.pending_rank:
+        if processor.rank_waiting():
             self.on_evicted()

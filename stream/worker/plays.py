@@ -10,8 +10,10 @@ One batch, step by step (:meth:`PlaysAgent.apply`):
 4. ``_hand_on`` -- dead letters to their topic, the batch to telemetry, track signals;
 5. ``_ack`` -- each play is acked once applied (its changelog record is dirty, and a commit
    sends it first), so its offset may be committed;
-6. ``_after`` -- an eviction the batch asked for, wake the ranker, send the session
-   changelog, and give the other tasks a turn under a backlog.
+6. ``_after`` -- the session-table bound (``max_sessions``:
+   :class:`stream.worker.sessions_bound.SessionBound`), an eviction the batch asked for,
+   wake the ranker, send the session changelog, and give the other tasks a turn under a
+   backlog.
 
 Gathering (:meth:`PlaysAgent.run`): a lone play is applied at once; otherwise up to
 ``agent_batch`` plays go through each stage together (the stages stay in the CPU caches),
@@ -37,6 +39,7 @@ from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
 from stream.worker.ranker import Ranker
+from stream.worker.sessions_bound import SessionBound
 from stream.worker.signals import SignalPublisher
 from stream.worker.telemetry import Telemetry
 from stream.worker.watchdog import StallWatch
@@ -81,6 +84,7 @@ class PlaysAgent:
         telemetry: Telemetry,
         stall_watch: StallWatch,
         processed_offsets: dict[Any, int],
+        sessions_bound: SessionBound | None = None,
     ) -> None:
         self.app = app
         self.processor = processor
@@ -93,6 +97,8 @@ class PlaysAgent:
         self.telemetry = telemetry
         self.stall_watch = stall_watch
         self.processed_offsets = processed_offsets
+        #: ``max_sessions``: evicts the least recent listeners after each batch
+        self.sessions_bound = sessions_bound
         self.max_batch = settings.agent_batch
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
@@ -240,7 +246,7 @@ class PlaysAgent:
         """The backlog behind this batch, per partition (the fetched highwater)."""
         last = {ev.message.tp: ev.message for ev in live}
         backlog = any(self.fetched_behind(msg) >= CATCH_UP_PLAYS for msg in last.values())
-        self.pacing.batch_applied(now, not self.processor.pending_rank, backlog)
+        self.pacing.batch_applied(now, not self.processor.rank_waiting(), backlog)
         if backlog:
             self.telemetry.catch_up_batch()
 
@@ -272,9 +278,11 @@ class PlaysAgent:
             stream.ack_processed(ev)
 
     async def _after(self) -> None:
+        if self.sessions_bound is not None:
+            self.sessions_bound.after_batch()
         if self.processor.eviction_due:
             await self.models.evict_due()
-        if self.processor.pending_rank:
+        if self.processor.rank_waiting():
             self.ranker.wake()
         now = time.perf_counter()
         sessions = self.sessions

@@ -2,8 +2,9 @@
 
 The plays agent applies a batch and wakes the ranker; the ranker asks the pipeline's pacing
 whether rankings are due (:class:`stream.processing.pacing.RankPacing`: held back while a
-backlog drains), ranks every pending listener in one pass
-(:meth:`stream.processing.pipeline.Processor.rank_pending`, which submits their lists) and
+backlog drains), ranks a chunk of the pending listeners per pass (about RANK_BUDGET_S of
+ranking: :meth:`stream.processing.pipeline.Processor.rank_pending`, which submits their lists;
+it wakes itself again while listeners wait) and
 sends what the pass has for other parts to hand on (track signals, catalogue changes). It
 ranks only while no Redis round trip is in flight: the listeners that played meanwhile are
 ranked together when the writer can take their lists, so one pass, one flush.
@@ -22,6 +23,11 @@ from stream.worker.telemetry import Telemetry
 from stream.worker.writer import WriterPart
 
 logger = logging.getLogger(__name__)
+
+#: one ranking pass ranks about this much (seconds of ranking) at a time
+#: (stream.processing.pipeline.Processor.rank_pending); the rest waits for the next pass,
+#: for which the ranker wakes itself at once
+RANK_BUDGET_S = 0.015
 
 
 class Ranker:
@@ -75,7 +81,11 @@ class Ranker:
         the ranker when it is done); returns how many were ranked."""
         if self.models_busy():
             return 0
-        ranked = self.processor.rank_pending(on_ranked=self.telemetry.observe_ranking)
+        # bounded work per loop turn: the rest waits for the next pass (woken at once)
+        ranked = self.processor.rank_pending(on_ranked=self.telemetry.observe_ranking,
+                                             budget_s=RANK_BUDGET_S)
+        if self.processor.rank_waiting():
+            self.wake()
         for hand_on in self.after_ranking:
             hand_on()
         return ranked

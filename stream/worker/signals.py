@@ -3,7 +3,13 @@ play teaches about tracks goes to the signals topic (:class:`SignalPublisher`), 
 worker applies the others' signals to its item-side models (:class:`SignalReader`).
 
 Signals are authenticated with ``worker_keys`` (:mod:`stream.processing.auth`); without a
-key they are neither sent nor applied, unless ``worker_insecure`` allows unsigned ones.
+key they are neither sent nor applied, unless ``worker_insecure`` allows unsigned ones. Each
+message carries its sender's sequence number and send time inside the signed value, so a
+replayed or stale one is refused (:class:`stream.processing.replication.ReplayGuard`).
+
+The same topic carries forgets (:meth:`SignalPublisher.broadcast_forget`): a listener one
+worker forgot is dropped from every other worker's models too (their model state may come
+from a shared checkpoint or from before a rebalance).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from stream.config import Settings
@@ -22,6 +28,7 @@ from stream.faustx.kafka_client import cluster_metadata
 from stream.processing.auth import KeyRing
 from stream.processing.ratelog import RateLimitedLog
 from stream.processing.replication import (
+    ReplayGuard,
     TrackSignal,
     apply_signal,
     decode_batch,
@@ -86,6 +93,23 @@ class SignalPublisher:
         self.telemetry = telemetry
         self.pending: list[TrackSignal] = []
         self._sent = 0.0
+        #: this worker's message counter (ReplayGuard); every send takes the next one
+        self._seq = 0
+
+    def _send(self, sigs: Sequence[TrackSignal],
+              forgets: Sequence[tuple[str, int]] = ()) -> None:
+        """One signed message: in order with this worker's others (send_soon's FIFO)."""
+        self._seq += 1
+        value = encode_batch(self.worker_id, list(sigs), seq=self._seq,
+                             sent_ms=int(time.time() * 1000), forgets=forgets)
+        headers = self.ring.sign(SIGNALS_PURPOSE, self.topic_name, self.key, value)
+        self.topic.send_soon(key=self.key, value=value, headers=headers)
+
+    def broadcast_forget(self, user_id: str, forget_ms: int) -> None:
+        """Tell every worker to drop a forgotten listener's model state (on the signals
+        topic, signed, in order with this worker's signals)."""
+        if self.enabled:
+            self._send([], forgets=[(user_id, forget_ms)])
 
     def add(self, update: SessionUpdate, event: PlayEvent) -> None:
         """What this applied play teaches about tracks."""
@@ -105,9 +129,7 @@ class SignalPublisher:
         for i in range(0, len(pending), CHUNK):
             # keyed by the sender, so every worker's reader skips its own batches without
             # decoding them (a single worker used to re-parse every signal it sent)
-            value = encode_batch(self.worker_id, pending[i : i + CHUNK])
-            headers = self.ring.sign(SIGNALS_PURPOSE, self.topic_name, self.key, value)
-            self.topic.send_soon(key=self.key, value=value, headers=headers)
+            self._send(pending[i : i + CHUNK])
         self.telemetry.signals("sent", len(pending))
         pending.clear()
 
@@ -126,6 +148,7 @@ class SignalReader:
         recommender: Recommender,
         models_free: Callable[[], Awaitable[None]],
         telemetry: Telemetry,
+        forget_model_state: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.topic_name = topic_name
@@ -138,6 +161,12 @@ class SignalReader:
         self.log = RateLimitedLog(logging.getLogger("stream.signals"), level=logging.WARNING)
         self.consumer: Any = None
         self._stopping = False
+        self.replay_guard = ReplayGuard(max_future_ms=settings.max_future_s * 1000)
+        #: drops a listener's model state (Processor.forget_model_state), for the forgets
+        #: other workers broadcast
+        self.forget_model_state = forget_model_state
+        #: forgets admitted, not yet applied (applied with the models free)
+        self.received_forgets: list[tuple[str, int]] = []
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -187,8 +216,9 @@ class SignalReader:
                 await asyncio.sleep(0)  # let the agent run between partitions
 
     async def _apply(self, sigs: list[TrackSignal]) -> None:
-        if sigs:
+        if sigs or self.received_forgets:
             await self.models_free()  # never while an eviction runs
+            self.apply_forgets()
         for sig in sigs:
             try:
                 apply_signal(self.recommender, sig)
@@ -197,6 +227,17 @@ class SignalReader:
                 logger.debug("could not apply a track signal: %r", exc)
                 continue
             self.telemetry.signals("applied")
+
+    def apply_forgets(self) -> None:
+        """Drop the model state of listeners another worker forgot (review finding 1)."""
+        forgets = self.received_forgets
+        while forgets:
+            user, _ = forgets.pop()
+            if self.forget_model_state is None:
+                continue
+            dropped = self.forget_model_state(user)
+            self.telemetry.control("forgotten_remote" if dropped
+                                   else "forgotten_remote_unknown")
 
     def admit(self, r: Any) -> list[TrackSignal]:
         """The valid signals of one signals record from another worker: authenticated
@@ -220,4 +261,15 @@ class SignalReader:
                          ", ".join(sorted(set(decoded.rejected))))
         if decoded.worker == self.worker_id:
             return []
+        if not decoded.signals and not decoded.forgets:
+            return []
+        # replay protection: the sender's sequence number and send time (signed)
+        replay = self.replay_guard.check(decoded.worker, decoded.seq, decoded.sent_ms,
+                                         int(time.time() * 1000))
+        if replay is not None:
+            self.telemetry.signal_rejected(replay)
+            self.log.log(replay, "dropped signals record %s[%d]@%d: %s", r.topic,
+                         r.partition, r.offset, replay)
+            return []
+        self.received_forgets.extend(decoded.forgets)
         return decoded.signals

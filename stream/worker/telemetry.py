@@ -43,6 +43,7 @@ class Telemetry:
         self.pending_writes: Callable[[], int] = lambda: 0
         self._drift_seen = 0
         self._users_evicted_seen = 0
+        self._rank_shed_seen = 0
         self._lag_partitions: set[str] = set()
         self._report_ticks = 0
 
@@ -140,6 +141,16 @@ class Telemetry:
 
     def control(self, what: str) -> None:
         self.metrics.control.labels(what).inc()
+
+    def sessions_evicted(self, n: int) -> None:
+        """Listeners evicted from the session table (``max_sessions``)."""
+        self.metrics.sessions_evicted.inc(n)
+
+    def rankings_shed(self, total: int) -> None:
+        """The pipeline's running count of first-play rankings shed (``rank_shed``)."""
+        if total > self._rank_shed_seen:
+            self.metrics.rankings_shed.inc(total - self._rank_shed_seen)
+            self._rank_shed_seen = total
 
     def checkpoint_written(self, seconds: float, nbytes: int) -> None:
         self.metrics.checkpoints.labels("written").inc()

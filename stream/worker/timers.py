@@ -120,6 +120,7 @@ class Timers:
         recommender = self.processor.recommender
         self.telemetry.state(recommender, self.sessions.approx_len(), not self.models.busy())
         self.telemetry.quality(recommender, self.evaluator)
+        self.telemetry.rankings_shed(self.processor.rank_shed)
         for log in self.logs:
             log.flush()
         interval = self.settings.gc_freeze_interval_s

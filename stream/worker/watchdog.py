@@ -112,10 +112,13 @@ class LoopLagProbe:
     :attr:`max_lag`. A callback that holds the loop for T shows as a lateness between
     T - ``interval_s`` and T. Run :meth:`run` as a task of the loop to watch."""
 
-    def __init__(self, on_lag: Callable[[float], None], interval_s: float = 0.01) -> None:
+    def __init__(self, on_lag: Callable[[float], None], interval_s: float = 0.01,
+                 sampler: StallSampler | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
         self.on_lag = on_lag
+        #: told of every wake-up (its heartbeat), if set
+        self.sampler = sampler
         self.interval_s = interval_s
         self.max_lag = 0.0
         self.samples = 0
@@ -130,7 +133,106 @@ class LoopLagProbe:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.interval_s
-        while True:
-            due = loop.time() + interval
-            await asyncio.sleep(interval)
-            self.observe(loop.time() - due)
+        sampler = self.sampler
+        if sampler is not None:
+            sampler.start()
+        try:
+            while True:
+                due = loop.time() + interval
+                await asyncio.sleep(interval)
+                if sampler is not None:
+                    sampler.beat()
+                self.observe(loop.time() - due)
+        finally:
+            if sampler is not None:
+                sampler.stop()
+
+
+class StallSampler:
+    """Says *where* the event loop is held: a daemon thread that, while the loop's
+    heartbeat (:meth:`beat`, called by :class:`LoopLagProbe`'s task) is older than
+    ``threshold_s``, samples the loop thread's Python stack every ``interval_s``, and when
+    the episode ends logs (WARNING, at most one line per ``min_gap_s``) its length and the
+    stack seen most often, innermost ``depth`` frames. Off unless the worker's
+    ``stall_sample_ms`` is set: a diagnostic for drills (the junk-ids drill found its loop
+    stalls with it), costing one wake-up of a thread per ``interval_s``."""
+
+    def __init__(self, threshold_s: float, interval_s: float = 0.005, depth: int = 14,
+                 min_gap_s: float = 1.0, log: logging.Logger | None = None) -> None:
+        import threading
+
+        if threshold_s <= 0:
+            raise ValueError(f"threshold_s must be > 0, got {threshold_s!r}")
+        self.threshold_s = threshold_s
+        self.interval_s = interval_s
+        self.depth = depth
+        self.min_gap_s = min_gap_s
+        self.log = log or logger
+        self.loop_thread = threading.get_ident()
+        self.last_beat = _monotonic()
+        #: (seconds, most frequent stack) of the episodes seen, longest first, at most 20
+        self.episodes: list[tuple[float, str]] = []
+        self._halt = threading.Event()
+        self._sampling = threading.Thread(target=self._sample_loop, name="stall-sampler",
+                                          daemon=True)
+
+    def beat(self) -> None:
+        self.last_beat = _monotonic()
+
+    def start(self) -> None:
+        import threading
+
+        self.loop_thread = threading.get_ident()
+        self.last_beat = _monotonic()
+        self._sampling.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def _loop_stack(self) -> str | None:
+        import sys
+        import traceback
+
+        frame = sys._current_frames().get(self.loop_thread)
+        if frame is None:
+            return None
+        summary = traceback.extract_stack(frame)[-self.depth:]
+        return " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                           for f in reversed(summary))
+
+    def _sample_loop(self) -> None:
+        from collections import Counter
+
+        stacks: Counter[str] = Counter()
+        started: float | None = None
+        last_log = 0.0
+        while not self._halt.wait(self.interval_s):
+            now = _monotonic()
+            held = now - self.last_beat
+            if held >= self.threshold_s:
+                if started is None:
+                    started = self.last_beat
+                stack = self._loop_stack()
+                if stack:
+                    stacks[stack] += 1
+                continue
+            if started is None:
+                continue
+            seconds = self.last_beat - started
+            top, hits = stacks.most_common(1)[0] if stacks else ("?", 0)
+            total = sum(stacks.values())
+            self.episodes.append((seconds, top))
+            self.episodes.sort(key=lambda e: -e[0])
+            del self.episodes[20:]
+            if now - last_log >= self.min_gap_s:
+                last_log = now
+                self.log.warning("event loop held %.0f ms; %d/%d samples in: %s",
+                                 seconds * 1000, hits, total, top)
+            stacks.clear()
+            started = None
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()

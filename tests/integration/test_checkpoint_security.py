@@ -154,3 +154,88 @@ def test_a_forget_is_not_undone_by_a_crash_and_a_restore(
         capture_output=True, text=True, timeout=120,
     )
     assert forged.returncode == 1 and json.loads(forged.stdout)["reason"] == "bad_signature"
+
+
+def test_a_returning_listener_keeps_their_new_state_across_a_restart(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    """Review finding 5: the tombstone carries the forget time; a checkpoint written more
+    than ``forget_grace_s`` after the forget holds only what the listener did since (they
+    came back), and a restore keeps it while the tombstone lives."""
+    settings = settings.replace(forget_grace_s=1.0)
+    events = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
+    users = sorted({e.user_id for e in events})
+    victim = users[0]
+    key = checkpoint_key(settings.app_id)
+
+    def checkpoint_users() -> set[str]:
+        rec, _ = open_models(reader.client.get(key), keys=settings_keys(settings),
+                             app_id=settings.app_id, now_ms=_now_ms())
+        return set(rec.mf.user_factors)
+
+    w1 = worker_factory(settings)
+    produce(settings, events)
+    wait_until(lambda: all(reader.get(u) for u in users), 60, what="docs for every user")
+    send_forget(settings, victim)
+    wait_until(lambda: reader.get(victim) is None, 30, what="victim forgotten")
+    time.sleep(1.5)  # past the grace: what comes now was learned after the forget
+    base = max(e.ts_ms for e in events) + 60_000
+    produce(settings, [
+        type(events[0])(victim, f"back-{i}", base + i * 1000, 200_000, f"back-{i}")
+        for i in range(3)
+    ])
+    wait_until(lambda: reader.get(victim), 30, what="the returning listener's list")
+    assert w1.stop() == 0  # its final checkpoint holds the returning listener's state
+    assert victim in checkpoint_users()
+
+    w2 = worker_factory(settings)
+    assert w2.metric_value("stream_checkpoint_restored") == 1
+    assert "1 forget tombstone(s), 0 listener(s) dropped" in w2.log_text()
+    assert w2.stop() == 0
+    assert victim in checkpoint_users(), "the restore dropped state learned after the forget"
+
+
+def test_a_forget_reaches_every_worker_that_holds_the_listeners_model_state(
+    settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
+) -> None:
+    """Review finding 1: two workers of one app both restore the shared checkpoint, so
+    both hold the victim's model state; the forget is applied by the owner and broadcast
+    on the signals topic, and the other worker drops it too: its own final checkpoint
+    (written last) holds nothing of the victim."""
+    from .conftest import free_port
+
+    events = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
+    users = sorted({e.user_id for e in events})
+    victim = users[0]
+    key = checkpoint_key(settings.app_id)
+
+    def checkpoint_users() -> set[str]:
+        rec, _ = open_models(reader.client.get(key), keys=settings_keys(settings),
+                             app_id=settings.app_id, now_ms=_now_ms())
+        return set(rec.mf.user_factors)
+
+    w1 = worker_factory(settings)
+    produce(settings, events)
+    wait_until(lambda: all(reader.get(u) for u in users), 60, what="docs for every user")
+    assert w1.stop() == 0
+    assert victim in checkpoint_users()
+
+    quiet = settings.replace(checkpoint_interval_s=3600.0)  # checkpoints only at a stop
+    a = worker_factory(quiet)
+    b = worker_factory(quiet.replace(metrics_port=free_port()))
+    for w in (a, b):
+        assert w.metric_value("stream_checkpoint_restored") == 1
+    wait_until(lambda: all(w.metric_value("stream_assigned_partitions") > 0 for w in (a, b)),
+               90, what="both workers own partitions")
+    send_forget(settings, victim)
+    wait_until(lambda: reader.get(victim) is None, 30, what="victim forgotten")
+    owner, other = (a, b) if a.metric_value(
+        "stream_control_commands_total", result="forgotten") else (b, a)
+    wait_until(lambda: other.metric_value(
+        "stream_control_commands_total", result="forgotten_remote") == 1, 30,
+        what="the forget's broadcast applied by the other worker")
+    assert owner.stop() == 0
+    assert other.stop() == 0  # its final checkpoint is the one left in Redis
+    left = checkpoint_users()
+    assert victim not in left, "the non-owner kept (and checkpointed) the victim's state"
+    assert users[1] in left

@@ -137,3 +137,98 @@ def test_a_worker_without_keys_refuses_control_commands(
     assert worker.metric_value("stream_control_commands_total", result="rejected") == 2
     # and it sends no track signals nobody could verify
     assert worker.metric_value("stream_track_signals_total", direction="sent") == 0
+
+
+def send_to(settings: Settings, topic: str,
+            records: list[tuple[bytes, bytes, list, int]]) -> None:
+    """Like :func:`send`, each record on the partition given (the producer's choice)."""
+    async def go() -> None:
+        await ensure_topics(settings)
+        p = make_producer(settings)
+        await p.start()
+        try:
+            for key, value, headers, partition in records:
+                await p.send_and_wait(topic, value, key=key, headers=headers or None,
+                                      partition=partition)
+        finally:
+            await p.stop()
+
+    asyncio.run(go())
+
+
+def test_plays_and_control_commands_on_the_wrong_partition_are_dead_lettered(
+    settings: Settings, worker_factory, reader: RecoReader
+) -> None:
+    """Review finding 2: a record keyed right but put on another partition than
+    murmur2(key) gives (the producer chose it) is dead-lettered as ``wrong_partition``: a
+    listener's state stays on one partition, and a forget reaches its owner."""
+    from stream.processing.pipeline import key_partition
+
+    worker = worker_factory()
+    ring = KeyRing.parse(settings.worker_keys)
+    n = settings.partitions
+    victim = "wp-victim"
+    produce(settings, [play(victim, 0)])
+    wait_until(lambda: reader.get(victim), 30, what="victim's list")
+
+    stray = "wp-stray"
+    wrong = (key_partition(stray.encode(), n) + 1) % n
+    send_to(settings, settings.plays_topic, [
+        (stray.encode(), encode_event(play(stray, 1)), [], wrong),
+    ])
+    key, value, headers = forget_record(victim, ring, settings.control_topic)
+    send_to(settings, settings.control_topic, [
+        (key, value, headers, (key_partition(key, n) + 1) % n),
+    ])
+    dlq = dlq_by_reason(settings, 2)
+    misplaced = dlq.get("wrong_partition", [])
+    assert sorted(h["dlq.topic"] for h in misplaced) == sorted(
+        [settings.plays_topic, settings.control_topic]), dlq
+    assert all("hashes to partition" in h["dlq.detail"] for h in misplaced)
+    for topic in (settings.plays_topic, settings.control_topic):
+        assert worker.metric_value(
+            "stream_events_rejected_total", topic=topic, reason="wrong_partition") == 1
+    assert reader.get(stray) is None
+    assert reader.get(victim) is not None, "a misplaced forget was applied"
+    # the same listener's play on the right partition is applied
+    send_to(settings, settings.plays_topic, [
+        (stray.encode(), encode_event(play(stray, 2)), [], key_partition(stray.encode(), n)),
+    ])
+    wait_until(lambda: reader.get(stray), 30, what="the stray listener's list")
+
+
+def test_control_nonces_are_kept_in_redis_and_a_replay_after_a_restart_is_refused(
+    settings: Settings, worker_factory, reader: RecoReader
+) -> None:
+    """Review finding 3: the nonce of an applied command is claimed in Redis (shared by
+    every worker and every restart, SET NX PX), not only in the applying process's memory;
+    the identical signed record produced again after a restart is dead-lettered as
+    ``replayed``."""
+    import orjson
+
+    from stream.processing.control import nonce_key
+
+    ring = KeyRing.parse(settings.worker_keys)
+    user = "nr-victim"
+    w1 = worker_factory()
+    produce(settings, [play(user, 0)])
+    wait_until(lambda: reader.get(user), 30, what="the listener's list")
+    key, value, headers = forget_record(user, ring, settings.control_topic)
+    send(settings, settings.control_topic, [(key, value, headers)])
+    wait_until(lambda: reader.get(user) is None, 30, what="the forget applied")
+    nonce = orjson.loads(value)["nonce"]
+    stored = reader.client.get(nonce_key(settings.app_id, nonce))
+    assert stored is not None and stored.decode().startswith(f"{settings.control_topic}[")
+    assert 0 < reader.client.pttl(nonce_key(settings.app_id, nonce)) <= (
+        2 * settings.control_max_age_s * 1000)
+    assert w1.stop() == 0
+
+    w2 = worker_factory()
+    produce(settings, [play(user, 1)])  # the listener comes back...
+    wait_until(lambda: reader.get(user), 30, what="the returning listener's list")
+    send(settings, settings.control_topic, [(key, value, headers)])  # ...and a replay
+    dlq = dlq_by_reason(settings, 1)
+    assert [h["dlq.topic"] for h in dlq.get("replayed", [])] == [settings.control_topic], dlq
+    assert w2.metric_value(
+        "stream_events_rejected_total", topic=settings.control_topic, reason="replayed") == 1
+    assert reader.get(user) is not None, "the replayed forget was applied"

@@ -290,3 +290,45 @@ def test_the_default_user_is_off(acl_redis: stack.RedisServer) -> None:
             wrong.ping()
     finally:
         wrong.close()
+
+
+def test_a_refused_publish_writes_the_documents_and_counts_once_per_flush(
+    acl_redis: stack.RedisServer,
+) -> None:
+    """Review finding 6: the worker user may not PUBLISH on a channel its ACL lacks. The
+    guard script still writes every document; the flush counts one ``publish_refused``
+    (not a dropped key per document) and nothing is retried."""
+    import asyncio
+
+    from stream.adapters.redis_store import PendingWrite, RecoWriter, connect_async
+
+    events: list[tuple[str, str, bool]] = []
+    flushed: list[list[int]] = []
+
+    async def go() -> None:
+        client = connect_async(f"redis://127.0.0.1:{acl_redis.port}/0",
+                               password=PASSWORDS["stream-worker"], username="stream-worker")
+        writer = RecoWriter(
+            client, ttl_s=60, channel="not-the-workers-channel", flush_interval_ms=0,
+            on_key_error=lambda kind, reason, dropped: events.append((kind, reason, dropped)),
+            on_flush=lambda batch, results, s: flushed.append(results),
+        )
+        for i in range(5):
+            doc = f'{{"seq": 1, "lineage": "app", "n": {i}}}'.encode()
+            writer.submit(PendingWrite(f"reco:pub{i}", 1, doc, b"{}", 0, None, 0.0, "app"))
+        writer.start()
+        await asyncio.wait_for(writer.drained(), 10)
+        await writer.stop()
+        await client.aclose()
+
+    asyncio.run(go())
+    assert flushed == [[1] * 5]
+    assert events == [("publish", "publish_refused", False)]
+    admin = client_as(acl_redis, "stream-admin")
+    try:
+        assert [admin.get(f"reco:pub{i}") is not None for i in range(5)] == [True] * 5
+        # the server refused the PUBLISH (ACL log: a channel refusal), and nothing else
+        refusals = acl_refusals(acl_redis, "stream-worker")
+        assert refusals and {e["reason"] for e in refusals} == {"channel"}
+    finally:
+        admin.close()

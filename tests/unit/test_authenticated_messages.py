@@ -376,3 +376,157 @@ def test_stream_forget_refuses_to_send_an_unsigned_command(
     monkeypatch.setenv("STREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")
     assert main(["forget", "u1"]) == 2
     assert "worker_keys" in capsys.readouterr().err
+
+
+def test_a_command_on_another_partition_than_its_key_is_refused() -> None:
+    """Review finding 2: with the topic's partition count known, a command keyed right but
+    not on murmur2(key)'s partition is ``wrong_partition`` (its forget would miss the
+    listener's owner)."""
+    from stream.processing.pipeline import key_partition
+
+    key, value, headers = signed()
+    g = ControlGate(KeyRing.parse(K1), insecure=False, max_age_ms=900_000, partitions=4)
+    home = key_partition(key, 4)
+    wrong = g.admit(TOPIC, (home + 1) % 4, 0, key, value, headers, NOW, True, NOW)
+    assert isinstance(wrong, Rejection) and wrong.reason == "wrong_partition"
+    assert f"hashes to partition {home}" in wrong.detail
+    assert isinstance(g.admit(TOPIC, home, 1, key, value, headers, NOW, True, NOW),
+                      ControlCommand)
+
+
+# --------------------------------------------------------------------------- nonce ledger
+
+
+def test_the_nonce_ledger_admits_once_per_position_and_fails_closed() -> None:
+    """Review finding 3: nonces live in Redis (SET NX PX), shared by every worker and
+    restart; the same nonce at another position is a replay, at the same position a
+    redelivery; while Redis cannot answer the check is retried, then refused."""
+    import asyncio
+
+    from stream.processing.control import NonceLedger, nonce_key
+
+    store: dict[str, str] = {}
+    calls: list[tuple[str, str, int]] = []
+    down = {"n": 0}
+
+    async def claim(key: str, marker: str, ttl_ms: int) -> bytes | None:
+        calls.append((key, marker, ttl_ms))
+        if down["n"]:
+            down["n"] -= 1
+            raise ConnectionError("redis down")
+        if key in store:
+            return store[key].encode()
+        store[key] = marker
+        return None
+
+    errors: list[BaseException] = []
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    ledger = NonceLedger(claim, "app", 1_800_000, wait_s=60, on_error=errors.append,
+                         sleep=no_sleep)
+    cmd = admit(gate(), signed())
+    assert isinstance(cmd, ControlCommand)
+
+    async def go() -> list:
+        first = await ledger.check(cmd, TOPIC, 0, 7)
+        again = await ledger.check(cmd, TOPIC, 0, 7)  # redelivered: same position
+        replay = await ledger.check(cmd, TOPIC, 1, 3)  # another partition / worker
+        down["n"] = 2  # two failures, then Redis answers: retried, not refused
+        other = admit(gate(), signed("u2"))
+        late = await ledger.check(other, TOPIC, 0, 8)  # type: ignore[arg-type]
+        return [first, again, replay, late]
+
+    first, again, replay, late = asyncio.run(go())
+    assert first is None and again is None and late is None
+    assert isinstance(replay, Rejection) and replay.reason == "replayed"
+    assert f"{TOPIC}[0]@7" in replay.detail
+    assert calls[0] == (nonce_key("app", cmd.nonce), f"{TOPIC}[0]@7", 1_800_000)
+    assert len(errors) == 2
+
+    # Redis never answers: refused as nonce_unverified once wait_s is over
+    closed = NonceLedger(claim, "app", 1000, wait_s=0.0, on_error=errors.append,
+                         sleep=no_sleep)
+    down["n"] = 10**6
+    refused = asyncio.run(closed.check(admit(gate(), signed("u3")), TOPIC, 0, 9))  # type: ignore[arg-type]
+    assert isinstance(refused, Rejection) and refused.reason == "nonce_unverified"
+
+
+# --------------------------------------------------------------------------- signal replays
+
+
+def test_signals_carry_a_signed_sequence_and_send_time_and_replays_are_refused() -> None:
+    """Review finding 4: a captured genuine signals message, produced again, is refused
+    (its sequence number is not above the sender's last); an old one is stale; one
+    without a sequence is refused."""
+    from stream.processing.replication import ReplayGuard
+
+    sig = TrackSignal("w1", "t1", NOW, False, ())
+    raw = encode_batch("w1", [sig], seq=7, sent_ms=NOW)
+    decoded = decode_batch(raw, now_ms=NOW)
+    assert (decoded.seq, decoded.sent_ms, decoded.signals) == (7, NOW, [sig])
+    guard = ReplayGuard(max_age_ms=300_000)
+    assert guard.check("w1", decoded.seq, decoded.sent_ms, NOW + 10) is None
+    again = decode_batch(raw, now_ms=NOW + 20)  # the same bytes, re-produced
+    assert guard.check("w1", again.seq, again.sent_ms, NOW + 20) == "replayed"
+    assert guard.check("w1", 8, NOW + 30, NOW + 40) is None  # the sender's next one
+    assert guard.check("w2", 1, NOW - 300_001, NOW) == "stale"
+    assert guard.check("w2", 1, NOW + 120_000, NOW) == "future_timestamp"
+    unsequenced = decode_batch(encode_batch("w3", [sig]), now_ms=NOW)
+    assert guard.check("w3", unsequenced.seq, unsequenced.sent_ms, NOW) == "missing_field"
+    # the sequence is inside the signed value: changing it breaks the signature
+    ring = KeyRing.parse(K1)
+    headers = ring.sign(b"signals", "sig", b"w1", raw)
+    bumped = raw.replace(b'"n":7', b'"n":9')
+    assert bumped != raw
+    assert ring.verify(headers, b"signals", "sig", b"w1", bumped) == "bad_signature"
+    # bad sequence fields make the whole message unusable
+    assert decode_batch(raw.replace(b'"n":7', b'"n":"7"'), now_ms=NOW).rejected == [
+        "wrong_type"]
+
+
+def test_a_forget_broadcast_round_trips_and_is_validated() -> None:
+    """Review finding 1: a forget travels on the signals topic to every worker."""
+    raw = encode_batch("w1", [], seq=3, sent_ms=NOW, forgets=[("u1", NOW - 5)])
+    decoded = decode_batch(raw, now_ms=NOW)
+    assert decoded.forgets == (("u1", NOW - 5),) and decoded.signals == []
+    bad = raw.replace(b'"u":"u1"', b'"u":"u\\u0000"')
+    assert decode_batch(bad, now_ms=NOW).forgets == ()
+    assert decode_batch(bad, now_ms=NOW).rejected
+
+
+def test_a_processor_drops_a_remotely_forgotten_listeners_model_state_only() -> None:
+    from stream.config import load_settings
+    from stream.core.events import PlayEvent, encode_event
+    from stream.core.recommender import Recommender
+    from stream.processing.pipeline import Processor, Record
+
+    table: dict = {}
+    p = Processor(load_settings(env={}, file=None), Recommender(seed=0), table,
+                  lambda w: None, lambda d: None, clock=lambda: NOW / 1000 + 100)
+    for i in range(3):
+        ev = PlayEvent("u1", f"t{i}", NOW + i, 200_000, f"e{i}")
+        p.process(Record("plays", 0, i, b"u1", encode_event(ev), None))
+    assert "u1" in p.recommender.user_ids()
+    assert p.forget_model_state("u1") is True
+    assert "u1" not in p.recommender.user_ids()
+    assert "u1" in table  # the session is the owner's: not this call's business
+    assert p.forget_model_state("u1") is False
+
+
+def test_a_restore_drops_only_state_older_than_the_forget() -> None:
+    """Review finding 5: the tombstone carries the forget time; a checkpoint written
+    more than the grace after it keeps a returning listener's new state."""
+    from stream.processing.control import forgotten_in_checkpoint
+
+    tombstones = {"d-back": 1_000_000, "d-gone": 1_000_000}
+    digest = {"back": "d-back", "gone": "d-gone", "other": "d-other"}.__getitem__
+    # a checkpoint from before the forget (or within the grace) holds pre-forget state
+    assert forgotten_in_checkpoint(["back", "gone", "other"], tombstones, 999_000,
+                                   digest, grace_ms=60_000) == ["back", "gone"]
+    assert forgotten_in_checkpoint(["back"], tombstones, 1_060_000, digest,
+                                   grace_ms=60_000) == ["back"]
+    # written after the grace: what it holds about them was learned after the forget
+    assert forgotten_in_checkpoint(["back", "other"], tombstones, 1_060_001, digest,
+                                   grace_ms=60_000) == []

@@ -120,3 +120,171 @@ def test_the_listener_cap_and_its_lru_order_survive_a_checkpoint() -> None:
     manifest["params"]["max_users"] = 2
     with pytest.raises(ValueError, match="user_ids"):
         ImplicitMF.import_state(manifest, arrays)
+
+
+# --------------------------------------------------------------------------- ranking budget
+
+
+def _processor(**kw):  # type: ignore[no-untyped-def]
+    from stream.processing.pipeline import Processor
+
+    writes: list = []
+    p = Processor(load_settings(env={}, file=None), Recommender(seed=0), {}, writes.append,
+                  lambda d: None, clock=lambda: 1_700_000_100.0, defer_ranking=True, **kw)
+    return p, writes
+
+
+def _play(p, user: str, i: int) -> None:  # type: ignore[no-untyped-def]
+    from stream.core.events import encode_event
+    from stream.processing.pipeline import Record
+
+    ev = PlayEvent(user, f"t{i % 7}", 1_700_000_000_000 + i, 200_000, f"{user}-{i}")
+    p.process(Record("plays", 0, i, user.encode(), encode_event(ev), None))
+
+
+def test_a_budgeted_ranking_takes_a_bounded_chunk_listeners_with_history_first() -> None:
+    """The junk-ids drill's 56 s loop stall: the writer's hook ranked every waiting
+    listener in one call. With a budget it ranks about budget / cost per listener, the
+    listeners with a history before first plays; the rest wait for the next call."""
+    import json
+
+    p, writes = _processor()
+    _play(p, "real", 0)
+    p.rank_pending()  # "real" now has a history
+    writes.clear()
+    for i in range(100):
+        _play(p, f"junk-{i}", 1 + i)
+    _play(p, "real", 200)  # queued after 100 first plays...
+    assert len(p.pending_first) == 100 and list(p.pending_rank) == ["real"]
+    p.rank_cost_s = 0.001
+    assert p.rank_pending(budget_s=0.010) == 10  # 10 ms at 1 ms a listener
+    # ...and ranked first
+    assert json.loads(writes[0].doc)["user_id"] == "real"
+    assert len(p.pending_first) == 91 and p.rank_waiting()
+    ranked = 10
+    while p.rank_waiting():
+        p.rank_cost_s = 0.001
+        ranked += p.rank_pending(budget_s=0.010)
+    assert ranked == 101 and len(writes) == 101
+    p.rank_cost_s = 10.0  # slower than the budget: still one listener a call
+    _play(p, "junk-x", 500)
+    _play(p, "junk-y", 501)
+    assert p.rank_pending(budget_s=0.010) == 1
+
+
+def test_first_play_rankings_are_bounded_and_the_oldest_shed() -> None:
+    import stream.processing.pipeline as pipeline
+
+    p, _ = _processor()
+    old = pipeline.MAX_PENDING_FIRST
+    pipeline.MAX_PENDING_FIRST = 5
+    try:
+        for i in range(12):
+            _play(p, f"junk-{i}", i)
+    finally:
+        pipeline.MAX_PENDING_FIRST = old
+    assert list(p.pending_first) == [f"junk-{i}" for i in range(7, 12)]
+    assert p.rank_shed == 7
+
+
+# --------------------------------------------------------------------------- session cap
+
+
+def test_the_session_table_is_capped_least_recently_active_out_through_the_table() -> None:
+    """max_sessions: the least recently active listeners above the cap are deleted
+    through the table (bounded per call); one on a partition this worker no longer owns
+    leaves only its memory (no changelog tombstone, no Redis delete)."""
+    from stream.config import Settings
+
+    settings = load_settings(env={}, file=None).replace(max_sessions=3)
+    from stream.processing.pipeline import Processor
+
+    assert isinstance(settings, Settings)
+    table: dict = {}
+    p = Processor(settings, Recommender(seed=0), table, lambda w: None, lambda d: None,
+                  clock=lambda: 1_700_000_100.0, defer_ranking=True)
+    for i, user in enumerate(["a", "b", "c", "d", "e", "f"]):
+        _play(p, user, i)
+    _play(p, "a", 10)  # a is recent again
+    assert p.sessions_over() == 3
+    deleted: list[tuple[str, int, bool]] = []
+
+    def delete(user: str, partition: int, changelog: bool) -> None:
+        deleted.append((user, partition, changelog))
+        del table[user]
+
+    # b lives on partition 0 (owned); pretend c's partition was revoked
+    table["c"].last_partition = 5
+    assert p.evict_sessions(2, delete=delete, owned=lambda part: part == 0) == ["b"]
+    assert deleted == [("b", 0, True), ("c", 5, False)]
+    assert p.sessions_over() == 1
+    assert p.evict_sessions(10, delete=delete, owned=lambda part: part == 0) == ["d"]
+    assert sorted(table) == ["a", "e", "f"] and p.sessions_evicted == 2
+    assert p.sessions_over() == 0 and p.evict_sessions(10, delete=delete) == []
+    # listeners restored from the changelog join the order as the least recent
+    table["old"] = table["e"]
+    assert p.track_sessions(["old", "e"]) == 1
+    assert next(iter(p.session_order)) == "old"
+
+
+def test_max_sessions_setting_is_validated_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="max_sessions"):
+        load_settings(env={"STREAM_MAX_SESSIONS": "-1"}, file=None)
+
+
+# --------------------------------------------------------------------------- reserved rows
+
+
+def _learn_catalogue(n_tracks: int) -> tuple[Recommender, list]:
+    rec = Recommender(seed=0)
+    states: dict = {}
+    for i in range(3 * n_tracks):
+        user = f"u{i % 13}"
+        ev = PlayEvent(user, f"t{(i * 7919) % n_tracks}", 1_700_000_000_000 + i * 1000,
+                       200_000, f"e{i}", artist_id=f"a{i % 17}")
+        up = update_session(states.get(user), ev)
+        rec.learn_one(up, ev)
+        states[user] = up.state
+    return rec, list(states.values())
+
+
+def test_reserved_rows_change_no_result_and_grow_each_array_once() -> None:
+    """The junk-ids drill's longest stalls were growth copies of the MF item matrix on
+    the event loop (``_vocab.grow_rows``). With rows reserved up to the cap, each array
+    is allocated once; learning, ranking, "more like this" and eviction give exactly the
+    results they give without the reservation."""
+    from stream.core.models import _vocab
+
+    plain, states = _learn_catalogue(300)
+    copies: list[int] = []
+    grow = _vocab.grow_rows
+
+    def counting(matrix, needed, growth=2.0):  # type: ignore[no-untyped-def]
+        out = grow(matrix, needed, growth)
+        if out is not matrix:
+            copies.append(out.shape[0])
+        return out
+
+    Recommender.reserve_tracks(1000)
+    try:
+        import stream.core.models.factorization as fact
+
+        fact.grow_rows = counting  # type: ignore[assignment]
+        try:
+            reserved, states2 = _learn_catalogue(300)
+        finally:
+            fact.grow_rows = grow  # type: ignore[assignment]
+        assert reserved.mf.item_factors.shape[0] == 1100 and copies == [1100]
+        now = 1_700_000_900_000
+        for a, b in zip(states, states2, strict=True):
+            assert [r.track_id for r in plain.recommend(a, 10, now)] == [
+                r.track_id for r in reserved.recommend(b, 10, now)]
+        assert [[r.track_id for r in recs] for recs in plain.recommend_many(states, 10, now)] \
+            == [[r.track_id for r in recs] for recs in reserved.recommend_many(states2, 10, now)]
+        assert [t for t, *_ in plain.similar("t5", 10)] == [
+            t for t, *_ in reserved.similar("t5", 10)]
+        assert plain.evict_tracks(200) == reserved.evict_tracks(200)
+        assert [r.track_id for r in plain.recommend(states[0], 10, now)] == [
+            r.track_id for r in reserved.recommend(states2[0], 10, now)]
+    finally:
+        Recommender.reserve_tracks(0)

@@ -240,6 +240,25 @@ async def test_delivered_offsets_are_recorded_as_faust_does_for_a_rocksdb_store(
     assert persisted == [("tp1", 9)]  # the highest offset per partition, once
 
 
+@pytest.mark.asyncio
+async def test_delete_on_names_the_partition_outside_stream_iteration() -> None:
+    """A session evicted by the max_sessions cap (stream.processing.pipeline.evict_sessions) is
+    deleted outside stream iteration: the tombstone goes to the partition given; with
+    ``changelog=False`` (a partition no longer owned) the key only leaves the store."""
+    app, table, producer = _table("changelog-delete-on")
+    table["u1"] = _state("u1", 1)
+    table["u2"] = _state("u2", 1)
+    await table.send_dirty()
+    table.partition_for_key = lambda key: None  # no current event
+    assert table.delete_on("u1", 2) is True
+    assert table.delete_on("u2", 3, changelog=False) is True
+    assert table.delete_on("nobody", 0) is False
+    assert "u1" not in table.data and "u2" not in table.data
+    assert await table.send_dirty() == 1
+    topic, key, value, partition = producer.sent[-1]
+    assert (json.loads(key), value, partition) == ("u1", None, 2)
+
+
 def _rocksdb_table(name: str, tmp_path: Any) -> tuple[faust.App, BatchedChangelogTable,
                                                       RecordingProducer]:
     """As ``_table``, with faust-streaming's RocksDB store in ``tmp_path``."""

@@ -272,3 +272,35 @@ def test_a_flood_of_rejections_logs_a_bounded_number_of_lines(
     assert len(lines) == 20  # 10 per reason: not_json, key_mismatch
     assert all("\n" not in line for line in lines)
     assert any("forged" in line for line in lines)  # escaped, not dropped
+
+
+def test_murmur2_and_the_key_partition_match_kafkas_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner, murmur2
+
+    from stream.processing.pipeline import key_partition
+    from stream.processing.pipeline import murmur2 as ours
+
+    partitioner = DefaultPartitioner()
+    for i in range(500):
+        key = f"user-{i}-{'x' * (i % 9)}".encode()
+        assert ours(key) == murmur2(key) & 0xFFFFFFFF
+        for n in (1, 3, 4, 12):
+            assert key_partition(key, n) == partitioner(key, list(range(n)), list(range(n)))
+
+
+def test_a_play_on_another_partition_than_its_key_is_dead_lettered() -> None:
+    """Review finding 2: with ``partitions`` known, a play whose partition is not
+    murmur2(key) mod partitions is rejected as ``wrong_partition``, never applied."""
+    from stream.processing.pipeline import key_partition
+
+    table: dict[str, Any] = {}
+    writes: list[PendingWrite] = []
+    dead: list[DeadLetter] = []
+    p = Processor(load_settings(env={}, file=None), Recommender(), table, writes.append,
+                  dead.append, clock=lambda: NOW_S, partitions=4)
+    home = key_partition(b"u1", 4)
+    out = p.process(Record("plays", (home + 1) % 4, 0, b"u1", play("u1", "a", 0), 1))
+    assert out.outcome == "rejected" and dead[0].rejection.reason == "wrong_partition"
+    assert not table and not writes
+    out = p.process(Record("plays", home, 1, b"u1", play("u1", "a", 1), 1))
+    assert out.outcome == "processed" and table["u1"].plays_total == 1

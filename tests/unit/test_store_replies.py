@@ -316,3 +316,68 @@ def test_a_failing_catalogue_write_is_counted_and_dropped_never_retried() -> Non
     assert writer.events == [("catalog", "wrong_type", True)] * 3  # HINCRBY, HSET, EXPIRE
     assert writer.dropped_commands == 3 and writer.commands == []
     assert len(writer.sent) == 1  # not retried
+
+
+def test_a_refused_publish_is_counted_once_per_flush_and_the_documents_are_written() -> None:
+    """Review finding 6: the guard script answers NOT_NOTIFIED when PUBLISH is refused
+    (NOPERM on the channel): every document is written (no retry, no drop), and the flush
+    counts one ``publish_refused``, not one error per key."""
+    from stream.adapters.redis_store import NOT_NOTIFIED
+
+    writer = ScriptedWriter(lambda kind, key: NOT_NOTIFIED)
+
+    async def go() -> None:
+        for user in ("a", "b", "c"):
+            writer.submit(doc(f"reco:{user}"))
+        await run_until_drained(writer)
+
+    asyncio.run(go())
+    assert writer.flushed == [(["reco:a", "reco:b", "reco:c"], [1, 1, 1])]
+    assert writer.events == [("publish", "publish_refused", False)]
+    assert writer.publish_refused == 1
+    assert writer.dropped_total == 0 and not writer.pending and not writer._failures
+    assert len(writer.sent) == 1
+
+
+def test_catalogue_commands_queued_during_a_flush_survive_the_cap_trimming() -> None:
+    """Review finding 7: the cap trims the queue's front while a flush is in flight; the
+    flush must then remove only its own commands still queued, never newer ones."""
+    import stream.adapters.redis_store as store_mod
+
+    sent_commands: list[list[bytes]] = []
+    release = asyncio.Event()
+
+    class SlowWriter(ScriptedWriter):
+        async def _send(self, batch, deletes, plain=None, commands=()):  # type: ignore[no-untyped-def]
+            sent_commands.append(list(commands))
+            if len(sent_commands) == 1:
+                await release.wait()  # the first flush is in flight...
+            return [1] * (len(deletes) + len(plain or {}) + len(commands) + len(batch))
+
+    writer = SlowWriter(lambda kind, key: 1, max_batch=2)  # 8 commands per flush
+
+    def cmd(i: int) -> bytes:
+        return store_mod.pack_command(b"HINCRBY", f"track:{i}", b"plays", 1)
+
+    old_cap = store_mod.MAX_COMMANDS
+    store_mod.MAX_COMMANDS = 10
+    try:
+        async def go() -> None:
+            writer.submit_commands([cmd(i) for i in range(8)])
+            writer.start()
+            while not sent_commands:
+                await asyncio.sleep(0.001)
+            # ...while 6 more arrive: the cap (10) trims the 4 oldest (in flight) ones
+            writer.submit_commands([cmd(i) for i in range(8, 14)])
+            assert writer.trimmed_commands == 4
+            release.set()
+            await asyncio.wait_for(writer.drained(), 5)
+            await writer.stop()
+
+        asyncio.run(go())
+    finally:
+        store_mod.MAX_COMMANDS = old_cap
+    assert sent_commands[0] == [cmd(i) for i in range(8)]
+    # every command queued during the flush was sent afterwards (none lost)
+    assert [c for batch in sent_commands[1:] for c in batch] == [cmd(i) for i in range(8, 14)]
+    assert writer.commands == []

@@ -90,3 +90,31 @@ def test_loop_lag_probe_sees_a_blocking_callback() -> None:
     asyncio.run(main())
     assert probe.samples == len(seen) > 5
     assert 0.12 - 0.005 - 0.01 <= probe.max_lag == max(seen) < 0.5
+
+
+def test_the_stall_sampler_says_where_the_loop_was_held() -> None:
+    """The junk-ids drill found its loop stalls with this: a callback that holds the loop
+    ~300 ms is reported as one episode whose most frequent stack names it."""
+    import asyncio
+    import time
+
+    from stream.worker.watchdog import LoopLagProbe, StallSampler
+
+    sampler = StallSampler(threshold_s=0.1, interval_s=0.005, min_gap_s=0.0)
+
+    def hold_the_loop_for_a_while() -> None:
+        time.sleep(0.3)  # a blocking call on the event loop
+
+    async def go() -> None:
+        probe = LoopLagProbe(on_lag=lambda s: None, sampler=sampler)
+        task = asyncio.get_running_loop().create_task(probe.run())
+        await asyncio.sleep(0.05)
+        hold_the_loop_for_a_while()
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(go())
+    assert len(sampler.episodes) == 1
+    seconds, stack = sampler.episodes[0]
+    assert 0.2 <= seconds <= 1.0
+    assert stack.startswith("test_watchdog.py") and "hold_the_loop_for_a_while" in stack

@@ -21,17 +21,27 @@ from stream.processing.documents import PendingWrite, encode_similar
 from stream.processing.pacing import RankPacing
 from stream.processing.pipeline import Outcome
 from stream.worker.lifecycle import Lifecycle, Parts
-from stream.worker.ranker import Ranker
+from stream.worker.ranker import RANK_BUDGET_S, Ranker
 from stream.worker.telemetry import Telemetry
 
 
 class FakeProcessor:
-    def __init__(self) -> None:
+    def __init__(self, per_pass: int = 1000) -> None:
         self.pending_rank: dict[str, Any] = {}
         self.ranked: list[list[str]] = []
+        #: how many listeners a budgeted pass ranks
+        self.per_pass = per_pass
+        self.budgets: list[float | None] = []
 
-    def rank_pending(self, on_ranked: Any = None) -> int:
-        users, self.pending_rank = list(self.pending_rank), {}
+    def rank_waiting(self) -> bool:
+        return bool(self.pending_rank)
+
+    def rank_pending(self, on_ranked: Any = None, budget_s: float | None = None) -> int:
+        self.budgets.append(budget_s)
+        n = len(self.pending_rank) if budget_s is None else self.per_pass
+        users = list(self.pending_rank)[:n]
+        for user in users:
+            del self.pending_rank[user]
         self.ranked.append(users)
         return len(users)
 
@@ -47,9 +57,9 @@ class GateWriter:
         await self.done.wait()
 
 
-def make_ranker(hold_s: float = 0.0) -> tuple[Ranker, FakeProcessor, GateWriter, RankPacing,
-                                                  list[str]]:
-    processor, writer, pacing = FakeProcessor(), GateWriter(), RankPacing(hold_s)
+def make_ranker(hold_s: float = 0.0, per_pass: int = 1000) -> tuple[
+        Ranker, FakeProcessor, GateWriter, RankPacing, list[str]]:
+    processor, writer, pacing = FakeProcessor(per_pass), GateWriter(), RankPacing(hold_s)
     handed_on: list[str] = []
     telemetry = Telemetry(Metrics(CollectorRegistry()), Settings())
     ranker = Ranker(processor, pacing, writer, telemetry,  # type: ignore[arg-type]
@@ -72,6 +82,20 @@ def test_the_ranker_waits_for_the_writer_then_ranks_everyone_pending_in_one_pass
         writer.done.set()
         await asyncio.sleep(0.01)
         assert processor.ranked == [["a", "b"]] and handed_on == ["x"]
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_ranker_ranks_a_budgeted_chunk_per_pass_and_wakes_itself_for_the_rest() -> None:
+    async def scenario() -> None:
+        ranker, processor, _, _, handed_on = make_ranker(per_pass=2)
+        task = asyncio.get_running_loop().create_task(ranker.run())
+        processor.pending_rank.update(dict.fromkeys("abcde", 1))
+        ranker.wake()  # one wake-up: the ranker re-wakes itself while listeners wait
+        await asyncio.sleep(0.05)
+        assert processor.ranked == [["a", "b"], ["c", "d"], ["e"]]
+        assert processor.budgets == [RANK_BUDGET_S] * 3 and len(handed_on) == 3
         task.cancel()
 
     asyncio.run(scenario())
