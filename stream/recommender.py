@@ -538,6 +538,14 @@ class Recommender:
     def _rank_learned(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str]
     ) -> list[Recommendation]:
+        if not state.recent:
+            # Cold start: a listener without plays gets the fixed blend (trending, MF if
+            # they have factors). The learned model never trains on such lists (a play
+            # teaches only the list ranked for a listener with history), and ranked by it
+            # the trending-only candidates came out in a worse order: on the first 30,000
+            # MovieLens plays, first plays scored HR@10 0.063 against trending's 0.192.
+            self.__dict__.pop("_blend_cache", None)
+            return self.recommend(state, k, now_ms, exclude=exclude, variant="fixed")
         rows, X, cs, ss, rs, lead, arts, owns = self._blend_candidates(state, now_ms, exclude)
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X)
         if not len(rows):
