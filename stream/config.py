@@ -135,7 +135,7 @@ class Settings:
     quality_window: int = 2000
     #: also rank each single component (popularity, mf, cooccurrence; with the learned
     #: ranker sknn, stan, sr and fixed too) on every Nth evaluated play, for the per-variant
-    #: quality gauges next to the published blend (0 = off; stream.evaluation.ComponentQuality)
+    #: quality gauges next to the published blend (0 = off; stream.core.evaluation.ComponentQuality)
     quality_components_every: int = 10
     checkpoint_interval_s: float = 30.0
     #: checkpoint signing keys, "kid1:secret1,kid2:secret2": the first signs, any verifies

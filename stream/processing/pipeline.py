@@ -127,7 +127,7 @@ class Processor:
         #: live test-then-train evaluator (a windowed stream.core.evaluation.Prequential) or None
         self.evaluator = evaluator
         #: ranks the single components on a sample of plays for the live per-variant
-        #: quality (stream.evaluation.ComponentQuality; setting quality_components_every)
+        #: quality (stream.core.evaluation.ComponentQuality; setting quality_components_every)
         self.components = (ComponentQuality(settings.quality_components_every)
                            if evaluator is not None and settings.quality_components_every
                            else None)
