@@ -61,7 +61,6 @@ from stream.core.models.stan import SessionKNN
 from stream.core.ranking import (
     DEFAULT_WEIGHTS,
     Recommendation,
-    normalise,
     rank_tracks,
     reason_text,
 )
@@ -1412,20 +1411,6 @@ def _scale(values: FloatArray) -> FloatArray:
     if hi <= 0:
         return np.zeros(len(values))
     out: FloatArray = values / hi
-    return out
-
-
-def _recip_rank(values: FloatArray, signed: bool = False) -> FloatArray:
-    """1 / (1 + rank) of each value among ``values`` (best first); 0 where a non-negative
-    component does not score the track."""
-    n = len(values)
-    out = np.zeros(n)
-    if n == 0:
-        return out
-    order = np.argsort(-values, kind="stable")
-    out[order] = 1.0 / np.arange(1, n + 1)
-    if not signed:
-        out[values <= 0] = 0.0
     return out
 
 
