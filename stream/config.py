@@ -164,6 +164,10 @@ class Settings:
     ranker: str = "fixed"
     # Live quality window (events) and model checkpoints (Redis key model:{app_id})
     quality_window: int = 2000
+    #: also rank each single component (popularity, mf, cooccurrence; with the learned
+    #: ranker sknn, stan, sr and fixed too) on every Nth evaluated play, for the per-variant
+    #: quality gauges next to the published blend (0 = off; stream.core.evaluation.ComponentQuality)
+    quality_components_every: int = 10
     checkpoint_interval_s: float = 30.0
     #: checkpoint signing keys, "kid1:secret1,kid2:secret2": the first signs, any verifies
     #: (rotation: put the new key first, drop the old one once it has signed nothing live)
@@ -389,6 +393,9 @@ def _check_ranges(s: Settings) -> None:
         raise _bad("max_tracks", "must be >= 0 (0 = unbounded)")
     if s.max_users < 0:
         raise _bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
+    if s.quality_components_every < 0:
+        raise _bad("quality_components_every",
+                   f"must be >= 0 (0 = off), got {s.quality_components_every}")
     if s.faust_compat_check not in COMPAT_CHECKS:
         raise _bad("faust_compat_check",
                   f"must be one of {', '.join(COMPAT_CHECKS)}, got {s.faust_compat_check!r}")

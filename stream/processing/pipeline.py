@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from stream.config import Settings
 from stream.core.catalog import TrackCatalog
+from stream.core.evaluation import ComponentQuality
 from stream.core.events import (  # noqa: F401 - murmur2, key_partition: re-exported
     PlayEvent,
     Rejection,
@@ -151,6 +152,11 @@ class Processor:
         self.max_future_ms = settings.max_future_s * 1000
         #: live test-then-train evaluator (a windowed stream.core.evaluation.Prequential) or None
         self.evaluator = evaluator
+        #: ranks the single components on a sample of plays for the live per-variant
+        #: quality (stream.core.evaluation.ComponentQuality; setting quality_components_every)
+        self.components = (ComponentQuality(settings.quality_components_every)
+                           if evaluator is not None and settings.quality_components_every
+                           else None)
         #: each listener's last published list, to score their next play against (bounded)
         self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.max_tracked_users = max_tracked_users
@@ -349,6 +355,12 @@ class Processor:
         if self.evaluator is not None and previous is not None:
             # test-then-train: was this play in the list we published before it?
             self.evaluator.observe("blend", previous, event.track_id)
+        if self.components is not None and previous is not None:
+            try:  # the single components' lists for the same play, before learning it
+                self.components.observe(self.evaluator, self.recommender, update.before,
+                                        event.track_id, event.ts_ms)
+            except Exception as exc:  # noqa: BLE001 - a ranking bug must not lose the play
+                self._model_error(exc, record)
         try:
             result = self.recommender.learn_one(update, event)
             skip_p = getattr(result, "skip_probability", None)
