@@ -1046,7 +1046,8 @@ def create_worker(
                 ):
                     # tell the other workers what this play teaches about tracks
                     # (batched: one record per SIGNALS_SEND_S at most, see flush_signals)
-                    pending_signals.append(signal_from(worker_id, outcome.update, outcome.event))
+                    pending_signals.append(signal_from(worker_id, outcome.update, outcome.event,
+                                                      outcome.learned))
                 # processed (its state is in the table, its changelog record is dirty and a
                 # commit sends that first): now its offset may be committed
                 if ev.ack():
