@@ -44,7 +44,9 @@ from stream.pipeline import OUTCOMES, DeadLetter, Processor, Record
 from stream.ratelog import RateLimitedLog
 from stream.recommender import Recommender
 from stream.session import UserState
-from stream.sharing import TrackSignal, apply_signal, decode_batch, encode_batch, signal_from
+from stream.sharing import TrackSignal, apply_signals, decode_batch, encode_batch, signal_from
+from stream.replication_io import is_checkpoint_writer, seek_signals
+from stream.signal_positions import Restored, SignalPositions
 from stream.sizing import model_memory_bytes
 from stream.store import (
     WRITE_ERROR_REASONS,
@@ -368,8 +370,12 @@ def create_worker(
     metrics: Metrics,
     partitions: int,
     recommender: Recommender | None = None,
+    *,
+    restored: Restored | None = None,
 ) -> Worker:
-    """Build the Faust app for these settings. ``partitions`` is the plays topic's count."""
+    """Build the Faust app for these settings. ``partitions`` is the plays topic's count;
+    ``restored``: the signals positions the restored ``recommender``'s checkpoint includes
+    (the signal reader replays from them, stream.signal_positions)."""
     app = faust.App(
         settings.app_id,
         broker=broker_url(settings),
@@ -455,6 +461,9 @@ def create_worker(
     signals = app.topic(signals_name, key_serializer="raw", value_serializer="raw")
     worker_id = uuid.uuid4().hex[:12]
     worker_key = worker_id.encode()
+    #: where this worker's item state stands in the signals topic (what a checkpoint
+    #: includes; a restored one's positions to replay from)
+    positions = SignalPositions(worker_id, restored)
     control = app.topic(
         settings.control_topic,
         key_type=bytes,
@@ -579,7 +588,7 @@ def create_worker(
             tps = [TopicPartition(signals_name, p) for p in sorted(parts)]
             if tps:
                 self.consumer.assign(tps)
-                await self.consumer.seek_to_end(*tps)
+                await seek_signals(self.consumer, tps, positions)
             else:
                 logger.warning("signals topic %s not found; not sharing", signals_name)
 
@@ -598,19 +607,19 @@ def create_worker(
                 batch = await self.consumer.getmany(timeout_ms=200, max_records=2000)
                 for records in batch.values():
                     for r in records:
-                        if r.key == worker_key:
-                            continue  # our own signals: already learned locally
+                        if r.key == worker_key:  # our own signals: already learned locally
+                            positions.handled(r.partition, r.offset)
+                            continue
                         sigs = admit_signals(r)
                         if sigs:
                             await models_free()  # never while an eviction runs
-                        for sig in sigs:
-                            try:
-                                apply_signal(recommender, sig)
-                            except Exception as exc:  # noqa: BLE001 - advisory data
-                                m.signals.labels("error").inc()
-                                logger.debug("could not apply a track signal: %r", exc)
-                                continue
-                            m.signals.labels("applied").inc()
+                        # no await from here to handled(): a checkpoint forked in between
+                        # would hold the record's signals without its position
+                        counts = apply_signals(recommender, sigs)
+                        positions.handled(r.partition, r.offset)
+                        m.signals.labels("applied").inc(counts.applied)
+                        if counts.errors:
+                            m.signals.labels("error").inc(counts.errors)
                     await asyncio.sleep(0)  # let the agent run between partitions
 
     app.service(SignalReader())  # type: ignore[arg-type]
@@ -639,7 +648,8 @@ def create_worker(
                            ", ".join(sorted(set(decoded.rejected))))
         if decoded.worker == worker_id:
             return []
-        return decoded.signals
+        keep = positions.should_apply  # not those a restored checkpoint already holds
+        return [s for s in decoded.signals if keep(decoded.worker, s.seq)]
 
     writer_service = RedisWriterService()
     app.service(writer_service)  # type: ignore[arg-type]
@@ -1149,9 +1159,11 @@ def create_worker(
     checkpoints_on = checkpoint_mode(settings) in ("signed", "insecure")
 
     def checkpoint_blob() -> bytes:
-        # in the snapshot child: the time is the instant the state was forked
+        # in the snapshot child: the time is the instant the state was forked, and the
+        # signals positions are those of that instant (item state only: stream.checkpoint)
         return seal_models(recommender, keys=checkpoint_keys, app_id=settings.app_id,
-                           created_ms=int(time.time() * 1000))
+                           created_ms=int(time.time() * 1000),
+                           replication=positions.checkpoint(recommender.n_learned))
 
     async def write_checkpoint(in_child: bool = True) -> None:
         """Snapshot the models to Redis (key model:{app_id}); failures are retried next time.
@@ -1162,6 +1174,8 @@ def create_worker(
             in_child and checkpoint_lock.locked()
         ):
             return
+        if not is_checkpoint_writer(app, settings.plays_topic):
+            return  # one writer: the owner of plays partition 0 (docs/scaling.md)
         async with checkpoint_lock:
             await models_free()  # never snapshot models an eviction is changing
             await _write_checkpoint(in_child)

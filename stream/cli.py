@@ -81,7 +81,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def]
-    """The recommender from the last checkpoint in Redis, or None to start fresh.
+    """The recommender from the last checkpoint in Redis, or None to start fresh, and the
+    signals positions that checkpoint includes (stream.signal_positions; None: read the
+    signals topic from its end).
 
     A checkpoint that cannot be read or is refused (stream.checkpoint.REJECT_REASONS) is
     logged in one line, counted in ``stream_checkpoints_rejected_total{reason}``, and the
@@ -104,14 +106,14 @@ def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def
     mode = checkpoint_mode(settings)
     if mode == "off":
         log.info("model checkpoints are off (checkpoint_interval_s = 0)")
-        return None
+        return None, None
     if mode == "refused":
         log.error(
             "model checkpoints DISABLED: no checkpoint key is set, so this worker will "
             "neither restore nor write %s (anyone who can write Redis could forge one). Set "
             "STREAM_CHECKPOINT_KEYS=kid:secret, or STREAM_CHECKPOINT_INSECURE=true to accept "
             "unsigned checkpoints anyway", key)
-        return None
+        return None, None
     if mode == "insecure":
         log.warning(
             "model checkpoints are UNSIGNED (checkpoint_insecure=true): anyone who can write "
@@ -126,31 +128,31 @@ def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def
                                **redis_auth(settings))
     except CheckpointTooLarge as exc:
         reject("oversized", str(exc))
-        return None
+        return None, None
     except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
         reject("malformed", f"Redis refused to read it: {exc}")
-        return None
+        return None, None
     except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
         reject("unreadable", f"could not read it: {type(exc).__name__}: {exc}")
-        return None
+        return None, None
     if blob is None:
         log.info("no model checkpoint at %s; starting fresh", key)
-        return None
+        return None, None
     now_ms = int(time.time() * 1000)
     try:
         rec, opened = open_models(blob, **open_checks(settings, now_ms))
     except CheckpointRejected as exc:
         reject(exc.reason, str(exc))
-        return None
+        return None, None
     except Exception as exc:  # noqa: BLE001 - never let a checkpoint stop the worker
         reject("malformed", f"{type(exc).__name__}: {exc}")
-        return None
+        return None, None
     try:
         forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
                                     settings.forget_tombstone_ttl_s, **redis_auth(settings))
     except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
         reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
-        return None
+        return None, None
     tombstoned = set(forgotten)
     dropped = sum(rec.forget_user(user) for user in rec.user_ids()
                   if tombstone_member(user) in tombstoned)
@@ -158,7 +160,7 @@ def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def
         "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
         "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,
         (now_ms - opened.created_ms) / 1000, len(forgotten), dropped)
-    return rec
+    return rec, opened.replication
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -199,9 +201,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    recommender = _restore_models(settings, metrics)
+    recommender, restored = _restore_models(settings, metrics)
     metrics.checkpoint_restored.set(1 if recommender is not None else 0)
-    worker = create_worker(settings, metrics, partitions, recommender)
+    worker = create_worker(settings, metrics, partitions, recommender, restored=restored)
     run_worker(worker)
     return 0
 

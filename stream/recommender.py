@@ -154,6 +154,8 @@ class ItemStep:
     factors: Float32Array | None = None
     negatives: tuple[str, ...] = ()
     skip_features: Mapping[str, float] | None = None
+    #: the owner's number of this play (its ``n_learned`` after learning it)
+    seq: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +396,7 @@ class Recommender:
             history=history[-ITEM_HISTORY:], artist_id=x.artist_id, context=context,
             position=x.session_position, session=token, factors=user_before,
             negatives=tuple(ids[r] for r in rows[1:]), skip_features=skip_features,
+            seq=self.n_learned,
         )
         return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected, step)
 

@@ -78,6 +78,10 @@ class TrackSignal:
     factors: np.ndarray | None = None
     negatives: tuple[str, ...] = ()
     skip_features: Mapping[str, float] | None = None
+    #: the sender's number of this play (its recommender's ``n_learned`` after it), -1
+    #: unknown: a checkpoint includes its writer's plays up to a number
+    #: (stream.signal_positions)
+    seq: int = -1
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TrackSignal):
@@ -92,7 +96,7 @@ class TrackSignal:
 
 
 _COMPARED: Final = ("worker", "track_id", "ts_ms", "skipped", "history", "artist_id",
-                    "context", "position", "session", "negatives", "skip_features")
+                    "context", "position", "session", "negatives", "skip_features", "seq")
 
 
 def signal_from(
@@ -108,7 +112,7 @@ def signal_from(
             history=step.history[-HISTORY_SENT:], artist_id=step.artist_id,
             context=step.context, position=step.position, session=step.session,
             factors=step.factors, negatives=step.negatives,
-            skip_features=step.skip_features,
+            skip_features=step.skip_features, seq=step.seq,
         )
     history = tuple(update.before.recent[-HISTORY_SENT:]) if update.before.recent else ()
     return TrackSignal(
@@ -141,6 +145,8 @@ def _as_dict(sig: TrackSignal) -> dict[str, object]:
         out["n"] = list(sig.negatives)
     if sig.skip_features:
         out["x"] = {name: float(v) for name, v in sig.skip_features.items()}
+    if sig.seq >= 0:
+        out["i"] = sig.seq
     return out
 
 
@@ -211,7 +217,16 @@ def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> Track
         factors=_factors(d.get("f")),
         negatives=_negatives(d.get("n")),
         skip_features=_skip_features(d.get("x")),
+        seq=_seq(d.get("i")),
     )
+
+
+def _seq(value: object) -> int:
+    if value is None:
+        return -1
+    if type(value) is not int or not 0 <= value < 1 << 62:
+        raise InvalidField("wrong_type", "signal 'i' must be an integer >= 0")
+    return value
 
 
 def _position(value: object) -> int:
