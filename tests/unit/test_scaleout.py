@@ -11,15 +11,15 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.checkpoint import pack_state
-from stream.events import PlayEvent
-from stream.listener_record import decode_listener_record, encode_listener_record
-from stream.recommender import Recommender
-from stream.replay import replay
-from stream.session import UserState, update_session
-from stream.sharing import TrackSignal, apply_signals, decode_batch, encode_batch, signal_from
-from stream.signal_positions import Restored, SignalPositions
-from stream.simulate import partition_of, replay_workers
+from stream.core.checkpoint import pack_state
+from stream.core.events import PlayEvent
+from stream.core.listener_record import decode_listener_record, encode_listener_record
+from stream.core.recommender import Recommender
+from stream.tools.replay import replay
+from stream.core.session import UserState, update_session
+from stream.processing.replication import TrackSignal, apply_signals, decode_batch, encode_batch, signal_from
+from stream.core.signal_positions import Restored, SignalPositions
+from stream.tools.simulate import partition_of, replay_workers
 
 T0 = 1_700_000_000_000
 

@@ -1,0 +1,370 @@
+"""What one worker tells the others about tracks: compact, item-side learning signals.
+
+Listeners are partitioned across workers (the Kafka way), so each worker sees only its
+listeners' plays. Item-side knowledge -- what is trending, what is played after what, the
+MF item factors, the skip model -- must still reflect everyone. After learning from a play,
+the owning worker publishes a :class:`TrackSignal` to the signals topic: the item step it
+took (:class:`stream.core.recommender.ItemStep`: the track, the tracks played before it, skip
+flag, time, artist, context, session position, an opaque session token, the listener's MF
+factors *before* the step with the negatives it sampled, and the skip model's features) --
+never the listener's id. Every worker reads all partitions of that topic (no consumer
+group: a broadcast) and takes the same item step through
+:meth:`stream.core.recommender.Recommender.apply_item_steps` (:func:`receive_batch`). The
+listener's own state never leaves its owner's partition (it lives in their session,
+:mod:`stream.core.listener_record`). Design and delays: docs/scaling.md. Pure: no I/O here.
+
+>>> sig = TrackSignal("w1", "t9", 1_700_000_000_000, False, ("t1", "t2"), "a1", "radio")
+>>> decode_signal(encode_signal(sig), now_ms=1_700_000_000_000) == sig
+True
+>>> bad = (b'{"w": "w2", "signals": [{"t": "t1", "ts": 1e301, "s": false},'
+...        b' {"t": "t2", "ts": 1700000000000, "s": false, "a": {"x": 1}}]}')
+>>> decode_batch(bad, now_ms=1_700_000_000_000).rejected
+['wrong_type', 'wrong_type']
+
+Messages are validated (:func:`decode_batch`) before anything reaches a model, and are
+authenticated by the worker (:mod:`stream.processing.auth`, purpose ``b"signals"``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import orjson
+
+from stream.core.events import (
+    MAX_FUTURE_MS,
+    MIN_TS_MS,
+    REJECTION_REASONS,
+    InvalidField,
+    PlayEvent,
+    check_id,
+    check_text,
+)
+from stream.core.models.skip import FEATURE_NAMES
+from stream.core.recommender import ITEM_HISTORY, LearnResult
+from stream.core.session import SessionUpdate
+
+#: how many preceding tracks travel with a signal (the longest item-side window)
+HISTORY_SENT: Final = ITEM_HISTORY
+#: the most negatives / factors / skip features one signal may carry
+MAX_NEGATIVES: Final = 64
+MAX_FACTORS: Final = 1024
+#: factor and feature values beyond these are not a trained model's
+MAX_FACTOR_VALUE: Final = 1e4
+MAX_FEATURE_VALUE: Final = 1e3
+MAX_SESSION_TOKEN_LEN: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TrackSignal:
+    worker: str
+    track_id: str
+    ts_ms: int
+    skipped: bool
+    history: tuple[str, ...]
+    artist_id: str | None = None
+    context: str | None = None
+    #: position in the listener's session (0: first play), -1 unknown (older senders)
+    position: int = -1
+    #: opaque session token (stream.core.recommender.session_token), "" unknown
+    session: str = ""
+    #: the listener's MF factors before the owner's step (float32), None: no MF step
+    factors: np.ndarray | None = None
+    negatives: tuple[str, ...] = ()
+    skip_features: Mapping[str, float] | None = None
+    #: the sender's number of this play (its recommender's ``n_learned`` after it), -1
+    #: unknown: a checkpoint includes its writer's plays up to a number
+    #: (stream.core.signal_positions)
+    seq: int = -1
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrackSignal):
+            return NotImplemented
+        mine, theirs = self.factors, other.factors
+        same_factors = (mine is None and theirs is None) or (
+            mine is not None and theirs is not None and np.array_equal(mine, theirs))
+        return same_factors and all(
+            getattr(self, f) == getattr(other, f) for f in _COMPARED)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_COMPARED: Final = ("worker", "track_id", "ts_ms", "skipped", "history", "artist_id",
+                    "context", "position", "session", "negatives", "skip_features", "seq")
+
+
+def signal_from(
+    worker: str, update: SessionUpdate, event: PlayEvent, learned: LearnResult | None = None
+) -> TrackSignal:
+    """The signal of one play this worker learned: the item step of ``learned``
+    (:meth:`stream.core.recommender.Recommender.learn_one`'s result) or, without it, only the
+    play (trending and co-occurrence then learn it elsewhere, nothing else)."""
+    step = learned.step if learned is not None else None
+    if step is not None:
+        return TrackSignal(
+            worker=worker, track_id=step.track_id, ts_ms=step.ts_ms, skipped=step.skipped,
+            history=step.history[-HISTORY_SENT:], artist_id=step.artist_id,
+            context=step.context, position=step.position, session=step.session,
+            factors=step.factors, negatives=step.negatives,
+            skip_features=step.skip_features, seq=step.seq,
+        )
+    history = tuple(update.before.recent[-HISTORY_SENT:]) if update.before.recent else ()
+    return TrackSignal(
+        worker=worker,
+        track_id=event.track_id,
+        ts_ms=event.ts_ms,
+        skipped=update.is_skip,
+        history=history,
+        artist_id=event.artist_id,
+        context=event.context,
+    )
+
+
+def _as_dict(sig: TrackSignal) -> dict[str, object]:
+    out: dict[str, object] = {
+        "t": sig.track_id,
+        "ts": sig.ts_ms,
+        "s": sig.skipped,
+        "h": list(sig.history),
+        "a": sig.artist_id,
+        "c": sig.context,
+    }
+    if sig.position >= 0:
+        out["p"] = sig.position
+    if sig.session:
+        out["k"] = sig.session
+    if sig.factors is not None:
+        out["f"] = base64.b64encode(
+            np.ascontiguousarray(sig.factors, dtype="<f4").tobytes()).decode("ascii")
+        out["n"] = list(sig.negatives)
+    if sig.skip_features:
+        out["x"] = {name: float(v) for name, v in sig.skip_features.items()}
+    if sig.seq >= 0:
+        out["i"] = sig.seq
+    return out
+
+
+#: the most signals one message may carry (the sender chunks by this many)
+MAX_SIGNALS_PER_MESSAGE: Final = 1000
+#: the largest signals message read (1,000 signals with long ids and a full history)
+MAX_SIGNAL_BYTES: Final = 1024 * 1024
+MAX_WORKER_ID_LEN: Final = 64
+
+#: why a signal (or a whole message) was dropped: the play-event reasons of the fields
+#: plus "too_many_signals" and the authentication ones (stream.processing.auth.AUTH_REASONS)
+SIGNAL_REJECTION_REASONS: Final = (
+    *REJECTION_REASONS,
+    "too_many_signals",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """What one signals message held: the sender, its valid signals, and one rejection
+    reason per dropped entry (or one for the whole message when it is unusable)."""
+
+    worker: str
+    signals: list[TrackSignal]
+    rejected: list[str]
+
+
+def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> TrackSignal:
+    """One entry, validated as strictly as a play's fields (stream.core.events), or
+    :class:`InvalidField`."""
+    if not isinstance(d, dict):
+        raise InvalidField("not_object", "a signal must be a JSON object")
+    for name in ("t", "ts", "s"):
+        if d.get(name) is None:
+            raise InvalidField("missing_field", f"signal field '{name}' is missing")
+    track = check_id(d["t"], "t")
+    ts = d["ts"]
+    if type(ts) is not int:
+        raise InvalidField("wrong_type", "signal 'ts' must be an integer (epoch ms)")
+    if ts < MIN_TS_MS:
+        raise InvalidField("too_old_timestamp", f"signal 'ts' {ts} is before 1990")
+    if ts > now_ms + max_future_ms:
+        raise InvalidField("future_timestamp", "signal 'ts' is ahead of the processing clock")
+    skipped = d["s"]
+    if type(skipped) is not bool:
+        raise InvalidField("wrong_type", "signal 's' must be a boolean")
+    raw_history = d.get("h")
+    if raw_history is None:
+        raw_history = []
+    if not isinstance(raw_history, list):
+        raise InvalidField("wrong_type", "signal 'h' must be an array of track ids")
+    if len(raw_history) > HISTORY_SENT:
+        raise InvalidField("bad_value", f"signal 'h' has over {HISTORY_SENT} entries")
+    history = tuple(check_id(t, "h") for t in raw_history)
+    artist = d.get("a")
+    context = d.get("c")
+    return TrackSignal(
+        worker=worker,
+        track_id=track,
+        ts_ms=ts,
+        skipped=skipped,
+        history=history,
+        artist_id=None if artist is None else check_id(artist, "a"),
+        context=None if context is None else check_text(context, "c"),
+        position=_position(d.get("p")),
+        session=("" if d.get("k") is None
+                 else check_id(d["k"], "k", MAX_SESSION_TOKEN_LEN)),
+        factors=_factors(d.get("f")),
+        negatives=_negatives(d.get("n")),
+        skip_features=_skip_features(d.get("x")),
+        seq=_seq(d.get("i")),
+    )
+
+
+def _seq(value: object) -> int:
+    if value is None:
+        return -1
+    if type(value) is not int or not 0 <= value < 1 << 62:
+        raise InvalidField("wrong_type", "signal 'i' must be an integer >= 0")
+    return value
+
+
+def _position(value: object) -> int:
+    if value is None:
+        return -1
+    if type(value) is not int or not 0 <= value < 1 << 31:
+        raise InvalidField("wrong_type", "signal 'p' must be an integer >= 0")
+    return value
+
+
+def _factors(value: object) -> np.ndarray | None:
+    if value is None:
+        return None
+    if type(value) is not str or len(value) > 8 * MAX_FACTORS:
+        raise InvalidField("wrong_type", "signal 'f' must be base64 of float32 factors")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise InvalidField("bad_value", "signal 'f' is not base64") from None
+    if not raw or len(raw) % 4 or len(raw) // 4 > MAX_FACTORS:
+        raise InvalidField("bad_value", "signal 'f' is not a float32 vector")
+    vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(vec)) or float(np.abs(vec).max()) > MAX_FACTOR_VALUE:
+        raise InvalidField("bad_value", "signal 'f' has values out of range")
+    return vec
+
+
+def _negatives(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_NEGATIVES:
+        raise InvalidField("wrong_type", f"signal 'n' must be at most {MAX_NEGATIVES} ids")
+    return tuple(check_id(t, "n") for t in value)
+
+
+def _skip_features(value: object) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > len(FEATURE_NAMES):
+        raise InvalidField("wrong_type", "signal 'x' must be an object of skip features")
+    out: dict[str, float] = {}
+    for name, v in value.items():
+        if name not in FEATURE_NAMES:
+            raise InvalidField("bad_value", "signal 'x' names an unknown skip feature")
+        if type(v) is not float and type(v) is not int:
+            raise InvalidField("wrong_type", "signal 'x' values must be numbers")
+        if not math.isfinite(v) or abs(v) > MAX_FEATURE_VALUE:
+            raise InvalidField("bad_value", "signal 'x' values out of range")
+        out[name] = float(v)
+    return out
+
+
+def encode_signal(sig: TrackSignal) -> bytes:
+    """One signal as a batch of one (see :func:`encode_batch`)."""
+    return encode_batch(sig.worker, [sig])
+
+
+def encode_batch(worker: str, sigs: list[TrackSignal]) -> bytes:
+    """Many signals from one worker in one message (one Kafka record per flush, not per
+    play: the per-message cost is what matters at high rates)."""
+    return orjson.dumps({"w": worker, "v": 1, "signals": [_as_dict(s) for s in sigs]})
+
+
+def decode_batch(
+    raw: bytes | None, *, now_ms: int, max_future_ms: int = MAX_FUTURE_MS
+) -> DecodedBatch:
+    """Validate a signals message; never raises. Every entry passes the limits of a play
+    (ids printable and at most 256 characters, timestamps from 1990 to ``max_future_ms``
+    ahead of ``now_ms``, strict types); a bad entry is dropped (its reason listed), the
+    others are kept. A message that is not a JSON object with a valid sender and a list of
+    at most MAX_SIGNALS_PER_MESSAGE entries yields no signal and one reason."""
+    try:
+        return _decode(raw, now_ms, max_future_ms)
+    except InvalidField as exc:
+        return DecodedBatch("", [], [exc.reason])
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError):
+        return DecodedBatch("", [], ["bad_value"])
+
+
+def _decode(raw: bytes | None, now_ms: int, max_future_ms: int) -> DecodedBatch:
+    if not raw:
+        raise InvalidField("not_json", "empty signals message")
+    if len(raw) > MAX_SIGNAL_BYTES:
+        raise InvalidField("oversized", f"signals message over {MAX_SIGNAL_BYTES} bytes")
+    try:
+        d = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidField("not_json", "signals message is not JSON") from None
+    if not isinstance(d, dict):
+        raise InvalidField("not_object", "signals message must be a JSON object")
+    if d.get("w") is None or d.get("signals") is None:
+        raise InvalidField("missing_field", "signals message needs 'w' and 'signals'")
+    worker = check_id(d["w"], "w", MAX_WORKER_ID_LEN)
+    items = d["signals"]
+    if not isinstance(items, list):
+        raise InvalidField("wrong_type", "'signals' must be an array")
+    if len(items) > MAX_SIGNALS_PER_MESSAGE:
+        raise InvalidField("too_many_signals", f"over {MAX_SIGNALS_PER_MESSAGE} signals")
+    out: list[TrackSignal] = []
+    rejected: list[str] = []
+    for item in items:
+        try:
+            out.append(_from_dict(worker, item, now_ms, max_future_ms))
+        except InvalidField as exc:
+            rejected.append(exc.reason)
+    return DecodedBatch(worker, out, rejected)
+
+
+def decode_signal(raw: bytes, now_ms: int) -> TrackSignal | None:
+    """The first valid signal of a message, or None if there is none."""
+    sigs = decode_batch(raw, now_ms=now_ms).signals
+    return sigs[0] if sigs else None
+
+
+def apply_signal(recommender: Any, sig: TrackSignal) -> None:
+    """Learn another worker's play on the item side only, through the recommender's
+    public :meth:`~stream.core.recommender.Recommender.apply_item_steps` (the listener's own
+    state stays with their owner)."""
+    recommender.apply_item_steps((sig,))
+
+
+@dataclass(slots=True)
+class ReceiveCounts:
+    """What :func:`receive_batch` did with one message."""
+
+    applied: int = 0
+    errors: int = 0
+
+
+def apply_signals(recommender: Any, signals: Iterable[TrackSignal]) -> ReceiveCounts:
+    """Apply validated signals one by one; a signal the model cannot take (e.g. factors
+    of another size) is counted as an error and skipped, the others still apply."""
+    counts = ReceiveCounts()
+    for sig in signals:
+        try:
+            recommender.apply_item_steps((sig,))
+        except ValueError:
+            counts.errors += 1
+        else:
+            counts.applied += 1
+    return counts
