@@ -37,7 +37,6 @@ stream.core.checkpoint.CheckpointRejected: checkpoint is for app 'app', this wor
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import hmac
 import json

@@ -425,8 +425,9 @@ class Recommender:
         detector, the artist map and first-seen times take the step the owner took
         (:class:`ItemStep`). Nothing about the listener is learned (their factors stay
         with their owner). Returns how many steps were applied. Steps must be validated
-        input (:func:`stream.processing.replication.decode_batch`); a step whose factors or skip features
-        do not fit this model raises ValueError before anything is learned from it."""
+        input (``decode_batch`` of :mod:`stream.processing.replication`); a step whose
+        factors do not fit this model raises ValueError before anything is learned from
+        it."""
         n = 0
         for s in steps:
             factors = s.factors

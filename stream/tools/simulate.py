@@ -4,12 +4,12 @@ Listeners are split as Kafka splits them: the producer keys each play by its lis
 default partitioner (murmur2, as aiokafka's and the Java client's) picks one of
 ``partitions`` partitions, and partition ``p`` belongs to worker ``p % N`` (a round-robin
 assignment; with fewer partitions than workers the rest own nothing, as in a consumer
-group). Each worker is an independent :class:`~stream.core.recommender.Recommender` with its
-own session table. After learning a play, its owner queues the play's signal
-(:func:`stream.processing.replication.signal_from`); ``signal_delay_ms`` of event time later the other
-workers receive it, encoded and validated by the same functions the live worker uses
-(:func:`stream.processing.replication.encode_batch`, :func:`~stream.processing.replication.decode_batch`,
-:func:`~stream.processing.replication.apply_signals`). Everything is in event time, so a run is exactly
+group). Each worker is an independent :class:`~stream.core.recommender.Recommender`
+with its own session table. After learning a play, its owner queues the play's signal
+(:func:`stream.processing.replication.signal_from`); ``signal_delay_ms`` of event time
+later the other workers receive it, encoded, validated and applied by the same functions
+the live worker uses (``encode_batch``, ``decode_batch``, ``apply_signals`` of
+:mod:`stream.processing.replication`). Everything is in event time, so a run is exactly
 repeatable; with ``workers=1`` it gives the numbers of a plain replay.
 
 Evaluation is the replay's: every play is ranked by its owner, before learning it.

@@ -50,6 +50,7 @@ from stream.core.checkpoint import checkpoint_mode, seal_models, settings_keys
 from stream.core.events import Rejection, escape_text
 from stream.core.recommender import Recommender
 from stream.core.session import UserState
+from stream.core.signal_positions import Restored, SignalPositions
 from stream.core.sizing import model_memory_bytes
 from stream.faustx.changelog_table import BatchedChangelogTable, batched_table
 from stream.faustx.consumer import consume_in_loop
@@ -57,7 +58,6 @@ from stream.faustx.delivery import fast_delivery
 from stream.processing.auth import KeyRing
 from stream.processing.pipeline import OUTCOMES, DeadLetter, Processor, Record
 from stream.processing.ratelog import RateLimitedLog
-from stream.core.signal_positions import Restored, SignalPositions
 from stream.processing.replication import (
     TrackSignal,
     apply_signals,

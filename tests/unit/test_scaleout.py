@@ -15,10 +15,16 @@ from stream.core.checkpoint import pack_state
 from stream.core.events import PlayEvent
 from stream.core.listener_record import decode_listener_record, encode_listener_record
 from stream.core.recommender import Recommender
-from stream.tools.replay import replay
 from stream.core.session import UserState, update_session
-from stream.processing.replication import TrackSignal, apply_signals, decode_batch, encode_batch, signal_from
 from stream.core.signal_positions import Restored, SignalPositions
+from stream.processing.replication import (
+    TrackSignal,
+    apply_signals,
+    decode_batch,
+    encode_batch,
+    signal_from,
+)
+from stream.tools.replay import replay
 from stream.tools.simulate import partition_of, replay_workers
 
 T0 = 1_700_000_000_000

@@ -134,7 +134,7 @@ class ImplicitMF:
         the negative pool and the random generator's exact position (so a restored model
         draws the same negatives). See :mod:`stream.core.models._state`."""
         ids = list(self.user_factors) if users else []
-        users = (np.stack([self.user_factors[u] for u in ids]) if ids
+        matrix = (np.stack([self.user_factors[u] for u in ids]) if ids
                  else np.zeros((0, self.n_factors), dtype=np.float32))
         blob, ends = encode_strings(ids)
         rng = self._rng.bit_generator.state
@@ -150,7 +150,7 @@ class ImplicitMF:
         }
         arrays: dict[str, np.ndarray] = {
             "item_factors": self.item_factors[: self._known].copy(),
-            "user_factors": users.astype(np.float32),
+            "user_factors": matrix.astype(np.float32),
             "user_ids.bytes": blob,
             "user_ids.ends": ends,
             "pool": np.array(self._pool, dtype=np.int64),
