@@ -247,7 +247,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--workers", type=int,
                    help="simulate N workers: listeners split by the producer's partitioner, "
-                   "item-side learning shared through signals (stream/simulate.py); the "
+                   "item-side learning shared through signals (stream/tools/simulate.py); the "
                    "report adds \"workers\" and \"signals\"")
     p.add_argument("--signal-delay-ms", type=int, default=1000,
                    help="with --workers: event-time delay before the other workers apply "
