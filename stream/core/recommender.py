@@ -157,6 +157,20 @@ class ItemStep:
     #: the owner's number of this play (its ``n_learned`` after learning it)
     seq: int = -1
 
+    def __eq__(self, other: object) -> bool:  # the factors are an array
+        if not isinstance(other, ItemStep):
+            return NotImplemented
+        mine, theirs = self.factors, other.factors
+        same = (mine is None and theirs is None) or (
+            mine is not None and theirs is not None and np.array_equal(mine, theirs))
+        return same and all(getattr(self, f) == getattr(other, f) for f in _STEP_FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_STEP_FIELDS: Final = ("track_id", "ts_ms", "skipped", "history", "artist_id", "context",
+                       "position", "session", "negatives", "skip_features", "seq")
+
 
 @dataclass(frozen=True, slots=True)
 class LearnResult:
