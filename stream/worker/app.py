@@ -66,7 +66,7 @@ from stream.processing.replication import (
     encode_batch,
     signal_from,
 )
-from stream.worker.signals import is_checkpoint_writer, seek_signals
+from stream.worker.replica_sync import is_checkpoint_writer, seek_signals
 from stream.worker.snapshot import build_in_child, can_fork
 from stream.worker.watchdog import LoopLagProbe, StallWatch
 
