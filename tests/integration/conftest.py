@@ -291,6 +291,28 @@ def subscribe_confirmed(client: Any, channel: str, timeout: float = 30.0) -> Any
     return pubsub
 
 
+def subscribers(client: Any, channel: str) -> int:
+    """How many connections the server counts as subscribed to ``channel`` (PUBSUB NUMSUB;
+    on a Redis Cluster, redis-py sums it over the nodes)."""
+    counts = {
+        (k.decode() if isinstance(k, bytes) else k): int(v)
+        for k, v in client.pubsub_numsub(channel)
+    }
+    return counts.get(channel, 0)
+
+
+def wait_subscribed(client: Any, channel: str, n: int = 1, timeout: float = 30.0) -> None:
+    """Until the server counts ``n`` subscribers on ``channel``: for a subscription made by
+    another thread or process (pub/sub keeps no history, so publishing before it would be
+    missed). ``client`` must be allowed PUBSUB NUMSUB."""
+    wait_until(
+        lambda: subscribers(client, channel) >= n,
+        timeout,
+        interval=0.02,
+        what=f"{n} subscriber(s) on {channel!r}",
+    )
+
+
 def collect_notifications(
     pubsub: Any,
     done: Callable[[list[dict[str, Any]]], bool],

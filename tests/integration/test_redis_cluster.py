@@ -29,7 +29,7 @@ from stream.datasets import load_events
 from stream.errors import StackError
 from stream.store import PendingWrite, RecoReader, RecoWriter, checkpoint_key, connect_async
 
-from .conftest import produce, settings_env, unique_settings, wait_until
+from .conftest import produce, settings_env, unique_settings, wait_subscribed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -89,10 +89,8 @@ def test_worker_writes_lists_notifications_and_checkpoints_on_redis_cluster(
     expected = dict(Counter(e.user_id for e in events))
     reader = cluster_reader(s)
     notes: list[dict[str, Any]] = []
-    listening = threading.Event()
 
     def listen() -> None:
-        listening.set()
         for note in reader.updates(timeout_s=20):
             notes.append(note)
             if {n["user_id"] for n in notes} >= set(expected):
@@ -100,8 +98,8 @@ def test_worker_writes_lists_notifications_and_checkpoints_on_redis_cluster(
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    listening.wait(5)
-    time.sleep(0.5)  # the SUBSCRIBE is sent on the first get_message
+    # the reader's subscription counted by the server (summed over the nodes)
+    wait_subscribed(reader.client, s.notify_channel)
     worker = worker_factory(s)
     assert produce(s, events) == len(events)
 
