@@ -18,7 +18,7 @@ RUN pip install . \
     && mkdir -p /data && chown stream /data
 # Compile the numba kernels at build time (~35 s) into numba's cache next to the installed
 # package, which the non-root worker can read but not write.
-RUN python -c "from stream.recommender import warm_up; print('kernels ready in %.1f s' % warm_up())"
+RUN python -c "from stream.core.recommender import warm_up; print('kernels ready in %.1f s' % warm_up())"
 
 USER stream
 # Faust table data (only used with STREAM_TABLE_STORE=rocksdb://) and the metrics port.

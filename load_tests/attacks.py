@@ -48,12 +48,12 @@ from typing import Any
 
 import orjson
 
-from stream.auth import KeyRing
+from stream.adapters.kafka import ensure_topics, make_producer, read_topic, signals_topic
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.control import PURPOSE as CONTROL_PURPOSE
-from stream.control import encode_forget, forget_record
-from stream.kafka_io import ensure_topics, make_producer, read_topic, signals_topic
-from stream.store import RecoReader
+from stream.processing.auth import KeyRing
+from stream.processing.control import PURPOSE as CONTROL_PURPOSE
+from stream.processing.control import encode_forget, forget_record
 
 SIGNALS_PURPOSE = b"signals"
 
@@ -496,8 +496,8 @@ def checkpoint_forgery(d: Drill) -> Result:
     unpickled, framed as the old (format 1) unsigned checkpoint; then a format-2 checkpoint
     signed under the worker's key id with a guessed secret. Contained: no code ran, the
     worker serves, nothing was restored, and each was counted as rejected."""
-    from stream.checkpoint import KeySet, seal_models, settings_keys
-    from stream.recommender import Recommender
+    from stream.core.checkpoint import KeySet, seal_models, settings_keys
+    from stream.core.recommender import Recommender
 
     app_id = f"{d.tag}-ckpt-app"
     settings = d.settings.replace(

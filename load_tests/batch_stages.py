@@ -23,9 +23,9 @@ import numpy as np
 
 from load_tests.traffic import SessionTraffic
 from stream.config import load_settings
-from stream.events import encode_event
-from stream.pipeline import Processor, Record
-from stream.recommender import Recommender
+from stream.core.events import encode_event
+from stream.core.recommender import Recommender
+from stream.processing.pipeline import Processor, Record
 
 
 class Polluter:

@@ -10,7 +10,7 @@ format: see docs/benchmarks.md).
 Self-contained on purpose (no ``load_tests`` imports), so the same file measures another
 tree too: ``PYTHONPATH=/path/to/other/tree python load_tests/checkpoint_cost.py`` runs
 against that tree's ``stream`` package (the format-1 checkpoint when it predates
-``stream.checkpoint.seal_models``).
+``stream.core.checkpoint.seal_models``).
 
     python load_tests/checkpoint_cost.py --plays 60000 --repeat 7
 """
@@ -30,9 +30,9 @@ SECRET = "benchmark-secret-0123456789"
 
 
 def feed(plays: int, datasets: Path) -> Any:
-    from stream.datasets import load_events
-    from stream.recommender import Recommender
-    from stream.session import update_session
+    from stream.core.recommender import Recommender
+    from stream.core.session import update_session
+    from stream.tools.datasets import load_events
 
     events = load_events(datasets / "movielens-100k", "movielens", limit=plays)
     rec = Recommender(seed=0)
@@ -49,7 +49,7 @@ def feed(plays: int, datasets: Path) -> Any:
 
 def codec(app_id: str) -> tuple[str, Any, Any]:
     """(format name, build(rec) -> bytes, restore(bytes) -> rec) for the tree on the path."""
-    import stream.checkpoint as ck
+    import stream.core.checkpoint as ck
 
     if hasattr(ck, "seal_models"):
         keys = ck.KeySet.parse(f"bench:{SECRET}")
@@ -63,7 +63,7 @@ def codec(app_id: str) -> tuple[str, Any, Any]:
                                   now_ms=int(time.time() * 1000))[0]
 
         return "format 2 (JSON manifest + raw arrays, HMAC)", build, restore
-    from stream.recommender import Recommender
+    from stream.core.recommender import Recommender
 
     def build_v1(rec: Any) -> bytes:
         return bytes(ck.frame(rec.snapshot(), SECRET))
@@ -77,8 +77,8 @@ def codec(app_id: str) -> tuple[str, Any, Any]:
 def drift_us_per_play(n: int = 200_000, repeat: int = 3) -> float:
     """``SkipRateDrift.learn_one`` per play (fastest of ``repeat`` passes over ``n`` skip
     indicators whose rate rises every 50,000 plays)."""
-    from stream.models.base import Interaction
-    from stream.models.drift import SkipRateDrift
+    from stream.core.models.base import Interaction
+    from stream.core.models.drift import SkipRateDrift
 
     xs = [Interaction("u", "t", i, skipped=(i * 7919) % 10 < 3 + i // 50_000) for i in range(n)]
     best = float("inf")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     build_s, blob = timed(build, rec, args.repeat)
     restore_s, twin = timed(restore, blob, args.repeat)
     listeners = sorted(rec.mf.user_factors)[:50]
-    from stream.session import UserState
+    from stream.core.session import UserState
 
     same = all(
         twin.recommend(UserState(user_id=u), 10, 0) == rec.recommend(UserState(user_id=u), 10, 0)

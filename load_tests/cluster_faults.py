@@ -5,7 +5,7 @@ Run from load_tests.faults (``python -m load_tests.faults redis-failover`` /
 ``kafka-leader-kill``); the CI variants are test_redis_failover_drill_short
 (tests/integration/test_redis_cluster.py) and test_kafka_leader_kill_drill_short
 (tests/integration/test_kafka_cluster.py). The cluster is
-started through stream.stack_cluster (own ports and state dir); Kafka is the shared broker.
+started through stream.tools.stack_cluster (own ports and state dir); Kafka is the shared broker.
 Every loop is bounded in count and time.
 """
 
@@ -36,9 +36,9 @@ from load_tests.faults import (
     valid_events,
     wait_for_match,
 )
-from stream import stack, stack_cluster
 from stream.config import Settings
-from stream.events import PlayEvent
+from stream.core.events import PlayEvent
+from stream.tools import stack, stack_cluster
 
 
 def _primaries(cc: stack_cluster.ClusterConfig) -> dict[int, int]:

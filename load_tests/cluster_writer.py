@@ -2,7 +2,7 @@
 
     python -m load_tests.cluster_writer --docs 20000
 
-Starts a Redis Cluster through stream.stack_cluster (ports 17000-17005) and uses the shared
+Starts a Redis Cluster through stream.tools.stack_cluster (ports 17000-17005) and uses the shared
 single Redis (127.0.0.1:6379); writes ``--docs`` listener documents (~1 KB) through
 RecoWriter in batches of 512 and prints wall and CPU seconds per 1,000 documents. Bounded
 by ``--docs``; keys are deleted afterwards.
@@ -18,8 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from stream import stack, stack_cluster
-from stream.store import PendingWrite, RecoWriter, connect_async
+from stream.adapters.redis_store import PendingWrite, RecoWriter, connect_async
+from stream.tools import stack, stack_cluster
 
 
 async def _run(url: str, prefix: str, docs: int) -> dict[str, float]:

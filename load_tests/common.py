@@ -25,8 +25,8 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from stream.adapters.kafka import client_kwargs
 from stream.config import Settings, load_settings
-from stream.kafka_io import client_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "load_tests" / "results"
@@ -140,7 +140,7 @@ def start_worker(
 ) -> Proc:
     port = free_port()
     env = {**worker_env(rid, topic, port), **(extra_env or {})}
-    proc = spawn(name, [sys.executable, "-m", "stream.cli", "worker"], env, log_dir, tree)
+    proc = spawn(name, [sys.executable, "-m", "stream.tools.cli", "worker"], env, log_dir, tree)
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     return proc
 
@@ -378,7 +378,7 @@ def baseline_tree(commit: str | None) -> Iterator[Path | None]:
             # for a checkout: a cold cache made the baseline worker compile after joining
             # its group and start every freshness run with a backlog
             warm = subprocess.run(
-                [sys.executable, "-c", "from stream.recommender import warm_up; warm_up()"],
+                [sys.executable, "-c", "from stream.core.recommender import warm_up; warm_up()"],
                 cwd=base, env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True,
                 text=True, timeout=600,
             )

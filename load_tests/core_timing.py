@@ -14,9 +14,9 @@ from pathlib import Path
 
 from river import optim, reco
 
-from stream.datasets import default_datasets_dir, load_events
-from stream.recommender import VARIANTS, Recommender
-from stream.session import update_session
+from stream.core.recommender import VARIANTS, Recommender
+from stream.core.session import update_session
+from stream.tools.datasets import default_datasets_dir, load_events
 
 
 def _per_call_us(samples: list[float]) -> dict[str, float]:

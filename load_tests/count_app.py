@@ -1,11 +1,11 @@
 """Baseline (b): a Faust agent that only counts events -- Faust's own per-event cost.
 
-Same broker/consumer settings as the worker (stream/app.py: at-least-once, commit every 1000
+Same broker/consumer settings as the worker (stream/worker/app.py: at-least-once, commit every 1000
 or 1 s, stream buffer 4096, raw bytes, ``stream.events()``), but memory store, no table and
 its own app id. Configured by env: LT_APP_ID, LT_TOPIC, LT_PARTITIONS, LT_PROGRESS (a file it
 appends ``<epoch s> <count>`` to every LT_EVERY events), LT_EXPECT (writes a final line when
 reached), LT_FAST_DRAIN=1 (the worker's own Faust changes: the direct hand-over,
-stream/fastdrain.py, and since session 8 the consumer on the event loop, stream/inloop.py;
+stream/faustx/delivery.py, and since session 8 the consumer on the event loop, stream/faustx/consumer.py;
 for the stricter comparison in docs/benchmarks.md). Run by load_tests.throughput; by hand:
 
     LT_APP_ID=lt-count LT_TOPIC=plays LT_PROGRESS=/tmp/count.txt python -m load_tests.count_app
@@ -18,8 +18,8 @@ import time
 
 import faust
 
-from stream.app import broker_url
 from stream.config import load_settings
+from stream.worker.app import broker_url
 
 settings = load_settings()
 app_id = os.environ["LT_APP_ID"]
@@ -64,13 +64,13 @@ async def count_plays(stream: faust.StreamT[bytes]) -> None:
 
 
 if os.environ.get("LT_FAST_DRAIN") == "1":
-    from stream.fastdrain import fast_delivery
-    from stream.inloop import consume_in_loop
+    from stream.faustx.consumer import consume_in_loop
+    from stream.faustx.delivery import fast_delivery
 
     consume_in_loop(app)  # before fast_delivery creates app.consumer
     fast_delivery(app)
 
 if __name__ == "__main__":
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
-    worker.spinner = None  # as stream.app.run_worker: no DEBUG root logger for the spinner
+    worker.spinner = None  # as stream.worker.app.run_worker: no DEBUG root logger for the spinner
     worker.execute_from_commandline()

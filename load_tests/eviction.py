@@ -5,7 +5,7 @@ Builds a recommender whose catalogue is ``--tracks`` + 1 tracks (the worker evic
 catalogue passes ``max_tracks``, down to 90 % of it), then evicts, adds 10 % fresh tracks
 and evicts again, ``--rounds`` times, timing each eviction. Odd rounds evict inline (the
 time an event loop would be held if it ran there); even rounds evict in a thread as the
-worker does (stream.app), with a 1 ms lag probe on an asyncio loop beside it: its longest
+worker does (stream.worker.app), with a 1 ms lag probe on an asyncio loop beside it: its longest
 lag is what the event loop feels. The catalogue is synthetic (no public
 log has 500k tracks here): skewed sessions of 10 plays over the catalogue, learned by the
 popularity, co-occurrence and MF models exactly as in the worker (the skip model and the
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from stream.models.base import Interaction
-from stream.recommender import Recommender, warm_up
-from stream.watchdog import LoopLagProbe
+from stream.core.models.base import Interaction
+from stream.core.recommender import Recommender, warm_up
+from stream.worker.watchdog import LoopLagProbe
 
 SESSION = 10
 
@@ -75,7 +75,7 @@ def build(n_tracks: int, plays_per_track: float, seed: int) -> tuple[Recommender
 
 
 async def evict_beside_loop(rec: Recommender, keep: int) -> tuple[int, float, float, float]:
-    """Evict in a thread (as stream.app does) while a 1 ms lag probe runs on this loop;
+    """Evict in a thread (as stream.worker.app does) while a 1 ms lag probe runs on this loop;
     returns (evicted, seconds, longest loop lag, longest lag of the same probe over as long
     a span just before, with no eviction: the machine's own noise)."""
     probe = LoopLagProbe(on_lag=lambda _s: None, interval_s=0.001)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tracks < 10 or args.rounds < 1:
         p.error("--tracks must be >= 10 and --rounds >= 1")
     cap = args.tracks
-    keep = int(cap * 0.9)  # as stream.pipeline.Processor._evict
+    keep = int(cap * 0.9)  # as stream.processing.pipeline.Processor._evict
     warm_up()  # as the worker does before it joins: kernels compiled or loaded from cache
     rec, next_track = build(cap + 1, args.plays_per_track, args.seed)
     rounds: list[dict[str, Any]] = []

@@ -16,7 +16,7 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults rebalance-storm --rate 300 --report storm.json  # 3 workers
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
-:mod:`stream.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
+:mod:`stream.tools.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
 is bounded by count and time.
 
 What "exactly once in user state" means here: every produced event has a unique event id;
@@ -48,12 +48,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from stream import stack
+from stream.adapters.kafka import ensure_topics, make_producer, read_topic
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings, load_settings
-from stream.events import PlayEvent, Rejection, parse_event
-from stream.kafka_io import ensure_topics, make_producer, read_topic
-from stream.producer import SyntheticTraffic
-from stream.store import RecoReader
+from stream.core.events import PlayEvent, Rejection, parse_event
+from stream.tools import stack
+from stream.tools.producer import SyntheticTraffic
 
 
 class DrillFailed(Exception):
@@ -79,7 +79,7 @@ class Worker(Protocol):
 
 StartWorker = Callable[[Settings], Worker]
 
-#: Faust reads these from the environment (app.py does not set them). A SIGKILLed worker
+#: Faust reads these from the environment (stream/worker/app.py does not set them). A SIGKILLed worker
 #: never leaves its consumer group: its partitions move only after the session timeout
 #: (Faust's default 60 s). Drills restart workers within seconds, so use 6 s (the broker's
 #: group.min.session.timeout.ms) with a 1 s heartbeat.
@@ -112,7 +112,7 @@ class LocalWorker:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "worker"],
+                [sys.executable, "-m", "stream.tools.cli", "worker"],
                 env=settings_env(self.settings) | FAST_FAILOVER_ENV,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -222,7 +222,7 @@ class BackgroundProducer(threading.Thread):
             yield ev
 
     def run(self) -> None:
-        from stream.producer import produce_events
+        from stream.tools.producer import produce_events
 
         try:
             self.count = asyncio.run(
@@ -295,7 +295,7 @@ def compare(reader: RecoReader, expected: dict[str, int]) -> dict[str, Any]:
         pipe.get(f"{reader.prefix}{u}")
     lost = double = missing = no_recs = inconsistent = 0
     examples: list[dict[str, Any]] = []
-    from stream.store import RecoDocument
+    from stream.adapters.redis_store import RecoDocument
 
     for u, raw in zip(users, pipe.execute(), strict=True):
         if raw is None:
@@ -347,7 +347,7 @@ def _clean(result: dict[str, Any]) -> bool:
 
 def stall_diagnostics(worker: Worker, wait_s: float = 3.0, max_chars: int = 30_000) -> dict:
     """What a worker that did not catch up was doing: its event counters and lag, the
-    worker's own ``stream stalled`` warnings (asyncio task stacks, see stream.watchdog) and
+    worker's own ``stream stalled`` warnings (asyncio task stacks, see stream.worker.watchdog) and
     every thread's stack (mode's worker dumps them on SIGUSR1) -- so a failed drill in CI
     says where the worker was stuck without a rerun."""
     if worker.proc is None or worker.proc.poll() is not None:
@@ -595,7 +595,7 @@ def broker_restart(
 
 
 async def _produce(settings: Settings, events: list[PlayEvent]) -> int:
-    from stream.producer import produce_events
+    from stream.tools.producer import produce_events
 
     return await produce_events(settings, events, progress=False)
 

@@ -49,7 +49,7 @@ from load_tests.common import (
 )
 from load_tests.traffic import make_events, produce, source_label
 from stream.config import Settings
-from stream.events import PlayEvent
+from stream.core.events import PlayEvent
 
 Sample = dict[str, Any]
 
@@ -103,7 +103,7 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
     warm = int(args.rate * args.warmup)
     events = make_events(args.source, warm + total, users=args.users)
     # create the topic before the worker so it gets --partitions
-    from stream.kafka_io import ensure_topics
+    from stream.adapters.kafka import ensure_topics
 
     await ensure_topics(settings)
     # --workers N: one consumer group, the Kafka way (partitions split between them)

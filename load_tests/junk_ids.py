@@ -36,10 +36,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from stream.adapters.kafka import ensure_topics, make_producer
 from stream.config import Settings
-from stream.datasets import default_datasets_dir, load_events
-from stream.events import PlayEvent, encode_event
-from stream.kafka_io import ensure_topics, make_producer
+from stream.core.events import PlayEvent, encode_event
+from stream.tools.datasets import default_datasets_dir, load_events
 
 JUNK_CONTEXTS = ("playlist", "Radio", "editorial_playlist")
 
@@ -197,7 +197,7 @@ def junk_ids(
     plot: Path | None = None,
 ) -> dict[str, Any]:
     """Run the drill (see the module docstring); returns the JSON-ready report."""
-    from stream.store import RecoReader
+    from stream.adapters.redis_store import RecoReader
 
     tag = settings.redis_prefix.split(":")[0]
     asyncio.run(ensure_topics(settings))
@@ -448,7 +448,7 @@ def noise_probe(seconds: float, out: Path) -> None:
     """A process that does nothing but run the worker's 10 ms loop-lag probe: the lag the
     machine itself causes (other processes' CPU use) while the drill runs. Writes its
     longest lag and counts over 20 / 50 ms to ``out`` at the end (or on SIGTERM)."""
-    from stream.watchdog import LoopLagProbe
+    from stream.worker.watchdog import LoopLagProbe
 
     lags: list[float] = []
     probe = LoopLagProbe(on_lag=lags.append)
@@ -494,8 +494,8 @@ def _rss_growth(mode: str, n: int) -> int:
     import gc
 
     from load_tests.faults import rss_bytes
-    from stream.recommender import Recommender
-    from stream.session import update_session
+    from stream.core.recommender import Recommender
+    from stream.core.session import update_session
 
     def event(i: int) -> PlayEvent:
         return PlayEvent(f"j0000000-ju{i}", f"j0000000-jt{i}", 1_700_000_000_000 + i, 100_000,

@@ -1,7 +1,7 @@
 """P3 memory: bytes per active listener's state at 100k listeners, and the item-side model
 memory against dense float32 factor matrices. In-process, no Kafka: the real
-:class:`stream.pipeline.Processor` with a dict as the session table and the real
-:class:`stream.recommender.Recommender`, fed synthetic sessions until ``--users`` listeners
+:class:`stream.processing.pipeline.Processor` with a dict as the session table and the real
+:class:`stream.core.recommender.Recommender`, fed synthetic sessions until ``--users`` listeners
 have state.
 
 Per listener it reports
@@ -14,7 +14,7 @@ Per listener it reports
   track-id strings the rings point at (counted once, on the item side).
 
 Item side: the recommender's own ``memory_footprint()``-style method if it has one, else an
-exact deep walk of every model attribute (and stream.sizing's sampled estimate, what the
+exact deep walk of every model attribute (and stream.core.sizing's sampled estimate, what the
 worker exports), compared with ``n_items x n_factors x 4`` bytes (dense float32).
 
 Ranking keeps no state, so by default it is skipped to feed 100k listeners in a minute or
@@ -44,10 +44,10 @@ from tqdm import tqdm
 from load_tests.common import Report, percentiles, run_id, table
 from load_tests.traffic import SessionTraffic, make_events, source_label
 from stream.config import load_settings
-from stream.events import PlayEvent, encode_event
-from stream.pipeline import Processor, Record
-from stream.recommender import Recommender
-from stream.sizing import model_memory_bytes
+from stream.core.events import PlayEvent, encode_event
+from stream.core.recommender import Recommender
+from stream.core.sizing import model_memory_bytes
+from stream.processing.pipeline import Processor, Record
 
 FOOTPRINT_METHODS = ("memory_footprint", "footprint_bytes", "memory_bytes", "footprint", "nbytes")
 
@@ -88,9 +88,9 @@ def deep_size(
 
 
 def table_codec() -> Any:
-    """The worker's changelog value codec (stream.app.USER_STATE_CODEC), else Faust json."""
+    """The worker's changelog value codec (stream.worker.app.USER_STATE_CODEC), else Faust json."""
     try:
-        from stream.app import USER_STATE_CODEC
+        from stream.worker.app import USER_STATE_CODEC
 
         return codecs.get_codec(USER_STATE_CODEC)
     except ImportError:
@@ -426,7 +426,7 @@ def print_summary(label: str, users: dict[str, Any], items: dict[str, Any]) -> N
         print(f"  {k}: {v:,} B")
     if "recommender_footprint" in items:
         print(f"  recommender says: {items['recommender_footprint']}")
-    print(f"  stream.sizing estimate (what /metrics exports): {items['sizing_estimate_bytes']}")
+    print(f"  stream.core.sizing estimate (what /metrics exports): {items['sizing_estimate_bytes']}")
 
 
 if __name__ == "__main__":

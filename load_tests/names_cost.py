@@ -16,17 +16,17 @@ import statistics
 import time
 import timeit
 
-from stream.catalog import TrackCatalog
 from stream.config import load_settings
-from stream.datasets import default_datasets_dir, load_events
-from stream.events import PlayEvent, encode_event
-from stream.pipeline import Processor, Record
-from stream.ranking import Recommendation
+from stream.core.catalog import TrackCatalog
+from stream.core.events import PlayEvent, encode_event
+from stream.core.ranking import Recommendation
+from stream.processing.pipeline import Processor, Record
+from stream.tools.datasets import default_datasets_dir, load_events
 
 
 def run_once(events: list[PlayEvent], batch: int) -> float:
     """Microseconds per play for the whole stream through a fresh Processor."""
-    from stream.recommender import Recommender
+    from stream.core.recommender import Recommender
 
     proc = Processor(load_settings(env={}, file=None), Recommender(), {}, lambda _w: None,
                      lambda _d: None, clock=lambda: events[-1].ts_ms / 1000 + 1,

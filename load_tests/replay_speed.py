@@ -30,15 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stream.datasets import default_datasets_dir
+from stream.tools.datasets import default_datasets_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _RUN = """
 import json, sys, time
 from river import optim, reco
-from stream.datasets import load_events
-from stream.replay import replay
+from stream.tools.datasets import load_events
+from stream.tools.replay import replay
 events = load_events(sys.argv[1], "movielens", limit=int(sys.argv[2]))
 
 def funk_us():  # machine-speed probe: river FunkMF updates, the issue's reference (~9 us)

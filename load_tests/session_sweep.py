@@ -20,9 +20,9 @@ import sys
 import time
 from typing import Any
 
-from stream.datasets import FORMATS, load_events
-from stream.recommender import VARIANTS, Recommender
-from stream.replay import replay
+from stream.core.recommender import VARIANTS, Recommender
+from stream.tools.datasets import FORMATS, load_events
+from stream.tools.replay import replay
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,8 +42,8 @@ from load_tests.common import (
     wait_assigned,
 )
 from load_tests.traffic import make_events, produce, source_label
+from stream.adapters.kafka import client_kwargs
 from stream.config import Settings
-from stream.kafka_io import client_kwargs
 
 Series = list[tuple[float, int]]  # (epoch seconds, events done so far)
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
+from stream.adapters.kafka import ensure_topics, make_producer
 from stream.config import Settings, load_settings
-from stream.events import PlayEvent, encode_event
-from stream.kafka_io import ensure_topics, make_producer
+from stream.core.events import PlayEvent, encode_event
 
 CONTEXTS = ("playlist", "album", "radio", "search", "artist")
 CONTEXT_WEIGHTS = (0.45, 0.2, 0.2, 0.1, 0.05)
@@ -155,8 +155,8 @@ def _zipf_cdf(n: int, s: float) -> list[float]:
 def dataset_events(
     source: str, path: str | None = None, limit: int | None = None
 ) -> list[PlayEvent]:
-    """A real log from ``../shared/datasets`` (or ``path``) via :func:`stream.datasets.load_events`."""
-    from stream.datasets import default_datasets_dir, load_events
+    """A real log from ``../shared/datasets`` (or ``path``) via :func:`stream.tools.datasets.load_events`."""
+    from stream.tools.datasets import default_datasets_dir, load_events
 
     folder = {
         "movielens": "movielens-100k",

@@ -38,6 +38,6 @@ PY="${PYTHON:-python3}"
 echo "[setup] pip install -e '.[dev]'"
 "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "Running pip as the 'root' user" || true
 echo "[setup] compiling the recommender's numba kernels (cached next to the package)"
-"$PY" -c "from stream.recommender import warm_up; print('[setup] kernels ready in %.1f s' % warm_up())"
+"$PY" -c "from stream.core.recommender import warm_up; print('[setup] kernels ready in %.1f s' % warm_up())"
 "$PY" -c "import stream, faust, river, redis, prometheus_client" # fail loudly if install broke
 echo "[setup] done"

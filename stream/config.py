@@ -53,7 +53,7 @@ class Settings:
     min_insync_replicas: int = 0
     #: acknowledgements every producer of the worker waits for: Faust's (changelog, DLQ,
     #: signals; faust-streaming's own default ``producer_acks=-1`` is already "all") and
-    #: stream.kafka_io.make_producer's (aiokafka defaults to 1 unless idempotent). "all"
+    #: stream.adapters.kafka.make_producer's (aiokafka defaults to 1 unless idempotent). "all"
     #: (with min_insync_replicas=2 on 3 brokers) loses no acknowledged record when one
     #: broker dies; "1" acknowledges once the leader alone has it.
     kafka_acks: str = "all"
@@ -63,12 +63,12 @@ class Settings:
     kafka_sasl_password: str = ""
     kafka_ssl_cafile: str = ""
     #: longest the broker may hold an empty fetch (Faust's own value is 1,500 ms; see
-    #: stream.app.limit_fetch_wait)
+    #: stream.worker.app.limit_fetch_wait)
     kafka_fetch_max_wait_ms: int = 100
     #: bytes a fetch waits for (up to kafka_fetch_max_wait_ms) before the broker answers
     kafka_fetch_min_bytes: int = 1
     #: run Faust's Kafka consumer in its own thread (Faust's default) instead of on the
-    #: worker's event loop (stream.inloop: at 1,000 events/s the thread's hand-overs cost
+    #: worker's event loop (stream.faustx.consumer: at 1,000 events/s the thread's hand-overs cost
     #: ~7 ms of freshness p50; the thread only helps an agent that blocks for seconds)
     kafka_consumer_thread: bool = False
     # Table storage: memory:// (rebuilt from the changelog at start) or rocksdb://
@@ -149,7 +149,7 @@ class Settings:
     #: forget tombstones (restore drops forgotten listeners) are kept this long; at least
     #: checkpoint_max_age_s (0 = forever)
     forget_tombstone_ttl_s: float = 90 * 24 * 3600
-    #: keys that sign and verify track signals and control commands (stream.auth):
+    #: keys that sign and verify track signals and control commands (stream.processing.auth):
     #: ``kid:secret[,kid:secret...]``, the first signs, any verifies. Empty: signals are
     #: neither sent nor applied and control commands are refused, unless worker_insecure
     worker_keys: str = ""
@@ -168,7 +168,7 @@ class Settings:
     metrics_port: int = 8000
     log_level: str = "info"
     #: warn (once per episode, with every asyncio task's stack) when messages wait but none
-    #: has been applied for this long; see stream.watchdog
+    #: has been applied for this long; see stream.worker.watchdog
     stall_warning_s: float = 15.0
     #: every this many seconds, collect the young garbage and move every surviving object
     #: out of the cyclic garbage collector's full scans (gc.freeze; 0 = never after
@@ -348,7 +348,7 @@ def validate(s: Settings) -> Settings:
     if s.checkpoint_interval_s < 0:
         raise bad("checkpoint_interval_s", "must be >= 0 (0 disables checkpoints)")
     try:
-        from stream.checkpoint import KeySet
+        from stream.core.checkpoint import KeySet
 
         KeySet.parse(s.checkpoint_keys)
     except ValueError as exc:
@@ -423,7 +423,7 @@ def validate(s: Settings) -> Settings:
         "SCRAM-SHA-512",
     ):
         raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
-    from stream.auth import KeyRing
+    from stream.processing.auth import KeyRing
 
     try:
         KeyRing.parse(s.worker_keys)
@@ -438,7 +438,8 @@ _TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU
 
 
 def redis_auth(s: Settings) -> dict[str, Any]:
-    """Redis credentials and TLS files as keyword arguments for stream.store clients."""
+    """Redis credentials and TLS files as keyword arguments for stream.adapters.redis_store
+    clients."""
     return {
         "password": s.redis_password,
         "username": s.redis_username,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.datasets import default_datasets_dir
+from stream.tools.datasets import default_datasets_dir
 
 
 @pytest.fixture(scope="session")

@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from stream import stack
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings, load_settings
-from stream.events import PlayEvent
-from stream.producer import produce_events
-from stream.store import RecoReader
+from stream.core.events import PlayEvent
+from stream.tools import stack
+from stream.tools.producer import produce_events
 
 pytestmark = pytest.mark.integration
 
@@ -85,9 +85,9 @@ def unique_settings(services: stack.StackConfig, prefix: str = "t", **overrides:
         "metrics_port": free_port(),
         "partitions": 4,
         "redis_flush_interval_ms": 1.0,
-        # workers restore and write checkpoints only with a key (stream.checkpoint)
+        # workers restore and write checkpoints only with a key (stream.core.checkpoint)
         "checkpoint_keys": f"{tag}:{uuid.uuid4().hex}",
-        # the workers sign and verify track signals and control commands (stream.auth)
+        # the workers sign and verify track signals and control commands (stream.processing.auth)
         "worker_keys": TEST_WORKER_KEYS,
     }
     return load_settings(env={}, file=None, **(values | overrides))
@@ -124,7 +124,7 @@ class WorkerProcess:
         env = settings_env(self.settings) | self.extra_env
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "worker"],
+                [sys.executable, "-m", "stream.tools.cli", "worker"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from stream.adapters.redis_store import RecoReader, checkpoint_key
 from stream.config import Settings
-from stream.datasets import load_events
-from stream.events import PlayEvent
-from stream.store import RecoReader, checkpoint_key
+from stream.core.events import PlayEvent
+from stream.tools.datasets import load_events
 from tests.procfs import child_states, children
 
 from .conftest import WorkerProcess, free_port, produce, wait_until
@@ -137,7 +137,7 @@ def test_live_quality_survives_restart(
 def test_periodic_checkpoint_is_built_off_the_loop_and_survives_a_kill(
     settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
 ) -> None:
-    """The periodic checkpoints are built in a forked child (stream.forksnap): they land
+    """The periodic checkpoints are built in a forked child (stream.worker.snapshot): they land
     in Redis, the worker's event loop is held only for the fork, no child is left behind,
     and a worker killed without a clean stop (no final checkpoint) restores the last one."""
     settings = settings.replace(checkpoint_interval_s=1.0)

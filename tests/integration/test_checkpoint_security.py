@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from stream.checkpoint import KeySet, open_models, pack_state, seal, seal_models, settings_keys
+from stream.adapters.redis_store import RecoReader, checkpoint_key, tombstone_member, tombstones_key
 from stream.config import Settings
-from stream.datasets import load_events
-from stream.recommender import Recommender
-from stream.store import RecoReader, checkpoint_key, tombstone_member, tombstones_key
+from stream.core.checkpoint import KeySet, open_models, pack_state, seal, seal_models, settings_keys
+from stream.core.recommender import Recommender
+from stream.tools.datasets import load_events
 
 from .conftest import produce, settings_env, wait_until
 from .test_forget import send_forget
@@ -142,14 +142,14 @@ def test_a_forget_is_not_undone_by_a_crash_and_a_restore(
     assert reader.get(victim) is None
     # the operator's view: `stream checkpoint` verifies it as the worker does
     out = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "checkpoint", "--user", victim, "--json"],
+        [sys.executable, "-m", "stream.tools.cli", "checkpoint", "--user", victim, "--json"],
         env=settings_env(settings), capture_output=True, text=True, timeout=120, check=True,
     )
     info = json.loads(out.stdout)
     assert info["valid"] and info["kid"] == settings_keys(settings).ids[0]
     assert info["user_has_factors"] is False and info["listeners"] == len(restored)
     forged = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "checkpoint", "--json"],
+        [sys.executable, "-m", "stream.tools.cli", "checkpoint", "--json"],
         env=settings_env(settings.replace(checkpoint_keys=f"{info['kid']}:{'x' * 32}")),
         capture_output=True, text=True, timeout=120,
     )

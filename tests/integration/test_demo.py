@@ -11,9 +11,9 @@ import urllib.request
 
 import pytest
 
-from stream import stack
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.store import RecoReader
+from stream.tools import stack
 
 from .conftest import settings_env
 
@@ -27,7 +27,7 @@ def test_demo_leaves_a_live_worker_and_prints_named_lists(
     env["STREAM_STATE_DIR"] = str(stack_config.state_dir)
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "demo", "--count", "3000", "--rate", "1000"],
+            [sys.executable, "-m", "stream.tools.cli", "demo", "--count", "3000", "--rate", "1000"],
             env=env, capture_output=True, text=True, timeout=400,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

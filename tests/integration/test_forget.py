@@ -14,13 +14,13 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream.auth import KeyRing
+from stream.adapters.kafka import client_kwargs, make_producer
+from stream.adapters.redis_store import RecoReader, checkpoint_key, load_checkpoint
 from stream.config import Settings, redis_auth
-from stream.control import forget_record
-from stream.datasets import load_events
-from stream.events import PlayEvent
-from stream.kafka_io import client_kwargs, make_producer
-from stream.store import RecoReader, checkpoint_key, load_checkpoint
+from stream.core.events import PlayEvent
+from stream.processing.auth import KeyRing
+from stream.processing.control import forget_record
+from stream.tools.datasets import load_events
 
 from .conftest import WorkerProcess, produce, wait_until
 
@@ -163,7 +163,7 @@ def test_forget_then_sigkill_restores_no_trace_of_the_listener(
 def checkpointed_models(settings: Settings) -> Any:
     """The recommender in the app's checkpoint in Redis, opened (and verified) as the worker
     opens it, but without dropping forgotten listeners: what the checkpoint itself holds."""
-    from stream.checkpoint import open_checks, open_models
+    from stream.core.checkpoint import open_checks, open_models
 
     blob = load_checkpoint(
         settings.redis_url,

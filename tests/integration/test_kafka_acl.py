@@ -1,6 +1,6 @@
 """Least privilege on a real secured broker (SASL_SSL with SCRAM-SHA-512, KRaft
 StandardAuthorizer, deny by default), started through the project's stack code
-(`stream stack up kafka-secure`, stream.kafka_secure) from configs/kafka/secure/: the worker
+(`stream stack up kafka-secure`, stream.tools.stack_secure) from configs/kafka/secure/: the worker
 runs end to end with exactly the ACLs of acls.json, and every other principal is refused
 where it must be.
 
@@ -26,12 +26,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFailedError
 
-from stream import kafka_secure as ks
-from stream import stack
+from stream.adapters.kafka import client_kwargs, ensure_topics, make_producer, read_topic
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.events import PlayEvent
-from stream.kafka_io import client_kwargs, ensure_topics, make_producer, read_topic
-from stream.store import RecoReader
+from stream.core.events import PlayEvent
+from stream.tools import stack
+from stream.tools import stack_secure as ks
 
 from .conftest import free_port, produce, settings_env, unique_settings, wait_until
 
@@ -42,7 +42,7 @@ NOT_ADMIN = ("worker", "producer", "reader")
 
 def stack_cli(env: dict[str, str], *args: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "stack", *args],
+        [sys.executable, "-m", "stream.tools.cli", "stack", *args],
         env=env, capture_output=True, text=True, timeout=240,
     )
     if proc.returncode != 0:
@@ -129,7 +129,7 @@ async def consume_one(s: Settings, topic: str, group: str | None) -> bytes | Non
 
 def forget_cli(s: Settings, user: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", "forget", user],
+        [sys.executable, "-m", "stream.tools.cli", "forget", user],
         env=settings_env(s), capture_output=True, text=True, timeout=90,
     )
 

@@ -1,5 +1,5 @@
 """The worker on a real 3-broker Kafka KRaft cluster, started through the project's own
-stack code (stream.stack_cluster) on ports 29092-29094 (controllers 29192-29194).
+stack code (stream.tools.stack_cluster) on ports 29092-29094 (controllers 29192-29194).
 
 Redis is the shared single node. The cluster is started once for the module and stopped at
 teardown; a cluster that does not start FAILS the tests.
@@ -19,12 +19,12 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from stream import stack, stack_cluster
+from stream.adapters.kafka import signals_topic
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.datasets import load_events
 from stream.errors import StackError
-from stream.kafka_io import signals_topic
-from stream.store import RecoReader
+from stream.tools import stack, stack_cluster
+from stream.tools.datasets import load_events
 
 from .conftest import produce, unique_settings, wait_until
 
@@ -42,7 +42,7 @@ def kafka_cluster(
         stack_cluster.start_kafka_cluster(cc)
     except StackError as exc:
         stack_cluster.stop_kafka_cluster(cc)
-        pytest.fail(f"the Kafka cluster did not start through stream.stack_cluster: {exc}")
+        pytest.fail(f"the Kafka cluster did not start through stream.tools.stack_cluster: {exc}")
     yield cc
     stack_cluster.stop_kafka_cluster(cc)
 

@@ -11,12 +11,12 @@ import uuid
 
 import pytest
 
-from stream.auth import KeyRing
+from stream.adapters.kafka import ensure_topics, make_producer, read_topic
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.control import PURPOSE, encode_forget, forget_record
-from stream.events import PlayEvent, encode_event
-from stream.kafka_io import ensure_topics, make_producer, read_topic
-from stream.store import RecoReader
+from stream.core.events import PlayEvent, encode_event
+from stream.processing.auth import KeyRing
+from stream.processing.control import PURPOSE, encode_forget, forget_record
 
 from .conftest import free_port, produce, wait_until
 

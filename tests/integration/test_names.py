@@ -16,10 +16,10 @@ import jsonschema
 import orjson
 import pytest
 
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.datasets import load_events
-from stream.events import PlayEvent
-from stream.store import RecoReader
+from stream.core.events import PlayEvent
+from stream.tools.datasets import load_events
 
 from .conftest import WorkerProcess, produce, settings_env, wait_subscribed, wait_until
 
@@ -39,7 +39,7 @@ def cli(settings: Settings, *argv: str, timeout: float = 120) -> subprocess.Comp
     env = settings_env(settings) | {"PATH": os.environ["PATH"]}
     if "STREAM_STATE_DIR" in os.environ:  # where `stream stack` keeps its PID files
         env["STREAM_STATE_DIR"] = os.environ["STREAM_STATE_DIR"]
-    out = subprocess.run([sys.executable, "-m", "stream.cli", *argv], env=env,
+    out = subprocess.run([sys.executable, "-m", "stream.tools.cli", *argv], env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"stream {' '.join(argv)}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
     return out
@@ -131,7 +131,7 @@ def test_cli_documented_flags_against_the_real_stack(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"track_id": "ok"}\n{"track_id": ""}\n')
     env = settings_env(settings) | {"PATH": os.environ["PATH"]}
-    failed = subprocess.run([sys.executable, "-m", "stream.cli", "catalog", "load", str(bad)],
+    failed = subprocess.run([sys.executable, "-m", "stream.tools.cli", "catalog", "load", str(bad)],
                             env=env, capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and "bad.jsonl:2" in failed.stderr
     # produce with every documented flag (a CSV of named plays), then the names show

@@ -1,7 +1,7 @@
 """Every shipped dashboard query and rule expression returns data from a real Prometheus.
 
 The stack's Prometheus (``stream stack up``) scrapes ``127.0.0.1:9464``
-(:data:`stream.stack.TEST_METRICS_PORT`) besides the default worker port. This module starts
+(:data:`stream.tools.stack.TEST_METRICS_PORT`) besides the default worker port. This module starts
 a real ``stream worker`` with its metrics on that port, feeds it real plays (Last.fm with its
 original timestamps, so listening sessions split; the Spotify sample for play contexts and
 skips; Last.fm re-timed to now for live freshness; a few malformed records for the DLQ),
@@ -33,10 +33,10 @@ from typing import Any
 import pytest
 import yaml
 
-from stream import stack
 from stream.config import Settings
-from stream.datasets import load_events
-from stream.producer import retime
+from stream.tools import stack
+from stream.tools.datasets import load_events
+from stream.tools.producer import retime
 from tests.promqueries import RULES, dashboard_queries, raw_metrics, rule_queries
 
 from .conftest import Budget, WorkerProcess, produce, unique_settings, wait_until

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from stream.adapters.kafka import read_topic
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.datasets import load_events
-from stream.events import PlayEvent, parse_event
-from stream.kafka_io import read_topic
-from stream.store import RecoReader
+from stream.core.events import PlayEvent, parse_event
+from stream.tools.datasets import load_events
 
 from .conftest import (
     collect_notifications,
@@ -174,7 +174,7 @@ def test_restart_restores_session_state_from_changelog(
     datasets_dir: Path,
     consumer_thread: bool,
 ) -> None:
-    """Both consumer modes (stream.inloop, and Faust's own thread) stop cleanly with their
+    """Both consumer modes (stream.faustx.consumer, and Faust's own thread) stop cleanly with their
     offsets committed and the changelog flushed, and a restart resumes from them."""
     settings = settings.replace(kafka_consumer_thread=consumer_thread)
     where = "in Faust's consumer thread" if consumer_thread else "on the worker's event loop"
@@ -259,7 +259,7 @@ def test_learned_ranker_worker_publishes_valid_lists(
     """STREAM_RANKER=learned (the learned blend over the session models; the default is
     the fixed blend): the worker learns and publishes full, valid lists whose reason codes
     are documented ones."""
-    from stream.ranking import REASON_TEXTS
+    from stream.core.ranking import REASON_TEXTS
 
     events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm", limit=3000)
     learned = settings.replace(ranker="learned")

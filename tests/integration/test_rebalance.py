@@ -14,9 +14,9 @@ from collections import Counter
 import pytest
 
 from load_tests.faults import FAST_FAILOVER_ENV, compare
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.events import PlayEvent
-from stream.store import RecoReader
+from stream.core.events import PlayEvent
 
 from .conftest import WorkerProcess, free_port, produce, wait_until
 from .test_scale_out import owned_partitions, users_by_partition

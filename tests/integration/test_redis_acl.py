@@ -1,5 +1,6 @@
 """Least privilege on the real Redis (issue 15, item 6): a private redis-server that admits
-only the users of ``configs/redis/users.acl.in`` (started by ``stream.stack.start_acl_redis``).
+only the users of ``configs/redis/users.acl.in`` (started by
+``stream.tools.stack.start_acl_redis``).
 
 - the worker runs end to end as ``stream-worker`` and nothing else: plays in, listener
   documents, similar lists and notifications out, a checkpoint written and restored, and the
@@ -24,10 +25,10 @@ import pytest
 import redis
 from redis.exceptions import AuthenticationError, NoPermissionError
 
-from stream import stack
+from stream.adapters.redis_store import WRITE_SCRIPT, RecoReader, checkpoint_key, same_slot_key
 from stream.config import Settings
-from stream.events import PlayEvent
-from stream.store import WRITE_SCRIPT, RecoReader, checkpoint_key, same_slot_key
+from stream.core.events import PlayEvent
+from stream.tools import stack
 
 from .conftest import (
     WorkerProcess,

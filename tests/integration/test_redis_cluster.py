@@ -1,5 +1,5 @@
 """The worker on a real Redis Cluster (3 primaries + 3 replicas), started through the
-project's own stack code (stream.stack_cluster) on ports 17000-17005 (buses 27000-27005).
+project's own stack code (stream.tools.stack_cluster) on ports 17000-17005 (buses 27000-27005).
 
 Kafka is the shared single broker; Redis is only the cluster. The module's cluster is
 started once and stopped at teardown; a cluster that does not start FAILS the tests.
@@ -23,11 +23,17 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from stream import stack, stack_cluster
+from stream.adapters.redis_store import (
+    PendingWrite,
+    RecoReader,
+    RecoWriter,
+    checkpoint_key,
+    connect_async,
+)
 from stream.config import Settings
-from stream.datasets import load_events
 from stream.errors import StackError
-from stream.store import PendingWrite, RecoReader, RecoWriter, checkpoint_key, connect_async
+from stream.tools import stack, stack_cluster
+from stream.tools.datasets import load_events
 
 from .conftest import produce, settings_env, unique_settings, wait_subscribed, wait_until
 
@@ -47,7 +53,7 @@ def redis_cluster(
         stack_cluster.start_redis_cluster(cc)
     except StackError as exc:
         stack_cluster.stop_redis_cluster(cc)
-        pytest.fail(f"the Redis Cluster did not start through stream.stack_cluster: {exc}")
+        pytest.fail(f"the Redis Cluster did not start through stream.tools.stack_cluster: {exc}")
     yield cc
     stack_cluster.stop_redis_cluster(cc)
 
@@ -150,7 +156,7 @@ def test_worker_writes_lists_notifications_and_checkpoints_on_redis_cluster(
 
 def _run_worker_cli(s: Settings) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker"],
+        [sys.executable, "-m", "stream.tools.cli", "worker"],
         env=settings_env(s), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.events import PlayEvent
-from stream.store import RecoReader
+from stream.core.events import PlayEvent
 
 from .conftest import WorkerProcess, produce, wait_until
 

@@ -7,7 +7,7 @@ load_tests.faults``; see docs/reliability.md).
   consuming, counts and logs the errors, and brings Redis up to date when it returns;
 - broker restart: a PRIVATE Kafka broker is restarted under a running worker;
 - hostile input: 2k fuzzed records; each rejected one is in the DLQ with the reason
-  :func:`stream.events.parse_event` gives, each valid one applied once, RSS bounded.
+  :func:`stream.core.events.parse_event` gives, each valid one applied once, RSS bounded.
 """
 
 from __future__ import annotations

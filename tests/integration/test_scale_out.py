@@ -1,6 +1,6 @@
 """Two workers in one consumer group: listeners are split by partition, nothing is lost or
 double-counted, and each worker's item-side models learn from the other's plays through
-the track-signals topic (stream/sharing.py)."""
+the track-signals topic (stream/processing/replication.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.events import PlayEvent
-from stream.store import RecoReader
+from stream.core.events import PlayEvent
 
 from .conftest import WorkerProcess, free_port, produce, wait_until
 

@@ -18,13 +18,13 @@ import pytest
 import redis
 from aiokafka.errors import KafkaConnectionError
 
-from stream import stack
+from stream.adapters.kafka import KafkaUnavailable, client_kwargs
+from stream.adapters.redis_store import RecoReader, connect_async
 from stream.config import Settings
-from stream.datasets import load_events
-from stream.events import PlayEvent
-from stream.kafka_io import KafkaUnavailable, client_kwargs
-from stream.producer import retime
-from stream.store import RecoReader, connect_async
+from stream.core.events import PlayEvent
+from stream.tools import stack
+from stream.tools.datasets import load_events
+from stream.tools.producer import retime
 
 from .conftest import TlsFiles, free_port, produce, settings_env, wait_until
 
@@ -172,7 +172,7 @@ def test_worker_over_sasl_kafka_and_tls_redis_leaks_no_secret(
     log_text = worker.log_text()
     metrics_text = worker.metrics()
     config_out = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "config"], env=settings_env(s),
+        [sys.executable, "-m", "stream.tools.cli", "config"], env=settings_env(s),
         capture_output=True, text=True, timeout=60,
     )
     assert config_out.returncode == 0, config_out.stderr

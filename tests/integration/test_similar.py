@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from stream.adapters.redis_store import RecoReader
 from stream.config import Settings
-from stream.datasets import load_events
-from stream.store import RecoReader
+from stream.tools.datasets import load_events
 
 from .conftest import produce, settings_env, wait_until
 
@@ -36,7 +36,7 @@ def test_similar_lists_for_played_tracks(
 
     env = settings_env(settings) | {"PATH": os.environ["PATH"]}
     out = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "similar", top_track],
+        [sys.executable, "-m", "stream.tools.cli", "similar", top_track],
         env=env,
         capture_output=True,
         text=True,

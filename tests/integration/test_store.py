@@ -9,9 +9,7 @@ import time
 import orjson
 import pytest
 
-from stream.config import Settings
-from stream.recommender import Recommendation
-from stream.store import (
+from stream.adapters.redis_store import (
     BAD_SEQ,
     WRITE_SCRIPT,
     WRONG_TYPE,
@@ -23,6 +21,8 @@ from stream.store import (
     encode_document,
     save_checkpoint,
 )
+from stream.config import Settings
+from stream.core.recommender import Recommendation
 
 from .conftest import collect_notifications, drain_notifications, subscribe_confirmed, wait_until
 

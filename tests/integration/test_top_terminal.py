@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from stream.config import Settings
-from stream.events import PlayEvent
+from stream.core.events import PlayEvent
 
 from .conftest import produce, wait_until
 
@@ -30,7 +30,7 @@ def test_stream_top_draws_live_metrics_in_a_terminal(settings: Settings, worker_
     wait_until(lambda: worker.metric_value("stream_events_total") >= len(plays), 60,
                what="plays applied")
     server = f"stream-top-{uuid.uuid4().hex[:8]}"  # a private tmux server
-    cmd = f"{sys.executable} -m stream.cli top --url {worker.metrics_url} --interval 0.5"
+    cmd = f"{sys.executable} -m stream.tools.cli top --url {worker.metrics_url} --interval 0.5"
     subprocess.run([tmux, "-L", server, "new-session", "-d", "-s", "top", "-x", "150", "-y",
                     "45", cmd], check=True, timeout=30)
     try:

@@ -1,6 +1,7 @@
 """Worker-to-worker signals and operator control commands: HMAC keys, validation,
-freshness and replays (stream.auth, stream.sharing, stream.control), and the rate-limited
-rejection log (stream.ratelog). Pure logic: no Kafka, no clocks."""
+freshness and replays (stream.processing.auth, stream.processing.replication,
+stream.processing.control), and the rate-limited rejection log (stream.processing.ratelog).
+Pure logic: no Kafka, no clocks."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.auth import AUTH_REASONS, KeyRing
 from stream.config import load_settings
-from stream.control import ControlCommand, ControlGate, encode_forget, forget_record
+from stream.core.events import MAX_FUTURE_MS, Rejection
 from stream.errors import ConfigError
-from stream.events import MAX_FUTURE_MS, Rejection
-from stream.ratelog import RateLimitedLog
-from stream.sharing import (
+from stream.processing.auth import AUTH_REASONS, KeyRing
+from stream.processing.control import ControlCommand, ControlGate, encode_forget, forget_record
+from stream.processing.ratelog import RateLimitedLog
+from stream.processing.replication import (
     HISTORY_SENT,
     MAX_SIGNALS_PER_MESSAGE,
     SIGNAL_REJECTION_REASONS,
@@ -367,7 +368,7 @@ def test_rate_limited_log_writes_to_its_logger(caplog: pytest.LogCaptureFixture)
 def test_stream_forget_refuses_to_send_an_unsigned_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stream.cli import main
+    from stream.tools.cli import main
 
     for name in ("STREAM_WORKER_KEYS", "STREAM_WORKER_INSECURE", "STREAM_CONFIG"):
         monkeypatch.delenv(name, raising=False)

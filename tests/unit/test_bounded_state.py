@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from stream.config import load_settings
-from stream.contexts import CONTEXTS, fold_context
+from stream.core.contexts import CONTEXTS, fold_context
+from stream.core.events import PlayEvent
+from stream.core.models.base import Interaction
+from stream.core.models.factorization import ImplicitMF
+from stream.core.models.skip import SkipClassifier
+from stream.core.recommender import Recommender
+from stream.core.session import update_session
 from stream.errors import ConfigError
-from stream.events import PlayEvent
-from stream.models.base import Interaction
-from stream.models.factorization import ImplicitMF
-from stream.models.skip import SkipClassifier
-from stream.recommender import Recommender
-from stream.session import update_session
 
 
 def test_mf_keeps_at_most_max_users_listeners_least_recent_out() -> None:
@@ -82,7 +82,7 @@ def test_freeze_survivors_collects_young_cycles_then_freezes_the_rest() -> None:
     import gc
     import weakref
 
-    from stream.app import freeze_survivors
+    from stream.worker.app import freeze_survivors
 
     class Node:
         pass

@@ -5,12 +5,12 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from stream.catalog import TrackCatalog, TrackInfo
-from stream.events import PlayEvent, Rejection, parse_event
-from stream.ranking import Recommendation, reason_text, top_up
-from stream.recommender import Recommender
-from stream.session import update_session
-from stream.store import catalog_commands
+from stream.adapters.redis_store import catalog_commands
+from stream.core.catalog import TrackCatalog, TrackInfo
+from stream.core.events import PlayEvent, Rejection, parse_event
+from stream.core.ranking import Recommendation, reason_text, top_up
+from stream.core.recommender import Recommender
+from stream.core.session import update_session
 
 NOW = 1_700_000_000_000
 
@@ -107,10 +107,10 @@ def test_top_up_fills_from_trending_and_never_leaves_a_list_empty() -> None:
 def test_processor_writes_named_documents_tops_up_and_refreshes_short_lists() -> None:
     """Pipeline level: names from the plays reach the documents; a short list is topped
     up at once and re-ranked (same seq) by the background refresh once the catalogue grew."""
+    from stream.adapters.redis_store import PendingWrite
     from stream.config import load_settings
-    from stream.events import encode_event
-    from stream.pipeline import Processor, Record
-    from stream.store import PendingWrite
+    from stream.core.events import encode_event
+    from stream.processing.pipeline import Processor, Record
 
     writes: list[PendingWrite] = []
     p = Processor(load_settings(env={}, file=None), Recommender(), {}, writes.append,
@@ -144,7 +144,7 @@ def test_processor_writes_named_documents_tops_up_and_refreshes_short_lists() ->
 
 
 def test_loaders_pass_the_names_they_have(datasets_dir) -> None:  # type: ignore[no-untyped-def]
-    from stream.datasets import load_events
+    from stream.tools.datasets import load_events
 
     movies = load_events(datasets_dir / "movielens-100k", "movielens", limit=2000)
     assert all(e.track_name for e in movies)  # every rated movie has a title in ml-100k.item
@@ -158,7 +158,7 @@ def test_loaders_pass_the_names_they_have(datasets_dir) -> None:  # type: ignore
 
 
 def test_catalog_files_are_validated_before_anything_is_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from stream.catalog_load import CatalogFileError, read_catalog_file
+    from stream.tools.catalog_load import CatalogFileError, read_catalog_file
 
     good = tmp_path / "a.csv"
     good.write_text("track_id,track_name,artist,album\nt1,Airbag,Radiohead,\nt2,,,\n")
@@ -175,7 +175,7 @@ def test_catalog_files_are_validated_before_anything_is_written(tmp_path) -> Non
 
 
 def test_catalogue_writes_waiting_for_redis_are_bounded() -> None:
-    from stream import store
+    from stream.adapters import redis_store as store
 
     writer = store.RecoWriter(None, ttl_s=60, channel="c")  # type: ignore[arg-type]
     batch = catalog_commands("track:", {}, {f"t{i}": (1, i) for i in range(1000)}, 60)

@@ -1,4 +1,4 @@
-"""The session table's batched changelog (stream.changelog): what reaches the producer.
+"""The session table's batched changelog (stream.faustx.changelog_table): what reaches the producer.
 
 A real Faust app and table (no broker: nothing connects); only the producer's ``send`` is
 replaced by a recorder whose delivery futures the test resolves.
@@ -13,9 +13,9 @@ from typing import Any
 import faust
 import pytest
 
-from stream.app import USER_STATE_CODEC, UserStateCodec, make_commit_wait_for_changelog
-from stream.changelog import BatchedChangelogTable, ChangelogSendError, batched_table
-from stream.session import UserState
+from stream.core.session import UserState
+from stream.faustx.changelog_table import BatchedChangelogTable, ChangelogSendError, batched_table
+from stream.worker.app import USER_STATE_CODEC, UserStateCodec, make_commit_wait_for_changelog
 
 
 class RecordingProducer:

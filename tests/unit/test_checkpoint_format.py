@@ -1,4 +1,4 @@
-"""stream.checkpoint: the signed, data-only checkpoint format and its refusals."""
+"""stream.core.checkpoint: the signed, data-only checkpoint format and its refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from stream.checkpoint import (
+from stream.config import load_settings
+from stream.core.checkpoint import (
     FUTURE_SKEW_MS,
     MAGIC,
     REJECT_REASONS,
@@ -22,11 +23,10 @@ from stream.checkpoint import (
     seal_models,
     unpack_state,
 )
-from stream.config import load_settings
+from stream.core.events import PlayEvent
+from stream.core.recommender import Recommender
+from stream.core.session import UserState, update_session
 from stream.errors import ConfigError
-from stream.events import PlayEvent
-from stream.recommender import Recommender
-from stream.session import UserState, update_session
 
 KEYS = KeySet.parse("k2:second-secret-0123456789,k1:first-secret-0123456789")
 NOW = 1_800_000_000_000
@@ -277,7 +277,7 @@ def test_every_stateful_part_of_the_recommender_is_in_its_checkpoint() -> None:
     """A model added to the Recommender but not to its checkpoint would silently start
     from scratch after every restart: every attribute that can export state must be one
     of the checkpointed components (or the shared vocabulary)."""
-    from stream.recommender import _COMPONENTS
+    from stream.core.recommender import _COMPONENTS
 
     rec, _ = trained(50)
     stateful = {name for name, value in vars(rec).items() if hasattr(value, "export_state")}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from stream.store import CheckpointUploadError, same_slot_key, save_checkpoint
+from stream.adapters.redis_store import CheckpointUploadError, same_slot_key, save_checkpoint
 
 
 class AppendsTwice:

@@ -13,16 +13,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = [
-    "stream/events.py",
-    "stream/session.py",
-    "stream/control.py",
-    "stream/checkpoint.py",
-    "stream/recommender.py",
-    "stream/ranking.py",
-    "stream/catalog.py",
-    "stream/evaluation.py",
-    "stream/contexts.py",
-    "stream/models",
+    "stream/core/events.py",
+    "stream/core/session.py",
+    "stream/processing/control.py",
+    "stream/core/checkpoint.py",
+    "stream/core/recommender.py",
+    "stream/core/ranking.py",
+    "stream/core/catalog.py",
+    "stream/core/evaluation.py",
+    "stream/core/contexts.py",
+    "stream/core/models",
 ]
 FORBIDDEN = ("faust", "mode", "aiokafka", "kafka", "redis", "prometheus_client")
 

@@ -13,7 +13,7 @@ from typing import Any
 import faust
 import pytest
 
-from stream.app import make_commit_wait_for_changelog
+from stream.worker.app import make_commit_wait_for_changelog
 
 SLOW_SEND_S = 0.25  # > the 0.1 s lull after which ProducerBuffer.flush gives up
 
@@ -138,7 +138,7 @@ def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> 
 
     import aiokafka
 
-    from stream.app import limit_fetch_wait
+    from stream.worker.app import limit_fetch_wait
 
     app = faust.App("fetch-wait-test", broker="kafka://127.0.0.1:1", autodiscover=False)
     thread = app.consumer._thread
@@ -166,7 +166,7 @@ def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> 
 def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
     import gc
 
-    from stream.app import freeze_startup_heap
+    from stream.worker.app import freeze_startup_heap
 
     try:
         frozen = freeze_startup_heap()

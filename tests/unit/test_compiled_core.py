@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream.datasets import load_events
-from stream.models import _kernels as _k
-from stream.models.base import Interaction
-from stream.models.cooccurrence import SessionCooccurrence
-from stream.recommender import Recommender, SeenTracks
-from stream.session import UserState, update_session
+from stream.core.models import _kernels as _k
+from stream.core.models.base import Interaction
+from stream.core.models.cooccurrence import SessionCooccurrence
+from stream.core.recommender import Recommender, SeenTracks
+from stream.core.session import UserState, update_session
+from stream.tools.datasets import load_events
 
 
 def _reference_cooc(plays: list[tuple[str, tuple[str, ...]]], window: int, decay: float,
@@ -217,10 +217,10 @@ def test_ranking_many_listeners_at_once_matches_ranking_each(
 
 
 def test_a_failing_batch_ranking_falls_back_to_one_listener_at_a_time() -> None:
+    from stream.adapters.redis_store import PendingWrite
     from stream.config import load_settings
-    from stream.events import PlayEvent
-    from stream.pipeline import Processor, Record
-    from stream.store import PendingWrite
+    from stream.core.events import PlayEvent
+    from stream.processing.pipeline import Processor, Record
 
     class Flaky(Recommender):
         def recommend_many(self, states, k, now_ms):  # type: ignore[no-untyped-def]
@@ -231,7 +231,7 @@ def test_a_failing_batch_ranking_falls_back_to_one_listener_at_a_time() -> None:
                 raise ValueError("this listener only")
             return super().recommend(state, k, now_ms, **kw)
 
-    from stream.events import encode_event
+    from stream.core.events import encode_event
 
     writes: list[PendingWrite] = []
     p = Processor(load_settings(env={}, file=None), Flaky(), {}, writes.append,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.datasets import DatasetError, load_events
+from stream.tools.datasets import DatasetError, load_events
 
 
 def test_lastfm_sample(datasets_dir: Path) -> None:
@@ -51,7 +51,7 @@ def test_bad_inputs_have_clear_errors(tmp_path: Path) -> None:
 
 
 def test_sessionrec_folder_drops_verbatim_copies(datasets_dir: Path) -> None:
-    from stream.datasets import load_sessionrec
+    from stream.tools.datasets import load_sessionrec
 
     folder = datasets_dir / "30music-200ks"
     events, dropped = load_sessionrec(folder)
@@ -65,7 +65,7 @@ def test_sessionrec_folder_drops_verbatim_copies(datasets_dir: Path) -> None:
 
 
 def test_sessionrec_files_in_name_order_and_bad_header(tmp_path: Path) -> None:
-    from stream.datasets import load_sessionrec
+    from stream.tools.datasets import load_sessionrec
 
     head = "UserId\tSessionId\tItemId\tTime\tArtistId\n"
     (tmp_path / "b.1.txt").write_text(head + "u\t8\tx\t100\ta\n")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stream import stack
+from stream.tools import stack
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

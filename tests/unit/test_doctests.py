@@ -8,14 +8,14 @@ import importlib
 import pytest
 
 MODULES = [
-    "stream.events",
-    "stream.session",
+    "stream.core.events",
+    "stream.core.session",
     "stream.config",
-    "stream.control",
-    "stream.checkpoint",
-    "stream.recommender",
-    "stream.catalog",
-    "stream.ranking",
+    "stream.processing.control",
+    "stream.core.checkpoint",
+    "stream.core.recommender",
+    "stream.core.catalog",
+    "stream.core.ranking",
 ]
 
 

@@ -1,4 +1,4 @@
-"""stream.models.drift.AdaptiveWindow against river's ADWIN: the same decisions and the
+"""stream.core.models.drift.AdaptiveWindow against river's ADWIN: the same decisions and the
 same window statistics, value for value, on real-shaped and synthetic streams."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 from river import drift
 
-from stream.models.drift import AdaptiveWindow
+from stream.core.models.drift import AdaptiveWindow
 
 
 def streams() -> dict[str, list[float]]:

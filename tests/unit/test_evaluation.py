@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from stream.evaluation import (
+from stream.core.evaluation import (
     Prequential,
     hit_at_k,
     log_loss,

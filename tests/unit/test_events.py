@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import (
+from stream.core.events import (
     MAX_EVENT_BYTES,
     REJECTION_REASONS,
     PlayEvent,

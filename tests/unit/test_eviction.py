@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from stream.datasets import load_events
-from stream.events import PlayEvent
-from stream.recommender import Recommender
-from stream.session import UserState, update_session
+from stream.core.events import PlayEvent
+from stream.core.recommender import Recommender
+from stream.core.session import UserState, update_session
+from stream.tools.datasets import load_events
 
 
 def learn(rec: Recommender, events: list[PlayEvent], states: dict[str, UserState]) -> None:
@@ -129,7 +129,7 @@ def test_eviction_moves_the_cached_factor_norms_with_their_tracks(
 ) -> None:
     import numpy as np
 
-    import stream.recommender as recommender_module
+    import stream.core.recommender as recommender_module
 
     monkeypatch.setattr(recommender_module, "_NORM_SLICE", 7)  # a partial rolling refresh
     events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]

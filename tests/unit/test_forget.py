@@ -10,17 +10,17 @@ from typing import Any
 
 import orjson
 
+from stream.adapters.redis_store import PendingWrite, RecoWriter
 from stream.config import load_settings
-from stream.events import PlayEvent, encode_event
-from stream.pipeline import Processor, Record
-from stream.recommender import Recommender
-from stream.store import PendingWrite, RecoWriter
+from stream.core.events import PlayEvent, encode_event
+from stream.core.recommender import Recommender
+from stream.processing.pipeline import Processor, Record
 
 NOW_S = 1_700_000_100.0
 
 
 class RecordingEvaluator:
-    """Stands in for stream.evaluation.Prequential: records what each play is scored
+    """Stands in for stream.core.evaluation.Prequential: records what each play is scored
     against (test-then-train)."""
 
     def __init__(self) -> None:

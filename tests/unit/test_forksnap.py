@@ -1,4 +1,4 @@
-"""stream.forksnap: a blob built in a forked child (real fork(), real pipe)."""
+"""stream.worker.snapshot: a blob built in a forked child (real fork(), real pipe)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.forksnap import ChildBuildError, build_in_child, can_fork
+from stream.worker.snapshot import ChildBuildError, build_in_child, can_fork
 from tests.procfs import child_states
 from tests.procfs import children as procfs_children
 

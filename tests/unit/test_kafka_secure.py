@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from stream import kafka_secure as ks
-from stream import stack
 from stream.config import load_settings
 from stream.errors import StackError
+from stream.tools import stack
+from stream.tools import stack_secure as ks
 
 NAMES = {"app_id": "app1", "plays_topic": "p", "dlq_topic": "d", "control_topic": "c"}
 

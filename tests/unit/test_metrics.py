@@ -7,7 +7,7 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stream.metrics import (
+from stream.adapters.metrics import (
     FRESHNESS_BUCKETS,
     LATENCY_BUCKETS,
     FastCounter,

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream.checkpoint import pack_state, unpack_state
-from stream.models import (
+from stream.core.checkpoint import pack_state, unpack_state
+from stream.core.models import (
     DecayedPopularity,
     ImplicitMF,
     Interaction,
@@ -21,8 +21,8 @@ from stream.models import (
     clone,
     get_params,
 )
-from stream.models.rules import SequentialRules
-from stream.models.stan import SessionKNN
+from stream.core.models.rules import SequentialRules
+from stream.core.models.stan import SessionKNN
 
 MODELS: dict[str, Callable[[int], Any]] = {
     "popularity": lambda seed: DecayedPopularity(seed=seed),

@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
+from stream.adapters.redis_store import PendingWrite
 from stream.config import load_settings
-from stream.events import PlayEvent, encode_event
-from stream.pipeline import DeadLetter, Processor, Record
-from stream.recommender import Recommender
-from stream.store import PendingWrite
+from stream.core.events import PlayEvent, encode_event
+from stream.core.recommender import Recommender
+from stream.processing.pipeline import DeadLetter, Processor, Record
 
 NOW_S = 1_700_000_100.0
 
@@ -116,7 +116,7 @@ def test_model_error_keeps_the_play_and_is_not_dead_lettered() -> None:
 
 
 def test_track_signals_round_trip_and_skip_garbage() -> None:
-    from stream.sharing import TrackSignal, decode_batch, encode_batch
+    from stream.processing.replication import TrackSignal, decode_batch, encode_batch
 
     now = 1_700_000_000_000
     sigs = [TrackSignal("w1", f"t{i}", now + i, i % 2 == 0, ("a", "b")) for i in range(3)]
@@ -261,9 +261,9 @@ def test_a_flood_of_rejections_logs_a_bounded_number_of_lines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Every rejection is dead-lettered (and so counted), but the log gets at most the
-    rate limit's lines per reason (stream.ratelog)."""
+    rate limit's lines per reason (stream.processing.ratelog)."""
     p, _, _, dead = make()
-    with caplog.at_level(logging.INFO, logger="stream.pipeline"):
+    with caplog.at_level(logging.INFO, logger="stream.processing.pipeline"):
         for i in range(500):
             p.process(rec(b"junk %d" % i, None))
             p.process(rec(play("u1", "a", i), b"x\n[fake] ERROR forged"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stream import stack
+from stream.tools import stack
 
 PROM = Path(__file__).resolve().parents[2] / "configs" / "prometheus"
 

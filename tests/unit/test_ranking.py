@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream.events import PlayEvent
-from stream.ranking import normalise, rank_tracks
-from stream.recommender import Recommender, SnapshotError
-from stream.session import UserState, update_session
+from stream.core.events import PlayEvent
+from stream.core.ranking import normalise, rank_tracks
+from stream.core.recommender import Recommender, SnapshotError
+from stream.core.session import UserState, update_session
 
 T0 = 1_700_000_000_000
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stream import replay
-from stream.datasets import load_events
+from stream.tools import replay
+from stream.tools.datasets import load_events
 
 
 def datasets_dir() -> Path:

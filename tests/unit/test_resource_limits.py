@@ -4,8 +4,8 @@ docs/reliability.md "Resource limits"."""
 
 from __future__ import annotations
 
-from stream.events import MAX_EVENT_BYTES, MAX_ID_LEN, PlayEvent, parse_event
-from stream.session import update_session
+from stream.core.events import MAX_EVENT_BYTES, MAX_ID_LEN, PlayEvent, parse_event
+from stream.core.session import update_session
 
 
 def test_resource_limits_exist() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import PlayEvent
-from stream.session import UserState, update_session
+from stream.core.events import PlayEvent
+from stream.core.session import UserState, update_session
 
 T0 = 1_700_000_000_000
 MIN = 60_000
@@ -150,7 +150,7 @@ def test_copy_carries_every_field_and_shares_no_container() -> None:
     import dataclasses
     from array import array
 
-    from stream.session import _SCALARS, UserState
+    from stream.core.session import _SCALARS, UserState
 
     values = {
         f.name: (f"v-{f.name}" if f.type in ("str", str) else 7 + i)
@@ -177,8 +177,8 @@ def test_a_restored_listener_shares_the_track_id_strings() -> None:
     shared ones (as parsing does live), so a restored ring holds references, not copies."""
     import sys
 
-    from stream.checkpoint import pack_state, unpack_state
-    from stream.models._vocab import Vocabulary
+    from stream.core.checkpoint import pack_state, unpack_state
+    from stream.core.models._vocab import Vocabulary
 
     track = "".join(["restored-", "track-", "42"])  # built at run time: not interned yet
     vocab = Vocabulary()

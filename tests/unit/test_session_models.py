@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream.events import PlayEvent
-from stream.models.base import Interaction
-from stream.models.blend import FEATURES, N_FEATURES, LearnedBlend
-from stream.models.rules import SequentialRules
-from stream.models.stan import SessionKNN
-from stream.recommender import VARIANTS, Recommender, SeenTracks
-from stream.session import UserState, update_session
+from stream.core.events import PlayEvent
+from stream.core.models.base import Interaction
+from stream.core.models.blend import FEATURES, N_FEATURES, LearnedBlend
+from stream.core.models.rules import SequentialRules
+from stream.core.models.stan import SessionKNN
+from stream.core.recommender import VARIANTS, Recommender, SeenTracks
+from stream.core.session import UserState, update_session
 
 
 def sessions(n_users: int = 6, n: int = 400) -> list[Interaction]:
@@ -209,7 +209,7 @@ def artist_events(n: int = 700) -> list[PlayEvent]:
 def test_checkpoint_round_trip_keeps_session_models_and_blend_sources() -> None:
     """session_knn, rules and ranker are checkpoint components; first_seen, tracks_of and
     own_history travel too: the restored recommender ranks and learns exactly alike."""
-    from stream.checkpoint import pack_state, unpack_state
+    from stream.core.checkpoint import pack_state, unpack_state
 
     rec = Recommender(seed=3, repeats=8, artist_tracks=5)
     states = run_recommender(rec, artist_events())
@@ -296,8 +296,8 @@ def test_learned_blend_reason_codes_map_to_named_reasons() -> None:
     recent play by that artist (so the catalogue can say "more by the artist of X by Y"),
     own history is "you played this before"; every code the blend emits is a key of
     REASON_TEXTS."""
-    from stream.ranking import REASON_TEXTS
-    from stream.recommender import REASON_ARTIST, REASON_OWN
+    from stream.core.ranking import REASON_TEXTS
+    from stream.core.recommender import REASON_ARTIST, REASON_OWN
 
     rec = Recommender(seed=3, artist_tracks=20, max_per_artist=None, repeats=5)
     states = run_recommender(rec, artist_events())
@@ -327,7 +327,7 @@ def test_learned_blend_reason_codes_map_to_named_reasons() -> None:
     assert all(r.anchor == "solo1" and r.reason == "more by the artist of solo1"
                for r in by_artist.values())
     # and the catalogue names the anchor in the published text
-    from stream.catalog import TrackCatalog
+    from stream.core.catalog import TrackCatalog
 
     cat = TrackCatalog()
     cat.observe("solo1", "Karma Police", "Radiohead", None, ts_ms=1)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stream import stack
 from stream.errors import StackError
+from stream.tools import stack
 
 
 def cfg(tmp_path: Path, **ports: int) -> stack.StackConfig:
@@ -67,7 +67,7 @@ def free_port() -> int:
 
 def test_down_stops_the_detached_demo_worker_first(tmp_path: Path) -> None:
     """`stream stack down` stops a worker `stream demo` left running (tracked by its PID
-    file), and only a process that really runs `stream.cli worker`."""
+    file), and only a process that really runs `stream.tools.cli worker`."""
     import subprocess
     import sys
     import time
@@ -76,7 +76,7 @@ def test_down_stops_the_detached_demo_worker_first(tmp_path: Path) -> None:
     (c.state_dir / "pids").mkdir(parents=True)
     # a stand-in for the worker: its command line carries the marker; it sleeps until stopped
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", "stream.cli", "worker"],
+        [sys.executable, "-c", "import time; time.sleep(120)", "stream.tools.cli", "worker"],
         start_new_session=True,
     )
     try:

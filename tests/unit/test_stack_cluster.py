@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stream import stack, stack_cluster
+from stream.tools import stack, stack_cluster
 from tests.unit.test_docker_compose import COMPOSE, ROOT, compose_cli
 
 
@@ -138,9 +138,9 @@ def test_cluster_settings_are_validated(env: dict[str, str], needle: str) -> Non
 
 
 def test_cluster_settings_reach_the_clients() -> None:
+    from stream.adapters.kafka import make_producer
+    from stream.adapters.redis_store import cluster_url
     from stream.config import load_settings, redis_auth
-    from stream.kafka_io import make_producer
-    from stream.store import cluster_url
 
     s = load_settings(
         env={

@@ -1,5 +1,5 @@
-"""Redis Cluster replies in the writer's classification (stream.store), without a server:
-what the cluster pipeline hands back in place must never be blamed on one key."""
+"""Redis Cluster replies in the writer's classification (stream.adapters.redis_store), without a
+server: what the cluster pipeline hands back in place must never be blamed on one key."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.exceptions as rex
 
-from stream.store import PendingWrite, RecoWriter, error_code, is_server_error
+from stream.adapters.redis_store import PendingWrite, RecoWriter, error_code, is_server_error
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_a_key_error_in_place_fails_that_key_alone(monkeypatch) -> None:
 def test_catalogue_commands_go_unpacked_and_bool_replies_read_as_the_server_said(
     monkeypatch,
 ) -> None:
-    from stream.store import catalog_commands
+    from stream.adapters.redis_store import catalog_commands
 
     writer, errors = _writer([], monkeypatch)
     writer.pending.clear()

@@ -19,7 +19,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from stream.store import (
+from stream.adapters.redis_store import (
     BAD_SEQ,
     STALE,
     WRITE_ERROR_REASONS,
@@ -296,7 +296,7 @@ def test_key_attempts_is_validated() -> None:
 def test_a_failing_catalogue_write_is_counted_and_dropped_never_retried() -> None:
     """Track catalogue commands (HINCRBY is not idempotent) that fail for their key are
     counted and dropped; the documents of the same flush are written."""
-    from stream.store import catalog_commands
+    from stream.adapters.redis_store import catalog_commands
 
     def answer(kind: str, key: str) -> Any:
         if key == "track:bad":

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from stream.top import Scrape, View, bucket_delta, histogram_quantile, render, run
+from stream.tools.top import Scrape, View, bucket_delta, histogram_quantile, render, run
 
 # Two scrapes of a worker one second apart, in the format prometheus_client serves.
 FIRST = """\

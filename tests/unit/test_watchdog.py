@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from stream.watchdog import LoopLagProbe, StallWatch, describe_tasks
+from stream.worker.watchdog import LoopLagProbe, StallWatch, describe_tasks
 
 
 def test_idle_without_lag_is_not_a_stall() -> None:
@@ -17,7 +17,7 @@ def test_idle_without_lag_is_not_a_stall() -> None:
 def test_lag_without_progress_is_reported_once_per_episode(caplog) -> None:
     watch = StallWatch(after_s=10.0, describe_state=lambda: {"paused": ["plays[0]"]})
     watch.progress(0.0)
-    with caplog.at_level(logging.WARNING, logger="stream.watchdog"):
+    with caplog.at_level(logging.WARNING, logger="stream.worker.watchdog"):
         assert not watch.check(5.0, lag=40)  # not yet
         assert watch.check(11.0, lag=40)  # stalled: logged
         assert not watch.check(20.0, lag=40)  # same episode: not again
@@ -45,7 +45,7 @@ def test_a_failing_state_description_does_not_raise(caplog) -> None:
 
     watch = StallWatch(after_s=1.0, describe_state=broken)
     watch.progress(0.0)
-    with caplog.at_level(logging.WARNING, logger="stream.watchdog"):
+    with caplog.at_level(logging.WARNING, logger="stream.worker.watchdog"):
         assert watch.check(2.0, lag=1)
     assert "consumer gone" in caplog.text
 

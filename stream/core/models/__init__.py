@@ -1,0 +1,23 @@
+"""Online models for the recommender, one per file, sharing :mod:`stream.core.models.base`."""
+
+from __future__ import annotations
+
+from stream.core.models.base import CandidateSource, Interaction, OnlineModel, clone, get_params
+from stream.core.models.cooccurrence import SessionCooccurrence
+from stream.core.models.drift import SkipRateDrift
+from stream.core.models.factorization import ImplicitMF
+from stream.core.models.popularity import DecayedPopularity
+from stream.core.models.skip import SkipClassifier
+
+__all__ = [
+    "CandidateSource",
+    "DecayedPopularity",
+    "ImplicitMF",
+    "Interaction",
+    "OnlineModel",
+    "SessionCooccurrence",
+    "SkipClassifier",
+    "SkipRateDrift",
+    "clone",
+    "get_params",
+]

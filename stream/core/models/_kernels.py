@@ -1,0 +1,532 @@
+"""Compiled inner loops (numba) for the per-event hot path.
+
+Each kernel replaces dozens of small numpy calls or Python loop iterations, whose per-call
+overhead (not arithmetic) was the cost: see "Speed" in docs/benchmarks.md. Kernels take and
+mutate plain numpy arrays only; the model classes own the arrays and keep the logic that
+is not hot. ``cache=True`` stores the machine code next to this file, so only the first
+process after an install pays the compile (a few seconds).
+
+Co-occurrence storage ("arena"): every track's neighbour list is a slice
+``[start[r], start[r] + size[r])`` of two shared arrays ``nbr`` (neighbour row, int32) and
+``val`` (weight), with room for ``cap[r]`` entries. A full slice moves to the free end of
+the arena with twice the room (up to ``2 * max_nbr``); the caller guarantees enough free
+room before each call and compacts the holes now and then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+_jit: Any = numba.njit(cache=True, nogil=True)
+
+#: Initial room of a neighbour list.
+FIRST_CAP = 8
+
+
+@_jit
+def _prune(start, size, nbr, val, r, keep):  # type: ignore[no-untyped-def]
+    """Keep the ``keep`` heaviest neighbours of row ``r`` in their current order (ties:
+    the earlier position), zeroing the rest."""
+    s = start[r]
+    n = size[r]
+    order = np.argsort(-val[s : s + n], kind="mergesort")[:keep]
+    order.sort()
+    for i in range(keep):
+        p = s + order[i]
+        nbr[s + i] = nbr[p]
+        val[s + i] = val[p]
+    for i in range(keep, n):
+        val[s + i] = 0.0
+    size[r] = keep
+
+
+@_jit
+def cooc_add(start, size, cap, total, nbr, val, used, src, dst, w, max_nbr):  # type: ignore[no-untyped-def]
+    """``row src: dst += w`` (appending ``dst`` if new); returns the new arena fill mark."""
+    s = start[src]
+    n = size[src]
+    for p in range(s, s + n):
+        if nbr[p] == dst:
+            val[p] += w
+            total[src] += w
+            _rescale_if_heavy(start, size, total, val, src)
+            return used
+    if n >= 2 * max_nbr:
+        _prune(start, size, nbr, val, src, max_nbr)
+        n = size[src]
+    if n >= cap[src]:
+        new_cap = min(max(FIRST_CAP, 2 * cap[src]), 2 * max_nbr)
+        for i in range(n):
+            nbr[used + i] = nbr[s + i]
+            val[used + i] = val[s + i]
+        start[src] = used
+        s = used
+        cap[src] = new_cap
+        used += new_cap
+    nbr[s + n] = dst
+    val[s + n] = w
+    size[src] = n + 1
+    total[src] += w
+    return used
+
+
+@_jit
+def _rescale_if_heavy(start, size, total, val, src):  # type: ignore[no-untyped-def]
+    """Weights are float32 and co-occurrence counts grow without bound: once a row's total
+    passes 2**14, scale the row (weights and total) by 2**-6. Scores only use weight /
+    total, so nothing changes for them, while an added weight stays large next to a
+    float32 step (unscaled, at 3e6 a 0.13 add rounded to 0.25)."""
+    if total[src] > 16384.0:
+        s = start[src]
+        for p in range(s, s + size[src]):
+            val[p] *= 0.015625
+        total[src] *= 0.015625
+
+
+@_jit
+def cooc_learn(start, size, cap, total, nbr, val, used, track, prevs, w, decay, backward, max_nbr):  # type: ignore[no-untyped-def]
+    """One play of ``track`` after ``prevs`` (newest first): the pair (prev -> track) gains
+    ``w * decay**distance``, the reverse pair ``backward`` times that."""
+    for prev in prevs:
+        if prev != track:
+            used = cooc_add(start, size, cap, total, nbr, val, used, prev, track, w, max_nbr)
+            if backward > 0:
+                used = cooc_add(
+                    start, size, cap, total, nbr, val, used, track, prev, w * backward, max_nbr
+                )
+        w *= decay
+    return used
+
+
+@_jit
+def cooc_accumulate(start, size, total, nbr, val, rows, weights, acc, best, anchor, touched):  # type: ignore[no-untyped-def]
+    """Add ``weights[j] / total[r] * val`` of each anchor row ``rows[j]`` into ``acc``
+    (dense scratch, all zero on entry), remembering for each touched track the anchor that
+    contributed most (``best``/``anchor``, -1 = untouched). Returns how many tracks were
+    touched (their rows are ``touched[:n]``). Sums run anchor by anchor, in order."""
+    n = 0
+    for j in range(len(rows)):
+        r = rows[j]
+        if total[r] <= 0.0:  # (a fully decayed row) contributes nothing
+            continue
+        scale = weights[j] / total[r]
+        s = start[r]
+        for p in range(s, s + size[r]):
+            d = nbr[p]
+            c = val[p] * scale
+            if anchor[d] < 0:
+                touched[n] = d
+                n += 1
+                anchor[d] = r
+                best[d] = c
+            elif c > best[d]:
+                best[d] = c
+                anchor[d] = r
+            acc[d] += c
+    return n
+
+
+@_jit
+def reset_touched(acc, best, anchor, touched, n):  # type: ignore[no-untyped-def]
+    for i in range(n):
+        d = touched[i]
+        acc[d] = 0.0
+        best[d] = 0.0
+        anchor[d] = -1
+
+
+@_jit
+def top_allowed(rows, scores, banned, n):  # type: ignore[no-untyped-def]
+    """The (up to) ``n`` of ``rows`` with the highest positive ``scores[row]`` whose
+    ``banned`` flag is unset, in no particular order; ties at the cut go to the lower row
+    (deterministic)."""
+    m = 0
+    keep = np.empty(len(rows), dtype=np.int64)
+    key = np.empty(len(rows))
+    for i in range(len(rows)):
+        r = rows[i]
+        if not banned[r] and scores[r] > 0:
+            keep[m] = r
+            key[m] = scores[r]
+            m += 1
+    return _top_n(keep[:m], key[:m], n)
+
+
+@_jit
+def unique_rows(rows, mark):  # type: ignore[no-untyped-def]
+    """Sorted distinct ``rows``; ``mark`` is an all-False scratch flag per row (restored)."""
+    out = np.empty(len(rows), dtype=np.int64)
+    m = 0
+    for r in rows:
+        if not mark[r]:
+            mark[r] = True
+            out[m] = r
+            m += 1
+    out = np.sort(out[:m])
+    for r in out:
+        mark[r] = False
+    return out
+
+
+@_jit
+def compact_arena(start, size, cap, nbr, val, n_rows, new_nbr, new_val):  # type: ignore[no-untyped-def]
+    """Copy every row's slice, in row order, into the fresh arrays; returns the fill mark."""
+    used = 0
+    for r in range(n_rows):
+        c = cap[r]
+        if c == 0:
+            continue
+        s = start[r]
+        for i in range(size[r]):
+            new_nbr[used + i] = nbr[s + i]
+            new_val[used + i] = val[s + i]
+        start[r] = used
+        used += c
+    return used
+
+
+@_jit
+def cooc_renumber(start, size, cap, nbr, val, n_rows, remap):  # type: ignore[no-untyped-def]
+    """Renumber the neighbours of rows ``0 .. n_rows-1`` in place through ``remap`` (old row
+    -> new row, -1 = evicted: dropped, keeping the order of the others; rows beyond
+    ``remap`` count as evicted). The row totals keep the dropped mass, as when pruning.
+    One pass over the arena, no allocation (catalogue eviction, Recommender.evict_tracks)."""
+    m = len(remap)
+    for r in range(n_rows):
+        if cap[r] == 0:
+            continue
+        s = start[r]
+        n = size[r]
+        k = 0
+        for p in range(s, s + n):
+            d = nbr[p]
+            new = remap[d] if d < m else -1
+            if new >= 0:
+                nbr[s + k] = new
+                val[s + k] = val[p]
+                k += 1
+        for p in range(s + k, s + n):
+            nbr[p] = 0
+            val[p] = 0.0
+        size[r] = k
+
+
+@_jit
+def mf_step(item_factors, user, rows, targets, lr, l2):  # type: ignore[no-untyped-def]
+    """One SGD step of squared loss with L2 on (user, rows) at once: the same update as
+    ``err = t - V[rows] @ u; V[rows] = (1 - lr*l2) V[rows] + lr * err u; u = (1 - lr*l2) u
+    + lr * err @ V_old[rows]``, for distinct ``rows`` (the caller drops repeats)."""
+    k = user.shape[0]
+    m = len(rows)
+    shrink = 1.0 - lr * l2
+    err = np.empty(m)
+    for i in range(m):
+        acc = 0.0
+        for f in range(k):
+            acc += item_factors[rows[i], f] * user[f]
+        err[i] = targets[i] - acc
+    grad = np.zeros(k)
+    for i in range(m):
+        r = rows[i]
+        e = err[i]
+        for f in range(k):
+            old = item_factors[r, f]
+            grad[f] += e * old
+            item_factors[r, f] = shrink * old + lr * e * user[f]
+    for f in range(k):
+        user[f] = shrink * user[f] + lr * grad[f]
+
+
+@_jit
+def _worse(ka, ra, kb, rb):  # type: ignore[no-untyped-def]
+    """Whether entry (key ``ka``, row ``ra``) ranks below (``kb``, ``rb``): a lower key, or
+    the same key and a higher row."""
+    return ka < kb or (ka == kb and ra > rb)
+
+
+@_jit
+def _top_n(rows, key, n):  # type: ignore[no-untyped-def]
+    """The ``n`` entries of ``rows`` with the highest ``key`` (aligned arrays), in no
+    particular order; ties at the cut go to the lower row, NaN keys rank last.
+
+    A heap of the ``n`` best so far (its root the worst of them), so one pass with a
+    comparison per entry (``np.partition`` plus a tie pass cost ~12 us for 50 of ~450
+    co-occurrence candidates)."""
+    m = len(rows)
+    if m <= n:
+        return rows.copy()
+    hk = np.empty(n)
+    hr = np.empty(n, dtype=np.int64)
+    for i in range(n):  # heapify the first n: sift each up while worse than its parent
+        k = key[i]
+        if np.isnan(k):
+            k = -np.inf
+        r = rows[i]
+        j = i
+        while j > 0:
+            parent = (j - 1) >> 1
+            if not _worse(k, r, hk[parent], hr[parent]):
+                break
+            hk[j] = hk[parent]
+            hr[j] = hr[parent]
+            j = parent
+        hk[j] = k
+        hr[j] = r
+    for i in range(n, m):
+        k = key[i]
+        if np.isnan(k):
+            k = -np.inf
+        r = rows[i]
+        if not _worse(hk[0], hr[0], k, r):  # not better than the worst kept
+            continue
+        j = 0  # replace the root, sift down: move the worse child up while it is worse
+        while True:
+            c = 2 * j + 1
+            if c >= n:
+                break
+            if c + 1 < n and _worse(hk[c + 1], hr[c + 1], hk[c], hr[c]):
+                c += 1
+            if not _worse(hk[c], hr[c], k, r):
+                break
+            hk[j] = hk[c]
+            hr[j] = hr[c]
+            j = c
+        hk[j] = k
+        hr[j] = r
+    return hr
+
+
+@_jit
+def _normalise_into(part, scores, w):  # type: ignore[no-untyped-def]
+    """``part = w * normalise(scores)`` (see stream.core.ranking.normalise)."""
+    hi = scores.max()
+    lo = scores.min()
+    if lo >= 0:
+        if hi > 0:
+            for i in range(len(scores)):
+                part[i] = w * (scores[i] / hi)
+        else:
+            part[:] = 0.0
+    elif hi <= lo:
+        part[:] = 0.0
+    else:
+        span = hi - lo
+        for i in range(len(scores)):
+            part[i] = w * ((scores[i] - lo) / span)
+
+
+@_jit
+def _unbanned(ban, size):  # type: ignore[no-untyped-def]
+    """Rows ``0 .. size-1`` whose ``ban`` flag is unset."""
+    out = np.empty(size, dtype=np.int64)
+    m = 0
+    for r in range(size):
+        if not ban[r]:
+            out[m] = r
+            m += 1
+    return out[:m]
+
+
+@_jit
+def _dot_rows(factors, user, rows):  # type: ignore[no-untyped-def]
+    out = np.empty(len(rows))
+    k = len(user)
+    for i in range(len(rows)):
+        r = rows[i]
+        acc = 0.0
+        for f in range(k):
+            acc += factors[r, f] * user[f]
+        out[i] = acc
+    return out
+
+
+@_jit
+def _blend_in(total, best, reason, scores, w, code):  # type: ignore[no-untyped-def]
+    """Add ``w * normalise(scores)`` to ``total``; where it is the largest part so far,
+    the reason becomes ``code`` (strictly larger: the earlier component wins ties)."""
+    part = np.empty(len(scores))
+    _normalise_into(part, scores, w)
+    for i in range(len(scores)):
+        total[i] += part[i]
+        if part[i] > best[i]:
+            best[i] = part[i]
+            reason[i] = code
+
+
+#: Reason codes returned by :func:`blend_rank` (0: none of the components contributed).
+REASON_POPULARITY, REASON_COOCCURRENCE, REASON_MF = 1, 2, 3
+
+
+@_jit
+def blend_rank(  # type: ignore[no-untyped-def]
+    size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
+    pop_members, pop_w, pop_total, acc, lead, touched, factors, user, ban, mark,
+):
+    """Candidates -> blended, ranked list, in one call (the per-query numpy calls were the
+    cost; see Recommender.recommend for the reference semantics it follows).
+
+    Candidates: the ``n_pop`` heaviest non-banned tracks (the kept top set, or every row
+    when bans leave it short), the ``n`` best co-occurrence tracks among ``touched``
+    (positive scores in ``acc``), and with ``use_mf and pick_mf`` the ``n`` best MF scores
+    ``factors[row] @ user`` over every row (with ``pick_mf`` off, or an empty ``user``, MF
+    only scores the other sources' candidates). Scores per component are normalised within
+    the candidates, weighted and summed (popularity, co-occurrence, MF, in that order).
+    Returns the candidate rows ordered best first (stable on row order), their totals,
+    reason codes (the component contributing most) and the anchor row that led co-occurrence there
+    (-1 if none)."""
+    # -- candidates
+    allowed = np.empty(len(pop_members), dtype=np.int64)
+    m = 0
+    for r in pop_members:
+        if r < size and not ban[r]:
+            allowed[m] = r
+            m += 1
+    allowed = allowed[:m]
+    if m < n_pop and len(pop_members) < size:
+        allowed = _unbanned(ban, size)
+    picks = [_top_n(allowed, pop_w[allowed], n_pop)]
+    if use_cooc and len(touched):
+        picks.append(top_allowed(touched, acc, ban, n))
+    use_mf = use_mf and len(user) > 0
+    if use_mf and pick_mf:
+        mf = _dot_rows(factors, user, np.arange(size))
+        free = _unbanned(ban, size)
+        picks.append(_top_n(free, mf[free], n))
+    total_len = 0
+    for p in picks:
+        total_len += len(p)
+    every_pick = np.empty(total_len, dtype=np.int64)
+    j = 0
+    for p in picks:
+        every_pick[j : j + len(p)] = p
+        j += len(p)
+    rows = unique_rows(every_pick, mark)
+    c = len(rows)
+    if c == 0:
+        return rows, np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    # -- components, blend, reasons
+    denom = pop_total if pop_total != 0.0 else 1.0
+    total = np.zeros(c)
+    best = np.zeros(c)
+    reason = np.zeros(c, dtype=np.int64)
+    if bw_pop != 0.0:
+        scores = np.empty(c)
+        for i in range(c):
+            scores[i] = pop_w[rows[i]] / denom
+        _blend_in(total, best, reason, scores, bw_pop, REASON_POPULARITY)
+    if use_cooc and bw_cooc != 0.0:
+        scores = np.empty(c)
+        for i in range(c):
+            scores[i] = acc[rows[i]]
+        _blend_in(total, best, reason, scores, bw_cooc, REASON_COOCCURRENCE)
+    if use_mf and bw_mf != 0.0:
+        _blend_in(total, best, reason, _dot_rows(factors, user, rows), bw_mf, REASON_MF)
+    order = np.argsort(-total, kind="mergesort")
+    leads = np.full(c, -1, dtype=np.int64)
+    if use_cooc:
+        for i in range(c):
+            leads[i] = lead[rows[i]]
+    return rows[order], total[order], reason[order], leads[order]
+
+
+@_jit
+def query_anchors(hist_rows, cap, decay):  # type: ignore[no-untyped-def]
+    """The anchors of a query: from ``hist_rows`` (the listener's recent tracks' rows,
+    oldest first, -1 = unknown), newest first, the distinct rows that have a neighbour list,
+    weighted ``decay ** distance`` (distance counted over every recent track)."""
+    m = len(hist_rows)
+    rows = np.empty(m, dtype=np.int64)
+    weights = np.empty(m)
+    k = 0
+    w = 1.0
+    for i in range(m - 1, -1, -1):
+        r = hist_rows[i]
+        if 0 <= r < len(cap) and cap[r] != 0:
+            seen = False
+            for j in range(k):
+                if rows[j] == r:
+                    seen = True
+                    break
+            if not seen:
+                rows[k] = r
+                weights[k] = w
+                k += 1
+        w *= decay
+    return rows[:k], weights[:k]
+
+
+@_jit
+def rank_query(  # type: ignore[no-untyped-def]
+    size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
+    pop_members, pop_w, pop_total,
+    start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor, touched,
+    factors, user, ban, mark, ban_recent, ban_other,
+):
+    """One whole query: ban ``ban_recent`` (-1 = unknown, skipped) and ``ban_other``,
+    accumulate co-occurrence from the anchors of ``hist_rows`` (:func:`query_anchors`,
+    :func:`cooc_accumulate`; the anchors themselves score 0), rank with
+    :func:`blend_rank`, then leave the scratch (``acc``, ``best``, ``anchor``) and ``ban``
+    as they were. Returns what :func:`blend_rank` returns."""
+    for r in ban_recent:
+        if r >= 0:
+            ban[r] = True
+    for r in ban_other:
+        ban[r] = True
+    n_touched = 0
+    if use_cooc:
+        a_rows, a_weights = query_anchors(hist_rows, cap, decay)
+    else:
+        a_rows, a_weights = np.empty(0, dtype=np.int64), np.empty(0)
+    if len(a_rows):
+        n_touched = cooc_accumulate(
+            start, csize, total, nbr, val, a_rows, a_weights, acc, best, anchor, touched
+        )
+        for r in a_rows:
+            acc[r] = 0.0
+    out = blend_rank(
+        size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
+        pop_members, pop_w, pop_total, acc, anchor, touched[:n_touched], factors, user,
+        ban, mark,
+    )
+    reset_touched(acc, best, anchor, touched, n_touched)
+    for r in ban_recent:
+        if r >= 0:
+            ban[r] = False
+    for r in ban_other:
+        ban[r] = False
+    return out
+
+
+@_jit
+def rank_many(  # type: ignore[no-untyped-def]
+    size, n_pop, n, use_cooc, pick_mf, bw_pop, bw_cooc, bw_mf,
+    pop_members, pop_w, pop_total,
+    start, csize, cap, total, nbr, val, hist_rows, hist_off, decay, acc, best, anchor,
+    touched, factors, users, has_user, ban, mark, ban_recent, ban_recent_off,
+    out_rows, out_totals, out_reasons, out_leads, out_count,
+):
+    """:func:`rank_query` for many listeners in one call (one compiled call per flush
+    instead of one per listener: their arguments' unboxing and the Python around each
+    call were half a ranking's cost). Listener ``q`` has the history rows
+    ``hist_rows[hist_off[q]:hist_off[q + 1]]``, the bans
+    ``ban_recent[ban_recent_off[q]:ban_recent_off[q + 1]]`` and, if ``has_user[q]``, the
+    MF vector ``users[q]``. Its ranked candidates go to row ``q`` of the ``out_*`` arrays
+    (``out_count[q]`` of them; the rows must have room for ``n_pop + 2 * n``)."""
+    no_other = np.empty(0, dtype=np.int64)
+    for q in range(len(has_user)):
+        rows, totals, reasons, leads = rank_query(
+            size, n_pop, n, use_cooc, has_user[q], pick_mf, bw_pop, bw_cooc, bw_mf,
+            pop_members, pop_w, pop_total,
+            start, csize, cap, total, nbr, val, hist_rows[hist_off[q] : hist_off[q + 1]],
+            decay, acc, best, anchor, touched, factors, users[q], ban, mark,
+            ban_recent[ban_recent_off[q] : ban_recent_off[q + 1]], no_other,
+        )
+        c = len(rows)
+        out_count[q] = c
+        out_rows[q, :c] = rows
+        out_totals[q, :c] = totals
+        out_reasons[q, :c] = reasons
+        out_leads[q, :c] = leads

@@ -1,0 +1,227 @@
+"""Track id <-> dense row number, shared by the models of one recommender so their score
+vectors line up and can be blended with numpy."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from stream.core.models._state import (
+    decode_strings,
+    encode_strings,
+    get_field,
+    prefixed,
+    under,
+    unique_ids,
+)
+
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+#: ids per C-level dictionary loop in :meth:`Vocabulary.fill_holes` (well under 1 ms each)
+_SLICE = 512
+
+
+class Vocabulary:
+    """Track ids <-> dense row numbers, growing as new ids arrive; shrinks only through
+    :meth:`compact` (catalogue eviction, see ``Recommender.evict_tracks``)."""
+
+    __slots__ = ("index", "ids", "generation")
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.generation = 0  # bumped when rows are renumbered (compact)
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The ids in row order (see :mod:`stream.core.models._state`) and the generation."""
+        blob, ends = encode_strings(self.ids)
+        return {"generation": self.generation}, {"ids.bytes": blob, "ids.ends": ends}
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, where: str
+    ) -> Vocabulary:
+        """A vocabulary from :meth:`export_state`; ids are checked (UTF-8, length, unique)
+        and interned: the plays parsed from now on, and the listeners restored from the
+        changelog, then point at the catalogue's strings instead of holding copies."""
+        vocab = cls()
+        vocab.generation = get_field(manifest, "generation", int, where=where, lo=0)
+        if "ids.bytes" not in arrays or "ids.ends" not in arrays:
+            raise ValueError(f"{where}.ids: missing array")
+        ids = unique_ids(f"{where}.ids", decode_strings(
+            f"{where}.ids", arrays["ids.bytes"], arrays["ids.ends"]))
+        vocab.ids = ids
+        vocab.index = {key: row for row, key in enumerate(ids)}
+        return vocab
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, key: str) -> int:
+        row = self.index.get(key)
+        if row is None:
+            row = len(self.ids)
+            self.index[key] = row
+            self.ids.append(key)
+        return row
+
+    def compact(self, kept: IntArray) -> None:
+        """Keep only the tracks at rows ``kept`` (ascending), renumbered 0..len(kept)-1, in
+        place (the models share this object). Touches every row: eviction uses
+        :meth:`fill_holes`, which touches only the rows that change."""
+        ids = [self.ids[int(r)] for r in kept]
+        self.generation += 1
+        self.ids[:] = ids
+        self.index.clear()
+        self.index.update((key, i) for i, key in enumerate(ids))
+
+    def fill_holes(self, plan: EvictionPlan) -> list[str]:
+        """Apply an :class:`EvictionPlan` in place: drop the evicted ids, move each mover
+        into a hole, and truncate to ``plan.keep`` rows. Returns the evicted ids. Costs
+        O(evicted) dictionary operations (C-level loops), not O(catalogue)."""
+        ids, index = self.ids, self.index
+        evicted: list[str] = []
+        # in slices of _SLICE: each C-level loop below holds the GIL for its whole run, and
+        # the worker runs an eviction in a thread beside its event loop (stream.worker.app)
+        for lo in range(0, len(plan.evicted), _SLICE):
+            part = list(map(ids.__getitem__, plan.evicted[lo : lo + _SLICE].tolist()))
+            deque(map(index.__delitem__, part), maxlen=0)
+            evicted += part
+        for lo in range(0, len(plan.movers), _SLICE):
+            part = list(map(ids.__getitem__, plan.movers[lo : lo + _SLICE].tolist()))
+            holes = plan.holes[lo : lo + _SLICE].tolist()
+            deque(map(ids.__setitem__, holes, part), maxlen=0)
+            index.update(zip(part, holes, strict=True))
+        del ids[plan.keep :]
+        self.generation += 1
+        return evicted
+
+    def rows(self, keys: Sequence[str] | Collection[str]) -> IntArray:
+        """Row numbers for ``keys``; unknown keys map to -1 (nothing is added)."""
+        get = self.index.get
+        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def known_rows(self, keys: Collection[str]) -> IntArray:
+        """Row numbers of the ``keys`` that are known (unknown ones are dropped)."""
+        rows = self.rows(keys)
+        out: IntArray = rows[rows >= 0]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionPlan:
+    """Which rows a catalogue eviction drops and how the survivors are renumbered, so that
+    only the rows that change move: ``evicted`` (ascending) leave; each row of ``movers``
+    (the survivors at or above ``keep``, ascending) moves into the row of ``holes`` at the
+    same position (the evicted rows below ``keep``); every other row keeps its number.
+    ``remap[old]`` is the new row of every old row (-1: evicted)."""
+
+    keep: int
+    evicted: IntArray
+    holes: IntArray
+    movers: IntArray
+    remap: IntArray
+
+    @classmethod
+    def lightest(cls, weights: npt.NDArray[np.float64], keep: int) -> EvictionPlan:
+        """Evict all but the ``keep`` heaviest rows of ``weights``; among equal weights at
+        the cut the higher rows go. O(rows) (a partition, no sort)."""
+        n = len(weights)
+        if not 0 <= keep <= n:
+            raise ValueError(f"keep must be in [0, {n}], got {keep!r}")
+        n_evict = n - keep
+        if n_evict == 0:
+            evicted = np.zeros(0, dtype=np.int64)
+        elif keep == 0:
+            evicted = np.arange(n, dtype=np.int64)
+        else:
+            cut = np.partition(weights, n_evict - 1)[n_evict - 1]
+            below = np.flatnonzero(weights < cut)
+            ties = np.flatnonzero(weights == cut)
+            evicted = np.sort(np.concatenate((below, ties[len(ties) - (n_evict - len(below)) :])))
+        holes = evicted[evicted < keep]
+        stays_up = np.ones(n_evict, dtype=bool)
+        stays_up[evicted[evicted >= keep] - keep] = False
+        movers = keep + np.flatnonzero(stays_up)
+        remap = np.arange(n, dtype=np.int64)
+        remap[evicted] = -1
+        remap[movers] = holes
+        return cls(keep, evicted.astype(np.int64), holes.astype(np.int64),
+                   movers.astype(np.int64), remap)
+
+
+_Item = TypeVar("_Item", bound=np.generic)
+
+
+def grow_rows(
+    matrix: npt.NDArray[_Item], needed: int, growth: float = 2.0
+) -> npt.NDArray[_Item]:
+    """``matrix`` with at least ``needed`` rows (capacity grows by ``growth``; new rows are
+    zero)."""
+    if needed <= matrix.shape[0]:
+        return matrix
+    capacity = max(needed, int(growth * matrix.shape[0]), 64)
+    bigger = np.zeros((capacity, *matrix.shape[1:]), dtype=matrix.dtype)
+    bigger[: matrix.shape[0]] = matrix
+    return bigger
+
+
+def top_rows(scores: npt.NDArray[np.float64], n: int) -> IntArray:
+    """Rows of the ``n`` highest finite scores, best first; ties by row (deterministic)."""
+    size = len(scores)
+    if n <= 0 or size == 0:
+        return np.zeros(0, dtype=np.int64)
+    top = np.argpartition(-scores, n - 1)[:n] if n < size else np.arange(size)
+    top = top[np.isfinite(scores[top])]
+    out: IntArray = top[np.lexsort((top, -scores[top]))]
+    return out
+
+
+def top_set(scores: npt.NDArray[np.float64], n: int) -> IntArray:
+    """The rows :func:`top_rows` returns, in no particular order (skips the final sort, for
+    callers that only take the union of several top sets)."""
+    size = len(scores)
+    if n <= 0 or size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if n >= size:
+        return np.flatnonzero(np.isfinite(scores))
+    top = np.argpartition(-scores, n - 1)[:n]
+    out: IntArray = top[np.isfinite(scores[top])]
+    return out
+
+
+def export_vocabulary(
+    shared: Vocabulary | None, own: Vocabulary, manifest: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+) -> None:
+    """Put a model's own vocabulary into its exported state (a shared one is the
+    container's to export: the model records ``None``)."""
+    if shared is None:
+        m, a = own.export_state()
+        manifest["vocabulary"] = m
+        arrays.update(prefixed("vocabulary", a))
+    else:
+        manifest["vocabulary"] = None
+
+
+def import_vocabulary(
+    manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str,
+    shared: Vocabulary | None,
+) -> Vocabulary:
+    """The ``shared`` vocabulary, if the container passes one, else the model's own from
+    its exported state; which of the two it must be is checked."""
+    own = get_field(manifest, "vocabulary", dict, where=where, optional=True)
+    if shared is not None:
+        if own is not None:
+            raise ValueError(f"{where}.vocabulary: holds its own, but a shared one was given")
+        return shared
+    if own is None:
+        raise ValueError(f"{where}.vocabulary: missing (the state was exported with a shared "
+                         "vocabulary; pass it)")
+    return Vocabulary.import_state(own, under("vocabulary", arrays), where=f"{where}.vocabulary")

@@ -1,0 +1,192 @@
+"""The learned blend: online pairwise learning-to-rank over the components' candidates.
+
+For each play, the candidates ranked for the listener *before* learning it (test-then-train)
+become examples: the played track, when it is a candidate, is the positive, and
+``negatives`` other candidates -- drawn from the ones ranked highest, by a seeded hash, so
+the run is deterministic -- are negatives. Each (positive, negative) pair is one example for
+river's logistic regression on the feature difference (a linear RankNet: ``P(pos above neg)
+= sigmoid(w . (x_pos - x_neg))``, no intercept). Ranking is then ``w . x`` per candidate,
+computed with numpy from a mirror of river's weights (refreshed after each learning step),
+plus a tiny multiple of the fixed blend's score (feature ``prior``) so that an untrained
+model ranks as the fixed blend does and ties break by it.
+
+Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
+
+- ``prior``: the fixed blend's score (normalised co-occurrence + 0.1 MF + 0.1 trending);
+- per component (``cooc``, ``stan``, ``sr``, ``pop``, ``mf``): its score normalised to
+  [0, 1] over the candidates (``s_*``) and its reciprocal rank among them (``r_*``, 0 when
+  the component does not score the track);
+- ``skip``: the skip model's probability for the track;
+- ``hist_*``: log listener history length times the co-occurrence, STAN and MF scores
+  (history length alone is the same for every candidate of a list, so only its products
+  can change an order);
+- ``age``: log days since the track was first played; ``log_pop``: log trending share;
+- ``same_artist``: same artist as the listener's last play; ``own_history``: the track is
+  in the listener's own longer history (the repeats option);
+- ``s_artist`` / ``r_artist``: the artist source (the latest tracks of the artists of the
+  listener's last two plays, newest first), ``s_own`` / ``r_own``: the own-history source
+  (repeats option; most recently played first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import numpy as np
+from river import linear_model, optim, utils
+
+from stream.core.models._state import build, get_field, get_params
+from stream.core.models.base import FloatArray, check_positive
+
+FEATURES: Final = (
+    "prior",
+    "s_cooc", "s_stan", "s_sr", "s_pop", "s_mf",
+    "r_cooc", "r_stan", "r_sr", "r_pop", "r_mf",
+    "skip",
+    "hist_cooc", "hist_stan", "hist_mf",
+    "age", "log_pop",
+    "same_artist", "own_history",
+    "s_artist", "r_artist", "s_own", "r_own",
+)
+N_FEATURES: Final = len(FEATURES)
+#: weight of the fixed blend's score added to the learned one (order of an untrained model)
+PRIOR_EPS: Final = 1e-3
+
+_MASK64: Final = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64: a seeded, stateless hash (nothing to checkpoint)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class LearnedBlend:
+    """Online pairwise logistic ranking over candidate feature rows.
+
+    >>> import numpy as np
+    >>> m = LearnedBlend(seed=1)
+    >>> X = np.zeros((3, N_FEATURES)); X[:, 2] = [0.0, 1.0, 0.2]  # s_stan
+    >>> for i in range(50):
+    ...     m.learn(X, positive=1, key=i)
+    >>> int(np.argmax(m.score(X)))
+    1
+    """
+
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        l2: float = 1e-5,
+        negatives: int = 3,
+        hard_pool: int = 1000,
+        prior_init: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        check_positive("learning_rate", learning_rate)
+        check_positive("l2", l2, allow_zero=True)
+        if negatives < 1 or hard_pool < 1:
+            raise ValueError("negatives and hard_pool must be >= 1")
+        self.learning_rate = learning_rate
+        self.l2 = l2
+        self.negatives = negatives
+        self.hard_pool = hard_pool
+        self.prior_init = prior_init
+        self.seed = seed
+        self.model = self._new_model()
+        # start from the fixed blend (weight prior_init on its score) and learn from there
+        self.model._weights = utils.VectorDict({"prior": prior_init} if prior_init else None)
+        self._w: FloatArray = np.zeros(N_FEATURES)
+        self._w[0] = prior_init
+        self.n_learned = 0  # lists learned from
+        self.n_pairs = 0
+
+    def _new_model(self) -> linear_model.LogisticRegression:
+        return linear_model.LogisticRegression(
+            optimizer=optim.SGD(self.learning_rate), l2=self.l2, intercept_lr=0.0
+        )
+
+    @property
+    def weights(self) -> FloatArray:
+        """The learned weight per feature (in :data:`FEATURES` order; a copy)."""
+        return self._w.copy()
+
+    def score(self, X: FloatArray) -> FloatArray:
+        """Ranking score per candidate row of ``X`` (``len(X) x N_FEATURES``)."""
+        out: FloatArray = X @ self._w + PRIOR_EPS * X[:, 0]
+        return out
+
+    def learn(self, X: FloatArray, positive: int, key: int) -> int:
+        """Learn from one ranked list whose row ``positive`` was played; ``key`` (e.g. the
+        count of plays learned) seeds the choice of negatives. Returns the pairs learned."""
+        n = len(X)
+        if n < 2 or not 0 <= positive < n:
+            return 0
+        order = np.argsort(-self.score(X), kind="stable")
+        pool = [int(i) for i in order[: self.hard_pool + 1].tolist() if i != positive]
+        h = _mix(self.seed * 0x100000001B3 ^ key)
+        chosen: list[int] = []
+        for j in range(min(self.negatives, len(pool))):
+            h = _mix(h + j)
+            pick = pool[h % len(pool)]
+            if pick not in chosen:
+                chosen.append(pick)
+        x_pos = X[positive]
+        learn = self.model.learn_one
+        for neg in chosen:
+            diff = (x_pos - X[neg]).tolist()
+            learn(dict(zip(FEATURES, diff, strict=True)), True)
+        weights = self.model._weights
+        self._w = np.array([weights.get(f, 0.0) for f in FEATURES])
+        self.n_learned += 1
+        self.n_pairs += len(chosen)
+        return len(chosen)
+
+    # -- state ----------------------------------------------------------------------------
+
+    _PARAMS: dict[str, Any] = {
+        "learning_rate": float, "l2": float, "negatives": int, "hard_pool": int,
+        "prior_init": float, "seed": int,
+    }
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The river model's weights as JSON (feature -> weight) plus counters (no arrays).
+        See :mod:`stream.core.models._state`."""
+        manifest: dict[str, Any] = {
+            "params": {name: getattr(self, name) for name in self._PARAMS},
+            "weights": {f: float(self.model._weights.get(f, 0.0)) for f in FEATURES},
+            "n_learned": self.n_learned,
+            "n_pairs": self.n_pairs,
+            "optimizer_iterations": int(self.model.optimizer.n_iterations),
+        }
+        return manifest, {}
+
+    @classmethod
+    def import_state(
+        cls,
+        manifest: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        *,
+        vocabulary: Any = None,
+        where: str = "ranker",
+    ) -> LearnedBlend:
+        """The blend :meth:`export_state` described, every field checked (ValueError names
+        the bad one). ``vocabulary`` is accepted for the common signature (the blend holds
+        no track ids)."""
+        params = get_params(manifest, where, cls._PARAMS)
+        model: LearnedBlend = build(where, cls, params)
+        weights = get_field(manifest, "weights", dict, where=where)
+        unknown = set(weights) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"{where}.weights: unknown feature(s) {sorted(unknown)[:5]}")
+        clean = {name: get_field(weights, name, float, where=f"{where}.weights")
+                 for name in FEATURES if name in weights}
+        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
+        model.n_pairs = get_field(manifest, "n_pairs", int, where=where, lo=0)
+        iterations = get_field(manifest, "optimizer_iterations", int, where=where, lo=0)
+        model.model._weights = utils.VectorDict(clean)
+        model.model.optimizer.n_iterations = iterations
+        model._w = np.array([clean.get(f, 0.0) for f in FEATURES])
+        return model

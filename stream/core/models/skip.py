@@ -1,0 +1,181 @@
+"""Skip model: the probability that a listener skips a track, from session and context
+features, learned online with river's logistic regression.
+
+Linear was chosen by measurement: ~10 us per learn+predict here versus ~1 ms per event for a
+forest ensemble, and its weights let the ranker score a whole candidate set with numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import numpy as np
+from river import linear_model, optim
+
+from stream.core.contexts import CONTEXTS, fold_context
+from stream.core.models._state import (
+    ID_LEN,
+    build,
+    decode_strings,
+    encode_strings,
+    get_array,
+    get_field,
+    get_params,
+    unique_ids,
+)
+from stream.core.models.base import FloatArray, Interaction, check_positive
+
+#: Scores other models put in ``Interaction.features`` that the skip model uses.
+TRACK_FEATURES = ("popularity", "mf", "cooccurrence")
+
+_DAY_MS = 24 * 3600 * 1000
+#: the longest feature name a checkpoint may hold ("context=" and a context value)
+_FEATURE_LEN = ID_LEN + 16
+
+#: feature name per folded context (built once: no string formatting per event)
+_CONTEXT_FEATURE = {c: f"context={c}" for c in CONTEXTS}
+
+
+def _squash(name: str, value: float) -> float:
+    # Bring each score into a similar, bounded range so one learning rate fits all.
+    if name == "popularity":
+        return math.log1p(1000.0 * max(value, 0.0)) / 7.0
+    return math.tanh(value)
+
+
+def _squash_many(name: str, values: FloatArray) -> FloatArray:
+    if name == "popularity":
+        out: FloatArray = np.log1p(1000.0 * np.maximum(values, 0.0)) / 7.0
+        return out
+    return np.tanh(values)
+
+
+class SkipClassifier:
+    """Online logistic regression on skip labels.
+
+    Features: position in session, the listener's recent skip rate and skip streak context,
+    context type (one-hot over the closed set :data:`stream.core.contexts.CONTEXTS`: free text
+    is folded first, so the model keeps a bounded number of weights whatever producers
+    write), hour of day (cyclic), and the track's popularity / MF / co-occurrence scores
+    passed in ``x.features``.
+
+    >>> m = SkipClassifier()
+    >>> for i in range(200):
+    ...     m.learn_one(Interaction("u", "t", 0, skipped=i % 2 == 0, context="radio" if i % 2
+    ...                 else "search"))
+    >>> m.predict_one(Interaction("u", "t", 0, context="search")) > 0.5
+    True
+    """
+
+    def __init__(self, learning_rate: float = 0.05, l2: float = 0.0, seed: int = 0) -> None:
+        check_positive("learning_rate", learning_rate)
+        check_positive("l2", l2, allow_zero=True)
+        self.learning_rate = learning_rate
+        self.l2 = l2
+        self.seed = seed
+        self.classifier = linear_model.LogisticRegression(
+            optimizer=optim.SGD(learning_rate), l2=l2
+        )
+        self.n_learned = 0
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Parameters, the logistic regression's weights (feature names and values, in
+        order), intercept and step count. See :mod:`stream.core.models._state`."""
+        weights = self.classifier._weights
+        names = list(weights.keys())
+        blob, ends = encode_strings(names)
+        manifest: dict[str, Any] = {
+            "params": {"learning_rate": self.learning_rate, "l2": self.l2, "seed": self.seed},
+            "intercept": float(self.classifier.intercept),
+            "n_iterations": int(self.classifier.optimizer.n_iterations),
+            "n_learned": self.n_learned,
+        }
+        arrays: dict[str, np.ndarray] = {
+            "feature_names.bytes": blob,
+            "feature_names.ends": ends,
+            "weights": np.array([weights[n] for n in names], dtype=np.float64),
+        }
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, where: str = "skip"
+    ) -> SkipClassifier:
+        """The model :meth:`export_state` described, every field checked (ValueError names
+        the bad one)."""
+        params = get_params(manifest, where, {"learning_rate": float, "l2": float, "seed": int})
+        array = partial(get_array, arrays, where=where)
+        model: SkipClassifier = build(where, cls, params)
+        for name in ("feature_names.bytes", "feature_names.ends"):
+            if name not in arrays:
+                raise ValueError(f"{where}.{name}: missing array")
+        names = unique_ids(f"{where}.feature_names", decode_strings(
+            f"{where}.feature_names", arrays["feature_names.bytes"],
+            arrays["feature_names.ends"], max_len=_FEATURE_LEN))
+        values = array("weights", np.float64, shape=(len(names),), finite=True)
+        clf = model.classifier
+        clf.intercept = get_field(manifest, "intercept", float, where=where)
+        clf.optimizer.n_iterations = get_field(manifest, "n_iterations", int, where=where, lo=0)
+        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
+        for name, value in zip(names, values.tolist(), strict=True):
+            clf._weights[name] = value
+        return model
+
+    @staticmethod
+    def context_features(x: Interaction) -> dict[str, float]:
+        """The features that depend on the listener and moment, not on the track."""
+        angle = 2 * math.pi * ((x.ts_ms % _DAY_MS) / _DAY_MS)
+        feats = {
+            "position": math.log1p(max(x.session_position, 0)) / 4.0,
+            "recent_skip_rate": x.recent_skip_rate,
+            "hour_sin": math.sin(angle),
+            "hour_cos": math.cos(angle),
+        }
+        if x.context:
+            feats[_CONTEXT_FEATURE[fold_context(x.context)]] = 1.0
+        return feats
+
+    def features(self, x: Interaction) -> dict[str, float]:
+        feats = self.context_features(x)
+        for name in TRACK_FEATURES:
+            if name in x.features:
+                feats[name] = _squash(name, x.features[name])
+        return feats
+
+    def learn_one(self, x: Interaction) -> None:
+        self.classifier.learn_one(self.features(x), bool(x.skipped))
+        self.n_learned += 1
+
+    def predict_learn_one(self, x: Interaction) -> float:
+        """:meth:`predict_one` then :meth:`learn_one` (prequential), building the features
+        once; returns the prediction made before learning."""
+        feats = self.features(x)
+        proba = self.classifier.predict_proba_one(feats)  # type: ignore[no-untyped-call]
+        self.classifier.learn_one(feats, bool(x.skipped))
+        self.n_learned += 1
+        return float(proba.get(True, 0.0))
+
+    def predict_one(self, x: Interaction) -> float:
+        """Probability that ``x.track_id`` is skipped (0.5 before any learning)."""
+        proba = self.classifier.predict_proba_one(self.features(x))  # type: ignore[no-untyped-call]
+        return float(proba.get(True, 0.0))
+
+    def predict_many(self, x: Interaction, track_features: Mapping[str, FloatArray]) -> FloatArray:
+        """Skip probabilities for many candidate tracks at once (vectorised)."""
+        size = len(next(iter(track_features.values()))) if track_features else 0
+        weights = self.classifier.weights
+        base = float(self.classifier.intercept)
+        for name, value in self.context_features(x).items():
+            base += weights.get(name, 0.0) * value
+        logit = np.full(size, base)
+        for name, values in track_features.items():
+            w = weights.get(name, 0.0)
+            if w:
+                logit += w * _squash_many(name, values)
+        out: FloatArray = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
+        return out

@@ -1,0 +1,1500 @@
+"""The recommendation core: learns from one play at a time and ranks tracks for a listener.
+
+Pure: no Kafka, Redis or Prometheus. The worker, the offline replay and the benchmarks all
+drive this same class. Time is always the event's time, passed in.
+
+>>> from stream.core.events import PlayEvent
+>>> from stream.core.session import update_session
+>>> rec = Recommender()
+>>> states = {}
+>>> for i, (user, track) in enumerate([("u", "a"), ("u", "b"), ("v", "a")]):
+...     up = update_session(states.get(user), PlayEvent(user, track, 1_700_000_000_000 + i,
+...                                                     200_000, f"e{i}"))
+...     _ = rec.learn_one(up)
+...     states[user] = up.state
+>>> [(r.track_id, r.reason) for r in rec.recommend(states["v"], k=2, now_ms=1_700_000_000_010)]
+[('b', 'because you played a')]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain, repeat
+from typing import Any, Final
+
+import numpy as np
+
+from stream.core.events import PlayEvent
+from stream.core.models import _kernels as _k
+from stream.core.models._state import (
+    build,
+    decode_strings,
+    encode_strings,
+    get_array,
+    get_field,
+    get_params,
+    prefixed,
+    under,
+    unique_ids,
+)
+from stream.core.models._vocab import (
+    BoolArray,
+    EvictionPlan,
+    IntArray,
+    Vocabulary,
+    grow_rows,
+    top_rows,
+)
+from stream.core.models.base import FloatArray, Interaction
+from stream.core.models.blend import N_FEATURES, LearnedBlend
+from stream.core.models.cooccurrence import SessionCooccurrence
+from stream.core.models.drift import SkipRateDrift
+from stream.core.models.factorization import Float32Array, ImplicitMF
+from stream.core.models.popularity import DecayedPopularity
+from stream.core.models.rules import SequentialRules
+from stream.core.models.skip import SkipClassifier
+from stream.core.models.stan import SessionKNN
+from stream.core.ranking import (
+    DEFAULT_WEIGHTS,
+    Recommendation,
+    normalise,
+    rank_tracks,
+    reason_text,
+)
+from stream.core.session import SessionUpdate, UserState
+
+__all__ = [
+    "VARIANTS",
+    "LearnResult",
+    "Recommendation",
+    "Recommender",
+    "SeenTracks",
+    "SnapshotError",
+]
+
+MODEL_VERSION: Final = "blend-3"  # 3: learned blend over co-occurrence, STAN, SR, MF, trending
+
+#: Ways to rank, for side-by-side evaluation: each single component alone (``sknn`` is the
+#: STAN index queried without its three weights), the fixed-weight blend (``fixed``) and the
+#: learned blend (``blend``, what the worker publishes unless ``blend="fixed"``).
+VARIANTS: Final = ("popularity", "mf", "cooccurrence", "sknn", "stan", "sr", "fixed", "blend")
+#: the variants ranked by :meth:`Recommender._rank_session_model`
+_SESSION_VARIANTS: Final = frozenset({"sknn", "stan", "sr"})
+#: SR's query reads the last 5 tracks (decay 0.6), not only the last one: on the first 25,000
+#: 30Music plays HR@10 0.0312 -> 0.0359, MRR@10 0.0264 -> 0.0296 (docs/benchmarks.md)
+DEFAULT_RULES: Final[Mapping[str, Any]] = {"query_window": 5, "query_decay": 0.6}
+#: what a ``variant="blend"`` query runs for each ``blend`` setting
+BLEND_MODES: Final = ("learned", "fixed")
+
+
+class SnapshotError(ValueError):
+    """A snapshot blob is not one this version of the recommender can restore."""
+
+
+@dataclass(frozen=True, slots=True)
+class LearnResult:
+    """What learning one event revealed: the skip model's prediction for it (made before
+    learning, for prequential accuracy) and whether the skip-rate drift detector fired."""
+
+    skip_probability: float
+    skipped: bool
+    drift: bool
+
+
+class Recommender:
+    """Blend of session co-occurrence, online MF and trending, with a skip-model penalty.
+
+    Parameters are plain values so the worker can build it from configuration:
+
+    - ``weights``: blend weight per component (``cooccurrence``, ``mf``, ``popularity``,
+      ``skip``); missing names take :data:`stream.core.ranking.DEFAULT_WEIGHTS`.
+    - ``history_window`` / ``history_decay``: how many recent tracks seed co-occurrence
+      candidates, and their geometric weight by distance.
+    - ``recent_filter``: never recommend the listener's last N tracks.
+    - ``max_per_artist``: at most this many tracks of one artist per list (when artist ids
+      are known); ``None`` disables the cap.
+    - ``candidates_per_source``: candidate-set size drawn from each component.
+    - ``cross_session``: learn co-occurrence across a listener's session boundary too.
+    - ``blend``: what ``variant="blend"`` (the worker's lists) ranks with: ``"learned"``
+      (:class:`~stream.core.models.blend.LearnedBlend` over every component's candidates, see
+      docs/blend.md) or ``"fixed"`` (the fixed weights, as variant ``fixed``).
+    - ``stan_params`` / ``rules_params`` / ``blend_params``: constructor arguments of the
+      session-kNN (:class:`~stream.core.models.stan.SessionKNN`), sequential-rules
+      (:class:`~stream.core.models.rules.SequentialRules`) and learned-blend models.
+    - ``session_scope``: what the session models (STAN, SR) query with: the listener's
+      current ``"session"`` or all their ``"recent"`` tracks.
+    - ``artist_tracks``: the learned blend also draws the latest tracks of the artists of
+      the listener's last two plays; this many are kept per artist (0: off).
+    - ``repeats``: keep each listener's last N distinct tracks and let the learned blend
+      recommend them again once they are out of the recent filter (0: off; "repeats are
+      music", measured with ``stream replay --exclude-seen recent --repeats N``).
+    - ``blend_candidates``: candidates drawn from each component for the learned blend.
+    - ``session_models``: learn the session-kNN/STAN and SR models and the learned blend's
+      other sources (artist tracks, own history, track ages). Off: each play costs what it
+      did before they existed (the live worker with its default ``ranker=fixed``; variants
+      ``sknn``/``stan``/``sr`` then fall back to trending). ``blend="learned"`` needs it.
+    - ``mf_candidates``: also draw the listener's nearest tracks in MF space over the
+      whole catalogue as candidates. Off by default: on MovieLens-100K it changed HR@10 by
+      0.00003 and cost 40 % of the replay time, and its cost grows with the catalogue; MF
+      still scores (and explains) every candidate. Single-component ``mf`` ranking always
+      retrieves.
+    - ``max_users``: at most this many listeners keep MF factors (least recently played
+      first out; see :meth:`limit_users`); ``None``: no bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        weights: Mapping[str, float] | None = None,
+        history_window: int = 10,
+        history_decay: float = 0.8,
+        cooc_window: int = 10,
+        cooc_decay: float = 0.8,
+        recent_filter: int = 30,
+        max_per_artist: int | None = 3,
+        candidates_per_source: int = 50,
+        cross_session: bool = True,
+        n_factors: int = 32,
+        popularity_half_life_ms: float = 7 * 24 * 3600 * 1000,
+        seed: int = 0,
+        mf_candidates: bool = False,
+        max_users: int | None = None,
+        blend: str = "learned",
+        stan_params: Mapping[str, Any] | None = None,
+        rules_params: Mapping[str, Any] | None = None,
+        blend_params: Mapping[str, Any] | None = None,
+        blend_candidates: int = 30,
+        session_scope: str = "session",
+        artist_tracks: int = 50,
+        repeats: int = 0,
+        session_models: bool = True,
+    ) -> None:
+        if recent_filter < 0:
+            raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
+        if candidates_per_source < 1:
+            raise ValueError(f"candidates_per_source must be >= 1, got {candidates_per_source!r}")
+        if max_per_artist is not None and max_per_artist < 1:
+            raise ValueError(f"max_per_artist must be >= 1 or None, got {max_per_artist!r}")
+        if blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+        if blend == "learned" and not session_models:
+            raise ValueError("blend='learned' needs session_models=True (its candidates)")
+        if session_scope not in ("session", "recent"):
+            raise ValueError(f"session_scope must be 'session' or 'recent', got {session_scope!r}")
+        if artist_tracks < 0 or repeats < 0:
+            raise ValueError("artist_tracks and repeats must be >= 0")
+        if blend_candidates < 1:
+            raise ValueError(f"blend_candidates must be >= 1, got {blend_candidates!r}")
+        unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown blend weight(s): {', '.join(sorted(unknown))}")
+        self.weights = weights
+        self.history_window = history_window
+        self.history_decay = history_decay
+        self.cooc_window = cooc_window
+        self.cooc_decay = cooc_decay
+        self.recent_filter = recent_filter
+        self.max_per_artist = max_per_artist
+        self.candidates_per_source = candidates_per_source
+        self.cross_session = cross_session
+        self.n_factors = n_factors
+        self.popularity_half_life_ms = popularity_half_life_ms
+        self.seed = seed
+
+        self.mf_candidates = mf_candidates
+        self.blend_weights: dict[str, float] = {**DEFAULT_WEIGHTS, **(weights or {})}
+        self.vocabulary = Vocabulary()
+        self.popularity = DecayedPopularity(
+            half_life_ms=popularity_half_life_ms, vocabulary=self.vocabulary, seed=seed
+        )
+        self.cooccurrence = SessionCooccurrence(
+            window=cooc_window,
+            decay=cooc_decay,
+            backward=1.0,
+            query_window=history_window,
+            query_decay=history_decay,
+            vocabulary=self.vocabulary,
+            seed=seed,
+        )
+        self.max_users = max_users
+        self.mf = ImplicitMF(n_factors=n_factors, vocabulary=self.vocabulary, seed=seed,
+                             max_users=max_users)
+        self.skip = SkipClassifier(seed=seed)
+        self.drift = SkipRateDrift(seed=seed)
+        self.blend = blend
+        self.stan_params = stan_params
+        self.rules_params = rules_params
+        self.blend_params = blend_params
+        self.blend_candidates = blend_candidates
+        self.session_scope = session_scope
+        self.artist_tracks = artist_tracks
+        self.repeats = repeats
+        self.session_models = session_models
+        self._build_session_models()
+        self.artist_of: dict[str, str] = {}
+        self.n_learned = 0
+        self.model_version = MODEL_VERSION
+
+    def _build_session_models(self) -> None:
+        """The session-kNN, sequential-rules and learned-blend models (fresh)."""
+        self.session_knn = SessionKNN(**{**(self.stan_params or {}),
+                                         "vocabulary": self.vocabulary, "seed": self.seed})
+        self.rules = SequentialRules(**{**DEFAULT_RULES, **(self.rules_params or {}),
+                                        "vocabulary": self.vocabulary, "seed": self.seed})
+        self.ranker = LearnedBlend(**{**(self.blend_params or {}), "seed": self.seed})
+        self.first_seen: IntArray = np.zeros(0, dtype=np.int64)
+        #: artist -> their latest distinct tracks, oldest first (at most artist_tracks)
+        self.tracks_of: dict[str, list[str]] = {}
+        #: listener -> their last distinct tracks, oldest first (at most repeats)
+        self.own_history: dict[str, dict[str, None]] = {}
+
+    # -- learning -------------------------------------------------------------------------
+
+    def learn_one(self, update: SessionUpdate, event: PlayEvent | None = None) -> LearnResult:
+        """Learn from one applied event. Pass the ``event`` too when you have it: its
+        artist id and context feed the diversity cap and the skip model."""
+        if update.duplicate:
+            return LearnResult(0.0, False, False)
+        state, before = update.state, update.before
+        track = state.recent[-1]
+        if self.blend == "learned" and before.recent:
+            # test-then-train: the candidates ranked before this play, the play as positive
+            self._learn_blend(before, track, state.last_event_ts_ms)
+        keep_history = self.cross_session or not update.new_session
+        history = tuple(before.recent) if keep_history else ()
+        context = event.context if event is not None else None
+        session_models = self.session_models
+        if event is not None and event.artist_id:
+            self.artist_of[track] = event.artist_id
+            if self.artist_tracks and session_models:
+                latest = self.tracks_of.setdefault(event.artist_id, [])
+                if track in latest:
+                    latest.remove(track)
+                latest.append(track)
+                if len(latest) > self.artist_tracks:
+                    del latest[0]
+        if self.repeats and session_models:
+            histories = self.own_history
+            own = histories.pop(state.user_id, None) or {}
+            histories[state.user_id] = own  # most recently played listener last
+            own.pop(track, None)
+            own[track] = None
+            if len(own) > self.repeats:
+                del own[next(iter(own))]
+            if self.max_users is not None and len(histories) > self.max_users:
+                del histories[next(iter(histories))]  # least recently played listener
+        features: dict[str, float] = {}
+        x = Interaction(
+            user_id=state.user_id,
+            track_id=track,
+            ts_ms=state.last_event_ts_ms,
+            skipped=update.is_skip,
+            history=history,
+            session_position=0 if update.new_session else before.session_plays,
+            recent_skip_rate=_recent_skip_rate(before),
+            context=context,
+            artist_id=event.artist_id if event is not None else None,
+            features=features,
+        )
+        # the other models' scores of this play *before* learning it, for the skip model
+        # (their predict_one reads the listener, track and history, never the features)
+        features["popularity"] = self.popularity.predict_one(x)
+        features["mf"] = self.mf.predict_one(x)
+        skip_probability = self.skip.predict_learn_one(x)
+        self.drift.learn_one(x)
+        self.popularity.learn_one(x)
+        self.cooccurrence.learn_one(x)
+        self.mf.learn_one(x)
+        if session_models:
+            self.session_knn.learn_one(x)
+            self.rules.learn_one(x)
+            row = self.vocabulary.index[track]
+            if row >= len(self.first_seen):
+                self.first_seen = grow_rows(self.first_seen, row + 1)
+            if self.first_seen[row] == 0:
+                self.first_seen[row] = max(x.ts_ms, 1)
+        self.n_learned += 1
+        return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected)
+
+    # -- ranking --------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        state: UserState,
+        k: int,
+        now_ms: int,
+        *,
+        exclude: Collection[str] = (),
+        variant: str = "blend",
+        context: str | None = None,
+    ) -> list[Recommendation]:
+        """Top-``k`` tracks for this listener now, never one of their last
+        ``recent_filter`` tracks nor one in ``exclude``. ``variant`` ranks with one
+        component alone (``popularity``, ``mf``, ``cooccurrence``) for evaluation."""
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if k <= 0:
+            return []
+        if variant in _SESSION_VARIANTS:
+            return self._rank_session_model(state, k, now_ms, exclude, variant)
+        if variant == "blend" and self.blend == "learned":
+            return self._rank_learned(state, k, now_ms, exclude)
+        fixed = variant in ("blend", "fixed")
+        weights = self.blend_weights if fixed else {variant: 1.0}
+        # Single-component variants are filled with trending when they run short.
+        blend_weights = weights if fixed else {variant: 1.0, "popularity": 1e-6}
+        if blend_weights.get("skip", 0.0) > 0:  # the skip penalty: the general path
+            recent = state.recent[-self.recent_filter :] if self.recent_filter else []
+            query = Interaction(
+                user_id=state.user_id,
+                ts_ms=now_ms,
+                history=tuple(state.recent),
+                session_position=state.session_plays,
+                recent_skip_rate=_recent_skip_rate(state),
+                context=context,
+            )
+            banned: Iterable[str] | tuple[Iterable[str], SeenTracks] = (
+                (recent, exclude) if isinstance(exclude, SeenTracks) else chain(recent, exclude)
+            )
+            anchors = self.cooccurrence.anchors(query.history)
+            return self._rank_reference(query, k, banned, weights, blend_weights, anchors)
+        return self._rank_compiled(state, k, exclude, weights, blend_weights)
+
+    def recommend_many(
+        self, states: Sequence[UserState], k: int, now_ms: int
+    ) -> list[list[Recommendation]]:
+        """``[self.recommend(state, k, now_ms) for state in states]`` (the blend, nothing
+        excluded), with every listener ranked in one compiled call
+        (:func:`stream.core.models._kernels.rank_many`). The worker ranks each flush's
+        listeners this way."""
+        if k <= 0 or not states:
+            return [[] for _ in states]
+        weights = self.blend_weights
+        if weights.get("skip", 0.0) > 0 or len(states) == 1 or self.blend == "learned":
+            return [self.recommend(state, k, now_ms) for state in states]
+        size = len(self.vocabulary)
+        if size == 0:
+            return [[] for _ in states]
+        n = max(self.candidates_per_source, k)
+        n_pop = n if weights.get("popularity", 0.0) > 0 else k
+        cooc = self.cooccurrence
+        m = len(states)
+        hist: list[int] = []
+        hist_off = np.zeros(m + 1, dtype=np.int64)
+        bans: list[int] = []
+        ban_off = np.zeros(m + 1, dtype=np.int64)
+        factors = self.mf.factors()
+        users = np.zeros((m, factors.shape[1]), dtype=factors.dtype)
+        has_user = np.zeros(m, dtype=np.bool_)
+        use_mf = weights.get("mf", 0.0) > 0
+        for q, state in enumerate(states):
+            hist_rows, ban_recent = self._query_rows(state)
+            hist += hist_rows
+            hist_off[q + 1] = len(hist)
+            bans += ban_recent
+            ban_off[q + 1] = len(bans)
+            if use_mf:
+                user = self._user_vector(state)
+                if user is not None:
+                    users[q] = user
+                    has_user[q] = True
+        width = n_pop + 2 * n
+        out_rows = np.empty((m, width), dtype=np.int64)
+        out_totals = np.empty((m, width))
+        out_reasons = np.empty((m, width), dtype=np.int64)
+        out_leads = np.empty((m, width), dtype=np.int64)
+        out_count = np.zeros(m, dtype=np.int64)
+        members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
+        start, csize, cap, total, nbr, val = cooc.arena()
+        with self._query_buffers(size) as (ban, sc):
+            _k.rank_many(
+                size, n_pop, n,
+                weights.get("cooccurrence", 0.0) > 0,
+                self.mf_candidates or weights.get("cooccurrence", 0.0) == 0,
+                weights.get("popularity", 0.0),
+                weights.get("cooccurrence", 0.0),
+                weights.get("mf", 0.0),
+                members, pop_weights, pop_total,
+                start, csize, cap, total, nbr, val,
+                np.array(hist, dtype=np.int64), hist_off, cooc.query_decay,
+                sc.acc, sc.best, sc.anchor, sc.touched,
+                factors, users, has_user, ban, self._mark_buffer(size),
+                np.array(bans, dtype=np.int64), ban_off,
+                out_rows, out_totals, out_reasons, out_leads, out_count,
+            )
+        return [
+            self._results(out_rows[q, :c], out_totals[q, :c], out_reasons[q, :c],
+                          out_leads[q, :c], k)
+            for q, c in enumerate(out_count.tolist())
+        ]
+
+    # -- learned blend and session models ----------------------------------------------------
+
+    def _learn_blend(self, before: UserState, track: str, ts_ms: int) -> None:
+        cache = self.__dict__.pop("_blend_cache", None)
+        if cache is not None and cache[0] == before.user_id and cache[1] == before.seq:
+            rows, X = cache[2], cache[3]
+        else:  # not ranked just before (the worker ranks after learning): rank now
+            rows, X, *_ = self._blend_candidates(before, ts_ms, ())
+        row = self.vocabulary.index.get(track)
+        if row is None or not len(rows):
+            return
+        hit = np.flatnonzero(rows == row)
+        if len(hit):
+            self.ranker.learn(X, int(hit[0]), key=self.n_learned)
+
+    def _session_items(self, state: UserState) -> list[str]:
+        """The listener's current session, oldest first (the last track at least), or all
+        their recent tracks with ``session_scope="recent"``."""
+        if self.session_scope == "recent":
+            return state.recent
+        n = max(min(state.session_plays, len(state.recent)), 1)
+        return state.recent[-n:]
+
+    def _banned_rows(self, state: UserState, exclude: Collection[str]) -> IntArray:
+        ban_list = self._query_rows(state)[1]
+        recent = np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS
+        if isinstance(exclude, SeenTracks):
+            other = exclude.rows()
+        elif exclude:
+            get = self.vocabulary.index.get
+            other = np.fromiter((r for r in map(get, exclude) if r is not None), np.int64)
+        else:
+            return recent[recent >= 0]
+        rows = np.concatenate((recent, other))
+        out: IntArray = rows[rows >= 0]
+        return out
+
+    def _blend_candidates(
+        self, state: UserState, now_ms: int, exclude: Collection[str]
+    ) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray,
+               FloatArray, FloatArray]:
+        """Every component's best ``blend_candidates`` tracks (none banned), and per
+        candidate the feature row of :data:`stream.core.models.blend.FEATURES`; also the
+        co-occurrence, SR and STAN scores and co-occurrence's lead (for reasons)."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return (_NO_ROWS, np.zeros((0, N_FEATURES)), _NO_SCORES, _NO_SCORES, _NO_SCORES,
+                    _NO_ROWS, _NO_SCORES, _NO_SCORES)
+        n = self.blend_candidates
+        ban_rows = self._banned_rows(state, exclude)
+        ban = self._ban_buffer(size)
+        ban[ban_rows] = True
+        dense, dense_lead = self._dense_buffers(size)
+        session = self._session_items(state)
+        try:
+            cooc, rules = self.cooccurrence, self.rules
+            with cooc.accumulate(cooc.anchors(state.recent)) as touched:
+                c_rows = touched.rows().copy()
+                c_vals = touched.scratch.acc[c_rows]
+                dense_lead[c_rows] = touched.scratch.anchor[c_rows]
+            s_rows, s_vals = self.session_knn.score(session, state.user_id, now_ms)
+            with rules.accumulate(rules.anchors(session)) as t2:
+                r_rows = t2.rows().copy()
+                r_vals = t2.scratch.acc[r_rows]
+            a_rows, a_vals = self._artist_source(state)
+            o_rows, o_vals = self._own_source(state)
+            picks = [self.popularity.top_set(n, ban)]
+            for col, (rows, vals) in enumerate(((c_rows, c_vals), (s_rows, s_vals),
+                                                (r_rows, r_vals), (a_rows, a_vals),
+                                                (o_rows, o_vals))):
+                dense[rows, col] = vals
+                ok = (vals > 0) & ~ban[rows]
+                rows, vals = rows[ok], vals[ok]
+                if len(rows) > n:
+                    rows = rows[np.argpartition(-vals, n - 1)[:n]]
+                picks.append(rows)
+            cands = _k.unique_rows(np.concatenate(picks), self._mark_buffer(size))
+            comp = dense[cands].copy()
+            lead = dense_lead[cands].copy()
+        finally:
+            ban[ban_rows] = False
+            for col, rows in enumerate((c_rows, s_rows, r_rows, a_rows, o_rows)):
+                dense[rows, col] = 0.0
+            dense_lead[c_rows] = -1
+        cs, ss, rs, arts, owns = comp[:, 0], comp[:, 1], comp[:, 2], comp[:, 3], comp[:, 4]
+        pop = self.popularity.score_rows(cands)
+        user = self._user_vector(state)
+        mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
+            else np.zeros(len(cands))
+        query = Interaction(user_id=state.user_id, ts_ms=now_ms,
+                            session_position=state.session_plays,
+                            recent_skip_rate=_recent_skip_rate(state))
+        skip = self.skip.predict_many(query, {"popularity": pop, "mf": mf})
+        s_cooc, s_stan, s_sr, s_pop = (_scale(v) for v in (cs, ss, rs, pop))
+        s_mf = normalise(mf)
+        hist = math.log1p(state.plays_total) / 5.0
+        first = self.first_seen[np.minimum(cands, max(len(self.first_seen) - 1, 0))] \
+            if len(self.first_seen) else np.zeros(len(cands), dtype=np.int64)
+        first = np.where(cands < len(self.first_seen), first, 0)
+        age = np.where(first > 0, np.log1p(np.maximum(now_ms - first, 0) / _DAY_MS) / 3.0, 0.0)
+        same_artist = np.zeros(len(cands))
+        artist_of = self.artist_of
+        last_artist = artist_of.get(state.recent[-1]) if state.recent else None
+        if last_artist is not None:
+            ids = self.vocabulary.ids
+            same_artist = np.fromiter((artist_of.get(ids[r]) == last_artist
+                                       for r in cands.tolist()), np.float64, len(cands))
+        w = self.blend_weights
+        X = np.column_stack((
+            w.get("cooccurrence", 0.0) * s_cooc + w.get("mf", 0.0) * s_mf
+            + w.get("popularity", 0.0) * s_pop,
+            s_cooc, s_stan, s_sr, s_pop, s_mf,
+            _recip_rank(cs), _recip_rank(ss), _recip_rank(rs), _recip_rank(pop),
+            _recip_rank(mf, signed=True),
+            skip, hist * s_cooc, hist * s_stan, hist * s_mf, age,
+            np.log1p(1e4 * pop) / 10.0, same_artist, (owns > 0).astype(np.float64),
+            _scale(arts), _recip_rank(arts), _scale(owns), _recip_rank(owns),
+        ))
+        return cands, X, cs, ss, rs, lead, arts, owns
+
+    def _rank_learned(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str]
+    ) -> list[Recommendation]:
+        rows, X, cs, ss, rs, lead, arts, owns = self._blend_candidates(state, now_ms, exclude)
+        self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X)
+        if not len(rows):
+            return []
+        scores = self.ranker.score(X)
+        order = np.argsort(-scores, kind="stable")
+        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        codes, leads = _codes(cs, ss, rs, lead, last, arts, owns)
+        by_artist = np.flatnonzero(codes == REASON_ARTIST)
+        if len(by_artist):  # lead: the recent play by the same artist (most recent first)
+            artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
+            played: dict[str, int] = {}
+            for t in state.recent[-1:-3:-1]:
+                a = artist_of.get(t)
+                r = get(t)
+                if a is not None and r is not None:
+                    played.setdefault(a, r)
+            for i in by_artist.tolist():
+                a = artist_of.get(ids[int(rows[i])])
+                leads[i] = played.get(a, -1) if a is not None else -1
+        return self._results(rows[order], scores[order], codes[order], leads[order], k)
+
+    def _rank_session_model(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
+    ) -> list[Recommendation]:
+        """One session model alone (``sknn``, ``stan``, ``sr``), filled with trending."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return []
+        session = self._session_items(state)
+        if variant == "sr":
+            with self.rules.accumulate(self.rules.anchors(session)) as touched:
+                rows = touched.rows().copy()
+                vals = touched.scratch.acc[rows]
+        else:
+            rows, vals = self.session_knn.score(session, state.user_id, now_ms,
+                                                plain=variant == "sknn")
+        ban_rows = self._banned_rows(state, exclude)
+        ban = self._ban_buffer(size)
+        ban[ban_rows] = True
+        try:
+            ok = (vals > 0) & ~ban[rows]
+            rows, vals = rows[ok], vals[ok]
+            room = 3 * k
+            if len(rows) > room:
+                sel = np.argpartition(-vals, room - 1)[:room]
+                rows, vals = rows[sel], vals[sel]
+            fill = self.popularity.top_set(room, ban)
+        finally:
+            ban[ban_rows] = False
+        fill = fill[~np.isin(fill, rows)]
+        all_rows = np.concatenate((rows, fill))
+        scores = np.concatenate((_scale(vals), np.zeros(len(fill))))
+        scores += 1e-6 * _scale(self.popularity.score_rows(all_rows))
+        order = np.lexsort((all_rows, -scores))
+        n_model = len(rows)
+        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        from_model = order < n_model
+        if variant == "sr":
+            codes = np.where(from_model, _k.REASON_COOCCURRENCE, _k.REASON_POPULARITY)
+        else:
+            codes = np.where(from_model, _k.REASON_MF, _k.REASON_POPULARITY)
+        leads = np.full(len(order), last, dtype=np.int64)
+        return self._results(all_rows[order], scores[order], codes.astype(np.int64), leads, k)
+
+    def _artist_source(self, state: UserState) -> tuple[IntArray, FloatArray]:
+        """The latest tracks of the artists of the last two plays: score 1 / (1 + how many
+        newer tracks the artist has), halved for the older play's artist."""
+        if not self.artist_tracks or not state.recent:
+            return _NO_ROWS, _NO_SCORES
+        artists: list[str] = []
+        for t in state.recent[-1:-3:-1]:
+            a = self.artist_of.get(t)
+            if a is not None and a not in artists:
+                artists.append(a)
+        get = self.vocabulary.index.get
+        rows: list[int] = []
+        vals: list[float] = []
+        for weight, artist in zip((1.0, 0.5), artists, strict=False):
+            for i, t in enumerate(reversed(self.tracks_of.get(artist, ()))):
+                r = get(t)
+                if r is not None:
+                    rows.append(r)
+                    vals.append(weight / (1 + i))
+        if not rows:
+            return _NO_ROWS, _NO_SCORES
+        return np.array(rows, dtype=np.int64), np.array(vals)
+
+    def _own_source(self, state: UserState) -> tuple[IntArray, FloatArray]:
+        """The listener's own earlier tracks (repeats option), most recent first."""
+        own = self.own_history.get(state.user_id) if self.repeats else None
+        if not own:
+            return _NO_ROWS, _NO_SCORES
+        get = self.vocabulary.index.get
+        rows = [r for r in map(get, reversed(own)) if r is not None]
+        if not rows:
+            return _NO_ROWS, _NO_SCORES
+        return np.array(rows, dtype=np.int64), 1.0 / np.arange(1, len(rows) + 1)
+
+    def _dense_buffers(self, size: int) -> tuple[Any, IntArray]:
+        """Per-track scratch: 5 source scores (all 0) and a lead row (all -1)."""
+        buf = self.__dict__.get("_dense")
+        if buf is None or len(buf[0]) < size:
+            cap = max(size, 2 * (0 if buf is None else len(buf[0])), 64)
+            buf = (np.zeros((cap, 5)), np.full(cap, -1, dtype=np.int64))
+            self.__dict__["_dense"] = buf
+        return buf
+
+    def _query_rows(self, state: UserState) -> tuple[list[int], list[int]]:
+        """A listener's recent tracks as vocabulary rows (-1 = unknown): the history that
+        seeds co-occurrence, and the ones banned from their list."""
+        cooc = self.cooccurrence
+        get = self.vocabulary.index.get
+        span = max(self.recent_filter, cooc.query_window)
+        recent = [get(t, -1) for t in state.recent[-span:]] if span else []
+        hist = recent[len(recent) - min(cooc.query_window, len(recent)) :]
+        banned = (recent[len(recent) - min(self.recent_filter, len(recent)) :]
+                  if self.recent_filter else [])
+        return hist, banned
+
+    def _user_vector(self, state: UserState) -> Float32Array | None:
+        user = self.mf.user_factors.get(state.user_id)
+        if user is None:  # a listener without factors yet: their recent tracks' mean
+            user = self.mf.user_vector(Interaction(user_id=state.user_id,
+                                                   history=tuple(state.recent)))
+        return user
+
+    def _rank_compiled(
+        self,
+        state: UserState,
+        k: int,
+        exclude: Collection[str],
+        weights: Mapping[str, float],
+        blend_weights: Mapping[str, float],
+    ) -> list[Recommendation]:
+        """:meth:`_rank_reference` (without the skip penalty) in one compiled call
+        (:func:`stream.core.models._kernels.rank_query`): bans, co-occurrence from the recent
+        tracks, candidates, normalised blend, order and reasons. Python looks up the recent
+        tracks' rows, applies the artist cap to the first tracks and builds the K results."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return []
+        n = max(self.candidates_per_source, k)
+        cooc = self.cooccurrence
+        get = self.vocabulary.index.get
+        hist_list, ban_list = self._query_rows(state)
+        hist_rows = np.array(hist_list, dtype=np.int64)
+        ban_recent = np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS
+        if isinstance(exclude, SeenTracks):
+            ban_other = exclude.rows()
+        elif exclude:
+            ban_other = np.fromiter(
+                (r for r in map(get, exclude) if r is not None), dtype=np.int64
+            )
+        else:
+            ban_other = _NO_ROWS
+        use_cooc = weights.get("cooccurrence", 0.0) > 0
+        user = self._user_vector(state) if weights.get("mf", 0.0) > 0 else None
+        members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
+        start, csize, cap, total, nbr, val = cooc.arena()
+        with self._query_buffers(size) as (ban, sc):
+            ranked = _k.rank_query(
+                size,
+                n if weights.get("popularity", 0.0) > 0 else k,
+                n,
+                use_cooc,
+                user is not None,
+                self.mf_candidates or weights.get("cooccurrence", 0.0) == 0,
+                blend_weights.get("popularity", 0.0),
+                blend_weights.get("cooccurrence", 0.0),
+                blend_weights.get("mf", 0.0),
+                members,
+                pop_weights,
+                pop_total,
+                start, csize, cap, total, nbr, val,
+                hist_rows,
+                cooc.query_decay,
+                sc.acc, sc.best, sc.anchor, sc.touched,
+                self.mf.factors(),
+                user if user is not None else _NO_SCORES,
+                ban,
+                self._mark_buffer(size),
+                ban_recent,
+                ban_other,
+            )
+        rows, totals, reasons, leads = ranked
+        return self._results(rows, totals, reasons, leads, k)
+
+    def _results(
+        self, rows: IntArray, totals: FloatArray, reasons: IntArray, leads: IntArray, k: int
+    ) -> list[Recommendation]:
+        """The first ``k`` ranked candidates (after the artist cap) with their reasons."""
+        ids = self.vocabulary.ids
+        artist_of = self.artist_of
+        cap_n = self.max_per_artist if artist_of else None
+        count = len(rows)
+        # Materialise only the prefix that can be kept (rows are up to n_pop + 2n long, and
+        # turning all of them into Python objects was most of this method's cost): the
+        # first k without an artist cap, else 2k at first and the rest only if the cap
+        # dropped enough of those.
+        stop = min(count, k if cap_n is None else 2 * k)
+        start = 0
+        per_artist: dict[str, int] = {}
+        because: dict[tuple[int, int], str] = {}
+        out: list[Recommendation] = []
+        make = _make_recommendation  # tuple.__new__: skips the NamedTuple's Python __new__
+        naming = _NAMING_REASONS
+        while start < stop:
+            for row, score, code, lead in zip(
+                rows[start:stop].tolist(),
+                totals[start:stop].tolist(),
+                reasons[start:stop].tolist(),
+                leads[start:stop].tolist(),
+                strict=True,
+            ):
+                track = ids[row]
+                if cap_n is not None:
+                    artist = artist_of.get(track)
+                    if artist is not None:
+                        n_artist = per_artist.get(artist, 0)
+                        if n_artist >= cap_n:
+                            continue
+                        per_artist[artist] = n_artist + 1
+                if lead >= 0 and code in naming:
+                    name = naming[code]
+                    reason = because.get((code, lead))
+                    if reason is None:
+                        reason = because[code, lead] = reason_text(name, ids[lead])
+                    out.append(make(Recommendation,
+                                    (track, round(score, 6), reason, name, ids[lead])))
+                else:
+                    name = _reason_code(code)
+                    out.append(make(Recommendation,
+                                    (track, round(score, 6), reason_text(name), name, None)))
+                if len(out) >= k:
+                    return out
+            start, stop = stop, count
+        return out
+
+    def _rank_reference(
+        self,
+        query: Interaction,
+        k: int,
+        banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
+        weights: Mapping[str, float],
+        blend_weights: Mapping[str, float],
+        anchors: list[tuple[int, float]],
+    ) -> list[Recommendation]:
+        """Candidates and component scores in numpy, ranked by :func:`rank_tracks` (any
+        blend, the skip penalty included; the compiled path's reference)."""
+        # Banned tracks never become candidates, so the ranker needs no exclusion set (and
+        # the listener's seen set, up to hundreds of ids, is not copied into one).
+        track_ids, components, leads = self._candidates(query, k, banned, weights, anchors)
+        if not track_ids:
+            return []
+        return rank_tracks(
+            track_ids,
+            components,
+            weights=blend_weights,
+            k=k,
+            artist_of=self.artist_of,
+            max_per_artist=self.max_per_artist,
+            anchors=leads,
+        )
+
+    def _candidates(
+        self,
+        query: Interaction,
+        k: int,
+        banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
+        weights: Mapping[str, float],
+        anchors: list[tuple[int, float]],
+    ) -> tuple[list[str], dict[str, FloatArray], Callable[[str], str | None]]:
+        """The bounded candidate set (each component's best ``candidates_per_source``, never
+        a banned track), every component's scores for it, and for the tracks co-occurrence
+        reached, the recent track that led there most strongly."""
+        size = len(self.vocabulary)
+        if size == 0:
+            return [], {}, _no_lead
+        n = max(self.candidates_per_source, k)
+        index = self.vocabulary.index
+        ban = self._ban_buffer(size)
+        ban_rows = _ban_rows(banned, index, self.vocabulary)
+        ban[ban_rows] = True
+        use_cooc = weights.get("cooccurrence", 0.0) > 0
+        try:
+            with self.cooccurrence.accumulate(anchors if use_cooc else []) as touched:
+                # Each source yields its own top rows without sorting the catalogue:
+                # trending from its kept top set, co-occurrence from the rows its anchors
+                # touch (compiled), MF from one partition of its scores.
+                picks = [self.popularity.top_set(
+                    n if weights.get("popularity", 0.0) > 0 else k, ban)]
+                if use_cooc and touched.n:
+                    picks.append(_k.top_allowed(touched.rows(), touched.scratch.acc, ban, n))
+                mf: FloatArray | None = None
+                if weights.get("mf", 0.0) > 0:
+                    mf = self.mf.score_all(query)
+                    if mf is not None and (self.mf_candidates or not use_cooc):
+                        picks.append(_top_of(np.flatnonzero(~ban[:size]), mf, n))
+                rows = _k.unique_rows(np.concatenate(picks), self._mark_buffer(size))
+                components: dict[str, FloatArray] = {
+                    "popularity": self.popularity.score_rows(rows)}
+                ids = self.vocabulary.ids
+                lead: IntArray | None = None
+                if use_cooc:
+                    components["cooccurrence"] = touched.scratch.acc[rows]
+                    lead = touched.scratch.anchor[rows]
+        finally:
+            ban[ban_rows] = False
+        if mf is not None:
+            components["mf"] = mf[rows]
+        if weights.get("skip", 0.0) > 0:
+            feats: dict[str, FloatArray] = {
+                name: components[name] for name in ("popularity", "mf") if name in components
+            }
+            components["skip"] = self.skip.predict_many(query, feats)
+        track_ids = list(map(ids.__getitem__, rows.tolist()))
+        return track_ids, components, _leads(track_ids, lead, ids)
+
+    @contextlib.contextmanager
+    def _query_buffers(self, size: int) -> Iterator[tuple[BoolArray, Any]]:
+        """The ban flags and co-occurrence scratch for one compiled query call, which leaves
+        them as it found them; if it raises, they are cleared here."""
+        ban = self._ban_buffer(size)
+        sc = self.cooccurrence.acquire_scratch(size)
+        try:
+            yield ban, sc
+        except BaseException:
+            ban[:] = False  # the kernel did not get to clear its bans
+            sc.clear()  # nor its scratch
+            raise
+        finally:
+            self.cooccurrence.release_scratch(sc)
+
+    def _ban_buffer(self, size: int) -> BoolArray:
+        """A reusable all-False flag per track (set and cleared by each query)."""
+        return self._scratch_flags("_ban", size)
+
+    def _mark_buffer(self, size: int) -> BoolArray:
+        return self._scratch_flags("_mark", size)
+
+    def _scratch_flags(self, name: str, size: int) -> BoolArray:
+        buf = self.__dict__.get(name)
+        if buf is None or len(buf) < size:
+            buf = np.zeros(max(size, 2 * (0 if buf is None else len(buf)), 64), dtype=bool)
+            self.__dict__[name] = buf
+        out: BoolArray = buf
+        return out
+
+    def similar(self, track_id: str, k: int) -> list[Recommendation]:
+        """"More like this": the tracks played alongside ``track_id`` (co-occurrence in
+        both directions) blended with its nearest tracks in MF factor space."""
+        if k <= 0:
+            return []
+        row = self.vocabulary.index.get(track_id)
+        if row is None:
+            return []
+        n = max(self.candidates_per_source, k)
+        # co-occurrence: only the rows the seed's neighbour list touches (no dense pass
+        # over the catalogue; the worker refreshes many of these lists per second)
+        cooc_model = self.cooccurrence
+        with cooc_model.accumulate(cooc_model.anchors((track_id,))) as touched:
+            t_rows = touched.rows().copy()
+            t_vals = touched.scratch.acc[t_rows]
+        keep = (t_vals > 0) & (t_rows != row)
+        t_rows, t_vals = t_rows[keep], t_vals[keep]
+        by_row = np.argsort(t_rows, kind="stable")
+        t_rows, t_vals = t_rows[by_row], t_vals[by_row]
+        picks = [t_rows[np.lexsort((t_rows, -t_vals))[:n]]]
+        near = self.mf.similar_all(track_id, norms=self._item_norms())
+        if near is not None:
+            picks.append(top_rows(near, n))
+        rows = np.unique(np.concatenate(picks))
+        if not len(rows):
+            return []
+        at = np.minimum(np.searchsorted(t_rows, rows), max(len(t_rows) - 1, 0))
+        cooc = (np.where(t_rows[at] == rows, t_vals[at], 0.0) if len(t_rows)
+                else np.zeros(len(rows)))
+        components = {"cooccurrence": cooc}
+        if near is not None:
+            components["mf"] = near[rows]
+        ids = self.vocabulary.ids
+        track_ids = [ids[r] for r in rows.tolist()]
+        recs = rank_tracks(
+            track_ids,
+            components,
+            weights={"cooccurrence": 1.0, "mf": 0.5},
+            k=k,
+            exclude={track_id},
+            anchors=lambda _t: track_id,
+        )
+        out = []
+        for r in recs:
+            code = "played_with" if r.code == "played" else "liked_by_listeners_of"
+            out.append(
+                Recommendation(r.track_id, r.score, reason_text(code, track_id), code, track_id)
+            )
+        return out
+
+    def _item_norms(self) -> FloatArray:
+        """L2 norms of the MF item factors for "more like this", kept across calls: the
+        worker refreshes many lists between two plays, and recomputing the norms of the
+        whole catalogue (~50 ms at 500k tracks) was most of each list's cost. New tracks get
+        theirs as they appear; learning moves the factors of the rows it touches, so each
+        call also recomputes the next :data:`_NORM_SLICE` rows, round robin (at 500k
+        tracks a norm is at most 16 calls old); an eviction moves them with their tracks."""
+        factors = self.mf.factors()
+        n = len(self.vocabulary)
+        cached = self.__dict__.get("_norms")
+        if cached is None or cached[0] != self.vocabulary.generation or len(cached[1]) > n:
+            norms: FloatArray = np.linalg.norm(factors[:n], axis=1) + 1e-12
+            self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0)
+            return norms
+        _, norms, pos = cached
+        if len(norms) < n:
+            norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                    + 1e-12))
+        end = min(pos + _NORM_SLICE, n)
+        norms[pos:end] = np.linalg.norm(factors[pos:end], axis=1) + 1e-12
+        self.__dict__["_norms"] = (self.vocabulary.generation, norms, 0 if end >= n else end)
+        return norms
+
+    def evict_tracks(
+        self, keep: int, on_evicted: Callable[[list[str]], None] | None = None
+    ) -> int:
+        """Bound the catalogue: keep the ``keep`` tracks with the highest decayed popularity
+        (ties at the cut: the lower row stays), drop the rest from every model, and give
+        their rows to the survivors above ``keep`` (every other track keeps its row).
+        Returns how many were evicted; ``on_evicted`` gets their ids. Listeners' histories
+        may still name evicted tracks: they are unknown ids to the models from then on
+        (like tracks never seen).
+
+        Cost: O(catalogue) numpy work (a partition of the weights), one compiled pass over
+        the co-occurrence lists and O(evicted) dictionary work -- ~15 ms at the default
+        500k-track cap, against ~4 s for the renumber-everything loop it replaced
+        (docs/benchmarks.md, "Eviction at the track cap")."""
+        n = len(self.vocabulary)
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep!r}")
+        if n <= keep:
+            return 0
+        weights = np.zeros(n)
+        w = self.popularity.weights()
+        weights[: len(w)] = w[:n]
+        plan = EvictionPlan.lightest(weights, keep)
+        cached = self.__dict__.pop("_norms", None)
+        if cached is not None and cached[0] == self.vocabulary.generation:
+            norms = cached[1][:n]
+            if len(norms) < n:  # rows added since the last call: theirs first
+                factors = self.mf.factors()
+                norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1)
+                                        + 1e-12))
+            norms[plan.holes] = norms[plan.movers]
+            # (the generation the vocabulary takes below)
+            self.__dict__["_norms"] = (self.vocabulary.generation + 1, norms[:keep], 0)
+        self.__dict__.pop("_blend_cache", None)  # candidate rows of the old numbering
+        self.popularity.evict_rows(plan)
+        self.cooccurrence.evict_rows(plan)
+        self.mf.evict_rows(plan)
+        self.session_knn.evict_rows(plan)
+        self.rules.evict_rows(plan)
+        first_seen = grow_rows(self.first_seen, n)
+        first_seen[plan.holes] = first_seen[plan.movers]
+        first_seen[keep:n] = 0
+        self.first_seen = first_seen
+        evicted = self.vocabulary.fill_holes(plan)
+        if self.tracks_of:
+            self._drop_artist_tracks(evicted)
+        if self.artist_of:
+            pop = self.artist_of.pop
+            deque(map(pop, evicted, repeat(None)), maxlen=0)
+        if on_evicted is not None:
+            on_evicted(evicted)
+        return len(evicted)
+
+    def _drop_artist_tracks(self, evicted: list[str]) -> None:
+        """Take evicted tracks out of their artists' latest-tracks lists (before
+        ``artist_of`` forgets whose they were)."""
+        artist_of, tracks_of = self.artist_of, self.tracks_of
+        for track in evicted:
+            artist = artist_of.get(track)
+            latest = tracks_of.get(artist) if artist is not None else None
+            if latest is not None and track in latest:
+                latest.remove(track)
+                if not latest:
+                    del tracks_of[artist]  # type: ignore[arg-type]
+
+    def trending(self, n: int) -> list[str]:
+        """The ``n`` most popular tracks now (decayed plays), most popular first."""
+        weights = self.popularity.weights()
+        if n <= 0 or not len(weights):
+            return []
+        rows = top_rows(weights, n)  # best first
+        ids = self.vocabulary.ids
+        return [ids[r] for r in rows.tolist() if weights[r] > 0]
+
+    def catalogue_size(self) -> int:
+        """Distinct tracks the models know."""
+        return len(self.vocabulary)
+
+    def use_ranker(self, ranker: str) -> None:
+        """Rank the ``variant="blend"`` lists with ``ranker`` (a :data:`BLEND_MODES` name;
+        the worker's ``ranker`` setting, applied to a restored recommender too):
+        ``"learned"`` also turns the session models on, ``"fixed"`` turns them off (they
+        keep what they learned, and learn again if the learned ranker comes back)."""
+        if ranker not in BLEND_MODES:
+            raise ValueError(f"ranker must be one of {BLEND_MODES}, got {ranker!r}")
+        self.session_models = ranker == "learned"
+        self.blend = ranker
+        self.__dict__.pop("_blend_cache", None)
+
+    def user_ids(self) -> list[str]:
+        """The listeners the models hold state about (their MF factors, their own recent
+        tracks for ``repeats``, the link to their open session in session-kNN)."""
+        return list(dict.fromkeys(chain(self.mf.user_factors, self.own_history,
+                                        self.session_knn.open_users())))
+
+    def limit_users(self, max_users: int | None) -> int:
+        """Bound the per-listener model state (MF factors) to ``max_users`` listeners, the
+        most recently played ones; returns how many were dropped now. The worker applies
+        its ``max_users`` setting this way (also to a recommender restored from a
+        checkpoint)."""
+        self.max_users = max_users
+        dropped = self.mf.limit_users(max_users)
+        if max_users is not None:
+            own = self.own_history
+            while len(own) > max_users:  # least recently played first (insertion order)
+                del own[next(iter(own))]
+        return dropped
+
+    def forget_user(self, user_id: str) -> bool:
+        """Drop everything kept about one listener (their MF factors, own recent tracks and
+        session-kNN's link to their open session). Shared statistics (co-occurrence, SR,
+        popularity, session-kNN's sessions) hold no user ids. Returns whether anything was
+        held."""
+        held = self.own_history.pop(user_id, None) is not None
+        held = self.mf.forget_user(user_id) or held
+        return self.session_knn.forget_user(user_id) or held
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """All learned state: a JSON-able manifest (parameters, counters, the component
+        models' manifests) and numeric arrays (the shared vocabulary once, then each
+        component's arrays under its name). :meth:`import_state` rebuilds an equal
+        recommender; :mod:`stream.core.checkpoint` frames and signs the pair."""
+        vocab_manifest, vocab_arrays = self.vocabulary.export_state()
+        tracks = list(self.artist_of)
+        t_blob, t_ends = encode_strings(tracks)
+        a_blob, a_ends = encode_strings([self.artist_of[t] for t in tracks])
+        manifest: dict[str, Any] = {
+            "model_version": self.model_version,
+            "params": {name: getattr(self, name) for name in _PARAMS},
+            "blend_weights": dict(self.blend_weights),
+            "n_learned": self.n_learned,
+            "vocabulary": vocab_manifest,
+            "models": {},
+        }
+        arrays: dict[str, np.ndarray] = {
+            **prefixed("vocabulary", vocab_arrays),
+            "artist_of.tracks.bytes": t_blob, "artist_of.tracks.ends": t_ends,
+            "artist_of.artists.bytes": a_blob, "artist_of.artists.ends": a_ends,
+            "first_seen": self.first_seen[: len(self.vocabulary)].astype(np.int64),
+        }
+        # artist -> latest tracks and listener -> own recent tracks: keys, then the
+        # concatenated lists with one end offset per key
+        for name, table in (("tracks_of", self.tracks_of), ("own_history", self.own_history)):
+            keys = list(table)
+            k_blob, k_ends = encode_strings(keys)
+            values = [t for key in keys for t in table[key]]
+            v_blob, v_ends = encode_strings(values)
+            arrays.update({
+                f"{name}.keys.bytes": k_blob, f"{name}.keys.ends": k_ends,
+                f"{name}.values.bytes": v_blob, f"{name}.values.ends": v_ends,
+                f"{name}.counts": np.array([len(table[key]) for key in keys], dtype=np.int64),
+            })
+        for name in _COMPONENTS:
+            model_manifest, model_arrays = getattr(self, name).export_state()
+            manifest["models"][name] = model_manifest
+            arrays.update(prefixed(name, model_arrays))
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+    ) -> Recommender:
+        """The recommender :meth:`export_state` described. Every field is checked (type,
+        dtype, shape, range, id lengths) and a bad one raises ValueError naming it."""
+        version = get_field(manifest, "model_version", str)
+        if version != MODEL_VERSION:
+            raise ValueError(f"model_version: {version!r}, expected {MODEL_VERSION!r}")
+        params = get_params(manifest, "recommender", _PARAMS)
+        weights = params["weights"]
+        if weights is not None and not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in weights.items()
+        ):
+            raise ValueError("recommender.params.weights: expected names and numbers")
+        rec: Recommender = build("recommender", cls, params)
+        blend = get_field(manifest, "blend_weights", dict)
+        if set(blend) != set(rec.blend_weights):
+            raise ValueError(f"blend_weights: names {sorted(blend)}, expected "
+                             f"{sorted(rec.blend_weights)}")
+        rec.blend_weights = {name: get_field(blend, name, float, where="blend_weights")
+                             for name in rec.blend_weights}
+        rec.n_learned = get_field(manifest, "n_learned", int, lo=0)
+        vocab = Vocabulary.import_state(
+            get_field(manifest, "vocabulary", dict), under("vocabulary", arrays),
+            where="vocabulary")
+        rec.vocabulary = vocab
+        models = get_field(manifest, "models", dict)
+        unknown = set(models) - set(_COMPONENTS)
+        if unknown:
+            raise ValueError(f"models: unknown component(s) {sorted(unknown)}")
+        for name, model_cls in _COMPONENTS.items():
+            sub = get_field(models, name, dict, where="models")
+            kwargs: dict[str, Any] = {"where": name}
+            if name in _SHARED_VOCABULARY:
+                kwargs["vocabulary"] = vocab
+            setattr(rec, name, model_cls.import_state(sub, under(name, arrays), **kwargs))
+        tracks = _strings(arrays, "artist_of.tracks")
+        artists = _strings(arrays, "artist_of.artists")
+        if len(tracks) != len(artists):
+            raise ValueError(f"artist_of: {len(tracks)} tracks for {len(artists)} artists")
+        rec.artist_of = dict(zip(unique_ids("artist_of.tracks", tracks), artists, strict=True))
+        n = len(vocab)
+        first_seen = get_array(arrays, "first_seen", np.int64, ndim=1, lo=0)
+        if len(first_seen) > n:
+            raise ValueError(f"first_seen: {len(first_seen)} rows, the vocabulary has {n}")
+        rec.first_seen = first_seen.copy()
+        rec.tracks_of = {k: list(v) for k, v in _table(arrays, "tracks_of",
+                                                       rec.artist_tracks).items()}
+        rec.own_history = {k: dict.fromkeys(v) for k, v in _table(arrays, "own_history",
+                                                                  rec.repeats).items()}
+        if rec.max_users is not None and len(rec.own_history) > rec.max_users:
+            raise ValueError(f"own_history: {len(rec.own_history)} listeners, max_users is "
+                             f"{rec.max_users}")
+        return rec
+
+    def snapshot(self) -> bytes:
+        """All learned state as bytes (:meth:`export_state` in the unsigned container of
+        :func:`stream.core.checkpoint.pack_state`). Restore with :meth:`restore`."""
+        from stream.core.checkpoint import pack_state
+
+        return pack_state(*self.export_state())
+
+    @classmethod
+    def restore(cls, blob: bytes) -> Recommender:
+        """A recommender with exactly the state captured by :meth:`snapshot`; a blob that
+        is not one raises :class:`SnapshotError`."""
+        from stream.core.checkpoint import CheckpointError, unpack_state
+
+        try:
+            return cls.import_state(*unpack_state(blob))
+        except (CheckpointError, ValueError) as exc:
+            raise SnapshotError(f"not a restorable recommender state: {exc}") from exc
+
+
+class SeenTracks(Collection[str]):
+    """A listener's tracks to exclude (e.g. everything they played), kept both as ids and
+    as this recommender's vocabulary rows, so ``recommend(..., exclude=seen)`` bans them
+    with one array operation instead of hundreds of id lookups per query. Ids not in the
+    catalogue yet are resolved when they appear; rows are rebuilt from the ids if the
+    catalogue was renumbered (eviction) since."""
+
+    __slots__ = ("_vocabulary", "_ids", "_rows", "_n", "_unresolved", "_generation")
+
+    def __init__(self, vocabulary: Vocabulary) -> None:
+        self._vocabulary = vocabulary
+        self._ids: set[str] = set()
+        self._rows: IntArray = np.zeros(16, dtype=np.int64)
+        self._n = 0
+        self._unresolved: set[str] = set()
+        self._generation = vocabulary.generation
+
+    def add(self, track_id: str) -> None:
+        if track_id in self._ids:
+            return
+        self._ids.add(track_id)
+        row = self._vocabulary.index.get(track_id)
+        if row is None:
+            self._unresolved.add(track_id)
+        else:
+            self._append(row)
+
+    def _append(self, row: int) -> None:
+        if self._n == len(self._rows):
+            self._rows = np.concatenate((self._rows, np.zeros(self._n, dtype=np.int64)))
+        self._rows[self._n] = row
+        self._n += 1
+
+    def rows(self) -> IntArray:
+        """Vocabulary rows of the ids the catalogue knows (a view; read it, don't keep it)."""
+        vocab = self._vocabulary
+        if self._generation != vocab.generation:  # renumbered: map every id again
+            self._n = 0
+            self._unresolved = set(self._ids)
+            self._generation = vocab.generation
+        if self._unresolved:
+            index = vocab.index
+            found = [t for t in self._unresolved if t in index]
+            for t in found:
+                self._unresolved.discard(t)
+                self._append(index[t])
+        return self._rows[: self._n]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def _ban_rows(
+    banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
+    index: dict[str, int],
+    vocabulary: Vocabulary,
+) -> IntArray | list[int]:
+    if isinstance(banned, tuple) and len(banned) == 2 and isinstance(banned[1], SeenTracks):
+        recent, seen = banned
+        rows = [r for r in map(index.get, recent) if r is not None]
+        return np.concatenate((np.fromiter(rows, np.int64, len(rows)), seen.rows()))
+    return [r for r in map(index.get, banned) if r is not None]
+
+
+#: the constructor arguments, as stored in a checkpoint (with their types)
+_PARAMS: Final[dict[str, Any]] = {
+    "weights": (dict, type(None)), "history_window": int, "history_decay": float,
+    "cooc_window": int, "cooc_decay": float, "recent_filter": int,
+    "max_per_artist": (int, type(None)), "candidates_per_source": int, "cross_session": bool,
+    "n_factors": int, "popularity_half_life_ms": float, "seed": int, "mf_candidates": bool,
+    "max_users": (int, type(None)), "blend": str, "stan_params": (dict, type(None)),
+    "rules_params": (dict, type(None)), "blend_params": (dict, type(None)),
+    "blend_candidates": int, "session_scope": str, "artist_tracks": int, "repeats": int,
+    "session_models": bool,
+}
+#: the component models, by attribute name, each with export_state / import_state
+_COMPONENTS: Final[dict[str, Any]] = {
+    "popularity": DecayedPopularity,
+    "cooccurrence": SessionCooccurrence,
+    "mf": ImplicitMF,
+    "skip": SkipClassifier,
+    "drift": SkipRateDrift,
+    "session_knn": SessionKNN,
+    "rules": SequentialRules,
+    "ranker": LearnedBlend,
+}
+#: the components that index tracks through the recommender's vocabulary
+_SHARED_VOCABULARY: Final = frozenset({"popularity", "cooccurrence", "mf", "session_knn",
+                                       "rules"})
+
+
+def _strings(arrays: Mapping[str, np.ndarray], name: str) -> list[str]:
+    for part in ("bytes", "ends"):
+        if f"{name}.{part}" not in arrays:
+            raise ValueError(f"{name}.{part}: missing array")
+    return decode_strings(name, arrays[f"{name}.bytes"], arrays[f"{name}.ends"])
+
+
+def _table(arrays: Mapping[str, np.ndarray], name: str, limit: int) -> dict[str, list[str]]:
+    """A str -> list of distinct str table exported as keys, values and per-key counts
+    (each list non-empty and at most ``limit`` long)."""
+    keys = unique_ids(f"{name}.keys", _strings(arrays, f"{name}.keys"))
+    values = _strings(arrays, f"{name}.values")
+    counts = get_array(arrays, f"{name}.counts", np.int64, shape=(len(keys),), lo=1,
+                       hi=max(limit, 1))
+    if int(counts.sum()) != len(values):
+        raise ValueError(f"{name}.counts: sum to {int(counts.sum())}, there are "
+                         f"{len(values)} values")
+    if keys and limit < 1:
+        raise ValueError(f"{name}: holds entries but its setting is 0")
+    out: dict[str, list[str]] = {}
+    pos = 0
+    for key, count in zip(keys, counts.tolist(), strict=True):
+        out[key] = unique_ids(f"{name}.values", values[pos : pos + count])
+        pos += count
+    return out
+
+
+#: per-process buffers, not model state
+_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms", "_dense", "_blend_cache"})
+#: item-factor norms recomputed per "more like this" call (see Recommender._item_norms)
+_NORM_SLICE: Final = 32_768
+_NO_SCORES: Final[FloatArray] = np.zeros(0)
+_NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
+
+
+#: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's
+#: Python-level ``__new__`` (a third of the per-item cost of ``_results``)
+_make_recommendation: Final[
+    Callable[[type[Recommendation], tuple[str, float, str, str, str | None]], Recommendation]
+] = tuple.__new__
+
+
+#: reason codes of the learned blend's own sources (after the kernels' codes)
+REASON_ARTIST: Final = 4
+REASON_OWN: Final = 5
+#: the :data:`stream.core.ranking.REASON_TEXTS` key of each reason code; the codes whose key
+#: names a track (their lead row) are in :data:`_NAMING_REASONS`, with the key they take
+#: when there is no lead
+_REASON_KEYS: Final[Mapping[int, str]] = {
+    _k.REASON_MF: "similar_taste",
+    _k.REASON_COOCCURRENCE: "played_recently",
+    _k.REASON_POPULARITY: "trending",
+    REASON_ARTIST: "same_artist",
+    REASON_OWN: "played_before",
+}
+#: reason code -> the REASON_TEXTS key naming its lead track ({anchor})
+_NAMING_REASONS: Final[Mapping[int, str]] = {
+    _k.REASON_COOCCURRENCE: "played",
+    REASON_ARTIST: "same_artist",
+}
+#: the key of a naming code without a lead
+_UNNAMED: Final[Mapping[int, str]] = {REASON_ARTIST: "trending"}
+
+
+def _reason_code(code: int) -> str:
+    """The :data:`stream.core.ranking.REASON_TEXTS` key of a reason code without a lead track
+    (a code with a lead names its track: see :data:`_NAMING_REASONS`)."""
+    key = _UNNAMED.get(code) or _REASON_KEYS.get(code)
+    return key if key is not None else "trending"
+
+
+def _no_lead(_track: str) -> str | None:
+    return None
+
+
+def _leads(
+    track_ids: list[str], lead: IntArray | None, ids: list[str]
+) -> Callable[[str], str | None]:
+    """The recent track that led co-occurrence to each candidate (looked up lazily: the
+    ranker asks only for the K tracks it keeps)."""
+    if lead is None:
+        return _no_lead
+    position = {t: i for i, t in enumerate(track_ids)}
+    leads: list[int] = lead.tolist()
+
+    def anchor_of(track: str) -> str | None:
+        i = position.get(track)
+        if i is None or leads[i] < 0:
+            return None
+        return ids[leads[i]]
+
+    return anchor_of
+
+
+def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
+    """The (up to) ``n`` of ``rows`` with the highest ``scores``, in no particular order."""
+    if len(rows) <= n:
+        return rows
+    out: IntArray = rows[np.argpartition(-scores[rows], n - 1)[:n]]
+    return out
+
+
+_DAY_MS: Final = 24 * 3600 * 1000
+
+
+def _scale(values: FloatArray) -> FloatArray:
+    """Non-negative scores divided by their maximum (all zero stays zero)."""
+    hi = float(values.max()) if len(values) else 0.0
+    if hi <= 0:
+        return np.zeros(len(values))
+    out: FloatArray = values / hi
+    return out
+
+
+def _recip_rank(values: FloatArray, signed: bool = False) -> FloatArray:
+    """1 / (1 + rank) of each value among ``values`` (best first); 0 where a non-negative
+    component does not score the track."""
+    n = len(values)
+    out = np.zeros(n)
+    if n == 0:
+        return out
+    order = np.argsort(-values, kind="stable")
+    out[order] = 1.0 / np.arange(1, n + 1)
+    if not signed:
+        out[values <= 0] = 0.0
+    return out
+
+
+def _codes(
+    cs: FloatArray, ss: FloatArray, rs: FloatArray, lead: IntArray, last: int,
+    arts: FloatArray, owns: FloatArray,
+) -> tuple[IntArray, IntArray]:
+    """Reason codes and lead rows of learned-blend candidates: co-occurrence (its lead),
+    else SR (the last track led), else STAN (session neighbours), else the artist source,
+    else own history, else trending."""
+    by_cooc = (cs > 0) & (lead >= 0)
+    by_sr = ~by_cooc & (rs > 0)
+    rest = np.where(arts > 0, REASON_ARTIST,
+                    np.where(owns > 0, REASON_OWN, _k.REASON_POPULARITY))
+    codes = np.where(by_cooc | by_sr, _k.REASON_COOCCURRENCE,
+                     np.where(ss > 0, _k.REASON_MF, rest)).astype(np.int64)
+    leads = np.where(by_cooc, lead, np.where(by_sr, last, -1)).astype(np.int64)
+    return codes, leads
+
+
+def _recent_skip_rate(state: UserState, window: int = 10) -> float:
+    flags = state.recent_skipped[-window:]
+    return (sum(flags) + 0.25) / (len(flags) + 1.0)
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's on-disk cache) every kernel the recommender uses, by
+    running a tiny recommender through learning, every ranking path, "more like this" and
+    eviction. Returns the seconds it took.
+
+    The worker calls this before it joins its consumer group: compiling on the first play
+    instead held the event loop for tens of seconds on a fresh install, and a worker
+    killed mid-compile left the cache empty for the next one. ``scripts/setup.sh`` runs it
+    once after installing, so processes start from the cache."""
+    import time
+
+    from stream.core.events import PlayEvent
+    from stream.core.session import update_session
+
+    started = time.perf_counter()
+    rec = Recommender(seed=0, max_per_artist=1)
+    rec.cooccurrence.max_neighbours = 2  # so rows fill up and get pruned
+    states: dict[str, UserState] = {}
+    for i in range(400):
+        user, track = f"u{i % 7}", f"t{(i * 7919) % 97}"
+        event = PlayEvent(user, track, 1_700_000_000_000 + i * 1000, 200_000, f"e{i}",
+                          artist_id=f"a{i % 5}", skipped=i % 4 == 0)
+        update = update_session(states.get(user), event)
+        rec.learn_one(update, event)
+        states[user] = update.state
+    seen = SeenTracks(rec.vocabulary)
+    for state in states.values():
+        for variant in VARIANTS:
+            rec.recommend(state, 5, 1_700_000_500_000, variant=variant, exclude=seen)
+        seen.add(state.recent[0])
+    rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    rec.mf_candidates = True
+    rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
+    rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    rec.similar("t0", 5)
+    rec.evict_tracks(50)
+    rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
+    return time.perf_counter() - started

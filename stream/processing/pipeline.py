@@ -1,0 +1,580 @@
+"""What the worker does with one Kafka record, independent of Faust.
+
+validate -> (dead-letter | dedupe -> update session state -> learn -> rank -> enqueue the
+Redis write). The session table is any mutable mapping (a Faust Table in the worker, a dict
+in tests and benchmarks); the Redis writer and the DLQ sender are injected. Faust, Redis and
+Prometheus objects are passed in -- this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from stream.adapters.redis_store import PendingWrite, encode_document
+from stream.config import Settings
+from stream.core.catalog import TrackCatalog
+from stream.core.events import PlayEvent, Rejection, escape_text, parse_event
+from stream.core.ranking import top_up
+from stream.core.recommender import Recommendation, Recommender
+from stream.core.session import SessionUpdate, UserState, update_session
+from stream.processing.ratelog import RateLimitedLog
+
+logger = logging.getLogger(__name__)
+
+OUTCOMES: Final = ("processed", "rejected", "duplicate")
+#: listeners with a short list remembered for the background refresh (each holds a state)
+MAX_SHORT_LISTS: Final = 10_000
+
+#: Most tracks waiting for a "more like this" refresh. The refresh timer writes at most ~200
+#: lists a second, so 10,000 waiting is ~50 s of its work: under a flood of new track ids
+#: the oldest waiting ones are dropped (refreshed again when next played) instead of the
+#: set growing with every id ever played.
+MAX_TOUCHED_TRACKS: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The parts of a Kafka record the pipeline needs."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejected record: original bytes plus why and where it came from."""
+
+    record: Record
+    rejection: Rejection
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        r = self.record
+        return [
+            ("dlq.reason", self.rejection.reason.encode()),
+            ("dlq.detail", self.rejection.detail.encode("utf-8", "replace")[:1024]),
+            ("dlq.topic", r.topic.encode()),
+            ("dlq.partition", str(r.partition).encode()),
+            ("dlq.offset", str(r.offset).encode()),
+            ("dlq.timestamp", str(r.timestamp_ms or "").encode()),
+        ]
+
+
+@dataclass(slots=True)
+class Outcome:
+    outcome: str
+    event: PlayEvent | None = None
+    update: SessionUpdate | None = None
+    recs: list[Recommendation] | None = None
+    rejection: Rejection | None = None
+    model_error: Exception | None = None
+
+
+class StageTimer:
+    """Accumulates per-stage durations for one event (reported via a callback)."""
+
+    __slots__ = ("stages", "_t")
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, float]] = []
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages.append((stage, now - self._t))
+        self._t = now
+
+
+class Processor:
+    """Applies records to the session table and the recommender; emits writes and DLQ items."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        recommender: Recommender,
+        table: MutableMapping[str, Any],
+        submit: Callable[[PendingWrite], None],
+        dead_letter: Callable[[DeadLetter], None],
+        clock: Callable[[], float] = time.time,
+        evaluator: Any = None,
+        max_tracked_users: int = 100_000,
+        defer_ranking: bool = False,
+        max_touched_tracks: int = MAX_TOUCHED_TRACKS,
+        defer_eviction: bool = False,
+        reject_log: RateLimitedLog | None = None,
+    ) -> None:
+        self.settings = settings
+        #: rejection log lines, at most 10 per reason per minute (the metrics count all)
+        self.reject_log = reject_log if reject_log is not None else RateLimitedLog(logger)
+        self.recommender = recommender
+        self.table = table
+        self.submit = submit
+        self.dead_letter = dead_letter
+        self.clock = clock
+        self.gap_ms = settings.session_gap_s * 1000
+        self.max_future_ms = settings.max_future_s * 1000
+        #: live test-then-train evaluator (a windowed stream.core.evaluation.Prequential) or None
+        self.evaluator = evaluator
+        #: each listener's last published list, to score their next play against (bounded)
+        self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self.max_tracked_users = max_tracked_users
+        self.model_errors = 0
+        self.defer_ranking = defer_ranking
+        self.max_tracks = settings.max_tracks
+        self.evicted_tracks = 0
+        #: with ``defer_eviction`` a catalogue over ``max_tracks`` only sets
+        #: ``eviction_due``; the caller runs :meth:`evict_due` when nothing else uses the
+        #: models (the worker: in a thread, off its event loop)
+        self.defer_eviction = defer_eviction
+        self.eviction_due = False
+        self.eviction_seconds: list[float] = []
+        #: tracks played since their "more like this" list was last refreshed, oldest first
+        #: (at most ``max_touched_tracks``; evicted tracks leave it)
+        self.touched_tracks: OrderedDict[str, None] = OrderedDict()
+        self.max_touched_tracks = max_touched_tracks
+        self.touched_dropped = 0
+        #: refreshes that found no similar track (nothing written)
+        self.similar_empty = 0
+        self.similar_refreshed: dict[str, float] = {}
+        #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
+        self.pending_rank: dict[str, tuple[PlayEvent, UserState, int | None]] = {}
+        #: track names seen in plays (bounded); documents carry them
+        self.catalog = TrackCatalog(settings.catalog_max_tracks, settings.catalog_max_chars)
+        #: listeners whose last list came out shorter than top_k (bounded, oldest first
+        #: out): re-ranked by refresh_short_lists when the catalogue has grown since
+        self.short_lists: OrderedDict[str, tuple[PlayEvent, UserState, int]] = OrderedDict()
+        #: listeners queued by refresh_short_lists only (their re-ranking is not fresh)
+        self._refreshing: set[str] = set()
+
+    def reject(self, record: Record, rejection: Rejection) -> Outcome:
+        self.reject_log.log(
+            rejection.reason,
+            "rejected %s[%d]@%d: %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            rejection.reason,
+            escape_text(rejection.detail, 300),
+        )
+        self.dead_letter(DeadLetter(record, rejection))
+        return Outcome("rejected", rejection=rejection)
+
+    def process(self, record: Record, timer: StageTimer | None = None) -> Outcome:
+        """Apply one record (a batch of one; see :meth:`process_batch`)."""
+        stages: dict[str, float] = {}
+        outcome = self.process_batch([record], stages)[0]
+        if timer is not None:
+            timer.stages.extend(stages.items())
+        return outcome
+
+    def process_batch(
+        self,
+        records: Sequence[Record],
+        stages: dict[str, float] | None = None,
+        before_state: Callable[[int], None] | None = None,
+    ) -> list[Outcome]:
+        """Apply ``records`` in order; one :class:`Outcome` each, in the same order.
+
+        Stage by stage (decode every record, then every session update, then learning
+        and ranking or enqueueing, event by event): the result is exactly that of
+        :meth:`process` called on each record in turn -- a record's learning and ranking
+        see the models as they were after the records before it -- but each stage's code
+        and data stay in the CPU caches across the batch. In the worker, between Faust,
+        asyncio and aiokafka, one event at a time ran every stage about twice as slowly
+        as in a tight loop (docs/benchmarks.md, session 6).
+
+        ``stages`` (if given) accumulates seconds per stage over the batch.
+        ``before_state(i)`` is called before the session state of ``records[i]`` is read
+        and written (the worker points Faust's current event at that record there, so its
+        table access goes to the record's partition). A record that raises unexpectedly is
+        rejected as ``internal_error`` (dead-lettered); the others go on."""
+        clock = time.perf_counter
+        t0 = clock()
+        now_ms = int(self.clock() * 1000)
+        outcomes: list[Outcome | None] = [None] * len(records)
+        events: list[tuple[int, PlayEvent]] = []
+        max_bytes, max_future_ms = self.settings.max_event_bytes, self.max_future_ms
+        for i, record in enumerate(records):
+            parsed = parse_event(
+                record.value, now_ms=now_ms, max_bytes=max_bytes, max_future_ms=max_future_ms
+            )
+            if isinstance(parsed, Rejection):
+                outcomes[i] = self.reject(record, parsed)
+            elif record.key != parsed.user_id.encode():
+                # State is partitioned by the record key; a missing or mismatched key would
+                # split a listener's state across partitions (and workers).
+                shown = "no key" if record.key is None else f"key {record.key[:64]!r}"
+                outcomes[i] = self.reject(
+                    record,
+                    Rejection(
+                        "key_mismatch",
+                        f"record has {shown}, user_id is {escape_text(parsed.user_id, 64)}",
+                    ),
+                )
+            else:
+                events.append((i, parsed))
+        t1 = clock()
+        applied: list[tuple[int, PlayEvent, SessionUpdate]] = []
+        for i, event in events:
+            try:
+                if before_state is not None:
+                    before_state(i)
+                update = self._apply_session(records[i], event)
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the stream
+                outcomes[i] = self._internal_error(records[i], exc)
+                continue
+            if update.duplicate:
+                outcomes[i] = Outcome("duplicate", event=event, update=update)
+            else:
+                applied.append((i, event, update))
+        t2 = clock()
+        learn = rank = enqueue = 0.0
+        for i, event, update in applied:
+            try:
+                outcomes[i], times = self._learn_and_rank(records[i], event, update, now_ms)
+            except Exception as exc:  # noqa: BLE001
+                outcomes[i] = self._internal_error(records[i], exc)
+                continue
+            learn += times[0]
+            rank += times[1]
+            enqueue += times[2]
+        if stages is not None:
+            for name, seconds in (("decode", t1 - t0), ("session", t2 - t1), ("learn", learn),
+                                  ("rank", rank), ("enqueue", enqueue)):
+                if seconds or name in ("decode", "session"):
+                    stages[name] = stages.get(name, 0.0) + seconds
+        out: list[Outcome] = outcomes  # type: ignore[assignment]  # every slot is set
+        return out
+
+    def _internal_error(self, record: Record, exc: Exception) -> Outcome:
+        logger.exception(
+            "unexpected error on %s[%d]@%d", record.topic, record.partition, record.offset,
+            exc_info=exc,
+        )
+        return self.reject(record, Rejection("internal_error", repr(exc)[:500]))
+
+    def _apply_session(self, record: Record, event: PlayEvent) -> SessionUpdate:
+        stored = self.table.get(event.user_id)
+        # the worker's table holds UserState objects (serialised by a codec on the changelog);
+        # plain dicts are accepted too (older changelog entries, simple test tables)
+        state = UserState.from_dict(stored) if isinstance(stored, dict) else stored
+        update = update_session(
+            state,
+            event,
+            gap_ms=self.gap_ms,
+            max_recent=self.settings.max_recent,
+            max_seen=self.settings.max_seen,
+            position=(record.partition, record.offset) if record.offset >= 0 else None,
+        )
+        if update.duplicate:
+            if self.defer_ranking and state is not None:
+                # A replay after a crash: the state has this play, but the worker that applied
+                # it may have died before its Redis flush. Re-publish the listener's current
+                # list (same seq: the guard accepts it) so Redis always catches up.
+                self.pending_rank.setdefault(event.user_id, (event, state, None))
+            return update
+        self.table[event.user_id] = update.state
+        return update
+
+    def _learn_and_rank(
+        self, record: Record, event: PlayEvent, update: SessionUpdate, now_ms: int
+    ) -> tuple[Outcome, tuple[float, float, float]]:
+        """Learn one applied play, then rank (or queue the ranking). Returns the outcome
+        and the seconds spent learning, ranking and enqueueing."""
+        clock = time.perf_counter
+        t0 = clock()
+        self.catalog.observe(
+            event.track_id, event.track_name, event.artist_name, event.album_name,
+            ts_ms=event.ts_ms,
+        )
+        previous = self.last_recs.get(event.user_id)
+        if self.evaluator is not None and previous is not None:
+            # test-then-train: was this play in the list we published before it?
+            self.evaluator.observe("blend", previous, event.track_id)
+        try:
+            result = self.recommender.learn_one(update, event)
+            skip_p = getattr(result, "skip_probability", None)
+            if self.evaluator is not None and skip_p is not None:
+                self.evaluator.observe_skip(float(skip_p), update.is_skip)
+            if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
+                if self.defer_eviction:
+                    self.eviction_due = True
+                else:
+                    self._evict()
+        except Exception as exc:  # noqa: BLE001 - a model bug must not lose the play
+            # the session state is already applied (and will be changelogged): the play
+            # counts; only the model update is missed. Counted and logged, never dead-lettered.
+            self._model_error(exc, record)
+            return (Outcome("processed", event=event, update=update, model_error=exc),
+                    (clock() - t0, 0.0, 0.0))
+        t1 = clock()
+        touched = self.touched_tracks
+        touched[event.track_id] = None
+        if len(touched) > self.max_touched_tracks:
+            touched.popitem(last=False)
+            self.touched_dropped += 1
+        if self.defer_ranking:
+            # rank later, once per listener per flush (see rank_pending): a burst of plays
+            # from one listener costs one ranking, and the agent never waits for it
+            self.pending_rank[event.user_id] = (event, update.state, record.timestamp_ms)
+            self._refreshing.discard(event.user_id)
+            return Outcome("processed", event=event, update=update), (t1 - t0, 0.0, clock() - t1)
+        try:
+            recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
+        except Exception as exc:  # noqa: BLE001
+            self._model_error(exc, record)
+            return (Outcome("processed", event=event, update=update, model_error=exc),
+                    (t1 - t0, clock() - t1, 0.0))
+        t2 = clock()
+        self._publish(event, update.state, recs, record.timestamp_ms)
+        return (Outcome("processed", event=event, update=update, recs=recs),
+                (t1 - t0, t2 - t1, clock() - t2))
+
+    def evict_due(self) -> None:
+        """Run the eviction :attr:`eviction_due` asks for (see ``defer_eviction``). Touches
+        the models, ``touched_tracks`` and ``similar_refreshed`` only: safe in another
+        thread while the caller keeps every other user of those away."""
+        if self.eviction_due:
+            self.eviction_due = False
+            if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
+                self._evict()
+
+    def _evict(self) -> None:
+        """Bound the catalogue (hostile or just huge): drop the least popular 10 % of the
+        allowed size in one go, so eviction runs rarely."""
+        started = time.perf_counter()
+        n = self.recommender.evict_tracks(int(self.max_tracks * 0.9),
+                                          on_evicted=self._forget_tracks)
+        self.evicted_tracks += n
+        self.eviction_seconds.append(time.perf_counter() - started)
+        logger.info(
+            "catalogue above max_tracks=%d: evicted %d least popular tracks in %.0f ms",
+            self.max_tracks,
+            n,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _forget_tracks(self, track_ids: list[str]) -> None:
+        """Evicted tracks: no "more like this" refresh is due for them any more."""
+        touched, refreshed = self.touched_tracks, self.similar_refreshed
+        vocabulary = getattr(self.recommender, "vocabulary", None)
+        if vocabulary is not None and len(track_ids) > len(touched) + len(refreshed):
+            index = vocabulary.index  # walk the smaller side
+            for table in (touched, refreshed):
+                for track in [t for t in table if t not in index]:
+                    del table[track]
+            return
+        for track in track_ids:
+            touched.pop(track, None)
+            refreshed.pop(track, None)
+
+    def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
+        """Rank every listener with new plays since the last call and submit their lists.
+
+        Called by the Redis writer right before each flush, with all of them ranked in one
+        call (``Recommender.recommend_many``; one by one if that raises, so a listener
+        whose ranking fails loses only their own update). ``on_ranked`` gets each
+        listener's share of the ranking time. Returns how many were ranked."""
+        if not self.pending_rank:
+            return 0
+        batch, self.pending_rank = self.pending_rank, {}
+        now_ms = int(self.clock() * 1000)
+        entries = list(batch.values())
+        started = time.perf_counter()
+        many = getattr(self.recommender, "recommend_many", None)
+        ranked: list[list[Recommendation] | None] | None = None
+        if many is not None:
+            try:
+                ranked = list(many([e[1] for e in entries], self.settings.top_k, now_ms))
+            except Exception as exc:  # noqa: BLE001 - then one by one (below)
+                self._model_error(exc, None)
+        if ranked is None:
+            ranked = [self._rank_one(state, now_ms) for _, state, _ in entries]
+        per_listener = (time.perf_counter() - started) / len(entries)
+        refreshing, self._refreshing = self._refreshing, set()
+        for (event, state, ingest_ts), recs in zip(entries, ranked, strict=True):
+            if recs is None:
+                continue
+            fresh = event.event_id == state.last_event_id and event.user_id not in refreshing
+            self._publish(event, state, recs, ingest_ts, fresh=fresh)
+            if on_ranked is not None:
+                on_ranked(per_listener)
+        return len(batch)
+
+    def _rank_one(self, state: UserState, now_ms: int) -> list[Recommendation] | None:
+        try:
+            return self.recommender.recommend(state, self.settings.top_k, now_ms)
+        except Exception as exc:  # noqa: BLE001
+            self._model_error(exc, None)
+            return None
+
+    def similar_due(
+        self, now: float, limit: int = 50, budget_s: float | None = None
+    ) -> list[tuple[str, bytes]]:
+        """Refresh the "more like this" lists of recently played tracks: at most ``limit``
+        per call and, with ``budget_s``, only while this call has used less than that much
+        time (each list scans the MF factors of the whole catalogue: background work must
+        not starve the plays); each track at most once per ``similar_refresh_s``; the
+        longest-waiting tracks first. Returns (key, JSON)."""
+        out: list[tuple[str, bytes]] = []
+        interval = self.settings.similar_refresh_s
+        started = time.perf_counter()
+        for track in list(self.touched_tracks):
+            if len(out) >= limit:
+                break
+            if budget_s is not None and time.perf_counter() - started > budget_s:
+                break
+            if now - self.similar_refreshed.get(track, -1e18) < interval:
+                continue
+            del self.touched_tracks[track]
+            self.similar_refreshed[track] = now
+            try:
+                items = self.recommender.similar(track, self.settings.top_k)
+            except Exception as exc:  # noqa: BLE001
+                self._model_error(exc, None)
+                continue
+            if not items:  # nothing to say about it (yet): no key for it
+                self.similar_empty += 1
+                continue
+            doc = orjson.dumps(
+                {
+                    "track_id": track,
+                    "k": len(items),
+                    "model_version": self.recommender.model_version,
+                    "generated_at": int(now * 1000),
+                    "items": self.catalog.items(items),
+                }
+            )
+            out.append((f"{self.settings.similar_prefix}{track}", doc))
+        if len(self.similar_refreshed) > 4 * self.max_tracked_users:
+            self.similar_refreshed.clear()  # bounded; worst case a list refreshes early
+        return out
+
+    def _publish(
+        self,
+        event: PlayEvent,
+        state: UserState,
+        recs: list[Recommendation],
+        ingest: int | None,
+        fresh: bool = True,
+    ) -> None:
+        recs = self._top_up(event, state, recs)
+        self._remember(event.user_id, tuple(r.track_id for r in recs))
+        self.submit(self.make_write(event, state, recs, ingest, fresh=fresh))
+
+    def _top_up(
+        self, event: PlayEvent, state: UserState, recs: list[Recommendation]
+    ) -> list[Recommendation]:
+        """A list shorter than top_k is filled from trending (reason ``trending_topup``);
+        a listener whose list is still short is remembered for refresh_short_lists."""
+        k = self.settings.top_k
+        user = state.user_id
+        if len(recs) < k:
+            recent_filter = getattr(self.recommender, "recent_filter", 0)
+            avoid = set(state.recent[-recent_filter:]) if recent_filter else set()
+            trending = self.recommender.trending(k + len(avoid) + len(recs))
+            recs = top_up(recs, trending, k, avoid)
+        if len(recs) < k:
+            self.short_lists[user] = (event, state, self.recommender.catalogue_size())
+            self.short_lists.move_to_end(user)
+            if len(self.short_lists) > min(self.max_tracked_users, MAX_SHORT_LISTS):
+                self.short_lists.popitem(last=False)
+        else:
+            self.short_lists.pop(user, None)
+        return recs
+
+    def refresh_short_lists(self, limit: int = 500) -> int:
+        """Queue for re-ranking (with the next flush) up to ``limit`` listeners whose list
+        came out shorter than top_k and for whom the catalogue has grown since (the
+        bounded background refresh: the worker calls this every ``short_refresh_s``).
+        Their documents keep their ``seq``. Returns how many were queued."""
+        size = self.recommender.catalogue_size()
+        queued = 0
+        for user, (event, state, seen_size) in list(self.short_lists.items()):
+            if queued >= limit:
+                break
+            if seen_size >= size or user in self.pending_rank:
+                continue
+            self.short_lists[user] = (event, state, size)
+            self.pending_rank[user] = (event, state, None)
+            self._refreshing.add(user)
+            queued += 1
+        return queued
+
+    def _model_error(self, exc: Exception, record: Record | None) -> None:
+        self.model_errors += 1
+        if self.model_errors <= 10 or self.model_errors % 1000 == 0:
+            where = f"{record.topic}[{record.partition}]@{record.offset}" if record else "ranking"
+            logger.error("model error #%d at %s: %r", self.model_errors, where, exc, exc_info=exc)
+
+    def _remember(self, user_id: str, track_ids: tuple[str, ...]) -> None:
+        self.last_recs[user_id] = track_ids
+        self.last_recs.move_to_end(user_id)
+        if len(self.last_recs) > self.max_tracked_users:
+            self.last_recs.popitem(last=False)
+
+    def forget_user(self, user_id: str) -> bool:
+        """Purge a listener: session state (a changelog tombstone, so a restart cannot
+        resurrect it) and user-side model parameters. Returns whether state existed.
+        The caller deletes the Redis document."""
+        self.last_recs.pop(user_id, None)
+        self.pending_rank.pop(user_id, None)
+        self.short_lists.pop(user_id, None)
+        existed = self.table.get(user_id) is not None
+        if existed:
+            del self.table[user_id]
+        forget = getattr(self.recommender, "forget_user", None)
+        if callable(forget):
+            forget(user_id)
+        return existed
+
+    def redis_key(self, user_id: str) -> str:
+        return f"{self.settings.redis_prefix}{user_id}"
+
+    def make_write(
+        self,
+        event: PlayEvent,
+        state: UserState,
+        recs: list[Recommendation],
+        ingest_ts_ms: int | None,
+        fresh: bool = True,
+    ) -> PendingWrite:
+        doc, note = encode_document(
+            user_id=event.user_id,
+            seq=state.seq,
+            items=self.catalog.items(recs),
+            generated_at_ms=int(self.clock() * 1000),
+            event_ts_ms=state.last_event_ts_ms,
+            event_id=state.last_event_id,
+            model_version=self.recommender.model_version,
+            lineage=self.settings.app_id,
+            session={
+                "session_id": state.session_key,
+                "session_plays": state.session_plays,
+                "sessions_total": state.sessions_total,
+                "plays_total": state.plays_total,
+                "skips_total": state.skips_total,
+                "skip_streak": state.skip_streak,
+            },
+        )
+        return PendingWrite(
+            key=self.redis_key(event.user_id),
+            seq=state.seq,
+            doc=doc,
+            notification=note,
+            event_ts_ms=state.last_event_ts_ms,
+            ingest_ts_ms=ingest_ts_ms,
+            enqueued_at=time.perf_counter(),
+            lineage=self.settings.app_id,
+            fresh=fresh,
+        )
