@@ -120,7 +120,10 @@ class WorkerProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
 
-    def start(self, timeout: float = 90.0) -> WorkerProcess:
+    def start(self, timeout: float = 180.0) -> WorkerProcess:
+        """Start and wait for Faust's "Ready". The bound is generous: on the shared 2-core
+        box at load average ~18 a start (imports, numba cache load or compile in a fresh
+        clone, topic creation, group join, changelog recovery) overran 90 s."""
         env = settings_env(self.settings) | self.extra_env
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
