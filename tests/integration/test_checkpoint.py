@@ -101,7 +101,7 @@ def test_live_quality_survives_restart(
     assert w2.metric_value("stream_checkpoint_restored") == 1
     wait_until(
         lambda: w2.metric_value("stream_catalogue_tracks") >= catalogue_before,
-        10,
+        60,
         what="restored catalogue reported",
     )
     assert produce(settings, second, rate=PHASE2_RATE) == len(second)
@@ -194,6 +194,6 @@ def test_periodic_checkpoint_is_built_off_the_loop_and_survives_a_kill(
     assert w2.metric_value("stream_checkpoint_restored") == 1
     wait_until(
         lambda: w2.metric_value("stream_catalogue_tracks") >= catalogue,
-        10,
+        60,
         what="the periodic checkpoint's catalogue restored",
     )
