@@ -33,6 +33,8 @@ SECRET_FIELDS: Final = frozenset(
 )
 #: the live worker's rankers (setting ``ranker``)
 RANKERS: Final = ("fixed", "learned")
+#: what the start-up check of the Faust seam does on a mismatch (setting faust_compat_check)
+COMPAT_CHECKS: Final = ("error", "warn", "off")
 _DEFAULT_FILE: Final = Path(__file__).resolve().parents[1] / "configs" / "stream.toml"
 
 
@@ -63,7 +65,7 @@ class Settings:
     kafka_sasl_password: str = ""
     kafka_ssl_cafile: str = ""
     #: longest the broker may hold an empty fetch (Faust's own value is 1,500 ms; see
-    #: stream.worker.app.limit_fetch_wait)
+    #: stream.faustx.consumer)
     kafka_fetch_max_wait_ms: int = 100
     #: bytes a fetch waits for (up to kafka_fetch_max_wait_ms) before the broker answers
     kafka_fetch_min_bytes: int = 1
@@ -71,6 +73,10 @@ class Settings:
     #: worker's event loop (stream.faustx.consumer: at 1,000 events/s the thread's hand-overs cost
     #: ~7 ms of freshness p50; the thread only helps an agent that blocks for seconds)
     kafka_consumer_thread: bool = False
+    #: the start-up check that the Faust/mode/aiokafka code the seam (stream.faustx) copies
+    #: or overrides is the code it was tested with (stream.faustx.compat): "error" stops the
+    #: worker naming each changed function, "warn" logs them and starts, "off" skips it
+    faust_compat_check: str = "error"
     # Table storage: memory:// (rebuilt from the changelog at start) or rocksdb://
     table_store: str = "memory://"
     data_dir: str = ""
@@ -337,6 +343,9 @@ def validate(s: Settings) -> Settings:
         raise bad("max_tracks", "must be >= 0 (0 = unbounded)")
     if s.max_users < 0:
         raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
+    if s.faust_compat_check not in COMPAT_CHECKS:
+        raise bad("faust_compat_check",
+                  f"must be one of {', '.join(COMPAT_CHECKS)}, got {s.faust_compat_check!r}")
     if s.ranker not in RANKERS:
         raise bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
     if s.gc_freeze_interval_s < 0:

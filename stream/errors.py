@@ -11,6 +11,11 @@ class ConfigError(StreamError):
     """Invalid configuration: fatal at start-up, the message names the setting."""
 
 
+class CompatError(StreamError):
+    """The installed Faust/mode/aiokafka code the seam (stream.faustx) depends on differs
+    from the code it was tested with: fatal at start-up, the message names each function."""
+
+
 class StackError(StreamError):
     """The local stack (Kafka, Redis, Prometheus) could not be started or reached."""
 

@@ -21,6 +21,7 @@ from aiokafka.errors import (
 
 from stream.config import Settings
 from stream.errors import ConfigError, StreamError
+from stream.faustx.kafka_client import cluster_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ async def read_topic(
         for _ in range(50):
             if parts:
                 break
-            cluster = await consumer._client.fetch_all_metadata()
+            cluster = await cluster_metadata(consumer)
             parts = cluster.partitions_for_topic(topic)
             if not parts:
                 await asyncio.sleep(0.1)

@@ -11,7 +11,7 @@ path:
 - an assignment marks the key dirty with the partition of the event being processed;
 - :meth:`BatchedChangelogTable.send_dirty` serialises every dirty key's *latest* value and
   hands it to the aiokafka producer; the worker calls it every few milliseconds from the
-  agent, and the commit flush (:func:`stream.worker.app.make_commit_wait_for_changelog`) calls it
+  agent, and the commit flush (:class:`stream.faustx.producer.CommitFlushProducer`) calls it
   before it waits for the producer, so no offset is committed ahead of the state it led to;
 - a delivery that failed marks its key dirty again with its current value and fails the
   commit, so the offsets stay where they were and the state is sent again.
@@ -19,7 +19,8 @@ path:
 Deletes (``del table[key]``, the tombstones of forgotten listeners) take the same path, as
 a pending tombstone for the key, so one queue keeps every key's records in order. A failed
 record is resent with the key's *current* value (or a tombstone if it is gone), never its
-own older one. This is the only module besides :mod:`stream.worker.app` that imports Faust.
+own older one. The app gets this class with ``App(Table=...)`` (stream.faustx.app), and
+``app.Table(name, ...)`` builds one.
 """
 
 from __future__ import annotations
@@ -195,12 +196,3 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
 
 def _delivered(fut: asyncio.Future[Any]) -> bool:
     return fut.done() and not fut.cancelled() and fut.exception() is None
-
-
-def batched_table(app: faust.App, name: str, **kwargs: Any) -> BatchedChangelogTable:
-    """``app.Table(name, **kwargs)``, as a :class:`BatchedChangelogTable`."""
-    table = BatchedChangelogTable(
-        app, name=name, beacon=app.tables.beacon, **kwargs
-    )
-    app.tables.add(table)
-    return table

@@ -1,39 +1,82 @@
-"""Faust's aiokafka consumer, run on the worker's own event loop instead of a thread.
+"""Faust's aiokafka consumer, adapted for the worker: :class:`SeamConsumer`.
 
-faust-streaming runs its aiokafka consumer in a separate thread with its own event loop
-(``AIOKafkaConsumerThread``, a ``mode.ServiceThread``) and asks it for every batch through a
-method queue: each ``getmany`` costs a ``call_soon_threadsafe`` each way (a self-pipe write
-and a wake-up of the other loop), the thread loop's own turns, and two hand-overs of the GIL
-between two busy threads. The thread exists so heartbeats and fetches keep going while an
-agent blocks the main loop; this worker's agent never blocks for long (its longest step is
-the fork of a checkpoint's snapshot child, ~10 ms, stream.worker.snapshot, against a session
-timeout of 10 s), and in a live
-stream the thread was a cost on every batch (docs/benchmarks.md, session 8).
+The app gets it through the seam's transport (:mod:`stream.faustx.transport`, broker URL
+scheme ``faustx://``), Faust's own extension point for consumer classes. It changes four
+things, each configured by :class:`stream.faustx.options.SeamOptions`:
 
-:class:`InLoopConsumer` is Faust's aiokafka ``Consumer`` whose consumer "thread" is the same
-service started as a task on the app's loop: ``call_thread`` awaits the call directly, the
-service is started and stopped as Faust's thread would start and stop it (the same
-``_serve``: start, run until stopped, shut down), and nothing else changes (rebalance
-callbacks still go through the consumer's method queue, now on one loop).
+- **On the event loop** (``in_loop``, setting ``kafka_consumer_thread=false``):
+  faust-streaming runs its aiokafka consumer in a separate thread with its own event loop
+  (``AIOKafkaConsumerThread``, a ``mode.ServiceThread``) and asks it for every batch through
+  a method queue: each ``getmany`` costs a ``call_soon_threadsafe`` each way (a self-pipe
+  write and a wake-up of the other loop), the thread loop's own turns, and two hand-overs of
+  the GIL between two busy threads. The thread exists so heartbeats and fetches keep going
+  while an agent blocks the main loop; this worker's agent never blocks for long (its
+  longest step is the fork of a checkpoint's snapshot child, ~10 ms, against a session
+  timeout of 10 s), and in a live stream the thread was a cost on every batch
+  (docs/benchmarks.md, session 8). :class:`InLoopConsumerThread` is the same service started
+  as a task on the app's loop: ``call_thread`` awaits the call directly, the service is
+  started and stopped as Faust's thread would start and stop it (the same ``_serve``: start,
+  run until stopped, shut down), and nothing else changes (rebalance callbacks still go
+  through the consumer's method queue, now on one loop).
+- **Fetch wait** (``fetch_max_wait_ms``): Faust hard-codes aiokafka's ``fetch_max_wait_ms``
+  to 1,500 ms. Fed live at 700-1,000 events/s, the worker now and then received nothing for
+  ~1.5 s although records kept arriving, and at that load it never caught up again (P2 runs:
+  the processed rate fell to ~200/s for about 1.5 s, with no event-loop block or slow commit
+  logged). With 100 ms the stalls were gone in every run (docs/benchmarks.md, session 6).
+  Which fetch the broker held, and why, is not pinned down. The price is at most 10 empty
+  fetches a second per idle consumer.
+- **Direct hand-over** (``fast_delivery``): the fetch loop awaits the conductor's callback
+  directly when nothing it could block on is in the way (:mod:`stream.faustx.delivery`).
+- **Resume after seek** (``hold_topics``): faust-streaming 0.15 resumes a rebalanced
+  partition *before* awaiting the seek to its committed offset. In the gap, aiokafka's fetch
+  position can be ahead of the committed offset (Faust's ``getmany`` discards the rest of a
+  fetched batch when flow stops, after aiokafka's position moved past it), so the restarted
+  worker applied offsets 183-188 of a partition, the seek then rewound it to 34, and the
+  per-listener offset guard dropped 34-182 as replays (the crash-loop loss,
+  docs/reliability.md). The partitions of ``hold_topics`` are resumed once the seek has run
+  *and* Faust has resumed flow (which clears its stream buffers: Faust always calls
+  ``app.flow_control.resume()`` right before ``consumer.resume_flow()``), so every record the
+  stream sees comes from a position the seek set: Faust pauses partitions in its own fetch
+  filter, so nothing fetched before can pass, and aiokafka's seek drops what it had
+  buffered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
-import faust
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
 from mode import Service
 from mode.utils.futures import maybe_async
+
+from stream.faustx.delivery import drain_messages
+from stream.faustx.options import seam_options
 
 logger = logging.getLogger(__name__)
 
 
-class InLoopConsumerThread(AIOKafkaConsumerThread):
-    """``AIOKafkaConsumerThread`` served on the parent loop (no thread)."""
+class FetchWaitConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread whose aiokafka consumer asks the broker to hold an empty
+    fetch at most ``SeamOptions.fetch_max_wait_ms``."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        options = seam_options(self.app)
+        if options.fetch_max_wait_ms is not None:
+            # Faust passes fetch_max_wait_ms=1500 with no setting for it, and aiokafka reads
+            # these two attributes only in start() (compat pins both sources)
+            consumer._fetch_max_wait_ms = options.fetch_max_wait_ms
+            consumer._fetch_min_bytes = options.fetch_min_bytes
+        return consumer
+
+
+class InLoopConsumerThread(FetchWaitConsumerThread):
+    """The consumer "thread" served on the parent loop (no thread)."""
 
     _serve_task: asyncio.Task[None] | None = None
 
@@ -84,23 +127,72 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         logger.debug("in-loop consumer service ended with %r", task.exception())
 
 
-class InLoopConsumer(AIOKafkaConsumer):
-    """Faust's aiokafka consumer with :class:`InLoopConsumerThread`."""
+class SeamConsumer(AIOKafkaConsumer):
+    """Faust's aiokafka consumer with the adaptations of the module doc."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: partitions of the hold topics Faust asked to resume, held until the seek ran
+        self.held_partitions: set[TP] = set()
+        self.sought = False
+        super().__init__(*args, **kwargs)
+        options = seam_options(self.app)
+        self.hold_topics = options.hold_topics
+        self.fast_delivery = options.fast_delivery
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        # Faust's fetch loop (the Fetcher service awaits it); no setting selects another
+        if self.fast_delivery:
+            await drain_messages(self, fetcher)
+        else:
+            await super()._drain_messages(fetcher)
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
-        return InLoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        if seam_options(self.app).in_loop:
+            return InLoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        return FetchWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    # -- resume after seek ----------------------------------------------------------------
 
-def consume_in_loop(app: faust.App) -> bool:
-    """Make ``app`` create :class:`InLoopConsumer`; call before ``app.consumer`` is first
-    used. ``False`` (and a warning) when the app's transport is not Faust's aiokafka one."""
-    transport: Any = app.transport
-    if not issubclass(transport.Consumer, AIOKafkaConsumer):
-        logger.warning("the app's transport is not Faust's aiokafka one: consumer left as is")
-        return False
-    if getattr(app, "_consumer", None) is not None:
-        logger.warning("the app's consumer exists already: consumer left as is")
-        return False
-    transport.Consumer = InLoopConsumer
-    logger.info("Kafka consumer: on the worker's event loop (kafka_consumer_thread=false)")
-    return True
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        tps = set(tps)
+        held = {tp for tp in tps if tp.topic in self.hold_topics}
+        self.held_partitions.update(held)
+        if tps - held:
+            super().resume_partitions(tps - held)
+
+    def pause_partitions(self, tps: Iterable[TP]) -> None:
+        tps = set(tps)
+        self.held_partitions.difference_update(tps)
+        super().pause_partitions(tps)
+
+    async def perform_seek(self) -> None:
+        try:
+            await super().perform_seek()
+        except BaseException:
+            self.release_held()  # a partition held forever would stall the stream
+            raise
+        self.sought = True
+
+    def resume_flow(self) -> None:
+        super().resume_flow()  # Faust has just resumed app.flow_control (buffers cleared)
+        if self.sought:
+            self.release_held()  # only now: nothing fetched after the seek can be cleared
+
+    def release_held(self) -> None:
+        """Resume the held partitions (after the seek, or when the seek failed)."""
+        self.sought = False
+        if self.held_partitions:
+            tps = set(self.held_partitions)
+            self.held_partitions.clear()
+            super().resume_partitions(tps)
+
+    # -- state for the stall watch ----------------------------------------------------------
+
+    def paused_partitions(self) -> set[TP]:
+        """The partitions Faust's fetch filter holds back now."""
+        return set(self._paused_partitions)
+
+    @property
+    def committing(self) -> bool:
+        """Whether a commit is in progress."""
+        return self._commit_fut is not None

@@ -9,8 +9,9 @@ although the callback (the conductor's ``on_message``: decode, put in the stream
 nearly always completes without ever suspending. That hand-over was the largest fixed cost
 of a play in the worker (docs/benchmarks.md, session 7).
 
-:func:`fast_delivery` replaces the app consumer's ``_drain_messages`` with the same loop
-that awaits the callback directly whenever nothing it could block on is in the way:
+:func:`drain_messages` is the same loop, run by :class:`stream.faustx.consumer.SeamConsumer`
+in place of Faust's, that awaits the callback directly whenever nothing it could block on is
+in the way:
 
 - flow is not being suspended (``suspend_flow``) and the app's flow control is active
   (else ``on_message`` blocks in ``flow_control.acquire()``);
@@ -27,14 +28,9 @@ is still abandoned when a rebalance suspends flow. Everything else (read offsets
 from __future__ import annotations
 
 import asyncio
-import logging
-import types
-from typing import Any, cast
+from typing import Any
 
-import faust
 from faust.transport.consumer import CONSUMER_FETCHING
-
-logger = logging.getLogger(__name__)
 
 
 def can_deliver_now(app: Any, consumer: Any, tp: Any) -> bool:
@@ -51,9 +47,10 @@ def can_deliver_now(app: Any, consumer: Any, tp: Any) -> bool:
     return not any(chan.queue.full() for chan in conductor._tp_index.get(tp, ()))
 
 
-async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - Faust's loop
+async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - Faust's loop
     # faust/transport/consumer.py Consumer._drain_messages (faust-streaming 0.15.3), with
-    # the direct hand-over. Kept line for line otherwise.
+    # the direct hand-over. Kept line for line otherwise (stream.faustx.compat pins the
+    # original's source: a changed upstream loop fails the start-up).
     callback = self.callback
     getmany = self.getmany
     consumer_should_stop = self._stopped.is_set
@@ -130,22 +127,3 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
         raise
     finally:
         unset_flag(flag_consumer_fetching)
-
-
-def fast_delivery(app: faust.App) -> bool:
-    """Install the direct hand-over on ``app``'s consumer; ``False`` (and a warning) when
-    this Faust's consumer does not look like the one it was written against."""
-    consumer = cast(Any, app.consumer)
-    conductor = cast(Any, app.topics)
-    needed = (
-        hasattr(consumer, "_drain_messages")
-        and hasattr(consumer, "suspend_flow")
-        and hasattr(consumer, "_read_offset")
-        and hasattr(conductor, "_tp_to_callback_lock")
-        and hasattr(conductor, "_tp_index")
-    )
-    if not needed:
-        logger.warning("Faust's consumer is not the one fast_delivery knows: left as is")
-        return False
-    consumer._drain_messages = types.MethodType(_drain_messages, consumer)
-    return True

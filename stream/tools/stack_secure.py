@@ -46,6 +46,7 @@ from aiokafka.protocol.api import Request
 from stream.adapters.kafka import client_kwargs, ensure_topics
 from stream.config import Settings, load_settings
 from stream.errors import StackError
+from stream.faustx.kafka_client import send_admin_request
 from stream.tools import stack
 
 SECURE_CONFIGS: Final = stack.CONFIGS / "kafka" / "secure"
@@ -441,7 +442,7 @@ async def create_acls(kafka: SecureKafka, bindings: Iterable[AclBinding]) -> Non
         return
     admin = await _admin(kafka)
     try:
-        resp = await asyncio.wait_for(admin._send_request(_CreateAcls(creations)), 15)
+        resp = await asyncio.wait_for(send_admin_request(admin, _CreateAcls(creations)), 15)
     finally:
         await admin.close()
     for (code, message), wire in zip(resp.creation_responses, creations, strict=True):
@@ -457,7 +458,7 @@ async def describe_acls(kafka: SecureKafka, principal: str) -> set[AclBinding]:
     admin = await _admin(kafka)
     try:
         request = DescribeAclsRequest(_ANY, None, _ANY, f"User:{principal}", None, _ANY, _ALLOW)
-        resp = await asyncio.wait_for(admin._send_request(request), 15)
+        resp = await asyncio.wait_for(send_admin_request(admin, request), 15)
     finally:
         await admin.close()
     if resp.error_code:

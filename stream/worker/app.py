@@ -1,6 +1,5 @@
-"""The Faust app: topics, the session table and the agent -- with
-:mod:`stream.faustx.changelog_table` (the session table's batched changelog), the only module
-importing faust.
+"""The Faust app: topics, the session table and the agents. The app itself, and every
+adaptation of Faust it needs, comes from the seam (:mod:`stream.faustx`).
 
 The agent is thin: for each record it calls :class:`stream.processing.pipeline.Processor` (which
 holds all the logic), forwards rejections to the dead-letter topic, and keeps metrics. Redis
@@ -51,9 +50,9 @@ from stream.core.events import Rejection, escape_text
 from stream.core.recommender import Recommender
 from stream.core.session import UserState
 from stream.core.sizing import model_memory_bytes
-from stream.faustx.changelog_table import BatchedChangelogTable, batched_table
-from stream.faustx.consumer import consume_in_loop
-from stream.faustx.delivery import fast_delivery
+from stream.faustx.app import create_app
+from stream.faustx.kafka_client import cluster_metadata
+from stream.faustx.stream import BatchingStream
 from stream.processing.auth import KeyRing
 from stream.processing.pipeline import OUTCOMES, DeadLetter, Processor, Record
 from stream.processing.ratelog import RateLimitedLog
@@ -113,29 +112,6 @@ class Worker:
     evaluator: Any = None
 
 
-def broker_url(settings: Settings) -> str:
-    return ";".join(f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(","))
-
-
-def broker_credentials(settings: Settings) -> Any:
-    proto = settings.kafka_security_protocol
-    if proto == "PLAINTEXT":
-        return None
-    ssl_context = None
-    if proto in ("SSL", "SASL_SSL"):
-        import ssl
-
-        ssl_context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
-    if proto.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=settings.kafka_sasl_username,
-            password=settings.kafka_sasl_password,
-            ssl_context=ssl_context,
-            mechanism=settings.kafka_sasl_mechanism,
-        )
-    return faust.SSLCredentials(ssl_context)
-
-
 #: the agent hands the session changelog to the producer at least this often (seconds)
 #: or once this many listeners are pending: a listener's plays within the window cost one
 #: record, and a commit sends whatever is pending first anyway
@@ -161,213 +137,8 @@ WAKE_S = 0.005
 #: the plays agent's wake-up value (never a Kafka record)
 _WAKE: Any = object()
 
-#: how long the commit flush waits for a changelog hand-over that makes no progress
-STALLED_HANDOVER_S = 10.0
 #: a checkpoint's snapshot child is killed (and the checkpoint counted as an error) after this
 CHECKPOINT_CHILD_TIMEOUT_S = 120.0
-
-
-def make_commit_wait_for_changelog(
-    producer: Any, batched: list[BatchedChangelogTable] | None = None
-) -> None:
-    """Make Faust's pre-commit ``producer.flush()`` really wait for the buffered records.
-
-    With ``at_least_once`` Faust fixes the offsets to commit, flushes its producer (table
-    changelog records included) and then commits. But ``ProducerBuffer.flush`` gives up as
-    soon as no record has been handed to aiokafka for 0.1 s (``flush_atmost`` returns on
-    its ``wait_for`` timeout), and ``buffer.size`` does not count the record that
-    ``_handle_pending`` is handing over at that moment. On a loaded machine, or while the
-    producer is still fetching metadata after a restart, offsets were committed ahead of
-    changelog records that had not reached Kafka; a SIGKILL then lost those plays from the
-    listener's state (the likely cause of one CI crash-loop run reporting ``lost 161``).
-
-    The wrapped flush waits until every record *enqueued before it started* has been
-    handed to aiokafka (the buffer is FIFO: a count of hand-overs is enough), then waits
-    for aiokafka's batches. Records enqueued later belong to events after
-    the commit point and are not waited for: waiting for an empty buffer instead stalled
-    the agent (Faust commits inline every ``broker_commit_every`` events) for ~1.3 s at
-    200 events/s. If a record cannot be handed over, or the buffer stops or crashes with
-    records pending, the flush raises, so Faust does not commit: those events are
-    redelivered. (A record aiokafka accepted but then failed to deliver, e.g. too large,
-    is only logged by Faust, as before; aiokafka's flush does not report it.)
-
-    The tables in ``batched`` (filled in later, once they exist) send their pending
-    changelog records (:meth:`BatchedChangelogTable.send_dirty`) after that hand-over and
-    before the producer flush, and a record of theirs that failed to deliver fails the
-    flush (:meth:`BatchedChangelogTable.wait_delivered`).
-    """
-    batched_tables = batched if batched is not None else []
-    if producer.app.conf.producer_threaded:  # put() would bypass _send_pending
-        raise ValueError("make_commit_wait_for_changelog needs producer_threaded=False")
-    buffer = producer.buffer
-    counts = {"enqueued": 0, "handed_over": 0}
-    failures: list[BaseException] = []
-    put = buffer.put
-    send_pending = buffer._send_pending
-    handed_over = asyncio.Event()
-
-    def counted_put(fut: Any) -> None:
-        put(fut)
-        counts["enqueued"] += 1
-
-    async def counted_send(fut: Any) -> None:
-        try:
-            await send_pending(fut)
-        except BaseException as exc:
-            # not handed over: a commit waiting for it must fail, not go ahead (Faust's
-            # _handle_pending task dies with this exception, so nothing more is sent)
-            failures.append(exc)
-            handed_over.set()
-            raise
-        counts["handed_over"] += 1
-        handed_over.set()
-
-    # Producer.send_soon calls buffer.put, and _handle_pending looks _send_pending up when
-    # the buffer starts (after this): instance attributes take precedence
-    buffer.put = counted_put
-    buffer._send_pending = counted_send
-
-    async def flush() -> None:
-        target = counts["enqueued"]
-        progress, last_change = counts["handed_over"], time.monotonic()
-        while counts["handed_over"] < target:
-            if counts["handed_over"] != progress:
-                progress, last_change = counts["handed_over"], time.monotonic()
-            elif time.monotonic() - last_change > STALLED_HANDOVER_S:
-                # aiokafka has accepted nothing for that long (a send stuck on metadata or
-                # a full accumulator): stop holding the commit -- and with it the agent,
-                # which commits inline -- and fall back to Faust's own behaviour, loudly
-                logger.warning(
-                    "changelog producer accepted nothing for %.0f s with %d record(s) "
-                    "pending; committing without waiting for them",
-                    STALLED_HANDOVER_S, target - counts["handed_over"],
-                )
-                break
-            if failures:
-                raise RuntimeError(
-                    f"a changelog record could not be handed to Kafka ({failures[-1]!r}); "
-                    "not committing offsets past it"
-                )
-            if buffer.crashed or buffer.state != "running":
-                raise RuntimeError(
-                    f"producer buffer is {buffer.state}, "
-                    f"{target - counts['handed_over']} record(s) not handed to Kafka; "
-                    "not committing offsets past them"
-                )
-            handed_over.clear()
-            if counts["handed_over"] >= target:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(handed_over.wait(), 1.0)
-        # then what Faust's aiokafka Producer.flush does after its buffer flush (which
-        # itself waits for an empty buffer, i.e. stalls under steady load): aiokafka's
-        # flush, which waits for the batches accumulated so far to be acknowledged
-        for table in batched_tables:
-            await table.send_dirty()  # waits for an agent hand-over in progress, too
-        commit_futures = [table.handed_over() for table in batched_tables]
-        kafka = getattr(producer, "_producer", None)
-        if kafka is not None:
-            accumulator = getattr(kafka, "_message_accumulator", None)
-            if accumulator is not None and hasattr(accumulator, "flush_for_commit"):
-                # close the batches still lingering (producer_linger) so they go out now
-                # instead of after the linger: the agent commits inline and waits here
-                await accumulator.flush_for_commit()
-            else:
-                await kafka.flush()
-        for transactional in getattr(producer, "_transaction_producers", {}).values():
-            await transactional.flush()
-        for table, futures in zip(batched_tables, commit_futures, strict=True):
-            await table.wait_delivered(futures)
-
-    producer.flush = flush
-
-
-def limit_fetch_wait(app: faust.App, max_wait_ms: int, min_bytes: int = 1) -> None:
-    """Have the app's Kafka consumer ask the broker to hold a fetch at most
-    ``max_wait_ms`` when it has no data (Faust hard-codes aiokafka's ``fetch_max_wait_ms``
-    to 1,500 ms).
-
-    Fed live at 700-1,000 events/s, the worker now and then received nothing for ~1.5 s
-    although records kept arriving, and at that load it never caught up again (P2 runs:
-    the processed rate fell to ~200/s for about 1.5 s, with no event-loop block or slow
-    commit logged). With 100 ms the stalls were gone in every run (docs/benchmarks.md,
-    session 6). Which fetch the broker held, and why, is not pinned down. The price is at
-    most 10 empty fetches a second per idle consumer."""
-    thread = getattr(app.consumer, "_thread", None)
-    create = getattr(thread, "_create_worker_consumer", None)
-    if create is None:  # not Faust's aiokafka driver: leave it
-        logger.warning("cannot set the consumer's fetch wait (no aiokafka consumer thread)")
-        return
-
-    def create_worker_consumer(transport: Any) -> Any:
-        consumer = create(transport)
-        if not hasattr(consumer, "_fetch_max_wait_ms"):
-            logger.warning("aiokafka consumer has no _fetch_max_wait_ms: fetch wait left as is")
-        consumer._fetch_max_wait_ms = max_wait_ms  # read by AIOKafkaConsumer.start()
-        consumer._fetch_min_bytes = min_bytes
-        return consumer
-
-    thread._create_worker_consumer = create_worker_consumer
-
-
-def resume_after_seek(app: faust.App, topic: str) -> None:
-    """Let ``topic``'s partitions deliver records only once Faust has sought them to their
-    committed offsets (faust-streaming 0.15 resumes them *before* awaiting that seek).
-
-    In the gap, aiokafka's fetch position can be ahead of the committed offset (Faust's
-    ``getmany`` discards the rest of a fetched batch when flow stops, after aiokafka's
-    position moved past it), so the restarted worker applied offsets 183-188 of a
-    partition, the seek then rewound it to 34, and the per-listener offset guard dropped
-    34-182 as replays (the crash-loop loss, docs/reliability.md). The partitions are
-    resumed once the seek has run *and* Faust has resumed flow (which clears its stream
-    buffers), so every record the stream sees comes from a position the seek set: Faust
-    pauses partitions in its own fetch filter, so nothing fetched before can pass, and
-    aiokafka's seek drops what it had buffered.
-    """
-    consumer = app.consumer
-    held: set[TP] = set()
-    sought = [False]
-    resume = consumer.resume_partitions
-    pause = consumer.pause_partitions
-    perform_seek = consumer.perform_seek
-    resume_flow = app.flow_control.resume
-
-    def release() -> None:
-        sought[0] = False
-        if held:
-            tps = set(held)
-            held.clear()
-            resume(tps)
-
-    def resume_partitions(tps: Any) -> None:
-        tps = set(tps)
-        streams = {tp for tp in tps if tp.topic == topic}
-        held.update(streams)
-        if tps - streams:
-            resume(tps - streams)
-
-    def pause_partitions(tps: Any) -> None:
-        tps = set(tps)
-        held.difference_update(tps)
-        pause(tps)
-
-    async def seek_then_resume() -> None:
-        try:
-            await perform_seek()
-        except BaseException:
-            release()  # a partition held forever would stall the stream
-            raise
-        sought[0] = True
-
-    def flow_resumed() -> None:
-        resume_flow()  # clears the stream buffers (records from before the seek)
-        if sought[0]:
-            release()  # only now: nothing fetched after the seek can be cleared away
-
-    consumer.resume_partitions = resume_partitions  # type: ignore[method-assign]
-    consumer.pause_partitions = pause_partitions  # type: ignore[method-assign]
-    consumer.perform_seek = seek_then_resume  # type: ignore[method-assign]
-    app.flow_control.resume = flow_resumed  # type: ignore[method-assign]
 
 
 def create_worker(
@@ -377,44 +148,7 @@ def create_worker(
     recommender: Recommender | None = None,
 ) -> Worker:
     """Build the Faust app for these settings. ``partitions`` is the plays topic's count."""
-    app = faust.App(
-        settings.app_id,
-        broker=broker_url(settings),
-        broker_credentials=broker_credentials(settings),
-        store=settings.table_store,
-        datadir=settings.data_dir or None,
-        topic_partitions=partitions,
-        topic_replication_factor=settings.replication_factor,
-        producer_acks=-1 if settings.kafka_acks == "all" else int(settings.kafka_acks),
-        processing_guarantee="at_least_once",
-        consumer_auto_offset_reset="earliest",
-        web_enabled=False,
-        autodiscover=False,
-        version=1,
-        broker_commit_every=1000,
-        broker_commit_interval=1.0,
-        stream_buffer_maxsize=4096,
-        # batch changelog writes: every produce request costs the agent's event loop
-        # far more than a record (P1 drain 635 -> 879 events/s going from 5 ms to 50 ms,
-        # docs/benchmarks.md). Freshness is unaffected: recommendations go to Redis, not
-        # through this producer, and a commit sends the lingering batches at once
-        # (make_commit_wait_for_changelog), so the inline commit never waits out the linger.
-        producer_linger=0.1,
-        producer_max_batch_size=256 * 1024,
-        # a crashed worker's partitions move to the others (or its restart) within ~10 s
-        # instead of Faust's default 60 s
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
-    )
-    if not settings.kafka_consumer_thread:
-        consume_in_loop(app)  # before anything creates app.consumer
-    else:
-        logger.info("Kafka consumer: in Faust's consumer thread (kafka_consumer_thread=true)")
-    batched_tables: list[BatchedChangelogTable] = []
-    make_commit_wait_for_changelog(app.producer, batched_tables)
-    resume_after_seek(app, settings.plays_topic)
-    limit_fetch_wait(app, settings.kafka_fetch_max_wait_ms, settings.kafka_fetch_min_bytes)
-    fast_delivery(app)
+    app = create_app(settings, partitions)
     recommender = recommender if recommender is not None else Recommender(
         blend=settings.ranker, session_models=settings.ranker == "learned")
     if isinstance(recommender, Recommender):  # also one restored from a checkpoint
@@ -470,8 +204,7 @@ def create_worker(
         value_serializer="raw",
         partitions=partitions,
     )
-    sessions = batched_table(
-        app,
+    sessions = app.batched_table(
         "sessions",
         default=None,
         partitions=partitions,
@@ -483,7 +216,6 @@ def create_worker(
     # orjson on the changelog, and UserState objects back on recovery.
     sessions.key_serializer = "json"
     sessions.value_serializer = USER_STATE_CODEC
-    batched_tables.append(sessions)
 
     topic = settings.plays_topic
     m = metrics
@@ -574,13 +306,13 @@ def create_worker(
                 **client_kwargs(settings), enable_auto_commit=False, group_id=None
             )
             await self.consumer.start()
-            cluster = await self.consumer._client.fetch_all_metadata()
+            cluster = await cluster_metadata(self.consumer)
             for _ in range(50):  # Faust declares the topic during its own start-up
                 parts = cluster.partitions_for_topic(signals_name)
                 if parts:
                     break
                 await asyncio.sleep(0.2)
-                cluster = await self.consumer._client.fetch_all_metadata()
+                cluster = await cluster_metadata(self.consumer)
             else:
                 parts = set()
             tps = [TopicPartition(signals_name, p) for p in sorted(parts)]
@@ -721,13 +453,13 @@ def create_worker(
             await asyncio.sleep(0.005)
 
     def consumer_state() -> dict[str, Any]:
-        consumer = app.consumer
+        consumer = app.seam_consumer
         buffer = app.producer.buffer
         return {
             "assigned": sorted(str(tp) for tp in consumer.assignment() if tp.topic == topic),
-            "paused": sorted(str(tp) for tp in getattr(consumer, "_paused_partitions", ())),
+            "paused": sorted(str(tp) for tp in consumer.paused_partitions()),
             "flow_active": app.flow_control.is_active(),
-            "committing": getattr(consumer, "_commit_fut", None) is not None,
+            "committing": consumer.committing,
             "producer_buffer": getattr(buffer, "size", None),
             "processed_offsets": {str(tp): o for tp, o in worker.processed_offsets.items()},
             "redis_pending": len(worker.writer.pending) if worker.writer else None,
@@ -918,13 +650,13 @@ def create_worker(
 
     @app.agent(plays, name="process-plays")
     async def process_plays(stream: faust.StreamT[bytes]) -> None:
+        assert isinstance(stream, BatchingStream)  # App(Stream=BatchingStream)
         timing = {"yield": time.perf_counter(), "changelog": time.perf_counter()}
         changelog_failures = [0]
-        queue = getattr(stream.channel, "queue", None)
-        nothing_buffered = queue.empty if queue is not None else (lambda: True)
+        nothing_buffered = stream.buffer_empty
         plays_buffer[:] = [nothing_buffered]
-        set_current_event = stream._set_current_event  # type: ignore[attr-defined]
-        on_message_out = stream._on_message_out  # type: ignore[attr-defined]
+        set_current_event = stream.set_current_event
+        ack_processed = stream.ack_processed
 
         def fetched_behind(msg: Any) -> int:
             """How many records this partition has after ``msg`` (the fetched highwater)."""
@@ -934,44 +666,13 @@ def create_worker(
                 return 0
             return 0 if highwater is None else max(0, highwater - msg.offset - 1)
 
-        acking_topics = app.topics.acking_topics  # type: ignore[attr-defined]
-        track_message = app.consumer.track_message
-        flow_active = app.flow_control.is_active
-        errors = getattr(queue, "_errors", None)
-        quick_get = queue.get_nowait if queue is not None else None
-        peek = getattr(queue, "_queue", None)  # asyncio.Queue's deque
-
-        def take_buffered(batch: list[Any], limit: int) -> None:
-            """Move the plays already in the stream's buffer into ``batch`` (up to
-            ``limit``) without a trip through Faust's stream iterator per play: the
-            iterator's bookkeeping for a play is done here (track it as unacked, count
-            it), its per-event sensors are not called (the worker's metrics are its own).
-            Stops at the first value the iterator must see itself: a wake-up or any
-            non-record, and any record it would skip (flow control off, a stale
-            generation), or a queued error."""
-            if quick_get is None or peek is None or errors is None:
-                return
-            generation = app.consumer_generation_id
-            while len(batch) < limit and peek and not errors:
-                event = peek[0]
-                if not isinstance(event, faust.types.EventT) or not flow_active():
-                    return
-                message = event.message
-                if message.generation_id != generation:
-                    return
-                quick_get()
-                if message.topic in acking_topics and not message.tracked:
-                    message.tracked = True
-                    track_message(message)
-                stream.events_total += 1
-                batch.append(event)
-
+        take_buffered = stream.take_buffered
         max_batch = settings.agent_batch
         backlog_wait = settings.agent_batch_ms / 1000.0
         live_wait = min(backlog_wait, LIVE_GATHER_S)
         # Acked below, once processed: a buffered play must not be committed before it is
         # applied (Faust acks an event when the iteration moves on to the next one).
-        stream.enable_acks = False
+        stream.manual_acks()
 
         async def apply(events: list[Any]) -> None:
             """Apply a gathered batch, then ack each play (see the loop below)."""
@@ -983,8 +684,7 @@ def create_worker(
                 if msg.generation_id != generation:
                     # a rebalance happened while these were buffered: drop them as Faust
                     # drops a stale generation's messages (the new owner reads them again)
-                    if ev.ack():
-                        on_message_out(msg.tp, msg.offset, msg)
+                    ack_processed(ev)
                     continue
                 live.append(ev)
                 records.append(
@@ -1056,8 +756,7 @@ def create_worker(
                     pending_signals.append(signal_from(worker_id, outcome.update, outcome.event))
                 # processed (its state is in the table, its changelog record is dirty and a
                 # commit sends that first): now its offset may be committed
-                if ev.ack():
-                    on_message_out(msg.tp, msg.offset, msg)
+                ack_processed(ev)
             set_current_event(None)
             stall_watch.progress(monotonic)
             if processor.eviction_due:
@@ -1094,9 +793,8 @@ def create_worker(
             then waits for every tracked play to be acked. Until the batch is applied, put
             a wake-up in the stream buffer every few ms; the loop applies the batch on it."""
             wake_handle[0] = None
-            if batch and queue is not None:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(_WAKE)
+            if batch:
+                stream.wake(_WAKE)
                 wake_handle[0] = loop.call_later(WAKE_S, wake)
 
         def release() -> list[Any]:

@@ -1,7 +1,9 @@
-"""The session table's batched changelog (stream.faustx.changelog_table): what reaches the producer.
+"""The session table's batched changelog (stream.faustx.changelog_table): what reaches the
+producer.
 
-A real Faust app and table (no broker: nothing connects); only the producer's ``send`` is
-replaced by a recorder whose delivery futures the test resolves.
+A real Faust app on the seam's transport, with the table class installed as the worker's
+(``App(Table=BatchedChangelogTable)``; no broker: nothing connects); only the producer's
+``send`` is replaced by a recorder whose delivery futures the test resolves.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import faust
 import pytest
 
 from stream.core.session import UserState
-from stream.faustx.changelog_table import BatchedChangelogTable, ChangelogSendError, batched_table
-from stream.worker.app import USER_STATE_CODEC, UserStateCodec, make_commit_wait_for_changelog
+from stream.faustx import transport
+from stream.faustx.app import SeamApp
+from stream.faustx.changelog_table import BatchedChangelogTable, ChangelogSendError
+from stream.worker.app import USER_STATE_CODEC, UserStateCodec
 
 
 class RecordingProducer:
@@ -40,13 +44,16 @@ def _table(
     name: str, producer: RecordingProducer | None = None
 ) -> tuple[faust.App, BatchedChangelogTable, RecordingProducer]:
     """A real Faust app and batched table whose producer ``send`` is the recorder."""
-    app = faust.App(name, broker="kafka://127.0.0.1:1", autodiscover=False)
+    transport.register()
+    app = SeamApp(name, broker="faustx://127.0.0.1:1", autodiscover=False,
+                  Table=BatchedChangelogTable)
     recorder = producer if producer is not None else RecordingProducer()
     app.producer.send = recorder.send  # type: ignore[method-assign]
-    table = batched_table(
-        app, "sessions", default=None, partitions=4,
+    table = app.Table(
+        "sessions", default=None, partitions=4,
         schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
     )
+    assert isinstance(table, BatchedChangelogTable)  # the app's Table class
     table.key_serializer = "json"
     table.value_serializer = USER_STATE_CODEC
     partitions = {"u1": 1, "u2": 3}
@@ -198,9 +205,6 @@ async def test_producer_error_keeps_the_unsent_keys_dirty() -> None:
 @pytest.mark.asyncio
 async def test_commit_flush_sends_pending_records_and_fails_on_undelivered_ones() -> None:
     app, table, producer = _table("changelog-commit")
-    batched: list[BatchedChangelogTable] = []
-    make_commit_wait_for_changelog(app.producer, batched)
-    batched.append(table)
     buffer = app.producer.buffer
     await buffer.start()
     try:

@@ -1,26 +1,59 @@
-"""Faust's pre-commit flush must not return while changelog records are still unsent.
+"""Faust's pre-commit flush must not return while changelog records are still unsent
+(stream.faustx.producer: the seam transport's producer).
 
-Uses Faust's real ``ProducerBuffer``; only the hand-over to aiokafka is replaced by a slow
-coroutine (a loaded machine, or a producer still fetching metadata after a restart).
+Uses Faust's real ``ProducerBuffer`` (the seam's counting subclass of it); only the hand-over
+to aiokafka (``ProducerBuffer._send_pending``) is replaced by a slow coroutine (a loaded
+machine, or a producer still fetching metadata after a restart).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 import pytest
+from faust.transport.producer import ProducerBuffer
 
-from stream.worker.app import make_commit_wait_for_changelog
+from stream.faustx import transport
+from stream.faustx.app import SeamApp
+from stream.faustx.options import SeamOptions
+from stream.faustx.producer import CommitFlushProducer
 
 SLOW_SEND_S = 0.25  # > the 0.1 s lull after which ProducerBuffer.flush gives up
 
 
-async def _flush_with_slow_sends(patched: bool, records: int = 3) -> list[Any]:
-    app = faust.App("commit-flush-test", broker="kafka://127.0.0.1:1", autodiscover=False)
+def _app(name: str, seam: bool = True, **options: Any) -> faust.App:
+    if not seam:
+        return faust.App(name, broker="kafka://127.0.0.1:1", autodiscover=False)
+    transport.register()
+    return SeamApp(name, seam=SeamOptions(**options), broker="faustx://127.0.0.1:1",
+                   autodiscover=False)
+
+
+def _hand_over_with(monkeypatch: pytest.MonkeyPatch,
+                    send: Callable[[Any], Awaitable[None]]) -> None:
+    async def send_pending(self: Any, fut: Any) -> None:
+        await send(fut)
+
+    monkeypatch.setattr(ProducerBuffer, "_send_pending", send_pending)
+
+
+async def _drop_and_stop(buffer: Any) -> None:
+    while not buffer.pending.empty():  # drop what is left, then stop
+        buffer.pending.get_nowait()
+    with contextlib.suppress(Exception):
+        await buffer.stop()
+
+
+async def _flush_with_slow_sends(
+    monkeypatch: pytest.MonkeyPatch, seam: bool, records: int = 3
+) -> list[Any]:
+    app = _app("commit-flush-test", seam=seam)
     producer = app.producer
+    assert isinstance(producer, CommitFlushProducer) == seam
     buffer = producer.buffer
     sent: list[Any] = []
 
@@ -28,9 +61,7 @@ async def _flush_with_slow_sends(patched: bool, records: int = 3) -> list[Any]:
         await asyncio.sleep(SLOW_SEND_S)
         sent.append(fut)
 
-    buffer._send_pending = slow_send
-    if patched:
-        make_commit_wait_for_changelog(producer)
+    _hand_over_with(monkeypatch, slow_send)
     await buffer.start()
     try:
         for i in range(records):
@@ -38,30 +69,34 @@ async def _flush_with_slow_sends(patched: bool, records: int = 3) -> list[Any]:
         await producer.flush()
         return list(sent)  # what had been handed over when flush returned
     finally:
-        while not buffer.pending.empty():  # unpatched case: drop what is left, then stop
-            buffer.pending.get_nowait()
-        await buffer.stop()
+        await _drop_and_stop(buffer)
 
 
 @pytest.mark.asyncio
-async def test_unpatched_faust_flush_returns_with_records_unsent() -> None:
-    # the upstream behaviour this module works around; if a Faust upgrade fixes it,
-    # this test says so and the wrapper can go
-    sent = await _flush_with_slow_sends(patched=False)
+async def test_stock_faust_flush_returns_with_records_unsent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the upstream behaviour the seam's producer works around; if a Faust upgrade fixes it,
+    # this test says so and the producer can go
+    sent = await _flush_with_slow_sends(monkeypatch, seam=False)
     assert len(sent) < 3
 
 
 @pytest.mark.asyncio
-async def test_patched_flush_returns_only_when_every_record_is_handed_over() -> None:
-    sent = await _flush_with_slow_sends(patched=True)
+async def test_seam_flush_returns_only_when_every_record_is_handed_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent = await _flush_with_slow_sends(monkeypatch, seam=True)
     assert sent == [0, 1, 2]
 
 
 @pytest.mark.asyncio
-async def test_patched_flush_does_not_wait_for_records_enqueued_after_it_started() -> None:
+async def test_seam_flush_does_not_wait_for_records_enqueued_after_it_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Faust commits inline in the agent every broker_commit_every events: a flush that
     # waited for an empty buffer while plays keep arriving stalled the stream (~1.3 s).
-    app = faust.App("commit-flush-test-2", broker="kafka://127.0.0.1:1", autodiscover=False)
+    app = _app("commit-flush-test-2")
     producer = app.producer
     buffer = producer.buffer
     sent: list[Any] = []
@@ -70,8 +105,7 @@ async def test_patched_flush_does_not_wait_for_records_enqueued_after_it_started
         await asyncio.sleep(0.02)
         sent.append(fut)
 
-    buffer._send_pending = send
-    make_commit_wait_for_changelog(producer)
+    _hand_over_with(monkeypatch, send)
     await buffer.start()
     stop = asyncio.Event()
 
@@ -93,22 +127,26 @@ async def test_patched_flush_does_not_wait_for_records_enqueued_after_it_started
     finally:
         stop.set()
         await feeder
-        while not buffer.pending.empty():
-            buffer.pending.get_nowait()
-        await buffer.stop()
+        await _drop_and_stop(buffer)
 
 
 @pytest.mark.asyncio
-async def test_patched_flush_on_an_empty_buffer_returns_at_once() -> None:
-    sent = await asyncio.wait_for(_flush_with_slow_sends(patched=True, records=0), 2.0)
+async def test_seam_flush_on_an_empty_buffer_returns_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent = await asyncio.wait_for(
+        _flush_with_slow_sends(monkeypatch, seam=True, records=0), 2.0
+    )
     assert sent == []
 
 
 @pytest.mark.asyncio
-async def test_a_record_that_cannot_be_handed_over_fails_the_flush() -> None:
+async def test_a_record_that_cannot_be_handed_over_fails_the_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # e.g. a KafkaError from aiokafka's send: counting it as handed over would let Faust
     # commit offsets past a changelog record that never reached Kafka
-    app = faust.App("commit-flush-test-3", broker="kafka://127.0.0.1:1", autodiscover=False)
+    app = _app("commit-flush-test-3")
     producer = app.producer
     buffer = producer.buffer
 
@@ -117,8 +155,7 @@ async def test_a_record_that_cannot_be_handed_over_fails_the_flush() -> None:
         if fut == 1:
             raise ConnectionError("broker gone")
 
-    buffer._send_pending = send
-    make_commit_wait_for_changelog(producer)
+    _hand_over_with(monkeypatch, send)
     await buffer.start()
     try:
         for i in range(3):
@@ -126,41 +163,42 @@ async def test_a_record_that_cannot_be_handed_over_fails_the_flush() -> None:
         with pytest.raises(RuntimeError, match="not committing offsets"):
             await asyncio.wait_for(producer.flush(), 5.0)
     finally:
-        while not buffer.pending.empty():
-            buffer.pending.get_nowait()
-        with contextlib.suppress(Exception):
-            await buffer.stop()
+        await _drop_and_stop(buffer)
 
 
-def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> None:
+@pytest.mark.asyncio
+async def test_the_worker_consumer_asks_the_broker_to_hold_empty_fetches_briefly() -> None:
     import inspect
-    from types import SimpleNamespace
 
     import aiokafka
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    from stream.worker.app import limit_fetch_wait
-
-    app = faust.App("fetch-wait-test", broker="kafka://127.0.0.1:1", autodiscover=False)
-    thread = app.consumer._thread
-    # Faust's own value, in the source of the method the wrapper wraps
-    assert "fetch_max_wait_ms=1500" in inspect.getsource(type(thread)._create_worker_consumer)
-    built: list[Any] = []
-
-    def faust_create(transport: Any) -> Any:  # stands in for building an AIOKafkaConsumer
-        built.append(SimpleNamespace(_fetch_max_wait_ms=1500, _fetch_min_bytes=1))
-        return built[-1]
-
-    thread._create_worker_consumer = faust_create
-    limit_fetch_wait(app, 100, 4096)
+    app = _app("fetch-wait-test", fetch_max_wait_ms=100, fetch_min_bytes=4096)
+    thread = app.consumer._thread  # the seam's consumer "thread" (on this loop)
+    # Faust's own value, in the source of the method the seam extends
+    assert "fetch_max_wait_ms=1500" in inspect.getsource(
+        AIOKafkaConsumerThread._create_worker_consumer
+    )
+    consumer = thread._create_worker_consumer(app.transport)  # built, not started
     try:
-        consumer = thread._create_consumer(loop=None)
+        assert isinstance(consumer, aiokafka.AIOKafkaConsumer)
+        assert consumer._fetch_max_wait_ms == 100
+        assert consumer._fetch_min_bytes == 4096
     finally:
-        thread.thread_loop.close()  # the consumer thread's own loop (never started)
-    assert consumer is built[-1] and consumer._fetch_max_wait_ms == 100
-    assert consumer._fetch_min_bytes == 4096
+        await consumer.stop()
     # ... and aiokafka hands those attributes to its fetcher when the consumer starts
     assert "self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
     assert "self._fetch_min_bytes" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+
+
+@pytest.mark.asyncio
+async def test_faust_s_own_fetch_wait_is_kept_unless_set() -> None:
+    app = _app("fetch-wait-default")
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    try:
+        assert consumer._fetch_max_wait_ms == 1500
+    finally:
+        await consumer.stop()
 
 
 def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
