@@ -13,7 +13,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY stream ./stream
 COPY configs ./configs
-RUN pip install . \
+RUN pip install '.[rocksdb]' \
     && useradd --create-home --uid 10001 stream \
     && mkdir -p /data && chown stream /data
 # Compile the numba kernels at build time (~35 s) into numba's cache next to the installed

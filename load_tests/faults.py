@@ -14,6 +14,7 @@ parameters and assert on the report; the long variants run from here::
     python -m load_tests.faults redis-failover --rate 300 --report failover.json  # Redis Cluster
     python -m load_tests.faults kafka-leader-kill --rate 300 --report leader.json  # 3 brokers
     python -m load_tests.faults rebalance-storm --rate 300 --report storm.json  # 3 workers
+    python -m load_tests.faults recovery --users 100000 --report recovery.json  # stores/standby
 
 Redis outages and broker restarts use PRIVATE instances (own ports and state dir) started via
 :mod:`stream.tools.stack`; the shared stack on 9092/6379 is only used, never stopped. Every loop
@@ -887,8 +888,19 @@ def main(argv: list[str] | None = None) -> int:
             *("crash-loop", "redis-outage", "broker-restart", "hostile", "all", "attacks"),
             "junk-ids",
             *("redis-failover", "kafka-leader-kill", "rebalance-storm"),  # cluster_faults
+            "recovery",  # load_tests.recovery
         ],
     )
+    p.add_argument("--modes", nargs="+", default=["memory", "rocksdb", "standby"],
+                   choices=["memory", "rocksdb", "standby"], help="recovery: modes to run")
+    p.add_argument("--session-timeout-s", type=float, default=6.0,
+                   help="recovery: the workers' kafka_session_timeout_s")
+    p.add_argument("--dynamic-membership", action="store_true",
+                   help="recovery: no kafka_group_instance_id (restarts wait out the session)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="recovery: keep the worker logs and data dirs here")
+    p.add_argument("--standby-catch-up-s", type=float, default=300.0,
+                   help="recovery: longest wait for W2's standby copies to catch up")
     p.add_argument("--short", action="store_true", help="attacks: the CI variant")
     p.add_argument("--only", nargs="*", help="attacks: run only these (by name)")
     p.add_argument("--kills", type=int, default=10)
@@ -913,6 +925,10 @@ def main(argv: list[str] | None = None) -> int:
         return _junk_ids_main(args)
     if args.drill == "attacks":
         return _attacks_main(args)
+    if args.drill == "recovery":
+        from load_tests import recovery
+
+        return recovery.main(args, _drill_settings(f"r{uuid.uuid4().hex[:8]}"))
     drills = ["crash-loop", "redis-outage", "broker-restart", "hostile"]
     chosen = drills if args.drill == "all" else [args.drill]
     reports: list[dict[str, Any]] = []

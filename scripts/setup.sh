@@ -35,9 +35,10 @@ for svc in redis-server prometheus; do
 done
 
 PY="${PYTHON:-python3}"
-echo "[setup] pip install -e '.[dev]'"
-"$PY" -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "Running pip as the 'root' user" || true
+# rocksdb: the optional RocksDB table store (table_store=rocksdb), which the recovery tests use
+echo "[setup] pip install -e '.[dev,rocksdb]'"
+"$PY" -m pip install -q --disable-pip-version-check -e '.[dev,rocksdb]' 2>&1 | grep -v "Running pip as the 'root' user" || true
 echo "[setup] compiling the recommender's numba kernels (cached next to the package)"
 "$PY" -c "from stream.core.recommender import warm_up; print('[setup] kernels ready in %.1f s' % warm_up())"
-"$PY" -c "import stream, faust, river, redis, prometheus_client" # fail loudly if install broke
+"$PY" -c "import stream, faust, river, redis, prometheus_client, rocksdict" # fail loudly if install broke
 echo "[setup] done"

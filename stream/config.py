@@ -77,9 +77,29 @@ class Settings:
     #: or overrides is the code it was tested with (stream.faustx.compat): "error" stops the
     #: worker naming each changed function, "warn" logs them and starts, "off" skips it
     faust_compat_check: str = "error"
-    # Table storage: memory:// (rebuilt from the changelog at start) or rocksdb://
-    table_store: str = "memory://"
+    #: where the session table lives between changelog records: "memory" (rebuilt from the
+    #: Kafka changelog at every start: nothing on disk) or "rocksdb" (faust-streaming's
+    #: RocksDB store via rocksdict, ``pip install 'stream-reco[rocksdb]'``: a restart on the
+    #: same host reads only the changelog tail). ``memory://`` / ``rocksdb://`` also work.
+    #: Memory stays the default: no native dependency or disk state to manage, and every
+    #: play skips a serialise + RocksDB put (see README "Recovery: table store and standbys")
+    table_store: str = "memory"
+    #: the worker's local data: Faust's table files live in ``<data_dir>/<app_id>/``
+    #: (empty: ``$STREAM_STATE_DIR/data``, else ``~/.local/state/stream-reco/data``). Two
+    #: workers on one host need different data_dirs (the worker locks its directory)
     data_dir: str = ""
+    #: Faust standby replicas per table partition: another worker keeps a copy of each
+    #: partition's table by reading its changelog, and takes the partition over without
+    #: replaying it. Only a persistent store keeps that copy usable (with table_store=memory
+    #: a takeover replays the whole changelog partition anyway, so the worker runs none)
+    table_standby_replicas: int = 1
+    #: how long the group coordinator waits for a silent (killed) worker's heartbeat before
+    #: moving its partitions to the others (the broker allows 6 .. 1800 s by default)
+    kafka_session_timeout_s: float = 10.0
+    #: Kafka static membership (``group.instance.id``, KIP-345): a worker restarted with the
+    #: same id takes its old place in the group at once instead of waiting out the session
+    #: timeout (empty: dynamic membership). Unique per worker process in the group
+    kafka_group_instance_id: str = ""
     # Redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password: str = ""
@@ -182,6 +202,10 @@ class Settings:
     #: 150k listeners held the event loop ~0.4 s; freezing every 5,000 new listeners
     #: left no full collection at all (docs/benchmarks.md, "Memory under hostile ids")
     gc_freeze_interval_s: float = 5.0
+    #: a SIGTERMed / Ctrl-C'd worker exits within this many seconds even if Kafka is
+    #: unreachable (the producer's flush gives up after a third of it; at the deadline the
+    #: worker logs what it was waiting for and exits with status 70; see stream.faustx.shutdown)
+    shutdown_timeout_s: float = 30.0
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
@@ -348,6 +372,8 @@ def validate(s: Settings) -> Settings:
                   f"must be one of {', '.join(COMPAT_CHECKS)}, got {s.faust_compat_check!r}")
     if s.ranker not in RANKERS:
         raise bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
+    if not 3 <= s.shutdown_timeout_s <= 3600:
+        raise bad("shutdown_timeout_s", f"must be between 3 and 3600 s, got {s.shutdown_timeout_s}")
     if s.gc_freeze_interval_s < 0:
         raise bad("gc_freeze_interval_s", f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
     if s.short_refresh_s < 0:
@@ -422,8 +448,22 @@ def validate(s: Settings) -> Settings:
         path = getattr(s, name)
         if path and not Path(path).is_file():
             raise bad(name, f"file {path!r} does not exist")
-    if s.table_store.split("://")[0] not in ("memory", "rocksdb"):
-        raise bad("table_store", f"must be memory:// or rocksdb://, got {s.table_store!r}")
+    if table_store_kind(s.table_store) is None:
+        raise bad("table_store", f"must be memory or rocksdb, got {s.table_store!r}")
+    if table_store_kind(s.table_store) == "rocksdb" and not rocksdb_available():
+        raise bad("table_store", "rocksdb needs the rocksdict package, which is not "
+                  "installed: pip install 'stream-reco[rocksdb]' (scripts/setup.sh does)")
+    if s.table_standby_replicas < 0:
+        raise bad("table_standby_replicas", f"must be >= 0, got {s.table_standby_replicas}")
+    if s.kafka_session_timeout_s < 1 or s.kafka_session_timeout_s > 1800:
+        raise bad("kafka_session_timeout_s",
+                  f"must be between 1 and 1800 s, got {s.kafka_session_timeout_s}")
+    if s.kafka_group_instance_id and (
+        any(c not in _TOPIC_CHARS for c in s.kafka_group_instance_id)
+        or len(s.kafka_group_instance_id) > 200
+    ):
+        raise bad("kafka_group_instance_id",
+                  f"{s.kafka_group_instance_id!r} is not a valid id ([a-zA-Z0-9._-]+)")
     if s.kafka_security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
         raise bad("kafka_security_protocol", f"unsupported {s.kafka_security_protocol!r}")
     if s.kafka_security_protocol.startswith("SASL") and s.kafka_sasl_mechanism not in (
@@ -441,6 +481,25 @@ def validate(s: Settings) -> Settings:
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise bad("log_level", f"unknown level {s.log_level!r}")
     return s
+
+
+def table_store_kind(value: str) -> str | None:
+    """``memory`` or ``rocksdb`` for a table_store value (``rocksdb`` or ``rocksdb://``),
+    None if it is neither.
+
+    >>> table_store_kind("rocksdb://"), table_store_kind("memory"), table_store_kind("s3://x")
+    ('rocksdb', 'memory', None)
+    """
+    kind = value.strip().lower()
+    kind = kind[: -len("://")] if kind.endswith("://") else kind
+    return kind if kind in ("memory", "rocksdb") else None
+
+
+def rocksdb_available() -> bool:
+    """Whether faust-streaming's RocksDB store can be used here (rocksdict importable)."""
+    import importlib.util
+
+    return importlib.util.find_spec("rocksdict") is not None
 
 
 _TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

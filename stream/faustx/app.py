@@ -14,6 +14,7 @@ from stream.faustx.compat import check_compat
 from stream.faustx.consumer import SeamConsumer
 from stream.faustx.options import SeamOptions
 from stream.faustx.stream import BatchingStream
+from stream.faustx.tablestore import faust_app_options
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def create_app(settings: Settings, partitions: int) -> SeamApp:
         broker_credentials=broker_credentials(settings),
         Stream=BatchingStream,
         Table=BatchedChangelogTable,
-        store=settings.table_store,
-        datadir=settings.data_dir or None,
+        **faust_app_options(settings),  # table store, data dir, standbys, group membership
         topic_partitions=partitions,
         topic_replication_factor=settings.replication_factor,
         producer_acks=-1 if settings.kafka_acks == "all" else int(settings.kafka_acks),
@@ -114,10 +114,6 @@ def create_app(settings: Settings, partitions: int) -> SeamApp:
         # (stream.faustx.producer), so the inline commit never waits out the linger.
         producer_linger=0.1,
         producer_max_batch_size=256 * 1024,
-        # a crashed worker's partitions move to the others (or its restart) within ~10 s
-        # instead of Faust's default 60 s
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
     )
     logger.info(
         "Kafka consumer: %s",

@@ -32,6 +32,8 @@ from typing import Any
 
 import faust
 
+from stream.faustx.tablestore import approx_len, is_persistent, read_in_partition
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,9 +78,22 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         self._dirty.pop(key, None)  # keep assignment order: the tombstone goes last
         self._dirty[key] = (partition, _TOMBSTONE)
 
-    def _current(self, key: Any) -> Any:
+    def resend(self, key: Any) -> None:
+        """Send the key's current value to the changelog again (called for a play that was
+        already applied: a replay after a crash). With a persistent store the worker may have
+        written that state locally and died before its changelog record went out; the
+        replayed play changes nothing, so without this the changelog (what a standby or
+        another host restores) would never get it. A no-op with the memory store, whose state
+        always comes from the changelog."""
+        if not is_persistent(self.data) or key in self._dirty:
+            return
+        partition = self.partition_for_key(key)
+        if partition is not None:
+            self._dirty[key] = (partition, self._current(key, partition))
+
+    def _current(self, key: Any, partition: int) -> Any:
         """The key's value in the store now, or the tombstone marker if it is gone."""
-        value = self.data.get(key) if key in self.data else None
+        value = read_in_partition(self.data, key, partition)
         return _TOMBSTONE if value is None else value
 
     # -- sending --------------------------------------------------------------------------
@@ -128,6 +143,11 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
             if len(self._in_flight) > 4096:  # no commit for a while: drop what is delivered
                 self._prune_delivered()
             return sent
+
+    def approx_len(self) -> int:
+        """How many listeners the table holds (RocksDB: its estimate; ``len`` reads every
+        key there)."""
+        return approx_len(self.data)
 
     def _prune_delivered(self) -> None:
         """Drop delivered records from the in-flight list; failed ones stay for the next
@@ -183,7 +203,7 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
                 continue
             failed.append(exc)
             if key not in self._dirty:
-                self._dirty[key] = (partition, self._current(key))
+                self._dirty[key] = (partition, self._current(key, partition))
         self._in_flight = still
         self._record_persisted(delivered)
         if failed:

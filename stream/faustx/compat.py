@@ -240,6 +240,51 @@ TESTED: Final[tuple[Pin, ...]] = (
         "1ed126f126dd917a",
         "called by faustx.kafka_client.send_admin_request",
     ),
+    Pin(
+        "faust.stores.rocksdb:Store._db_for_partition",
+        "cb7e67d5f9efc4bc",
+        "called by faustx.tablestore.read_in_partition (a key's own partition)",
+    ),
+    Pin(
+        "faust.stores.rocksdb:Store._dbs_for_actives",
+        "28ffca271cde5b06",
+        "called by faustx.tablestore.approx_len",
+    ),
+    Pin(
+        "faust.stores.rocksdb:Store.persisted_offset",
+        "6f2e502fb86043a1",
+        "a restart / promoted standby reads the changelog from here (faustx.tablestore)",
+    ),
+    Pin(
+        "faust.stores.rocksdb:Store.set_persisted_offset",
+        "b4c811926678346e",
+        "called by faustx.changelog_table._record_persisted",
+    ),
+    Pin(
+        "faust.stores.rocksdb:Store.apply_changelog_batch",
+        "ea3344d369fc4ab5",
+        "standby copies record their offsets (table_standby_replicas with rocksdb)",
+    ),
+    Pin(
+        "faust.stores.memory:Store.on_recovery_completed",
+        "a00bef343e139602",
+        "drops standby keys: why faustx.tablestore runs no standbys with memory",
+    ),
+    Pin(
+        "faust.tables.recovery:Recovery._add",
+        "1584a197b11bf835",
+        "a partition's recovery starts at the store's persisted offset (faustx.tablestore)",
+    ),
+    Pin(
+        "faust.app.base:App._producer_flush",
+        "35c92baa028d57bd",
+        "bounded by faustx.shutdown.bound_stop_flush",
+    ),
+    Pin(
+        "mode.worker:Worker._schedule_shutdown",
+        "1a6a5dfc88c2298b",
+        "wrapped by faustx.shutdown.install (arms the stop deadline)",
+    ),
 )
 
 

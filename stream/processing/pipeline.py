@@ -277,6 +277,11 @@ class Processor:
             position=(record.partition, record.offset) if record.offset >= 0 else None,
         )
         if update.duplicate:
+            # a table with a persistent store (stream.changelog) may hold this state without
+            # its changelog record having gone out before a crash: send it again
+            resend = getattr(self.table, "resend", None)
+            if resend is not None:
+                resend(event.user_id)
             if self.defer_ranking and state is not None:
                 # A replay after a crash: the state has this play, but the worker that applied
                 # it may have died before its Redis flush. Re-publish the listener's current

@@ -174,6 +174,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     # a cluster client against a standalone server (or the reverse) is a setting's mistake
     check_redis_mode(settings.redis_url, **redis_auth(settings))
+    from stream.faustx.tablestore import prepare_store
+
+    data_lock = prepare_store(settings)  # rocksdb: this worker's data_dir, held until exit
     from stream.adapters.kafka import ensure_topics
     from stream.adapters.metrics import Metrics, serve
     from stream.core.recommender import warm_up
@@ -203,6 +206,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     metrics.checkpoint_restored.set(1 if recommender is not None else 0)
     worker = create_worker(settings, metrics, partitions, recommender)
     run_worker(worker)
+    if data_lock is not None:
+        data_lock.release()
     return 0
 
 

@@ -50,9 +50,11 @@ from stream.core.events import Rejection, escape_text
 from stream.core.recommender import Recommender
 from stream.core.session import UserState
 from stream.core.sizing import model_memory_bytes
+from stream.faustx import shutdown
 from stream.faustx.app import create_app
 from stream.faustx.kafka_client import cluster_metadata
 from stream.faustx.stream import BatchingStream
+from stream.faustx.tablestore import table_options
 from stream.processing.auth import KeyRing
 from stream.processing.pipeline import OUTCOMES, DeadLetter, Processor, Record
 from stream.processing.ratelog import RateLimitedLog
@@ -210,6 +212,7 @@ def create_worker(
         partitions=partitions,
         schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
         help="Per-listener session state (stream.core.session.UserState.to_dict()).",
+        **table_options(settings),
     )
     # Faust derives the changelog serializers from key/value *types* (and they override the
     # schema's), so name the codecs explicitly: live UserState objects in the store,
@@ -997,7 +1000,7 @@ def create_worker(
             m.lag.remove(topic, stale)
         lag_partitions.clear()
         lag_partitions.update(reported)
-        m.active_users.set(len(sessions))
+        m.active_users.set(sessions.approx_len())
         m.catalogue.set(
             recommender.catalogue_size() if hasattr(recommender, "catalogue_size") else 0
         )
@@ -1103,4 +1106,5 @@ def run_worker(worker: Worker) -> None:
     faust_worker.spinner = None
     logger.info("%d start-up objects frozen out of the garbage collector's scans",
                 freeze_startup_heap())
+    shutdown.install(faust_worker, worker.app, worker.settings.shutdown_timeout_s)
     faust_worker.execute_from_commandline()

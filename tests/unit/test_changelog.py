@@ -238,3 +238,72 @@ async def test_delivered_offsets_are_recorded_as_faust_does_for_a_rocksdb_store(
         fut.set_result(m)
     assert table.check_delivered() == 0
     assert persisted == [("tp1", 9)]  # the highest offset per partition, once
+
+
+def _rocksdb_table(name: str, tmp_path: Any) -> tuple[faust.App, BatchedChangelogTable,
+                                                      RecordingProducer]:
+    """As ``_table``, with faust-streaming's RocksDB store in ``tmp_path``."""
+    transport.register()
+    app = SeamApp(name, broker="faustx://127.0.0.1:1", autodiscover=False,
+                  Table=BatchedChangelogTable, store="rocksdb://", datadir=str(tmp_path))
+    app.conf.tabledir.mkdir(parents=True, exist_ok=True)
+    recorder = RecordingProducer()
+    app.producer.send = recorder.send  # type: ignore[method-assign]
+    table = app.batched_table(
+        "sessions", default=None, partitions=4,
+        schema=faust.Schema(key_serializer="json", value_serializer=USER_STATE_CODEC),
+    )
+    table.key_serializer = "json"
+    table.value_serializer = USER_STATE_CODEC
+    table.partition_for_key = lambda key: {"u1": 1, "u2": 3}[key]
+    return app, table, recorder
+
+
+def _put_in_partition(table: BatchedChangelogTable, partition: int, state: UserState) -> None:
+    """What ``table[key] = state`` leaves in a RocksDB store (it needs Faust's current event
+    for the partition, which only exists inside stream iteration)."""
+    store: Any = table.data
+    store._db_for_partition(partition).put(store._encode_key(state.user_id),
+                                           store._encode_value(state))
+
+
+@pytest.mark.asyncio
+async def test_resend_puts_locally_stored_state_back_on_the_changelog(tmp_path: Any) -> None:
+    """A replayed play (already in the RocksDB state, its changelog record lost in a crash)
+    sends the stored state again, read from the key's own partition whatever event is
+    current; the memory store needs nothing (its state comes from the changelog)."""
+    _, table, producer = _rocksdb_table("changelog-resend", tmp_path)
+    _put_in_partition(table, 1, _state("u1", 5))
+    table.resend("u1")
+    assert table.dirty == 1
+    assert await table.send_dirty() == 1
+    (_, key, value, partition), = producer.sent
+    assert (json.loads(key), partition) == ("u1", 1)
+    assert _decoded(value).seq == 5
+    table.resend("u2")  # nothing stored: a tombstone, as for a deleted key
+    await table.send_dirty()
+    assert producer.sent[-1][2] is None and producer.sent[-1][3] == 3
+
+    _, mem, mem_producer = _table("changelog-resend-memory")
+    mem["u1"] = _state("u1", 5)
+    await mem.send_dirty()
+    mem.resend("u1")
+    assert mem.dirty == 0 and await mem.send_dirty() == 0 and len(mem_producer.sent) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_failed_record_is_resent_from_its_partition_in_a_rocksdb_store(
+    tmp_path: Any,
+) -> None:
+    """check_delivered reads the current value from the record's partition: with RocksDB a
+    lookup outside stream iteration would otherwise search by the current event."""
+    _, table, producer = _rocksdb_table("changelog-failed-rocksdb", tmp_path)
+    _put_in_partition(table, 3, _state("u2", 2))
+    table._dirty["u2"] = (3, _state("u2", 1))  # as on_key_set leaves it
+    await table.send_dirty()
+    _put_in_partition(table, 3, _state("u2", 4))  # a newer value, applied since
+    producer.futures[0].set_exception(RuntimeError("broker down"))
+    with pytest.raises(ChangelogSendError):
+        table.check_delivered()
+    await table.send_dirty()
+    assert _decoded(producer.sent[-1][2]).seq == 4
