@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("replay", "top"):
         try:
-            module = __import__(f"stream.{name}", fromlist=["register"])
+            module = __import__(f"stream.tools.{name}", fromlist=["register"])
         except ImportError:
             continue
         register = getattr(module, "register", None)
