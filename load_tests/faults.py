@@ -296,7 +296,7 @@ def compare(reader: RecoReader, expected: dict[str, int]) -> dict[str, Any]:
         pipe.get(f"{reader.prefix}{u}")
     lost = double = missing = no_recs = inconsistent = 0
     examples: list[dict[str, Any]] = []
-    from stream.adapters.redis_store import RecoDocument
+    from stream.processing.documents import RecoDocument
 
     for u, raw in zip(users, pipe.execute(), strict=True):
         if raw is None:

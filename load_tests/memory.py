@@ -88,9 +88,9 @@ def deep_size(
 
 
 def table_codec() -> Any:
-    """The worker's changelog value codec (stream.worker.app.USER_STATE_CODEC), else Faust json."""
+    """The worker's changelog value codec (stream.worker.topics.USER_STATE_CODEC), else Faust json."""
     try:
-        from stream.worker.app import USER_STATE_CODEC
+        from stream.worker.topics import USER_STATE_CODEC
 
         return codecs.get_codec(USER_STATE_CODEC)
     except ImportError:

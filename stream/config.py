@@ -159,6 +159,10 @@ class Settings:
     ranker: str = "fixed"
     # Live quality window (events) and model checkpoints (Redis key model:{app_id})
     quality_window: int = 2000
+    #: also rank each single component (popularity, mf, cooccurrence; with the learned
+    #: ranker sknn, stan, sr and fixed too) on every Nth evaluated play, for the per-variant
+    #: quality gauges next to the published blend (0 = off; stream.core.evaluation.ComponentQuality)
+    quality_components_every: int = 10
     checkpoint_interval_s: float = 30.0
     #: checkpoint signing keys, "kid1:secret1,kid2:secret2": the first signs, any verifies
     #: (rotation: put the new key first, drop the old one once it has signed nothing live)
@@ -332,10 +336,19 @@ def load_settings(
 
 def validate(s: Settings) -> Settings:
     """Cross-field and range checks; raise ConfigError naming the setting."""
+    _check_ranges(s)
+    _check_keys(s)
+    _check_names(s)
+    return s
 
-    def bad(name: str, why: str) -> ConfigError:
-        return ConfigError(f"setting '{name}' (env STREAM_{name.upper()}): {why}")
 
+def _bad(name: str, why: str) -> ConfigError:
+    """The error for setting ``name`` (with its environment variable)."""
+    return ConfigError(f"setting '{name}' (env STREAM_{name.upper()}): {why}")
+
+
+def _check_ranges(s: Settings) -> None:
+    """Numbers within their ranges, choices among their values."""
     positive = (
         "partitions",
         "replication_factor",
@@ -360,127 +373,139 @@ def validate(s: Settings) -> Settings:
     )
     for name in positive:
         if getattr(s, name) <= 0:
-            raise bad(name, f"must be > 0, got {getattr(s, name)}")
+            raise _bad(name, f"must be > 0, got {getattr(s, name)}")
     if s.top_k > 500:
-        raise bad("top_k", f"must be <= 500, got {s.top_k}")
+        raise _bad("top_k", f"must be <= 500, got {s.top_k}")
     if s.max_tracks < 0:
-        raise bad("max_tracks", "must be >= 0 (0 = unbounded)")
+        raise _bad("max_tracks", "must be >= 0 (0 = unbounded)")
     if s.max_users < 0:
-        raise bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
+        raise _bad("max_users", f"must be >= 0 (0 = unbounded), got {s.max_users}")
+    if s.quality_components_every < 0:
+        raise _bad("quality_components_every",
+                   f"must be >= 0 (0 = off), got {s.quality_components_every}")
     if s.faust_compat_check not in COMPAT_CHECKS:
-        raise bad("faust_compat_check",
+        raise _bad("faust_compat_check",
                   f"must be one of {', '.join(COMPAT_CHECKS)}, got {s.faust_compat_check!r}")
     if s.ranker not in RANKERS:
-        raise bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
+        raise _bad("ranker", f"must be one of {', '.join(RANKERS)}, got {s.ranker!r}")
     if not 3 <= s.shutdown_timeout_s <= 3600:
-        raise bad("shutdown_timeout_s", f"must be between 3 and 3600 s, got {s.shutdown_timeout_s}")
+        raise _bad("shutdown_timeout_s",
+                   f"must be between 3 and 3600 s, got {s.shutdown_timeout_s}")
     if s.gc_freeze_interval_s < 0:
-        raise bad("gc_freeze_interval_s", f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
+        raise _bad("gc_freeze_interval_s",
+                   f"must be >= 0 (0 = off), got {s.gc_freeze_interval_s}")
     if s.short_refresh_s < 0:
-        raise bad("short_refresh_s", "must be >= 0 (0 = never)")
+        raise _bad("short_refresh_s", "must be >= 0 (0 = never)")
     if s.similar_refresh_s < 0:
-        raise bad("similar_refresh_s", "must be >= 0")
+        raise _bad("similar_refresh_s", "must be >= 0")
+    if s.redis_flush_interval_ms < 0:
+        raise _bad("redis_flush_interval_ms", "must be >= 0")
+    if s.agent_batch_ms < 0:
+        raise _bad("agent_batch_ms", "must be >= 0")
+    if s.catch_up_rank_ms < 0:
+        raise _bad("catch_up_rank_ms", "must be >= 0 (0 = rank at every flush)")
+    if not 0 <= s.metrics_port <= 65535:
+        raise _bad("metrics_port", f"must be a TCP port (0-65535), got {s.metrics_port}")
+
+
+def _check_keys(s: Settings) -> None:
+    """Checkpoint and worker keys, checkpoint and tombstone ages."""
     if s.checkpoint_interval_s < 0:
-        raise bad("checkpoint_interval_s", "must be >= 0 (0 disables checkpoints)")
+        raise _bad("checkpoint_interval_s", "must be >= 0 (0 disables checkpoints)")
     try:
         from stream.core.checkpoint import KeySet
 
         KeySet.parse(s.checkpoint_keys)
     except ValueError as exc:
-        raise bad("checkpoint_keys", str(exc)) from None
+        raise _bad("checkpoint_keys", str(exc)) from None
     try:
         KeySet.parse("", s.checkpoint_secret)
     except ValueError as exc:
-        raise bad("checkpoint_secret", str(exc)) from None
+        raise _bad("checkpoint_secret", str(exc)) from None
     if "default" in KeySet.parse(s.checkpoint_keys).ids and s.checkpoint_secret:
-        raise bad("checkpoint_secret", "key id 'default' is taken by checkpoint_keys")
+        raise _bad("checkpoint_secret", "key id 'default' is taken by checkpoint_keys")
     if s.checkpoint_max_age_s < 0:
-        raise bad("checkpoint_max_age_s", "must be >= 0 (0 = no limit)")
+        raise _bad("checkpoint_max_age_s", "must be >= 0 (0 = no limit)")
     if s.checkpoint_max_bytes <= 0:
-        raise bad("checkpoint_max_bytes", "must be > 0")
+        raise _bad("checkpoint_max_bytes", "must be > 0")
     if s.forget_tombstone_ttl_s < 0:
-        raise bad("forget_tombstone_ttl_s", "must be >= 0 (0 = forever)")
+        raise _bad("forget_tombstone_ttl_s", "must be >= 0 (0 = forever)")
     if s.forget_tombstone_ttl_s and (
         not s.checkpoint_max_age_s or s.forget_tombstone_ttl_s < s.checkpoint_max_age_s
     ):
-        raise bad("forget_tombstone_ttl_s", "must be 0 (forever) or at least "
+        raise _bad("forget_tombstone_ttl_s", "must be 0 (forever) or at least "
                   "checkpoint_max_age_s (a restorable checkpoint may predate a forget)")
-    if s.redis_flush_interval_ms < 0:
-        raise bad("redis_flush_interval_ms", "must be >= 0")
-    if s.agent_batch_ms < 0:
-        raise bad("agent_batch_ms", "must be >= 0")
-    if s.catch_up_rank_ms < 0:
-        raise bad("catch_up_rank_ms", "must be >= 0 (0 = rank at every flush)")
-    if not 0 <= s.metrics_port <= 65535:
-        raise bad("metrics_port", f"must be a TCP port (0-65535), got {s.metrics_port}")
+    from stream.processing.auth import KeyRing
+
+    try:
+        KeyRing.parse(s.worker_keys)
+    except ValueError as exc:
+        raise _bad("worker_keys", f"{exc}; expected kid:secret[,kid:secret...]") from None
+
+
+def _check_names(s: Settings) -> None:
+    """Topic and group names, URLs, security protocols, files, log level."""
     for name in ("app_id", "plays_topic", "dlq_topic", "control_topic"):
         value = getattr(s, name)
         if not value or any(c not in _TOPIC_CHARS for c in value) or len(value) > 200:
-            raise bad(name, f"{value!r} is not a valid Kafka topic/group name ([a-zA-Z0-9._-]+)")
+            raise _bad(name, f"{value!r} is not a valid Kafka topic/group name ([a-zA-Z0-9._-]+)")
     if s.plays_topic == s.dlq_topic:
-        raise bad("dlq_topic", "must differ from plays_topic")
+        raise _bad("dlq_topic", "must differ from plays_topic")
     if s.control_topic in (s.plays_topic, s.dlq_topic):
-        raise bad("control_topic", "must differ from plays_topic and dlq_topic")
+        raise _bad("control_topic", "must differ from plays_topic and dlq_topic")
     if not s.kafka_bootstrap or any(":" not in h for h in s.kafka_bootstrap.split(",")):
-        raise bad("kafka_bootstrap", f"expected host:port[,host:port], got {s.kafka_bootstrap!r}")
+        raise _bad("kafka_bootstrap", f"expected host:port[,host:port], got {s.kafka_bootstrap!r}")
     scheme = urlsplit(s.redis_url).scheme
     if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
-        raise bad(
+        raise _bad(
             "redis_url",
             "scheme must be redis://, rediss://, unix://, redis+cluster:// or "
             f"rediss+cluster://, got {scheme!r}",
         )
     if scheme == "unix" and s.redis_cluster:
-        raise bad("redis_cluster", "a Redis Cluster is reached over TCP, not a unix:// socket")
+        raise _bad("redis_cluster", "a Redis Cluster is reached over TCP, not a unix:// socket")
     if s.kafka_acks not in ("all", "1"):
-        raise bad("kafka_acks", f"must be 'all' or '1', got {s.kafka_acks!r}")
+        raise _bad("kafka_acks", f"must be 'all' or '1', got {s.kafka_acks!r}")
     if not 0 <= s.min_insync_replicas <= s.replication_factor:
-        raise bad(
+        raise _bad(
             "min_insync_replicas",
             f"must be between 0 and replication_factor ({s.replication_factor}), "
             f"got {s.min_insync_replicas}",
         )
     if bool(s.redis_tls_cert_file) != bool(s.redis_tls_key_file):
         name = "redis_tls_key_file" if s.redis_tls_cert_file else "redis_tls_cert_file"
-        raise bad(name, "redis_tls_cert_file and redis_tls_key_file must be set together")
+        raise _bad(name, "redis_tls_cert_file and redis_tls_key_file must be set together")
     tls_files = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
     for name in (*tls_files, "kafka_ssl_cafile"):
         path = getattr(s, name)
         if path and not Path(path).is_file():
-            raise bad(name, f"file {path!r} does not exist")
+            raise _bad(name, f"file {path!r} does not exist")
     if table_store_kind(s.table_store) is None:
-        raise bad("table_store", f"must be memory or rocksdb, got {s.table_store!r}")
+        raise _bad("table_store", f"must be memory or rocksdb, got {s.table_store!r}")
     if table_store_kind(s.table_store) == "rocksdb" and not rocksdb_available():
-        raise bad("table_store", "rocksdb needs the rocksdict package, which is not "
-                  "installed: pip install 'stream-reco[rocksdb]' (scripts/setup.sh does)")
+        raise _bad("table_store", "rocksdb needs the rocksdict package, which is not "
+                   "installed: pip install 'stream-reco[rocksdb]' (scripts/setup.sh does)")
     if s.table_standby_replicas < 0:
-        raise bad("table_standby_replicas", f"must be >= 0, got {s.table_standby_replicas}")
+        raise _bad("table_standby_replicas", f"must be >= 0, got {s.table_standby_replicas}")
     if s.kafka_session_timeout_s < 1 or s.kafka_session_timeout_s > 1800:
-        raise bad("kafka_session_timeout_s",
-                  f"must be between 1 and 1800 s, got {s.kafka_session_timeout_s}")
+        raise _bad("kafka_session_timeout_s",
+                   f"must be between 1 and 1800 s, got {s.kafka_session_timeout_s}")
     if s.kafka_group_instance_id and (
         any(c not in _TOPIC_CHARS for c in s.kafka_group_instance_id)
         or len(s.kafka_group_instance_id) > 200
     ):
-        raise bad("kafka_group_instance_id",
-                  f"{s.kafka_group_instance_id!r} is not a valid id ([a-zA-Z0-9._-]+)")
+        raise _bad("kafka_group_instance_id",
+                   f"{s.kafka_group_instance_id!r} is not a valid id ([a-zA-Z0-9._-]+)")
     if s.kafka_security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-        raise bad("kafka_security_protocol", f"unsupported {s.kafka_security_protocol!r}")
+        raise _bad("kafka_security_protocol", f"unsupported {s.kafka_security_protocol!r}")
     if s.kafka_security_protocol.startswith("SASL") and s.kafka_sasl_mechanism not in (
         "PLAIN",
         "SCRAM-SHA-256",
         "SCRAM-SHA-512",
     ):
-        raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
-    from stream.processing.auth import KeyRing
-
-    try:
-        KeyRing.parse(s.worker_keys)
-    except ValueError as exc:
-        raise bad("worker_keys", f"{exc}; expected kid:secret[,kid:secret...]") from None
+        raise _bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-        raise bad("log_level", f"unknown level {s.log_level!r}")
-    return s
+        raise _bad("log_level", f"unknown level {s.log_level!r}")
 
 
 def table_store_kind(value: str) -> str | None:

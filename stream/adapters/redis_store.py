@@ -1,27 +1,18 @@
 """Redis recommendation store -- the only module that imports redis.
 
-Contract (see README "Reading recommendations"):
+Contract (see README "Reading recommendations"; the document formats themselves --
+a listener's list, a track's similar list, the notification -- are defined in
+:mod:`stream.processing.documents`):
 
-- ``{prefix}{user_id}`` (default ``reco:u42``) holds one JSON document::
-
-    {"user_id": "u42", "seq": 17, "lineage": "stream-reco", "k": 10, "model_version": "...",
-     "generated_at": 1700000000123, "event_ts": 1700000000000, "event_id": "...",
-     "session": {"session_id": "u42#3", "session_plays": 4, "sessions_total": 3,
-                 "plays_total": 17, "skips_total": 5, "skip_streak": 0},
-     "items": [{"track_id": "t1", "score": 0.42, "reason": "because you played Airbag by
-                Radiohead", "reason_code": "played", "reason_track_id": "t9",
-                "name": "Let Down", "artist": "Radiohead"}, ...]}
-
-  (``name``/``artist``/``album`` only when known; JSON Schema in
-  ``configs/schemas/recommendations.schema.json``)
-
-  written atomically (one ``SET ... EX ttl`` inside a Lua script) with a TTL. ``seq`` is the
-  listener's count of applied events: the script refuses a document whose ``seq`` is lower
-  than the stored one, so a re-delivered or late write can never regress a newer list.
+- ``{prefix}{user_id}`` (default ``reco:u42``) holds a listener's list, written atomically
+  (one ``SET ... EX ttl`` inside a Lua script) with a TTL. ``seq`` is the listener's count
+  of applied events: the script refuses a document whose ``seq`` is lower than the stored
+  one, so a re-delivered or late write can never regress a newer list.
+- ``{similar_prefix}{track_id}`` (default ``similar:t1``) holds a track's similar list.
 - ``{catalog_prefix}{track_id}`` (default ``track:t1``) is the track catalogue hash: name,
   artist, album, first_seen, last_seen, plays (:func:`catalog_commands`).
-- every accepted write publishes ``{"user_id", "seq", "event_id", "event_ts",
-  "generated_at"}`` on the channel ``reco-updates`` (configurable).
+- every accepted list publishes its notification on the channel ``reco-updates``
+  (configurable).
 
 The worker side (:class:`RecoWriter`) coalesces updates per user and flushes them in
 pipelined batches every few milliseconds, retrying with backoff while Redis is down.
@@ -55,6 +46,12 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream.errors import ConfigError
+from stream.processing.documents import (  # noqa: F401 - re-exported for readers
+    PendingWrite,
+    RecoDocument,
+    RecoItem,
+    encode_document,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,63 +206,6 @@ def write_error_reason(reply: Any, *, guarded: bool) -> str | None:
 MAX_COMMANDS: Final = 200_000
 
 
-@dataclass(frozen=True, slots=True)
-class PendingWrite:
-    """A recommendation document waiting for the next flush."""
-
-    key: str
-    seq: int
-    doc: bytes
-    notification: bytes
-    event_ts_ms: int
-    ingest_ts_ms: int | None
-    enqueued_at: float
-    #: whose state ``seq`` counts (the app id; also inside ``doc``): the guard compares within it
-    lineage: str = ""
-    #: False for a re-publication of an older play (after a crash replay): not a freshness sample
-    fresh: bool = True
-
-
-def encode_document(
-    *,
-    user_id: str,
-    seq: int,
-    items: Sequence[Any],
-    generated_at_ms: int,
-    event_ts_ms: int,
-    event_id: str,
-    model_version: str,
-    session: dict[str, Any] | None = None,
-    lineage: str = "",
-) -> tuple[bytes, bytes]:
-    """The JSON document and its pub/sub notification. ``items`` are JSON-ready dicts
-    (:meth:`stream.core.catalog.TrackCatalog.items`) or objects with track_id/score/reason."""
-    doc = {
-        "user_id": user_id,
-        "seq": seq,
-        "lineage": lineage,
-        "k": len(items),
-        "model_version": model_version,
-        "generated_at": generated_at_ms,
-        "event_ts": event_ts_ms,
-        "event_id": event_id,
-        "session": session or {},
-        "items": [
-            it if isinstance(it, dict)  # built with names and reason codes (stream.core.catalog)
-            else {"track_id": it.track_id, "score": float(it.score), "reason": it.reason}
-            for it in items
-        ],
-    }
-    note = {
-        "user_id": user_id,
-        "seq": seq,
-        "event_id": event_id,
-        "event_ts": event_ts_ms,
-        "generated_at": generated_at_ms,
-    }
-    return orjson.dumps(doc), orjson.dumps(note)
-
-
 FlushCallback = Callable[[list[PendingWrite], list[int], float], None]
 ErrorCallback = Callable[[Exception, float], None]
 #: (kind, reason, dropped): one key's command failed; kind is "doc" (a listener's guarded
@@ -299,7 +239,7 @@ class RecoWriter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis[Any],
         *,
         ttl_s: int,
         channel: str,
@@ -308,8 +248,6 @@ class RecoWriter:
         retry_max_s: float = 5.0,
         on_flush: FlushCallback | None = None,
         on_error: ErrorCallback | None = None,
-        before_flush: Callable[[], object] | None = None,
-        has_work: Callable[[], bool] | None = None,
         on_key_error: KeyErrorCallback | None = None,
         key_attempts: int = 3,
         key_retry_s: float = 0.1,
@@ -324,10 +262,6 @@ class RecoWriter:
         self.retry_max_s = retry_max_s
         self.on_flush = on_flush
         self.on_error = on_error
-        #: called right before each flush (the worker ranks its pending listeners there)
-        self.before_flush = before_flush
-        #: whether the before_flush hook has work queued (so drained() waits for it)
-        self.has_work = has_work
         self.pending: dict[str, PendingWrite] = {}
         self.deletes: set[str] = set()
         #: unguarded documents (key -> JSON), e.g. per-track "more like this" lists
@@ -339,6 +273,9 @@ class RecoWriter:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: set while no flush round trip is in flight (see ready)
+        self._ready = asyncio.Event()
+        self._ready.set()
         self._task: asyncio.Task[None] | None = None
         self._sha: str | None = None
         self._stopping = False
@@ -379,16 +316,18 @@ class RecoWriter:
             self._idle.clear()
             self._wake.set()
 
-    def wake(self) -> None:
-        """Ask for a flush soon (work is queued in the before_flush hook)."""
-        self._idle.clear()
-        self._wake.set()
+    async def ready(self) -> None:
+        """Return once no flush round trip is in flight: a producer that waits for this
+        before handing over a batch gets its writes into one flush, not many."""
+        await self._ready.wait()
+
+    async def _load_script(self) -> str:
+        client: Any = self.client  # types-redis leaves script_load untyped
+        sha: str = await client.script_load(WRITE_SCRIPT)
+        return sha
 
     def _busy(self) -> bool:
-        return bool(
-            self.pending or self.deletes or self.plain or self.commands
-            or (self.has_work and self.has_work())
-        )
+        return bool(self.pending or self.deletes or self.plain or self.commands)
 
     def forget(self, key: str) -> None:
         """Delete ``key`` (a forgotten listener): drops any pending write for it, and the DEL
@@ -436,16 +375,16 @@ class RecoWriter:
             if self.flush_interval_s:
                 # let a burst accumulate so one round trip carries many users
                 await asyncio.sleep(self.flush_interval_s)
-            if self.before_flush is not None:
-                try:
-                    self.before_flush()
-                except Exception:  # noqa: BLE001 - never let the hook kill the flusher
-                    logger.exception("before_flush hook failed")
-            while self._has_due(time.monotonic()):
-                ok = await self.flush_once()
-                if not ok:
-                    backoff = min(self.retry_max_s, 0.05 * 2 ** min(self.consecutive_failures, 10))
-                    await asyncio.sleep(backoff)
+            self._ready.clear()
+            try:
+                while self._has_due(time.monotonic()):
+                    ok = await self.flush_once()
+                    if not ok:
+                        backoff = min(self.retry_max_s,
+                                      0.05 * 2 ** min(self.consecutive_failures, 10))
+                        await asyncio.sleep(backoff)
+            finally:
+                self._ready.set()
             if self._next_retry_in(time.monotonic()) is None:
                 self._idle.set()
 
@@ -608,7 +547,7 @@ class RecoWriter:
         and come back in place."""
         plain = plain or {}
         if self._sha is None:
-            self._sha = await self.client.script_load(WRITE_SCRIPT)
+            self._sha = await self._load_script()
         cluster = isinstance(self.client, aioredis.RedisCluster)
         for attempt in range(2):
             parts: list[bytes] = []
@@ -639,7 +578,7 @@ class RecoWriter:
                 replies = await self._round_trip(parts)
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted and lost its script cache: load it and send the batch again
-                self._sha = await self.client.script_load(WRITE_SCRIPT)
+                self._sha = await self._load_script()
                 if attempt:
                     raise next(r for r in replies if isinstance(r, NoScriptError))
                 continue
@@ -808,7 +747,7 @@ def connect_async(
     tls_cert_file: str = "",
     tls_key_file: str = "",
     cluster: bool = False,
-) -> aioredis.Redis:
+) -> aioredis.Redis[Any]:
     """The worker's Redis client (see :func:`client_options` for auth and TLS): redis-py's
     cluster client when ``cluster`` or a ``redis+cluster://`` URL says so
     (:func:`cluster_url`). It answers the same commands; typed as ``Redis`` because
@@ -974,51 +913,6 @@ async def read_track_names(
 # --------------------------------------------------------------------------- client side
 
 
-@dataclass(frozen=True, slots=True)
-class RecoItem:
-    track_id: str
-    score: float
-    reason: str
-    reason_code: str | None = None
-    reason_track_id: str | None = None
-    name: str | None = None
-    artist: str | None = None
-    album: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RecoItem:
-        return cls(
-            d["track_id"], float(d["score"]), d["reason"], d.get("reason_code"),
-            d.get("reason_track_id"), d.get("name"), d.get("artist"), d.get("album"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class RecoDocument:
-    user_id: str
-    seq: int
-    items: list[RecoItem]
-    generated_at_ms: int
-    event_ts_ms: int
-    event_id: str
-    model_version: str
-    session: dict[str, Any]
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> RecoDocument:
-        d = orjson.loads(raw)
-        return cls(
-            user_id=d["user_id"],
-            seq=int(d["seq"]),
-            items=[RecoItem.from_dict(i) for i in d["items"]],
-            generated_at_ms=int(d["generated_at"]),
-            event_ts_ms=int(d["event_ts"]),
-            event_id=d["event_id"],
-            model_version=d.get("model_version", ""),
-            session=d.get("session", {}),
-        )
-
-
 class RecoReader:
     """The small client for services that read recommendations.
 
@@ -1157,7 +1051,7 @@ def load_checkpoint(
         raw = client.get(key)
     finally:
         client.close()
-    return None if raw is None else bytes(raw)  # type: ignore[arg-type]
+    return None if raw is None else bytes(raw)
 
 
 # --------------------------------------------------------------------------- forget tombstones
@@ -1179,7 +1073,7 @@ def tombstone_member(user_id: str) -> str:
 
 
 async def add_tombstone(
-    client: aioredis.Redis,  # type: ignore[type-arg]
+    client: aioredis.Redis[Any],
     key: str, user_id: str, now_ms: int, ttl_s: float
 ) -> None:
     """Record a forget of ``user_id`` (as :func:`tombstone_member`), and drop tombstones
@@ -1243,7 +1137,7 @@ CHECKPOINT_UPLOAD_TTL_S = 600
 
 
 async def save_checkpoint(
-    client: aioredis.Redis, key: str, blob: bytes, chunk: int = CHECKPOINT_CHUNK
+    client: aioredis.Redis[Any], key: str, blob: bytes, chunk: int = CHECKPOINT_CHUNK
 ) -> None:
     """Replace the checkpoint atomically (no TTL: it is the model).
 

@@ -174,3 +174,64 @@ class Prequential:
                 "events": float(skip.n),
             }
         return out
+
+
+#: the single components the live worker scores next to its published blend (see
+#: :class:`ComponentQuality`); the session models only when the recommender learns them
+LIVE_COMPONENTS: tuple[str, ...] = ("popularity", "mf", "cooccurrence")
+LIVE_SESSION_COMPONENTS: tuple[str, ...] = ("sknn", "stan", "sr")
+
+
+class ComponentQuality:
+    """Live prequential quality of each component next to the published ``blend``.
+
+    The worker scores its published list (variant ``blend``) on every play; this ranks the
+    other variants of ``stream replay`` -- ``popularity``, ``mf``, ``cooccurrence``, plus
+    ``sknn``, ``stan``, ``sr`` and ``fixed`` when the recommender runs the learned blend
+    (with the fixed ranker the session models do not learn, and ``fixed`` *is* the blend) --
+    from the listener's state *before* a play (test-then-train: call it before the models
+    learn the play) and records in the same :class:`Prequential` whether the play was in
+    each list. Ranking every variant on every play would cost more than learning it, so
+    only every ``every``-th call ranks (a deterministic 1-in-N sample of the blend's
+    evaluated plays; each variant's window then spans ``every`` times as many plays).
+
+    >>> class FakeRec:
+    ...     session_models, blend = False, "fixed"
+    ...     def recommend(self, state, k, now_ms, *, variant):
+    ...         return [type("R", (), {"track_id": t})() for t in ("a", "b")]
+    >>> ev = Prequential(k=10)
+    >>> cq = ComponentQuality(every=2)
+    >>> for _ in range(4):
+    ...     cq.observe(ev, FakeRec(), None, "b", 0)
+    >>> sorted(ev.summary()), ev.summary()["mf"]["events"], ev.summary()["mf"]["mrr@10"]
+    (['cooccurrence', 'mf', 'popularity'], 2.0, 0.5)
+    """
+
+    def __init__(self, every: int = 10, k: int = 10) -> None:
+        if every < 1 or k < 1:
+            raise ValueError(f"every and k must be >= 1, got {every!r}, {k!r}")
+        self.every = every
+        self.k = k
+        self.calls = 0
+
+    @staticmethod
+    def variants(recommender: object) -> tuple[str, ...]:
+        """The variants scored live for this recommender's settings."""
+        if getattr(recommender, "session_models", False) \
+                and getattr(recommender, "blend", "fixed") == "learned":
+            return (*LIVE_COMPONENTS, *LIVE_SESSION_COMPONENTS, "fixed")
+        return LIVE_COMPONENTS
+
+    def observe(self, evaluator: Prequential, recommender: object, before: object,
+                track_id: str, now_ms: int) -> bool:
+        """On every ``every``-th call, rank each live variant for ``before`` (the
+        listener's state before the play of ``track_id``) and observe the play against it;
+        returns whether this call ranked."""
+        self.calls += 1
+        if self.calls % self.every:
+            return False
+        recommend = recommender.recommend  # type: ignore[attr-defined]
+        for variant in self.variants(recommender):
+            recs = recommend(before, self.k, now_ms, variant=variant)
+            evaluator.observe(variant, [r.track_id for r in recs], track_id)
+        return True

@@ -69,7 +69,8 @@ def broker_credentials(settings: Settings) -> Any:
     return faust.SSLCredentials(ssl_context)
 
 
-def seam_options(settings: Settings) -> SeamOptions:
+def options_for(settings: Settings) -> SeamOptions:
+    """The seam options the worker's settings ask for."""
     return SeamOptions(
         in_loop=not settings.kafka_consumer_thread,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
@@ -90,7 +91,7 @@ def create_app(settings: Settings, partitions: int) -> SeamApp:
     transport.register()
     app = SeamApp(
         settings.app_id,
-        seam=seam_options(settings),
+        seam=options_for(settings),
         broker=broker_url(settings),
         broker_credentials=broker_credentials(settings),
         Stream=BatchingStream,

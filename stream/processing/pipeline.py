@@ -15,15 +15,19 @@ from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
-
-from stream.adapters.redis_store import PendingWrite, encode_document
 from stream.config import Settings
 from stream.core.catalog import TrackCatalog
+from stream.core.evaluation import ComponentQuality
 from stream.core.events import PlayEvent, Rejection, escape_text, parse_event
 from stream.core.ranking import top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
+from stream.processing.documents import (
+    PendingWrite,
+    encode_document,
+    encode_similar,
+    session_summary,
+)
 from stream.processing.ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
@@ -125,6 +129,11 @@ class Processor:
         self.max_future_ms = settings.max_future_s * 1000
         #: live test-then-train evaluator (a windowed stream.core.evaluation.Prequential) or None
         self.evaluator = evaluator
+        #: ranks the single components on a sample of plays for the live per-variant
+        #: quality (stream.core.evaluation.ComponentQuality; setting quality_components_every)
+        self.components = (ComponentQuality(settings.quality_components_every)
+                           if evaluator is not None and settings.quality_components_every
+                           else None)
         #: each listener's last published list, to score their next play against (bounded)
         self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.max_tracked_users = max_tracked_users
@@ -306,6 +315,12 @@ class Processor:
         if self.evaluator is not None and previous is not None:
             # test-then-train: was this play in the list we published before it?
             self.evaluator.observe("blend", previous, event.track_id)
+        if self.components is not None and previous is not None:
+            try:  # the single components' lists for the same play, before learning it
+                self.components.observe(self.evaluator, self.recommender, update.before,
+                                        event.track_id, event.ts_ms)
+            except Exception as exc:  # noqa: BLE001 - a ranking bug must not lose the play
+                self._model_error(exc, record)
         try:
             result = self.recommender.learn_one(update, event)
             skip_p = getattr(result, "skip_probability", None)
@@ -329,7 +344,7 @@ class Processor:
             touched.popitem(last=False)
             self.touched_dropped += 1
         if self.defer_ranking:
-            # rank later, once per listener per flush (see rank_pending): a burst of plays
+            # rank later, once per listener per ranking pass (see rank_pending): a burst of plays
             # from one listener costs one ranking, and the agent never waits for it
             self.pending_rank[event.user_id] = (event, update.state, record.timestamp_ms)
             self._refreshing.discard(event.user_id)
@@ -386,7 +401,8 @@ class Processor:
     def rank_pending(self, on_ranked: Callable[[float], None] | None = None) -> int:
         """Rank every listener with new plays since the last call and submit their lists.
 
-        Called by the Redis writer right before each flush, with all of them ranked in one
+        Called by the worker's ranker (stream.worker.ranker) whenever the pacing says so
+        (stream.processing.pacing), with all of them ranked in one
         call (``Recommender.recommend_many``; one by one if that raises, so a listener
         whose ranking fails loses only their own update). ``on_ranked`` gets each
         listener's share of the ranking time. Returns how many were ranked."""
@@ -451,15 +467,9 @@ class Processor:
             if not items:  # nothing to say about it (yet): no key for it
                 self.similar_empty += 1
                 continue
-            doc = orjson.dumps(
-                {
-                    "track_id": track,
-                    "k": len(items),
-                    "model_version": self.recommender.model_version,
-                    "generated_at": int(now * 1000),
-                    "items": self.catalog.items(items),
-                }
-            )
+            doc = encode_similar(track, self.catalog.items(items),
+                                 model_version=self.recommender.model_version,
+                                 generated_at_ms=int(now * 1000))
             out.append((f"{self.settings.similar_prefix}{track}", doc))
         if len(self.similar_refreshed) > 4 * self.max_tracked_users:
             self.similar_refreshed.clear()  # bounded; worst case a list refreshes early
@@ -516,6 +526,15 @@ class Processor:
             queued += 1
         return queued
 
+    def take_evicted_tracks(self) -> int:
+        """Tracks evicted since the last call (for the metrics)."""
+        n, self.evicted_tracks = self.evicted_tracks, 0
+        return n
+
+    def report_model_error(self, exc: Exception, record: Record | None) -> None:
+        """Count and log (bounded) a model error outside the batch (e.g. an eviction)."""
+        self._model_error(exc, record)
+
     def _model_error(self, exc: Exception, record: Record | None) -> None:
         self.model_errors += 1
         if self.model_errors <= 10 or self.model_errors % 1000 == 0:
@@ -563,14 +582,7 @@ class Processor:
             event_id=state.last_event_id,
             model_version=self.recommender.model_version,
             lineage=self.settings.app_id,
-            session={
-                "session_id": state.session_key,
-                "session_plays": state.session_plays,
-                "sessions_total": state.sessions_total,
-                "plays_total": state.plays_total,
-                "skips_total": state.skips_total,
-                "skip_streak": state.skip_streak,
-            },
+            session=session_summary(state),
         )
         return PendingWrite(
             key=self.redis_key(event.user_id),

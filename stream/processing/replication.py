@@ -24,7 +24,7 @@ authenticated by the worker (:mod:`stream.processing.auth`, purpose ``b"signals"
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
@@ -38,6 +38,9 @@ from stream.core.events import (
     check_text,
 )
 from stream.core.session import SessionUpdate
+
+if TYPE_CHECKING:
+    from stream.core.recommender import Recommender
 
 #: how many preceding tracks travel with a signal (co-occurrence windows are shorter)
 HISTORY_SENT: Final = 8
@@ -204,7 +207,7 @@ def decode_signal(raw: bytes, now_ms: int) -> TrackSignal | None:
     return sigs[0] if sigs else None
 
 
-def apply_signal(recommender: object, sig: TrackSignal) -> None:
+def apply_signal(recommender: Recommender, sig: TrackSignal) -> None:
     """Learn another worker's play on the item side only: trending popularity and session
     co-occurrence (matrix-factorisation factors and the skip model stay local)."""
     from stream.core.models.base import Interaction
@@ -218,7 +221,4 @@ def apply_signal(recommender: object, sig: TrackSignal) -> None:
         context=sig.context,
         artist_id=sig.artist_id,
     )
-    recommender.popularity.learn_one(x)  # type: ignore[attr-defined]
-    recommender.cooccurrence.learn_one(x)  # type: ignore[attr-defined]
-    if sig.artist_id:
-        recommender.artist_of[sig.track_id] = sig.artist_id  # type: ignore[attr-defined]
+    recommender.learn_item_side(x)

@@ -80,87 +80,6 @@ def cmd_stack(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- worker
 
 
-def _restore_models(settings: Settings, metrics):  # type: ignore[no-untyped-def]
-    """The recommender from the last checkpoint in Redis, or None to start fresh.
-
-    A checkpoint that cannot be read or is refused (stream.core.checkpoint.REJECT_REASONS) is
-    logged in one line, counted in ``stream_checkpoints_rejected_total{reason}``, and the
-    worker learns from scratch: it never stops over a checkpoint. Listeners forgotten since
-    (the forget tombstones) are dropped from the restored models."""
-    from redis.exceptions import ResponseError
-
-    from stream.adapters.redis_store import (
-        CheckpointTooLarge,
-        checkpoint_key,
-        load_checkpoint,
-        load_tombstones,
-        tombstone_member,
-        tombstones_key,
-    )
-    from stream.core.checkpoint import CheckpointRejected, checkpoint_mode, open_checks, open_models
-
-    log = logging.getLogger("stream.worker")
-    key = checkpoint_key(settings.app_id)
-    mode = checkpoint_mode(settings)
-    if mode == "off":
-        log.info("model checkpoints are off (checkpoint_interval_s = 0)")
-        return None
-    if mode == "refused":
-        log.error(
-            "model checkpoints DISABLED: no checkpoint key is set, so this worker will "
-            "neither restore nor write %s (anyone who can write Redis could forge one). Set "
-            "STREAM_CHECKPOINT_KEYS=kid:secret, or STREAM_CHECKPOINT_INSECURE=true to accept "
-            "unsigned checkpoints anyway", key)
-        return None
-    if mode == "insecure":
-        log.warning(
-            "model checkpoints are UNSIGNED (checkpoint_insecure=true): anyone who can write "
-            "Redis key %s can replace this worker's models; set STREAM_CHECKPOINT_KEYS", key)
-
-    def reject(reason: str, why: str) -> None:
-        metrics.checkpoints_rejected.labels(reason).inc()
-        log.error("rejected model checkpoint %s (%s): %s; starting fresh", key, reason, why)
-
-    try:
-        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
-                               **redis_auth(settings))
-    except CheckpointTooLarge as exc:
-        reject("oversized", str(exc))
-        return None
-    except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
-        reject("malformed", f"Redis refused to read it: {exc}")
-        return None
-    except Exception as exc:  # noqa: BLE001 - Redis down at start: learn from scratch
-        reject("unreadable", f"could not read it: {type(exc).__name__}: {exc}")
-        return None
-    if blob is None:
-        log.info("no model checkpoint at %s; starting fresh", key)
-        return None
-    now_ms = int(time.time() * 1000)
-    try:
-        rec, opened = open_models(blob, **open_checks(settings, now_ms))
-    except CheckpointRejected as exc:
-        reject(exc.reason, str(exc))
-        return None
-    except Exception as exc:  # noqa: BLE001 - never let a checkpoint stop the worker
-        reject("malformed", f"{type(exc).__name__}: {exc}")
-        return None
-    try:
-        forgotten = load_tombstones(settings.redis_url, tombstones_key(settings.app_id), now_ms,
-                                    settings.forget_tombstone_ttl_s, **redis_auth(settings))
-    except Exception as exc:  # noqa: BLE001 - without them a forgotten listener could return
-        reject("unreadable", f"could not read the forget tombstones: {type(exc).__name__}: {exc}")
-        return None
-    tombstoned = set(forgotten)
-    dropped = sum(rec.forget_user(user) for user in rec.user_ids()
-                  if tombstone_member(user) in tombstoned)
-    log.info(
-        "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
-        "%d forget tombstone(s), %d listener(s) dropped", key, len(blob), opened.kid,
-        (now_ms - opened.created_ms) / 1000, len(forgotten), dropped)
-    return rec
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logging.basicConfig(
@@ -181,6 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from stream.adapters.metrics import Metrics, serve
     from stream.core.recommender import warm_up
     from stream.worker.app import create_worker, run_worker
+    from stream.worker.checkpointer import restore_models
 
     # compile/load the numba kernels now, not on the first play (see warm_up)
     logging.getLogger(__name__).info("recommender kernels ready in %.1f s", warm_up())
@@ -202,8 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    recommender = _restore_models(settings, metrics)
-    metrics.checkpoint_restored.set(1 if recommender is not None else 0)
+    recommender = restore_models(settings, metrics)  # the checkpointer's: at start-up
     worker = create_worker(settings, metrics, partitions, recommender)
     run_worker(worker)
     if data_lock is not None:
@@ -355,23 +274,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """Verify the model checkpoint in Redis as the worker would, and describe it."""
-    from stream.adapters.redis_store import CheckpointTooLarge, checkpoint_key, load_checkpoint
-    from stream.core.checkpoint import CheckpointRejected, open_checks, open_models
+    from stream.adapters.redis_store import checkpoint_key
+    from stream.core.checkpoint import CheckpointRejected
+    from stream.worker.checkpointer import read_checkpoint
 
     settings = _settings(args)
     key = checkpoint_key(settings.app_id)
     now_ms = int(time.time() * 1000)
     try:
-        blob = load_checkpoint(settings.redis_url, key, max_bytes=settings.checkpoint_max_bytes,
-                               **redis_auth(settings))
-        if blob is None:
+        stored = read_checkpoint(settings, now_ms)
+        if stored is None:
             raise CheckpointRejected("malformed", "no checkpoint stored")
-        rec, opened = open_models(blob, **open_checks(settings, now_ms))
-    except (CheckpointRejected, CheckpointTooLarge) as exc:
-        reason = getattr(exc, "reason", "oversized")
-        out = {"key": key, "valid": False, "reason": reason, "error": str(exc)}
-        print(json.dumps(out) if args.json else f"{key}: REJECTED ({reason}): {exc}")
+    except CheckpointRejected as exc:
+        out = {"key": key, "valid": False, "reason": exc.reason, "error": str(exc)}
+        print(json.dumps(out) if args.json else f"{key}: REJECTED ({exc.reason}): {exc}")
         return 1
+    blob, rec, opened = stored.blob, stored.recommender, stored.opened
     info = {
         "key": key, "valid": True, "bytes": len(blob), "kid": opened.kid,
         "app_id": opened.app_id, "created_ms": opened.created_ms,
@@ -413,16 +331,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stream", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _common(sp: argparse.ArgumentParser) -> None:
+    """The connection options every subcommand but ``stack`` takes."""
+    sp.add_argument("--kafka-bootstrap", dest="kafka_bootstrap")
+    sp.add_argument("--redis-url", dest="redis_url")
+    sp.add_argument("--plays-topic", dest="plays_topic")
+    sp.add_argument("--app-id", dest="app_id")
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--kafka-bootstrap", dest="kafka_bootstrap")
-        sp.add_argument("--redis-url", dest="redis_url")
-        sp.add_argument("--plays-topic", dest="plays_topic")
-        sp.add_argument("--app-id", dest="app_id")
 
+def _add_stack(sub: Any) -> None:
     s = sub.add_parser("stack", help="local Kafka (KRaft) + Redis + Prometheus without Docker")
     s.add_argument("action", choices=("up", "down", "status"))
     s.add_argument(
@@ -448,13 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_stack)
 
-    w = sub.add_parser("worker", help="run the Faust worker")
-    common(w)
-    w.add_argument("--metrics-port", dest="metrics_port", type=int)
-    w.set_defaults(func=cmd_worker)
 
+def _add_produce(sub: Any) -> None:
     pr = sub.add_parser("produce", help="replay a dataset or synthetic traffic into Kafka")
-    common(pr)
+    _common(pr)
     pr.add_argument(
         "--source", choices=("movielens", "lastfm", "spotify", "sessionrec", "csv", "synthetic"),
         default="lastfm",
@@ -473,20 +387,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_produce)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_stack(sub)
+
+    w = sub.add_parser("worker", help="run the Faust worker")
+    _common(w)
+    w.add_argument("--metrics-port", dest="metrics_port", type=int)
+    w.set_defaults(func=cmd_worker)
+    _add_produce(sub)
+
+
     r = sub.add_parser("recs", help="print a listener's recommendations from Redis")
-    common(r)
+    _common(r)
     r.add_argument("user")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_recs)
 
     si = sub.add_parser("similar", help="print the 'more like this' list of a track")
-    common(si)
+    _common(si)
     si.add_argument("track")
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_similar)
 
     cl = sub.add_parser("catalog", help="track metadata: upsert names without a play")
-    common(cl)
+    _common(cl)
     cl.add_argument("action", choices=("load",))
     cl.add_argument(
         "file", help="CSV (header track_id,name,artist,album) or JSONL (one object per line)"
@@ -494,22 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_catalog)
 
     fg = sub.add_parser("forget", help="purge a listener's state and recommendations")
-    common(fg)
+    _common(fg)
     fg.add_argument("user")
     fg.set_defaults(func=cmd_forget)
 
     ck = sub.add_parser("checkpoint", help="verify and describe the model checkpoint in Redis")
-    common(ck)
+    _common(ck)
     ck.add_argument("--user", help="also say whether this listener's factors are in it")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(func=cmd_checkpoint)
 
     c = sub.add_parser("config", help="print the effective settings (secrets masked)")
-    common(c)
+    _common(c)
     c.set_defaults(func=cmd_config)
 
     d = sub.add_parser("demo", help="stack + worker + producer replaying real plays")
-    common(d)
+    _common(d)
     d.add_argument("--source", choices=("lastfm", "movielens", "spotify"), default="movielens",
                    help="real plays to replay (default: MovieLens-100K ratings as plays)")
     d.add_argument("--count", type=int, default=20_000)

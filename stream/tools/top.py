@@ -178,6 +178,29 @@ def fmt_share(v: float | None) -> str:
     return "-" if v is None or math.isnan(v) else f"{v * 100:.1f}%"
 
 
+def _latency_lines(view: View) -> list[str]:
+    """p50/p95/p99 of each stage, a whole event, a Redis flush and the freshness."""
+    qs = (0.5, 0.95, 0.99)
+    lines = [f"{'latency':<20}{'p50':>10}{'p95':>10}{'p99':>10}"]
+    stages = sorted(
+        view.now.by("stream_stage_seconds_count", "stage"),
+        key=lambda st: (STAGES_ORDER.index(st) if st in STAGES_ORDER else 99, st),
+    )
+    rows: list[tuple[str, str, dict[str, str]]] = [
+        (stage, "stream_stage_seconds", {"stage": stage}) for stage in stages
+    ]
+    rows += [
+        ("per event", "stream_processing_seconds", {}),
+        ("redis flush", "stream_redis_flush_seconds", {}),
+        ("freshness", "stream_freshness_seconds", {}),
+        ("  from produce", "stream_ingest_freshness_seconds", {}),
+    ]
+    for label, metric, labels in rows:
+        row = view.quantiles(metric, qs, **labels)
+        lines.append(f"  {label:<18}" + "".join(f"{fmt_seconds(v):>10}" for v in row))
+    return lines
+
+
 def render(view: View, url: str) -> str:
     """The text of one frame."""
     s = view.now
@@ -208,23 +231,7 @@ def render(view: View, url: str) -> str:
     )
     lines.append("")
 
-    qs = (0.5, 0.95, 0.99)
-    lines.append(f"{'latency':<20}{'p50':>10}{'p95':>10}{'p99':>10}")
-    stages = sorted(
-        s.by("stream_stage_seconds_count", "stage"),
-        key=lambda st: (STAGES_ORDER.index(st) if st in STAGES_ORDER else 99, st),
-    )
-    for stage in stages:
-        row = view.quantiles("stream_stage_seconds", qs, stage=stage)
-        lines.append(f"  {stage:<18}" + "".join(f"{fmt_seconds(v):>10}" for v in row))
-    row = view.quantiles("stream_processing_seconds", qs)
-    lines.append(f"  {'per event':<18}" + "".join(f"{fmt_seconds(v):>10}" for v in row))
-    row = view.quantiles("stream_redis_flush_seconds", qs)
-    lines.append(f"  {'redis flush':<18}" + "".join(f"{fmt_seconds(v):>10}" for v in row))
-    row = view.quantiles("stream_freshness_seconds", qs)
-    lines.append(f"  {'freshness':<18}" + "".join(f"{fmt_seconds(v):>10}" for v in row))
-    row = view.quantiles("stream_ingest_freshness_seconds", qs)
-    lines.append(f"  {'  from produce':<18}" + "".join(f"{fmt_seconds(v):>10}" for v in row))
+    lines += _latency_lines(view)
     lines.append("")
 
     lag = s.series("stream_consumer_lag_messages")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -287,3 +288,15 @@ def test_learned_ranker_worker_publishes_valid_lists(
     assert sum(codes.values()) > 0
     assert worker.metric_value("stream_events_total", outcome="processed") == len(events)
     assert "ranker: learned (setting ranker; session models on)" in worker.log_text()
+    # the live quality gauges carry each component next to the published blend
+    # (ComponentQuality: every 10th evaluated play; exported by the 2 s report timer)
+    variants = ("blend", "popularity", "mf", "cooccurrence", "sknn", "stan", "sr", "fixed")
+    deadline = time.monotonic() + 20
+    while True:
+        windows = {v: worker.metric_sample("stream_quality_window_events", variant=v)
+                   for v in variants}
+        if all(windows.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert all(windows.values()), windows
+    assert windows["stan"] < windows["blend"]  # a sample of the blend's evaluated plays

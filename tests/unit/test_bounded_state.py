@@ -82,7 +82,7 @@ def test_freeze_survivors_collects_young_cycles_then_freezes_the_rest() -> None:
     import gc
     import weakref
 
-    from stream.worker.app import freeze_survivors
+    from stream.worker.heap import freeze_survivors
 
     class Node:
         pass

@@ -19,7 +19,7 @@ from stream.core.session import UserState
 from stream.faustx import transport
 from stream.faustx.app import SeamApp
 from stream.faustx.changelog_table import BatchedChangelogTable, ChangelogSendError
-from stream.worker.app import USER_STATE_CODEC, UserStateCodec
+from stream.worker.topics import USER_STATE_CODEC, UserStateCodec
 
 
 class RecordingProducer:

@@ -204,7 +204,7 @@ async def test_faust_s_own_fetch_wait_is_kept_unless_set() -> None:
 def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
     import gc
 
-    from stream.worker.app import freeze_startup_heap
+    from stream.worker.heap import freeze_startup_heap
 
     try:
         frozen = freeze_startup_heap()

@@ -16,6 +16,8 @@ MODULES = [
     "stream.core.recommender",
     "stream.core.catalog",
     "stream.core.ranking",
+    "stream.processing.documents",
+    "stream.processing.pacing",
 ]
 
 

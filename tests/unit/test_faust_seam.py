@@ -405,3 +405,34 @@ async def test_fast_delivery_runs_the_seam_s_fetch_loop(monkeypatch: pytest.Monk
     await _app("seam-fast").consumer._drain_messages(None)
     await _app("seam-slow", fast_delivery=False).consumer._drain_messages(None)
     assert ran == ["seam", "faust"]
+
+
+@pytest.mark.asyncio
+async def test_direct_hand_over_only_when_nothing_could_block_it() -> None:
+    from stream.faustx.delivery import can_deliver_now
+
+    app, stream, queue = await _stream("seam-deliver")
+    consumer = app.consumer
+    tp = TP(PLAYS, 0)
+    app.topics._tp_index[tp].add(stream.channel)  # as the conductor indexes a subscription
+    assert can_deliver_now(app, consumer, tp)
+    consumer.suspend_flow.set()  # a rebalance is suspending flow
+    assert not can_deliver_now(app, consumer, tp)
+    consumer.suspend_flow.clear()
+    app.flow_control.suspend()  # on_message would wait in flow_control.acquire()
+    assert not can_deliver_now(app, consumer, tp)
+    app.flow_control.resume()
+    async with app.topics._tp_to_callback_lock:  # the conductor is re-indexing
+        assert not can_deliver_now(app, consumer, tp)
+    for _ in range(queue.maxsize):  # the stream buffer is full: on_message would wait
+        queue.put_nowait(object())
+    assert not can_deliver_now(app, consumer, tp)
+    while not queue.empty():
+        queue.get_nowait()
+    buffer = app.producer.buffer
+    for i in range(buffer.max_messages + 1):  # the producer buffer is over its limit
+        buffer.pending.put_nowait(i)
+    assert not can_deliver_now(app, consumer, tp)
+    while not buffer.pending.empty():
+        buffer.pending.get_nowait()
+    assert can_deliver_now(app, consumer, tp)

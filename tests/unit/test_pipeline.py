@@ -272,3 +272,42 @@ def test_a_flood_of_rejections_logs_a_bounded_number_of_lines(
     assert len(lines) == 20  # 10 per reason: not_json, key_mismatch
     assert all("\n" not in line for line in lines)
     assert any("forged" in line for line in lines)  # escaped, not dropped
+
+
+@pytest.mark.parametrize("ranker", ["fixed", "learned"])
+def test_live_quality_scores_each_component_on_a_sample_of_plays(ranker: str) -> None:
+    from stream.core.evaluation import Prequential
+
+    settings = load_settings(env={"STREAM_QUALITY_COMPONENTS_EVERY": "3"}, file=None)
+    evaluator = Prequential(k=10, window=1000)
+    recommender = Recommender(blend=ranker, session_models=ranker == "learned")
+    p = Processor(settings, recommender, {}, [].append, [].append, clock=lambda: NOW_S,
+                  evaluator=evaluator)
+    for i in range(60):  # two listeners alternating over a few tracks: lists are published
+        user = f"u{i % 2}"
+        p.process(rec(play(user, f"t{(i // 2) % 7}", i), user.encode()))
+    summary = evaluator.summary()
+    blend_events = summary["blend"]["events"]
+    assert blend_events >= 50  # every play after each listener's first
+    expected = {"popularity", "mf", "cooccurrence"}
+    if ranker == "learned":
+        expected |= {"sknn", "stan", "sr", "fixed"}
+    assert set(summary) - {"blend", "skip"} == expected
+    for variant in expected:  # every third evaluated play of the blend
+        assert summary[variant]["events"] == blend_events // 3
+    assert p.model_errors == 0
+
+
+def test_live_component_quality_can_be_turned_off() -> None:
+    from stream.config import ConfigError
+    from stream.core.evaluation import Prequential
+
+    settings = load_settings(env={"STREAM_QUALITY_COMPONENTS_EVERY": "0"}, file=None)
+    evaluator = Prequential(k=10, window=1000)
+    p = Processor(settings, Recommender(), {}, [].append, [].append, clock=lambda: NOW_S,
+                  evaluator=evaluator)
+    for i in range(20):
+        p.process(rec(play("u", f"t{i % 5}", i), b"u"))
+    assert set(evaluator.summary()) <= {"blend", "skip"}
+    with pytest.raises(ConfigError, match="quality_components_every"):
+        load_settings(env={"STREAM_QUALITY_COMPONENTS_EVERY": "-1"}, file=None)

@@ -68,3 +68,12 @@ def test_replay_is_deterministic() -> None:
 def test_rejects_unknown_variant() -> None:
     with pytest.raises(ValueError):
         replay.replay([], variants=("nope",))
+
+
+def test_the_stream_command_has_replay_and_top() -> None:
+    # the layout move left them out silently (the CLI skipped the ImportError)
+    from stream.tools.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["replay", "x", "--format", "movielens"], ["top", "--iterations", "1"]):
+        assert callable(parser.parse_args(argv).func)

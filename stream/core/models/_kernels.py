@@ -15,6 +15,7 @@ room before each call and compacts the holes now and then.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba
@@ -530,3 +531,125 @@ def rank_many(  # type: ignore[no-untyped-def]
         out_totals[q, :c] = totals
         out_reasons[q, :c] = reasons
         out_leads[q, :c] = leads
+
+
+# -- the learned blend (stream.recommender._blend_candidates) -------------------------------
+
+
+@_jit
+def blend_gather(src_rows, src_vals, src_off, c_lead, pop_rows, ban, mark, dense, dense_lead, n):  # type: ignore[no-untyped-def]
+    """The learned blend's candidates and every source's score of each.
+
+    Source ``j`` is ``src_rows[src_off[j]:src_off[j + 1]]`` (distinct rows) with
+    ``src_vals``; source 0 is co-occurrence, whose lead row per entry is ``c_lead``. Each
+    source proposes its ``n`` best unbanned rows with a positive score (ties: the lower
+    row), trending proposes ``pop_rows``. Returns the sorted distinct candidates, their
+    score per source (``len x sources``, 0 where a source does not score a row) and their
+    co-occurrence lead (-1: none). ``mark`` (all False), ``dense`` (rows x sources, all
+    zero) and ``dense_lead`` (all -1) are scratch, left as found."""
+    n_src = len(src_off) - 1
+    picks = np.empty(len(pop_rows) + n_src * n, dtype=np.int64)
+    m = 0
+    for r in pop_rows:
+        picks[m] = r
+        m += 1
+    for col in range(n_src):
+        a = src_off[col]
+        b = src_off[col + 1]
+        keep = np.empty(b - a, dtype=np.int64)
+        key = np.empty(b - a)
+        c = 0
+        for i in range(a, b):
+            r = src_rows[i]
+            v = src_vals[i]
+            dense[r, col] = v
+            if col == 0:
+                dense_lead[r] = c_lead[i - a]
+            if v > 0.0 and not ban[r]:
+                keep[c] = r
+                key[c] = v
+                c += 1
+        top = _top_n(keep[:c], key[:c], n)
+        for r in top:
+            picks[m] = r
+            m += 1
+    cands = unique_rows(picks[:m], mark)
+    comp = np.empty((len(cands), n_src))
+    lead = np.empty(len(cands), dtype=np.int64)
+    for i in range(len(cands)):
+        r = cands[i]
+        lead[i] = dense_lead[r]
+        for col in range(n_src):
+            comp[i, col] = dense[r, col]
+    for col in range(n_src):
+        for i in range(src_off[col], src_off[col + 1]):
+            dense[src_rows[i], col] = 0.0
+    for i in range(src_off[0], src_off[1]):
+        dense_lead[src_rows[i]] = -1
+    return cands, comp, lead
+
+
+@_jit
+def _scale_into(values, out, col):  # type: ignore[no-untyped-def]
+    """``out[:, col]`` = non-negative ``values`` over their maximum (all zero stays zero)."""
+    hi = 0.0
+    for v in values:
+        if v > hi:
+            hi = v
+    for i in range(len(values)):
+        out[i, col] = values[i] / hi if hi > 0.0 else 0.0
+
+
+@_jit
+def _recip_rank_into(values, out, col, signed):  # type: ignore[no-untyped-def]
+    """``out[:, col]`` = 1 / (1 + rank) of each value, best first (stable: ties keep their
+    order); 0 where a non-negative source does not score the row (unless ``signed``)."""
+    order = np.argsort(-values, kind="mergesort")
+    for j in range(len(order)):
+        i = order[j]
+        out[i, col] = 1.0 / (j + 1) if signed or values[i] > 0.0 else 0.0
+
+
+@_jit
+def blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, hist,  # type: ignore[no-untyped-def]
+                   w_cooc, w_mf, w_pop, day_ms, out):
+    """The feature rows of :data:`stream.models.blend.FEATURES` into ``out``
+    (``len(cands) x N_FEATURES``). ``comp`` holds the co-occurrence, STAN, SR, artist and
+    own-history scores (columns 0-4); ``hist`` is the scaled log history length."""
+    m = len(cands)
+    _scale_into(comp[:, 0], out, 1)
+    _scale_into(comp[:, 1], out, 2)
+    _scale_into(comp[:, 2], out, 3)
+    _scale_into(pop, out, 4)
+    lo = np.inf
+    hi = -np.inf
+    for v in mf:
+        lo = min(lo, v)
+        hi = max(hi, v)
+    for i in range(m):  # stream.ranking.normalise: signed scores min-max
+        if lo >= 0.0:
+            out[i, 5] = mf[i] / hi if hi > 0.0 else 0.0
+        else:
+            out[i, 5] = (mf[i] - lo) / (hi - lo) if hi > lo else 0.0
+    _recip_rank_into(comp[:, 0], out, 6, False)
+    _recip_rank_into(comp[:, 1], out, 7, False)
+    _recip_rank_into(comp[:, 2], out, 8, False)
+    _recip_rank_into(pop, out, 9, False)
+    _recip_rank_into(mf, out, 10, True)
+    _scale_into(comp[:, 3], out, 19)
+    _recip_rank_into(comp[:, 3], out, 20, False)
+    _scale_into(comp[:, 4], out, 21)
+    _recip_rank_into(comp[:, 4], out, 22, False)
+    n_first = len(first_seen)
+    for i in range(m):
+        out[i, 0] = w_cooc * out[i, 1] + w_mf * out[i, 5] + w_pop * out[i, 4]
+        out[i, 11] = skip[i]
+        out[i, 12] = hist * out[i, 1]
+        out[i, 13] = hist * out[i, 2]
+        out[i, 14] = hist * out[i, 5]
+        r = cands[i]
+        first = first_seen[r] if r < n_first else 0
+        out[i, 15] = math.log1p(max(now_ms - first, 0) / day_ms) / 3.0 if first > 0 else 0.0
+        out[i, 16] = math.log1p(1e4 * pop[i]) / 10.0
+        out[i, 17] = same_artist[i]
+        out[i, 18] = 1.0 if comp[i, 4] > 0.0 else 0.0

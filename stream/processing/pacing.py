@@ -1,0 +1,55 @@
+"""When the listeners waiting for a new list are ranked (the pipeline's decision; the
+worker's ranker asks :meth:`RankPacing.due` before each ranking pass).
+
+Normally at once: every pass ranks everyone pending. While a real backlog is being drained
+(a partition ``CATCH_UP_PLAYS`` or more behind at the last batch), a listener's rankings are
+coalesced over up to ``hold_s`` (``catch_up_rank_ms``): their plays come back to back then,
+and each list would be replaced within milliseconds (at 200 ms, 0.42 rankings per play
+instead of 0.72 in a P1 drain, ~10 % more plays/s). A play waits at least ~250 ms in such a
+backlog anyway.
+
+>>> pacing = RankPacing(hold_s=0.2)
+>>> pacing.batch_applied(now=10.0, nothing_pending=True, backlog=True)
+>>> pacing.due(10.1), pacing.due(10.3)
+(False, True)
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: a partition this many plays behind is a backlog being drained: rankings are coalesced
+CATCH_UP_PLAYS: Final = 256
+
+
+class RankPacing:
+    """Holds rankings back while a backlog drains (see the module docstring)."""
+
+    __slots__ = ("hold_s", "backlog", "waiting_since")
+
+    def __init__(self, hold_s: float) -> None:
+        if hold_s < 0:
+            raise ValueError(f"hold_s must be >= 0, got {hold_s!r}")
+        self.hold_s = hold_s
+        #: a real backlog waits (CATCH_UP_PLAYS behind on a partition at the last batch)
+        self.backlog = False
+        #: when the listeners waiting to be ranked started waiting (a monotonic clock)
+        self.waiting_since = 0.0
+
+    def batch_applied(self, now: float, nothing_pending: bool, backlog: bool) -> None:
+        """A batch of plays is about to be applied at ``now``; ``nothing_pending``: no
+        listener waited for a ranking before it; ``backlog``: a partition is
+        ``CATCH_UP_PLAYS`` or more behind it."""
+        if nothing_pending:
+            self.waiting_since = now
+        self.backlog = backlog
+
+    def held_for(self, now: float) -> float:
+        """How much longer the pending listeners are held back (0: rank them now)."""
+        if not self.backlog:
+            return 0.0
+        return max(0.0, self.waiting_since + self.hold_s - now)
+
+    def due(self, now: float) -> bool:
+        """Whether the pending listeners are ranked now."""
+        return self.held_for(now) <= 0.0

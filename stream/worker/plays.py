@@ -1,0 +1,300 @@
+"""The plays agent: gathers plays from Faust's stream into batches, applies each batch
+through the processing pipeline, hands the results on, then acks the plays.
+
+One batch, step by step (:meth:`PlaysAgent.apply`):
+
+1. ``_live`` -- drop plays of a stale consumer generation (a rebalance happened while they
+   were buffered: the new owner reads them again) and turn the rest into pipeline records;
+2. ``_pace`` -- tell the ranking pacing whether a backlog is being drained;
+3. ``Processor.process_batch`` -- validate, session state, learn, queue the rankings;
+4. ``_hand_on`` -- dead letters to their topic, the batch to telemetry, track signals;
+5. ``_ack`` -- each play is acked once applied (its changelog record is dirty, and a commit
+   sends it first), so its offset may be committed;
+6. ``_after`` -- an eviction the batch asked for, wake the ranker, send the session
+   changelog, and give the other tasks a turn under a backlog.
+
+Gathering (:meth:`PlaysAgent.run`): a lone play is applied at once; otherwise up to
+``agent_batch`` plays go through each stage together (the stages stay in the CPU caches),
+gathered for at most LIVE_GATHER_S, or ``agent_batch_ms`` when a backlog waits
+(BACKLOG_PLAYS behind: freshness is queueing then). The Faust side of this -- taking
+buffered plays, manual acks, the wake-up value -- is the seam's
+:class:`stream.faustx.stream.BatchingStream` (``App(Stream=...)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Final
+
+import faust
+
+from stream.config import Settings
+from stream.faustx.stream import BatchingStream
+from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
+from stream.processing.pipeline import Outcome, Processor, Record
+from stream.worker.deadletters import DeadLetters
+from stream.worker.eviction import ModelGuard
+from stream.worker.ranker import Ranker
+from stream.worker.signals import SignalPublisher
+from stream.worker.telemetry import Telemetry
+from stream.worker.watchdog import StallWatch
+
+logger = logging.getLogger(__name__)
+
+#: the agent hands the session changelog to the producer at least this often (seconds)
+#: or once this many listeners are pending: a listener's plays within the window cost one
+#: record, and a commit sends whatever is pending first anyway
+CHANGELOG_SEND_S: Final = 0.02
+CHANGELOG_BATCH: Final = 256
+#: loop turns the agent yields, at most, for Faust's fetcher to hand over the next buffered
+#: message (it takes two or three: a task per message and an asyncio.wait)
+HANDOVER_TURNS: Final = 3
+#: longest the agent gathers a batch when no backlog waits (a play's freshness pays for
+#: it); once BACKLOG_PLAYS wait behind a play on its partition, up to ``agent_batch_ms``
+LIVE_GATHER_S: Final = 0.002
+BACKLOG_PLAYS: Final = 8
+#: how often a held batch re-sends its wake-up (see PlaysAgent._wake)
+WAKE_S: Final = 0.005
+#: under a backlog, the agent yields to the other tasks (ranker, writer) this often
+YIELD_S: Final = 0.004
+#: the agent's wake-up value (never a Kafka record)
+_WAKE: Any = object()
+
+
+class PlaysAgent:
+    """The ``process-plays`` agent (see the module docstring); :meth:`run` is the agent."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        processor: Processor,
+        sessions: Any,
+        *,
+        pacing: RankPacing,
+        ranker: Ranker,
+        models: ModelGuard,
+        dead_letters: DeadLetters,
+        signals: SignalPublisher,
+        telemetry: Telemetry,
+        stall_watch: StallWatch,
+        processed_offsets: dict[Any, int],
+    ) -> None:
+        self.app = app
+        self.processor = processor
+        self.sessions = sessions
+        self.pacing = pacing
+        self.ranker = ranker
+        self.models = models
+        self.dead_letters = dead_letters
+        self.signals = signals
+        self.telemetry = telemetry
+        self.stall_watch = stall_watch
+        self.processed_offsets = processed_offsets
+        self.max_batch = settings.agent_batch
+        self.backlog_wait = settings.agent_batch_ms / 1000.0
+        self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
+        self.stream: BatchingStream | None = None
+        self.batch: list[Any] = []
+        self._wake_handle: asyncio.TimerHandle | None = None
+        self._yielded = self._changelog_sent = time.perf_counter()
+        self._changelog_failures = 0
+
+    def nothing_buffered(self) -> bool:
+        """Whether no play waits in the stream buffer (True before the agent starts)."""
+        return self.stream is None or self.stream.buffer_empty()
+
+    def fetched_behind(self, msg: Any) -> int:
+        """How many records this partition has after ``msg`` (the fetched highwater)."""
+        try:
+            highwater = self.app.consumer.highwater(msg.tp)
+        except Exception:  # noqa: BLE001 - e.g. no longer assigned (a rebalance)
+            return 0
+        if highwater is None:
+            return 0
+        behind: int = highwater - msg.offset - 1
+        return max(0, behind)
+
+    # ------------------------------------------------------------------ gathering
+
+    async def run(self, stream: faust.StreamT[bytes]) -> None:
+        assert isinstance(stream, BatchingStream)  # App(Stream=BatchingStream)
+        self.stream = stream
+        # Acked once applied: a buffered play must not be committed before it is applied
+        # (Faust acks an event when the iteration moves on to the next one).
+        stream.manual_acks()
+        batch = self.batch
+        batch_started = 0.0
+        try:
+            async for value in stream:
+                event = stream.current_event
+                if event is None:  # a wake-up (or any value that is not a Kafka record)
+                    if value is not _WAKE:
+                        logger.warning("plays agent ignored a non-record value %r", value)
+                    if batch:
+                        await self.apply(self._release())
+                    continue
+                now = time.perf_counter()
+                if not batch:
+                    batch_started = now
+                batch.append(event)
+                stream.take_buffered(batch, self.max_batch)
+                if await self._keep_gathering(stream, now - batch_started):
+                    continue
+                await self.apply(self._release())
+        finally:
+            if batch:  # the stream stopped with plays gathered: apply them (and ack)
+                await self.apply(self._release())
+
+    async def _keep_gathering(self, stream: BatchingStream, waited: float) -> bool:
+        """Whether to wait for more plays before applying the batch: never waiting on the
+        network, only for what Faust has already fetched."""
+        if len(self.batch) >= self.max_batch:
+            return False
+        behind = self.fetched_behind(self.batch[-1].message)
+        window = self.backlog_wait if behind >= BACKLOG_PLAYS else self.live_wait
+        if waited >= window or not (behind or not stream.buffer_empty()):
+            return False
+        # a fetch response lands in the buffer at once (stream.faustx.delivery; Faust's
+        # own loop hands over one message per few turns of the event loop): give the
+        # fetcher a few turns before applying
+        for _ in range(HANDOVER_TURNS):
+            if not stream.buffer_empty():
+                break
+            await asyncio.sleep(0)
+        if stream.buffer_empty():
+            return False
+        if self._wake_handle is None:
+            self._wake_handle = asyncio.get_running_loop().call_later(window + WAKE_S,
+                                                                      self._wake)
+        return True
+
+    def _wake(self) -> None:
+        """A held batch must never wait for a play that will not come: Faust skips the
+        buffered messages while its flow control is off (a rebalance, shutdown), and then
+        waits for every tracked play to be acked. Until the batch is applied, put a wake-up
+        in the stream buffer every few ms; the loop applies the batch on it."""
+        self._wake_handle = None
+        if self.batch and self.stream is not None:
+            self.stream.wake(_WAKE)  # a full buffer will be drained: try again then
+            self._wake_handle = asyncio.get_running_loop().call_later(WAKE_S, self._wake)
+
+    def _release(self) -> list[Any]:
+        events = self.batch[:]
+        self.batch.clear()
+        handle, self._wake_handle = self._wake_handle, None
+        if handle is not None:
+            handle.cancel()
+        return events
+
+    # ------------------------------------------------------------------ one batch
+
+    async def apply(self, events: list[Any]) -> None:
+        """Apply a gathered batch, then ack each play (see the module docstring)."""
+        stream = self.stream
+        assert stream is not None
+        live, records = self._live(stream, events)
+        started = time.perf_counter()
+        self._pace(live, started)
+        stage_totals: dict[str, float] = {}
+        set_current = stream.set_current_event
+        outcomes = self.processor.process_batch(
+            records, stage_totals, lambda i: set_current(live[i])
+        )
+        per_event = (time.perf_counter() - started) / len(records) if records else 0.0
+        await self._hand_on(outcomes, stage_totals, per_event)
+        self._ack(stream, live)
+        set_current(None)
+        self.stall_watch.progress(time.monotonic())
+        await self._after()
+
+    def _live(
+        self, stream: BatchingStream, events: list[Any]
+    ) -> tuple[list[Any], list[Record]]:
+        generation = self.app.consumer_generation_id
+        live: list[Any] = []
+        records: list[Record] = []
+        for ev in events:
+            msg = ev.message
+            if msg.generation_id != generation:
+                # a rebalance happened while these were buffered: drop them as Faust
+                # drops a stale generation's messages (the new owner reads them again)
+                stream.ack_processed(ev)
+                continue
+            live.append(ev)
+            records.append(
+                Record(
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                    key=msg.key,
+                    value=msg.value,
+                    timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
+                )
+            )
+        return live, records
+
+    def _pace(self, live: list[Any], now: float) -> None:
+        """The backlog behind this batch, per partition (the fetched highwater)."""
+        last = {ev.message.tp: ev.message for ev in live}
+        backlog = any(self.fetched_behind(msg) >= CATCH_UP_PLAYS for msg in last.values())
+        self.pacing.batch_applied(now, not self.processor.pending_rank, backlog)
+        if backlog:
+            self.telemetry.catch_up_batch()
+
+    async def _hand_on(
+        self, outcomes: list[Outcome], stage_totals: dict[str, float], per_event: float
+    ) -> None:
+        await self.dead_letters.send_queued()
+        evicted = self.processor.take_evicted_tracks()
+        if evicted:
+            self.telemetry.tracks_evicted(evicted)
+        self.telemetry.observe_batch(outcomes, stage_totals, per_event)
+        for outcome in outcomes:
+            if (
+                outcome.outcome == "processed"
+                and outcome.update is not None
+                and outcome.event is not None
+                and outcome.model_error is None
+            ):
+                # tell the other workers what this play teaches about tracks
+                self.signals.add(outcome.update, outcome.event)
+
+    def _ack(self, stream: BatchingStream, live: list[Any]) -> None:
+        offsets = self.processed_offsets
+        for ev in live:
+            msg = ev.message
+            offsets[msg.tp] = msg.offset
+            # applied (its state is in the table, its changelog record is dirty and a
+            # commit sends that first): now its offset may be committed
+            stream.ack_processed(ev)
+
+    async def _after(self) -> None:
+        if self.processor.eviction_due:
+            await self.models.evict_due()
+        if self.processor.pending_rank:
+            self.ranker.wake()
+        now = time.perf_counter()
+        sessions = self.sessions
+        if sessions.dirty and (
+            now - self._changelog_sent > CHANGELOG_SEND_S or sessions.dirty >= CHANGELOG_BATCH
+        ):
+            self._changelog_sent = now
+            await self._send_changelog()
+        # Under a backlog the stream hands over buffered events without suspending; give
+        # the ranker and the Redis writer a turn every few ms so freshness stays bounded.
+        if now - self._yielded > YIELD_S:
+            self._yielded = now
+            await asyncio.sleep(0)
+
+    async def _send_changelog(self) -> None:
+        try:
+            await self.sessions.send_dirty()
+        except Exception as exc:  # noqa: BLE001 - kept dirty; the commit retries
+            self._changelog_failures += 1
+            n = self._changelog_failures
+            if n in (1, 10) or n % 1000 == 0:
+                logger.warning("session changelog send failed %d time(s), kept pending "
+                               "(the commit retries): %r", n, exc)

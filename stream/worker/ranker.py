@@ -1,0 +1,81 @@
+"""The ranker part: turns the pipeline's pending listeners into lists for the writer.
+
+The plays agent applies a batch and wakes the ranker; the ranker asks the pipeline's pacing
+whether rankings are due (:class:`stream.processing.pacing.RankPacing`: held back while a
+backlog drains), ranks every pending listener in one pass
+(:meth:`stream.processing.pipeline.Processor.rank_pending`, which submits their lists) and
+sends what the pass has for other parts to hand on (track signals, catalogue changes). It
+ranks only while no Redis round trip is in flight: the listeners that played meanwhile are
+ranked together when the writer can take their lists, so one pass, one flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from stream.processing.pacing import RankPacing
+from stream.processing.pipeline import Processor
+from stream.worker.telemetry import Telemetry
+from stream.worker.writer import WriterPart
+
+logger = logging.getLogger(__name__)
+
+
+class Ranker:
+    """Ranks pending listeners when woken (see the module docstring)."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        pacing: RankPacing,
+        writer: WriterPart,
+        telemetry: Telemetry,
+        models_busy: Callable[[], bool],
+        after_ranking: Sequence[Callable[[], None]],
+    ) -> None:
+        self.processor = processor
+        self.pacing = pacing
+        self.writer = writer
+        self.telemetry = telemetry
+        self.models_busy = models_busy
+        #: what each ranking pass hands on (track signals, catalogue changes)
+        self.after_ranking = after_ranking
+        self._wake = asyncio.Event()
+        self._rewake: asyncio.TimerHandle | None = None
+
+    def wake(self) -> None:
+        """Listeners may be waiting for a ranking (a batch was applied, an eviction ended)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await self.writer.ready()
+            self._wake.clear()
+            held = self.pacing.held_for(time.perf_counter())
+            if held > 0:  # the agent's next batch wakes it too; this covers a last batch
+                if self._rewake is None:
+                    self._rewake = loop.call_later(held, self._wake_again)
+                continue
+            try:
+                self.rank_due()
+            except Exception:  # noqa: BLE001 - never let one pass stop the ranking
+                logger.exception("ranking pass failed")
+
+    def _wake_again(self) -> None:
+        self._rewake = None
+        self.wake()
+
+    def rank_due(self) -> int:
+        """Rank the pending listeners unless an eviction is changing the models (it wakes
+        the ranker when it is done); returns how many were ranked."""
+        if self.models_busy():
+            return 0
+        ranked = self.processor.rank_pending(on_ranked=self.telemetry.observe_ranking)
+        for hand_on in self.after_ranking:
+            hand_on()
+        return ranked
