@@ -36,6 +36,7 @@ stream.core.checkpoint.CheckpointRejected: checkpoint is for app 'app', this wor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -246,6 +247,9 @@ class Opened:
     kid: str | None
     app_id: str
     created_ms: int
+    #: the signals positions an item-state checkpoint includes (stream.core.signal_positions);
+    #: set by :func:`open_models`, None for a checkpoint without them
+    replication: Any = None
 
 
 def seal(payload: bytes, *, keys: KeySet, app_id: str, created_ms: int) -> bytes:
@@ -370,9 +374,23 @@ def _header(raw: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models
 
 
-def seal_models(recommender: Any, *, keys: KeySet, app_id: str, created_ms: int) -> bytes:
-    """A recommender's whole learned state as a checkpoint (see the module docstring)."""
-    return seal(pack_state(*recommender.export_state()), keys=keys, app_id=app_id,
+def seal_models(
+    recommender: Any, *, keys: KeySet, app_id: str, created_ms: int,
+    replication: Any = None,
+) -> bytes:
+    """A recommender's whole learned state as a checkpoint (see the module docstring).
+
+    With ``replication`` (a :class:`stream.core.signal_positions.Restored`: the signals
+    positions the state includes) it is the worker's *item-state* checkpoint: listeners'
+    state is left out (it lives in their sessions, the changelog-backed table) and the
+    positions go in the manifest, so a restoring worker replays the signals topic from
+    them (docs/scaling.md)."""
+    if replication is None:
+        manifest, arrays = recommender.export_state()
+    else:
+        manifest, arrays = recommender.export_state(users=False)
+        manifest = {**manifest, "replication": replication.to_manifest()}
+    return seal(pack_state(manifest, arrays), keys=keys, app_id=app_id,
                 created_ms=created_ms)
 
 
@@ -392,6 +410,11 @@ def open_models(blob: bytes, **checks: Any) -> tuple[Any, Opened]:
         ) from None
     try:
         recommender = Recommender.import_state(manifest, arrays)
+        if manifest.get("replication") is not None:
+            from stream.core.signal_positions import Restored
+
+            opened = dataclasses.replace(
+                opened, replication=Restored.from_manifest(manifest["replication"]))
     except ValueError as exc:
         raise CheckpointRejected("invalid_state", f"model state: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a case the checks missed: refuse, never crash

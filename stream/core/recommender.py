@@ -19,16 +19,18 @@ drive this same class. Time is always the event's time, passed in.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
 from stream.core.events import PlayEvent
+from stream.core.listener_record import decode_listener_record, encode_listener_record
 from stream.core.models import _kernels as _k
 from stream.core.models._state import (
     build,
@@ -69,6 +71,8 @@ from stream.core.session import SessionUpdate, UserState
 
 __all__ = [
     "VARIANTS",
+    "ItemStep",
+    "ItemStepLike",
     "LearnResult",
     "Recommendation",
     "Recommender",
@@ -95,14 +99,98 @@ class SnapshotError(ValueError):
     """A snapshot blob is not one this version of the recommender can restore."""
 
 
+#: how many of the listener's preceding tracks an item step carries: the longest window
+#: an item-side model learns from (co-occurrence's ``cooc_window`` and SR's ``steps``, 10
+#: by default)
+ITEM_HISTORY: Final = 10
+
+
+class ItemStepLike(Protocol):
+    """What :meth:`Recommender.apply_item_steps` reads from one play learned elsewhere
+    (:class:`ItemStep`, or the replication layer's validated signal)."""
+
+    @property
+    def track_id(self) -> str: ...
+    @property
+    def ts_ms(self) -> int: ...
+    @property
+    def skipped(self) -> bool: ...
+    @property
+    def history(self) -> tuple[str, ...]: ...
+    @property
+    def artist_id(self) -> str | None: ...
+    @property
+    def context(self) -> str | None: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def session(self) -> str: ...
+    @property
+    def factors(self) -> Float32Array | None: ...
+    @property
+    def negatives(self) -> tuple[str, ...]: ...
+    @property
+    def skip_features(self) -> Mapping[str, float] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ItemStep:
+    """Everything the item side learned from one play, so that another recommender takes
+    the same step (:meth:`Recommender.apply_item_steps`) without the listener: the track,
+    the listener's preceding tracks (at most :data:`ITEM_HISTORY`), skip flag, time,
+    artist, context, position in the session (-1: unknown), an opaque session token
+    (session-kNN groups a session's plays by it; "": unknown), the listener's MF factors
+    *before* the step and the negatives it sampled (MF takes the same item step), and the
+    skip model's features (the skip model takes the same step)."""
+
+    track_id: str
+    ts_ms: int
+    skipped: bool
+    history: tuple[str, ...] = ()
+    artist_id: str | None = None
+    context: str | None = None
+    position: int = -1
+    session: str = ""
+    factors: Float32Array | None = None
+    negatives: tuple[str, ...] = ()
+    skip_features: Mapping[str, float] | None = None
+    #: the owner's number of this play (its ``n_learned`` after learning it)
+    seq: int = -1
+
+    def __eq__(self, other: object) -> bool:  # the factors are an array
+        if not isinstance(other, ItemStep):
+            return NotImplemented
+        mine, theirs = self.factors, other.factors
+        same = (mine is None and theirs is None) or (
+            mine is not None and theirs is not None and np.array_equal(mine, theirs))
+        return same and all(getattr(self, f) == getattr(other, f) for f in _STEP_FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_STEP_FIELDS: Final = ("track_id", "ts_ms", "skipped", "history", "artist_id", "context",
+                       "position", "session", "negatives", "skip_features", "seq")
+
+
 @dataclass(frozen=True, slots=True)
 class LearnResult:
     """What learning one event revealed: the skip model's prediction for it (made before
-    learning, for prequential accuracy) and whether the skip-rate drift detector fired."""
+    learning, for prequential accuracy), whether the skip-rate drift detector fired, and
+    the item step other workers need (None for a duplicate)."""
 
     skip_probability: float
     skipped: bool
     drift: bool
+    step: ItemStep | None = None
+
+
+def session_token(state: UserState) -> str:
+    """An opaque token of the listener's current session (blake2b of its key, which names
+    the listener): session-kNN groups a session's plays by it on every worker, so the
+    session continues wherever its listener's partition moves, and no worker but the
+    owner learns who played it."""
+    digest = hashlib.blake2b(state.session_key.encode(), digest_size=8).hexdigest()
+    return f"s:{digest}"
 
 
 class Recommender:
@@ -260,6 +348,10 @@ class Recommender:
         if update.duplicate:
             return LearnResult(0.0, False, False)
         state, before = update.state, update.before
+        if before.model and state.user_id not in self.mf.user_factors:
+            # their partition-local state came with the session (rebalance, restart)
+            with contextlib.suppress(ValueError):  # an unusable record: start afresh
+                self.import_user(state.user_id, before.model)
         track = state.recent[-1]
         if self.blend == "learned" and before.recent:
             # test-then-train: the candidates ranked before this play, the play as positive
@@ -269,14 +361,7 @@ class Recommender:
         context = event.context if event is not None else None
         session_models = self.session_models
         if event is not None and event.artist_id:
-            self.artist_of[track] = event.artist_id
-            if self.artist_tracks and session_models:
-                latest = self.tracks_of.setdefault(event.artist_id, [])
-                if track in latest:
-                    latest.remove(track)
-                latest.append(track)
-                if len(latest) > self.artist_tracks:
-                    del latest[0]
+            self._note_artist(track, event.artist_id)
         if self.repeats and session_models:
             histories = self.own_history
             own = histories.pop(state.user_id, None) or {}
@@ -304,21 +389,116 @@ class Recommender:
         # (their predict_one reads the listener, track and history, never the features)
         features["popularity"] = self.popularity.predict_one(x)
         features["mf"] = self.mf.predict_one(x)
-        skip_probability = self.skip.predict_learn_one(x)
+        skip_features = self.skip.features(x)
+        skip_probability = self.skip.predict_learn_features(skip_features, update.is_skip)
         self.drift.learn_one(x)
         self.popularity.learn_one(x)
         self.cooccurrence.learn_one(x)
-        self.mf.learn_one(x)
+        user_before, rows = self.mf.learn_step(x)
+        token = session_token(state)
         if session_models:
-            self.session_knn.learn_one(x)
+            self.session_knn.learn_one(Interaction(
+                user_id=token, track_id=track, ts_ms=x.ts_ms,
+                session_position=x.session_position))
             self.rules.learn_one(x)
-            row = self.vocabulary.index[track]
-            if row >= len(self.first_seen):
-                self.first_seen = grow_rows(self.first_seen, row + 1)
-            if self.first_seen[row] == 0:
-                self.first_seen[row] = max(x.ts_ms, 1)
+            self._first_seen(track, x.ts_ms)
         self.n_learned += 1
-        return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected)
+        state.model = self.export_user(state.user_id)
+        ids = self.vocabulary.ids
+        step = ItemStep(
+            track_id=track, ts_ms=x.ts_ms, skipped=x.skipped,
+            history=history[-ITEM_HISTORY:], artist_id=x.artist_id, context=context,
+            position=x.session_position, session=token, factors=user_before,
+            negatives=tuple(ids[r] for r in rows[1:]), skip_features=skip_features,
+            seq=self.n_learned,
+        )
+        return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected, step)
+
+    def _first_seen(self, track: str, ts_ms: int) -> None:
+        row = self.vocabulary.index[track]
+        if row >= len(self.first_seen):
+            self.first_seen = grow_rows(self.first_seen, row + 1)
+        if self.first_seen[row] == 0:
+            self.first_seen[row] = max(ts_ms, 1)
+
+    def _note_artist(self, track: str, artist: str) -> None:
+        self.artist_of[track] = artist
+        if self.artist_tracks and self.session_models:
+            latest = self.tracks_of.setdefault(artist, [])
+            if track in latest:
+                latest.remove(track)
+            latest.append(track)
+            if len(latest) > self.artist_tracks:
+                del latest[0]
+
+    # -- replication: item steps learned by other workers --------------------------------
+
+    def apply_item_steps(self, steps: Iterable[ItemStepLike]) -> int:
+        """Learn plays another recommender owned, on the item side only: trending,
+        co-occurrence, SR, session-kNN, MF item factors, the skip model, the skip-rate
+        detector, the artist map and first-seen times take the step the owner took
+        (:class:`ItemStep`). Nothing about the listener is learned (their factors stay
+        with their owner). Returns how many steps were applied. Steps must be validated
+        input (``decode_batch`` of :mod:`stream.processing.replication`); a step whose
+        factors do not fit this model raises ValueError before anything is learned from
+        it."""
+        n = 0
+        for s in steps:
+            factors = s.factors
+            if factors is not None and factors.shape != (self.n_factors,):
+                raise ValueError(f"item step factors: shape {factors.shape}, "
+                                 f"expected ({self.n_factors},)")
+            position = s.position
+            x = Interaction(
+                user_id="", track_id=s.track_id, ts_ms=s.ts_ms, skipped=s.skipped,
+                history=s.history, session_position=max(position, 0), context=s.context,
+                artist_id=s.artist_id,
+            )
+            if s.skip_features:
+                self.skip.learn_features(s.skip_features, s.skipped)
+            self.drift.learn_one(x)
+            self.popularity.learn_one(x)
+            self.cooccurrence.learn_one(x)
+            if factors is not None:
+                self.mf.apply_item_step(factors, s.track_id, s.negatives, s.skipped)
+            if s.artist_id:
+                self._note_artist(s.track_id, s.artist_id)
+            if self.session_models:
+                if s.session:
+                    self.session_knn.learn_one(Interaction(
+                        user_id=s.session, track_id=s.track_id, ts_ms=s.ts_ms,
+                        session_position=max(position, 0)))
+                if position >= 0:
+                    self.rules.learn_one(x)
+                self._first_seen(s.track_id, s.ts_ms)
+            n += 1
+        return n
+
+    # -- partition-local listener state -----------------------------------------------------
+
+    def export_user(self, user_id: str) -> str:
+        """The listener's model state (MF factors, own history with ``repeats``) as a
+        record of :mod:`stream.core.listener_record` ("" when there is none). Learning keeps
+        it in :attr:`UserState.model` of the listener's session, so it moves with them."""
+        own = self.own_history.get(user_id) if self.repeats else None
+        return encode_listener_record(self.mf.export_user(user_id), list(own or ()))
+
+    def import_user(self, user_id: str, record: str) -> bool:
+        """Take a listener's model state from their record (after a rebalance or a
+        restart: their session brought it). Returns whether it held anything; a record
+        that is not a valid one for this model raises ValueError (nothing is changed)."""
+        if not record:
+            return False
+        factors, own = decode_listener_record(record, n_factors=self.n_factors,
+                                              max_own=255)
+        if factors is not None:
+            self.mf.import_user(user_id, factors)
+        if own and self.repeats:
+            self.own_history.pop(user_id, None)
+            self.own_history[user_id] = dict.fromkeys(own[-self.repeats :])
+            if self.max_users is not None and len(self.own_history) > self.max_users:
+                del self.own_history[next(iter(self.own_history))]
+        return factors is not None or bool(own)
 
     # -- ranking --------------------------------------------------------------------------
 
@@ -492,7 +672,7 @@ class Recommender:
                 c_rows = touched.rows().copy()
                 c_vals = touched.scratch.acc[c_rows]
                 c_lead = touched.scratch.anchor[c_rows]
-            s_rows, s_vals = self.session_knn.score(session, state.user_id, now_ms)
+            s_rows, s_vals = self.session_knn.score(session, session_token(state), now_ms)
             with rules.accumulate(rules.anchors(session)) as t2:
                 r_rows = t2.rows().copy()
                 r_vals = t2.scratch.acc[r_rows]
@@ -581,7 +761,7 @@ class Recommender:
                 rows = touched.rows().copy()
                 vals = touched.scratch.acc[rows]
         else:
-            rows, vals = self.session_knn.score(session, state.user_id, now_ms,
+            rows, vals = self.session_knn.score(session, session_token(state), now_ms,
                                                 plain=variant == "sknn")
         ban_rows = self._banned_rows(state, exclude)
         ban = self._ban_buffer(size)
@@ -668,6 +848,10 @@ class Recommender:
 
     def _user_vector(self, state: UserState) -> Float32Array | None:
         user = self.mf.user_factors.get(state.user_id)
+        if user is None and state.model:  # held by their session, not loaded yet
+            with contextlib.suppress(ValueError):
+                user = decode_listener_record(state.model, n_factors=self.n_factors,
+                                              max_own=255)[0]
         if user is None:  # a listener without factors yet: their recent tracks' mean
             user = self.mf.user_vector(Interaction(user_id=state.user_id,
                                                    history=tuple(state.recent)))
@@ -1069,9 +1253,11 @@ class Recommender:
 
     def user_ids(self) -> list[str]:
         """The listeners the models hold state about (their MF factors, their own recent
-        tracks for ``repeats``, the link to their open session in session-kNN)."""
-        return list(dict.fromkeys(chain(self.mf.user_factors, self.own_history,
-                                        self.session_knn.open_users())))
+        tracks for ``repeats``; session-kNN links open sessions by an opaque token, see
+        :func:`session_token`, and older checkpoints by listener id)."""
+        return list(dict.fromkeys(chain(
+            self.mf.user_factors, self.own_history,
+            (u for u in self.session_knn.open_users() if not u.startswith("s:")))))
 
     @staticmethod
     def reserve_tracks(max_tracks: int) -> None:
@@ -1093,22 +1279,32 @@ class Recommender:
                 del own[next(iter(own))]
         return dropped
 
-    def forget_user(self, user_id: str) -> bool:
+    def forget_user(self, user_id: str, state: UserState | None = None) -> bool:
         """Drop everything kept about one listener (their MF factors, own recent tracks and
-        session-kNN's link to their open session). Shared statistics (co-occurrence, SR,
-        popularity, session-kNN's sessions) hold no user ids. Returns whether anything was
+        session-kNN's link to their open session: by its token when their session
+        ``state`` is given). Shared statistics (co-occurrence, SR, popularity, session-kNN's
+        sessions) hold no user ids. Their record in the session state
+        (:attr:`UserState.model`) goes with the session. Returns whether anything was
         held."""
         held = self.own_history.pop(user_id, None) is not None
         held = self.mf.forget_user(user_id) or held
+        if state is not None and state.session_key:
+            held = self.session_knn.forget_user(session_token(state)) or held
         return self.session_knn.forget_user(user_id) or held
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def export_state(
+        self, users: bool = True
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """All learned state: a JSON-able manifest (parameters, counters, the component
         models' manifests) and numeric arrays (the shared vocabulary once, then each
         component's arrays under its name). :meth:`import_state` rebuilds an equal
-        recommender; :mod:`stream.core.checkpoint` frames and signs the pair."""
+        recommender; :mod:`stream.core.checkpoint` frames and signs the pair.
+
+        ``users=False`` leaves out the partition-local listener state (MF user factors,
+        own histories): the worker's checkpoint is item-side only, each listener's state
+        travels in their session (:meth:`export_user`)."""
         vocab_manifest, vocab_arrays = self.vocabulary.export_state()
         tracks = list(self.artist_of)
         t_blob, t_ends = encode_strings(tracks)
@@ -1129,7 +1325,8 @@ class Recommender:
         }
         # artist -> latest tracks and listener -> own recent tracks: keys, then the
         # concatenated lists with one end offset per key
-        for name, table in (("tracks_of", self.tracks_of), ("own_history", self.own_history)):
+        own_history = self.own_history if users else {}
+        for name, table in (("tracks_of", self.tracks_of), ("own_history", own_history)):
             keys = list(table)
             k_blob, k_ends = encode_strings(keys)
             values = [t for key in keys for t in table[key]]
@@ -1140,7 +1337,10 @@ class Recommender:
                 f"{name}.counts": np.array([len(table[key]) for key in keys], dtype=np.int64),
             })
         for name in _COMPONENTS:
-            model_manifest, model_arrays = getattr(self, name).export_state()
+            model = getattr(self, name)
+            model_manifest, model_arrays = (model.export_state(users=False)
+                                            if name == "mf" and not users
+                                            else model.export_state())
             manifest["models"][name] = model_manifest
             arrays.update(prefixed(name, model_arrays))
         return manifest, arrays

@@ -72,6 +72,11 @@ class UserState:
     last_offset: int = -1
     #: fingerprints of the last ``max_seen`` applied event ids (8 bytes each, one object)
     seen: array[int] = field(default_factory=lambda: array("q"))
+    #: the recommender's partition-local model state of this listener (MF factors, own
+    #: history): an opaque record of :mod:`stream.core.listener_record`, "" when there is none.
+    #: It lives here so it moves with the listener's partition and is restored from the
+    #: changelog (the global model checkpoint holds item-side state only)
+    model: str = ""
 
     @property
     def last_track(self) -> str | None:
@@ -100,6 +105,7 @@ class UserState:
         new.last_event_ts_ms = self.last_event_ts_ms
         new.last_partition = self.last_partition
         new.last_offset = self.last_offset
+        new.model = self.model
         new.recent = self.recent.copy()
         new.recent_skipped = self.recent_skipped.copy()
         new.seen = self.seen[:]
@@ -116,6 +122,8 @@ class UserState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UserState:
         kwargs = {name: data[name] for name in _SCALARS if name in data}
+        if type(kwargs.get("model", "")) is not str:  # checked in full where it is used
+            kwargs["model"] = ""
         return cls(
             **kwargs,
             # one shared string per track id, as parsing gives live (stream.core.events): a
@@ -144,6 +152,7 @@ _SCALARS: Final = (
     "last_event_ts_ms",
     "last_partition",
     "last_offset",
+    "model",
 )
 
 

@@ -96,6 +96,8 @@ class Outcome:
     recs: list[Recommendation] | None = None
     rejection: Rejection | None = None
     model_error: Exception | None = None
+    #: what learning the play revealed (its item step goes to the other workers)
+    learned: Any = None
 
 
 class StageTimer:
@@ -378,6 +380,7 @@ class Processor:
             return (Outcome("processed", event=event, update=update, model_error=exc),
                     (clock() - t0, 0.0, 0.0))
         t1 = clock()
+        learned = result
         touched = self.touched_tracks
         touched[event.track_id] = None
         if len(touched) > self.max_touched_tracks:
@@ -388,16 +391,17 @@ class Processor:
             # from one listener costs one ranking, and the agent never waits for it
             self._queue_rank(event.user_id, (event, update.state, record.timestamp_ms))
             self._refreshing.discard(event.user_id)
-            return Outcome("processed", event=event, update=update), (t1 - t0, 0.0, clock() - t1)
+            return (Outcome("processed", event=event, update=update, learned=learned),
+                    (t1 - t0, 0.0, clock() - t1))
         try:
             recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)
         except Exception as exc:  # noqa: BLE001
             self._model_error(exc, record)
-            return (Outcome("processed", event=event, update=update, model_error=exc),
-                    (t1 - t0, clock() - t1, 0.0))
+            return (Outcome("processed", event=event, update=update, model_error=exc,
+                            learned=learned), (t1 - t0, clock() - t1, 0.0))
         t2 = clock()
         self._publish(event, update.state, recs, record.timestamp_ms)
-        return (Outcome("processed", event=event, update=update, recs=recs),
+        return (Outcome("processed", event=event, update=update, recs=recs, learned=learned),
                 (t1 - t0, t2 - t1, clock() - t2))
 
     def evict_due(self) -> None:
@@ -632,13 +636,17 @@ class Processor:
         self.pending_first.pop(user_id, None)
         self._refreshing.discard(user_id)
         self.short_lists.pop(user_id, None)
-        existed = self.table.get(user_id) is not None
+        stored = self.table.get(user_id)
+        existed = stored is not None
         if existed:
-            del self.table[user_id]
+            del self.table[user_id]  # with it their model record (UserState.model)
         self.session_order.pop(user_id, None)
         forget = getattr(self.recommender, "forget_user", None)
         if callable(forget):
-            forget(user_id)
+            if isinstance(stored, UserState):  # its session token names their STAN link
+                forget(user_id, stored)
+            else:
+                forget(user_id)
         return existed
 
     def forget_model_state(self, user_id: str) -> bool:

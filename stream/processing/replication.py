@@ -1,13 +1,17 @@
 """What one worker tells the others about tracks: compact, item-side learning signals.
 
 Listeners are partitioned across workers (the Kafka way), so each worker sees only its
-listeners' plays. Item-side knowledge -- what is trending, what is played after what -- must
-still reflect everyone. After learning from a play, the owning worker publishes a
-:class:`TrackSignal` (no user id: the track, the tracks played before it in the session,
-skip flag, time, artist, context) to the signals topic; every worker reads all partitions of
-that topic (no consumer group: a broadcast) and applies other workers' signals to its
-item-side models (trending popularity and session co-occurrence). User-side state never
-leaves its owner. Pure: no I/O here.
+listeners' plays. Item-side knowledge -- what is trending, what is played after what, the
+MF item factors, the skip model -- must still reflect everyone. After learning from a play,
+the owning worker publishes a :class:`TrackSignal` to the signals topic: the item step it
+took (:class:`stream.core.recommender.ItemStep`: the track, the tracks played before it, skip
+flag, time, artist, context, session position, an opaque session token, the listener's MF
+factors *before* the step with the negatives it sampled, and the skip model's features) --
+never the listener's id. Every worker reads all partitions of that topic (no consumer
+group: a broadcast) and takes the same item step through
+:meth:`stream.core.recommender.Recommender.apply_item_steps` (:func:`receive_batch`). The
+listener's own state never leaves its owner's partition (it lives in their session,
+:mod:`stream.core.listener_record`). Design and delays: docs/scaling.md. Pure: no I/O here.
 
 >>> sig = TrackSignal("w1", "t9", 1_700_000_000_000, False, ("t1", "t2"), "a1", "radio")
 >>> decode_signal(encode_signal(sig), now_ms=1_700_000_000_000) == sig
@@ -23,11 +27,15 @@ authenticated by the worker (:mod:`stream.processing.auth`, purpose ``b"signals"
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+import numpy as np
 import orjson
 
 from stream.core.events import (
@@ -39,13 +47,19 @@ from stream.core.events import (
     check_id,
     check_text,
 )
+from stream.core.models.skip import FEATURE_NAMES
+from stream.core.recommender import ITEM_HISTORY, LearnResult, Recommender
 from stream.core.session import SessionUpdate
 
-if TYPE_CHECKING:
-    from stream.core.recommender import Recommender
-
-#: how many preceding tracks travel with a signal (co-occurrence windows are shorter)
-HISTORY_SENT: Final = 8
+#: how many preceding tracks travel with a signal (the longest item-side window)
+HISTORY_SENT: Final = ITEM_HISTORY
+#: the most negatives / factors / skip features one signal may carry
+MAX_NEGATIVES: Final = 64
+MAX_FACTORS: Final = 1024
+#: factor and feature values beyond these are not a trained model's
+MAX_FACTOR_VALUE: Final = 1e4
+MAX_FEATURE_VALUE: Final = 1e3
+MAX_SESSION_TOKEN_LEN: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +71,50 @@ class TrackSignal:
     history: tuple[str, ...]
     artist_id: str | None = None
     context: str | None = None
+    #: position in the listener's session (0: first play), -1 unknown (older senders)
+    position: int = -1
+    #: opaque session token (stream.core.recommender.session_token), "" unknown
+    session: str = ""
+    #: the listener's MF factors before the owner's step (float32), None: no MF step
+    factors: np.ndarray | None = None
+    negatives: tuple[str, ...] = ()
+    skip_features: Mapping[str, float] | None = None
+    #: the sender's number of this play (its recommender's ``n_learned`` after it), -1
+    #: unknown: a checkpoint includes its writer's plays up to a number
+    #: (stream.core.signal_positions)
+    seq: int = -1
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrackSignal):
+            return NotImplemented
+        mine, theirs = self.factors, other.factors
+        same_factors = (mine is None and theirs is None) or (
+            mine is not None and theirs is not None and np.array_equal(mine, theirs))
+        return same_factors and all(
+            getattr(self, f) == getattr(other, f) for f in _COMPARED)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
-def signal_from(worker: str, update: SessionUpdate, event: PlayEvent) -> TrackSignal:
+_COMPARED: Final = ("worker", "track_id", "ts_ms", "skipped", "history", "artist_id",
+                    "context", "position", "session", "negatives", "skip_features", "seq")
+
+
+def signal_from(
+    worker: str, update: SessionUpdate, event: PlayEvent, learned: LearnResult | None = None
+) -> TrackSignal:
+    """The signal of one play this worker learned: the item step of ``learned``
+    (:meth:`stream.core.recommender.Recommender.learn_one`'s result) or, without it, only the
+    play (trending and co-occurrence then learn it elsewhere, nothing else)."""
+    step = learned.step if learned is not None else None
+    if step is not None:
+        return TrackSignal(
+            worker=worker, track_id=step.track_id, ts_ms=step.ts_ms, skipped=step.skipped,
+            history=step.history[-HISTORY_SENT:], artist_id=step.artist_id,
+            context=step.context, position=step.position, session=step.session,
+            factors=step.factors, negatives=step.negatives,
+            skip_features=step.skip_features, seq=step.seq,
+        )
     history = tuple(update.before.recent[-HISTORY_SENT:]) if update.before.recent else ()
     return TrackSignal(
         worker=worker,
@@ -73,7 +128,7 @@ def signal_from(worker: str, update: SessionUpdate, event: PlayEvent) -> TrackSi
 
 
 def _as_dict(sig: TrackSignal) -> dict[str, object]:
-    return {
+    out: dict[str, object] = {
         "t": sig.track_id,
         "ts": sig.ts_ms,
         "s": sig.skipped,
@@ -81,6 +136,19 @@ def _as_dict(sig: TrackSignal) -> dict[str, object]:
         "a": sig.artist_id,
         "c": sig.context,
     }
+    if sig.position >= 0:
+        out["p"] = sig.position
+    if sig.session:
+        out["k"] = sig.session
+    if sig.factors is not None:
+        out["f"] = base64.b64encode(
+            np.ascontiguousarray(sig.factors, dtype="<f4").tobytes()).decode("ascii")
+        out["n"] = list(sig.negatives)
+    if sig.skip_features:
+        out["x"] = {name: float(v) for name, v in sig.skip_features.items()}
+    if sig.seq >= 0:
+        out["i"] = sig.seq
+    return out
 
 
 #: the most signals one message may carry (the sender chunks by this many)
@@ -151,7 +219,72 @@ def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> Track
         history=history,
         artist_id=None if artist is None else check_id(artist, "a"),
         context=None if context is None else check_text(context, "c"),
+        position=_position(d.get("p")),
+        session=("" if d.get("k") is None
+                 else check_id(d["k"], "k", MAX_SESSION_TOKEN_LEN)),
+        factors=_factors(d.get("f")),
+        negatives=_negatives(d.get("n")),
+        skip_features=_skip_features(d.get("x")),
+        seq=_seq(d.get("i")),
     )
+
+
+def _seq(value: object) -> int:
+    if value is None:
+        return -1
+    if type(value) is not int or not 0 <= value < 1 << 62:
+        raise InvalidField("wrong_type", "signal 'i' must be an integer >= 0")
+    return value
+
+
+def _position(value: object) -> int:
+    if value is None:
+        return -1
+    if type(value) is not int or not 0 <= value < 1 << 31:
+        raise InvalidField("wrong_type", "signal 'p' must be an integer >= 0")
+    return value
+
+
+def _factors(value: object) -> np.ndarray | None:
+    if value is None:
+        return None
+    if type(value) is not str or len(value) > 8 * MAX_FACTORS:
+        raise InvalidField("wrong_type", "signal 'f' must be base64 of float32 factors")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise InvalidField("bad_value", "signal 'f' is not base64") from None
+    if not raw or len(raw) % 4 or len(raw) // 4 > MAX_FACTORS:
+        raise InvalidField("bad_value", "signal 'f' is not a float32 vector")
+    vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(vec)) or float(np.abs(vec).max()) > MAX_FACTOR_VALUE:
+        raise InvalidField("bad_value", "signal 'f' has values out of range")
+    return vec
+
+
+def _negatives(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_NEGATIVES:
+        raise InvalidField("wrong_type", f"signal 'n' must be at most {MAX_NEGATIVES} ids")
+    return tuple(check_id(t, "n") for t in value)
+
+
+def _skip_features(value: object) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > len(FEATURE_NAMES):
+        raise InvalidField("wrong_type", "signal 'x' must be an object of skip features")
+    out: dict[str, float] = {}
+    for name, v in value.items():
+        if name not in FEATURE_NAMES:
+            raise InvalidField("bad_value", "signal 'x' names an unknown skip feature")
+        if type(v) is not float and type(v) is not int:
+            raise InvalidField("wrong_type", "signal 'x' values must be numbers")
+        if not math.isfinite(v) or abs(v) > MAX_FEATURE_VALUE:
+            raise InvalidField("bad_value", "signal 'x' values out of range")
+        out[name] = float(v)
+    return out
 
 
 def encode_signal(sig: TrackSignal) -> bytes:
@@ -299,17 +432,29 @@ def decode_signal(raw: bytes, now_ms: int) -> TrackSignal | None:
 
 
 def apply_signal(recommender: Recommender, sig: TrackSignal) -> None:
-    """Learn another worker's play on the item side only: trending popularity and session
-    co-occurrence (matrix-factorisation factors and the skip model stay local)."""
-    from stream.core.models.base import Interaction
+    """Learn another worker's play on the item side only, through the recommender's
+    public :meth:`~stream.core.recommender.Recommender.apply_item_steps` (the listener's own
+    state stays with their owner)."""
+    recommender.apply_item_steps((sig,))
 
-    x = Interaction(
-        user_id="",
-        track_id=sig.track_id,
-        ts_ms=sig.ts_ms,
-        skipped=sig.skipped,
-        history=sig.history,
-        context=sig.context,
-        artist_id=sig.artist_id,
-    )
-    recommender.learn_item_side(x)
+
+@dataclass(slots=True)
+class ReceiveCounts:
+    """What :func:`receive_batch` did with one message."""
+
+    applied: int = 0
+    errors: int = 0
+
+
+def apply_signals(recommender: Recommender, signals: Iterable[TrackSignal]) -> ReceiveCounts:
+    """Apply validated signals one by one; a signal the model cannot take (e.g. factors
+    of another size) is counted as an error and skipped, the others still apply."""
+    counts = ReceiveCounts()
+    for sig in signals:
+        try:
+            recommender.apply_item_steps((sig,))
+        except ValueError:
+            counts.errors += 1
+        else:
+            counts.applied += 1
+    return counts

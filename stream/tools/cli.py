@@ -122,8 +122,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    recommender = restore_models(settings, metrics)  # the checkpointer's: at start-up
-    worker = create_worker(settings, metrics, partitions, recommender)
+    # the checkpointer's, at start-up: the models and the signals positions they include
+    recommender, restored = restore_models(settings, metrics)
+    worker = create_worker(settings, metrics, partitions, recommender, restored=restored)
     run_worker(worker)
     if data_lock is not None:
         data_lock.release()

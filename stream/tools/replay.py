@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from stream.config import Settings
 from stream.core.evaluation import Prequential
 from stream.core.events import PlayEvent
 from stream.core.recommender import VARIANTS, Recommender, SeenTracks
@@ -182,16 +183,31 @@ def run(args: argparse.Namespace) -> int:
     exclude = args.exclude_seen
     exclude_seen = args.format in EXCLUDE_ALL_SEEN if exclude == "auto" else exclude == "all"
     variants = tuple(args.variants.split(",")) if args.variants else VARIANTS
-    result = replay(
-        events,
-        k=args.k,
-        variants=variants,
-        exclude_seen=exclude_seen,
-        seed=args.seed,
-        max_recent=args.max_recent,
-        progress=not args.no_progress,
-        repeats=args.repeats,
-    )
+    if args.workers is not None:
+        from stream.tools.simulate import replay_workers
+
+        if args.workers < 1 or args.signal_delay_ms < 0 or args.partitions < 1:
+            print("--workers and --partitions must be >= 1, --signal-delay-ms >= 0",
+                  file=sys.stderr)
+            return 2
+        sim_report, sim_hits = replay_workers(
+            events, workers=args.workers, signal_delay_ms=args.signal_delay_ms,
+            partitions=args.partitions, k=args.k, variants=variants,
+            exclude_seen=exclude_seen, seed=args.seed, max_recent=args.max_recent,
+            progress=not args.no_progress, repeats=args.repeats,
+        )
+        result = ReplayResult(sim_report, sim_hits)
+    else:
+        result = replay(
+            events,
+            k=args.k,
+            variants=variants,
+            exclude_seen=exclude_seen,
+            seed=args.seed,
+            max_recent=args.max_recent,
+            progress=not args.no_progress,
+            repeats=args.repeats,
+        )
     report = {"dataset": str(args.path), "format": args.format, **result.report}
     if dropped is not None:
         report["dropped_copies"] = dropped
@@ -229,6 +245,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="let the learned blend recommend the listener's last N distinct tracks "
                    "again once out of the recent filter (0: off)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--workers", type=int,
+                   help="simulate N workers: listeners split by the producer's partitioner, "
+                   "item-side learning shared through signals (stream/tools/simulate.py); the "
+                   "report adds \"workers\" and \"signals\"")
+    p.add_argument("--signal-delay-ms", type=int, default=1000,
+                   help="with --workers: event-time delay before the other workers apply "
+                   "a play's signal (default 1000)")
+    p.add_argument("--partitions", type=int, default=Settings().partitions,
+                   help="with --workers: partitions of the plays topic (default: the "
+                   "worker's default, %(default)s)")
     p.set_defaults(func=run)
     return p
 

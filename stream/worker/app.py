@@ -26,6 +26,7 @@ from stream.adapters.metrics import Metrics
 from stream.config import Settings
 from stream.core.evaluation import Prequential
 from stream.core.recommender import Recommender
+from stream.core.signal_positions import Restored, SignalPositions
 from stream.faustx import shutdown
 from stream.faustx.app import SeamApp, create_app
 from stream.processing.pacing import RankPacing
@@ -40,6 +41,7 @@ from stream.worker.lag import ConsumerLag
 from stream.worker.lifecycle import Lifecycle, Parts
 from stream.worker.plays import PlaysAgent
 from stream.worker.ranker import Ranker
+from stream.worker.replica_sync import is_checkpoint_writer
 from stream.worker.sessions_bound import SessionBound
 from stream.worker.signals import SignalPublisher, SignalReader, worker_keys
 from stream.worker.telemetry import Telemetry
@@ -91,10 +93,14 @@ def create_worker(
     metrics: Metrics,
     partitions: int,
     recommender: Recommender | None = None,
+    *,
+    restored: Restored | None = None,
 ) -> Worker:
     """Build the Faust app for these settings, composed of its parts. ``partitions`` is the
-    plays topic's count. A play's way: ``PlaysAgent`` -> ``Processor`` (pipeline) ->
-    ``Ranker`` -> ``WriterPart`` (Redis); ``Lifecycle`` orders start-up and shutdown."""
+    plays topic's count; ``restored``: the signals positions the restored ``recommender``'s
+    checkpoint includes (the signal reader replays from them, docs/scaling.md). A play's
+    way: ``PlaysAgent`` -> ``Processor`` (pipeline) -> ``Ranker`` -> ``WriterPart`` (Redis);
+    ``Lifecycle`` orders start-up and shutdown."""
     app = create_app(settings, partitions)  # the seam: Faust configured and adapted
     recommender = configure_recommender(recommender, settings)
     telemetry = Telemetry(metrics, settings)
@@ -104,6 +110,7 @@ def create_worker(
                     evaluator=Prequential(k=10, window=settings.quality_window))
     ring = worker_keys(settings)
     worker_id = uuid.uuid4().hex[:12]
+    positions = SignalPositions(worker_id, restored)  # where the item state stands in signals
 
     writer = worker.writer = WriterPart(settings, telemetry)
     dead_letters = DeadLetters(topics.dlq, telemetry)
@@ -119,10 +126,12 @@ def create_worker(
     ranker = Ranker(processor, pacing, writer, telemetry, models_busy=lambda: models.busy(),
                     after_ranking=(signals.flush, catalog.write_changes))
     models = ModelGuard(processor, telemetry, on_evicted=ranker.wake)
-    checkpointer = Checkpointer(settings, recommender, lambda: writer.client, models.free,
-                                telemetry)
+    checkpointer = Checkpointer(
+        settings, recommender, lambda: writer.client, models.free, telemetry,
+        positions=positions, is_writer=lambda: is_checkpoint_writer(app, settings.plays_topic))
     reader = SignalReader(settings, topics.signals_name, ring, worker_id, recommender,
-                          models.free, telemetry, forget_model_state=processor.forget_model_state)
+                          models.free, telemetry, positions=positions,
+                          forget_model_state=processor.forget_model_state)
     stall_watch = StallWatch(after_s=settings.stall_warning_s,
                              describe_state=lambda: consumer_state(worker))
     plays = PlaysAgent(

@@ -9,10 +9,12 @@
   loop pays only for the fork); the final one, at a clean stop, in-process.
 
 :func:`restore_models` runs before the worker starts (synchronously, before the event
-loop): a checkpoint that cannot be read or is refused (:data:`REJECT_REASONS`) is logged in
-one line, counted in ``stream_checkpoints_rejected_total{reason}``, and the worker learns
-from scratch -- it never stops over a checkpoint. Listeners forgotten since (the tombstones)
-are dropped from the restored models. ``stream checkpoint`` verifies the stored one with
+loop); it also returns the signals positions the checkpoint includes
+(:mod:`stream.core.signal_positions`: the signal reader replays from them). A checkpoint
+that cannot be read or is refused (:data:`REJECT_REASONS`) is logged in one line, counted
+in ``stream_checkpoints_rejected_total{reason}``, and the worker learns from scratch -- it
+never stops over a checkpoint. Listeners forgotten since (the tombstones) are dropped from
+the restored models. ``stream checkpoint`` verifies the stored one with
 :func:`read_checkpoint`, as the worker would.
 """
 
@@ -47,6 +49,7 @@ from stream.core.checkpoint import (
     settings_keys,
 )
 from stream.core.recommender import Recommender
+from stream.core.signal_positions import Restored, SignalPositions
 from stream.processing.control import forgotten_in_checkpoint
 from stream.worker.snapshot import build_in_child, can_fork
 from stream.worker.telemetry import Telemetry
@@ -132,16 +135,21 @@ def _drop_forgotten(settings: Settings, rec: Recommender, created_ms: int,
     return len(forgotten), dropped
 
 
-def restore_models(settings: Settings, metrics: Metrics) -> Recommender | None:
+def restore_models(
+    settings: Settings, metrics: Metrics
+) -> tuple[Recommender | None, Restored | None]:
     """The recommender from the last checkpoint in Redis, or None to start fresh (see the
-    module docstring); sets ``stream_checkpoint_restored``."""
+    module docstring), and the signals positions that checkpoint includes (None: read the
+    signals topic from its end); sets ``stream_checkpoint_restored``."""
     telemetry = Telemetry(metrics, settings)
-    rec = _restore(settings, telemetry)
-    telemetry.checkpoint_restored(rec is not None)
-    return rec
+    stored = _restore(settings, telemetry)
+    telemetry.checkpoint_restored(stored is not None)
+    if stored is None:
+        return None, None
+    return stored.recommender, stored.opened.replication
 
 
-def _restore(settings: Settings, telemetry: Telemetry) -> Recommender | None:
+def _restore(settings: Settings, telemetry: Telemetry) -> StoredCheckpoint | None:
     key = checkpoint_key(settings.app_id)
     if not _checkpoints_allowed(settings, key):
         return None
@@ -169,14 +177,18 @@ def _restore(settings: Settings, telemetry: Telemetry) -> Recommender | None:
         "restored models from checkpoint %s (%d bytes, key id %s, written %.0f s ago); "
         "%d forget tombstone(s), %d listener(s) dropped", key, len(stored.blob),
         stored.opened.kid, (now_ms - stored.opened.created_ms) / 1000, tombstones, dropped)
-    return stored.recommender
+    return stored
 
 
 class Checkpointer:
     """Writes the models to Redis every ``checkpoint_interval_s`` (:meth:`write_periodic`,
     in a forked child) and once more at a clean stop (:meth:`write_final`, in-process). One
     at a time: a periodic one skips while another runs, the final one waits for it (so the
-    newer snapshot is the one left in Redis). Failures are counted and retried next time."""
+    newer snapshot is the one left in Redis). Failures are counted and retried next time.
+
+    With several workers only one writes (``is_writer``: the owner of plays partition 0,
+    :func:`stream.worker.replica_sync.is_checkpoint_writer`), and every checkpoint includes
+    the signals ``positions`` of the instant its state was snapshot (docs/scaling.md)."""
 
     def __init__(
         self,
@@ -185,9 +197,13 @@ class Checkpointer:
         redis_client: Callable[[], Any],
         models_free: Callable[[], Awaitable[None]],
         telemetry: Telemetry,
+        positions: SignalPositions | None = None,
+        is_writer: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.recommender = recommender
+        self.positions = positions
+        self.is_writer = is_writer
         self.redis_client = redis_client
         self.models_free = models_free
         self.telemetry = telemetry
@@ -204,14 +220,20 @@ class Checkpointer:
         await self._write(in_child=False)
 
     def _blob(self) -> bytes:
-        # in the snapshot child: the time is the instant the state was forked
+        # in the snapshot child: the time is the instant the state was forked, and the
+        # signals positions are those of that instant (item state: stream.core.checkpoint)
+        positions = self.positions
         return seal_models(self.recommender, keys=self._keys, app_id=self.settings.app_id,
-                           created_ms=int(time.time() * 1000))
+                           created_ms=int(time.time() * 1000),
+                           replication=None if positions is None
+                           else positions.checkpoint(self.recommender.n_learned))
 
     async def _write(self, in_child: bool) -> None:
         client = self.redis_client()
         if not self.enabled or client is None:
             return
+        if not self.is_writer():
+            return  # one writer: the owner of plays partition 0 (docs/scaling.md)
         async with self._lock:
             await self.models_free()  # never snapshot models an eviction is changing
             started = time.perf_counter()

@@ -266,7 +266,7 @@ class PlaysAgent:
                 and outcome.model_error is None
             ):
                 # tell the other workers what this play teaches about tracks
-                self.signals.add(outcome.update, outcome.event)
+                self.signals.add(outcome.update, outcome.event, outcome.learned)
 
     def _ack(self, stream: BatchingStream, live: list[Any]) -> None:
         offsets = self.processed_offsets

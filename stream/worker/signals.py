@@ -22,19 +22,21 @@ from typing import Any, Final
 
 from stream.config import Settings
 from stream.core.events import PlayEvent
-from stream.core.recommender import Recommender
+from stream.core.recommender import LearnResult, Recommender
 from stream.core.session import SessionUpdate
+from stream.core.signal_positions import SignalPositions
 from stream.faustx.kafka_client import cluster_metadata
 from stream.processing.auth import KeyRing
 from stream.processing.ratelog import RateLimitedLog
 from stream.processing.replication import (
     ReplayGuard,
     TrackSignal,
-    apply_signal,
+    apply_signals,
     decode_batch,
     encode_batch,
     signal_from,
 )
+from stream.worker.replica_sync import seek_signals
 from stream.worker.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -111,9 +113,11 @@ class SignalPublisher:
         if self.enabled:
             self._send([], forgets=[(user_id, forget_ms)])
 
-    def add(self, update: SessionUpdate, event: PlayEvent) -> None:
-        """What this applied play teaches about tracks."""
-        self.pending.append(signal_from(self.worker_id, update, event))
+    def add(self, update: SessionUpdate, event: PlayEvent,
+            learned: LearnResult | None = None) -> None:
+        """What this applied play teaches about tracks (with ``learned``, the item step
+        the recommender took: docs/scaling.md)."""
+        self.pending.append(signal_from(self.worker_id, update, event, learned))
 
     def flush(self, force: bool = False) -> None:
         pending = self.pending
@@ -136,8 +140,9 @@ class SignalPublisher:
 
 class SignalReader:
     """Broadcast consumer of the signals topic: all partitions, no consumer group, from the
-    end (a restored checkpoint already holds what came before). Applies the other workers'
-    valid signals to this worker's item-side models."""
+    end, or from the signals positions a restored checkpoint includes (``positions``:
+    :mod:`stream.core.signal_positions`, docs/scaling.md). Applies the other workers' valid
+    signals to this worker's item-side models."""
 
     def __init__(
         self,
@@ -149,9 +154,12 @@ class SignalReader:
         models_free: Callable[[], Awaitable[None]],
         telemetry: Telemetry,
         forget_model_state: Callable[[str], bool] | None = None,
+        positions: SignalPositions | None = None,
     ) -> None:
         self.settings = settings
         self.topic_name = topic_name
+        #: where this worker's item state stands in the signals topic
+        self.positions = positions if positions is not None else SignalPositions(worker_id)
         self.ring = ring
         self.worker_id = worker_id
         self.key = worker_id.encode()
@@ -181,7 +189,7 @@ class SignalReader:
         tps = [TopicPartition(self.topic_name, p) for p in sorted(parts)]
         if tps:
             self.consumer.assign(tps)
-            await self.consumer.seek_to_end(*tps)
+            await seek_signals(self.consumer, tps, self.positions)
         else:
             logger.warning("signals topic %s not found; not sharing", self.topic_name)
 
@@ -212,21 +220,23 @@ class SignalReader:
             for records in batch.values():
                 for r in records:
                     if r.key != self.key:  # our own signals: already learned locally
-                        await self._apply(self.admit(r))
+                        await self._apply(r, self.admit(r))
+                    else:
+                        self.positions.handled(r.partition, r.offset)
                 await asyncio.sleep(0)  # let the agent run between partitions
 
-    async def _apply(self, sigs: list[TrackSignal]) -> None:
+    async def _apply(self, r: Any, sigs: list[TrackSignal]) -> None:
         if sigs or self.received_forgets:
             await self.models_free()  # never while an eviction runs
             self.apply_forgets()
-        for sig in sigs:
-            try:
-                apply_signal(self.recommender, sig)
-            except Exception as exc:  # noqa: BLE001 - advisory data
-                self.telemetry.signals("error")
-                logger.debug("could not apply a track signal: %r", exc)
-                continue
-            self.telemetry.signals("applied")
+        # no await from here to handled(): a checkpoint forked in between would hold the
+        # record's signals without its position
+        counts = apply_signals(self.recommender, sigs)
+        self.positions.handled(r.partition, r.offset)
+        if counts.applied:
+            self.telemetry.signals("applied", counts.applied)
+        if counts.errors:
+            self.telemetry.signals("error", counts.errors)
 
     def apply_forgets(self) -> None:
         """Drop the model state of listeners another worker forgot (review finding 1)."""
@@ -272,4 +282,5 @@ class SignalReader:
                          r.partition, r.offset, replay)
             return []
         self.received_forgets.extend(decoded.forgets)
-        return decoded.signals
+        keep = self.positions.should_apply  # not those a restored checkpoint already holds
+        return [s for s in decoded.signals if keep(decoded.worker, s.seq)]

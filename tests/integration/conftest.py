@@ -120,7 +120,10 @@ class WorkerProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
 
-    def start(self, timeout: float = 90.0) -> WorkerProcess:
+    def start(self, timeout: float = 180.0) -> WorkerProcess:
+        """Start and wait for Faust's "Ready". The bound is generous: on the shared 2-core
+        box at load average ~18 a start (imports, numba cache load or compile in a fresh
+        clone, topic creation, group join, changelog recovery) overran 90 s."""
         env = settings_env(self.settings) | self.extra_env
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -289,6 +292,28 @@ def subscribe_confirmed(client: Any, channel: str, timeout: float = 30.0) -> Any
         pubsub.close()
         raise
     return pubsub
+
+
+def subscribers(client: Any, channel: str) -> int:
+    """How many connections the server counts as subscribed to ``channel`` (PUBSUB NUMSUB;
+    on a Redis Cluster, redis-py sums it over the nodes)."""
+    counts = {
+        (k.decode() if isinstance(k, bytes) else k): int(v)
+        for k, v in client.pubsub_numsub(channel)
+    }
+    return counts.get(channel, 0)
+
+
+def wait_subscribed(client: Any, channel: str, n: int = 1, timeout: float = 30.0) -> None:
+    """Until the server counts ``n`` subscribers on ``channel``: for a subscription made by
+    another thread or process (pub/sub keeps no history, so publishing before it would be
+    missed). ``client`` must be allowed PUBSUB NUMSUB."""
+    wait_until(
+        lambda: subscribers(client, channel) >= n,
+        timeout,
+        interval=0.02,
+        what=f"{n} subscriber(s) on {channel!r}",
+    )
 
 
 def collect_notifications(

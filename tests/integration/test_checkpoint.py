@@ -16,6 +16,9 @@ from .conftest import WorkerProcess, free_port, produce, wait_until
 
 pytestmark = pytest.mark.integration
 
+#: plays/s of the evaluated phase (see test_live_quality_survives_restart): ~40 s a worker
+PHASE2_RATE = 100.0
+
 
 def distinct_tracks(events: list[PlayEvent]) -> int:
     return len({e.track_id for e in events})
@@ -39,16 +42,47 @@ def settled_quality(worker: WorkerProcess, what: str, timeout: float = 60) -> fl
     return hr
 
 
+def split_by_listener(
+    events: list[PlayEvent], share: float
+) -> tuple[list[PlayEvent], list[PlayEvent]]:
+    """Each listener's first ``share`` of plays (in order) in phase 1, the rest in phase 2.
+
+    Phase 2 continues the listeners of phase 1, so what the restored models learned about
+    them (their factors, sessions, played tracks) is what the fresh control lacks. Split by
+    time instead, most phase-2 listeners were new to both workers: the restored worker then
+    led the control by only ~1-2 standard errors (the evaluated plays are a timing-dependent
+    subset, as each play is scored against the list published before it), and on a loaded
+    box the control came out ahead (0.051 vs 0.044 restored)."""
+    by_user: dict[str, list[PlayEvent]] = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(e)
+    cut = {u: int(len(plays) * share) for u, plays in by_user.items()}
+    seen: dict[str, int] = {}
+    first, second = [], []
+    for e in events:
+        k = seen.get(e.user_id, 0)
+        seen[e.user_id] = k + 1
+        (first if k < cut[e.user_id] else second).append(e)
+    return first, second
+
+
+# three worker starts and 2 x ~40 s of paced plays: 168 s in a loaded suite run (load
+# average ~20 on the 2 shared cores), too close to the 300 s default
+@pytest.mark.timeout(600)
 def test_live_quality_survives_restart(
     settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
 ) -> None:
     events = load_events(datasets_dir / "movielens-100k", "movielens", limit=10000)
-    first, second = events[:6000], events[6000:]
+    first, second = split_by_listener(events, 0.6)
     # A play is evaluated against the list published before it. Produced in bulk, a
     # backlog is ranked at most every catch_up_rank_ms per listener, and only ~600 of the
     # 4,000 phase-2 plays (a timing-dependent subset) were evaluated: restored and fresh
     # then came out ~1 standard error apart. Ranking at every flush and keeping every
-    # evaluated play in the window compares the two on (nearly) the same plays.
+    # evaluated play in the window helped (~2,400 evaluated), but which plays met a fresh
+    # list still depended on how the backlog was batched: on a loaded box the control
+    # came out ahead. Phase 2 is therefore produced at a steady rate both times (live
+    # traffic: each play is applied and its listener re-ranked before their next one), so
+    # both workers are scored on the same plays, against lists of the same freshness.
     settings = settings.replace(quality_window=len(events), catch_up_rank_ms=0)
     w1 = worker_factory(settings)
     produce(settings, first)
@@ -70,10 +104,10 @@ def test_live_quality_survives_restart(
     assert w2.metric_value("stream_checkpoint_restored") == 1
     wait_until(
         lambda: w2.metric_value("stream_catalogue_tracks") >= catalogue_before,
-        10,
+        60,
         what="restored catalogue reported",
     )
-    produce(settings, second)
+    assert produce(settings, second, rate=PHASE2_RATE) == len(second)
     wait_until(
         lambda: w2.metric_value("stream_events_total", outcome="processed") == len(second),
         120,
@@ -91,7 +125,7 @@ def test_live_quality_survives_restart(
         metrics_port=free_port(),
     )
     w3 = worker_factory(fresh)
-    produce(fresh, second)
+    assert produce(fresh, second, rate=PHASE2_RATE) == len(second)
     wait_until(
         lambda: w3.metric_value("stream_events_total", outcome="processed") == len(second),
         120,
@@ -163,6 +197,6 @@ def test_periodic_checkpoint_is_built_off_the_loop_and_survives_a_kill(
     assert w2.metric_value("stream_checkpoint_restored") == 1
     wait_until(
         lambda: w2.metric_value("stream_catalogue_tracks") >= catalogue,
-        10,
+        60,
         what="the periodic checkpoint's catalogue restored",
     )

@@ -95,15 +95,16 @@ async def send(s: Settings, topic: str, value: bytes, key: bytes = b"u1") -> Non
     producer = make_producer(s, enable_idempotence=s.kafka_sasl_username != "reader",
                              request_timeout_ms=10_000)
     try:
-        await asyncio.wait_for(producer.start(), 15)
-        await asyncio.wait_for(producer.send_and_wait(topic, value, key=key), 20)
+        await asyncio.wait_for(producer.start(), 30)
+        await asyncio.wait_for(producer.send_and_wait(topic, value, key=key), 30)
     finally:
         await producer.stop()
 
 
 async def consume_one(s: Settings, topic: str, group: str | None) -> bytes | None:
     """One record of ``topic`` from the beginning, via ``group`` (subscribe) or by
-    assignment (no group); None if none arrives within 10 s."""
+    assignment (no group); None if none arrives within 60 s (a group join on a loaded box
+    takes seconds; every caller expects a record or a refusal, never None)."""
     kw = client_kwargs(s)
     if group is None:
         consumer = AIOKafkaConsumer(**kw, enable_auto_commit=False)
@@ -112,13 +113,13 @@ async def consume_one(s: Settings, topic: str, group: str | None) -> bytes | Non
             topic, **kw, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
         )
     try:
-        await asyncio.wait_for(consumer.start(), 15)
+        await asyncio.wait_for(consumer.start(), 30)
         if group is None:
             tps = [TopicPartition(topic, p) for p in range(s.partitions)]
             consumer.assign(tps)
-            await asyncio.wait_for(consumer.seek_to_beginning(*tps), 10)
+            await asyncio.wait_for(consumer.seek_to_beginning(*tps), 30)
         try:
-            record = await asyncio.wait_for(consumer.getone(), 10)
+            record = await asyncio.wait_for(consumer.getone(), 60)
         except TimeoutError:
             return None
         return bytes(record.value)

@@ -21,7 +21,7 @@ from stream.config import Settings
 from stream.core.events import PlayEvent
 from stream.tools.datasets import load_events
 
-from .conftest import WorkerProcess, produce, settings_env, wait_until
+from .conftest import WorkerProcess, produce, settings_env, wait_subscribed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -215,7 +215,8 @@ def test_reader_example_renders_names_from_updates(
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
                      daemon=True).start()
     try:
-        time.sleep(1.0)  # let it subscribe (pub/sub keeps no history)
+        # its subscription counted by the server (pub/sub keeps no history)
+        wait_subscribed(reader.client, settings.notify_channel, timeout=60)
         now = int(time.time() * 1000)
         songs = [("kp", "Karma Police"), ("ns", "No Surprises"), ("ab", "Airbag")]
         plays = [PlayEvent(f"fan{i % 3}", songs[i % 3][0], now + i, 200_000, f"r{i}",

@@ -30,7 +30,14 @@ from stream.config import Settings
 from stream.core.events import PlayEvent
 from stream.tools import stack
 
-from .conftest import WorkerProcess, free_port, produce, wait_until
+from .conftest import (
+    WorkerProcess,
+    free_port,
+    produce,
+    subscribe_confirmed,
+    wait_subscribed,
+    wait_until,
+)
 from .test_forget import send_forget
 
 pytestmark = pytest.mark.integration
@@ -80,7 +87,10 @@ def assert_subscribe_refused(client: redis.Redis, channel: str) -> None:
     try:
         with pytest.raises(NoPermissionError):
             pubsub.subscribe(channel)
-            pubsub.get_message(timeout=2)
+            # the refusal is the reply to SUBSCRIBE, read by the first get_message; any
+            # other reply (a confirmation) ends the wait without the error
+            wait_until(lambda: pubsub.get_message(timeout=0.2) is not None, 30, interval=0,
+                       what=f"the server's reply to SUBSCRIBE {channel}")
     finally:
         pubsub.close()
 
@@ -121,7 +131,12 @@ def test_the_worker_runs_end_to_end_as_the_worker_user(
     try:
         worker = worker_factory(s)
         listening.start()
-        time.sleep(0.5)  # let the reader subscribe (pub/sub keeps no history)
+        # the reader's subscription counted by the server (pub/sub keeps no history)
+        admin = client_as(acl_redis, "stream-admin")
+        try:
+            wait_subscribed(admin, s.notify_channel)
+        finally:
+            admin.close()
         assert produce(s, events) == len(events)
         wait_until(
             lambda: all((d := reader.get(u)) is not None and d.seq == 10 for u in users),
@@ -183,10 +198,7 @@ def test_the_reader_user_reads_and_subscribes_and_is_refused_writes(
         assert reader.get("reco:missing") is None
         assert reader.hgetall("track:t1") == {b"name": b"Airbag", b"artist": b"Radiohead"}
         assert reader.hmget("track:t1", "name") == [b"Airbag"]
-        pubsub = reader.pubsub()
-        pubsub.subscribe("reco-updates")
-        assert pubsub.get_message(timeout=2)["type"] == "subscribe"
-        pubsub.close()
+        subscribe_confirmed(reader, "reco-updates").close()
         writes: list[Callable[[], Any]] = [
             lambda: reader.set("reco:u1", b"{}"),
             lambda: reader.set("similar:t1", b"{}"),

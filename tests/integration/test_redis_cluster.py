@@ -35,7 +35,7 @@ from stream.errors import StackError
 from stream.tools import stack, stack_cluster
 from stream.tools.datasets import load_events
 
-from .conftest import produce, settings_env, unique_settings, wait_until
+from .conftest import produce, settings_env, unique_settings, wait_subscribed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -95,10 +95,8 @@ def test_worker_writes_lists_notifications_and_checkpoints_on_redis_cluster(
     expected = dict(Counter(e.user_id for e in events))
     reader = cluster_reader(s)
     notes: list[dict[str, Any]] = []
-    listening = threading.Event()
 
     def listen() -> None:
-        listening.set()
         for note in reader.updates(timeout_s=20):
             notes.append(note)
             if {n["user_id"] for n in notes} >= set(expected):
@@ -106,8 +104,8 @@ def test_worker_writes_lists_notifications_and_checkpoints_on_redis_cluster(
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    listening.wait(5)
-    time.sleep(0.5)  # the SUBSCRIBE is sent on the first get_message
+    # the reader's subscription counted by the server (summed over the nodes)
+    wait_subscribed(reader.client, s.notify_channel)
     worker = worker_factory(s)
     assert produce(s, events) == len(events)
 

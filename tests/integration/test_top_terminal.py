@@ -39,7 +39,7 @@ def test_stream_top_draws_live_metrics_in_a_terminal(settings: Settings, worker_
                                  capture_output=True, text=True, timeout=10)
             return out.stdout
 
-        text = wait_until(lambda: (s := screen()) and "(321)" in s and s, 30,
+        text = wait_until(lambda: (s := screen()) and "(321)" in s and s, 60,
                           what="stream top showing the 321 processed plays")
         assert f"worker {settings.app_id}" in text
         assert re.search(r"freshness\s+\S+", text)
@@ -48,6 +48,6 @@ def test_stream_top_draws_live_metrics_in_a_terminal(settings: Settings, worker_
         first = re.search(r"\d\d:\d\d:\d\d", text)
         assert first
         wait_until(lambda: (m := re.search(r"\d\d:\d\d:\d\d", screen())) and
-                   m.group() != first.group(), 10, what="a redraw")
+                   m.group() != first.group(), 60, what="a redraw")
     finally:
         subprocess.run([tmux, "-L", server, "kill-server"], timeout=10, check=False)

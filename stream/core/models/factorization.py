@@ -126,12 +126,15 @@ class ImplicitMF:
         "uniform_negatives": bool, "seed": int, "max_users": (int, type(None)),
     }
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Parameters, item factors, the listeners' factors (one matrix and their ids),
+    def export_state(
+        self, users: bool = True
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Parameters, item factors, the listeners' factors (one matrix and their ids;
+        none with ``users=False``: the worker keeps them with each listener's session),
         the negative pool and the random generator's exact position (so a restored model
         draws the same negatives). See :mod:`stream.core.models._state`."""
-        ids = list(self.user_factors)
-        users = (np.stack([self.user_factors[u] for u in ids]) if ids
+        ids = list(self.user_factors) if users else []
+        matrix = (np.stack([self.user_factors[u] for u in ids]) if ids
                  else np.zeros((0, self.n_factors), dtype=np.float32))
         blob, ends = encode_strings(ids)
         rng = self._rng.bit_generator.state
@@ -147,7 +150,7 @@ class ImplicitMF:
         }
         arrays: dict[str, np.ndarray] = {
             "item_factors": self.item_factors[: self._known].copy(),
-            "user_factors": users.astype(np.float32),
+            "user_factors": matrix.astype(np.float32),
             "user_ids.bytes": blob,
             "user_ids.ends": ends,
             "pool": np.array(self._pool, dtype=np.int64),
@@ -226,6 +229,12 @@ class ImplicitMF:
             self._known = size
 
     def learn_one(self, x: Interaction) -> None:
+        self.learn_step(x)
+
+    def learn_step(self, x: Interaction) -> tuple[Float32Array, list[int]]:
+        """:meth:`learn_one`, returning what another worker needs to take the same item
+        step (:meth:`apply_item_step`): the listener's factors before the step (a copy)
+        and the rows stepped (the played track first, then the sampled negatives)."""
         row = self._item_row(x.track_id)
         users = self.user_factors
         user = users.get(x.user_id)
@@ -256,9 +265,50 @@ class ImplicitMF:
         rows = np.array(picked, dtype=np.int64)
         targets = np.zeros(len(picked))
         targets[0] = target
+        before = user.copy()
         _k.mf_step(self.item_factors, user, rows, targets, self.learning_rate, self.l2)
         if not x.skipped:
             self._remember(row)
+        return before, picked
+
+    def apply_item_step(
+        self, user: Float32Array, track_id: str, negatives: Sequence[str], skipped: bool
+    ) -> None:
+        """Take the item side of another worker's step: the same SGD update of the played
+        track's and the sampled negatives' factors, from the listener's factors as that
+        worker had them before its step (``user``, left unchanged). The listener's own
+        factors stay with their owner (:mod:`stream.listener_record`)."""
+        if user.shape != (self.n_factors,):
+            raise ValueError(f"user: shape {user.shape}, expected ({self.n_factors},)")
+        row = self._item_row(track_id)
+        picked = [row]
+        for t in negatives:
+            r = self._item_row(t)
+            if r not in picked:
+                picked.append(r)
+        targets = np.zeros(len(picked))
+        targets[0] = self.skip_target if skipped else 1.0
+        _k.mf_step(self.item_factors, user.astype(np.float32, copy=True),
+                   np.array(picked, dtype=np.int64), targets, self.learning_rate, self.l2)
+        if not skipped:
+            self._remember(row)
+
+    def export_user(self, user_id: str) -> Float32Array | None:
+        """The listener's factors (the array itself: copy before keeping), or None."""
+        return self.user_factors.get(user_id)
+
+    def import_user(self, user_id: str, factors: Float32Array) -> None:
+        """Give a listener these factors (e.g. restored with their session after a
+        rebalance); they become the most recently learned (``max_users`` applies)."""
+        vec = np.asarray(factors, dtype=np.float32)
+        if vec.shape != (self.n_factors,) or not np.all(np.isfinite(vec)):
+            raise ValueError(f"factors: need {self.n_factors} finite values")
+        users = self.user_factors
+        users[user_id] = vec.copy()
+        users.move_to_end(user_id)
+        if self.max_users is not None and len(users) > self.max_users:
+            users.popitem(last=False)
+            self.users_evicted += 1
 
     def _uniform(self) -> float:
         # numpy's per-call overhead dominates one draw; draw in seeded batches instead.

@@ -37,6 +37,9 @@ _FEATURE_LEN = ID_LEN + 16
 
 #: feature name per folded context (built once: no string formatting per event)
 _CONTEXT_FEATURE = {c: f"context={c}" for c in CONTEXTS}
+#: every feature name the model can learn (a closed set: signals are checked against it)
+FEATURE_NAMES = frozenset({"position", "recent_skip_rate", "hour_sin", "hour_cos",
+                           *TRACK_FEATURES, *_CONTEXT_FEATURE.values()})
 
 
 def _squash(name: str, value: float) -> float:
@@ -159,6 +162,24 @@ class SkipClassifier:
         self.classifier.learn_one(feats, bool(x.skipped))
         self.n_learned += 1
         return float(proba.get(True, 0.0))
+
+    def predict_learn_features(self, feats: Mapping[str, float], skipped: bool) -> float:
+        """:meth:`predict_learn_one` on features already built (:meth:`features`): the
+        worker that owns a play builds them once and sends them to the others, who learn
+        the same step with :meth:`learn_features`."""
+        proba = self.classifier.predict_proba_one(feats)  # type: ignore[no-untyped-call]
+        self.classifier.learn_one(dict(feats), bool(skipped))
+        self.n_learned += 1
+        return float(proba.get(True, 0.0))
+
+    def learn_features(self, feats: Mapping[str, float], skipped: bool) -> None:
+        """Learn one play from its features (another worker's play, see
+        :meth:`predict_learn_features`); names outside :data:`FEATURE_NAMES` raise."""
+        unknown = set(feats) - FEATURE_NAMES
+        if unknown:
+            raise ValueError(f"skip features: unknown name(s) {sorted(unknown)[:3]}")
+        self.classifier.learn_one(dict(feats), bool(skipped))
+        self.n_learned += 1
 
     def predict_one(self, x: Interaction) -> float:
         """Probability that ``x.track_id`` is skipped (0.5 before any learning)."""
