@@ -68,7 +68,8 @@ def test_the_reader_skips_what_the_restored_checkpoint_holds_and_reads_past_each
     positions = SignalPositions("me", Restored("old", 2, {0: 5}))
     reader, rec, registry = make_reader(positions)
     batch = encode_batch("old", [sig("old", 1, "held"), sig("old", 2, "held"),
-                                 sig("old", 3, "new")])
+                                 sig("old", 3, "new")],
+                         seq=1, sent_ms=int(time.time() * 1000))  # ReplayGuard: both required
     r = Record(key=b"old", value=batch, partition=0, offset=5)
     asyncio.run(reader._apply(r, reader.admit(r)))
     assert rec.vocabulary.ids == ["new"]  # seq 1-2 were in the checkpoint already
