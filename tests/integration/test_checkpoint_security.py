@@ -205,10 +205,10 @@ def test_a_returning_listener_keeps_their_new_state_across_a_restart(
 def test_a_forget_reaches_every_worker_that_holds_the_listeners_model_state(
     settings: Settings, worker_factory, reader: RecoReader, datasets_dir: Path
 ) -> None:
-    """Review finding 1: two workers of one app both restore the shared checkpoint, so
-    both hold the victim's model state; the forget is applied by the owner and broadcast
-    on the signals topic, and the other worker drops it too: its own final checkpoint
-    (written last) holds nothing of the victim."""
+    """Review finding 1: two workers of one app both restore the shared checkpoint; the
+    forget is applied by the owner and broadcast on the signals topic, and the other worker
+    applies the broadcast. Since #17 the checkpoint is item-side only (a listener's model
+    state lives in their session), so the final checkpoint holds no listener at all."""
     from .conftest import free_port
 
     events = load_events(datasets_dir / "spotify-mssd-sample", "spotify")
