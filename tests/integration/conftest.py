@@ -295,11 +295,15 @@ def subscribe_confirmed(client: Any, channel: str, timeout: float = 30.0) -> Any
 
 
 def subscribers(client: Any, channel: str) -> int:
-    """How many connections the server counts as subscribed to ``channel`` (PUBSUB NUMSUB;
-    on a Redis Cluster, redis-py sums it over the nodes)."""
+    """How many connections the server counts as subscribed to ``channel`` (PUBSUB NUMSUB).
+    On a Redis Cluster redis-py sends NUMSUB to one default node, while the subscription sits
+    on the node of the channel's slot: ask every node, and redis-py sums the replies."""
+    kwargs: dict[str, Any] = {}
+    if hasattr(client, "get_nodes"):  # redis.cluster.RedisCluster
+        kwargs["target_nodes"] = client.ALL_NODES
     counts = {
         (k.decode() if isinstance(k, bytes) else k): int(v)
-        for k, v in client.pubsub_numsub(channel)
+        for k, v in client.pubsub_numsub(channel, **kwargs)
     }
     return counts.get(channel, 0)
 
