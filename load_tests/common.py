@@ -84,6 +84,13 @@ class Proc:
             return ""
 
 
+def cli_module(tree: Path | None = None) -> str:
+    """The CLI module of ``tree`` (or this checkout): ``stream.tools.cli`` since the layout move
+    (issue 16), ``stream.cli`` in older baseline commits."""
+    root = tree or ROOT
+    return "stream.tools.cli" if (root / "stream" / "tools" / "cli.py").exists() else "stream.cli"
+
+
 def spawn(
     name: str,
     argv: Sequence[str],
@@ -140,7 +147,7 @@ def start_worker(
 ) -> Proc:
     port = free_port()
     env = {**worker_env(rid, topic, port), **(extra_env or {})}
-    proc = spawn(name, [sys.executable, "-m", "stream.tools.cli", "worker"], env, log_dir, tree)
+    proc = spawn(name, [sys.executable, "-m", cli_module(tree), "worker"], env, log_dir, tree)
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     return proc
 
@@ -377,8 +384,10 @@ def baseline_tree(commit: str | None) -> Iterator[Path | None]:
             # compile its numba kernels into its own cache first, as scripts/setup.sh does
             # for a checkout: a cold cache made the baseline worker compile after joining
             # its group and start every freshness run with a backlog
+            warm_module = ("stream.core.recommender" if (base / "stream" / "core").is_dir()
+                           else "stream.recommender")
             warm = subprocess.run(
-                [sys.executable, "-c", "from stream.core.recommender import warm_up; warm_up()"],
+                [sys.executable, "-c", f"from {warm_module} import warm_up; warm_up()"],
                 cwd=base, env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True,
                 text=True, timeout=600,
             )
