@@ -278,12 +278,12 @@ TESTED: Final[tuple[Pin, ...]] = (
     Pin(
         "faust.app.base:App._producer_flush",
         "35c92baa028d57bd",
-        "bounded by faustx.shutdown.bound_stop_flush",
+        "overridden by faustx.app.SeamApp._producer_flush (bounded stop flush)",
     ),
     Pin(
         "mode.worker:Worker._schedule_shutdown",
         "1a6a5dfc88c2298b",
-        "wrapped by faustx.shutdown.install (arms the stop deadline)",
+        "overridden by faustx.shutdown.SeamWorker (arms the stop deadline)",
     ),
 )
 
