@@ -268,6 +268,8 @@ def junk_ids(
                     "redis_used_mb": round(int(redis.info("memory")["used_memory"]) / 2**20, 1),
                     "loop_lag_max_ms": round(
                         1000 * metrics.get("stream_event_loop_lag_max_seconds", 0.0), 1),
+                    "loop_busy_max_ms": round(
+                        1000 * metrics.get("stream_event_loop_busy_max_seconds", 0.0), 1),
                     "catalogue": int(metrics.get("stream_catalogue_tracks", 0.0)),
                     "tracks_evicted": int(metrics.get("stream_tracks_evicted_total", 0.0)),
                     "evictions": int(metrics.get("stream_eviction_seconds_count", 0.0)),
@@ -281,7 +283,8 @@ def junk_ids(
                       f"applied {point['events_applied']:,} rss {point['rss_mb']} MB "
                       f"redis {point['redis_used_mb']} MB catalogue {point['catalogue']:,} "
                       f"evictions {point['evictions']} loop-lag-max "
-                      f"{point['loop_lag_max_ms']} ms", file=sys.stderr, flush=True)
+                      f"{point['loop_lag_max_ms']} ms (busy {point['loop_busy_max_ms']} ms)",
+                      file=sys.stderr, flush=True)
                 total_sent = junk.sent + sum(len(s) for s in real.sends.values())
                 if not junk.is_alive() and point["events_applied"] >= total_sent:
                     caught_up_at = caught_up_at or elapsed
@@ -321,6 +324,7 @@ def junk_ids(
         "rss_peak_mb": max((p["rss_mb"] for p in series), default=None),
         "rss_end_mb": round(rss() / 2**20, 1) if alive else None,
         **_lag_window(before, final),
+        **_lag_window(before, final, "busy"),
         "idle_process_loop_lag": noise_report,
         "evictions": int(eviction_count),
         "eviction_mean_ms": round(1000 * final.get("stream_eviction_seconds_sum", 0.0)
@@ -356,13 +360,16 @@ def junk_ids(
     return report
 
 
-def _lag_window(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+def _lag_window(before: dict[str, float], after: dict[str, float],
+                what: str = "lag") -> dict[str, Any]:
     """The worker's event-loop lag during the drill (not its start-up): the lags observed
     in between, by histogram bucket, and the longest one -- exact when the worker's
-    "longest since start" gauge rose during the drill, else bounded by the bucket."""
+    "longest since start" gauge rose during the drill, else bounded by the bucket.
+    ``what="busy"``: the same for the CPU time the loop's thread used between two probe
+    turns (``stream_event_loop_busy_seconds``: the worker's own work in those lags)."""
     if not after:
-        return {"loop_lag_max_ms": None, "loop_lag_samples": None}
-    name = "stream_event_loop_lag_seconds"
+        return {f"loop_{what}_max_ms": None, f"loop_{what}_samples": None}
+    name = f"stream_event_loop_{what}_seconds"
     counts: dict[float, float] = {}
     for key, value in after.items():
         if key.startswith(f"{name}_bucket|") and not key.endswith("|+Inf"):
@@ -371,16 +378,16 @@ def _lag_window(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     total = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
     bounds = sorted(counts)
     over = {f"over_{int(le * 1000)}ms": int(total - counts[le]) for le in bounds}
-    gauge_before = before.get("stream_event_loop_lag_max_seconds", 0.0)
-    gauge_after = after.get("stream_event_loop_lag_max_seconds", 0.0)
+    gauge_before = before.get(f"stream_event_loop_{what}_max_seconds", 0.0)
+    gauge_after = after.get(f"stream_event_loop_{what}_max_seconds", 0.0)
     if gauge_after > gauge_before:
         longest, exact = gauge_after, True
     else:  # the longest lag in the window is at most the first bucket holding them all
         bound = next((le for le in bounds if counts[le] >= total), float("inf"))
         longest, exact = min(bound, gauge_before), False
-    return {"loop_lag_max_ms": round(1000 * longest, 1), "loop_lag_max_exact": exact,
-            "loop_lag_samples": int(total), "loop_lag_counts": over,
-            "loop_lag_max_since_worker_start_ms": round(1000 * gauge_after, 1)}
+    return {f"loop_{what}_max_ms": round(1000 * longest, 1), f"loop_{what}_max_exact": exact,
+            f"loop_{what}_samples": int(total), f"loop_{what}_counts": over,
+            f"loop_{what}_max_since_worker_start_ms": round(1000 * gauge_after, 1)}
 
 
 def _round(x: float | None) -> float | None:

@@ -113,10 +113,17 @@ class LoopLagProbe:
     T - ``interval_s`` and T. Run :meth:`run` as a task of the loop to watch."""
 
     def __init__(self, on_lag: Callable[[float], None], interval_s: float = 0.01,
-                 sampler: StallSampler | None = None) -> None:
+                 sampler: StallSampler | None = None,
+                 on_busy: Callable[[float], None] | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
         self.on_lag = on_lag
+        #: told, at every wake-up, the CPU time the loop's thread used since the previous
+        #: one (``time.thread_time``): the part of a lag that is the worker's own work on
+        #: the loop. The rest of a lag is time the thread was not running (the machine's
+        #: other processes, or another thread of the worker holding the GIL).
+        self.on_busy = on_busy
+        self.max_busy = 0.0
         #: told of every wake-up (its heartbeat), if set
         self.sampler = sampler
         self.interval_s = interval_s
@@ -130,12 +137,22 @@ class LoopLagProbe:
             self.max_lag = lag
         self.on_lag(lag)
 
+    def observe_busy(self, cpu_s: float) -> None:
+        cpu_s = max(0.0, cpu_s)
+        if cpu_s > self.max_busy:
+            self.max_busy = cpu_s
+        if self.on_busy is not None:
+            self.on_busy(cpu_s)
+
     async def run(self) -> None:
+        import time
+
         loop = asyncio.get_running_loop()
         interval = self.interval_s
         sampler = self.sampler
         if sampler is not None:
             sampler.start()
+        cpu = time.thread_time()
         try:
             while True:
                 due = loop.time() + interval
@@ -143,6 +160,9 @@ class LoopLagProbe:
                 if sampler is not None:
                     sampler.beat()
                 self.observe(loop.time() - due)
+                now_cpu = time.thread_time()
+                self.observe_busy(now_cpu - cpu)
+                cpu = now_cpu
         finally:
             if sampler is not None:
                 sampler.stop()
