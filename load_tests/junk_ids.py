@@ -533,11 +533,84 @@ def _rss_growth(mode: str, n: int) -> int:
     return (rss_bytes(os.getpid()) - before) // n
 
 
+def _kafka_quota(bootstrap: str, client_id: str, producer_byte_rate: int | None) -> None:
+    """Set (or, with None, delete) a broker-side produce quota on a client id with Kafka's
+    own ConfigCommand (``kafka-configs.sh``), run from the stack's broker jars."""
+    from stream.tools import stack
+
+    libs = stack.StackConfig.from_env().kafka_libs
+    change = (["--add-config", f"producer_byte_rate={producer_byte_rate}"]
+              if producer_byte_rate is not None else ["--delete-config", "producer_byte_rate"])
+    subprocess.run(["java", "-cp", f"{libs}/*", "kafka.admin.ConfigCommand",
+                    "--bootstrap-server", bootstrap, "--alter", *change,
+                    "--entity-type", "clients", "--entity-name", client_id],
+                   check=True, capture_output=True, timeout=180)
+
+
+def quota_check(settings: Settings, *, byte_rate: int, count: int, seconds: float = 300.0,
+                ) -> dict[str, Any]:
+    """The defence against a flood above the workers' capacity is the broker's: a produce
+    quota (``producer_byte_rate``) on the flooding principal. Sets one on a client id, sends
+    ``count`` junk plays from it as fast as the client can (no pacing) to a scratch topic,
+    and reports the rate the broker let through (bounded by ``seconds``)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    tag = new_tag()
+    client_id, topic = f"{tag}-flood", f"{tag}-quota-plays"
+    _kafka_quota(settings.kafka_bootstrap, client_id, byte_rate)
+
+    async def run() -> dict[str, Any]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 4, 1)])
+        finally:
+            await admin.close()
+        producer = make_producer(settings, client_id=client_id)
+        await producer.start()
+        sent = size = 0
+        started = time.monotonic()
+        try:
+            pending = []
+            for i in range(count):
+                if time.monotonic() - started > seconds:
+                    break
+                user = f"{tag}-ju{i}"
+                value = encode_event(PlayEvent(user, f"{tag}-jt{i}", int(time.time() * 1000),
+                                               100_000, f"{tag}-je{i}", artist_id=f"{tag}-ja{i}",
+                                               context=f"junk-context-{i}"))
+                pending.append(await producer.send(topic, value=value, key=user.encode()))
+                sent += 1
+                size += len(value) + len(user)
+                if len(pending) >= 500:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+        took = time.monotonic() - started
+        return {"client_id": client_id, "producer_byte_rate": byte_rate, "sent": sent,
+                "seconds": round(took, 1), "plays_per_s": round(sent / took, 1),
+                "payload_bytes_per_play": round(size / max(sent, 1), 1),
+                "payload_bytes_per_s": round(size / took)}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        _kafka_quota(settings.kafka_bootstrap, client_id, None)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--noise-probe":
         noise_probe(float(sys.argv[2]), Path(sys.argv[3]))
     elif len(sys.argv) == 2 and sys.argv[1] == "--bytes-per-item":
         print(json.dumps(bytes_per_item()))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--quota-check":
+        from load_tests.faults import _drill_settings
+
+        print(json.dumps(quota_check(_drill_settings(new_tag()), byte_rate=int(sys.argv[2]),
+                                     count=int(sys.argv[3])), indent=1))
     else:
         raise SystemExit("use: python -m load_tests.faults junk-ids ... | "
-                         "python -m load_tests.junk_ids --bytes-per-item")
+                         "python -m load_tests.junk_ids --bytes-per-item | "
+                         "python -m load_tests.junk_ids --quota-check BYTES_PER_S COUNT")
