@@ -190,20 +190,28 @@ class StallSampler:
         self.log = log or logger
         self.loop_thread = threading.get_ident()
         self.last_beat = _monotonic()
+        #: the loop thread's CPU time (``time.thread_time``) at its last heartbeat: an
+        #: episode's CPU is the loop's own work in it, the rest is the thread not running
+        self.last_beat_cpu = 0.0
         #: (seconds, most frequent stack) of the episodes seen, longest first, at most 20
         self.episodes: list[tuple[float, str]] = []
+        #: (seconds, loop-thread CPU seconds) of the last episode
+        self.last_episode: tuple[float, float] | None = None
         self._halt = threading.Event()
         self._sampling = threading.Thread(target=self._sample_loop, name="stall-sampler",
                                           daemon=True)
 
     def beat(self) -> None:
+        import time
+
+        self.last_beat_cpu = time.thread_time()
         self.last_beat = _monotonic()
 
     def start(self) -> None:
         import threading
 
         self.loop_thread = threading.get_ident()
-        self.last_beat = _monotonic()
+        self.beat()
         self._sampling.start()
 
     def stop(self) -> None:
@@ -225,13 +233,14 @@ class StallSampler:
 
         stacks: Counter[str] = Counter()
         started: float | None = None
+        started_cpu = 0.0
         last_log = 0.0
         while not self._halt.wait(self.interval_s):
             now = _monotonic()
             held = now - self.last_beat
             if held >= self.threshold_s:
                 if started is None:
-                    started = self.last_beat
+                    started, started_cpu = self.last_beat, self.last_beat_cpu
                 stack = self._loop_stack()
                 if stack:
                     stacks[stack] += 1
@@ -239,6 +248,8 @@ class StallSampler:
             if started is None:
                 continue
             seconds = self.last_beat - started
+            cpu = max(0.0, self.last_beat_cpu - started_cpu)
+            self.last_episode = (seconds, cpu)
             top, hits = stacks.most_common(1)[0] if stacks else ("?", 0)
             total = sum(stacks.values())
             self.episodes.append((seconds, top))
@@ -246,8 +257,9 @@ class StallSampler:
             del self.episodes[20:]
             if now - last_log >= self.min_gap_s:
                 last_log = now
-                self.log.warning("event loop held %.0f ms; %d/%d samples in: %s",
-                                 seconds * 1000, hits, total, top)
+                self.log.warning("event loop held %.0f ms (%.0f ms of it the loop's own CPU "
+                                 "work); %d/%d samples in: %s",
+                                 seconds * 1000, cpu * 1000, hits, total, top)
             stacks.clear()
             started = None
 

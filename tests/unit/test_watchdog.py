@@ -146,3 +146,31 @@ def test_the_stall_sampler_says_where_the_loop_was_held() -> None:
     seconds, stack = sampler.episodes[0]
     assert 0.2 <= seconds <= 1.0
     assert stack.startswith("test_watchdog.py") and "hold_the_loop_for_a_while" in stack
+    assert sampler.last_episode is not None and sampler.last_episode[1] < 0.1  # slept
+
+
+def test_the_stall_sampler_tells_the_loops_own_work_from_not_running() -> None:
+    import asyncio
+    import time
+
+    from stream.worker.watchdog import LoopLagProbe, StallSampler
+
+    sampler = StallSampler(threshold_s=0.1, interval_s=0.005, min_gap_s=0.0)
+
+    def burn() -> None:
+        end = time.thread_time() + 0.25
+        while time.thread_time() < end:
+            pass
+
+    async def go() -> None:
+        probe = LoopLagProbe(on_lag=lambda s: None, sampler=sampler)
+        task = asyncio.get_running_loop().create_task(probe.run())
+        await asyncio.sleep(0.05)
+        burn()
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(go())
+    assert sampler.last_episode is not None
+    seconds, cpu = sampler.last_episode
+    assert 0.25 <= cpu <= seconds + 0.02
