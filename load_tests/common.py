@@ -204,6 +204,31 @@ def metric_sum(samples: Samples, name: str, **labels: str) -> float:
     )
 
 
+def live_quality(samples: Samples | None) -> dict[str, dict[str, float]]:
+    """The workers' own prequential quality (``stream_quality_*`` gauges, the samples of
+    one or more workers' scrapes concatenated in worker order), combined over the workers:
+    per variant, HR@10 and NDCG@10 weighted by the events in each worker's window, and
+    those events summed."""
+    per: dict[tuple[str, str], list[float]] = {}
+    for name, labels, value in samples or ():
+        if name in ("stream_quality_hr_at_10", "stream_quality_ndcg_at_10",
+                    "stream_quality_window_events"):
+            per.setdefault((name, labels.get("variant", "")), []).append(value)
+    out: dict[str, dict[str, float]] = {}
+    for (name, variant), events in per.items():
+        if name != "stream_quality_window_events":
+            continue
+        total = sum(events)
+        row: dict[str, float] = {"events": total}
+        for metric, key in (("stream_quality_hr_at_10", "hr@10"),
+                            ("stream_quality_ndcg_at_10", "ndcg@10")):
+            values = per.get((metric, variant), [])
+            if len(values) == len(events) and total > 0:
+                row[key] = sum(v * n for v, n in zip(values, events, strict=True)) / total
+        out[variant] = row
+    return out
+
+
 def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
