@@ -167,6 +167,32 @@ def wait_assigned(proc: Proc, topic: str, timeout_s: float = 90.0) -> float:
     )
 
 
+def wait_group_stable(procs: Sequence[Proc], topic: str, partitions: int,
+                      stable_s: float = 5.0, timeout_s: float = 120.0) -> float:
+    """Wait until the workers of one group hold all ``partitions`` of ``topic`` between
+    them, each at least one, with no change for ``stable_s`` (a rebalance of workers that
+    joined one by one is over); returns seconds waited. Raises TimeoutError."""
+    t0 = time.monotonic()
+    last: list[float] | None = None
+    since = t0
+    while time.monotonic() - t0 < timeout_s:
+        counts = []
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited:\n{p.log_tail()}")
+            m = scrape(p.metrics_url)
+            counts.append(metric_sum(m, "stream_assigned_partitions", topic=topic) if m
+                          else -1.0)
+        now = time.monotonic()
+        if counts != last:
+            last, since = counts, now
+        elif (sum(counts) == partitions and min(counts) > 0
+              and now - since >= stable_s):
+            return now - t0
+        time.sleep(0.5)
+    raise TimeoutError(f"group on {topic} not stable after {timeout_s:.0f} s: {last}")
+
+
 # --------------------------------------------------------------------------- metrics / RSS
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)")

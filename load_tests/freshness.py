@@ -47,6 +47,7 @@ from load_tests.common import (
     start_worker,
     table,
     wait_assigned,
+    wait_group_stable,
 )
 from load_tests.traffic import make_events, produce, source_label
 from stream.config import Settings
@@ -143,6 +144,10 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
     sampler: asyncio.Task[None] | None = None
     try:
         waited = max([await asyncio.to_thread(wait_assigned, w, topic) for w in workers])
+        if getattr(args, "stable_s", 0) and len(workers) > 1:
+            # workers join one by one: let the group's last rebalance end before measuring
+            waited += await asyncio.to_thread(
+                wait_group_stable, workers, topic, args.partitions, args.stable_s)
         assert sub.stdout is not None
         line = await asyncio.to_thread(sub.stdout.readline)
         if line.strip() != b"ready":

@@ -53,7 +53,7 @@ def run_one(args: argparse.Namespace, n: int, report: Report) -> dict[str, Any]:
     ns = argparse.Namespace(
         source=args.source, rate=args.rate, seconds=args.plays / args.rate, warmup=0.0,
         drain=args.drain, users=20_000, partitions=args.partitions, workers=n,
-        linger_ms=0, tree=None, settle_s=3.0,
+        linger_ms=0, tree=None, settle_s=3.0, stable_s=8.0,
     )
     log(f"{n} worker(s): run {rid}, {args.plays:,} plays at {args.rate:g}/s")
     sub = Report("scaleout", f"{report.rid}/{rid}")
