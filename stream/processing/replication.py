@@ -6,8 +6,8 @@ MF item factors, the skip model -- must still reflect everyone. After learning f
 the owning worker publishes a :class:`TrackSignal` to the signals topic: the item step it
 took (:class:`stream.core.recommender.ItemStep`: the track, the tracks played before it, skip
 flag, time, artist, context, session position, an opaque session token, the listener's MF
-factors *before* the step with the negatives it sampled, and the skip model's features) --
-never the listener's id. Every worker reads all partitions of that topic (no consumer
+factors *before* the step with the negatives it sampled, the skip model's features and
+the learned blend's example rows) -- never the listener's id. Every worker reads all partitions of that topic (no consumer
 group: a broadcast) and takes the same item step through
 :meth:`stream.core.recommender.Recommender.apply_item_steps` (:func:`receive_batch`). The
 listener's own state never leaves its owner's partition (it lives in their session,
