@@ -7,8 +7,9 @@ the owning worker publishes a :class:`TrackSignal` to the signals topic: the ite
 took (:class:`stream.core.recommender.ItemStep`: the track, the tracks played before it, skip
 flag, time, artist, context, session position, an opaque session token, the listener's MF
 factors *before* the step with the negatives it sampled, the skip model's features and
-the learned blend's example rows) -- never the listener's id. Every worker reads all partitions of that topic (no consumer
-group: a broadcast) and takes the same item step through
+the learned blend's example rows) -- never the listener's id. Every worker reads all
+partitions of that topic (no consumer group: a broadcast) and takes the same item step
+through
 :meth:`stream.core.recommender.Recommender.apply_item_steps` (:func:`receive_batch`). The
 listener's own state never leaves its owner's partition (it lives in their session,
 :mod:`stream.core.listener_record`). Design and delays: docs/scaling.md. Pure: no I/O here.
