@@ -119,6 +119,8 @@ def create_worker(
     )
     signals = SignalPublisher(topics.signals, topics.signals_name, ring, worker_id, settings,
                               telemetry)
+    # a commit waits for the signals of the plays it commits (docs/scaling.md, "Restart")
+    app.before_commit.append(signals.flush_for_commit)
     catalog = CatalogSync(settings, processor.catalog, writer, telemetry)
     pacing = RankPacing(settings.catch_up_rank_ms / 1000.0)
     ranker = Ranker(processor, pacing, writer, telemetry, models_busy=lambda: models.busy(),
