@@ -125,10 +125,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # the checkpointer's, at start-up: the models and the signals positions they include
     recommender, restored = restore_models(settings, metrics)
     worker = create_worker(settings, metrics, partitions, recommender, restored=restored)
+    skip_redeclaring(settings, worker.app)
     run_worker(worker)
     if data_lock is not None:
         data_lock.release()
     return 0
+
+
+def skip_redeclaring(settings: Settings, app: Any) -> None:
+    """A restart: Faust's internal topics exist, so Faust does not declare them again
+    (~0.7 s each, stream.faustx.startup)."""
+    from stream.adapters.kafka import existing_topics
+    from stream.faustx.startup import declare_nothing, declared_topics
+
+    names = declared_topics(app)
+    # a loop of its own, never made current: the app may hold the current one already
+    loop = asyncio.new_event_loop()
+    try:
+        present = loop.run_until_complete(existing_topics(settings, names))
+    finally:
+        loop.close()
+    if set(names) <= present:
+        declare_nothing(app)
 
 
 # --------------------------------------------------------------------------- produce
