@@ -308,9 +308,14 @@ _ROW = re.compile(r"[│|]\s*(\S+)\s*[│|]\s*(\d+)\s*[│|]\s*(-?\d+)\s*[│|]"
 _STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
 #: what a (re)start goes through, as the worker log says it
 PHASES = (
-    ("python_and_kernels", "recommender kernels ready"),
-    ("faust_starting", "[^Worker]: Starting"),
+    ("process_up", "worker process up"),  # interpreter, stream.tools.cli and settings
+    ("imports_done", "start-up imports done"),  # Faust, aiokafka, numpy, numba, river...
+    ("python_and_kernels", "recommender kernels ready"),  # numba kernels from the cache
+    ("models_restored", "restored models from checkpoint"),  # checkpoint read from Redis
+    ("app_built", "worker built"),  # create_worker, the topic check
+    ("faust_starting", "[^Worker]: Starting"),  # the heap freeze before it
     ("joined_group", "Joined group"),
+    ("partitions_opened", "generation id "),  # the RocksDB partitions opened
     ("recovery_complete", "[^---Recovery]: Recovery complete"),
     ("ready", "[^Worker]: Ready"),
 )
@@ -648,10 +653,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     segments = (
-        ("python_and_kernels", "process start, imports, kernels", "#9ecae1"),
-        ("faust_starting", "models restored, app built", "#c6dbef"),
+        ("process_up", "interpreter start, settings", "#deebf7"),
+        ("imports_done", "imports (Faust, numba, river...)", "#9ecae1"),
+        ("python_and_kernels", "numba kernels (from the cache)", "#4292c6"),
+        ("faust_starting", "models restored, app built, heap frozen", "#c6dbef"),
         ("joined_group", "group join (restart) / session timeout (standby)", "#fdd0a2"),
-        ("recovery_complete", "changelog read (table recovery)", "#fb6a4a"),
+        ("recovery_complete", "table stores opened, changelog read", "#fb6a4a"),
         ("fresh", "first play applied, list in Redis", "#74c476"),
     )
     modes = [m for m in MODES if m in report["modes"]]
