@@ -308,8 +308,9 @@ _ROW = re.compile(r"[│|]\s*(\S+)\s*[│|]\s*(\d+)\s*[│|]\s*(-?\d+)\s*[│|]"
 _STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
 #: what a (re)start goes through, as the worker log says it
 PHASES = (
-    ("process_up", "worker process up"),  # interpreter, stream.tools.cli and settings
-    ("imports_done", "start-up imports done"),  # Faust, aiokafka, numpy, numba, river...
+    # interpreter, stream.tools.cli (which imports the recommender: numpy, numba, river)
+    ("process_up", "worker process up"),
+    ("imports_done", "start-up imports done"),  # Faust, aiokafka, redis, the worker parts
     ("python_and_kernels", "recommender kernels ready"),  # numba kernels from the cache
     ("models_restored", "restored models from checkpoint"),  # checkpoint read from Redis
     ("app_built", "worker built"),  # create_worker, the topic check
@@ -653,8 +654,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     segments = (
-        ("process_up", "interpreter start, settings", "#deebf7"),
-        ("imports_done", "imports (Faust, numba, river...)", "#9ecae1"),
+        ("process_up", "interpreter start, CLI imports (the recommender's)", "#deebf7"),
+        ("imports_done", "worker imports (Faust, aiokafka, ...)", "#9ecae1"),
         ("python_and_kernels", "numba kernels (from the cache)", "#4292c6"),
         ("faust_starting", "models restored, app built, heap frozen", "#c6dbef"),
         ("joined_group", "group join (restart) / session timeout (standby)", "#fdd0a2"),
