@@ -434,7 +434,8 @@ class Plan:
     probe_interval_s: float = 0.5
     #: after W2 joins (standby mode), how long its standby copies get to catch up
     standby_catch_up_s: float = 300.0
-    fresh_timeout_s: float = 120.0
+    #: the memory store's restart replays the whole changelog: 200k records took 100-190 s
+    fresh_timeout_s: float = 300.0
     load_timeout_s: float = 1200.0
     session_timeout_s: float = 6.0
     static_membership: bool = True
@@ -513,7 +514,7 @@ def recovery_drill(base: Settings, workdir: Path, plan: Plan,
                 restart.spawn()
             per_user = fresh_after_kill(s1, probe, probe_users, kill_at, plan.fresh_timeout_s)
             if restart is not None:
-                ready_at = restart.wait_ready(30.0)
+                ready_at = restart.wait_ready(60.0)
             waiter = restart if restart is not None else w2
             assert waiter is not None
             time.sleep(1.0)
