@@ -1680,6 +1680,12 @@ def warm_up() -> float:
     rec.mf_candidates = True
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
     rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    # the worker's default ranker ("fixed") ranks a flush's listeners in one compiled
+    # call (rank_many), a path the learned blend above never takes: without this its
+    # first flush compiled it on the event loop (5-25 s on a fresh install)
+    rec.use_ranker("fixed")
+    rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    rec.use_ranker("learned")
     rec.similar("t0", 5)
     rec.evict_tracks(50)
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)

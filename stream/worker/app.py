@@ -144,6 +144,7 @@ def create_worker(
     lag = ConsumerLag(app, settings, worker.processed_offsets, telemetry)
     loop_lag = LoopLagProbe(
         on_lag=lambda s: telemetry.loop_lag(s, loop_lag.max_lag),
+        on_busy=lambda s: telemetry.loop_busy(s, loop_lag.max_busy),
         sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
         else None,
     )
