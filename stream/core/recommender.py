@@ -1685,7 +1685,9 @@ def warm_up() -> float:
     from stream.core.session import update_session
 
     started = time.perf_counter()
-    rec = Recommender(seed=0, max_per_artist=1)
+    # a small session table: the kernels' types do not depend on its size, and eviction
+    # copies all of it (the default 50,000 x 50 table took ~2 s of every start-up)
+    rec = Recommender(seed=0, max_per_artist=1, stan_params={"max_sessions": 64})
     rec.cooccurrence.max_neighbours = 2  # so rows fill up and get pruned
     states: dict[str, UserState] = {}
     for i in range(400):

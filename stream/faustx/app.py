@@ -14,6 +14,7 @@ from stream.faustx.changelog_table import BatchedChangelogTable
 from stream.faustx.compat import check_compat
 from stream.faustx.consumer import SeamConsumer
 from stream.faustx.options import SeamOptions
+from stream.faustx.startup import QuickTableManager
 from stream.faustx.stream import BatchingStream
 from stream.faustx.tablestore import faust_app_options
 
@@ -128,6 +129,7 @@ def create_app(settings: Settings, partitions: int) -> SeamApp:
         broker_credentials=broker_credentials(settings),
         Stream=BatchingStream,
         Table=BatchedChangelogTable,
+        TableManager=QuickTableManager,  # no fixed 1 s sleep at start (faustx.startup)
         Worker=shutdown.SeamWorker,  # run it as app.conf.Worker(app, ...): a bounded stop
         **faust_app_options(settings),  # table store, data dir, standbys, group membership
         topic_partitions=partitions,
