@@ -3,12 +3,14 @@
 For each play, the candidates ranked for the listener *before* learning it (test-then-train)
 become examples: the played track, when it is a candidate, is the positive, and
 ``negatives`` other candidates -- drawn from the ones ranked highest, by a seeded hash, so
-the run is deterministic -- are negatives. Each (positive, negative) pair is one example for
-river's logistic regression on the feature difference (a linear RankNet: ``P(pos above neg)
-= sigmoid(w . (x_pos - x_neg))``, no intercept). Ranking is then ``w . x`` per candidate,
-computed with numpy from a mirror of river's weights (refreshed after each learning step),
-plus a tiny multiple of the fixed blend's score (feature ``prior``) so that an untrained
-model ranks as the fixed blend does and ties break by it.
+the run is deterministic -- are negatives. Each (positive, negative) pair is one SGD step of
+a logistic regression on the feature difference (a linear RankNet: ``P(pos above neg)
+= sigmoid(w . (x_pos - x_neg))``, no intercept), in numpy: ``w -= lr * (-d / (1 +
+exp(w . d)) + l2 * w)`` -- the update river's ``LogisticRegression`` with ``SGD(lr)`` and
+``l2`` makes (its per-dict path was the blend's learning cost; the weights agree with
+river's to rounding, unit test ``test_learned_blend_matches_river``). Ranking is then
+``w . x`` per candidate plus a tiny multiple of the fixed blend's score (feature
+``prior``) so that an untrained model ranks as the fixed blend does and ties break by it.
 
 Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 
@@ -30,11 +32,11 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Final
 
 import numpy as np
-from river import linear_model, optim, utils
 
 from stream.core.models._state import build, get_field, get_params
 from stream.core.models.base import FloatArray, check_positive
@@ -95,18 +97,12 @@ class LearnedBlend:
         self.hard_pool = hard_pool
         self.prior_init = prior_init
         self.seed = seed
-        self.model = self._new_model()
         # start from the fixed blend (weight prior_init on its score) and learn from there
-        self.model._weights = utils.VectorDict({"prior": prior_init} if prior_init else None)
         self._w: FloatArray = np.zeros(N_FEATURES)
         self._w[0] = prior_init
         self.n_learned = 0  # lists learned from
         self.n_pairs = 0
-
-    def _new_model(self) -> linear_model.LogisticRegression:
-        return linear_model.LogisticRegression(
-            optimizer=optim.SGD(self.learning_rate), l2=self.l2, intercept_lr=0.0
-        )
+        self.iterations = 0  # SGD steps (kept in the checkpoint as optimizer_iterations)
 
     @property
     def weights(self) -> FloatArray:
@@ -125,7 +121,8 @@ class LearnedBlend:
         if n < 2 or not 0 <= positive < n:
             return 0
         order = np.argsort(-self.score(X), kind="stable")
-        pool = [int(i) for i in order[: self.hard_pool + 1].tolist() if i != positive]
+        top = order[: self.hard_pool + 1]
+        pool = top[top != positive].tolist()
         h = _mix(self.seed * 0x100000001B3 ^ key)
         chosen: list[int] = []
         for j in range(min(self.negatives, len(pool))):
@@ -134,12 +131,19 @@ class LearnedBlend:
             if pick not in chosen:
                 chosen.append(pick)
         x_pos = X[positive]
-        learn = self.model.learn_one
+        w = self._w
+        lr, l2 = self.learning_rate, self.l2
         for neg in chosen:
-            diff = (x_pos - X[neg]).tolist()
-            learn(dict(zip(FEATURES, diff, strict=True)), True)
-        weights = self.model._weights
-        self._w = np.array([weights.get(f, 0.0) for f in FEATURES])
+            d = x_pos - X[neg]
+            z = float(d @ w)
+            # river's Log loss gradient for label True (clamped like river for |z| > 18)
+            g = -math.exp(-z) if z > 18.0 else (-1.0 if z < -18.0 else -1.0 / (math.exp(z) + 1.0))
+            step = g * d
+            if l2:
+                step += l2 * w
+            w = w - lr * step
+        self._w = w
+        self.iterations += len(chosen)
         self.n_learned += 1
         self.n_pairs += len(chosen)
         return len(chosen)
@@ -152,14 +156,14 @@ class LearnedBlend:
     }
 
     def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The river model's weights as JSON (feature -> weight) plus counters (no arrays).
+        """The weights as JSON (feature -> weight) plus counters (no arrays).
         See :mod:`stream.core.models._state`."""
         manifest: dict[str, Any] = {
             "params": {name: getattr(self, name) for name in self._PARAMS},
-            "weights": {f: float(self.model._weights.get(f, 0.0)) for f in FEATURES},
+            "weights": {f: float(w) for f, w in zip(FEATURES, self._w.tolist(), strict=True)},
             "n_learned": self.n_learned,
             "n_pairs": self.n_pairs,
-            "optimizer_iterations": int(self.model.optimizer.n_iterations),
+            "optimizer_iterations": self.iterations,
         }
         return manifest, {}
 
@@ -186,7 +190,6 @@ class LearnedBlend:
         model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
         model.n_pairs = get_field(manifest, "n_pairs", int, where=where, lo=0)
         iterations = get_field(manifest, "optimizer_iterations", int, where=where, lo=0)
-        model.model._weights = utils.VectorDict(clean)
-        model.model.optimizer.n_iterations = iterations
+        model.iterations = iterations
         model._w = np.array([clean.get(f, 0.0) for f in FEATURES])
         return model
