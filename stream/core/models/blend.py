@@ -27,7 +27,14 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
   in the listener's own longer history (the repeats option);
 - ``s_artist`` / ``r_artist``: the artist source (the latest tracks of the artists of the
   listener's last two plays, newest first), ``s_own`` / ``r_own``: the own-history source
-  (repeats option; most recently played first).
+  (repeats option; most recently played first);
+- ``share_cooc`` / ``share_stan`` / ``share_sr``: the candidate's share of the source's
+  score mass over the candidates (how confident the source is: one dominant rule after an
+  album track, or many weak ones), which the max-normalised ``s_*`` hide;
+- ``sr_x_stan`` / ``sr_x_cooc``: products of the normalised scores (the sources agree);
+- ``s_cooc_long`` / ``r_cooc_long`` / ``hist_cooc_long``: co-occurrence queried with the
+  listener's longer history (``blend_cooc_window`` = 30 plays, decay 0.9, against 10 and
+  0.8 for ``s_cooc``), and its product with the history length.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ FEATURES: Final = (
     "age", "log_pop",
     "same_artist", "own_history",
     "s_artist", "r_artist", "s_own", "r_own",
+    "share_cooc", "share_stan", "share_sr", "sr_x_stan", "sr_x_cooc",
+    "s_cooc_long", "r_cooc_long", "hist_cooc_long",
 )
 N_FEATURES: Final = len(FEATURES)
 #: weight of the fixed blend's score added to the learned one (order of an untrained model)
