@@ -1235,16 +1235,6 @@ class Recommender:
                 if not latest:
                     del tracks_of[artist]  # type: ignore[arg-type]
 
-    def learn_item_side(self, x: Interaction) -> None:
-        """Learn a play on the item side only -- trending popularity, session co-occurrence
-        and the track's artist -- as another worker's track signal teaches it
-        (stream.processing.replication); the listener's own models (matrix-factorisation
-        factors, the skip model) stay with the worker that owns them."""
-        self.popularity.learn_one(x)
-        self.cooccurrence.learn_one(x)
-        if x.artist_id:
-            self.artist_of[x.track_id] = x.artist_id
-
     def trending(self, n: int) -> list[str]:
         """The ``n`` most popular tracks now (decayed plays), most popular first."""
         weights = self.popularity.weights()
@@ -1707,6 +1697,12 @@ def warm_up() -> float:
     rec.mf_candidates = True
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
     rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    # the worker's default ranker ("fixed") ranks a flush's listeners in one compiled
+    # call (rank_many), a path the learned blend above never takes: without this its
+    # first flush compiled it on the event loop (5-25 s on a fresh install)
+    rec.use_ranker("fixed")
+    rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    rec.use_ranker("learned")
     rec.similar("t0", 5)
     rec.evict_tracks(50)
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
