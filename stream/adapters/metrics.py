@@ -489,6 +489,14 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
+        self.quality_mrr = Gauge(
+            "quality_mrr_at_10",
+            "Prequential mean reciprocal rank at 10 over the evaluator's sliding window, "
+            "per variant.",
+            ["variant"],
+            namespace=ns,
+            registry=registry,
+        )
         self.quality_ndcg = Gauge(
             "quality_ndcg_at_10",
             "Prequential NDCG at 10 over the evaluator's sliding window, per variant.",
@@ -736,9 +744,12 @@ class Metrics:
         hr_at_10: float,
         ndcg_at_10: float,
         window_events: int,
+        mrr_at_10: float | None = None,
     ) -> None:
         """Export one variant's windowed prequential quality (called by the report timer)."""
         self.quality_hr.labels(variant).set(hr_at_10)
+        if mrr_at_10 is not None:
+            self.quality_mrr.labels(variant).set(mrr_at_10)
         self.quality_ndcg.labels(variant).set(ndcg_at_10)
         self.quality_window.labels(variant).set(window_events)
 

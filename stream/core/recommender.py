@@ -231,6 +231,9 @@ class Recommender:
       recommend them again once they are out of the recent filter (0: off; "repeats are
       music", measured with ``stream replay --exclude-seen recent --repeats N``).
     - ``blend_candidates``: candidates drawn from each component for the learned blend.
+    - ``blend_cooc_window`` / ``blend_cooc_decay``: the learned blend's second
+      co-occurrence source, queried with the listener's last N plays (weight decay ** the
+      distance; 0 or None: off). A checkpoint without them restores with it off.
     - ``session_models``: learn the session-kNN/STAN and SR models and the learned blend's
       other sources (artist tracks, own history, track ages). Off: each play costs what it
       did before they existed (the live worker with its default ``ranker=fixed``; variants
@@ -270,6 +273,8 @@ class Recommender:
         artist_tracks: int = 50,
         repeats: int = 0,
         session_models: bool = True,
+        blend_cooc_window: int | None = 30,
+        blend_cooc_decay: float | None = 0.9,
     ) -> None:
         if recent_filter < 0:
             raise ValueError(f"recent_filter must be >= 0, got {recent_filter!r}")
@@ -287,6 +292,10 @@ class Recommender:
             raise ValueError("artist_tracks and repeats must be >= 0")
         if blend_candidates < 1:
             raise ValueError(f"blend_candidates must be >= 1, got {blend_candidates!r}")
+        if blend_cooc_window is not None and blend_cooc_window < 0:
+            raise ValueError(f"blend_cooc_window must be >= 0, got {blend_cooc_window!r}")
+        if blend_cooc_decay is not None and not 0 < blend_cooc_decay <= 1:
+            raise ValueError(f"blend_cooc_decay must be in (0, 1], got {blend_cooc_decay!r}")
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown blend weight(s): {', '.join(sorted(unknown))}")
@@ -332,6 +341,8 @@ class Recommender:
         self.artist_tracks = artist_tracks
         self.repeats = repeats
         self.session_models = session_models
+        self.blend_cooc_window = blend_cooc_window or 0
+        self.blend_cooc_decay = 0.9 if blend_cooc_decay is None else blend_cooc_decay
         self._build_session_models()
         self.artist_of: dict[str, str] = {}
         self.n_learned = 0
@@ -698,20 +709,27 @@ class Recommender:
                 c_rows = touched.rows().copy()
                 c_vals = touched.scratch.acc[c_rows]
                 c_lead = touched.scratch.anchor[c_rows]
+            l_rows, l_vals = _NO_ROWS, _NO_SCORES
+            if self.blend_cooc_window:  # the long view: more of the listener's history
+                anchors = cooc.anchors(state.recent, self.blend_cooc_window,
+                                       self.blend_cooc_decay)
+                with cooc.accumulate(anchors) as t3:
+                    l_rows = t3.rows().copy()
+                    l_vals = t3.scratch.acc[l_rows]
             s_rows, s_vals = self.session_knn.score(session, session_token(state), now_ms)
             with rules.accumulate(rules.anchors(session)) as t2:
                 r_rows = t2.rows().copy()
                 r_vals = t2.scratch.acc[r_rows]
             a_rows, a_vals = self._artist_source(state)
             o_rows, o_vals = self._own_source(state)
-            sources = (c_rows, s_rows, r_rows, a_rows, o_rows)
+            sources = (c_rows, s_rows, r_rows, a_rows, o_rows, l_rows)
             offsets = np.zeros(len(sources) + 1, dtype=np.int64)
             offsets[1:] = np.cumsum([len(rows) for rows in sources])
             # one compiled call: each source's best n unbanned rows, trending's top set,
             # their union and every source's score of each candidate
             cands, comp, lead = _k.blend_gather(
                 np.concatenate(sources), np.concatenate((c_vals, s_vals, r_vals, a_vals,
-                                                         o_vals)),
+                                                         o_vals, l_vals)),
                 offsets, c_lead, self.popularity.top_set(n, ban), ban,
                 self._mark_buffer(size), dense, dense_lead, n)
         finally:
@@ -852,11 +870,11 @@ class Recommender:
         return np.array(rows, dtype=np.int64), 1.0 / np.arange(1, len(rows) + 1)
 
     def _dense_buffers(self, size: int) -> tuple[Any, IntArray]:
-        """Per-track scratch: 5 source scores (all 0) and a lead row (all -1)."""
+        """Per-track scratch: 6 source scores (all 0) and a lead row (all -1)."""
         buf = self.__dict__.get("_dense")
         if buf is None or len(buf[0]) < size:
             cap = max(size, 2 * (0 if buf is None else len(buf[0])), 64)
-            buf = (np.zeros((cap, 5)), np.full(cap, -1, dtype=np.int64))
+            buf = (np.zeros((cap, 6)), np.full(cap, -1, dtype=np.int64))
             self.__dict__["_dense"] = buf
         return buf
 
@@ -1516,7 +1534,8 @@ _PARAMS: Final[dict[str, Any]] = {
     "max_users": (int, type(None)), "blend": str, "stan_params": (dict, type(None)),
     "rules_params": (dict, type(None)), "blend_params": (dict, type(None)),
     "blend_candidates": int, "session_scope": str, "artist_tracks": int, "repeats": int,
-    "session_models": bool,
+    "session_models": bool, "blend_cooc_window": (int, type(None)),
+    "blend_cooc_decay": (float, type(None)),
 }
 #: the component models, by attribute name, each with export_state / import_state
 _COMPONENTS: Final[dict[str, Any]] = {

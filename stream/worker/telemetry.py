@@ -219,7 +219,7 @@ class Telemetry:
             m.set_model_memory(model_memory_bytes(recommender))
 
     def quality(self, recommender: Any, evaluator: Prequential | None) -> None:
-        """Export the evaluator's windowed summary (HR@10 / NDCG@10 per variant, skip
+        """Export the evaluator's windowed summary (HR@10 / MRR@10 / NDCG@10 per variant, skip
         accuracy) and the recommender's drift detections. Until something feeds the
         evaluator (test-then-train), the quality gauges stay absent."""
         m = self.metrics
@@ -237,6 +237,7 @@ class Telemetry:
                 m.set_quality(
                     variant,
                     hr_at_10=stats["hr@10"],
+                    mrr_at_10=stats["mrr@10"],
                     ndcg_at_10=stats["ndcg@10"],
                     window_events=int(stats["events"]),
                 )

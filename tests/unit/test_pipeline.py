@@ -328,6 +328,20 @@ def test_live_quality_scores_each_component_on_a_sample_of_plays(ranker: str) ->
     for variant in expected:  # every third evaluated play of the blend
         assert summary[variant]["events"] == blend_events // 3
     assert p.model_errors == 0
+    # the worker exports HR@10, MRR@10 and NDCG@10 of every variant as gauges
+    from prometheus_client import CollectorRegistry
+
+    from stream.adapters.metrics import Metrics
+    from stream.worker.telemetry import Telemetry
+
+    registry = CollectorRegistry()
+    Telemetry(Metrics(registry), settings).quality(recommender, evaluator)
+    for variant in expected | {"blend"}:
+        for gauge, name in (("hr", "hr@10"), ("mrr", "mrr@10"), ("ndcg", "ndcg@10")):
+            value = registry.get_sample_value(f"stream_quality_{gauge}_at_10",
+                                              {"variant": variant})
+            assert value == pytest.approx(summary[variant][name]), (gauge, variant)
+    assert registry.get_sample_value("stream_quality_mrr_at_10", {"variant": "blend"}) > 0
 
 
 def test_live_component_quality_can_be_turned_off() -> None:

@@ -14,6 +14,7 @@ import pytest
 from stream.core.checkpoint import pack_state
 from stream.core.events import PlayEvent
 from stream.core.listener_record import decode_listener_record, encode_listener_record
+from stream.core.models.blend import N_FEATURES
 from stream.core.recommender import Recommender
 from stream.core.session import UserState, update_session
 from stream.core.signal_positions import Restored, SignalPositions
@@ -194,7 +195,7 @@ def test_a_receiver_takes_exactly_the_owners_blend_step() -> None:
     before = owner.ranker.weights
     sigs = [learn(owner, states, e) for e in events[50:]]
     stepped = [s for s in sigs if s.blend_pairs is not None]
-    assert len(stepped) >= 20 and all(s.blend_pairs.shape[1] == 23 for s in stepped)
+    assert len(stepped) >= 20 and all(s.blend_pairs.shape[1] == N_FEATURES for s in stepped)
     assert not np.array_equal(owner.ranker.weights, before)
     decoded = decode_batch(encode_batch("w", sigs), now_ms=T0 + 10**8)
     assert not decoded.rejected
@@ -224,11 +225,11 @@ def test_signals_are_validated_as_untrusted_input() -> None:
         ({**good, "i": "7"}, "wrong_type"),
         ({**good, "b": base64.b64encode(np.ones(22, "<f4").tobytes()).decode()},
          "bad_value"),
-        ({**good, "b": base64.b64encode(np.full(23, np.inf, "<f4").tobytes()).decode()},
+        ({**good, "b": base64.b64encode(np.full(N_FEATURES, np.inf, "<f4").tobytes()).decode()},
          "bad_value"),
-        ({**good, "b": base64.b64encode(np.full(23, 1e6, "<f4").tobytes()).decode()},
+        ({**good, "b": base64.b64encode(np.full(N_FEATURES, 1e6, "<f4").tobytes()).decode()},
          "bad_value"),
-        ({**good, "b": base64.b64encode(np.ones(23 * 17, "<f4").tobytes()).decode()},
+        ({**good, "b": base64.b64encode(np.ones(N_FEATURES * 17, "<f4").tobytes()).decode()},
          "wrong_type"),  # over 16 pairs: refused by its length before decoding
         ({**good, "b": "x" * 10_000}, "wrong_type"),
         ({**good, "b": 7}, "wrong_type"),

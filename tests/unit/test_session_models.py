@@ -132,6 +132,41 @@ def test_learned_blend_learns_the_useful_feature_and_round_trips() -> None:
         LearnedBlend.import_state({**manifest, "weights": {"s_sr": float("nan")}}, {})
 
 
+def test_learned_blend_matches_river() -> None:
+    """The numpy SGD step is river's LogisticRegression(SGD(lr), l2, no intercept) on the
+    pair differences, label True (the model the blend used before). The differences are
+    rounded to float32 first: that row is the step other workers receive (issue 17)."""
+    from river import linear_model, optim, utils
+
+    from stream.core.models.blend import _mix
+
+    rng = np.random.default_rng(4)
+    blend = LearnedBlend(seed=7, learning_rate=0.05, l2=1e-3)
+    ref = linear_model.LogisticRegression(optimizer=optim.SGD(0.05), l2=1e-3,
+                                          intercept_lr=0.0)
+    ref._weights = utils.VectorDict({"prior": 1.0})
+    for i in range(200):
+        X = rng.normal(size=(12, N_FEATURES)) * 3
+        pos = int(rng.integers(12))
+        before = blend.weights
+        chosen = blend.learn(X, pos, key=i)
+        assert chosen >= 1
+        # the same pairs through river: drawn exactly as learn() draws them
+        order = np.argsort(-(X @ before + 1e-3 * X[:, 0]), kind="stable")
+        pool = [int(j) for j in order if j != pos]
+        h = _mix(blend.seed * 0x100000001B3 ^ i)
+        picks: list[int] = []
+        for j in range(min(blend.negatives, len(pool))):
+            h = _mix(h + j)
+            if pool[h % len(pool)] not in picks:
+                picks.append(pool[h % len(pool)])
+        for neg in picks:
+            row = (X[pos] - X[neg]).astype(np.float32).astype(np.float64)
+            ref.learn_one(dict(zip(FEATURES, row.tolist(), strict=True)), True)
+        mirror = np.array([ref._weights.get(f, 0.0) for f in FEATURES])
+        np.testing.assert_allclose(blend.weights, mirror, rtol=1e-9, atol=1e-12)
+
+
 def test_learned_blend_is_deterministic_under_a_seed() -> None:
     rng = np.random.default_rng(1)
     lists = [(rng.random((15, N_FEATURES)), int(rng.integers(15))) for _ in range(100)]

@@ -653,3 +653,16 @@ def blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, 
         out[i, 16] = math.log1p(1e4 * pop[i]) / 10.0
         out[i, 17] = same_artist[i]
         out[i, 18] = 1.0 if comp[i, 4] > 0.0 else 0.0
+    for col, src in ((23, 0), (24, 1), (25, 2)):  # each source's share of its mass
+        total = 0.0
+        for i in range(m):
+            total += comp[i, src]
+        for i in range(m):
+            out[i, col] = comp[i, src] / total if total > 0.0 else 0.0
+    for i in range(m):  # agreement of the sequential and the neighbourhood models
+        out[i, 26] = out[i, 3] * out[i, 2]
+        out[i, 27] = out[i, 3] * out[i, 1]
+    _scale_into(comp[:, 5], out, 28)  # co-occurrence over the long history
+    _recip_rank_into(comp[:, 5], out, 29, False)
+    for i in range(m):
+        out[i, 30] = hist * out[i, 28]

@@ -3,12 +3,14 @@
 For each play, the candidates ranked for the listener *before* learning it (test-then-train)
 become examples: the played track, when it is a candidate, is the positive, and
 ``negatives`` other candidates -- drawn from the ones ranked highest, by a seeded hash, so
-the run is deterministic -- are negatives. Each (positive, negative) pair is one example for
-river's logistic regression on the feature difference (a linear RankNet: ``P(pos above neg)
-= sigmoid(w . (x_pos - x_neg))``, no intercept). Ranking is then ``w . x`` per candidate,
-computed with numpy from a mirror of river's weights (refreshed after each learning step),
-plus a tiny multiple of the fixed blend's score (feature ``prior``) so that an untrained
-model ranks as the fixed blend does and ties break by it.
+the run is deterministic -- are negatives. Each (positive, negative) pair is one SGD step of
+a logistic regression on the feature difference (a linear RankNet: ``P(pos above neg)
+= sigmoid(w . (x_pos - x_neg))``, no intercept), in numpy: ``w -= lr * (-d / (1 +
+exp(w . d)) + l2 * w)`` -- the update river's ``LogisticRegression`` with ``SGD(lr)`` and
+``l2`` makes (its per-dict path was the blend's learning cost; the weights agree with
+river's to rounding, unit test ``test_learned_blend_matches_river``). Ranking is then
+``w . x`` per candidate plus a tiny multiple of the fixed blend's score (feature
+``prior``) so that an untrained model ranks as the fixed blend does and ties break by it.
 
 Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 
@@ -25,17 +27,24 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
   in the listener's own longer history (the repeats option);
 - ``s_artist`` / ``r_artist``: the artist source (the latest tracks of the artists of the
   listener's last two plays, newest first), ``s_own`` / ``r_own``: the own-history source
-  (repeats option; most recently played first).
+  (repeats option; most recently played first);
+- ``share_cooc`` / ``share_stan`` / ``share_sr``: the candidate's share of the source's
+  score mass over the candidates (how confident the source is: one dominant rule after an
+  album track, or many weak ones), which the max-normalised ``s_*`` hide;
+- ``sr_x_stan`` / ``sr_x_cooc``: products of the normalised scores (the sources agree);
+- ``s_cooc_long`` / ``r_cooc_long`` / ``hist_cooc_long``: co-occurrence queried with the
+  listener's longer history (``blend_cooc_window`` = 30 plays, decay 0.9, against 10 and
+  0.8 for ``s_cooc``), and its product with the history length.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from river import linear_model, optim, utils
 
 from stream.core.models._state import build, get_field, get_params
 from stream.core.models.base import FloatArray, check_positive
@@ -49,6 +58,8 @@ FEATURES: Final = (
     "age", "log_pop",
     "same_artist", "own_history",
     "s_artist", "r_artist", "s_own", "r_own",
+    "share_cooc", "share_stan", "share_sr", "sr_x_stan", "sr_x_cooc",
+    "s_cooc_long", "r_cooc_long", "hist_cooc_long",
 )
 N_FEATURES: Final = len(FEATURES)
 Float32Array = npt.NDArray[np.float32]
@@ -97,18 +108,12 @@ class LearnedBlend:
         self.hard_pool = hard_pool
         self.prior_init = prior_init
         self.seed = seed
-        self.model = self._new_model()
         # start from the fixed blend (weight prior_init on its score) and learn from there
-        self.model._weights = utils.VectorDict({"prior": prior_init} if prior_init else None)
         self._w: FloatArray = np.zeros(N_FEATURES)
         self._w[0] = prior_init
         self.n_learned = 0  # lists learned from
         self.n_pairs = 0
-
-    def _new_model(self) -> linear_model.LogisticRegression:
-        return linear_model.LogisticRegression(
-            optimizer=optim.SGD(self.learning_rate), l2=self.l2, intercept_lr=0.0
-        )
+        self.iterations = 0  # SGD steps (kept in the checkpoint as optimizer_iterations)
 
     @property
     def weights(self) -> FloatArray:
@@ -134,7 +139,8 @@ class LearnedBlend:
         if n < 2 or not 0 <= positive < n:
             return np.zeros((0, N_FEATURES), dtype=np.float32)
         order = np.argsort(-self.score(X), kind="stable")
-        pool = [int(i) for i in order[: self.hard_pool + 1].tolist() if i != positive]
+        top = order[: self.hard_pool + 1]
+        pool = top[top != positive].tolist()
         h = _mix(self.seed * 0x100000001B3 ^ key)
         chosen: list[int] = []
         for j in range(min(self.negatives, len(pool))):
@@ -153,11 +159,18 @@ class LearnedBlend:
             raise ValueError(f"blend pairs: shape {diffs.shape}, expected (n, {N_FEATURES})")
         if not len(diffs):
             return 0
-        learn = self.model.learn_one
-        for row in diffs.astype(np.float64).tolist():
-            learn(dict(zip(FEATURES, row, strict=True)), True)
-        weights = self.model._weights
-        self._w = np.array([weights.get(f, 0.0) for f in FEATURES])
+        w = self._w
+        lr, l2 = self.learning_rate, self.l2
+        for d in diffs.astype(np.float64):
+            z = float(d @ w)
+            # river's Log loss gradient for label True (clamped like river for |z| > 18)
+            g = -math.exp(-z) if z > 18.0 else (-1.0 if z < -18.0 else -1.0 / (math.exp(z) + 1.0))
+            step = g * d
+            if l2:
+                step += l2 * w
+            w = w - lr * step
+        self._w = w
+        self.iterations += len(diffs)
         self.n_learned += 1
         self.n_pairs += len(diffs)
         return len(diffs)
@@ -170,14 +183,14 @@ class LearnedBlend:
     }
 
     def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The river model's weights as JSON (feature -> weight) plus counters (no arrays).
+        """The weights as JSON (feature -> weight) plus counters (no arrays).
         See :mod:`stream.core.models._state`."""
         manifest: dict[str, Any] = {
             "params": {name: getattr(self, name) for name in self._PARAMS},
-            "weights": {f: float(self.model._weights.get(f, 0.0)) for f in FEATURES},
+            "weights": {f: float(w) for f, w in zip(FEATURES, self._w.tolist(), strict=True)},
             "n_learned": self.n_learned,
             "n_pairs": self.n_pairs,
-            "optimizer_iterations": int(self.model.optimizer.n_iterations),
+            "optimizer_iterations": self.iterations,
         }
         return manifest, {}
 
@@ -204,7 +217,6 @@ class LearnedBlend:
         model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
         model.n_pairs = get_field(manifest, "n_pairs", int, where=where, lo=0)
         iterations = get_field(manifest, "optimizer_iterations", int, where=where, lo=0)
-        model.model._weights = utils.VectorDict(clean)
-        model.model.optimizer.n_iterations = iterations
+        model.iterations = iterations
         model._w = np.array([clean.get(f, 0.0) for f in FEATURES])
         return model

@@ -195,20 +195,25 @@ class SessionCooccurrence:
 
     # -- scoring --------------------------------------------------------------------------
 
-    def anchors(self, history: Sequence[str]) -> list[tuple[int, float]]:
-        """(row, weight) of the distinct recent tracks that seed a query, newest first."""
+    def anchors(
+        self, history: Sequence[str], window: int | None = None, decay: float | None = None
+    ) -> list[tuple[int, float]]:
+        """(row, weight) of the distinct recent tracks that seed a query, newest first
+        (the last ``window`` tracks, weight ``decay`` ** distance; the model's query
+        window and decay when not given)."""
         out: list[tuple[int, float]] = []
         seen: set[int] = set()
         w = 1.0
         index = self._vocab.index
         cap = self._cap
         n = len(cap)
-        for prev_id in reversed(history[-self.query_window :]):
+        q_decay = self.query_decay if decay is None else decay
+        for prev_id in reversed(history[-(self.query_window if window is None else window) :]):
             prev = index.get(prev_id)
             if prev is not None and prev < n and prev not in seen and cap[prev]:
                 seen.add(prev)
                 out.append((prev, w))
-            w *= self.query_decay
+            w *= q_decay
         return out
 
     def arena(self) -> tuple[IntArray, IntArray, IntArray, FloatArray, Any, Any]:
