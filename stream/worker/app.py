@@ -188,7 +188,7 @@ def consumer_state(worker: Worker) -> dict[str, Any]:
         "producer_buffer": getattr(buffer, "size", None),
         "processed_offsets": {str(tp): o for tp, o in worker.processed_offsets.items()},
         "redis_pending": worker.writer.pending() if worker.writer else None,
-    }
+    } | consumer.hold_state()
 
 
 def run_worker(worker: Worker) -> None:

@@ -222,12 +222,14 @@ class PlaysAgent:
         generation = self.app.consumer_generation_id
         live: list[Any] = []
         records: list[Record] = []
+        stale = 0
         for ev in events:
             msg = ev.message
             if msg.generation_id != generation:
                 # a rebalance happened while these were buffered: drop them as Faust
                 # drops a stale generation's messages (the new owner reads them again)
                 stream.ack_processed(ev)
+                stale += 1
                 continue
             live.append(ev)
             records.append(
@@ -240,6 +242,10 @@ class PlaysAgent:
                     timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                 )
             )
+        if stale:
+            self.telemetry.stale_dropped(stale)
+            logger.info("dropped %d plays of an ended consumer generation (their partitions' "
+                        "owner reads them again)", stale)
         return live, records
 
     def _pace(self, live: list[Any], now: float) -> None:
