@@ -217,7 +217,7 @@ def stall_problems(a: WorkerProcess, reader: RecoReader, expected: Counter[str])
     "the expiry only from the next heartbeat), its changelog records land after the new "
     "owner's, and when it gets its old partitions back Faust sees them as kept (not newly "
     "assigned) and recovers nothing: it goes on from its stale state and Redis refuses its "
-    "documents as older (lost 200 of 400 plays in 4 of 4 runs). docs/reliability.md",
+    "documents as older (lost 200 of 400 plays in 5 of 5 runs). docs/reliability.md",
 )
 def test_a_stalled_worker_drops_its_stale_generation_plays_and_the_new_owner_applies_them(
     settings: Settings, worker_factory, reader: RecoReader
