@@ -15,6 +15,7 @@ glue (:mod:`stream.worker.telemetry`), and the start-up and shutdown order
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -36,6 +37,7 @@ from stream.worker.checkpointer import Checkpointer
 from stream.worker.control_agent import ControlAgent
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
+from stream.worker.fencing import FreezeFence
 from stream.worker.heap import freeze_startup_heap
 from stream.worker.lag import ConsumerLag
 from stream.worker.lifecycle import Lifecycle, Parts
@@ -66,6 +68,8 @@ class Worker:
     #: The live prequential evaluator (a windowed ``stream.core.evaluation.Prequential``); the
     #: report timer exports its summary as the quality metrics.
     evaluator: Any = None
+    #: ends the process after an event-loop freeze past the session (stream.worker.fencing)
+    fence: FreezeFence | None = None
 
 
 def configure_recommender(recommender: Recommender | None, settings: Settings) -> Recommender:
@@ -132,6 +136,9 @@ def create_worker(
     reader = SignalReader(settings, topics.signals_name, ring, worker_id, recommender,
                           models.free, telemetry, positions=positions,
                           forget_model_state=processor.forget_model_state)
+    fence = worker.fence = FreezeFence(
+        float(app.conf.broker_session_timeout),  # the effective one (BROKER_SESSION_TIMEOUT)
+        holds_partitions=lambda: holds_partitions(app))
     stall_watch = StallWatch(after_s=settings.stall_warning_s,
                              describe_state=lambda: consumer_state(worker))
     plays = PlaysAgent(
@@ -140,6 +147,7 @@ def create_worker(
         stall_watch=stall_watch, processed_offsets=worker.processed_offsets,
         sessions_bound=SessionBound(app, settings, processor, topics.sessions, writer,
                                     telemetry) if processor.max_sessions else None,
+        fence=fence,
     )
     control = ControlAgent(settings, ring, processor, writer, dead_letters, telemetry,
                            partitions=partitions, broadcast_forget=signals.broadcast_forget)
@@ -148,6 +156,7 @@ def create_worker(
         on_lag=lambda s: telemetry.loop_lag(s, loop_lag.max_lag),
         sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
         else None,
+        fence=fence,
     )
     timers = Timers(
         settings, processor=processor, writer=writer, ranker=ranker, models=models,
@@ -172,6 +181,14 @@ def create_worker(
     # mode's handler type (mypy_extensions argument kinds) accepts no function as typed
     app.on_rebalance_complete.connect(cast(Any, on_rebalance))
     return worker
+
+
+def holds_partitions(app: SeamApp) -> bool:
+    """Whether the worker's consumer has partitions assigned (False before it exists)."""
+    try:
+        return bool(app.seam_consumer.assignment())
+    except Exception:  # noqa: BLE001 - not started yet
+        return False
 
 
 def consumer_state(worker: Worker) -> dict[str, Any]:
@@ -206,4 +223,6 @@ def run_worker(worker: Worker) -> None:
     logger.info("%d start-up objects frozen out of the garbage collector's scans",
                 freeze_startup_heap())
     shutdown.install(faust_worker, worker.app, worker.settings.shutdown_timeout_s)
+    if worker.fence is not None:
+        worker.fence.install_sigcont(time.monotonic)
     faust_worker.execute_from_commandline()

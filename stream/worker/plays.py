@@ -3,6 +3,9 @@ through the processing pipeline, hands the results on, then acks the plays.
 
 One batch, step by step (:meth:`PlaysAgent.apply`):
 
+0. the freeze fence (:mod:`stream.worker.fencing`): after an event-loop freeze past half
+   the Kafka session the process exits here instead of applying plays that may belong to
+   an ended generation;
 1. ``_live`` -- drop plays of a stale consumer generation (a rebalance happened while they
    were buffered: the new owner reads them again) and turn the rest into pipeline records;
 2. ``_pace`` -- tell the ranking pacing whether a backlog is being drained;
@@ -38,6 +41,7 @@ from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
+from stream.worker.fencing import FreezeFence
 from stream.worker.ranker import Ranker
 from stream.worker.sessions_bound import SessionBound
 from stream.worker.signals import SignalPublisher
@@ -85,6 +89,7 @@ class PlaysAgent:
         stall_watch: StallWatch,
         processed_offsets: dict[Any, int],
         sessions_bound: SessionBound | None = None,
+        fence: FreezeFence | None = None,
     ) -> None:
         self.app = app
         self.processor = processor
@@ -99,6 +104,9 @@ class PlaysAgent:
         self.processed_offsets = processed_offsets
         #: ``max_sessions``: evicts the least recent listeners after each batch
         self.sessions_bound = sessions_bound
+        #: ends the process before a batch is applied after a freeze past the session
+        #: (:mod:`stream.worker.fencing`): its plays may belong to an ended generation
+        self.fence = fence
         self.max_batch = settings.agent_batch
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
@@ -201,6 +209,8 @@ class PlaysAgent:
         """Apply a gathered batch, then ack each play (see the module docstring)."""
         stream = self.stream
         assert stream is not None
+        if self.fence is not None:
+            self.fence.check(time.monotonic())
         live, records = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)

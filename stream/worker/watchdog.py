@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stream.worker.fencing import FreezeFence
+
 logger = logging.getLogger(__name__)
 
 
@@ -113,10 +115,13 @@ class LoopLagProbe:
     T - ``interval_s`` and T. Run :meth:`run` as a task of the loop to watch."""
 
     def __init__(self, on_lag: Callable[[float], None], interval_s: float = 0.01,
-                 sampler: StallSampler | None = None) -> None:
+                 sampler: StallSampler | None = None, fence: FreezeFence | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
         self.on_lag = on_lag
+        #: told of every wake-up before anything else (it ends the process after a freeze
+        #: past the session), disarmed when the probe stops
+        self.fence = fence
         #: told of every wake-up (its heartbeat), if set
         self.sampler = sampler
         self.interval_s = interval_s
@@ -134,16 +139,21 @@ class LoopLagProbe:
         loop = asyncio.get_running_loop()
         interval = self.interval_s
         sampler = self.sampler
+        fence = self.fence
         if sampler is not None:
             sampler.start()
         try:
             while True:
                 due = loop.time() + interval
                 await asyncio.sleep(interval)
+                if fence is not None:
+                    fence.beat(_monotonic())
                 if sampler is not None:
                     sampler.beat()
                 self.observe(loop.time() - due)
         finally:
+            if fence is not None:
+                fence.disarm()
             if sampler is not None:
                 sampler.stop()
 
