@@ -20,7 +20,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import faust
 from faust.types import TP
 
 from stream.adapters.metrics import Metrics
@@ -28,7 +27,6 @@ from stream.config import Settings
 from stream.core.evaluation import Prequential
 from stream.core.recommender import Recommender
 from stream.core.signal_positions import Restored, SignalPositions
-from stream.faustx import shutdown
 from stream.faustx.app import SeamApp, create_app
 from stream.processing.pacing import RankPacing
 from stream.processing.pipeline import Processor
@@ -69,7 +67,7 @@ class Worker:
     #: report timer exports its summary as the quality metrics.
     evaluator: Any = None
     #: ends the process after an event-loop freeze past the session (stream.worker.fencing)
-    fence: FreezeFence | None = None
+    freeze_fence: FreezeFence | None = None
 
 
 def configure_recommender(recommender: Recommender | None, settings: Settings) -> Recommender:
@@ -136,7 +134,7 @@ def create_worker(
     reader = SignalReader(settings, topics.signals_name, ring, worker_id, recommender,
                           models.free, telemetry, positions=positions,
                           forget_model_state=processor.forget_model_state)
-    fence = worker.fence = FreezeFence(
+    freeze_fence = worker.freeze_fence = FreezeFence(
         float(app.conf.broker_session_timeout),  # the effective one (BROKER_SESSION_TIMEOUT)
         holds_partitions=lambda: holds_partitions(app))
     stall_watch = StallWatch(after_s=settings.stall_warning_s,
@@ -147,7 +145,7 @@ def create_worker(
         stall_watch=stall_watch, processed_offsets=worker.processed_offsets,
         sessions_bound=SessionBound(app, settings, processor, topics.sessions, writer,
                                     telemetry) if processor.max_sessions else None,
-        fence=fence,
+        freeze_fence=freeze_fence,
     )
     control = ControlAgent(settings, ring, processor, writer, dead_letters, telemetry,
                            partitions=partitions, broadcast_forget=signals.broadcast_forget)
@@ -156,7 +154,7 @@ def create_worker(
         on_lag=lambda s: telemetry.loop_lag(s, loop_lag.max_lag),
         sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
         else None,
-        fence=fence,
+        fence=freeze_fence,
     )
     timers = Timers(
         settings, processor=processor, writer=writer, ranker=ranker, models=models,
@@ -210,8 +208,9 @@ def consumer_state(worker: Worker) -> dict[str, Any]:
 
 def run_worker(worker: Worker) -> None:
     """Run until SIGTERM/SIGINT (Faust handles the signals and shuts down cleanly)."""
-    faust_worker = faust.Worker(
-        worker.app,
+    # the app's Worker class (stream.faustx.shutdown.SeamWorker): a stop bounded by
+    # shutdown_timeout_s
+    faust_worker = worker.app.worker(
         loglevel=worker.settings.log_level.upper(),
         quiet=True,
         redirect_stdouts=False,
@@ -222,7 +221,6 @@ def run_worker(worker: Worker) -> None:
     faust_worker.spinner = None
     logger.info("%d start-up objects frozen out of the garbage collector's scans",
                 freeze_startup_heap())
-    shutdown.install(faust_worker, worker.app, worker.settings.shutdown_timeout_s)
-    if worker.fence is not None:
-        worker.fence.install_sigcont(time.monotonic)
+    if worker.freeze_fence is not None:
+        worker.freeze_fence.install_sigcont(time.monotonic)
     faust_worker.execute_from_commandline()

@@ -7,7 +7,9 @@ One batch, step by step (:meth:`PlaysAgent.apply`):
    the Kafka session the process exits here instead of applying plays that may belong to
    an ended generation;
 1. ``_live`` -- drop plays of a stale consumer generation (a rebalance happened while they
-   were buffered: the new owner reads them again) and turn the rest into pipeline records;
+   were buffered: the new owner reads them again), hold back plays that come after records
+   the stream skipped (:class:`stream.processing.fence.OffsetFence`: their partition is read
+   again from the first one missing) and turn the rest into pipeline records;
 2. ``_pace`` -- tell the ranking pacing whether a backlog is being drained;
 3. ``Processor.process_batch`` -- validate, session state, learn, queue the rankings;
 4. ``_hand_on`` -- dead letters to their topic, the batch to telemetry, track signals;
@@ -37,6 +39,7 @@ import faust
 
 from stream.config import Settings
 from stream.faustx.stream import BatchingStream
+from stream.processing.fence import OffsetFence
 from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
@@ -89,7 +92,7 @@ class PlaysAgent:
         stall_watch: StallWatch,
         processed_offsets: dict[Any, int],
         sessions_bound: SessionBound | None = None,
-        fence: FreezeFence | None = None,
+        freeze_fence: FreezeFence | None = None,
     ) -> None:
         self.app = app
         self.processor = processor
@@ -106,7 +109,7 @@ class PlaysAgent:
         self.sessions_bound = sessions_bound
         #: ends the process before a batch is applied after a freeze past the session
         #: (:mod:`stream.worker.fencing`): its plays may belong to an ended generation
-        self.fence = fence
+        self.freeze_fence = freeze_fence
         self.max_batch = settings.agent_batch
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
@@ -115,6 +118,9 @@ class PlaysAgent:
         self._wake_handle: asyncio.TimerHandle | None = None
         self._yielded = self._changelog_sent = time.perf_counter()
         self._changelog_failures = 0
+        #: plays are applied in offset order from where each partition was sought to
+        self.fence = OffsetFence()
+        self.skips_detected = 0
 
     def nothing_buffered(self) -> bool:
         """Whether no play waits in the stream buffer (True before the agent starts)."""
@@ -209,9 +215,9 @@ class PlaysAgent:
         """Apply a gathered batch, then ack each play (see the module docstring)."""
         stream = self.stream
         assert stream is not None
-        if self.fence is not None:
-            self.fence.check(time.monotonic())
-        live, records = self._live(stream, events)
+        if self.freeze_fence is not None:
+            self.freeze_fence.check(time.monotonic())
+        live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)
         stage_totals: dict[str, float] = {}
@@ -223,16 +229,22 @@ class PlaysAgent:
         await self._hand_on(outcomes, stage_totals, per_event)
         self._ack(stream, live)
         set_current(None)
+        if reread:
+            await self._read_again(reread)
         self.stall_watch.progress(time.monotonic())
         await self._after()
 
     def _live(
         self, stream: BatchingStream, events: list[Any]
-    ) -> tuple[list[Any], list[Record]]:
+    ) -> tuple[list[Any], list[Record], dict[Any, int]]:
+        """The events to apply, as pipeline records, and the partitions to read again (from
+        the offset given) because their stream skipped records (the fence)."""
         generation = self.app.consumer_generation_id
+        fence = self._fence()
         live: list[Any] = []
         records: list[Record] = []
         stale = 0
+        reread: dict[Any, int] = {}
         for ev in events:
             msg = ev.message
             if msg.generation_id != generation:
@@ -241,6 +253,12 @@ class PlaysAgent:
                 stream.ack_processed(ev)
                 stale += 1
                 continue
+            if fence is not None:
+                again = fence.admit(msg.tp, msg.offset)
+                if again is not None:  # records before this one never came: not applied
+                    stream.drop_unapplied(ev)
+                    reread.setdefault(msg.tp, again)
+                    continue
             live.append(ev)
             records.append(
                 Record(
@@ -256,7 +274,29 @@ class PlaysAgent:
             self.telemetry.stale_dropped(stale)
             logger.info("dropped %d plays of an ended consumer generation (their partitions' "
                         "owner reads them again)", stale)
-        return live, records
+        return live, records, reread
+
+    def _fence(self) -> OffsetFence | None:
+        """The offset fence, reset after each seek of the consumer (None on a consumer that
+        does not record where its streams start: not the seam's)."""
+        consumer: Any = self.app.consumer
+        epoch = getattr(consumer, "seek_epoch", None)
+        if epoch is None:
+            return None
+        if epoch != self.fence.epoch:
+            self.fence.reset(consumer.start_offsets, epoch)
+        return self.fence
+
+    async def _read_again(self, reread: dict[Any, int]) -> None:
+        """Seek each partition whose stream skipped records back to the first one missing."""
+        for tp, offset in reread.items():
+            self.skips_detected += 1
+            if self.skips_detected <= 10 or self.skips_detected % 1000 == 0:
+                logger.error(
+                    "%s: the stream skipped records from offset %d (never delivered to the "
+                    "agent); not applying what came after them, reading again from %d "
+                    "(%d time(s) so far)", tp, offset, offset, self.skips_detected)
+            await self.app.consumer.seek(tp, offset)
 
     def _pace(self, live: list[Any], now: float) -> None:
         """The backlog behind this batch, per partition (the fetched highwater)."""
