@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -25,6 +26,11 @@ class SeamApp(faust.App):
 
     def __init__(self, id: str, *, seam: SeamOptions | None = None, **kwargs: Any) -> None:
         self.seam = seam if seam is not None else SeamOptions()
+        #: called (in order) at the start of every pre-commit flush, before the producer
+        #: counts what it must wait for: a part that buffers records of applied events
+        #: outside Faust (the worker's track signals) hands them to the producer here, so
+        #: the commit waits for them too (:class:`stream.faustx.producer.CommitFlushProducer`)
+        self.before_commit: list[Callable[[], None]] = []
         super().__init__(id, **kwargs)
 
     def batched_table(self, name: str, **kwargs: Any) -> BatchedChangelogTable:
