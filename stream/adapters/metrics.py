@@ -455,6 +455,14 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
+        self.stale_dropped = Counter(
+            "stale_generation_dropped",
+            "Plays dropped unapplied because the consumer generation they were fetched under "
+            "had ended when the plays agent reached them (a rebalance while they were "
+            "buffered: the partition's new owner reads them again from the committed offset).",
+            namespace=ns,
+            registry=registry,
+        )
         self.last_event_ts = FastGauge(
             "last_event_timestamp_seconds",
             "Event time of the newest processed play.",

@@ -21,6 +21,14 @@ a pending tombstone for the key, so one queue keeps every key's records in order
 record is resent with the key's *current* value (or a tombstone if it is gone), never its
 own older one. The app gets this class with ``App(Table=...)`` (stream.faustx.app), and
 ``app.Table(name, ...)`` builds one.
+
+Recovery (and standbys) keep the newer of two records of a key when the table is given an
+``order`` (:attr:`BatchedChangelogTable.order`: the worker's is the listener's ``seq``, the
+count of plays applied): a value whose order is below the one already held for its key is
+skipped (:meth:`BatchedChangelogTable.apply_changelog_batch`). A worker frozen past its
+session can have changelog records land *after* the new owner's (its producer may send
+what it held before it notices and exits, :mod:`stream.worker.fencing`); read in log order
+they would set the listener back. Tombstones (forgotten listeners) always apply.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faust
@@ -56,6 +65,49 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         self._in_flight: list[tuple[asyncio.Future[Any], Any, int, Any]] = []
         self._send_lock = asyncio.Lock()
         self.records_sent = 0
+        #: a value's monotonic counter: recovery skips a record below the value held for
+        #: its key (None: log order, as Faust); None from it means "no order" (applied)
+        self.order: Callable[[Any], int | None] | None = None
+        #: records recovery skipped as older than the value held (see the module docstring)
+        self.older_skipped = 0
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
+        """Faust's recovery and standby hook: apply changelog events to the store, skipping
+        a value older (by :attr:`order`) than the one already held for its key."""
+        if self.order is None:
+            super().apply_changelog_batch(batch)
+            return
+        kept = self._newer_only(batch, self.order)
+        super().apply_changelog_batch(kept)
+
+    def _newer_only(self, batch: Iterable[Any], order: Callable[[Any], int | None]) -> list[Any]:
+        held: dict[Any, int | None] = {}  # key -> order of its latest value (None: absent)
+        kept: list[Any] = []
+        skipped = 0
+        for event in batch:
+            key = self._to_key(event.key)
+            if event.message.value is None:  # a tombstone always applies
+                held[key] = None
+                kept.append(event)
+                continue
+            rank = order(event.value)
+            if key not in held:
+                current = read_in_partition(self.data, key, event.message.partition)
+                held[key] = None if current is None else order(current)
+            before = held[key]
+            if rank is not None and before is not None and rank < before:
+                skipped += 1
+                continue
+            held[key] = rank
+            kept.append(event)
+        if skipped:
+            self.older_skipped += skipped
+            logger.warning("changelog recovery of %s skipped %d record(s) older than the state "
+                           "already read for their key (late records of a fenced worker; "
+                           "%d so far)", self.name, skipped, self.older_skipped)
+        return kept
 
     # -- Faust hooks ----------------------------------------------------------------------
 

@@ -221,6 +221,10 @@ class SeamConsumer(AIOKafkaConsumer):
         """The partitions Faust's fetch filter holds back now."""
         return set(self._paused_partitions)
 
+    def hold_state(self) -> dict[str, Any]:
+        """The resume-after-seek state (for the stall watch): partitions held, seek done."""
+        return {"held": sorted(str(tp) for tp in self.held_partitions), "sought": self.sought}
+
     @property
     def committing(self) -> bool:
         """Whether a commit is in progress."""

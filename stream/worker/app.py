@@ -15,6 +15,7 @@ glue (:mod:`stream.worker.telemetry`), and the start-up and shutdown order
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -34,6 +35,7 @@ from stream.worker.checkpointer import Checkpointer
 from stream.worker.control_agent import ControlAgent
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
+from stream.worker.fencing import FreezeFence
 from stream.worker.heap import freeze_startup_heap
 from stream.worker.lag import ConsumerLag
 from stream.worker.lifecycle import Lifecycle, Parts
@@ -64,6 +66,8 @@ class Worker:
     #: The live prequential evaluator (a windowed ``stream.core.evaluation.Prequential``); the
     #: report timer exports its summary as the quality metrics.
     evaluator: Any = None
+    #: ends the process after an event-loop freeze past the session (stream.worker.fencing)
+    freeze_fence: FreezeFence | None = None
 
 
 def configure_recommender(recommender: Recommender | None, settings: Settings) -> Recommender:
@@ -132,6 +136,9 @@ def create_worker(
     reader = SignalReader(settings, topics.signals_name, ring, worker_id, recommender,
                           models.free, telemetry, positions=positions,
                           forget_model_state=processor.forget_model_state)
+    freeze_fence = worker.freeze_fence = FreezeFence(
+        float(app.conf.broker_session_timeout),  # the effective one (BROKER_SESSION_TIMEOUT)
+        holds_partitions=lambda: holds_partitions(app))
     stall_watch = StallWatch(after_s=settings.stall_warning_s,
                              describe_state=lambda: consumer_state(worker))
     plays = PlaysAgent(
@@ -140,6 +147,7 @@ def create_worker(
         stall_watch=stall_watch, processed_offsets=worker.processed_offsets,
         sessions_bound=SessionBound(app, settings, processor, topics.sessions, writer,
                                     telemetry) if processor.max_sessions else None,
+        freeze_fence=freeze_fence,
     )
     control = ControlAgent(settings, ring, processor, writer, dead_letters, telemetry,
                            partitions=partitions, broadcast_forget=signals.broadcast_forget)
@@ -149,6 +157,7 @@ def create_worker(
         on_busy=lambda s: telemetry.loop_busy(s, loop_lag.max_busy),
         sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
         else None,
+        fence=freeze_fence,
     )
     timers = Timers(
         settings, processor=processor, writer=writer, ranker=ranker, models=models,
@@ -175,6 +184,14 @@ def create_worker(
     return worker
 
 
+def holds_partitions(app: SeamApp) -> bool:
+    """Whether the worker's consumer has partitions assigned (False before it exists)."""
+    try:
+        return bool(app.seam_consumer.assignment())
+    except Exception:  # noqa: BLE001 - not started yet
+        return False
+
+
 def consumer_state(worker: Worker) -> dict[str, Any]:
     """What the stall watch logs about the consumer when the stream stalls."""
     app = worker.app
@@ -189,7 +206,7 @@ def consumer_state(worker: Worker) -> dict[str, Any]:
         "producer_buffer": getattr(buffer, "size", None),
         "processed_offsets": {str(tp): o for tp, o in worker.processed_offsets.items()},
         "redis_pending": worker.writer.pending() if worker.writer else None,
-    }
+    } | consumer.hold_state()
 
 
 def run_worker(worker: Worker) -> None:
@@ -207,4 +224,6 @@ def run_worker(worker: Worker) -> None:
     faust_worker.spinner = None
     logger.info("%d start-up objects frozen out of the garbage collector's scans",
                 freeze_startup_heap())
+    if worker.freeze_fence is not None:
+        worker.freeze_fence.install_sigcont(time.monotonic)
     faust_worker.execute_from_commandline()

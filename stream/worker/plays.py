@@ -3,6 +3,9 @@ through the processing pipeline, hands the results on, then acks the plays.
 
 One batch, step by step (:meth:`PlaysAgent.apply`):
 
+0. the freeze fence (:mod:`stream.worker.fencing`): after an event-loop freeze past half
+   the Kafka session the process exits here instead of applying plays that may belong to
+   an ended generation;
 1. ``_live`` -- drop plays of a stale consumer generation (a rebalance happened while they
    were buffered: the new owner reads them again), hold back plays that come after records
    the stream skipped (:class:`stream.processing.fence.OffsetFence`: their partition is read
@@ -41,6 +44,7 @@ from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
+from stream.worker.fencing import FreezeFence
 from stream.worker.ranker import Ranker
 from stream.worker.sessions_bound import SessionBound
 from stream.worker.signals import SignalPublisher
@@ -88,6 +92,7 @@ class PlaysAgent:
         stall_watch: StallWatch,
         processed_offsets: dict[Any, int],
         sessions_bound: SessionBound | None = None,
+        freeze_fence: FreezeFence | None = None,
     ) -> None:
         self.app = app
         self.processor = processor
@@ -102,6 +107,9 @@ class PlaysAgent:
         self.processed_offsets = processed_offsets
         #: ``max_sessions``: evicts the least recent listeners after each batch
         self.sessions_bound = sessions_bound
+        #: ends the process before a batch is applied after a freeze past the session
+        #: (:mod:`stream.worker.fencing`): its plays may belong to an ended generation
+        self.freeze_fence = freeze_fence
         self.max_batch = settings.agent_batch
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
@@ -207,6 +215,8 @@ class PlaysAgent:
         """Apply a gathered batch, then ack each play (see the module docstring)."""
         stream = self.stream
         assert stream is not None
+        if self.freeze_fence is not None:
+            self.freeze_fence.check(time.monotonic())
         live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)
@@ -233,6 +243,7 @@ class PlaysAgent:
         fence = self._fence()
         live: list[Any] = []
         records: list[Record] = []
+        stale = 0
         reread: dict[Any, int] = {}
         for ev in events:
             msg = ev.message
@@ -240,6 +251,7 @@ class PlaysAgent:
                 # a rebalance happened while these were buffered: drop them as Faust
                 # drops a stale generation's messages (the new owner reads them again)
                 stream.ack_processed(ev)
+                stale += 1
                 continue
             if fence is not None:
                 again = fence.admit(msg.tp, msg.offset)
@@ -258,6 +270,10 @@ class PlaysAgent:
                     timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                 )
             )
+        if stale:
+            self.telemetry.stale_dropped(stale)
+            logger.info("dropped %d plays of an ended consumer generation (their partitions' "
+                        "owner reads them again)", stale)
         return live, records, reread
 
     def _fence(self) -> OffsetFence | None:

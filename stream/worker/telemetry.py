@@ -182,6 +182,9 @@ class Telemetry:
     def rebalanced(self) -> None:
         self.metrics.rebalances.inc()
 
+    def stale_dropped(self, plays: int) -> None:
+        self.metrics.stale_dropped.inc(plays)
+
     def stalled(self) -> None:
         self.metrics.stalls.inc()
 

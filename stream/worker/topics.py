@@ -49,6 +49,12 @@ class UserStateCodec(codecs.Codec):
 codecs.register(USER_STATE_CODEC, UserStateCodec())
 
 
+def state_order(value: Any) -> int | None:
+    """A session-table value's order for changelog recovery: its ``seq`` (plays applied)."""
+    seq = getattr(value, "seq", None)
+    return seq if isinstance(seq, int) else None
+
+
 @dataclass(frozen=True)
 class Topics:
     plays: Any
@@ -83,4 +89,7 @@ def declare_topics(app: SeamApp, settings: Settings, partitions: int) -> Topics:
     # orjson on the changelog, and UserState objects back on recovery.
     sessions.key_serializer = "json"
     sessions.value_serializer = USER_STATE_CODEC
+    # recovery keeps a listener's newer state of two (by plays applied): late records of a
+    # worker fenced after a freeze must not set a listener back (stream.worker.fencing)
+    sessions.order = state_order
     return Topics(plays, control, dlq, signals, signals_name, sessions)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stream.worker.fencing import FreezeFence
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,7 +116,8 @@ class LoopLagProbe:
 
     def __init__(self, on_lag: Callable[[float], None], interval_s: float = 0.01,
                  sampler: StallSampler | None = None,
-                 on_busy: Callable[[float], None] | None = None) -> None:
+                 on_busy: Callable[[float], None] | None = None,
+                 fence: FreezeFence | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
         self.on_lag = on_lag
@@ -124,6 +127,9 @@ class LoopLagProbe:
         #: other processes, or another thread of the worker holding the GIL).
         self.on_busy = on_busy
         self.max_busy = 0.0
+        #: told of every wake-up before anything else (it ends the process after a freeze
+        #: past the session), disarmed when the probe stops
+        self.fence = fence
         #: told of every wake-up (its heartbeat), if set
         self.sampler = sampler
         self.interval_s = interval_s
@@ -150,6 +156,7 @@ class LoopLagProbe:
         loop = asyncio.get_running_loop()
         interval = self.interval_s
         sampler = self.sampler
+        fence = self.fence
         if sampler is not None:
             sampler.start()
         cpu = time.thread_time()
@@ -157,6 +164,8 @@ class LoopLagProbe:
             while True:
                 due = loop.time() + interval
                 await asyncio.sleep(interval)
+                if fence is not None:
+                    fence.beat(_monotonic())
                 if sampler is not None:
                     sampler.beat()
                 self.observe(loop.time() - due)
@@ -164,6 +173,8 @@ class LoopLagProbe:
                 self.observe_busy(now_cpu - cpu)
                 cpu = now_cpu
         finally:
+            if fence is not None:
+                fence.disarm()
             if sampler is not None:
                 sampler.stop()
 

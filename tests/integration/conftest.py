@@ -125,6 +125,8 @@ class WorkerProcess:
         box at load average ~18 a start (imports, numba cache load or compile in a fresh
         clone, topic creation, group join, changelog recovery) overran 90 s."""
         env = settings_env(self.settings) | self.extra_env
+        # a restart appends to the same log: wait for a "Ready" of this start
+        start_size = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "stream.tools.cli", "worker"],
@@ -133,23 +135,21 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.wait_ready(timeout)
+        self.wait_ready(timeout, start_size)
         return self
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, start_size: int = 0) -> None:
         deadline = time.monotonic() + timeout
-        start_size = 0
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 pytest.fail(
                     f"worker exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
                 )
-            text = self.log_text()[start_size:]
-            if "Worker]: Ready" in text:
+            if b"Worker]: Ready" in self.log_path.read_bytes()[start_size:]:
                 return
             time.sleep(0.25)
         pytest.fail(f"worker not ready within {timeout}s:\n{self.log_text()[-4000:]}")

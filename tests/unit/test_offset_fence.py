@@ -91,11 +91,22 @@ class Stream:
         self.dropped.append(ev.message.offset)
 
 
+class Telemetry:
+    """Counts what the agent reports about stale plays (stream_stale_generation_dropped_total)."""
+
+    def __init__(self) -> None:
+        self.stale = 0
+
+    def stale_dropped(self, plays: int) -> None:
+        self.stale += plays
+
+
 def _agent(consumer: Consumer) -> PlaysAgent:
     agent = PlaysAgent.__new__(PlaysAgent)
     agent.app = App(consumer)  # type: ignore[assignment]
     agent.fence = OffsetFence()
     agent.skips_detected = 0
+    agent.telemetry = Telemetry()  # type: ignore[assignment]
     return agent
 
 
@@ -123,6 +134,7 @@ def test_stale_generations_are_still_dropped_before_the_fence() -> None:
     live, records, reread = agent._live(stream, [Ev(Msg("p0", 7, generation_id=4))])  # type: ignore[arg-type]
     assert records == [] and stream.acked == [7] and reread == {}
     assert agent.fence.admit("p0", 0) is None  # the stale one did not move the fence
+    assert agent.telemetry.stale == 1  # type: ignore[attr-defined]
 
 
 def test_a_consumer_without_start_offsets_is_not_fenced() -> None:
