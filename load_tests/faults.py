@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -898,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dynamic-membership", action="store_true",
                    help="recovery: no kafka_group_instance_id (restarts wait out the session)")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="recovery: keep the worker logs and data dirs here")
+                   help="keep the worker logs (and recovery's data dirs) here; without it a "
+                   "temporary directory, removed only when every drill passed")
     p.add_argument("--standby-catch-up-s", type=float, default=300.0,
                    help="recovery: longest wait for W2's standby copies to catch up")
     p.add_argument("--short", action="store_true", help="attacks: the CI variant")
@@ -932,54 +934,57 @@ def main(argv: list[str] | None = None) -> int:
     drills = ["crash-loop", "redis-outage", "broker-restart", "hostile"]
     chosen = drills if args.drill == "all" else [args.drill]
     reports: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
-        workdir = Path(tmp)
-        workers: list[LocalWorker] = []
+    # the worker logs are the only record of what a failed drill's workers did: the workdir is
+    # removed only when every drill passed (or kept anyway with --workdir)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="faults-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"[faults] workdir (worker logs): {workdir}", file=sys.stderr, flush=True)
+    workers: list[LocalWorker] = []
 
-        def start(s: Settings) -> LocalWorker:
-            w = LocalWorker(s, workdir / f"worker-{len(workers)}.log")
-            workers.append(w)
-            return w.start()
+    def start(s: Settings) -> LocalWorker:
+        w = LocalWorker(s, workdir / f"worker-{len(workers)}.log")
+        workers.append(w)
+        return w.start()
 
-        try:
-            for name in chosen:
-                s = _drill_settings(f"f{uuid.uuid4().hex[:8]}")
-                print(f"[faults] {name} ...", file=sys.stderr, flush=True)
-                if name == "crash-loop":
-                    r = crash_loop(
-                        s, start, kills=args.kills, users=args.users, rate=args.rate, seed=args.seed
-                    )
-                elif name == "redis-outage":
-                    r = redis_outage(s, start, workdir, outage_s=args.outage_s, seed=args.seed)
-                elif name == "redis-failover":  # Redis Cluster: load_tests.cluster_faults
-                    from load_tests import cluster_faults
-
-                    r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed)
-                elif name == "rebalance-storm":  # 3 workers: load_tests.cluster_faults
-                    from load_tests import cluster_faults
-
-                    r = cluster_faults.rebalance_storm(s, start, rate=args.rate, seed=args.seed)
-                elif name == "kafka-leader-kill":  # 3 brokers: load_tests.cluster_faults
-                    from load_tests import cluster_faults
-
-                    r = cluster_faults.run_leader_kill(
-                        s, start, workdir, rate=args.rate, seed=args.seed
-                    )
-                elif name == "broker-restart":
-                    r = broker_restart(s, start, workdir, down_s=args.down_s, seed=args.seed)
-                else:
-                    r = hostile_input(s, start, count=args.count, seed=args.seed)
-                for w in workers:
-                    w.stop()
-                reports.append(r)
-                print(
-                    json.dumps({k: v for k, v in r.items() if k != "kill_log"}, indent=1),
-                    file=sys.stderr,
-                    flush=True,
+    try:
+        for name in chosen:
+            s = _drill_settings(f"f{uuid.uuid4().hex[:8]}")
+            print(f"[faults] {name} ...", file=sys.stderr, flush=True)
+            if name == "crash-loop":
+                r = crash_loop(
+                    s, start, kills=args.kills, users=args.users, rate=args.rate, seed=args.seed
                 )
-        finally:
+            elif name == "redis-outage":
+                r = redis_outage(s, start, workdir, outage_s=args.outage_s, seed=args.seed)
+            elif name == "redis-failover":  # Redis Cluster: load_tests.cluster_faults
+                from load_tests import cluster_faults
+
+                r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed)
+            elif name == "rebalance-storm":  # 3 workers: load_tests.cluster_faults
+                from load_tests import cluster_faults
+
+                r = cluster_faults.rebalance_storm(s, start, rate=args.rate, seed=args.seed)
+            elif name == "kafka-leader-kill":  # 3 brokers: load_tests.cluster_faults
+                from load_tests import cluster_faults
+
+                r = cluster_faults.run_leader_kill(
+                    s, start, workdir, rate=args.rate, seed=args.seed
+                )
+            elif name == "broker-restart":
+                r = broker_restart(s, start, workdir, down_s=args.down_s, seed=args.seed)
+            else:
+                r = hostile_input(s, start, count=args.count, seed=args.seed)
             for w in workers:
-                w.kill()
+                w.stop()
+            reports.append(r)
+            print(
+                json.dumps({k: v for k, v in r.items() if k != "kill_log"}, indent=1),
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        for w in workers:
+            w.kill()
     ok = all(
         r.get("lost") == 0
         and r.get("double_applied") == 0
@@ -990,6 +995,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.report.write_text(json.dumps({"ok": ok, "drills": reports}, indent=2, default=str))
     print(f"[faults] report: {args.report} ({'OK' if ok else 'FAILED'})", file=sys.stderr)
+    if ok and args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"[faults] worker logs kept in {workdir}", file=sys.stderr)
     return 0 if ok else 1
 
 

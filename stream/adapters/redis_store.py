@@ -230,6 +230,11 @@ class _KeyFailure:
     retry_at: float
 
 
+class WriterDied(RuntimeError):
+    """The writer's flusher task ended while the writer was not stopping (see
+    :meth:`RecoWriter.watch`)."""
+
+
 class RecoWriter:
     """Coalescing, pipelined, retrying writer of recommendation documents.
 
@@ -358,6 +363,24 @@ class RecoWriter:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="reco-writer")
+
+    async def watch(self) -> None:
+        """Wait while the flusher runs. Returns once it was stopped (:meth:`stop`) or
+        cancelled; raises :class:`WriterDied` if it ended any other way (an exception, or a
+        return while not stopping): writes queued after that would never reach Redis, so
+        the caller (the worker's lifecycle, a supervised task) must not carry on without
+        it. Cancelling the watch leaves the flusher alone."""
+        task = self._task
+        if task is None:
+            raise WriterDied("the Redis writer was never started")
+        await asyncio.wait({task})
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        raise WriterDied(
+            f"the Redis writer's flusher ended unexpectedly with {len(self.pending)} "
+            f"document(s) queued" + (f": {exc!r}" if exc is not None else "")
+        ) from exc
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Flush what is pending (bounded by ``drain_timeout``), then stop."""

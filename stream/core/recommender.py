@@ -1294,16 +1294,6 @@ class Recommender:
                 if not latest:
                     del tracks_of[artist]  # type: ignore[arg-type]
 
-    def learn_item_side(self, x: Interaction) -> None:
-        """Learn a play on the item side only -- trending popularity, session co-occurrence
-        and the track's artist -- as another worker's track signal teaches it
-        (stream.processing.replication); the listener's own models (matrix-factorisation
-        factors, the skip model) stay with the worker that owns them."""
-        self.popularity.learn_one(x)
-        self.cooccurrence.learn_one(x)
-        if x.artist_id:
-            self.artist_of[x.track_id] = x.artist_id
-
     def trending(self, n: int) -> list[str]:
         """The ``n`` most popular tracks now (decayed plays), most popular first."""
         weights = self.popularity.weights()

@@ -8,7 +8,7 @@ from typing import Any
 import faust
 
 from stream.config import Settings
-from stream.faustx import transport
+from stream.faustx import shutdown, transport
 from stream.faustx.changelog_table import BatchedChangelogTable
 from stream.faustx.compat import check_compat
 from stream.faustx.consumer import SeamConsumer
@@ -38,6 +38,26 @@ class SeamApp(faust.App):
     def assigned_partitions(self, topic: str) -> set[int]:
         """The partitions of ``topic`` the consumer is assigned now."""
         return {tp.partition for tp in self.consumer.assignment() if tp.topic == topic}
+
+    async def _producer_flush(self, logger: Any) -> None:
+        """Faust's stop (and a revocation) flushes the producer until every buffered record
+        is acknowledged, retrying an unreachable broker for 20 minutes: with
+        ``seam.stop_timeout_s`` it gives up after a third of that (logged; pinned in compat,
+        see :mod:`stream.faustx.shutdown`)."""
+        flush = super()._producer_flush(logger)
+        if self.seam.stop_timeout_s is None:
+            await flush
+        else:
+            await shutdown.bounded_flush(flush, max(1.0, self.seam.stop_timeout_s / 3))
+
+    def worker(self, **kwargs: Any) -> shutdown.SeamWorker:
+        """A Faust worker for this app, of its ``Worker`` class (``SeamWorker`` as
+        :func:`create_app` configures it: a bounded stop)."""
+        worker_class: Any = self.conf.Worker
+        worker = worker_class(self, **kwargs)
+        if not isinstance(worker, shutdown.SeamWorker):
+            raise TypeError(f"the app's Worker class is {worker_class!r}")
+        return worker
 
     @property
     def seam_consumer(self) -> SeamConsumer:
@@ -81,6 +101,7 @@ def options_for(settings: Settings) -> SeamOptions:
         fetch_min_bytes=settings.kafka_fetch_min_bytes,
         fast_delivery=True,
         hold_topics=frozenset({settings.plays_topic}),
+        stop_timeout_s=settings.shutdown_timeout_s,
     )
 
 
@@ -88,7 +109,8 @@ def create_app(settings: Settings, partitions: int) -> SeamApp:
     """The worker's Faust app for these settings (``partitions``: the plays topic's count),
     after the start-up compat check (:mod:`stream.faustx.compat`, setting
     ``faust_compat_check``). Its transport, stream and table classes are the seam's
-    (``faustx://`` broker URLs, ``Stream=BatchingStream``, ``Table=BatchedChangelogTable``):
+    (``faustx://`` broker URLs, ``Stream=BatchingStream``, ``Table=BatchedChangelogTable``,
+    ``Worker=SeamWorker``):
     ``app.batched_table(...)`` builds the session table, and an agent's stream is a
     :class:`BatchingStream`."""
     check_compat(settings.faust_compat_check)
@@ -100,6 +122,7 @@ def create_app(settings: Settings, partitions: int) -> SeamApp:
         broker_credentials=broker_credentials(settings),
         Stream=BatchingStream,
         Table=BatchedChangelogTable,
+        Worker=shutdown.SeamWorker,  # run it as app.conf.Worker(app, ...): a bounded stop
         **faust_app_options(settings),  # table store, data dir, standbys, group membership
         topic_partitions=partitions,
         topic_replication_factor=settings.replication_factor,

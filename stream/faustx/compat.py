@@ -78,22 +78,62 @@ TESTED: Final[tuple[Pin, ...]] = (
     Pin(
         "faust.transport.consumer:Consumer.perform_seek",
         "0e8c130ff4b0afd8",
-        "overridden: resume after seek (faustx.consumer)",
+        "overridden: resume after seek, and where the plays streams start (faustx.consumer)",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._clean_unacked_messages",
+        "11be2587e71c9162",
+        "drops messages marked acked: faustx.stream.drop_unapplied relies on it",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._new_offset",
+        "1d2c7ea89a7ad4f1",
+        "skips its hole check with no committed offset: why the plays agent has a fence",
     ),
     Pin(
         "faust.transport.consumer:Consumer.resume_partitions",
         "afe6b7c02a41d63c",
-        "overridden: resume after seek (faustx.consumer)",
+        "overridden: resume after seek, and where the plays streams start (faustx.consumer)",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._clean_unacked_messages",
+        "11be2587e71c9162",
+        "drops messages marked acked: faustx.stream.drop_unapplied relies on it",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._new_offset",
+        "1d2c7ea89a7ad4f1",
+        "skips its hole check with no committed offset: why the plays agent has a fence",
     ),
     Pin(
         "faust.transport.consumer:Consumer.pause_partitions",
         "27a1c94bdacd54de",
-        "overridden: resume after seek (faustx.consumer)",
+        "overridden: resume after seek, and where the plays streams start (faustx.consumer)",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._clean_unacked_messages",
+        "11be2587e71c9162",
+        "drops messages marked acked: faustx.stream.drop_unapplied relies on it",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._new_offset",
+        "1d2c7ea89a7ad4f1",
+        "skips its hole check with no committed offset: why the plays agent has a fence",
     ),
     Pin(
         "faust.transport.consumer:Consumer.resume_flow",
         "db59630f25b5819b",
-        "overridden: resume after seek (faustx.consumer)",
+        "overridden: resume after seek, and where the plays streams start (faustx.consumer)",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._clean_unacked_messages",
+        "11be2587e71c9162",
+        "drops messages marked acked: faustx.stream.drop_unapplied relies on it",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._new_offset",
+        "1d2c7ea89a7ad4f1",
+        "skips its hole check with no committed offset: why the plays agent has a fence",
     ),
     Pin(
         "faust.tables.recovery:Recovery._resume_streams",
@@ -278,12 +318,12 @@ TESTED: Final[tuple[Pin, ...]] = (
     Pin(
         "faust.app.base:App._producer_flush",
         "35c92baa028d57bd",
-        "bounded by faustx.shutdown.bound_stop_flush",
+        "overridden by faustx.app.SeamApp._producer_flush (bounded stop flush)",
     ),
     Pin(
         "mode.worker:Worker._schedule_shutdown",
         "1a6a5dfc88c2298b",
-        "wrapped by faustx.shutdown.install (arms the stop deadline)",
+        "overridden by faustx.shutdown.SeamWorker (arms the stop deadline)",
     ),
 )
 

@@ -48,6 +48,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from faust.exceptions import ConsumerNotStarted
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
@@ -134,6 +135,12 @@ class SeamConsumer(AIOKafkaConsumer):
         #: partitions of the hold topics Faust asked to resume, held until the seek ran
         self.held_partitions: set[TP] = set()
         self.sought = False
+        #: where each hold-topic partition's stream starts after the last seek: the
+        #: committed offset, or the partition's earliest offset when the group has none
+        #: (None if that could not be read); the plays agent's OffsetFence checks against it
+        self.start_offsets: dict[TP, int | None] = {}
+        #: how many seeks to committed offsets ran (the fence resets when it changes)
+        self.seek_epoch = 0
         super().__init__(*args, **kwargs)
         options = seam_options(self.app)
         self.hold_topics = options.hold_topics
@@ -168,10 +175,32 @@ class SeamConsumer(AIOKafkaConsumer):
     async def perform_seek(self) -> None:
         try:
             await super().perform_seek()
+            await self._record_start_offsets()
         except BaseException:
             self.release_held()  # a partition held forever would stall the stream
             raise
         self.sought = True
+
+    async def _record_start_offsets(self) -> None:
+        """Where the hold topics' partitions start now (see ``start_offsets``)."""
+        try:
+            assigned = self.assignment()
+        except ConsumerNotStarted:  # only in tests: what the seek found
+            assigned = set(self._committed_offset)
+        tps = {tp for tp in assigned if tp.topic in self.hold_topics}
+        starts: dict[TP, int | None] = {tp: self._committed_offset.get(tp) for tp in tps}
+        missing = [tp for tp, offset in starts.items() if offset is None]
+        if missing:
+            try:
+                earliest = await self.earliest_offsets(*missing)
+            except Exception as exc:  # noqa: BLE001 - the fence then trusts the first record
+                logger.warning("could not read the earliest offsets of %s (%r): the plays "
+                               "agent cannot check where their streams start", missing, exc)
+                earliest = {}
+            for tp in missing:
+                starts[tp] = earliest.get(tp)
+        self.start_offsets = starts
+        self.seek_epoch += 1
 
     def resume_flow(self) -> None:
         super().resume_flow()  # Faust has just resumed app.flow_control (buffers cleared)

@@ -13,7 +13,8 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class SeamOptions:
-    """The adaptations the seam's consumer applies (see :mod:`stream.faustx.consumer`)."""
+    """The adaptations the seam applies (see :mod:`stream.faustx.consumer` and
+    :mod:`stream.faustx.shutdown`)."""
 
     #: serve the aiokafka consumer on the app's event loop instead of Faust's thread
     in_loop: bool = True
@@ -25,6 +26,10 @@ class SeamOptions:
     fast_delivery: bool = True
     #: topics whose partitions are resumed only after the seek to their committed offsets
     hold_topics: frozenset[str] = field(default_factory=frozenset)
+    #: bound on a stop (stream.faustx.shutdown): the producer flush gives up after a third of
+    #: it, and the worker exits with status 70 if still stopping after all of it (None:
+    #: Faust's unbounded stop)
+    stop_timeout_s: float | None = None
 
 
 def seam_options(app: Any) -> SeamOptions:

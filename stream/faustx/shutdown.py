@@ -6,15 +6,17 @@ Faust). A worker told to stop while its broker was down therefore did not exit (
 not within 40 s; reproduced with a private broker SIGKILLed under load: still running
 after 90 s, stuck at "Flush producer buffer...").
 
-Two bounds, both logged:
+Two bounds, both logged, both installed through Faust's own extension points (method
+overrides on the seam's classes, the upstream functions pinned in :mod:`stream.faustx.compat`):
 
-- the producer flush at stop gives up after a third of the budget (the records it gave up
-  on are changelog/DLQ/signal records whose plays' offsets were *not* committed: the commit
-  waits for their delivery, so a restart applies those plays again, as after a crash);
-- a deadline armed by the signal: if the worker is still stopping after
-  ``shutdown_timeout_s`` it logs what it was waiting for and exits with status 70
-  (``os._exit``: nothing else could finish it). Again nothing acknowledged is lost: the
-  offsets committed are those of plays whose state reached Kafka.
+- the producer flush at stop (``SeamApp._producer_flush``) gives up after a third of the
+  budget (the records it gave up on are changelog/DLQ/signal records whose plays' offsets
+  were *not* committed: the commit waits for their delivery, so a restart applies those
+  plays again, as after a crash);
+- a deadline armed by the signal (:class:`SeamWorker`, the app's ``Worker`` class): if the
+  worker is still stopping after ``shutdown_timeout_s`` it logs what it was waiting for and
+  exits with status 70 (``os._exit``: nothing else could finish it). Again nothing
+  acknowledged is lost: the offsets committed are those of plays whose state reached Kafka.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from signal import Signals
 from typing import Any, Final
+
+import faust
+
+from stream.faustx.options import seam_options
 
 logger = logging.getLogger(__name__)
 
@@ -98,23 +104,16 @@ class ShutdownDeadline:
         self._exit(EXIT_STOP_TIMEOUT)
 
 
-def bound_stop_flush(app: Any, timeout_s: float) -> None:
-    """Make the producer flush of Faust's stop give up after ``timeout_s`` (logged)."""
-    original = getattr(app, "_producer_flush", None)
-    if original is None:
-        raise RuntimeError("faust.App has no _producer_flush: this worker was tested with "
-                           "faust-streaming 0.15.3 (stream/faustx/shutdown.py)")
-
-    async def bounded(log: Any) -> None:
-        try:
-            await asyncio.wait_for(original(log), timeout_s)
-        except TimeoutError:
-            logger.warning(
-                "stop: the producer could not deliver its buffered records within %.1f s "
-                "(broker unreachable?); giving up on them. Their plays' offsets were not "
-                "committed, so they are applied again on restart", timeout_s)
-
-    app._producer_flush = bounded
+async def bounded_flush(flush: Awaitable[None], timeout_s: float) -> None:
+    """Await Faust's producer ``flush`` for at most ``timeout_s`` (logged when it gives up).
+    :meth:`stream.faustx.app.SeamApp._producer_flush` calls it around Faust's own."""
+    try:
+        await asyncio.wait_for(flush, timeout_s)
+    except TimeoutError:
+        logger.warning(
+            "stop: the producer could not deliver its buffered records within %.1f s "
+            "(broker unreachable?); giving up on them. Their plays' offsets were not "
+            "committed, so they are applied again on restart", timeout_s)
 
 
 def pending_changelog(app: Any) -> str:
@@ -130,20 +129,21 @@ def pending_changelog(app: Any) -> str:
     return "; ".join(parts)
 
 
-def install(faust_worker: Any, app: Any, timeout_s: float,
-            describe: Callable[[], str] | None = None) -> ShutdownDeadline:
-    """Bound the stop of ``faust_worker`` (a ``faust.Worker``) to ``timeout_s``. The
-    deadline's log says what ``describe()`` returns (default: :func:`pending_changelog`)."""
-    if describe is None:
-        def describe() -> str:
-            return pending_changelog(app)
-    deadline = ShutdownDeadline(timeout_s, describe)
-    bound_stop_flush(app, max(1.0, timeout_s / 3))
-    schedule = faust_worker._schedule_shutdown  # mode.Worker: both signal handlers call it
+class SeamWorker(faust.Worker):
+    """The worker class of the seam's apps (Faust's ``App(Worker=...)`` setting: run it as
+    ``app.conf.Worker(app, ...)``). The first stop signal arms a :class:`ShutdownDeadline`
+    of the app's ``SeamOptions.stop_timeout_s`` (none: Faust's unbounded stop); its log says
+    what the app's batched changelog tables still hold."""
 
-    def schedule_with_deadline(sig: signal.Signals) -> None:
-        deadline.arm(getattr(sig, "name", str(sig)))
-        schedule(sig)
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(app, *args, **kwargs)
+        timeout_s = seam_options(app).stop_timeout_s
+        self.stop_deadline: ShutdownDeadline | None = None
+        if timeout_s is not None:
+            self.stop_deadline = ShutdownDeadline(timeout_s, lambda: pending_changelog(app))
 
-    faust_worker._schedule_shutdown = schedule_with_deadline
-    return deadline
+    def _schedule_shutdown(self, signal: Signals) -> None:
+        # mode.Worker: both signal handlers (SIGINT, SIGTERM) call it; pinned in compat
+        if self.stop_deadline is not None:
+            self.stop_deadline.arm(getattr(signal, "name", str(signal)))
+        super()._schedule_shutdown(signal)

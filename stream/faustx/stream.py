@@ -86,6 +86,15 @@ class BatchingStream(faust.Stream):  # type: ignore[type-arg]
         """Make ``event`` the one being processed (what ``table[key] = ...`` sees)."""
         self._set_current_event(event)
 
+    def drop_unapplied(self, event: EventT[Any]) -> None:
+        """Forget a tracked event that will not be applied (its partition is read again from
+        an earlier offset): not acked -- its offset must not be committed -- and not left for
+        a revocation to wait on (Faust's consumer ignores a message marked acked)."""
+        message = event.message
+        message.acked = True
+        consumer: Any = self.app.consumer  # Faust's Consumer (ConsumerT does not declare it)
+        consumer._unacked_messages.discard(message)
+
     def ack_processed(self, event: EventT[Any]) -> bool:
         """Ack ``event`` (processed, or dropped as stale) as the iterator acks one; True
         when this was its message's last reference (its offset may now be committed)."""

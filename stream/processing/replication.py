@@ -431,13 +431,6 @@ def decode_signal(raw: bytes, now_ms: int) -> TrackSignal | None:
     return sigs[0] if sigs else None
 
 
-def apply_signal(recommender: Recommender, sig: TrackSignal) -> None:
-    """Learn another worker's play on the item side only, through the recommender's
-    public :meth:`~stream.core.recommender.Recommender.apply_item_steps` (the listener's own
-    state stays with their owner)."""
-    recommender.apply_item_steps((sig,))
-
-
 @dataclass(slots=True)
 class ReceiveCounts:
     """What :func:`receive_batch` did with one message."""

@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import faust
 from faust.types import TP
 
 from stream.adapters.metrics import Metrics
@@ -27,7 +26,6 @@ from stream.config import Settings
 from stream.core.evaluation import Prequential
 from stream.core.recommender import Recommender
 from stream.core.signal_positions import Restored, SignalPositions
-from stream.faustx import shutdown
 from stream.faustx.app import SeamApp, create_app
 from stream.processing.pacing import RankPacing
 from stream.processing.pipeline import Processor
@@ -193,8 +191,9 @@ def consumer_state(worker: Worker) -> dict[str, Any]:
 
 def run_worker(worker: Worker) -> None:
     """Run until SIGTERM/SIGINT (Faust handles the signals and shuts down cleanly)."""
-    faust_worker = faust.Worker(
-        worker.app,
+    # the app's Worker class (stream.faustx.shutdown.SeamWorker): a stop bounded by
+    # shutdown_timeout_s
+    faust_worker = worker.app.worker(
         loglevel=worker.settings.log_level.upper(),
         quiet=True,
         redirect_stdouts=False,
@@ -205,5 +204,4 @@ def run_worker(worker: Worker) -> None:
     faust_worker.spinner = None
     logger.info("%d start-up objects frozen out of the garbage collector's scans",
                 freeze_startup_heap())
-    shutdown.install(faust_worker, worker.app, worker.settings.shutdown_timeout_s)
     faust_worker.execute_from_commandline()

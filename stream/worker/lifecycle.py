@@ -6,7 +6,11 @@ producer (so the agents may still apply plays while it stops: whatever they subm
 the final ranking waits for their next start, as Redis holds derived data).
 
 Start-up: the Redis writer (everything below writes through it), then the ranker that
-feeds it, the loop-lag probe, and the signal reader.
+feeds it, the loop-lag probe, and the signal reader. Each runs as a task this service
+supervises (``add_future``; the writer's flusher through :meth:`WriterPart.watch`): one that
+raises crashes the worker (mode crashes the whole service tree, the worker logs the
+exception and exits non-zero), never leaving a worker that consumes and commits plays
+without a part it needs.
 
 Shutdown, each step relying on the ones before it:
 
@@ -66,6 +70,9 @@ class Lifecycle(mode.Service):
     async def on_start(self) -> None:
         p = self.parts
         await p.writer.start()
+        # supervised (mode crashes the worker if one of these raises): the writer's flusher,
+        # the ranker, the loop-lag probe and the signal reader
+        self.add_future(p.writer.watch())
         self.add_future(p.ranker.run())
         self._loop_lag = self.add_future(p.loop_lag.run())
         await p.signal_reader.start()

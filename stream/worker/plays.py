@@ -4,7 +4,9 @@ through the processing pipeline, hands the results on, then acks the plays.
 One batch, step by step (:meth:`PlaysAgent.apply`):
 
 1. ``_live`` -- drop plays of a stale consumer generation (a rebalance happened while they
-   were buffered: the new owner reads them again) and turn the rest into pipeline records;
+   were buffered: the new owner reads them again), hold back plays that come after records
+   the stream skipped (:class:`stream.processing.fence.OffsetFence`: their partition is read
+   again from the first one missing) and turn the rest into pipeline records;
 2. ``_pace`` -- tell the ranking pacing whether a backlog is being drained;
 3. ``Processor.process_batch`` -- validate, session state, learn, queue the rankings;
 4. ``_hand_on`` -- dead letters to their topic, the batch to telemetry, track signals;
@@ -34,6 +36,7 @@ import faust
 
 from stream.config import Settings
 from stream.faustx.stream import BatchingStream
+from stream.processing.fence import OffsetFence
 from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
@@ -107,6 +110,9 @@ class PlaysAgent:
         self._wake_handle: asyncio.TimerHandle | None = None
         self._yielded = self._changelog_sent = time.perf_counter()
         self._changelog_failures = 0
+        #: plays are applied in offset order from where each partition was sought to
+        self.fence = OffsetFence()
+        self.skips_detected = 0
 
     def nothing_buffered(self) -> bool:
         """Whether no play waits in the stream buffer (True before the agent starts)."""
@@ -201,7 +207,7 @@ class PlaysAgent:
         """Apply a gathered batch, then ack each play (see the module docstring)."""
         stream = self.stream
         assert stream is not None
-        live, records = self._live(stream, events)
+        live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)
         stage_totals: dict[str, float] = {}
@@ -213,15 +219,21 @@ class PlaysAgent:
         await self._hand_on(outcomes, stage_totals, per_event)
         self._ack(stream, live)
         set_current(None)
+        if reread:
+            await self._read_again(reread)
         self.stall_watch.progress(time.monotonic())
         await self._after()
 
     def _live(
         self, stream: BatchingStream, events: list[Any]
-    ) -> tuple[list[Any], list[Record]]:
+    ) -> tuple[list[Any], list[Record], dict[Any, int]]:
+        """The events to apply, as pipeline records, and the partitions to read again (from
+        the offset given) because their stream skipped records (the fence)."""
         generation = self.app.consumer_generation_id
+        fence = self._fence()
         live: list[Any] = []
         records: list[Record] = []
+        reread: dict[Any, int] = {}
         for ev in events:
             msg = ev.message
             if msg.generation_id != generation:
@@ -229,6 +241,12 @@ class PlaysAgent:
                 # drops a stale generation's messages (the new owner reads them again)
                 stream.ack_processed(ev)
                 continue
+            if fence is not None:
+                again = fence.admit(msg.tp, msg.offset)
+                if again is not None:  # records before this one never came: not applied
+                    stream.drop_unapplied(ev)
+                    reread.setdefault(msg.tp, again)
+                    continue
             live.append(ev)
             records.append(
                 Record(
@@ -240,7 +258,29 @@ class PlaysAgent:
                     timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                 )
             )
-        return live, records
+        return live, records, reread
+
+    def _fence(self) -> OffsetFence | None:
+        """The offset fence, reset after each seek of the consumer (None on a consumer that
+        does not record where its streams start: not the seam's)."""
+        consumer: Any = self.app.consumer
+        epoch = getattr(consumer, "seek_epoch", None)
+        if epoch is None:
+            return None
+        if epoch != self.fence.epoch:
+            self.fence.reset(consumer.start_offsets, epoch)
+        return self.fence
+
+    async def _read_again(self, reread: dict[Any, int]) -> None:
+        """Seek each partition whose stream skipped records back to the first one missing."""
+        for tp, offset in reread.items():
+            self.skips_detected += 1
+            if self.skips_detected <= 10 or self.skips_detected % 1000 == 0:
+                logger.error(
+                    "%s: the stream skipped records from offset %d (never delivered to the "
+                    "agent); not applying what came after them, reading again from %d "
+                    "(%d time(s) so far)", tp, offset, offset, self.skips_detected)
+            await self.app.consumer.seek(tp, offset)
 
     def _pace(self, live: list[Any], now: float) -> None:
         """The backlog behind this batch, per partition (the fetched highwater)."""

@@ -57,6 +57,14 @@ class WriterPart:
         while self._early_writes:
             self.writer.submit(self._early_writes.popleft())
 
+    async def watch(self) -> None:
+        """Raise if the writer's flusher dies (see RecoWriter.watch); the lifecycle runs
+        this as a supervised task, so a dead flusher crashes the worker instead of leaving
+        it consuming and committing plays whose lists are never written."""
+        if self.writer is None:
+            raise RuntimeError("the Redis writer part was not started")
+        await self.writer.watch()
+
     async def stop(self) -> None:
         """Flush what is pending (bounded), then stop the flusher (the connection stays
         open for the parts stopped after it: see :meth:`close`)."""

@@ -18,6 +18,7 @@ MODULES = [
     "stream.core.ranking",
     "stream.processing.documents",
     "stream.processing.pacing",
+    "stream.processing.fence",
 ]
 
 

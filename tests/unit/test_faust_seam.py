@@ -343,6 +343,8 @@ async def test_hold_topic_partitions_resume_only_after_the_seek_and_flow() -> No
     assert consumer.paused_partitions() == {plays}  # only the hold topic is held
     await consumer.perform_seek()
     assert seeks == ["seek"] and plays in consumer.paused_partitions()
+    # where the plays stream starts now, for the plays agent's offset fence
+    assert consumer.start_offsets == {plays: 34} and consumer.seek_epoch == 1
     app.flow_control.resume()
     consumer.resume_flow()
     assert consumer.paused_partitions() == set()

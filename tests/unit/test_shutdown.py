@@ -1,4 +1,6 @@
-"""The bounded stop (stream.faustx.shutdown): a worker that cannot stop cleanly still exits."""
+"""The bounded stop (stream.faustx.shutdown): a worker that cannot stop cleanly still exits.
+Both bounds are installed through Faust's extension points (the seam app's ``_producer_flush``
+override, its ``Worker`` class), not on live objects."""
 
 from __future__ import annotations
 
@@ -8,9 +10,17 @@ import signal
 import threading
 from typing import Any
 
+import faust
+import mode
 import pytest
 
+from stream.config import Settings, load_settings
 from stream.faustx import shutdown
+from stream.faustx.app import create_app
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(env={}, file=None, app_id="stop-test", **overrides)
 
 
 def test_the_deadline_logs_the_last_step_and_what_is_pending_then_exits(
@@ -49,29 +59,32 @@ def test_a_clean_stop_cancels_the_deadline() -> None:
 
 @pytest.mark.asyncio
 async def test_the_stop_flush_gives_up_after_its_bound(caplog: pytest.LogCaptureFixture) -> None:
-    class App:
-        async def _producer_flush(self, log: Any) -> None:
+    app = create_app(_settings(shutdown_timeout_s=3.0), partitions=1)
+    assert app.seam.stop_timeout_s == 3.0
+
+    class Producer:
+        async def flush(self) -> None:
             await asyncio.sleep(60)  # a broker that never answers
 
-    app = App()
-    shutdown.bound_stop_flush(app, 0.1)
+    app._producer = Producer()
     with caplog.at_level(logging.WARNING, logger="stream.faustx.shutdown"):
-        await asyncio.wait_for(app._producer_flush(None), 5)
+        await asyncio.wait_for(app._producer_flush(logging.getLogger("test")), 5)
+    assert "could not deliver its buffered records within 1.0 s" in caplog.text
     assert "giving up on them" in caplog.text
 
 
-def test_install_arms_the_deadline_on_the_workers_stop_signal() -> None:
+def test_the_apps_worker_class_arms_the_deadline_on_the_stop_signal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = create_app(_settings(shutdown_timeout_s=30.0), partitions=1)
+    assert app.conf.Worker is shutdown.SeamWorker
     scheduled: list[Any] = []
-
-    class FaustWorker:
-        def _schedule_shutdown(self, sig: signal.Signals) -> None:
-            scheduled.append(sig)
-
-    class App:
-        async def _producer_flush(self, log: Any) -> None: ...
-
-    worker = FaustWorker()
-    deadline = shutdown.install(worker, App(), 30.0)
+    # the upstream method (mode.Worker._schedule_shutdown) starts the real stop: record it
+    monkeypatch.setattr(mode.Worker, "_schedule_shutdown",
+                        lambda self, sig: scheduled.append(sig))
+    worker = app.worker(quiet=True, redirect_stdouts=False)
+    deadline = worker.stop_deadline
+    assert deadline is not None and deadline.timeout_s == 30.0
     worker._schedule_shutdown(signal.SIGTERM)
     try:
         assert scheduled == [signal.SIGTERM]
@@ -80,6 +93,7 @@ def test_install_arms_the_deadline_on_the_workers_stop_signal() -> None:
         deadline.cancel()
 
 
-def test_install_fails_loudly_on_an_unknown_faust() -> None:
-    with pytest.raises(RuntimeError, match="faust-streaming 0.15.3"):
-        shutdown.bound_stop_flush(object(), 1.0)
+def test_a_plain_app_keeps_fausts_unbounded_stop() -> None:
+    app = faust.App("plain-stop", autodiscover=False, web_enabled=False)
+    worker = shutdown.SeamWorker(app, quiet=True, redirect_stdouts=False)
+    assert worker.stop_deadline is None

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
 
 from stream.adapters.metrics import Metrics
-from stream.adapters.redis_store import RecoWriter
+from stream.adapters.redis_store import RecoWriter, WriterDied
 from stream.config import Settings
 from stream.core.events import PlayEvent, parse_event
 from stream.core.session import update_session
@@ -23,6 +24,7 @@ from stream.processing.pipeline import Outcome
 from stream.worker.lifecycle import Lifecycle, Parts
 from stream.worker.ranker import RANK_BUDGET_S, Ranker
 from stream.worker.telemetry import Telemetry
+from stream.worker.writer import WriterPart
 
 
 class FakeProcessor:
@@ -144,6 +146,75 @@ def test_the_writer_is_not_ready_while_a_flush_is_in_flight() -> None:
         writer.release.set()
         await asyncio.wait_for(waiting, 1)
         await writer.stop()
+
+    asyncio.run(scenario())
+
+
+class BrokenWriter(RecoWriter):
+    """A RecoWriter whose round trip fails with an error the flusher does not handle (not
+    a Redis or connection error: a bug, a bad reply, a failing callback)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, ttl_s=60, channel="c", flush_interval_ms=0)  # type: ignore[arg-type]
+
+    async def _send(self, batch: list[PendingWrite], deletes: list[str],
+                    plain: dict[str, bytes] | None = None,
+                    commands: Sequence[bytes] = ()) -> list[Any]:
+        raise KeyError("a bug in the flush")
+
+
+def test_a_writer_whose_flusher_dies_says_so_and_a_stopped_one_does_not() -> None:
+    async def scenario() -> None:
+        writer = BrokenWriter()
+        writer.start()
+        writer.submit(PendingWrite("reco:a", 1, b"{}", b"{}", 0, None, 0.0, "app"))
+        with pytest.raises(WriterDied, match="ended unexpectedly with 1 document"):
+            await asyncio.wait_for(writer.watch(), 2)
+        calm = SlowWriter()
+        calm.start()
+        watch = asyncio.get_running_loop().create_task(calm.watch())
+        await asyncio.sleep(0.01)
+        assert not watch.done()
+        await calm.stop()
+        await asyncio.wait_for(watch, 1)  # stopped: the watch just returns
+
+    asyncio.run(scenario())
+
+
+def test_a_part_task_that_dies_crashes_the_worker() -> None:
+    """The lifecycle supervises the writer's flusher and the parts' loops: before, the
+    flusher was a bare task, and one that died left a worker that kept consuming and
+    committing plays whose lists were never written (a zombie)."""
+
+    class Idle:
+        async def run(self) -> None:
+            await asyncio.sleep(3600)
+
+        async def start(self) -> None: ...
+
+    async def scenario() -> None:
+        telemetry = Telemetry(Metrics(CollectorRegistry()), Settings())
+        part = WriterPart(Settings(), telemetry)
+        part.writer = BrokenWriter()
+
+        async def start() -> None:
+            assert part.writer is not None
+            part.writer.start()
+
+        part.start = start  # type: ignore[method-assign]
+        parts = Parts(writer=part, ranker=Idle(), loop_lag=Idle(),  # type: ignore[arg-type]
+                      signal_reader=Idle(), signals=None, checkpointer=None,  # type: ignore[arg-type]
+                      catalog=None, models=None, lag=None)  # type: ignore[arg-type]
+        lifecycle = Lifecycle(parts)
+        await lifecycle.on_start()
+        part.submit(PendingWrite("reco:a", 1, b"{}", b"{}", 0, None, 0.0, "app"))
+        for _ in range(200):
+            if lifecycle.crash_reason is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(lifecycle.crash_reason, WriterDied)
+        for fut in list(lifecycle._futures):
+            fut.cancel()
 
     asyncio.run(scenario())
 

@@ -1,0 +1,134 @@
+"""The plays agent applies plays in offset order from where each partition was sought to
+(stream.processing.fence): the crash-loop loss of session 10 (docs/reliability.md) was a
+restarted worker whose stream started 1,900 offsets past its start and that applied -- and
+committed -- what came."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from stream.processing.fence import OffsetFence
+from stream.worker.plays import PlaysAgent
+
+
+def test_the_fence_lets_an_in_order_stream_through() -> None:
+    fence = OffsetFence()
+    fence.reset({"p0": 5, "p1": None}, epoch=1)
+    assert [fence.admit("p0", o) for o in range(5, 9)] == [None] * 4
+    assert fence.admit("p1", 40) is None  # start unknown: the first record sets it
+    assert fence.admit("p1", 41) is None
+    assert fence.admit("p0", 6) is None  # delivered again after a seek back: fine
+
+
+def test_a_hole_is_read_again_and_a_real_gap_passes_the_second_time() -> None:
+    fence = OffsetFence()
+    fence.reset({"p0": 336}, epoch=1)
+    assert fence.admit("p0", 2213) == 336
+    assert fence.admit("p0", 2214) == 336  # the rest of the batch waits too
+    assert fence.admit("p0", 336) is None  # read again: the missing records come
+    assert fence.admit("p0", 337) is None
+    assert fence.admit("p0", 400) == 338  # a hole again
+    assert fence.admit("p0", 400) is None  # read again, same record first: nothing between
+    assert fence.admit("p0", 401) is None
+
+
+def test_a_new_seek_resets_the_fence() -> None:
+    fence = OffsetFence()
+    fence.reset({"p0": 10}, epoch=1)
+    assert fence.admit("p0", 10) is None
+    fence.reset({"p0": 3}, epoch=2)
+    assert fence.epoch == 2
+    assert fence.admit("p0", 3) is None and fence.admit("p0", 5) == 4
+
+
+@dataclass
+class Msg:
+    tp: str
+    offset: int
+    generation_id: int = 5
+    topic: str = "plays"
+    key: bytes = b"u"
+    value: bytes = b"{}"
+    timestamp: float = 0.0
+
+    @property
+    def partition(self) -> int:
+        return int(self.tp[1:])
+
+
+@dataclass
+class Ev:
+    message: Msg
+
+
+@dataclass
+class Consumer:
+    start_offsets: dict[str, int | None]
+    seek_epoch: int = 1
+    seeks: list[tuple[str, int]] = field(default_factory=list)
+
+    async def seek(self, tp: str, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+@dataclass
+class App:
+    consumer: Consumer
+    consumer_generation_id: int = 5
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.dropped: list[int] = []
+
+    def ack_processed(self, ev: Ev) -> bool:
+        self.acked.append(ev.message.offset)
+        return True
+
+    def drop_unapplied(self, ev: Ev) -> None:
+        self.dropped.append(ev.message.offset)
+
+
+def _agent(consumer: Consumer) -> PlaysAgent:
+    agent = PlaysAgent.__new__(PlaysAgent)
+    agent.app = App(consumer)  # type: ignore[assignment]
+    agent.fence = OffsetFence()
+    agent.skips_detected = 0
+    return agent
+
+
+def test_the_agent_does_not_apply_or_ack_plays_after_a_hole_and_reads_again() -> None:
+    """The stream of a rejoined worker with no committed offset started at 2213 while the
+    partition starts at 336: before the fence those plays were applied and acked, Faust
+    committed 2358, and 336..2212 were never applied."""
+    consumer = Consumer(start_offsets={"p0": 336, "p1": 100})
+    agent, stream = _agent(consumer), Stream()
+    events = [Ev(Msg("p0", 2213)), Ev(Msg("p1", 100)), Ev(Msg("p0", 2214)), Ev(Msg("p1", 101))]
+    live, records, reread = agent._live(stream, events)  # type: ignore[arg-type]
+    assert [(r.partition, r.offset) for r in records] == [(1, 100), (1, 101)]
+    assert [e.message.offset for e in live] == [100, 101]
+    assert stream.dropped == [2213, 2214] and stream.acked == []
+    assert reread == {"p0": 336}
+    asyncio.run(agent._read_again(reread))
+    assert consumer.seeks == [("p0", 336)] and agent.skips_detected == 1
+    # read again from 336: applied in order
+    live, records, reread = agent._live(stream, [Ev(Msg("p0", 336)), Ev(Msg("p0", 337))])  # type: ignore[arg-type]
+    assert [r.offset for r in records] == [336, 337] and reread == {}
+
+
+def test_stale_generations_are_still_dropped_before_the_fence() -> None:
+    agent, stream = _agent(Consumer(start_offsets={"p0": 0})), Stream()
+    live, records, reread = agent._live(stream, [Ev(Msg("p0", 7, generation_id=4))])  # type: ignore[arg-type]
+    assert records == [] and stream.acked == [7] and reread == {}
+    assert agent.fence.admit("p0", 0) is None  # the stale one did not move the fence
+
+
+def test_a_consumer_without_start_offsets_is_not_fenced() -> None:
+    class Plain:
+        pass
+
+    agent, stream = _agent(Plain()), Stream()  # type: ignore[arg-type]
+    live, records, reread = agent._live(stream, [Ev(Msg("p0", 50))])  # type: ignore[arg-type]
+    assert [r.offset for r in records] == [50] and reread == {}
