@@ -167,6 +167,32 @@ def wait_assigned(proc: Proc, topic: str, timeout_s: float = 90.0) -> float:
     )
 
 
+def wait_group_stable(procs: Sequence[Proc], topic: str, partitions: int,
+                      stable_s: float = 5.0, timeout_s: float = 120.0) -> float:
+    """Wait until the workers of one group hold all ``partitions`` of ``topic`` between
+    them, each at least one, with no change for ``stable_s`` (a rebalance of workers that
+    joined one by one is over); returns seconds waited. Raises TimeoutError."""
+    t0 = time.monotonic()
+    last: list[float] | None = None
+    since = t0
+    while time.monotonic() - t0 < timeout_s:
+        counts = []
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited:\n{p.log_tail()}")
+            m = scrape(p.metrics_url)
+            counts.append(metric_sum(m, "stream_assigned_partitions", topic=topic) if m
+                          else -1.0)
+        now = time.monotonic()
+        if counts != last:
+            last, since = counts, now
+        elif (sum(counts) == partitions and min(counts) > 0
+              and now - since >= stable_s):
+            return now - t0
+        time.sleep(0.5)
+    raise TimeoutError(f"group on {topic} not stable after {timeout_s:.0f} s: {last}")
+
+
 # --------------------------------------------------------------------------- metrics / RSS
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)")
@@ -202,6 +228,31 @@ def metric_sum(samples: Samples, name: str, **labels: str) -> float:
     return sum(
         v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())
     )
+
+
+def live_quality(samples: Samples | None) -> dict[str, dict[str, float]]:
+    """The workers' own prequential quality (``stream_quality_*`` gauges, the samples of
+    one or more workers' scrapes concatenated in worker order), combined over the workers:
+    per variant, HR@10 and NDCG@10 weighted by the events in each worker's window, and
+    those events summed."""
+    per: dict[tuple[str, str], list[float]] = {}
+    for name, labels, value in samples or ():
+        if name in ("stream_quality_hr_at_10", "stream_quality_ndcg_at_10",
+                    "stream_quality_window_events"):
+            per.setdefault((name, labels.get("variant", "")), []).append(value)
+    out: dict[str, dict[str, float]] = {}
+    for (name, variant), events in per.items():
+        if name != "stream_quality_window_events":
+            continue
+        total = sum(events)
+        row: dict[str, float] = {"events": total}
+        for metric, key in (("stream_quality_hr_at_10", "hr@10"),
+                            ("stream_quality_ndcg_at_10", "ndcg@10")):
+            values = per.get((metric, variant), [])
+            if len(values) == len(events) and total > 0:
+                row[key] = sum(v * n for v, n in zip(values, events, strict=True)) / total
+        out[variant] = row
+    return out
 
 
 def rss_bytes(pid: int) -> int | None:

@@ -74,23 +74,26 @@ def build(n_tracks: int, plays_per_track: float, seed: int) -> tuple[Recommender
     return rec, next_track
 
 
-async def evict_beside_loop(rec: Recommender, keep: int) -> tuple[int, float, float, float]:
+async def evict_beside_loop(rec: Recommender, keep: int
+                            ) -> tuple[int, float, float, float, float]:
     """Evict in a thread (as stream.worker.app does) while a 1 ms lag probe runs on this loop;
     returns (evicted, seconds, longest loop lag, longest lag of the same probe over as long
-    a span just before, with no eviction: the machine's own noise)."""
+    a span just before, with no eviction: the machine's own noise, and the longest CPU
+    stretch of the loop's thread between two probe turns during the eviction: ~0, so a
+    lag is the loop's thread waiting -- for a CPU or for the GIL)."""
     probe = LoopLagProbe(on_lag=lambda _s: None, interval_s=0.001)
     task = asyncio.get_running_loop().create_task(probe.run())
     await asyncio.sleep(0.05)
     probe.max_lag = 0.0
     await asyncio.sleep(max(0.5, 2 * rec.catalogue_size() / 1e6))
     control = probe.max_lag
-    probe.max_lag = 0.0
+    probe.max_lag = probe.max_busy = 0.0
     started = time.perf_counter()
     evicted = await asyncio.to_thread(rec.evict_tracks, keep)
     seconds = time.perf_counter() - started
     await asyncio.sleep(0.01)
     task.cancel()
-    return evicted, seconds, probe.max_lag, control
+    return evicted, seconds, probe.max_lag, control, probe.max_busy
 
 
 def arena_entries(rec: Recommender) -> int:
@@ -121,20 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         entries = arena_entries(rec)
         mode = "inline" if r % 2 == 0 else "thread"
         if mode == "inline":  # on the caller's thread: what an event loop would be held
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             evicted = rec.evict_tracks(keep)
             seconds = time.perf_counter() - started
-            lag, control = seconds, None
+            lag, control, busy = seconds, None, time.thread_time() - cpu
         else:  # as the worker runs it: in a thread, with a lag probe on an event loop
-            evicted, seconds, lag, control = asyncio.run(evict_beside_loop(rec, keep))
+            evicted, seconds, lag, control, busy = asyncio.run(evict_beside_loop(rec, keep))
         rounds.append({"mode": mode, "catalogue_before": before, "evicted": evicted,
                        "arena_entries_before": entries, "seconds": round(seconds, 4),
                        "max_loop_lag_s": round(lag, 4),
+                       "max_loop_busy_s": round(busy, 4),
                        "max_loop_lag_no_eviction_s": None if control is None
                        else round(control, 4)})
         print(f"[eviction] round {r + 1} ({mode}): {before:,} -> {rec.catalogue_size():,} "
               f"tracks ({entries:,} neighbour entries): {seconds * 1000:.1f} ms, longest "
-              f"event-loop lag {lag * 1000:.1f} ms"
+              f"event-loop lag {lag * 1000:.1f} ms (loop's own CPU {busy * 1000:.1f} ms)"
               + ("" if control is None else f" (without eviction: {control * 1000:.1f} ms)"),
               file=sys.stderr, flush=True)
         if r + 1 < args.rounds:  # grow past the cap again with fresh and known tracks

@@ -37,6 +37,7 @@ from load_tests.common import (
     Report,
     base_settings,
     baseline_tree,
+    live_quality,
     metric_sum,
     percentiles,
     rss_bytes,
@@ -46,6 +47,7 @@ from load_tests.common import (
     start_worker,
     table,
     wait_assigned,
+    wait_group_stable,
 )
 from load_tests.traffic import make_events, produce, source_label
 from stream.config import Settings
@@ -94,8 +96,10 @@ async def sample_loop(
 
 async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[str, Any]:
     topic = f"{rid}-plays"
+    # its own control topic too: it must have the plays topic's partition count
     settings: Settings = base_settings().replace(
-        plays_topic=topic, dlq_topic=f"{topic}-dlq", partitions=args.partitions
+        plays_topic=topic, dlq_topic=f"{topic}-dlq", partitions=args.partitions,
+        control_topic=f"{topic}-control",
     )
     worker_id = f"{rid}-full"
     channel = f"{worker_id}-updates"
@@ -109,7 +113,8 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
     # --workers N: one consumer group, the Kafka way (partitions split between them)
     workers = [
         start_worker(worker_id, topic, report.dir, name="worker" if i == 0 else f"worker-{i}",
-                     tree=args.tree)
+                     tree=args.tree,
+                     extra_env={"STREAM_CONTROL_TOPIC": settings.control_topic})
         for i in range(args.workers)
     ]
     notes_path = report.dir / "notifications.tsv"
@@ -139,6 +144,10 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
     sampler: asyncio.Task[None] | None = None
     try:
         waited = max([await asyncio.to_thread(wait_assigned, w, topic) for w in workers])
+        if getattr(args, "stable_s", 0) and len(workers) > 1:
+            # workers join one by one: let the group's last rebalance end before measuring
+            waited += await asyncio.to_thread(
+                wait_group_stable, workers, topic, args.partitions, args.stable_s)
         assert sub.stdout is not None
         line = await asyncio.to_thread(sub.stdout.readline)
         if line.strip() != b"ready":
@@ -186,7 +195,8 @@ async def scenario(args: argparse.Namespace, rid: str, report: Report) -> dict[s
             if samples and (samples[-1]["processed"] or 0) >= expected:
                 break
             await asyncio.sleep(0.25)
-        await asyncio.sleep(1.0)
+        # settle: the workers' report timer (2 s) exports the last plays' quality gauges
+        await asyncio.sleep(getattr(args, "settle_s", 1.0))
         t_drained = time.time()
     finally:
         stop.set()
@@ -320,6 +330,11 @@ def analyse(
                 else False
             ),
         },
+        # the workers' own prequential quality, combined over them (load_tests.scaleout)
+        "live_quality": live_quality(final),
+        "track_signals": {d: metric_sum(final, "stream_track_signals_total", direction=d)
+                          for d in ("sent", "applied", "error")},
+        "signals_rejected": metric_sum(final, "stream_signals_rejected_total"),
         "worker_rss_mib": {
             "start": (run_samples[0]["rss"] or 0) / 2**20 if run_samples else math.nan,
             "end": (run_samples[-1]["rss"] or 0) / 2**20 if run_samples else math.nan,

@@ -268,6 +268,8 @@ def junk_ids(
                     "redis_used_mb": round(int(redis.info("memory")["used_memory"]) / 2**20, 1),
                     "loop_lag_max_ms": round(
                         1000 * metrics.get("stream_event_loop_lag_max_seconds", 0.0), 1),
+                    "loop_busy_max_ms": round(
+                        1000 * metrics.get("stream_event_loop_busy_max_seconds", 0.0), 1),
                     "catalogue": int(metrics.get("stream_catalogue_tracks", 0.0)),
                     "tracks_evicted": int(metrics.get("stream_tracks_evicted_total", 0.0)),
                     "evictions": int(metrics.get("stream_eviction_seconds_count", 0.0)),
@@ -281,7 +283,8 @@ def junk_ids(
                       f"applied {point['events_applied']:,} rss {point['rss_mb']} MB "
                       f"redis {point['redis_used_mb']} MB catalogue {point['catalogue']:,} "
                       f"evictions {point['evictions']} loop-lag-max "
-                      f"{point['loop_lag_max_ms']} ms", file=sys.stderr, flush=True)
+                      f"{point['loop_lag_max_ms']} ms (busy {point['loop_busy_max_ms']} ms)",
+                      file=sys.stderr, flush=True)
                 total_sent = junk.sent + sum(len(s) for s in real.sends.values())
                 if not junk.is_alive() and point["events_applied"] >= total_sent:
                     caught_up_at = caught_up_at or elapsed
@@ -321,6 +324,7 @@ def junk_ids(
         "rss_peak_mb": max((p["rss_mb"] for p in series), default=None),
         "rss_end_mb": round(rss() / 2**20, 1) if alive else None,
         **_lag_window(before, final),
+        **_lag_window(before, final, "busy"),
         "idle_process_loop_lag": noise_report,
         "evictions": int(eviction_count),
         "eviction_mean_ms": round(1000 * final.get("stream_eviction_seconds_sum", 0.0)
@@ -356,13 +360,16 @@ def junk_ids(
     return report
 
 
-def _lag_window(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+def _lag_window(before: dict[str, float], after: dict[str, float],
+                what: str = "lag") -> dict[str, Any]:
     """The worker's event-loop lag during the drill (not its start-up): the lags observed
     in between, by histogram bucket, and the longest one -- exact when the worker's
-    "longest since start" gauge rose during the drill, else bounded by the bucket."""
+    "longest since start" gauge rose during the drill, else bounded by the bucket.
+    ``what="busy"``: the same for the CPU time the loop's thread used between two probe
+    turns (``stream_event_loop_busy_seconds``: the worker's own work in those lags)."""
     if not after:
-        return {"loop_lag_max_ms": None, "loop_lag_samples": None}
-    name = "stream_event_loop_lag_seconds"
+        return {f"loop_{what}_max_ms": None, f"loop_{what}_samples": None}
+    name = f"stream_event_loop_{what}_seconds"
     counts: dict[float, float] = {}
     for key, value in after.items():
         if key.startswith(f"{name}_bucket|") and not key.endswith("|+Inf"):
@@ -371,16 +378,16 @@ def _lag_window(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     total = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
     bounds = sorted(counts)
     over = {f"over_{int(le * 1000)}ms": int(total - counts[le]) for le in bounds}
-    gauge_before = before.get("stream_event_loop_lag_max_seconds", 0.0)
-    gauge_after = after.get("stream_event_loop_lag_max_seconds", 0.0)
+    gauge_before = before.get(f"stream_event_loop_{what}_max_seconds", 0.0)
+    gauge_after = after.get(f"stream_event_loop_{what}_max_seconds", 0.0)
     if gauge_after > gauge_before:
         longest, exact = gauge_after, True
     else:  # the longest lag in the window is at most the first bucket holding them all
         bound = next((le for le in bounds if counts[le] >= total), float("inf"))
         longest, exact = min(bound, gauge_before), False
-    return {"loop_lag_max_ms": round(1000 * longest, 1), "loop_lag_max_exact": exact,
-            "loop_lag_samples": int(total), "loop_lag_counts": over,
-            "loop_lag_max_since_worker_start_ms": round(1000 * gauge_after, 1)}
+    return {f"loop_{what}_max_ms": round(1000 * longest, 1), f"loop_{what}_max_exact": exact,
+            f"loop_{what}_samples": int(total), f"loop_{what}_counts": over,
+            f"loop_{what}_max_since_worker_start_ms": round(1000 * gauge_after, 1)}
 
 
 def _round(x: float | None) -> float | None:
@@ -526,11 +533,84 @@ def _rss_growth(mode: str, n: int) -> int:
     return (rss_bytes(os.getpid()) - before) // n
 
 
+def _kafka_quota(bootstrap: str, client_id: str, producer_byte_rate: int | None) -> None:
+    """Set (or, with None, delete) a broker-side produce quota on a client id with Kafka's
+    own ConfigCommand (``kafka-configs.sh``), run from the stack's broker jars."""
+    from stream.tools import stack
+
+    libs = stack.StackConfig.from_env().kafka_libs
+    change = (["--add-config", f"producer_byte_rate={producer_byte_rate}"]
+              if producer_byte_rate is not None else ["--delete-config", "producer_byte_rate"])
+    subprocess.run(["java", "-cp", f"{libs}/*", "kafka.admin.ConfigCommand",
+                    "--bootstrap-server", bootstrap, "--alter", *change,
+                    "--entity-type", "clients", "--entity-name", client_id],
+                   check=True, capture_output=True, timeout=180)
+
+
+def quota_check(settings: Settings, *, byte_rate: int, count: int, seconds: float = 300.0,
+                ) -> dict[str, Any]:
+    """The defence against a flood above the workers' capacity is the broker's: a produce
+    quota (``producer_byte_rate``) on the flooding principal. Sets one on a client id, sends
+    ``count`` junk plays from it as fast as the client can (no pacing) to a scratch topic,
+    and reports the rate the broker let through (bounded by ``seconds``)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    tag = new_tag()
+    client_id, topic = f"{tag}-flood", f"{tag}-quota-plays"
+    _kafka_quota(settings.kafka_bootstrap, client_id, byte_rate)
+
+    async def run() -> dict[str, Any]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 4, 1)])
+        finally:
+            await admin.close()
+        producer = make_producer(settings, client_id=client_id)
+        await producer.start()
+        sent = size = 0
+        started = time.monotonic()
+        try:
+            pending = []
+            for i in range(count):
+                if time.monotonic() - started > seconds:
+                    break
+                user = f"{tag}-ju{i}"
+                value = encode_event(PlayEvent(user, f"{tag}-jt{i}", int(time.time() * 1000),
+                                               100_000, f"{tag}-je{i}", artist_id=f"{tag}-ja{i}",
+                                               context=f"junk-context-{i}"))
+                pending.append(await producer.send(topic, value=value, key=user.encode()))
+                sent += 1
+                size += len(value) + len(user)
+                if len(pending) >= 500:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+        took = time.monotonic() - started
+        return {"client_id": client_id, "producer_byte_rate": byte_rate, "sent": sent,
+                "seconds": round(took, 1), "plays_per_s": round(sent / took, 1),
+                "payload_bytes_per_play": round(size / max(sent, 1), 1),
+                "payload_bytes_per_s": round(size / took)}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        _kafka_quota(settings.kafka_bootstrap, client_id, None)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--noise-probe":
         noise_probe(float(sys.argv[2]), Path(sys.argv[3]))
     elif len(sys.argv) == 2 and sys.argv[1] == "--bytes-per-item":
         print(json.dumps(bytes_per_item()))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--quota-check":
+        from load_tests.faults import _drill_settings
+
+        print(json.dumps(quota_check(_drill_settings(new_tag()), byte_rate=int(sys.argv[2]),
+                                     count=int(sys.argv[3])), indent=1))
     else:
         raise SystemExit("use: python -m load_tests.faults junk-ids ... | "
-                         "python -m load_tests.junk_ids --bytes-per-item")
+                         "python -m load_tests.junk_ids --bytes-per-item | "
+                         "python -m load_tests.junk_ids --quota-check BYTES_PER_S COUNT")

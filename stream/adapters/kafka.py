@@ -138,6 +138,20 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> int:
         await admin.close()
 
 
+async def existing_topics(settings: Settings, names: list[str]) -> set[str]:
+    """Which of ``names`` exist (one describe request; unknown on errors: reported missing)."""
+    if not names:
+        return set()
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        return set(await _partition_counts(admin, names))
+    except KafkaError:
+        return set()
+    finally:
+        await admin.close()
+
+
 async def _partition_counts(
     admin: AIOKafkaAdminClient, topics: list[str], denied: set[str] | None = None
 ) -> dict[str, int]:

@@ -652,6 +652,19 @@ class Metrics:
             "something else (stream.worker.watchdog.LoopLagProbe).",
             namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
         )
+        self.loop_busy = Histogram(
+            "event_loop_busy_seconds",
+            "CPU time the event loop's thread used between two turns of the 10 ms lag "
+            "probe: the worker's own work that held the loop (a lag beyond it is time the "
+            "thread did not run: other processes, or another thread holding the GIL).",
+            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
+        )
+        self.loop_busy_max = Gauge(
+            "event_loop_busy_max_seconds",
+            "The longest CPU stretch of the event loop's thread between two probe turns "
+            "since the worker started.",
+            namespace=ns, registry=registry,
+        )
         self.gc_freeze_seconds = Histogram(
             "gc_freeze_seconds",
             "Duration of one young collection + gc.freeze (every gc_freeze_interval_s).",

@@ -133,6 +133,8 @@ class ItemStepLike(Protocol):
     def negatives(self) -> tuple[str, ...]: ...
     @property
     def skip_features(self) -> Mapping[str, float] | None: ...
+    @property
+    def blend_pairs(self) -> Float32Array | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,9 @@ class ItemStep:
     artist, context, position in the session (-1: unknown), an opaque session token
     (session-kNN groups a session's plays by it; "": unknown), the listener's MF factors
     *before* the step and the negatives it sampled (MF takes the same item step), and the
-    skip model's features (the skip model takes the same step)."""
+    skip model's features (the skip model takes the same step), and the learned blend's
+    example rows (``x_pos - x_neg`` per pair, :meth:`LearnedBlend.pairs`: the blend takes
+    the same step; None when the owner's blend learned nothing from the play)."""
 
     track_id: str
     ts_ms: int
@@ -158,20 +162,26 @@ class ItemStep:
     skip_features: Mapping[str, float] | None = None
     #: the owner's number of this play (its ``n_learned`` after learning it)
     seq: int = -1
+    blend_pairs: Float32Array | None = None
 
     def __eq__(self, other: object) -> bool:  # the factors are an array
         if not isinstance(other, ItemStep):
             return NotImplemented
-        mine, theirs = self.factors, other.factors
-        same = (mine is None and theirs is None) or (
-            mine is not None and theirs is not None and np.array_equal(mine, theirs))
-        return same and all(getattr(self, f) == getattr(other, f) for f in _STEP_FIELDS)
+        return (same_array(self.factors, other.factors)
+                and same_array(self.blend_pairs, other.blend_pairs)
+                and all(getattr(self, f) == getattr(other, f) for f in _STEP_FIELDS))
 
     __hash__ = None  # type: ignore[assignment]
 
 
 _STEP_FIELDS: Final = ("track_id", "ts_ms", "skipped", "history", "artist_id", "context",
                        "position", "session", "negatives", "skip_features", "seq")
+
+
+def same_array(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Both None, or equal arrays."""
+    return (a is None and b is None) or (
+        a is not None and b is not None and np.array_equal(a, b))
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,9 +375,10 @@ class Recommender:
             with contextlib.suppress(ValueError):  # an unusable record: start afresh
                 self.import_user(state.user_id, before.model)
         track = state.recent[-1]
+        blend_pairs = None
         if self.blend == "learned" and before.recent:
             # test-then-train: the candidates ranked before this play, the play as positive
-            self._learn_blend(before, track, state.last_event_ts_ms)
+            blend_pairs = self._learn_blend(before, track, state.last_event_ts_ms)
         keep_history = self.cross_session or not update.new_session
         history = tuple(before.recent) if keep_history else ()
         context = event.context if event is not None else None
@@ -422,7 +433,7 @@ class Recommender:
             history=history[-ITEM_HISTORY:], artist_id=x.artist_id, context=context,
             position=x.session_position, session=token, factors=user_before,
             negatives=tuple([ids[r] for r in rows[1:]]), skip_features=skip_features,
-            seq=self.n_learned,
+            seq=self.n_learned, blend_pairs=blend_pairs,
         )
         return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected, step)
 
@@ -448,18 +459,24 @@ class Recommender:
     def apply_item_steps(self, steps: Iterable[ItemStepLike]) -> int:
         """Learn plays another recommender owned, on the item side only: trending,
         co-occurrence, SR, session-kNN, MF item factors, the skip model, the skip-rate
-        detector, the artist map and first-seen times take the step the owner took
-        (:class:`ItemStep`). Nothing about the listener is learned (their factors stay
-        with their owner). Returns how many steps were applied. Steps must be validated
+        detector, the artist map, first-seen times and the learned blend (when this
+        recommender ranks with it) take the step the owner took (:class:`ItemStep`).
+        Nothing about the listener is learned (their factors stay with their owner).
+        Returns how many steps were applied. Steps must be validated
         input (``decode_batch`` of :mod:`stream.processing.replication`); a step whose
-        factors do not fit this model raises ValueError before anything is learned from
-        it."""
+        factors or blend pairs do not fit this model raises ValueError before anything is
+        learned from it."""
         n = 0
+        learn_blend = self.blend == "learned"
         for s in steps:
             factors = s.factors
             if factors is not None and factors.shape != (self.n_factors,):
                 raise ValueError(f"item step factors: shape {factors.shape}, "
                                  f"expected ({self.n_factors},)")
+            pairs = s.blend_pairs
+            if pairs is not None and (pairs.ndim != 2 or pairs.shape[1] != N_FEATURES):
+                raise ValueError(f"item step blend pairs: shape {pairs.shape}, "
+                                 f"expected (n, {N_FEATURES})")
             position = s.position
             x = Interaction(
                 user_id="", track_id=s.track_id, ts_ms=s.ts_ms, skipped=s.skipped,
@@ -483,6 +500,8 @@ class Recommender:
                 if position >= 0:
                     self.rules.learn_one(x)
                 self._first_seen(s.track_id, s.ts_ms)
+                if learn_blend and pairs is not None:
+                    self.ranker.apply_pairs(pairs)
             n += 1
         return n
 
@@ -626,7 +645,9 @@ class Recommender:
 
     # -- learned blend and session models ----------------------------------------------------
 
-    def _learn_blend(self, before: UserState, track: str, ts_ms: int) -> None:
+    def _learn_blend(self, before: UserState, track: str, ts_ms: int
+                     ) -> Float32Array | None:
+        """Learn the blend from this play; its step (the example rows), None if none."""
         cache = self.__dict__.pop("_blend_cache", None)
         if cache is not None and cache[0] == before.user_id and cache[1] == before.seq:
             rows, X = cache[2], cache[3]
@@ -634,10 +655,15 @@ class Recommender:
             rows, X, *_ = self._blend_candidates(before, ts_ms, ())
         row = self.vocabulary.index.get(track)
         if row is None or not len(rows):
-            return
+            return None
         hit = np.flatnonzero(rows == row)
-        if len(hit):
-            self.ranker.learn(X, int(hit[0]), key=self.n_learned)
+        if not len(hit):
+            return None
+        pairs = self.ranker.pairs(X, int(hit[0]), key=self.n_learned)
+        if not len(pairs):
+            return None
+        self.ranker.apply_pairs(pairs)
+        return pairs
 
     def _session_items(self, state: UserState) -> list[str]:
         """The listener's current session, oldest first (the last track at least), or all
@@ -1736,7 +1762,9 @@ def warm_up() -> float:
     from stream.core.session import update_session
 
     started = time.perf_counter()
-    rec = Recommender(seed=0, max_per_artist=1)
+    # a small session table: the kernels' types do not depend on its size, and eviction
+    # copies all of it (the default 50,000 x 50 table took ~2 s of every start-up)
+    rec = Recommender(seed=0, max_per_artist=1, stan_params={"max_sessions": 64})
     rec.cooccurrence.max_neighbours = 2  # so rows fill up and get pruned
     states: dict[str, UserState] = {}
     for i in range(400):
@@ -1755,6 +1783,12 @@ def warm_up() -> float:
     rec.mf_candidates = True
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)
     rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    # the worker's default ranker ("fixed") ranks a flush's listeners in one compiled
+    # call (rank_many), a path the learned blend above never takes: without this its
+    # first flush compiled it on the event loop (5-25 s on a fresh install)
+    rec.use_ranker("fixed")
+    rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
+    rec.use_ranker("learned")
     rec.similar("t0", 5)
     rec.evict_tracks(50)
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -13,6 +14,7 @@ from stream.faustx.changelog_table import BatchedChangelogTable
 from stream.faustx.compat import check_compat
 from stream.faustx.consumer import SeamConsumer
 from stream.faustx.options import SeamOptions
+from stream.faustx.startup import QuickTableManager
 from stream.faustx.stream import BatchingStream
 from stream.faustx.tablestore import faust_app_options
 
@@ -25,6 +27,11 @@ class SeamApp(faust.App):
 
     def __init__(self, id: str, *, seam: SeamOptions | None = None, **kwargs: Any) -> None:
         self.seam = seam if seam is not None else SeamOptions()
+        #: called (in order) at the start of every pre-commit flush, before the producer
+        #: counts what it must wait for: a part that buffers records of applied events
+        #: outside Faust (the worker's track signals) hands them to the producer here, so
+        #: the commit waits for them too (:class:`stream.faustx.producer.CommitFlushProducer`)
+        self.before_commit: list[Callable[[], None]] = []
         super().__init__(id, **kwargs)
 
     def batched_table(self, name: str, **kwargs: Any) -> BatchedChangelogTable:
@@ -122,6 +129,7 @@ def create_app(settings: Settings, partitions: int) -> SeamApp:
         broker_credentials=broker_credentials(settings),
         Stream=BatchingStream,
         Table=BatchedChangelogTable,
+        TableManager=QuickTableManager,  # no fixed 1 s sleep at start (faustx.startup)
         Worker=shutdown.SeamWorker,  # run it as app.conf.Worker(app, ...): a bounded stop
         **faust_app_options(settings),  # table store, data dir, standbys, group membership
         topic_partitions=partitions,

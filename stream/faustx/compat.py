@@ -321,6 +321,16 @@ TESTED: Final[tuple[Pin, ...]] = (
         "overridden by faustx.app.SeamApp._producer_flush (bounded stop flush)",
     ),
     Pin(
+        "faust.tables.manager:TableManager.on_start",
+        "365dd25fbc0e0684",
+        "copied without its 1 s sleep by faustx.startup.QuickTableManager",
+    ),
+    Pin(
+        "faust.assignor.leader_assignor:LeaderAssignor",
+        "c3f79f79c3ef88d6",
+        "its leader topic's name, as faustx.startup.declared_topics spells it",
+    ),
+    Pin(
         "mode.worker:Worker._schedule_shutdown",
         "1a6a5dfc88c2298b",
         "overridden by faustx.shutdown.SeamWorker (arms the stop deadline)",

@@ -20,6 +20,12 @@ with records pending, the flush raises, so Faust does not commit: those events a
 redelivered. (A record aiokafka accepted but then failed to deliver, e.g. too large, is only
 logged by Faust, as before; aiokafka's flush does not report it.)
 
+Before counting, the flush calls the app's ``before_commit`` hooks (:class:`stream.faustx.
+app.SeamApp`): the worker's signal publisher enqueues the track signals of the plays it
+learned but has not sent yet (it batches them for up to 50 ms), so an offset is never
+committed ahead of its play's signal (a SIGKILL in that window used to lose the signal:
+the other workers never learned the play on the item side).
+
 The app's batched changelog tables (:class:`stream.faustx.changelog_table.
 BatchedChangelogTable`) send their pending changelog records after that hand-over and before
 the producer flush, and a record of theirs that failed to deliver fails the flush.
@@ -129,6 +135,8 @@ class CommitFlushProducer(AIOKafkaProducer):
         """Wait for the records enqueued so far and the batched tables' pending changelog,
         then for aiokafka's batches (see the module doc)."""
         buffer = self.buffer
+        for hook in getattr(self.app, "before_commit", ()):
+            hook()  # records of applied events buffered elsewhere: enqueued, waited for
         await buffer.wait_handed_over(buffer.enqueued)
         # then what Faust's Producer.flush does after its buffer flush (which itself waits
         # for an empty buffer, i.e. stalls under steady load): aiokafka's flush, which waits

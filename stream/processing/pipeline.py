@@ -55,6 +55,8 @@ MAX_TOUCHED_TRACKS: Final = 10_000
 MAX_PENDING_FIRST: Final = 20_000
 #: most listeners ranked in one budgeted call (Processor.rank_pending)
 MAX_RANK_CHUNK: Final = 1024
+#: a budgeted call ranks this many listeners at a time, then checks the time spent
+RANK_SUB_CHUNK: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,26 +478,28 @@ class Processor:
         ranking time. Returns how many were ranked."""
         if not (self.pending_rank or self.pending_first):
             return 0
+        now_ms = int(self.clock() * 1000)
+        started = time.perf_counter()
         entries: list[tuple[PlayEvent, UserState, int | None]] = []
+        ranked: list[list[Recommendation] | None] = []
         if budget_s is None:
             entries = [*self.pending_rank.values(), *self.pending_first.values()]
             self.pending_rank, self.pending_first = OrderedDict(), OrderedDict()
+            ranked = self._rank_entries(entries, now_ms)
         else:
+            # at most n (the budget at the recent cost per listener), ranked RANK_SUB_CHUNK
+            # at a time until the budget is spent: one listener's cost varies by 100x
+            # (a first play against a long history scanning 500k tracks' factors), so an
+            # estimate from cheap listeners let one call hold the loop for 7.8 s
             n = max(1, min(MAX_RANK_CHUNK, int(budget_s / max(self.rank_cost_s, 1e-6))))
-            for queue in (self.pending_rank, self.pending_first):
-                while queue and len(entries) < n:
-                    entries.append(queue.popitem(last=False)[1])
-        now_ms = int(self.clock() * 1000)
-        started = time.perf_counter()
-        many = getattr(self.recommender, "recommend_many", None)
-        ranked: list[list[Recommendation] | None] | None = None
-        if many is not None:
-            try:
-                ranked = list(many([e[1] for e in entries], self.settings.top_k, now_ms))
-            except Exception as exc:  # noqa: BLE001 - then one by one (below)
-                self._model_error(exc, None)
-        if ranked is None:
-            ranked = [self._rank_one(state, now_ms) for _, state, _ in entries]
+            while len(entries) < n and (self.pending_rank or self.pending_first) and (
+                    not entries or time.perf_counter() - started < budget_s):
+                chunk: list[tuple[PlayEvent, UserState, int | None]] = []
+                for queue in (self.pending_rank, self.pending_first):
+                    while queue and len(chunk) < min(RANK_SUB_CHUNK, n - len(entries)):
+                        chunk.append(queue.popitem(last=False)[1])
+                entries += chunk
+                ranked += self._rank_entries(chunk, now_ms)
         per_listener = (time.perf_counter() - started) / len(entries)
         self.rank_cost_s = 0.7 * self.rank_cost_s + 0.3 * per_listener
         refreshing = self._refreshing
@@ -511,6 +515,17 @@ class Processor:
             if on_ranked is not None:
                 on_ranked(per_listener)
         return len(entries)
+
+    def _rank_entries(self, entries: list[tuple[PlayEvent, UserState, int | None]],
+                      now_ms: int) -> list[list[Recommendation] | None]:
+        """The lists of ``entries`` (``recommend_many``; one by one if that raises)."""
+        many = getattr(self.recommender, "recommend_many", None)
+        if many is not None:
+            try:
+                return list(many([e[1] for e in entries], self.settings.top_k, now_ms))
+            except Exception as exc:  # noqa: BLE001 - then one by one (below)
+                self._model_error(exc, None)
+        return [self._rank_one(state, now_ms) for _, state, _ in entries]
 
     def _rank_one(self, state: UserState, now_ms: int) -> list[Recommendation] | None:
         try:

@@ -6,9 +6,10 @@ MF item factors, the skip model -- must still reflect everyone. After learning f
 the owning worker publishes a :class:`TrackSignal` to the signals topic: the item step it
 took (:class:`stream.core.recommender.ItemStep`: the track, the tracks played before it, skip
 flag, time, artist, context, session position, an opaque session token, the listener's MF
-factors *before* the step with the negatives it sampled, and the skip model's features) --
-never the listener's id. Every worker reads all partitions of that topic (no consumer
-group: a broadcast) and takes the same item step through
+factors *before* the step with the negatives it sampled, the skip model's features and
+the learned blend's example rows) -- never the listener's id. Every worker reads all
+partitions of that topic (no consumer group: a broadcast) and takes the same item step
+through
 :meth:`stream.core.recommender.Recommender.apply_item_steps` (:func:`receive_batch`). The
 listener's own state never leaves its owner's partition (it lives in their session,
 :mod:`stream.core.listener_record`). Design and delays: docs/scaling.md. Pure: no I/O here.
@@ -47,8 +48,9 @@ from stream.core.events import (
     check_id,
     check_text,
 )
+from stream.core.models.blend import N_FEATURES
 from stream.core.models.skip import FEATURE_NAMES
-from stream.core.recommender import ITEM_HISTORY, LearnResult, Recommender
+from stream.core.recommender import ITEM_HISTORY, LearnResult, Recommender, same_array
 from stream.core.session import SessionUpdate
 
 #: how many preceding tracks travel with a signal (the longest item-side window)
@@ -60,6 +62,9 @@ MAX_FACTORS: Final = 1024
 MAX_FACTOR_VALUE: Final = 1e4
 MAX_FEATURE_VALUE: Final = 1e3
 MAX_SESSION_TOKEN_LEN: Final = 64
+#: the most learned-blend pairs one signal may carry (the blend's ``negatives``, 3 by
+#: default), each N_FEATURES float32 values bounded by MAX_FEATURE_VALUE
+MAX_BLEND_PAIRS: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +88,16 @@ class TrackSignal:
     #: unknown: a checkpoint includes its writer's plays up to a number
     #: (stream.core.signal_positions)
     seq: int = -1
+    #: the learned blend's step: one ``x_pos - x_neg`` row (float32, N_FEATURES) per pair
+    #: the owner learned from this play (stream.core.models.blend), None: no blend step
+    blend_pairs: np.ndarray | None = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TrackSignal):
             return NotImplemented
-        mine, theirs = self.factors, other.factors
-        same_factors = (mine is None and theirs is None) or (
-            mine is not None and theirs is not None and np.array_equal(mine, theirs))
-        return same_factors and all(
-            getattr(self, f) == getattr(other, f) for f in _COMPARED)
+        return (same_array(self.factors, other.factors)
+                and same_array(self.blend_pairs, other.blend_pairs)
+                and all(getattr(self, f) == getattr(other, f) for f in _COMPARED))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -113,7 +119,7 @@ def signal_from(
             history=step.history[-HISTORY_SENT:], artist_id=step.artist_id,
             context=step.context, position=step.position, session=step.session,
             factors=step.factors, negatives=step.negatives,
-            skip_features=step.skip_features, seq=step.seq,
+            skip_features=step.skip_features, seq=step.seq, blend_pairs=step.blend_pairs,
         )
     history = tuple(update.before.recent[-HISTORY_SENT:]) if update.before.recent else ()
     return TrackSignal(
@@ -148,6 +154,9 @@ def _as_dict(sig: TrackSignal) -> dict[str, object]:
         out["x"] = {name: float(v) for name, v in sig.skip_features.items()}
     if sig.seq >= 0:
         out["i"] = sig.seq
+    if sig.blend_pairs is not None and len(sig.blend_pairs):
+        out["b"] = base64.b64encode(
+            np.ascontiguousarray(sig.blend_pairs, dtype="<f4").tobytes()).decode("ascii")
     return out
 
 
@@ -226,6 +235,7 @@ def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> Track
         negatives=_negatives(d.get("n")),
         skip_features=_skip_features(d.get("x")),
         seq=_seq(d.get("i")),
+        blend_pairs=_blend_pairs(d.get("b")),
     )
 
 
@@ -260,6 +270,24 @@ def _factors(value: object) -> np.ndarray | None:
     if not np.all(np.isfinite(vec)) or float(np.abs(vec).max()) > MAX_FACTOR_VALUE:
         raise InvalidField("bad_value", "signal 'f' has values out of range")
     return vec
+
+
+def _blend_pairs(value: object) -> np.ndarray | None:
+    if value is None:
+        return None
+    row_bytes = 4 * N_FEATURES
+    if type(value) is not str or len(value) > 4 * MAX_BLEND_PAIRS * row_bytes // 3 + 4:
+        raise InvalidField("wrong_type", "signal 'b' must be base64 of float32 pair rows")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise InvalidField("bad_value", "signal 'b' is not base64") from None
+    if not raw or len(raw) % row_bytes or len(raw) // row_bytes > MAX_BLEND_PAIRS:
+        raise InvalidField("bad_value", f"signal 'b' is not rows of {N_FEATURES} float32")
+    rows = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(-1, N_FEATURES)
+    if not np.all(np.isfinite(rows)) or float(np.abs(rows).max()) > MAX_FEATURE_VALUE:
+        raise InvalidField("bad_value", "signal 'b' has values out of range")
+    return rows
 
 
 def _negatives(value: object) -> tuple[str, ...]:

@@ -119,6 +119,8 @@ def create_worker(
     )
     signals = SignalPublisher(topics.signals, topics.signals_name, ring, worker_id, settings,
                               telemetry)
+    # a commit waits for the signals of the plays it commits (docs/scaling.md, "Restart")
+    app.before_commit.append(signals.flush_for_commit)
     catalog = CatalogSync(settings, processor.catalog, writer, telemetry)
     pacing = RankPacing(settings.catch_up_rank_ms / 1000.0)
     ranker = Ranker(processor, pacing, writer, telemetry, models_busy=lambda: models.busy(),
@@ -144,6 +146,7 @@ def create_worker(
     lag = ConsumerLag(app, settings, worker.processed_offsets, telemetry)
     loop_lag = LoopLagProbe(
         on_lag=lambda s: telemetry.loop_lag(s, loop_lag.max_lag),
+        on_busy=lambda s: telemetry.loop_busy(s, loop_lag.max_busy),
         sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
         else None,
     )

@@ -121,6 +121,13 @@ class SignalPublisher:
         if self.enabled:
             self.pending.append(signal_from(self.worker_id, update, event, learned))
 
+    def flush_for_commit(self) -> None:
+        """Hand every pending signal to the producer now: called by the pre-commit flush
+        (the app's ``before_commit``), which then waits for them with the changelog, so
+        no play's offset is committed before its signal is in Kafka (a SIGKILL between
+        the two used to lose the signal: docs/scaling.md)."""
+        self.flush(force=True)
+
     def flush(self, force: bool = False) -> None:
         pending = self.pending
         if not pending:

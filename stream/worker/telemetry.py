@@ -174,6 +174,11 @@ class Telemetry:
         if seconds >= max_lag:
             self.metrics.loop_lag_max.set(seconds)
 
+    def loop_busy(self, cpu_s: float, max_busy: float) -> None:
+        self.metrics.loop_busy.observe(cpu_s)
+        if cpu_s >= max_busy:
+            self.metrics.loop_busy_max.set(cpu_s)
+
     def rebalanced(self) -> None:
         self.metrics.rebalances.inc()
 

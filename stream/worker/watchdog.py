@@ -113,10 +113,17 @@ class LoopLagProbe:
     T - ``interval_s`` and T. Run :meth:`run` as a task of the loop to watch."""
 
     def __init__(self, on_lag: Callable[[float], None], interval_s: float = 0.01,
-                 sampler: StallSampler | None = None) -> None:
+                 sampler: StallSampler | None = None,
+                 on_busy: Callable[[float], None] | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
         self.on_lag = on_lag
+        #: told, at every wake-up, the CPU time the loop's thread used since the previous
+        #: one (``time.thread_time``): the part of a lag that is the worker's own work on
+        #: the loop. The rest of a lag is time the thread was not running (the machine's
+        #: other processes, or another thread of the worker holding the GIL).
+        self.on_busy = on_busy
+        self.max_busy = 0.0
         #: told of every wake-up (its heartbeat), if set
         self.sampler = sampler
         self.interval_s = interval_s
@@ -130,12 +137,22 @@ class LoopLagProbe:
             self.max_lag = lag
         self.on_lag(lag)
 
+    def observe_busy(self, cpu_s: float) -> None:
+        cpu_s = max(0.0, cpu_s)
+        if cpu_s > self.max_busy:
+            self.max_busy = cpu_s
+        if self.on_busy is not None:
+            self.on_busy(cpu_s)
+
     async def run(self) -> None:
+        import time
+
         loop = asyncio.get_running_loop()
         interval = self.interval_s
         sampler = self.sampler
         if sampler is not None:
             sampler.start()
+        cpu = time.thread_time()
         try:
             while True:
                 due = loop.time() + interval
@@ -143,6 +160,9 @@ class LoopLagProbe:
                 if sampler is not None:
                     sampler.beat()
                 self.observe(loop.time() - due)
+                now_cpu = time.thread_time()
+                self.observe_busy(now_cpu - cpu)
+                cpu = now_cpu
         finally:
             if sampler is not None:
                 sampler.stop()
@@ -170,20 +190,28 @@ class StallSampler:
         self.log = log or logger
         self.loop_thread = threading.get_ident()
         self.last_beat = _monotonic()
+        #: the loop thread's CPU time (``time.thread_time``) at its last heartbeat: an
+        #: episode's CPU is the loop's own work in it, the rest is the thread not running
+        self.last_beat_cpu = 0.0
         #: (seconds, most frequent stack) of the episodes seen, longest first, at most 20
         self.episodes: list[tuple[float, str]] = []
+        #: (seconds, loop-thread CPU seconds) of the last episode
+        self.last_episode: tuple[float, float] | None = None
         self._halt = threading.Event()
         self._sampling = threading.Thread(target=self._sample_loop, name="stall-sampler",
                                           daemon=True)
 
     def beat(self) -> None:
+        import time
+
+        self.last_beat_cpu = time.thread_time()
         self.last_beat = _monotonic()
 
     def start(self) -> None:
         import threading
 
         self.loop_thread = threading.get_ident()
-        self.last_beat = _monotonic()
+        self.beat()
         self._sampling.start()
 
     def stop(self) -> None:
@@ -205,13 +233,14 @@ class StallSampler:
 
         stacks: Counter[str] = Counter()
         started: float | None = None
+        started_cpu = 0.0
         last_log = 0.0
         while not self._halt.wait(self.interval_s):
             now = _monotonic()
             held = now - self.last_beat
             if held >= self.threshold_s:
                 if started is None:
-                    started = self.last_beat
+                    started, started_cpu = self.last_beat, self.last_beat_cpu
                 stack = self._loop_stack()
                 if stack:
                     stacks[stack] += 1
@@ -219,6 +248,8 @@ class StallSampler:
             if started is None:
                 continue
             seconds = self.last_beat - started
+            cpu = max(0.0, self.last_beat_cpu - started_cpu)
+            self.last_episode = (seconds, cpu)
             top, hits = stacks.most_common(1)[0] if stacks else ("?", 0)
             total = sum(stacks.values())
             self.episodes.append((seconds, top))
@@ -226,8 +257,9 @@ class StallSampler:
             del self.episodes[20:]
             if now - last_log >= self.min_gap_s:
                 last_log = now
-                self.log.warning("event loop held %.0f ms; %d/%d samples in: %s",
-                                 seconds * 1000, hits, total, top)
+                self.log.warning("event loop held %.0f ms (%.0f ms of it the loop's own CPU "
+                                 "work); %d/%d samples in: %s",
+                                 seconds * 1000, cpu * 1000, hits, total, top)
             stacks.clear()
             started = None
 

@@ -156,20 +156,45 @@ def test_a_budgeted_ranking_takes_a_bounded_chunk_listeners_with_history_first()
         _play(p, f"junk-{i}", 1 + i)
     _play(p, "real", 200)  # queued after 100 first plays...
     assert len(p.pending_first) == 100 and list(p.pending_rank) == ["real"]
-    p.rank_cost_s = 0.001
-    assert p.rank_pending(budget_s=0.010) == 10  # 10 ms at 1 ms a listener
+    p.rank_cost_s = 0.1
+    assert p.rank_pending(budget_s=1.0) == 10  # 1 s at 100 ms a listener
     # ...and ranked first
     assert json.loads(writes[0].doc)["user_id"] == "real"
     assert len(p.pending_first) == 91 and p.rank_waiting()
     ranked = 10
     while p.rank_waiting():
-        p.rank_cost_s = 0.001
-        ranked += p.rank_pending(budget_s=0.010)
+        p.rank_cost_s = 0.1
+        ranked += p.rank_pending(budget_s=1.0)
     assert ranked == 101 and len(writes) == 101
     p.rank_cost_s = 10.0  # slower than the budget: still one listener a call
     _play(p, "junk-x", 500)
     _play(p, "junk-y", 501)
     assert p.rank_pending(budget_s=0.010) == 1
+
+
+def test_a_budgeted_ranking_stops_when_the_budget_is_spent_whatever_the_estimate() -> None:
+    """The 1M junk-ids drill of session 11: the cost estimate came from cheap listeners,
+    one call ranked hundreds of expensive ones and held the loop 7.8 s, the consumer's
+    group session expired and the worker re-read its whole changelog. Listeners are ranked
+    RANK_SUB_CHUNK at a time and the call stops once the budget is spent."""
+    import time
+
+    from stream.processing.pipeline import RANK_SUB_CHUNK
+
+    p, writes = _processor()
+    for i in range(100):
+        _play(p, f"junk-{i}", i)
+    many = p.recommender.recommend_many
+
+    def slow(states, k, now_ms):  # type: ignore[no-untyped-def]
+        time.sleep(0.005 * len(states))  # 5 ms a listener
+        return many(states, k, now_ms)
+
+    p.recommender.recommend_many = slow
+    p.rank_cost_s = 1e-6  # the estimate says 1024 fit in the budget
+    assert p.rank_pending(budget_s=0.010) == RANK_SUB_CHUNK
+    assert len(writes) == RANK_SUB_CHUNK and len(p.pending_first) == 100 - RANK_SUB_CHUNK
+    assert p.rank_cost_s > 0.001  # and the estimate learned the cost
 
 
 def test_first_play_rankings_are_bounded_and_the_oldest_shed() -> None:

@@ -213,3 +213,74 @@ def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
         assert len(gc.get_objects(generation=2)) < frozen
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.asyncio
+async def test_the_commit_waits_for_the_signals_of_the_plays_it_commits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue #17 item 3: the worker batches its track signals for up to 50 ms; a commit in
+    that window used to go ahead with the plays' signals still in the publisher, and a
+    SIGKILL then lost them. The pre-commit flush now hands them to the producer first
+    (the app's ``before_commit``) and waits until they are handed over."""
+    from prometheus_client import CollectorRegistry
+
+    from stream.adapters.metrics import Metrics
+    from stream.config import Settings
+    from stream.core.events import PlayEvent
+    from stream.core.session import update_session
+    from stream.worker.app import create_worker
+    from stream.worker.signals import SignalPublisher
+
+    worker = create_worker(Settings(worker_insecure=True), Metrics(CollectorRegistry()), 4)
+    app = worker.app
+    hooks = [h for h in app.before_commit
+             if isinstance(getattr(h, "__self__", None), SignalPublisher)]
+    assert len(hooks) == 1
+    publisher = hooks[0].__self__
+    event = PlayEvent("u1", "t1", 1_700_000_000_000, 200_000, "e1")
+    publisher._sent = float("inf")  # as if a batch had just gone: the next waits 50 ms
+    publisher.add(update_session(None, event), event)
+    publisher.flush()
+    assert len(publisher.pending) == 1  # held back by the batching window
+    buffer = app.producer.buffer
+    sent: list[Any] = []
+
+    async def slow_send(fut: Any) -> None:
+        await asyncio.sleep(SLOW_SEND_S)
+        sent.append(fut)
+
+    _hand_over_with(monkeypatch, slow_send)
+    await buffer.start()
+    try:
+        await asyncio.wait_for(app.producer.flush(), 10.0)
+        assert not publisher.pending
+        assert sent, "the commit flush did not wait for the pending signal"
+        assert sent[-1].message.key == publisher.key
+        assert b'"t":"t1"' in sent[-1].message.value
+    finally:
+        await _drop_and_stop(buffer)
+
+
+@pytest.mark.asyncio
+async def test_before_commit_hooks_run_before_the_flush_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = _app("commit-flush-test-hooks")
+    producer = app.producer
+    buffer = producer.buffer
+    sent: list[Any] = []
+
+    async def slow_send(fut: Any) -> None:
+        await asyncio.sleep(SLOW_SEND_S)
+        sent.append(fut)
+
+    _hand_over_with(monkeypatch, slow_send)
+    app.before_commit.append(lambda: buffer.put("late"))
+    await buffer.start()
+    try:
+        buffer.put("early")
+        await producer.flush()
+        assert sent == ["early", "late"]
+    finally:
+        await _drop_and_stop(buffer)

@@ -92,6 +92,34 @@ def test_loop_lag_probe_sees_a_blocking_callback() -> None:
     assert 0.12 - 0.005 - 0.01 <= probe.max_lag == max(seen) < 0.5
 
 
+def test_loop_busy_counts_the_loop_threads_cpu_not_its_waiting() -> None:
+    """A callback that burns ~80 ms of CPU shows as busy time; one that sleeps 150 ms (the
+    thread not running, as when the machine's other processes have the CPU) shows as lag
+    but not as busy time."""
+    busy: list[float] = []
+    probe = LoopLagProbe(on_lag=lambda s: None, interval_s=0.005, on_busy=busy.append)
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(probe.run())
+        await asyncio.sleep(0.03)
+        time.sleep(0.15)  # held, but not by CPU work
+        await asyncio.sleep(0.03)
+        waited = probe.max_busy
+        burn(0.08)
+        await asyncio.sleep(0.03)
+        task.cancel()
+        assert probe.max_lag >= 0.13
+        assert waited < 0.05
+
+    asyncio.run(main())
+    assert 0.08 <= probe.max_busy == max(busy) < 0.5
+
+
 def test_the_stall_sampler_says_where_the_loop_was_held() -> None:
     """The junk-ids drill found its loop stalls with this: a callback that holds the loop
     ~300 ms is reported as one episode whose most frequent stack names it."""
@@ -118,3 +146,31 @@ def test_the_stall_sampler_says_where_the_loop_was_held() -> None:
     seconds, stack = sampler.episodes[0]
     assert 0.2 <= seconds <= 1.0
     assert stack.startswith("test_watchdog.py") and "hold_the_loop_for_a_while" in stack
+    assert sampler.last_episode is not None and sampler.last_episode[1] < 0.1  # slept
+
+
+def test_the_stall_sampler_tells_the_loops_own_work_from_not_running() -> None:
+    import asyncio
+    import time
+
+    from stream.worker.watchdog import LoopLagProbe, StallSampler
+
+    sampler = StallSampler(threshold_s=0.1, interval_s=0.005, min_gap_s=0.0)
+
+    def burn() -> None:
+        end = time.thread_time() + 0.25
+        while time.thread_time() < end:
+            pass
+
+    async def go() -> None:
+        probe = LoopLagProbe(on_lag=lambda s: None, sampler=sampler)
+        task = asyncio.get_running_loop().create_task(probe.run())
+        await asyncio.sleep(0.05)
+        burn()
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(go())
+    assert sampler.last_episode is not None
+    seconds, cpu = sampler.last_episode
+    assert 0.25 <= cpu <= seconds + 0.02

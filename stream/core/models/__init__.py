@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# first: river's linear models without scipy.stats (stream.core.models._river)
+import stream.core.models._river  # noqa: F401, I001
 from stream.core.models.base import CandidateSource, Interaction, OnlineModel, clone, get_params
 from stream.core.models.cooccurrence import SessionCooccurrence
 from stream.core.models.drift import SkipRateDrift

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 from river import linear_model, optim, utils
 
 from stream.core.models._state import build, get_field, get_params
@@ -50,6 +51,7 @@ FEATURES: Final = (
     "s_artist", "r_artist", "s_own", "r_own",
 )
 N_FEATURES: Final = len(FEATURES)
+Float32Array = npt.NDArray[np.float32]
 #: weight of the fixed blend's score added to the learned one (order of an untrained model)
 PRIOR_EPS: Final = 1e-3
 
@@ -121,9 +123,16 @@ class LearnedBlend:
     def learn(self, X: FloatArray, positive: int, key: int) -> int:
         """Learn from one ranked list whose row ``positive`` was played; ``key`` (e.g. the
         count of plays learned) seeds the choice of negatives. Returns the pairs learned."""
+        return self.apply_pairs(self.pairs(X, positive, key))
+
+    def pairs(self, X: FloatArray, positive: int, key: int) -> Float32Array:
+        """The examples of one ranked list (see :meth:`learn`): one row ``x_pos - x_neg``
+        per chosen negative, as float32 (``0 x N_FEATURES`` when there is nothing to learn).
+        These rows are the blend's step: another worker's blend takes the same step from
+        them (:meth:`apply_pairs`; docs/scaling.md). Learns nothing."""
         n = len(X)
         if n < 2 or not 0 <= positive < n:
-            return 0
+            return np.zeros((0, N_FEATURES), dtype=np.float32)
         order = np.argsort(-self.score(X), kind="stable")
         pool = [int(i) for i in order[: self.hard_pool + 1].tolist() if i != positive]
         h = _mix(self.seed * 0x100000001B3 ^ key)
@@ -133,16 +142,25 @@ class LearnedBlend:
             pick = pool[h % len(pool)]
             if pick not in chosen:
                 chosen.append(pick)
-        x_pos = X[positive]
+        diffs: Float32Array = (X[positive] - X[chosen]).astype(np.float32)
+        return diffs.reshape(len(chosen), N_FEATURES)
+
+    def apply_pairs(self, diffs: Float32Array) -> int:
+        """One SGD step per row of ``diffs`` (``x_pos - x_neg`` of :meth:`pairs`, this
+        worker's or another's): the same step whichever worker ranked the list. Returns the
+        pairs learned. ``diffs`` must be validated (``n x N_FEATURES``, finite)."""
+        if diffs.ndim != 2 or diffs.shape[1] != N_FEATURES:
+            raise ValueError(f"blend pairs: shape {diffs.shape}, expected (n, {N_FEATURES})")
+        if not len(diffs):
+            return 0
         learn = self.model.learn_one
-        for neg in chosen:
-            diff = (x_pos - X[neg]).tolist()
-            learn(dict(zip(FEATURES, diff, strict=True)), True)
+        for row in diffs.astype(np.float64).tolist():
+            learn(dict(zip(FEATURES, row, strict=True)), True)
         weights = self.model._weights
         self._w = np.array([weights.get(f, 0.0) for f in FEATURES])
         self.n_learned += 1
-        self.n_pairs += len(chosen)
-        return len(chosen)
+        self.n_pairs += len(diffs)
+        return len(diffs)
 
     # -- state ----------------------------------------------------------------------------
 
