@@ -230,8 +230,14 @@ class ComponentQuality:
         self.calls += 1
         if self.calls % self.every:
             return False
-        recommend = recommender.recommend  # type: ignore[attr-defined]
-        for variant in self.variants(recommender):
-            recs = recommend(before, self.k, now_ms, variant=variant)
-            evaluator.observe(variant, [r.track_id for r in recs], track_id)
+        variants = self.variants(recommender)
+        many = getattr(recommender, "component_ids", None)
+        if many is not None:  # the same lists, ranked together (Recommender.component_ids)
+            lists = many(before, self.k, now_ms, variants)
+        else:
+            recommend = recommender.recommend  # type: ignore[attr-defined]
+            lists = [[r.track_id for r in recommend(before, self.k, now_ms, variant=v)]
+                     for v in variants]
+        for variant, ids in zip(variants, lists, strict=True):
+            evaluator.observe(variant, ids, track_id)
         return True

@@ -42,11 +42,21 @@ MAX_FACTOR: Final = 1e4
 
 Float32Array = npt.NDArray[np.float32]
 
+_F4: Final = np.dtype("<f4")
+#: the record's first bytes per factor count
+_HEADS: dict[int, bytes] = {}
+
 
 def encode_listener_record(factors: Float32Array | None, own: Sequence[str] = ()) -> str:
     """The record of one listener ("" when there is nothing to keep)."""
     if factors is None and not own:
         return ""
+    if not own and type(factors) is np.ndarray and factors.dtype == _F4 \
+            and factors.ndim == 1 and factors.flags.c_contiguous:
+        # the common record (factors only), once per play: the same bytes, ~2x faster
+        n = len(factors)
+        head = _HEADS.get(n) or _HEADS.setdefault(n, MAGIC + struct.pack("<H", n))
+        return base64.b64encode(head + factors.tobytes() + b"\x00").decode("ascii")
     vec = (np.zeros(0, dtype="<f4") if factors is None
            else np.ascontiguousarray(factors, dtype="<f4"))
     own = list(own)[-255:]

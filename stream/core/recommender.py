@@ -88,6 +88,8 @@ MODEL_VERSION: Final = "blend-3"  # 3: learned blend over co-occurrence, STAN, S
 VARIANTS: Final = ("popularity", "mf", "cooccurrence", "sknn", "stan", "sr", "fixed", "blend")
 #: the variants ranked by :meth:`Recommender._rank_session_model`
 _SESSION_VARIANTS: Final = frozenset({"sknn", "stan", "sr"})
+#: the variants that rank with one component alone (through the compiled query)
+_SINGLE_COMPONENTS: Final = frozenset({"popularity", "mf", "cooccurrence"})
 #: SR's query reads the last 5 tracks (decay 0.6), not only the last one: on the first 25,000
 #: 30Music plays HR@10 0.0312 -> 0.0359, MRR@10 0.0264 -> 0.0296 (docs/benchmarks.md)
 DEFAULT_RULES: Final[Mapping[str, Any]] = {"query_window": 5, "query_decay": 0.6}
@@ -199,8 +201,18 @@ def session_token(state: UserState) -> str:
     the listener): session-kNN groups a session's plays by it on every worker, so the
     session continues wherever its listener's partition moves, and no worker but the
     owner learns who played it."""
-    digest = hashlib.blake2b(state.session_key.encode(), digest_size=8).hexdigest()
-    return f"s:{digest}"
+    key = state.session_key
+    token = _TOKENS.get(key)
+    if token is None:  # once per session, not per play (a listener's plays share the key)
+        if len(_TOKENS) >= _MAX_TOKENS:
+            _TOKENS.clear()
+        token = _TOKENS[key] = f"s:{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"
+    return token
+
+
+#: recent session keys' tokens (bounded: cleared when full)
+_TOKENS: dict[str, str] = {}
+_MAX_TOKENS: Final = 8192
 
 
 class Recommender:
@@ -431,7 +443,7 @@ class Recommender:
             track_id=track, ts_ms=x.ts_ms, skipped=x.skipped,
             history=history[-ITEM_HISTORY:], artist_id=x.artist_id, context=context,
             position=x.session_position, session=token, factors=user_before,
-            negatives=tuple(ids[r] for r in rows[1:]), skip_features=skip_features,
+            negatives=tuple([ids[r] for r in rows[1:]]), skip_features=skip_features,
             seq=self.n_learned, blend_pairs=blend_pairs,
         )
         return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected, step)
@@ -916,12 +928,7 @@ class Recommender:
         size = len(self.vocabulary)
         if size == 0:
             return []
-        n = max(self.candidates_per_source, k)
-        cooc = self.cooccurrence
         get = self.vocabulary.index.get
-        hist_list, ban_list = self._query_rows(state)
-        hist_rows = np.array(hist_list, dtype=np.int64)
-        ban_recent = np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS
         if isinstance(exclude, SeenTracks):
             ban_other = exclude.rows()
         elif exclude:
@@ -930,37 +937,107 @@ class Recommender:
             )
         else:
             ban_other = _NO_ROWS
-        use_cooc = weights.get("cooccurrence", 0.0) > 0
+        query = self._compiled_query(state, size)
         user = self._user_vector(state) if weights.get("mf", 0.0) > 0 else None
-        members, pop_weights, pop_total = self.popularity.ranking_inputs(size)
-        start, csize, cap, total, nbr, val = cooc.arena()
-        with self._query_buffers(size) as (ban, sc):
-            ranked = _k.rank_query(
-                size,
-                n if weights.get("popularity", 0.0) > 0 else k,
-                n,
-                use_cooc,
-                user is not None,
-                self.mf_candidates or weights.get("cooccurrence", 0.0) == 0,
-                blend_weights.get("popularity", 0.0),
-                blend_weights.get("cooccurrence", 0.0),
-                blend_weights.get("mf", 0.0),
-                members,
-                pop_weights,
-                pop_total,
-                start, csize, cap, total, nbr, val,
-                hist_rows,
-                cooc.query_decay,
-                sc.acc, sc.best, sc.anchor, sc.touched,
-                self.mf.factors(),
-                user if user is not None else _NO_SCORES,
-                ban,
-                self._mark_buffer(size),
-                ban_recent,
-                ban_other,
-            )
-        rows, totals, reasons, leads = ranked
-        return self._results(rows, totals, reasons, leads, k)
+        with self._query_buffers(size) as buffers:
+            ranked = self._rank_query(query, k, weights, blend_weights, user, buffers,
+                                      ban_other)
+        return self._results(*ranked, k)
+
+    def _compiled_query(self, state: UserState, size: int) -> tuple[Any, ...]:
+        """What every compiled query of ``state`` passes to the kernel, whatever it ranks
+        with: the history and banned rows, and the models' arrays."""
+        hist_list, ban_list = self._query_rows(state)
+        return (size, np.array(hist_list, dtype=np.int64),
+                np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS,
+                self.popularity.ranking_inputs(size), self.cooccurrence.arena(),
+                self.mf.factors())
+
+    def _rank_query(
+        self,
+        query: tuple[Any, ...],
+        k: int,
+        weights: Mapping[str, float],
+        blend_weights: Mapping[str, float],
+        user: Float32Array | None,
+        buffers: tuple[BoolArray, Any],
+        ban_other: IntArray | None = None,
+    ) -> tuple[IntArray, FloatArray, IntArray, IntArray]:
+        """One :func:`stream.core.models._kernels.rank_query` call of a prepared query."""
+        size, hist_rows, ban_recent, (members, pop_weights, pop_total), arena, factors = query
+        start, csize, cap, total, nbr, val = arena
+        n = max(self.candidates_per_source, k)
+        ban, sc = buffers
+        ranked: tuple[IntArray, FloatArray, IntArray, IntArray] = _k.rank_query(
+            size,
+            n if weights.get("popularity", 0.0) > 0 else k,
+            n,
+            weights.get("cooccurrence", 0.0) > 0,
+            user is not None,
+            self.mf_candidates or weights.get("cooccurrence", 0.0) == 0,
+            blend_weights.get("popularity", 0.0),
+            blend_weights.get("cooccurrence", 0.0),
+            blend_weights.get("mf", 0.0),
+            members,
+            pop_weights,
+            pop_total,
+            start, csize, cap, total, nbr, val,
+            hist_rows,
+            self.cooccurrence.query_decay,
+            sc.acc, sc.best, sc.anchor, sc.touched,
+            factors,
+            user if user is not None else _NO_SCORES,
+            ban,
+            self._mark_buffer(size),
+            ban_recent,
+            _NO_ROWS if ban_other is None else ban_other,
+        )
+        return ranked
+
+    def component_ids(
+        self, state: UserState, k: int, now_ms: int, variants: Sequence[str]
+    ) -> list[list[str]]:
+        """``[[r.track_id for r in self.recommend(state, k, now_ms, variant=v)] for v in
+        variants]``, for the live per-component quality
+        (:class:`stream.core.evaluation.ComponentQuality`, on the hot path): the single
+        components (``popularity``, ``mf``, ``cooccurrence``) share one prepared query and
+        build no :class:`Recommendation` (nor its reason); other variants go through
+        :meth:`recommend`."""
+        size = len(self.vocabulary)
+        singles = [v for v in variants if v in _SINGLE_COMPONENTS] if k > 0 and size else []
+        ids: dict[str, list[str]] = {}
+        if singles:
+            query = self._compiled_query(state, size)
+            user = self._user_vector(state) if "mf" in singles else None
+            with self._query_buffers(size) as buffers:
+                for v in singles:
+                    rows = self._rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
+                                            user if v == "mf" else None, buffers)[0]
+                    ids[v] = self._result_ids(rows, k)
+        return [ids[v] if v in ids else
+                [r.track_id for r in self.recommend(state, k, now_ms, variant=v)]
+                for v in variants]
+
+    def _result_ids(self, rows: IntArray, k: int) -> list[str]:
+        """The track ids :meth:`_results` keeps of ranked ``rows`` (the artist cap)."""
+        ids = self.vocabulary.ids
+        artist_of = self.artist_of
+        cap_n = self.max_per_artist if artist_of else None
+        if cap_n is None:
+            return [ids[r] for r in rows[:k].tolist()]
+        out: list[str] = []
+        per_artist: dict[str, int] = {}
+        for r in rows.tolist():
+            track = ids[r]
+            artist = artist_of.get(track)
+            if artist is not None:
+                if per_artist.get(artist, 0) >= cap_n:
+                    continue
+                per_artist[artist] = per_artist.get(artist, 0) + 1
+            out.append(track)
+            if len(out) >= k:
+                break
+        return out
 
     def _results(
         self, rows: IntArray, totals: FloatArray, reasons: IntArray, leads: IntArray, k: int

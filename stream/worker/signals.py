@@ -116,8 +116,10 @@ class SignalPublisher:
     def add(self, update: SessionUpdate, event: PlayEvent,
             learned: LearnResult | None = None) -> None:
         """What this applied play teaches about tracks (with ``learned``, the item step
-        the recommender took: docs/scaling.md)."""
-        self.pending.append(signal_from(self.worker_id, update, event, learned))
+        the recommender took: docs/scaling.md). Nothing is built when signals cannot be
+        sent (see ``enabled``): :meth:`flush` would drop it."""
+        if self.enabled:
+            self.pending.append(signal_from(self.worker_id, update, event, learned))
 
     def flush_for_commit(self) -> None:
         """Hand every pending signal to the producer now: called by the pre-commit flush

@@ -216,6 +216,42 @@ def test_ranking_many_listeners_at_once_matches_ranking_each(
     assert Recommender().recommend_many(listeners[:3], 10, now) == [[], [], []]
 
 
+@pytest.mark.parametrize("mf_candidates", [False, True])
+def test_component_ids_are_the_ids_of_each_variants_list(
+    datasets_dir: Path, mf_candidates: bool
+) -> None:
+    """The live per-component quality ranks the single components together
+    (Recommender.component_ids): the same track ids, in the same order, as recommend()."""
+    rec, states = _trained_with_artists(datasets_dir, mf_candidates, seed=5)
+    now = 893_000_000_000
+    listeners = list(states.values())[:150]
+    listeners.append(UserState(user_id="new", recent=[listeners[0].recent[-1]]))
+    listeners.append(UserState(user_id="stranger", recent=["never-seen-1", "never-seen-2"]))
+    variants = ("popularity", "mf", "cooccurrence", "fixed")
+    compared = 0
+    for state in listeners:
+        want = [[r.track_id for r in rec.recommend(state, 10, now, variant=v)]
+                for v in variants]
+        assert rec.component_ids(state, 10, now, variants) == want
+        compared += sum(map(len, want))
+    assert compared >= 1500
+    rec.artist_of = {}  # no artist cap
+    state = listeners[0]
+    assert rec.component_ids(state, 10, now, ("mf",)) == [
+        [r.track_id for r in rec.recommend(state, 10, now, variant="mf")]]
+    assert rec.component_ids(state, 0, now, ("mf", "fixed")) == [[], []]
+    assert Recommender().component_ids(state, 10, now, ("mf", "popularity")) == [[], []]
+
+
+def test_the_full_mf_scan_is_the_row_by_row_dot_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 3, 4, 5, 257):
+        factors = rng.normal(0, 0.3, (size + 7, 32)).astype(np.float32)
+        user = rng.normal(0, 0.3, 32).astype(np.float32)
+        want = _k._dot_rows(factors, user, np.arange(size))
+        assert np.array_equal(_k._dot_all(factors, user, size), want)
+
+
 def test_a_failing_batch_ranking_falls_back_to_one_listener_at_a_time() -> None:
     from stream.adapters.redis_store import PendingWrite
     from stream.config import load_settings

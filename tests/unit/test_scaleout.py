@@ -65,6 +65,13 @@ def test_listener_record_round_trips_and_rejects_bad_input() -> None:
     assert got is not None and np.array_equal(got, vec) and own == ["t1", "t2"]
     assert orjson.loads(orjson.dumps({"m": rec}))["m"] == rec  # JSON-safe as it is
     assert encode_listener_record(None) == ""
+    # the factors-only record (the common one, with a fast path) is the same bytes as the
+    # general layout, from a float32 vector, a big-endian one or a strided view alike
+    general = base64.b64encode(b"L1" + (8).to_bytes(2, "little")
+                               + vec.astype("<f4").tobytes() + b"\0").decode()
+    wide = np.repeat(vec, 2)[::2]
+    for v in (vec, vec.astype(">f4"), vec.astype(np.float64), wide):
+        assert encode_listener_record(v) == general
     bad_vec = base64.b64encode(b"L1" + (1).to_bytes(2, "little")
                                + np.array([np.nan], "<f4").tobytes() + b"\0").decode()
     for record, field_name in [

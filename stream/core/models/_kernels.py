@@ -345,6 +345,35 @@ def _dot_rows(factors, user, rows):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _dot_all(factors, user, size):  # type: ignore[no-untyped-def]
+    """``_dot_rows(factors, user, np.arange(size))``, bit for bit (each row's sum in the
+    same order), four rows at a time: one row's additions wait on each other, four
+    independent sums keep the CPU busy (the MF scan of every track was ~1 ns per factor)."""
+    out = np.empty(size)
+    k = len(user)
+    i = 0
+    while i + 4 <= size:
+        a0 = a1 = a2 = a3 = 0.0
+        for f in range(k):
+            u = user[f]
+            a0 += factors[i, f] * u
+            a1 += factors[i + 1, f] * u
+            a2 += factors[i + 2, f] * u
+            a3 += factors[i + 3, f] * u
+        out[i] = a0
+        out[i + 1] = a1
+        out[i + 2] = a2
+        out[i + 3] = a3
+        i += 4
+    for r in range(i, size):
+        acc = 0.0
+        for f in range(k):
+            acc += factors[r, f] * user[f]
+        out[r] = acc
+    return out
+
+
+@_jit
 def _blend_in(total, best, reason, scores, w, code):  # type: ignore[no-untyped-def]
     """Add ``w * normalise(scores)`` to ``total``; where it is the largest part so far,
     the reason becomes ``code`` (strictly larger: the earlier component wins ties)."""
@@ -393,7 +422,7 @@ def blend_rank(  # type: ignore[no-untyped-def]
         picks.append(top_allowed(touched, acc, ban, n))
     use_mf = use_mf and len(user) > 0
     if use_mf and pick_mf:
-        mf = _dot_rows(factors, user, np.arange(size))
+        mf = _dot_all(factors, user, size)
         free = _unbanned(ban, size)
         picks.append(_top_n(free, mf[free], n))
     total_len = 0
