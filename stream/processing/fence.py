@@ -14,7 +14,13 @@ the partition's earliest offset when there is none: :class:`stream.faustx.consum
 records both) and what it has let through since. A record beyond the next expected offset is
 a hole: it is not applied (nor acked), and the partition is read again from the expected
 offset. If reading again meets the same hole, nothing is there (transaction markers, a
-compacted range): the record is let through.
+compacted range): the record is let through. Reading again is bounded: after
+:data:`MAX_REREADS` attempts from the same offset that still meet a hole (the log start moved
+past it, or Faust's fetch loop kept delivering records fetched before the seek), the fence
+gives up, lets the record through and counts it in :attr:`OffsetFence.gave_up`, so a
+partition never stalls on the fence (the worker logs an ERROR; the skipped plays may be lost,
+as they were before the fence existed). Known limit (docs/reliability.md): a seek does not
+update Faust's per-partition read offset and gap bookkeeping, so reading again is best-effort.
 
 >>> fence = OffsetFence()
 >>> fence.reset({"p0": 336}, epoch=1)
@@ -29,19 +35,25 @@ compacted range): the record is let through.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Final
+
+#: attempts to read a partition again from one offset before the fence gives up
+MAX_REREADS: Final = 3
 
 
 class OffsetFence:
     """Per partition: the next offset the stream must deliver (see the module docstring)."""
 
-    __slots__ = ("epoch", "_next", "_holes")
+    __slots__ = ("epoch", "_next", "_holes", "gave_up")
 
     def __init__(self) -> None:
         #: the consumer's seek count the fence was last reset for (None: never)
         self.epoch: int | None = None
         self._next: dict[Hashable, int] = {}
-        #: partition -> (expected, found) of the first hole seen and not yet read again
-        self._holes: dict[Hashable, tuple[int, int]] = {}
+        #: partition -> (expected, found, attempts) of the hole being read again
+        self._holes: dict[Hashable, tuple[int, int, int]] = {}
+        #: holes let through after MAX_REREADS attempts (each one: plays possibly lost)
+        self.gave_up = 0
 
     def reset(self, starts: Mapping[Hashable, int | None], epoch: int) -> None:
         """The stream was sought: each partition starts at ``starts[tp]`` (None: unknown,
@@ -61,10 +73,19 @@ class OffsetFence:
             return None
         if offset < expected:  # delivered again (a seek back): the offset order holds
             return None
-        if self._holes.get(tp) == (expected, offset):
-            # read again and the same record came first: nothing is in between
-            self._next[tp] = offset + 1
-            del self._holes[tp]
-            return None
-        self._holes.setdefault(tp, (expected, offset))
+        hole = self._holes.get(tp)
+        if hole is not None and hole[0] == expected:
+            if hole[1] == offset:
+                # read again and the same record came first: nothing is in between
+                self._next[tp] = offset + 1
+                del self._holes[tp]
+                return None
+            if hole[2] >= MAX_REREADS:  # still a hole after reading again: give up
+                self._next[tp] = offset + 1
+                del self._holes[tp]
+                self.gave_up += 1
+                return None
+            self._holes[tp] = (expected, offset, hole[2] + 1)
+            return expected
+        self._holes[tp] = (expected, offset, 1)
         return expected

@@ -39,7 +39,7 @@ import faust
 
 from stream.config import Settings
 from stream.faustx.stream import BatchingStream
-from stream.processing.fence import OffsetFence
+from stream.processing.fence import MAX_REREADS, OffsetFence
 from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
@@ -254,7 +254,13 @@ class PlaysAgent:
                 stale += 1
                 continue
             if fence is not None:
+                gave_up = fence.gave_up
                 again = fence.admit(msg.tp, msg.offset)
+                if fence.gave_up != gave_up:
+                    logger.error(
+                        "%s: offset %d still came after a hole read again %d times; letting "
+                        "it through (the plays in between may be lost)",
+                        msg.tp, msg.offset, MAX_REREADS)
                 if again is not None:  # records before this one never came: not applied
                     stream.drop_unapplied(ev)
                     reread.setdefault(msg.tp, again)

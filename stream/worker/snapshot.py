@@ -51,7 +51,9 @@ def _child(build: Callable[[], bytes], fd: int) -> None:  # pragma: no cover - i
         # the parent's handlers (asyncio's, through a wakeup fd) must not run here:
         # a SIGTERM/SIGINT to the process group simply ends the child
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGCONT too: the parent's freeze fence (worker/fencing.py) must not make a child
+        # stopped and continued with its process group exit 75 as if it were the worker
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCONT):
             signal.signal(sig, signal.SIG_DFL)
         with contextlib.suppress(OSError):
             os.nice(CHILD_NICENESS)  # the worker's own process comes first for the CPU

@@ -144,3 +144,28 @@ def test_a_consumer_without_start_offsets_is_not_fenced() -> None:
     agent, stream = _agent(Plain()), Stream()  # type: ignore[arg-type]
     live, records, reread = agent._live(stream, [Ev(Msg("p0", 50))])  # type: ignore[arg-type]
     assert [r.offset for r in records] == [50] and reread == {}
+
+
+def test_reading_again_is_bounded_when_the_hole_keeps_moving() -> None:
+    """The review's case: after a seek back to 100 the stream keeps delivering other records
+    past it (the log start moved, or records fetched before the seek). The fence asks to
+    read again at most MAX_REREADS times, then lets the record through and counts it, so the
+    partition never stalls on the fence."""
+    from stream.processing.fence import MAX_REREADS
+
+    fence = OffsetFence()
+    fence.reset({"p0": 100}, epoch=1)
+    answers = [fence.admit("p0", 500)] + [fence.admit("p0", 120 + i) for i in range(5)]
+    assert answers[: MAX_REREADS] == [100] * MAX_REREADS
+    assert answers[MAX_REREADS] is None
+    assert fence.gave_up == 1
+    # the partition goes on in order from the record let through
+    assert fence.admit("p0", 120 + MAX_REREADS) is None
+
+
+def test_the_same_hole_read_again_is_still_let_through_at_once() -> None:
+    fence = OffsetFence()
+    fence.reset({"p0": 10}, epoch=1)
+    assert fence.admit("p0", 12) == 10  # 10 and 11 missing: read again
+    assert fence.admit("p0", 12) is None  # the same record first again: nothing in between
+    assert fence.gave_up == 0
