@@ -36,6 +36,7 @@ def test_the_app_lists_the_topics_faust_would_declare() -> None:
 
 def test_the_table_manager_starts_without_faust_s_one_second_sleep() -> None:
     app = _app()
+    declare_nothing(app)  # a restart: every internal topic exists
     assert isinstance(app.tables, QuickTableManager)
     calls: list[str] = []
 
@@ -57,6 +58,30 @@ def test_the_table_manager_starts_without_faust_s_one_second_sleep() -> None:
     took = asyncio.run(run())
     assert calls == ["channels", "recovery"]
     assert took < 0.5  # Faust's own on_start sleeps 1.0 s first
+
+
+def test_a_first_start_keeps_faust_s_pause_before_the_tables_start() -> None:
+    """Topics are declared (a first start): the new changelog must reach the metadata before
+    the first play, or Faust rejects plays with PartitionsMismatch (seen in CI)."""
+    app = _app()
+    assert app.conf.topic_allow_declare
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def nothing() -> None:
+        return None
+
+    class FakeRecovery:
+        async def start(self) -> None:
+            return None
+
+    app.tables.sleep = sleep  # type: ignore[method-assign,assignment]
+    app.tables._update_channels = nothing  # type: ignore[method-assign]
+    app.tables._recovery = FakeRecovery()  # type: ignore[assignment]
+    asyncio.run(app.tables.on_start())
+    assert slept == [1.0]
 
 
 def _python(code: str) -> str:
