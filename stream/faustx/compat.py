@@ -96,44 +96,14 @@ TESTED: Final[tuple[Pin, ...]] = (
         "overridden: resume after seek, and where the plays streams start (faustx.consumer)",
     ),
     Pin(
-        "faust.transport.consumer:Consumer._clean_unacked_messages",
-        "11be2587e71c9162",
-        "drops messages marked acked: faustx.stream.drop_unapplied relies on it",
-    ),
-    Pin(
-        "faust.transport.consumer:Consumer._new_offset",
-        "1d2c7ea89a7ad4f1",
-        "skips its hole check with no committed offset: why the plays agent has a fence",
-    ),
-    Pin(
         "faust.transport.consumer:Consumer.pause_partitions",
         "27a1c94bdacd54de",
         "overridden: resume after seek, and where the plays streams start (faustx.consumer)",
     ),
     Pin(
-        "faust.transport.consumer:Consumer._clean_unacked_messages",
-        "11be2587e71c9162",
-        "drops messages marked acked: faustx.stream.drop_unapplied relies on it",
-    ),
-    Pin(
-        "faust.transport.consumer:Consumer._new_offset",
-        "1d2c7ea89a7ad4f1",
-        "skips its hole check with no committed offset: why the plays agent has a fence",
-    ),
-    Pin(
         "faust.transport.consumer:Consumer.resume_flow",
         "db59630f25b5819b",
         "overridden: resume after seek, and where the plays streams start (faustx.consumer)",
-    ),
-    Pin(
-        "faust.transport.consumer:Consumer._clean_unacked_messages",
-        "11be2587e71c9162",
-        "drops messages marked acked: faustx.stream.drop_unapplied relies on it",
-    ),
-    Pin(
-        "faust.transport.consumer:Consumer._new_offset",
-        "1d2c7ea89a7ad4f1",
-        "skips its hole check with no committed offset: why the plays agent has a fence",
     ),
     Pin(
         "faust.tables.recovery:Recovery._resume_streams",
