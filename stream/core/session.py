@@ -70,6 +70,11 @@ class UserState:
     #: below it on the same partition) is a duplicate however many plays it spans
     last_partition: int = -1
     last_offset: int = -1
+    #: Kafka offset of the play that created this state from nothing (-1: unknown, a record
+    #: written before this field existed). A listener's states are ordered by (born_offset,
+    #: seq): ``seq`` starts again at 1 after a forget or an eviction, and a later life's
+    #: first play lies later in the listener's partition (stream.worker.topics.state_order)
+    born_offset: int = -1
     #: fingerprints of the last ``max_seen`` applied event ids (8 bytes each, one object)
     seen: array[int] = field(default_factory=lambda: array("q"))
     #: the recommender's partition-local model state of this listener (MF factors, own
@@ -105,6 +110,7 @@ class UserState:
         new.last_event_ts_ms = self.last_event_ts_ms
         new.last_partition = self.last_partition
         new.last_offset = self.last_offset
+        new.born_offset = self.born_offset
         new.model = self.model
         new.recent = self.recent.copy()
         new.recent_skipped = self.recent_skipped.copy()
@@ -152,6 +158,7 @@ _SCALARS: Final = (
     "last_event_ts_ms",
     "last_partition",
     "last_offset",
+    "born_offset",
     "model",
 )
 
@@ -242,4 +249,6 @@ def update_session(
     new.last_event_ts_ms = event.ts_ms
     if position is not None:
         new.last_partition, new.last_offset = position
+        if first:
+            new.born_offset = position[1]
     return SessionUpdate(new, before, False, new_session, skip, first)

@@ -23,8 +23,9 @@ own older one. The app gets this class with ``App(Table=...)`` (stream.faustx.ap
 ``app.Table(name, ...)`` builds one.
 
 Recovery (and standbys) keep the newer of two records of a key when the table is given an
-``order`` (:attr:`BatchedChangelogTable.order`: the worker's is the listener's ``seq``, the
-count of plays applied): a value whose order is below the one already held for its key is
+``order`` (:attr:`BatchedChangelogTable.order`: the worker's is the listener's
+``(born_offset, seq)``: the offset of the play that began this life of the listener, then
+the count of plays applied): a value whose order is below the one already held for its key is
 skipped (:meth:`BatchedChangelogTable.apply_changelog_batch`). A worker frozen past its
 session can have changelog records land *after* the new owner's (its producer may send
 what it held before it notices and exits, :mod:`stream.worker.fencing`); read in log order
@@ -65,9 +66,10 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         self._in_flight: list[tuple[asyncio.Future[Any], Any, int, Any]] = []
         self._send_lock = asyncio.Lock()
         self.records_sent = 0
-        #: a value's monotonic counter: recovery skips a record below the value held for
-        #: its key (None: log order, as Faust); None from it means "no order" (applied)
-        self.order: Callable[[Any], int | None] | None = None
+        #: a value's order (any comparable: the worker's is (born_offset, seq)): recovery
+        #: skips a record below the value held for its key (None: log order, as Faust);
+        #: None from it means "no order" (applied)
+        self.order: Callable[[Any], Any] | None = None
         #: records recovery skipped as older than the value held (see the module docstring)
         self.older_skipped = 0
 
@@ -82,8 +84,8 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         kept = self._newer_only(batch, self.order)
         super().apply_changelog_batch(kept)
 
-    def _newer_only(self, batch: Iterable[Any], order: Callable[[Any], int | None]) -> list[Any]:
-        held: dict[Any, int | None] = {}  # key -> order of its latest value (None: absent)
+    def _newer_only(self, batch: Iterable[Any], order: Callable[[Any], Any]) -> list[Any]:
+        held: dict[Any, Any] = {}  # key -> order of its latest value (None: absent)
         kept: list[Any] = []
         skipped = 0
         for event in batch:

@@ -49,10 +49,21 @@ class UserStateCodec(codecs.Codec):
 codecs.register(USER_STATE_CODEC, UserStateCodec())
 
 
-def state_order(value: Any) -> int | None:
-    """A session-table value's order for changelog recovery: its ``seq`` (plays applied)."""
+def state_order(value: Any) -> tuple[int, int] | None:
+    """A session-table value's order for changelog recovery: ``(born_offset, seq)``.
+
+    ``seq`` (plays applied) orders the records of one life of a listener; it starts again
+    at 1 after a forget or an eviction (a tombstone), so a later life is told by the offset
+    of the play that began it (``born_offset``: a later life's first play lies later in the
+    listener's partition). Without it, a RocksDB store that still held an old life (its
+    tombstone compacted away before this worker recovered) would skip the new life's
+    records as older. Records written before ``born_offset`` existed read -1: older than
+    any life stamped since, ordered by ``seq`` among themselves."""
     seq = getattr(value, "seq", None)
-    return seq if isinstance(seq, int) else None
+    born = getattr(value, "born_offset", None)
+    if type(seq) is not int or type(born) is not int:
+        return None
+    return (born, seq)
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ def _table(
     return app, table, recorder
 
 
-def _state(user: str, seq: int) -> UserState:
-    return UserState(user_id=user, seq=seq, recent=[f"t{seq}"])
+def _state(user: str, seq: int, born: int = -1) -> UserState:
+    return UserState(user_id=user, seq=seq, recent=[f"t{seq}"], born_offset=born)
 
 
 def _decoded(value: bytes) -> UserState:
@@ -343,13 +343,14 @@ def _changelog_event(state: UserState | None, user: str, partition: int, offset:
     return SimpleNamespace(key=user, value=state, message=message)
 
 
-def _recover(table: BatchedChangelogTable, records: list[tuple[str, int | None]]) -> None:
+def _recover(table: BatchedChangelogTable, records: list[tuple[str, int | None]],
+             born: int = -1) -> None:
     from stream.worker.topics import state_order
 
     table.order = state_order
     parts = {"u1": 1, "u2": 3}
     table.apply_changelog_batch([
-        _changelog_event(None if seq is None else _state(user, seq), user, parts[user], i)
+        _changelog_event(None if seq is None else _state(user, seq, born), user, parts[user], i)
         for i, (user, seq) in enumerate(records)
     ])
 
@@ -398,3 +399,43 @@ async def test_recovery_into_a_rocksdb_store_compares_with_the_stored_state(tmp_
     assert _decoded(store._db_for_partition(1).get(store._encode_key("u1"))).seq == 40
     assert _decoded(store._db_for_partition(3).get(store._encode_key("u2"))).seq == 5
     assert table.older_skipped == 2
+
+
+@pytest.mark.asyncio
+async def test_recovery_into_a_rocksdb_store_that_still_holds_an_old_life(tmp_path: Any) -> None:
+    """The review's medium finding (docs/reliability.md): this worker's RocksDB still holds
+    the listener's old life (seq 40, begun at offset 100) and the tombstone of the forget
+    was compacted away before it recovered; the changelog then holds only the new life
+    (seq 1, 2, begun at offset 900). Ordered by seq alone the new life was skipped as older;
+    by (born_offset, seq) it applies, and a late record of the old life does not."""
+    _, table, _ = _rocksdb_table("changelog-recover-lives", tmp_path)
+    _put_in_partition(table, 1, _state("u1", 40, born=100))
+    _recover(table, [("u1", 1), ("u1", 2)], born=900)
+    store: Any = table.data
+    assert _decoded(store._db_for_partition(1).get(store._encode_key("u1"))).seq == 2
+    assert table.older_skipped == 0
+    _recover(table, [("u1", 41)], born=100)  # the old life, late
+    assert _decoded(store._db_for_partition(1).get(store._encode_key("u1"))).seq == 2
+    assert table.older_skipped == 1
+
+
+def test_a_life_is_stamped_with_the_offset_of_its_first_play_and_kept() -> None:
+    from stream.core.events import PlayEvent
+    from stream.core.session import update_session
+
+    def play(i: int) -> PlayEvent:
+        return PlayEvent(user_id="u1", track_id=f"t{i}", ts_ms=1000 * i, ms_played=30_000,
+                         event_id=f"e{i}")
+
+    first = update_session(None, play(1), position=(2, 900)).state
+    assert first.born_offset == 900 and first.seq == 1
+    later = update_session(first, play(2), position=(2, 901)).state
+    assert later.born_offset == 900 and later.seq == 2
+    restored = _decoded(UserStateCodec().dumps(later))
+    assert restored.born_offset == 900
+    # a record written before the field existed reads -1: older than any stamped life
+    old = UserState.from_dict({"user_id": "u1", "seq": 7})
+    assert old.born_offset == -1
+    from stream.worker.topics import state_order
+
+    assert state_order(old) < state_order(first)
