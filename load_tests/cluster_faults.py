@@ -326,7 +326,9 @@ def rebalance_storm(
     catch_up_timeout_s: float = 180.0,
 ) -> dict[str, Any]:
     """``workers`` workers in one group take plays at ``rate`` for ``storm_s``; every
-    ``every_s`` one of them is SIGKILLed or a new one joins (alternating, kills first).
+    ``every_s`` (on the clock: a join does not wait for its worker to be ready) one of the
+    ready workers is SIGKILLed or a new one joins (alternating, kills first; a kill is
+    skipped for a join when only one worker is ready).
     Reports lost / double-applied, the p99 freshness of the notifications during the storm
     (notification's generated_at - the time the play went to the producer) and the longest
     gap without any notification."""
@@ -351,19 +353,46 @@ def rebalance_storm(
     storm_start = time.monotonic()
     producer.start()
     changes: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    joins: list[threading.Thread] = []
+    join_errors: list[BaseException] = []
+
+    def join_one(change: dict[str, Any]) -> None:
+        # a new worker joins the group while the storm goes on: the next change does not
+        # wait for it to be ready (it is killable only once it is)
+        try:
+            worker = start_worker(settings.replace(metrics_port=free_port()))
+        except BaseException as exc:  # noqa: BLE001 - reported as a drill failure below
+            join_errors.append(exc)
+            return
+        with lock:
+            running.append(worker)
+            change["ready_s"] = round(time.monotonic() - storm_start, 1)
+            change["workers_ready"] = len(running)
+
     try:
-        kill = True
-        while time.monotonic() - storm_start + every_s < storm_s:
-            time.sleep(every_s)
+        kill, n = True, 0
+        while (n + 1) * every_s < storm_s:  # changes at every_s, 2 * every_s, ... on the clock
+            n += 1
+            time.sleep(max(0.0, storm_start + n * every_s - time.monotonic()))
             t = round(time.monotonic() - storm_start, 1)
-            if kill and len(running) > 1:
-                victim = running.pop(rng.randrange(len(running)))
-                victim.kill()
-                changes.append({"at_s": t, "change": "kill", "workers": len(running)})
-            else:
-                running.append(start_worker(settings.replace(metrics_port=free_port())))
-                changes.append({"at_s": t, "change": "join", "workers": len(running)})
-            kill = not kill
+            with lock:
+                if kill and len(running) > 1:
+                    victim = running.pop(rng.randrange(len(running)))
+                    victim.kill()
+                    changes.append({"at_s": t, "change": "kill", "workers_ready": len(running)})
+                    kill = False
+                    continue
+            change = {"at_s": t, "change": "join"}
+            changes.append(change)
+            thread = threading.Thread(target=join_one, args=(change,), daemon=True)
+            thread.start()
+            joins.append(thread)
+            kill = True
+        for thread in joins:
+            thread.join(120)
+        if join_errors:
+            raise DrillFailed(f"a joining worker failed to start: {join_errors[0]!r}")
         producer.join(storm_s + 90)
         storm_end = time.monotonic()
         if producer.error is not None:
