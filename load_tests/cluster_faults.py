@@ -324,9 +324,12 @@ def rebalance_storm(
     users: int = 300,
     seed: int = 23,
     catch_up_timeout_s: float = 180.0,
+    plot: Path | None = None,
 ) -> dict[str, Any]:
     """``workers`` workers in one group take plays at ``rate`` for ``storm_s``; every
-    ``every_s`` one of them is SIGKILLed or a new one joins (alternating, kills first).
+    ``every_s`` (on the clock: a join does not wait for its worker to be ready) one of the
+    ready workers is SIGKILLed or a new one joins (alternating, kills first; a kill is
+    skipped for a join when only one worker is ready).
     Reports lost / double-applied, the p99 freshness of the notifications during the storm
     (notification's generated_at - the time the play went to the producer) and the longest
     gap without any notification."""
@@ -351,19 +354,46 @@ def rebalance_storm(
     storm_start = time.monotonic()
     producer.start()
     changes: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    joins: list[threading.Thread] = []
+    join_errors: list[BaseException] = []
+
+    def join_one(change: dict[str, Any]) -> None:
+        # a new worker joins the group while the storm goes on: the next change does not
+        # wait for it to be ready (it is killable only once it is)
+        try:
+            worker = start_worker(settings.replace(metrics_port=free_port()))
+        except BaseException as exc:  # noqa: BLE001 - reported as a drill failure below
+            join_errors.append(exc)
+            return
+        with lock:
+            running.append(worker)
+            change["ready_s"] = round(time.monotonic() - storm_start, 1)
+            change["workers_ready"] = len(running)
+
     try:
-        kill = True
-        while time.monotonic() - storm_start + every_s < storm_s:
-            time.sleep(every_s)
+        kill, n = True, 0
+        while (n + 1) * every_s < storm_s:  # changes at every_s, 2 * every_s, ... on the clock
+            n += 1
+            time.sleep(max(0.0, storm_start + n * every_s - time.monotonic()))
             t = round(time.monotonic() - storm_start, 1)
-            if kill and len(running) > 1:
-                victim = running.pop(rng.randrange(len(running)))
-                victim.kill()
-                changes.append({"at_s": t, "change": "kill", "workers": len(running)})
-            else:
-                running.append(start_worker(settings.replace(metrics_port=free_port())))
-                changes.append({"at_s": t, "change": "join", "workers": len(running)})
-            kill = not kill
+            with lock:
+                if kill and len(running) > 1:
+                    victim = running.pop(rng.randrange(len(running)))
+                    victim.kill()
+                    changes.append({"at_s": t, "change": "kill", "workers_ready": len(running)})
+                    kill = False
+                    continue
+            change = {"at_s": t, "change": "join"}
+            changes.append(change)
+            thread = threading.Thread(target=join_one, args=(change,), daemon=True)
+            thread.start()
+            joins.append(thread)
+            kill = True
+        for thread in joins:
+            thread.join(120)
+        if join_errors:
+            raise DrillFailed(f"a joining worker failed to start: {join_errors[0]!r}")
         producer.join(storm_s + 90)
         storm_end = time.monotonic()
         if producer.error is not None:
@@ -384,6 +414,7 @@ def rebalance_storm(
     )
     times = [storm_start] + [t for t, _ in during] + [storm_end]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    timeline = storm_timeline(during, producer.sent_at_ms, storm_start, storm_end)
     alive = [w for w in running if w.proc is not None and w.proc.poll() is None]
     report = {
         "drill": "rebalance_storm",
@@ -400,10 +431,70 @@ def rebalance_storm(
         "freshness_max_ms": fresh[-1] if fresh else None,
         "longest_gap_without_updates_s": round(max(gaps), 2) if gaps else None,
         "catch_up_s": round(waited, 2),
+        "timeline": timeline,
         **result,
     }
+    if plot is not None:
+        plot_storm(report, plot)
     cleanup_keys(reader, settings)
     reader.close()
     for w in running:
         w.stop()
     return report
+
+
+def storm_timeline(
+    during: list[tuple[float, dict[str, Any]]], sent_at_ms: dict[str, int],
+    start: float, end: float,
+) -> dict[str, list[Any]]:
+    """Per second of the storm: notifications, and their freshness p50/p99 (ms; None in a
+    second without any)."""
+    seconds = int(end - start) + 1
+    fresh: list[list[int]] = [[] for _ in range(seconds)]
+    for t, note in during:
+        sent = sent_at_ms.get(note.get("event_id", ""))
+        if sent is not None:
+            fresh[min(seconds - 1, int(t - start))].append(note["generated_at"] - sent)
+    def pct(values: list[int], q: float) -> int | None:
+        return sorted(values)[int(len(values) * q)] if values else None
+    return {
+        "second": list(range(seconds)),
+        "notifications": [len(f) for f in fresh],
+        "freshness_p50_ms": [pct(f, 0.5) for f in fresh],
+        "freshness_p99_ms": [pct(f, 0.99) for f in fresh],
+    }
+
+
+def plot_storm(report: dict[str, Any], path: Path) -> None:
+    """Updates per second and freshness per second, with the storm's kills and joins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = report["timeline"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    ax1.plot(tl["second"], tl["notifications"], color="#3182bd", lw=1)
+    ax1.set_ylabel("list updates / s")
+    for key, colour in (("freshness_p50_ms", "#31a354"), ("freshness_p99_ms", "#de2d26")):
+        xs = [x for x, v in zip(tl["second"], tl[key], strict=True) if v is not None]
+        ys = [max(1, v) for v in tl[key] if v is not None]
+        ax2.plot(xs, ys, color=colour, lw=1, label=key.replace("freshness_", "").replace("_ms", ""))
+    ax2.set_yscale("log")
+    ax2.set_ylabel("freshness (ms, per second)")
+    ax2.set_xlabel("seconds since the storm began")
+    ax2.legend(loc="upper right")
+    for change in report["changes"]:
+        colour = "#de2d26" if change["change"] == "kill" else "#31a354"
+        for ax in (ax1, ax2):
+            ax.axvline(change["at_s"], color=colour, ls="--", lw=0.8)
+            if "ready_s" in change:
+                ax.axvline(change["ready_s"], color=colour, ls=":", lw=0.8)
+    fig.suptitle(
+        f"rebalance storm: {report['produced']:,} plays at {report['rate_ev_s']:g}/s, "
+        f"{len(report['changes'])} changes (red: SIGKILL, green: join, dotted: joined worker "
+        f"ready); lost {report.get('lost')}, double {report.get('double_applied')}",
+        fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

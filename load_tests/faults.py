@@ -963,7 +963,9 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "rebalance-storm":  # 3 workers: load_tests.cluster_faults
                 from load_tests import cluster_faults
 
-                r = cluster_faults.rebalance_storm(s, start, rate=args.rate, seed=args.seed)
+                r = cluster_faults.rebalance_storm(
+                    s, start, rate=args.rate, seed=args.seed,
+                    plot=args.report.with_suffix(".png") if args.report else None)
             elif name == "kafka-leader-kill":  # 3 brokers: load_tests.cluster_faults
                 from load_tests import cluster_faults
 
