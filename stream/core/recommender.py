@@ -375,9 +375,20 @@ class Recommender:
 
     # -- learning -------------------------------------------------------------------------
 
+    #: whether :meth:`learn_one` returns the :class:`ItemStep` it took (``LearnResult.step``):
+    #: the replication of item learning between workers needs it; a worker that sends no
+    #: signals (no ``worker_keys``) turns it off (:meth:`emit_item_steps`) and skips building
+    #: it. The models learn exactly the same either way; ``n_learned`` counts every play.
+    item_steps: bool = True
+
+    def emit_item_steps(self, on: bool) -> None:
+        """Return the item step of every learned play (on, the default) or not."""
+        self.item_steps = bool(on)
+
     def learn_one(self, update: SessionUpdate, event: PlayEvent | None = None) -> LearnResult:
         """Learn from one applied event. Pass the ``event`` too when you have it: its
-        artist id and context feed the diversity cap and the skip model."""
+        artist id and context feed the diversity cap and the skip model. The result's
+        ``step`` is None for a duplicate, and when :attr:`item_steps` is off."""
         if update.duplicate:
             return LearnResult(0.0, False, False)
         state, before = update.state, update.before
@@ -428,16 +439,19 @@ class Recommender:
         self.drift.learn_one(x)
         self.popularity.learn_one(x)
         self.cooccurrence.learn_one(x)
-        user_before, rows = self.mf.learn_step(x)
-        token = session_token(state)
+        item_steps = self.item_steps
+        user_before, rows = self.mf.learn_step(x, keep_before=item_steps)
         if session_models:
             self.session_knn.learn_one(Interaction(
-                user_id=token, track_id=track, ts_ms=x.ts_ms,
+                user_id=session_token(state), track_id=track, ts_ms=x.ts_ms,
                 session_position=x.session_position))
             self.rules.learn_one(x)
             self._first_seen(track, x.ts_ms)
         self.n_learned += 1
         state.model = self.export_user(state.user_id)
+        if not item_steps:  # nobody sends it (see item_steps): the same learning, no step
+            return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected)
+        token = session_token(state)
         ids = self.vocabulary.ids
         step = ItemStep(
             track_id=track, ts_ms=x.ts_ms, skipped=x.skipped,
