@@ -1018,15 +1018,26 @@ class Recommender:
         build no :class:`Recommendation` (nor its reason); other variants go through
         :meth:`recommend`."""
         size = len(self.vocabulary)
-        singles = [v for v in variants if v in _SINGLE_COMPONENTS] if k > 0 and size else []
+        singles = {v for v in variants if v in _SINGLE_COMPONENTS} if k > 0 and size else set()
         ids: dict[str, list[str]] = {}
         if singles:
-            query = self._compiled_query(state, size)
+            size, hist_rows, ban_recent, (members, pop_weights, pop_total), arena, factors = (
+                self._compiled_query(state, size))
+            start, csize, cap, total, nbr, val = arena
             user = self._user_vector(state) if "mf" in singles else None
-            with self._query_buffers(size) as buffers:
-                for v in singles:
-                    rows = self._rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
-                                            user if v == "mf" else None, buffers)[0]
+            with self._query_buffers(size) as (ban, sc):
+                # each list as _rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
+                # user if v == "mf" else None) ranks it, in one compiled call
+                ranked = _k.rank_components(
+                    size, k, max(self.candidates_per_source, k), "popularity" in singles,
+                    "mf" in singles, "cooccurrence" in singles, bool(self.mf_candidates),
+                    members, pop_weights, pop_total, start, csize, cap, total, nbr, val,
+                    hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
+                    sc.touched, factors, _NO_FACTORS if user is None else user,
+                    user is not None, ban, self._mark_buffer(size), ban_recent,
+                )
+            for v, rows in zip(("popularity", "mf", "cooccurrence"), ranked, strict=True):
+                if v in singles:
                     ids[v] = self._result_ids(rows, k)
         return [ids[v] if v in ids else
                 [r.track_id for r in self.recommend(state, k, now_ms, variant=v)]
@@ -1677,6 +1688,7 @@ _SCRATCH: Final = frozenset({"_ban", "_mark", "_norms", "_dense", "_blend_cache"
 _NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
+_NO_FACTORS: Final[Float32Array] = np.zeros(0, dtype=np.float32)
 
 
 #: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's
