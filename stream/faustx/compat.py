@@ -61,6 +61,26 @@ TESTED: Final[tuple[Pin, ...]] = (
         "copied by faustx.delivery.drain_messages",
     ),
     Pin(
+        "faust.transport.consumer:Consumer.getmany",
+        "4b168d84882a70d6",
+        "no await between collecting a batch and its first message: faustx.delivery's reread count",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer.seek",
+        "b86a9fe05f956b30",
+        "resets the read offset: faustx.consumer.SeamConsumer.read_again",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer._add_gap",
+        "4df2573ded7c1c2c",
+        "the gaps faustx.consumer.SeamConsumer.read_again cuts",
+    ),
+    Pin(
+        "aiokafka.consumer.fetcher:Fetcher.seek_to",
+        "f0ba6aba6c22ef83",
+        "drops the partition's fetched records: faustx.consumer.SeamConsumer.read_again",
+    ),
+    Pin(
         "faust.transport.consumer:Fetcher._fetcher",
         "68f894f0b577d810",
         "runs consumer._drain_messages (faustx.consumer.SeamConsumer)",

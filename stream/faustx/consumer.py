@@ -39,12 +39,24 @@ things, each configured by :class:`stream.faustx.options.SeamOptions`:
   stream sees comes from a position the seek set: Faust pauses partitions in its own fetch
   filter, so nothing fetched before can pass, and aiokafka's seek drops what it had
   buffered.
+- **Reading a partition again** (:meth:`SeamConsumer.read_again`, for the plays agent's
+  offset fence): a seek alone leaves three things behind that Faust's fetch loop would still
+  act on: records of the partition in a batch fetched before the seek (delivered after it,
+  past the seek offset), the gaps the loop recorded at or after the seek offset (which
+  Faust's ``_new_offset`` adds to the acked offsets, so a commit could pass records the
+  reread has not applied yet), and records already in the stream's buffer. The consumer
+  numbers its rereads, the fetch loop (:mod:`stream.faustx.delivery`) drops a partition's
+  records from a batch collected before that partition's last reread, the gaps from the seek
+  offset on are cut, and the first record fetched after the seek is remembered
+  (:meth:`SeamConsumer.first_after_reread`) so the agent can tell what was buffered before
+  the seek from what was read again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -141,17 +153,26 @@ class SeamConsumer(AIOKafkaConsumer):
         self.start_offsets: dict[TP, int | None] = {}
         #: how many seeks to committed offsets ran (the fence resets when it changes)
         self.seek_epoch = 0
+        #: rereads so far (read_again); the fetch loop compares it with the count when it
+        #: collected a batch
+        self.reread_count = 0
+        #: partition -> (its reread's number, offset) until the first record fetched after
+        #: that seek is delivered
+        self.rereads: dict[TP, tuple[int, int]] = {}
+        #: partition -> the first message delivered after its last reread's seek
+        self._first_after_reread: dict[TP, Any] = {}
         super().__init__(*args, **kwargs)
         options = seam_options(self.app)
         self.hold_topics = options.hold_topics
         self.fast_delivery = options.fast_delivery
+        #: on the app's loop a batch is collected right before its first message is yielded
+        #: (no await in between): a seek counted by then came before the collection
+        self.exact_batches = options.in_loop
 
     async def _drain_messages(self, fetcher: Any) -> None:
-        # Faust's fetch loop (the Fetcher service awaits it); no setting selects another
-        if self.fast_delivery:
-            await drain_messages(self, fetcher)
-        else:
-            await super()._drain_messages(fetcher)
+        # Faust's fetch loop (the Fetcher service awaits it), copied: it also drops what a
+        # reread left behind; ``fast_delivery`` only selects the direct hand-over in it
+        await drain_messages(self, fetcher)
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         if seam_options(self.app).in_loop:
@@ -200,7 +221,44 @@ class SeamConsumer(AIOKafkaConsumer):
             for tp in missing:
                 starts[tp] = earliest.get(tp)
         self.start_offsets = starts
+        self.rereads.clear()  # every stream starts again at its committed offset
+        self._first_after_reread.clear()
         self.seek_epoch += 1
+
+    # -- reading a partition again ----------------------------------------------------------
+
+    async def read_again(self, tp: TP, offset: int) -> None:
+        """Seek ``tp`` back to ``offset`` so that its stream goes on, in order, from there
+        (see the module doc): records fetched before the seek are not delivered, gaps from
+        ``offset`` on are forgotten, and the next record delivered is marked as the first
+        read again."""
+        self.reread_count += 1
+        self.rereads[tp] = (self.reread_count, offset)
+        self._first_after_reread.pop(tp, None)
+        gaps = self._gap.get(tp)
+        if gaps:
+            gaps.chop(offset, sys.maxsize)
+        await self.seek(tp, offset)  # Faust's: aiokafka drops its buffer, read offset reset
+
+    def first_after_reread(self, tp: TP) -> Any:
+        """The first message of ``tp`` delivered after its last reread (None: none yet)."""
+        return self._first_after_reread.get(tp)
+
+    def fetched_before_reread(
+        self, tp: TP, message: Any, fetch_no: int, first_no: int
+    ) -> bool | None:
+        """For the fetch loop, about a message of a partition being read again: True if it
+        was fetched before the reread's seek (drop it), False if it is the first one read
+        again (deliver it), None if that cannot be told (seek again)."""
+        seek_no, _offset = self.rereads[tp]
+        if seek_no > first_no:
+            return True  # sought after this batch was collected
+        if seek_no > fetch_no and not self.exact_batches:
+            # sought while another thread fetched this batch: collected before or after?
+            return None
+        del self.rereads[tp]
+        self._first_after_reread[tp] = message
+        return False
 
     def resume_flow(self) -> None:
         super().resume_flow()  # Faust has just resumed app.flow_control (buffers cleared)

@@ -21,8 +21,15 @@ in the way:
   waits for room).
 
 Otherwise it falls back to Faust's ``wait_first``, so a delivery blocked by back-pressure
-is still abandoned when a rebalance suspends flow. Everything else (read offsets, gaps,
-``commit_every``, stop and error handling) is Faust's loop as it is.
+is still abandoned when a rebalance suspends flow (with ``fast_delivery`` off, always).
+
+One more difference: records of a partition that the plays agent reads again
+(:meth:`stream.faustx.consumer.SeamConsumer.read_again`) are dropped from a batch collected
+before that reread's seek -- they lie past the seek offset, and Faust's loop would deliver
+them and record a gap up to them -- and the first record collected after it is marked. The
+loop notes the consumer's reread count before each fetch and when the batch's first record
+is yielded. Everything else (read offsets, gaps, ``commit_every``, stop and error handling)
+is Faust's loop as it is.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ def can_deliver_now(app: Any, consumer: Any, tp: Any) -> bool:
 
 async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - Faust's loop
     # faust/transport/consumer.py Consumer._drain_messages (faust-streaming 0.15.3), with
-    # the direct hand-over. Kept line for line otherwise (stream.faustx.compat pins the
+    # the direct hand-over and the reread filter (lines marked "the seam's"). Kept line
+    # for line otherwise (stream.faustx.compat pins the
     # original's source: a changed upstream loop fails the start-up).
     callback = self.callback
     getmany = self.getmany
@@ -68,10 +76,14 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
     yield_every = 100
     num_since_yield = 0
     sleep = asyncio.sleep
+    direct = self.fast_delivery
+    rereads = self.rereads  # the seam's: partitions read again, until one record came
 
     try:
         while not (consumer_should_stop() or fetcher_should_stop()):
             set_flag(flag_consumer_fetching)
+            fetch_no = self.reread_count  # the seam's: rereads before this fetch began
+            first_no = -1
             ait = getmany(timeout=1.0)
 
             # Sleeping because sometimes getmany is called in a loop
@@ -79,10 +91,19 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
             await self.sleep(0)
             if not self.should_stop:
                 async for tp, message in ait:
+                    if first_no < 0:  # the seam's: rereads when the batch was collected
+                        first_no = self.reread_count
                     num_since_yield += 1
                     if num_since_yield > yield_every:
                         await sleep(0)
                         num_since_yield = 0
+                    if rereads and tp in rereads:  # the seam's: a partition read again
+                        before = self.fetched_before_reread(tp, message, fetch_no, first_no)
+                        if before is None:  # cannot tell: seek again, drop the rest
+                            await self.read_again(tp, rereads[tp][1])
+                            continue
+                        if before:
+                            continue
 
                     offset = message.offset
                     r_offset = get_read_offset(tp)
@@ -96,11 +117,16 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
                         if commit_every is not None and self._n_acked >= commit_every:
                             self._n_acked = 0
                             await self.commit()
-                        if can_deliver_now(app, self, tp):
+                        if rereads and tp in rereads and rereads[tp][0] > first_no:
+                            continue  # the seam's: read again while we awaited above
+                        if direct and can_deliver_now(app, self, tp):
                             await callback(message)
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
-                        set_read_offset(tp, offset)
+                        if not (rereads and tp in rereads and rereads[tp][0] > first_no):
+                            # (the seam's condition: not read again during the callback,
+                            # which set the read offset to the seek's)
+                            set_read_offset(tp, offset)
                     else:
                         self.log.dev(
                             "DROPPED MESSAGE ROFF %r: k=%r v=%r",

@@ -13,14 +13,14 @@ The fence knows where each partition's stream starts after a seek (the committed
 the partition's earliest offset when there is none: :class:`stream.faustx.consumer.SeamConsumer`
 records both) and what it has let through since. A record beyond the next expected offset is
 a hole: it is not applied (nor acked), and the partition is read again from the expected
-offset. If reading again meets the same hole, nothing is there (transaction markers, a
-compacted range): the record is let through. Reading again is bounded: after
-:data:`MAX_REREADS` attempts from the same offset that still meet a hole (the log start moved
-past it, or Faust's fetch loop kept delivering records fetched before the seek), the fence
-gives up, lets the record through and counts it in :attr:`OffsetFence.gave_up`, so a
-partition never stalls on the fence (the worker logs an ERROR; the skipped plays may be lost,
-as they were before the fence existed). Known limit (docs/reliability.md): a seek does not
-update Faust's per-partition read offset and gap bookkeeping, so reading again is best-effort.
+offset. Until the first record read again arrives, the partition's records are ones that
+were already on their way before that seek (the consumer marks the first one it fetched
+after the seek, :meth:`~stream.faustx.consumer.SeamConsumer.first_after_reread`): they are
+not applied either (:data:`WAIT`), and come again after it. The first record read again
+starts the partition's order afresh: if it lies past the expected offset, nothing is in
+between (transaction markers, a compacted range, or a log start that moved past it), and
+:attr:`OffsetFence.absent` counts those offsets. Reading again cannot loop: one hole causes
+one seek, and its first record read again always passes.
 
 >>> fence = OffsetFence()
 >>> fence.reset({"p0": 336}, epoch=1)
@@ -28,6 +28,8 @@ update Faust's per-partition read offset and gap bookkeeping, so reading again i
 (None, None)
 >>> fence.admit("p0", 2213)  # 338..2212 never came: read again from 338
 338
+>>> fence.admit("p0", 2214, fresh=False)  # on its way before that seek: wait
+-1
 >>> fence.admit("p0", 338), fence.admit("p0", 339)  # read again: in order
 (None, None)
 """
@@ -37,55 +39,52 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Final
 
-#: attempts to read a partition again from one offset before the fence gives up
-MAX_REREADS: Final = 3
+#: :meth:`OffsetFence.admit`'s answer for a record that was on its way before its partition
+#: was sought again: do not apply it (nor ack it), and do not read again (it comes again)
+WAIT: Final = -1
 
 
 class OffsetFence:
     """Per partition: the next offset the stream must deliver (see the module docstring)."""
 
-    __slots__ = ("epoch", "_next", "_holes", "gave_up")
+    __slots__ = ("epoch", "_next", "rereading", "absent")
 
     def __init__(self) -> None:
         #: the consumer's seek count the fence was last reset for (None: never)
         self.epoch: int | None = None
         self._next: dict[Hashable, int] = {}
-        #: partition -> (expected, found, attempts) of the hole being read again
-        self._holes: dict[Hashable, tuple[int, int, int]] = {}
-        #: holes let through after MAX_REREADS attempts (each one: plays possibly lost)
-        self.gave_up = 0
+        #: partition -> the offset it is being read again from, until a record read again came
+        self.rereading: dict[Hashable, int] = {}
+        #: offsets that a read again showed to be absent (first record read again was past them)
+        self.absent = 0
 
     def reset(self, starts: Mapping[Hashable, int | None], epoch: int) -> None:
         """The stream was sought: each partition starts at ``starts[tp]`` (None: unknown,
         the fence lets that partition's first record through)."""
         self._next = {tp: offset for tp, offset in starts.items() if offset is not None}
-        self._holes.clear()
+        self.rereading.clear()
         self.epoch = epoch
 
-    def admit(self, tp: Hashable, offset: int) -> int | None:
-        """None: apply the record at ``offset``. An offset: a hole -- the records from that
-        offset up to this one were never delivered; do not apply this one (nor ack it), and
-        read the partition again from the offset returned."""
+    def admit(self, tp: Hashable, offset: int, fresh: bool = True) -> int | None:
+        """None: apply the record at ``offset``. :data:`WAIT`: do not apply it, it was on
+        its way before the partition was sought again (``fresh`` False: the caller knows the
+        first record read again, and this is not it). An offset: a hole -- the records from
+        that offset up to this one were never delivered; do not apply this one (nor ack it),
+        and read the partition again from the offset returned."""
+        pending = self.rereading.get(tp)
+        if pending is not None:
+            if not fresh:
+                return WAIT
+            del self.rereading[tp]  # the first record read again: the order starts afresh
+            if offset > pending:
+                self.absent += offset - pending
+            self._next[tp] = offset + 1
+            return None
         expected = self._next.get(tp)
         if expected is None or offset == expected:
             self._next[tp] = offset + 1
-            self._holes.pop(tp, None)
             return None
         if offset < expected:  # delivered again (a seek back): the offset order holds
             return None
-        hole = self._holes.get(tp)
-        if hole is not None and hole[0] == expected:
-            if hole[1] == offset:
-                # read again and the same record came first: nothing is in between
-                self._next[tp] = offset + 1
-                del self._holes[tp]
-                return None
-            if hole[2] >= MAX_REREADS:  # still a hole after reading again: give up
-                self._next[tp] = offset + 1
-                del self._holes[tp]
-                self.gave_up += 1
-                return None
-            self._holes[tp] = (expected, offset, hole[2] + 1)
-            return expected
-        self._holes[tp] = (expected, offset, 1)
+        self.rereading[tp] = expected
         return expected

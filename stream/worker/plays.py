@@ -39,7 +39,7 @@ import faust
 
 from stream.config import Settings
 from stream.faustx.stream import BatchingStream
-from stream.processing.fence import MAX_REREADS, OffsetFence
+from stream.processing.fence import WAIT, OffsetFence
 from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record
 from stream.worker.deadletters import DeadLetters
@@ -241,6 +241,7 @@ class PlaysAgent:
         the offset given) because their stream skipped records (the fence)."""
         generation = self.app.consumer_generation_id
         fence = self._fence()
+        consumer: Any = self.app.consumer  # the seam's (SeamConsumer) when there is a fence
         live: list[Any] = []
         records: list[Record] = []
         stale = 0
@@ -254,16 +255,22 @@ class PlaysAgent:
                 stale += 1
                 continue
             if fence is not None:
-                gave_up = fence.gave_up
-                again = fence.admit(msg.tp, msg.offset)
-                if fence.gave_up != gave_up:
-                    logger.error(
-                        "%s: offset %d still came after a hole read again %d times; letting "
-                        "it through (the plays in between may be lost)",
-                        msg.tp, msg.offset, MAX_REREADS)
-                if again is not None:  # records before this one never came: not applied
+                tp = msg.tp
+                fresh = True
+                if fence.rereading and tp in fence.rereading:  # the first read again yet?
+                    fresh = msg is consumer.first_after_reread(tp)
+                absent = fence.absent
+                again = fence.admit(tp, msg.offset, fresh)
+                if fence.absent != absent:
+                    logger.warning(
+                        "%s: read again from %d, the first record is %d: the %d offsets in "
+                        "between are not in the log (markers, compaction or retention)",
+                        tp, msg.offset - (fence.absent - absent), msg.offset,
+                        fence.absent - absent)
+                if again is not None:  # not applied: a hole, or on its way before a reread
                     stream.drop_unapplied(ev)
-                    reread.setdefault(msg.tp, again)
+                    if again != WAIT:
+                        reread.setdefault(tp, again)
                     continue
             live.append(ev)
             records.append(
@@ -302,7 +309,8 @@ class PlaysAgent:
                     "%s: the stream skipped records from offset %d (never delivered to the "
                     "agent); not applying what came after them, reading again from %d "
                     "(%d time(s) so far)", tp, offset, offset, self.skips_detected)
-            await self.app.consumer.seek(tp, offset)
+            consumer: Any = self.app.consumer  # the seam's: only it has a fence
+            await consumer.read_again(tp, offset)
 
     def _pace(self, live: list[Any], now: float) -> None:
         """The backlog behind this batch, per partition (the fetched highwater)."""

@@ -391,7 +391,9 @@ async def test_the_consumer_thread_runs_on_the_app_loop_unless_asked() -> None:
 
 
 @pytest.mark.asyncio
-async def test_fast_delivery_runs_the_seam_s_fetch_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_seam_s_fetch_loop_always_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It also drops what a reread left behind (below), so ``fast_delivery=false`` only
+    turns its direct hand-over off."""
     from stream.faustx import consumer as seam_consumer
 
     ran: list[str] = []
@@ -406,7 +408,31 @@ async def test_fast_delivery_runs_the_seam_s_fetch_loop(monkeypatch: pytest.Monk
     monkeypatch.setattr(FaustConsumer, "_drain_messages", faust_drain)
     await _app("seam-fast").consumer._drain_messages(None)
     await _app("seam-slow", fast_delivery=False).consumer._drain_messages(None)
-    assert ran == ["seam", "faust"]
+    assert ran == ["seam", "seam"]
+
+
+@pytest.mark.asyncio
+async def test_without_fast_delivery_every_message_goes_through_wait_first() -> None:
+    app = _app("seam-wait-first", fast_delivery=False)
+    app.flow_control.resume()  # the direct hand-over would be possible
+    tp = TP(PLAYS, 0)
+    consumer, fetcher = _fetch_loop(app, [[1, 2]], tp)
+    waited: list[int] = []
+    delivered: list[int] = []
+
+    async def callback(message: Any) -> None:
+        delivered.append(message.offset)
+
+    async def wait_first(coro: Any, *others: Any) -> None:
+        waited.append(len(others))
+        for other in others:  # suspend_flow.wait(): never awaited here
+            other.close()
+        await coro
+
+    consumer.callback = callback
+    consumer.wait_first = wait_first
+    await asyncio.wait_for(consumer._drain_messages(fetcher), 5)
+    assert delivered == [1, 2] and waited == [1, 1]
 
 
 @pytest.mark.asyncio
@@ -438,3 +464,116 @@ async def test_direct_hand_over_only_when_nothing_could_block_it() -> None:
     while not buffer.pending.empty():
         buffer.pending.get_nowait()
     assert can_deliver_now(app, consumer, tp)
+
+
+# -- the consumer: reading a partition again (the plays agent's offset fence) ----------------
+
+
+class _Fetcher:
+    def __init__(self) -> None:
+        self._stopped = asyncio.Event()
+
+
+def _fetch_loop(app: faust.App, batches: list[list[int]], tp: TP,
+                during_fetch: dict[int, Any] | None = None) -> tuple[Any, _Fetcher]:
+    """The seam's consumer with a fake fetch (Faust's ``getmany``: one batch per call) and a
+    fake ``_seek``; ``during_fetch[i]`` runs while batch ``i`` is being collected."""
+    consumer: Any = app.consumer
+    fetcher = _Fetcher()
+    calls = {"n": 0}
+    consumer.sought = []
+
+    async def _seek(partition: TP, offset: int) -> None:
+        consumer.sought.append((partition, offset))
+
+    def getmany(timeout: float) -> Any:
+        i = calls["n"]
+        calls["n"] += 1
+
+        async def batch() -> Any:
+            if i >= len(batches):
+                fetcher._stopped.set()
+                return
+            if during_fetch and i in during_fetch:
+                await during_fetch[i]()
+            for offset in batches[i]:
+                yield tp, _message(app, offset, partition=tp.partition)
+        return batch()
+
+    consumer.getmany = getmany
+    consumer._seek = _seek
+    return consumer, fetcher
+
+
+@pytest.mark.asyncio
+async def test_records_fetched_before_a_reread_are_not_delivered_and_gaps_are_cut() -> None:
+    """The review's high finding (docs/reliability.md): after the agent's seek back to 5 the
+    fetch loop still held 12 and 13 of a batch collected before it. Faust's loop would
+    deliver them, set its read offset past 5 and record a gap 6..12 that its commit then
+    counts as acked. The seam's loop drops them, the gaps from 5 on are cut, and the first
+    record fetched after the seek is marked for the agent."""
+    app = _app("seam-reread")
+    tp = TP(PLAYS, 0)
+    consumer, fetcher = _fetch_loop(app, [[10, 11, 12, 13], [5, 6, 7]], tp)
+    consumer._gap[tp].addi(3, 9)  # a gap recorded earlier, partly past the seek offset
+    delivered: list[Any] = []
+
+    async def callback(message: Any) -> None:
+        delivered.append(message)
+        if message.offset == 11:  # the agent found a hole: read again from 5
+            await consumer.read_again(tp, 5)
+
+    consumer.callback = callback
+    await asyncio.wait_for(consumer._drain_messages(fetcher), 5)
+    assert [m.offset for m in delivered] == [10, 11, 5, 6, 7]
+    assert consumer.sought == [(tp, 5)]
+    assert consumer.first_after_reread(tp) is delivered[2]
+    assert consumer.rereads == {}
+    assert sorted((iv.begin, iv.end) for iv in consumer._gap[tp]) == [(3, 5)]
+    assert consumer._read_offset[tp] == 7
+
+
+@pytest.mark.asyncio
+async def test_a_reread_during_another_threads_fetch_is_sought_again() -> None:
+    """With the consumer on its own thread a batch may be collected before or after a seek
+    that happened while it was fetched: the loop cannot tell, so it seeks again and drops
+    that batch's records of the partition."""
+    app = _app("seam-reread-thread", in_loop=False)
+    tp = TP(PLAYS, 0)
+
+    async def agent_seeks() -> None:
+        await consumer.read_again(tp, 5)
+
+    consumer, fetcher = _fetch_loop(app, [[10], [20, 21], [5, 6]], tp, {1: agent_seeks})
+    assert consumer.exact_batches is False
+    delivered: list[int] = []
+
+    async def callback(message: Any) -> None:
+        delivered.append(message.offset)
+
+    consumer.callback = callback
+    await asyncio.wait_for(consumer._drain_messages(fetcher), 5)
+    assert delivered == [10, 5, 6]
+    assert consumer.sought == [(tp, 5), (tp, 5)]
+    assert consumer.first_after_reread(tp).offset == 5
+    consumer._thread.thread_loop.close()  # the never-started consumer thread's own loop
+
+
+@pytest.mark.asyncio
+async def test_a_seek_to_committed_offsets_ends_every_reread() -> None:
+    app = _app("seam-reread-rebalance", hold_topics=frozenset({PLAYS}))
+    consumer: Any = app.consumer
+    tp = TP(PLAYS, 0)
+
+    async def _seek(partition: TP, offset: int) -> None:
+        return None
+
+    async def seek_to_committed() -> dict[TP, int]:
+        return {tp: 3}
+
+    consumer._seek = _seek
+    consumer.seek_to_committed = seek_to_committed
+    await consumer.read_again(tp, 5)
+    assert consumer.rereads
+    await consumer.perform_seek()
+    assert consumer.rereads == {} and consumer.first_after_reread(tp) is None

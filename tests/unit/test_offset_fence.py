@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from stream.processing.fence import OffsetFence
+from stream.processing.fence import WAIT, OffsetFence
 from stream.worker.plays import PlaysAgent
 
 
@@ -25,12 +25,13 @@ def test_a_hole_is_read_again_and_a_real_gap_passes_the_second_time() -> None:
     fence = OffsetFence()
     fence.reset({"p0": 336}, epoch=1)
     assert fence.admit("p0", 2213) == 336
-    assert fence.admit("p0", 2214) == 336  # the rest of the batch waits too
+    assert fence.admit("p0", 2214, fresh=False) == WAIT  # the rest of the batch waits
     assert fence.admit("p0", 336) is None  # read again: the missing records come
     assert fence.admit("p0", 337) is None
     assert fence.admit("p0", 400) == 338  # a hole again
     assert fence.admit("p0", 400) is None  # read again, same record first: nothing between
     assert fence.admit("p0", 401) is None
+    assert fence.absent == 62  # 338..399 were not in the log
 
 
 def test_a_new_seek_resets_the_fence() -> None:
@@ -64,12 +65,19 @@ class Ev:
 
 @dataclass
 class Consumer:
+    """What the agent uses of the seam's consumer (SeamConsumer: tested in test_faust_seam)."""
+
     start_offsets: dict[str, int | None]
     seek_epoch: int = 1
     seeks: list[tuple[str, int]] = field(default_factory=list)
+    first: dict[str, object] = field(default_factory=dict)
 
-    async def seek(self, tp: str, offset: int) -> None:
+    async def read_again(self, tp: str, offset: int) -> None:
         self.seeks.append((tp, offset))
+        self.first.pop(tp, None)
+
+    def first_after_reread(self, tp: str) -> object:
+        return self.first.get(tp)
 
 
 @dataclass
@@ -124,8 +132,9 @@ def test_the_agent_does_not_apply_or_ack_plays_after_a_hole_and_reads_again() ->
     assert reread == {"p0": 336}
     asyncio.run(agent._read_again(reread))
     assert consumer.seeks == [("p0", 336)] and agent.skips_detected == 1
-    # read again from 336: applied in order
-    live, records, reread = agent._live(stream, [Ev(Msg("p0", 336)), Ev(Msg("p0", 337))])  # type: ignore[arg-type]
+    # read again from 336 (the consumer marks the first record it fetched after the seek)
+    consumer.first["p0"] = first = Msg("p0", 336)
+    live, records, reread = agent._live(stream, [Ev(first), Ev(Msg("p0", 337))])  # type: ignore[arg-type]
     assert [r.offset for r in records] == [336, 337] and reread == {}
 
 
@@ -146,26 +155,47 @@ def test_a_consumer_without_start_offsets_is_not_fenced() -> None:
     assert [r.offset for r in records] == [50] and reread == {}
 
 
-def test_reading_again_is_bounded_when_the_hole_keeps_moving() -> None:
-    """The review's case: after a seek back to 100 the stream keeps delivering other records
-    past it (the log start moved, or records fetched before the seek). The fence asks to
-    read again at most MAX_REREADS times, then lets the record through and counts it, so the
-    partition never stalls on the fence."""
-    from stream.processing.fence import MAX_REREADS
+def test_records_on_their_way_before_a_reread_wait_and_the_first_read_again_passes() -> None:
+    """The review's case (docs/reliability.md): after the seek back to 336 the stream still
+    holds records buffered before it (2215, 2216, ...). They are neither applied nor acked
+    and cause no further seek; the first record the consumer fetched after the seek passes
+    even when it lies past 336 (nothing in between is in the log), and the order goes on
+    from it. Before, the fence counted each such record as a new attempt and after three
+    let one through out of order."""
+    consumer = Consumer(start_offsets={"p0": 336})
+    agent, stream = _agent(consumer), Stream()
+    batch = [Ev(Msg("p0", o)) for o in (2213, 2214, 2215, 2216, 2217)]
+    live, records, reread = agent._live(stream, batch)  # type: ignore[arg-type]
+    assert records == [] and reread == {"p0": 336}
+    assert stream.dropped == [2213, 2214, 2215, 2216, 2217] and stream.acked == []
+    asyncio.run(agent._read_again(reread))
+    assert consumer.seeks == [("p0", 336)]
+    # more records buffered before the seek, then the first one fetched after it
+    first = Msg("p0", 340)  # 336..339 are not in the log (say, retention moved the start)
+    consumer.first["p0"] = first
+    leftovers = [Ev(Msg("p0", o)) for o in (2218, 2219)]
+    live, records, reread = agent._live(  # type: ignore[arg-type]
+        stream, leftovers + [Ev(first), Ev(Msg("p0", 341)), Ev(Msg("p0", 342))])
+    assert [r.offset for r in records] == [340, 341, 342] and reread == {}
+    assert stream.dropped[-2:] == [2218, 2219] and consumer.seeks == [("p0", 336)]
+    assert agent.fence.absent == 4
+    # then a new hole is a new reread
+    live, records, reread = agent._live(stream, [Ev(Msg("p0", 350))])  # type: ignore[arg-type]
+    assert records == [] and reread == {"p0": 343}
 
+
+def test_a_rebalance_ends_a_reread() -> None:
     fence = OffsetFence()
-    fence.reset({"p0": 100}, epoch=1)
-    answers = [fence.admit("p0", 500)] + [fence.admit("p0", 120 + i) for i in range(5)]
-    assert answers[: MAX_REREADS] == [100] * MAX_REREADS
-    assert answers[MAX_REREADS] is None
-    assert fence.gave_up == 1
-    # the partition goes on in order from the record let through
-    assert fence.admit("p0", 120 + MAX_REREADS) is None
+    fence.reset({"p0": 10}, epoch=1)
+    assert fence.admit("p0", 12) == 10
+    assert fence.admit("p0", 13, fresh=False) == WAIT
+    fence.reset({"p0": 10}, epoch=2)  # a new seek to the committed offsets
+    assert fence.admit("p0", 10) is None and fence.rereading == {}
 
 
-def test_the_same_hole_read_again_is_still_let_through_at_once() -> None:
+def test_the_same_hole_read_again_is_let_through_at_once() -> None:
     fence = OffsetFence()
     fence.reset({"p0": 10}, epoch=1)
     assert fence.admit("p0", 12) == 10  # 10 and 11 missing: read again
     assert fence.admit("p0", 12) is None  # the same record first again: nothing in between
-    assert fence.gave_up == 0
+    assert fence.absent == 2
