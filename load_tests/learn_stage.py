@@ -2,7 +2,9 @@
 worker's processor runs it (live evaluator, per-component quality every
 ``quality_components_every`` plays, deferred ranking): ``Processor._learn_and_rank`` and,
 inside it, ``Recommender.learn_one``, over the second half of a synthetic stream
-(``SessionTraffic``). Runs on this tree or, with ``PYTHONPATH`` at an older checkout
+(``SessionTraffic``). Like a worker without ``worker_keys`` (no signals: the recommender
+builds no item steps where it can tell, see ``Recommender.emit_item_steps``) unless
+``--signals``. Runs on this tree or, with ``PYTHONPATH`` at an older checkout
 (before the #16 layout move), on that one: compare trees alternating, in one sitting.
 
     python -m load_tests.learn_stage [--plays 12000] [--rounds 3]
@@ -38,7 +40,7 @@ def _modules() -> dict[str, Any]:
             "eval": importlib.import_module("stream.evaluation")}
 
 
-def run(plays: int, every: str) -> dict[str, float]:
+def run(plays: int, every: str, signals: bool = False) -> dict[str, float]:
     """Microseconds of CPU per play: (learn stage, learn_one) over the second half."""
     mods = _modules()
     now = int(time.time() * 1000)
@@ -48,6 +50,9 @@ def run(plays: int, every: str) -> dict[str, float]:
     settings = load_settings(env={"STREAM_QUALITY_COMPONENTS_EVERY": every}, file=None)
     rec = mods["rec"].Recommender(blend=settings.ranker,
                                   session_models=settings.ranker == "learned")
+    emit_steps = getattr(rec, "emit_item_steps", None)
+    if callable(emit_steps):  # as create_worker does (older trees always build them)
+        emit_steps(signals)
     proc = mods["pipe"].Processor(
         settings, rec, {}, lambda w: None, lambda d: None, defer_ranking=True,
         evaluator=mods["eval"].Prequential(k=10, window=settings.quality_window))
@@ -82,10 +87,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--components-every", default="10",
                         help="quality_components_every (0: off)")
+    parser.add_argument("--signals", action="store_true",
+                        help="as a worker that sends signals (item steps built)")
     args = parser.parse_args()
     rounds = []
     for r in range(args.rounds):
-        got = run(args.plays, args.components_every)
+        got = run(args.plays, args.components_every, args.signals)
         rounds.append(got)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f} us" for k, v in got.items()),
               flush=True)

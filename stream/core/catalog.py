@@ -103,19 +103,20 @@ class TrackCatalog:
         if count or len(self._counts) < 4 * self.max_tracks:  # bounded between drains
             self._counts[track_id] = (count + 1, max(last, ts_ms))  # plays come out of order
         known = self._info.get(track_id)
-        incoming = TrackInfo(_clean(name), _clean(artist), _clean(album))
         if known is None:
+            incoming = TrackInfo(_clean(name), _clean(artist), _clean(album))
             self._put(track_id, incoming)
             self._changes[track_id] = (ts_ms, incoming)
             return True
-        merged = TrackInfo(
-            incoming.name or known.name,
-            incoming.artist or known.artist,
-            incoming.album or known.album,
-        )
+        # a part the event leaves out keeps its known value (no TrackInfo is built for the
+        # usual play of a known track whose names did not change)
+        new_name = _clean(name) or known.name
+        new_artist = _clean(artist) or known.artist
+        new_album = _clean(album) or known.album
         self._info.move_to_end(track_id)
-        if merged == known:
+        if new_name == known.name and new_artist == known.artist and new_album == known.album:
             return False
+        merged = TrackInfo(new_name, new_artist, new_album)
         self._put(track_id, merged)
         first, _ = self._changes.get(track_id, (None, merged))
         self._changes[track_id] = (first, merged)

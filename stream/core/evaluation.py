@@ -112,14 +112,23 @@ class Prequential:
             v = self._variants[variant] = _Variant()
         self._catalogue.add(actual)
         top = tuple(recommended[: self.k])
-        rank = rank_of(top, actual, self.k)
+        # rank_of(top, actual, k), on every play: the first position, found in C
+        rank = top.index(actual) if actual in top else None
         hit = 0.0 if rank is None else 1.0
         rr = 0.0 if rank is None else 1.0 / (rank + 1)
         ndcg = 0.0 if rank is None else 1.0 / math.log2(rank + 2)
-        v.total.add(hit, rr, ndcg)
+        total = v.total  # _Sums.add(hit, rr, ndcg), inlined (the same sums)
+        total.n += 1
+        total.hits += hit
+        total.rr += rr
+        total.ndcg += ndcg
         v.shown_all.update(top)
         if self.window is not None:
-            v.recent.add(hit, rr, ndcg)
+            recent = v.recent
+            recent.n += 1
+            recent.hits += hit
+            recent.rr += rr
+            recent.ndcg += ndcg
             v.window.append((hit, rr, ndcg, top))
             if len(v.window) > self.window:
                 old_hit, old_rr, old_ndcg, _ = v.window.popleft()
@@ -130,10 +139,13 @@ class Prequential:
         """Record the skip model's prediction for an event, made before learning from it."""
         correct = 1.0 if (probability >= 0.5) == skipped else 0.0
         loss = log_loss(probability, skipped)
-        for acc in (self._skip, self._skip_recent):
-            acc.n += 1
-            acc.correct += correct
-            acc.loss += loss
+        whole, recent = self._skip, self._skip_recent
+        whole.n += 1
+        whole.correct += correct
+        whole.loss += loss
+        recent.n += 1
+        recent.correct += correct
+        recent.loss += loss
         if self.window is not None:
             self._skip_window.append((correct, loss))
             if len(self._skip_window) > self.window:

@@ -375,9 +375,20 @@ class Recommender:
 
     # -- learning -------------------------------------------------------------------------
 
+    #: whether :meth:`learn_one` returns the :class:`ItemStep` it took (``LearnResult.step``):
+    #: the replication of item learning between workers needs it; a worker that sends no
+    #: signals (no ``worker_keys``) turns it off (:meth:`emit_item_steps`) and skips building
+    #: it. The models learn exactly the same either way; ``n_learned`` counts every play.
+    item_steps: bool = True
+
+    def emit_item_steps(self, on: bool) -> None:
+        """Return the item step of every learned play (on, the default) or not."""
+        self.item_steps = bool(on)
+
     def learn_one(self, update: SessionUpdate, event: PlayEvent | None = None) -> LearnResult:
         """Learn from one applied event. Pass the ``event`` too when you have it: its
-        artist id and context feed the diversity cap and the skip model."""
+        artist id and context feed the diversity cap and the skip model. The result's
+        ``step`` is None for a duplicate, and when :attr:`item_steps` is off."""
         if update.duplicate:
             return LearnResult(0.0, False, False)
         state, before = update.state, update.before
@@ -428,16 +439,19 @@ class Recommender:
         self.drift.learn_one(x)
         self.popularity.learn_one(x)
         self.cooccurrence.learn_one(x)
-        user_before, rows = self.mf.learn_step(x)
-        token = session_token(state)
+        item_steps = self.item_steps
+        user_before, rows = self.mf.learn_step(x, keep_before=item_steps)
         if session_models:
             self.session_knn.learn_one(Interaction(
-                user_id=token, track_id=track, ts_ms=x.ts_ms,
+                user_id=session_token(state), track_id=track, ts_ms=x.ts_ms,
                 session_position=x.session_position))
             self.rules.learn_one(x)
             self._first_seen(track, x.ts_ms)
         self.n_learned += 1
         state.model = self.export_user(state.user_id)
+        if not item_steps:  # nobody sends it (see item_steps): the same learning, no step
+            return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected)
+        token = session_token(state)
         ids = self.vocabulary.ids
         step = ItemStep(
             track_id=track, ts_ms=x.ts_ms, skipped=x.skipped,
@@ -1004,15 +1018,26 @@ class Recommender:
         build no :class:`Recommendation` (nor its reason); other variants go through
         :meth:`recommend`."""
         size = len(self.vocabulary)
-        singles = [v for v in variants if v in _SINGLE_COMPONENTS] if k > 0 and size else []
+        singles = {v for v in variants if v in _SINGLE_COMPONENTS} if k > 0 and size else set()
         ids: dict[str, list[str]] = {}
         if singles:
-            query = self._compiled_query(state, size)
+            size, hist_rows, ban_recent, (members, pop_weights, pop_total), arena, factors = (
+                self._compiled_query(state, size))
+            start, csize, cap, total, nbr, val = arena
             user = self._user_vector(state) if "mf" in singles else None
-            with self._query_buffers(size) as buffers:
-                for v in singles:
-                    rows = self._rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
-                                            user if v == "mf" else None, buffers)[0]
+            with self._query_buffers(size) as (ban, sc):
+                # each list as _rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
+                # user if v == "mf" else None) ranks it, in one compiled call
+                ranked = _k.rank_components(
+                    size, k, max(self.candidates_per_source, k), "popularity" in singles,
+                    "mf" in singles, "cooccurrence" in singles, bool(self.mf_candidates),
+                    members, pop_weights, pop_total, start, csize, cap, total, nbr, val,
+                    hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
+                    sc.touched, factors, _NO_FACTORS if user is None else user,
+                    user is not None, ban, self._mark_buffer(size), ban_recent,
+                )
+            for v, rows in zip(("popularity", "mf", "cooccurrence"), ranked, strict=True):
+                if v in singles:
                     ids[v] = self._result_ids(rows, k)
         return [ids[v] if v in ids else
                 [r.track_id for r in self.recommend(state, k, now_ms, variant=v)]
@@ -1663,6 +1688,7 @@ _SCRATCH: Final = frozenset({"_ban", "_mark", "_norms", "_dense", "_blend_cache"
 _NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
+_NO_FACTORS: Final[Float32Array] = np.zeros(0, dtype=np.float32)
 
 
 #: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's

@@ -125,6 +125,10 @@ def create_worker(
                               telemetry)
     # a commit waits for the signals of the plays it commits (docs/scaling.md, "Restart")
     app.before_commit.append(signals.flush_for_commit)
+    # the item step of each play is the signal's content: not built when none is sent
+    emit_steps = getattr(recommender, "emit_item_steps", None)
+    if callable(emit_steps):
+        emit_steps(signals.enabled)
     catalog = CatalogSync(settings, processor.catalog, writer, telemetry)
     pacing = RankPacing(settings.catch_up_rank_ms / 1000.0)
     ranker = Ranker(processor, pacing, writer, telemetry, models_busy=lambda: models.busy(),

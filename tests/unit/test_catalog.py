@@ -48,6 +48,16 @@ def test_first_sighting_and_changes_only_are_owed_to_redis() -> None:
     assert b"HSETNX" in cmds and b"HINCRBY" in cmds and b"Song" in cmds
 
 
+def test_a_known_tracks_names_merge_part_by_part() -> None:
+    cat = TrackCatalog()
+    assert cat.observe("t", "Song", "Band", "LP", ts_ms=1)
+    assert not cat.observe("t", " Song ", "  ", None, ts_ms=2)  # cleaned: the same names
+    assert cat.observe("t", None, "Other Band", None, ts_ms=3)  # one part changed
+    assert cat.get("t") == TrackInfo("Song", "Other Band", "LP")
+    assert not cat.observe("t", "Song", "Other Band", "LP", ts_ms=4)
+    assert cat.take_changes() == {"t": (1, TrackInfo("Song", "Other Band", "LP"))}
+
+
 def test_memory_is_bounded_by_entries_and_characters() -> None:
     cat = TrackCatalog(max_tracks=100, max_chars=2_000)
     for i in range(10_000):  # hostile: a new long name with every play

@@ -235,6 +235,12 @@ def test_component_ids_are_the_ids_of_each_variants_list(
         assert rec.component_ids(state, 10, now, variants) == want
         compared += sum(map(len, want))
     assert compared >= 1500
+    for state in listeners[:20] + listeners[-2:]:  # any subset, in any order, one call
+        for subset in (("cooccurrence", "popularity"), ("mf",), ("cooccurrence",),
+                       ("mf", "popularity"), ("fixed", "cooccurrence", "mf")):
+            assert rec.component_ids(state, 10, now, subset) == [
+                [r.track_id for r in rec.recommend(state, 10, now, variant=v)]
+                for v in subset]
     rec.artist_of = {}  # no artist cap
     state = listeners[0]
     assert rec.component_ids(state, 10, now, ("mf",)) == [
@@ -296,3 +302,4 @@ def test_top_n_heap_keeps_the_n_best_with_ties_to_the_lower_row() -> None:
                                                  rows[i]))
         expected = sorted(rows[order[:n]].tolist())
         assert sorted(_k._top_n(rows, key, n).tolist()) == expected, (t, m, n)
+

@@ -386,3 +386,31 @@ def test_simulated_workers_are_deterministic_and_exchange_signals() -> None:
     users = {e.user_id for e in events}
     owners = {u: partition_of(u, 6) % 3 for u in users}
     assert len(set(owners.values())) > 1
+
+
+@pytest.mark.parametrize("ranker", ["fixed", "learned"])
+def test_without_item_steps_the_models_learn_exactly_the_same(ranker: str) -> None:
+    """A worker that sends no signals builds no item steps (emit_item_steps(False)): the
+    results carry no step, and everything else -- predictions, the learned state (byte for
+    byte), the listeners' records, the lists -- is what the default learning gives."""
+    events = plays(500, tracks=30)
+    recs = [Recommender(seed=3, blend=ranker, session_models=ranker == "learned")
+            for _ in range(2)]
+    recs[1].emit_item_steps(False)
+    states: list[dict[str, UserState]] = [{}, {}]
+    for e in events:
+        got = []
+        for rec, st in zip(recs, states, strict=True):
+            update = update_session(st.get(e.user_id), e)
+            got.append(rec.learn_one(update, e))
+            st[e.user_id] = update.state
+        with_step, without = got
+        assert with_step.step is not None and without.step is None
+        assert (without.skip_probability, without.skipped, without.drift) == (
+            with_step.skip_probability, with_step.skipped, with_step.drift)
+    assert recs[0].n_learned == recs[1].n_learned == len(events)
+    assert pack_state(*recs[1].export_state()) == pack_state(*recs[0].export_state())
+    assert states[1] == states[0]
+    now = T0 + 10**7
+    for state in states[0].values():
+        assert recs[1].recommend(state, 10, now) == recs[0].recommend(state, 10, now)

@@ -276,3 +276,15 @@ def test_the_similar_list_format() -> None:
                                       model_version="m", generated_at_ms=7))
     assert doc == {"track_id": "t1", "k": 1, "model_version": "m", "generated_at": 7,
                    "items": [{"track_id": "t2", "score": 0.5}]}
+
+
+@pytest.mark.parametrize(("insecure", "steps"), [(False, False), (True, True)])
+def test_the_worker_builds_item_steps_only_when_it_sends_signals(
+    insecure: bool, steps: bool
+) -> None:
+    """The item step of a play is its signal's content: a worker that cannot send signals
+    (no worker_keys, not worker_insecure) does not build it (Recommender.emit_item_steps)."""
+    from stream.worker.app import create_worker
+
+    worker = create_worker(Settings(worker_insecure=insecure), Metrics(CollectorRegistry()), 4)
+    assert worker.recommender.item_steps is steps

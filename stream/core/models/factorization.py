@@ -231,10 +231,12 @@ class ImplicitMF:
     def learn_one(self, x: Interaction) -> None:
         self.learn_step(x)
 
-    def learn_step(self, x: Interaction) -> tuple[Float32Array, list[int]]:
+    def learn_step(self, x: Interaction, *, keep_before: bool = True
+                   ) -> tuple[Float32Array | None, list[int]]:
         """:meth:`learn_one`, returning what another worker needs to take the same item
-        step (:meth:`apply_item_step`): the listener's factors before the step (a copy)
-        and the rows stepped (the played track first, then the sampled negatives)."""
+        step (:meth:`apply_item_step`): the listener's factors before the step (a copy;
+        None with ``keep_before`` off) and the rows stepped (the played track first, then
+        the sampled negatives)."""
         row = self._item_row(x.track_id)
         users = self.user_factors
         user = users.get(x.user_id)
@@ -265,7 +267,7 @@ class ImplicitMF:
         rows = np.array(picked, dtype=np.int64)
         targets = np.zeros(len(picked))
         targets[0] = target
-        before = user.copy()
+        before = user.copy() if keep_before else None
         _k.mf_step(self.item_factors, user, rows, targets, self.learning_rate, self.l2)
         if not x.skipped:
             self._remember(row)
