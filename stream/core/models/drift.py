@@ -155,9 +155,10 @@ class AdaptiveWindow:
         sqrt = math.sqrt
         rows = self.totals
         least_1 = least - 1.0
-        for row in range(len(rows) - 1, 0, -1):
+        for row in range(len(rows) - 1, -1, -1):
             size = float(1 << row)
-            for u in rows[row]:
+            # row 0 holds single values; no cut after the newest one
+            for u in rows[row] if row else rows[0][:-1]:
                 n0 += size
                 n1 -= size
                 u0 += u
@@ -166,16 +167,6 @@ class AdaptiveWindow:
                     m = 1.0 / (n0 - least_1) + 1.0 / (n1 - least_1)
                     if abs(u0 / n0 - u1 / n1) > sqrt(2.0 * m * var * d_prime) + bias * m:
                         return self.width > 0
-        newest = rows[0]
-        for u in newest[:-1]:  # no cut after the newest value
-            n0 += 1.0
-            n1 -= 1.0
-            u0 += u
-            u1 -= u
-            if n1 >= least and n0 >= least:
-                m = 1.0 / (n0 - least_1) + 1.0 / (n1 - least_1)
-                if abs(u0 / n0 - u1 / n1) > sqrt(2.0 * m * var * d_prime) + bias * m:
-                    return self.width > 0
         return False
 
 
