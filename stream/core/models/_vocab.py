@@ -12,11 +12,10 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.core.models._state import (
-    build,
+    StateModel,
     decode_strings,
     encode_strings,
     get_field,
-    get_params,
     prefixed,
     under,
     unique_ids,
@@ -248,63 +247,32 @@ def import_vocabulary(
     return Vocabulary.import_state(own, under("vocabulary", arrays), where=f"{where}.vocabulary")
 
 
-class VocabularyModel:
+class VocabularyModel(StateModel):
     """The checkpoint of a model that indexes tracks through a :class:`Vocabulary` (its
-    own, or the container's shared one), written once for all of them.
-
-    :meth:`export_state` stores the constructor arguments named in ``_PARAMS``, then the
-    model's own fields (:meth:`_export_fields`), then its vocabulary (``None`` when shared:
-    the container exports that). :meth:`import_state` checks the arguments and the
-    vocabulary, builds the model, and has :meth:`_import_fields` check and restore the
-    rest. See :mod:`stream.core.models._state`.
+    own, or the container's shared one): a :class:`StateModel` whose state ends with its
+    vocabulary (``None`` when shared: the container exports that), checked before the
+    model is built.
     """
 
-    #: the constructor arguments a checkpoint stores, with their types (``get_params``)
-    _PARAMS: dict[str, Any]
-    #: the name the fields' errors are given under when ``import_state`` gets no ``where``
-    _WHERE: str
     vocabulary: Vocabulary | None
     _vocab: Vocabulary
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The model's state: parameters, :meth:`_export_fields`, vocabulary."""
-        return self._with_vocabulary(*self._export_fields())
-
-    def _export_fields(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The model's own manifest fields and arrays (neither params nor vocabulary)."""
-        raise NotImplementedError
-
-    def _with_vocabulary(
+    def _with_params(
         self, fields: dict[str, Any], arrays: dict[str, np.ndarray]
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        manifest: dict[str, Any] = {
-            "params": {name: getattr(self, name) for name in self._PARAMS}, **fields,
-        }
+        manifest, arrays = super()._with_params(fields, arrays)
         export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
         return manifest, arrays
 
     @classmethod
-    def import_state(
-        cls,
-        manifest: Mapping[str, Any],
-        arrays: Mapping[str, np.ndarray],
-        *,
-        vocabulary: Vocabulary | None = None,
-        where: str | None = None,
+    def _build(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str,
+        params: dict[str, Any], vocabulary: Vocabulary | None = None,
     ) -> Self:
-        """The model :meth:`export_state` described, every field checked (ValueError names
-        the bad one, under ``where``: the model's own name by default). Pass the
-        container's ``vocabulary`` when the state was exported with a shared one."""
-        where = cls._WHERE if where is None else where
-        params = get_params(manifest, where, cls._PARAMS)
+        """The model with the container's ``vocabulary`` (``import_state(...,
+        vocabulary=...)``) when the state was exported with a shared one, else with its
+        own, read from the state (checked before the model is made)."""
         vocab = import_vocabulary(manifest, arrays, where, vocabulary)
-        model: Self = build(where, cls, {**params, "vocabulary": vocabulary})
+        model = super()._build(manifest, arrays, where, {**params, "vocabulary": vocabulary})
         model._vocab = vocab
-        model._import_fields(manifest, arrays, where)
         return model
-
-    def _import_fields(
-        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
-    ) -> None:
-        """Check and restore the fields :meth:`_export_fields` wrote (errors under ``where``)."""
-        raise NotImplementedError

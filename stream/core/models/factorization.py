@@ -130,7 +130,7 @@ class ImplicitMF(VocabularyModel):
         """The model's state: parameters, :meth:`_export_fields` (without the listeners'
         factors when ``users=False``: the worker keeps them with each listener's session),
         vocabulary."""
-        return self._with_vocabulary(*self._export_fields(users))
+        return self._with_params(*self._export_fields(users))
 
     def _export_fields(
         self, users: bool = True
