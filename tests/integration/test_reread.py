@@ -77,7 +77,7 @@ async def _read_with_a_reread(bootstrap: str, buffer: int, in_loop: bool) -> dic
                 done.set()
 
     await app.start()
-    with contextlib.suppress(TimeoutError):  # reported by the asserts below, with what was seen
+    with contextlib.suppress(asyncio.TimeoutError):  # the asserts below report what was seen
         await asyncio.wait_for(done.wait(), 90)
     consumer: Any = app.consumer
     result = {
