@@ -20,8 +20,8 @@ one of them is renamed here without updating the configs.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from prometheus_client import (
     REGISTRY,
@@ -325,379 +325,292 @@ def context_label(context: str | None) -> str:
     return fold_context(context)
 
 
+_M = TypeVar("_M")
+
+
 class Metrics:
     """All worker metrics, registered on one registry (a fresh one per test if wanted)."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        ns = NAMESPACE
         self.registry = registry
         # ---------------------------------------------------------------- events
-        self.events = FastCounter(
-            "events",
+        self.events = self._declare(
+            FastCounter, "events",
             "Play events consumed, by outcome (processed, rejected, duplicate).",
             ["topic", "outcome"],
-            namespace=ns,
-            registry=registry,
         )
-        self.rejected = FastCounter(
-            "events_rejected",
+        self.rejected = self._declare(
+            FastCounter, "events_rejected",
             "Events rejected by validation, by reason.",
             ["topic", "reason"],
-            namespace=ns,
-            registry=registry,
         )
-        self.dlq_writes = FastCounter(
-            "dlq_writes",
+        self.dlq_writes = self._declare(
+            FastCounter, "dlq_writes",
             "Messages written to the dead-letter topic.",
             ["topic"],
-            namespace=ns,
-            registry=registry,
         )
         # ---------------------------------------------------------------- latency
-        self.processing = FastHistogram(
-            "processing_seconds",
+        self.processing = self._declare(
+            FastHistogram, "processing_seconds",
             "Per-event processing time in the worker, decode to enqueue.",
-            namespace=ns,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.stage = FastHistogram(
-            "stage_seconds",
+        self.stage = self._declare(
+            FastHistogram, "stage_seconds",
             "Per-event time spent in each pipeline stage.",
-            ["stage"],
-            namespace=ns,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            ["stage"], buckets=LATENCY_BUCKETS,
         )
-        self.freshness = FastHistogram(
-            "freshness_seconds",
+        self.freshness = self._declare(
+            FastHistogram, "freshness_seconds",
             "Event time (the play's ts) to recommendations visible in Redis.",
-            namespace=ns,
             buckets=FRESHNESS_BUCKETS,
-            registry=registry,
         )
-        self.ingest_freshness = FastHistogram(
-            "ingest_freshness_seconds",
+        self.ingest_freshness = self._declare(
+            FastHistogram, "ingest_freshness_seconds",
             "Kafka record timestamp (produce time) to recommendations visible in Redis.",
-            namespace=ns,
             buckets=FRESHNESS_BUCKETS,
-            registry=registry,
         )
         # ---------------------------------------------------------------- Redis
-        self.redis_errors = FastCounter(
-            "redis_errors",
+        self.redis_errors = self._declare(
+            FastCounter, "redis_errors",
             "Failed Redis operations (each failed flush attempt).",
             ["operation"],
-            namespace=ns,
-            registry=registry,
         )
-        self.redis_retries = FastCounter(
-            "redis_retries",
+        self.redis_retries = self._declare(
+            FastCounter, "redis_retries",
             "Redis flush retries after an error.",
-            namespace=ns,
-            registry=registry,
         )
-        self.redis_write_errors = FastCounter(
-            "redis_write_errors",
+        self.redis_write_errors = self._declare(
+            FastCounter, "redis_write_errors",
             "Failed writes of one Redis key (the rest of the batch is written), by reason "
             "(stream.adapters.redis_store.WRITE_ERROR_REASONS); a key is dropped after a few "
             "attempts.",
             ["reason"],
-            namespace=ns,
-            registry=registry,
         )
-        self.redis_writes = FastCounter(
-            "redis_writes",
+        self.redis_writes = self._declare(
+            FastCounter, "redis_writes",
             "Recommendation documents written to Redis, by result (written, stale_skipped, "
             "dropped after failed attempts).",
             ["result"],
-            namespace=ns,
-            registry=registry,
         )
-        self.redis_pending = FastGauge(
-            "redis_pending_writes",
+        self.redis_pending = self._declare(
+            FastGauge, "redis_pending_writes",
             "Recommendation documents waiting to be flushed to Redis.",
-            namespace=ns,
-            registry=registry,
         )
-        self.redis_flush = FastHistogram(
-            "redis_flush_seconds",
+        self.redis_flush = self._declare(
+            FastHistogram, "redis_flush_seconds",
             "Duration of one pipelined Redis flush.",
-            namespace=ns,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
         # ---------------------------------------------------------------- Kafka consumer
-        self.lag = Gauge(
-            "consumer_lag_messages",
+        self.lag = self._declare(
+            Gauge, "consumer_lag_messages",
             "End offset minus next offset to process, per partition.",
             ["topic", "partition"],
-            namespace=ns,
-            registry=registry,
         )
-        self.assigned = Gauge(
-            "assigned_partitions",
+        self.assigned = self._declare(
+            Gauge, "assigned_partitions",
             "Partitions of the plays topic assigned to this worker.",
             ["topic"],
-            namespace=ns,
-            registry=registry,
         )
-        self.stalls = Counter(
-            "stalls",
+        self.stalls = self._declare(
+            Counter, "stalls",
             "Episodes of messages waiting with none applied for stall_warning_s (each one "
             "logs every asyncio task's stack).",
-            namespace=ns,
-            registry=registry,
         )
-        self.rebalances = Counter(
-            "rebalances",
+        self.rebalances = self._declare(
+            Counter, "rebalances",
             "Consumer group rebalances completed by this worker.",
-            namespace=ns,
-            registry=registry,
         )
-        self.stale_dropped = Counter(
-            "stale_generation_dropped",
+        self.stale_dropped = self._declare(
+            Counter, "stale_generation_dropped",
             "Plays dropped unapplied because the consumer generation they were fetched under "
             "had ended when the plays agent reached them (a rebalance while they were "
             "buffered: the partition's new owner reads them again from the committed offset).",
-            namespace=ns,
-            registry=registry,
         )
-        self.last_event_ts = FastGauge(
-            "last_event_timestamp_seconds",
+        self.last_event_ts = self._declare(
+            FastGauge, "last_event_timestamp_seconds",
             "Event time of the newest processed play.",
-            namespace=ns,
-            registry=registry,
         )
         # ---------------------------------------------------------------- state and models
-        self.active_users = Gauge(
-            "session_table_users",
+        self.active_users = self._declare(
+            Gauge, "session_table_users",
             "Listeners with state in this worker's session table.",
-            namespace=ns,
-            registry=registry,
         )
-        self.catalogue = Gauge(
-            "catalogue_tracks",
+        self.catalogue = self._declare(
+            Gauge, "catalogue_tracks",
             "Tracks known to the recommender models.",
-            namespace=ns,
-            registry=registry,
         )
-        self.model_memory = Gauge(
-            "model_memory_bytes",
+        self.model_memory = self._declare(
+            Gauge, "model_memory_bytes",
             "Approximate memory held by each online model (sampled deep size estimate).",
             ["model"],
-            namespace=ns,
-            registry=registry,
         )
         # ---------------------------------------------------------------- live quality
-        self.quality_hr = Gauge(
-            "quality_hr_at_10",
+        self.quality_hr = self._declare(
+            Gauge, "quality_hr_at_10",
             "Prequential hit rate at 10 over the evaluator's sliding window, per variant.",
             ["variant"],
-            namespace=ns,
-            registry=registry,
         )
-        self.quality_mrr = Gauge(
-            "quality_mrr_at_10",
+        self.quality_mrr = self._declare(
+            Gauge, "quality_mrr_at_10",
             "Prequential mean reciprocal rank at 10 over the evaluator's sliding window, "
             "per variant.",
             ["variant"],
-            namespace=ns,
-            registry=registry,
         )
-        self.quality_ndcg = Gauge(
-            "quality_ndcg_at_10",
+        self.quality_ndcg = self._declare(
+            Gauge, "quality_ndcg_at_10",
             "Prequential NDCG at 10 over the evaluator's sliding window, per variant.",
             ["variant"],
-            namespace=ns,
-            registry=registry,
         )
-        self.quality_window = Gauge(
-            "quality_window_events",
+        self.quality_window = self._declare(
+            Gauge, "quality_window_events",
             "Events in the evaluator's sliding window (how much the quality gauges rest on).",
             ["variant"],
-            namespace=ns,
-            registry=registry,
         )
-        self.skip_accuracy = Gauge(
-            "skip_model_accuracy",
+        self.skip_accuracy = self._declare(
+            Gauge, "skip_model_accuracy",
             "Accuracy of the skip classifier (predicted before learning) over a sliding window.",
             ["model"],
-            namespace=ns,
-            registry=registry,
         )
-        self.drift = FastCounter(
-            "drift_detections",
+        self.drift = self._declare(
+            FastCounter, "drift_detections",
             "Concept-drift detections, by monitored signal.",
             ["signal"],
-            namespace=ns,
-            registry=registry,
         )
         # ---------------------------------------------------------------- listening behaviour
-        self.plays = FastCounter(
-            "plays",
+        self.plays = self._declare(
+            FastCounter, "plays",
             "Applied plays (not duplicates), by play context (bounded set).",
             ["context"],
-            namespace=ns,
-            registry=registry,
         )
-        self.skips = FastCounter(
-            "skips",
+        self.skips = self._declare(
+            FastCounter, "skips",
             "Applied plays that were skips, by play context (bounded set).",
             ["context"],
-            namespace=ns,
-            registry=registry,
         )
-        self.sessions_started = FastCounter(
-            "sessions_started",
+        self.sessions_started = self._declare(
+            FastCounter, "sessions_started",
             "Listening sessions started, by whether the listener was new to this worker.",
             ["listener"],
-            namespace=ns,
-            registry=registry,
         )
-        self.session_length = FastHistogram(
-            "session_length_seconds",
+        self.session_length = self._declare(
+            FastHistogram, "session_length_seconds",
             "Length of finished sessions, first to last play (event time).",
-            namespace=ns,
             buckets=SESSION_LENGTH_BUCKETS,
-            registry=registry,
         )
-        self.session_plays = FastHistogram(
-            "session_plays",
+        self.session_plays = self._declare(
+            FastHistogram, "session_plays",
             "Plays per finished session.",
-            namespace=ns,
             buckets=SESSION_PLAYS_BUCKETS,
-            registry=registry,
         )
-        self.control = FastCounter(
-            "control_commands",
+        self.control = self._declare(
+            FastCounter, "control_commands",
             "Control-topic commands handled, by result.",
             ["result"],
-            namespace=ns,
-            registry=registry,
         )
-        self.checkpoints = Counter(
-            "checkpoints",
+        self.checkpoints = self._declare(
+            Counter, "checkpoints",
             "Model checkpoints to Redis, by result (written, error).",
             ["result"],
-            namespace=ns,
-            registry=registry,
         )
-        self.checkpoint_seconds = Histogram(
-            "checkpoint_seconds",
+        self.checkpoint_seconds = self._declare(
+            Histogram, "checkpoint_seconds",
             "Time to snapshot the models and store the checkpoint.",
-            namespace=ns,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.checkpoint_pause_seconds = Histogram(
-            "checkpoint_pause_seconds",
+        self.checkpoint_pause_seconds = self._declare(
+            Histogram, "checkpoint_pause_seconds",
             "Event-loop time a model checkpoint held the worker: the fork() of the child "
             "that builds the snapshot (or the whole snapshot when built in-process).",
-            namespace=ns,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.checkpoint_bytes = Gauge(
-            "checkpoint_bytes",
+        self.checkpoint_bytes = self._declare(
+            Gauge, "checkpoint_bytes",
             "Size of the last model checkpoint.",
-            namespace=ns,
-            registry=registry,
         )
-        self.checkpoints_rejected = Counter(
-            "checkpoints_rejected",
+        self.checkpoints_rejected = self._declare(
+            Counter, "checkpoints_rejected",
             "Model checkpoints refused at start-up (the worker started fresh), by reason: "
             "oversized, malformed, truncated, version, unsigned, unknown_key, "
             "bad_signature, foreign_app, too_old, future, invalid_state, unreadable.",
             ["reason"],
-            namespace=ns,
-            registry=registry,
         )
-        self.checkpoint_restored = Gauge(
-            "checkpoint_restored",
+        self.checkpoint_restored = self._declare(
+            Gauge, "checkpoint_restored",
             "1 if this worker started from a model checkpoint, else 0.",
-            namespace=ns,
-            registry=registry,
         )
-        self.model_errors = FastCounter(
-            "model_errors",
+        self.model_errors = self._declare(
+            FastCounter, "model_errors",
             "Events whose state was applied but learning/ranking raised.",
-            namespace=ns,
-            registry=registry,
         )
-        self.signals = FastCounter(
-            "track_signals",
+        self.signals = self._declare(
+            FastCounter, "track_signals",
             "Item-side learning signals shared between workers (sent, applied, error).",
-            ["direction"], namespace=ns, registry=registry,
+            ["direction"],
         )
-        self.signals_rejected = FastCounter(
-            "signals_rejected",
+        self.signals_rejected = self._declare(
+            FastCounter, "signals_rejected",
             "Track signals (or whole signals messages) dropped: failed authentication "
             "(unsigned, unknown_key, bad_signature) or validation, by reason.",
-            ["reason"], namespace=ns, registry=registry,
+            ["reason"],
         )
-        self.tracks_evicted = FastCounter(
-            "tracks_evicted", "Tracks evicted from the models to keep the catalogue bounded.",
-            namespace=ns, registry=registry,
+        self.tracks_evicted = self._declare(
+            FastCounter, "tracks_evicted",
+            "Tracks evicted from the models to keep the catalogue bounded.",
         )
-        self.eviction_seconds = Histogram(
-            "eviction_seconds",
+        self.eviction_seconds = self._declare(
+            Histogram, "eviction_seconds",
             "Duration of one catalogue eviction (runs in a thread beside the event loop).",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+            buckets=LATENCY_BUCKETS,
         )
-        self.mf_users_evicted = Counter(
-            "mf_users_evicted",
+        self.mf_users_evicted = self._declare(
+            Counter, "mf_users_evicted",
             "Listeners whose MF factors were dropped to stay under max_users.",
-            namespace=ns, registry=registry,
         )
-        self.sessions_evicted = Counter(
-            "sessions_evicted",
+        self.sessions_evicted = self._declare(
+            Counter, "sessions_evicted",
             "Listeners evicted from the session table (least recently active) to stay under "
             "max_sessions; their state and Redis list are deleted.",
-            namespace=ns, registry=registry,
         )
-        self.rankings_shed = Counter(
-            "rankings_shed",
+        self.rankings_shed = self._declare(
+            Counter, "rankings_shed",
             "First-play rankings dropped because too many waited (a flood of new ids); "
             "that listener is ranked at their next play.",
-            namespace=ns, registry=registry,
         )
-        self.loop_lag = Histogram(
-            "event_loop_lag_seconds",
+        self.loop_lag = self._declare(
+            Histogram, "event_loop_lag_seconds",
             "How late the event loop ran a timer due every 10 ms: the time it was held by "
             "something else (stream.worker.watchdog.LoopLagProbe).",
-            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
+            buckets=LOOP_LAG_BUCKETS,
         )
-        self.loop_busy = Histogram(
-            "event_loop_busy_seconds",
+        self.loop_busy = self._declare(
+            Histogram, "event_loop_busy_seconds",
             "CPU time the event loop's thread used between two turns of the 10 ms lag "
             "probe: the worker's own work that held the loop (a lag beyond it is time the "
             "thread did not run: other processes, or another thread holding the GIL).",
-            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
+            buckets=LOOP_LAG_BUCKETS,
         )
-        self.loop_busy_max = Gauge(
-            "event_loop_busy_max_seconds",
+        self.loop_busy_max = self._declare(
+            Gauge, "event_loop_busy_max_seconds",
             "The longest CPU stretch of the event loop's thread between two probe turns "
             "since the worker started.",
-            namespace=ns, registry=registry,
         )
-        self.gc_freeze_seconds = Histogram(
-            "gc_freeze_seconds",
+        self.gc_freeze_seconds = self._declare(
+            Histogram, "gc_freeze_seconds",
             "Duration of one young collection + gc.freeze (every gc_freeze_interval_s).",
-            namespace=ns, buckets=LOOP_LAG_BUCKETS, registry=registry,
+            buckets=LOOP_LAG_BUCKETS,
         )
-        self.loop_lag_max = Gauge(
-            "event_loop_lag_max_seconds",
+        self.loop_lag_max = self._declare(
+            Gauge, "event_loop_lag_max_seconds",
             "The longest event-loop lag since the worker started.",
-            namespace=ns, registry=registry,
         )
-        self.catch_up_batches = FastCounter(
-            "catch_up_batches",
+        self.catch_up_batches = self._declare(
+            FastCounter, "catch_up_batches",
             "Play batches applied while draining a backlog (a partition 256+ plays behind; "
             "rankings are then coalesced over catch_up_rank_ms).",
-            namespace=ns, registry=registry,
         )
-        self.build = Info("build", "Version information.", namespace=ns, registry=registry)
+        self.build = self._declare(Info, "build", "Version information.")
 
         # Pre-create the bounded label children so every series exists (at 0) from the
         # first scrape: rate() panels and alerts then see data instead of "no series".
@@ -716,6 +629,21 @@ class Metrics:
         self.redis_writes.labels("dropped")
         #: play context -> its (plays, skips) children, resolved once (bounded, see below)
         self._context_children: dict[str | None, tuple[Any, Any]] = {}
+
+    def _declare(
+        self,
+        kind: Callable[..., _M],
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        **options: Any,
+    ) -> _M:
+        """A metric of ``kind`` (``Counter``, ``FastHistogram``, ...) in the ``stream``
+        namespace, on this registry; ``options``: the kind's own (``buckets``)."""
+        return kind(
+            name, documentation, labelnames, namespace=NAMESPACE, registry=self.registry,
+            **options,
+        )
 
     def init_topic(self, topic: str, outcomes: tuple[str, ...]) -> None:
         """Create the per-topic series at 0 (so the DLQ ratio is 0, not absent, when clean)."""

@@ -623,20 +623,7 @@ class RecoWriter:
             if not cluster:
                 parts.extend(commands)
             for w in batch if not cluster else ():
-                parts.append(
-                    pack_command(
-                        b"EVALSHA",
-                        self._sha,
-                        1,
-                        w.key,
-                        w.seq,
-                        w.doc,
-                        self.ttl_s,
-                        self.channel,
-                        w.notification,
-                        w.lineage,
-                    )
-                )
+                parts.append(pack_command(b"EVALSHA", *self._guarded_write(w)))
             if isinstance(self.client, aioredis.RedisCluster):
                 replies = await self._cluster_round_trip(batch, deletes, plain, commands)
             else:
@@ -656,6 +643,14 @@ class RecoWriter:
                     raise r
             return replies
         raise AssertionError("unreachable")
+
+    def _guarded_write(self, w: PendingWrite) -> tuple[str | int | bytes, ...]:
+        """EVALSHA's arguments (after the command name) for one guarded document write:
+        the script, its one key, then seq, document, TTL, channel, notification, lineage."""
+        if self._sha is None:
+            raise AssertionError("the write script is not loaded")
+        return (self._sha, 1, w.key, w.seq, w.doc, self.ttl_s, self.channel, w.notification,
+                w.lineage)
 
     async def _cluster_round_trip(
         self,
@@ -680,18 +675,7 @@ class RecoWriter:
             name, *args = unpack_command(packed)
             pipe.execute_command(name.decode(), *args)  # redis-py wants the name as str
         for w in batch:
-            pipe.execute_command(
-                "EVALSHA",
-                self._sha,
-                1,
-                w.key,
-                w.seq,
-                w.doc,
-                self.ttl_s,
-                self.channel,
-                w.notification,
-                w.lineage,
-            )
+            pipe.execute_command("EVALSHA", *self._guarded_write(w))
         replies = await pipe.execute(raise_on_error=False)
         # redis-py's callbacks turn SET/EXPIRE/HSETNX replies into bools: back to what the
         # server said (1/0, as the packer path reads them) for write_error_reason
@@ -804,28 +788,14 @@ def client_options(
 
 
 def connect_async(
-    url: str,
-    password: str = "",
-    *,
-    username: str = "",
-    tls_ca_file: str = "",
-    tls_cert_file: str = "",
-    tls_key_file: str = "",
-    cluster: bool = False,
+    url: str, password: str = "", *, cluster: bool = False, **auth: str
 ) -> aioredis.Redis[Any]:
-    """The worker's Redis client (see :func:`client_options` for auth and TLS): redis-py's
-    cluster client when ``cluster`` or a ``redis+cluster://`` URL says so
-    (:func:`cluster_url`). It answers the same commands; typed as ``Redis`` because
+    """The worker's Redis client (``auth``: :func:`client_options`' username and TLS
+    files): redis-py's cluster client when ``cluster`` or a ``redis+cluster://`` URL says
+    so (:func:`cluster_url`). It answers the same commands; typed as ``Redis`` because
     types-redis' stubs give ``RedisCluster`` few of them."""
     url, cluster = cluster_url(url, cluster)
-    url, kwargs = client_options(
-        url,
-        password=password,
-        username=username,
-        tls_ca_file=tls_ca_file,
-        tls_cert_file=tls_cert_file,
-        tls_key_file=tls_key_file,
-    )
+    url, kwargs = client_options(url, password=password, **auth)
     if cluster:
         return cast(
             "aioredis.Redis[Any]",

@@ -175,10 +175,7 @@ class ControlGate:
         """The command, or why it is refused. ``record_ts_ms`` is the Kafka record's
         timestamp; it is the reference clock only when the broker set it
         (``log_append_time``: a producer cannot choose it), else ``now_ms`` is."""
-        problem = self.ring.verify(headers, PURPOSE, topic, key, value)
-        if problem is not None and not (self.insecure and problem == "unsigned"):
-            return Rejection(problem, _auth_detail(problem, self.ring))
-        cmd = parse_control(value)
+        cmd = self._authentic(topic, key, value, headers)
         if isinstance(cmd, Rejection):
             return cmd
         if key is None or key != cmd.user_id.encode():
@@ -202,9 +199,7 @@ class ControlGate:
         seen = self.seen.get(cmd.nonce)
         if seen is not None and seen[:2] != (partition, offset):
             return Rejection("replayed", f"nonce already used at {topic}[{seen[0]}]@{seen[1]}")
-        self.seen[cmd.nonce] = (partition, offset, now_ms + 2 * self.max_age_ms)
-        while len(self.seen) > self.max_nonces:
-            self.seen.popitem(last=False)
+        self._remember(cmd.nonce, partition, offset, now_ms, replace=True)
         return cmd
 
     def learn(
@@ -220,16 +215,38 @@ class ControlGate:
         """Remember the nonce of an earlier record of the topic (read back when this
         process takes a partition over: a restart or a rebalance), if it is authentic.
         Returns whether a nonce was remembered."""
-        problem = self.ring.verify(headers, PURPOSE, topic, key, value)
-        if problem is not None and not (self.insecure and problem == "unsigned"):
-            return False
-        cmd = parse_control(value)
+        cmd = self._authentic(topic, key, value, headers)
         if isinstance(cmd, Rejection):
             return False
-        self.seen.setdefault(cmd.nonce, (partition, offset, now_ms + 2 * self.max_age_ms))
+        self._remember(cmd.nonce, partition, offset, now_ms, replace=False)
+        return True
+
+    def _authentic(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes] | None,
+    ) -> ControlCommand | Rejection:
+        """The command if it is signed by a key of the ring (or unsigned, in insecure
+        mode) and well-formed, else why not."""
+        problem = self.ring.verify(headers, PURPOSE, topic, key, value)
+        if problem is not None and not (self.insecure and problem == "unsigned"):
+            return Rejection(problem, _auth_detail(problem, self.ring))
+        return parse_control(value)
+
+    def _remember(
+        self, nonce: str, partition: int, offset: int, now_ms: int, *, replace: bool
+    ) -> None:
+        """Keep ``nonce`` for ``2 * max_age_ms`` (``replace``: at this position even if it
+        is known), the oldest dropped beyond ``max_nonces``."""
+        entry = (partition, offset, now_ms + 2 * self.max_age_ms)
+        if replace:
+            self.seen[nonce] = entry
+        else:
+            self.seen.setdefault(nonce, entry)
         while len(self.seen) > self.max_nonces:
             self.seen.popitem(last=False)
-        return True
 
     def _expire(self, now_ms: int) -> None:
         while self.seen:

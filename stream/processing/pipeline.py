@@ -646,11 +646,7 @@ class Processor:
         """Purge a listener: session state (a changelog tombstone, so a restart cannot
         resurrect it) and user-side model parameters. Returns whether state existed.
         The caller deletes the Redis document."""
-        self.last_recs.pop(user_id, None)
-        self.pending_rank.pop(user_id, None)
-        self.pending_first.pop(user_id, None)
-        self._refreshing.discard(user_id)
-        self.short_lists.pop(user_id, None)
+        self._drop_queued(user_id)
         stored = self.table.get(user_id)
         existed = stored is not None
         if existed:
@@ -671,13 +667,17 @@ class Processor:
         on the signals topic): this worker may hold their model state from a shared
         checkpoint or from before a rebalance, never their session (not its partition).
         Returns whether the models held anything."""
+        self._drop_queued(user_id)
+        forget = getattr(self.recommender, "forget_user", None)
+        return bool(forget(user_id)) if callable(forget) else False
+
+    def _drop_queued(self, user_id: str) -> None:
+        """Forget a listener's queued ranking and remembered lists (not their session)."""
         self.last_recs.pop(user_id, None)
         self.pending_rank.pop(user_id, None)
         self.pending_first.pop(user_id, None)
         self._refreshing.discard(user_id)
         self.short_lists.pop(user_id, None)
-        forget = getattr(self.recommender, "forget_user", None)
-        return bool(forget(user_id)) if callable(forget) else False
 
     def sessions_over(self) -> int:
         """How many listeners the session table holds above ``max_sessions`` (0 if none

@@ -29,14 +29,16 @@ from tqdm import tqdm
 from stream.config import Settings
 from stream.core.evaluation import Prequential
 from stream.core.events import PlayEvent
-from stream.core.recommender import VARIANTS, Recommender, SeenTracks
-from stream.core.session import UserState, update_session
+from stream.core.recommender import VARIANTS, LearnResult, Recommender, SeenTracks
+from stream.core.session import SessionUpdate, UserState, update_session
 from stream.tools.datasets import FORMATS, load_events, load_sessionrec
 
 #: Which earlier plays a listener must not be recommended again, by format. MovieLens users
 #: rate a film once, so every rated item is excluded; music listeners replay favourites, so
 #: only the recent-play filter applies.
 EXCLUDE_ALL_SEEN = {"movielens"}
+#: the exclusion of a variant when earlier plays may be recommended again
+_NO_EXCLUSION: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -45,6 +47,80 @@ class ReplayResult:
 
     report: dict[str, Any]
     hits: dict[str, bytearray] = field(default_factory=dict)
+
+
+class TestThenTrain:
+    """The prequential loop's step, shared by :func:`replay` and ``stream simulate``: score
+    every variant's top ``k`` for a play from the listener's state before it, then learn
+    from it (``exclude_seen``: never recommend a listener's earlier plays)."""
+
+    __test__ = False  # not a pytest class, whatever its name
+
+    def __init__(
+        self, variants: Sequence[str], *, k: int, exclude_seen: bool, max_recent: int
+    ) -> None:
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected from {VARIANTS}")
+        self.variants, self.k = variants, k
+        self.exclude_seen, self.max_recent = exclude_seen, max_recent
+        self.evaluator = Prequential(k=k)
+        self.seen: dict[str, SeenTracks] = {}
+        self.hits = {v: bytearray() for v in variants}
+        self.applied = 0
+
+    def play(
+        self, rec: Recommender, states: dict[str, UserState], event: PlayEvent
+    ) -> tuple[SessionUpdate, LearnResult] | None:
+        """Score, then learn ``event`` (``states``: its listener's session table); None for a
+        duplicate play, which is skipped."""
+        update = update_session(states.get(event.user_id), event, max_recent=self.max_recent)
+        if update.duplicate:
+            return None
+        history: Collection[str] = _NO_EXCLUSION
+        if self.exclude_seen:
+            user_seen = self.seen.get(event.user_id)
+            if user_seen is None:
+                user_seen = self.seen[event.user_id] = SeenTracks(rec.vocabulary)
+            history = user_seen
+        for variant in self.variants:
+            recs = rec.recommend(update.before, self.k, event.ts_ms, exclude=history,
+                                 variant=variant)
+            rank = self.evaluator.observe(variant, [r.track_id for r in recs], event.track_id)
+            self.hits[variant].append(rank is not None)
+        learned = rec.learn_one(update, event)
+        self.evaluator.observe_skip(learned.skip_probability, learned.skipped)
+        states[event.user_id] = update.state
+        if self.exclude_seen:
+            self.seen[event.user_id].add(event.track_id)
+        self.applied += 1
+        return update, learned
+
+    def report(
+        self, rec: Recommender, *, seed: int, repeats: int, users: int, seconds: float
+    ) -> dict[str, Any]:
+        """The JSON-ready summary (``rec``: whose drift detector and model version count)."""
+        summary = self.evaluator.summary()
+        applied = self.applied
+        return {
+            "events": applied,
+            "k": self.k,
+            "seed": seed,
+            "exclude_seen": self.exclude_seen,
+            "repeats": repeats,
+            "variants": {
+                v: {name: round(value, 6) for name, value in summary[v].items()
+                    if name != "events"}
+                for v in self.variants
+                if v in summary
+            },
+            "skip_model": {n: round(x, 6) for n, x in summary.get("skip", {}).items()},
+            "drift_detections": rec.drift.n_detections,
+            "users": users,
+            "model_version": rec.model_version,
+            "seconds": round(seconds, 3),
+            "events_per_second": round(applied / seconds, 1) if seconds > 0 else None,
+        }
 
 
 def replay(
@@ -60,58 +136,16 @@ def replay(
     repeats: int = 0,
 ) -> ReplayResult:
     """Prequential replay of ``events`` (already in time order) -> metrics per variant."""
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected from {VARIANTS}")
+    step = TestThenTrain(variants, k=k, exclude_seen=exclude_seen, max_recent=max_recent)
     rec = recommender if recommender is not None else Recommender(seed=seed, repeats=repeats)
-    evaluator = Prequential(k=k)
     states: dict[str, UserState] = {}
-    seen: dict[str, SeenTracks] = {}
-    hits = {v: bytearray() for v in variants}
-    applied = 0
-    no_exclusion: frozenset[str] = frozenset()
     started = time.perf_counter()
     for event in tqdm(events, disable=not progress, file=sys.stderr, unit="ev", mininterval=0.5):
-        update = update_session(states.get(event.user_id), event, max_recent=max_recent)
-        if update.duplicate:
-            continue
-        history: Collection[str] = no_exclusion
-        if exclude_seen:
-            user_seen = seen.get(event.user_id)
-            if user_seen is None:
-                user_seen = seen[event.user_id] = SeenTracks(rec.vocabulary)
-            history = user_seen
-        for variant in variants:
-            recs = rec.recommend(update.before, k, event.ts_ms, exclude=history, variant=variant)
-            rank = evaluator.observe(variant, [r.track_id for r in recs], event.track_id)
-            hits[variant].append(rank is not None)
-        learned = rec.learn_one(update, event)
-        evaluator.observe_skip(learned.skip_probability, learned.skipped)
-        states[event.user_id] = update.state
-        if exclude_seen:
-            seen[event.user_id].add(event.track_id)
-        applied += 1
+        step.play(rec, states, event)
     seconds = time.perf_counter() - started
-    summary = evaluator.summary()
-    report: dict[str, Any] = {
-        "events": applied,
-        "k": k,
-        "seed": seed,
-        "exclude_seen": exclude_seen,
-        "repeats": rec.repeats,
-        "variants": {
-            v: {name: round(value, 6) for name, value in summary[v].items() if name != "events"}
-            for v in variants
-            if v in summary
-        },
-        "skip_model": {n: round(x, 6) for n, x in summary.get("skip", {}).items()},
-        "drift_detections": rec.drift.n_detections,
-        "users": len(states),
-        "model_version": rec.model_version,
-        "seconds": round(seconds, 3),
-        "events_per_second": round(applied / seconds, 1) if seconds > 0 else None,
-    }
-    return ReplayResult(report, hits)
+    report = step.report(rec, seed=seed, repeats=rec.repeats, users=len(states),
+                         seconds=seconds)
+    return ReplayResult(report, step.hits)
 
 
 def format_table(report: dict[str, Any]) -> str:

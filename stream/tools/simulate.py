@@ -20,16 +20,15 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka.partitioner import murmur2
 from tqdm import tqdm
 
-from stream.core.evaluation import Prequential
 from stream.core.events import PlayEvent
-from stream.core.recommender import VARIANTS, Recommender, SeenTracks
-from stream.core.session import UserState, update_session
+from stream.core.recommender import VARIANTS, Recommender
+from stream.core.session import UserState
 from stream.processing.replication import (
     MAX_SIGNALS_PER_MESSAGE,
     TrackSignal,
@@ -38,6 +37,7 @@ from stream.processing.replication import (
     encode_batch,
     signal_from,
 )
+from stream.tools.replay import TestThenTrain
 
 
 def partition_of(user_id: str, partitions: int) -> int:
@@ -133,73 +133,34 @@ def replay_workers(
 ) -> tuple[dict[str, Any], dict[str, bytearray]]:
     """Prequential replay of ``events`` (in time order) through ``workers`` simulated
     workers -> (the replay's report plus ``workers`` and ``signals``, hits per variant)."""
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected from {VARIANTS}")
+    step = TestThenTrain(variants, k=k, exclude_seen=exclude_seen, max_recent=max_recent)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     recs = [Recommender(seed=seed, repeats=repeats) for _ in range(workers)]
     sim = SimulatedWorkers(recs, partitions=partitions, signal_delay_ms=signal_delay_ms)
-    evaluator = Prequential(k=k)
     # one session table per worker (a listener only ever plays at their owner)
     tables: list[dict[str, UserState]] = [{} for _ in range(workers)]
-    seen: dict[str, SeenTracks] = {}
-    hits = {v: bytearray() for v in variants}
     per_worker = [0] * workers
-    applied = 0
-    no_exclusion: frozenset[str] = frozenset()
     started = time.perf_counter()
     bar = tqdm(events, disable=not progress, file=sys.stderr, unit="ev", mininterval=0.5,
                desc=f"{workers} worker(s)")
     for event in bar:
         sim.deliver(event.ts_ms)
         w = sim.owner(event.user_id)
-        rec, states = recs[w], tables[w]
-        update = update_session(states.get(event.user_id), event, max_recent=max_recent)
-        if update.duplicate:
+        played = step.play(recs[w], tables[w], event)
+        if played is None:
             continue
-        history: Collection[str] = no_exclusion
-        if exclude_seen:
-            user_seen = seen.get(event.user_id)
-            if user_seen is None:
-                user_seen = seen[event.user_id] = SeenTracks(rec.vocabulary)
-            history = user_seen
-        for variant in variants:
-            recs_out = rec.recommend(update.before, k, event.ts_ms, exclude=history,
-                                     variant=variant)
-            rank = evaluator.observe(variant, [r.track_id for r in recs_out], event.track_id)
-            hits[variant].append(rank is not None)
-        learned = rec.learn_one(update, event)
-        evaluator.observe_skip(learned.skip_probability, learned.skipped)
-        states[event.user_id] = update.state
+        update, learned = played
         sim.send(w, signal_from(f"w{w}", update, event, learned))
-        if exclude_seen:
-            seen[event.user_id].add(event.track_id)
-        applied += 1
         per_worker[w] += 1
     seconds = time.perf_counter() - started
-    summary = evaluator.summary()
-    report: dict[str, Any] = {
-        "events": applied,
-        "k": k,
-        "seed": seed,
-        "exclude_seen": exclude_seen,
-        "repeats": repeats,
-        "variants": {
-            v: {name: round(value, 6) for name, value in summary[v].items() if name != "events"}
-            for v in variants
-            if v in summary
-        },
-        "skip_model": {n: round(x, 6) for n, x in summary.get("skip", {}).items()},
-        "drift_detections": recs[0].drift.n_detections,
-        "users": sum(len(t) for t in tables),
-        "model_version": recs[0].model_version,
-        "seconds": round(seconds, 3),
-        "events_per_second": round(applied / seconds, 1) if seconds > 0 else None,
+    report = step.report(recs[0], seed=seed, repeats=repeats,
+                         users=sum(len(t) for t in tables), seconds=seconds)
+    report.update({
         "workers": workers,
         "partitions": partitions,
         "signal_delay_ms": signal_delay_ms,
         "events_per_worker": per_worker,
         "signals": sim.report(),
-    }
-    return report, hits
+    })
+    return report, step.hits

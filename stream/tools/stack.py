@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -136,7 +136,12 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _spawn(cfg: StackConfig, name: str, argv: list[str], cwd: Path | None = None) -> int:
+def _spawn(
+    cfg: StackConfig, name: str, argv: list[str], cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Start ``argv`` detached (its own session, log ``logs/NAME.out``), tracked by
+    ``pids/NAME.pid``; ``env`` None: this process's environment."""
     logs = cfg.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (cfg.state_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -147,6 +152,7 @@ def _spawn(cfg: StackConfig, name: str, argv: list[str], cwd: Path | None = None
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
+            env=env,
             start_new_session=True,  # survives the CLI; `down` stops it by PID
         )
     # keep the handle: a process that stops a service it started itself (private instances
@@ -170,6 +176,36 @@ def _wait(name: str, check: object, timeout: float, pid_alive: object) -> None:
             last_err = f"{type(exc).__name__}: {exc}"
         time.sleep(0.5)
     raise StackError(f"{name} did not become ready within {timeout:.0f}s ({last_err})")
+
+
+def _start_service(
+    cfg: StackConfig,
+    name: str,
+    marker: str,
+    ports: tuple[int, ...],
+    settings: str,
+    ready: Callable[[], bool],
+    spawn: Callable[[], object],
+    timeout: float,
+    ready_as: str,
+) -> None:
+    """Start service ``name`` (a process whose command line holds ``marker``) unless this
+    stack already runs it ready: refuse ``ports`` held by a process this stack did not
+    start (naming the ``settings`` that move them), ``spawn`` it when not running, and
+    wait up to ``timeout`` s for ``ready``; the last log line says it is ``ready_as``."""
+    if _running_pid(cfg, name, marker) and ready():
+        log(f"{name} already running on 127.0.0.1:{ports[0]}")
+        return
+    for port in ports:
+        if _port_open(port) and not _running_pid(cfg, name, marker):
+            raise StackError(
+                f"port {port} is already in use by a process this stack did not start; "
+                f"stop it or set {settings}"
+            )
+    if _running_pid(cfg, name, marker) is None:
+        spawn()
+    _wait(name, ready, timeout, lambda: _alive(cfg, name))
+    log(ready_as)
 
 
 def _stop(cfg: StackConfig, name: str, marker: str, timeout: float = 30.0) -> bool:
@@ -264,12 +300,15 @@ def _java_base(cfg: StackConfig, libs: Path, logs: Path | None = None) -> list[s
     ]
 
 
-def kafka_ready(port: int) -> bool:
-    """True when the broker answers a metadata request (not merely an open port)."""
+def kafka_ready(port: int, **security: str) -> bool:
+    """True when the broker answers a metadata request (not merely an open port);
+    ``security``: the admin client's security settings, if the listener wants any."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     async def probe() -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000, **security
+        )
         try:
             await asyncio.wait_for(admin.start(), 5)
             cluster = await asyncio.wait_for(admin.describe_cluster(), 5)
@@ -296,28 +335,18 @@ def _format_storage(cfg: StackConfig, libs: Path, props: Path) -> None:
 
 
 def start_kafka(cfg: StackConfig) -> None:
-    marker = "kafka.Kafka"
-    if _running_pid(cfg, "kafka", marker) and kafka_ready(cfg.kafka_port):
-        log(f"kafka already running on 127.0.0.1:{cfg.kafka_port}")
-        return
-    for port in (cfg.kafka_port, cfg.controller_port):
-        if _port_open(port) and not _running_pid(cfg, "kafka", marker):
-            raise StackError(
-                f"port {port} is already in use by a process this stack did not start; "
-                f"stop it or set STREAM_STACK_KAFKA_PORT / STREAM_STACK_CONTROLLER_PORT"
-            )
-    if _running_pid(cfg, "kafka", marker) is None:
+    def spawn() -> None:
         libs = ensure_kafka_jars(cfg)
         props = _kafka_properties(cfg)
         _format_storage(cfg, libs, props)
         _spawn(cfg, "kafka", [*_java_base(cfg, libs), "kafka.Kafka", str(props)])
-    _wait(
-        "kafka",
-        lambda: _port_open(cfg.kafka_port) and kafka_ready(cfg.kafka_port),
-        90,
-        lambda: _alive(cfg, "kafka"),
+
+    _start_service(
+        cfg, "kafka", "kafka.Kafka", (cfg.kafka_port, cfg.controller_port),
+        "STREAM_STACK_KAFKA_PORT / STREAM_STACK_CONTROLLER_PORT",
+        lambda: _port_open(cfg.kafka_port) and kafka_ready(cfg.kafka_port), spawn, 90,
+        f"kafka {KAFKA_VERSION} ready on 127.0.0.1:{cfg.kafka_port}",
     )
-    log(f"kafka {KAFKA_VERSION} ready on 127.0.0.1:{cfg.kafka_port}")
 
 
 # --------------------------------------------------------------------------- Redis
@@ -333,46 +362,36 @@ def redis_ready(port: int, password: str = "") -> bool:
 
 
 def start_redis(cfg: StackConfig) -> None:
-    marker = "redis-server"
-    if _running_pid(cfg, "redis", marker) and redis_ready(cfg.redis_port, cfg.redis_password):
-        log(f"redis already running on 127.0.0.1:{cfg.redis_port}")
-        return
-    if _port_open(cfg.redis_port) and not _running_pid(cfg, "redis", marker):
-        raise StackError(
-            f"port {cfg.redis_port} is already in use by a process this stack did not start; "
-            "stop it or set STREAM_STACK_REDIS_PORT"
-        )
-    if _running_pid(cfg, "redis", marker) is None:
-        server = _require("redis-server", "install Redis (apt-get install redis-server)")
-        workdir = cfg.state_dir / "redis"
-        workdir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            server,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(cfg.redis_port),
-            "--dir",
-            str(workdir),
-            "--daemonize",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            "",
-        ]
-        if cfg.redis_password:
-            argv += ["--requirepass", cfg.redis_password]
-        _spawn(cfg, "redis", argv)
-    _wait(
-        "redis",
-        lambda: redis_ready(cfg.redis_port, cfg.redis_password),
-        30,
-        lambda: _alive(cfg, "redis"),
+    _start_service(
+        cfg, "redis", "redis-server", (cfg.redis_port,), "STREAM_STACK_REDIS_PORT",
+        lambda: redis_ready(cfg.redis_port, cfg.redis_password), lambda: _spawn_redis(cfg),
+        30, f"redis ready on 127.0.0.1:{cfg.redis_port}",
     )
-    log(f"redis ready on 127.0.0.1:{cfg.redis_port}")
+
+
+def redis_argv(server: str, port: int, workdir: Path, logfile: str = "") -> list[str]:
+    """A local ``redis-server``'s command line: 127.0.0.1 only, in the foreground, no
+    persistence (``logfile`` empty: the log goes to its stdout)."""
+    return [
+        server,
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(workdir),
+        "--daemonize", "no",
+        "--save", "",
+        "--appendonly", "no",
+        "--logfile", logfile,
+    ]  # fmt: skip
+
+
+def _spawn_redis(cfg: StackConfig) -> None:
+    server = _require("redis-server", "install Redis (apt-get install redis-server)")
+    workdir = cfg.state_dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = redis_argv(server, cfg.redis_port, workdir)
+    if cfg.redis_password:
+        argv += ["--requirepass", cfg.redis_password]
+    _spawn(cfg, "redis", argv)
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -421,25 +440,15 @@ def reload_prometheus(cfg: StackConfig) -> bool:
 
 
 def start_prometheus(cfg: StackConfig) -> None:
-    marker = "prometheus"
-    if _running_pid(cfg, "prometheus", marker) and prometheus_ready(cfg.prometheus_port):
-        log(f"prometheus already running on 127.0.0.1:{cfg.prometheus_port}")
-        return
-    if _port_open(cfg.prometheus_port) and not _running_pid(cfg, "prometheus", marker):
-        raise StackError(
-            f"port {cfg.prometheus_port} is already in use by a process this stack did not "
-            "start; stop it or set STREAM_STACK_PROMETHEUS_PORT"
-        )
-    if _running_pid(cfg, "prometheus", marker) is None:
+    def spawn() -> None:
         binary = _require("prometheus", "install Prometheus (apt-get install prometheus)")
         _spawn(cfg, "prometheus", [binary, *prometheus_args(cfg)])
-    _wait(
-        "prometheus",
-        lambda: prometheus_ready(cfg.prometheus_port),
-        60,
-        lambda: _alive(cfg, "prometheus"),
+
+    _start_service(
+        cfg, "prometheus", "prometheus", (cfg.prometheus_port,),
+        "STREAM_STACK_PROMETHEUS_PORT", lambda: prometheus_ready(cfg.prometheus_port), spawn,
+        60, f"prometheus ready on http://127.0.0.1:{cfg.prometheus_port}",
     )
-    log(f"prometheus ready on http://127.0.0.1:{cfg.prometheus_port}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -477,22 +486,7 @@ def spawn_worker(cfg: StackConfig, env: dict[str, str]) -> int:
     by ``pids/worker.pid`` so ``stream stack down`` stops it (before Kafka and Redis). A
     worker this stack started before is stopped first."""
     stop_worker(cfg)
-    logs = cfg.state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    (cfg.state_dir / "pids").mkdir(parents=True, exist_ok=True)
-    with (logs / "worker.out").open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.tools.cli", "worker"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,  # outlives the demo; `down` stops it by PID
-        )
-    _CHILDREN[proc.pid] = proc
-    _pid_file(cfg, "worker").write_text(str(proc.pid))
-    log(f"started worker (pid {proc.pid}), log: {logs / 'worker.out'}")
-    return proc.pid
+    return _spawn(cfg, "worker", [sys.executable, "-m", "stream.tools.cli", "worker"], env=env)
 
 
 def worker_pid(cfg: StackConfig) -> int | None:
@@ -606,25 +600,10 @@ def sasl_kafka_properties(cfg: StackConfig, users: dict[str, str]) -> Path:
 
 def kafka_sasl_ready(port: int, username: str, password: str) -> bool:
     """Like :func:`kafka_ready`, authenticating with SASL/PLAIN."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    async def probe() -> bool:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=f"127.0.0.1:{port}",
-            request_timeout_ms=3000,
-            security_protocol="SASL_PLAINTEXT",
-            sasl_mechanism="PLAIN",
-            sasl_plain_username=username,
-            sasl_plain_password=password,
-        )
-        try:
-            await asyncio.wait_for(admin.start(), 5)
-            cluster = await asyncio.wait_for(admin.describe_cluster(), 5)
-            return bool(cluster.get("brokers"))
-        finally:
-            await admin.close()
-
-    return asyncio.run(probe())
+    return kafka_ready(
+        port, security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
+        sasl_plain_username=username, sasl_plain_password=password,
+    )
 
 
 def start_sasl_kafka(cfg: StackConfig, users: dict[str, str], timeout: float = 90) -> None:
@@ -666,24 +645,8 @@ class RedisServer:
         if _port_open(self.port):
             raise StackError(f"port {self.port} is already in use")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            server,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            str(self.workdir),
-            "--daemonize",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            str(self.workdir / "redis.log"),
-            *self.args,
-        ]
+        argv = [*redis_argv(server, self.port, self.workdir, str(self.workdir / "redis.log")),
+                *self.args]
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

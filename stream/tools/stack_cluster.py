@@ -286,14 +286,7 @@ def start_redis_node(cc: ClusterConfig, i: int) -> None:
     workdir = cc.base.state_dir / "redis-cluster" / f"node-{i}"
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
-        server,
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(workdir),
-        "--daemonize", "no",
-        "--save", "",
-        "--appendonly", "no",
-        "--logfile", "",
+        *stack.redis_argv(server, port, workdir),
         "--cluster-enabled", "yes",
         "--cluster-config-file", "nodes.conf",
         "--cluster-node-timeout", str(REDIS_NODE_TIMEOUT_MS),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -204,3 +204,64 @@ def under(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     """The arrays :func:`prefixed` put under ``prefix.``, with the prefix taken off."""
     head = prefix + "."
     return {name[len(head):]: array for name, array in arrays.items() if name.startswith(head)}
+
+
+class StateModel:
+    """The checkpoint of a model, written once for all of them.
+
+    :meth:`export_state` stores the constructor arguments named in ``_PARAMS``, then the
+    model's own fields (:meth:`_export_fields`); :meth:`import_state` checks the
+    arguments, builds the model and has :meth:`_import_fields` check and restore the rest.
+    """
+
+    #: the constructor arguments a checkpoint stores, with their types (:func:`get_params`)
+    _PARAMS: dict[str, Any]
+    #: the name the fields' errors are given under when ``import_state`` gets no ``where``
+    _WHERE: str
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The model's state: parameters, then :meth:`_export_fields`."""
+        return self._with_params(*self._export_fields())
+
+    def _export_fields(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The model's own manifest fields and arrays (not its parameters)."""
+        raise NotImplementedError
+
+    def _with_params(
+        self, fields: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        manifest = {"params": {name: getattr(self, name) for name in self._PARAMS}, **fields}
+        return manifest, arrays
+
+    @classmethod
+    def import_state(
+        cls,
+        manifest: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        *,
+        where: str | None = None,
+        **context: Any,
+    ) -> Self:
+        """The model :meth:`export_state` described, every field checked (ValueError names
+        the bad one, under ``where``: the model's own name by default). ``context``: what
+        the model's :meth:`_build` takes besides (a shared ``vocabulary``)."""
+        where = cls._WHERE if where is None else where
+        params = get_params(manifest, where, cls._PARAMS)
+        model = cls._build(manifest, arrays, where, params, **context)
+        model._import_fields(manifest, arrays, where)
+        return model
+
+    @classmethod
+    def _build(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str,
+        params: dict[str, Any],
+    ) -> Self:
+        """The model made from its checked constructor arguments."""
+        model: Self = build(where, cls, params)
+        return model
+
+    def _import_fields(
+        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
+    ) -> None:
+        """Check and restore the fields :meth:`_export_fields` wrote (errors under ``where``)."""
+        raise NotImplementedError

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from stream.core.models._state import (
+    StateModel,
     decode_strings,
     encode_strings,
     get_field,
@@ -244,3 +245,34 @@ def import_vocabulary(
         raise ValueError(f"{where}.vocabulary: missing (the state was exported with a shared "
                          "vocabulary; pass it)")
     return Vocabulary.import_state(own, under("vocabulary", arrays), where=f"{where}.vocabulary")
+
+
+class VocabularyModel(StateModel):
+    """The checkpoint of a model that indexes tracks through a :class:`Vocabulary` (its
+    own, or the container's shared one): a :class:`StateModel` whose state ends with its
+    vocabulary (``None`` when shared: the container exports that), checked before the
+    model is built.
+    """
+
+    vocabulary: Vocabulary | None
+    _vocab: Vocabulary
+
+    def _with_params(
+        self, fields: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        manifest, arrays = super()._with_params(fields, arrays)
+        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
+        return manifest, arrays
+
+    @classmethod
+    def _build(
+        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str,
+        params: dict[str, Any], vocabulary: Vocabulary | None = None,
+    ) -> Self:
+        """The model with the container's ``vocabulary`` (``import_state(...,
+        vocabulary=...)``) when the state was exported with a shared one, else with its
+        own, read from the state (checked before the model is made)."""
+        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
+        model = super()._build(manifest, arrays, where, {**params, "vocabulary": vocabulary})
+        model._vocab = vocab
+        return model

@@ -13,7 +13,8 @@ Checkpoints: every model also implements ``export_state() -> (manifest, arrays)`
 JSON-able manifest of str/int/float/bool/None/list/dict, and numeric numpy arrays: bool,
 integer or float dtypes, never object) and the classmethod ``import_state(manifest,
 arrays, ...)``, which checks every field (type, dtype, shape, range, id length) with the
-helpers of :mod:`stream.core.models._state` and raises ``ValueError`` naming the bad one. A
+helpers of :mod:`stream.core.models._state` and raises ``ValueError`` naming the bad one
+(all but the blend share that plumbing: ``_state.StateModel``, ``_vocab.VocabularyModel``). A
 restored model must behave exactly like the exported one (tests/unit/test_models_contract.py
 checks both for every model). Models that index tracks through a shared vocabulary take it
 as ``import_state(..., vocabulary=...)``; lists of ids travel as

@@ -21,14 +21,13 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.core.models import _kernels as _k
-from stream.core.models._state import build, get_array, get_field, get_params
+from stream.core.models._state import get_array, get_field
 from stream.core.models._vocab import (
     EvictionPlan,
     IntArray,
     Vocabulary,
-    export_vocabulary,
+    VocabularyModel,
     grow_rows,
-    import_vocabulary,
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction, check_fraction, check_positive
@@ -37,7 +36,7 @@ _MAX_EXPONENT = 50.0
 Float32Array = npt.NDArray[np.float32]
 
 
-class SessionCooccurrence:
+class SessionCooccurrence(VocabularyModel):
     """Item-to-item co-occurrence from each listener's recent plays.
 
     Scoring a query sums, over its last ``query_window`` distinct tracks (weighted
@@ -349,15 +348,11 @@ class SessionCooccurrence:
         "query_decay": float, "pop_penalty": float, "skip_weight": float,
         "half_life_ms": (float, type(None)), "max_neighbours": int, "seed": int,
     }
+    _WHERE = "cooccurrence"
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Parameters, track weights and the neighbour lists, compacted (each row's
-        neighbours in order, then their weights; no arena holes). See
-        :mod:`stream.core.models._state`."""
-        manifest: dict[str, Any] = {
-            "params": {name: getattr(self, name) for name in self._PARAMS},
-            "ref_ms": self._ref_ms,
-        }
+    def _export_fields(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Track weights and the neighbour lists, compacted (each row's neighbours in
+        order, then their weights; no arena holes)."""
         n_rows = len(self._start)
         rows = np.flatnonzero(self._cap[:n_rows]).astype(np.int64)
         sizes = self._size[rows].astype(np.int64)
@@ -376,28 +371,16 @@ class SessionCooccurrence:
             "nbr": self._nbr[offsets].astype(np.int32),
             "val": self._val[offsets].astype(np.float32),
         }
-        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
-        return manifest, arrays
+        return {"ref_ms": self._ref_ms}, arrays
 
-    @classmethod
-    def import_state(
-        cls,
-        manifest: Mapping[str, Any],
-        arrays: Mapping[str, np.ndarray],
-        *,
-        vocabulary: Vocabulary | None = None,
-        where: str = "cooccurrence",
-    ) -> SessionCooccurrence:
-        """The model :meth:`export_state` described, every field checked (ValueError names
-        the bad one): neighbour rows must be known tracks, since the compiled kernels index
-        with them unchecked."""
-        params = get_params(manifest, where, cls._PARAMS)
+    def _import_fields(
+        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
+    ) -> None:
+        """Neighbour rows must be known tracks, since the compiled kernels index with them
+        unchecked."""
         array = partial(get_array, arrays, where=where)
-        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
-        model: SessionCooccurrence = build(where, cls, {**params, "vocabulary": vocabulary})
-        model._vocab = vocab
-        n = len(vocab)
-        model._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
+        n = len(self._vocab)
+        self._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
         weight = array("track_weight", np.float64, ndim=1, finite=True, lo=0.0)
         if len(weight) > n:
             raise ValueError(f"{where}.track_weight: {len(weight)} rows, the vocabulary has {n}")
@@ -405,7 +388,7 @@ class SessionCooccurrence:
         m = len(rows)
         if m and bool(np.any(np.diff(rows) <= 0)):
             raise ValueError(f"{where}.rows: not strictly ascending")
-        limit = 2 * model.max_neighbours
+        limit = 2 * self.max_neighbours
         sizes = array("row_size", np.int64, shape=(m,), lo=0, hi=limit)
         caps = array("row_cap", np.int64, shape=(m,), lo=1, hi=max(limit, _k.FIRST_CAP))
         if bool(np.any(sizes > caps)):
@@ -416,23 +399,22 @@ class SessionCooccurrence:
         val = array("val", np.float32, shape=(live,), finite=True, lo=0.0)
         # the arena, rebuilt: each row's slice at the next free position, with its room
         n_rows = max(n, int(rows[-1]) + 1 if m else 0)
-        model._ensure_rows(n_rows)
-        model.track_weight = weight.copy()
+        self._ensure_rows(n_rows)
+        self.track_weight = weight.copy()
         used = int(caps.sum())
-        model._nbr = np.zeros(max(1024, used + used // 4), dtype=np.int32)
-        model._val = np.zeros(len(model._nbr), dtype=np.float32)
+        self._nbr = np.zeros(max(1024, used + used // 4), dtype=np.int32)
+        self._val = np.zeros(len(self._nbr), dtype=np.float32)
         starts = np.concatenate(([0], np.cumsum(caps)[:-1])).astype(np.int64) if m else rows
-        model._start[rows] = starts
-        model._size[rows] = sizes
-        model._cap[rows] = caps
-        model._total[rows] = totals
+        self._start[rows] = starts
+        self._size[rows] = sizes
+        self._cap[rows] = caps
+        self._total[rows] = totals
         if live:
             ends = np.cumsum(sizes)
             dest = np.arange(live, dtype=np.int64) + np.repeat(starts - (ends - sizes), sizes)
-            model._nbr[dest] = nbr
-            model._val[dest] = val
-        model._used = used
-        return model
+            self._nbr[dest] = nbr
+            self._val[dest] = val
+        self._used = used
 
 
 class _Scratch:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.core.models._state import build, get_array, get_field, get_params
+from stream.core.models._state import StateModel, get_array, get_field
 from stream.core.models.base import Interaction, check_fraction
 
 
@@ -155,9 +155,10 @@ class AdaptiveWindow:
         sqrt = math.sqrt
         rows = self.totals
         least_1 = least - 1.0
-        for row in range(len(rows) - 1, 0, -1):
+        for row in range(len(rows) - 1, -1, -1):
             size = float(1 << row)
-            for u in rows[row]:
+            # row 0 holds single values; no cut after the newest one
+            for u in rows[row] if row else rows[0][:-1]:
                 n0 += size
                 n1 -= size
                 u0 += u
@@ -166,20 +167,10 @@ class AdaptiveWindow:
                     m = 1.0 / (n0 - least_1) + 1.0 / (n1 - least_1)
                     if abs(u0 / n0 - u1 / n1) > sqrt(2.0 * m * var * d_prime) + bias * m:
                         return self.width > 0
-        newest = rows[0]
-        for u in newest[:-1]:  # no cut after the newest value
-            n0 += 1.0
-            n1 -= 1.0
-            u0 += u
-            u1 -= u
-            if n1 >= least and n0 >= least:
-                m = 1.0 / (n0 - least_1) + 1.0 / (n1 - least_1)
-                if abs(u0 / n0 - u1 / n1) > sqrt(2.0 * m * var * d_prime) + bias * m:
-                    return self.width > 0
         return False
 
 
-class SkipRateDrift:
+class SkipRateDrift(StateModel):
     """ADWIN over the stream of skip indicators: flags when the skip rate shifts.
 
     After each :meth:`learn_one`, ``drift_detected`` says whether this event closed a
@@ -224,12 +215,14 @@ class SkipRateDrift:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Parameters, counters and the window's buckets (row lengths, then every bucket's
-        sum and variance, oldest row last as kept). See :mod:`stream.core.models._state`."""
+    _PARAMS: dict[str, Any] = {"delta": float, "clock": int, "seed": int}
+    _WHERE = "drift"
+
+    def _export_fields(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Counters and the window's buckets (row lengths, then every bucket's sum and
+        variance, oldest row last as kept)."""
         w = self.detector
-        manifest: dict[str, Any] = {
-            "params": {"delta": self.delta, "clock": self.clock, "seed": self.seed},
+        fields: dict[str, Any] = {
             "drift_detected": self.drift_detected,
             "n_detections": self.n_detections,
             "last_drift_ms": self.last_drift_ms,
@@ -243,24 +236,20 @@ class SkipRateDrift:
             "totals": np.array([x for t in w.totals for x in t], dtype=np.float64),
             "variances": np.array([x for v in w.variances for x in v], dtype=np.float64),
         }
-        return manifest, arrays
+        return fields, arrays
 
-    @classmethod
-    def import_state(
-        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, where: str = "drift"
-    ) -> SkipRateDrift:
-        """The model :meth:`export_state` described, every field checked (ValueError names
-        the bad one)."""
-        params = get_params(manifest, where, {"delta": float, "clock": int, "seed": int})
+    def _import_fields(
+        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
+    ) -> None:
+        """The counters and the window, checked against each other."""
         array = partial(get_array, arrays, where=where)
-        model: SkipRateDrift = build(where, cls, params)
-        model.drift_detected = get_field(manifest, "drift_detected", bool, where=where)
-        model.n_detections = get_field(manifest, "n_detections", int, where=where, lo=0)
-        model.last_drift_ms = get_field(manifest, "last_drift_ms", int, where=where,
-                                        optional=True)
+        self.drift_detected = get_field(manifest, "drift_detected", bool, where=where)
+        self.n_detections = get_field(manifest, "n_detections", int, where=where, lo=0)
+        self.last_drift_ms = get_field(manifest, "last_drift_ms", int, where=where,
+                                       optional=True)
         state = get_field(manifest, "window", dict, where=where)
         at = f"{where}.window"
-        w = model.detector
+        w = self.detector
         w.total = get_field(state, "total", float, where=at)
         w.variance = get_field(state, "variance", float, where=at)
         w.width = get_field(state, "width", float, where=at, lo=0.0)
@@ -283,4 +272,3 @@ class SkipRateDrift:
         starts = [0, *ends[:-1]]
         w.totals = [totals[a:b].tolist() for a, b in zip(starts, ends, strict=True)]
         w.variances = [variances[a:b].tolist() for a, b in zip(starts, ends, strict=True)]
-        return model

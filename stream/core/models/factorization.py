@@ -19,20 +19,17 @@ import numpy.typing as npt
 
 from stream.core.models import _kernels as _k
 from stream.core.models._state import (
-    build,
     decode_strings,
     encode_strings,
     get_array,
     get_field,
-    get_params,
     unique_ids,
 )
 from stream.core.models._vocab import (
     EvictionPlan,
     Vocabulary,
-    export_vocabulary,
+    VocabularyModel,
     grow_rows,
-    import_vocabulary,
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction, check_fraction, check_positive
@@ -44,7 +41,7 @@ _DRAW_BATCH = 4096
 _U128 = 1 << 128
 
 
-class ImplicitMF:
+class ImplicitMF(VocabularyModel):
     """Matrix factorisation learned one play at a time from implicit feedback.
 
     A full play is a positive (target 1), a skip has target ``skip_target``; each play also
@@ -125,21 +122,28 @@ class ImplicitMF:
         "skip_target": float, "init_scale": float, "negative_pool": int,
         "uniform_negatives": bool, "seed": int, "max_users": (int, type(None)),
     }
+    _WHERE = "mf"
 
     def export_state(
         self, users: bool = True
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Parameters, item factors, the listeners' factors (one matrix and their ids;
-        none with ``users=False``: the worker keeps them with each listener's session),
-        the negative pool and the random generator's exact position (so a restored model
-        draws the same negatives). See :mod:`stream.core.models._state`."""
+        """The model's state: parameters, :meth:`_export_fields` (without the listeners'
+        factors when ``users=False``: the worker keeps them with each listener's session),
+        vocabulary."""
+        return self._with_params(*self._export_fields(users))
+
+    def _export_fields(
+        self, users: bool = True
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Item factors, the listeners' factors (one matrix and their ids), the negative
+        pool and the random generator's exact position (so a restored model draws the same
+        negatives)."""
         ids = list(self.user_factors) if users else []
         matrix = (np.stack([self.user_factors[u] for u in ids]) if ids
                  else np.zeros((0, self.n_factors), dtype=np.float32))
         blob, ends = encode_strings(ids)
         rng = self._rng.bit_generator.state
-        manifest: dict[str, Any] = {
-            "params": {name: getattr(self, name) for name in self._PARAMS},
+        fields: dict[str, Any] = {
             "known": self._known,
             "rng": {"bit_generator": rng["bit_generator"], "state": int(rng["state"]["state"]),
                     "inc": int(rng["state"]["inc"]), "has_uint32": int(rng["has_uint32"]),
@@ -156,27 +160,15 @@ class ImplicitMF:
             "pool": np.array(self._pool, dtype=np.int64),
             "draws": np.array(self._draws, dtype=np.float64),
         }
-        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
-        return manifest, arrays
+        return fields, arrays
 
-    @classmethod
-    def import_state(
-        cls,
-        manifest: Mapping[str, Any],
-        arrays: Mapping[str, np.ndarray],
-        *,
-        vocabulary: Vocabulary | None = None,
-        where: str = "mf",
-    ) -> ImplicitMF:
-        """The model :meth:`export_state` described, every field checked (ValueError names
-        the bad one): pool rows index the item factors in a compiled kernel, unchecked."""
-        params = get_params(manifest, where, cls._PARAMS)
+    def _import_fields(
+        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
+    ) -> None:
+        """Pool rows index the item factors in a compiled kernel, unchecked: all are checked."""
         array = partial(get_array, arrays, where=where)
-        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
-        model: ImplicitMF = build(where, cls, {**params, "vocabulary": vocabulary})
-        model._vocab = vocab
-        k = model.n_factors
-        known = get_field(manifest, "known", int, where=where, lo=0, hi=len(vocab))
+        k = self.n_factors
+        known = get_field(manifest, "known", int, where=where, lo=0, hi=len(self._vocab))
         items = array("item_factors", np.float32, shape=(known, k), finite=True)
         users = array("user_factors", np.float32, shape=(None, k), finite=True)
         ids = unique_ids(f"{where}.user_ids", decode_strings(
@@ -185,9 +177,9 @@ class ImplicitMF:
         if len(ids) != len(users):
             raise ValueError(f"{where}.user_ids: {len(ids)} ids for {len(users)} factor rows")
         pool = array("pool", np.int64, ndim=1, lo=0, hi=known - 1)
-        if len(pool) > model.negative_pool:
+        if len(pool) > self.negative_pool:
             raise ValueError(f"{where}.pool: {len(pool)} rows, negative_pool is "
-                             f"{model.negative_pool}")
+                             f"{self.negative_pool}")
         draws = array("draws", np.float64, ndim=1, finite=True, lo=0.0, hi=1.0)
         if len(draws) and float(draws.max()) >= 1.0:
             raise ValueError(f"{where}.draws: values must be below 1.0")
@@ -195,21 +187,20 @@ class ImplicitMF:
             raise ValueError(f"{where}.draws: {len(draws)} draws, at most {_DRAW_BATCH}")
         draw_pos = get_field(manifest, "draw_pos", int, where=where, lo=0, hi=len(draws))
         pool_pos = get_field(manifest, "pool_pos", int, where=where, lo=0,
-                             hi=max(model.negative_pool - 1, 0))
-        model._rng = _generator(get_field(manifest, "rng", dict, where=where), f"{where}.rng")
-        model.item_factors = items.copy()
-        model._known = known
+                             hi=max(self.negative_pool - 1, 0))
+        self._rng = _generator(get_field(manifest, "rng", dict, where=where), f"{where}.rng")
+        self.item_factors = items.copy()
+        self._known = known
         # one row array per listener, as learn_one makes them (updated in place)
-        model.user_factors = OrderedDict((u, users[i].copy()) for i, u in enumerate(ids))
-        model.users_evicted = get_field(manifest, "users_evicted", int, where=where, lo=0)
-        if model.max_users is not None and len(ids) > model.max_users:
+        self.user_factors = OrderedDict((u, users[i].copy()) for i, u in enumerate(ids))
+        self.users_evicted = get_field(manifest, "users_evicted", int, where=where, lo=0)
+        if self.max_users is not None and len(ids) > self.max_users:
             raise ValueError(f"{where}.user_ids: {len(ids)} listeners, max_users is "
-                             f"{model.max_users}")
-        model._pool = pool.tolist()
-        model._pool_pos = pool_pos
-        model._draws = draws.tolist()
-        model._draw_pos = draw_pos
-        return model
+                             f"{self.max_users}")
+        self._pool = pool.tolist()
+        self._pool_pos = pool_pos
+        self._draws = draws.tolist()
+        self._draw_pos = draw_pos
 
     # -- learning -------------------------------------------------------------------------
 

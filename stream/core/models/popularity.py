@@ -9,15 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from stream.core.models._state import build, get_array, get_field, get_params
+from stream.core.models._state import get_array, get_field
 from stream.core.models._vocab import (
     BoolArray,
     EvictionPlan,
     IntArray,
     Vocabulary,
-    export_vocabulary,
+    VocabularyModel,
     grow_rows,
-    import_vocabulary,
     top_rows,
     top_set,
 )
@@ -30,7 +29,7 @@ _MAX_EXPONENT = 50.0
 _TOP_SIZE = 256
 
 
-class DecayedPopularity:
+class DecayedPopularity(VocabularyModel):
     """Play counts where each play's weight halves every ``half_life_ms`` of event time.
 
     Weights are stored relative to a moving reference time, so a play costs O(1): no
@@ -98,13 +97,13 @@ class DecayedPopularity:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Parameters, the decayed weight per row and the kept top set (in slot order, so a
-        restored model breaks ties exactly as this one does).
-        See :mod:`stream.core.models._state`."""
-        manifest: dict[str, Any] = {
-            "params": {"half_life_ms": self.half_life_ms, "skip_weight": self.skip_weight,
-                       "seed": self.seed},
+    _PARAMS: dict[str, Any] = {"half_life_ms": float, "skip_weight": float, "seed": int}
+    _WHERE = "popularity"
+
+    def _export_fields(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The decayed weight per row and the kept top set (in slot order, so a restored
+        model breaks ties exactly as this one does)."""
+        fields: dict[str, Any] = {
             "ref_ms": self._ref_ms,
             "total": float(self._total),
             "top_floor": float(self._top_floor),
@@ -113,32 +112,17 @@ class DecayedPopularity:
             "weights": self._weights[: len(self._vocab)].copy(),
             "top": self._top_rows[: len(self._top)].copy(),
         }
-        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
-        return manifest, arrays
+        return fields, arrays
 
-    @classmethod
-    def import_state(
-        cls,
-        manifest: Mapping[str, Any],
-        arrays: Mapping[str, np.ndarray],
-        *,
-        vocabulary: Vocabulary | None = None,
-        where: str = "popularity",
-    ) -> DecayedPopularity:
-        """The model :meth:`export_state` described, every field checked (ValueError names
-        the bad one). Pass the container's ``vocabulary`` when the state was exported with
-        a shared one."""
-        params = get_params(manifest, where, {"half_life_ms": float, "skip_weight": float,
-                                              "seed": int})
+    def _import_fields(
+        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
+    ) -> None:
+        """The weights and the top set, checked against the vocabulary."""
         array = partial(get_array, arrays, where=where)
-        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
-        model: DecayedPopularity = build(where, cls, {
-            **params, "vocabulary": vocabulary})
-        model._vocab = vocab
-        n = len(vocab)
-        model._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
-        model._total = get_field(manifest, "total", float, where=where, lo=0.0)
-        model._top_floor = get_field(manifest, "top_floor", float, where=where, lo=-1.0)
+        n = len(self._vocab)
+        self._ref_ms = get_field(manifest, "ref_ms", int, where=where, optional=True)
+        self._total = get_field(manifest, "total", float, where=where, lo=0.0)
+        self._top_floor = get_field(manifest, "top_floor", float, where=where, lo=-1.0)
         weights = array("weights", np.float64, ndim=1, finite=True, lo=0.0)
         if len(weights) > n:
             raise ValueError(f"{where}.weights: {len(weights)} rows, the vocabulary has {n}")
@@ -147,10 +131,9 @@ class DecayedPopularity:
             raise ValueError(f"{where}.top: {len(top)} rows, at most {_TOP_SIZE} known rows")
         if len(np.unique(top)) != len(top):
             raise ValueError(f"{where}.top: repeated rows")
-        model._weights = weights.copy()
-        model._top = {int(r): slot for slot, r in enumerate(top.tolist())}
-        model._top_rows[: len(top)] = top
-        return model
+        self._weights = weights.copy()
+        self._top = {int(r): slot for slot, r in enumerate(top.tolist())}
+        self._top_rows[: len(top)] = top
 
     def _challenge(self, row: int) -> None:
         """Swap ``row`` into the top set if it now outranks the lightest member."""

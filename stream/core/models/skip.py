@@ -18,12 +18,11 @@ from river import linear_model, optim
 from stream.core.contexts import CONTEXTS, fold_context
 from stream.core.models._state import (
     ID_LEN,
-    build,
+    StateModel,
     decode_strings,
     encode_strings,
     get_array,
     get_field,
-    get_params,
     unique_ids,
 )
 from stream.core.models.base import FloatArray, Interaction, check_positive
@@ -56,7 +55,7 @@ def _squash_many(name: str, values: FloatArray) -> FloatArray:
     return np.tanh(values)
 
 
-class SkipClassifier:
+class SkipClassifier(StateModel):
     """Online logistic regression on skip labels.
 
     Features: position in session, the listener's recent skip rate and skip streak context,
@@ -86,14 +85,16 @@ class SkipClassifier:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Parameters, the logistic regression's weights (feature names and values, in
-        order), intercept and step count. See :mod:`stream.core.models._state`."""
+    _PARAMS: dict[str, Any] = {"learning_rate": float, "l2": float, "seed": int}
+    _WHERE = "skip"
+
+    def _export_fields(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The logistic regression's weights (feature names and values, in order),
+        intercept and step count."""
         weights = self.classifier._weights
         names = list(weights.keys())
         blob, ends = encode_strings(names)
-        manifest: dict[str, Any] = {
-            "params": {"learning_rate": self.learning_rate, "l2": self.l2, "seed": self.seed},
+        fields: dict[str, Any] = {
             "intercept": float(self.classifier.intercept),
             "n_iterations": int(self.classifier.optimizer.n_iterations),
             "n_learned": self.n_learned,
@@ -103,17 +104,13 @@ class SkipClassifier:
             "feature_names.ends": ends,
             "weights": np.array([weights[n] for n in names], dtype=np.float64),
         }
-        return manifest, arrays
+        return fields, arrays
 
-    @classmethod
-    def import_state(
-        cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, where: str = "skip"
-    ) -> SkipClassifier:
-        """The model :meth:`export_state` described, every field checked (ValueError names
-        the bad one)."""
-        params = get_params(manifest, where, {"learning_rate": float, "l2": float, "seed": int})
+    def _import_fields(
+        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
+    ) -> None:
+        """The weights (one per named feature), intercept and step count."""
         array = partial(get_array, arrays, where=where)
-        model: SkipClassifier = build(where, cls, params)
         for name in ("feature_names.bytes", "feature_names.ends"):
             if name not in arrays:
                 raise ValueError(f"{where}.{name}: missing array")
@@ -121,13 +118,12 @@ class SkipClassifier:
             f"{where}.feature_names", arrays["feature_names.bytes"],
             arrays["feature_names.ends"], max_len=_FEATURE_LEN))
         values = array("weights", np.float64, shape=(len(names),), finite=True)
-        clf = model.classifier
+        clf = self.classifier
         clf.intercept = get_field(manifest, "intercept", float, where=where)
         clf.optimizer.n_iterations = get_field(manifest, "n_iterations", int, where=where, lo=0)
-        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
+        self.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
         for name, value in zip(names, values.tolist(), strict=True):
             clf._weights[name] = value
-        return model
 
     @staticmethod
     def context_features(x: Interaction) -> dict[str, float]:

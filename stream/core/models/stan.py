@@ -39,20 +39,17 @@ import numpy.typing as npt
 from stream.core.models._state import (
     ID_LEN,
     INT_LIMIT,
-    build,
     decode_strings,
     encode_strings,
     get_array,
     get_field,
-    get_params,
 )
 from stream.core.models._vocab import (
     EvictionPlan,
     IntArray,
     Vocabulary,
-    export_vocabulary,
+    VocabularyModel,
     grow_rows,
-    import_vocabulary,
 )
 from stream.core.models.base import FloatArray, Interaction, check_positive
 
@@ -207,7 +204,7 @@ def _compact(p_start, p_size, p_cap, arena, n_rows, out):  # type: ignore[no-unt
     return used
 
 
-class SessionKNN:
+class SessionKNN(VocabularyModel):
     """Streaming V-STAN-style session-kNN (see the module docstring for the formula).
 
     >>> m = SessionKNN(k=10)
@@ -449,11 +446,11 @@ class SessionKNN:
         "lambda_recency_ms": (float, type(None)), "lambda_distance": (float, type(None)),
         "seed": int,
     }
+    _WHERE = "session_knn"
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Parameters, the session table (track rows, lengths, last-play times, serials,
-        owners) and each track's ring of recent sessions, compacted. See
-        :mod:`stream.core.models._state`."""
+    def _export_fields(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The session table (track rows, lengths, last-play times, serials, owners) and
+        each track's ring of recent sessions, compacted."""
         n = min(len(self._p_start), len(self._vocab))
         p_start = self._p_start[:n].copy()
         p_size, p_cap = self._p_size[:n].copy(), self._p_cap[:n].copy()
@@ -466,8 +463,7 @@ class SessionKNN:
         width = self.session_length
         items = self._items[slots][np.arange(width)[None, :] < lengths[:, None]]
         o_blob, o_ends = encode_strings([self._owner[i] or "" for i in slots.tolist()])
-        manifest: dict[str, Any] = {
-            "params": {name: getattr(self, name) for name in self._PARAMS},
+        fields: dict[str, Any] = {
             "next_serial": self._next_serial,
             "open": dict(self._open),
         }
@@ -479,27 +475,15 @@ class SessionKNN:
             "p_head": self._p_head[:n].copy(), "arena": arena[:used],
             "owners.bytes": o_blob, "owners.ends": o_ends,
         }
-        export_vocabulary(self.vocabulary, self._vocab, manifest, arrays)
-        return manifest, arrays
+        return fields, arrays
 
-    @classmethod
-    def import_state(
-        cls,
-        manifest: Mapping[str, Any],
-        arrays: Mapping[str, np.ndarray],
-        *,
-        vocabulary: Vocabulary | None = None,
-        where: str = "session_knn",
-    ) -> SessionKNN:
-        """The model :meth:`export_state` described, every field checked (ValueError names
-        the bad one): rows, serials and ring slices feed compiled kernels unchecked."""
-        params = get_params(manifest, where, cls._PARAMS)
+    def _import_fields(
+        self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str
+    ) -> None:
+        """Rows, serials and ring slices feed compiled kernels unchecked: all are checked."""
         array = partial(get_array, arrays, where=where)
-        vocab = import_vocabulary(manifest, arrays, where, vocabulary)
-        model: SessionKNN = build(where, cls, {**params, "vocabulary": vocabulary})
-        model._vocab = vocab
-        size = len(vocab)
-        s, width = model.max_sessions, model.session_length
+        size = len(self._vocab)
+        s, width = self.max_sessions, self.session_length
         next_serial = get_field(manifest, "next_serial", int, where=where, lo=0)
         slots = array("slots", np.int64, ndim=1, lo=0, hi=s - 1)
         m = len(slots)
@@ -530,9 +514,9 @@ class SessionKNN:
         n = len(p_start)
         if n > size:
             raise ValueError(f"{where}.p_start: {n} rows, the vocabulary has {size}")
-        p_cap = array("p_cap", np.int64, shape=(n,), lo=0, hi=model.sample)
-        p_size = array("p_size", np.int64, shape=(n,), lo=0, hi=model.sample)
-        p_head = array("p_head", np.int64, shape=(n,), lo=0, hi=max(model.sample - 1, 0))
+        p_cap = array("p_cap", np.int64, shape=(n,), lo=0, hi=self.sample)
+        p_size = array("p_size", np.int64, shape=(n,), lo=0, hi=self.sample)
+        p_head = array("p_head", np.int64, shape=(n,), lo=0, hi=max(self.sample - 1, 0))
         if bool(np.any(p_size > p_cap)) or bool(np.any((p_cap > 0) & (p_head >= p_cap))) \
                 or bool(np.any((p_cap == 0) & (p_head > 0))):
             raise ValueError(f"{where}.p_size/p_head: outside their ring's p_cap")
@@ -550,16 +534,15 @@ class SessionKNN:
             if not isinstance(serial, int) or isinstance(serial, bool) \
                     or not 0 <= serial < next_serial:
                 raise ValueError(f"{where}.open.{user[:64]}: expects a session serial")
-        model._serials, model._lengths, model._items = serials, lengths, items
-        model._times = times
-        model._p_start, model._p_size = p_start.copy(), p_size.copy()
-        model._p_cap, model._p_head = p_cap.copy(), p_head.copy()
-        model._ensure_rows(size)
-        model._arena = np.concatenate((arena, np.zeros(max(1024, len(arena)), dtype=np.int64)))
-        model._used = len(arena)
-        model._next_serial = next_serial
-        model._owner = [None] * s
+        self._serials, self._lengths, self._items = serials, lengths, items
+        self._times = times
+        self._p_start, self._p_size = p_start.copy(), p_size.copy()
+        self._p_cap, self._p_head = p_cap.copy(), p_head.copy()
+        self._ensure_rows(size)
+        self._arena = np.concatenate((arena, np.zeros(max(1024, len(arena)), dtype=np.int64)))
+        self._used = len(arena)
+        self._next_serial = next_serial
+        self._owner = [None] * s
         for slot, owner in zip(slots.tolist(), owners, strict=True):
-            model._owner[slot] = owner or None
-        model._open = dict(opened)
-        return model
+            self._owner[slot] = owner or None
+        self._open = dict(opened)
