@@ -66,6 +66,41 @@ TESTED: Final[tuple[Pin, ...]] = (
         "no await between collecting a batch and its first message: faustx.delivery's reread count",
     ),
     Pin(
+        "faust.transport.consumer:Consumer._wait_next_records",
+        "6218e1969a636b3f",
+        "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
+    ),
+    Pin(
+        "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread.getmany",
+        "26fc5fc9f3b667e1",
+        "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
+    ),
+    Pin(
+        "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._fetch_records",
+        "39a2c6c79fc1455a",
+        "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
+    ),
+    Pin(
+        "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread.seek",
+        "1498560d05f02582",
+        "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
+    ),
+    Pin(
+        "aiokafka.consumer.fetcher:Fetcher.fetched_records",
+        "be4348896b9b66af",
+        "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
+    ),
+    Pin(
+        "aiokafka.consumer.consumer:AIOKafkaConsumer.getmany",
+        "bc6d248e42a4e9d9",
+        "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
+    ),
+    Pin(
+        "aiokafka.consumer.consumer:AIOKafkaConsumer.seek",
+        "a9430f1f3b9ac419",
+        "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
+    ),
+    Pin(
         "faust.transport.consumer:Consumer.seek",
         "b86a9fe05f956b30",
         "resets the read offset: faustx.consumer.SeamConsumer.read_again",

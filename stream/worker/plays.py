@@ -120,6 +120,8 @@ class PlaysAgent:
         self._changelog_failures = 0
         #: plays are applied in offset order from where each partition was sought to
         self.fence = OffsetFence()
+        #: partition -> the offset its last reread sought to (since the fence's last reset)
+        self.sought: dict[Any, int] = {}
         self.skips_detected = 0
 
     def nothing_buffered(self) -> bool:
@@ -269,7 +271,13 @@ class PlaysAgent:
                         fence.absent - absent)
                 if again is not None:  # not applied: a hole, or on its way before a reread
                     stream.drop_unapplied(ev)
-                    if again != WAIT:
+                    if again == WAIT:
+                        # its reread's seek never ran (the batch that found the hole
+                        # failed before it): ask for it again, or the partition waits
+                        pending = fence.rereading[tp]
+                        if self.sought.get(tp) != pending:
+                            reread.setdefault(tp, pending)
+                    else:
                         reread.setdefault(tp, again)
                     continue
             live.append(ev)
@@ -298,6 +306,7 @@ class PlaysAgent:
             return None
         if epoch != self.fence.epoch:
             self.fence.reset(consumer.start_offsets, epoch)
+            self.sought.clear()
         return self.fence
 
     async def _read_again(self, reread: dict[Any, int]) -> None:
@@ -311,6 +320,7 @@ class PlaysAgent:
                     "(%d time(s) so far)", tp, offset, offset, self.skips_detected)
             consumer: Any = self.app.consumer  # the seam's: only it has a fence
             await consumer.read_again(tp, offset)
+            self.sought[tp] = offset
 
     def _pace(self, live: list[Any], now: float) -> None:
         """The backlog behind this batch, per partition (the fetched highwater)."""

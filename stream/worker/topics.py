@@ -49,21 +49,45 @@ class UserStateCodec(codecs.Codec):
 codecs.register(USER_STATE_CODEC, UserStateCodec())
 
 
-def state_order(value: Any) -> tuple[int, int] | None:
+@dataclass(frozen=True, slots=True)
+class LifeOrder:
+    """A session-table value's place among its listener's records (see :func:`state_order`)."""
+
+    born_offset: int
+    seq: int
+    last_offset: int
+
+    def __lt__(self, other: LifeOrder) -> bool:
+        if self.born_offset >= 0 and other.born_offset >= 0:
+            return (self.born_offset, self.seq) < (other.born_offset, other.seq)
+        # a record of a worker that predates born_offset: its life ended before the other's
+        # began if its last play lies before that life's first one
+        if self.born_offset < 0 <= other.born_offset and 0 <= self.last_offset < other.born_offset:
+            return True
+        if other.born_offset < 0 <= self.born_offset and 0 <= other.last_offset < self.born_offset:
+            return False
+        # both unstamped, or an unstamped record that continues a stamped life (a rolling
+        # upgrade or a rollback: old and new workers continue each other's lives)
+        return self.seq < other.seq
+
+
+def state_order(value: Any) -> LifeOrder | None:
     """A session-table value's order for changelog recovery: ``(born_offset, seq)``.
 
     ``seq`` (plays applied) orders the records of one life of a listener; it starts again
     at 1 after a forget or an eviction (a tombstone), so a later life is told by the offset
     of the play that began it (``born_offset``: a later life's first play lies later in the
     listener's partition). Without it, a RocksDB store that still held an old life (its
-    tombstone compacted away before this worker recovered) would skip the new life's
-    records as older. Records written before ``born_offset`` existed read -1: older than
-    any life stamped since, ordered by ``seq`` among themselves."""
+    tombstone compacted away) would skip the new life's records as older. A record written
+    by a worker that predates the field reads -1: it is older than a stamped life that
+    began after its last play (``last_offset``), and otherwise compared by ``seq`` (a
+    rolling upgrade: old and new workers continue each other's lives)."""
     seq = getattr(value, "seq", None)
     born = getattr(value, "born_offset", None)
     if type(seq) is not int or type(born) is not int:
         return None
-    return (born, seq)
+    last = getattr(value, "last_offset", -1)
+    return LifeOrder(born, seq, last if type(last) is int else -1)
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,9 @@ def _table(
     return app, table, recorder
 
 
-def _state(user: str, seq: int, born: int = -1) -> UserState:
-    return UserState(user_id=user, seq=seq, recent=[f"t{seq}"], born_offset=born)
+def _state(user: str, seq: int, born: int = -1, last: int = -1) -> UserState:
+    return UserState(user_id=user, seq=seq, recent=[f"t{seq}"], born_offset=born,
+                     last_offset=last)
 
 
 def _decoded(value: bytes) -> UserState:
@@ -344,13 +345,15 @@ def _changelog_event(state: UserState | None, user: str, partition: int, offset:
 
 
 def _recover(table: BatchedChangelogTable, records: list[tuple[str, int | None]],
-             born: int = -1) -> None:
+             born: int = -1, last: int | None = None) -> None:
+    """``last``: the plays offset of the first record's last play (one more per record)."""
     from stream.worker.topics import state_order
 
     table.order = state_order
     parts = {"u1": 1, "u2": 3}
     table.apply_changelog_batch([
-        _changelog_event(None if seq is None else _state(user, seq, born), user, parts[user], i)
+        _changelog_event(None if seq is None else _state(
+            user, seq, born, -1 if last is None else last + i), user, parts[user], i)
         for i, (user, seq) in enumerate(records)
     ])
 
@@ -433,9 +436,31 @@ def test_a_life_is_stamped_with_the_offset_of_its_first_play_and_kept() -> None:
     assert later.born_offset == 900 and later.seq == 2
     restored = _decoded(UserStateCodec().dumps(later))
     assert restored.born_offset == 900
-    # a record written before the field existed reads -1: older than any stamped life
-    old = UserState.from_dict({"user_id": "u1", "seq": 7})
-    assert old.born_offset == -1
+    # a record written before the field existed reads -1: older than a stamped life that
+    # began after its last play, else compared by seq (it may continue that life)
     from stream.worker.topics import state_order
 
-    assert state_order(old) < state_order(first)
+    old = UserState.from_dict({"user_id": "u1", "seq": 7, "last_offset": 400})
+    assert old.born_offset == -1
+    assert state_order(old) < state_order(first) and not state_order(first) < state_order(old)
+    continued = UserState.from_dict({"user_id": "u1", "seq": 7, "last_offset": 950})
+    assert state_order(later) < state_order(continued)
+
+
+@pytest.mark.asyncio
+async def test_recovery_during_a_rolling_upgrade_compares_unstamped_records_by_seq() -> None:
+    """Review of session 12 (M1): a new worker begins u1's life at offset 500 (seq 1-5), a
+    rebalance moves the partition to a worker of the previous version, which continues the
+    life without the field (seq 6-10, born_offset -1). Recovery must keep seq 10: records
+    of a worker that predates born_offset are compared by seq alone."""
+    _, table, _ = _table("changelog-recover-upgrade")
+    _recover(table, [("u1", s) for s in range(1, 6)], born=500, last=500)
+    _recover(table, [("u1", s) for s in range(6, 11)], born=-1, last=505)
+    assert table.data["u1"].seq == 10 and table.older_skipped == 0
+    _recover(table, [("u1", 11)], born=500, last=510)  # a new worker again: the life's stamp
+    assert table.data["u1"].seq == 11 and table.older_skipped == 0
+    _recover(table, [("u1", 9)], born=-1, last=508)  # a late record of the old worker
+    assert table.data["u1"].seq == 11 and table.older_skipped == 1
+    # an old worker's record of an earlier life (its last play before this life began)
+    _recover(table, [("u1", 40)], born=-1, last=120)
+    assert table.data["u1"].seq == 11 and table.older_skipped == 2

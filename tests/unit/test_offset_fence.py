@@ -113,6 +113,7 @@ def _agent(consumer: Consumer) -> PlaysAgent:
     agent = PlaysAgent.__new__(PlaysAgent)
     agent.app = App(consumer)  # type: ignore[assignment]
     agent.fence = OffsetFence()
+    agent.sought = {}
     agent.skips_detected = 0
     agent.telemetry = Telemetry()  # type: ignore[assignment]
     return agent
@@ -199,3 +200,21 @@ def test_the_same_hole_read_again_is_let_through_at_once() -> None:
     assert fence.admit("p0", 12) == 10  # 10 and 11 missing: read again
     assert fence.admit("p0", 12) is None  # the same record first again: nothing in between
     assert fence.absent == 2
+
+
+def test_a_reread_whose_seek_never_ran_is_asked_for_again() -> None:
+    """Review of session 12 (L1): the batch that found the hole failed before its seek (say
+    the dead-letter send raised) and Faust restarted the same agent. Every later record of
+    the partition waits for a first record read again that can never come; the agent asks
+    for the seek again instead of stalling the partition."""
+    consumer = Consumer(start_offsets={"p0": 336})
+    agent, stream = _agent(consumer), Stream()
+    live, records, reread = agent._live(stream, [Ev(Msg("p0", 2213))])  # type: ignore[arg-type]
+    assert reread == {"p0": 336}
+    # ... no _read_again: the batch failed. The next batch:
+    live, records, reread = agent._live(stream, [Ev(Msg("p0", 2214))])  # type: ignore[arg-type]
+    assert records == [] and reread == {"p0": 336}
+    asyncio.run(agent._read_again(reread))
+    # once sought, records still buffered before the seek wait without another seek
+    live, records, reread = agent._live(stream, [Ev(Msg("p0", 2215))])  # type: ignore[arg-type]
+    assert records == [] and reread == {} and consumer.seeks == [("p0", 336)]
