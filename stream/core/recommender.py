@@ -1834,6 +1834,13 @@ def warm_up() -> float:
     rec.use_ranker("fixed")
     rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
     rec.use_ranker("learned")
+    # the live per-component quality's one compiled call (component_ids: rank_components),
+    # for a listener with MF factors and one without: compiled on the first sampled play
+    # otherwise, which froze a fresh install's loop for ~20 s and tripped the freeze fence
+    for state in (next(iter(states.values())), UserState(user_id="warm-up")):
+        for mf_candidates in (True, False):
+            rec.mf_candidates = mf_candidates
+            rec.component_ids(state, 5, 1_700_000_500_000, ("popularity", "mf", "cooccurrence"))
     rec.similar("t0", 5)
     rec.evict_tracks(50)
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)

@@ -47,6 +47,7 @@ for ranker in RANKERS:
             rec.recommend(update.state, 10, e.ts_ms)
             rec.recommend_many(list(states.values()), 10, e.ts_ms)
             rec.similar(e.track_id, 10)
+            rec.component_ids(update.state, 10, e.ts_ms, ("popularity", "mf", "cooccurrence"))
     rec.evict_tracks(150)
     rec.recommend_many(list(states.values()), 10, e.ts_ms)
     rec.similar("t1", 10)
