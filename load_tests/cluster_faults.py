@@ -483,9 +483,11 @@ def storm_marks(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_storm(report: dict[str, Any], path: Path) -> None:
-    """Updates per second and freshness per second, with the storm's kills and joins."""
+    """Updates per second and freshness per second, with the storm's kills and joins (from
+    ``changes``: a report written before ``marks`` existed plots too)."""
     plot_timeline(
-        report, path, xlabel="seconds since the storm began",
+        {**report, "marks": storm_marks(report["changes"])}, path,
+        xlabel="seconds since the storm began",
         title=f"rebalance storm: {report['produced']:,} plays at {report['rate_ev_s']:g}/s, "
         f"{len(report['changes'])} changes (red: SIGKILL, green: join, dotted: joined worker "
         f"ready); lost {report.get('lost')}, double {report.get('double_applied')}",
