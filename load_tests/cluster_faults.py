@@ -18,12 +18,17 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from load_tests.drill_timeline import (
+    DrillTimeline,
+    NotificationListener,
+    TimedProducer,
+    freshness,
+    plot_timeline,
+)
 from load_tests.faults import (
-    BackgroundProducer,
     DrillFailed,
     StartWorker,
     _clean,
@@ -37,7 +42,6 @@ from load_tests.faults import (
     wait_for_match,
 )
 from stream.config import Settings
-from stream.core.events import PlayEvent
 from stream.tools import stack, stack_cluster
 
 
@@ -86,13 +90,16 @@ def redis_failover(
     seed: int = 21,
     promotion_timeout_s: float = 60.0,
     catch_up_timeout_s: float = 120.0,
+    plot: Path | None = None,
 ) -> dict[str, Any]:
     """Plays at ``rate`` for ``before_s + after_s``; after ``before_s`` SIGKILL the Redis
     primary owning the most listener keys. Its replica is promoted; the worker must stay
     alive, every listener with a play after the promotion must end with a list that counts
     all their plays (nothing lost from the Faust table), and the other listeners' lists are
     reported (a write acknowledged by the dead primary and not yet replicated is lost from
-    Redis until that listener's next play)."""
+    Redis until that listener's next play). The report's ``timeline`` (and the PNG at
+    ``plot``) shows the list updates and their freshness per second, marking the kill and
+    the promotion."""
     if not stack_cluster.redis_cluster_ok(cc):
         stack_cluster.start_redis_cluster(cc)
     settings = settings.replace(
@@ -100,11 +107,17 @@ def redis_failover(
     )
     events = valid_events(int(rate * (before_s + after_s)), users=users, seed=seed, tag=f"rf{seed}")
     reader = reader_for(settings)
+    # on a replica: the drill kills a primary only; PUBLISH reaches every node of the cluster
+    replica = min(set(cc.redis_ports) - set(_primaries(cc)))
+    on_replica = settings.replace(redis_url=f"redis://127.0.0.1:{replica}/0", redis_cluster=False)
+    listener = NotificationListener(lambda: reader_for(on_replica))
+    listener.start()
     started = time.monotonic()
     try:
         worker = start_worker(settings)
-        producer = BackgroundProducer(settings, events, rate, max_seconds=before_s + after_s + 30)
-        producer.start()
+        producer = TimedProducer(settings, events, rate, max_seconds=before_s + after_s + 30)
+        clock = DrillTimeline(listener, producer)
+        clock.begin()
         time.sleep(before_s)
         primaries = _primaries(cc)
         owners = Counter(
@@ -118,12 +131,14 @@ def redis_failover(
         errors_before = worker.metric_value("stream_redis_errors_total")
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
+        clock.mark("kill", killed_at)
         produced_at_kill = producer.yielded
         deadline = killed_at + promotion_timeout_s
         while time.monotonic() < deadline and not _promoted(cc, victim_port):
             time.sleep(0.2)
         promoted = _promoted(cc, victim_port)
         promotion_s = time.monotonic() - killed_at
+        clock.mark("promotion" if promoted else "no promotion")
         produced_at_promotion = producer.yielded
         producer.join(before_s + after_s + 60)
         if producer.error is not None:
@@ -136,6 +151,7 @@ def redis_failover(
         result, waited = wait_for_match(
             reader, {u: n for u, n in expected.items() if u in after}, catch_up_timeout_s
         )
+        seen = clock.finish()
         if not _clean(result):
             result["stall_diagnostics"] = stall_diagnostics(worker)
         everyone = compare(reader, expected)
@@ -162,20 +178,39 @@ def redis_failover(
                 k: everyone[k] for k in ("users", "lost", "double_applied", "users_missing")
             },
             "duration_s": round(time.monotonic() - started, 1),
+            "notifications_subscribed_on_port": replica,
+            **seen,
         }
         cleanup_keys(reader, settings)
         if alive:
             worker.stop()
         # the killed node comes back as a replica of the promoted one
         stack_cluster.start_redis_node(cc, primaries[victim_port])
+        if plot is not None:
+            plot_failover(report, plot)
         return report
     finally:
+        listener.halt()
         reader.close()
 
 
+def plot_failover(report: dict[str, Any], path: Path) -> None:
+    """redis_failover's timeline: list updates and freshness per second, kill and promotion."""
+    plot_timeline(
+        report, path, xlabel="seconds since the first play",
+        title=f"redis failover: {report['produced']:,} plays at {report['rate_ev_s']:g}/s on "
+        f"Redis Cluster 3+3; primary :{report['killed_primary_port']} "
+        f"({report['listener_keys_on_killed_primary']} listener keys)\nSIGKILLed (red), "
+        f"replica promoted (green); lost {report['lost']}, double {report['double_applied']}",
+    )
+
+
 def run(settings: Settings, start_worker: StartWorker, workdir: Path, **kw: Any) -> dict[str, Any]:
-    """The command-line variant: its own cluster (ports 17000-17005), stopped at the end."""
-    cc = stack_cluster.private_cluster_config(workdir / "redis-cluster", redis_port=17000)
+    """The command-line variant: its own cluster (ports 17000-17005, or from
+    STREAM_STACK_REDIS_CLUSTER_PORT), stopped at the end."""
+    cc = stack_cluster.private_cluster_config(
+        workdir / "redis-cluster", **stack_cluster.ports_from_env(redis_port=17000)
+    )
     stack_cluster.start_redis_cluster(cc)
     try:
         return redis_failover(settings, start_worker, cc, **kw)
@@ -208,11 +243,14 @@ def kafka_leader_kill(
     users: int = 300,
     seed: int = 22,
     catch_up_timeout_s: float = 180.0,
+    plot: Path | None = None,
 ) -> dict[str, Any]:
     """Plays at ``rate`` on a 3-broker cluster (RF 3, min ISR 2, acks=all); after
     ``before_s`` SIGKILL the broker leading the most plays partitions, restart it
     ``down_s`` later. Every play must be applied exactly once (lost 0, double-applied 0)
-    and the worker must stay alive."""
+    and the worker must stay alive. The report's ``timeline`` (and the PNG at ``plot``)
+    shows the list updates and their freshness per second, marking the kill and the
+    broker's return."""
     settings = settings.replace(
         kafka_bootstrap=cc.bootstrap,
         replication_factor=3,
@@ -223,13 +261,16 @@ def kafka_leader_kill(
         int(rate * (before_s + down_s + after_s)), users=users, seed=seed, tag=f"lk{seed}"
     )
     reader = reader_for(settings)
+    listener = NotificationListener(lambda: reader_for(settings))
+    listener.start()
     started = time.monotonic()
     try:
         worker = start_worker(settings)
-        producer = BackgroundProducer(
+        producer = TimedProducer(
             settings, events, rate, max_seconds=before_s + down_s + after_s + 60
         )
-        producer.start()
+        clock = DrillTimeline(listener, producer)
+        clock.begin()
         time.sleep(before_s)
         leaders = asyncio.run(_plays_leaders(cc.bootstrap, settings.plays_topic))
         victim_id = max(leaders, key=lambda n: leaders[n])
@@ -240,6 +281,7 @@ def kafka_leader_kill(
         processed_before = worker.metric_value("stream_events_total", outcome="processed")
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
+        clock.mark("kill", killed_at)
         produced_at_kill = producer.yielded
         time.sleep(down_s)
         processed_while_down = (
@@ -247,17 +289,20 @@ def kafka_leader_kill(
         )
         alive_while_down = worker.proc is not None and worker.proc.poll() is None
         stack_cluster.start_kafka_node(cc, index)
+        clock.mark("broker restarted")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if stack_cluster.kafka_cluster_brokers(cc.bootstrap) == cc.brokers:
                 break
             time.sleep(1)
         back_s = time.monotonic() - killed_at
+        clock.mark("broker back")
         producer.join(before_s + down_s + after_s + 90)
         if producer.error is not None:
             raise DrillFailed(f"producer failed: {producer.error!r}")
         expected = expected_counts(producer.sent)
         result, waited = wait_for_match(reader, expected, catch_up_timeout_s)
+        seen = clock.finish()
         if not _clean(result):
             result["stall_diagnostics"] = stall_diagnostics(worker)
         alive = worker.proc is not None and worker.proc.poll() is None
@@ -277,40 +322,47 @@ def kafka_leader_kill(
             "catch_up_s": round(waited, 2),
             **result,
             "duration_s": round(time.monotonic() - started, 1),
+            **seen,
         }
         cleanup_keys(reader, settings)
         if alive:
             worker.stop()
+        if plot is not None:
+            plot_leader_kill(report, plot)
         return report
     finally:
+        listener.halt()
         reader.close()
+
+
+def plot_leader_kill(report: dict[str, Any], path: Path) -> None:
+    """kafka_leader_kill's timeline: list updates and freshness per second, the kill and the
+    broker's return."""
+    plot_timeline(
+        report, path, xlabel="seconds since the first play",
+        title=f"kafka leader kill: {report['produced']:,} plays at {report['rate_ev_s']:g}/s "
+        f"on 3 brokers; node {report['killed_node_id']} (leading "
+        f"{report['plays_partitions_led_by_killed_node']} of {report['plays_partitions']} plays "
+        f"partitions)\nSIGKILLed (red), restarted (dotted), back in the cluster (green); lost "
+        f"{report['lost']}, double {report['double_applied']}",
+    )
 
 
 def run_leader_kill(
     settings: Settings, start_worker: StartWorker, workdir: Path, **kw: Any
 ) -> dict[str, Any]:
-    """The command-line variant: its own 3-broker cluster (29092-29094), stopped at the end."""
+    """The command-line variant: its own 3-broker cluster (29092-29094, controllers
+    29192-29194, or from STREAM_STACK_KAFKA_CLUSTER_PORT / _CONTROLLER_PORT), stopped at the
+    end."""
     cc = stack_cluster.private_cluster_config(
-        workdir / "kafka-cluster", kafka_port=29092, controller_port=29192
+        workdir / "kafka-cluster",
+        **stack_cluster.ports_from_env(kafka_port=29092, controller_port=29192),
     )
     stack_cluster.start_kafka_cluster(cc)
     try:
         return kafka_leader_kill(settings, start_worker, cc, **kw)
     finally:
         stack_cluster.stop_kafka_cluster(cc)
-
-
-class TimedProducer(BackgroundProducer):
-    """A BackgroundProducer that notes when each event id was handed to the producer."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.sent_at_ms: dict[str, int] = {}
-
-    def _source(self) -> Iterator[PlayEvent]:
-        for ev in super()._source():
-            self.sent_at_ms[ev.event_id] = int(time.time() * 1000)
-            yield ev
 
 
 def rebalance_storm(
@@ -336,17 +388,7 @@ def rebalance_storm(
     rng = random.Random(seed)
     events = valid_events(int(rate * storm_s), users=users, seed=seed, tag=f"rs{seed}")
     reader = reader_for(settings)
-    notes: list[tuple[float, dict[str, Any]]] = []
-    stop = threading.Event()
-
-    def listen() -> None:
-        while not stop.is_set():
-            for note in reader_for(settings).updates(timeout_s=2):
-                notes.append((time.monotonic(), note))
-                if stop.is_set():
-                    return
-
-    listener = threading.Thread(target=listen, daemon=True)
+    listener = NotificationListener(lambda: reader_for(settings))
     listener.start()
     time.sleep(1.0)
     running = [start_worker(settings.replace(metrics_port=free_port())) for _ in range(workers)]
@@ -403,18 +445,9 @@ def rebalance_storm(
         if not _clean(result):
             result["stall_diagnostics"] = stall_diagnostics(running[0])
     finally:
-        stop.set()
+        listener.halt()
         producer.halt()
-    listener.join(10)
-    during = [(t, n) for t, n in notes if storm_start <= t <= storm_end]
-    fresh = sorted(
-        n["generated_at"] - producer.sent_at_ms[n["event_id"]]
-        for _, n in during
-        if n.get("event_id") in producer.sent_at_ms
-    )
-    times = [storm_start] + [t for t, _ in during] + [storm_end]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    timeline = storm_timeline(during, producer.sent_at_ms, storm_start, storm_end)
+    seen = freshness(listener, producer.sent_at_ms, storm_start, storm_end)
     alive = [w for w in running if w.proc is not None and w.proc.poll() is None]
     report = {
         "drill": "rebalance_storm",
@@ -425,13 +458,10 @@ def rebalance_storm(
         "changes": changes,
         "workers_alive_at_end": len(alive),
         "worker_alive": len(alive) == len(running),
-        "notifications_during_storm": len(during),
-        "freshness_p50_ms": fresh[len(fresh) // 2] if fresh else None,
-        "freshness_p99_ms": fresh[int(len(fresh) * 0.99)] if fresh else None,
-        "freshness_max_ms": fresh[-1] if fresh else None,
-        "longest_gap_without_updates_s": round(max(gaps), 2) if gaps else None,
+        "notifications_during_storm": seen.pop("notifications"),
+        **seen,
         "catch_up_s": round(waited, 2),
-        "timeline": timeline,
+        "marks": storm_marks(changes),
         **result,
     }
     if plot is not None:
@@ -443,58 +473,22 @@ def rebalance_storm(
     return report
 
 
-def storm_timeline(
-    during: list[tuple[float, dict[str, Any]]], sent_at_ms: dict[str, int],
-    start: float, end: float,
-) -> dict[str, list[Any]]:
-    """Per second of the storm: notifications, and their freshness p50/p99 (ms; None in a
-    second without any)."""
-    seconds = int(end - start) + 1
-    fresh: list[list[int]] = [[] for _ in range(seconds)]
-    for t, note in during:
-        sent = sent_at_ms.get(note.get("event_id", ""))
-        if sent is not None:
-            fresh[min(seconds - 1, int(t - start))].append(note["generated_at"] - sent)
-    def pct(values: list[int], q: float) -> int | None:
-        return sorted(values)[int(len(values) * q)] if values else None
-    return {
-        "second": list(range(seconds)),
-        "notifications": [len(f) for f in fresh],
-        "freshness_p50_ms": [pct(f, 0.5) for f in fresh],
-        "freshness_p99_ms": [pct(f, 0.99) for f in fresh],
-    }
+def storm_marks(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The storm's changes as plot marks: each kill and join, and when a joined worker was
+    ready."""
+    marks = [{"at_s": c["at_s"], "event": c["change"]} for c in changes]
+    marks += [{"at_s": c["ready_s"], "event": "joined worker ready"} for c in changes
+              if "ready_s" in c]
+    return marks
 
 
 def plot_storm(report: dict[str, Any], path: Path) -> None:
-    """Updates per second and freshness per second, with the storm's kills and joins."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tl = report["timeline"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    ax1.plot(tl["second"], tl["notifications"], color="#3182bd", lw=1)
-    ax1.set_ylabel("list updates / s")
-    for key, colour in (("freshness_p50_ms", "#31a354"), ("freshness_p99_ms", "#de2d26")):
-        xs = [x for x, v in zip(tl["second"], tl[key], strict=True) if v is not None]
-        ys = [max(1, v) for v in tl[key] if v is not None]
-        ax2.plot(xs, ys, color=colour, lw=1, label=key.replace("freshness_", "").replace("_ms", ""))
-    ax2.set_yscale("log")
-    ax2.set_ylabel("freshness (ms, per second)")
-    ax2.set_xlabel("seconds since the storm began")
-    ax2.legend(loc="upper right")
-    for change in report["changes"]:
-        colour = "#de2d26" if change["change"] == "kill" else "#31a354"
-        for ax in (ax1, ax2):
-            ax.axvline(change["at_s"], color=colour, ls="--", lw=0.8)
-            if "ready_s" in change:
-                ax.axvline(change["ready_s"], color=colour, ls=":", lw=0.8)
-    fig.suptitle(
-        f"rebalance storm: {report['produced']:,} plays at {report['rate_ev_s']:g}/s, "
+    """Updates per second and freshness per second, with the storm's kills and joins (from
+    ``changes``: a report written before ``marks`` existed plots too)."""
+    plot_timeline(
+        {**report, "marks": storm_marks(report["changes"])}, path,
+        xlabel="seconds since the storm began",
+        title=f"rebalance storm: {report['produced']:,} plays at {report['rate_ev_s']:g}/s, "
         f"{len(report['changes'])} changes (red: SIGKILL, green: join, dotted: joined worker "
         f"ready); lost {report.get('lost')}, double {report.get('double_applied')}",
-        fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    )

@@ -959,19 +959,20 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "redis-failover":  # Redis Cluster: load_tests.cluster_faults
                 from load_tests import cluster_faults
 
-                r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed)
+                r = cluster_faults.run(s, start, workdir, rate=args.rate, seed=args.seed,
+                                       plot=args.report.with_suffix(".png"))
             elif name == "rebalance-storm":  # 3 workers: load_tests.cluster_faults
                 from load_tests import cluster_faults
 
                 r = cluster_faults.rebalance_storm(
                     s, start, rate=args.rate, seed=args.seed,
-                    plot=args.report.with_suffix(".png") if args.report else None)
+                    plot=args.report.with_suffix(".png"))
             elif name == "kafka-leader-kill":  # 3 brokers: load_tests.cluster_faults
                 from load_tests import cluster_faults
 
                 r = cluster_faults.run_leader_kill(
-                    s, start, workdir, rate=args.rate, seed=args.seed
-                )
+                    s, start, workdir, rate=args.rate, seed=args.seed,
+                    plot=args.report.with_suffix(".png"))
             elif name == "broker-restart":
                 r = broker_restart(s, start, workdir, down_s=args.down_s, seed=args.seed)
             else:

@@ -54,15 +54,7 @@ class ClusterConfig:
     def from_env(cls, base: stack.StackConfig, brokers: int = 3) -> ClusterConfig:
         if brokers < 1:
             raise StackError(f"--brokers must be >= 1, got {brokers}")
-        return cls(
-            base=base,
-            brokers=brokers,
-            kafka_port=stack._env_int("STREAM_STACK_KAFKA_CLUSTER_PORT", KAFKA_CLUSTER_PORT),
-            controller_port=stack._env_int(
-                "STREAM_STACK_KAFKA_CLUSTER_CONTROLLER_PORT", KAFKA_CLUSTER_CONTROLLER_PORT
-            ),
-            redis_port=stack._env_int("STREAM_STACK_REDIS_CLUSTER_PORT", REDIS_CLUSTER_PORT),
-        )
+        return cls(base=base, brokers=brokers, **ports_from_env())
 
     @property
     def broker_ports(self) -> list[int]:
@@ -393,6 +385,23 @@ def private_cluster_config(
         controller_port=controller_port or KAFKA_CLUSTER_CONTROLLER_PORT,
         redis_port=redis_port or REDIS_CLUSTER_PORT,
     )
+
+
+def ports_from_env(
+    kafka_port: int = KAFKA_CLUSTER_PORT,
+    controller_port: int = KAFKA_CLUSTER_CONTROLLER_PORT,
+    redis_port: int = REDIS_CLUSTER_PORT,
+) -> dict[str, int]:
+    """The first port of each range: STREAM_STACK_KAFKA_CLUSTER_PORT,
+    STREAM_STACK_KAFKA_CLUSTER_CONTROLLER_PORT and STREAM_STACK_REDIS_CLUSTER_PORT where set,
+    else the given defaults (the tests and drills pass their own ranges)."""
+    return {
+        "kafka_port": stack._env_int("STREAM_STACK_KAFKA_CLUSTER_PORT", kafka_port),
+        "controller_port": stack._env_int(
+            "STREAM_STACK_KAFKA_CLUSTER_CONTROLLER_PORT", controller_port
+        ),
+        "redis_port": stack._env_int("STREAM_STACK_REDIS_CLUSTER_PORT", redis_port),
+    }
 
 
 def env_for(cc: ClusterConfig) -> dict[str, str]:

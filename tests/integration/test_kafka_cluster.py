@@ -1,5 +1,6 @@
 """The worker on a real 3-broker Kafka KRaft cluster, started through the project's own
-stack code (stream.tools.stack_cluster) on ports 29092-29094 (controllers 29192-29194).
+stack code (stream.tools.stack_cluster) on ports 29092-29094 (controllers 29192-29194), or
+from STREAM_STACK_KAFKA_CLUSTER_PORT / STREAM_STACK_KAFKA_CLUSTER_CONTROLLER_PORT where set.
 
 Redis is the shared single node. The cluster is started once for the module and stopped at
 teardown; a cluster that does not start FAILS the tests.
@@ -36,7 +37,8 @@ def kafka_cluster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[stack_cluster.ClusterConfig]:
     cc = stack_cluster.private_cluster_config(
-        tmp_path_factory.mktemp("kafka-cluster"), kafka_port=29092, controller_port=29192
+        tmp_path_factory.mktemp("kafka-cluster"),
+        **stack_cluster.ports_from_env(kafka_port=29092, controller_port=29192),
     )
     try:
         stack_cluster.start_kafka_cluster(cc)

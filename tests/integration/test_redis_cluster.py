@@ -1,5 +1,6 @@
 """The worker on a real Redis Cluster (3 primaries + 3 replicas), started through the
-project's own stack code (stream.tools.stack_cluster) on ports 17000-17005 (buses 27000-27005).
+project's own stack code (stream.tools.stack_cluster) on ports 17000-17005 (buses 27000-27005),
+or from STREAM_STACK_REDIS_CLUSTER_PORT where set.
 
 Kafka is the shared single broker; Redis is only the cluster. The module's cluster is
 started once and stopped at teardown; a cluster that does not start FAILS the tests.
@@ -47,7 +48,8 @@ def redis_cluster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[stack_cluster.ClusterConfig]:
     cc = stack_cluster.private_cluster_config(
-        tmp_path_factory.mktemp("redis-cluster"), redis_port=REDIS_CLUSTER_PORT
+        tmp_path_factory.mktemp("redis-cluster"),
+        **stack_cluster.ports_from_env(redis_port=REDIS_CLUSTER_PORT),
     )
     try:
         stack_cluster.start_redis_cluster(cc)
