@@ -230,6 +230,27 @@ def metric_sum(samples: Samples, name: str, **labels: str) -> float:
     )
 
 
+def histogram_summary(samples: Samples | None, name: str) -> dict[str, float | None]:
+    """Count, mean and p50/p99 (bucket upper bounds) of histogram ``name`` (``..._seconds``)
+    summed over every worker's scrape in ``samples``."""
+    if not samples:
+        return {"count": 0, "mean": None, "p50": None, "p99": None}
+    count = metric_sum(samples, f"{name}_count")
+    buckets: dict[float, float] = {}
+    for n, lab, v in samples:
+        if n == f"{name}_bucket":
+            le = float(lab["le"])
+            buckets[le] = buckets.get(le, 0.0) + v
+    def quantile(q: float) -> float | None:
+        return next((le for le, c in sorted(buckets.items()) if count and c >= q * count), None)
+    return {
+        "count": count,
+        "mean": metric_sum(samples, f"{name}_sum") / count if count else None,
+        "p50": quantile(0.5),
+        "p99": quantile(0.99),
+    }
+
+
 def live_quality(samples: Samples | None) -> dict[str, dict[str, float]]:
     """The workers' own prequential quality (``stream_quality_*`` gauges, the samples of
     one or more workers' scrapes concatenated in worker order), combined over the workers:

@@ -37,6 +37,7 @@ from load_tests.common import (
     Report,
     base_settings,
     baseline_tree,
+    histogram_summary,
     live_quality,
     metric_sum,
     percentiles,
@@ -335,6 +336,8 @@ def analyse(
         "track_signals": {d: metric_sum(final, "stream_track_signals_total", direction=d)
                           for d in ("sent", "applied", "error")},
         "signals_rejected": metric_sum(final, "stream_signals_rejected_total"),
+        # item-state replication delay: a signals message sent -> applied by another worker
+        "signal_delay_s": histogram_summary(final, "stream_signal_delay_seconds"),
         "worker_rss_mib": {
             "start": (run_samples[0]["rss"] or 0) / 2**20 if run_samples else math.nan,
             "end": (run_samples[-1]["rss"] or 0) / 2**20 if run_samples else math.nan,

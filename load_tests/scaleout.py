@@ -84,6 +84,7 @@ def run_one(args: argparse.Namespace, n: int, report: Report) -> dict[str, Any]:
         "signals_error": signals["error"],
         "signals_not_applied": (n - 1) * signals["sent"] - signals["applied"],
         "signals_rejected": res["signals_rejected"],
+        "signal_delay_s": res.get("signal_delay_s"),
         "freshness_ms": res["freshness_ms"],
         "generated_minus_send_ms": res["generated_minus_send_ms"],
         "match_coverage": res["match_coverage"],

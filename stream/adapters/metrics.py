@@ -549,6 +549,12 @@ class Metrics:
             "Item-side learning signals shared between workers (sent, applied, error).",
             ["direction"],
         )
+        self.signal_delay = self._declare(
+            FastHistogram, "signal_delay_seconds",
+            "Item-state replication delay: another worker sent a signals message -> its "
+            "signals applied here (the sender batches plays for up to 50 ms before that).",
+            buckets=FRESHNESS_BUCKETS,
+        )
         self.signals_rejected = self._declare(
             FastCounter, "signals_rejected",
             "Track signals (or whole signals messages) dropped: failed authentication "

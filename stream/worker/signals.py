@@ -184,6 +184,8 @@ class SignalReader:
         self.forget_model_state = forget_model_state
         #: forgets admitted, not yet applied (applied with the models free)
         self.received_forgets: list[tuple[str, int]] = []
+        #: the send time (ms) of the last record admit() let through (None: none, or unknown)
+        self.admitted_sent_ms: int | None = None
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -244,6 +246,8 @@ class SignalReader:
         self.positions.handled(r.partition, r.offset)
         if counts.applied:
             self.telemetry.signals("applied", counts.applied)
+            if self.admitted_sent_ms is not None:  # the replication delay of this message
+                self.telemetry.signal_delay(time.time() - self.admitted_sent_ms / 1000)
         if counts.errors:
             self.telemetry.signals("error", counts.errors)
 
@@ -263,6 +267,7 @@ class SignalReader:
         (stream.processing.auth) and validated (replication.decode_batch); the rest is
         counted in stream_signals_rejected_total{reason} and logged (rate-limited)."""
         s = self.settings
+        self.admitted_sent_ms = None
         problem = self.ring.verify(r.headers, SIGNALS_PURPOSE, self.topic_name, r.key, r.value)
         if problem is not None and not (s.worker_insecure and problem == "unsigned"):
             self.telemetry.signal_rejected(problem)
@@ -291,5 +296,6 @@ class SignalReader:
                          r.partition, r.offset, replay)
             return []
         self.received_forgets.extend(decoded.forgets)
+        self.admitted_sent_ms = decoded.sent_ms  # signed: when its sender sent it
         keep = self.positions.should_apply  # not those a restored checkpoint already holds
         return [s for s in decoded.signals if keep(decoded.worker, s.seq)]

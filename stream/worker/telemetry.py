@@ -136,6 +136,10 @@ class Telemetry:
         """Track signals ``sent``, ``applied`` or failed to apply (``error``)."""
         self.metrics.signals.labels(what).inc(n)
 
+    def signal_delay(self, seconds: float) -> None:
+        """One signals message applied, ``seconds`` after its sender sent it."""
+        self.metrics.signal_delay.observe(max(0.0, seconds))
+
     def signal_rejected(self, reason: str) -> None:
         self.metrics.signals_rejected.labels(reason).inc()
 

@@ -77,6 +77,20 @@ def test_the_reader_skips_what_the_restored_checkpoint_holds_and_reads_past_each
     assert positions.offsets[0] == 6
     applied = registry.get_sample_value("stream_track_signals_total", {"direction": "applied"})
     assert applied == 1
+    # the replication delay of that message: sent (signed send time) -> applied here
+    assert registry.get_sample_value("stream_signal_delay_seconds_count") == 1
+    delay = registry.get_sample_value("stream_signal_delay_seconds_sum")
+    assert delay is not None and 0 <= delay < 60
+
+
+def test_the_replication_delay_is_measured_from_the_signed_send_time() -> None:
+    reader, rec, registry = make_reader(SignalPositions("me", None))
+    sent = int(time.time() * 1000) - 1500  # sent 1.5 s ago
+    batch = encode_batch("other", [sig("other", 1, "t1")], seq=1, sent_ms=sent)
+    r = Record(key=b"other", value=batch, partition=0, offset=0)
+    asyncio.run(reader._apply(r, reader.admit(r)))
+    delay = registry.get_sample_value("stream_signal_delay_seconds_sum")
+    assert delay is not None and 1.5 <= delay < 5
 
 
 def test_the_checkpointer_writes_only_as_the_writer_and_seals_the_positions() -> None:
