@@ -672,10 +672,24 @@ def _scale_into(values, out, col):  # type: ignore[no-untyped-def]
 def _recip_rank_into(values, out, col, signed):  # type: ignore[no-untyped-def]
     """``out[:, col]`` = 1 / (1 + rank) of each value, best first (stable: ties keep their
     order); 0 where a non-negative source does not score the row (unless ``signed``)."""
-    order = np.argsort(-values, kind="mergesort")
-    for j in range(len(order)):
-        i = order[j]
-        out[i, col] = 1.0 / (j + 1) if signed or values[i] > 0.0 else 0.0
+    if signed:
+        order = np.argsort(-values, kind="mergesort")
+        for j in range(len(order)):
+            out[order[j], col] = 1.0 / (j + 1)
+        return
+    # only the positive values rank (they come first in the full stable sort, in the same
+    # order): sort those alone
+    pos = np.empty(len(values), dtype=np.int64)
+    n = 0
+    for i in range(len(values)):
+        out[i, col] = 0.0
+        if values[i] > 0.0:
+            pos[n] = i
+            n += 1
+    pos = pos[:n]
+    order = pos[np.argsort(-values[pos], kind="mergesort")]
+    for j in range(n):
+        out[order[j], col] = 1.0 / (j + 1)
 
 
 @_jit

@@ -36,6 +36,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
+from stream.core.models._kernels import _top_n
 from stream.core.models._state import (
     ID_LEN,
     INT_LIMIT,
@@ -167,9 +168,13 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
             age = 0
         sims[c] = num / math.sqrt(nq * ln) * math.exp(-age * inv_l2)
         match[c] = best_p
-    order = np.argsort(-sims, kind="mergesort")
+    # the k best sessions in the order of a stable sort by descending similarity (ties:
+    # the earlier candidate), without sorting all nc of them
+    best = _top_n(np.arange(nc), sims, min(k, nc))
+    best.sort()
+    order = best[np.argsort(-sims[best], kind="mergesort")]
     nt = 0
-    for j in range(min(k, nc)):
+    for j in range(len(order)):
         c = order[j]
         sim = sims[c]
         if sim <= 0.0:
