@@ -120,6 +120,15 @@ def stan_learn(items, lengths, times, slot, row, ts, p_start, p_size, p_cap, p_h
 
 
 @_jit
+def best_order(sims, k):  # type: ignore[no-untyped-def]
+    """``np.argsort(-sims, kind="mergesort")[:k]`` (the ``k`` best, ties to the earlier
+    index) without sorting all of ``sims``: a heap picks them, then only they are sorted."""
+    best = _top_n(np.arange(len(sims)), sims, min(k, len(sims)))
+    best.sort()
+    return best[np.argsort(-sims[best], kind="mergesort")]
+
+
+@_jit
 def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, arena, now,  # type: ignore[no-untyped-def]
                own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched):
     """Accumulate STAN scores into ``acc`` (all zero before) for the query tracks
@@ -168,11 +177,7 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
             age = 0
         sims[c] = num / math.sqrt(nq * ln) * math.exp(-age * inv_l2)
         match[c] = best_p
-    # the k best sessions in the order of a stable sort by descending similarity (ties:
-    # the earlier candidate), without sorting all nc of them
-    best = _top_n(np.arange(nc), sims, min(k, nc))
-    best.sort()
-    order = best[np.argsort(-sims[best], kind="mergesort")]
+    order = best_order(sims, k)
     nt = 0
     for j in range(len(order)):
         c = order[j]
