@@ -675,8 +675,11 @@ class Recommender:
                      ) -> Float32Array | None:
         """Learn the blend from this play; its step (the example rows), None if none."""
         cache = self.__dict__.pop("_blend_cache", None)
+        order = None
         if cache is not None and cache[0] == before.user_id and cache[1] == before.seq:
             rows, X = cache[2], cache[3]
+            if cache[5] is self.ranker.weights_token:  # no step since: the same order
+                order = cache[4]
         else:  # not ranked just before (the worker ranks after learning): rank now
             rows, X, *_ = self._blend_candidates(before, ts_ms, ())
         row = self.vocabulary.index.get(track)
@@ -685,7 +688,7 @@ class Recommender:
         hit = np.flatnonzero(rows == row)
         if not len(hit):
             return None
-        pairs = self.ranker.pairs(X, int(hit[0]), key=self.n_learned)
+        pairs = self.ranker.pairs(X, int(hit[0]), key=self.n_learned, order=order)
         if not len(pairs):
             return None
         self.ranker.apply_pairs(pairs)
@@ -849,11 +852,13 @@ class Recommender:
             self.__dict__.pop("_blend_cache", None)
             return self.recommend(state, k, now_ms, exclude=exclude, variant="fixed")
         rows, X, comp, lead = self._blend_candidates(state, now_ms, exclude)
-        self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X)
         if not len(rows):
+            self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, None, None)
             return []
         scores = self.ranker.score(X)
         order = np.argsort(-scores, kind="stable")
+        self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
+                                         self.ranker.weights_token)
         last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
         codes, leads = _bk.blend_codes(comp, lead, last)
         by_artist = np.flatnonzero(codes == REASON_ARTIST)

@@ -340,7 +340,7 @@ class SessionKNN(VocabularyModel):
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         nq = len(rows)
         lam1 = None if plain else self.lambda_position
-        q_w = np.ones(nq) if lam1 is None else np.exp((np.arange(1, nq + 1) - nq) / lam1)
+        q_w = self._position_weights(nq, lam1)
         lam2 = None if plain else self.lambda_recency_ms
         lam3 = None if plain else self.lambda_distance
         serial = self._open.get(user_id, -1)
@@ -363,6 +363,15 @@ class SessionKNN(VocabularyModel):
         out_scores = acc[out_rows]
         acc[out_rows] = 0.0
         return out_rows, out_scores
+
+    def _position_weights(self, nq: int, lam1: float | None) -> FloatArray:
+        """STAN's position weights of a ``nq``-track query (cached: the kernel only reads)."""
+        cache = self.__dict__.setdefault("_q_w", {})
+        q_w: FloatArray | None = cache.get((nq, lam1))
+        if q_w is None:
+            q_w = np.ones(nq) if lam1 is None else np.exp((np.arange(1, nq + 1) - nq) / lam1)
+            cache[nq, lam1] = q_w
+        return q_w
 
     def _buffers(self, size: int) -> tuple[IntArray, Any, FloatArray, IntArray]:
         sc = self._scratch
