@@ -380,3 +380,18 @@ def test_reciprocal_ranks_of_the_positive_scores_only() -> None:
                 want[i] = 1.0 / (j + 1) if signed or values[i] > 0.0 else 0.0
             np.testing.assert_array_equal(out[:, 1], want)
             assert (out[:, [0, 2]] == 9.0).all()
+
+
+def test_desc_order_is_the_stable_mergesort() -> None:
+    rng = np.random.default_rng(7)
+    for n in (0, 1, 2, 30, 256, 257, 600):
+        values = np.round(rng.normal(size=n), 1)  # ties, negatives and zeros
+        if n > 5:
+            values[3] = -0.0
+        idx = np.arange(n)[rng.random(n) > 0.2]
+        want = idx[np.argsort(-values[idx], kind="mergesort")]
+        np.testing.assert_array_equal(_k._desc_order(values, idx), want)
+    values = np.array([1.0, np.nan, 2.0, 1.0])
+    idx = np.arange(4)
+    np.testing.assert_array_equal(_k._desc_order(values, idx),
+                                  idx[np.argsort(-values, kind="mergesort")])
