@@ -22,6 +22,7 @@ from stream.core.models._kernels import (
     REASON_POPULARITY,
     blend_gather,
     cooc_accumulate,
+    query_anchors,
     reset_touched,
 )
 
@@ -34,30 +35,10 @@ REASON_OWN = 5
 
 @_jit
 def _anchors(recent, window, decay, cap):  # type: ignore[no-untyped-def]
-    """``SessionCooccurrence.anchors`` on vocabulary rows: the distinct known rows of the
-    last ``window`` of ``recent`` (oldest first, -1 = unknown) with a neighbour list,
-    newest first, weighted ``decay`` ** distance."""
+    """``SessionCooccurrence.anchors`` on vocabulary rows: the anchors of the last
+    ``window`` of ``recent`` (oldest first, -1 = unknown)."""
     m = len(recent)
-    start = m - window if window < m else 0
-    rows = np.empty(m - start, dtype=np.int64)
-    weights = np.empty(m - start)
-    n = 0
-    w = 1.0
-    n_cap = len(cap)
-    for i in range(m - 1, start - 1, -1):
-        r = recent[i]
-        if 0 <= r < n_cap and cap[r] != 0:
-            dup = False
-            for j in range(n):
-                if rows[j] == r:
-                    dup = True
-                    break
-            if not dup:
-                rows[n] = r
-                weights[n] = w
-                n += 1
-        w *= decay
-    return rows[:n], weights[:n]
+    return query_anchors(recent[m - window if window < m else 0:], cap, decay)
 
 
 @_jit
