@@ -937,7 +937,7 @@ async def read_track_names(
     if not track_ids:
         return {}
     if isinstance(client, aioredis.RedisCluster):
-        async with client.pipeline(transaction=False) as pipe:
+        async with cast(Any, client).pipeline(transaction=False) as pipe:
             for track in track_ids:
                 pipe.hmget(f"{prefix}{track}", "name", "artist", "album")
             replies = await pipe.execute()
