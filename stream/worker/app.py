@@ -167,7 +167,7 @@ def create_worker(
         settings, processor=processor, writer=writer, ranker=ranker, models=models,
         signals=signals, catalog=catalog, checkpointer=checkpointer, lag=lag,
         stall_watch=stall_watch, telemetry=telemetry, sessions=topics.sessions,
-        evaluator=worker.evaluator, nothing_waiting=plays.nothing_waiting,
+        evaluator=worker.evaluator, nothing_buffered=plays.nothing_buffered,
         logs=(processor.reject_log, reader.log, control.log),
     )
 

@@ -128,13 +128,6 @@ class PlaysAgent:
         """Whether no play waits in the stream buffer (True before the agent starts)."""
         return self.stream is None or self.stream.buffer_empty()
 
-    def nothing_waiting(self) -> bool:
-        """Whether no play waits: none in the stream buffer and no backlog being drained
-        (a partition ``CATCH_UP_PLAYS`` or more behind at the last batch). While a backlog
-        drains the agent empties the buffer into each batch, so the buffer alone is often
-        empty between two batches although thousands of plays are fetched behind them."""
-        return not self.pacing.backlog and self.nothing_buffered()
-
     def fetched_behind(self, msg: Any) -> int:
         """How many records this partition has after ``msg`` (the fetched highwater)."""
         try:

@@ -29,7 +29,7 @@ from stream.worker.telemetry import Telemetry
 from stream.worker.watchdog import StallWatch
 from stream.worker.writer import WriterPart
 
-#: how often the "more like this" refresh runs while plays wait (PlaysAgent.nothing_waiting)
+#: how often the "more like this" refresh runs while plays wait in the stream buffer
 SIMILAR_BACKLOG_S: Final = 1.0
 
 
@@ -52,7 +52,7 @@ class Timers:
         telemetry: Telemetry,
         sessions: Any,
         evaluator: Any,
-        nothing_waiting: Callable[[], bool],
+        nothing_buffered: Callable[[], bool],
         logs: Sequence[RateLimitedLog],
     ) -> None:
         self.settings = settings
@@ -68,7 +68,7 @@ class Timers:
         self.telemetry = telemetry
         self.sessions = sessions
         self.evaluator = evaluator
-        self.nothing_waiting = nothing_waiting
+        self.nothing_buffered = nothing_buffered
         self.logs = logs
         self._similar_refreshed = 0.0
         self._gc_frozen_at = time.monotonic()
@@ -98,9 +98,8 @@ class Timers:
         if self.writer.client is None or not self.processor.touched_tracks or self.models.busy():
             return
         now = time.time()
-        # plays waiting (in the stream buffer, or a backlog being drained) come first: then
-        # refresh once a second only
-        if not self.nothing_waiting() and now - self._similar_refreshed < SIMILAR_BACKLOG_S:
+        # plays waiting in the stream buffer come first: then refresh once a second only
+        if not self.nothing_buffered() and now - self._similar_refreshed < SIMILAR_BACKLOG_S:
             return
         self._similar_refreshed = now
         for key, doc in self.processor.similar_due(now, limit=20, budget_s=0.0025):

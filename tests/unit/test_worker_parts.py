@@ -288,19 +288,3 @@ def test_the_worker_builds_item_steps_only_when_it_sends_signals(
 
     worker = create_worker(Settings(worker_insecure=insecure), Metrics(CollectorRegistry()), 4)
     assert worker.recommender.item_steps is steps
-
-
-def test_plays_wait_while_a_backlog_drains_even_with_an_empty_stream_buffer() -> None:
-    """The "more like this" refresh runs once a second only while plays wait
-    (Timers.refresh_similar): a drained backlog counts although the agent empties the
-    stream buffer into every batch."""
-    from stream.worker.plays import PlaysAgent
-
-    agent = PlaysAgent.__new__(PlaysAgent)  # only the state nothing_waiting reads
-    agent.stream = None  # not started: nothing buffered
-    agent.pacing = RankPacing(hold_s=0.2)
-    assert agent.nothing_waiting()
-    agent.pacing.batch_applied(now=1.0, nothing_pending=True, backlog=True)
-    assert agent.nothing_buffered() and not agent.nothing_waiting()
-    agent.pacing.batch_applied(now=2.0, nothing_pending=True, backlog=False)
-    assert agent.nothing_waiting()
