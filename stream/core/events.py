@@ -448,10 +448,24 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+#: murmur2 of the keys seen last (a listener's plays repeat their key; the pure-Python
+#: hash was ~3-8 us of every play's decode stage), emptied when it holds this many
+KEY_HASH_CACHE: Final = 65_536
+_key_hashes: dict[bytes, int] = {}
+
+
 def key_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner (Java and aiokafka) gives a keyed record:
     ``toPositive(murmur2(key)) % partitions``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    if type(key) is not bytes:  # e.g. a bytearray: not hashable, not cached
+        return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashes = _key_hashes
+    h = hashes.get(key)
+    if h is None:
+        if len(hashes) >= KEY_HASH_CACHE:
+            hashes.clear()
+        h = hashes[key] = murmur2(key) & 0x7FFFFFFF
+    return h % partitions
 
 
 def partition_problem(key: bytes, partition: int, partitions: int | None) -> Rejection | None:
