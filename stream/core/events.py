@@ -263,22 +263,25 @@ def _parse(
     event_id = _opt_id_field(obj, "event_id")
     if event_id is None:
         event_id = derive_event_id(user_id, track_id, ts_ms, ms_played)
+    # positional, in field order (user_id, track_id, ts_ms, ms_played, event_id,
+    # track_duration_ms, artist_id, skipped, context, reason_start, reason_end, session_id,
+    # track_name, artist_name, album_name): matching 15 keywords cost ~2 us of every play
     return PlayEvent(
-        user_id=user_id,
-        track_id=track_id,
-        ts_ms=ts_ms,
-        ms_played=ms_played,
-        event_id=event_id,
-        track_duration_ms=duration,
-        artist_id=_opt_id_field(obj, "artist_id"),
-        skipped=skipped,
-        context=_opt_text_field(obj, "context"),
-        reason_start=_opt_text_field(obj, "reason_start"),
-        reason_end=_opt_text_field(obj, "reason_end"),
-        session_id=_opt_id_field(obj, "session_id"),
-        track_name=_opt_text_field(obj, "track_name"),
-        artist_name=_opt_text_field(obj, "artist_name"),
-        album_name=_opt_text_field(obj, "album_name"),
+        user_id,
+        track_id,
+        ts_ms,
+        ms_played,
+        event_id,
+        duration,
+        _opt_id_field(obj, "artist_id"),
+        skipped,
+        _opt_text_field(obj, "context"),
+        _opt_text_field(obj, "reason_start"),
+        _opt_text_field(obj, "reason_end"),
+        _opt_id_field(obj, "session_id"),
+        _opt_text_field(obj, "track_name"),
+        _opt_text_field(obj, "artist_name"),
+        _opt_text_field(obj, "album_name"),
     )
 
 
