@@ -111,28 +111,32 @@ def summarise(raw: Path, top: int = 25) -> dict[str, Any]:
     }
 
 
-#: the worker's parts, each named by functions on a sample's stack (first match wins)
-WORKER_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("decode (parse, key/partition checks)", ("parse_event", "partition_problem")),
-    ("session state (update_session, table)", ("Processor._apply_session",)),
-    ("learn: per-component quality (sampled rankings)", ("ComponentQuality.observe",)),
-    ("learn: Recommender.learn_one", ("Recommender.learn_one",)),
-    ("learn: evaluator, catalogue, queueing", ("Processor._learn_and_rank",)),
-    ("process_batch, rest", ("Processor.process_batch",)),
-    ("rank: kernel and results", ("Processor._rank_entries",)),
-    ("rank: documents (_publish)", ("Processor._publish",)),
-    ("rank: rest", ("Processor.rank_pending", "Ranker.run")),
-    ("session changelog send", ("PlaysAgent._send_changelog",)),
-    ("agent, rest (live, pace, telemetry, ack, after)", ("PlaysAgent.run",)),
-    ("similar-list refresh timer", ("Timers.refresh_similar",)),
-    ("track-name read-back timer", ("CatalogSync.resolve_names",)),
-    ("other timers", ("around_timer",)),
-    ("Redis writer", ("RecoWriter", "AbstractConnection", "_AsyncHiredisParser")),
-    ("Kafka fetch (Faust fetcher, seam delivery, aiokafka)",
-     ("Fetcher._fetcher", "Fetcher._proc_fetch_request", "_read_ready", "Fetcher.")),
-    ("Kafka produce and commit", ("Sender.", "GroupCoordinator", "Consumer._commit_handler")),
-    ("/metrics HTTP thread", ("process_request_thread", "serve_forever")),
-    ("event loop select", ("EpollSelector.select",)),
+#: the worker's parts ("name | functions"), each named by functions on a sample's stack
+#: (the first part that matches a sample counts it)
+_PARTS = """
+decode (parse, key/partition checks) | parse_event partition_problem
+session state (update_session, table) | Processor._apply_session
+learn: per-component quality (sampled rankings) | ComponentQuality.observe
+learn: Recommender.learn_one | Recommender.learn_one
+learn: evaluator, catalogue, queueing | Processor._learn_and_rank
+process_batch, rest | Processor.process_batch
+rank: kernel and results | Processor._rank_entries
+rank: documents (_publish) | Processor._publish
+rank: rest | Processor.rank_pending Ranker.run
+session changelog send | PlaysAgent._send_changelog
+agent, rest (live, pace, telemetry, ack, after) | PlaysAgent.run
+similar-list refresh timer | Timers.refresh_similar
+track-name read-back timer | CatalogSync.resolve_names
+other timers | around_timer
+Redis writer | RecoWriter AbstractConnection _AsyncHiredisParser
+Kafka fetch (Faust fetcher, seam delivery, aiokafka) | Fetcher. _read_ready
+Kafka produce and commit | Sender. GroupCoordinator Consumer._commit_handler
+/metrics HTTP thread | process_request_thread serve_forever
+event loop select | EpollSelector.select
+"""
+WORKER_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
+    (name.strip(), tuple(keys.split()))
+    for name, keys in (line.split(" | ") for line in _PARTS.strip().splitlines())
 )
 
 
