@@ -419,17 +419,17 @@ class Recommender:
             if self.max_users is not None and len(histories) > self.max_users:
                 del histories[next(iter(histories))]  # least recently played listener
         features: dict[str, float] = {}
-        x = Interaction(
-            user_id=state.user_id,
-            track_id=track,
-            ts_ms=state.last_event_ts_ms,
-            skipped=update.is_skip,
-            history=history,
-            session_position=0 if update.new_session else before.session_plays,
-            recent_skip_rate=_recent_skip_rate(before),
-            context=context,
-            artist_id=event.artist_id if event is not None else None,
-            features=features,
+        x = Interaction(  # positional, in field order (keywords cost ~1 us per play)
+            state.user_id,  # user_id
+            track,  # track_id
+            state.last_event_ts_ms,  # ts_ms
+            update.is_skip,  # skipped
+            history,  # history
+            0 if update.new_session else before.session_plays,  # session_position
+            _recent_skip_rate(before),  # recent_skip_rate
+            context,  # context
+            event.artist_id if event is not None else None,  # artist_id
+            features,  # features
         )
         # the other models' scores of this play *before* learning it, for the skip model
         # (their predict_one reads the listener, track and history, never the features)
