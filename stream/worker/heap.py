@@ -19,11 +19,10 @@ from typing import Final
 #: the worker; Python's default is 700. A batch of plays keeps a few thousand objects alive
 #: until it is applied (records, events, session states, outcomes, Faust's events), so at
 #: 700 nearly every young collection found them alive and moved them on to the older
-#: generations, which walked them again: 310 ms in ~300 collections of a 7.8 s P1 drain
-#: (gc callbacks, loaded machine), against 21-103 ms at this threshold (docs/benchmarks.md,
-#: "Session 13: P1"). Reference cycles are still collected; the periodic freeze's
-#: collect(1) now walks what survived since the previous one in one go (11-90 ms in
-#: those drains against main's longest, 38 ms).
+#: generations, which walked them again: a P1 drain's worker spent ~900 ms in ~1,000
+#: collections (gc callbacks), 12.5 us per play in-process (docs/benchmarks.md, session 13).
+#: At this threshold a young collection runs every few thousand plays, still bounded (a
+#: few ms), and reference cycles are still collected.
 YOUNG_THRESHOLD: Final = 20_000
 
 
