@@ -36,7 +36,7 @@ from stream.worker.control_agent import ControlAgent
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
 from stream.worker.fencing import FreezeFence
-from stream.worker.heap import freeze_startup_heap, raise_young_threshold
+from stream.worker.heap import freeze_startup_heap
 from stream.worker.lag import ConsumerLag
 from stream.worker.lifecycle import Lifecycle, Parts
 from stream.worker.plays import PlaysAgent
@@ -228,7 +228,6 @@ def run_worker(worker: Worker) -> None:
     faust_worker.spinner = None
     logger.info("%d start-up objects frozen out of the garbage collector's scans",
                 freeze_startup_heap())
-    logger.info("garbage collector thresholds %s", raise_young_threshold())
     if worker.freeze_fence is not None:
         worker.freeze_fence.install_sigcont(time.monotonic)
     faust_worker.execute_from_commandline()

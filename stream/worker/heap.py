@@ -13,17 +13,6 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Final
-
-#: tracked container allocations (net of deallocations) between two young collections in
-#: the worker; Python's default is 700. A batch of plays keeps a few thousand objects alive
-#: until it is applied (records, events, session states, outcomes, Faust's events), so at
-#: 700 nearly every young collection found them alive and moved them on to the older
-#: generations, which walked them again: a P1 drain's worker spent ~900 ms in ~1,000
-#: collections (gc callbacks), 12.5 us per play in-process (docs/benchmarks.md, session 13).
-#: At this threshold a young collection runs every few thousand plays, still bounded (a
-#: few ms), and reference cycles are still collected.
-YOUNG_THRESHOLD: Final = 20_000
 
 
 def freeze_startup_heap() -> int:
@@ -37,15 +26,6 @@ def freeze_startup_heap() -> int:
     gc.collect(1)
     gc.freeze()
     return gc.get_freeze_count()
-
-
-def raise_young_threshold() -> tuple[int, int, int]:
-    """Set the young generation's threshold to :data:`YOUNG_THRESHOLD` (the older ones'
-    are kept); returns the thresholds now in force."""
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(YOUNG_THRESHOLD, older, oldest)
-    threshold: tuple[int, int, int] = gc.get_threshold()
-    return threshold
 
 
 def freeze_survivors() -> float:
