@@ -795,9 +795,11 @@ class Recommender:
         sc = cooc.acquire_scratch(size)
         try:
             cands, comp, lead = _bk.blend_collect(
-                recent, *cooc.arena(), cooc.query_window, cooc.query_decay,
-                self.blend_cooc_window, self.blend_cooc_decay, *rules.arena(),
-                min(rules.query_window, len(session)), rules.query_decay,
+                # float(): an int decay (the Python API accepts 1) would compile a second
+                # signature of the kernel at the first ranking, after warm_up
+                recent, *cooc.arena(), cooc.query_window, float(cooc.query_decay),
+                self.blend_cooc_window, float(self.blend_cooc_decay), *rules.arena(),
+                min(rules.query_window, len(session)), float(rules.query_decay),
                 s_rows, s_vals, a_rows, a_vals, o_rows, o_vals, top, ban,
                 self._mark_buffer(size), sc.acc, sc.best, sc.anchor, sc.touched, dense,
                 dense_lead, n)
