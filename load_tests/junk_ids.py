@@ -215,6 +215,8 @@ def junk_ids(
     series: list[dict[str, Any]] = []
     latencies: dict[str, list[float]] = {u: [] for u in plays}
     resolved: dict[str, int] = dict.fromkeys(plays, 0)
+    #: (sent at, seconds since the drill's start; latency to the list) of every real play
+    timeline: list[tuple[float, float]] = []
     t0 = time.monotonic()
     redis_start = int(redis.info("memory")["used_memory"])
 
@@ -235,6 +237,8 @@ def junk_ids(
                 sends = real.sends[u]
                 while resolved[u] < len(sends) and sends[resolved[u]][0] <= seq:
                     latencies[u].append(now - sends[resolved[u]][1])
+                    timeline.append((round(sends[resolved[u]][1] - t0, 2),
+                                     round(now - sends[resolved[u]][1], 3)))
                     resolved[u] += 1
 
     rss_start = rss()
@@ -275,6 +279,8 @@ def junk_ids(
                     "evictions": int(metrics.get("stream_eviction_seconds_count", 0.0)),
                     "mf_users_evicted": int(metrics.get("stream_mf_users_evicted_total", 0.0)),
                     "active_users": int(metrics.get("stream_session_table_users", 0.0)),
+                    "consumer_lag": int(metrics.get("stream_consumer_lag_messages", 0.0)),
+                    "rankings_shed": int(metrics.get("stream_rankings_shed_total", 0.0)),
                     "model_memory_mb": round(
                         metrics.get("stream_model_memory_bytes", 0.0) / 2**20, 1),
                 }
@@ -346,6 +352,7 @@ def junk_ids(
         "real_latency_max_s": _round(max(all_latencies, default=None)),
         "real_lists_fresh": all(resolved[u] == real_sent[u] for u in plays)
         and (max(all_latencies, default=0.0) <= 5.0),
+        "real_latency_timeline": sorted(timeline),
         "producer_errors": [repr(e) for e in (junk.error, real.error) if e is not None],
         "series": series,
     }
