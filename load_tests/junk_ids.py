@@ -450,9 +450,9 @@ def plot_series(series: list[dict[str, Any]], path: Path, report: dict[str, Any]
 
 
 def drill_settings(base: Settings, *, max_tracks: int | None, max_users: int | None) -> Settings:
-    # the stall sampler logs where every loop stall of 100 ms or more was spent
+    # the stall sampler logs where every loop stall of 40 ms or more was spent
     # (stream.worker.watchdog.StallSampler); the report lists those lines
-    changes: dict[str, Any] = {"checkpoint_interval_s": 0.0, "stall_sample_ms": 100.0}
+    changes: dict[str, Any] = {"checkpoint_interval_s": 0.0, "stall_sample_ms": 40.0}
     if max_tracks is not None:
         changes["max_tracks"] = max_tracks
     if max_users is not None:
