@@ -176,6 +176,15 @@ def real_plays(tag: str, datasets_dir: Path, per_user: int) -> dict[str, list[Pl
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process ``pid`` has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -269,6 +278,7 @@ def junk_ids(
                     "junk_sent": junk.sent,
                     "events_applied": int(processed),
                     "rss_mb": round(rss() / 2**20, 1),
+                    "worker_cpu_s": round(cpu_seconds(pid), 2),
                     "redis_used_mb": round(int(redis.info("memory")["used_memory"]) / 2**20, 1),
                     "loop_lag_max_ms": round(
                         1000 * metrics.get("stream_event_loop_lag_max_seconds", 0.0), 1),
