@@ -110,7 +110,7 @@ class LocalWorker:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90.0) -> LocalWorker:
+    def start(self, timeout: float = 180.0) -> LocalWorker:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -127,7 +127,11 @@ class LocalWorker:
             if "Worker]: Ready" in self.log_text()[offset:]:
                 return self
             time.sleep(0.25)
-        raise DrillFailed(f"worker not ready within {timeout}s: {self.log_path}")
+        raise DrillFailed(
+            f"worker not ready within {timeout}s: {self.log_path} (a tree whose numba kernels "
+            "were never compiled compiles them at its first start: run scripts/setup.sh's "
+            "warm-up line first)"
+        )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
