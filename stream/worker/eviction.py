@@ -17,12 +17,13 @@ this" refresh, the signal reader, the checkpointer and the memory gauge wait
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Callable
 from typing import Final
 
-from stream.core.models._vocab import EvictionSteps
+from stream.core.models._vocab import EvictionSteps, drain
 from stream.processing.pipeline import Processor
 from stream.worker.telemetry import Telemetry
 
@@ -32,20 +33,42 @@ EVICTION_SLICE_S: Final = 0.004
 
 async def run_steps(steps: EvictionSteps[object], slice_s: float = EVICTION_SLICE_S) -> None:
     """Run ``steps``: their slices on this event loop, for about ``slice_s`` per loop turn
-    (then other work runs), and their compiled GIL-free passes in the default executor."""
-    loop = asyncio.get_running_loop()
+    (then other work runs), and their compiled GIL-free passes in a thread. Cancelled in
+    the middle, it finishes the eviction here and now before it lets the cancellation
+    through (a compiled pass under way first): the models must never stay half-changed."""
     turn = time.perf_counter()
-    for step in steps:
-        if step is not None:
-            await loop.run_in_executor(None, step)
-            turn = time.perf_counter()
-        elif time.perf_counter() - turn >= slice_s:
-            await asyncio.sleep(0)
-            turn = time.perf_counter()
+    running: concurrent.futures.Future[object] | None = None
+    try:
+        for step in steps:
+            if step is not None:
+                running = _executor().submit(step)
+                await asyncio.wrap_future(running)
+                running = None
+                turn = time.perf_counter()
+            elif time.perf_counter() - turn >= slice_s:
+                await asyncio.sleep(0)
+                turn = time.perf_counter()
+    except asyncio.CancelledError:
+        if running is not None:
+            running.result()
+        drain(steps)
+        raise
+
+
+_EXECUTORS: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread the eviction's compiled passes run in (one, made at first use)."""
+    if not _EXECUTORS:
+        _EXECUTORS.append(concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="eviction"))
+    return _EXECUTORS[0]
 
 
 class ModelGuard:
-    """Runs the eviction the pipeline asks for in a thread; says whether one is running."""
+    """Runs the eviction the pipeline asks for (see the module docstring); says whether one
+    is running."""
 
     def __init__(
         self, processor: Processor, telemetry: Telemetry, on_evicted: Callable[[], None]

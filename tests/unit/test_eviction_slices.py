@@ -96,3 +96,23 @@ def test_a_stopped_eviction_still_finishes_and_the_guard_says_busy_until_then() 
     assert busy_after_cancel and not busy_at_end
     assert log[-1] == ("done", None) and len([e for e in log if e[0] == "slice"]) == 20
     assert woken == [True]  # the ranker is woken once the models are free
+
+
+def test_run_steps_cancelled_in_the_middle_finishes_the_eviction_first() -> None:
+    """A stop that cancels the eviction's own task (a loop shutting down) must not leave
+    the models half-evicted: the rest runs at once, then the cancellation goes through."""
+    log: list[Any] = []
+
+    async def main() -> bool:
+        task = asyncio.get_running_loop().create_task(run_steps(_steps(log, 30, 0.001)))
+        await asyncio.sleep(0.008)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(main())
+    assert len([e for e in log if e[0] == "slice"]) == 30
+    assert len([e for e in log if e[0] == "compiled"]) == 1
