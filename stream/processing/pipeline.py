@@ -56,7 +56,8 @@ MAX_TOUCHED_TRACKS: Final = 10_000
 MAX_PENDING_FIRST: Final = 20_000
 #: most listeners ranked in one budgeted call (Processor.rank_pending)
 MAX_RANK_CHUNK: Final = 1024
-#: a budgeted call ranks this many listeners at a time, then checks the time spent
+#: a budgeted call ranks at most this many listeners at a time (fewer when they are dear:
+#: Processor._rank_budgeted), then checks the time spent
 RANK_SUB_CHUNK: Final = 8
 
 
