@@ -5,6 +5,12 @@ skipped with a message. Used by ``--profile`` in load_tests.throughput and .fres
 hand on any running worker:
 
     python -m load_tests.profile --pid 1234 --seconds 20
+    python -m load_tests.profile --attribute load_tests/results/<run>/worker.pyspy.txt
+
+``--attribute`` splits a worker profile into its parts (:data:`WORKER_PARTS`: each sample
+counts for the first part with a function on its stack), as in docs/benchmarks.md
+"Session 13: P1". Profile less than the drain lasts: py-spy samples for the whole
+``--seconds``, and after a drain the worker's timers fill the profile.
 """
 
 from __future__ import annotations
@@ -105,6 +111,50 @@ def summarise(raw: Path, top: int = 25) -> dict[str, Any]:
     }
 
 
+#: the worker's parts ("name | functions"), each named by functions on a sample's stack
+#: (the first part that matches a sample counts it)
+_PARTS = """
+decode (parse, key/partition checks) | parse_event partition_problem
+session state (update_session, table) | Processor._apply_session
+learn: per-component quality (sampled rankings) | ComponentQuality.observe
+learn: Recommender.learn_one | Recommender.learn_one
+learn: evaluator, catalogue, queueing | Processor._learn_and_rank
+process_batch, rest | Processor.process_batch
+rank: kernel and results | Processor._rank_entries
+rank: documents (_publish) | Processor._publish
+rank: rest | Processor.rank_pending Ranker.run
+session changelog send | PlaysAgent._send_changelog
+agent, rest (live, pace, telemetry, ack, after) | PlaysAgent.run
+similar-list refresh timer | Timers.refresh_similar
+track-name read-back timer | CatalogSync.resolve_names
+other timers | around_timer
+Redis writer | RecoWriter AbstractConnection _AsyncHiredisParser
+Kafka fetch (Faust fetcher, seam delivery, aiokafka) | Fetcher. _read_ready
+Kafka produce and commit | Sender. GroupCoordinator Consumer._commit_handler
+/metrics HTTP thread | process_request_thread serve_forever
+event loop select | EpollSelector.select
+"""
+WORKER_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
+    (name.strip(), tuple(keys.split()))
+    for name, keys in (line.split(" | ") for line in _PARTS.strip().splitlines())
+)
+
+
+def attribute(raw: Path) -> tuple[int, list[tuple[str, float]]]:
+    """(samples, [(part, share)]) of a collapsed py-spy profile (see WORKER_PARTS)."""
+    counts = dict.fromkeys([name for name, _ in WORKER_PARTS] + ["other"], 0)
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        total += int(count_s)
+        part = next((name for name, keys in WORKER_PARTS if any(k in stack for k in keys)),
+                    "other")
+        counts[part] += int(count_s)
+    return total, [(name, c / max(total, 1)) for name, c in counts.items()]
+
+
 def print_summary(summary: dict[str, Any], top: int = 15) -> None:
     if "error" in summary:
         print(f"  profile: {summary['error']}")
@@ -128,10 +178,19 @@ def print_summary(summary: dict[str, Any], top: int = 15) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m load_tests.profile")
-    ap.add_argument("--pid", type=int, required=True)
+    ap.add_argument("--pid", type=int)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--out", default="/tmp/worker.pyspy.txt")
+    ap.add_argument("--attribute", metavar="RAW", help="split a worker profile into parts")
     args = ap.parse_args(argv)
+    if args.attribute:
+        total, parts = attribute(Path(args.attribute))
+        print(f"{total:,} samples")
+        for name, share in parts:
+            print(f"  {share:6.1%}  {name}")
+        return 0
+    if args.pid is None:
+        ap.error("--pid or --attribute")
     proc = start(args.pid, args.seconds, Path(args.out))
     finish(proc, args.seconds + 60)
     print_summary(summarise(Path(args.out)))

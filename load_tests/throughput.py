@@ -343,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="py-spy the full worker for SECONDS of its drain (slows it a little)",
+        help="py-spy the full worker for SECONDS of its drain (slows it a little); keep it "
+        "below the drain's length: py-spy samples the worker until SECONDS are up, and after "
+        "the drain its timers (e.g. the 10 Hz similar-list refresh) fill the profile",
     )
     ap.add_argument(
         "--baseline",

@@ -166,8 +166,11 @@ class Settings:
     quality_window: int = 2000
     #: also rank each single component (popularity, mf, cooccurrence; with the learned
     #: ranker sknn, stan, sr and fixed too) on every Nth evaluated play, for the per-variant
-    #: quality gauges next to the published blend (0 = off; stream.core.evaluation.ComponentQuality)
-    quality_components_every: int = 10
+    #: quality gauges next to the published blend (0 = off;
+    #: stream.core.evaluation.ComponentQuality). 50 since session 13 (10 before): the
+    #: sampled rankings cost ~20 us per play at 10 (docs/benchmarks.md, "Session 13: P1");
+    #: each variant's window of quality_window events then spans 50x as many plays
+    quality_components_every: int = 50
     checkpoint_interval_s: float = 30.0
     #: checkpoint signing keys, "kid1:secret1,kid2:secret2": the first signs, any verifies
     #: (rotation: put the new key first, drop the old one once it has signed nothing live)

@@ -683,32 +683,39 @@ class RecoWriter:
 
     async def _round_trip(self, commands: list[bytes]) -> list[Any]:
         """Send packed ``commands`` on one pooled connection and read one reply each (error
-        replies come back as exception objects, in place)."""
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            timeout = pool.connection_kwargs.get("socket_timeout") or None
-            await conn.send_packed_command(commands, check_health=False)
-            replies: list[Any] = []
-            async with asyncio.timeout(timeout):  # one deadline for the whole batch
-                for _ in commands:
-                    try:
-                        replies.append(
-                            await conn.read_response(timeout=math.inf, disconnect_on_error=True)
-                        )
-                    except ResponseError as exc:  # an error reply: the stream is in sync
-                        replies.append(exc)
-            return replies
-        except TimeoutError:
-            await conn.disconnect(nowait=True)
-            raise RedisTimeoutError(
-                f"Redis did not answer {len(commands)} commands in time"
-            ) from None
-        except BaseException:
-            await conn.disconnect(nowait=True)  # replies may be left unread: start afresh
-            raise
-        finally:
-            await pool.release(conn)
+        replies come back as exception objects, in place): :func:`round_trip`."""
+        return await round_trip(self.client, commands)
+
+
+async def round_trip(client: Any, commands: list[bytes]) -> list[Any]:
+    """Send packed ``commands`` (:func:`pack_command`) on one pooled connection of a
+    (non-cluster) async ``client`` and read one reply each, without redis-py's callbacks
+    (error replies come back as exception objects, in place)."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        timeout = pool.connection_kwargs.get("socket_timeout") or None
+        await conn.send_packed_command(commands, check_health=False)
+        replies: list[Any] = []
+        async with asyncio.timeout(timeout):  # one deadline for the whole batch
+            for _ in commands:
+                try:
+                    replies.append(
+                        await conn.read_response(timeout=math.inf, disconnect_on_error=True)
+                    )
+                except ResponseError as exc:  # an error reply: the stream is in sync
+                    replies.append(exc)
+        return replies
+    except TimeoutError:
+        await conn.disconnect(nowait=True)
+        raise RedisTimeoutError(
+            f"Redis did not answer {len(commands)} commands in time"
+        ) from None
+    except BaseException:
+        await conn.disconnect(nowait=True)  # replies may be left unread: start afresh
+        raise
+    finally:
+        await pool.release(conn)
 
 
 def _bulk(data: bytes) -> bytes:
@@ -929,10 +936,19 @@ async def read_track_names(
     tracks without a hash are left out). Values are cut to the event limit (256)."""
     if not track_ids:
         return {}
-    async with client.pipeline(transaction=False) as pipe:
-        for track in track_ids:
-            pipe.hmget(f"{prefix}{track}", "name", "artist", "album")
-        replies = await pipe.execute()
+    if isinstance(client, aioredis.RedisCluster):
+        async with cast(Any, client).pipeline(transaction=False) as pipe:
+            for track in track_ids:
+                pipe.hmget(f"{prefix}{track}", "name", "artist", "album")
+            replies = await pipe.execute()
+    else:  # packed here: redis-py's pipeline packs and parses each command in Python
+        replies = await round_trip(client, [
+            pack_command(b"HMGET", f"{prefix}{track}", b"name", b"artist", b"album")
+            for track in track_ids
+        ])
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
     out: dict[str, tuple[str | None, str | None, str | None]] = {}
     for track, values in zip(track_ids, replies, strict=True):
         if not values or all(v is None for v in values):

@@ -31,6 +31,7 @@ import numpy as np
 
 from stream.core.events import PlayEvent
 from stream.core.listener_record import decode_listener_record, encode_listener_record
+from stream.core.models import _blend_kernels as _bk
 from stream.core.models import _kernels as _k
 from stream.core.models._state import (
     build,
@@ -420,17 +421,17 @@ class Recommender:
             if self.max_users is not None and len(histories) > self.max_users:
                 del histories[next(iter(histories))]  # least recently played listener
         features: dict[str, float] = {}
-        x = Interaction(
-            user_id=state.user_id,
-            track_id=track,
-            ts_ms=state.last_event_ts_ms,
-            skipped=update.is_skip,
-            history=history,
-            session_position=0 if update.new_session else before.session_plays,
-            recent_skip_rate=_recent_skip_rate(before),
-            context=context,
-            artist_id=event.artist_id if event is not None else None,
-            features=features,
+        x = Interaction(  # positional, in field order (keywords cost ~1 us per play)
+            state.user_id,  # user_id
+            track,  # track_id
+            state.last_event_ts_ms,  # ts_ms
+            update.is_skip,  # skipped
+            history,  # history
+            0 if update.new_session else before.session_plays,  # session_position
+            _recent_skip_rate(before),  # recent_skip_rate
+            context,  # context
+            event.artist_id if event is not None else None,  # artist_id
+            features,  # features
         )
         # the other models' scores of this play *before* learning it, for the skip model
         # (their predict_one reads the listener, track and history, never the features)
@@ -676,8 +677,11 @@ class Recommender:
                      ) -> Float32Array | None:
         """Learn the blend from this play; its step (the example rows), None if none."""
         cache = self.__dict__.pop("_blend_cache", None)
+        order = None
         if cache is not None and cache[0] == before.user_id and cache[1] == before.seq:
             rows, X = cache[2], cache[3]
+            if cache[5] is self.ranker.weights_token:  # no step since: the same order
+                order = cache[4]
         else:  # not ranked just before (the worker ranks after learning): rank now
             rows, X, *_ = self._blend_candidates(before, ts_ms, ())
         row = self.vocabulary.index.get(track)
@@ -686,7 +690,7 @@ class Recommender:
         hit = np.flatnonzero(rows == row)
         if not len(hit):
             return None
-        pairs = self.ranker.pairs(X, int(hit[0]), key=self.n_learned)
+        pairs = self.ranker.pairs(X, int(hit[0]), key=self.n_learned, order=order)
         if not len(pairs):
             return None
         self.ranker.apply_pairs(pairs)
@@ -700,9 +704,16 @@ class Recommender:
         n = max(min(state.session_plays, len(state.recent)), 1)
         return state.recent[-n:]
 
-    def _banned_rows(self, state: UserState, exclude: Collection[str]) -> IntArray:
-        ban_list = self._query_rows(state)[1]
-        recent = np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS
+    def _banned_rows(self, state: UserState, exclude: Collection[str],
+                     recent_rows: IntArray | None = None) -> IntArray:
+        """Rows nobody may recommend to ``state`` now: its last ``recent_filter`` tracks
+        (from ``recent_rows``, :meth:`_recent_rows`, when given) and ``exclude``."""
+        if recent_rows is None:
+            ban_list = self._query_rows(state)[1]
+            recent = np.array(ban_list, dtype=np.int64) if ban_list else _NO_ROWS
+        else:
+            keep = min(self.recent_filter, len(recent_rows))
+            recent = recent_rows[len(recent_rows) - keep:] if keep else _NO_ROWS
         if isinstance(exclude, SeenTracks):
             other = exclude.rows()
         elif exclude:
@@ -714,55 +725,33 @@ class Recommender:
         out: IntArray = rows[rows >= 0]
         return out
 
+    def _recent_rows(self, state: UserState) -> IntArray:
+        """The vocabulary rows (-1 = unknown) of as many of the listener's recent tracks,
+        oldest first, as the learned blend's queries and bans read."""
+        span = max(self.recent_filter, self.cooccurrence.query_window,
+                   self.blend_cooc_window, self.rules.query_window)
+        get = self.vocabulary.index.get
+        return np.array([get(t, -1) for t in state.recent[-span:]], dtype=np.int64)
+
     def _blend_candidates(
         self, state: UserState, now_ms: int, exclude: Collection[str]
-    ) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray,
-               FloatArray, FloatArray]:
+    ) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
         """Every component's best ``blend_candidates`` tracks (none banned), and per
-        candidate the feature row of :data:`stream.core.models.blend.FEATURES`; also the
-        co-occurrence, SR and STAN scores and co-occurrence's lead (for reasons)."""
+        candidate the feature row of :data:`stream.core.models.blend.FEATURES`; also each
+        source's score of each candidate (:func:`_bk.blend_collect`'s ``comp``: columns
+        co-occurrence, STAN, SR, artist, own history, long co-occurrence) and
+        co-occurrence's lead (for reasons)."""
         size = len(self.vocabulary)
         if size == 0:
-            return (_NO_ROWS, np.zeros((0, N_FEATURES)), _NO_SCORES, _NO_SCORES, _NO_SCORES,
-                    _NO_ROWS, _NO_SCORES, _NO_SCORES)
-        n = self.blend_candidates
-        ban_rows = self._banned_rows(state, exclude)
+            return (_NO_ROWS, np.zeros((0, N_FEATURES)), np.zeros((0, 6)), _NO_ROWS)
+        recent = self._recent_rows(state)
+        ban_rows = self._banned_rows(state, exclude, recent)
         ban = self._ban_buffer(size)
         ban[ban_rows] = True
-        dense, dense_lead = self._dense_buffers(size)
-        session = self._session_items(state)
         try:
-            cooc, rules = self.cooccurrence, self.rules
-            with cooc.accumulate(cooc.anchors(state.recent)) as touched:
-                c_rows = touched.rows().copy()
-                c_vals = touched.scratch.acc[c_rows]
-                c_lead = touched.scratch.anchor[c_rows]
-            l_rows, l_vals = _NO_ROWS, _NO_SCORES
-            if self.blend_cooc_window:  # the long view: more of the listener's history
-                anchors = cooc.anchors(state.recent, self.blend_cooc_window,
-                                       self.blend_cooc_decay)
-                with cooc.accumulate(anchors) as t3:
-                    l_rows = t3.rows().copy()
-                    l_vals = t3.scratch.acc[l_rows]
-            s_rows, s_vals = self.session_knn.score(session, session_token(state), now_ms)
-            with rules.accumulate(rules.anchors(session)) as t2:
-                r_rows = t2.rows().copy()
-                r_vals = t2.scratch.acc[r_rows]
-            a_rows, a_vals = self._artist_source(state)
-            o_rows, o_vals = self._own_source(state)
-            sources = (c_rows, s_rows, r_rows, a_rows, o_rows, l_rows)
-            offsets = np.zeros(len(sources) + 1, dtype=np.int64)
-            offsets[1:] = np.cumsum([len(rows) for rows in sources])
-            # one compiled call: each source's best n unbanned rows, trending's top set,
-            # their union and every source's score of each candidate
-            cands, comp, lead = _k.blend_gather(
-                np.concatenate(sources), np.concatenate((c_vals, s_vals, r_vals, a_vals,
-                                                         o_vals, l_vals)),
-                offsets, c_lead, self.popularity.top_set(n, ban), ban,
-                self._mark_buffer(size), dense, dense_lead, n)
+            cands, comp, lead = self._blend_sources(state, now_ms, recent, ban, size)
         finally:
             ban[ban_rows] = False
-        cs, ss, rs, arts, owns = comp[:, 0], comp[:, 1], comp[:, 2], comp[:, 3], comp[:, 4]
         pop = self.popularity.score_rows(cands)
         user = self._user_vector(state)
         mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
@@ -785,7 +774,73 @@ class Recommender:
         _k.blend_features(cands, comp, pop, mf, skip, same_artist, self.first_seen, now_ms,
                           math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
                           w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS, X)
-        return cands, X, cs, ss, rs, lead, arts, owns
+        return cands, X, comp, lead
+
+    def _blend_sources(
+        self, state: UserState, now_ms: int, recent: IntArray, ban: BoolArray, size: int
+    ) -> tuple[IntArray, FloatArray, IntArray]:
+        """The candidates, each source's score of them and co-occurrence's lead, in one
+        compiled call (:func:`_bk.blend_collect`) after the Python-side sources (STAN,
+        artist, own history, trending's top set); ``ban`` holds the banned rows."""
+        n = self.blend_candidates
+        session = self._session_items(state)
+        s_rows, s_vals = self.session_knn.score(session, session_token(state), now_ms)
+        a_rows, a_vals = self._artist_source(state)
+        o_rows, o_vals = self._own_source(state)
+        top = self.popularity.top_set(n, ban)
+        dense, dense_lead = self._dense_buffers(size)
+        cooc, rules = self.cooccurrence, self.rules
+        if cooc.pop_penalty > 0 or rules.pop_penalty > 0:  # the kernel has no penalty
+            return self._blend_sources_python(
+                state, session, (s_rows, s_vals), (a_rows, a_vals), (o_rows, o_vals), top,
+                ban, size)
+        sc = cooc.acquire_scratch(size)
+        try:
+            cands, comp, lead = _bk.blend_collect(
+                recent, *cooc.arena(), cooc.query_window, cooc.query_decay,
+                self.blend_cooc_window, self.blend_cooc_decay, *rules.arena(),
+                min(rules.query_window, len(session)), rules.query_decay,
+                s_rows, s_vals, a_rows, a_vals, o_rows, o_vals, top, ban,
+                self._mark_buffer(size), sc.acc, sc.best, sc.anchor, sc.touched, dense,
+                dense_lead, n)
+        except BaseException:
+            sc.clear()
+            raise
+        finally:
+            cooc.release_scratch(sc)
+        return cands, comp, lead
+
+    def _blend_sources_python(
+        self, state: UserState, session: list[str], stan: tuple[IntArray, FloatArray],
+        artist: tuple[IntArray, FloatArray], own: tuple[IntArray, FloatArray],
+        top: IntArray, ban: BoolArray, size: int,
+    ) -> tuple[IntArray, FloatArray, IntArray]:
+        """:meth:`_blend_sources`' co-occurrence and SR queries through the models' own
+        methods (which apply a popularity penalty): the reference of the compiled call."""
+        cooc, rules = self.cooccurrence, self.rules
+        with cooc.accumulate(cooc.anchors(state.recent)) as touched:
+            c_rows = touched.rows().copy()
+            c_vals = touched.scratch.acc[c_rows]
+            c_lead = touched.scratch.anchor[c_rows]
+        l_rows, l_vals = _NO_ROWS, _NO_SCORES
+        if self.blend_cooc_window:  # the long view: more of the listener's history
+            anchors = cooc.anchors(state.recent, self.blend_cooc_window, self.blend_cooc_decay)
+            with cooc.accumulate(anchors) as t3:
+                l_rows = t3.rows().copy()
+                l_vals = t3.scratch.acc[l_rows]
+        with rules.accumulate(rules.anchors(session)) as t2:
+            r_rows = t2.rows().copy()
+            r_vals = t2.scratch.acc[r_rows]
+        sources = (c_rows, stan[0], r_rows, artist[0], own[0], l_rows)
+        offsets = np.zeros(len(sources) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(rows) for rows in sources])
+        dense, dense_lead = self._dense_buffers(size)
+        cands, comp, lead = _k.blend_gather(
+            np.concatenate(sources),
+            np.concatenate((c_vals, stan[1], r_vals, artist[1], own[1], l_vals)),
+            offsets, c_lead, top, ban, self._mark_buffer(size), dense, dense_lead,
+            self.blend_candidates)
+        return cands, comp, lead
 
     def _rank_learned(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str]
@@ -798,14 +853,16 @@ class Recommender:
             # MovieLens plays, first plays scored HR@10 0.063 against trending's 0.192.
             self.__dict__.pop("_blend_cache", None)
             return self.recommend(state, k, now_ms, exclude=exclude, variant="fixed")
-        rows, X, cs, ss, rs, lead, arts, owns = self._blend_candidates(state, now_ms, exclude)
-        self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X)
+        rows, X, comp, lead = self._blend_candidates(state, now_ms, exclude)
         if not len(rows):
+            self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, None, None)
             return []
         scores = self.ranker.score(X)
         order = np.argsort(-scores, kind="stable")
+        self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
+                                         self.ranker.weights_token)
         last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
-        codes, leads = _codes(cs, ss, rs, lead, last, arts, owns)
+        codes, leads = _bk.blend_codes(comp, lead, last)
         by_artist = np.flatnonzero(codes == REASON_ARTIST)
         if len(by_artist):  # lead: the recent play by the same artist (most recent first)
             artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
@@ -1791,23 +1848,6 @@ def _scale(values: FloatArray) -> FloatArray:
         return np.zeros(len(values))
     out: FloatArray = values / hi
     return out
-
-
-def _codes(
-    cs: FloatArray, ss: FloatArray, rs: FloatArray, lead: IntArray, last: int,
-    arts: FloatArray, owns: FloatArray,
-) -> tuple[IntArray, IntArray]:
-    """Reason codes and lead rows of learned-blend candidates: co-occurrence (its lead),
-    else SR (the last track led), else STAN (session neighbours), else the artist source,
-    else own history, else trending."""
-    by_cooc = (cs > 0) & (lead >= 0)
-    by_sr = ~by_cooc & (rs > 0)
-    rest = np.where(arts > 0, REASON_ARTIST,
-                    np.where(owns > 0, REASON_OWN, _k.REASON_POPULARITY))
-    codes = np.where(by_cooc | by_sr, _k.REASON_COOCCURRENCE,
-                     np.where(ss > 0, _k.REASON_MF, rest)).astype(np.int64)
-    leads = np.where(by_cooc, lead, np.where(by_sr, last, -1)).astype(np.int64)
-    return codes, leads
 
 
 def _recent_skip_rate(state: UserState, window: int = 10) -> float:

@@ -798,14 +798,14 @@ class Processor:
             lineage=self.settings.app_id,
             session=session_summary(state),
         )
-        return PendingWrite(
-            key=self.redis_key(event.user_id),
-            seq=state.seq,
-            doc=doc,
-            notification=note,
-            event_ts_ms=state.last_event_ts_ms,
-            ingest_ts_ms=ingest_ts_ms,
-            enqueued_at=time.perf_counter(),
-            lineage=self.settings.app_id,
-            fresh=fresh,
+        return PendingWrite(  # positional, in field order (keywords: ~1 us per write)
+            self.redis_key(event.user_id),  # key
+            state.seq,  # seq
+            doc,  # doc
+            note,  # notification
+            state.last_event_ts_ms,  # event_ts_ms
+            ingest_ts_ms,  # ingest_ts_ms
+            time.perf_counter(),  # enqueued_at
+            self.settings.app_id,  # lineage
+            fresh,  # fresh
         )

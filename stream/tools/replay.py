@@ -137,7 +137,12 @@ def replay(
 ) -> ReplayResult:
     """Prequential replay of ``events`` (already in time order) -> metrics per variant."""
     step = TestThenTrain(variants, k=k, exclude_seen=exclude_seen, max_recent=max_recent)
-    rec = recommender if recommender is not None else Recommender(seed=seed, repeats=repeats)
+    rec = recommender
+    if rec is None:
+        rec = Recommender(seed=seed, repeats=repeats)
+        # nobody reads a replay's item steps (what a worker sends the others): the models
+        # learn the same without building them (Recommender.item_steps)
+        rec.emit_item_steps(False)
     states: dict[str, UserState] = {}
     started = time.perf_counter()
     for event in tqdm(events, disable=not progress, file=sys.stderr, unit="ev", mininterval=0.5):

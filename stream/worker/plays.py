@@ -281,14 +281,14 @@ class PlaysAgent:
                         reread.setdefault(tp, again)
                     continue
             live.append(ev)
-            records.append(
-                Record(
-                    topic=msg.topic,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                    key=msg.key,
-                    value=msg.value,
-                    timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
+            records.append(  # positional (topic, partition, offset, key, value, timestamp_ms):
+                Record(  # keywords cost ~0.7 us per play in the generated __init__
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    msg.key,
+                    msg.value,
+                    int(msg.timestamp * 1000) if msg.timestamp else None,
                 )
             )
         if stale:

@@ -289,7 +289,7 @@ def test_learned_ranker_worker_publishes_valid_lists(
     assert worker.metric_value("stream_events_total", outcome="processed") == len(events)
     assert "ranker: learned (setting ranker; session models on)" in worker.log_text()
     # the live quality gauges carry each component next to the published blend
-    # (ComponentQuality: every 10th evaluated play; exported by the 2 s report timer)
+    # (ComponentQuality: every 50th evaluated play; exported by the 2 s report timer)
     variants = ("blend", "popularity", "mf", "cooccurrence", "sknn", "stan", "sr", "fixed")
     deadline = time.monotonic() + 20
     while True:

@@ -12,7 +12,8 @@ import pytest
 from stream.core.models import _kernels as _k
 from stream.core.models.base import Interaction
 from stream.core.models.cooccurrence import SessionCooccurrence
-from stream.core.recommender import Recommender, SeenTracks
+from stream.core.models.stan import best_order
+from stream.core.recommender import Recommender, SeenTracks, session_token
 from stream.core.session import UserState, update_session
 from stream.tools.datasets import load_events
 
@@ -303,3 +304,94 @@ def test_top_n_heap_keeps_the_n_best_with_ties_to_the_lower_row() -> None:
         expected = sorted(rows[order[:n]].tolist())
         assert sorted(_k._top_n(rows, key, n).tolist()) == expected, (t, m, n)
 
+
+
+def _sources(rec: Recommender, state: UserState, now: int, seen: SeenTracks, compiled: bool
+             ) -> tuple[np.ndarray, ...]:
+    size = len(rec.vocabulary)
+    recent = rec._recent_rows(state)
+    ban_rows = rec._banned_rows(state, seen, recent)
+    ban = rec._ban_buffer(size)
+    ban[ban_rows] = True
+    try:
+        if compiled:
+            return rec._blend_sources(state, now, recent, ban, size)
+        session = rec._session_items(state)
+        n = rec.blend_candidates
+        return rec._blend_sources_python(
+            state, session, rec.session_knn.score(session, session_token(state), now),
+            rec._artist_source(state), rec._own_source(state), rec.popularity.top_set(n, ban),
+            ban, size)
+    finally:
+        ban[ban_rows] = False
+
+
+@pytest.mark.parametrize("repeats", [0, 200])
+def test_compiled_blend_candidates_match_the_python_queries(
+    datasets_dir: Path, repeats: int
+) -> None:
+    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=3000)
+    rec, states = Recommender(seed=2, repeats=repeats), {}
+    rng = random.Random(3)
+    for e in events:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    rec.tracks_of = defaultdict(list)
+    for t, a in rec.artist_of.items():
+        rec.tracks_of[a].append(t)
+    now = 893_000_000_000
+    checked, by_source = 0, np.zeros(6)
+    for state in list(states.values())[:80]:
+        seen = SeenTracks(rec.vocabulary)
+        for t in state.recent[:-5]:
+            seen.add(t)
+        fast = _sources(rec, state, now, seen, compiled=True)
+        ref = _sources(rec, state, now, seen, compiled=False)
+        for a, b in zip(fast, ref, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        checked += 1
+        by_source += (fast[1] > 0).sum(axis=0)
+    assert checked >= 30
+    # every source proposed candidates (own history only with repeats)
+    assert (by_source[[0, 1, 2, 3, 5]] > 100).all() and (by_source[4] > 100) == bool(repeats)
+
+
+def test_stan_best_order_is_the_stable_sort_prefix() -> None:
+    rng = np.random.default_rng(5)
+    for n, k in ((0, 3), (5, 10), (200, 10), (1000, 100), (50, 50)):
+        sims = np.round(rng.random(n), 1) * (rng.random(n) > 0.3)  # many ties and zeros
+        want = np.argsort(-sims, kind="mergesort")[:k]
+        np.testing.assert_array_equal(best_order(sims, k), want)
+
+
+def test_reciprocal_ranks_of_the_positive_scores_only() -> None:
+    rng = np.random.default_rng(6)
+    for n in (0, 1, 7, 150):
+        values = np.round(rng.random(n), 1) - 0.3 * (rng.random(n) > 0.5)
+        for signed in (False, True):
+            out = np.full((n, 3), 9.0)
+            _k._recip_rank_into(values, out, 1, signed)
+            order = np.argsort(-values, kind="mergesort")
+            want = np.zeros(n)
+            for j, i in enumerate(order):
+                want[i] = 1.0 / (j + 1) if signed or values[i] > 0.0 else 0.0
+            np.testing.assert_array_equal(out[:, 1], want)
+            assert (out[:, [0, 2]] == 9.0).all()
+
+
+def test_desc_order_is_the_stable_mergesort() -> None:
+    rng = np.random.default_rng(7)
+    for n in (0, 1, 2, 30, 256, 257, 600):
+        values = np.round(rng.normal(size=n), 1)  # ties, negatives and zeros
+        if n > 5:
+            values[3] = -0.0
+        idx = np.arange(n)[rng.random(n) > 0.2]
+        want = idx[np.argsort(-values[idx], kind="mergesort")]
+        np.testing.assert_array_equal(_k._desc_order(values, idx), want)
+    values = np.array([1.0, np.nan, 2.0, 1.0])
+    idx = np.arange(4)
+    np.testing.assert_array_equal(_k._desc_order(values, idx),
+                                  idx[np.argsort(-values, kind="mergesort")])

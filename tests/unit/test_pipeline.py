@@ -288,6 +288,23 @@ def test_murmur2_and_the_key_partition_match_kafkas_default_partitioner() -> Non
             assert key_partition(key, n) == partitioner(key, list(range(n)), list(range(n)))
 
 
+def test_the_key_hash_cache_gives_the_uncached_partition_and_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from stream.core import events
+
+    monkeypatch.setattr(events, "KEY_HASH_CACHE", 64)
+    monkeypatch.setattr(events, "_key_hashes", {})
+    keys = [f"listener-{i}".encode() for i in range(300)]
+    for _ in range(3):  # cold, cached, and after the cache was emptied on the way
+        for key in keys:
+            for n in (1, 4, 7):
+                uncached = (events.murmur2(key) & 0x7FFFFFFF) % n
+                assert events.key_partition(key, n) == uncached
+                assert events.key_partition(bytearray(key), n) == uncached
+            assert len(events._key_hashes) <= 64
+
+
 def test_a_play_on_another_partition_than_its_key_is_dead_lettered() -> None:
     """Review finding 2: with ``partitions`` known, a play whose partition is not
     murmur2(key) mod partitions is rejected as ``wrong_partition``, never applied."""

@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.core.models._state import build, get_field, get_params
+from stream.core.models._vocab import IntArray
 from stream.core.models.base import FloatArray, check_positive
 
 FEATURES: Final = (
@@ -120,6 +121,13 @@ class LearnedBlend:
         """The learned weight per feature (in :data:`FEATURES` order; a copy)."""
         return self._w.copy()
 
+    @property
+    def weights_token(self) -> object:
+        """An object that is the same (``is``) as long as the weights are: every step
+        replaces the weight array, never changes it in place, so a ranking's order can be
+        reused by :meth:`pairs` while this token holds."""
+        return self._w
+
     def score(self, X: FloatArray) -> FloatArray:
         """Ranking score per candidate row of ``X`` (``len(X) x N_FEATURES``)."""
         out: FloatArray = X @ self._w + PRIOR_EPS * X[:, 0]
@@ -130,15 +138,18 @@ class LearnedBlend:
         count of plays learned) seeds the choice of negatives. Returns the pairs learned."""
         return self.apply_pairs(self.pairs(X, positive, key))
 
-    def pairs(self, X: FloatArray, positive: int, key: int) -> Float32Array:
+    def pairs(self, X: FloatArray, positive: int, key: int,
+              order: IntArray | None = None) -> Float32Array:
         """The examples of one ranked list (see :meth:`learn`): one row ``x_pos - x_neg``
         per chosen negative, as float32 (``0 x N_FEATURES`` when there is nothing to learn).
         These rows are the blend's step: another worker's blend takes the same step from
-        them (:meth:`apply_pairs`; docs/scaling.md). Learns nothing."""
+        them (:meth:`apply_pairs`; docs/scaling.md). Learns nothing. ``order``: the list's
+        ranking by these weights (``np.argsort(-score(X), kind="stable")``) if known."""
         n = len(X)
         if n < 2 or not 0 <= positive < n:
             return np.zeros((0, N_FEATURES), dtype=np.float32)
-        order = np.argsort(-self.score(X), kind="stable")
+        if order is None:
+            order = np.argsort(-self.score(X), kind="stable")
         top = order[: self.hard_pool + 1]
         pool = top[top != positive].tolist()
         h = _mix(self.seed * 0x100000001B3 ^ key)

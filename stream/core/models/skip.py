@@ -194,5 +194,6 @@ class SkipClassifier(StateModel):
             w = weights.get(name, 0.0)
             if w:
                 logit += w * _squash_many(name, values)
-        out: FloatArray = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
+        # np.minimum(np.maximum(.)): np.clip's values without its ~10 us of Python wrapping
+        out: FloatArray = 1.0 / (1.0 + np.exp(-np.minimum(np.maximum(logit, -30.0), 30.0)))
         return out

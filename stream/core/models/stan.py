@@ -36,6 +36,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
+from stream.core.models._kernels import _top_n
 from stream.core.models._state import (
     ID_LEN,
     INT_LIMIT,
@@ -121,6 +122,15 @@ def stan_learn(items, lengths, times, slot, row, ts, p_start, p_size, p_cap, p_h
 
 
 @_jit
+def best_order(sims, k):  # type: ignore[no-untyped-def]
+    """``np.argsort(-sims, kind="mergesort")[:k]`` (the ``k`` best, ties to the earlier
+    index) without sorting all of ``sims``: a heap picks them, then only they are sorted."""
+    best = _top_n(np.arange(len(sims)), sims, min(k, len(sims)))
+    best.sort()
+    return best[np.argsort(-sims[best], kind="mergesort")]
+
+
+@_jit
 def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, arena, now,  # type: ignore[no-untyped-def]
                own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched):
     """Accumulate STAN scores into ``acc`` (all zero before) for the query tracks
@@ -169,9 +179,9 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
             age = 0
         sims[c] = num / math.sqrt(nq * ln) * math.exp(-age * inv_l2)
         match[c] = best_p
-    order = np.argsort(-sims, kind="mergesort")
+    order = best_order(sims, k)
     nt = 0
-    for j in range(min(k, nc)):
+    for j in range(len(order)):
         c = order[j]
         sim = sims[c]
         if sim <= 0.0:
@@ -353,7 +363,7 @@ class SessionKNN(VocabularyModel):
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         nq = len(rows)
         lam1 = None if plain else self.lambda_position
-        q_w = np.ones(nq) if lam1 is None else np.exp((np.arange(1, nq + 1) - nq) / lam1)
+        q_w = self._position_weights(nq, lam1)
         lam2 = None if plain else self.lambda_recency_ms
         lam3 = None if plain else self.lambda_distance
         serial = self._open.get(user_id, -1)
@@ -376,6 +386,15 @@ class SessionKNN(VocabularyModel):
         out_scores = acc[out_rows]
         acc[out_rows] = 0.0
         return out_rows, out_scores
+
+    def _position_weights(self, nq: int, lam1: float | None) -> FloatArray:
+        """STAN's position weights of a ``nq``-track query (cached: the kernel only reads)."""
+        cache = self.__dict__.setdefault("_q_w", {})
+        q_w: FloatArray | None = cache.get((nq, lam1))
+        if q_w is None:
+            q_w = np.ones(nq) if lam1 is None else np.exp((np.arange(1, nq + 1) - nq) / lam1)
+            cache[nq, lam1] = q_w
+        return q_w
 
     def _buffers(self, size: int) -> tuple[IntArray, Any, FloatArray, IntArray]:
         sc = self._scratch
