@@ -4,9 +4,10 @@ caller (in the worker: the event loop).
 Builds a recommender whose catalogue is ``--tracks`` + 1 tracks (the worker evicts when the
 catalogue passes ``max_tracks``, down to 90 % of it), then evicts, adds 10 % fresh tracks
 and evicts again, ``--rounds`` times, timing each eviction. Odd rounds evict inline (the
-time an event loop would be held if it ran there); even rounds evict in a thread as the
-worker does (stream.worker.app), with a 1 ms lag probe on an asyncio loop beside it: its longest
-lag is what the event loop feels. The catalogue is synthetic (no public
+time an event loop would be held if it ran there); even rounds evict as the worker does
+(stream.worker.eviction: slices on the loop, compiled passes in a thread; ``--threaded``:
+all of it in a thread, as before session 13), with a 1 ms lag probe on the asyncio loop: its
+longest lag is what the event loop feels, its longest busy stretch the loop's own work. The catalogue is synthetic (no public
 log has 500k tracks here): skewed sessions of 10 plays over the catalogue, learned by the
 popularity, co-occurrence and MF models exactly as in the worker (the skip model and the
 drift detector hold no per-track state and are left out to keep the build short).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import sys
@@ -30,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from stream.core.models._vocab import EvictionSteps
 from stream.core.models.base import Interaction
 from stream.core.recommender import Recommender, warm_up
+from stream.worker.eviction import run_steps
 from stream.worker.watchdog import LoopLagProbe
 
 SESSION = 10
@@ -74,13 +78,14 @@ def build(n_tracks: int, plays_per_track: float, seed: int) -> tuple[Recommender
     return rec, next_track
 
 
-async def evict_beside_loop(rec: Recommender, keep: int
+async def evict_beside_loop(rec: Recommender, keep: int, mode: str
                             ) -> tuple[int, float, float, float, float]:
-    """Evict in a thread (as stream.worker.app does) while a 1 ms lag probe runs on this loop;
-    returns (evicted, seconds, longest loop lag, longest lag of the same probe over as long
-    a span just before, with no eviction: the machine's own noise, and the longest CPU
-    stretch of the loop's thread between two probe turns during the eviction: ~0, so a
-    lag is the loop's thread waiting -- for a CPU or for the GIL)."""
+    """Evict as the worker does (``mode`` "sliced": stream.worker.eviction.run_steps, the
+    slices on this loop and the compiled passes in a thread; "thread": the whole eviction
+    in a thread, as before session 13) while a 1 ms lag probe runs on this loop; returns
+    (evicted, seconds, longest loop lag, longest lag of the same probe over as long a span
+    just before, with no eviction: the machine's own noise, and the longest CPU stretch of
+    the loop's thread between two probe turns during the eviction: the loop's own work)."""
     probe = LoopLagProbe(on_lag=lambda _s: None, interval_s=0.001)
     task = asyncio.get_running_loop().create_task(probe.run())
     await asyncio.sleep(0.05)
@@ -89,11 +94,21 @@ async def evict_beside_loop(rec: Recommender, keep: int
     control = probe.max_lag
     probe.max_lag = probe.max_busy = 0.0
     started = time.perf_counter()
-    evicted = await asyncio.to_thread(rec.evict_tracks, keep)
+    if mode == "thread":
+        evicted = await asyncio.to_thread(rec.evict_tracks, keep)
+    else:
+        out: list[int] = []
+        await run_steps(counted(rec.eviction_steps(keep), out))
+        evicted = out[0]
     seconds = time.perf_counter() - started
     await asyncio.sleep(0.01)
     task.cancel()
     return evicted, seconds, probe.max_lag, control, probe.max_busy
+
+
+def counted(steps: EvictionSteps[int], out: list[int]) -> EvictionSteps[None]:
+    """``steps``, with their result appended to ``out``."""
+    out.append((yield from steps))
 
 
 def arena_entries(rec: Recommender) -> int:
@@ -107,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracks", type=int, default=500_000, help="max_tracks (the cap)")
     p.add_argument("--plays-per-track", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=4,
-                   help="evictions to time (odd rounds inline, even ones in a thread)")
+                   help="evictions to time (odd rounds inline, even ones as the worker runs "
+                        "them beside an event loop)")
+    p.add_argument("--threaded", action="store_true",
+                   help="even rounds: the whole eviction in a thread (before session 13) "
+                        "instead of slices on the loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None)
     args = p.parse_args(argv)
@@ -117,19 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     keep = int(cap * 0.9)  # as stream.processing.pipeline.Processor._evict
     warm_up()  # as the worker does before it joins: kernels compiled or loaded from cache
     rec, next_track = build(cap + 1, args.plays_per_track, args.seed)
+    # as the worker does every gc_freeze_interval_s: the build's millions of objects out of
+    # the collector's walks (otherwise a full collection lands in some eviction slice)
+    gc.collect()
+    gc.freeze()
     rounds: list[dict[str, Any]] = []
     ts = 10**9
     for r in range(args.rounds):
         before = rec.catalogue_size()
         entries = arena_entries(rec)
-        mode = "inline" if r % 2 == 0 else "thread"
+        mode = "inline" if r % 2 == 0 else ("thread" if args.threaded else "sliced")
         if mode == "inline":  # on the caller's thread: what an event loop would be held
             started, cpu = time.perf_counter(), time.thread_time()
             evicted = rec.evict_tracks(keep)
             seconds = time.perf_counter() - started
             lag, control, busy = seconds, None, time.thread_time() - cpu
-        else:  # as the worker runs it: in a thread, with a lag probe on an event loop
-            evicted, seconds, lag, control, busy = asyncio.run(evict_beside_loop(rec, keep))
+        else:  # as the worker runs it, with a lag probe on an event loop
+            evicted, seconds, lag, control, busy = asyncio.run(
+                evict_beside_loop(rec, keep, mode))
         rounds.append({"mode": mode, "catalogue_before": before, "evicted": evicted,
                        "arena_entries_before": entries, "seconds": round(seconds, 4),
                        "max_loop_lag_s": round(lag, 4),
@@ -154,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra = cap + 1 - rec.catalogue_size()
                 learn_sessions(rec, np.arange(next_track, next_track + extra), 3 * 10**7, ts)
                 next_track += extra
+            gc.collect()
+            gc.freeze()
     report = {
         "benchmark": "eviction",
         "command": " ".join(["python -m load_tests.eviction", *(argv or sys.argv[1:])]),
@@ -162,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         "plays_per_track": args.plays_per_track,
         "rounds": rounds,
         "max_seconds": max(r["seconds"] for r in rounds),
-        "max_loop_lag_s_thread": max((r["max_loop_lag_s"] for r in rounds
-                                      if r["mode"] == "thread"), default=None),
+        "max_loop_lag_s_beside": max((r["max_loop_lag_s"] for r in rounds
+                                      if r["mode"] != "inline"), default=None),
+        "max_loop_busy_s_beside": max((r["max_loop_busy_s"] for r in rounds
+                                       if r["mode"] != "inline"), default=None),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(json.dumps(report, indent=1))

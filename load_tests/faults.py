@@ -1027,6 +1027,8 @@ def _junk_ids_main(args: argparse.Namespace) -> int:
             text = w.log_text() if w.log_path.exists() else ""
             tail = text[-3000:]
             stalls = [line for line in text.splitlines() if "event loop held" in line]
+            if text:  # the whole worker log beside the report (what the stalls were)
+                args.report.with_suffix(".log").write_text(text)
             w.kill()
     r["worker_log_tail"] = tail
     r["loop_stalls_sampled"] = stalls[-200:]

@@ -176,6 +176,15 @@ def real_plays(tag: str, datasets_dir: Path, per_user: int) -> dict[str, list[Pl
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process ``pid`` has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -215,6 +224,8 @@ def junk_ids(
     series: list[dict[str, Any]] = []
     latencies: dict[str, list[float]] = {u: [] for u in plays}
     resolved: dict[str, int] = dict.fromkeys(plays, 0)
+    #: (sent at, seconds since the drill's start; latency to the list) of every real play
+    timeline: list[tuple[float, float]] = []
     t0 = time.monotonic()
     redis_start = int(redis.info("memory")["used_memory"])
 
@@ -235,6 +246,8 @@ def junk_ids(
                 sends = real.sends[u]
                 while resolved[u] < len(sends) and sends[resolved[u]][0] <= seq:
                     latencies[u].append(now - sends[resolved[u]][1])
+                    timeline.append((round(sends[resolved[u]][1] - t0, 2),
+                                     round(now - sends[resolved[u]][1], 3)))
                     resolved[u] += 1
 
     rss_start = rss()
@@ -265,6 +278,7 @@ def junk_ids(
                     "junk_sent": junk.sent,
                     "events_applied": int(processed),
                     "rss_mb": round(rss() / 2**20, 1),
+                    "worker_cpu_s": round(cpu_seconds(pid), 2),
                     "redis_used_mb": round(int(redis.info("memory")["used_memory"]) / 2**20, 1),
                     "loop_lag_max_ms": round(
                         1000 * metrics.get("stream_event_loop_lag_max_seconds", 0.0), 1),
@@ -275,6 +289,8 @@ def junk_ids(
                     "evictions": int(metrics.get("stream_eviction_seconds_count", 0.0)),
                     "mf_users_evicted": int(metrics.get("stream_mf_users_evicted_total", 0.0)),
                     "active_users": int(metrics.get("stream_session_table_users", 0.0)),
+                    "consumer_lag": int(metrics.get("stream_consumer_lag_messages", 0.0)),
+                    "rankings_shed": int(metrics.get("stream_rankings_shed_total", 0.0)),
                     "model_memory_mb": round(
                         metrics.get("stream_model_memory_bytes", 0.0) / 2**20, 1),
                 }
@@ -346,6 +362,7 @@ def junk_ids(
         "real_latency_max_s": _round(max(all_latencies, default=None)),
         "real_lists_fresh": all(resolved[u] == real_sent[u] for u in plays)
         and (max(all_latencies, default=0.0) <= 5.0),
+        "real_latency_timeline": sorted(timeline),
         "producer_errors": [repr(e) for e in (junk.error, real.error) if e is not None],
         "series": series,
     }
@@ -443,9 +460,9 @@ def plot_series(series: list[dict[str, Any]], path: Path, report: dict[str, Any]
 
 
 def drill_settings(base: Settings, *, max_tracks: int | None, max_users: int | None) -> Settings:
-    # the stall sampler logs where every loop stall of 100 ms or more was spent
+    # the stall sampler logs where every loop stall of 40 ms or more was spent
     # (stream.worker.watchdog.StallSampler); the report lists those lines
-    changes: dict[str, Any] = {"checkpoint_interval_s": 0.0, "stall_sample_ms": 100.0}
+    changes: dict[str, Any] = {"checkpoint_interval_s": 0.0, "stall_sample_ms": 40.0}
     if max_tracks is not None:
         changes["max_tracks"] = max_tracks
     if max_users is not None:

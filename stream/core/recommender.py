@@ -47,8 +47,10 @@ from stream.core.models._state import (
 from stream.core.models._vocab import (
     BoolArray,
     EvictionPlan,
+    EvictionSteps,
     IntArray,
     Vocabulary,
+    drain,
     grow_rows,
     reserve_rows,
     top_rows,
@@ -1368,9 +1370,20 @@ class Recommender:
         (like tracks never seen).
 
         Cost: O(catalogue) numpy work (a partition of the weights), one compiled pass over
-        the co-occurrence lists and O(evicted) dictionary work -- ~15 ms at the default
+        the co-occurrence lists and O(evicted) dictionary work -- ~0.2-0.9 s at the default
         500k-track cap, against ~4 s for the renumber-everything loop it replaced
-        (docs/benchmarks.md, "Eviction at the track cap")."""
+        (docs/benchmarks.md, "Eviction at the track cap"). :meth:`eviction_steps` does the
+        same in steps of about a millisecond (the worker's way)."""
+        return drain(self.eviction_steps(keep, on_evicted))
+
+    def eviction_steps(
+        self, keep: int, on_evicted: Callable[[list[str]], None] | None = None
+    ) -> EvictionSteps[int]:
+        """:meth:`evict_tracks` in steps (:data:`~stream.core.models._vocab.EvictionSteps`):
+        slices of about a millisecond or less of GIL-holding work, and the compiled arena
+        passes (GIL released) as callables, so that an event loop can run the slices
+        between its other work and the compiled passes in a thread. Nothing may use the
+        models until the last step has run."""
         n = len(self.vocabulary)
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep!r}")
@@ -1380,6 +1393,7 @@ class Recommender:
         w = self.popularity.weights()
         weights[: len(w)] = w[:n]
         plan = EvictionPlan.lightest(weights, keep)
+        yield None
         cached = self.__dict__.pop("_norms", None)
         if cached is not None and cached[0] == self.vocabulary.generation:
             norms = cached[1][:n]
@@ -1391,24 +1405,33 @@ class Recommender:
             # (the generation the vocabulary takes below)
             self.__dict__["_norms"] = (self.vocabulary.generation + 1, norms[:keep], 0)
         self.__dict__.pop("_blend_cache", None)  # candidate rows of the old numbering
+        yield None
         self.popularity.evict_rows(plan)
-        self.cooccurrence.evict_rows(plan)
-        self.mf.evict_rows(plan)
-        self.session_knn.evict_rows(plan)
-        self.rules.evict_rows(plan)
+        yield None
+        yield from self.cooccurrence.evict_steps(plan)
+        yield from self.mf.evict_steps(plan)
+        yield from self.session_knn.evict_steps(plan)
+        yield from self.rules.evict_steps(plan)
         first_seen = grow_rows(self.first_seen, n)
         first_seen[plan.holes] = first_seen[plan.movers]
         first_seen[keep:n] = 0
         self.first_seen = first_seen
-        evicted = self.vocabulary.fill_holes(plan)
-        if self.tracks_of:
-            self._drop_artist_tracks(evicted)
-        if self.artist_of:
-            pop = self.artist_of.pop
-            deque(map(pop, evicted, repeat(None)), maxlen=0)
+        yield None
+        evicted = yield from self.vocabulary.fill_holes_steps(plan)
+        yield from self._forget_artists_steps(evicted)
         if on_evicted is not None:
             on_evicted(evicted)
         return len(evicted)
+
+    def _forget_artists_steps(self, evicted: list[str]) -> EvictionSteps[None]:
+        """Forget the artists of ``evicted`` tracks, in slices of 1,024 tracks."""
+        for lo in range(0, len(evicted), 1024):
+            part = evicted[lo : lo + 1024]
+            if self.tracks_of:
+                self._drop_artist_tracks(part)
+            if self.artist_of:
+                deque(map(self.artist_of.pop, part, repeat(None)), maxlen=0)
+            yield None
 
     def _drop_artist_tracks(self, evicted: list[str]) -> None:
         """Take evicted tracks out of their artists' latest-tracks lists (before

@@ -27,6 +27,7 @@ from stream.core.events import (  # noqa: F401 - murmur2, key_partition: re-expo
     parse_event,
     partition_problem,
 )
+from stream.core.models._vocab import EvictionSteps, drain
 from stream.core.ranking import top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
@@ -55,7 +56,8 @@ MAX_TOUCHED_TRACKS: Final = 10_000
 MAX_PENDING_FIRST: Final = 20_000
 #: most listeners ranked in one budgeted call (Processor.rank_pending)
 MAX_RANK_CHUNK: Final = 1024
-#: a budgeted call ranks this many listeners at a time, then checks the time spent
+#: a budgeted call ranks at most this many listeners at a time (fewer when they are dear:
+#: Processor._rank_budgeted), then checks the time spent
 RANK_SUB_CHUNK: Final = 8
 
 
@@ -407,20 +409,32 @@ class Processor:
                 (t1 - t0, t2 - t1, clock() - t2))
 
     def evict_due(self) -> None:
-        """Run the eviction :attr:`eviction_due` asks for (see ``defer_eviction``). Touches
-        the models, ``touched_tracks`` and ``similar_refreshed`` only: safe in another
-        thread while the caller keeps every other user of those away."""
+        """Run the eviction :attr:`eviction_due` asks for (see ``defer_eviction``) here and
+        now (:meth:`eviction_steps`, every step)."""
+        drain(self.eviction_steps())
+
+    def eviction_steps(self) -> EvictionSteps[None]:
+        """The eviction :attr:`eviction_due` asks for, in steps
+        (:data:`stream.core.models._vocab.EvictionSteps`; the worker runs the slices on its
+        event loop between its other work and the compiled passes in a thread:
+        stream.worker.eviction). Touches the models, ``touched_tracks`` and
+        ``similar_refreshed`` only; the caller keeps every other user of those away until
+        the last step has run."""
         if self.eviction_due:
             self.eviction_due = False
             if self.max_tracks and self.recommender.catalogue_size() > self.max_tracks:
-                self._evict()
+                yield from self._evict_steps()
 
     def _evict(self) -> None:
+        drain(self._evict_steps())
+
+    def _evict_steps(self) -> EvictionSteps[None]:
         """Bound the catalogue (hostile or just huge): drop the least popular 10 % of the
-        allowed size in one go, so eviction runs rarely."""
+        allowed size in one go, so eviction runs rarely. ``eviction_seconds`` gets its
+        wall time, from the first step to the last."""
         started = time.perf_counter()
-        n = self.recommender.evict_tracks(int(self.max_tracks * 0.9),
-                                          on_evicted=self._forget_tracks)
+        n = yield from self.recommender.eviction_steps(int(self.max_tracks * 0.9),
+                                                       on_evicted=self._forget_tracks)
         self.evicted_tracks += n
         self.eviction_seconds.append(time.perf_counter() - started)
         logger.info(
@@ -470,8 +484,8 @@ class Processor:
         (stream.processing.pacing) (``Recommender.recommend_many`` over them; one by one if
         that raises, so a listener whose ranking fails loses only their own update).
         Listeners with a history first, then first plays. Without ``budget_s`` every
-        waiting listener is ranked; with it, only as many as take about that long at the
-        recent cost per listener (at least one): a ranking scans the catalogue's factors,
+        waiting listener is ranked; with it, only as many as fit in it, judged after each
+        listener (:meth:`_rank_budgeted`; at least one): a ranking scans the catalogue's factors,
         ~5-10 ms a listener at 300k+ tracks, so ranking a backlog of thousands at once held
         the event loop for up to 56 s in the junk-ids drill. The rest wait for the next
         call. ``on_ranked`` gets each listener's share of the
@@ -487,19 +501,7 @@ class Processor:
             self.pending_rank, self.pending_first = OrderedDict(), OrderedDict()
             ranked = self._rank_entries(entries, now_ms)
         else:
-            # at most n (the budget at the recent cost per listener), ranked RANK_SUB_CHUNK
-            # at a time until the budget is spent: one listener's cost varies by 100x
-            # (a first play against a long history scanning 500k tracks' factors), so an
-            # estimate from cheap listeners let one call hold the loop for 7.8 s
-            n = max(1, min(MAX_RANK_CHUNK, int(budget_s / max(self.rank_cost_s, 1e-6))))
-            while len(entries) < n and (self.pending_rank or self.pending_first) and (
-                    not entries or time.perf_counter() - started < budget_s):
-                chunk: list[tuple[PlayEvent, UserState, int | None]] = []
-                for queue in (self.pending_rank, self.pending_first):
-                    while queue and len(chunk) < min(RANK_SUB_CHUNK, n - len(entries)):
-                        chunk.append(queue.popitem(last=False)[1])
-                entries += chunk
-                ranked += self._rank_entries(chunk, now_ms)
+            entries, ranked = self._rank_budgeted(budget_s, started, now_ms)
         per_listener = (time.perf_counter() - started) / len(entries)
         self.rank_cost_s = 0.7 * self.rank_cost_s + 0.3 * per_listener
         refreshing = self._refreshing
@@ -515,6 +517,40 @@ class Processor:
             if on_ranked is not None:
                 on_ranked(per_listener)
         return len(entries)
+
+    def _rank_budgeted(
+        self, budget_s: float, started: float, now_ms: int
+    ) -> tuple[list[tuple[PlayEvent, UserState, int | None]], list[list[Recommendation] | None]]:
+        """Rank waiting listeners (history first) until the next one would pass ``budget_s``
+        since ``started``: one listener first, then sub-chunks of up to RANK_SUB_CHUNK sized
+        by the dearest listener of this call so far (the batched kernel ranks a sub-chunk
+        in one call). One listener's cost varies by 100x (a
+        first play against a long history, each scanning 500k tracks' factors, and a
+        loaded machine's wall time on top), so a chunk sized from an earlier average held
+        the loop for 7.8 s, and a fixed sub-chunk of 8 for 74-113 ms: now a call ends
+        within its budget unless one listener alone costs more than the dearest before
+        it (or a sub-chunk's listeners cost more than twice that). At least one listener is
+        ranked."""
+        entries: list[tuple[PlayEvent, UserState, int | None]] = []
+        ranked: list[list[Recommendation] | None] = []
+        dearest = 0.0
+        while (self.pending_rank or self.pending_first) and len(entries) < MAX_RANK_CHUNK:
+            left = budget_s - (time.perf_counter() - started)
+            if entries and left < dearest:
+                break
+            # a sub-chunk predicted to take at most half of what is left: within the budget
+            # while no listener costs more than twice the dearest before it
+            size = 1 if not entries else min(RANK_SUB_CHUNK, MAX_RANK_CHUNK - len(entries),
+                                              max(1, int(left / (2 * max(dearest, 1e-6)))))
+            chunk: list[tuple[PlayEvent, UserState, int | None]] = []
+            for queue in (self.pending_rank, self.pending_first):
+                while queue and len(chunk) < size:
+                    chunk.append(queue.popitem(last=False)[1])
+            t0 = time.perf_counter()
+            ranked += self._rank_entries(chunk, now_ms)
+            dearest = max(dearest, (time.perf_counter() - t0) / len(chunk))
+            entries += chunk
+        return entries, ranked
 
     def _rank_entries(self, entries: list[tuple[PlayEvent, UserState, int | None]],
                       now_ms: int) -> list[list[Recommendation] | None]:

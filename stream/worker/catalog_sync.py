@@ -7,7 +7,9 @@ names seen before a restart), so later documents carry them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Final
 
 from stream.adapters.redis_store import catalog_commands, read_track_names
 from stream.config import Settings
@@ -16,6 +18,9 @@ from stream.worker.telemetry import Telemetry
 from stream.worker.writer import WriterPart
 
 logger = logging.getLogger(__name__)
+
+#: tracks whose play counts are packed in one turn of the event loop (about 1-3 ms)
+COUNTS_SLICE: Final = 500
 
 
 class CatalogSync:
@@ -49,8 +54,20 @@ class CatalogSync:
 
     async def write_counts(self) -> None:
         """Every catalog_flush_s: each track's plays since the last time (one HINCRBY and
-        last_seen per track, not a write per play)."""
-        self.write(counts=True)
+        last_seen per track, not a write per play), packed COUNTS_SLICE tracks per loop
+        turn: under a flood of new track ids one flush held thousands of tracks (~20 ms of
+        packing at 400 new tracks a second on a loaded machine, growing with the rate)."""
+        self.write_changes()
+        if self.writer.client is None:
+            return
+        plays = self.catalog.take_counts()
+        s = self.settings
+        items = list(plays.items())
+        for lo in range(0, len(items), COUNTS_SLICE):
+            self.writer.submit_commands(catalog_commands(
+                s.catalog_prefix, {}, dict(items[lo : lo + COUNTS_SLICE]), s.catalog_ttl_s))
+            if lo + COUNTS_SLICE < len(items):
+                await asyncio.sleep(0)
 
     async def resolve_names(self) -> None:
         """Once a second, read back the names of up to 256 tracks a document wanted."""

@@ -71,6 +71,11 @@ class Ranker:
                 self.rank_due()
             except Exception:  # noqa: BLE001 - never let one pass stop the ranking
                 logger.exception("ranking pass failed")
+            # one pass per loop turn: the pass re-set the wake event if listeners still
+            # wait, and the writer is still "ready" (its flush of this pass's lists has not
+            # started), so without this the next pass ran at once, and so on until nobody
+            # waited: the junk-ids drill saw 157 ms of ranking in one turn of the loop
+            await asyncio.sleep(0)
 
     def _wake_again(self) -> None:
         self._rewake = None

@@ -142,10 +142,43 @@ def _play(p, user: str, i: int) -> None:  # type: ignore[no-untyped-def]
     p.process(Record("plays", 0, i, user.encode(), encode_event(ev), None))
 
 
-def test_a_budgeted_ranking_takes_a_bounded_chunk_listeners_with_history_first() -> None:
+class _Clock:
+    """A fake ``time.perf_counter`` for the pipeline, advanced by a fake ranking."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timed_ranking(p, monkeypatch, cost):  # type: ignore[no-untyped-def]
+    """Make ``p``'s rankings take ``cost(listener_number)`` seconds each on a fake clock
+    (listeners numbered from 0 in the order ranked); returns the clock and the sizes of
+    the batched calls."""
+    import stream.processing.pipeline as pipeline
+
+    clock = _Clock()
+    monkeypatch.setattr(pipeline.time, "perf_counter", clock)
+    many = p.recommender.recommend_many
+    calls: list[int] = []
+
+    def timed(states, k, now_ms):  # type: ignore[no-untyped-def]
+        first = sum(calls)
+        calls.append(len(states))
+        clock.now += sum(cost(first + i) for i in range(len(states)))
+        return many(states, k, now_ms)
+
+    p.recommender.recommend_many = timed
+    return clock, calls
+
+
+def test_a_budgeted_ranking_takes_a_bounded_chunk_listeners_with_history_first(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
     """The junk-ids drill's 56 s loop stall: the writer's hook ranked every waiting
-    listener in one call. With a budget it ranks about budget / cost per listener, the
-    listeners with a history before first plays; the rest wait for the next call."""
+    listener in one call. With a budget it ranks as many as fit in it, the listeners with
+    a history before first plays; the rest wait for the next call."""
     import json
 
     p, writes = _processor()
@@ -156,45 +189,51 @@ def test_a_budgeted_ranking_takes_a_bounded_chunk_listeners_with_history_first()
         _play(p, f"junk-{i}", 1 + i)
     _play(p, "real", 200)  # queued after 100 first plays...
     assert len(p.pending_first) == 100 and list(p.pending_rank) == ["real"]
-    p.rank_cost_s = 0.1
-    assert p.rank_pending(budget_s=1.0) == 10  # 1 s at 100 ms a listener
+    clock, _ = _timed_ranking(p, monkeypatch, lambda i: 0.125)
+    started = clock.now
+    assert p.rank_pending(budget_s=1.0) == 8  # 1 s at 125 ms a listener
+    assert clock.now - started <= 1.0
     # ...and ranked first
     assert json.loads(writes[0].doc)["user_id"] == "real"
-    assert len(p.pending_first) == 91 and p.rank_waiting()
-    ranked = 10
+    assert len(p.pending_first) == 93 and p.rank_waiting()
+    ranked = 8
     while p.rank_waiting():
-        p.rank_cost_s = 0.1
         ranked += p.rank_pending(budget_s=1.0)
     assert ranked == 101 and len(writes) == 101
-    p.rank_cost_s = 10.0  # slower than the budget: still one listener a call
-    _play(p, "junk-x", 500)
+    _play(p, "junk-x", 500)  # slower than the budget: still one listener a call
     _play(p, "junk-y", 501)
+    _timed_ranking(p, monkeypatch, lambda i: 10.0)
     assert p.rank_pending(budget_s=0.010) == 1
 
 
-def test_a_budgeted_ranking_stops_when_the_budget_is_spent_whatever_the_estimate() -> None:
+def test_a_budgeted_ranking_holds_its_budget_per_listener_whatever_the_estimate(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
     """The 1M junk-ids drill of session 11: the cost estimate came from cheap listeners,
-    one call ranked hundreds of expensive ones and held the loop 7.8 s, the consumer's
-    group session expired and the worker re-read its whole changelog. Listeners are ranked
-    RANK_SUB_CHUNK at a time and the call stops once the budget is spent."""
-    import time
-
+    one call ranked hundreds of expensive ones and held the loop 7.8 s (the consumer's
+    group session expired and the worker re-read its whole changelog); then a fixed
+    sub-chunk of 8 at 5-10+ ms each still held it 74-113 ms. Now the first listener is
+    ranked alone and each sub-chunk is sized from the dearest listener so far, so the call
+    ends within its budget, whatever the recent average said."""
     from stream.processing.pipeline import RANK_SUB_CHUNK
 
     p, writes = _processor()
     for i in range(100):
         _play(p, f"junk-{i}", i)
-    many = p.recommender.recommend_many
-
-    def slow(states, k, now_ms):  # type: ignore[no-untyped-def]
-        time.sleep(0.005 * len(states))  # 5 ms a listener
-        return many(states, k, now_ms)
-
-    p.recommender.recommend_many = slow
-    p.rank_cost_s = 1e-6  # the estimate says 1024 fit in the budget
-    assert p.rank_pending(budget_s=0.010) == RANK_SUB_CHUNK
-    assert len(writes) == RANK_SUB_CHUNK and len(p.pending_first) == 100 - RANK_SUB_CHUNK
+    clock, calls = _timed_ranking(p, monkeypatch, lambda i: 0.005)  # 5 ms a listener
+    p.rank_cost_s = 1e-6  # the old estimate: 1024 fit in the budget
+    started = clock.now
+    ranked = p.rank_pending(budget_s=0.015)
+    assert clock.now - started <= 0.015 + 1e-9  # not 8 x 5 ms = 40 ms
+    assert ranked == 3 and calls[0] == 1 and len(writes) == 3
     assert p.rank_cost_s > 0.001  # and the estimate learned the cost
+    # one dear listener after cheap ones costs at most a sub-chunk at twice the cheap cost
+    calls.clear()
+    clock, calls = _timed_ranking(p, monkeypatch, lambda i: 0.001 if i < 4 else 0.002)
+    started = clock.now
+    p.rank_pending(budget_s=0.015)
+    assert clock.now - started <= 0.015 + 1e-9
+    assert max(calls) <= RANK_SUB_CHUNK
 
 
 def test_first_play_rankings_are_bounded_and_the_oldest_shed() -> None:

@@ -146,3 +146,48 @@ def test_eviction_moves_the_cached_factor_norms_with_their_tracks(
     assert generation == rec.vocabulary.generation and len(moved) == rec.catalogue_size()
     for row, track in enumerate(rec.vocabulary.ids):
         assert abs(moved[row] - expected[track]) < 1e-6
+
+
+def test_the_eviction_in_steps_is_the_same_eviction_in_small_slices(datasets_dir: Path) -> None:
+    """The worker runs an eviction as ``eviction_steps`` (slices on its event loop, the
+    compiled arena passes in a thread): the result is the whole ``evict_tracks``'s, and
+    the GIL-holding work comes in many slices, not one block."""
+    import threading
+
+    import stream.core.models._vocab as vocab
+
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:4000]
+    whole, sliced = Recommender(seed=3), Recommender(seed=3)
+    learn(whole, events, {})
+    learn(sliced, events, {})
+    keep = whole.catalogue_size() // 2
+    told: list[str] = []
+    n_whole = whole.evict_tracks(keep)
+    old_slice = vocab._SLICE
+    vocab._SLICE = 16  # small slices, so that a small catalogue still gives many
+    try:
+        steps = sliced.eviction_steps(keep, on_evicted=told.extend)
+        slices, compiled, threads = 0, 0, set()
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as done:
+                n_sliced = done.value
+                break
+            if step is None:
+                slices += 1
+            else:  # a compiled pass: run it in another thread, as the worker does
+                compiled += 1
+                t = threading.Thread(target=lambda s=step: (threads.add(threading.get_ident()),
+                                                            s()))
+                t.start()
+                t.join()
+    finally:
+        vocab._SLICE = old_slice
+    assert n_sliced == n_whole == len(told)
+    assert compiled == 4  # the co-occurrence and rules arenas, session-kNN sessions and arena
+    assert threading.get_ident() not in threads
+    assert slices >= 2 * n_whole // 16  # the dictionary work alone: one slice per 16 ids
+    assert sliced.vocabulary.ids == whole.vocabulary.ids
+    assert _per_track(sliced) == _per_track(whole)
+    assert sliced.artist_of == whole.artist_of

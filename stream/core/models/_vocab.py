@@ -4,7 +4,7 @@ vectors line up and can be blended with numpy."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
@@ -26,6 +26,27 @@ BoolArray = npt.NDArray[np.bool_]
 
 #: ids per C-level dictionary loop in :meth:`Vocabulary.fill_holes` (well under 1 ms each)
 _SLICE = 512
+
+_Result = TypeVar("_Result")
+
+#: A catalogue eviction in steps (``Recommender.eviction_steps``): a generator that yields
+#: ``None`` after each bounded slice of work (about a millisecond or less: the caller may let
+#: other work run before it asks for the next), or a callable that does compiled work which
+#: releases the GIL (the caller may run it in another thread, and must let it finish before
+#: it asks for the next step). Its return value is the step's result. Nothing else may use
+#: the models between two steps: they are half-changed.
+EvictionSteps = Generator[Callable[[], object] | None, None, _Result]
+
+
+def drain(steps: EvictionSteps[_Result]) -> _Result:
+    """Run every step of ``steps`` here and now (compiled ones too); returns the result."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if step is not None:
+            step()
 
 
 class Vocabulary:
@@ -86,19 +107,25 @@ class Vocabulary:
         """Apply an :class:`EvictionPlan` in place: drop the evicted ids, move each mover
         into a hole, and truncate to ``plan.keep`` rows. Returns the evicted ids. Costs
         O(evicted) dictionary operations (C-level loops), not O(catalogue)."""
+        return drain(self.fill_holes_steps(plan))
+
+    def fill_holes_steps(self, plan: EvictionPlan) -> EvictionSteps[list[str]]:
+        """:meth:`fill_holes` in steps of ``_SLICE`` ids (:data:`EvictionSteps`): each
+        C-level loop below holds the GIL for its whole run, and the worker runs an eviction
+        in slices between its event loop's other work (stream.worker.eviction)."""
         ids, index = self.ids, self.index
         evicted: list[str] = []
-        # in slices of _SLICE: each C-level loop below holds the GIL for its whole run, and
-        # the worker runs an eviction in a thread beside its event loop (stream.worker.app)
         for lo in range(0, len(plan.evicted), _SLICE):
             part = list(map(ids.__getitem__, plan.evicted[lo : lo + _SLICE].tolist()))
             deque(map(index.__delitem__, part), maxlen=0)
             evicted += part
+            yield None
         for lo in range(0, len(plan.movers), _SLICE):
             part = list(map(ids.__getitem__, plan.movers[lo : lo + _SLICE].tolist()))
             holes = plan.holes[lo : lo + _SLICE].tolist()
             deque(map(ids.__setitem__, holes, part), maxlen=0)
             index.update(zip(part, holes, strict=True))
+            yield None
         del ids[plan.keep :]
         self.generation += 1
         return evicted

@@ -24,9 +24,11 @@ from stream.core.models import _kernels as _k
 from stream.core.models._state import get_array, get_field
 from stream.core.models._vocab import (
     EvictionPlan,
+    EvictionSteps,
     IntArray,
     Vocabulary,
     VocabularyModel,
+    drain,
     grow_rows,
     top_rows,
 )
@@ -306,15 +308,23 @@ class SessionCooccurrence(VocabularyModel):
         evicted rows' slices become arena holes, reclaimed by the next compaction), then one
         compiled pass renumbers every list and drops evicted neighbours (the row totals
         keep their mass, as when pruning)."""
+        drain(self.evict_steps(plan))
+
+    def evict_steps(self, plan: EvictionPlan) -> EvictionSteps[None]:
+        """:meth:`evict_rows` in steps (:data:`~stream.core.models._vocab.EvictionSteps`):
+        the row moves, then the compiled renumbering pass (GIL released) as a callable."""
         n, keep = len(plan.remap), plan.keep
         self.track_weight = grow_rows(self.track_weight, n)
+        yield None
         self._ensure_rows(n)
+        yield None
         for arr in (self.track_weight, self._start, self._size, self._cap, self._total):
             arr[plan.holes] = arr[plan.movers]
             arr[keep:n] = 0
+            yield None
         # int32 like the arena's neighbour rows: half the cache footprint of the lookups
-        _k.cooc_renumber(self._start, self._size, self._cap, self._nbr, self._val, keep,
-                         plan.remap.astype(np.int32))
+        yield partial(_k.cooc_renumber, self._start, self._size, self._cap, self._nbr,
+                      self._val, keep, plan.remap.astype(np.int32))
 
     def predict_one(self, x: Interaction) -> float:
         """Score of ``x.track_id`` after ``x.history`` (one lookup per anchor)."""

@@ -27,8 +27,10 @@ from stream.core.models._state import (
 )
 from stream.core.models._vocab import (
     EvictionPlan,
+    EvictionSteps,
     Vocabulary,
     VocabularyModel,
+    drain,
     grow_rows,
     top_rows,
 )
@@ -353,10 +355,17 @@ class ImplicitMF(VocabularyModel):
         """Apply a catalogue eviction (see :class:`~stream.core.models._vocab.EvictionPlan`;
         called before the vocabulary applies it): movers' factors move into the holes, rows
         from ``keep`` on get fresh factors when reused. O(evicted)."""
+        drain(self.evict_steps(plan))
+
+    def evict_steps(self, plan: EvictionPlan) -> EvictionSteps[None]:
+        """:meth:`evict_rows` in steps (:data:`~stream.core.models._vocab.EvictionSteps`)
+        of 4,096 rows: numpy's gather holds the GIL."""
         self._sync()  # every row has factors before rows move
+        yield None
         factors = self.item_factors
-        for lo in range(0, len(plan.holes), 4096):  # slices: numpy's gather holds the GIL
+        for lo in range(0, len(plan.holes), 4096):
             factors[plan.holes[lo : lo + 4096]] = factors[plan.movers[lo : lo + 4096]]
+            yield None
         self._known = min(self._known, plan.keep)
         if self._pool:
             pool = np.array(self._pool, dtype=np.int64)

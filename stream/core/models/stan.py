@@ -47,9 +47,11 @@ from stream.core.models._state import (
 )
 from stream.core.models._vocab import (
     EvictionPlan,
+    EvictionSteps,
     IntArray,
     Vocabulary,
     VocabularyModel,
+    drain,
     grow_rows,
 )
 from stream.core.models.base import FloatArray, Interaction, check_positive
@@ -197,6 +199,27 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
     for qi in range(nq):
         qmark[q_rows[qi]] = -1
     return nt
+
+
+@_jit
+def _renumber_sessions(items, lengths, remap):  # type: ignore[no-untyped-def]
+    """Renumber every session's live tracks in place through ``remap`` (old row -> new
+    row, -1 or beyond ``remap``: evicted, dropped, the others keep their order); the
+    positions past a session's new length become 0 (catalogue eviction)."""
+    m = len(remap)
+    width = items.shape[1]
+    for s in range(items.shape[0]):
+        out = 0
+        for j in range(lengths[s]):
+            it = items[s, j]
+            if it < m:
+                new = remap[it]
+                if new >= 0:
+                    items[s, out] = new
+                    out += 1
+        for j in range(out, width):
+            items[s, j] = 0
+        lengths[s] = out
 
 
 @_jit
@@ -424,21 +447,41 @@ class SessionKNN(VocabularyModel):
         called before the vocabulary applies it): sessions lose evicted tracks and renumber
         the rest, the movers' session rings move into the holes, evicted rings go (the
         arena is compacted)."""
-        remap, keep = plan.remap, plan.keep
-        items = self._items.astype(np.int64)
-        live = np.arange(self.session_length)[None, :] < self._lengths[:, None]
-        items = np.where(live & (items < len(remap)), remap[np.minimum(items, len(remap) - 1)],
-                         -1)
-        order = np.argsort(items < 0, axis=1, kind="stable")
-        items = np.take_along_axis(items, order, axis=1)
-        self._lengths = (items >= 0).sum(axis=1).astype(np.int32)
-        self._items = np.where(items >= 0, items, 0).astype(np.int32)
-        self._ensure_rows(len(remap))
-        for name in ("_p_start", "_p_size", "_p_cap", "_p_head"):
+        drain(self.evict_steps(plan))
+
+    def evict_steps(self, plan: EvictionPlan) -> EvictionSteps[None]:
+        """:meth:`evict_rows` in steps (:data:`~stream.core.models._vocab.EvictionSteps`):
+        the sessions' renumbering (``max_sessions x session_length`` entries: 0.2-0.6 s of
+        numpy work that held the GIL at the defaults) and the arena's compaction are
+        compiled passes that release the GIL."""
+        keep = plan.keep
+        for name in ("_items", "_lengths"):  # renumbered in place
             arr = getattr(self, name)
+            if not (arr.flags.c_contiguous and arr.flags.writeable):
+                setattr(self, name, arr.copy(order="C"))
+        yield partial(_renumber_sessions, self._items, self._lengths, plan.remap)
+        self._ensure_rows(len(plan.remap))
+        yield None
+        n = len(plan.remap)
+        for arr in (self._p_start, self._p_size, self._p_cap, self._p_head):
             arr[plan.holes] = arr[plan.movers]
-            setattr(self, name, arr[:keep].copy())
-        self._make_room()
+            # rows from keep on become empty rings, and keep their memory: truncating them
+            # made the next eviction grow (allocate and copy) all four again, ~0.1 s on the
+            # event loop at 500k tracks on a loaded machine
+            arr[keep:n] = 0
+            yield None
+        live = int(self._p_cap.sum())
+        length = len(self._arena)
+        if live + 2 * self.sample > length // 2:
+            length = max(2 * length, 2 * (live + 2 * self.sample))
+        out = np.zeros(length, dtype=np.int64)
+        yield partial(self._compact_into, out)
+
+    def _compact_into(self, out: IntArray) -> None:
+        """Compact the arena into ``out`` (a compiled pass) and keep ``out``."""
+        self._used = int(_compact(self._p_start, self._p_size, self._p_cap, self._arena,
+                                  len(self._p_start), out))
+        self._arena = out
 
     def forget_user(self, user_id: str) -> bool:
         """Drop the link from a listener to their open session (sessions hold no ids)."""
