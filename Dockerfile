@@ -16,9 +16,13 @@ COPY configs ./configs
 RUN pip install '.[rocksdb]' \
     && useradd --create-home --uid 10001 stream \
     && mkdir -p /data && chown stream /data
-# Compile the numba kernels at build time (~35 s) into numba's cache next to the installed
-# package, which the non-root worker can read but not write.
-RUN python -c "from stream.core.recommender import warm_up; print('kernels ready in %.1f s' % warm_up())"
+# Compile the numba kernels at build time (~35 s) into a cache directory of their own, owned
+# by the worker's user: numba uses a cache directory only if it can write to it (otherwise it
+# falls back to an empty one in the user's home and every container compiles again). The
+# image's sources never change, so the fixed directory cannot go stale (stream/_kernel_cache.py).
+ENV NUMBA_CACHE_DIR=/var/cache/stream-numba
+RUN python -c "from stream.core.recommender import warm_up; print('kernels ready in %.1f s' % warm_up())" \
+    && chown -R stream /var/cache/stream-numba
 
 USER stream
 # Faust table data (only used with STREAM_TABLE_STORE=rocksdb://) and the metrics port.

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import warnings
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -37,10 +39,24 @@ def cache_dir(package: Path = _PACKAGE) -> Path:
     return package / "__pycache__" / "numba" / sources_digest(package / "core" / "models")
 
 
+#: set beside NUMBA_CACHE_DIR when this module chose it, so that a child process running
+#: other sources (a baseline tree, a tree updated since) keys its own directory
+AUTO_MARK = "STREAM_NUMBA_CACHE_AUTO"
+
+
 def configure(environ: dict[str, str] | None = None) -> str:
-    """Set ``NUMBA_CACHE_DIR`` (unless already set) and return the directory in force.
-    Child processes inherit it."""
+    """Set ``NUMBA_CACHE_DIR`` for these sources (unless an operator set it) and return the
+    directory in force. A value this function set in a parent process (marked by
+    :data:`AUTO_MARK`) is recomputed, not inherited. Warns if numba was imported first
+    (its cache directory is then numba's default, which can go stale)."""
     env = os.environ if environ is None else environ
-    if not env.get("NUMBA_CACHE_DIR"):
-        env["NUMBA_CACHE_DIR"] = str(cache_dir())
-    return env["NUMBA_CACHE_DIR"]
+    current = env.get("NUMBA_CACHE_DIR")
+    if not current or current == env.get(AUTO_MARK):
+        current = env["NUMBA_CACHE_DIR"] = env[AUTO_MARK] = str(cache_dir())
+    numba = sys.modules.get("numba") if environ is None else None
+    if numba is not None and getattr(getattr(numba, "config", None), "CACHE_DIR", None) != current:
+        warnings.warn(
+            "numba was imported before `stream`: its kernel cache is numba's default, which "
+            "can run stale kernels after an update; import stream first or set "
+            "NUMBA_CACHE_DIR", RuntimeWarning, stacklevel=2)
+    return current

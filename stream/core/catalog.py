@@ -175,6 +175,15 @@ class TrackCatalog:
         out, self._counts = self._counts, {}
         return out
 
+    def give_back_counts(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Put back counts taken by :meth:`take_counts` and not written (a flush stopped
+        half-way): added to the plays counted since, the later event time kept."""
+        for track, (plays, last_ms) in counts.items():
+            now = self._counts.get(track)
+            self._counts[track] = (
+                (plays, last_ms) if now is None else (now[0] + plays, max(now[1], last_ms))
+            )
+
     def take_wanted(self, n: int) -> list[str]:
         """Up to ``n`` tracks a document wanted names for (removed from the wanted set;
         :meth:`learn` or a later :meth:`get` brings them back)."""

@@ -67,7 +67,12 @@ class CatalogSync:
             self.writer.submit_commands(catalog_commands(
                 s.catalog_prefix, {}, dict(items[lo : lo + COUNTS_SLICE]), s.catalog_ttl_s))
             if lo + COUNTS_SLICE < len(items):
-                await asyncio.sleep(0)
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    # a stop between two slices: the rest goes back, for the final write
+                    self.catalog.give_back_counts(dict(items[lo + COUNTS_SLICE :]))
+                    raise
 
     async def resolve_names(self) -> None:
         """Once a second, read back the names of up to 256 tracks a document wanted."""

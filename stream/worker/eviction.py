@@ -38,19 +38,25 @@ async def run_steps(steps: EvictionSteps[object], slice_s: float = EVICTION_SLIC
     through (a compiled pass under way first): the models must never stay half-changed."""
     turn = time.perf_counter()
     running: concurrent.futures.Future[object] | None = None
+    current: Callable[[], object] | None = None
     try:
         for step in steps:
             if step is not None:
-                running = _executor().submit(step)
-                await asyncio.wrap_future(running)
-                running = None
+                current, running = step, _executor().submit(step)
+                # shielded: a cancellation must not cancel the thread's future (a pass
+                # still queued would then never run, and the rest of the steps neither)
+                await asyncio.shield(asyncio.wrap_future(running))
+                current = running = None
                 turn = time.perf_counter()
             elif time.perf_counter() - turn >= slice_s:
                 await asyncio.sleep(0)
                 turn = time.perf_counter()
     except asyncio.CancelledError:
-        if running is not None:
-            running.result()
+        if running is not None and current is not None:
+            if running.cancel():  # not started yet: run it here instead
+                current()
+            else:
+                running.result()  # under way (or done): wait for it
         drain(steps)
         raise
 

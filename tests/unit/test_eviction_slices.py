@@ -116,3 +116,41 @@ def test_run_steps_cancelled_in_the_middle_finishes_the_eviction_first() -> None
     assert asyncio.run(main())
     assert len([e for e in log if e[0] == "slice"]) == 30
     assert len([e for e in log if e[0] == "compiled"]) == 1
+
+
+def test_a_compiled_pass_still_queued_when_the_eviction_is_cancelled_runs_all_the_same(
+) -> None:
+    """Review of session 13: cancelled while its compiled pass waited in the executor's
+    queue, the pass's thread future was cancelled with the task, ``result()`` raised
+    ``concurrent.futures.CancelledError`` and neither that pass nor the steps after it ran
+    (52 of 200 evictions left half-done in the reproduction)."""
+    from stream.worker.eviction import _executor
+
+    log: list[Any] = []
+    release = threading.Event()
+
+    def steps() -> Generator[Callable[[], object] | None, None, int]:
+        log.append("before")
+        yield None
+        yield lambda: log.append("compiled")
+        log.append("after")
+        yield None
+        return 1
+
+    async def main() -> bool:
+        blocker = _executor().submit(release.wait, 10)  # the eviction thread is busy
+        task = asyncio.get_running_loop().create_task(run_steps(steps()))
+        for _ in range(50):  # until the task waits for its (queued) compiled pass
+            await asyncio.sleep(0)
+        assert log == ["before"]
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            release.set()
+            blocker.result(timeout=10)
+            return True
+        return False
+
+    assert asyncio.run(main())
+    assert log == ["before", "compiled", "after"]

@@ -36,9 +36,28 @@ def test_an_operators_numba_cache_dir_is_kept() -> None:
     assert env["NUMBA_CACHE_DIR"] == str(_kernel_cache.cache_dir())
 
 
+def test_a_directory_chosen_by_a_parent_process_is_recomputed_not_inherited() -> None:
+    """Review of session 13: a child inherited its parent's keyed directory as if an
+    operator had set it, so a tree updated since (or a baseline tree) used the old key."""
+    env = {"NUMBA_CACHE_DIR": "/old/tree/__pycache__/numba/0123",
+           _kernel_cache.AUTO_MARK: "/old/tree/__pycache__/numba/0123"}
+    assert _kernel_cache.configure(env) == str(_kernel_cache.cache_dir())
+    assert env[_kernel_cache.AUTO_MARK] == str(_kernel_cache.cache_dir())
+
+
 def test_importing_stream_points_numba_at_the_keyed_directory() -> None:
     code = "import stream, numba; print(numba.config.CACHE_DIR)"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("NUMBA_CACHE_DIR", _kernel_cache.AUTO_MARK)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, check=True, timeout=120)
     assert out.stdout.strip() == str(_kernel_cache.cache_dir())
+
+
+def test_numba_imported_before_stream_is_reported() -> None:
+    code = "import warnings; warnings.simplefilter('error'); import numba; import stream"
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("NUMBA_CACHE_DIR", _kernel_cache.AUTO_MARK)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode != 0 and "imported before `stream`" in out.stderr
