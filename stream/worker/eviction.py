@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Final
@@ -26,6 +27,8 @@ from typing import Final
 from stream.core.models._vocab import EvictionSteps, drain
 from stream.processing.pipeline import Processor
 from stream.worker.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
 
 #: most seconds of eviction slices run in one turn of the event loop
 EVICTION_SLICE_S: Final = 0.004
@@ -88,11 +91,17 @@ class ModelGuard:
     def busy(self) -> bool:
         return self._running is not None
 
-    async def free(self, timeout_s: float = 30.0) -> None:
-        """Wait (bounded) for a running eviction to finish."""
-        deadline = time.monotonic() + timeout_s
-        while self.busy() and time.monotonic() < deadline:
+    async def free(self, warn_after_s: float = 30.0) -> None:
+        """Wait for a running eviction to finish. Not bounded: its callers (a checkpoint,
+        replicated signals, the stop) must never see half-evicted models, and an eviction
+        always ends (its steps are finite; the worker's stop deadline bounds a stop). A
+        wait past ``warn_after_s`` is logged, once per ``warn_after_s``."""
+        warn_at = time.monotonic() + warn_after_s
+        while self.busy():
             await asyncio.sleep(0.005)
+            if time.monotonic() >= warn_at:
+                logger.warning("still waiting for the catalogue eviction to finish")
+                warn_at += warn_after_s
 
     async def evict_due(self) -> None:
         """Run the eviction the last batch asked for (a catalogue above max_tracks), in

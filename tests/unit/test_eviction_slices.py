@@ -89,7 +89,7 @@ def test_a_stopped_eviction_still_finishes_and_the_guard_says_busy_until_then() 
         await asyncio.sleep(0.005)
         task.cancel()  # a stop in the middle
         busy_after_cancel = guard.busy()
-        await guard.free(timeout_s=10.0)
+        await asyncio.wait_for(guard.free(), 10.0)
         return busy_after_cancel, guard.busy()
 
     busy_after_cancel, busy_at_end = asyncio.run(main())
