@@ -38,7 +38,7 @@ PY="${PYTHON:-python3}"
 # rocksdb: the optional RocksDB table store (table_store=rocksdb), which the recovery tests use
 echo "[setup] pip install -e '.[dev,rocksdb]'"
 "$PY" -m pip install -q --disable-pip-version-check -e '.[dev,rocksdb]' 2>&1 | grep -v "Running pip as the 'root' user" || true
-echo "[setup] compiling the recommender's numba kernels (cached next to the package)"
+echo "[setup] compiling the recommender's numba kernels (cached in stream/__pycache__/numba/<hash of the kernel sources>)"
 "$PY" -c "from stream.core.recommender import warm_up; print('[setup] kernels ready in %.1f s' % warm_up())"
 "$PY" -c "import stream, faust, river, redis, prometheus_client, rocksdict" # fail loudly if install broke
 echo "[setup] done"
