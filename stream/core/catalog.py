@@ -205,21 +205,30 @@ class TrackCatalog:
         ``name`` / ``artist`` / ``album`` when known."""
         out: list[dict[str, Any]] = []
         reasons: dict[tuple[str, str], str] = {}  # most items share one or two anchors
-        for r in recs:
-            anchor = r.anchor
-            reason = r.reason
+        info_of = self._info.get
+        wanted = self._wanted
+        # the fields unpacked (a named tuple's attribute reads cost more), and get()
+        # inlined: this runs for every item of every list the worker publishes
+        for track, score, reason, code, anchor in recs:
             if anchor is not None:
-                key = (r.code, anchor)
+                key = (code, anchor)
                 reason = reasons.get(key) or reasons.setdefault(
-                    key, reason_text(r.code, self.label(anchor) or anchor))
+                    key, reason_text(code, self.label(anchor) or anchor))
             item: dict[str, Any] = {
-                "track_id": r.track_id, "score": float(r.score), "reason": reason,
-                "reason_code": r.code, "reason_track_id": anchor,
+                "track_id": track, "score": float(score), "reason": reason,
+                "reason_code": code, "reason_track_id": anchor,
             }
-            info = self.get(r.track_id)
-            if info is not None:
-                if info.name is not None:
-                    item["name"] = info.name
+            info = info_of(track)
+            if info is None:
+                if len(wanted) < self.max_wanted:  # as get(): noted as wanted
+                    wanted[track] = None
+            else:
+                name = info.name
+                if name is None:
+                    if len(wanted) < self.max_wanted:
+                        wanted[track] = None
+                else:
+                    item["name"] = name
                 if info.artist is not None:
                     item["artist"] = info.artist
                 if info.album is not None:

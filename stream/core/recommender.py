@@ -665,10 +665,21 @@ class Recommender:
                 np.array(bans, dtype=np.int64), ban_off,
                 out_rows, out_totals, out_reasons, out_leads, out_count,
             )
+        # every listener's prefix (the candidates _results reads first) as Python lists in
+        # one conversion per array, not four slices and conversions per listener
+        cap_n = self.max_per_artist if self.artist_of else None
+        stop = min(width, k if cap_n is None else 2 * k)
+        prefix_totals = np.ascontiguousarray(out_totals[:, :stop])
+        prefixes = zip(out_rows[:, :stop].tolist(),
+                       _k.round6(prefix_totals.reshape(-1)).reshape(m, stop).tolist(),
+                       prefix_totals.tolist(), out_reasons[:, :stop].tolist(),
+                       out_leads[:, :stop].tolist(), strict=True)
         return [
-            self._results(out_rows[q, :c], out_totals[q, :c], out_reasons[q, :c],
-                          out_leads[q, :c], k)
-            for q, c in enumerate(out_count.tolist())
+            self._results_from(out_rows[q, :c], out_totals[q, :c], out_reasons[q, :c],
+                               out_leads[q, :c], k, cap_n, min(c, stop),
+                               (rows[:c], rounded[:c], raw[:c], reasons[:c], leads[:c]))
+            for q, (c, (rows, rounded, raw, reasons, leads))
+            in enumerate(zip(out_count.tolist(), prefixes, strict=True))
         ]
 
     # -- learned blend and session models ----------------------------------------------------
@@ -1129,52 +1140,72 @@ class Recommender:
         self, rows: IntArray, totals: FloatArray, reasons: IntArray, leads: IntArray, k: int
     ) -> list[Recommendation]:
         """The first ``k`` ranked candidates (after the artist cap) with their reasons."""
-        ids = self.vocabulary.ids
-        artist_of = self.artist_of
-        cap_n = self.max_per_artist if artist_of else None
-        count = len(rows)
+        cap_n = self.max_per_artist if self.artist_of else None
         # Materialise only the prefix that can be kept (rows are up to n_pop + 2n long, and
         # turning all of them into Python objects was most of this method's cost): the
         # first k without an artist cap, else 2k at first and the rest only if the cap
         # dropped enough of those.
-        stop = min(count, k if cap_n is None else 2 * k)
+        stop = min(len(rows), k if cap_n is None else 2 * k)
+        return self._results_from(
+            rows, totals, reasons, leads, k, cap_n, stop,
+            (rows[:stop].tolist(), _k.round6(totals[:stop]).tolist(),
+             totals[:stop].tolist(), reasons[:stop].tolist(), leads[:stop].tolist()))
+
+    def _results_from(
+        self,
+        rows: IntArray,
+        totals: FloatArray,
+        reasons: IntArray,
+        leads: IntArray,
+        k: int,
+        cap_n: int | None,
+        stop: int,
+        prefix: tuple[list[int], list[float], list[float], list[int], list[int]],
+    ) -> list[Recommendation]:
+        """:meth:`_results` from the first ``stop`` candidates already as Python lists
+        (``prefix``: rows, scores rounded to 6 places by :func:`_k.round6` -- NaN where
+        it left them to ``round`` --, the raw scores, reason codes and leads; the batched
+        path converts every listener's prefix at once); the rest of the arrays only if the
+        artist cap dropped enough of them."""
+        ids = self.vocabulary.ids
+        artist_of = self.artist_of.get
+        count = len(rows)
         start = 0
         per_artist: dict[str, int] = {}
         because: dict[tuple[int, int], str] = {}
         out: list[Recommendation] = []
         make = _make_recommendation  # tuple.__new__: skips the NamedTuple's Python __new__
         naming = _NAMING_REASONS
-        while start < stop:
-            for row, score, code, lead in zip(
-                rows[start:stop].tolist(),
-                totals[start:stop].tolist(),
-                reasons[start:stop].tolist(),
-                leads[start:stop].tolist(),
-                strict=True,
-            ):
+        while True:
+            for row, score, raw, code, lead in zip(*prefix, strict=True):
                 track = ids[row]
                 if cap_n is not None:
-                    artist = artist_of.get(track)
+                    artist = artist_of(track)
                     if artist is not None:
                         n_artist = per_artist.get(artist, 0)
                         if n_artist >= cap_n:
                             continue
                         per_artist[artist] = n_artist + 1
+                if score != score:  # round6 left it to Python (or it is NaN)
+                    score = round(raw, 6)
                 if lead >= 0 and code in naming:
                     name = naming[code]
                     reason = because.get((code, lead))
                     if reason is None:
                         reason = because[code, lead] = reason_text(name, ids[lead])
-                    out.append(make(Recommendation,
-                                    (track, round(score, 6), reason, name, ids[lead])))
+                    out.append(make(Recommendation, (track, score, reason, name, ids[lead])))
                 else:
                     name = _reason_code(code)
                     out.append(make(Recommendation,
-                                    (track, round(score, 6), reason_text(name), name, None)))
+                                    (track, score, reason_text(name), name, None)))
                 if len(out) >= k:
                     return out
+            if stop >= count:
+                return out
             start, stop = stop, count
-        return out
+            prefix = (rows[start:].tolist(), _k.round6(totals[start:]).tolist(),
+                      totals[start:].tolist(), reasons[start:].tolist(),
+                      leads[start:].tolist())
 
     def _rank_reference(
         self,

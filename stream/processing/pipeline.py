@@ -33,7 +33,7 @@ from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
 from stream.processing.documents import (
     PendingWrite,
-    encode_document,
+    encode_document_items,
     encode_similar,
     session_summary,
 )
@@ -615,7 +615,7 @@ class Processor:
         fresh: bool = True,
     ) -> None:
         recs = self._top_up(event, state, recs)
-        self._remember(event.user_id, tuple(r.track_id for r in recs))
+        self._remember(event.user_id, tuple([r[0] for r in recs]))  # r[0]: track_id
         self.submit(self.make_write(event, state, recs, ingest, fresh=fresh))
 
     def _top_up(
@@ -787,7 +787,7 @@ class Processor:
         ingest_ts_ms: int | None,
         fresh: bool = True,
     ) -> PendingWrite:
-        doc, note = encode_document(
+        doc, note = encode_document_items(  # the catalogue's items are JSON-ready dicts
             user_id=event.user_id,
             seq=state.seq,
             items=self.catalog.items(recs),
