@@ -674,9 +674,9 @@ class Recommender:
                        _k.round6(prefix_totals.reshape(-1)).reshape(m, stop).tolist(),
                        prefix_totals.tolist(), out_reasons[:, :stop].tolist(),
                        out_leads[:, :stop].tolist(), strict=True)
+        arrays = (out_rows, out_totals, out_reasons, out_leads)
         return [
-            self._results_from(out_rows[q, :c], out_totals[q, :c], out_reasons[q, :c],
-                               out_leads[q, :c], k, cap_n, min(c, stop),
+            self._results_from(arrays, q, c, k, cap_n, min(c, stop),
                                (rows[:c], rounded[:c], raw[:c], reasons[:c], leads[:c]))
             for q, (c, (rows, rounded, raw, reasons, leads))
             in enumerate(zip(out_count.tolist(), prefixes, strict=True))
@@ -1147,30 +1147,28 @@ class Recommender:
         # dropped enough of those.
         stop = min(len(rows), k if cap_n is None else 2 * k)
         return self._results_from(
-            rows, totals, reasons, leads, k, cap_n, stop,
-            (rows[:stop].tolist(), _k.round6(totals[:stop]).tolist(),
-             totals[:stop].tolist(), reasons[:stop].tolist(), leads[:stop].tolist()))
+            (rows[None], totals[None], reasons[None], leads[None]), 0, len(rows), k, cap_n,
+            stop, (rows[:stop].tolist(), _k.round6(totals[:stop]).tolist(),
+                   totals[:stop].tolist(), reasons[:stop].tolist(), leads[:stop].tolist()))
 
     def _results_from(
         self,
-        rows: IntArray,
-        totals: FloatArray,
-        reasons: IntArray,
-        leads: IntArray,
+        arrays: tuple[IntArray, FloatArray, IntArray, IntArray],
+        q: int,
+        count: int,
         k: int,
         cap_n: int | None,
         stop: int,
         prefix: tuple[list[int], list[float], list[float], list[int], list[int]],
     ) -> list[Recommendation]:
-        """:meth:`_results` from the first ``stop`` candidates already as Python lists
-        (``prefix``: rows, scores rounded to 6 places by :func:`_k.round6` -- NaN where
-        it left them to ``round`` --, the raw scores, reason codes and leads; the batched
-        path converts every listener's prefix at once); the rest of the arrays only if the
-        artist cap dropped enough of them."""
+        """:meth:`_results` of row ``q`` of the 2-D ``arrays`` (rows, totals, reasons,
+        leads; ``count`` candidates), from its first ``stop`` candidates already as Python
+        lists (``prefix``: rows, scores rounded to 6 places by :func:`_k.round6` -- NaN
+        where it left them to ``round`` --, the raw scores, reason codes and leads; the
+        batched path converts every listener's prefix at once); the rest of the row only if
+        the artist cap dropped enough of them."""
         ids = self.vocabulary.ids
         artist_of = self.artist_of.get
-        count = len(rows)
-        start = 0
         per_artist: dict[str, int] = {}
         because: dict[tuple[int, int], str] = {}
         out: list[Recommendation] = []
@@ -1202,10 +1200,10 @@ class Recommender:
                     return out
             if stop >= count:
                 return out
-            start, stop = stop, count
-            prefix = (rows[start:].tolist(), _k.round6(totals[start:]).tolist(),
-                      totals[start:].tolist(), reasons[start:].tolist(),
-                      leads[start:].tolist())
+            rows, totals, reasons, leads = (a[q, stop:count] for a in arrays)
+            prefix = (rows.tolist(), _k.round6(totals).tolist(), totals.tolist(),
+                      reasons.tolist(), leads.tolist())
+            stop = count
 
     def _rank_reference(
         self,
