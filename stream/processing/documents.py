@@ -82,31 +82,6 @@ def encode_document(
 ) -> tuple[bytes, bytes]:
     """A listener's list and its pub/sub notification. ``items`` are JSON-ready dicts
     (:meth:`stream.core.catalog.TrackCatalog.items`) or objects with track_id/score/reason."""
-    return encode_document_items(
-        user_id=user_id, seq=seq, generated_at_ms=generated_at_ms, event_ts_ms=event_ts_ms,
-        event_id=event_id, model_version=model_version, session=session, lineage=lineage,
-        items=[
-            it if isinstance(it, dict)  # built with names and reason codes (stream.core.catalog)
-            else {"track_id": it.track_id, "score": float(it.score), "reason": it.reason}
-            for it in items
-        ],
-    )
-
-
-def encode_document_items(
-    *,
-    user_id: str,
-    seq: int,
-    items: list[dict[str, Any]],
-    generated_at_ms: int,
-    event_ts_ms: int,
-    event_id: str,
-    model_version: str,
-    session: dict[str, Any] | None = None,
-    lineage: str = "",
-) -> tuple[bytes, bytes]:
-    """:func:`encode_document` of items that are all JSON-ready dicts already (the
-    pipeline's, from :meth:`stream.core.catalog.TrackCatalog.items`): the same bytes."""
     doc = {
         "user_id": user_id,
         "seq": seq,
@@ -117,7 +92,11 @@ def encode_document_items(
         "event_ts": event_ts_ms,
         "event_id": event_id,
         "session": session or {},
-        "items": items,
+        "items": [
+            it if isinstance(it, dict)  # built with names and reason codes (stream.core.catalog)
+            else {"track_id": it.track_id, "score": float(it.score), "reason": it.reason}
+            for it in items
+        ],
     }
     note = {
         "user_id": user_id,

@@ -33,7 +33,7 @@ from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
 from stream.processing.documents import (
     PendingWrite,
-    encode_document_items,
+    encode_document,
     encode_similar,
     session_summary,
 )
@@ -787,7 +787,7 @@ class Processor:
         ingest_ts_ms: int | None,
         fresh: bool = True,
     ) -> PendingWrite:
-        doc, note = encode_document_items(  # the catalogue's items are JSON-ready dicts
+        doc, note = encode_document(
             user_id=event.user_id,
             seq=state.seq,
             items=self.catalog.items(recs),

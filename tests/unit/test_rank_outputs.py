@@ -22,7 +22,7 @@ from stream.core.recommender import (
     Recommender,
     _reason_code,
 )
-from stream.processing.documents import encode_document, encode_document_items
+from stream.processing.documents import encode_document
 
 
 def _same_float(a: float, b: float) -> bool:
@@ -169,18 +169,12 @@ def _old_items(cat: TrackCatalog, recs: list[Recommendation]) -> list[dict[str, 
             key = (r.code, anchor)
             reason = reasons.get(key) or reasons.setdefault(
                 key, reason_text(r.code, cat.label(anchor) or anchor))
-        item: dict[str, Any] = {"track_id": r.track_id, "score": float(r.score),
-                                "reason": reason, "reason_code": r.code,
-                                "reason_track_id": anchor}
         info = cat.get(r.track_id)
-        if info is not None:
-            if info.name is not None:
-                item["name"] = info.name
-            if info.artist is not None:
-                item["artist"] = info.artist
-            if info.album is not None:
-                item["album"] = info.album
-        out.append(item)
+        names = {} if info is None else {
+            field: getattr(info, field) for field in ("name", "artist", "album")
+            if getattr(info, field) is not None}
+        out.append({"track_id": r.track_id, "score": float(r.score), "reason": reason,
+                    "reason_code": r.code, "reason_track_id": anchor, **names})
     return out
 
 
@@ -207,4 +201,4 @@ def test_catalogue_items_and_documents_match_the_previous_implementation(
     assert list(new_cat._wanted) == list(old_cat._wanted)  # the same names asked for
     doc = dict(user_id="u\u00e9", seq=3, generated_at_ms=2, event_ts_ms=1, event_id="e",
                model_version="m", session={"session_id": "s"}, lineage="x")
-    assert encode_document_items(items=new, **doc) == encode_document(items=old, **doc)  # type: ignore[arg-type]
+    assert encode_document(items=new, **doc) == encode_document(items=old, **doc)  # type: ignore[arg-type]
