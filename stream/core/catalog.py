@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from stream.core.ranking import Recommendation, reason_text
+from stream.core.ranking import RankedItem, reason_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,11 +198,13 @@ class TrackCatalog:
 
     # -- documents ------------------------------------------------------------------------
 
-    def items(self, recs: Iterable[Recommendation]) -> list[dict[str, Any]]:
+    def items(self, recs: Iterable[RankedItem]) -> list[dict[str, Any]]:
         """The JSON items of a list or a "more like this" document: ``track_id``,
         ``score``, ``reason`` (English, naming tracks by title and artist when known),
         ``reason_code`` and ``reason_track_id`` (for apps that render their own text), and
-        ``name`` / ``artist`` / ``album`` when known."""
+        ``name`` / ``artist`` / ``album`` when known. ``recs``: recommendations, or
+        :data:`stream.core.ranking.RankedItem` tuples (a reason naming an anchor is
+        written here either way)."""
         out: list[dict[str, Any]] = []
         reasons: dict[tuple[str, str], str] = {}  # most items share one or two anchors
         info_of = self._info.get

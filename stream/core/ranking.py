@@ -86,6 +86,13 @@ class Recommendation(NamedTuple):
     anchor: str | None = None
 
 
+#: A ranked track as the documents read it: ``(track_id, score, reason, code, anchor)``, a
+#: :class:`Recommendation` or a plain tuple whose ``reason`` is None where it names
+#: ``anchor`` (the documents name the anchor by its title, so the batched path leaves that
+#: text to :meth:`stream.core.catalog.TrackCatalog.items`: Recommender.rank_items_many).
+RankedItem = tuple[str, float, str | None, str, str | None]
+
+
 def normalise(scores: FloatArray) -> FloatArray:
     """Scale to [0, 1] within the candidate set: non-negative scores by their maximum,
     signed ones (factor dot products) min-max. All-equal scores carry no signal -> zeros."""
@@ -205,8 +212,8 @@ def explain_code(
 
 
 def top_up(
-    recs: list[Recommendation], trending: Sequence[str], k: int, avoid: Collection[str] = ()
-) -> list[Recommendation]:
+    recs: Sequence[RankedItem], trending: Sequence[str], k: int, avoid: Collection[str] = ()
+) -> list[RankedItem]:
     """``recs`` filled up to ``k`` from ``trending`` (most popular first) with the reason
     ``trending_topup``: tracks not listed yet and not in ``avoid`` (the listener's recent
     tracks) first; only an otherwise empty list takes ``avoid``'s tracks too, so a known
@@ -218,9 +225,9 @@ def top_up(
     ['a']
     """
     if len(recs) >= k:
-        return recs
+        return list(recs)
     out = list(recs)
-    listed = {r.track_id for r in recs}
+    listed = {r[0] for r in recs}  # r[0]: the track id (a Recommendation or a RankedItem)
     for allow_avoided in (False, True):
         if allow_avoided and out:
             break

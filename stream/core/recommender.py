@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import numpy as np
 
@@ -66,6 +66,7 @@ from stream.core.models.skip import SkipClassifier
 from stream.core.models.stan import SessionKNN
 from stream.core.ranking import (
     DEFAULT_WEIGHTS,
+    RankedItem,
     Recommendation,
     rank_tracks,
     reason_text,
@@ -608,13 +609,29 @@ class Recommender:
     ) -> list[list[Recommendation]]:
         """``[self.recommend(state, k, now_ms) for state in states]`` (the blend, nothing
         excluded), with every listener ranked in one compiled call
-        (:func:`stream.core.models._kernels.rank_many`). The worker ranks each flush's
-        listeners this way."""
+        (:func:`stream.core.models._kernels.rank_many`)."""
+        return cast(list[list[Recommendation]], self._rank_many(states, k, now_ms, True))
+
+    def rank_items_many(
+        self, states: Sequence[UserState], k: int, now_ms: int
+    ) -> list[list[RankedItem]]:
+        """:meth:`recommend_many` for documents (the worker ranks each pass's listeners
+        this way): the same tracks, scores, codes and anchors, as plain tuples whose reason
+        is None where it names the anchor (:data:`stream.core.ranking.RankedItem`;
+        :meth:`stream.core.catalog.TrackCatalog.items` names it by the track's title), so
+        no :class:`Recommendation` and no id-named reason is built per item."""
+        return self._rank_many(states, k, now_ms, False)
+
+    def _rank_many(
+        self, states: Sequence[UserState], k: int, now_ms: int, reasons: bool
+    ) -> list[list[RankedItem]]:
+        """The batched ranking of :meth:`recommend_many` (``reasons``) or
+        :meth:`rank_items_many`."""
         if k <= 0 or not states:
             return [[] for _ in states]
         weights = self.blend_weights
         if weights.get("skip", 0.0) > 0 or len(states) == 1 or self.blend == "learned":
-            return [self.recommend(state, k, now_ms) for state in states]
+            return [list(self.recommend(state, k, now_ms)) for state in states]
         size = len(self.vocabulary)
         if size == 0:
             return [[] for _ in states]
@@ -677,8 +694,9 @@ class Recommender:
         arrays = (out_rows, out_totals, out_reasons, out_leads)
         return [
             self._results_from(arrays, q, c, k, cap_n, min(c, stop),
-                               (rows[:c], rounded[:c], raw[:c], reasons[:c], leads[:c]))
-            for q, (c, (rows, rounded, raw, reasons, leads))
+                               (rows[:c], rounded[:c], raw[:c], codes[:c], leads[:c]),
+                               reasons)
+            for q, (c, (rows, rounded, raw, codes, leads))
             in enumerate(zip(out_count.tolist(), prefixes, strict=True))
         ]
 
@@ -1146,10 +1164,10 @@ class Recommender:
         # first k without an artist cap, else 2k at first and the rest only if the cap
         # dropped enough of those.
         stop = min(len(rows), k if cap_n is None else 2 * k)
-        return self._results_from(
+        return cast(list[Recommendation], self._results_from(
             (rows[None], totals[None], reasons[None], leads[None]), 0, len(rows), k, cap_n,
             stop, (rows[:stop].tolist(), _k.round6(totals[:stop]).tolist(),
-                   totals[:stop].tolist(), reasons[:stop].tolist(), leads[:stop].tolist()))
+                   totals[:stop].tolist(), reasons[:stop].tolist(), leads[:stop].tolist())))
 
     def _results_from(
         self,
@@ -1160,19 +1178,22 @@ class Recommender:
         cap_n: int | None,
         stop: int,
         prefix: tuple[list[int], list[float], list[float], list[int], list[int]],
-    ) -> list[Recommendation]:
+        reasons: bool = True,
+    ) -> list[RankedItem]:
         """:meth:`_results` of row ``q`` of the 2-D ``arrays`` (rows, totals, reasons,
         leads; ``count`` candidates), from its first ``stop`` candidates already as Python
         lists (``prefix``: rows, scores rounded to 6 places by :func:`_k.round6` -- NaN
         where it left them to ``round`` --, the raw scores, reason codes and leads; the
         batched path converts every listener's prefix at once); the rest of the row only if
-        the artist cap dropped enough of them."""
+        the artist cap dropped enough of them. Without ``reasons``: plain tuples, and no
+        reason text where it names the lead track (:meth:`rank_items_many`)."""
         ids = self.vocabulary.ids
         artist_of = self.artist_of.get
         per_artist: dict[str, int] = {}
         because: dict[tuple[int, int], str] = {}
-        out: list[Recommendation] = []
+        out: list[RankedItem] = []
         make = _make_recommendation  # tuple.__new__: skips the NamedTuple's Python __new__
+        kind = Recommendation if reasons else tuple  # tuple.__new__(tuple, t) is t
         naming = _NAMING_REASONS
         while True:
             for row, score, raw, code, lead in zip(*prefix, strict=True):
@@ -1188,21 +1209,20 @@ class Recommender:
                     score = round(raw, 6)
                 if lead >= 0 and code in naming:
                     name = naming[code]
-                    reason = because.get((code, lead))
-                    if reason is None:
+                    reason = because.get((code, lead)) if reasons else None
+                    if reason is None and reasons:
                         reason = because[code, lead] = reason_text(name, ids[lead])
-                    out.append(make(Recommendation, (track, score, reason, name, ids[lead])))
+                    out.append(make(kind, (track, score, reason, name, ids[lead])))
                 else:
                     name = _reason_code(code)
-                    out.append(make(Recommendation,
-                                    (track, score, reason_text(name), name, None)))
+                    out.append(make(kind, (track, score, reason_text(name), name, None)))
                 if len(out) >= k:
                     return out
             if stop >= count:
                 return out
-            rows, totals, reasons, leads = (a[q, stop:count] for a in arrays)
+            rows, totals, codes, leads = (a[q, stop:count] for a in arrays)
             prefix = (rows.tolist(), _k.round6(totals).tolist(), totals.tolist(),
-                      reasons.tolist(), leads.tolist())
+                      codes.tolist(), leads.tolist())
             stop = count
 
     def _rank_reference(
@@ -1805,7 +1825,7 @@ _NO_FACTORS: Final[Float32Array] = np.zeros(0, dtype=np.float32)
 #: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's
 #: Python-level ``__new__`` (a third of the per-item cost of ``_results``)
 _make_recommendation: Final[
-    Callable[[type[Recommendation], tuple[str, float, str, str, str | None]], Recommendation]
+    Callable[[type[tuple[Any, ...]], RankedItem], RankedItem]
 ] = tuple.__new__
 
 

@@ -28,7 +28,7 @@ from stream.core.events import (  # noqa: F401 - murmur2, key_partition: re-expo
     partition_problem,
 )
 from stream.core.models._vocab import EvictionSteps, drain
-from stream.core.ranking import top_up
+from stream.core.ranking import RankedItem, top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
 from stream.processing.documents import (
@@ -495,7 +495,7 @@ class Processor:
         now_ms = int(self.clock() * 1000)
         started = time.perf_counter()
         entries: list[tuple[PlayEvent, UserState, int | None]] = []
-        ranked: list[list[Recommendation] | None] = []
+        ranked: list[list[RankedItem] | None] = []
         if budget_s is None:
             entries = [*self.pending_rank.values(), *self.pending_first.values()]
             self.pending_rank, self.pending_first = OrderedDict(), OrderedDict()
@@ -520,7 +520,7 @@ class Processor:
 
     def _rank_budgeted(
         self, budget_s: float, started: float, now_ms: int
-    ) -> tuple[list[tuple[PlayEvent, UserState, int | None]], list[list[Recommendation] | None]]:
+    ) -> tuple[list[tuple[PlayEvent, UserState, int | None]], list[list[RankedItem] | None]]:
         """Rank waiting listeners (history first) until the next one would pass ``budget_s``
         since ``started``: one listener first, then sub-chunks of up to RANK_SUB_CHUNK sized
         by the dearest listener of this call so far (the batched kernel ranks a sub-chunk
@@ -532,7 +532,7 @@ class Processor:
         it (or a sub-chunk's listeners cost more than twice that). At least one listener is
         ranked."""
         entries: list[tuple[PlayEvent, UserState, int | None]] = []
-        ranked: list[list[Recommendation] | None] = []
+        ranked: list[list[RankedItem] | None] = []
         dearest = 0.0
         while (self.pending_rank or self.pending_first) and len(entries) < MAX_RANK_CHUNK:
             left = budget_s - (time.perf_counter() - started)
@@ -553,9 +553,11 @@ class Processor:
         return entries, ranked
 
     def _rank_entries(self, entries: list[tuple[PlayEvent, UserState, int | None]],
-                      now_ms: int) -> list[list[Recommendation] | None]:
-        """The lists of ``entries`` (``recommend_many``; one by one if that raises)."""
-        many = getattr(self.recommender, "recommend_many", None)
+                      now_ms: int) -> list[list[RankedItem] | None]:
+        """The lists of ``entries`` (``rank_items_many``, else ``recommend_many``; one by
+        one if that raises)."""
+        many = (getattr(self.recommender, "rank_items_many", None)
+                or getattr(self.recommender, "recommend_many", None))
         if many is not None:
             try:
                 return list(many([e[1] for e in entries], self.settings.top_k, now_ms))
@@ -563,9 +565,9 @@ class Processor:
                 self._model_error(exc, None)
         return [self._rank_one(state, now_ms) for _, state, _ in entries]
 
-    def _rank_one(self, state: UserState, now_ms: int) -> list[Recommendation] | None:
+    def _rank_one(self, state: UserState, now_ms: int) -> list[RankedItem] | None:
         try:
-            return self.recommender.recommend(state, self.settings.top_k, now_ms)
+            return list(self.recommender.recommend(state, self.settings.top_k, now_ms))
         except Exception as exc:  # noqa: BLE001
             self._model_error(exc, None)
             return None
@@ -610,7 +612,7 @@ class Processor:
         self,
         event: PlayEvent,
         state: UserState,
-        recs: list[Recommendation],
+        recs: Sequence[RankedItem],
         ingest: int | None,
         fresh: bool = True,
     ) -> None:
@@ -619,8 +621,8 @@ class Processor:
         self.submit(self.make_write(event, state, recs, ingest, fresh=fresh))
 
     def _top_up(
-        self, event: PlayEvent, state: UserState, recs: list[Recommendation]
-    ) -> list[Recommendation]:
+        self, event: PlayEvent, state: UserState, recs: Sequence[RankedItem]
+    ) -> Sequence[RankedItem]:
         """A list shorter than top_k is filled from trending (reason ``trending_topup``);
         a listener whose list is still short is remembered for refresh_short_lists."""
         k = self.settings.top_k
@@ -783,7 +785,7 @@ class Processor:
         self,
         event: PlayEvent,
         state: UserState,
-        recs: list[Recommendation],
+        recs: Sequence[RankedItem],
         ingest_ts_ms: int | None,
         fresh: bool = True,
     ) -> PendingWrite:

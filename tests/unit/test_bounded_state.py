@@ -160,7 +160,7 @@ def _timed_ranking(p, monkeypatch, cost):  # type: ignore[no-untyped-def]
 
     clock = _Clock()
     monkeypatch.setattr(pipeline.time, "perf_counter", clock)
-    many = p.recommender.recommend_many
+    many = p.recommender.rank_items_many  # what the processor ranks with
     calls: list[int] = []
 
     def timed(states, k, now_ms):  # type: ignore[no-untyped-def]
@@ -169,7 +169,7 @@ def _timed_ranking(p, monkeypatch, cost):  # type: ignore[no-untyped-def]
         clock.now += sum(cost(first + i) for i in range(len(states)))
         return many(states, k, now_ms)
 
-    p.recommender.recommend_many = timed
+    p.recommender.rank_items_many = timed
     return clock, calls
 
 

@@ -266,8 +266,8 @@ def test_a_failing_batch_ranking_falls_back_to_one_listener_at_a_time() -> None:
     from stream.processing.pipeline import Processor, Record
 
     class Flaky(Recommender):
-        def recommend_many(self, states, k, now_ms):  # type: ignore[no-untyped-def]
-            raise RuntimeError("kernel bug")
+        def rank_items_many(self, states, k, now_ms):  # type: ignore[no-untyped-def]
+            raise RuntimeError("kernel bug")  # the processor's batched ranking
 
         def recommend(self, state, k, now_ms, **kw):  # type: ignore[no-untyped-def]
             if state.user_id == "bad":

@@ -202,3 +202,33 @@ def test_catalogue_items_and_documents_match_the_previous_implementation(
     doc = dict(user_id="u\u00e9", seq=3, generated_at_ms=2, event_ts_ms=1, event_id="e",
                model_version="m", session={"session_id": "s"}, lineage="x")
     assert encode_document(items=new, **doc) == encode_document(items=old, **doc)  # type: ignore[arg-type]
+
+
+def test_ranked_items_are_the_recommendations_without_the_id_named_reasons() -> None:
+    """rank_items_many (what the processor ranks with) keeps recommend_many's tracks,
+    scores, codes and anchors; the reason naming an anchor is left to the catalogue,
+    whose items (and so the documents) come out the same from either."""
+    from stream.core.events import PlayEvent
+    from stream.core.session import UserState, update_session
+
+    rec = Recommender(seed=2, blend="fixed", session_models=False, max_per_artist=2)
+    states: dict[str, UserState] = {}
+    cat = TrackCatalog()
+    for i in range(2000):
+        user, track = f"u{i % 29}", f"t{(i * 7919 + i // 3) % 173}"
+        event = PlayEvent(user, track, 1_700_000_000_000 + i * 1000, 200_000, f"e{i}",
+                          artist_id=f"a{(i * 7919 + i // 3) % 173 % 11}")
+        update = update_session(states.get(user), event)
+        rec.learn_one(update, event)
+        states[user] = update.state
+        if i % 2:
+            cat.observe(track, f"Song {track}", None, None, ts_ms=event.ts_ms)
+    listeners = list(states.values())
+    for group in (listeners, listeners[:1]):  # the batched call and the one-listener path
+        recs = rec.recommend_many(group, 10, 1_700_010_000_000)
+        items = rec.rank_items_many(group, 10, 1_700_010_000_000)
+        assert [[(t, s, None if a is not None else r, c, a) for t, s, r, c, a in x]
+                for x in recs] == [[tuple(i) for i in x] for x in items] or len(group) == 1
+        assert [orjson.dumps(cat.items(x)) for x in recs] == \
+            [orjson.dumps(cat.items(x)) for x in items]
+    assert any(a is not None for x in rec.rank_items_many(listeners, 10, 1) for *_, a in x)
