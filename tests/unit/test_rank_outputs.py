@@ -124,21 +124,32 @@ def test_results_match_the_previous_implementation(artists: int) -> None:
                 assert _identical(rec._results(*args, k), old)
 
 
-def test_batched_results_match_the_previous_implementation() -> None:
-    """recommend_many's lists (one conversion of every listener's prefix) are the lists
-    the previous _results built from the same kernel rows, through the artist cap."""
+def _trained(seed: int, max_per_artist: int, users: int, tracks: int, artists: int,
+             plays: int, catalog: TrackCatalog | None = None) -> tuple[Recommender, list[Any]]:
+    """A fixed-blend recommender trained on a small synthetic stream, and its listeners
+    (every other play names its track in ``catalog``)."""
     from stream.core.events import PlayEvent
     from stream.core.session import UserState, update_session
 
-    rec = Recommender(seed=1, blend="fixed", session_models=False, max_per_artist=1)
+    rec = Recommender(seed=seed, blend="fixed", session_models=False,
+                      max_per_artist=max_per_artist)
     states: dict[str, UserState] = {}
-    for i in range(3000):
-        user, track = f"u{i % 37}", f"t{(i * 7919 + i // 5) % 211}"
-        event = PlayEvent(user, track, 1_700_000_000_000 + i * 1000, 200_000, f"e{i}",
-                          artist_id=f"a{(i * 7919 + i // 5) % 211 % 9}")
-        update = update_session(states.get(user), event)
+    for i in range(plays):
+        n = (i * 7919 + i // 3) % tracks
+        event = PlayEvent(f"u{i % users}", f"t{n}", 1_700_000_000_000 + i * 1000, 200_000,
+                          f"e{i}", artist_id=f"a{n % artists}")
+        update = update_session(states.get(event.user_id), event)
         rec.learn_one(update, event)
-        states[user] = update.state
+        states[event.user_id] = update.state
+        if catalog is not None and i % 2:
+            catalog.observe(event.track_id, f"Song {n}", None, None, ts_ms=event.ts_ms)
+    return rec, list(states.values())
+
+
+def test_batched_results_match_the_previous_implementation() -> None:
+    """recommend_many's lists (one conversion of every listener's prefix) are the lists
+    the previous _results built from the same kernel rows, through the artist cap."""
+    rec, listeners = _trained(1, 1, 37, 211, 9, 3000)
     captured: list[tuple[Any, ...]] = []
     real = _k.rank_many
 
@@ -148,7 +159,7 @@ def test_batched_results_match_the_previous_implementation() -> None:
 
     _k.rank_many = capture
     try:
-        many = rec.recommend_many(list(states.values()), 10, 1_700_010_000_000)
+        many = rec.recommend_many(listeners, 10, 1_700_010_000_000)
     finally:
         _k.rank_many = real
     (rows, totals, reasons, leads, count), = captured
@@ -208,22 +219,8 @@ def test_ranked_items_are_the_recommendations_without_the_id_named_reasons() -> 
     """rank_items_many (what the processor ranks with) keeps recommend_many's tracks,
     scores, codes and anchors; the reason naming an anchor is left to the catalogue,
     whose items (and so the documents) come out the same from either."""
-    from stream.core.events import PlayEvent
-    from stream.core.session import UserState, update_session
-
-    rec = Recommender(seed=2, blend="fixed", session_models=False, max_per_artist=2)
-    states: dict[str, UserState] = {}
     cat = TrackCatalog()
-    for i in range(2000):
-        user, track = f"u{i % 29}", f"t{(i * 7919 + i // 3) % 173}"
-        event = PlayEvent(user, track, 1_700_000_000_000 + i * 1000, 200_000, f"e{i}",
-                          artist_id=f"a{(i * 7919 + i // 3) % 173 % 11}")
-        update = update_session(states.get(user), event)
-        rec.learn_one(update, event)
-        states[user] = update.state
-        if i % 2:
-            cat.observe(track, f"Song {track}", None, None, ts_ms=event.ts_ms)
-    listeners = list(states.values())
+    rec, listeners = _trained(2, 2, 29, 173, 11, 2000, cat)
     for group in (listeners, listeners[:1]):  # the batched call and the one-listener path
         recs = rec.recommend_many(group, 10, 1_700_010_000_000)
         items = rec.rank_items_many(group, 10, 1_700_010_000_000)
