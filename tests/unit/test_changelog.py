@@ -464,3 +464,58 @@ async def test_recovery_during_a_rolling_upgrade_compares_unstamped_records_by_s
     # an old worker's record of an earlier life (its last play before this life began)
     _recover(table, [("u1", 40)], born=-1, last=120)
     assert table.data["u1"].seq == 11 and table.older_skipped == 2
+
+
+# -- the record encoder: Faust's bytes, its lookups once per batch -------------------------
+
+
+class _Point(faust.Record, serializer="json"):
+    x: int
+
+
+def _encoder_cases() -> list[tuple[Any, Any]]:
+    from array import array
+
+    from stream.faustx.changelog_table import _TOMBSTONE
+
+    full = UserState(user_id="ü-1", seq=7, recent=["a", "b\u00e9", "c"],
+                     recent_skipped=[True, False, True], born_offset=3, last_offset=9,
+                     seen=array("q", [1, -2, 2**62]), model="AAEC", session_key="s")
+    return [("u1", _state("u1", 1)), ("ü-1", full), ("u1", _TOMBSTONE), (b"raw-key", full),
+            (17, full), ("u1", b"raw-value"), ("u1", _Point(x=3)), ("u1", {"a": 1}),
+            (_Point(x=1), full), ("", UserState(user_id=""))]
+
+
+def test_the_record_encoder_gives_fausts_bytes_and_headers_for_every_kind_of_record() -> None:
+    from stream.faustx.changelog_table import RecordEncoder
+
+    app, table, _ = _table("changelog-encoder")
+    topic = table.changelog_topic
+    encode = RecordEncoder(topic, app, table.key_serializer, table.value_serializer)
+    assert encode._key_codec is not None  # the worker's table takes the direct path
+    for key, value in _encoder_cases():
+        assert encode(key, value) == encode.faust_record(key, value), (key, value)
+    # and faust_record is Faust's own prepare_* sequence (what send_dirty did before)
+    headers = topic.prepare_headers(None)
+    key_bytes, headers = topic.prepare_key("u1", "json", None, headers)
+    value_bytes, headers = topic.prepare_value(_state("u1", 1), USER_STATE_CODEC, None, headers)
+    assert encode("u1", _state("u1", 1)) == (key_bytes, value_bytes, headers or None)
+
+
+def test_the_record_encoder_takes_fausts_path_where_faust_is_adapted() -> None:
+    from stream.faustx.changelog_table import RecordEncoder
+
+    app, table, _ = _table("changelog-encoder-adapted")
+    topic = table.changelog_topic
+
+    class Prefixed(type(topic)):  # type: ignore[misc]
+        def prepare_key(self, key: Any, *args: Any) -> Any:
+            key_bytes, headers = super().prepare_key(key, *args)
+            return b"p:" + key_bytes, headers
+
+    topic.__class__ = Prefixed
+    encode = RecordEncoder(topic, app, table.key_serializer, table.value_serializer)
+    assert encode._key_codec is None
+    assert encode("u1", _state("u1", 1))[0] == b'p:"u1"'
+    unnamed = RecordEncoder(table.changelog_topic, app, None, table.value_serializer)
+    assert unnamed._key_codec is None
