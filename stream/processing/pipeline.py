@@ -31,6 +31,7 @@ from stream.core.models._vocab import EvictionSteps, drain
 from stream.core.ranking import top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
+from stream.core.slots import positional_builder
 from stream.processing.documents import (
     PendingWrite,
     encode_document,
@@ -71,6 +72,11 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None
+
+
+#: ``Record(topic, partition, offset, key, value, timestamp_ms)`` with every field given,
+#: without the frozen __init__ (stream.core.slots): the worker builds one per play
+build_record: Final = positional_builder(Record)
 
 
 @dataclass(frozen=True, slots=True)
