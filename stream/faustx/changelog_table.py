@@ -120,6 +120,21 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
 
     # -- Faust hooks ----------------------------------------------------------------------
 
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``Mapping.get`` through Faust's ``__getitem__`` (``ManagedUserDict``: the get
+        sensor; ``FastUserDict``: the store, else ``__missing__``), inlined: the worker
+        reads a listener's state once per play, and the three frames cost ~0.7 us of ~1.1
+        (pinned in stream.faustx.compat). The same calls in the same order, the same
+        result: the value, else the table's default, else ``default``."""
+        try:
+            self.on_key_get(key)
+            data = self.data
+            if key in data:
+                return data[key]
+            return self.__missing__(key)
+        except KeyError:
+            return default
+
     def on_key_set(self, key: Any, value: Any) -> None:
         """Called by ``table[key] = value`` inside stream iteration (after the store set)."""
         partition = self.partition_for_key(key)  # the current event's partition

@@ -424,6 +424,21 @@ TESTED: Final[tuple[Pin, ...]] = (
         "cf18c4ce2b00d8e6",
         "mirrored by faustx.changelog_table.RecordEncoder (the same record bytes)",
     ),
+    Pin(
+        "mode.utils.collections:ManagedUserDict.__getitem__",
+        "9fb8a44e8d5e9994",
+        "inlined by faustx.changelog_table.BatchedChangelogTable.get",
+    ),
+    Pin(
+        "mode.utils.collections:FastUserDict.__getitem__",
+        "eb240364b8add831",
+        "inlined by faustx.changelog_table.BatchedChangelogTable.get",
+    ),
+    Pin(
+        "faust.tables.table:Table.__missing__",
+        "41f1eeec55584b3a",
+        "called by faustx.changelog_table.BatchedChangelogTable.get (KeyError: no default)",
+    ),
 )
 
 

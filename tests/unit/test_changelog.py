@@ -519,3 +519,19 @@ def test_the_record_encoder_takes_fausts_path_where_faust_is_adapted() -> None:
     assert encode("u1", _state("u1", 1))[0] == b'p:"u1"'
     unnamed = RecordEncoder(table.changelog_topic, app, None, table.value_serializer)
     assert unnamed._key_codec is None
+
+
+def test_get_is_fausts_get_inlined() -> None:
+    from collections.abc import Mapping
+
+    app, table, _ = _table("changelog-get")
+    table["u1"] = _state("u1", 1)
+    gets: list[Any] = []
+    faust_on_get = table.on_key_get
+    table.on_key_get = lambda key: (gets.append(key), faust_on_get(key))  # type: ignore[method-assign]
+    for key, default in (("u1", None), ("u2", None), ("u2", "d"), ("u1", "d")):
+        assert table.get(key, default) == Mapping.get(table, key, default)
+    assert table.get("u1") is table.data["u1"]
+    assert gets == ["u1", "u1", "u2", "u2", "u2", "u2", "u1", "u1", "u1"]  # the sensor, each get
+    table.default = lambda: "fresh"  # a table with a default gives it, as Faust's does
+    assert table.get("u3", "d") == Mapping.get(table, "u3", "d") == "fresh"
