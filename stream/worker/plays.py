@@ -338,6 +338,8 @@ class PlaysAgent:
         if evicted:
             self.telemetry.tracks_evicted(evicted)
         self.telemetry.observe_batch(outcomes, stage_totals, per_event)
+        if not self.signals.enabled:  # SignalPublisher.add would drop each one
+            return
         for outcome in outcomes:
             if (
                 outcome.outcome == "processed"
