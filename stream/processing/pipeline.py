@@ -401,7 +401,9 @@ class Processor:
             # from one listener costs one ranking, and the agent never waits for it
             self._queue_rank(event.user_id, (event, update.state, record.timestamp_ms))
             self._refreshing.discard(event.user_id)
-            return (Outcome("processed", event=event, update=update, learned=learned),
+            # positional (outcome, event, update, recs, rejection, model_error, learned):
+            # keywords cost ~0.3 us of every play
+            return (Outcome("processed", event, update, None, None, None, learned),
                     (t1 - t0, 0.0, clock() - t1))
         try:
             recs = self.recommender.recommend(update.state, self.settings.top_k, now_ms)

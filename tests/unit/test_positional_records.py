@@ -3,7 +3,8 @@ play in the generated ``__init__``: docs/benchmarks.md, "Session 13: P1"). A reo
 inserted field would then fill the wrong slots silently, so their field order is pinned
 here: change a record's fields and update its positional call sites together
 (stream/core/events.py ``_parse``, stream/core/recommender.py ``learn_one``,
-stream/worker/plays.py ``_live``, stream/processing/pipeline.py ``make_write``)."""
+stream/worker/plays.py ``_live``, stream/processing/pipeline.py ``make_write`` and
+``_learn_and_rank``'s ``Outcome``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import fields
 from stream.core.events import PlayEvent
 from stream.core.models.base import Interaction
 from stream.processing.documents import PendingWrite
-from stream.processing.pipeline import Record
+from stream.processing.pipeline import Outcome, Record
 
 
 def _names(cls: type) -> list[str]:
@@ -28,6 +29,8 @@ def test_the_positionally_built_records_keep_their_field_order() -> None:
         "user_id", "track_id", "ts_ms", "skipped", "history", "session_position",
         "recent_skip_rate", "context", "artist_id", "features"]
     assert _names(Record) == ["topic", "partition", "offset", "key", "value", "timestamp_ms"]
+    assert _names(Outcome) == ["outcome", "event", "update", "recs", "rejection", "model_error",
+                               "learned"]
     assert _names(PendingWrite) == [
         "key", "seq", "doc", "notification", "event_ts_ms", "ingest_ts_ms", "enqueued_at",
         "lineage", "fresh"]
