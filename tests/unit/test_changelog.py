@@ -535,3 +535,21 @@ def test_get_is_fausts_get_inlined() -> None:
     assert gets == ["u1", "u1", "u2", "u2", "u2", "u2", "u1", "u1", "u1"]  # the sensor, each get
     table.default = lambda: "fresh"  # a table with a default gives it, as Faust's does
     assert table.get("u3", "d") == Mapping.get(table, "u3", "d") == "fresh"
+
+
+def test_the_workers_own_session_table_takes_the_direct_path() -> None:
+    """The app and table as the worker builds them (create_app, declare_topics): a change
+    there that made the encoder fall back to Faust's path would be slower, silently."""
+    from stream.config import Settings
+    from stream.faustx.app import create_app
+    from stream.faustx.changelog_table import RecordEncoder
+    from stream.worker.topics import declare_topics
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1")
+    app = create_app(settings, 4)
+    sessions = declare_topics(app, settings, 4).sessions
+    encode = RecordEncoder(sessions.changelog_topic, app, sessions.key_serializer,
+                           sessions.value_serializer)
+    assert encode._key_codec is not None
+    state = _state("u1", 3)
+    assert encode("u1", state) == encode.faust_record("u1", state)
