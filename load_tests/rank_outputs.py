@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 from typing import Any
 
-import stream.processing.pipeline as pipeline
+from load_tests.rank_path import drain_budgeted
 from load_tests.traffic import SessionTraffic
 from stream.config import load_settings
 from stream.core.evaluation import Prequential
@@ -42,16 +42,10 @@ def _named(ev: PlayEvent, i: int) -> PlayEvent:
 
 
 def _rank(proc: Processor, budgeted: bool) -> None:
-    if not budgeted:
+    if budgeted:
+        drain_budgeted(proc)
+    else:
         proc.rank_pending()
-        return
-    real = pipeline.time.perf_counter
-    pipeline.time.perf_counter = lambda: 100.0
-    try:
-        while proc.rank_waiting():
-            proc.rank_pending(budget_s=0.015)
-    finally:
-        pipeline.time.perf_counter = real
 
 
 def run(plays: int, ranker: str, budgeted: bool, names: bool, tracks: int = 50_000,

@@ -29,7 +29,7 @@ NOW_MS = 1_765_000_000_000
 REAL_CLOCK = pipeline.time.perf_counter
 
 
-def _drain(p: Processor) -> None:
+def drain_budgeted(p: Processor) -> None:
     """Rank everything waiting in budgeted passes with a frozen clock (1, then 8s)."""
     pipeline.time.perf_counter = lambda: 100.0
     try:
@@ -56,7 +56,7 @@ def _processor(plays: int) -> tuple[Processor, list[list[Any]]]:
         p.process_batch(records[start:start + 64])
         if start >= half:
             passes.append([*p.pending_rank.values(), *p.pending_first.values()])
-        _drain(p)
+        drain_budgeted(p)
     return p, passes
 
 
@@ -85,7 +85,7 @@ def main() -> None:
         for entries in passes:
             for entry in entries:
                 p.pending_rank[entry[0].user_id] = entry
-            _drain(p)
+            drain_budgeted(p)
         cpu = time.process_time() - t
         if best is None or cpu < best[0]:
             best = (cpu, kernel_s[0])
