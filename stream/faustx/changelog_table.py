@@ -203,11 +203,13 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         async with self._send_lock:  # snapshots are sent in order, never interleaved
             if not self._dirty:
                 return 0
-            batch, self._dirty = self._dirty, {}
             topic: Any = self.changelog_topic  # a faust Topic (prepare_* are not on TopicT)
             name = topic.get_topic_name()
             producer = self.app.producer
+            # built before the batch is taken: a codec that cannot be resolved raises with
+            # every key still dirty (review of session 14)
             encode = RecordEncoder(topic, self.app, self.key_serializer, self.value_serializer)
+            batch, self._dirty = self._dirty, {}
             sent = 0
             items = list(batch.items())
             try:

@@ -204,6 +204,18 @@ async def test_producer_error_keeps_the_unsent_keys_dirty() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_codec_that_cannot_be_resolved_keeps_every_key_dirty() -> None:
+    app, table, producer = _table("changelog-bad-codec")
+    table["u1"] = _state("u1", 1)
+    table["u2"] = _state("u2", 1)
+    table.value_serializer = "no-such-codec"
+    with pytest.raises(KeyError):
+        await table.send_dirty()
+    assert producer.sent == []
+    assert table.dirty == 2  # nothing was handed over, nothing was forgotten
+
+
+@pytest.mark.asyncio
 async def test_commit_flush_sends_pending_records_and_fails_on_undelivered_ones() -> None:
     app, table, producer = _table("changelog-commit")
     buffer = app.producer.buffer
