@@ -129,3 +129,43 @@ def test_the_agents_batch_the_ranking_and_its_hand_on_share_one_budget_per_loop_
     # three steps back to back (30-45 ms)
     assert max(busy) < 0.026, sorted(busy)[-5:]
     assert turns.waits > 0
+
+
+def test_a_batch_that_would_overrun_the_turn_is_applied_in_slices_in_order() -> None:
+    """A gathered batch of 64 plays at 1 ms of the loop's CPU each held one turn 64 ms;
+    with a turn budget it is applied in slices that fit what is left of the turn (the
+    recent CPU per play sizes them), each in a turn with room, the plays in order."""
+    from stream.worker.plays import PlaysAgent
+    from stream.worker.watchdog import LoopLagProbe, TurnBudget
+
+    turns = TurnBudget(0.02)
+    agent = PlaysAgent.__new__(PlaysAgent)
+    agent.turns = turns
+    agent.cpu_per_play = 0.0  # not measured yet: the first batch goes whole
+    slices: list[list[int]] = []
+
+    async def apply_slice(events: list[Any]) -> None:
+        _burn(0.001 * len(events))
+        agent.cpu_per_play = 0.001
+        slices.append(list(events))
+
+    agent._apply = apply_slice  # type: ignore[method-assign]
+    probe = LoopLagProbe(on_lag=lambda s: None, interval_s=0.005, turns=turns)
+    busy: list[float] = []
+    probe.on_busy = busy.append
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        watch = loop.create_task(probe.run())
+        await asyncio.sleep(0.02)
+        await agent.apply(list(range(10)))  # first batch: whole (no estimate yet)
+        busy.clear()
+        await agent.apply(list(range(10, 74)))
+        await asyncio.sleep(0.02)
+        watch.cancel()
+
+    asyncio.run(main())
+    assert slices[0] == list(range(10))
+    assert [p for s in slices for p in s] == list(range(74))  # every play, in order
+    assert len(slices) >= 4 and max(len(s) for s in slices[1:]) <= 20
+    assert max(busy) < 0.03, sorted(busy)[-5:]  # not one 64 ms turn
