@@ -69,10 +69,6 @@ BACKLOG_PLAYS: Final = 8
 WAKE_S: Final = 0.005
 #: under a backlog, the agent yields to the other tasks (ranker, writer) this often
 YIELD_S: Final = 0.004
-#: the fewest plays a slice of a batch applies (PlaysAgent.slice_size), and the weight of
-#: each batch's CPU per play in the moving average that sizes the slices
-MIN_SLICE: Final = 8
-CPU_EWMA: Final = 0.2
 #: the agent's wake-up value (never a Kafka record)
 _WAKE: Any = object()
 
@@ -117,8 +113,6 @@ class PlaysAgent:
         self.freeze_fence = freeze_fence
         #: the loop turn's budget shared with the ranker: a batch starts in a turn with room
         self.turns = turns
-        #: the pipeline's CPU per play, a moving average (sizes the slices of a batch)
-        self.cpu_per_play = 0.0
         self.max_batch = settings.agent_batch
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
@@ -223,50 +217,21 @@ class PlaysAgent:
     # ------------------------------------------------------------------ one batch
 
     async def apply(self, events: list[Any]) -> None:
-        """Apply a gathered batch, then ack each play (see the module docstring). With a
-        turn budget (:class:`stream.worker.watchdog.TurnBudget`), a batch whose plays are
-        predicted to take more of the loop's own CPU than the budget is applied in slices,
-        each in a loop turn with room: the same plays in the same order, each slice
-        applied, handed on and acked before the next."""
-        turns = self.turns
-        if turns is None:
-            await self._apply(events)
-            return
-        i = 0
-        while i < len(events):
-            await turns.room()
-            size = self.slice_size(len(events) - i)
-            await self._apply(events[i : i + size])
-            i += size
-
-    def slice_size(self, n: int) -> int:
-        """How many of ``n`` waiting plays the next slice applies: what fits in what is
-        left of the loop turn's budget at the recent CPU per play (at least MIN_SLICE),
-        all of them without a budget or before the first measurement."""
-        turns = self.turns
-        if turns is None or self.cpu_per_play <= 0:
-            return n
-        left = turns.budget_s - turns.spent()
-        return min(n, max(MIN_SLICE, int(left / self.cpu_per_play)))
-
-    async def _apply(self, events: list[Any]) -> None:
-        """Apply plays, then ack each (a batch, or a slice of one)."""
+        """Apply a gathered batch, then ack each play (see the module docstring)."""
         stream = self.stream
         assert stream is not None
         if self.freeze_fence is not None:
             self.freeze_fence.check(time.monotonic())
+        if self.turns is not None:
+            await self.turns.room()
         live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)
         stage_totals: dict[str, float] = {}
         set_current = stream.set_current_event
-        cpu = time.thread_time()
         outcomes = self.processor.process_batch(
             records, stage_totals, lambda i: set_current(live[i])
         )
-        if records:  # the loop's own CPU per play, recent (slice_size)
-            per_play = (time.thread_time() - cpu) / len(records)
-            self.cpu_per_play += CPU_EWMA * (per_play - self.cpu_per_play)
         per_event = (time.perf_counter() - started) / len(records) if records else 0.0
         await self._hand_on(outcomes, stage_totals, per_event)
         self._ack(stream, live)
