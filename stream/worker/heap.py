@@ -48,8 +48,8 @@ def no_transparent_huge_pages() -> bool:
     The worker's per-track arrays are reserved for ``max_tracks`` rows and mapped lazily
     (:func:`stream.core.models._vocab.reserve_rows`), so learning a new track writes into a
     page nobody touched yet. With huge pages each 2 MiB (16,384 MF rows) was faulted in at
-    once on the event loop: 5-100 ms per fault in-process on this VM (30-60 of them up to
-    500k tracks), and the 578 ms ``ImplicitMF._sync`` stall of the junk-ids drill
+    once on the event loop: 20-104 ms per fault in-process on this VM (33 of them up to
+    500k tracks), most likely the 578 ms ``ImplicitMF._sync`` stall of session 13's drill
     (docs/benchmarks.md, "The junk-ids drill, session 14"). With 4 KiB pages the same rows
     cost microseconds per page, and the MF scans ran no slower. Arrays allocated before the
     call keep their advice; call it before the first play."""

@@ -1,7 +1,7 @@
 """The worker's lazily mapped per-track arrays are faulted in with small pages (issue 15,
 item 5; docs/benchmarks.md, "The junk-ids drill, session 14"): with numpy's transparent
 huge page advice, the first write into each 2 MiB of a reserved array faulted in the whole
-huge page on the event loop (5-100 ms per fault in-process, 578 ms in the drill)."""
+huge page on the event loop (20-104 ms per fault in-process; most likely the drill's 578 ms)."""
 
 from __future__ import annotations
 
