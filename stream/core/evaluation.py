@@ -129,16 +129,22 @@ class Prequential:
             recent.hits += hit
             recent.rr += rr
             recent.ndcg += ndcg
-            v.window.append((hit, rr, ndcg, top))
-            if len(v.window) > self.window:
-                old_hit, old_rr, old_ndcg, _ = v.window.popleft()
-                v.recent.add(old_hit, old_rr, old_ndcg, sign=-1)
+            window = v.window
+            window.append((hit, rr, ndcg, top))
+            if len(window) > self.window:
+                old_hit, old_rr, old_ndcg, _ = window.popleft()
+                # _Sums.add(..., sign=-1), inlined: x + (-1 * y) is exactly x - y
+                recent.n -= 1
+                recent.hits -= old_hit
+                recent.rr -= old_rr
+                recent.ndcg -= old_ndcg
         return rank
 
     def observe_skip(self, probability: float, skipped: bool) -> None:
         """Record the skip model's prediction for an event, made before learning from it."""
         correct = 1.0 if (probability >= 0.5) == skipped else 0.0
-        loss = log_loss(probability, skipped)
+        p = min(max(probability, _EPS), 1 - _EPS)  # log_loss(probability, skipped), inlined
+        loss = -math.log(p if skipped else 1 - p)
         whole, recent = self._skip, self._skip_recent
         whole.n += 1
         whole.correct += correct

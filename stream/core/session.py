@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from stream.core.events import PlayEvent
+from stream.core.slots import positional_builder
 
 DEFAULT_SESSION_GAP_MS: Final = 30 * 60 * 1000
 DEFAULT_MAX_RECENT: Final = 30
@@ -179,6 +180,11 @@ class SessionUpdate:
     first_event: bool
 
 
+#: SessionUpdate(state, before, duplicate, new_session, is_skip, first_event), once per play
+#: without the frozen __init__ (stream.core.slots)
+_build_update: Final = positional_builder(SessionUpdate)
+
+
 def update_session(
     state: UserState | None,
     event: PlayEvent,
@@ -210,10 +216,10 @@ def update_session(
         and position[0] == before.last_partition
         and position[1] <= before.last_offset
     ):
-        return SessionUpdate(before, before, True, False, False, False)
+        return _build_update(before, before, True, False, False, False)
     fp = event_fingerprint(event.event_id)
     if fp in before.seen:
-        return SessionUpdate(before, before, True, False, False, False)
+        return _build_update(before, before, True, False, False, False)
 
     new = before.copy()
     skip = event.is_skip()
@@ -251,4 +257,4 @@ def update_session(
         new.last_partition, new.last_offset = position
         if first:
             new.born_offset = position[1]
-    return SessionUpdate(new, before, False, new_session, skip, first)
+    return _build_update(new, before, False, new_session, skip, first)

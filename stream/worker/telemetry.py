@@ -71,14 +71,19 @@ class Telemetry:
         for stage, seconds in stage_totals.items():
             self._stage(stage).observe_many(seconds / n, n)
         m.processing.observe_many(per_event_s, n)
+        counters, observe_session = self._outcomes, m.observe_session
+        last_event = None
         for outcome in outcomes:
-            self._outcomes[outcome.outcome].inc()
+            counters[outcome.outcome].inc()
             if outcome.model_error is not None:
                 m.model_errors.inc()
-            if outcome.event is not None:
-                m.last_event_ts.set(outcome.event.ts_ms / 1000.0)
+            event = outcome.event
+            if event is not None:
+                last_event = event
                 if outcome.update is not None:
-                    m.observe_session(outcome.update, outcome.event.context)
+                    observe_session(outcome.update, event.context)
+        if last_event is not None:  # the batch's last play's time, set once (was: per play)
+            m.last_event_ts.set(last_event.ts_ms / 1000.0)
 
     def catch_up_batch(self) -> None:
         self.metrics.catch_up_batches.inc()

@@ -204,6 +204,18 @@ async def test_producer_error_keeps_the_unsent_keys_dirty() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_codec_that_cannot_be_resolved_keeps_every_key_dirty() -> None:
+    app, table, producer = _table("changelog-bad-codec")
+    table["u1"] = _state("u1", 1)
+    table["u2"] = _state("u2", 1)
+    table.value_serializer = "no-such-codec"
+    with pytest.raises(KeyError):
+        await table.send_dirty()
+    assert producer.sent == []
+    assert table.dirty == 2  # nothing was handed over, nothing was forgotten
+
+
+@pytest.mark.asyncio
 async def test_commit_flush_sends_pending_records_and_fails_on_undelivered_ones() -> None:
     app, table, producer = _table("changelog-commit")
     buffer = app.producer.buffer
@@ -464,3 +476,92 @@ async def test_recovery_during_a_rolling_upgrade_compares_unstamped_records_by_s
     # an old worker's record of an earlier life (its last play before this life began)
     _recover(table, [("u1", 40)], born=-1, last=120)
     assert table.data["u1"].seq == 11 and table.older_skipped == 2
+
+
+# -- the record encoder: Faust's bytes, its lookups once per batch -------------------------
+
+
+class _Point(faust.Record, serializer="json"):
+    x: int
+
+
+def _encoder_cases() -> list[tuple[Any, Any]]:
+    from array import array
+
+    from stream.faustx.changelog_table import _TOMBSTONE
+
+    full = UserState(user_id="ü-1", seq=7, recent=["a", "b\u00e9", "c"],
+                     recent_skipped=[True, False, True], born_offset=3, last_offset=9,
+                     seen=array("q", [1, -2, 2**62]), model="AAEC", session_key="s")
+    return [("u1", _state("u1", 1)), ("ü-1", full), ("u1", _TOMBSTONE), (b"raw-key", full),
+            (17, full), ("u1", b"raw-value"), ("u1", _Point(x=3)), ("u1", {"a": 1}),
+            (_Point(x=1), full), ("", UserState(user_id=""))]
+
+
+def test_the_record_encoder_gives_fausts_bytes_and_headers_for_every_kind_of_record() -> None:
+    from stream.faustx.changelog_table import RecordEncoder
+
+    app, table, _ = _table("changelog-encoder")
+    topic = table.changelog_topic
+    encode = RecordEncoder(topic, app, table.key_serializer, table.value_serializer)
+    assert encode._key_codec is not None  # the worker's table takes the direct path
+    for key, value in _encoder_cases():
+        assert encode(key, value) == encode.faust_record(key, value), (key, value)
+    # and faust_record is Faust's own prepare_* sequence (what send_dirty did before)
+    headers = topic.prepare_headers(None)
+    key_bytes, headers = topic.prepare_key("u1", "json", None, headers)
+    value_bytes, headers = topic.prepare_value(_state("u1", 1), USER_STATE_CODEC, None, headers)
+    assert encode("u1", _state("u1", 1)) == (key_bytes, value_bytes, headers or None)
+
+
+def test_the_record_encoder_takes_fausts_path_where_faust_is_adapted() -> None:
+    from stream.faustx.changelog_table import RecordEncoder
+
+    app, table, _ = _table("changelog-encoder-adapted")
+    topic = table.changelog_topic
+
+    class Prefixed(type(topic)):  # type: ignore[misc]
+        def prepare_key(self, key: Any, *args: Any) -> Any:
+            key_bytes, headers = super().prepare_key(key, *args)
+            return b"p:" + key_bytes, headers
+
+    topic.__class__ = Prefixed
+    encode = RecordEncoder(topic, app, table.key_serializer, table.value_serializer)
+    assert encode._key_codec is None
+    assert encode("u1", _state("u1", 1))[0] == b'p:"u1"'
+    unnamed = RecordEncoder(table.changelog_topic, app, None, table.value_serializer)
+    assert unnamed._key_codec is None
+
+
+def test_get_is_fausts_get_inlined() -> None:
+    from collections.abc import Mapping
+
+    app, table, _ = _table("changelog-get")
+    table["u1"] = _state("u1", 1)
+    gets: list[Any] = []
+    faust_on_get = table.on_key_get
+    table.on_key_get = lambda key: (gets.append(key), faust_on_get(key))  # type: ignore[method-assign]
+    for key, default in (("u1", None), ("u2", None), ("u2", "d"), ("u1", "d")):
+        assert table.get(key, default) == Mapping.get(table, key, default)
+    assert table.get("u1") is table.data["u1"]
+    assert gets == ["u1", "u1", "u2", "u2", "u2", "u2", "u1", "u1", "u1"]  # the sensor, each get
+    table.default = lambda: "fresh"  # a table with a default gives it, as Faust's does
+    assert table.get("u3", "d") == Mapping.get(table, "u3", "d") == "fresh"
+
+
+def test_the_workers_own_session_table_takes_the_direct_path() -> None:
+    """The app and table as the worker builds them (create_app, declare_topics): a change
+    there that made the encoder fall back to Faust's path would be slower, silently."""
+    from stream.config import Settings
+    from stream.faustx.app import create_app
+    from stream.faustx.changelog_table import RecordEncoder
+    from stream.worker.topics import declare_topics
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1")
+    app = create_app(settings, 4)
+    sessions = declare_topics(app, settings, 4).sessions
+    encode = RecordEncoder(sessions.changelog_topic, app, sessions.key_serializer,
+                           sessions.value_serializer)
+    assert encode._key_codec is not None
+    state = _state("u1", 3)
+    assert encode("u1", state) == encode.faust_record("u1", state)

@@ -83,6 +83,27 @@ def test_a_vanished_faust_function_fails_the_check() -> None:
         compat.check_compat("error", pins)
 
 
+def test_a_table_get_that_is_no_longer_mapping_get_fails_the_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from faust.tables.table import Table
+
+    assert compat.mismatches() == []
+    monkeypatch.setattr(Table, "get", lambda self, key, default=None: default, raising=False)
+    found = compat.mismatches()
+    assert any("Table.get: is no longer collections.abc:Mapping.get" in line for line in found)
+
+
+def test_a_getitem_added_on_fausts_table_changes_its_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from faust.tables.table import Table
+
+    def __getitem__(self: Any, key: Any) -> Any:  # noqa: N807 - a stand-in upstream method
+        return None
+
+    monkeypatch.setattr(Table, "__getitem__", __getitem__, raising=False)
+    assert any("Table.__getitem__: source changed" in line for line in compat.mismatches())
+
+
 def test_the_setting_is_validated_at_start_up() -> None:
     from stream.config import load_settings
     from stream.errors import ConfigError

@@ -269,6 +269,16 @@ def test_telemetry_observes_a_batch() -> None:
     assert get("stream_stage_seconds_count", {"stage": "learn"}) == 2
     assert get("stream_stage_seconds_sum", {"stage": "learn"}) == 0.004
     assert get("stream_processing_seconds_count") == 2
+    assert get("stream_last_event_timestamp_seconds") == now_ms / 1000.0
+    assert get("stream_plays_total", {"context": "radio"}) == 1
+    # the gauge ends at the batch's last play (out of order here), as when set per play
+    older = parse_event(orjson.dumps({"user_id": "u", "track_id": "t", "ts": now_ms - 5_000,
+                                      "ms_played": 60_000}), now_ms=now_ms)
+    assert isinstance(older, PlayEvent)
+    telemetry.observe_batch([Outcome("processed", event=event, update=update),
+                             Outcome("duplicate", event=older), Outcome("rejected")], {}, 0.001)
+    assert get("stream_last_event_timestamp_seconds") == (now_ms - 5_000) / 1000.0
+    assert get("stream_events_total", {"topic": topic, "outcome": "duplicate"}) == 1
 
 
 def test_the_similar_list_format() -> None:

@@ -158,19 +158,27 @@ class SessionCooccurrence(VocabularyModel):
         if scale <= 0:
             return
         vocab = self._vocab
-        track = vocab.add(x.track_id)
-        get = vocab.index.get  # recent tracks are nearly always known: look up first
-        prevs = [get(p) for p in reversed(x.history[-self.window :])]
+        get = vocab.index.get  # tracks are nearly always known: look up first
+        track = get(x.track_id)
+        if track is None:
+            track = vocab.add(x.track_id)
+        window = x.history[-self.window :]
+        prevs = [get(p) for p in reversed(window)]
         if None in prevs:
-            prevs = [vocab.add(p) for p in reversed(x.history[-self.window :])]
+            prevs = [vocab.add(p) for p in reversed(window)]
         size = len(vocab)
-        self.track_weight = grow_rows(self.track_weight, size)
-        self.track_weight[track] += scale
+        weights = self.track_weight
+        if size > len(weights):
+            weights = self.track_weight = grow_rows(weights, size)
+        weights[track] += scale
         if not prevs:
             return
-        self._ensure_rows(size)
+        if size > len(self._start):
+            self._ensure_rows(size)
         # worst case: every touched row moves once, to a slice of 2 * max_neighbours
-        self._ensure_room(2 * len(prevs) * 2 * self.max_neighbours)
+        needed = 2 * len(prevs) * 2 * self.max_neighbours
+        if self._used + needed > len(self._nbr):
+            self._ensure_room(needed)
         self._used = int(
             _k.cooc_learn(
                 self._start, self._size, self._cap, self._total, self._nbr, self._val,

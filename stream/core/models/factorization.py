@@ -115,6 +115,8 @@ class ImplicitMF(VocabularyModel):
         self._pool: list[int] = []
         self._draws: list[float] = []
         self._draw_pos = 0
+        #: learn_step's targets per (rows, target): (target, 0, 0, ...), read-only use
+        self._targets: dict[tuple[int, float], FloatArray] = {}
         self._pool_pos = 0
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -258,8 +260,11 @@ class ImplicitMF(VocabularyModel):
                 if r not in picked:
                     picked.append(r)
         rows = np.array(picked, dtype=np.int64)
-        targets = np.zeros(len(picked))
-        targets[0] = target
+        targets = self._targets.get((len(picked), target))
+        if targets is None:  # (target, 0, 0, ...): mf_step only reads it
+            targets = np.zeros(len(picked))
+            targets[0] = target
+            self._targets[(len(picked), target)] = targets
         before = user.copy() if keep_before else None
         _k.mf_step(self.item_factors, user, rows, targets, self.learning_rate, self.l2)
         if not x.skipped:
