@@ -617,11 +617,89 @@ def quota_check(settings: Settings, *, byte_rate: int, count: int, seconds: floa
         _kafka_quota(settings.kafka_bootstrap, client_id, None)
 
 
+def _vmstat(*names: str) -> dict[str, int]:
+    out = dict.fromkeys(names, 0)
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key in out:
+                out[key] = int(value)
+    return out
+
+
+def _sync_times(tracks: int) -> dict[str, Any]:
+    """In this process: a worker-configured recommender (reserved rows, as the worker)
+    learns ``tracks`` junk plays; every ``ImplicitMF._sync`` (new rows' factors, on the
+    event loop in the worker) is timed, and the kernel's huge page faults are counted."""
+    from stream.config import Settings
+    from stream.core.session import update_session
+    from stream.worker.app import configure_recommender
+
+    rec = configure_recommender(None, Settings())
+    mf = rec.mf
+    sync = mf._sync
+    times: list[float] = []
+    cpu: list[float] = []
+
+    def timed() -> None:  # wall and the thread's CPU (a page fault is the thread's CPU)
+        t, c = time.perf_counter(), time.thread_time()
+        sync()
+        times.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+
+    mf._sync = timed  # type: ignore[method-assign]
+    before = _vmstat("thp_fault_alloc", "compact_stall")
+    started = time.perf_counter()
+    for i in range(tracks):
+        e = PlayEvent(f"ju{i}", f"jt{i}", 1_700_000_000_000 + i, 100_000, f"je{i}",
+                      artist_id=f"ja{i}", context="playlist")
+        rec.learn_one(update_session(None, e), e)
+    took = time.perf_counter() - started
+    after = _vmstat("thp_fault_alloc", "compact_stall")
+    import numpy as np
+
+    ms = np.array(times) * 1e3
+    cpu_ms = np.array(cpu) * 1e3
+    return {
+        "tracks": tracks, "learn_s": round(took, 1), "syncs": len(times),
+        "sync_max_ms": round(float(ms.max()), 2),
+        "sync_p999_ms": round(float(np.percentile(ms, 99.9)), 3),
+        "syncs_over_5ms": int((ms > 5).sum()), "syncs_over_20ms": int((ms > 20).sum()),
+        "sync_total_over_5ms_ms": round(float(ms[ms > 5].sum()), 1),
+        "sync_cpu_max_ms": round(float(cpu_ms.max()), 2),
+        "sync_cpu_over_5ms": int((cpu_ms > 5).sum()),
+        "sync_cpu_total_over_5ms_ms": round(float(cpu_ms[cpu_ms > 5].sum()), 1),
+        "thp_fault_alloc": after["thp_fault_alloc"] - before["thp_fault_alloc"],
+        "compact_stall": after["compact_stall"] - before["compact_stall"],
+    }
+
+
+def sync_faults(tracks: int = 500_000) -> dict[str, Any]:
+    """``ImplicitMF._sync`` per new track up to ``tracks``, each variant in a fresh process:
+    numpy's transparent huge page advice on (``NUMPY_MADVISE_HUGEPAGE=1``: what the worker
+    had before session 14) and the worker as it is now (the advice off at start-up:
+    :func:`stream.worker.heap.no_transparent_huge_pages`)."""
+    out: dict[str, Any] = {}
+    for name, env_value in (("huge pages (before)", "1"), ("worker (advice off)", None)):
+        env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+        if env_value is not None:
+            env["NUMPY_MADVISE_HUGEPAGE"] = env_value
+        code = ("import json\nfrom load_tests.junk_ids import _sync_times\n"
+                f"print(json.dumps(_sync_times({tracks})))\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, check=True)
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"[junk-ids] {name}: {out[name]}", file=sys.stderr, flush=True)
+    return out
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--noise-probe":
         noise_probe(float(sys.argv[2]), Path(sys.argv[3]))
     elif len(sys.argv) == 2 and sys.argv[1] == "--bytes-per-item":
         print(json.dumps(bytes_per_item()))
+    elif len(sys.argv) in (2, 3) and sys.argv[1] == "--sync-faults":
+        print(json.dumps(sync_faults(*(int(a) for a in sys.argv[2:])), indent=1))
     elif len(sys.argv) == 4 and sys.argv[1] == "--quota-check":
         from load_tests.faults import _drill_settings
 
@@ -630,4 +708,5 @@ if __name__ == "__main__":
     else:
         raise SystemExit("use: python -m load_tests.faults junk-ids ... | "
                          "python -m load_tests.junk_ids --bytes-per-item | "
+                         "python -m load_tests.junk_ids --sync-faults [TRACKS] | "
                          "python -m load_tests.junk_ids --quota-check BYTES_PER_S COUNT")

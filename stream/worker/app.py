@@ -36,7 +36,7 @@ from stream.worker.control_agent import ControlAgent
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
 from stream.worker.fencing import FreezeFence
-from stream.worker.heap import freeze_startup_heap
+from stream.worker.heap import freeze_startup_heap, no_transparent_huge_pages
 from stream.worker.lag import ConsumerLag
 from stream.worker.lifecycle import Lifecycle, Parts
 from stream.worker.plays import PlaysAgent
@@ -47,10 +47,14 @@ from stream.worker.signals import SignalPublisher, SignalReader, worker_keys
 from stream.worker.telemetry import Telemetry
 from stream.worker.timers import Timers
 from stream.worker.topics import declare_topics
-from stream.worker.watchdog import LoopLagProbe, StallSampler, StallWatch
+from stream.worker.watchdog import LoopLagProbe, StallSampler, StallWatch, TurnBudget
 from stream.worker.writer import WriterPart
 
 logger = logging.getLogger(__name__)
+
+#: the loop's own work (CPU seconds) after which the plays agent's next batch and the
+#: ranker's next step wait for a new loop turn (stream.worker.watchdog.TurnBudget)
+TURN_BUDGET_S = 0.02
 
 
 @dataclass
@@ -80,6 +84,8 @@ def configure_recommender(recommender: Recommender | None, settings: Settings) -
         recommender.use_ranker(settings.ranker)
         logger.info("ranker: %s (setting ranker; session models %s)", settings.ranker,
                     "on" if recommender.session_models else "off")
+    # the reserved rows below are faulted in page by page as tracks arrive: small pages
+    no_transparent_huge_pages()
     reserve = getattr(recommender, "reserve_tracks", None)
     if callable(reserve):  # no per-track array is copied to grow up to max_tracks
         reserve(settings.max_tracks)
@@ -131,8 +137,10 @@ def create_worker(
         emit_steps(signals.enabled)
     catalog = CatalogSync(settings, processor.catalog, writer, telemetry)
     pacing = RankPacing(settings.catch_up_rank_ms / 1000.0)
+    # the loop's own work per turn, shared by the agent's batch and the ranker's steps
+    turns = TurnBudget(TURN_BUDGET_S)
     ranker = Ranker(processor, pacing, writer, telemetry, models_busy=lambda: models.busy(),
-                    after_ranking=(signals.flush, catalog.write_changes))
+                    after_ranking=(signals.flush, catalog.write_changes), turns=turns)
     models = ModelGuard(processor, telemetry, on_evicted=ranker.wake)
     checkpointer = Checkpointer(
         settings, recommender, lambda: writer.client, models.free, telemetry,
@@ -151,7 +159,7 @@ def create_worker(
         stall_watch=stall_watch, processed_offsets=worker.processed_offsets,
         sessions_bound=SessionBound(app, settings, processor, topics.sessions, writer,
                                     telemetry) if processor.max_sessions else None,
-        freeze_fence=freeze_fence,
+        freeze_fence=freeze_fence, turns=turns,
     )
     control = ControlAgent(settings, ring, processor, writer, dead_letters, telemetry,
                            partitions=partitions, broadcast_forget=signals.broadcast_forget)
@@ -161,7 +169,7 @@ def create_worker(
         on_busy=lambda s: telemetry.loop_busy(s, loop_lag.max_busy),
         sampler=StallSampler(settings.stall_sample_ms / 1000.0) if settings.stall_sample_ms
         else None,
-        fence=freeze_fence,
+        fence=freeze_fence, turns=turns,
     )
     timers = Timers(
         settings, processor=processor, writer=writer, ranker=ranker, models=models,

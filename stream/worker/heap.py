@@ -12,6 +12,7 @@ cycles in steady state (docs/benchmarks.md, session 6 and "Memory under hostile 
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 
@@ -37,3 +38,28 @@ def freeze_survivors() -> float:
     gc.collect(1)
     gc.freeze()
     return time.perf_counter() - started
+
+
+def no_transparent_huge_pages() -> bool:
+    """Stop numpy from asking the kernel for transparent huge pages (``madvise
+    MADV_HUGEPAGE`` on every array of 4 MiB or more) in this process, unless the operator
+    set ``NUMPY_MADVISE_HUGEPAGE`` themselves; returns whether numpy asks for them now.
+
+    The worker's per-track arrays are reserved for ``max_tracks`` rows and mapped lazily
+    (:func:`stream.core.models._vocab.reserve_rows`), so learning a new track writes into a
+    page nobody touched yet. With huge pages each 2 MiB (16,384 MF rows) was faulted in at
+    once on the event loop: 20-104 ms per fault in-process on this VM (33 of them up to
+    500k tracks), most likely the 578 ms ``ImplicitMF._sync`` stall of session 13's drill
+    (docs/benchmarks.md, "The junk-ids drill, session 14"). With 4 KiB pages the same rows
+    cost microseconds per page, and the MF scans ran no slower. Arrays allocated before the
+    call keep their advice; call it before the first play."""
+    import numpy as np
+
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:  # the operator's choice, applied by numpy
+        return bool(int(os.environ["NUMPY_MADVISE_HUGEPAGE"] or 0))
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    set_advice = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if set_advice is None:  # a numpy without the switch: it cannot madvise either
+        return False
+    set_advice(False)
+    return False

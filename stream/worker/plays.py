@@ -49,7 +49,7 @@ from stream.worker.ranker import Ranker
 from stream.worker.sessions_bound import SessionBound
 from stream.worker.signals import SignalPublisher
 from stream.worker.telemetry import Telemetry
-from stream.worker.watchdog import StallWatch
+from stream.worker.watchdog import StallWatch, TurnBudget
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class PlaysAgent:
         processed_offsets: dict[Any, int],
         sessions_bound: SessionBound | None = None,
         freeze_fence: FreezeFence | None = None,
+        turns: TurnBudget | None = None,
     ) -> None:
         self.app = app
         self.processor = processor
@@ -110,6 +111,8 @@ class PlaysAgent:
         #: ends the process before a batch is applied after a freeze past the session
         #: (:mod:`stream.worker.fencing`): its plays may belong to an ended generation
         self.freeze_fence = freeze_fence
+        #: the loop turn's budget shared with the ranker: a batch starts in a turn with room
+        self.turns = turns
         self.max_batch = settings.agent_batch
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
@@ -219,6 +222,8 @@ class PlaysAgent:
         assert stream is not None
         if self.freeze_fence is not None:
             self.freeze_fence.check(time.monotonic())
+        if self.turns is not None:
+            await self.turns.room()
         live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)

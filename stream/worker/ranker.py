@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from stream.processing.pacing import RankPacing
 from stream.processing.pipeline import Processor
 from stream.worker.telemetry import Telemetry
+from stream.worker.watchdog import TurnBudget
 from stream.worker.writer import WriterPart
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Ranker:
         telemetry: Telemetry,
         models_busy: Callable[[], bool],
         after_ranking: Sequence[Callable[[], None]],
+        turns: TurnBudget | None = None,
     ) -> None:
         self.processor = processor
         self.pacing = pacing
@@ -49,6 +51,8 @@ class Ranker:
         self.models_busy = models_busy
         #: what each ranking pass hands on (track signals, catalogue changes)
         self.after_ranking = after_ranking
+        #: the loop turn's budget shared with the plays agent (None: no sharing)
+        self.turns = turns
         self._wake = asyncio.Event()
         self._rewake: asyncio.TimerHandle | None = None
 
@@ -68,7 +72,7 @@ class Ranker:
                     self._rewake = loop.call_later(held, self._wake_again)
                 continue
             try:
-                self.rank_due()
+                await self._pass()
             except Exception:  # noqa: BLE001 - never let one pass stop the ranking
                 logger.exception("ranking pass failed")
             # one pass per loop turn: the pass re-set the wake event if listeners still
@@ -77,6 +81,20 @@ class Ranker:
             # waited: the junk-ids drill saw 157 ms of ranking in one turn of the loop
             await asyncio.sleep(0)
 
+    async def _pass(self) -> None:
+        """:meth:`rank_due` with each of its two steps (the ranking, then what it hands on:
+        the signals publisher's flush) started in a loop turn with room for it
+        (:class:`stream.worker.watchdog.TurnBudget`)."""
+        turns = self.turns
+        if turns is None:
+            self.rank_due()
+            return
+        await turns.room()
+        if self.rank_step() is None:
+            return
+        await turns.room()
+        self.hand_on()
+
     def _wake_again(self) -> None:
         self._rewake = None
         self.wake()
@@ -84,13 +102,24 @@ class Ranker:
     def rank_due(self) -> int:
         """Rank the pending listeners unless an eviction is changing the models (it wakes
         the ranker when it is done); returns how many were ranked."""
-        if self.models_busy():
+        ranked = self.rank_step()
+        if ranked is None:
             return 0
+        self.hand_on()
+        return ranked
+
+    def rank_step(self) -> int | None:
+        """One budgeted ranking (None: not now, an eviction is changing the models)."""
+        if self.models_busy():
+            return None
         # bounded work per loop turn: the rest waits for the next pass (woken at once)
         ranked = self.processor.rank_pending(on_ranked=self.telemetry.observe_ranking,
                                              budget_s=RANK_BUDGET_S)
         if self.processor.rank_waiting():
             self.wake()
+        return ranked
+
+    def hand_on(self) -> None:
+        """What a ranking pass hands on (track signals, catalogue changes)."""
         for hand_on in self.after_ranking:
             hand_on()
-        return ranked

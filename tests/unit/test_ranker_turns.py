@@ -64,3 +64,68 @@ def test_one_ranking_pass_per_loop_turn_while_listeners_wait() -> None:
     assert len(passes) == 20
     # other work ran between every two passes
     assert all("other" in log[a:b] for a, b in zip(passes, passes[1:], strict=False))
+
+
+def _burn(seconds: float) -> None:
+    """Hold the loop's thread for ``seconds`` of its own CPU (machine load cannot shorten
+    or lengthen it: ``time.thread_time``)."""
+    import time
+
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+class _BurningProcessor(_Processor):
+    def rank_pending(self, on_ranked: Any = None, budget_s: float | None = None) -> int:
+        _burn(0.015)  # a ranking pass near its 15 ms budget
+        return super().rank_pending(on_ranked, budget_s)
+
+
+def test_the_agents_batch_the_ranking_and_its_hand_on_share_one_budget_per_loop_turn(
+) -> None:
+    """Session 13's overload: a batch of plays, a ranking pass and the signals flush it
+    hands on were ready at once and ran in one loop turn (50-72 ms of the loop's own work),
+    although each was bounded. With a shared TurnBudget each step starts in a turn with
+    room: the loop's own work between two wake-ups of the lag probe stays near one step."""
+    from stream.worker.watchdog import LoopLagProbe, TurnBudget
+
+    log: list[Any] = []
+    processor = _BurningProcessor(12, log)
+    turns = TurnBudget(0.01)
+    ranker = Ranker(processor, RankPacing(hold_s=0.0), _Writer(), _Telemetry(),  # type: ignore[arg-type]
+                    models_busy=lambda: False,
+                    after_ranking=(lambda: _burn(0.015),),  # a flush of 1,000 signals
+                    turns=turns)
+    probe = LoopLagProbe(on_lag=lambda s: None, interval_s=0.005, turns=turns)
+    busy: list[float] = []
+    probe.on_busy = busy.append
+
+    async def agent() -> None:  # the plays agent: a batch per step, in a turn with room
+        for _ in range(12):
+            await turns.room()
+            _burn(0.015)
+            log.append("batch")
+            ranker.wake()
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        watch = loop.create_task(probe.run())
+        task = loop.create_task(ranker.run())
+        await asyncio.sleep(0.02)
+        await loop.create_task(agent())
+        for _ in range(400):
+            if not processor.rank_waiting():
+                break
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        watch.cancel()
+
+    asyncio.run(main())
+    assert log.count("batch") == 12 and log.count("pass") >= 12
+    # one 15 ms step per turn (plus the probe's and the test's own few ms), never two or
+    # three steps back to back (30-45 ms)
+    assert max(busy) < 0.026, sorted(busy)[-5:]
+    assert turns.waits > 0
