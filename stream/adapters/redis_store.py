@@ -937,12 +937,35 @@ def catalog_commands(
             out.append(pack_command(b"HSETNX", key, b"first_seen", first_ms))
         if track not in counts:
             out.append(pack_command(b"EXPIRE", key, ttl_s))
+    # the counts' three commands per track, with their constant parts packed once: the
+    # bytes of pack_command (~1.5 us a command; this timer's flush packs every track played
+    # since the last one); counts not ints (never from TrackCatalog) go through pack_command
+    hincrby = b"*4\r\n" + _packed_arg(b"HINCRBY")
+    plays_field = _packed_arg(b"plays")
+    hset = b"*4\r\n" + _packed_arg(b"HSET")
+    last_field = _packed_arg(b"last_seen")
+    expire = b"*3\r\n" + _packed_arg(b"EXPIRE")
+    ttl = _packed_arg(ttl_s)
+    append = out.append
     for track, (plays, last_ms) in counts.items():
         key = f"{prefix}{track}"
-        out.append(pack_command(b"HINCRBY", key, b"plays", plays))
-        out.append(pack_command(b"HSET", key, b"last_seen", last_ms))
-        out.append(pack_command(b"EXPIRE", key, ttl_s))
+        if type(plays) is not int or type(last_ms) is not int:
+            append(pack_command(b"HINCRBY", key, b"plays", plays))
+            append(pack_command(b"HSET", key, b"last_seen", last_ms))
+            append(pack_command(b"EXPIRE", key, ttl_s))
+            continue
+        k = key.encode()
+        packed_key = b"$%d\r\n%b\r\n" % (len(k), k)
+        n, last = b"%d" % plays, b"%d" % last_ms
+        append(b"%b%b%b$%d\r\n%b\r\n" % (hincrby, packed_key, plays_field, len(n), n))
+        append(b"%b%b%b$%d\r\n%b\r\n" % (hset, packed_key, last_field, len(last), last))
+        append(expire + packed_key + ttl)
     return out
+
+
+def _packed_arg(arg: bytes | str | int) -> bytes:
+    """One argument as :func:`pack_command` packs it (a bulk string)."""
+    return pack_command(arg)[len(b"*1\r\n"):]
 
 
 def decode_track(raw: dict[Any, Any] | list[Any] | None) -> dict[str, str]:
