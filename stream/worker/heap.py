@@ -11,9 +11,17 @@ cycles in steady state (docs/benchmarks.md, session 6 and "Memory under hostile 
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import logging
 import os
+import sys
 import time
+
+logger = logging.getLogger(__name__)
+
+#: linux/prctl.h
+_PR_SET_THP_DISABLE = 41
 
 
 def freeze_startup_heap() -> int:
@@ -59,7 +67,31 @@ def no_transparent_huge_pages() -> bool:
         return bool(int(os.environ["NUMPY_MADVISE_HUGEPAGE"] or 0))
     core = getattr(np, "_core", None) or getattr(np, "core", None)
     set_advice = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
-    if set_advice is None:  # a numpy without the switch: it cannot madvise either
-        return False
+    if set_advice is None:  # numpy's private switch (tested with numpy 2.x) is gone: loudly
+        raise RuntimeError(
+            "numpy._core.multiarray._set_madvise_hugepage not found in numpy "
+            f"{np.__version__}: the worker cannot turn numpy's transparent huge page advice "
+            "off (a 2 MiB page fault per 16,384 new tracks on the event loop); set "
+            "NUMPY_MADVISE_HUGEPAGE=0 in the worker's environment (or =1 to keep the advice)")
     set_advice(False)
+    _no_thp_for_this_process()
+    return False
+
+
+def _no_thp_for_this_process() -> bool:
+    """``prctl(PR_SET_THP_DISABLE)``: no transparent huge pages for this process whatever
+    the host's mode (``enabled=always`` backs large anonymous mappings with huge pages
+    without any advice); inherited by forked children. Returns whether it took effect
+    (a warning otherwise: not Linux, or a kernel without it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0:
+            return True
+        reason = os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        reason = str(exc)
+    logger.warning("prctl(PR_SET_THP_DISABLE) failed (%s): with the host's transparent huge "
+                   "pages set to 'always', new per-track rows may fault 2 MiB at a time", reason)
     return False

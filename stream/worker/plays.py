@@ -220,10 +220,11 @@ class PlaysAgent:
         """Apply a gathered batch, then ack each play (see the module docstring)."""
         stream = self.stream
         assert stream is not None
-        if self.freeze_fence is not None:
-            self.freeze_fence.check(time.monotonic())
         if self.turns is not None:
             await self.turns.room()
+        # after the wait for a turn: a freeze during it is seen before any play is applied
+        if self.freeze_fence is not None:
+            self.freeze_fence.check(time.monotonic())
         live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)

@@ -184,6 +184,11 @@ class LoopLagProbe:
         #: past the session), disarmed when the probe stops
         self.fence = fence
         #: the parts' shared budget per loop turn: a new turn at every wake-up, if set
+        if turns is not None and turns.budget_s < interval_s:
+            # a spent budget must mean the probe's timer is already due (the thread's CPU
+            # cannot outrun the clock); a smaller one idles the loop while parts wait
+            raise ValueError(f"the turn budget ({turns.budget_s} s) must be at least the "
+                             f"probe's interval ({interval_s} s)")
         self.turns = turns
         #: told of every wake-up (its heartbeat), if set
         self.sampler = sampler

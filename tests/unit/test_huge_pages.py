@@ -31,15 +31,20 @@ def anon_huge_kb():
                 return int(line.split()[1])
     return 0
 
+import ctypes
 if sys.argv[1] == "worker":
     configure_recommender(None, Settings())
+else:  # the default, whatever the parent process (the flag is inherited) set
+    ctypes.CDLL(None).prctl(41, 0, 0, 0, 0)  # PR_SET_THP_DISABLE off
 before = anon_huge_kb()
 rows = np.zeros((131_072, 32), dtype=np.float32)  # 16 MiB, like the reserved MF rows
 for r in range(0, len(rows), 16_384):  # one write per 2 MiB, as new tracks arrive
     rows[r] = 1.0
 grown = anon_huge_kb() - before
 advice = np._core.multiarray._set_madvise_hugepage(False)  # returns the setting it replaces
-print(json.dumps({"advice": bool(advice), "huge_kb": grown}))
+import ctypes
+thp_disabled = ctypes.CDLL(None).prctl(42, 0, 0, 0, 0)  # PR_GET_THP_DISABLE
+print(json.dumps({"advice": bool(advice), "huge_kb": grown, "thp_disabled": thp_disabled}))
 """
 
 
@@ -67,6 +72,8 @@ def test_the_worker_turns_numpy_huge_page_advice_off_so_new_rows_fault_small_pag
     assert plain["advice"] is True  # numpy's default on Linux: the cause
     assert worker["advice"] is False
     assert worker["huge_kb"] == 0
+    # and none whatever the host's mode (enabled=always needs no advice)
+    assert worker["thp_disabled"] == 1 and plain["thp_disabled"] == 0
     if _thp_mode() == "madvise":  # here numpy's advice is what makes them huge
         assert plain["huge_kb"] and int(str(plain["huge_kb"])) > 0
 
@@ -78,3 +85,23 @@ def test_an_operators_own_numpy_huge_page_setting_is_kept(
     assert no_transparent_huge_pages() is True
     monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "0")
     assert no_transparent_huge_pages() is False
+
+
+def test_a_numpy_without_the_switch_fails_loudly_naming_it_and_the_way_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    monkeypatch.delattr(np._core.multiarray, "_set_madvise_hugepage")
+    with pytest.raises(RuntimeError,
+                       match="_set_madvise_hugepage not found.*NUMPY_MADVISE_HUGEPAGE=0"):
+        no_transparent_huge_pages()
+
+
+def test_the_turn_budget_cannot_be_smaller_than_the_probes_interval() -> None:
+    from stream.worker.watchdog import LoopLagProbe, TurnBudget
+
+    with pytest.raises(ValueError, match="turn budget"):
+        LoopLagProbe(on_lag=lambda s: None, interval_s=0.01, turns=TurnBudget(0.005))
+    LoopLagProbe(on_lag=lambda s: None, interval_s=0.01, turns=TurnBudget(0.01))
