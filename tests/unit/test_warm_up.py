@@ -46,10 +46,12 @@ for ranker in RANKERS:
         if i % 50 == 49:
             rec.recommend(update.state, 10, e.ts_ms)
             rec.recommend_many(list(states.values()), 10, e.ts_ms)
+            rec.rank_items_many(list(states.values()), 10, e.ts_ms)  # the processor's call
             rec.similar(e.track_id, 10)
             rec.component_ids(update.state, 10, e.ts_ms, ("popularity", "mf", "cooccurrence"))
     rec.evict_tracks(150)
     rec.recommend_many(list(states.values()), 10, e.ts_ms)
+    rec.rank_items_many(list(states.values()), 10, e.ts_ms)
     rec.similar("t1", 10)
 after = signatures()
 print(json.dumps({k: sorted(v - before.get(k, set())) for k, v in after.items()
