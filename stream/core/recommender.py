@@ -72,6 +72,7 @@ from stream.core.ranking import (
     reason_text,
 )
 from stream.core.session import SessionUpdate, UserState
+from stream.core.shards import ShardedDict
 from stream.core.slots import positional_builder
 
 __all__ = [
@@ -366,7 +367,7 @@ class Recommender:
         self.blend_cooc_window = blend_cooc_window or 0
         self.blend_cooc_decay = 0.9 if blend_cooc_decay is None else blend_cooc_decay
         self._build_session_models()
-        self.artist_of: dict[str, str] = {}
+        self.artist_of: ShardedDict[str, str] = ShardedDict()  # track -> artist
         self.n_learned = 0
         self.model_version = MODEL_VERSION
 
@@ -1536,6 +1537,15 @@ class Recommender:
             self.mf.user_factors, self.own_history,
             (u for u in self.session_knn.open_users() if not u.startswith("s:")))))
 
+    def _artist_tracks(self) -> list[str]:
+        """The tracks with a known artist in a deterministic order (the map's own follows
+        ``hash``): the catalogue's rows, then any others by id."""
+        artist_of = self.artist_of
+        tracks = [t for t in self.vocabulary.ids if t in artist_of]
+        if len(tracks) != len(artist_of):
+            tracks += sorted(set(artist_of).difference(tracks))
+        return tracks
+
     @staticmethod
     def reserve_tracks(max_tracks: int) -> None:
         """Size every per-track array for ``max_tracks`` (plus the 10 % an eviction round
@@ -1583,7 +1593,7 @@ class Recommender:
         own histories): the worker's checkpoint is item-side only, each listener's state
         travels in their session (:meth:`export_user`)."""
         vocab_manifest, vocab_arrays = self.vocabulary.export_state()
-        tracks = list(self.artist_of)
+        tracks = self._artist_tracks()
         t_blob, t_ends = encode_strings(tracks)
         a_blob, a_ends = encode_strings([self.artist_of[t] for t in tracks])
         manifest: dict[str, Any] = {
@@ -1664,7 +1674,8 @@ class Recommender:
         artists = _strings(arrays, "artist_of.artists")
         if len(tracks) != len(artists):
             raise ValueError(f"artist_of: {len(tracks)} tracks for {len(artists)} artists")
-        rec.artist_of = dict(zip(unique_ids("artist_of.tracks", tracks), artists, strict=True))
+        rec.artist_of = ShardedDict(zip(unique_ids("artist_of.tracks", tracks), artists,
+                                        strict=True))
         n = len(vocab)
         first_seen = get_array(arrays, "first_seen", np.int64, ndim=1, lo=0)
         if len(first_seen) > n:
@@ -1758,7 +1769,7 @@ class SeenTracks(Collection[str]):
 
 def _ban_rows(
     banned: Iterable[str] | tuple[Iterable[str], SeenTracks],
-    index: dict[str, int],
+    index: Mapping[str, int],
     vocabulary: Vocabulary,
 ) -> IntArray | list[int]:
     if isinstance(banned, tuple) and len(banned) == 2 and isinstance(banned[1], SeenTracks):

@@ -43,8 +43,10 @@ from typing import Any, Final
 import faust
 from faust.serializers import codecs as faust_codecs
 from faust.serializers.registry import Registry as _FaustRegistry
+from faust.stores.memory import Store as _MemoryStore
 from faust.types.models import ModelT
 
+from stream.core.shards import ShardedDict
 from stream.faustx.tablestore import approx_len, is_persistent, read_in_partition
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,17 @@ class BatchedChangelogTable(faust.Table):  # type: ignore[type-arg]
         self.order: Callable[[Any], Any] | None = None
         #: records recovery skipped as older than the value held (see the module docstring)
         self.older_skipped = 0
+
+    def _new_store(self) -> Any:
+        """Faust's store; the memory store's dict in 64 shards (stream.core.shards): at
+        500k listeners one growth of a single dict held the event loop ~25 ms, in the same
+        turn as the other per-listener maps' (docs/benchmarks.md, "The junk-ids drill,
+        session 15"). The memory store and its base use their ``data`` only as a mapping
+        (pinned in faustx.compat)."""
+        store = super()._new_store()
+        if type(store) is _MemoryStore:
+            store.data = ShardedDict()
+        return store
 
     # -- recovery -------------------------------------------------------------------------
 

@@ -296,6 +296,23 @@ TESTED: Final[tuple[Pin, ...]] = (
         "called by faustx.changelog_table",
     ),
     Pin(
+        "faust.tables.base:Collection._new_store",
+        "914a2bda605d38f5",
+        "extended: the memory store's dict in shards (faustx.changelog_table)",
+    ),
+    Pin(
+        "faust.stores.memory:Store",
+        "83ceb1145af05eae",
+        "its data is a stream.core.shards.ShardedDict: every use is a MutableMapping's "
+        "(faustx.changelog_table)",
+    ),
+    Pin(
+        "mode.utils.collections:FastUserDict",
+        "15009834fb57aa61",
+        "the memory store's methods: every use of its data is a MutableMapping's "
+        "(faustx.changelog_table)",
+    ),
+    Pin(
         "aiokafka.client:AIOKafkaClient.fetch_all_metadata",
         "8eeea5926b0ddbe2",
         "called by faustx.kafka_client.cluster_metadata",

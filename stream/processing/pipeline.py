@@ -31,6 +31,7 @@ from stream.core.models._vocab import EvictionSteps, drain
 from stream.core.ranking import RankedItem, top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
+from stream.core.shards import ShardedLRU
 from stream.core.slots import positional_builder
 from stream.processing.documents import (
     PendingWrite,
@@ -148,7 +149,8 @@ class Processor:
         #: bounded session table (``max_sessions``; 0 = unbounded): listeners in the
         #: order of their last applied play, least recent first (see evict_sessions)
         self.max_sessions = settings.max_sessions
-        self.session_order: OrderedDict[str, None] = OrderedDict()
+        #: (in shards: no single hash-table growth rehashes every listener, stream.core.shards)
+        self.session_order: ShardedLRU[str, None] = ShardedLRU()
         self.sessions_evicted = 0
         #: the plays topic's partition count: a record not on its key's partition (Kafka's
         #: default partitioner) is rejected as ``wrong_partition``; None: not checked
@@ -170,7 +172,7 @@ class Processor:
                            if evaluator is not None and settings.quality_components_every
                            else None)
         #: each listener's last published list, to score their next play against (bounded)
-        self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self.last_recs: ShardedLRU[str, tuple[str, ...]] = ShardedLRU()
         self.max_tracked_users = max_tracked_users
         self.model_errors = 0
         self.defer_ranking = defer_ranking
@@ -346,10 +348,8 @@ class Processor:
                 self.pending_rank.setdefault(event.user_id, (event, state, None))
             return update
         self.table[event.user_id] = update.state
-        if self.max_sessions:
-            order = self.session_order
-            order[event.user_id] = None
-            order.move_to_end(event.user_id)
+        if self.max_sessions:  # dropped by evict_sessions (through the table), not here
+            self.session_order.touch(event.user_id, None)
         return update
 
     def _learn_and_rank(
@@ -683,10 +683,7 @@ class Processor:
             logger.error("model error #%d at %s: %r", self.model_errors, where, exc, exc_info=exc)
 
     def _remember(self, user_id: str, track_ids: tuple[str, ...]) -> None:
-        self.last_recs[user_id] = track_ids
-        self.last_recs.move_to_end(user_id)
-        if len(self.last_recs) > self.max_tracked_users:
-            self.last_recs.popitem(last=False)
+        self.last_recs.touch(user_id, track_ids, self.max_tracked_users)
 
     def forget_user(self, user_id: str) -> bool:
         """Purge a listener: session state (a changelog tombstone, so a restart cannot
@@ -763,7 +760,7 @@ class Processor:
         order = self.session_order
         n = 0
         while n < limit and self.max_sessions and len(order) > self.max_sessions:
-            user, _ = order.popitem(last=False)
+            user, _ = order.drop_oldest()
             n += 1
             state = self.table.get(user)
             if state is None:

@@ -20,6 +20,7 @@ from stream.core.models._state import (
     under,
     unique_ids,
 )
+from stream.core.shards import ShardedDict
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -56,7 +57,8 @@ class Vocabulary:
     __slots__ = ("index", "ids", "generation")
 
     def __init__(self) -> None:
-        self.index: dict[str, int] = {}
+        #: (in shards: no single hash-table growth rehashes every track, stream.core.shards)
+        self.index: ShardedDict[str, int] = ShardedDict()
         self.ids: list[str] = []
         self.generation = 0  # bumped when rows are renumbered (compact)
 
@@ -79,7 +81,7 @@ class Vocabulary:
         ids = unique_ids(f"{where}.ids", decode_strings(
             f"{where}.ids", arrays["ids.bytes"], arrays["ids.ends"]))
         vocab.ids = ids
-        vocab.index = {key: row for row, key in enumerate(ids)}
+        vocab.index = ShardedDict(zip(ids, range(len(ids)), strict=True))
         return vocab
 
     def __len__(self) -> int:

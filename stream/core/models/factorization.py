@@ -9,7 +9,6 @@ does the positive and its negatives in one vectorised step (~10 us), on the same
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -35,6 +34,7 @@ from stream.core.models._vocab import (
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction, check_fraction, check_positive
+from stream.core.shards import ShardedLRU
 
 Float32Array = npt.NDArray[np.float32]
 
@@ -110,7 +110,8 @@ class ImplicitMF(VocabularyModel):
         # within 1.5x of a dense float32 matrix, so capacity grows by 1/8, not doubling)
         self.item_factors: Float32Array = np.zeros((0, n_factors), dtype=np.float32)
         #: listener -> factors, least recently learned first (the LRU order of max_users)
-        self.user_factors: OrderedDict[str, Float32Array] = OrderedDict()
+        #: (in shards: stream.core.shards)
+        self.user_factors: ShardedLRU[str, Float32Array] = ShardedLRU()
         self.users_evicted = 0
         self._pool: list[int] = []
         self._draws: list[float] = []
@@ -196,7 +197,7 @@ class ImplicitMF(VocabularyModel):
         self.item_factors = items.copy()
         self._known = known
         # one row array per listener, as learn_one makes them (updated in place)
-        self.user_factors = OrderedDict((u, users[i].copy()) for i, u in enumerate(ids))
+        self.user_factors = ShardedLRU((u, users[i].copy()) for i, u in enumerate(ids))
         self.users_evicted = get_field(manifest, "users_evicted", int, where=where, lo=0)
         if self.max_users is not None and len(ids) > self.max_users:
             raise ValueError(f"{where}.user_ids: {len(ids)} listeners, max_users is "
@@ -237,9 +238,7 @@ class ImplicitMF(VocabularyModel):
         user = users.get(x.user_id)
         if user is None:
             user = self._rng.normal(0.0, self.init_scale, self.n_factors).astype(np.float32)
-            users[x.user_id] = user
-            if self.max_users is not None and len(users) > self.max_users:
-                users.popitem(last=False)
+            if users.touch(x.user_id, user, self.max_users or 0) is not None:
                 self.users_evicted += 1
         else:
             users.move_to_end(x.user_id)
@@ -303,11 +302,7 @@ class ImplicitMF(VocabularyModel):
         vec = np.asarray(factors, dtype=np.float32)
         if vec.shape != (self.n_factors,) or not np.all(np.isfinite(vec)):
             raise ValueError(f"factors: need {self.n_factors} finite values")
-        users = self.user_factors
-        users[user_id] = vec.copy()
-        users.move_to_end(user_id)
-        if self.max_users is not None and len(users) > self.max_users:
-            users.popitem(last=False)
+        if self.user_factors.touch(user_id, vec.copy(), self.max_users or 0) is not None:
             self.users_evicted += 1
 
     def _uniform(self) -> float:
