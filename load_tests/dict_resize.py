@@ -10,7 +10,8 @@ were ever inserted (deleted slots count). Prints (ms, index of that insert).
 ``evict_sessions`` run between batches, untimed, as the worker runs them off the batch).
 The collector is kept off the long-lived objects as in the worker (``freeze_startup_heap``
 after set-up, ``freeze_survivors`` every 5,000 plays: the worker's 5 s at the drill's 1,000
-plays/s; untimed). Ranking is not run (the drill's junk listeners are first plays: their queue is capped and
+plays/s; untimed), and the catalogue's owed writes are taken at the same pace (the
+worker's catalogue flush, every 5 s). Ranking is not run (the drill's junk listeners are first plays: their queue is capped and
 sheds). Reports the longest batch and the 10 longest with the key counts at which they
 happened (listeners ever seen = tracks ever seen = plays so far). Bounded by N and
 ``--seconds``; progress every 50,000 plays. Runs in any tree: ``PYTHONPATH`` decides.
@@ -45,6 +46,7 @@ def junk_batches(plays: int, seconds: float, batch: int = 64) -> dict[str, Any]:
     import sys
 
     from stream.config import load_settings
+    from stream.core.evaluation import Prequential
     from stream.core.events import PlayEvent, encode_event
     from stream.processing.pipeline import Processor, Record
     from stream.worker.app import configure_recommender
@@ -58,7 +60,8 @@ def junk_batches(plays: int, seconds: float, batch: int = 64) -> dict[str, Any]:
     except ImportError:
         table = {}
     proc = Processor(settings, rec, table, lambda w: None, lambda d: None,
-                     defer_ranking=True, defer_eviction=True)
+                     defer_ranking=True, defer_eviction=True,
+                     evaluator=Prequential(k=10, window=settings.quality_window))
     now = int(time.time() * 1000)
 
     def record(i: int) -> Record:
@@ -83,6 +86,8 @@ def junk_batches(plays: int, seconds: float, batch: int = 64) -> dict[str, Any]:
         while proc.sessions_over():
             proc.evict_sessions(1024)
         if done % 5_000 < batch:
+            proc.catalog.take_changes()
+            proc.catalog.take_counts()
             freeze_survivors()
         if done % 50_000 < batch:
             print(f"[dict_resize] {done} plays, {time.perf_counter() - started:.0f} s, "

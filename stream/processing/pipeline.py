@@ -31,7 +31,7 @@ from stream.core.models._vocab import EvictionSteps, drain
 from stream.core.ranking import RankedItem, top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
-from stream.core.shards import ShardedLRU
+from stream.core.shards import ShardedDict, ShardedLRU
 from stream.core.slots import positional_builder
 from stream.processing.documents import (
     PendingWrite,
@@ -191,7 +191,9 @@ class Processor:
         self.touched_dropped = 0
         #: refreshes that found no similar track (nothing written)
         self.similar_empty = 0
-        self.similar_refreshed: dict[str, float] = {}
+        #: track -> when its "more like this" list was last refreshed (up to 4 x
+        #: max_tracked_users; in shards: stream.core.shards)
+        self.similar_refreshed: ShardedDict[str, float] = ShardedDict()
         #: listeners whose list must be re-ranked: user -> (latest event, state, ingest ts)
         self.pending_rank: OrderedDict[str, tuple[PlayEvent, UserState, int | None]] = (
             OrderedDict())
