@@ -25,12 +25,12 @@ False
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from stream.core.ranking import RankedItem, reason_text
-from stream.core.shards import ShardedLRU
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +70,9 @@ class TrackCatalog:
         self.max_tracks = max_tracks
         self.max_chars = max_chars
         self.max_wanted = max_wanted
-        #: (in shards: stream.core.shards)
-        self._info: ShardedLRU[str, TrackInfo] = ShardedLRU()
+        #: (one OrderedDict: at most max_tracks, 200k by default, and read for every
+        #: listed track; the maps of 500k keys are in shards, stream.core.shards)
+        self._info: OrderedDict[str, TrackInfo] = OrderedDict()
         self._chars = 0
         #: track -> (first_seen_ms or None if not a first sighting, info) to write
         self._changes: dict[str, tuple[int | None, TrackInfo]] = {}
@@ -147,7 +148,7 @@ class TrackCatalog:
         self._info[track_id] = info
         self._chars += info.chars()
         while len(self._info) > self.max_tracks or self._chars > self.max_chars:
-            dropped_id, dropped = self._info.drop_oldest()
+            dropped_id, dropped = self._info.popitem(last=False)
             self._chars -= dropped.chars()
             self.evicted += 1
             if dropped_id == track_id:

@@ -72,6 +72,7 @@ from stream.core.ranking import (
     reason_text,
 )
 from stream.core.session import SessionUpdate, UserState
+from stream.core.shards import MASK as SHARD_MASK
 from stream.core.shards import ShardedDict
 from stream.core.slots import positional_builder
 
@@ -403,7 +404,8 @@ class Recommender:
         if update.duplicate:
             return LearnResult(0.0, False, False)
         state, before = update.state, update.before
-        if before.model and state.user_id not in self.mf.user_factors:
+        if before.model and (state.user_id not in  # mf.user_factors, inlined
+                             self.mf.user_factors.shards[hash(state.user_id) & SHARD_MASK]):
             # their partition-local state came with the session (rebalance, restart)
             with contextlib.suppress(ValueError):  # an unusable record: start afresh
                 self.import_user(state.user_id, before.model)
@@ -482,7 +484,7 @@ class Recommender:
             self.first_seen[row] = max(ts_ms, 1)
 
     def _note_artist(self, track: str, artist: str) -> None:
-        self.artist_of[track] = artist
+        self.artist_of.shards[hash(track) & SHARD_MASK][track] = artist  # artist_of[track]
         if self.artist_tracks and self.session_models:
             latest = self.tracks_of.setdefault(artist, [])
             if track in latest:
@@ -1006,9 +1008,10 @@ class Recommender:
         """A listener's recent tracks as vocabulary rows (-1 = unknown): the history that
         seeds co-occurrence, and the ones banned from their list."""
         cooc = self.cooccurrence
-        get = self.vocabulary.index.get
+        shards = self.vocabulary.index.shards  # index.get, inlined (stream.core.shards)
         span = max(self.recent_filter, cooc.query_window)
-        recent = [get(t, -1) for t in state.recent[-span:]] if span else []
+        recent = ([shards[hash(t) & SHARD_MASK].get(t, -1) for t in state.recent[-span:]]
+                  if span else [])
         hist = recent[len(recent) - min(cooc.query_window, len(recent)) :]
         banned = (recent[len(recent) - min(self.recent_filter, len(recent)) :]
                   if self.recent_filter else [])
@@ -1150,9 +1153,10 @@ class Recommender:
             return [ids[r] for r in rows[:k].tolist()]
         out: list[str] = []
         per_artist: dict[str, int] = {}
+        shards = artist_of.shards
         for r in rows.tolist():
             track = ids[r]
-            artist = artist_of.get(track)
+            artist = shards[hash(track) & SHARD_MASK].get(track)  # artist_of.get, inlined
             if artist is not None:
                 if per_artist.get(artist, 0) >= cap_n:
                     continue
@@ -1196,7 +1200,7 @@ class Recommender:
         the artist cap dropped enough of them. Without ``reasons``: plain tuples, and no
         reason text where it names the lead track (:meth:`rank_items_many`)."""
         ids = self.vocabulary.ids
-        artist_of = self.artist_of.get
+        artist_shards = self.artist_of.shards  # artist_of.get, inlined below
         per_artist: dict[str, int] = {}
         because: dict[tuple[int, int], str] = {}
         out: list[RankedItem] = []
@@ -1208,7 +1212,7 @@ class Recommender:
             for row, score, raw, code, lead in zip(*prefix, strict=True):
                 track = ids[row]
                 if cap_n is not None:
-                    artist = artist_of(track)
+                    artist = artist_shards[hash(track) & SHARD_MASK].get(track)
                     if artist is not None:
                         n_artist = per_artist.get(artist, 0)
                         if n_artist >= cap_n:

@@ -111,7 +111,7 @@ class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
     iteration, ``popitem`` and :meth:`drop_oldest` follow the global order. ``len`` is a
     count kept by every change (O(1))."""
 
-    __slots__ = ("shards", "stamps", "size", "_fronts", "_next", "_first")
+    __slots__ = ("shards", "stamps", "size", "_fronts", "next_stamp", "_first")
 
     def __init__(self, items: Iterable[tuple[K, V]] = ()) -> None:
         self.shards: list[OrderedDict[K, V]] = [OrderedDict() for _ in range(NSHARDS)]
@@ -121,7 +121,9 @@ class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
         #: a heap of (stamp, shard) holding, for every non-empty shard, at least one entry
         #: no later than that shard's least recent key (stale entries are fixed on the way)
         self._fronts: list[tuple[int, int]] = []
-        self._next = count(1).__next__  # stamps of keys made the most recent
+        #: the stamp of a key made the most recent (a hot path that inlines
+        #: ``move_to_end(key)`` sets ``stamps[h][key] = next_stamp()`` after the shard's)
+        self.next_stamp = count(1).__next__
         self._first = count(-1, -1).__next__  # and of keys made the least recent
         for key, value in items:
             self[key] = value
@@ -144,7 +146,7 @@ class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
         h = hash(key) & MASK
         shard = self.shards[h]
         if key not in shard:
-            stamp = self.stamps[h][key] = self._next()
+            stamp = self.stamps[h][key] = self.next_stamp()
             if not shard:
                 heapq.heappush(self._fronts, (stamp, h))
             self.size += 1
@@ -155,7 +157,7 @@ class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
         more than ``cap`` keys, drop the least recent. Returns the dropped key (or None)."""
         h = hash(key) & MASK
         shard = self.shards[h]
-        stamp = self.stamps[h][key] = self._next()
+        stamp = self.stamps[h][key] = self.next_stamp()
         if key in shard:
             shard[key] = value
             shard.move_to_end(key)
@@ -172,7 +174,7 @@ class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
         h = hash(key) & MASK
         self.shards[h].move_to_end(key, last)
         if last:
-            self.stamps[h][key] = self._next()
+            self.stamps[h][key] = self.next_stamp()
         else:
             stamp = self.stamps[h][key] = self._first()
             heapq.heappush(self._fronts, (stamp, h))

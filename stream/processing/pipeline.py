@@ -31,6 +31,7 @@ from stream.core.models._vocab import EvictionSteps, drain
 from stream.core.ranking import RankedItem, top_up
 from stream.core.recommender import Recommendation, Recommender
 from stream.core.session import SessionUpdate, UserState, update_session
+from stream.core.shards import MASK as SHARD_MASK
 from stream.core.shards import ShardedDict, ShardedLRU
 from stream.core.slots import positional_builder
 from stream.processing.documents import (
@@ -172,7 +173,8 @@ class Processor:
                            if evaluator is not None and settings.quality_components_every
                            else None)
         #: each listener's last published list, to score their next play against (bounded)
-        self.last_recs: ShardedLRU[str, tuple[str, ...]] = ShardedLRU()
+        #: (at most max_tracked_users, 100k: one OrderedDict, read on every play)
+        self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.max_tracked_users = max_tracked_users
         self.model_errors = 0
         self.defer_ranking = defer_ranking
@@ -351,7 +353,14 @@ class Processor:
             return update
         self.table[event.user_id] = update.state
         if self.max_sessions:  # dropped by evict_sessions (through the table), not here
-            self.session_order.touch(event.user_id, None)
+            order, user = self.session_order, event.user_id
+            h = hash(user) & SHARD_MASK
+            shard = order.shards[h]
+            if user in shard:  # order.move_to_end(user), inlined
+                shard.move_to_end(user)
+                order.stamps[h][user] = order.next_stamp()
+            else:
+                order.touch(user, None)
         return update
 
     def _learn_and_rank(
@@ -685,7 +694,10 @@ class Processor:
             logger.error("model error #%d at %s: %r", self.model_errors, where, exc, exc_info=exc)
 
     def _remember(self, user_id: str, track_ids: tuple[str, ...]) -> None:
-        self.last_recs.touch(user_id, track_ids, self.max_tracked_users)
+        self.last_recs[user_id] = track_ids
+        self.last_recs.move_to_end(user_id)
+        if len(self.last_recs) > self.max_tracked_users:
+            self.last_recs.popitem(last=False)
 
     def forget_user(self, user_id: str) -> bool:
         """Purge a listener: session state (a changelog tombstone, so a restart cannot

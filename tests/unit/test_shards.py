@@ -167,9 +167,9 @@ def test_the_processors_large_maps_are_sharded_evenly() -> None:
         while proc.sessions_over():
             proc.evict_sessions(1024)
     maps = {
-        "session_order": proc.session_order, "last_recs": proc.last_recs,
-        "mf.user_factors": rec.mf.user_factors, "vocabulary.index": rec.vocabulary.index,
-        "artist_of": rec.artist_of, "catalog": proc.catalog._info,
+        "session_order": proc.session_order, "mf.user_factors": rec.mf.user_factors,
+        "vocabulary.index": rec.vocabulary.index, "artist_of": rec.artist_of,
+        "similar_refreshed": proc.similar_refreshed,
     }
     for name, m in maps.items():
         shards = getattr(m, "shards", None)

@@ -20,6 +20,7 @@ from stream.core.models._state import (
     under,
     unique_ids,
 )
+from stream.core.shards import MASK as SHARD_MASK
 from stream.core.shards import ShardedDict
 
 IntArray = npt.NDArray[np.int64]
@@ -88,10 +89,11 @@ class Vocabulary:
         return len(self.ids)
 
     def add(self, key: str) -> int:
-        row = self.index.get(key)
+        shard = self.index.shards[hash(key) & SHARD_MASK]  # index.get, inlined
+        row = shard.get(key)
         if row is None:
             row = len(self.ids)
-            self.index[key] = row
+            shard[key] = row
             self.ids.append(key)
         return row
 

@@ -33,6 +33,7 @@ from stream.core.models._vocab import (
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction, check_fraction, check_positive
+from stream.core.shards import MASK as SHARD_MASK
 
 _MAX_EXPONENT = 50.0
 Float32Array = npt.NDArray[np.float32]
@@ -158,12 +159,12 @@ class SessionCooccurrence(VocabularyModel):
         if scale <= 0:
             return
         vocab = self._vocab
-        get = vocab.index.get  # tracks are nearly always known: look up first
-        track = get(x.track_id)
+        shards = vocab.index.shards  # tracks are nearly always known: look up first
+        track = shards[hash(x.track_id) & SHARD_MASK].get(x.track_id)
         if track is None:
             track = vocab.add(x.track_id)
         window = x.history[-self.window :]
-        prevs = [get(p) for p in reversed(window)]
+        prevs = [shards[hash(p) & SHARD_MASK].get(p) for p in reversed(window)]
         if None in prevs:
             prevs = [vocab.add(p) for p in reversed(window)]
         size = len(vocab)

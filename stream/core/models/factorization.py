@@ -34,6 +34,7 @@ from stream.core.models._vocab import (
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction, check_fraction, check_positive
+from stream.core.shards import MASK as SHARD_MASK
 from stream.core.shards import ShardedLRU
 
 Float32Array = npt.NDArray[np.float32]
@@ -235,13 +236,16 @@ class ImplicitMF(VocabularyModel):
         the sampled negatives)."""
         row = self._item_row(x.track_id)
         users = self.user_factors
-        user = users.get(x.user_id)
+        h = hash(x.user_id) & SHARD_MASK  # users.get and users.move_to_end, inlined
+        shard = users.shards[h]
+        user = shard.get(x.user_id)
         if user is None:
             user = self._rng.normal(0.0, self.init_scale, self.n_factors).astype(np.float32)
             if users.touch(x.user_id, user, self.max_users or 0) is not None:
                 self.users_evicted += 1
         else:
-            users.move_to_end(x.user_id)
+            shard.move_to_end(x.user_id)
+            users.stamps[h][x.user_id] = users.next_stamp()
         target = self.skip_target if x.skipped else 1.0
         # the row, then the distinct sampled negatives other than it, in draw order (one
         # update per row in mf_step); draws come from the seeded batch, in the same order
@@ -294,7 +298,7 @@ class ImplicitMF(VocabularyModel):
 
     def export_user(self, user_id: str) -> Float32Array | None:
         """The listener's factors (the array itself: copy before keeping), or None."""
-        return self.user_factors.get(user_id)
+        return self.user_factors.shards[hash(user_id) & SHARD_MASK].get(user_id)
 
     def import_user(self, user_id: str, factors: Float32Array) -> None:
         """Give a listener these factors (e.g. restored with their session after a
@@ -342,7 +346,7 @@ class ImplicitMF(VocabularyModel):
 
     def user_vector(self, x: Interaction) -> Float32Array | None:
         """The listener's factors, or the mean factors of their recent tracks, or None."""
-        user = self.user_factors.get(x.user_id)
+        user = self.user_factors.shards[hash(x.user_id) & SHARD_MASK].get(x.user_id)
         if user is not None:
             return user
         rows = [r for r in self._vocab.rows(x.history).tolist() if 0 <= r < self._known]
@@ -374,7 +378,7 @@ class ImplicitMF(VocabularyModel):
         self._pool_pos = self._pool_pos % max(len(self._pool), 1)
 
     def predict_one(self, x: Interaction) -> float:
-        row = self._vocab.index.get(x.track_id)
+        row = self._vocab.index.shards[hash(x.track_id) & SHARD_MASK].get(x.track_id)
         user = self.user_vector(x)
         if row is None or row >= self._known or user is None:
             return 0.0

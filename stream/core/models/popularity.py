@@ -21,6 +21,7 @@ from stream.core.models._vocab import (
     top_set,
 )
 from stream.core.models.base import FloatArray, Interaction, check_fraction, check_positive
+from stream.core.shards import MASK as SHARD_MASK
 
 #: Rebase the reference time before exp() gets anywhere near float overflow.
 _MAX_EXPONENT = 50.0
@@ -217,7 +218,7 @@ class DecayedPopularity(VocabularyModel):
 
     def predict_one(self, x: Interaction) -> float:
         """Share of recent (decayed) plays that went to ``x.track_id``; 0 if never played."""
-        row = self._vocab.index.get(x.track_id)
+        row = self._vocab.index.shards[hash(x.track_id) & SHARD_MASK].get(x.track_id)
         if row is None or row >= len(self._weights) or self._total <= 0:
             return 0.0
         return float(self._weights[row] / self._total)
