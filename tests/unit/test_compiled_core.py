@@ -15,6 +15,7 @@ from stream.core.models.cooccurrence import SessionCooccurrence
 from stream.core.models.stan import best_order
 from stream.core.recommender import Recommender, SeenTracks, session_token
 from stream.core.session import UserState, update_session
+from stream.core.shards import ShardedDict
 from stream.tools.datasets import load_events
 
 
@@ -129,7 +130,7 @@ def _trained_with_artists(
     rec, states = _trained(datasets_dir)
     rec.mf_candidates = mf_candidates
     rng = random.Random(seed)
-    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    rec.artist_of = ShardedDict((t, f"a{rng.randrange(40)}") for t in rec.vocabulary.ids)
     return rec, states
 
 
@@ -242,7 +243,7 @@ def test_component_ids_are_the_ids_of_each_variants_list(
             assert rec.component_ids(state, 10, now, subset) == [
                 [r.track_id for r in rec.recommend(state, 10, now, variant=v)]
                 for v in subset]
-    rec.artist_of = {}  # no artist cap
+    rec.artist_of = ShardedDict()  # no artist cap
     state = listeners[0]
     assert rec.component_ids(state, 10, now, ("mf",)) == [
         [r.track_id for r in rec.recommend(state, 10, now, variant="mf")]]
@@ -337,7 +338,7 @@ def test_compiled_blend_candidates_match_the_python_queries(
         up = update_session(states.get(e.user_id), e)
         rec.learn_one(up, e)
         states[e.user_id] = up.state
-    rec.artist_of = {t: f"a{rng.randrange(40)}" for t in rec.vocabulary.ids}
+    rec.artist_of = ShardedDict((t, f"a{rng.randrange(40)}") for t in rec.vocabulary.ids)
     rec.tracks_of = defaultdict(list)
     for t, a in rec.artist_of.items():
         rec.tracks_of[a].append(t)
