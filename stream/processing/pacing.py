@@ -53,3 +53,41 @@ class RankPacing:
     def due(self, now: float) -> bool:
         """Whether the pending listeners are ranked now."""
         return self.held_for(now) <= 0.0
+
+
+class BatchSizer:
+    """How many plays the agent's next batch may gather: ``cap``, or fewer once the recent
+    batches' cost per play says more would not fit in ``budget_s``. A batch is one step of
+    the event loop, so its plays times their cost is how long it holds the loop (the turn
+    budget can only make a step wait, not cut it). A slower batch lowers the bound at once
+    (hostile ids, cold caches, a loaded machine); faster ones raise it slowly (a tenth of
+    the difference per batch).
+
+    >>> sizer = BatchSizer(cap=256, budget_s=0.015)
+    >>> sizer.limit, sizer.observe(0.0001), sizer.observe(0.001), sizer.observe(0.00005)
+    (256, 150, 15, 16)
+    """
+
+    __slots__ = ("cap", "budget_s", "floor", "cost_s", "limit")
+
+    #: the fewest plays a batch may gather while the budget bounds it (``cap`` if lower)
+    FLOOR: Final = 8
+
+    def __init__(self, cap: int, budget_s: float) -> None:
+        if cap < 1 or budget_s <= 0:
+            raise ValueError(f"cap must be >= 1 and budget_s > 0, got {cap!r}, {budget_s!r}")
+        self.cap = cap
+        self.budget_s = budget_s
+        self.floor = min(cap, self.FLOOR)
+        #: seconds per play of the recent batches (0: none measured yet)
+        self.cost_s = 0.0
+        self.limit = cap
+
+    def observe(self, per_play_s: float) -> int:
+        """A batch took ``per_play_s`` per play; returns the next batches' limit."""
+        cost = self.cost_s
+        cost = per_play_s if per_play_s >= cost else cost + (per_play_s - cost) * 0.1
+        self.cost_s = cost
+        fits = int(self.budget_s / cost) if cost > 0 else self.cap
+        self.limit = min(self.cap, max(self.floor, fits))
+        return self.limit
