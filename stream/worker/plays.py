@@ -230,6 +230,7 @@ class PlaysAgent:
         # after the wait for a turn: a freeze during it is seen before any play is applied
         if self.freeze_fence is not None:
             self.freeze_fence.check(time.monotonic())
+        step_cpu = time.thread_time()
         live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)
@@ -239,11 +240,12 @@ class PlaysAgent:
             records, stage_totals, lambda i: set_current(live[i])
         )
         per_event = (time.perf_counter() - started) / len(records) if records else 0.0
-        if records:
-            self.max_batch = self.sizer.observe(per_event)
         await self._hand_on(outcomes, stage_totals, per_event)
         self._ack(stream, live)
         set_current(None)
+        if records:  # the loop's own CPU for this step, per play: the next batches' bound
+            self.max_batch = self.sizer.observe(
+                (time.thread_time() - step_cpu) / len(records), len(records))
         if reread:
             await self._read_again(reread)
         self.stall_watch.progress(time.monotonic())

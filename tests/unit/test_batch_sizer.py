@@ -11,32 +11,48 @@ import pytest
 
 from stream.faustx.delivery import BUFFERED_WAIT_S, drain_messages
 from stream.processing.pacing import BatchSizer
+from stream.worker.plays import PlaysAgent
 
 
-def test_the_cap_holds_until_a_batch_is_measured() -> None:
-    assert BatchSizer(cap=256, budget_s=0.015).limit == 256
+def test_the_first_batch_is_bounded_before_any_cost_is_measured() -> None:
+    assert BatchSizer(cap=256, budget_s=0.015).limit == BatchSizer.START
+    assert BatchSizer(cap=16, budget_s=0.015).limit == 16
 
 
-def test_the_budget_bounds_the_batch() -> None:
+def test_the_budget_bounds_the_batch_and_the_size_at_most_doubles() -> None:
     sizer = BatchSizer(cap=256, budget_s=0.015)
-    assert sizer.observe(100e-6) == 150  # 15 ms / 100 us
-    assert BatchSizer(cap=256, budget_s=0.015).observe(10e-6) == 256  # cheap: the cap
+    assert sizer.observe(100e-6, 64) == 128  # fits 150, but never more than twice 64
+    assert sizer.observe(100e-6, 128) == 150  # 15 ms / 100 us
+    cheap = BatchSizer(cap=256, budget_s=0.015)
+    assert [cheap.observe(10e-6, n) for n in (64, 128, 256)] == [128, 256, 256]
+    # a live lone play, then a backlog: 8, 16, 32, ... (no jump to an unmeasured size)
+    assert [cheap.observe(10e-6, n) for n in (1, 8, 16, 32)] == [8, 16, 32, 64]
 
 
-def test_a_slow_batch_lowers_the_bound_at_once_and_fast_ones_raise_it_slowly() -> None:
+def test_a_slow_full_batch_cuts_the_next_and_recovery_follows_the_plays() -> None:
     sizer = BatchSizer(cap=256, budget_s=0.015)
-    sizer.observe(60e-6)
-    assert sizer.observe(1e-3) == 15  # one slow batch: the next fits the budget
-    limits = [sizer.observe(60e-6) for _ in range(40)]
-    assert limits == sorted(limits)  # back up, never in a jump
-    assert limits[0] < 20
-    assert 150 < limits[-1] < 250  # 0.015 / (60 us + 0.9 ** 41 of the 940 us difference)
+    sizer.observe(60e-6, 64)
+    sizer.observe(60e-6, 128)
+    assert sizer.observe(1e-3, 200) == 15  # a full batch at 1 ms a play: cut at once
+    limits = [15]
+    for _ in range(12):
+        limits.append(sizer.observe(60e-6, limits[-1]))
+    assert limits == sorted(limits)  # back up, never in a jump past twice the last
+    assert all(b <= 2 * a for a, b in zip(limits, limits[1:], strict=False))
+    assert 240 <= limits[-1] <= 250  # 15 ms / (60 us + what is left of the 940 us rise)
+
+
+def test_one_slow_lone_play_moves_the_estimate_an_eighth() -> None:
+    sizer = BatchSizer(cap=256, budget_s=0.015)
+    sizer.observe(100e-6, 1)
+    sizer.observe(4.6e-3, 1)  # an outlier (a collection, a page fault)
+    assert sizer.cost_s == pytest.approx(100e-6 + 4.5e-3 / 8)
 
 
 def test_the_floor_and_a_cap_below_it() -> None:
-    assert BatchSizer(cap=256, budget_s=0.015).observe(1.0) == BatchSizer.FLOOR
-    assert BatchSizer(cap=1, budget_s=0.015).observe(1.0) == 1  # one at a time stays so
-    assert BatchSizer(cap=4, budget_s=0.015).observe(1e-6) == 4
+    assert BatchSizer(cap=256, budget_s=0.015).observe(1.0, 64) == BatchSizer.FLOOR
+    assert BatchSizer(cap=1, budget_s=0.015).observe(1.0, 1) == 1  # one at a time stays so
+    assert BatchSizer(cap=4, budget_s=0.015).observe(1e-6, 4) == 4
 
 
 @pytest.mark.parametrize(("cap", "budget"), [(0, 0.01), (8, 0.0), (8, -1.0)])
@@ -88,3 +104,34 @@ def test_a_fetch_waits_briefly_while_a_partition_is_out_for_a_full_buffer(
     with pytest.raises(_Stop):
         asyncio.run(drain_messages(_consumer(buffered, timeouts), fetcher))
     assert timeouts == [expected]
+
+
+def test_the_agent_bounds_its_next_batch_by_the_step_it_just_took() -> None:
+    """PlaysAgent.apply feeds the loop's own CPU per play of the whole step (records,
+    processing, hand-on, acks) to its sizer, and gathers no more than the limit next."""
+    import time
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def process_batch(records: Any, stages: Any, before: Any) -> list[Any]:
+        burn(0.002 * len(records))  # 2 ms of CPU a play
+        return []
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    stream = SimpleNamespace(set_current_event=lambda ev: None)
+    agent: Any = SimpleNamespace(
+        stream=stream, turns=None, freeze_fence=None,
+        _live=lambda s, events: (events, events, {}), _pace=lambda live, now: None,
+        processor=SimpleNamespace(process_batch=process_batch), _hand_on=nothing,
+        _ack=lambda s, live: burn(0.001 * len(live)),  # 1 ms a play in the acks
+        stall_watch=SimpleNamespace(progress=lambda now: None), _after=nothing,
+        sizer=BatchSizer(cap=256, budget_s=0.015), max_batch=64,
+    )
+    asyncio.run(PlaysAgent.apply(agent, list(range(10))))
+    assert agent.sizer.cost_s >= 0.003  # processing and acks, not processing alone
+    assert agent.max_batch == BatchSizer.FLOOR  # 15 ms / 3 ms = 5: the floor
