@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-import time
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from load_tests.common import (
     Report,
@@ -36,7 +32,7 @@ from load_tests.common import (
     start_worker,
     table,
 )
-from load_tests.throughput import prefill
+from load_tests.throughput import prefill, wait_series
 
 Series = list[tuple[float, int]]
 
@@ -64,25 +60,16 @@ def drain(rid: str, topic: str, n: int, log_dir: Path, interval: float, timeout_
     """Drain ``topic`` with one worker, polling its applied plays; the (time, count) series
     from the first applied play."""
     proc = start_worker(f"{rid}-{name}", topic, log_dir, name=name, tree=tree)
-    series: Series = []
-    bar = tqdm(total=n, desc=name, unit="ev", file=sys.stderr, mininterval=0.5)
-    deadline = time.monotonic() + timeout_s
+
+    def done() -> int:
+        m = scrape(proc.metrics_url, timeout=1.0)
+        return int(metric_sum(m, "stream_events_total", topic=topic)) if m else 0
+
     try:
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"{name} exited early:\n{proc.log_tail()}")
-            m = scrape(proc.metrics_url, timeout=1.0)
-            done = int(metric_sum(m, "stream_events_total", topic=topic)) if m else 0
-            if done:
-                series.append((time.time(), done))
-                bar.update(min(done, n) - bar.n)
-            if done >= n:
-                break
-            time.sleep(interval)
+        series = wait_series(proc, name, n, timeout_s, done, [], interval=interval)
     finally:
-        bar.close()
         proc.stop()
-    return series
+    return [(t, c) for t, c in series if c > 0]
 
 
 def main(argv: list[str] | None = None) -> int:
