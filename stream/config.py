@@ -136,8 +136,11 @@ class Settings:
     redis_retry_max_s: float = 5.0
     #: the plays agent takes up to this many already-buffered plays, for at most
     #: ``agent_batch_ms`` since the first, and applies them stage by stage (1 = one at a time)
-    agent_batch: int = 64
+    agent_batch: int = 256
     agent_batch_ms: float = 10.0
+    #: ... and no more than recent batches say fit in this many ms of processing (the
+    #: batch is one step of the event loop: its length bounds the loop's stall)
+    agent_batch_budget_ms: float = 15.0
     #: while a backlog is drained (a partition 256+ plays behind), a listener is ranked at
     #: most once per this many ms (their plays come back to back; 0 = every flush)
     catch_up_rank_ms: float = 200.0
@@ -424,6 +427,9 @@ def _check_ranges(s: Settings) -> None:
         raise _bad("redis_flush_interval_ms", "must be >= 0")
     if s.agent_batch_ms < 0:
         raise _bad("agent_batch_ms", "must be >= 0")
+    if not 0 < s.agent_batch_budget_ms <= 1000:
+        raise _bad("agent_batch_budget_ms",
+                   f"must be > 0 and <= 1000 ms, got {s.agent_batch_budget_ms}")
     if s.catch_up_rank_ms < 0:
         raise _bad("catch_up_rank_ms", "must be >= 0 (0 = rank at every flush)")
     if not 0 <= s.metrics_port <= 65535:

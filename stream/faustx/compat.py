@@ -71,6 +71,16 @@ TESTED: Final[tuple[Pin, ...]] = (
         "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",
     ),
     Pin(
+        "faust.transport.consumer:Consumer.on_buffer_full",
+        "c8961679e0bcdce5",
+        "a full buffer's partition is in _buffered_partitions: faustx.delivery's short wait",
+    ),
+    Pin(
+        "faust.transport.consumer:Consumer.on_buffer_drop",
+        "4b57e8a418d5ad9c",
+        "a drained buffer's partition leaves _buffered_partitions: faustx.delivery's short wait",
+    ),
+    Pin(
         "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread.getmany",
         "26fc5fc9f3b667e1",
         "no await after a batch is collected, a synchronous seek: faustx.delivery's rereads",

@@ -23,8 +23,10 @@ One batch, step by step (:meth:`PlaysAgent.apply`):
 Gathering (:meth:`PlaysAgent.run`): a lone play is applied at once; otherwise up to
 ``agent_batch`` plays go through each stage together (the stages stay in the CPU caches),
 gathered for at most LIVE_GATHER_S, or ``agent_batch_ms`` when a backlog waits
-(BACKLOG_PLAYS behind: freshness is queueing then). The Faust side of this -- taking
-buffered plays, manual acks, the wake-up value -- is the seam's
+(BACKLOG_PLAYS behind: freshness is queueing then). A batch is one step of the event loop,
+so it also holds no more plays than the recent batches' cost per play says fit in
+``agent_batch_budget_ms`` (:class:`stream.processing.pacing.BatchSizer`). The Faust side
+of this -- taking buffered plays, manual acks, the wake-up value -- is the seam's
 :class:`stream.faustx.stream.BatchingStream` (``App(Stream=...)``).
 """
 
@@ -40,7 +42,7 @@ import faust
 from stream.config import Settings
 from stream.faustx.stream import BatchingStream
 from stream.processing.fence import WAIT, OffsetFence
-from stream.processing.pacing import CATCH_UP_PLAYS, RankPacing
+from stream.processing.pacing import CATCH_UP_PLAYS, BatchSizer, RankPacing
 from stream.processing.pipeline import Outcome, Processor, Record, build_record
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
@@ -113,7 +115,10 @@ class PlaysAgent:
         self.freeze_fence = freeze_fence
         #: the loop turn's budget shared with the ranker: a batch starts in a turn with room
         self.turns = turns
-        self.max_batch = settings.agent_batch
+        #: the most plays a batch gathers now: ``agent_batch``, or fewer once the recent
+        #: batches' cost per play says more would not fit in ``agent_batch_budget_ms``
+        self.sizer = BatchSizer(settings.agent_batch, settings.agent_batch_budget_ms / 1000.0)
+        self.max_batch = self.sizer.limit
         self.backlog_wait = settings.agent_batch_ms / 1000.0
         self.live_wait = min(self.backlog_wait, LIVE_GATHER_S)
         self.stream: BatchingStream | None = None
@@ -225,6 +230,7 @@ class PlaysAgent:
         # after the wait for a turn: a freeze during it is seen before any play is applied
         if self.freeze_fence is not None:
             self.freeze_fence.check(time.monotonic())
+        step_cpu = time.thread_time()
         live, records, reread = self._live(stream, events)
         started = time.perf_counter()
         self._pace(live, started)
@@ -237,6 +243,9 @@ class PlaysAgent:
         await self._hand_on(outcomes, stage_totals, per_event)
         self._ack(stream, live)
         set_current(None)
+        if records:  # the loop's own CPU for this step, per play: the next batches' bound
+            self.max_batch = self.sizer.observe(
+                (time.thread_time() - step_cpu) / len(records), len(records))
         if reread:
             await self._read_again(reread)
         self.stall_watch.progress(time.monotonic())

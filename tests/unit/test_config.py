@@ -37,6 +37,8 @@ def test_env_config_path(tmp_path: Path) -> None:
         ({"STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "'kafka_sasl_mechanism'"),
         ({"STREAM_LOG_LEVEL": "loud"}, "'log_level'"),
         ({"STREAM_CATCH_UP_RANK_MS": "-1"}, "'catch_up_rank_ms'"),
+        ({"STREAM_AGENT_BATCH_BUDGET_MS": "0"}, "'agent_batch_budget_ms'"),
+        ({"STREAM_AGENT_BATCH_BUDGET_MS": "5000"}, "'agent_batch_budget_ms'"),
         ({"STREAM_KAFKA_FETCH_MIN_BYTES": "0"}, "'kafka_fetch_min_bytes'"),
         (
             {"STREAM_KAFKA_CONSUMER_THREAD": "maybe"},
