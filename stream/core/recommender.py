@@ -803,9 +803,10 @@ class Recommender:
         artist_of = self.artist_of
         last_artist = artist_of.get(state.recent[-1]) if state.recent else None
         if last_artist is not None:
-            ids = self.vocabulary.ids
-            same_artist = np.array([artist_of.get(ids[r]) == last_artist
-                                    for r in cands.tolist()], dtype=np.float64)
+            ids, shards = self.vocabulary.ids, artist_of.shards  # artist_of.get, inlined
+            same_artist = np.array([shards[hash(t) & SHARD_MASK].get(t) == last_artist
+                                    for t in map(ids.__getitem__, cands.tolist())],
+                                   dtype=np.float64)
         if len(same_artist) != len(cands):
             same_artist = np.zeros(len(cands))
         w = self.blend_weights
@@ -913,8 +914,10 @@ class Recommender:
                 r = get(t)
                 if a is not None and r is not None:
                     played.setdefault(a, r)
+            shards = artist_of.shards  # artist_of.get, inlined
             for i in by_artist.tolist():
-                a = artist_of.get(ids[int(rows[i])])
+                t = ids[int(rows[i])]
+                a = shards[hash(t) & SHARD_MASK].get(t)
                 leads[i] = played.get(a, -1) if a is not None else -1
         return self._results(rows[order], scores[order], codes[order], leads[order], k)
 
