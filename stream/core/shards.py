@@ -42,19 +42,15 @@ D = TypeVar("D")
 _MISSING: Any = object()
 
 
-class ShardedDict(MutableMapping[K, V], Generic[K, V]):
-    """A dict in :data:`NSHARDS` dicts by ``hash(key) & MASK`` (see the module)."""
+class _Sharded(MutableMapping[K, V], Generic[K, V]):
+    """What both maps share: ``shards[hash(key) & MASK]`` holds ``key``."""
 
     __slots__ = ("shards",)
-
-    def __init__(self, items: Iterable[tuple[K, V]] = ()) -> None:
-        self.shards: list[dict[K, V]] = [{} for _ in range(NSHARDS)]
-        shards = self.shards
-        for key, value in items:
-            shards[hash(key) & MASK][key] = value
+    shards: list[Any]  # dicts (ShardedDict) or OrderedDicts (ShardedLRU)
 
     def __getitem__(self, key: K) -> V:
-        return self.shards[hash(key) & MASK][key]
+        value: V = self.shards[hash(key) & MASK][key]
+        return value
 
     @overload
     def get(self, key: K, /) -> V | None: ...
@@ -64,14 +60,31 @@ class ShardedDict(MutableMapping[K, V], Generic[K, V]):
     def get(self, key: K, default: Any = None) -> Any:
         return self.shards[hash(key) & MASK].get(key, default)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.shards[hash(key) & MASK]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} keys)"
+
+
+class ShardedDict(_Sharded[K, V]):
+    """A dict in :data:`NSHARDS` dicts by ``hash(key) & MASK`` (see the module)."""
+
+    __slots__ = ()
+
+    def __init__(self, items: Iterable[tuple[K, V]] = ()) -> None:
+        self.shards: list[dict[K, V]] = [{} for _ in range(NSHARDS)]
+        shards = self.shards
+        for key, value in items:
+            shards[hash(key) & MASK][key] = value
+
+
     def __setitem__(self, key: K, value: V) -> None:
         self.shards[hash(key) & MASK][key] = value
 
     def __delitem__(self, key: K) -> None:
         del self.shards[hash(key) & MASK][key]
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.shards[hash(key) & MASK]
 
     def pop(self, key: K, default: Any = _MISSING) -> Any:
         shard = self.shards[hash(key) & MASK]
@@ -100,18 +113,16 @@ class ShardedDict(MutableMapping[K, V], Generic[K, V]):
         for key, value in chain(pairs, kwargs.items()):
             shards[hash(key) & MASK][key] = value
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self)} keys)"
 
 
-class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
+class ShardedLRU(_Sharded[K, V]):
     """An OrderedDict in :data:`NSHARDS` OrderedDicts by ``hash(key) & MASK``, with the
     global order kept exactly (see the module): ``lru[key] = value`` keeps an existing
     key's place (as an OrderedDict does); :meth:`touch` and :meth:`move_to_end` move a key;
     iteration, ``popitem`` and :meth:`drop_oldest` follow the global order. ``len`` is a
     count kept by every change (O(1))."""
 
-    __slots__ = ("shards", "stamps", "size", "_fronts", "next_stamp", "_first")
+    __slots__ = ("stamps", "size", "_fronts", "next_stamp", "_first")
 
     def __init__(self, items: Iterable[tuple[K, V]] = ()) -> None:
         self.shards: list[OrderedDict[K, V]] = [OrderedDict() for _ in range(NSHARDS)]
@@ -128,19 +139,7 @@ class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
         for key, value in items:
             self[key] = value
 
-    def __getitem__(self, key: K) -> V:
-        return self.shards[hash(key) & MASK][key]
 
-    @overload
-    def get(self, key: K, /) -> V | None: ...
-    @overload
-    def get(self, key: K, default: V | D, /) -> V | D: ...
-
-    def get(self, key: K, default: Any = None) -> Any:
-        return self.shards[hash(key) & MASK].get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.shards[hash(key) & MASK]
 
     def __setitem__(self, key: K, value: V) -> None:
         h = hash(key) & MASK
@@ -260,5 +259,3 @@ class ShardedLRU(MutableMapping[K, V], Generic[K, V]):
         self._fronts.clear()
         self.size = 0
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self)} keys)"
