@@ -1548,7 +1548,8 @@ class Recommender:
         """The tracks with a known artist in a deterministic order (the map's own follows
         ``hash``): the catalogue's rows, then any others by id."""
         artist_of = self.artist_of
-        tracks = [t for t in self.vocabulary.ids if t in artist_of]
+        shards = artist_of.shards  # `t in artist_of`, inlined: 550k tracks at the cap
+        tracks = [t for t in self.vocabulary.ids if t in shards[hash(t) & SHARD_MASK]]
         if len(tracks) != len(artist_of):
             tracks += sorted(set(artist_of).difference(tracks))
         return tracks

@@ -17,10 +17,13 @@ their thresholds at different plays (binomial spread), not in one turn.
   order everywhere: every key carries a stamp of its last move (an int), so iteration (a
   merge of the shards by stamp), ``popitem`` and :meth:`ShardedLRU.drop_oldest` (the least
   recent key, through a heap of the shards' fronts) are exactly an OrderedDict's, below
-  and at a cap. The stamps cost one more small dict entry and int per key (~70 bytes).
+  and at a cap. The stamps cost one more small dict entry and int per key (~61 bytes).
 
 Hot paths may inline the shard pick: ``m.shards[hash(key) & MASK]`` is the dict that holds
-``key`` (reads only, for a :class:`ShardedLRU`: its stamps and count follow its methods).
+``key``. For a :class:`ShardedLRU` an inlined change must keep its stamps too: moving an
+existing key to the end is ``shard.move_to_end(key)`` then ``stamps[h][key] =
+next_stamp()``; anything that adds or removes a key goes through its methods (the count and
+the heap of fronts).
 """
 
 from __future__ import annotations
