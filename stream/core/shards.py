@@ -150,7 +150,7 @@ class ShardedLRU(_Sharded[K, V]):
         if key not in shard:
             stamp = self.stamps[h][key] = self.next_stamp()
             if not shard:
-                heapq.heappush(self._fronts, (stamp, h))
+                self._push_front(stamp, h)
             self.size += 1
         shard[key] = value
 
@@ -165,7 +165,7 @@ class ShardedLRU(_Sharded[K, V]):
             shard.move_to_end(key)
         else:
             if not shard:
-                heapq.heappush(self._fronts, (stamp, h))
+                self._push_front(stamp, h)
             shard[key] = value
             self.size += 1
         if cap and self.size > cap:
@@ -179,7 +179,21 @@ class ShardedLRU(_Sharded[K, V]):
             self.stamps[h][key] = self.next_stamp()
         else:
             stamp = self.stamps[h][key] = self._first()
-            heapq.heappush(self._fronts, (stamp, h))
+            self._push_front(stamp, h)
+
+    def _push_front(self, stamp: int, h: int) -> None:
+        """A shard's new front; the heap is rebuilt (one entry per non-empty shard) once
+        stale entries pass 4 per shard, so it stays bounded without any drop (a long
+        seeding of restored listeners, forget churn)."""
+        fronts = self._fronts
+        heapq.heappush(fronts, (stamp, h))
+        if len(fronts) > 4 * NSHARDS:
+            self._rebuild_fronts()
+
+    def _rebuild_fronts(self) -> None:
+        stamps = self.stamps
+        self._fronts[:] = [(stamps[h][next(iter(s))], h) for h, s in enumerate(self.shards) if s]
+        heapq.heapify(self._fronts)
 
     def __delitem__(self, key: K) -> None:
         h = hash(key) & MASK
@@ -217,8 +231,7 @@ class ShardedLRU(_Sharded[K, V]):
         fronts (O(log 64)), not by looking at every shard."""
         fronts, shards, stamps = self._fronts, self.shards, self.stamps
         if len(fronts) > 2 * NSHARDS:  # stale entries: one per non-empty shard again
-            fronts[:] = [(stamps[h][next(iter(s))], h) for h, s in enumerate(shards) if s]
-            heapq.heapify(fronts)
+            self._rebuild_fronts()
         while fronts:
             stamp, h = fronts[0]
             shard = shards[h]

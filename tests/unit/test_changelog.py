@@ -565,3 +565,19 @@ def test_the_workers_own_session_table_takes_the_direct_path() -> None:
     assert encode._key_codec is not None
     state = _state("u1", 3)
     assert encode("u1", state) == encode.faust_record("u1", state)
+
+
+@pytest.mark.asyncio
+async def test_the_memory_store_keeps_its_listeners_in_shards_through_recovery() -> None:
+    """The memory store's dict is a ShardedDict (one growth rehashes 1/64 of the listeners,
+    docs/benchmarks.md "sharded maps"), and Faust's recovery writes and tombstones go
+    through it."""
+    from stream.core.shards import ShardedDict
+
+    _, table, _ = _table("changelog-sharded-store")
+    store: Any = table.data
+    assert type(store.data) is ShardedDict
+    _recover(table, [("u1", 5), ("u2", 7), ("u1", None)])
+    assert type(store.data) is ShardedDict
+    assert "u1" not in table.data and table.data["u2"].seq == 7
+    assert sorted(table.keys_snapshot()) == ["u2"]

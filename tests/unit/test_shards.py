@@ -178,3 +178,41 @@ def test_the_processors_large_maps_are_sharded_evenly() -> None:
         assert max(map(len, shards)) <= 2 * share + 8, name
     assert len(proc.session_order) == 20_000 and len(rec.mf.user_factors) == 25_000
     assert len(rec.vocabulary.index) == n
+
+
+def test_the_front_heap_stays_bounded_without_any_drop() -> None:
+    """Seeding restored listeners as the least recent (move_to_end(last=False)) and forget
+    churn push front entries with no drop to prune them (review15b: 200k entries)."""
+    lru: ShardedLRU[str, None] = ShardedLRU()
+    for i in range(20_000):
+        lru[f"u{i}"] = None
+        lru.move_to_end(f"u{i}", last=False)
+    for i in range(20_000):
+        del lru[f"u{i}"]
+        lru[f"v{i}"] = None
+    assert len(lru._fronts) <= 4 * NSHARDS
+    assert list(lru)[:3] == ["v0", "v1", "v2"]
+
+
+def test_the_artist_map_is_exported_in_catalogue_order_whatever_the_hash() -> None:
+    """The checkpoint lists ``artist_of`` in the vocabulary's row order, then others by id
+    (a ShardedDict iterates by ``hash``, which differs between processes)."""
+    rec = Recommender(seed=0)
+    proc = Processor(load_settings(env={}, file=None), rec, ShardedDict(), lambda w: None,
+                     lambda d: None, defer_ranking=True)
+    now = 1_700_000_000_000
+    records = []
+    for i in range(300):
+        user, track = f"u{i % 7}", f"t{(i * 37) % 101}"
+        ev = PlayEvent(user, track, now + i * 1000, 100_000, f"e{i}",
+                       artist_id=f"a{(i * 37) % 101 % 13}")
+        records.append(Record("plays", 0, i, user.encode(), encode_event(ev), now))
+    proc.process_batch(records)
+    rec.artist_of["zz-unplayed"] = "a0"
+    rec.artist_of["aa-unplayed"] = "a1"
+    _, arrays = rec.export_state()
+    from stream.core.models._state import decode_strings
+
+    tracks = decode_strings("t", arrays["artist_of.tracks.bytes"], arrays["artist_of.tracks.ends"])
+    played = [t for t in rec.vocabulary.ids if t in rec.artist_of]
+    assert tracks == [*played, "aa-unplayed", "zz-unplayed"]
