@@ -62,6 +62,9 @@ def test_a_cap_below_one_per_table_is_refused() -> None:
     assert IDS.share == ID_CACHE_CAP // NSHARDS
 
 
+NOW = 1_700_000_000_000
+
+
 def _play(**fields: object) -> bytes:
     base: dict[str, object] = {"user_id": "u", "track_id": "t", "ts": 1_700_000_000_000,
                                "ms_played": 1000}
@@ -75,10 +78,10 @@ def test_parsed_ids_are_shared_but_not_interned() -> None:
     fresh one."""
     user, track, artist, context = (
         "listener-ids-" + str(id(object())), "track-ids-x1", "artist-ids-x1", "ctx-ids-x1")
-    a = parse_event(now_ms=1_700_000_000_000, raw=_play(user_id=user, track_id=track, artist_id=artist, context=context,
-                          event_id="ev-ids-1"))
-    b = parse_event(now_ms=1_700_000_000_000, raw=_play(user_id=user, track_id=track, artist_id=artist, context=context,
-                          event_id="ev-ids-2"))
+    a = parse_event(_play(user_id=user, track_id=track, artist_id=artist, context=context,
+                          event_id="ev-ids-1"), now_ms=NOW)
+    b = parse_event(_play(user_id=user, track_id=track, artist_id=artist, context=context,
+                          event_id="ev-ids-2"), now_ms=NOW)
     assert isinstance(a, PlayEvent) and isinstance(b, PlayEvent)
     for name in ("user_id", "track_id", "artist_id", "context"):
         assert getattr(a, name) is getattr(b, name), name
@@ -98,7 +101,7 @@ def test_restored_ids_are_the_parsed_ones() -> None:
     from stream.core.session import UserState
 
     track = fresh("track-restored-ids-7")
-    play = parse_event(now_ms=1_700_000_000_000, raw=_play(track_id=track))
+    play = parse_event(_play(track_id=track), now_ms=NOW)
     assert isinstance(play, PlayEvent)
     live = play.track_id
     restored = UserState.from_dict({"user_id": "u9", "recent": [fresh(track)]})
