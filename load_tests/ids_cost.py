@@ -55,25 +55,25 @@ def parse_cost() -> dict[str, float]:
 
 
 def op_cost() -> dict[str, float]:
-    from stream.core.ids import IdCache
+    from stream.core.ids import ID_TABLE_SHARE, IdCache
     from stream.core.shards import MASK
 
     cache = IdCache()
-    tables, admit = cache.tables, cache.admit
+    tables, trim = cache.tables, cache.trim
     hot = [f"track-{i}" for i in range(N)]
     for t in hot:
         sys.intern(t)
         cache.canonical(t)
     fresh_hot = ["".join(list(t)) for t in hot]  # equal, other objects: hits
-    rounds = [[f"j{r}-jt{i}" for i in range(N)] for r in range(16)]
+    rounds = [[f"j{r}-jt{i}" for i in range(N)] for r in range(24)]
     canonical, intern = cache.canonical, sys.intern
 
     def inlined(ids: list[str]) -> None:
         for t in ids:
             table = tables[hash(t) & MASK]
-            found = table.get(t)
-            if found is None:
-                admit(table, t)
+            found = table.setdefault(t, t)
+            if found is t and len(table) > ID_TABLE_SHARE:
+                trim(table, t)
 
     def loop(fn: Callable[[str], str], ids: list[str]) -> Callable[[], None]:
         def run() -> None:
@@ -88,6 +88,7 @@ def op_cost() -> dict[str, float]:
         "hit inlined ns": round(_best(lambda: inlined(fresh_hot)), 1),
         "miss sys.intern ns": round(_best(lambda: loop(intern, next(misses))()), 1),
         "miss canonical ns": round(_best(lambda: loop(canonical, next(misses))()), 1),
+        "miss inlined ns": round(_best(lambda: inlined(next(misses))), 1),
     }
 
 

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import orjson
 
-from stream.core.ids import IDS
+from stream.core.ids import ID_TABLE_SHARE, IDS
 from stream.core.ids import canonical as _canonical
 from stream.core.shards import MASK as _ID_MASK
 from stream.core.slots import positional_builder
@@ -294,7 +294,7 @@ def _parse(
 
 _build_play_event: Final = positional_builder(PlayEvent)
 _ID_TABLES: Final = IDS.tables
-_admit_id: Final = IDS.admit
+_trim_ids: Final = IDS.trim
 
 
 def _type_name(value: object) -> str:
@@ -338,8 +338,10 @@ def check_id(value: object, name: str, max_len: int = MAX_ID_LEN, *, share: bool
     if not share:
         return text
     table = _ID_TABLES[hash(text) & _ID_MASK]  # IDS.canonical(text), inlined
-    found = table.get(text)
-    return _admit_id(table, text) if found is None else found
+    found = table.setdefault(text, text)
+    if found is text and len(table) > ID_TABLE_SHARE:
+        _trim_ids(table, text)
+    return found
 
 
 def _opt_id_field(obj: dict[str, Any], name: str) -> str | None:

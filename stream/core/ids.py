@@ -26,8 +26,8 @@ their table clears (``python -m load_tests.junk_ids --bytes-per-item``, docs/ben
 "The cap formula"). Event ids and nonces are unique per message: they are not shared.
 
 Hot paths may inline :meth:`IdCache.canonical` (``stream.core.events.check_id`` does):
-``table = IDS.tables[hash(text) & MASK]``, then ``table.get(text)``, and on a miss
-:meth:`IdCache.admit`.
+``table = IDS.tables[hash(text) & MASK]``, ``found = table.setdefault(text, text)``, and
+when ``found is text`` and the table holds over :data:`ID_TABLE_SHARE`, :meth:`IdCache.trim`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from stream.core.shards import MASK, NSHARDS
 
 #: ids kept shared, over all 64 tables (each table holds at most 1/64 of it)
 ID_CACHE_CAP: Final = 1 << 21
+#: the most ids one of :data:`IDS`'s tables holds
+ID_TABLE_SHARE: Final = ID_CACHE_CAP // NSHARDS
 
 
 class IdCache:
@@ -56,17 +58,17 @@ class IdCache:
     def canonical(self, text: str) -> str:
         """The shared string equal to ``text`` (``text`` itself the first time)."""
         table = self.tables[hash(text) & MASK]
-        found = table.get(text)
-        return self.admit(table, text) if found is None else found
+        found = table.setdefault(text, text)  # one C call on a hit and on a miss
+        if found is text and len(table) > self.share:
+            self.trim(table, text)
+        return found
 
-    def admit(self, table: dict[str, str], text: str) -> str:
-        """``text`` made the shared string in ``table`` (its table), which is cleared first
-        when it holds its share."""
-        if len(table) >= self.share:
-            table.clear()
-            self.clears += 1
+    def trim(self, table: dict[str, str], text: str) -> None:
+        """``table`` (which has just taken ``text`` over its share) cleared but for
+        ``text``."""
+        table.clear()
         table[text] = text
-        return text
+        self.clears += 1
 
     def __len__(self) -> int:
         return sum(len(t) for t in self.tables)
