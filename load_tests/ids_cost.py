@@ -7,6 +7,7 @@ play against ``sys.intern``, which it replaced in parsing.
    artist and event id each (misses). The minimum of 7 repeats of 20,000 plays.
 2. In one process (needs the branch's tree): ``sys.intern`` against ``IDS.canonical`` and
    the inlined lookup ``check_id`` makes, per id, on hits and on misses (fresh strings).
+3. ``--memory``: bytes per id of the full cache (:func:`memory`).
 """
 
 from __future__ import annotations
@@ -92,7 +93,41 @@ def op_cost() -> dict[str, float]:
     }
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def memory() -> dict[str, float]:
+    """Bytes per id of the full process cache (ID_CACHE_CAP ids of the junk drill's form):
+    the tables alone (the strings held elsewhere too, as live ids are), and tables plus
+    strings (ids nothing else holds: the models evicted them), against ``sys.intern`` of
+    the same live strings (its table forgets a string when the string dies)."""
+    from stream.core.ids import ID_CACHE_CAP, IdCache
+
+    base = _rss()
+    live = [f"j0000000-ju{i}" for i in range(ID_CACHE_CAP)]
+    strings = _rss() - base
+    before = _rss()
+    for t in live:
+        sys.intern(t)
+    interned = _rss() - before
+    del live
+    before = _rss()
+    cache = IdCache()
+    for i in range(ID_CACHE_CAP):
+        cache.canonical(f"j0000001-ju{i}")
+    owned = _rss() - before
+    n = ID_CACHE_CAP
+    return {"ids": n, "string B": round(strings / n, 1), "sys.intern table B": round(
+        interned / n, 1), "cache table + string B": round(owned / n, 1),
+        "cache table B": round((owned - strings) / n, 1), "cache clears": cache.clears}
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--memory"]:
+        print(memory())
+        raise SystemExit(0)
     print("parse_event us per play", parse_cost(), flush=True)
     try:
         print("per id", op_cost())
