@@ -137,8 +137,9 @@ class Vocabulary:
 
     def rows(self, keys: Sequence[str] | Collection[str]) -> IntArray:
         """Row numbers for ``keys``; unknown keys map to -1 (nothing is added)."""
-        get = self.index.get
-        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        shards = self.index.shards  # index.get, inlined
+        return np.fromiter((shards[hash(k) & SHARD_MASK].get(k, -1) for k in keys),
+                           dtype=np.int64, count=len(keys))
 
     def known_rows(self, keys: Collection[str]) -> IntArray:
         """Row numbers of the ``keys`` that are known (unknown ones are dropped)."""
