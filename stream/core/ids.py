@@ -12,8 +12,8 @@ at once: 35-38, 63-68 and 122-134 ms at 159k, 334k and 684k junk plays
 :data:`IDS` does the same sharing in 64 tables picked by ``hash(text) & 63``
 (:data:`stream.core.shards.MASK`), so a growth rehashes ~1/64 of the ids, and the tables
 cross their thresholds at different plays. It is bounded: a table that takes an id over its
-share of :data:`ID_CACHE_CAP` is cleared but for that id (one table, ~1/64 of the ids). Clearing only loses
-sharing, never correctness: the strings are equal, the ids live elsewhere keep their object,
+share of :data:`ID_CACHE_CAP` is cleared but for that id (one table, ~1/64 of the ids).
+Clearing only loses sharing, never correctness: the strings are equal, the ids live elsewhere keep their object,
 and the next parse of a cleared id makes it canonical again (a listener's ring may then
 hold two equal strings for one track for a while). A cleared table forgets junk and live ids
 alike, which an LRU would not, but an LRU costs a move per hit on every play; at the
@@ -23,7 +23,8 @@ keep) tables clear only under junk.
 Interning did not keep its strings alive (the table forgets a string when its last other
 reference goes); this cache does, up to its cap: ids the models have evicted stay until
 their table clears (``python -m load_tests.ids_cost --memory``: ~23 B of table and ~88 B
-of string per id; docs/benchmarks.md "The cap formula"). Event ids and nonces are unique per message: they are not shared.
+of string per id; docs/benchmarks.md "The cap formula"). Event ids and nonces are unique
+per message: they are not shared.
 
 Hot paths may inline :meth:`IdCache.canonical` (``stream.core.events.check_id`` does):
 ``table = IDS.tables[hash(text) & MASK]``, ``found = table.setdefault(text, text)``, and
