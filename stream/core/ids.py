@@ -13,12 +13,12 @@ at once: 35-38, 63-68 and 122-134 ms at 159k, 334k and 684k junk plays
 (:data:`stream.core.shards.MASK`), so a growth rehashes ~1/64 of the ids, and the tables
 cross their thresholds at different plays. It is bounded: a table that takes an id over its
 share of :data:`ID_CACHE_CAP` is cleared but for that id (one table, ~1/64 of the ids).
-Clearing only loses sharing, never correctness: the strings are equal, the ids live elsewhere keep their object,
-and the next parse of a cleared id makes it canonical again (a listener's ring may then
-hold two equal strings for one track for a while). A cleared table forgets junk and live ids
-alike, which an LRU would not, but an LRU costs a move per hit on every play; at the
-default cap (2^21, over the ~1.1-1.6M listener, track and artist ids the default caps
-keep) tables clear only under junk.
+Clearing only loses sharing, never correctness: the strings are equal, the ids live
+elsewhere keep their object, and the next parse of a cleared id makes it canonical again
+(a listener's ring may then hold two equal strings for one track for a while). A cleared
+table forgets junk and live ids alike, which an LRU would not, but an LRU costs a move per
+hit on every play; at the default cap (2^21, over the ~1.1-1.6M listener, track and artist
+ids the default caps keep) tables clear only under junk.
 
 Interning did not keep its strings alive (the table forgets a string when its last other
 reference goes); this cache does, up to its cap: ids the models have evicted stay until
