@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-import sys
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +24,9 @@ from typing import Any, Final
 
 import orjson
 
+from stream.core.ids import ID_TABLE_SHARE, IDS
+from stream.core.ids import canonical as _canonical
+from stream.core.shards import MASK as _ID_MASK
 from stream.core.slots import positional_builder
 
 #: Bounded set of rejection reasons (used as a Prometheus label, so keep it closed).
@@ -262,7 +264,9 @@ def _parse(
     skipped = obj.get("skipped")
     if skipped is not None and not isinstance(skipped, bool):
         raise _Invalid("wrong_type", f"'skipped' must be a boolean, got {_type_name(skipped)}")
-    event_id = _opt_id_field(obj, "event_id")
+    raw_event_id = obj.get("event_id")
+    # unique per play: nothing else holds it, so no shared copy (junk would only fill IDS)
+    event_id = None if raw_event_id is None else check_id(raw_event_id, "event_id", share=False)
     if event_id is None:
         event_id = derive_event_id(user_id, track_id, ts_ms, ms_played)
     # positional, in field order (user_id, track_id, ts_ms, ms_played, event_id,
@@ -289,6 +293,8 @@ def _parse(
 
 
 _build_play_event: Final = positional_builder(PlayEvent)
+_ID_TABLES: Final = IDS.tables
+_trim_ids: Final = IDS.trim
 
 
 def _type_name(value: object) -> str:
@@ -308,9 +314,11 @@ def _id_field(obj: dict[str, Any], name: str) -> str:
     return check_id(obj[name], name)
 
 
-def check_id(value: object, name: str, max_len: int = MAX_ID_LEN) -> str:
+def check_id(value: object, name: str, max_len: int = MAX_ID_LEN, *, share: bool = True) -> str:
     """An id (string or integer) as a string, or :class:`InvalidField`: non-empty, printable,
-    unpadded, at most ``max_len`` characters."""
+    unpadded, at most ``max_len`` characters. Ids repeat, so the string returned is the
+    process's shared one (:data:`stream.core.ids.IDS`), unless ``share`` is false (ids unique
+    per message: event ids, nonces)."""
     if type(value) is str:  # the common case first: no str() copy, one type check
         text = value
     elif isinstance(value, bool) or not isinstance(value, str | int):
@@ -327,7 +335,13 @@ def check_id(value: object, name: str, max_len: int = MAX_ID_LEN) -> str:
         if has_control_character(text):
             raise _Invalid("control_character", f"'{name}' holds a control character")
         raise _Invalid("bad_value", f"'{name}' must be non-empty printable text without padding")
-    return sys.intern(text)  # ids repeat: one shared string per id saves memory
+    if not share:
+        return text
+    table = _ID_TABLES[hash(text) & _ID_MASK]  # IDS.canonical(text), inlined
+    found = table.setdefault(text, text)
+    if found is text and len(table) > ID_TABLE_SHARE:
+        _trim_ids(table, text)
+    return found
 
 
 def _opt_id_field(obj: dict[str, Any], name: str) -> str | None:
@@ -355,7 +369,7 @@ def check_text(value: object, name: str) -> str:
     if has_control_character(value):
         raise _Invalid("control_character", f"'{name}' holds a control character")
     # contexts and reasons come from small vocabularies: share one string per value
-    return sys.intern(value) if len(value) <= 32 else value
+    return _canonical(value) if len(value) <= 32 else value
 
 
 def _int_field(obj: dict[str, Any], name: str, lo: int, hi: int) -> int:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from stream.core.events import PlayEvent
+from stream.core.ids import canonical
 from stream.core.slots import positional_builder
 
 DEFAULT_SESSION_GAP_MS: Final = 30 * 60 * 1000
@@ -133,9 +133,9 @@ class UserState:
             kwargs["model"] = ""
         return cls(
             **kwargs,
-            # one shared string per track id, as parsing gives live (stream.core.events): a
+            # one shared string per track id, as parsing gives live (stream.core.ids): a
             # restored listener's ring costs 8 bytes per track, not a copy of each id
-            recent=[sys.intern(t) if type(t) is str else t for t in data.get("recent", [])],
+            recent=[canonical(t) if type(t) is str else t for t in data.get("recent", [])],
             recent_skipped=[bool(s) for s in data.get("recent_skipped", [])],
             seen=_ring(data.get("seen")),
         )

@@ -116,9 +116,10 @@ def parse_control(raw: bytes | None) -> ControlCommand | Rejection:
         return Rejection("wrong_type", "'requested_at' must be an integer (epoch ms)")
     try:
         user = check_id(obj["user_id"], "user_id")
-        nonce = check_id(obj["nonce"], "nonce", 128)
+        nonce = check_id(obj["nonce"], "nonce", 128, share=False)
         req = obj.get("request_id")
-        request_id = "" if req is None else check_id(req, "request_id", MAX_REQUEST_ID_LEN)
+        request_id = "" if req is None else check_id(req, "request_id", MAX_REQUEST_ID_LEN,
+                                                     share=False)
     except InvalidField as exc:
         return Rejection(exc.reason, exc.detail)
     except ValueError as exc:  # an integer too large to print

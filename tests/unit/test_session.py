@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.core.events import PlayEvent
+from stream.core.ids import canonical
 from stream.core.session import UserState, update_session
 
 T0 = 1_700_000_000_000
@@ -175,8 +176,6 @@ def test_copy_carries_every_field_and_shares_no_container() -> None:
 def test_a_restored_listener_shares_the_track_id_strings() -> None:
     """Changelog recovery decodes fresh strings; from_dict swaps them for the process's
     shared ones (as parsing does live), so a restored ring holds references, not copies."""
-    import sys
-
     from stream.core.checkpoint import pack_state, unpack_state
     from stream.core.models._vocab import Vocabulary
 
@@ -186,7 +185,7 @@ def test_a_restored_listener_shares_the_track_id_strings() -> None:
     manifest, arrays = unpack_state(pack_state(*vocab.export_state()))  # a checkpoint restore
     restored_vocab = Vocabulary.import_state(manifest, arrays, where="vocabulary")
     shared = restored_vocab.ids[0]
-    assert shared is sys.intern("".join(["restored-track-", "42"]))
+    assert shared is canonical("".join(["restored-track-", "42"]))
     assert next(iter(restored_vocab.index)) is shared
 
     a = UserState.from_dict({"user_id": "u1", "recent": ["".join(["restored-track-", "42"])]})

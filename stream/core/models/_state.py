@@ -22,7 +22,6 @@ ValueError: ids: offsets run past the end of the byte array
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
@@ -30,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.core.events import MAX_ID_LEN
+from stream.core.ids import canonical
 
 #: the longest id (in characters) a checkpoint may hold: the play events' own limit
 ID_LEN: int = MAX_ID_LEN
@@ -50,7 +50,8 @@ def decode_strings(
     name: str, blob: np.ndarray, ends: np.ndarray, *, max_len: int = ID_LEN
 ) -> list[str]:
     """The strings :func:`encode_strings` encoded, checked (offsets, UTF-8, lengths) and
-    interned (the live process shares these very string objects with parsed plays)."""
+    shared (:data:`stream.core.ids.IDS`: the live process shares these very string objects
+    with parsed plays)."""
     check_array(name + ".bytes", blob, np.uint8, ndim=1)
     check_array(name + ".ends", ends, np.int64, ndim=1)
     if len(ends):
@@ -63,7 +64,7 @@ def decode_strings(
     data = blob.tobytes()
     out: list[str] = []
     start = 0
-    intern = sys.intern
+    share = canonical
     for end in ends.tolist():
         try:
             text = data[start:end].decode("utf-8")
@@ -71,7 +72,7 @@ def decode_strings(
             raise ValueError(f"{name}[{len(out)}]: not valid UTF-8") from None
         if len(text) > max_len:
             raise ValueError(f"{name}[{len(out)}]: {len(text)} characters, limit is {max_len}")
-        out.append(intern(text))
+        out.append(share(text))
         start = end
     return out
 

@@ -73,8 +73,9 @@ class Vocabulary:
         cls, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, where: str
     ) -> Vocabulary:
         """A vocabulary from :meth:`export_state`; ids are checked (UTF-8, length, unique)
-        and interned: the plays parsed from now on, and the listeners restored from the
-        changelog, then point at the catalogue's strings instead of holding copies."""
+        and shared (:data:`stream.core.ids.IDS`): the plays parsed from now on, and the
+        listeners restored from the changelog, then point at the catalogue's strings instead
+        of holding copies."""
         vocab = cls()
         vocab.generation = get_field(manifest, "generation", int, where=where, lo=0)
         if "ids.bytes" not in arrays or "ids.ends" not in arrays:
