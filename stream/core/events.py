@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import orjson
 
-from stream.core.ids import ID_TABLE_SHARE, IDS
+from stream.core.ids import IDS, SHARED_ID_MAX_LEN
 from stream.core.ids import canonical as _canonical
 from stream.core.shards import MASK as _ID_MASK
 from stream.core.slots import positional_builder
@@ -285,7 +285,7 @@ def _parse(
         _opt_text_field(obj, "context"),
         _opt_text_field(obj, "reason_start"),
         _opt_text_field(obj, "reason_end"),
-        _opt_id_field(obj, "session_id"),
+        _opt_id_field(obj, "session_id", share=False),  # kept only while its session lasts
         _opt_text_field(obj, "track_name"),
         _opt_text_field(obj, "artist_name"),
         _opt_text_field(obj, "album_name"),
@@ -294,6 +294,7 @@ def _parse(
 
 _build_play_event: Final = positional_builder(PlayEvent)
 _ID_TABLES: Final = IDS.tables
+_ID_SHARE: Final = IDS.share
 _trim_ids: Final = IDS.trim
 
 
@@ -335,19 +336,19 @@ def check_id(value: object, name: str, max_len: int = MAX_ID_LEN, *, share: bool
         if has_control_character(text):
             raise _Invalid("control_character", f"'{name}' holds a control character")
         raise _Invalid("bad_value", f"'{name}' must be non-empty printable text without padding")
-    if not share:
+    if not share or len(text) > SHARED_ID_MAX_LEN:
         return text
     table = _ID_TABLES[hash(text) & _ID_MASK]  # IDS.canonical(text), inlined
     found = table.setdefault(text, text)
-    if found is text and len(table) > ID_TABLE_SHARE:
+    if found is text and len(table) > _ID_SHARE:
         _trim_ids(table, text)
     return found
 
 
-def _opt_id_field(obj: dict[str, Any], name: str) -> str | None:
+def _opt_id_field(obj: dict[str, Any], name: str, *, share: bool = True) -> str | None:
     if obj.get(name) is None:
         return None
-    return _id_field(obj, name)
+    return check_id(obj[name], name, share=share)
 
 
 def _opt_text_field(obj: dict[str, Any], name: str) -> str | None:

@@ -24,7 +24,10 @@ Interning did not keep its strings alive (the table forgets a string when its la
 reference goes); this cache does, up to its cap: ids the models have evicted stay until
 their table clears (``python -m load_tests.ids_cost --memory``: ~23 B of table and ~88 B
 of string per id; docs/benchmarks.md "The cap formula"). Event ids and nonces are unique
-per message: they are not shared.
+per message, and a session id is kept only while its session lasts: they are not shared.
+Nor is any id over :data:`SHARED_ID_MAX_LEN` characters: the cap counts ids, so that bounds
+the strings the tables can keep alive (review15c: with 256-character session ids shared,
+~1.1 KB a play stayed, ~2.35 GB at the cap).
 
 Hot paths may inline :meth:`IdCache.canonical` (``stream.core.events.check_id`` does):
 ``table = IDS.tables[hash(text) & MASK]``, ``found = table.setdefault(text, text)``, and
@@ -41,6 +44,9 @@ from stream.core.shards import MASK, NSHARDS
 ID_CACHE_CAP: Final = 1 << 21
 #: the most ids one of :data:`IDS`'s tables holds
 ID_TABLE_SHARE: Final = ID_CACHE_CAP // NSHARDS
+#: longer ids are not shared: the cap counts ids, so this bounds the bytes a table pins
+#: (a 64-character id is a ~113-byte string in ASCII, ~330 in 4-byte characters)
+SHARED_ID_MAX_LEN: Final = 64
 
 
 class IdCache:
@@ -57,7 +63,10 @@ class IdCache:
         self.clears = 0  # tables cleared at their share, ever
 
     def canonical(self, text: str) -> str:
-        """The shared string equal to ``text`` (``text`` itself the first time)."""
+        """The shared string equal to ``text`` (``text`` itself the first time, and
+        always for a text over :data:`SHARED_ID_MAX_LEN` characters)."""
+        if len(text) > SHARED_ID_MAX_LEN:
+            return text
         table = self.tables[hash(text) & MASK]
         found = table.setdefault(text, text)  # one C call on a hit and on a miss
         if found is text and len(table) > self.share:

@@ -230,7 +230,7 @@ def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> Track
         context=None if context is None else check_text(context, "c"),
         position=_position(d.get("p")),
         session=("" if d.get("k") is None
-                 else check_id(d["k"], "k", MAX_SESSION_TOKEN_LEN)),
+                 else check_id(d["k"], "k", MAX_SESSION_TOKEN_LEN, share=False)),
         factors=_factors(d.get("f")),
         negatives=_negatives(d.get("n")),
         skip_features=_skip_features(d.get("x")),

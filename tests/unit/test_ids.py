@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import orjson
 import pytest
@@ -108,3 +109,33 @@ def test_restored_ids_are_the_parsed_ones() -> None:
     assert restored.recent[0] is live
     probe = fresh(track)
     assert sys.intern(probe) is probe
+
+
+def test_session_ids_and_long_ids_are_not_kept_shared() -> None:
+    """Session ids live only while their session does, and the cap counts ids, not bytes:
+    neither may fill the tables (review15c: 256-character session ids, ~1.1 KB a play)."""
+    from stream.core.events import check_id, parse_event
+    from stream.core.ids import IDS, SHARED_ID_MAX_LEN
+
+    before = len(IDS)
+    for i in range(200):
+        raw = (b'{"user_id":"sid-u","track_id":"sid-t","ts":1700000000000,"ms_played":1000,'
+               b'"session_id":"sid-' + f"{i:04d}".encode() + b'"}')
+        event = parse_event(raw, now_ms=1_700_000_000_000)
+        assert getattr(event, "session_id", None) is not None
+    assert len(IDS) - before <= 2  # the user and the track, not 200 session ids
+    long_id = "L" * (SHARED_ID_MAX_LEN + 1)
+    assert check_id(long_id, "x") is long_id
+    assert long_id not in IDS.tables[hash(long_id) & (len(IDS.tables) - 1)]
+
+
+def test_the_inlined_lookup_clears_a_full_table(monkeypatch: Any) -> None:
+    """check_id's inlined copy of IdCache.canonical bounds its table as the method does."""
+    import stream.core.events as events
+    from stream.core.ids import IDS
+
+    monkeypatch.setattr(events, "_ID_SHARE", 2)
+    ids = [f"inl-{i}" for i in range(4000)]
+    for text in ids:
+        events.check_id(text, "x")
+    assert all(len(t) <= 2 for t in IDS.tables)  # each table cleared past 2 ids
