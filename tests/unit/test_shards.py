@@ -216,3 +216,14 @@ def test_the_artist_map_is_exported_in_catalogue_order_whatever_the_hash() -> No
     tracks = decode_strings("t", arrays["artist_of.tracks.bytes"], arrays["artist_of.tracks.ends"])
     played = [t for t in rec.vocabulary.ids if t in rec.artist_of]
     assert tracks == [*played, "aa-unplayed", "zz-unplayed"]
+
+
+def test_a_sharded_dicts_keys_view_is_a_keys_view_iterated_by_the_shards() -> None:
+    """``list(table.keys())`` (the session table's keys_snapshot at 500k listeners) goes
+    through the shards' own iteration, not KeysView's generator; the view stays a view."""
+    d: ShardedDict[str, int] = ShardedDict((f"k{i}", i) for i in range(1000))
+    keys = d.keys()
+    assert list(keys) == list(d) and len(keys) == 1000 and "k5" in keys
+    assert type(iter(keys)).__name__ == "chain"
+    d["new"] = 1
+    assert "new" in keys and len(keys) == 1001  # a live view
