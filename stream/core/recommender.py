@@ -153,8 +153,9 @@ class ItemStep:
     (session-kNN groups a session's plays by it; "": unknown), the listener's MF factors
     *before* the step and the negatives it sampled (MF takes the same item step), and the
     skip model's features (the skip model takes the same step), and the learned blend's
-    example rows (``x_pos - x_neg`` per pair, :meth:`LearnedBlend.pairs`: the blend takes
-    the same step; None when the owner's blend learned nothing from the play)."""
+    step rows (:meth:`LearnedBlend.pairs`: one softmax gradient row per list, or
+    ``x_pos - x_neg`` per pair with the pairwise loss; the blend takes the same step; None
+    when the owner's blend learned nothing from the play)."""
 
     track_id: str
     ts_ms: int

@@ -1,16 +1,20 @@
-"""The learned blend: online pairwise learning-to-rank over the components' candidates.
+"""The learned blend: online learning-to-rank over the components' candidates.
 
 For each play, the candidates ranked for the listener *before* learning it (test-then-train)
-become examples: the played track, when it is a candidate, is the positive, and
-``negatives`` other candidates -- drawn from the ones ranked highest, by a seeded hash, so
-the run is deterministic -- are negatives. Each (positive, negative) pair is one SGD step of
-a logistic regression on the feature difference (a linear RankNet: ``P(pos above neg)
-= sigmoid(w . (x_pos - x_neg))``, no intercept), in numpy: ``w -= lr * (-d / (1 +
-exp(w . d)) + l2 * w)`` -- the update river's ``LogisticRegression`` with ``SGD(lr)`` and
-``l2`` makes (its per-dict path was the blend's learning cost; the weights agree with
-river's to rounding, unit test ``test_learned_blend_matches_river``). Ranking is then
-``w . x`` per candidate plus a tiny multiple of the fixed blend's score (feature
-``prior``) so that an untrained model ranks as the fixed blend does and ties break by it.
+are the example: the played track, when it is a candidate, is the positive. The default
+step (``loss="softmax"``, session 16) is ListNet's: one SGD step on the log-probability
+that the played track comes first under ``softmax(X @ w)`` over the whole list, ``w +=
+lr_t * (x_pos - sum_j p_j x_j - l2 * w)``, with ``lr_t = learning_rate / sqrt(1 + t /
+lr_decay)`` after ``t`` steps. It corrects the candidates the model ranks high most,
+which is what HR@10 and MRR@10 count; the pairwise step before it (``loss="pairwise"``,
+kept for old checkpoints and comparison) was a logistic regression on the difference of
+the positive and ``negatives`` candidates drawn by a seeded hash (a linear RankNet:
+``w -= lr * (-d / (1 + exp(w . d)) + l2 * w)``, the update river's ``LogisticRegression``
+with ``SGD(lr)`` makes, unit test ``test_learned_blend_matches_river``), which optimises
+the order of random pairs (AUC), not the top of the list. Ranking is ``w . x`` per
+candidate plus a tiny multiple of the fixed blend's score (feature ``prior``) so that an
+untrained model ranks as the fixed blend does and ties break by it. Both steps are
+deterministic (the softmax draws nothing; the pairwise draw is a seeded hash).
 
 Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 
@@ -34,7 +38,13 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 - ``sr_x_stan`` / ``sr_x_cooc``: products of the normalised scores (the sources agree);
 - ``s_cooc_long`` / ``r_cooc_long`` / ``hist_cooc_long``: co-occurrence queried with the
   listener's longer history (``blend_cooc_window`` = 30 plays, decay 0.9, against 10 and
-  0.8 for ``s_cooc``), and its product with the history length.
+  0.8 for ``s_cooc``), and its product with the history length;
+- ``log_cooc`` / ``log_stan`` / ``log_sr`` / ``log_cooc_long``: :func:`log_score` of the
+  normalised scores (a linear model over ``s`` cannot tell a weak from a very weak
+  candidate; both are ~0);
+- ``s_sr_last`` / ``s_cooc_last`` / ``r_sr_last`` / ``r_cooc_last``: the sequential rules
+  and co-occurrence neighbours of the listener's last play alone (normalised score and
+  reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away.
 """
 
 from __future__ import annotations
@@ -86,10 +96,10 @@ def log_score(values: FloatArray) -> FloatArray:
     >>> log_score(np.array([0.0, 1.0, math.exp(-3.5), 1e-5])).tolist()
     [0.0, 1.0, 0.5, 0.0]
     """
-    out = np.zeros(len(values))
-    pos = values > 0.0
-    out[pos] = np.maximum(np.log(values[pos]) / LOG_SCALE + 1.0, 0.0)
-    return out
+    # math.log per value, as the compiled kernel computes it (numpy's SIMD log may differ
+    # in the last bit)
+    return np.array([max(math.log(v) / LOG_SCALE + 1.0, 0.0) if v > 0.0 else 0.0
+                     for v in values.tolist()], dtype=np.float64)
 
 
 def _mix(x: int) -> int:
@@ -101,7 +111,7 @@ def _mix(x: int) -> int:
 
 
 class LearnedBlend:
-    """Online pairwise logistic ranking over candidate feature rows.
+    """Online linear ranking over candidate feature rows (softmax or pairwise steps).
 
     >>> import numpy as np
     >>> m = LearnedBlend(seed=1)
@@ -279,6 +289,9 @@ class LearnedBlend:
         """The blend :meth:`export_state` described, every field checked (ValueError names
         the bad one). ``vocabulary`` is accepted for the common signature (the blend holds
         no track ids)."""
+        stored = manifest.get("params") if isinstance(manifest, Mapping) else None
+        if isinstance(stored, Mapping):  # before session 16: no loss / lr_decay
+            manifest = {**manifest, "params": {"loss": None, "lr_decay": None, **stored}}
         params = get_params(manifest, where, cls._PARAMS)
         if params["loss"] is None:
             params["loss"] = "pairwise"
