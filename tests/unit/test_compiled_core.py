@@ -385,7 +385,8 @@ def test_reciprocal_ranks_of_the_positive_scores_only() -> None:
 
 def test_desc_order_is_the_stable_mergesort() -> None:
     rng = np.random.default_rng(7)
-    for n in (0, 1, 2, 30, 256, 257, 600):
+    # the run length, its neighbours and the merge passes' uneven tails
+    for n in (0, 1, 2, 15, 16, 17, 30, 33, 48, 100, 129, 256, 257, 600):
         values = np.round(rng.normal(size=n), 1)  # ties, negatives and zeros
         if n > 5:
             values[3] = -0.0

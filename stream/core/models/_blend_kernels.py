@@ -25,6 +25,7 @@ from stream.core.models._kernels import (
     query_anchors,
     reset_touched,
 )
+from stream.core.models.stan import stan_query
 
 _jit: Any = numba.njit(cache=True, nogil=True)
 
@@ -62,18 +63,62 @@ def _query(start, size, total, nbr, val, rows, weights, acc, best, anchor, touch
 
 
 @_jit
+def stan_source(recent, n_session, window, q_table, serials, items, lengths, times,  # type: ignore[no-untyped-def]
+                p_start, p_size, arena, now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc,
+                touched):
+    """``SessionKNN.score`` of the listener's session, on vocabulary rows: the query is
+    the last ``min(n_session, window)`` of ``recent`` (oldest first, -1 = unknown), its
+    distinct known rows in order, weighted by row ``l - 1`` of ``q_table``
+    (``SessionKNN.position_table``); the rest are :func:`stan_query`'s arguments. Returns
+    the touched rows and their scores; the scratch is left clean."""
+    m = len(recent)
+    take = min(n_session, window, m)
+    q = np.empty(take, dtype=np.int64)
+    nq = 0
+    for i in range(m - take, m):
+        r = recent[i]
+        if r < 0 or r >= len(p_start):
+            continue
+        seen = False
+        for j in range(nq):
+            if q[j] == r:
+                seen = True
+                break
+        if not seen:
+            q[nq] = r
+            nq += 1
+    if nq == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    nt = stan_query(q[:nq], q_table[nq - 1, :nq], serials, items, lengths, times, p_start,
+                    p_size, arena, now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched)
+    out_rows = touched[:nt].copy()
+    out_vals = np.empty(nt)
+    for i in range(nt):
+        out_vals[i] = acc[out_rows[i]]
+    for i in range(nt):
+        acc[out_rows[i]] = 0.0
+    return out_rows, out_vals
+
+
+@_jit
 def blend_collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay,  # type: ignore[no-untyped-def]
                   l_window, l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window,
-                  r_decay, s_rows, s_vals, a_rows, a_vals, o_rows, o_vals, pop_rows, ban,
-                  mark, acc, best, anchor, touched, dense, dense_lead, n):
+                  r_decay, n_session, s_window, s_table, s_serials, s_items, s_lengths, s_times,
+                  s_start, s_size, s_arena, now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark,
+                  s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows, o_vals, pop_rows, ban,
+                  mark, acc, best, anchor, touched, pos, n):
     """The learned blend's candidates in one call: co-occurrence from the last
     ``c_window`` of ``recent`` (vocabulary rows, oldest first, -1 = unknown), the long
     co-occurrence view (``l_window``, 0 = off), sequential rules from the last
-    ``r_window``, then :func:`stream.core.models._kernels.blend_gather` over them and the
-    STAN, artist and own-history sources. ``c_*`` / ``r_*``: the co-occurrence and rules
-    arenas (``SessionCooccurrence.arena``, passed array by array: a tuple argument costs
-    numba's dispatcher a Python-level type check per call); ``acc``/``best``/``anchor``/
-    ``touched`` is co-occurrence's query scratch."""
+    ``r_window``, STAN over the session's last ``n_session`` (:func:`stan_source`; ``s_*``:
+    ``SessionKNN.query_inputs``), then :func:`stream.core.models._kernels.blend_gather`
+    over them and the artist and own-history sources. ``c_*`` / ``r_*``: the
+    co-occurrence and rules arenas (``SessionCooccurrence.arena``, passed array by array:
+    a tuple argument costs numba's dispatcher a Python-level type check per call);
+    ``acc``/``best``/``anchor``/``touched`` is co-occurrence's query scratch."""
+    s_rows, s_vals = stan_source(recent, n_session, s_window, s_table, s_serials, s_items,
+                                 s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
+                                 s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched)
     rows, weights = _anchors(recent, c_window, c_decay, c_cap)
     c_rows, c_vals, c_lead = _query(c_start, c_size, c_total, c_nbr, c_val, rows, weights,
                                     acc, best, anchor, touched)
@@ -98,8 +143,7 @@ def blend_collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_windo
         for i in range(len(sr)):
             src_rows[o + i] = sr[i]
             src_vals[o + i] = sv[i]
-    return blend_gather(src_rows, src_vals, offsets, c_lead, pop_rows, ban, mark, dense,
-                        dense_lead, n)
+    return blend_gather(src_rows, src_vals, offsets, c_lead, pop_rows, ban, mark, pos, n)
 
 
 @_jit

@@ -627,7 +627,7 @@ def rank_many(  # type: ignore[no-untyped-def]
 
 
 @_jit
-def blend_gather(src_rows, src_vals, src_off, c_lead, pop_rows, ban, mark, dense, dense_lead, n):  # type: ignore[no-untyped-def]
+def blend_gather(src_rows, src_vals, src_off, c_lead, pop_rows, ban, mark, pos, n):  # type: ignore[no-untyped-def]
     """The learned blend's candidates and every source's score of each.
 
     Source ``j`` is ``src_rows[src_off[j]:src_off[j + 1]]`` (distinct rows) with
@@ -635,8 +635,10 @@ def blend_gather(src_rows, src_vals, src_off, c_lead, pop_rows, ban, mark, dense
     source proposes its ``n`` best unbanned rows with a positive score (ties: the lower
     row), trending proposes ``pop_rows``. Returns the sorted distinct candidates, their
     score per source (``len x sources``, 0 where a source does not score a row) and their
-    co-occurrence lead (-1: none). ``mark`` (all False), ``dense`` (rows x sources, all
-    zero) and ``dense_lead`` (all -1) are scratch, left as found."""
+    co-occurrence lead (-1: none). ``mark`` (all False) and ``pos`` (all -1) are per-row
+    scratch, left as found: ``pos`` maps a candidate's row to its index, so one pass over
+    each source fills the candidates' scores (before: every source row was scattered
+    into a rows x sources matrix, read back and cleared)."""
     n_src = len(src_off) - 1
     picks = np.empty(len(pop_rows) + n_src * n, dtype=np.int64)
     m = 0
@@ -652,9 +654,6 @@ def blend_gather(src_rows, src_vals, src_off, c_lead, pop_rows, ban, mark, dense
         for i in range(a, b):
             r = src_rows[i]
             v = src_vals[i]
-            dense[r, col] = v
-            if col == 0:
-                dense_lead[r] = c_lead[i - a]
             if v > 0.0 and not ban[r]:
                 keep[c] = r
                 key[c] = v
@@ -664,18 +663,20 @@ def blend_gather(src_rows, src_vals, src_off, c_lead, pop_rows, ban, mark, dense
             picks[m] = r
             m += 1
     cands = unique_rows(picks[:m], mark)
-    comp = np.empty((len(cands), n_src))
-    lead = np.empty(len(cands), dtype=np.int64)
+    comp = np.zeros((len(cands), n_src))
+    lead = np.full(len(cands), -1, dtype=np.int64)
     for i in range(len(cands)):
-        r = cands[i]
-        lead[i] = dense_lead[r]
-        for col in range(n_src):
-            comp[i, col] = dense[r, col]
+        pos[cands[i]] = i
     for col in range(n_src):
-        for i in range(src_off[col], src_off[col + 1]):
-            dense[src_rows[i], col] = 0.0
-    for i in range(src_off[0], src_off[1]):
-        dense_lead[src_rows[i]] = -1
+        a = src_off[col]
+        for i in range(a, src_off[col + 1]):
+            p = pos[src_rows[i]]
+            if p >= 0:
+                comp[p, col] = src_vals[i]
+                if col == 0:
+                    lead[p] = c_lead[i - a]
+    for i in range(len(cands)):
+        pos[cands[i]] = -1
     return cands, comp, lead
 
 
@@ -690,11 +691,16 @@ def _scale_into(values, out, col):  # type: ignore[no-untyped-def]
         out[i, col] = values[i] / hi if hi > 0.0 else 0.0
 
 
+#: the run length :func:`_desc_order` sorts by insertion before merging
+_RUN = 16
+
+
 @_jit
 def _desc_order(values, idx):  # type: ignore[no-untyped-def]
     """``idx[np.argsort(-values[idx], kind="mergesort")]`` (stable: ties keep their order),
-    by insertion sort for the short lists of a ranking (numba's mergesort allocates and
-    cost ~5 us per candidate list); mergesort itself past 256 entries or with a NaN."""
+    for the short lists of a ranking by insertion sort of runs of ``_RUN`` then a merge of
+    the runs (numba's mergesort allocates and cost ~5 us per candidate list); mergesort
+    itself past 256 entries or with a NaN."""
     n = len(idx)
     for i in range(n):
         if np.isnan(values[idx[i]]):
@@ -703,15 +709,49 @@ def _desc_order(values, idx):  # type: ignore[no-untyped-def]
     if n < 0 or n > 256:
         return idx[np.argsort(-values[idx], kind="mergesort")]
     out = idx.copy()
-    for i in range(1, n):
-        j = out[i]
-        v = values[j]
-        p = i - 1
-        while p >= 0 and values[out[p]] < v:
-            out[p + 1] = out[p]
-            p -= 1
-        out[p + 1] = j
-    return out
+    for lo in range(0, n, _RUN):  # insertion sort of runs of _RUN entries
+        hi = min(lo + _RUN, n)
+        for i in range(lo + 1, hi):
+            j = out[i]
+            v = values[j]
+            p = i - 1
+            while p >= lo and values[out[p]] < v:
+                out[p + 1] = out[p]
+                p -= 1
+            out[p + 1] = j
+    if n <= _RUN:
+        return out
+    # then merge the runs pairwise (a longer list's insertion sort grew as n^2: ~60
+    # positive co-occurrence scores cost more than their merge); the left run wins ties
+    src = out
+    dst = np.empty(n, dtype=np.int64)
+    width = _RUN
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            i = lo
+            j = mid
+            o = lo
+            while i < mid and j < hi:
+                if values[src[j]] > values[src[i]]:
+                    dst[o] = src[j]
+                    j += 1
+                else:
+                    dst[o] = src[i]
+                    i += 1
+                o += 1
+            while i < mid:
+                dst[o] = src[i]
+                i += 1
+                o += 1
+            while j < hi:
+                dst[o] = src[j]
+                j += 1
+                o += 1
+        src, dst = dst, src
+        width *= 2
+    return src
 
 
 @_jit
