@@ -904,14 +904,14 @@ class Recommender:
         if not len(rows):
             self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, None, None)
             return []
-        scores = self.ranker.score(X)
-        order = np.argsort(-scores, kind="stable")
+        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        # the candidates, scores, reasons and leads in ranked order (X keeps the
+        # candidates' order: learning reads it with ``rows``)
+        order, ranked, scores, codes, leads = _bk.blend_order(self.ranker.score(X), rows,
+                                                              comp, lead, last)
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
                                          self.ranker.weights_token)
-        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
-        codes, leads = _bk.blend_codes(comp, lead, last)
-        by_artist = np.flatnonzero(codes == REASON_ARTIST)
-        if len(by_artist):  # lead: the recent play by the same artist (most recent first)
+        if REASON_ARTIST in codes:  # lead: the recent play by that artist (most recent first)
             artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
             played: dict[str, int] = {}
             for t in state.recent[-1:-3:-1]:
@@ -920,11 +920,11 @@ class Recommender:
                 if a is not None and r is not None:
                     played.setdefault(a, r)
             shards = artist_of.shards  # artist_of.get, inlined
-            for i in by_artist.tolist():
-                t = ids[int(rows[i])]
+            for i in np.flatnonzero(codes == REASON_ARTIST).tolist():
+                t = ids[int(ranked[i])]
                 a = shards[hash(t) & SHARD_MASK].get(t)
                 leads[i] = played.get(a, -1) if a is not None else -1
-        return self._results(rows[order], scores[order], codes[order], leads[order], k)
+        return self._results(ranked, scores, codes, leads, k)
 
     def _rank_session_model(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
