@@ -770,8 +770,9 @@ class Recommender:
         span = max(self.recent_filter, self.cooccurrence.query_window,
                    self.blend_cooc_window, self.rules.query_window,
                    self.session_knn.query_window)
-        get = self.vocabulary.index.get
-        return np.array([get(t, -1) for t in state.recent[-span:]], dtype=np.int64)
+        recent = state.recent[-span:]
+        return np.fromiter(map(self.vocabulary.index.get, recent, repeat(-1)), np.int64,
+                           len(recent))
 
     def _blend_candidates(
         self, state: UserState, now_ms: int, exclude: Collection[str]

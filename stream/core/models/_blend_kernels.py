@@ -20,9 +20,9 @@ from stream.core.models._kernels import (
     REASON_COOCCURRENCE,
     REASON_MF,
     REASON_POPULARITY,
-    _desc_order,
     blend_gather,
     cooc_accumulate,
+    desc_order_all,
     query_anchors,
     reset_touched,
 )
@@ -182,7 +182,7 @@ def blend_order(scores, rows, comp, lead, last):  # type: ignore[no-untyped-def]
     ``np.argsort(-scores, kind="stable")``, then ``rows``, ``scores``, the reason codes and
     their lead rows (:func:`blend_codes`) in that order -- one call for what was an argsort,
     the codes and four gathers."""
-    order = _desc_order(scores, np.arange(len(scores)))
+    order = desc_order_all(scores)
     codes, leads = blend_codes(comp, lead, last)
     m = len(order)
     o_rows = np.empty(m, dtype=np.int64)

@@ -754,27 +754,84 @@ def _desc_order(values, idx):  # type: ignore[no-untyped-def]
     return src
 
 
+#: up to this many values, :func:`_recip_rank_into` ranks by counting (:func:`_stable_ranks`)
+_COUNT_MAX = 512
+
+
+@_jit
+def _stable_ranks(keys):  # type: ignore[no-untyped-def]
+    """Each of ``keys``' position in their stable descending sort (``keys`` contiguous,
+    no NaN): how many are greater (n^2 comparisons in a loop the compiler vectorises),
+    plus how many earlier ones are equal (equal keys, and only they, have the same count
+    of greater ones). On a ranking's ~80 candidates a comparison sort cost ~2 us a column,
+    mostly mispredicted branches on indirect keys; this ~0.6 us."""
+    n = len(keys)
+    ranks = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        x = keys[i]
+        c = np.int32(0)
+        for j in range(n):
+            c += np.int32(keys[j] > x)
+        ranks[i] = c
+    earlier = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        g = ranks[i]
+        ranks[i] = g + earlier[g]
+        earlier[g] += 1
+    return ranks
+
+
+@_jit
+def desc_order_all(values):  # type: ignore[no-untyped-def]
+    """``np.argsort(-values, kind="stable")``: by :func:`_stable_ranks` up to
+    ``_COUNT_MAX`` values without NaN, else :func:`_desc_order`."""
+    m = len(values)
+    ok = m <= _COUNT_MAX
+    for i in range(m):
+        if np.isnan(values[i]):
+            ok = False
+            break
+    if not ok:
+        return _desc_order(values, np.arange(m))
+    keys = np.empty(m)
+    for i in range(m):
+        keys[i] = values[i]
+    ranks = _stable_ranks(keys)
+    order = np.empty(m, dtype=np.int64)
+    for i in range(m):
+        order[ranks[i]] = i
+    return order
+
+
 @_jit
 def _recip_rank_into(values, out, col, signed):  # type: ignore[no-untyped-def]
     """``out[:, col]`` = 1 / (1 + rank) of each value, best first (stable: ties keep their
     order); 0 where a non-negative source does not score the row (unless ``signed``)."""
+    m = len(values)
     if signed:
-        order = _desc_order(values, np.arange(len(values)))
-        for j in range(len(order)):
+        order = desc_order_all(values)
+        for j in range(m):
             out[order[j], col] = 1.0 / (j + 1)
         return
     # only the positive values rank (they come first in the full stable sort, in the same
-    # order): sort those alone
-    pos = np.empty(len(values), dtype=np.int64)
+    # order): rank those alone
+    pos = np.empty(m, dtype=np.int64)
+    keys = np.empty(m)
     n = 0
-    for i in range(len(values)):
+    for i in range(m):
         out[i, col] = 0.0
         if values[i] > 0.0:
             pos[n] = i
+            keys[n] = values[i]
             n += 1
-    order = _desc_order(values, pos[:n])
-    for j in range(n):
-        out[order[j], col] = 1.0 / (j + 1)
+    if n > _COUNT_MAX:
+        order = _desc_order(values, pos[:n])
+        for j in range(n):
+            out[order[j], col] = 1.0 / (j + 1)
+        return
+    ranks = _stable_ranks(keys[:n])
+    for i in range(n):
+        out[pos[i], col] = 1.0 / (ranks[i] + 1)
 
 
 @_jit
