@@ -793,14 +793,12 @@ class Recommender:
             cands, comp, lead = self._blend_sources(state, now_ms, recent, ban, size)
         finally:
             ban[ban_rows] = False
-        pop = self.popularity.score_rows(cands)
         user = self._user_vector(state)
         mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
             else np.zeros(len(cands))
         query = Interaction(user_id=state.user_id, ts_ms=now_ms,
                             session_position=state.session_plays,
                             recent_skip_rate=_recent_skip_rate(state))
-        skip = self.skip.predict_many(query, {"popularity": pop, "mf": mf})
         same_artist = _NO_SCORES
         artist_of = self.artist_of
         last_artist = artist_of.get(state.recent[-1]) if state.recent else None
@@ -813,9 +811,12 @@ class Recommender:
             same_artist = np.zeros(len(cands))
         w = self.blend_weights
         X = np.empty((len(cands), N_FEATURES))
-        _k.blend_features(cands, comp, pop, mf, skip, same_artist, self.first_seen, now_ms,
-                          math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
-                          w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS, X)
+        pop_w, pop_total = self.popularity.score_inputs()
+        # popularity, the skip model's prediction and the features in one compiled call
+        _bk.blend_matrix(cands, comp, pop_w, pop_total, mf, *self.skip.logit_terms(query),
+                         same_artist, self.first_seen, now_ms,
+                         math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
+                         w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS, X)
         return cands, X, comp, lead
 
     def _blend_sources(

@@ -11,6 +11,7 @@ for operation, so the lists are identical (docs/benchmarks.md, "Speed pairs (ses
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba
@@ -20,6 +21,7 @@ from stream.core.models._kernels import (
     REASON_COOCCURRENCE,
     REASON_MF,
     REASON_POPULARITY,
+    blend_features,
     blend_gather,
     cooc_accumulate,
     desc_order_all,
@@ -196,3 +198,45 @@ def blend_order(scores, rows, comp, lead, last):  # type: ignore[no-untyped-def]
         o_codes[j] = codes[i]
         o_leads[j] = leads[i]
     return order, o_rows, o_scores, o_codes, o_leads
+
+
+@_jit
+def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,  # type: ignore[no-untyped-def]
+                 same_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms, out):
+    """The candidates' popularity (``pop_w[row] / pop_total``), skip probability
+    (``SkipClassifier.predict_many``: ``skip_base`` is its intercept plus the listener's
+    context terms, ``skip_w_pop`` / ``skip_w_mf`` its weights of the squashed popularity
+    and MF scores) and then their feature rows (:func:`blend_features`) into ``out``.
+    The skip model's ``log1p``/``tanh``/``exp`` here are libm's, not numpy's vectorised
+    ones: the last bit of a probability can differ from ``predict_many``'s (the lists
+    were checked on the real logs, docs/benchmarks.md "Speed pairs (session 16)")."""
+    m = len(cands)
+    pop = np.empty(m)
+    skip = np.empty(m)
+    for i in range(m):
+        p = pop_w[cands[i]] / pop_total
+        pop[i] = p
+        logit = skip_base
+        if skip_w_pop != 0.0:
+            logit += skip_w_pop * (math.log1p(1000.0 * max(p, 0.0)) / 7.0)
+        if skip_w_mf != 0.0:
+            logit += skip_w_mf * math.tanh(mf[i])
+        logit = min(max(logit, -30.0), 30.0)
+        skip[i] = 1.0 / (1.0 + math.exp(-logit))
+    blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, hist,
+                   w_cooc, w_mf, w_pop, day_ms, out)
+
+
+@_jit
+def blend_scores(X, w, eps):  # type: ignore[no-untyped-def]
+    """``X @ w + eps * X[:, 0]`` (``LearnedBlend.score``) as a loop: one call, no BLAS
+    set-up for a ~80 x 31 product; the sums run feature by feature (BLAS's order differs
+    in the last bits)."""
+    m, f = X.shape
+    out = np.empty(m)
+    for i in range(m):
+        acc = 0.0
+        for j in range(f):
+            acc += X[i, j] * w[j]
+        out[i] = acc + eps * X[i, 0]
+    return out
