@@ -21,6 +21,7 @@ from stream.core.models._kernels import (
     REASON_COOCCURRENCE,
     REASON_MF,
     REASON_POPULARITY,
+    among,
     blend_features,
     blend_gather,
     cooc_accumulate,
@@ -80,14 +81,7 @@ def stan_source(recent, n_session, window, q_table, serials, items, lengths, tim
     nq = 0
     for i in range(m - take, m):
         r = recent[i]
-        if r < 0 or r >= len(p_start):
-            continue
-        seen = False
-        for j in range(nq):
-            if q[j] == r:
-                seen = True
-                break
-        if not seen:
+        if 0 <= r < len(p_start) and not among(q, nq, r):
             q[nq] = r
             nq += 1
     if nq == 0:

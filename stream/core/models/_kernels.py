@@ -485,6 +485,15 @@ def round6(values):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def among(rows, k, r):  # type: ignore[no-untyped-def]
+    """Whether ``r`` is one of ``rows[:k]``."""
+    for j in range(k):  # noqa: SIM110 (a loop numba compiles; any() of a generator it may not)
+        if rows[j] == r:
+            return True
+    return False
+
+
+@_jit
 def query_anchors(hist_rows, cap, decay):  # type: ignore[no-untyped-def]
     """The anchors of a query: from ``hist_rows`` (the listener's recent tracks' rows,
     oldest first, -1 = unknown), newest first, the distinct rows that have a neighbour list,
@@ -496,16 +505,10 @@ def query_anchors(hist_rows, cap, decay):  # type: ignore[no-untyped-def]
     w = 1.0
     for i in range(m - 1, -1, -1):
         r = hist_rows[i]
-        if 0 <= r < len(cap) and cap[r] != 0:
-            seen = False
-            for j in range(k):
-                if rows[j] == r:
-                    seen = True
-                    break
-            if not seen:
-                rows[k] = r
-                weights[k] = w
-                k += 1
+        if 0 <= r < len(cap) and cap[r] != 0 and not among(rows, k, r):
+            rows[k] = r
+            weights[k] = w
+            k += 1
         w *= decay
     return rows[:k], weights[:k]
 
