@@ -769,9 +769,11 @@ class Recommender:
         """The vocabulary rows (-1 = unknown) of as many of the listener's recent tracks,
         oldest first, as the learned blend's queries and bans read."""
         span = max(self.recent_filter, self.cooccurrence.query_window,
-                   self.blend_cooc_window, self.rules.query_window)
-        get = self.vocabulary.index.get
-        return np.array([get(t, -1) for t in state.recent[-span:]], dtype=np.int64)
+                   self.blend_cooc_window, self.rules.query_window,
+                   self.session_knn.query_window)
+        recent = state.recent[-span:]
+        return np.fromiter(map(self.vocabulary.index.get, recent, repeat(-1)), np.int64,
+                           len(recent))
 
     def _blend_candidates(
         self, state: UserState, now_ms: int, exclude: Collection[str]
@@ -792,14 +794,12 @@ class Recommender:
             cands, comp, lead = self._blend_sources(state, now_ms, recent, ban, size)
         finally:
             ban[ban_rows] = False
-        pop = self.popularity.score_rows(cands)
         user = self._user_vector(state)
         mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
             else np.zeros(len(cands))
         query = Interaction(user_id=state.user_id, ts_ms=now_ms,
                             session_position=state.session_plays,
                             recent_skip_rate=_recent_skip_rate(state))
-        skip = self.skip.predict_many(query, {"popularity": pop, "mf": mf})
         same_artist = _NO_SCORES
         artist_of = self.artist_of
         last_artist = artist_of.get(state.recent[-1]) if state.recent else None
@@ -812,10 +812,13 @@ class Recommender:
             same_artist = np.zeros(len(cands))
         w = self.blend_weights
         X = np.empty((len(cands), N_FEATURES))
-        _k.blend_features(cands, comp, pop, mf, skip, same_artist, self.first_seen, now_ms,
-                          math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
-                          w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
-                          self._last_play_scores(state, cands, size), X)
+        pop_w, pop_total = self.popularity.score_inputs()
+        # popularity, the skip model's prediction and the features in one compiled call
+        _bk.blend_matrix(cands, comp, pop_w, pop_total, mf, *self.skip.logit_terms(query),
+                         same_artist, self.first_seen, now_ms,
+                         math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
+                         w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
+                         self._last_play_scores(state, cands, size), X)
         return cands, X, comp, lead
 
     def _last_play_scores(self, state: UserState, cands: IntArray, size: int) -> FloatArray:
@@ -836,20 +839,24 @@ class Recommender:
         self, state: UserState, now_ms: int, recent: IntArray, ban: BoolArray, size: int
     ) -> tuple[IntArray, FloatArray, IntArray]:
         """The candidates, each source's score of them and co-occurrence's lead, in one
-        compiled call (:func:`_bk.blend_collect`) after the Python-side sources (STAN,
-        artist, own history, trending's top set); ``ban`` holds the banned rows."""
+        compiled call (:func:`_bk.blend_collect`, the STAN query included) after the
+        Python-side sources (artist, own history, trending's top set); ``ban`` holds the
+        banned rows."""
         n = self.blend_candidates
-        session = self._session_items(state)
-        s_rows, s_vals = self.session_knn.score(session, session_token(state), now_ms)
         a_rows, a_vals = self._artist_source(state)
         o_rows, o_vals = self._own_source(state)
         top = self.popularity.top_set(n, ban)
-        dense, dense_lead = self._dense_buffers(size)
-        cooc, rules = self.cooccurrence, self.rules
+        cooc, rules, knn = self.cooccurrence, self.rules, self.session_knn
         if cooc.pop_penalty > 0 or rules.pop_penalty > 0:  # the kernel has no penalty
+            session = self._session_items(state)
             return self._blend_sources_python(
-                state, session, (s_rows, s_vals), (a_rows, a_vals), (o_rows, o_vals), top,
-                ban, size)
+                state, session, knn.score(session, session_token(state), now_ms),
+                (a_rows, a_vals), (o_rows, o_vals), top, ban, size)
+        # the session's length (_session_items without the list): STAN queries its last
+        # query_window tracks, SR its last rules.query_window, both from ``recent``
+        n_recent = len(state.recent)
+        n_session = n_recent if self.session_scope == "recent" \
+            else min(max(state.session_plays, 1), n_recent)
         sc = cooc.acquire_scratch(size)
         try:
             cands, comp, lead = _bk.blend_collect(
@@ -857,12 +864,13 @@ class Recommender:
                 # signature of the kernel at the first ranking, after warm_up
                 recent, *cooc.arena(), cooc.query_window, float(cooc.query_decay),
                 self.blend_cooc_window, float(self.blend_cooc_decay), *rules.arena(),
-                min(rules.query_window, len(session)), float(rules.query_decay),
-                s_rows, s_vals, a_rows, a_vals, o_rows, o_vals, top, ban,
-                self._mark_buffer(size), sc.acc, sc.best, sc.anchor, sc.touched, dense,
-                dense_lead, n)
+                min(rules.query_window, n_session), float(rules.query_decay),
+                n_session, knn.query_window, *knn.query_inputs(session_token(state), now_ms),
+                a_rows, a_vals, o_rows, o_vals, top, ban, self._mark_buffer(size), sc.acc,
+                sc.best, sc.anchor, sc.touched, self._pos_buffer(size), n)
         except BaseException:
             sc.clear()
+            knn.clear_scratch()
             raise
         finally:
             cooc.release_scratch(sc)
@@ -892,11 +900,10 @@ class Recommender:
         sources = (c_rows, stan[0], r_rows, artist[0], own[0], l_rows)
         offsets = np.zeros(len(sources) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(rows) for rows in sources])
-        dense, dense_lead = self._dense_buffers(size)
         cands, comp, lead = _k.blend_gather(
             np.concatenate(sources),
             np.concatenate((c_vals, stan[1], r_vals, artist[1], own[1], l_vals)),
-            offsets, c_lead, top, ban, self._mark_buffer(size), dense, dense_lead,
+            offsets, c_lead, top, ban, self._mark_buffer(size), self._pos_buffer(size),
             self.blend_candidates)
         return cands, comp, lead
 
@@ -915,14 +922,14 @@ class Recommender:
         if not len(rows):
             self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, None, None)
             return []
-        scores = self.ranker.score(X)
-        order = np.argsort(-scores, kind="stable")
+        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        # the candidates, scores, reasons and leads in ranked order (X keeps the
+        # candidates' order: learning reads it with ``rows``)
+        order, ranked, scores, codes, leads = _bk.blend_order(self.ranker.score(X), rows,
+                                                              comp, lead, last)
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
                                          self.ranker.weights_token)
-        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
-        codes, leads = _bk.blend_codes(comp, lead, last)
-        by_artist = np.flatnonzero(codes == REASON_ARTIST)
-        if len(by_artist):  # lead: the recent play by the same artist (most recent first)
+        if REASON_ARTIST in codes:  # lead: the recent play by that artist (most recent first)
             artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
             played: dict[str, int] = {}
             for t in state.recent[-1:-3:-1]:
@@ -931,11 +938,11 @@ class Recommender:
                 if a is not None and r is not None:
                     played.setdefault(a, r)
             shards = artist_of.shards  # artist_of.get, inlined
-            for i in by_artist.tolist():
-                t = ids[int(rows[i])]
+            for i in np.flatnonzero(codes == REASON_ARTIST).tolist():
+                t = ids[int(ranked[i])]
                 a = shards[hash(t) & SHARD_MASK].get(t)
                 leads[i] = played.get(a, -1) if a is not None else -1
-        return self._results(rows[order], scores[order], codes[order], leads[order], k)
+        return self._results(ranked, scores, codes, leads, k)
 
     def _rank_session_model(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
@@ -1014,13 +1021,12 @@ class Recommender:
             return _NO_ROWS, _NO_SCORES
         return np.array(rows, dtype=np.int64), 1.0 / np.arange(1, len(rows) + 1)
 
-    def _dense_buffers(self, size: int) -> tuple[Any, IntArray]:
-        """Per-track scratch: 6 source scores (all 0) and a lead row (all -1)."""
-        buf = self.__dict__.get("_dense")
-        if buf is None or len(buf[0]) < size:
-            cap = max(size, 2 * (0 if buf is None else len(buf[0])), 64)
-            buf = (np.zeros((cap, 6)), np.full(cap, -1, dtype=np.int64))
-            self.__dict__["_dense"] = buf
+    def _pos_buffer(self, size: int) -> IntArray:
+        """Per-track scratch of :func:`_k.blend_gather`: a candidate index (all -1)."""
+        buf: IntArray | None = self.__dict__.get("_pos")
+        if buf is None or len(buf) < size:
+            cap = max(size, 2 * (0 if buf is None else len(buf)), 64)
+            buf = self.__dict__["_pos"] = np.full(cap, -1, dtype=np.int64)
         return buf
 
     def _query_rows(self, state: UserState) -> tuple[list[int], list[int]]:
@@ -1859,7 +1865,7 @@ def _table(arrays: Mapping[str, np.ndarray], name: str, limit: int) -> dict[str,
 
 
 #: per-process buffers, not model state
-_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms", "_dense", "_blend_cache"})
+_SCRATCH: Final = frozenset({"_ban", "_mark", "_norms", "_pos", "_blend_cache"})
 #: item-factor norms recomputed per "more like this" call (see Recommender._item_norms)
 _NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)

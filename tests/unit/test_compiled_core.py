@@ -428,7 +428,8 @@ def test_reciprocal_ranks_of_the_positive_scores_only() -> None:
 
 def test_desc_order_is_the_stable_mergesort() -> None:
     rng = np.random.default_rng(7)
-    for n in (0, 1, 2, 30, 256, 257, 600):
+    # the run length, its neighbours and the merge passes' uneven tails
+    for n in (0, 1, 2, 15, 16, 17, 30, 33, 48, 100, 129, 256, 257, 600):
         values = np.round(rng.normal(size=n), 1)  # ties, negatives and zeros
         if n > 5:
             values[3] = -0.0
@@ -439,3 +440,23 @@ def test_desc_order_is_the_stable_mergesort() -> None:
     idx = np.arange(4)
     np.testing.assert_array_equal(_k._desc_order(values, idx),
                                   idx[np.argsort(-values, kind="mergesort")])
+
+
+def test_counted_order_is_the_stable_argsort() -> None:
+    """desc_order_all (ranks by counting up to _COUNT_MAX values, else _desc_order) and
+    _stable_ranks against numpy's stable argsort: ties, -0.0, NaN, both sides of the cap."""
+    rng = np.random.default_rng(11)
+    for t in range(400):
+        m = int(rng.integers(0, 2 * _k._COUNT_MAX))
+        values = np.round(rng.normal(size=m), int(rng.integers(0, 3)))
+        if m > 5 and t % 3 == 0:
+            values[2] = -0.0
+        want = np.argsort(-values, kind="stable")
+        if m <= _k._COUNT_MAX:
+            ranks = np.empty(m, dtype=np.int64)
+            ranks[want] = np.arange(m)
+            np.testing.assert_array_equal(_k._stable_ranks(values), ranks)
+        if m > 5 and t % 7 == 0:
+            values[4] = np.nan
+            want = np.argsort(-values, kind="stable")
+        np.testing.assert_array_equal(_k.desc_order_all(values), want)

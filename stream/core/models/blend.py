@@ -56,6 +56,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from stream.core.models._blend_kernels import blend_scores
 from stream.core.models._state import build, get_field, get_params
 from stream.core.models._vocab import IntArray
 from stream.core.models.base import FloatArray, check_positive
@@ -175,8 +176,10 @@ class LearnedBlend:
         return self._w
 
     def score(self, X: FloatArray) -> FloatArray:
-        """Ranking score per candidate row of ``X`` (``len(X) x N_FEATURES``)."""
-        out: FloatArray = X @ self._w + PRIOR_EPS * X[:, 0]
+        """Ranking score per candidate row of ``X`` (``len(X) x N_FEATURES``):
+        ``X @ w + PRIOR_EPS * X[:, 0]``, compiled (``_blend_kernels.blend_scores``)."""
+        out: FloatArray = blend_scores(np.ascontiguousarray(X, dtype=np.float64), self._w,
+                                       PRIOR_EPS)
         return out
 
     def learn(self, X: FloatArray, positive: int, key: int) -> int:

@@ -182,6 +182,12 @@ class DecayedPopularity(VocabularyModel):
         self._weights = grow_rows(self._weights, size)
         return self._top_rows[: len(self._top)], self._weights, float(self._total)
 
+    def score_inputs(self) -> tuple[FloatArray, float]:
+        """What :meth:`score_rows` divides, for a compiled caller: the weight per row (at
+        least the vocabulary's length) and the divisor (the total weight, 1 while 0)."""
+        self._weights = grow_rows(self._weights, len(self._vocab))
+        return self._weights, float(self._total or 1.0)
+
     def score_rows(self, rows: IntArray) -> FloatArray:
         """:meth:`score_all` at ``rows`` only."""
         self._weights = grow_rows(self._weights, len(self._vocab))

@@ -182,6 +182,16 @@ class SkipClassifier(StateModel):
         proba = self.classifier.predict_proba_one(self.features(x))  # type: ignore[no-untyped-call]
         return float(proba.get(True, 0.0))
 
+    def logit_terms(self, x: Interaction) -> tuple[float, float, float]:
+        """What :meth:`predict_many` with popularity and MF scores adds up, for a compiled
+        caller (``_blend_kernels.blend_matrix``): the intercept plus the context terms of
+        ``x``, and the weights of the squashed popularity and MF scores."""
+        weights = self.classifier.weights
+        base = float(self.classifier.intercept)
+        for name, value in self.context_features(x).items():
+            base += weights.get(name, 0.0) * value
+        return base, float(weights.get("popularity", 0.0)), float(weights.get("mf", 0.0))
+
     def predict_many(self, x: Interaction, track_features: Mapping[str, FloatArray]) -> FloatArray:
         """Skip probabilities for many candidate tracks at once (vectorised)."""
         size = len(next(iter(track_features.values()))) if track_features else 0

@@ -180,6 +180,12 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
         sims[c] = num / math.sqrt(nq * ln) * math.exp(-age * inv_l2)
         match[c] = best_p
     order = best_order(sims, k)
+    # exp(-d / λ3) for every distance d a session can hold (the same float as computing it
+    # per track: one exp per distance instead of one per neighbour track)
+    width = items.shape[1]
+    by_distance = np.empty(width + 1)
+    for d in range(width + 1):
+        by_distance[d] = math.exp(-d * inv_l3)
     nt = 0
     for j in range(len(order)):
         c = order[j]
@@ -195,7 +201,7 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
             if acc[r] == 0.0:
                 touched[nt] = r
                 nt += 1
-            acc[r] += sim * math.exp(-abs(p - m) * inv_l3)
+            acc[r] += sim * by_distance[abs(p - m)]
     for qi in range(nq):
         qmark[q_rows[qi]] = -1
     return nt
@@ -386,6 +392,43 @@ class SessionKNN(VocabularyModel):
         out_scores = acc[out_rows]
         acc[out_rows] = 0.0
         return out_rows, out_scores
+
+    def query_inputs(self, user_id: str, now_ms: int) -> tuple[Any, ...]:
+        """What :func:`stan_query` reads besides the query rows, their weights and the
+        time, for a caller that runs the (non-plain) query inside its own compiled call
+        (the learned blend's :func:`~stream.core.models._blend_kernels.blend_collect`):
+        :meth:`position_table`, the sessions, the postings, the time, the listener's open
+        session, ``k``, 1/λ2, 1/λ3 and the scratch (see :meth:`clear_scratch`)."""
+        lam2, lam3 = self.lambda_recency_ms, self.lambda_distance
+        qmark, slot_mark, acc, touched = self._buffers(len(self._vocab))
+        return (self.position_table(), self._serials, self._items, self._lengths,
+                self._times, self._p_start, self._p_size, self._arena, now_ms,
+                self._open.get(user_id, -1), self.k,
+                0.0 if lam2 is None else 1.0 / lam2, 0.0 if lam3 is None else 1.0 / lam3,
+                qmark, slot_mark, acc, touched)
+
+    def position_table(self) -> FloatArray:
+        """Row ``l - 1`` holds STAN's position weights of an ``l``-track query (the
+        arrays :meth:`score` uses, copied: the same floats), ``l`` up to ``query_window``."""
+        lam1 = self.lambda_position
+        cache = self.__dict__.setdefault("_q_table", {})
+        table: FloatArray | None = cache.get((self.query_window, lam1))
+        if table is None:
+            w = self.query_window
+            table = np.zeros((w, w))
+            for nq in range(1, w + 1):
+                table[nq - 1, :nq] = self._position_weights(nq, lam1)
+            cache[w, lam1] = table
+        return table
+
+    def clear_scratch(self) -> None:
+        """Reset the query scratch (after a query that raised part way)."""
+        sc = self._scratch
+        if "qmark" in sc:
+            sc["qmark"][:] = -1
+            sc["acc"][:] = 0.0
+        if "slot_mark" in sc:
+            sc["slot_mark"][:] = False
 
     def _position_weights(self, nq: int, lam1: float | None) -> FloatArray:
         """STAN's position weights of a ``nq``-track query (cached: the kernel only reads)."""
