@@ -73,16 +73,17 @@ def junk_batches(plays: int, seconds: float, batch: int = 64, worker_like: bool 
     freeze_startup_heap()
     steps: list[tuple[float, float, int, str]] = []  # (wall ms, thread CPU ms, plays, step)
     kernel: dict[int, tuple[float, int]] = {}  # step index -> (system CPU ms, page faults)
-    collections: list[tuple[float, int, int, int]] = []  # (ms, generation, plays, freed)
+    collections: list[tuple[float, float, int, int, int]] = []  # ms, CPU ms, gen, plays, freed
     sampler, stalls = _sampler(sample_ms)
-    gc_started = [0.0]
+    gc_started = [0.0, 0.0]
     done = 0
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            gc_started[0] = time.perf_counter()
+            gc_started[:] = time.perf_counter(), time.thread_time()
         else:
             collections.append(((time.perf_counter() - gc_started[0]) * 1e3,
+                                (time.thread_time() - gc_started[1]) * 1e3,
                                 info["generation"], done, info["collected"]))
 
     def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -193,8 +194,9 @@ def _sampler(sample_ms: float) -> tuple[Any, list[str]]:
 
 
 def _junk_report(proc: Any, steps: list[tuple[float, float, int, str]],
-                 kernel: dict[int, tuple[float, int]], collections: list[tuple[float, int, int, int]], stalls: list[str], done: int,
-                 started: float) -> dict[str, Any]:
+                 kernel: dict[int, tuple[float, int]],
+                 collections: list[tuple[float, float, int, int, int]], stalls: list[str],
+                 done: int, started: float) -> dict[str, Any]:
     batches = [x for x in steps if x[3] == "batch"]
     walls = sorted(batches, reverse=True)
     by_cpu = sorted(range(len(steps)), key=lambda i: -steps[i][1])
@@ -218,8 +220,13 @@ def _junk_report(proc: Any, steps: list[tuple[float, float, int, str]],
                             "max_cpu_ms": round(max(xs), 1)}
                      for name in sorted({x[3] for x in steps})
                      for xs in [[x[1] for x in steps if x[3] == name]]},
-        "gc_longest": [{"ms": round(ms, 1), "generation": g, "plays_before": n, "freed": f}
-                       for ms, g, n, f in sorted(collections, reverse=True)[:10]],
+        "gc_longest_cpu": [{"cpu_ms": round(c, 1), "wall_ms": round(w, 1), "generation": g,
+                            "plays_before": n, "freed": f}
+                           for w, c, g, n, f in sorted(collections, key=lambda x: -x[1])[:10]],
+        "gc_by_generation": {g: {"count": len(cs), "max_cpu_ms": round(max(cs), 1),
+                                 "mean_cpu_ms": round(sum(cs) / len(cs), 3)}
+                             for g in (0, 1, 2)
+                             for cs in [[x[1] for x in collections if x[2] == g] or [0.0]]},
         "stalls_sampled": sorted([line for line in stalls if _cpu_ms(line) >= 20],
                                  key=lambda line: -_cpu_ms(line))[:40],
         "evicted_tracks": proc.evicted_tracks,
