@@ -223,10 +223,10 @@ def _junk_report(proc: Any, steps: list[tuple[float, float, int, str]],
         "gc_longest_cpu": [{"cpu_ms": round(c, 1), "wall_ms": round(w, 1), "generation": g,
                             "plays_before": n, "freed": f}
                            for w, c, g, n, f in sorted(collections, key=lambda x: -x[1])[:10]],
-        "gc_by_generation": {g: {"count": len(cs), "max_cpu_ms": round(max(cs), 1),
-                                 "mean_cpu_ms": round(sum(cs) / len(cs), 3)}
+        "gc_by_generation": {g: {"count": len(cs), "max_cpu_ms": round(max(cs or [0.0]), 1),
+                                 "mean_cpu_ms": round(sum(cs) / max(len(cs), 1), 3)}
                              for g in (0, 1, 2)
-                             for cs in [[x[1] for x in collections if x[2] == g] or [0.0]]},
+                             for cs in [[x[1] for x in collections if x[2] == g]]},
         "stalls_sampled": sorted([line for line in stalls if _cpu_ms(line) >= 20],
                                  key=lambda line: -_cpu_ms(line))[:40],
         "evicted_tracks": proc.evicted_tracks,
