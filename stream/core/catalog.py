@@ -25,12 +25,12 @@ False
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from stream.core.ranking import RankedItem, reason_text
+from stream.core.shards import MASK, ShardedLRU
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +70,10 @@ class TrackCatalog:
         self.max_tracks = max_tracks
         self.max_chars = max_chars
         self.max_wanted = max_wanted
-        #: (one OrderedDict: at most max_tracks, 200k by default, and read for every
-        #: listed track; the maps of 500k keys are in shards, stream.core.shards)
-        self._info: OrderedDict[str, TrackInfo] = OrderedDict()
+        #: least recently used first; in shards (stream.core.shards): as one OrderedDict of
+        #: up to 200k names its hash-table growths held the loop 50-69 ms of CPU in the 1M
+        #: junk-ids drill (docs/benchmarks.md, "Loop stalls, session 16")
+        self._info: ShardedLRU[str, TrackInfo] = ShardedLRU()
         self._chars = 0
         #: track -> (first_seen_ms or None if not a first sighting, info) to write
         self._changes: dict[str, tuple[int | None, TrackInfo]] = {}
@@ -104,7 +105,10 @@ class TrackCatalog:
         count, last = self._counts.get(track_id, (0, ts_ms))
         if count or len(self._counts) < 4 * self.max_tracks:  # bounded between drains
             self._counts[track_id] = (count + 1, max(last, ts_ms))  # plays come out of order
-        known = self._info.get(track_id)
+        info = self._info
+        h = hash(track_id) & MASK  # info.get, inlined
+        shard = info.shards[h]
+        known = shard.get(track_id)
         if known is None:
             incoming = TrackInfo(_clean(name), _clean(artist), _clean(album))
             self._put(track_id, incoming)
@@ -115,7 +119,8 @@ class TrackCatalog:
         new_name = _clean(name) or known.name
         new_artist = _clean(artist) or known.artist
         new_album = _clean(album) or known.album
-        self._info.move_to_end(track_id)
+        shard.move_to_end(track_id)  # info.move_to_end(track_id), inlined
+        info.stamps[h][track_id] = info.next_stamp()
         if new_name == known.name and new_artist == known.artist and new_album == known.album:
             return False
         merged = TrackInfo(new_name, new_artist, new_album)
@@ -142,13 +147,16 @@ class TrackCatalog:
         return True
 
     def _put(self, track_id: str, info: TrackInfo) -> None:
-        old = self._info.pop(track_id, None)
+        """``info`` for ``track_id``, made the most recent; then the least recent out
+        while either bound is passed (never past ``track_id`` itself)."""
+        names = self._info
+        old = names.get(track_id)
         if old is not None:
             self._chars -= old.chars()
-        self._info[track_id] = info
+        names.touch(track_id, info)
         self._chars += info.chars()
-        while len(self._info) > self.max_tracks or self._chars > self.max_chars:
-            dropped_id, dropped = self._info.popitem(last=False)
+        while len(names) > self.max_tracks or self._chars > self.max_chars:
+            dropped_id, dropped = names.drop_oldest()
             self._chars -= dropped.chars()
             self.evicted += 1
             if dropped_id == track_id:
@@ -209,7 +217,7 @@ class TrackCatalog:
         written here either way)."""
         out: list[dict[str, Any]] = []
         reasons: dict[tuple[str, str], str] = {}  # most items share one or two anchors
-        info_of = self._info.get
+        shards = self._info.shards
         wanted = self._wanted
         # the fields unpacked (a named tuple's attribute reads cost more), and get()
         # inlined: this runs for every item of every list the worker publishes
@@ -222,7 +230,7 @@ class TrackCatalog:
                 "track_id": track, "score": float(score), "reason": reason,
                 "reason_code": code, "reason_track_id": anchor,
             }
-            info = info_of(track)
+            info = shards[hash(track) & MASK].get(track)  # self._info.get, inlined
             if info is None:
                 if len(wanted) < self.max_wanted:  # as get(): noted as wanted
                     wanted[track] = None

@@ -173,8 +173,10 @@ class Processor:
                            if evaluator is not None and settings.quality_components_every
                            else None)
         #: each listener's last published list, to score their next play against (bounded)
-        #: (at most max_tracked_users, 100k: one OrderedDict, read on every play)
-        self.last_recs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        #: (at most max_tracked_users, 100k, least recently published first; read on every
+        #: play; in shards, stream.core.shards: as one OrderedDict its hash-table growths
+        #: held the loop 41-104 ms in the junk-ids harnesses of sessions 14 and 15)
+        self.last_recs: ShardedLRU[str, tuple[str, ...]] = ShardedLRU()
         self.max_tracked_users = max_tracked_users
         self.model_errors = 0
         self.defer_ranking = defer_ranking
@@ -374,7 +376,8 @@ class Processor:
             event.track_id, event.track_name, event.artist_name, event.album_name,
             ts_ms=event.ts_ms,
         )
-        previous = self.last_recs.get(event.user_id)
+        user = event.user_id
+        previous = self.last_recs.shards[hash(user) & SHARD_MASK].get(user)  # .get, inlined
         if self.evaluator is not None and previous is not None:
             # test-then-train: was this play in the list we published before it?
             self.evaluator.observe("blend", previous, event.track_id)
@@ -694,10 +697,12 @@ class Processor:
             logger.error("model error #%d at %s: %r", self.model_errors, where, exc, exc_info=exc)
 
     def _remember(self, user_id: str, track_ids: tuple[str, ...]) -> None:
-        self.last_recs[user_id] = track_ids
-        self.last_recs.move_to_end(user_id)
-        if len(self.last_recs) > self.max_tracked_users:
-            self.last_recs.popitem(last=False)
+        # the most recent; past max_tracked_users the least recent goes (a cap of 0 keeps
+        # nothing, as the OrderedDict did)
+        last_recs = self.last_recs
+        last_recs.touch(user_id, track_ids, self.max_tracked_users)
+        if not self.max_tracked_users:
+            last_recs.clear()
 
     def forget_user(self, user_id: str) -> bool:
         """Purge a listener: session state (a changelog tombstone, so a restart cannot

@@ -36,7 +36,7 @@ from stream.worker.control_agent import ControlAgent
 from stream.worker.deadletters import DeadLetters
 from stream.worker.eviction import ModelGuard
 from stream.worker.fencing import FreezeFence
-from stream.worker.heap import freeze_startup_heap, no_transparent_huge_pages
+from stream.worker.heap import freeze_startup_heap, no_transparent_huge_pages, one_blas_thread
 from stream.worker.lag import ConsumerLag
 from stream.worker.lifecycle import Lifecycle, Parts
 from stream.worker.plays import PlaysAgent
@@ -86,6 +86,7 @@ def configure_recommender(recommender: Recommender | None, settings: Settings) -
                     "on" if recommender.session_models else "off")
     # the reserved rows below are faulted in page by page as tracks arrive: small pages
     no_transparent_huge_pages()
+    one_blas_thread()  # the loop's BLAS calls do not wait on spinning BLAS threads
     reserve = getattr(recommender, "reserve_tracks", None)
     if callable(reserve):  # no per-track array is copied to grow up to max_tracks
         reserve(settings.max_tracks)

@@ -95,3 +95,25 @@ def _no_thp_for_this_process() -> bool:
     logger.warning("prctl(PR_SET_THP_DISABLE) failed (%s): with the host's transparent huge "
                    "pages set to 'always', new per-track rows may fault 2 MiB at a time", reason)
     return False
+
+
+#: environment variables with which an operator chooses BLAS threads themselves
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def one_blas_thread() -> int | None:
+    """Run numpy's BLAS on the calling thread only, unless the operator set one of
+    :data:`_BLAS_THREAD_VARS`; returns the limit applied (None: the operator's choice).
+
+    The worker's one BLAS call of size is "more like this" (every item factor against one:
+    a 500k x 32 matrix-vector product at the track cap). OpenBLAS splits it over every core
+    and its threads spin while they wait for each other, so on a busy 2-core box the
+    event loop's own CPU for one list reached 40-50 ms, once 273 ms; with one thread its
+    worst case in the same check was 5.5 ms against 7.2-13.9 ms (docs/benchmarks.md, "Loop
+    stalls, session 16"). The worker runs one event loop: BLAS threads only compete with it."""
+    if any(name in os.environ for name in _BLAS_THREAD_VARS):
+        return None
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    return 1

@@ -4,6 +4,7 @@ folded into a closed set before they become skip-model features."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from stream.config import load_settings
@@ -289,6 +290,24 @@ def test_the_session_table_is_capped_least_recently_active_out_through_the_table
     table["old"] = table["e"]
     assert p.track_sessions(["old", "e"]) == 1
     assert next(iter(p.session_order)) == "old"
+
+
+def test_last_published_lists_are_capped_least_recently_published_out() -> None:
+    """``last_recs`` (sharded since session 16): at most ``max_tracked_users`` listeners,
+    the least recently published out, in exactly an OrderedDict's order; a listener
+    published again moves to the end; the next play is scored against the list kept."""
+    p, writes = _processor(max_tracked_users=3)
+    for i, user in enumerate(["a", "b", "c", "d"]):
+        _play(p, user, i)
+        p.rank_pending()
+    assert list(p.last_recs) == ["b", "c", "d"]
+    _play(p, "b", 10)
+    p.rank_pending()
+    assert list(p.last_recs) == ["c", "d", "b"] and len(p.last_recs) == 3
+    assert p.last_recs["b"] == tuple(item["track_id"] for item in
+                                     orjson.loads(writes[-1].doc)["items"])
+    p.forget_user("d")
+    assert list(p.last_recs) == ["c", "b"]
 
 
 def test_max_sessions_setting_is_validated_at_start_up() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
+
 import orjson
 import pytest
 
@@ -67,6 +70,64 @@ def test_memory_is_bounded_by_entries_and_characters() -> None:
     assert cat.evicted > 9_000
     assert cat.get("t9999") is not None and cat.get("t0") is None
     assert cat.take_wanted(10) == ["t0"]  # the unknown one is asked of Redis
+
+
+class _ReferenceCatalog:
+    """The catalogue's bounds as one OrderedDict (the structure before the shards): the
+    sharded one must keep exactly this LRU order, character count and eviction count."""
+
+    def __init__(self, max_tracks: int, max_chars: int) -> None:
+        self.max_tracks, self.max_chars = max_tracks, max_chars
+        self.info: OrderedDict[str, TrackInfo] = OrderedDict()
+        self.chars = self.evicted = 0
+
+    def put(self, track: str, info: TrackInfo) -> None:
+        old = self.info.pop(track, None)
+        self.chars -= old.chars() if old is not None else 0
+        self.info[track] = info
+        self.chars += info.chars()
+        while len(self.info) > self.max_tracks or self.chars > self.max_chars:
+            dropped_id, dropped = self.info.popitem(last=False)
+            self.chars -= dropped.chars()
+            self.evicted += 1
+            if dropped_id == track:
+                break
+
+    def observe(self, track: str, name: str | None) -> None:
+        known = self.info.get(track)
+        if known is None:
+            self.put(track, TrackInfo(name))
+            return
+        self.info.move_to_end(track)
+        if name and name != known.name:
+            self.put(track, TrackInfo(name, known.artist, known.album))
+
+
+@pytest.mark.parametrize("max_tracks,max_chars", [(50, 10_000_000), (1_000, 900), (64, 400)])
+def test_the_sharded_catalogue_keeps_the_lru_order_and_char_budget(
+    max_tracks: int, max_chars: int
+) -> None:
+    rng = random.Random(max_tracks)
+    cat, ref = TrackCatalog(max_tracks, max_chars), _ReferenceCatalog(max_tracks, max_chars)
+    for i in range(6_000):
+        track = f"t{rng.randrange(200)}" if rng.random() < 0.7 else f"new{i}"
+        name = rng.choice([None, "a" * rng.randrange(1, 40), f"n{rng.randrange(3)}"])
+        kind = rng.random()
+        if kind < 0.8:
+            cat.observe(track, name, None, None, ts_ms=i)
+            ref.observe(track, name)
+        elif kind < 0.9:  # names read back from Redis
+            info = TrackInfo(name)
+            cat.learn(track, info)
+            if track not in ref.info or info.chars():
+                ref.put(track, info)
+        elif cat.upsert(track, TrackInfo(name, "x")):
+            ref.put(track, TrackInfo(name, "x"))
+        assert len(cat) == len(ref.info) and cat.chars == ref.chars
+        assert cat.evicted == ref.evicted
+    assert list(cat._info) == list(ref.info)  # the exact least-recent-first order
+    assert [cat.get(t) for t in ref.info] == list(ref.info.values())
+    assert ref.evicted > 0
 
 
 def test_items_carry_names_and_reason_fields() -> None:

@@ -148,6 +148,57 @@ def test_eviction_moves_the_cached_factor_norms_with_their_tracks(
         assert abs(moved[row] - expected[track]) < 1e-6
 
 
+def _old_item_norms(rec: Recommender, cache: dict) -> object:
+    """``Recommender._item_norms`` as it was before session 16 (np.linalg.norm, a fresh
+    array per growth), on its own cache: the kept-buffer version must match it bit for bit."""
+    import numpy as np
+
+    from stream.core import recommender as recommender_module
+
+    factors = rec.mf.factors()
+    n = len(rec.vocabulary)
+    cached = cache.get("_norms")
+    if cached is None or cached[0] != rec.vocabulary.generation or len(cached[1]) > n:
+        norms = np.linalg.norm(factors[:n], axis=1) + 1e-12
+        cache["_norms"] = (rec.vocabulary.generation, norms, 0)
+        return norms
+    _, norms, pos = cached
+    if len(norms) < n:
+        norms = np.concatenate((norms, np.linalg.norm(factors[len(norms) : n], axis=1) + 1e-12))
+    end = min(pos + recommender_module._NORM_SLICE, n)
+    norms[pos:end] = np.linalg.norm(factors[pos:end], axis=1) + 1e-12
+    cache["_norms"] = (rec.vocabulary.generation, norms, 0 if end >= n else end)
+    return norms
+
+
+def test_kept_norm_buffers_give_linalg_norms_bit_for_bit(
+    datasets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The norms "more like this" uses are computed into kept buffers (no temporaries of
+    the catalogue's size per call): the same float32 bits as ``np.linalg.norm`` through
+    the whole rolling schedule, with rows added between calls and a partial slice."""
+    import numpy as np
+
+    import stream.core.recommender as recommender_module
+
+    monkeypatch.setattr(recommender_module, "_NORM_SLICE", 37)
+    events = load_events(datasets_dir / "lastfm-1k-sample", "lastfm")[:3000]
+    rec, states, cache = Recommender(seed=2), {}, {}
+    for lo in range(0, 3000, 250):
+        learn(rec, events[lo : lo + 250], states)
+        for _ in range(3):
+            got = rec._item_norms()
+            want = _old_item_norms(rec, cache)
+            assert got.dtype == want.dtype and np.array_equal(got, want)  # type: ignore[attr-defined]
+            assert rec.__dict__["_norms"][2] == cache["_norms"][2]
+    buf = rec.__dict__["_norm_buf"]
+    assert len(buf) >= rec.catalogue_size() and np.shares_memory(got, buf)
+    zero = np.zeros((5, 4), dtype=np.float32)  # an all-zero row: 1e-12, as linalg.norm's
+    out = np.empty(5, dtype=np.float32)
+    rec._norms_into(zero, 0, 5, out)
+    assert np.array_equal(out, np.linalg.norm(zero, axis=1) + 1e-12)
+
+
 def test_the_eviction_in_steps_is_the_same_eviction_in_small_slices(datasets_dir: Path) -> None:
     """The worker runs an eviction as ``eviction_steps`` (slices on its event loop, the
     compiled arena passes in a thread): the result is the whole ``evict_tracks``'s, and

@@ -423,7 +423,9 @@ class ImplicitMF(VocabularyModel):
         out: FloatArray = np.linalg.norm(self.item_factors[: len(self._vocab)], axis=1) + 1e-12
         return out
 
-    def similar_all(self, track_id: str, norms: FloatArray | None = None) -> FloatArray | None:
+    def similar_all(
+        self, track_id: str, norms: npt.NDArray[np.floating[Any]] | None = None
+    ) -> FloatArray | None:
         """Cosine similarity of every known track's factors to ``track_id``'s, or None.
         ``norms`` (from :meth:`item_norms`, same model state) saves recomputing them."""
         row = self._vocab.index.get(track_id)
