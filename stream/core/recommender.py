@@ -153,8 +153,9 @@ class ItemStep:
     (session-kNN groups a session's plays by it; "": unknown), the listener's MF factors
     *before* the step and the negatives it sampled (MF takes the same item step), and the
     skip model's features (the skip model takes the same step), and the learned blend's
-    example rows (``x_pos - x_neg`` per pair, :meth:`LearnedBlend.pairs`: the blend takes
-    the same step; None when the owner's blend learned nothing from the play)."""
+    step rows (:meth:`LearnedBlend.pairs`: one softmax gradient row per list, or
+    ``x_pos - x_neg`` per pair with the pairwise loss; the blend takes the same step; None
+    when the owner's blend learned nothing from the play)."""
 
     track_id: str
     ts_ms: int
@@ -816,8 +817,23 @@ class Recommender:
         _bk.blend_matrix(cands, comp, pop_w, pop_total, mf, *self.skip.logit_terms(query),
                          same_artist, self.first_seen, now_ms,
                          math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
-                         w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS, X)
+                         w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
+                         self._last_play_scores(state, cands, size), X)
         return cands, X, comp, lead
+
+    def _last_play_scores(self, state: UserState, cands: IntArray, size: int) -> FloatArray:
+        """Per candidate, its weight in the sequential rules and in the co-occurrence
+        neighbours of the listener's last play alone (columns 0 and 1; the blend's
+        ``*_last`` features)."""
+        last = np.empty((len(cands), 2))
+        row = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        dense = self.__dict__.get("_last_dense")
+        if dense is None or len(dense) < size:
+            dense = self.__dict__["_last_dense"] = np.zeros(max(size, 64) * 2)
+        for col, model in enumerate((self.rules, self.cooccurrence)):
+            start, n, _cap, total, nbr, val = model.arena()
+            _k.last_play_scores(start, n, total, nbr, val, row, cands, dense, last, col)
+        return last
 
     def _blend_sources(
         self, state: UserState, now_ms: int, recent: IntArray, ban: BoolArray, size: int

@@ -88,8 +88,9 @@ class TrackSignal:
     #: unknown: a checkpoint includes its writer's plays up to a number
     #: (stream.core.signal_positions)
     seq: int = -1
-    #: the learned blend's step: one ``x_pos - x_neg`` row (float32, N_FEATURES) per pair
-    #: the owner learned from this play (stream.core.models.blend), None: no blend step
+    #: the learned blend's step rows (float32, N_FEATURES) the owner learned from this play:
+    #: one softmax gradient row, or one ``x_pos - x_neg`` row per pair with the pairwise
+    #: loss (stream.core.models.blend.LearnedBlend.pairs), None: no blend step
     blend_pairs: np.ndarray | None = None
 
     def __eq__(self, other: object) -> bool:

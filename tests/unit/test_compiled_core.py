@@ -360,6 +360,49 @@ def test_compiled_blend_candidates_match_the_python_queries(
     assert (by_source[[0, 1, 2, 3, 5]] > 100).all() and (by_source[4] > 100) == bool(repeats)
 
 
+def test_blend_log_and_last_play_features_match_the_python_reference(
+    datasets_dir: Path
+) -> None:
+    """Session 16's features in the compiled ``blend_features``: ``log_*`` is
+    ``blend.log_score`` of the normalised scores; ``*_last`` are the SR and co-occurrence
+    scores of a query from the last play alone (the models' own ``accumulate``), scaled to
+    their maximum and reciprocal-ranked like the other sources."""
+    from stream.core.models.blend import FEATURES, log_score
+
+    col = {f: i for i, f in enumerate(FEATURES)}
+    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=3000)
+    rec, states = Recommender(seed=2), {}
+    for e in events:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+    now = 893_000_000_000
+    checked, nonzero = 0, np.zeros(4)
+    for state in list(states.values())[:60]:
+        rows, X, _comp, _lead = rec._blend_candidates(state, now, ())
+        if not len(rows):
+            continue
+        for name, src in (("log_cooc", "s_cooc"), ("log_stan", "s_stan"), ("log_sr", "s_sr"),
+                          ("log_cooc_long", "s_cooc_long")):
+            np.testing.assert_array_equal(X[:, col[name]], log_score(X[:, col[src]]))
+        for j, (model, name) in enumerate(((rec.rules, "sr"), (rec.cooccurrence, "cooc"))):
+            with model.accumulate(model.anchors(state.recent, window=1)) as touched:
+                raw = touched.scratch.acc[rows].copy()
+            want = np.zeros((len(rows), 2))
+            _k._scale_into(raw, want, 0)
+            order = np.argsort(-raw, kind="stable")
+            want[order, 1] = 1.0 / (np.arange(len(rows)) + 1)
+            want[raw <= 0, 1] = 0.0
+            np.testing.assert_array_equal(X[:, col[f"s_{name}_last"]], want[:, 0])
+            np.testing.assert_array_equal(X[:, col[f"r_{name}_last"]], want[:, 1])
+            nonzero[2 * j] += (raw > 0).sum()
+        nonzero[[1, 3]] += (X[:, [col["log_sr"], col["log_cooc"]]] > 0).sum(axis=0)
+        checked += 1
+    assert checked >= 30 and (nonzero > 100).all()
+    # the dense scratch is left all zero
+    assert not rec.__dict__["_last_dense"].any()
+
+
 def test_stan_best_order_is_the_stable_sort_prefix() -> None:
     rng = np.random.default_rng(5)
     for n, k in ((0, 3), (5, 10), (200, 10), (1000, 100), (50, 50)):

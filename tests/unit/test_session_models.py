@@ -141,7 +141,7 @@ def test_learned_blend_matches_river() -> None:
     from stream.core.models.blend import _mix
 
     rng = np.random.default_rng(4)
-    blend = LearnedBlend(seed=7, learning_rate=0.05, l2=1e-3)
+    blend = LearnedBlend(seed=7, learning_rate=0.05, l2=1e-3, loss="pairwise", lr_decay=0.0)
     ref = linear_model.LogisticRegression(optimizer=optim.SGD(0.05), l2=1e-3,
                                           intercept_lr=0.0)
     ref._weights = utils.VectorDict({"prior": 1.0})
@@ -167,16 +167,66 @@ def test_learned_blend_matches_river() -> None:
         np.testing.assert_allclose(blend.weights, mirror, rtol=1e-9, atol=1e-12)
 
 
+def test_learned_blend_softmax_step() -> None:
+    """The softmax (ListNet) step: one row per list, ``x_pos - softmax(X @ w) @ X`` as
+    float32, applied as ``w += lr_t * (row - l2 * w)`` with ``lr_t = lr / sqrt(1 + t /
+    lr_decay)``; a restored blend (and a worker given the rows) takes the same steps."""
+    rng = np.random.default_rng(8)
+    blend = LearnedBlend(seed=1, learning_rate=0.1, l2=1e-4, lr_decay=50.0)
+    w = blend.weights
+    for i in range(120):
+        X = rng.normal(size=(9, N_FEATURES))
+        pos = int(rng.integers(9))
+        z = X @ w
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        row = (X[pos] - p @ X).astype(np.float32)
+        rows = blend.pairs(X, pos, key=i)
+        np.testing.assert_allclose(rows, row[None], rtol=1e-5, atol=1e-6)
+        lr = 0.1 / np.sqrt(1.0 + i / 50.0)
+        w = w + lr * (rows[0].astype(np.float64) - 1e-4 * w)
+        assert blend.apply_pairs(rows) == 1
+        np.testing.assert_allclose(blend.weights, w, rtol=1e-12, atol=1e-15)
+    assert blend.iterations == blend.n_learned == 120
+    twin = LearnedBlend.import_state(json_round_trip(blend.export_state()[0]), {})
+    X = rng.normal(size=(9, N_FEATURES))
+    assert twin.step_size() == blend.step_size() == 0.1 / np.sqrt(1.0 + 120 / 50.0)
+    assert twin.learn(X, 2, key=5) == blend.learn(X, 2, key=5) == 1
+    assert twin.weights.tolist() == blend.weights.tolist()
+    with pytest.raises(ValueError, match="loss"):
+        LearnedBlend(loss="listwise")
+    with pytest.raises(ValueError, match="lr_decay"):
+        LearnedBlend(lr_decay=-1.0)
+
+
+def test_a_blend_checkpoint_from_before_session_16_restores_pairwise() -> None:
+    """Checkpoints written before the softmax step have no ``loss`` / ``lr_decay`` and
+    no weights for the newer features: they restore as the pairwise, constant-rate blend
+    they were, the newer features at weight 0."""
+    old = LearnedBlend(seed=3, learning_rate=0.01, loss="pairwise", lr_decay=0.0)
+    manifest = json_round_trip(old.export_state()[0])
+    del manifest["params"]["loss"], manifest["params"]["lr_decay"]
+    manifest["weights"] = {f: w for f, w in manifest["weights"].items()
+                           if not f.startswith(("log_", "s_sr_last", "r_sr_last"))}
+    twin = LearnedBlend.import_state(manifest, {})
+    assert (twin.loss, twin.lr_decay, twin.step_size()) == ("pairwise", 0.0, 0.01)
+    assert twin.weights.tolist() == old.weights.tolist()
+    with pytest.raises(ValueError, match="loss"):
+        LearnedBlend.import_state({**manifest, "params": {**manifest["params"],
+                                                          "loss": "other"}}, {})
+
+
 def test_learned_blend_is_deterministic_under_a_seed() -> None:
     rng = np.random.default_rng(1)
     lists = [(rng.random((15, N_FEATURES)), int(rng.integers(15))) for _ in range(100)]
-    a, b, c = LearnedBlend(seed=2), LearnedBlend(seed=2), LearnedBlend(seed=3)
-    for i, (X, pos) in enumerate(lists):
-        a.learn(X, pos, key=i)
-        b.learn(X, pos, key=i)
-        c.learn(X, pos, key=i)
-    assert a.weights.tolist() == b.weights.tolist()
-    assert a.weights.tolist() != c.weights.tolist()
+    # the softmax step draws nothing; the pairwise one draws negatives by the seed
+    for loss, seeded in (("softmax", False), ("pairwise", True)):
+        a, b, c = (LearnedBlend(seed=s, loss=loss) for s in (2, 2, 3))
+        for i, (X, pos) in enumerate(lists):
+            a.learn(X, pos, key=i)
+            b.learn(X, pos, key=i)
+            c.learn(X, pos, key=i)
+        assert a.weights.tolist() == b.weights.tolist()
+        assert (a.weights.tolist() != c.weights.tolist()) == seeded
 
 
 def replay_events(n: int = 600) -> list[PlayEvent]:

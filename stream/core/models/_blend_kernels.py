@@ -196,11 +196,12 @@ def blend_order(scores, rows, comp, lead, last):  # type: ignore[no-untyped-def]
 
 @_jit
 def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,  # type: ignore[no-untyped-def]
-                 same_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms, out):
+                 same_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms, last, out):
     """The candidates' popularity (``pop_w[row] / pop_total``), skip probability
     (``SkipClassifier.predict_many``: ``skip_base`` is its intercept plus the listener's
     context terms, ``skip_w_pop`` / ``skip_w_mf`` its weights of the squashed popularity
-    and MF scores) and then their feature rows (:func:`blend_features`) into ``out``.
+    and MF scores) and then their feature rows (:func:`blend_features`; ``last``: the
+    last play's own SR and co-occurrence scores, :func:`last_play_scores`) into ``out``.
     The skip model's ``log1p``/``tanh``/``exp`` here are libm's, not numpy's vectorised
     ones: the last bit of a probability can differ from ``predict_many``'s (the lists
     were checked on the real logs, docs/benchmarks.md "Speed pairs (session 16)")."""
@@ -218,7 +219,7 @@ def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_
         logit = min(max(logit, -30.0), 30.0)
         skip[i] = 1.0 / (1.0 + math.exp(-logit))
     blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, hist,
-                   w_cooc, w_mf, w_pop, day_ms, out)
+                   w_cooc, w_mf, w_pop, day_ms, last, out)
 
 
 @_jit

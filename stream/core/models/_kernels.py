@@ -839,10 +839,12 @@ def _recip_rank_into(values, out, col, signed):  # type: ignore[no-untyped-def]
 
 @_jit
 def blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, hist,  # type: ignore[no-untyped-def]
-                   w_cooc, w_mf, w_pop, day_ms, out):
+                   w_cooc, w_mf, w_pop, day_ms, last, out):
     """The feature rows of :data:`stream.models.blend.FEATURES` into ``out``
-    (``len(cands) x N_FEATURES``). ``comp`` holds the co-occurrence, STAN, SR, artist and
-    own-history scores (columns 0-4); ``hist`` is the scaled log history length."""
+    (``len(cands) x N_FEATURES``). ``comp`` holds the co-occurrence, STAN, SR, artist,
+    own-history and long co-occurrence scores (columns 0-5); ``hist`` is the scaled log
+    history length; ``last`` the SR and co-occurrence scores from the last play alone
+    (:func:`last_play_scores`)."""
     m = len(cands)
     _scale_into(comp[:, 0], out, 1)
     _scale_into(comp[:, 1], out, 2)
@@ -893,3 +895,38 @@ def blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, 
     _recip_rank_into(comp[:, 5], out, 29, False)
     for i in range(m):
         out[i, 30] = hist * out[i, 28]
+    for col, src in ((31, 1), (32, 2), (33, 3), (34, 28)):  # log of the normalised scores
+        for i in range(m):
+            out[i, col] = _log_score(out[i, src])
+    _scale_into(last[:, 0], out, 35)  # the last play's own rules and neighbours
+    _scale_into(last[:, 1], out, 36)
+    _recip_rank_into(last[:, 0], out, 37, False)
+    _recip_rank_into(last[:, 1], out, 38, False)
+
+
+@_jit
+def _log_score(v):  # type: ignore[no-untyped-def]
+    """``stream.core.models.blend.log_score`` of one value (0 for 0; the same arithmetic)."""
+    if v <= 0.0:
+        return 0.0
+    return max(math.log(v) / 7.0 + 1.0, 0.0)
+
+
+@_jit
+def last_play_scores(start, size, total, nbr, val, row, cands, dense, out, col):  # type: ignore[no-untyped-def]
+    """``out[i, col]`` = the weight of ``cands[i]`` in the neighbour list of ``row`` (the
+    listener's last play; ``val / total`` as :func:`cooc_accumulate` adds it with weight
+    1), 0 when it is not there or ``row`` < 0. ``dense`` (float per track, all zero) is
+    left all zero."""
+    for i in range(len(cands)):
+        out[i, col] = 0.0
+    if row < 0 or row >= len(total) or total[row] <= 0.0:
+        return
+    scale = 1.0 / total[row]
+    s = start[row]
+    for p in range(s, s + size[row]):
+        dense[nbr[p]] = val[p] * scale
+    for i in range(len(cands)):
+        out[i, col] = dense[cands[i]]
+    for p in range(s, s + size[row]):
+        dense[nbr[p]] = 0.0

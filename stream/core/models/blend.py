@@ -1,16 +1,20 @@
-"""The learned blend: online pairwise learning-to-rank over the components' candidates.
+"""The learned blend: online learning-to-rank over the components' candidates.
 
 For each play, the candidates ranked for the listener *before* learning it (test-then-train)
-become examples: the played track, when it is a candidate, is the positive, and
-``negatives`` other candidates -- drawn from the ones ranked highest, by a seeded hash, so
-the run is deterministic -- are negatives. Each (positive, negative) pair is one SGD step of
-a logistic regression on the feature difference (a linear RankNet: ``P(pos above neg)
-= sigmoid(w . (x_pos - x_neg))``, no intercept), in numpy: ``w -= lr * (-d / (1 +
-exp(w . d)) + l2 * w)`` -- the update river's ``LogisticRegression`` with ``SGD(lr)`` and
-``l2`` makes (its per-dict path was the blend's learning cost; the weights agree with
-river's to rounding, unit test ``test_learned_blend_matches_river``). Ranking is then
-``w . x`` per candidate plus a tiny multiple of the fixed blend's score (feature
-``prior``) so that an untrained model ranks as the fixed blend does and ties break by it.
+are the example: the played track, when it is a candidate, is the positive. The default
+step (``loss="softmax"``, session 16) is ListNet's: one SGD step on the log-probability
+that the played track comes first under ``softmax(X @ w)`` over the whole list, ``w +=
+lr_t * (x_pos - sum_j p_j x_j - l2 * w)``, with ``lr_t = learning_rate / sqrt(1 + t /
+lr_decay)`` after ``t`` steps. It corrects the candidates the model ranks high most,
+which is what HR@10 and MRR@10 count; the pairwise step before it (``loss="pairwise"``,
+kept for old checkpoints and comparison) was a logistic regression on the difference of
+the positive and ``negatives`` candidates drawn by a seeded hash (a linear RankNet:
+``w -= lr * (-d / (1 + exp(w . d)) + l2 * w)``, the update river's ``LogisticRegression``
+with ``SGD(lr)`` makes, unit test ``test_learned_blend_matches_river``), which optimises
+the order of random pairs (AUC), not the top of the list. Ranking is ``w . x`` per
+candidate plus a tiny multiple of the fixed blend's score (feature ``prior``) so that an
+untrained model ranks as the fixed blend does and ties break by it. Both steps are
+deterministic (the softmax draws nothing; the pairwise draw is a seeded hash).
 
 Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 
@@ -34,7 +38,13 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 - ``sr_x_stan`` / ``sr_x_cooc``: products of the normalised scores (the sources agree);
 - ``s_cooc_long`` / ``r_cooc_long`` / ``hist_cooc_long``: co-occurrence queried with the
   listener's longer history (``blend_cooc_window`` = 30 plays, decay 0.9, against 10 and
-  0.8 for ``s_cooc``), and its product with the history length.
+  0.8 for ``s_cooc``), and its product with the history length;
+- ``log_cooc`` / ``log_stan`` / ``log_sr`` / ``log_cooc_long``: :func:`log_score` of the
+  normalised scores (a linear model over ``s`` cannot tell a weak from a very weak
+  candidate; both are ~0);
+- ``s_sr_last`` / ``s_cooc_last`` / ``r_sr_last`` / ``r_cooc_last``: the sequential rules
+  and co-occurrence neighbours of the listener's last play alone (normalised score and
+  reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away.
 """
 
 from __future__ import annotations
@@ -62,13 +72,35 @@ FEATURES: Final = (
     "s_artist", "r_artist", "s_own", "r_own",
     "share_cooc", "share_stan", "share_sr", "sr_x_stan", "sr_x_cooc",
     "s_cooc_long", "r_cooc_long", "hist_cooc_long",
+    "log_cooc", "log_stan", "log_sr", "log_cooc_long",
+    "s_sr_last", "s_cooc_last", "r_sr_last", "r_cooc_last",
 )
 N_FEATURES: Final = len(FEATURES)
 Float32Array = npt.NDArray[np.float32]
 #: weight of the fixed blend's score added to the learned one (order of an untrained model)
 PRIOR_EPS: Final = 1e-3
+#: the training steps (``loss``): a softmax over the whole list (ListNet), or logistic
+#: pairs against sampled negatives (RankNet; the blend's step before session 16)
+LOSSES: Final = ("softmax", "pairwise")
+#: the log features' scale: ``log(s) / LOG_SCALE + 1``, clipped at 0 (s below e**-7 ~ 0.001)
+LOG_SCALE: Final = 7.0
 
 _MASK64: Final = (1 << 64) - 1
+
+
+def log_score(values: FloatArray) -> FloatArray:
+    """The ``log_*`` features of max-normalised scores ``values`` (in [0, 1]): ``log(v) /
+    LOG_SCALE + 1`` clipped at 0, and 0 where ``v`` is 0 -- the reference of the compiled
+    ``blend_features``. A linear model over ``s`` alone cannot tell 0.01 from 0.001 (both
+    ~0); on MovieLens the log of the SR and STAN scores carried most of session 16's gain.
+
+    >>> log_score(np.array([0.0, 1.0, math.exp(-3.5), 1e-5])).tolist()
+    [0.0, 1.0, 0.5, 0.0]
+    """
+    # math.log per value, as the compiled kernel computes it (numpy's SIMD log may differ
+    # in the last bit)
+    return np.array([max(math.log(v) / LOG_SCALE + 1.0, 0.0) if v > 0.0 else 0.0
+                     for v in values.tolist()], dtype=np.float64)
 
 
 def _mix(x: int) -> int:
@@ -80,42 +112,56 @@ def _mix(x: int) -> int:
 
 
 class LearnedBlend:
-    """Online pairwise logistic ranking over candidate feature rows.
+    """Online linear ranking over candidate feature rows (softmax or pairwise steps).
 
     >>> import numpy as np
     >>> m = LearnedBlend(seed=1)
     >>> X = np.zeros((3, N_FEATURES)); X[:, 2] = [0.0, 1.0, 0.2]  # s_stan
     >>> for i in range(50):
-    ...     m.learn(X, positive=1, key=i)
+    ...     _ = m.learn(X, positive=1, key=i)
     >>> int(np.argmax(m.score(X)))
     1
     """
 
     def __init__(
         self,
-        learning_rate: float = 0.01,
+        learning_rate: float = 0.05,
         l2: float = 1e-5,
         negatives: int = 3,
         hard_pool: int = 1000,
         prior_init: float = 1.0,
         seed: int = 0,
+        loss: str = "softmax",
+        lr_decay: float = 3000.0,
     ) -> None:
         check_positive("learning_rate", learning_rate)
         check_positive("l2", l2, allow_zero=True)
+        check_positive("lr_decay", lr_decay, allow_zero=True)
         if negatives < 1 or hard_pool < 1:
             raise ValueError("negatives and hard_pool must be >= 1")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
         self.learning_rate = learning_rate
         self.l2 = l2
         self.negatives = negatives
         self.hard_pool = hard_pool
         self.prior_init = prior_init
         self.seed = seed
+        self.loss = loss
+        #: the step size after t steps is learning_rate / sqrt(1 + t / lr_decay) (0: constant)
+        self.lr_decay = lr_decay
         # start from the fixed blend (weight prior_init on its score) and learn from there
         self._w: FloatArray = np.zeros(N_FEATURES)
         self._w[0] = prior_init
         self.n_learned = 0  # lists learned from
-        self.n_pairs = 0
+        self.n_pairs = 0  # step rows applied (pairs, or one per list with the softmax)
         self.iterations = 0  # SGD steps (kept in the checkpoint as optimizer_iterations)
+
+    def step_size(self) -> float:
+        """The learning rate of the next step (decays with the steps taken, ``lr_decay``)."""
+        if not self.lr_decay:
+            return self.learning_rate
+        return self.learning_rate / math.sqrt(1.0 + self.iterations / self.lr_decay)
 
     @property
     def weights(self) -> FloatArray:
@@ -143,14 +189,28 @@ class LearnedBlend:
 
     def pairs(self, X: FloatArray, positive: int, key: int,
               order: IntArray | None = None) -> Float32Array:
-        """The examples of one ranked list (see :meth:`learn`): one row ``x_pos - x_neg``
-        per chosen negative, as float32 (``0 x N_FEATURES`` when there is nothing to learn).
-        These rows are the blend's step: another worker's blend takes the same step from
-        them (:meth:`apply_pairs`; docs/scaling.md). Learns nothing. ``order``: the list's
-        ranking by these weights (``np.argsort(-score(X), kind="stable")``) if known."""
+        """The step rows of one ranked list (see :meth:`learn`), as float32 (``0 x
+        N_FEATURES`` when there is nothing to learn). These rows are the blend's step:
+        another worker's blend takes the same step from them (:meth:`apply_pairs`;
+        docs/scaling.md). Learns nothing.
+
+        With ``loss="softmax"`` (ListNet): one row, ``x_pos - sum_j p_j x_j`` with ``p``
+        the softmax of the list's scores ``X @ w`` -- the gradient of the log-probability
+        that the played track comes first; every candidate is pushed down in proportion
+        to how likely the model thought it, so the top of the list gets the strongest
+        correction (pairs on random negatives optimise the whole order, not the top).
+        With ``loss="pairwise"``: one row ``x_pos - x_neg`` per chosen negative, drawn by a
+        seeded hash of ``key`` from the list's first ``hard_pool`` (``order``: the list's
+        ranking by these weights, ``np.argsort(-score(X), kind="stable")``, if known)."""
         n = len(X)
         if n < 2 or not 0 <= positive < n:
             return np.zeros((0, N_FEATURES), dtype=np.float32)
+        if self.loss == "softmax":
+            z = X @ self._w
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            row: Float32Array = (X[positive] - p @ X).astype(np.float32)
+            return row.reshape(1, N_FEATURES)
         if order is None:
             order = np.argsort(-self.score(X), kind="stable")
         top = order[: self.hard_pool + 1]
@@ -166,25 +226,35 @@ class LearnedBlend:
         return diffs.reshape(len(chosen), N_FEATURES)
 
     def apply_pairs(self, diffs: Float32Array) -> int:
-        """One SGD step per row of ``diffs`` (``x_pos - x_neg`` of :meth:`pairs`, this
-        worker's or another's): the same step whichever worker ranked the list. Returns the
-        pairs learned. ``diffs`` must be validated (``n x N_FEATURES``, finite)."""
+        """One SGD step per row of ``diffs`` (the rows of :meth:`pairs`, this worker's or
+        another's): the same step whichever worker ranked the list. Returns the rows
+        learned. ``diffs`` must be validated (``n x N_FEATURES``, finite).
+
+        Softmax: ``w += lr_t * (d - l2 * w)`` (``d`` is already the gradient). Pairwise:
+        the logistic step on ``d = x_pos - x_neg``, ``w -= lr_t * (-d / (1 + exp(w . d))
+        + l2 * w)``. ``lr_t`` is :meth:`step_size`."""
         if diffs.ndim != 2 or diffs.shape[1] != N_FEATURES:
             raise ValueError(f"blend pairs: shape {diffs.shape}, expected (n, {N_FEATURES})")
         if not len(diffs):
             return 0
         w = self._w
-        lr, l2 = self.learning_rate, self.l2
+        l2 = self.l2
+        softmax = self.loss == "softmax"
         for d in diffs.astype(np.float64):
-            z = float(d @ w)
-            # river's Log loss gradient for label True (clamped like river for |z| > 18)
-            g = -math.exp(-z) if z > 18.0 else (-1.0 if z < -18.0 else -1.0 / (math.exp(z) + 1.0))
-            step = g * d
-            if l2:
-                step += l2 * w
-            w = w - lr * step
+            lr = self.step_size()
+            if softmax:
+                w = w + lr * (d - l2 * w) if l2 else w + lr * d
+            else:
+                z = float(d @ w)
+                # river's Log loss gradient for label True (clamped like river, |z| > 18)
+                g = (-math.exp(-z) if z > 18.0
+                     else (-1.0 if z < -18.0 else -1.0 / (math.exp(z) + 1.0)))
+                step = g * d
+                if l2:
+                    step += l2 * w
+                w = w - lr * step
+            self.iterations += 1
         self._w = w
-        self.iterations += len(diffs)
         self.n_learned += 1
         self.n_pairs += len(diffs)
         return len(diffs)
@@ -194,6 +264,8 @@ class LearnedBlend:
     _PARAMS: dict[str, Any] = {
         "learning_rate": float, "l2": float, "negatives": int, "hard_pool": int,
         "prior_init": float, "seed": int,
+        # optional: a checkpoint from before session 16 trained pairwise at a constant rate
+        "loss": (str, type(None)), "lr_decay": (float, type(None)),
     }
 
     def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -220,7 +292,14 @@ class LearnedBlend:
         """The blend :meth:`export_state` described, every field checked (ValueError names
         the bad one). ``vocabulary`` is accepted for the common signature (the blend holds
         no track ids)."""
+        stored = manifest.get("params") if isinstance(manifest, Mapping) else None
+        if isinstance(stored, Mapping):  # before session 16: no loss / lr_decay
+            manifest = {**manifest, "params": {"loss": None, "lr_decay": None, **stored}}
         params = get_params(manifest, where, cls._PARAMS)
+        if params["loss"] is None:
+            params["loss"] = "pairwise"
+        if params["lr_decay"] is None:
+            params["lr_decay"] = 0.0
         model: LearnedBlend = build(where, cls, params)
         weights = get_field(manifest, "weights", dict, where=where)
         unknown = set(weights) - set(FEATURES)
