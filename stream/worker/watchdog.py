@@ -251,13 +251,15 @@ class StallSampler:
     """Says *where* the event loop is held: a daemon thread that, while the loop's
     heartbeat (:meth:`beat`, called by :class:`LoopLagProbe`'s task) is older than
     ``threshold_s``, samples the loop thread's Python stack every ``interval_s``, and when
-    the episode ends logs (WARNING, at most one line per ``min_gap_s``) its length and the
-    stack seen most often, innermost ``depth`` frames. Off unless the worker's
+    the episode ends logs (WARNING, at most one line per ``min_gap_s``, but every episode
+    with ``always_cpu_s`` or more of the loop's own CPU) its length and the stack seen most
+    often, innermost ``depth`` frames. Off unless the worker's
     ``stall_sample_ms`` is set: a diagnostic for drills (the junk-ids drill found its loop
     stalls with it), costing one wake-up of a thread per ``interval_s``."""
 
     def __init__(self, threshold_s: float, interval_s: float = 0.005, depth: int = 14,
-                 min_gap_s: float = 1.0, log: logging.Logger | None = None) -> None:
+                 min_gap_s: float = 1.0, log: logging.Logger | None = None,
+                 always_cpu_s: float = 0.05) -> None:
         import threading
 
         if threshold_s <= 0:
@@ -266,6 +268,9 @@ class StallSampler:
         self.interval_s = interval_s
         self.depth = depth
         self.min_gap_s = min_gap_s
+        #: episodes with this much of the loop's own CPU are logged even within min_gap_s
+        #: (the 1M junk drill of session 16 had a 79 ms turn that no line named)
+        self.always_cpu_s = always_cpu_s
         self.log = log or logger
         self.loop_thread = threading.get_ident()
         self.last_beat = _monotonic()
@@ -334,7 +339,7 @@ class StallSampler:
             self.episodes.append((seconds, top))
             self.episodes.sort(key=lambda e: -e[0])
             del self.episodes[20:]
-            if now - last_log >= self.min_gap_s:
+            if now - last_log >= self.min_gap_s or cpu >= self.always_cpu_s:
                 last_log = now
                 self.log.warning("event loop held %.0f ms (%.0f ms of it the loop's own CPU "
                                  "work); %d/%d samples in: %s",

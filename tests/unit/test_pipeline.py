@@ -246,6 +246,34 @@ def test_tracks_waiting_for_a_similar_refresh_are_bounded_and_forget_evicted_one
     assert "junk-999" in p.touched_tracks and "junk-0" not in p.touched_tracks
 
 
+def test_evicted_tracks_are_forgotten_in_slices_both_ways() -> None:
+    """``Processor._forget_tracks_steps``: the evicted tracks leave ``touched_tracks`` and
+    ``similar_refreshed`` in slices (one piece held the loop 52-79 ms at the 500k cap),
+    whether it pops the evicted ids or walks the two maps for ids no longer known."""
+    import stream.processing.pipeline as pipeline
+
+    settings = load_settings(env={"STREAM_MAX_TRACKS": "100000"}, file=None)
+    p = Processor(settings, Recommender(), {}, lambda w: None, lambda d: None,
+                  clock=lambda: NOW_S)
+    for i in range(60):
+        p.process(rec(play(f"u{i}", f"t{i}", i), f"u{i}".encode()))
+    known = set(p.recommender.vocabulary.index)
+    # pop side: more waiting than evicted
+    p.touched_tracks.clear()
+    p.touched_tracks.update((f"gone-{i}", None) for i in range(5000))
+    p.touched_tracks.update((t, None) for t in known)
+    for i in range(5000):
+        p.similar_refreshed[f"gone-{i}"] = 1.0
+    steps = list(p._forget_tracks_steps([f"gone-{i}" for i in range(4000)]))
+    assert len(steps) == -(-4000 // pipeline.FORGET_SLICE) and len(steps) > 1
+    left = {f"gone-{i}" for i in range(4000, 5000)}
+    assert set(p.touched_tracks) == left | known and set(p.similar_refreshed) == left
+    # walk side: more evicted than waiting; only the unknown ids go, one shard a step
+    steps = list(p._forget_tracks_steps([f"x{i}" for i in range(10_000)]))
+    assert len(steps) == 1 + len(p.similar_refreshed.shards)
+    assert set(p.touched_tracks) == known and len(p.similar_refreshed) == 0
+
+
 def test_a_track_with_no_similar_tracks_gets_no_similar_key() -> None:
     p, _, _, _ = make()
     p.process(rec(play("lonely", "only-track", 0), b"lonely"))

@@ -174,3 +174,46 @@ def test_the_stall_sampler_tells_the_loops_own_work_from_not_running() -> None:
     assert sampler.last_episode is not None
     seconds, cpu = sampler.last_episode
     assert 0.25 <= cpu <= seconds + 0.02
+
+
+def test_the_stall_sampler_logs_every_episode_of_own_work_over_always_cpu_s() -> None:
+    """Within ``min_gap_s`` of a logged episode, one of sleeping is not logged, one with
+    ``always_cpu_s`` of the loop's own work is (a 79 ms turn of the 1M drill had no line)."""
+    import asyncio
+    import logging
+    import time
+
+    from stream.worker.watchdog import LoopLagProbe, StallSampler
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("test-stall-sampler-always")
+    log.addHandler(Keep())
+    log.propagate = False
+    sampler = StallSampler(threshold_s=0.05, interval_s=0.005, min_gap_s=100.0, log=log,
+                           always_cpu_s=0.1)
+
+    def burn() -> None:
+        end = time.thread_time() + 0.15
+        while time.thread_time() < end:
+            pass
+
+    async def go() -> None:
+        probe = LoopLagProbe(on_lag=lambda s: None, sampler=sampler)
+        task = asyncio.get_running_loop().create_task(probe.run())
+        await asyncio.sleep(0.05)
+        time.sleep(0.12)  # logged: the first episode
+        await asyncio.sleep(0.1)
+        time.sleep(0.12)  # not logged: within min_gap_s, no own work
+        await asyncio.sleep(0.1)
+        burn()  # logged all the same: 150 ms of own CPU
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(go())
+    assert len(sampler.episodes) == 3
+    assert len(lines) == 2 and "burn" in lines[1], lines
