@@ -865,7 +865,8 @@ class Recommender:
                 recent, *cooc.arena(), cooc.query_window, float(cooc.query_decay),
                 self.blend_cooc_window, float(self.blend_cooc_decay), *rules.arena(),
                 min(rules.query_window, n_session), float(rules.query_decay),
-                n_session, knn.query_window, *knn.query_inputs(session_token(state), now_ms),
+                n_session, knn.query_window,
+                *knn.query_inputs(session_token(state), now_ms, len(recent)),
                 a_rows, a_vals, o_rows, o_vals, top, ban, self._mark_buffer(size), sc.acc,
                 sc.best, sc.anchor, sc.touched, self._pos_buffer(size), n)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -327,12 +328,23 @@ def _sources(rec: Recommender, state: UserState, now: int, seen: SeenTracks, com
         ban[ban_rows] = False
 
 
-@pytest.mark.parametrize("repeats", [0, 200])
+_NO_LAMBDAS = {"lambda_position": None, "lambda_recency_ms": None, "lambda_distance": None}
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"repeats": 200}, {"session_scope": "recent"}, {"stan_params": _NO_LAMBDAS},
+    {"stan_params": {"query_window": 1}}, {"stan_params": {"query_window": 40}},
+], ids=["default", "repeats", "recent-scope", "stan-no-lambdas", "stan-window-1",
+        "stan-window-40"])
 def test_compiled_blend_candidates_match_the_python_queries(
-    datasets_dir: Path, repeats: int
+    datasets_dir: Path, settings: dict[str, Any]
 ) -> None:
+    """``blend_collect`` (one compiled call: co-occurrence, SR, STAN through the position
+    table, the gathering) against the models' own queries, under the settings that change
+    the STAN query (its window, its weights) and the session the queries read."""
+    repeats = settings.get("repeats", 0)
     events = load_events(datasets_dir / "movielens-100k", "movielens", limit=3000)
-    rec, states = Recommender(seed=2, repeats=repeats), {}
+    rec, states = Recommender(seed=2, **settings), {}
     rng = random.Random(3)
     for e in events:
         up = update_session(states.get(e.user_id), e)

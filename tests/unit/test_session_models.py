@@ -449,3 +449,65 @@ def test_fixed_ranker_learns_no_session_models_and_the_setting_is_validated() ->
     assert fixed.session_models and fixed.blend == "learned"
     run_recommender(fixed, artist_events(400)[300:])
     assert fixed.ranker.n_learned > 0 and fixed.own_history
+
+
+def test_stan_query_window_is_capped_naming_the_field() -> None:
+    """The position table is up to ``query_window ** 2`` floats: a huge window (from a
+    setting or a checkpoint) is refused, at construction and at import."""
+    from stream.core.models.stan import MAX_QUERY_WINDOW
+
+    SessionKNN(query_window=MAX_QUERY_WINDOW)
+    with pytest.raises(ValueError, match="query_window"):
+        SessionKNN(query_window=MAX_QUERY_WINDOW + 1)
+    model = SessionKNN()
+    for x in sessions()[:100]:
+        model.learn_one(x)
+    manifest, arrays = model.export_state()
+    bad = {**manifest, "params": {**manifest["params"], "query_window": 20_000}}
+    with pytest.raises(ValueError, match="query_window"):
+        SessionKNN.import_state(json_round_trip(bad), arrays)
+    with pytest.raises(ValueError, match="query_window"):
+        Recommender(stan_params={"query_window": 3000})
+
+
+def test_stan_position_table_grows_with_the_longest_query_only() -> None:
+    """Row ``l - 1`` of the table is :meth:`score`'s weights of an ``l``-track query; the
+    table is built for the queries asked for (doubling), not for ``query_window``."""
+    m = SessionKNN(query_window=1000, lambda_position=3.0)
+    table = m.position_table(5)
+    assert table.shape == (5, 5)
+    assert m.position_table(3) is table  # long enough: reused
+    grown = m.position_table(7)
+    assert grown.shape == (10, 10)
+    assert m.position_table(400).shape == (400, 400)
+    assert m.position_table(2000).shape == (1000, 1000)  # never past query_window
+    small = SessionKNN(query_window=4, lambda_position=None)
+    assert small.position_table(30).shape == (4, 4)
+    assert small.position_table().shape == (4, 4)
+    for nq in range(1, 11):
+        np.testing.assert_array_equal(grown[nq - 1, :nq], np.exp((np.arange(1, nq + 1) - nq) / 3.0))
+        assert not grown[nq - 1, nq:].any()
+    # a recommender with a long window keeps the table of its listeners' recent plays
+    rec = Recommender(seed=1, stan_params={"query_window": 1000})
+    run_recommender(rec, replay_events(300))
+    (table,) = rec.session_knn.__dict__["_q_table"].values()
+    assert 1 < len(table) <= 2 * 30  # max_recent = 30 plays; 1000 x 1000 would be 8 MB
+
+
+def test_stan_source_refuses_a_position_table_shorter_than_the_query() -> None:
+    """The compiled STAN query reads ``q_table[l - 1, :l]`` unchecked by numba: a table
+    built for shorter queries raises instead of reading past its end."""
+    from stream.core.models import _blend_kernels as _bk
+
+    m = SessionKNN(query_window=10)
+    for x in sessions()[:200]:
+        m.learn_one(x)
+    recent = np.array([m._vocab.index[f"t{i}"] for i in (1, 2, 3, 4, 5, 6)], dtype=np.int64)
+    now = 1_700_000_000_000 + 400 * 60_000
+    rows, vals = _bk.stan_source(recent, 6, 10, *m.query_inputs("zz", now, 6))
+    want_rows, want_vals = m.score([f"t{i}" for i in (1, 2, 3, 4, 5, 6)], "zz", now)
+    assert rows.tolist() == want_rows.tolist() and vals.tolist() == want_vals.tolist()
+    short = SessionKNN.import_state(*m.export_state())
+    with pytest.raises(ValueError, match="position table"):
+        _bk.stan_source(recent, 6, 10, *short.query_inputs("zz", now, 3))
+    assert not short._scratch["acc"].any() and (short._scratch["qmark"] == -1).all()

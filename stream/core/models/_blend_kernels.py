@@ -73,8 +73,9 @@ def stan_source(recent, n_session, window, q_table, serials, items, lengths, tim
     """``SessionKNN.score`` of the listener's session, on vocabulary rows: the query is
     the last ``min(n_session, window)`` of ``recent`` (oldest first, -1 = unknown), its
     distinct known rows in order, weighted by row ``l - 1`` of ``q_table``
-    (``SessionKNN.position_table``); the rest are :func:`stan_query`'s arguments. Returns
-    the touched rows and their scores; the scratch is left clean."""
+    (``SessionKNN.position_table(len(recent))``; ValueError if it is shorter); the rest
+    are :func:`stan_query`'s arguments. Returns the touched rows and their scores; the
+    scratch is left clean."""
     m = len(recent)
     take = min(n_session, window, m)
     q = np.empty(take, dtype=np.int64)
@@ -86,6 +87,8 @@ def stan_source(recent, n_session, window, q_table, serials, items, lengths, tim
             nq += 1
     if nq == 0:
         return np.empty(0, dtype=np.int64), np.empty(0)
+    if nq > len(q_table):  # built for shorter queries: reading past it would be garbage
+        raise ValueError("stan_source: the position table is shorter than the query")
     nt = stan_query(q[:nq], q_table[nq - 1, :nq], serials, items, lengths, times, p_start,
                     p_size, arena, now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched)
     out_rows = touched[:nt].copy()

@@ -177,7 +177,10 @@ class LearnedBlend:
 
     def score(self, X: FloatArray) -> FloatArray:
         """Ranking score per candidate row of ``X`` (``len(X) x N_FEATURES``):
-        ``X @ w + PRIOR_EPS * X[:, 0]``, compiled (``_blend_kernels.blend_scores``)."""
+        ``X @ w + PRIOR_EPS * X[:, 0]``, compiled (``_blend_kernels.blend_scores``, which
+        does not check bounds: a wrong shape raises ValueError here)."""
+        if X.ndim != 2 or X.shape[1] != len(self._w):
+            raise ValueError(f"blend score: X has shape {X.shape}, expected (n, {len(self._w)})")
         out: FloatArray = blend_scores(np.ascontiguousarray(X, dtype=np.float64), self._w,
                                        PRIOR_EPS)
         return out

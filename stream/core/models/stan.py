@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import numba
 import numpy as np
@@ -58,6 +58,11 @@ from stream.core.models.base import FloatArray, Interaction, check_positive
 
 _jit: Any = numba.njit(cache=True, nogil=True)
 Int32Array = npt.NDArray[np.int32]
+
+#: the largest ``query_window`` accepted (constructor and checkpoint): the position table
+#: (:meth:`SessionKNN.position_table`) holds up to ``query_window ** 2`` floats (8 MB at
+#: 1000), and a query is the listener's recent plays anyway (``max_recent``, 30 by default)
+MAX_QUERY_WINDOW: Final = 1000
 
 _FIRST_CAP = 4
 
@@ -270,6 +275,8 @@ class SessionKNN(VocabularyModel):
                             ("session_length", session_length), ("query_window", query_window)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if query_window > MAX_QUERY_WINDOW:
+            raise ValueError(f"query_window must be <= {MAX_QUERY_WINDOW}, got {query_window}")
         for name, lam in (("lambda_position", lambda_position),
                           ("lambda_recency_ms", lambda_recency_ms),
                           ("lambda_distance", lambda_distance)):
@@ -393,32 +400,39 @@ class SessionKNN(VocabularyModel):
         acc[out_rows] = 0.0
         return out_rows, out_scores
 
-    def query_inputs(self, user_id: str, now_ms: int) -> tuple[Any, ...]:
+    def query_inputs(self, user_id: str, now_ms: int, longest: int | None = None
+                     ) -> tuple[Any, ...]:
         """What :func:`stan_query` reads besides the query rows, their weights and the
         time, for a caller that runs the (non-plain) query inside its own compiled call
         (the learned blend's :func:`~stream.core.models._blend_kernels.blend_collect`):
-        :meth:`position_table`, the sessions, the postings, the time, the listener's open
-        session, ``k``, 1/λ2, 1/λ3 and the scratch (see :meth:`clear_scratch`)."""
+        :meth:`position_table` (for queries of up to ``longest`` tracks), the sessions, the
+        postings, the time, the listener's open session, ``k``, 1/λ2, 1/λ3 and the scratch
+        (see :meth:`clear_scratch`)."""
         lam2, lam3 = self.lambda_recency_ms, self.lambda_distance
         qmark, slot_mark, acc, touched = self._buffers(len(self._vocab))
-        return (self.position_table(), self._serials, self._items, self._lengths,
+        return (self.position_table(longest), self._serials, self._items, self._lengths,
                 self._times, self._p_start, self._p_size, self._arena, now_ms,
                 self._open.get(user_id, -1), self.k,
                 0.0 if lam2 is None else 1.0 / lam2, 0.0 if lam3 is None else 1.0 / lam3,
                 qmark, slot_mark, acc, touched)
 
-    def position_table(self) -> FloatArray:
+    def position_table(self, longest: int | None = None) -> FloatArray:
         """Row ``l - 1`` holds STAN's position weights of an ``l``-track query (the
-        arrays :meth:`score` uses, copied: the same floats), ``l`` up to ``query_window``."""
+        arrays :meth:`score` uses, copied: the same floats), ``l`` up to at least
+        ``min(longest, query_window)`` (``None``: ``query_window``). Built on demand and
+        grown by doubling (up to ``query_window``): it holds the square of the longest
+        query asked for, not of ``query_window`` (a query is the listener's recent plays)."""
+        top = self.query_window
+        need = top if longest is None else min(max(longest, 1), top)
         lam1 = self.lambda_position
         cache = self.__dict__.setdefault("_q_table", {})
-        table: FloatArray | None = cache.get((self.query_window, lam1))
-        if table is None:
-            w = self.query_window
+        table: FloatArray | None = cache.get((top, lam1))
+        if table is None or len(table) < need:
+            w = need if table is None else min(max(need, 2 * len(table)), top)
             table = np.zeros((w, w))
             for nq in range(1, w + 1):
                 table[nq - 1, :nq] = self._position_weights(nq, lam1)
-            cache[w, lam1] = table
+            cache[top, lam1] = table
         return table
 
     def clear_scratch(self) -> None:
