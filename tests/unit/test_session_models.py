@@ -3,7 +3,9 @@ Recommender variants built on them: behaviour, bounds, and state export -> impor
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,12 @@ import pytest
 
 from stream.core.events import PlayEvent
 from stream.core.models.base import Interaction
-from stream.core.models.blend import FEATURES, N_FEATURES, LearnedBlend
+from stream.core.models.blend import (
+    FEATURES,
+    N_FEATURES,
+    OLD_CHECKPOINT_DEFAULTS,
+    LearnedBlend,
+)
 from stream.core.models.rules import SequentialRules
 from stream.core.models.stan import SessionKNN
 from stream.core.recommender import VARIANTS, Recommender, SeenTracks
@@ -198,21 +205,47 @@ def test_learned_blend_softmax_step() -> None:
         LearnedBlend(lr_decay=-1.0)
 
 
-def test_a_blend_checkpoint_from_before_session_16_restores_pairwise() -> None:
+def test_a_blend_checkpoint_from_before_session_16_learns_with_the_softmax_step() -> None:
     """Checkpoints written before the softmax step have no ``loss`` / ``lr_decay`` and
-    no weights for the newer features: they restore as the pairwise, constant-rate blend
-    they were, the newer features at weight 0."""
+    no weights for the newer features: they restore their weights (the newer features at
+    0) and their step count, and from then on learn with today's defaults (softmax, the
+    default rates), which they also export; an explicit ``loss`` is kept."""
     old = LearnedBlend(seed=3, learning_rate=0.01, loss="pairwise", lr_decay=0.0)
+    rng = np.random.default_rng(4)
+    for i in range(20):
+        old.learn(rng.random((12, N_FEATURES)), int(rng.integers(12)), key=i)
     manifest = json_round_trip(old.export_state()[0])
     del manifest["params"]["loss"], manifest["params"]["lr_decay"]
     manifest["weights"] = {f: w for f, w in manifest["weights"].items()
-                           if not f.startswith(("log_", "s_sr_last", "r_sr_last"))}
+                           if f not in FEATURES[31:]}
     twin = LearnedBlend.import_state(manifest, {})
-    assert (twin.loss, twin.lr_decay, twin.step_size()) == ("pairwise", 0.0, 0.01)
-    assert twin.weights.tolist() == old.weights.tolist()
+    fresh = LearnedBlend()
+    assert (twin.loss, twin.learning_rate, twin.lr_decay) == (
+        fresh.loss, fresh.learning_rate, fresh.lr_decay) == ("softmax", 0.05, 3000.0)
+    t = old.iterations
+    assert twin.iterations == t > 20  # t kept: the rate goes on decaying from there
+    assert twin.step_size() == pytest.approx(0.05 / math.sqrt(1 + t / 3000))
+    assert twin.weights[:31].tolist() == old.weights[:31].tolist()
+    assert not twin.weights[31:].any()
+    X = rng.random((12, N_FEATURES))
+    expected = twin.weights + twin.step_size() * (
+        twin.pairs(X, 2, key=0)[0].astype(np.float64) - twin.l2 * twin.weights)
+    assert twin.learn(X, 2, key=0) == 1  # one softmax row, not `negatives` pairs
+    assert twin.weights == pytest.approx(expected)
+    assert twin.weights[31:].any()
+    assert twin.export_state()[0]["params"]["loss"] == "softmax"
+    kept = LearnedBlend.import_state({**manifest, "params": {
+        **manifest["params"], "loss": "pairwise", "lr_decay": 0.0}}, {})
+    assert (kept.loss, kept.learning_rate, kept.lr_decay) == ("pairwise", 0.01, 0.0)
     with pytest.raises(ValueError, match="loss"):
         LearnedBlend.import_state({**manifest, "params": {**manifest["params"],
                                                           "loss": "other"}}, {})
+
+
+def test_the_defaults_of_an_old_checkpoint_are_the_constructors() -> None:
+    defaults = {name: p.default for name, p in
+                inspect.signature(LearnedBlend.__init__).parameters.items()}
+    assert {k: defaults[k] for k in OLD_CHECKPOINT_DEFAULTS} == OLD_CHECKPOINT_DEFAULTS
 
 
 def test_learned_blend_is_deterministic_under_a_seed() -> None:

@@ -86,6 +86,11 @@ LOSSES: Final = ("softmax", "pairwise")
 LOG_SCALE: Final = 7.0
 
 _MASK64: Final = (1 << 64) - 1
+#: what a checkpoint without a ``loss`` (written before session 16: pairwise steps at a
+#: constant rate) learns with once restored: today's default step and rates; its weights
+#: and step count ``optimizer_iterations`` (t) are kept, so the rate goes on decaying from
+#: where a model trained that long would be (the constructor's defaults: a unit test checks)
+OLD_CHECKPOINT_DEFAULTS: Final[dict[str, Any]] = {"loss": "softmax", "learning_rate": 0.05, "lr_decay": 3000.0}
 
 
 def log_score(values: FloatArray) -> FloatArray:
@@ -267,7 +272,7 @@ class LearnedBlend:
     _PARAMS: dict[str, Any] = {
         "learning_rate": float, "l2": float, "negatives": int, "hard_pool": int,
         "prior_init": float, "seed": int,
-        # optional: a checkpoint from before session 16 trained pairwise at a constant rate
+        # optional: a checkpoint from before session 16 has neither (OLD_CHECKPOINT_DEFAULTS)
         "loss": (str, type(None)), "lr_decay": (float, type(None)),
     }
 
@@ -300,9 +305,11 @@ class LearnedBlend:
             manifest = {**manifest, "params": {"loss": None, "lr_decay": None, **stored}}
         params = get_params(manifest, where, cls._PARAMS)
         if params["loss"] is None:
-            params["loss"] = "pairwise"
-        if params["lr_decay"] is None:
-            params["lr_decay"] = 0.0
+            # a checkpoint from before the softmax step (session 16) keeps its weights and
+            # its step count t, and learns from now on with today's defaults
+            params.update(OLD_CHECKPOINT_DEFAULTS)
+        elif params["lr_decay"] is None:
+            params["lr_decay"] = OLD_CHECKPOINT_DEFAULTS["lr_decay"]
         model: LearnedBlend = build(where, cls, params)
         weights = get_field(manifest, "weights", dict, where=where)
         unknown = set(weights) - set(FEATURES)
