@@ -90,7 +90,8 @@ _MASK64: Final = (1 << 64) - 1
 #: constant rate) learns with once restored: today's default step and rates; its weights
 #: and step count ``optimizer_iterations`` (t) are kept, so the rate goes on decaying from
 #: where a model trained that long would be (the constructor's defaults: a unit test checks)
-OLD_CHECKPOINT_DEFAULTS: Final[dict[str, Any]] = {"loss": "softmax", "learning_rate": 0.05, "lr_decay": 3000.0}
+OLD_CHECKPOINT_DEFAULTS: Final[dict[str, Any]] = {
+    "loss": "softmax", "learning_rate": 0.05, "lr_decay": 3000.0}
 
 
 def log_score(values: FloatArray) -> FloatArray:
