@@ -56,7 +56,7 @@ from stream.core.models._vocab import (
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction
-from stream.core.models.blend import N_FEATURES, LearnedBlend
+from stream.core.models.blend import N_FEATURES, LearnedBlend, usable_rows
 from stream.core.models.cooccurrence import SessionCooccurrence
 from stream.core.models.drift import SkipRateDrift
 from stream.core.models.factorization import Float32Array, ImplicitMF
@@ -525,6 +525,8 @@ class Recommender:
             if pairs is not None and (pairs.ndim != 2 or pairs.shape[1] != N_FEATURES):
                 raise ValueError(f"item step blend pairs: shape {pairs.shape}, "
                                  f"expected (n, {N_FEATURES})")
+            if pairs is not None and not usable_rows(pairs):
+                raise ValueError("item step blend pairs: not finite or too large")
             position = s.position
             x = Interaction(
                 user_id="", track_id=s.track_id, ts_ms=s.ts_ms, skipped=s.skipped,
@@ -549,7 +551,8 @@ class Recommender:
                     self.rules.learn_one(x)
                 self._first_seen(s.track_id, s.ts_ms)
                 if learn_blend and pairs is not None and s.blend_loss == self.ranker.loss:
-                    self.ranker.apply_pairs(pairs)
+                    with contextlib.suppress(ValueError):  # a weight beyond MAX_WEIGHT
+                        self.ranker.apply_pairs(pairs)
             n += 1
         return n
 
@@ -747,10 +750,14 @@ class Recommender:
         hit = np.flatnonzero(rows == row)
         if not len(hit):
             return None
+        # only finite rows within MAX_ROW_VALUE (what a receiver takes), else none
         pairs = self.ranker.pairs(X, int(hit[0]), key=self.n_learned, order=order)
         if not len(pairs):
             return None
-        self.ranker.apply_pairs(pairs)
+        try:
+            self.ranker.apply_pairs(pairs)
+        except ValueError:  # the step would take a weight beyond MAX_WEIGHT: not taken
+            return None
         return pairs
 
     def _session_items(self, state: UserState) -> list[str]:

@@ -48,7 +48,7 @@ from stream.core.events import (
     check_id,
     check_text,
 )
-from stream.core.models.blend import LOSSES, N_FEATURES
+from stream.core.models.blend import LOSSES, MAX_ROW_VALUE, N_FEATURES
 from stream.core.models.skip import FEATURE_NAMES
 from stream.core.recommender import ITEM_HISTORY, LearnResult, Recommender, same_array
 from stream.core.session import SessionUpdate
@@ -63,7 +63,8 @@ MAX_FACTOR_VALUE: Final = 1e4
 MAX_FEATURE_VALUE: Final = 1e3
 MAX_SESSION_TOKEN_LEN: Final = 64
 #: the most learned-blend pairs one signal may carry (the blend's ``negatives``, 3 by
-#: default), each N_FEATURES float32 values bounded by MAX_FEATURE_VALUE
+#: default), each N_FEATURES float32 values bounded by the blend's MAX_ROW_VALUE (1e3: what
+#: its owner applies too)
 MAX_BLEND_PAIRS: Final = 16
 #: the most features a blend step row may name (a sender with more is dropped as unusable)
 MAX_BLEND_FEATURES: Final = 256
@@ -325,7 +326,7 @@ def _blend_rows(value: object, n: int) -> np.ndarray:
     if not raw or len(raw) % row_bytes or len(raw) // row_bytes > MAX_BLEND_PAIRS:
         raise InvalidField("bad_value", f"signal 'g.r' is not rows of {n} float32")
     rows = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(-1, n)
-    if not np.all(np.isfinite(rows)) or float(np.abs(rows).max()) > MAX_FEATURE_VALUE:
+    if not np.all(np.isfinite(rows)) or float(np.abs(rows).max()) > MAX_ROW_VALUE:
         raise InvalidField("bad_value", "signal 'g.r' has values out of range")
     return rows
 

@@ -303,9 +303,13 @@ def test_signals_are_validated_as_untrusted_input() -> None:
     rec = Recommender(seed=0, n_factors=4)
     wrong = TrackSignal("w2", "t1", T0, False, (), factors=np.ones(3, np.float32))
     bad_pairs = TrackSignal("w2", "t3", T0, False, (), blend_pairs=np.ones((1, 5), np.float32))
-    counts = apply_signals(rec, [wrong, bad_pairs, TrackSignal("w2", "t2", T0, False, ())])
-    assert (counts.applied, counts.errors) == (1, 2)
-    assert "t3" not in rec.vocabulary.index
+    nan_pairs = TrackSignal("w2", "t4", T0, False, (), blend_loss="softmax",
+                            blend_pairs=np.full((1, N_FEATURES), np.nan, np.float32))
+    counts = apply_signals(rec, [wrong, bad_pairs, nan_pairs,
+                                 TrackSignal("w2", "t2", T0, False, ())])
+    assert (counts.applied, counts.errors) == (1, 3)
+    assert "t3" not in rec.vocabulary.index and "t4" not in rec.vocabulary.index
+    assert np.isfinite(rec.ranker.weights).all()
     assert "t1" not in rec.vocabulary.index and "t2" in rec.vocabulary.index
 
 

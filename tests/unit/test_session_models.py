@@ -15,6 +15,9 @@ from stream.core.events import PlayEvent
 from stream.core.models.base import Interaction
 from stream.core.models.blend import (
     FEATURES,
+    LOSSES,
+    MAX_ROW_VALUE,
+    MAX_WEIGHT,
     N_FEATURES,
     OLD_CHECKPOINT_DEFAULTS,
     LearnedBlend,
@@ -240,6 +243,80 @@ def test_a_blend_checkpoint_from_before_session_16_learns_with_the_softmax_step(
     with pytest.raises(ValueError, match="loss"):
         LearnedBlend.import_state({**manifest, "params": {**manifest["params"],
                                                           "loss": "other"}}, {})
+
+
+def test_a_non_finite_or_huge_step_is_never_taken() -> None:
+    """One non-finite feature, or weights so large the scores overflow, would turn the
+    softmax row (and then the weights) NaN for good: such a list gives no rows, rows that
+    are not finite or beyond MAX_ROW_VALUE are refused, a step that would take a weight
+    beyond MAX_WEIGHT is not taken, and a checkpoint's weights are bounded."""
+    manifest = json_round_trip(LearnedBlend().export_state()[0])
+    manifest["weights"]["prior"] = 1.7e308  # finite, but every score overflows
+    with pytest.raises(ValueError, match=r"ranker\.weights\.prior"):
+        LearnedBlend.import_state(manifest, {})
+    manifest["weights"]["prior"] = -MAX_WEIGHT
+    assert LearnedBlend.import_state(manifest, {}).weights[0] == -MAX_WEIGHT
+    rng = np.random.default_rng(1)
+    for loss in LOSSES:
+        m = LearnedBlend(loss=loss)
+        X = rng.random((30, N_FEATURES))
+        X[17, 5] = X[3, 7] = np.inf  # one candidate's feature, and the positive's
+        assert m.pairs(X, 3, key=0).shape == (0, N_FEATURES)
+        assert m.learn(X, 3, key=0) == 0
+        X[3, 7], X[17, 5] = 0.5, 5e3
+        assert m.learn(X, 17, key=0) == 0  # a row beyond MAX_ROW_VALUE
+        if loss == "softmax":  # as if it got there: the scores overflow
+            m._w = np.full(N_FEATURES, 1e307)
+            assert m.pairs(rng.random((30, N_FEATURES)), 3, key=0).shape == (0, N_FEATURES)
+        m = LearnedBlend(loss=loss)
+        for bad in (np.nan, np.inf, 2 * MAX_ROW_VALUE):
+            rows = np.ones((1, N_FEATURES), np.float32)
+            rows[0, 4] = bad
+            with pytest.raises(ValueError, match="not finite or beyond"):
+                m.apply_pairs(rows)
+        assert (m.iterations, m.n_pairs) == (0, 0)
+    m = LearnedBlend(learning_rate=1e9, lr_decay=0.0)
+    with pytest.raises(ValueError, match="would exceed"):
+        m.apply_pairs(np.full((1, N_FEATURES), 900.0, np.float32))
+    assert (m.iterations, m.weights[0]) == (0, 1.0)
+    assert np.isfinite(m.weights).all()
+
+
+def test_the_owner_sends_and_takes_only_usable_blend_rows() -> None:
+    """The owner's own rows go through the check a receiver applies: a list with a
+    non-finite feature gives no step (nothing learned, nothing sent)."""
+    rec = Recommender(seed=0)
+    states: dict[str, UserState] = {}
+    events = replay_events(200)
+    for e in events[:150]:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+    twin = Recommender.import_state(*rec.export_state())
+    twin_states = {u: st.copy() for u, st in states.items()}
+    stepped = 0
+    for e in events[150:]:  # unpoisoned, the same plays give blend steps
+        up = update_session(twin_states.get(e.user_id), e)
+        stepped += twin.learn_one(up, e).step.blend_pairs is not None  # type: ignore[union-attr]
+        twin_states[e.user_id] = up.state
+    assert stepped >= 10
+    real = rec._blend_candidates
+
+    def poisoned(*args: Any) -> Any:
+        rows, X, *rest = real(*args)
+        X = X.copy()
+        X[:, 5] = np.inf
+        return (rows, X, *rest)
+
+    rec._blend_candidates = poisoned  # type: ignore[method-assign]
+    before, t = rec.ranker.weights, rec.ranker.iterations
+    steps = []
+    for e in events[150:]:
+        up = update_session(states.get(e.user_id), e)
+        steps.append(rec.learn_one(up, e).step)
+        states[e.user_id] = up.state
+    assert all(s is not None and s.blend_pairs is None for s in steps)
+    assert rec.ranker.iterations == t and rec.ranker.weights.tolist() == before.tolist()
 
 
 def test_the_defaults_of_an_old_checkpoint_are_the_constructors() -> None:
