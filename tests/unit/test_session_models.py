@@ -319,6 +319,29 @@ def test_the_owner_sends_and_takes_only_usable_blend_rows() -> None:
     assert rec.ranker.iterations == t and rec.ranker.weights.tolist() == before.tolist()
 
 
+def test_a_checkpoint_cannot_freeze_the_blend() -> None:
+    """A decay below 1 or a step count t above the rows ever applied would make the rate
+    ~0 after a few steps: refused in the constructor and on import, naming the field."""
+    for bad in (0.5, 1e-9):
+        with pytest.raises(ValueError, match="lr_decay"):
+            LearnedBlend(lr_decay=bad)
+    assert LearnedBlend(lr_decay=1.0).lr_decay == 1.0 and LearnedBlend(lr_decay=0.0)
+    m = LearnedBlend(seed=1)
+    rng = np.random.default_rng(2)
+    for i in range(5):
+        m.learn(rng.random((10, N_FEATURES)), i, key=i)
+    manifest = json_round_trip(m.export_state()[0])
+    assert manifest["optimizer_iterations"] == manifest["n_pairs"] == 5
+    assert LearnedBlend.import_state(manifest, {}).step_size() == m.step_size()
+    for field, value in (("optimizer_iterations", 6), ("optimizer_iterations", 10**15),
+                         ("n_learned", 6)):
+        with pytest.raises(ValueError, match=f"ranker.{field}"):
+            LearnedBlend.import_state({**manifest, field: value}, {})
+    with pytest.raises(ValueError, match="lr_decay"):
+        LearnedBlend.import_state({**manifest, "params": {**manifest["params"],
+                                                          "lr_decay": 0.001}}, {})
+
+
 def test_the_defaults_of_an_old_checkpoint_are_the_constructors() -> None:
     defaults = {name: p.default for name, p in
                 inspect.signature(LearnedBlend.__init__).parameters.items()}

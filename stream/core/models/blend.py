@@ -158,6 +158,8 @@ class LearnedBlend:
         check_positive("learning_rate", learning_rate)
         check_positive("l2", l2, allow_zero=True)
         check_positive("lr_decay", lr_decay, allow_zero=True)
+        if 0 < lr_decay < 1:  # a few steps would all but freeze the blend
+            raise ValueError(f"lr_decay must be 0 (a constant rate) or >= 1, not {lr_decay}")
         if negatives < 1 or hard_pool < 1:
             raise ValueError("negatives and hard_pool must be >= 1")
         if loss not in LOSSES:
@@ -345,9 +347,13 @@ class LearnedBlend:
         clean = {name: get_field(weights, name, float, where=f"{where}.weights",
                                  lo=-MAX_WEIGHT, hi=MAX_WEIGHT)
                  for name in FEATURES if name in weights}
-        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
+        # every step applies one row (river's optimizer counted one per pair too) and
+        # every list learned gives at least one, so t <= n_pairs and n_learned <= n_pairs:
+        # a larger t would freeze the decaying rate
         model.n_pairs = get_field(manifest, "n_pairs", int, where=where, lo=0)
-        iterations = get_field(manifest, "optimizer_iterations", int, where=where, lo=0)
-        model.iterations = iterations
+        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0,
+                                    hi=model.n_pairs)
+        model.iterations = get_field(manifest, "optimizer_iterations", int, where=where,
+                                     lo=0, hi=model.n_pairs)
         model._w = np.array([clean.get(f, 0.0) for f in FEATURES])
         return model
