@@ -1032,8 +1032,16 @@ def _junk_ids_main(args: argparse.Namespace) -> int:
             w.kill()
     r["worker_log_tail"] = tail
     r["loop_stalls_sampled"] = stalls[-200:]
-    lag = r.get("loop_lag_max_ms")
-    ok = bool(r["worker_alive"] and r["real_lists_fresh"] and lag is not None and lag <= 50)
+    # the target (issue 15, item 5): no turn of the loop's own work over 50 ms. The wall
+    # lag also counts the time the machine did not run the worker (on a shared box the idle
+    # probe beside it shows how much): reported next to it, judged on its own
+    busy, lag = r.get("loop_busy_max_ms"), r.get("loop_lag_max_ms")
+    r["own_work_within_50ms"] = busy is not None and busy <= 50
+    r["wall_lag_within_50ms"] = lag is not None and lag <= 50
+    ok = bool(r["worker_alive"] and r["real_lists_fresh"] and r["own_work_within_50ms"])
+    print(f"[junk-ids] loop's own work per turn: longest {busy} ms (target <= 50); wall lag "
+          f"longest {lag} ms; idle probe beside it {r.get('idle_process_loop_lag')}",
+          file=sys.stderr)
     args.report.write_text(json.dumps({"ok": ok, "drills": [r]}, indent=2, default=str))
     summary = {k: v for k, v in r.items()
                if k not in ("series", "worker_log_tail", "loop_stalls_sampled")}

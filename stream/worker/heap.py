@@ -111,9 +111,12 @@ def one_blas_thread() -> int | None:
     event loop's own CPU for one list reached 40-50 ms, once 273 ms; with one thread its
     worst case in the same check was 5.5 ms against 7.2-13.9 ms (docs/benchmarks.md, "Loop
     stalls, session 16"). The worker runs one event loop: BLAS threads only compete with it."""
-    if any(name in os.environ for name in _BLAS_THREAD_VARS):
+    chosen = [name for name in _BLAS_THREAD_VARS if name in os.environ]
+    if chosen:
+        logger.info("BLAS threads: as the environment says (%s)", ", ".join(chosen))
         return None
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
+    logger.info("BLAS threads: 1 (set OPENBLAS_NUM_THREADS to choose)")
     return 1

@@ -7,7 +7,6 @@ partition, when this worker owns it) and from Redis
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any, Final
@@ -22,8 +21,9 @@ logger = logging.getLogger(__name__)
 
 #: most listeners evicted from the session table per batch
 SESSION_EVICT_BATCH: Final = 1024
-#: listeners restored from the changelog put in the eviction order per batch
-SESSION_SEED_CHUNK: Final = 20_000
+#: listeners restored from the changelog put in the eviction order per batch (the memory
+#: store: one of its 64 shards per batch instead; ChangelogTable.keys_chunks)
+SESSION_SEED_CHUNK: Final = 8_192
 
 
 class SessionBound:
@@ -79,8 +79,9 @@ class SessionBound:
         if self.sessions.approx_len() <= self.processor.max_sessions:
             return
         if self._seed is None:
-            self._seed = iter(self.sessions.keys_snapshot())
-        chunk = list(itertools.islice(self._seed, SESSION_SEED_CHUNK))
-        self.processor.track_sessions(chunk)
-        if len(chunk) < SESSION_SEED_CHUNK:
+            self._seed = self.sessions.keys_chunks(SESSION_SEED_CHUNK)
+        chunk = next(self._seed, None)
+        if chunk is None:
             self._seeded, self._seed = generation, None
+            return
+        self.processor.track_sessions(chunk)

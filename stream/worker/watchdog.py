@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -318,7 +319,7 @@ class StallSampler:
         stacks: Counter[str] = Counter()
         started: float | None = None
         started_cpu = 0.0
-        last_log = 0.0
+        last_log = -math.inf  # monotonic counts from boot: a young VM's first episode too
         while not self._halt.wait(self.interval_s):
             now = _monotonic()
             held = now - self.last_beat

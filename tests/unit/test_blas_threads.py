@@ -38,12 +38,13 @@ def _probe(env_extra: dict[str, str]) -> dict[str, object]:
 
 def test_the_worker_runs_blas_on_one_thread() -> None:
     result = _probe({})
-    assert result["before"]  # numpy's OpenBLAS is found (with one per core, 2 here)
+    # numpy's OpenBLAS is found, with a thread per core: on one core the limit shows nothing
+    assert max(result["before"]) >= 2, "needs >= 2 CPUs to show the limit"  # type: ignore[call-overload]
     assert result["after"] == [1] * len(result["before"])  # type: ignore[arg-type]
     assert result["again"] == 1
 
 
 def test_an_operator_thread_setting_is_left_alone() -> None:
     result = _probe({"OPENBLAS_NUM_THREADS": "2"})
-    assert result["after"] == [2] * len(result["after"]) and result["after"]  # type: ignore[operator]
+    assert result["after"] == result["before"] and result["after"]  # left alone
     assert result["again"] is None

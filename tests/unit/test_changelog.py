@@ -581,3 +581,15 @@ async def test_the_memory_store_keeps_its_listeners_in_shards_through_recovery()
     assert type(store.data) is ShardedDict
     assert "u1" not in table.data and table.data["u2"].seq == 7
     assert sorted(table.keys_snapshot()) == ["u2"]
+    # keys_chunks: one shard a list, each listed when asked for (the session bound's seed)
+    for i in range(300):
+        store.data[f"v{i}"] = None
+    chunks = table.keys_chunks(8)
+    first = next(chunks)
+    assert first == list(store.data.shards[0])
+    store.data["late"] = None  # after the first shard was listed
+    rest = list(chunks)
+    assert len(rest) == len(store.data.shards) - 1
+    listed = first + [k for c in rest for k in c]
+    assert sorted(listed) == sorted(table.keys_snapshot()) or (
+        "late" not in listed and sorted([*listed, "late"]) == sorted(table.keys_snapshot()))

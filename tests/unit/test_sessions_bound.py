@@ -3,6 +3,7 @@ with the pipeline's real eviction order and fakes of the Faust table, app and wr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -19,8 +20,10 @@ class FakeTable(dict[str, Any]):
         super().__init__({u: {"last_partition": p} for u, p in users.items()})
         self.deleted: list[tuple[str, int, bool]] = []
 
-    def keys_snapshot(self) -> list[str]:
-        return list(self)
+    def keys_chunks(self, size: int) -> Iterator[list[str]]:
+        keys = list(self)
+        for lo in range(0, len(keys), size):
+            yield keys[lo : lo + size]
 
     def approx_len(self) -> int:
         return len(self)
