@@ -56,7 +56,7 @@ from stream.core.models._vocab import (
     top_rows,
 )
 from stream.core.models.base import FloatArray, Interaction
-from stream.core.models.blend import N_FEATURES, LearnedBlend
+from stream.core.models.blend import N_FEATURES, LearnedBlend, usable_rows
 from stream.core.models.cooccurrence import SessionCooccurrence
 from stream.core.models.drift import SkipRateDrift
 from stream.core.models.factorization import Float32Array, ImplicitMF
@@ -142,6 +142,8 @@ class ItemStepLike(Protocol):
     def skip_features(self) -> Mapping[str, float] | None: ...
     @property
     def blend_pairs(self) -> Float32Array | None: ...
+    @property
+    def blend_loss(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,8 @@ class ItemStep:
     skip model's features (the skip model takes the same step), and the learned blend's
     step rows (:meth:`LearnedBlend.pairs`: one softmax gradient row per list, or
     ``x_pos - x_neg`` per pair with the pairwise loss; the blend takes the same step; None
-    when the owner's blend learned nothing from the play)."""
+    when the owner's blend learned nothing from the play) with the loss that made them
+    (``blend_loss``: a blend with another loss does not apply them)."""
 
     track_id: str
     ts_ms: int
@@ -171,6 +174,7 @@ class ItemStep:
     #: the owner's number of this play (its ``n_learned`` after learning it)
     seq: int = -1
     blend_pairs: Float32Array | None = None
+    blend_loss: str = ""
 
     def __eq__(self, other: object) -> bool:  # the factors are an array
         if not isinstance(other, ItemStep):
@@ -183,7 +187,8 @@ class ItemStep:
 
 
 _STEP_FIELDS: Final = ("track_id", "ts_ms", "skipped", "history", "artist_id", "context",
-                       "position", "session", "negatives", "skip_features", "seq")
+                       "position", "session", "negatives", "skip_features", "seq",
+                       "blend_loss")
 
 
 def same_array(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -474,6 +479,7 @@ class Recommender:
             position=x.session_position, session=token, factors=user_before,
             negatives=tuple([ids[r] for r in rows[1:]]), skip_features=skip_features,
             seq=self.n_learned, blend_pairs=blend_pairs,
+            blend_loss=self.ranker.loss if blend_pairs is not None else "",
         )
         return LearnResult(skip_probability, update.is_skip, self.drift.drift_detected, step)
 
@@ -505,7 +511,9 @@ class Recommender:
         Returns how many steps were applied. Steps must be validated
         input (``decode_batch`` of :mod:`stream.processing.replication`); a step whose
         factors or blend pairs do not fit this model raises ValueError before anything is
-        learned from it."""
+        learned from it. Blend rows made with another loss than this blend's
+        (``blend_loss``) are left out (:meth:`takes_blend_rows`), the rest of the step
+        applies."""
         n = 0
         learn_blend = self.blend == "learned"
         for s in steps:
@@ -517,6 +525,8 @@ class Recommender:
             if pairs is not None and (pairs.ndim != 2 or pairs.shape[1] != N_FEATURES):
                 raise ValueError(f"item step blend pairs: shape {pairs.shape}, "
                                  f"expected (n, {N_FEATURES})")
+            if pairs is not None and not usable_rows(pairs):
+                raise ValueError("item step blend pairs: not finite or too large")
             position = s.position
             x = Interaction(
                 user_id="", track_id=s.track_id, ts_ms=s.ts_ms, skipped=s.skipped,
@@ -540,10 +550,20 @@ class Recommender:
                 if position >= 0:
                     self.rules.learn_one(x)
                 self._first_seen(s.track_id, s.ts_ms)
-                if learn_blend and pairs is not None:
-                    self.ranker.apply_pairs(pairs)
+                if learn_blend and pairs is not None and s.blend_loss == self.ranker.loss:
+                    with contextlib.suppress(ValueError):  # a weight beyond MAX_WEIGHT
+                        self.ranker.apply_pairs(pairs)
             n += 1
         return n
+
+    def takes_blend_rows(self, step: ItemStepLike) -> bool | None:
+        """Whether :meth:`apply_item_steps` applies ``step``'s learned-blend rows: None
+        when it has none or this recommender does not rank with the learned blend, False
+        when they were made with another loss than this blend's (a mixed fleet during an
+        upgrade, or another ``blend_params``)."""
+        if step.blend_pairs is None or self.blend != "learned":
+            return None
+        return step.blend_loss == self.ranker.loss
 
     # -- partition-local listener state -----------------------------------------------------
 
@@ -730,10 +750,14 @@ class Recommender:
         hit = np.flatnonzero(rows == row)
         if not len(hit):
             return None
+        # only finite rows within MAX_ROW_VALUE (what a receiver takes), else none
         pairs = self.ranker.pairs(X, int(hit[0]), key=self.n_learned, order=order)
         if not len(pairs):
             return None
-        self.ranker.apply_pairs(pairs)
+        try:
+            self.ranker.apply_pairs(pairs)
+        except ValueError:  # the step would take a weight beyond MAX_WEIGHT: not taken
+            return None
         return pairs
 
     def _session_items(self, state: UserState) -> list[str]:

@@ -33,7 +33,7 @@ import binascii
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -48,7 +48,7 @@ from stream.core.events import (
     check_id,
     check_text,
 )
-from stream.core.models.blend import N_FEATURES
+from stream.core.models.blend import LOSSES, MAX_ROW_VALUE, N_FEATURES
 from stream.core.models.skip import FEATURE_NAMES
 from stream.core.recommender import ITEM_HISTORY, LearnResult, Recommender, same_array
 from stream.core.session import SessionUpdate
@@ -63,8 +63,15 @@ MAX_FACTOR_VALUE: Final = 1e4
 MAX_FEATURE_VALUE: Final = 1e3
 MAX_SESSION_TOKEN_LEN: Final = 64
 #: the most learned-blend pairs one signal may carry (the blend's ``negatives``, 3 by
-#: default), each N_FEATURES float32 values bounded by MAX_FEATURE_VALUE
+#: default), each N_FEATURES float32 values bounded by the blend's MAX_ROW_VALUE (1e3: what
+#: its owner applies too)
 MAX_BLEND_PAIRS: Final = 16
+#: the most features a blend step row may name (a sender with more is dropped as unusable)
+MAX_BLEND_FEATURES: Final = 256
+#: why a signal's learned-blend rows were left out while the rest of it applied: made by
+#: a blend with other features (``blend_features``) or another loss (``blend_loss``), or
+#: sent untagged by a worker before the tags (``blend_untagged``: its loss is unknown)
+BLEND_DROP_REASONS: Final = ("blend_features", "blend_loss", "blend_untagged")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,10 @@ class TrackSignal:
     #: one softmax gradient row, or one ``x_pos - x_neg`` row per pair with the pairwise
     #: loss (stream.core.models.blend.LearnedBlend.pairs), None: no blend step
     blend_pairs: np.ndarray | None = None
+    #: the loss that made ``blend_pairs`` ("softmax", "pairwise"; "" unknown)
+    blend_loss: str = ""
+    #: why the sender's blend rows were left out on decoding (BLEND_DROP_REASONS), ""
+    blend_dropped: str = ""
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TrackSignal):
@@ -104,7 +115,8 @@ class TrackSignal:
 
 
 _COMPARED: Final = ("worker", "track_id", "ts_ms", "skipped", "history", "artist_id",
-                    "context", "position", "session", "negatives", "skip_features", "seq")
+                    "context", "position", "session", "negatives", "skip_features", "seq",
+                    "blend_loss", "blend_dropped")
 
 
 def signal_from(
@@ -121,6 +133,7 @@ def signal_from(
             context=step.context, position=step.position, session=step.session,
             factors=step.factors, negatives=step.negatives,
             skip_features=step.skip_features, seq=step.seq, blend_pairs=step.blend_pairs,
+            blend_loss=step.blend_loss,
         )
     history = tuple(update.before.recent[-HISTORY_SENT:]) if update.before.recent else ()
     return TrackSignal(
@@ -156,8 +169,11 @@ def _as_dict(sig: TrackSignal) -> dict[str, object]:
     if sig.seq >= 0:
         out["i"] = sig.seq
     if sig.blend_pairs is not None and len(sig.blend_pairs):
-        out["b"] = base64.b64encode(
-            np.ascontiguousarray(sig.blend_pairs, dtype="<f4").tobytes()).decode("ascii")
+        # "g", not the untagged "b" of earlier senders: those ignore "g" (and apply the
+        # rest), where they would apply rows of another loss or drop the whole signal
+        out["g"] = {"l": sig.blend_loss, "n": int(sig.blend_pairs.shape[1]),
+                    "r": base64.b64encode(np.ascontiguousarray(
+                        sig.blend_pairs, dtype="<f4").tobytes()).decode("ascii")}
     return out
 
 
@@ -172,6 +188,7 @@ MAX_WORKER_ID_LEN: Final = 64
 SIGNAL_REJECTION_REASONS: Final = (
     *REJECTION_REASONS,
     "too_many_signals",
+    *BLEND_DROP_REASONS,
 )
 
 
@@ -221,6 +238,7 @@ def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> Track
     history = tuple(check_id(t, "h") for t in raw_history)
     artist = d.get("a")
     context = d.get("c")
+    blend_pairs, blend_loss, blend_dropped = _blend_step(d.get("g"), d.get("b"))
     return TrackSignal(
         worker=worker,
         track_id=track,
@@ -236,7 +254,7 @@ def _from_dict(worker: str, d: object, now_ms: int, max_future_ms: int) -> Track
         negatives=_negatives(d.get("n")),
         skip_features=_skip_features(d.get("x")),
         seq=_seq(d.get("i")),
-        blend_pairs=_blend_pairs(d.get("b")),
+        blend_pairs=blend_pairs, blend_loss=blend_loss, blend_dropped=blend_dropped,
     )
 
 
@@ -273,21 +291,43 @@ def _factors(value: object) -> np.ndarray | None:
     return vec
 
 
-def _blend_pairs(value: object) -> np.ndarray | None:
-    if value is None:
-        return None
-    row_bytes = 4 * N_FEATURES
+def _blend_step(tagged: object, untagged: object
+                ) -> tuple[np.ndarray | None, str, str]:
+    """The learned-blend rows of a signal (``g``: ``{"l": loss, "n": features, "r": base64
+    of float32 rows}``), their loss and why they were left out ("" if not): rows of
+    another feature count or an unknown loss, or an untagged ``b`` of an earlier sender,
+    are dropped alone (the rest of the signal applies); a malformed ``g`` rejects the
+    signal."""
+    if tagged is None:
+        return None, "", "" if untagged is None else "blend_untagged"
+    if not isinstance(tagged, dict):
+        raise InvalidField("wrong_type", "signal 'g' must be an object {l, n, r}")
+    loss, n, value = tagged.get("l"), tagged.get("n"), tagged.get("r")
+    if type(loss) is not str or len(loss) > 32:
+        raise InvalidField("wrong_type", "signal 'g.l' must be the blend's loss")
+    if type(n) is not int or not 0 < n <= MAX_BLEND_FEATURES:
+        raise InvalidField("wrong_type", "signal 'g.n' must be the blend's feature count")
+    rows = _blend_rows(value, n)
+    if n != N_FEATURES:
+        return None, "", "blend_features"
+    if loss not in LOSSES:
+        return None, "", "blend_loss"
+    return rows, loss, ""
+
+
+def _blend_rows(value: object, n: int) -> np.ndarray:
+    row_bytes = 4 * n
     if type(value) is not str or len(value) > 4 * MAX_BLEND_PAIRS * row_bytes // 3 + 4:
-        raise InvalidField("wrong_type", "signal 'b' must be base64 of float32 pair rows")
+        raise InvalidField("wrong_type", "signal 'g.r' must be base64 of float32 rows")
     try:
         raw = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
-        raise InvalidField("bad_value", "signal 'b' is not base64") from None
+        raise InvalidField("bad_value", "signal 'g.r' is not base64") from None
     if not raw or len(raw) % row_bytes or len(raw) // row_bytes > MAX_BLEND_PAIRS:
-        raise InvalidField("bad_value", f"signal 'b' is not rows of {N_FEATURES} float32")
-    rows = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(-1, N_FEATURES)
-    if not np.all(np.isfinite(rows)) or float(np.abs(rows).max()) > MAX_FEATURE_VALUE:
-        raise InvalidField("bad_value", "signal 'b' has values out of range")
+        raise InvalidField("bad_value", f"signal 'g.r' is not rows of {n} float32")
+    rows = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(-1, n)
+    if not np.all(np.isfinite(rows)) or float(np.abs(rows).max()) > MAX_ROW_VALUE:
+        raise InvalidField("bad_value", "signal 'g.r' has values out of range")
     return rows
 
 
@@ -466,13 +506,22 @@ class ReceiveCounts:
 
     applied: int = 0
     errors: int = 0
+    #: signals applied without their learned-blend rows, one BLEND_DROP_REASONS entry each
+    blend_dropped: list[str] = field(default_factory=list)
 
 
 def apply_signals(recommender: Recommender, signals: Iterable[TrackSignal]) -> ReceiveCounts:
     """Apply validated signals one by one; a signal the model cannot take (e.g. factors
-    of another size) is counted as an error and skipped, the others still apply."""
+    of another size) is counted as an error and skipped, the others still apply. Blend
+    rows this recommender's learned blend does not take (another feature count or loss,
+    or untagged) are counted in ``blend_dropped``; the rest of their signal applies."""
     counts = ReceiveCounts()
+    learned = recommender.blend == "learned"
     for sig in signals:
+        if sig.blend_dropped and learned:
+            counts.blend_dropped.append(sig.blend_dropped)
+        elif recommender.takes_blend_rows(sig) is False:
+            counts.blend_dropped.append("blend_loss")
         try:
             recommender.apply_item_steps((sig,))
         except ValueError:

@@ -250,6 +250,8 @@ class SignalReader:
                 self.telemetry.signal_delay(time.time() - self.admitted_sent_ms / 1000)
         if counts.errors:
             self.telemetry.signals("error", counts.errors)
+        for reason in counts.blend_dropped:  # applied without their learned-blend rows
+            self.telemetry.signal_rejected(reason)
 
     def apply_forgets(self) -> None:
         """Drop the model state of listeners another worker forgot (review finding 1)."""

@@ -9,11 +9,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from stream.adapters.metrics import Metrics
 from stream.config import Settings
 from stream.core.checkpoint import open_checks, open_models
+from stream.core.models.blend import N_FEATURES
 from stream.core.recommender import Recommender
 from stream.core.signal_positions import Restored, SignalPositions
 from stream.processing.replication import TrackSignal, encode_batch
@@ -119,3 +121,23 @@ def test_the_checkpointer_writes_only_as_the_writer_and_seals_the_positions() ->
     blob = cp._blob()
     _, opened = open_models(blob, **open_checks(settings, int(time.time() * 1000)))
     assert opened.replication == Restored("me", rec.n_learned, {0: 7, 1: 3})
+
+
+def test_the_reader_counts_blend_rows_it_leaves_out_and_applies_the_rest() -> None:
+    reader, rec, registry = make_reader(SignalPositions("me", None))
+    rec.use_ranker("learned")
+    rows = np.ones((1, N_FEATURES), np.float32)
+    kept = rec.ranker.weights
+    batch = encode_batch("other", [
+        TrackSignal("other", "t1", NOW_MS - 1000, False, (), blend_pairs=rows,
+                    blend_loss="pairwise"),  # this blend learns with softmax
+        TrackSignal("other", "t2", NOW_MS - 1000, False, (), blend_pairs=rows,
+                    blend_loss="softmax")], seq=1, sent_ms=int(time.time() * 1000))
+    r = Record(key=b"other", value=batch, partition=0, offset=0)
+    asyncio.run(reader._apply(r, reader.admit(r)))
+    assert rec.vocabulary.ids == ["t1", "t2"]
+    assert registry.get_sample_value("stream_track_signals_total",
+                                     {"direction": "applied"}) == 2
+    assert registry.get_sample_value("stream_signals_rejected_total",
+                                     {"reason": "blend_loss"}) == 1
+    assert rec.ranker.n_pairs == 1 and rec.ranker.weights.tolist() != kept.tolist()

@@ -19,6 +19,7 @@ from stream.core.recommender import Recommender
 from stream.core.session import UserState, update_session
 from stream.core.signal_positions import Restored, SignalPositions
 from stream.processing.replication import (
+    SIGNAL_REJECTION_REASONS,
     TrackSignal,
     apply_signals,
     decode_batch,
@@ -217,6 +218,58 @@ def test_a_receiver_takes_exactly_the_owners_blend_step() -> None:
     np.testing.assert_array_equal(fixed.ranker.weights, kept)
 
 
+def test_blend_rows_of_another_loss_or_feature_count_are_dropped_alone() -> None:
+    """A mixed fleet (a rolling upgrade, another ``blend_params``): the blend rows travel
+    tagged with their loss and feature count (``g``); a receiver whose blend differs, or
+    that gets the untagged ``b`` of an earlier sender, leaves out the rows only (counted by
+    reason) and applies the rest of the signal. Senders no longer write ``b``, so earlier
+    receivers ignore the rows instead of applying another loss's or refusing the signal."""
+    owner = Recommender(seed=5, blend_params={"loss": "pairwise", "lr_decay": 0.0})
+    states: dict[str, UserState] = {}
+    events = plays(120, tracks=40)
+    for e in events[:50]:
+        learn(owner, states, e)
+    manifest, arrays = owner.export_state()
+    softmax = Recommender.import_state(manifest, arrays)
+    softmax.ranker = type(softmax.ranker)(seed=5)  # the receiver learns with softmax
+    same = Recommender.import_state(manifest, arrays)
+    sigs = [learn(owner, states, e) for e in events[50:]]
+    stepped = sum(s.blend_pairs is not None for s in sigs)
+    assert stepped >= 20 and {s.blend_loss for s in sigs if s.blend_pairs is not None} == {
+        "pairwise"}
+    raw = encode_batch("w", sigs)
+    assert b'"b":' not in raw and raw.count(b'"g":') == stepped
+    decoded = decode_batch(raw, now_ms=T0 + 10**8)
+    kept = softmax.ranker.weights
+    counts = apply_signals(softmax, decoded.signals)
+    assert (counts.applied, counts.errors) == (len(sigs), 0)
+    assert counts.blend_dropped == ["blend_loss"] * stepped
+    np.testing.assert_array_equal(softmax.ranker.weights, kept)
+    assert softmax.ranker.n_pairs == 0 and softmax.vocabulary.ids == owner.vocabulary.ids
+    counts = apply_signals(same, decoded.signals)  # the same loss: the owner's step
+    assert counts.blend_dropped == [] and counts.applied == len(sigs)
+    np.testing.assert_array_equal(same.ranker.weights, owner.ranker.weights)
+    # another feature count, an unknown loss, an untagged "b": the rest of it applies
+    good = {"t": "t1", "ts": T0, "s": False}
+    entries = [({**good, "t": "x1", "g": g(np.ones(31), n=31)}, "blend_features"),
+               ({**good, "t": "x2", "g": g(np.ones(N_FEATURES), loss="listwise")}, "blend_loss"),
+               ({**good, "t": "x3", "b": g(np.ones(31))["r"]}, "blend_untagged")]
+    decoded = decode_batch(orjson.dumps({"w": "w2", "signals": [e for e, _ in entries]}),
+                           now_ms=T0)
+    assert decoded.rejected == [] and all(s.blend_pairs is None for s in decoded.signals)
+    kept = softmax.ranker.weights
+    counts = apply_signals(softmax, decoded.signals)
+    assert counts.blend_dropped == [r for _, r in entries] and counts.applied == 3
+    assert {"x1", "x2", "x3"} <= set(softmax.vocabulary.index)
+    np.testing.assert_array_equal(softmax.ranker.weights, kept)
+    assert set(counts.blend_dropped) <= set(SIGNAL_REJECTION_REASONS)
+
+
+def g(rows: np.ndarray, n: int = N_FEATURES, loss: str = "softmax") -> dict[str, object]:
+    """A signal's tagged learned-blend step ``g``."""
+    return {"l": loss, "n": n, "r": base64.b64encode(rows.astype("<f4").tobytes()).decode()}
+
+
 def test_signals_are_validated_as_untrusted_input() -> None:
     good = {"t": "t1", "ts": T0, "s": False}
     nan = base64.b64encode(np.array([np.nan, 1], "<f4").tobytes()).decode()
@@ -230,16 +283,16 @@ def test_signals_are_validated_as_untrusted_input() -> None:
         ({**good, "x": {"position": "1"}}, "wrong_type"),
         ({**good, "p": -2}, "wrong_type"),
         ({**good, "i": "7"}, "wrong_type"),
-        ({**good, "b": base64.b64encode(np.ones(22, "<f4").tobytes()).decode()},
-         "bad_value"),
-        ({**good, "b": base64.b64encode(np.full(N_FEATURES, np.inf, "<f4").tobytes()).decode()},
-         "bad_value"),
-        ({**good, "b": base64.b64encode(np.full(N_FEATURES, 1e6, "<f4").tobytes()).decode()},
-         "bad_value"),
-        ({**good, "b": base64.b64encode(np.ones(N_FEATURES * 17, "<f4").tobytes()).decode()},
-         "wrong_type"),  # over 16 pairs: refused by its length before decoding
-        ({**good, "b": "x" * 10_000}, "wrong_type"),
-        ({**good, "b": 7}, "wrong_type"),
+        ({**good, "g": g(np.ones(22))}, "bad_value"),
+        ({**good, "g": g(np.full(N_FEATURES, np.inf))}, "bad_value"),
+        ({**good, "g": g(np.full(N_FEATURES, 1e6))}, "bad_value"),
+        ({**good, "g": g(np.ones(N_FEATURES * 17))}, "wrong_type"),  # over 16 rows: by length
+        ({**good, "g": {**g(np.ones(N_FEATURES)), "r": "x" * 10_000}}, "wrong_type"),
+        ({**good, "g": {**g(np.ones(N_FEATURES)), "r": 7}}, "wrong_type"),
+        ({**good, "g": {**g(np.ones(N_FEATURES)), "n": 0}}, "wrong_type"),
+        ({**good, "g": {**g(np.ones(N_FEATURES)), "n": 10**6}}, "wrong_type"),
+        ({**good, "g": {**g(np.ones(N_FEATURES)), "l": 3}}, "wrong_type"),
+        ({**good, "g": "rows"}, "wrong_type"),
     ]
     for entry, reason in cases:
         raw = orjson.dumps({"w": "w2", "signals": [entry, good]})
@@ -250,9 +303,13 @@ def test_signals_are_validated_as_untrusted_input() -> None:
     rec = Recommender(seed=0, n_factors=4)
     wrong = TrackSignal("w2", "t1", T0, False, (), factors=np.ones(3, np.float32))
     bad_pairs = TrackSignal("w2", "t3", T0, False, (), blend_pairs=np.ones((1, 5), np.float32))
-    counts = apply_signals(rec, [wrong, bad_pairs, TrackSignal("w2", "t2", T0, False, ())])
-    assert (counts.applied, counts.errors) == (1, 2)
-    assert "t3" not in rec.vocabulary.index
+    nan_pairs = TrackSignal("w2", "t4", T0, False, (), blend_loss="softmax",
+                            blend_pairs=np.full((1, N_FEATURES), np.nan, np.float32))
+    counts = apply_signals(rec, [wrong, bad_pairs, nan_pairs,
+                                 TrackSignal("w2", "t2", T0, False, ())])
+    assert (counts.applied, counts.errors) == (1, 3)
+    assert "t3" not in rec.vocabulary.index and "t4" not in rec.vocabulary.index
+    assert np.isfinite(rec.ranker.weights).all()
     assert "t1" not in rec.vocabulary.index and "t2" in rec.vocabulary.index
 
 

@@ -3,7 +3,9 @@ Recommender variants built on them: behaviour, bounds, and state export -> impor
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,15 @@ import pytest
 
 from stream.core.events import PlayEvent
 from stream.core.models.base import Interaction
-from stream.core.models.blend import FEATURES, N_FEATURES, LearnedBlend
+from stream.core.models.blend import (
+    FEATURES,
+    LOSSES,
+    MAX_ROW_VALUE,
+    MAX_WEIGHT,
+    N_FEATURES,
+    OLD_CHECKPOINT_DEFAULTS,
+    LearnedBlend,
+)
 from stream.core.models.rules import SequentialRules
 from stream.core.models.stan import SessionKNN
 from stream.core.recommender import VARIANTS, Recommender, SeenTracks
@@ -198,21 +208,144 @@ def test_learned_blend_softmax_step() -> None:
         LearnedBlend(lr_decay=-1.0)
 
 
-def test_a_blend_checkpoint_from_before_session_16_restores_pairwise() -> None:
+def test_a_blend_checkpoint_from_before_session_16_learns_with_the_softmax_step() -> None:
     """Checkpoints written before the softmax step have no ``loss`` / ``lr_decay`` and
-    no weights for the newer features: they restore as the pairwise, constant-rate blend
-    they were, the newer features at weight 0."""
+    no weights for the newer features: they restore their weights (the newer features at
+    0) and their step count, and from then on learn with today's defaults (softmax, the
+    default rates), which they also export; an explicit ``loss`` is kept."""
     old = LearnedBlend(seed=3, learning_rate=0.01, loss="pairwise", lr_decay=0.0)
+    rng = np.random.default_rng(4)
+    for i in range(20):
+        old.learn(rng.random((12, N_FEATURES)), int(rng.integers(12)), key=i)
     manifest = json_round_trip(old.export_state()[0])
     del manifest["params"]["loss"], manifest["params"]["lr_decay"]
     manifest["weights"] = {f: w for f, w in manifest["weights"].items()
-                           if not f.startswith(("log_", "s_sr_last", "r_sr_last"))}
+                           if f not in FEATURES[31:]}
     twin = LearnedBlend.import_state(manifest, {})
-    assert (twin.loss, twin.lr_decay, twin.step_size()) == ("pairwise", 0.0, 0.01)
-    assert twin.weights.tolist() == old.weights.tolist()
+    fresh = LearnedBlend()
+    assert (twin.loss, twin.learning_rate, twin.lr_decay) == (
+        fresh.loss, fresh.learning_rate, fresh.lr_decay) == ("softmax", 0.05, 3000.0)
+    t = old.iterations
+    assert twin.iterations == t > 20  # t kept: the rate goes on decaying from there
+    assert twin.step_size() == pytest.approx(0.05 / math.sqrt(1 + t / 3000))
+    assert twin.weights[:31].tolist() == old.weights[:31].tolist()
+    assert not twin.weights[31:].any()
+    X = rng.random((12, N_FEATURES))
+    expected = twin.weights + twin.step_size() * (
+        twin.pairs(X, 2, key=0)[0].astype(np.float64) - twin.l2 * twin.weights)
+    assert twin.learn(X, 2, key=0) == 1  # one softmax row, not `negatives` pairs
+    assert twin.weights == pytest.approx(expected)
+    assert twin.weights[31:].any()
+    assert twin.export_state()[0]["params"]["loss"] == "softmax"
+    kept = LearnedBlend.import_state({**manifest, "params": {
+        **manifest["params"], "loss": "pairwise", "lr_decay": 0.0}}, {})
+    assert (kept.loss, kept.learning_rate, kept.lr_decay) == ("pairwise", 0.01, 0.0)
     with pytest.raises(ValueError, match="loss"):
         LearnedBlend.import_state({**manifest, "params": {**manifest["params"],
                                                           "loss": "other"}}, {})
+
+
+def test_a_non_finite_or_huge_step_is_never_taken() -> None:
+    """One non-finite feature, or weights so large the scores overflow, would turn the
+    softmax row (and then the weights) NaN for good: such a list gives no rows, rows that
+    are not finite or beyond MAX_ROW_VALUE are refused, a step that would take a weight
+    beyond MAX_WEIGHT is not taken, and a checkpoint's weights are bounded."""
+    manifest = json_round_trip(LearnedBlend().export_state()[0])
+    manifest["weights"]["prior"] = 1.7e308  # finite, but every score overflows
+    with pytest.raises(ValueError, match=r"ranker\.weights\.prior"):
+        LearnedBlend.import_state(manifest, {})
+    manifest["weights"]["prior"] = -MAX_WEIGHT
+    assert LearnedBlend.import_state(manifest, {}).weights[0] == -MAX_WEIGHT
+    rng = np.random.default_rng(1)
+    for loss in LOSSES:
+        m = LearnedBlend(loss=loss)
+        X = rng.random((30, N_FEATURES))
+        X[17, 5] = X[3, 7] = np.inf  # one candidate's feature, and the positive's
+        assert m.pairs(X, 3, key=0).shape == (0, N_FEATURES)
+        assert m.learn(X, 3, key=0) == 0
+        X[3, 7], X[17, 5] = 0.5, 5e3
+        assert m.learn(X, 17, key=0) == 0  # a row beyond MAX_ROW_VALUE
+        if loss == "softmax":  # as if it got there: the scores overflow
+            m._w = np.full(N_FEATURES, 1e307)
+            assert m.pairs(rng.random((30, N_FEATURES)), 3, key=0).shape == (0, N_FEATURES)
+        m = LearnedBlend(loss=loss)
+        for bad in (np.nan, np.inf, 2 * MAX_ROW_VALUE):
+            rows = np.ones((1, N_FEATURES), np.float32)
+            rows[0, 4] = bad
+            with pytest.raises(ValueError, match="not finite or beyond"):
+                m.apply_pairs(rows)
+        assert (m.iterations, m.n_pairs) == (0, 0)
+    m = LearnedBlend(learning_rate=1e9, lr_decay=0.0)
+    with pytest.raises(ValueError, match="would exceed"):
+        m.apply_pairs(np.full((1, N_FEATURES), 900.0, np.float32))
+    assert (m.iterations, m.weights[0]) == (0, 1.0)
+    assert np.isfinite(m.weights).all()
+
+
+def test_the_owner_sends_and_takes_only_usable_blend_rows() -> None:
+    """The owner's own rows go through the check a receiver applies: a list with a
+    non-finite feature gives no step (nothing learned, nothing sent)."""
+    rec = Recommender(seed=0)
+    states: dict[str, UserState] = {}
+    events = replay_events(200)
+    for e in events[:150]:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+    twin = Recommender.import_state(*rec.export_state())
+    twin_states = {u: st.copy() for u, st in states.items()}
+    stepped = 0
+    for e in events[150:]:  # unpoisoned, the same plays give blend steps
+        up = update_session(twin_states.get(e.user_id), e)
+        stepped += twin.learn_one(up, e).step.blend_pairs is not None  # type: ignore[union-attr]
+        twin_states[e.user_id] = up.state
+    assert stepped >= 10
+    real = rec._blend_candidates
+
+    def poisoned(*args: Any) -> Any:
+        rows, X, *rest = real(*args)
+        X = X.copy()
+        X[:, 5] = np.inf
+        return (rows, X, *rest)
+
+    rec._blend_candidates = poisoned  # type: ignore[method-assign]
+    before, t = rec.ranker.weights, rec.ranker.iterations
+    steps = []
+    for e in events[150:]:
+        up = update_session(states.get(e.user_id), e)
+        steps.append(rec.learn_one(up, e).step)
+        states[e.user_id] = up.state
+    assert all(s is not None and s.blend_pairs is None for s in steps)
+    assert rec.ranker.iterations == t and rec.ranker.weights.tolist() == before.tolist()
+
+
+def test_a_checkpoint_cannot_freeze_the_blend() -> None:
+    """A decay below 1 or a step count t above the rows ever applied would make the rate
+    ~0 after a few steps: refused in the constructor and on import, naming the field."""
+    for bad in (0.5, 1e-9):
+        with pytest.raises(ValueError, match="lr_decay"):
+            LearnedBlend(lr_decay=bad)
+    assert LearnedBlend(lr_decay=1.0).lr_decay == 1.0 and LearnedBlend(lr_decay=0.0)
+    m = LearnedBlend(seed=1)
+    rng = np.random.default_rng(2)
+    for i in range(5):
+        m.learn(rng.random((10, N_FEATURES)), i, key=i)
+    manifest = json_round_trip(m.export_state()[0])
+    assert manifest["optimizer_iterations"] == manifest["n_pairs"] == 5
+    assert LearnedBlend.import_state(manifest, {}).step_size() == m.step_size()
+    for field, value in (("optimizer_iterations", 6), ("optimizer_iterations", 10**15),
+                         ("n_learned", 6)):
+        with pytest.raises(ValueError, match=f"ranker.{field}"):
+            LearnedBlend.import_state({**manifest, field: value}, {})
+    with pytest.raises(ValueError, match="lr_decay"):
+        LearnedBlend.import_state({**manifest, "params": {**manifest["params"],
+                                                          "lr_decay": 0.001}}, {})
+
+
+def test_the_defaults_of_an_old_checkpoint_are_the_constructors() -> None:
+    defaults = {name: p.default for name, p in
+                inspect.signature(LearnedBlend.__init__).parameters.items()}
+    assert {k: defaults[k] for k in OLD_CHECKPOINT_DEFAULTS} == OLD_CHECKPOINT_DEFAULTS
 
 
 def test_learned_blend_is_deterministic_under_a_seed() -> None:

@@ -228,7 +228,7 @@ def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_
 @_jit
 def blend_scores(X, w, eps):  # type: ignore[no-untyped-def]
     """``X @ w + eps * X[:, 0]`` (``LearnedBlend.score``) as a loop: one call, no BLAS
-    set-up for a ~80 x 31 product; the sums run feature by feature (BLAS's order differs
+    set-up for a ~80 x 39 product; the sums run feature by feature (BLAS's order differs
     in the last bits)."""
     m, f = X.shape
     out = np.empty(m)

@@ -82,10 +82,22 @@ PRIOR_EPS: Final = 1e-3
 #: the training steps (``loss``): a softmax over the whole list (ListNet), or logistic
 #: pairs against sampled negatives (RankNet; the blend's step before session 16)
 LOSSES: Final = ("softmax", "pairwise")
+#: the largest |value| of a step row the blend applies (and a signal may carry): a trained
+#: model's rows are small (features ~[0, 10]); beyond it, or not finite, a row is skipped
+MAX_ROW_VALUE: Final = 1e3
+#: the largest |weight| a checkpoint may hold (a trained blend's are below ~100)
+MAX_WEIGHT: Final = 1e6
 #: the log features' scale: ``log(s) / LOG_SCALE + 1``, clipped at 0 (s below e**-7 ~ 0.001)
 LOG_SCALE: Final = 7.0
 
 _MASK64: Final = (1 << 64) - 1
+_NO_ROWS: Final[Float32Array] = np.zeros((0, N_FEATURES), dtype=np.float32)
+#: what a checkpoint without a ``loss`` (written before session 16: pairwise steps at a
+#: constant rate) learns with once restored: today's default step and rates; its weights
+#: and step count ``optimizer_iterations`` (t) are kept, so the rate goes on decaying from
+#: where a model trained that long would be (the constructor's defaults: a unit test checks)
+OLD_CHECKPOINT_DEFAULTS: Final[dict[str, Any]] = {
+    "loss": "softmax", "learning_rate": 0.05, "lr_decay": 3000.0}
 
 
 def log_score(values: FloatArray) -> FloatArray:
@@ -101,6 +113,15 @@ def log_score(values: FloatArray) -> FloatArray:
     # in the last bit)
     return np.array([max(math.log(v) / LOG_SCALE + 1.0, 0.0) if v > 0.0 else 0.0
                      for v in values.tolist()], dtype=np.float64)
+
+
+def usable_rows(rows: np.ndarray) -> bool:
+    """Whether step rows may be applied (and sent): every value finite and at most
+    MAX_ROW_VALUE in size. A non-finite feature of one candidate (or weights so large the
+    scores overflow) would make the softmax row NaN, and one NaN step poisons the weights
+    for good: their checkpoints (JSON without NaN) fail and peers refuse their signals."""
+    return bool(np.isfinite(rows).all()) and (
+        not rows.size or float(np.abs(rows).max()) <= MAX_ROW_VALUE)
 
 
 def _mix(x: int) -> int:
@@ -137,6 +158,8 @@ class LearnedBlend:
         check_positive("learning_rate", learning_rate)
         check_positive("l2", l2, allow_zero=True)
         check_positive("lr_decay", lr_decay, allow_zero=True)
+        if 0 < lr_decay < 1:  # a few steps would all but freeze the blend
+            raise ValueError(f"lr_decay must be 0 (a constant rate) or >= 1, not {lr_decay}")
         if negatives < 1 or hard_pool < 1:
             raise ValueError("negatives and hard_pool must be >= 1")
         if loss not in LOSSES:
@@ -207,13 +230,15 @@ class LearnedBlend:
         ranking by these weights, ``np.argsort(-score(X), kind="stable")``, if known)."""
         n = len(X)
         if n < 2 or not 0 <= positive < n:
-            return np.zeros((0, N_FEATURES), dtype=np.float32)
+            return _NO_ROWS
         if self.loss == "softmax":
-            z = X @ self._w
-            p = np.exp(z - z.max())
-            p /= p.sum()
-            row: Float32Array = (X[positive] - p @ X).astype(np.float32)
-            return row.reshape(1, N_FEATURES)
+            # a non-finite feature (or an overflow) ends in a non-finite row: skipped
+            with np.errstate(all="ignore"):
+                z = X @ self._w
+                p = np.exp(z - z.max())
+                p /= p.sum()
+                row: Float32Array = (X[positive] - p @ X).astype(np.float32)
+            return row.reshape(1, N_FEATURES) if usable_rows(row) else _NO_ROWS
         if order is None:
             order = np.argsort(-self.score(X), kind="stable")
         top = order[: self.hard_pool + 1]
@@ -225,13 +250,16 @@ class LearnedBlend:
             pick = pool[h % len(pool)]
             if pick not in chosen:
                 chosen.append(pick)
-        diffs: Float32Array = (X[positive] - X[chosen]).astype(np.float32)
-        return diffs.reshape(len(chosen), N_FEATURES)
+        with np.errstate(all="ignore"):
+            diffs: Float32Array = (X[positive] - X[chosen]).astype(np.float32)
+        return diffs.reshape(len(chosen), N_FEATURES) if usable_rows(diffs) else _NO_ROWS
 
     def apply_pairs(self, diffs: Float32Array) -> int:
         """One SGD step per row of ``diffs`` (the rows of :meth:`pairs`, this worker's or
         another's): the same step whichever worker ranked the list. Returns the rows
-        learned. ``diffs`` must be validated (``n x N_FEATURES``, finite).
+        learned. Rows of another shape, or not finite or beyond MAX_ROW_VALUE
+        (:func:`usable_rows`), or a step that would take a weight beyond MAX_WEIGHT,
+        raise ValueError and nothing is learned.
 
         Softmax: ``w += lr_t * (d - l2 * w)`` (``d`` is already the gradient). Pairwise:
         the logistic step on ``d = x_pos - x_neg``, ``w -= lr_t * (-d / (1 + exp(w . d))
@@ -240,9 +268,12 @@ class LearnedBlend:
             raise ValueError(f"blend pairs: shape {diffs.shape}, expected (n, {N_FEATURES})")
         if not len(diffs):
             return 0
+        if not usable_rows(diffs):
+            raise ValueError(f"blend pairs: not finite or beyond {MAX_ROW_VALUE}")
         w = self._w
         l2 = self.l2
         softmax = self.loss == "softmax"
+        t0 = self.iterations
         for d in diffs.astype(np.float64):
             lr = self.step_size()
             if softmax:
@@ -257,6 +288,9 @@ class LearnedBlend:
                     step += l2 * w
                 w = w - lr * step
             self.iterations += 1
+        if not float(np.abs(w).max()) <= MAX_WEIGHT:  # NaN too: the step is not taken
+            self.iterations = t0
+            raise ValueError(f"blend step: a weight would exceed {MAX_WEIGHT}")
         self._w = w
         self.n_learned += 1
         self.n_pairs += len(diffs)
@@ -267,7 +301,7 @@ class LearnedBlend:
     _PARAMS: dict[str, Any] = {
         "learning_rate": float, "l2": float, "negatives": int, "hard_pool": int,
         "prior_init": float, "seed": int,
-        # optional: a checkpoint from before session 16 trained pairwise at a constant rate
+        # optional: a checkpoint from before session 16 has neither (OLD_CHECKPOINT_DEFAULTS)
         "loss": (str, type(None)), "lr_decay": (float, type(None)),
     }
 
@@ -300,19 +334,26 @@ class LearnedBlend:
             manifest = {**manifest, "params": {"loss": None, "lr_decay": None, **stored}}
         params = get_params(manifest, where, cls._PARAMS)
         if params["loss"] is None:
-            params["loss"] = "pairwise"
-        if params["lr_decay"] is None:
-            params["lr_decay"] = 0.0
+            # a checkpoint from before the softmax step (session 16) keeps its weights and
+            # its step count t, and learns from now on with today's defaults
+            params.update(OLD_CHECKPOINT_DEFAULTS)
+        elif params["lr_decay"] is None:
+            params["lr_decay"] = OLD_CHECKPOINT_DEFAULTS["lr_decay"]
         model: LearnedBlend = build(where, cls, params)
         weights = get_field(manifest, "weights", dict, where=where)
         unknown = set(weights) - set(FEATURES)
         if unknown:
             raise ValueError(f"{where}.weights: unknown feature(s) {sorted(unknown)[:5]}")
-        clean = {name: get_field(weights, name, float, where=f"{where}.weights")
+        clean = {name: get_field(weights, name, float, where=f"{where}.weights",
+                                 lo=-MAX_WEIGHT, hi=MAX_WEIGHT)
                  for name in FEATURES if name in weights}
-        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0)
+        # every step applies one row (river's optimizer counted one per pair too) and
+        # every list learned gives at least one, so t <= n_pairs and n_learned <= n_pairs:
+        # a larger t would freeze the decaying rate
         model.n_pairs = get_field(manifest, "n_pairs", int, where=where, lo=0)
-        iterations = get_field(manifest, "optimizer_iterations", int, where=where, lo=0)
-        model.iterations = iterations
+        model.n_learned = get_field(manifest, "n_learned", int, where=where, lo=0,
+                                    hi=model.n_pairs)
+        model.iterations = get_field(manifest, "optimizer_iterations", int, where=where,
+                                     lo=0, hi=model.n_pairs)
         model._w = np.array([clean.get(f, 0.0) for f in FEATURES])
         return model
