@@ -99,11 +99,6 @@ def test_loop_busy_counts_the_loop_threads_cpu_not_its_waiting() -> None:
     busy: list[float] = []
     probe = LoopLagProbe(on_lag=lambda s: None, interval_s=0.005, on_busy=busy.append)
 
-    def burn(seconds: float) -> None:
-        end = time.thread_time() + seconds
-        while time.thread_time() < end:
-            pass
-
     async def main() -> None:
         task = asyncio.get_running_loop().create_task(probe.run())
         await asyncio.sleep(0.03)
@@ -151,22 +146,16 @@ def test_the_stall_sampler_says_where_the_loop_was_held() -> None:
 
 def test_the_stall_sampler_tells_the_loops_own_work_from_not_running() -> None:
     import asyncio
-    import time
 
     from stream.worker.watchdog import LoopLagProbe, StallSampler
 
     sampler = StallSampler(threshold_s=0.1, interval_s=0.005, min_gap_s=0.0)
 
-    def burn() -> None:
-        end = time.thread_time() + 0.25
-        while time.thread_time() < end:
-            pass
-
     async def go() -> None:
         probe = LoopLagProbe(on_lag=lambda s: None, sampler=sampler)
         task = asyncio.get_running_loop().create_task(probe.run())
         await asyncio.sleep(0.05)
-        burn()
+        burn(0.25)
         await asyncio.sleep(0.1)
         task.cancel()
 
@@ -197,11 +186,6 @@ def test_the_stall_sampler_logs_every_episode_of_own_work_over_always_cpu_s() ->
     sampler = StallSampler(threshold_s=0.05, interval_s=0.005, min_gap_s=100.0, log=log,
                            always_cpu_s=0.1)
 
-    def burn() -> None:
-        end = time.thread_time() + 0.15
-        while time.thread_time() < end:
-            pass
-
     async def go() -> None:
         probe = LoopLagProbe(on_lag=lambda s: None, sampler=sampler)
         task = asyncio.get_running_loop().create_task(probe.run())
@@ -210,10 +194,17 @@ def test_the_stall_sampler_logs_every_episode_of_own_work_over_always_cpu_s() ->
         await asyncio.sleep(0.1)
         time.sleep(0.12)  # not logged: within min_gap_s, no own work
         await asyncio.sleep(0.1)
-        burn()  # logged all the same: 150 ms of own CPU
+        burn(0.15)  # logged all the same: 150 ms of own CPU
         await asyncio.sleep(0.1)
         task.cancel()
 
     asyncio.run(go())
     assert len(sampler.episodes) == 3
     assert len(lines) == 2 and "burn" in lines[1], lines
+
+
+def burn(seconds: float) -> None:
+    """Hold the calling thread busy for ``seconds`` of its own CPU (the loop's own work)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
