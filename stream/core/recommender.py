@@ -795,9 +795,9 @@ class Recommender:
         span = max(self.recent_filter, self.cooccurrence.query_window,
                    self.blend_cooc_window, self.rules.query_window,
                    self.session_knn.query_window)
-        recent = state.recent[-span:]
-        return np.fromiter(map(self.vocabulary.index.get, recent, repeat(-1)), np.int64,
-                           len(recent))
+        shards = self.vocabulary.index.shards  # index.get, inlined (stream.core.shards)
+        return np.array([shards[hash(t) & SHARD_MASK].get(t, -1) for t in state.recent[-span:]],
+                        dtype=np.int64)
 
     def _blend_candidates(
         self, state: UserState, now_ms: int, exclude: Collection[str]
@@ -869,7 +869,9 @@ class Recommender:
         n = self.blend_candidates
         a_rows, a_vals = self._artist_source(state)
         o_rows, o_vals = self._own_source(state)
-        top = self.popularity.top_set(n, ban)
+        top, unique = _bk.pop_top(*self.popularity.ranking_inputs(size)[:2], ban, size, n)
+        if not unique:  # a tie at the cut, or short of n: the Python method decides
+            top = self.popularity.top_set(n, ban)
         cooc, rules, knn = self.cooccurrence, self.rules, self.session_knn
         if cooc.pop_penalty > 0 or rules.pop_penalty > 0:  # the kernel has no penalty
             session = self._session_items(state)

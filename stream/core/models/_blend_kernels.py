@@ -21,6 +21,7 @@ from stream.core.models._kernels import (
     REASON_COOCCURRENCE,
     REASON_MF,
     REASON_POPULARITY,
+    _top_n,
     among,
     blend_features,
     blend_gather,
@@ -64,6 +65,81 @@ def _query(start, size, total, nbr, val, rows, weights, acc, best, anchor, touch
     for r in rows:
         acc[r] = 0.0
     return out_rows, out_vals, out_lead
+
+
+@_jit
+def _prefix(short, long):  # type: ignore[no-untyped-def]
+    """Whether ``short`` is the first ``len(short)`` entries of ``long``."""
+    if len(short) > len(long):
+        return False
+    for j in range(len(short)):  # noqa: SIM110 (a loop numba compiles)
+        if short[j] != long[j]:
+            return False
+    return True
+
+
+@_jit
+def _query_pair(start, size, total, nbr, val, s_rows, s_w, l_rows, l_w, pos):  # type: ignore[no-untyped-def]
+    """:func:`_query` of the short anchors ``s_rows`` and of the long ones ``l_rows`` in
+    one pass over the long anchors' neighbour lists, when ``s_rows`` is a prefix of
+    ``l_rows`` (:func:`_anchors` of a shorter window: the same rows, newest first). Every
+    sum runs anchor by anchor in the same order as two :func:`_query` calls (the same
+    floats); the short query's touched rows are the first ones the pass touches (its
+    anchors come first), so its rows come out in the same order too. Scores and leads
+    live in compact arrays indexed through ``pos`` (per-row scratch, all -1, left so)
+    instead of three dense scratch arrays. Returns the short query's rows, scores and
+    leads, then the long one's rows and scores."""
+    ns = len(s_rows)
+    bound = 0
+    for r in l_rows:
+        bound += size[r]
+    bound = min(bound, len(pos))
+    rows = np.empty(bound, dtype=np.int64)
+    l_acc = np.empty(bound)
+    s_acc = np.empty(bound)
+    s_best = np.empty(bound)
+    s_lead = np.empty(bound, dtype=np.int64)
+    n = 0
+    n_short = 0
+    for j in range(len(l_rows)):
+        r = l_rows[j]
+        if total[r] > 0.0:  # (a fully decayed row contributes nothing)
+            scale = l_w[j] / total[r]
+            short = j < ns
+            s_scale = s_w[j] / total[r] if short else 0.0
+            st = start[r]
+            for p in range(st, st + size[r]):
+                d = nbr[p]
+                i = pos[d]
+                if i < 0:
+                    i = n
+                    pos[d] = n
+                    rows[n] = d
+                    l_acc[n] = 0.0
+                    s_acc[n] = 0.0
+                    s_lead[n] = -1
+                    n += 1
+                l_acc[i] += val[p] * scale
+                if short:
+                    c = val[p] * s_scale
+                    if s_lead[i] < 0:
+                        s_lead[i] = r
+                        s_best[i] = c
+                    elif c > s_best[i]:
+                        s_best[i] = c
+                        s_lead[i] = r
+                    s_acc[i] += c
+        if j < ns:
+            n_short = n
+    for r in s_rows:  # an anchor never scores itself
+        if pos[r] >= 0:
+            s_acc[pos[r]] = 0.0
+    for r in l_rows:
+        if pos[r] >= 0:
+            l_acc[pos[r]] = 0.0
+    for i in range(n):
+        pos[rows[i]] = -1
+    return (rows[:n_short], s_acc[:n_short], s_lead[:n_short], rows[:n], l_acc[:n])
 
 
 @_jit
@@ -120,14 +196,21 @@ def blend_collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_windo
                                  s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
                                  s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched)
     rows, weights = _anchors(recent, c_window, c_decay, c_cap)
-    c_rows, c_vals, c_lead = _query(c_start, c_size, c_total, c_nbr, c_val, rows, weights,
-                                    acc, best, anchor, touched)
     l_rows = np.empty(0, dtype=np.int64)
     l_vals = np.empty(0)
+    long_rows, long_weights = rows, weights
     if l_window > 0:
-        rows, weights = _anchors(recent, l_window, l_decay, c_cap)
-        l_rows, l_vals, _ = _query(c_start, c_size, c_total, c_nbr, c_val, rows, weights,
-                                   acc, best, anchor, touched)
+        long_rows, long_weights = _anchors(recent, l_window, l_decay, c_cap)
+    if l_window > 0 and _prefix(rows, long_rows):  # both views in one pass
+        c_rows, c_vals, c_lead, l_rows, l_vals = _query_pair(
+            c_start, c_size, c_total, c_nbr, c_val, rows, weights, long_rows, long_weights,
+            pos)
+    else:
+        c_rows, c_vals, c_lead = _query(c_start, c_size, c_total, c_nbr, c_val, rows,
+                                        weights, acc, best, anchor, touched)
+        if l_window > 0:
+            l_rows, l_vals, _ = _query(c_start, c_size, c_total, c_nbr, c_val, long_rows,
+                                       long_weights, acc, best, anchor, touched)
     rows, weights = _anchors(recent, r_window, r_decay, r_cap)
     r_rows, r_vals, _ = _query(r_start, r_size, r_total, r_nbr, r_val, rows, weights,
                                acc, best, anchor, touched)
@@ -144,6 +227,44 @@ def blend_collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_windo
             src_rows[o + i] = sr[i]
             src_vals[o + i] = sv[i]
     return blend_gather(src_rows, src_vals, offsets, c_lead, pop_rows, ban, mark, pos, n)
+
+
+@_jit
+def pop_top(members, weights, ban, size, n):  # type: ignore[no-untyped-def]
+    """``DecayedPopularity.top_set(n, ban)`` where the kept top set ``members`` decides it
+    and its choice is unique: returns ``(rows, True)`` (in no particular order; ``weights``
+    per row, ``size`` the vocabulary's length). ``(empty, False)`` where the Python method
+    must decide: the bans leave the kept set short (it scans the catalogue), a tie at the
+    cut (numpy's ``argpartition`` picks among the tied rows) or a NaN weight."""
+    nb = len(ban)
+    allowed = np.empty(len(members), dtype=np.int64)
+    key = np.empty(len(members))
+    m = 0
+    n_members = 0
+    for r in members:
+        if r < nb:
+            n_members += 1
+            if not ban[r]:
+                allowed[m] = r
+                key[m] = weights[r]
+                m += 1
+    if m > n:
+        top = _top_n(allowed[:m], key[:m], n)
+        cut = np.inf
+        for r in top:
+            cut = min(cut, weights[r])
+        at_least = 0  # the n heaviest are the only choice if no other row reaches the cut
+        for i in range(m):
+            if np.isnan(key[i]):
+                return np.empty(0, dtype=np.int64), False
+            if key[i] >= cut:
+                at_least += 1
+        if at_least != n:
+            return np.empty(0, dtype=np.int64), False
+        return top, True
+    if m == n or n_members >= size:
+        return allowed[:m].copy(), True
+    return np.empty(0, dtype=np.int64), False
 
 
 @_jit
