@@ -27,6 +27,7 @@ from stream.core.models._kernels import (
     blend_gather,
     cooc_accumulate,
     desc_order_all,
+    last_play_scores,
     query_anchors,
     reset_touched,
 )
@@ -177,21 +178,75 @@ def stan_source(recent, n_session, window, q_table, serials, items, lengths, tim
 
 
 @_jit
-def blend_collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay,  # type: ignore[no-untyped-def]
-                  l_window, l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window,
-                  r_decay, n_session, s_window, s_table, s_serials, s_items, s_lengths, s_times,
+def blend_collect(recent, n_ban, other, pop_members, pop_weights, pop_rows, given, size,  # type: ignore[no-untyped-def]
+                  c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay, l_window,
+                  l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window, r_decay,
+                  n_session, s_window, s_table, s_serials, s_items, s_lengths, s_times,
                   s_start, s_size, s_arena, now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark,
-                  s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows, o_vals, pop_rows, ban,
-                  mark, acc, best, anchor, touched, pos, n):
-    """The learned blend's candidates in one call: co-occurrence from the last
-    ``c_window`` of ``recent`` (vocabulary rows, oldest first, -1 = unknown), the long
-    co-occurrence view (``l_window``, 0 = off), sequential rules from the last
-    ``r_window``, STAN over the session's last ``n_session`` (:func:`stan_source`; ``s_*``:
-    ``SessionKNN.query_inputs``), then :func:`stream.core.models._kernels.blend_gather`
-    over them and the artist and own-history sources. ``c_*`` / ``r_*``: the
-    co-occurrence and rules arenas (``SessionCooccurrence.arena``, passed array by array:
-    a tuple argument costs numba's dispatcher a Python-level type check per call);
-    ``acc``/``best``/``anchor``/``touched`` is co-occurrence's query scratch."""
+                  s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows, o_vals, ban, mark, acc,
+                  best, anchor, touched, pos, dense, n):
+    """The learned blend's candidates in one call (``Recommender._blend_sources``): bans
+    the last ``n_ban`` of ``recent`` (vocabulary rows, oldest first, -1 = unknown) and the
+    ``other`` rows in ``ban`` (all False, left so), takes trending's top set
+    (:func:`pop_top` of ``pop_members`` / ``pop_weights``; ``pop_rows`` instead when
+    ``given``), gathers the candidates (:func:`_collect`; the ``c_*`` /
+    ``r_*`` / ``s_*`` arguments are its) and the last play's own SR and co-occurrence
+    scores of them (:func:`stream.core.models._kernels.last_play_scores`; ``dense``: its
+    all-zero scratch). Returns the candidates, their score per source, co-occurrence's
+    leads, the last-play scores and True; or four empty arrays and False when the top set
+    needs ``DecayedPopularity.top_set`` (a tie at its cut: call again with ``pop_rows``)."""
+    _set_bans(recent, n_ban, other, ban, True)
+    top = pop_rows
+    unique = True
+    if not given:
+        top, unique = pop_top(pop_members, pop_weights, ban, size, n)
+    if not unique:
+        _set_bans(recent, n_ban, other, ban, False)
+        return (np.empty(0, dtype=np.int64), np.empty((0, 6)), np.empty(0, dtype=np.int64),
+                np.empty((0, 2)), False)
+    cands, comp, lead = _collect(
+        recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay, l_window,
+        l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window, r_decay, n_session,
+        s_window, s_table, s_serials, s_items, s_lengths, s_times, s_start, s_size, s_arena,
+        now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched, a_rows,
+        a_vals, o_rows, o_vals, top, ban, mark, acc, best, anchor, touched, pos, n)
+    _set_bans(recent, n_ban, other, ban, False)
+    last = np.empty((len(cands), 2))
+    row = recent[len(recent) - 1] if len(recent) else -1
+    last_play_scores(r_start, r_size, r_total, r_nbr, r_val, row, cands, dense, last, 0)
+    last_play_scores(c_start, c_size, c_total, c_nbr, c_val, row, cands, dense, last, 1)
+    return cands, comp, lead, last, True
+
+
+@_jit
+def _set_bans(recent, n_ban, other, ban, flag):  # type: ignore[no-untyped-def]
+    """``ban[r] = flag`` for the known rows of the last ``n_ban`` of ``recent`` and of
+    ``other``."""
+    for i in range(len(recent) - n_ban, len(recent)):
+        if recent[i] >= 0:
+            ban[recent[i]] = flag
+    for r in other:
+        if r >= 0:
+            ban[r] = flag
+
+
+@_jit
+def _collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay,  # type: ignore[no-untyped-def]
+             l_window, l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window,
+             r_decay, n_session, s_window, s_table, s_serials, s_items, s_lengths, s_times,
+             s_start, s_size, s_arena, now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark,
+             s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows, o_vals, pop_rows, ban,
+             mark, acc, best, anchor, touched, pos, n):
+    """The candidates of :func:`blend_collect`: co-occurrence from the last
+    ``c_window`` of ``recent``, the long co-occurrence view (``l_window``, 0 = off; both
+    in one pass, :func:`_query_pair`, when the short view's anchors are a prefix of the
+    long one's), sequential rules from the last ``r_window``, STAN over the session's last
+    ``n_session`` (:func:`stan_source`; ``s_*``: ``SessionKNN.query_inputs``), then
+    :func:`stream.core.models._kernels.blend_gather` over them, the artist and own-history
+    sources and trending's ``pop_rows``. ``c_*`` / ``r_*``: the co-occurrence and rules
+    arenas (``SessionCooccurrence.arena``, passed array by array: a tuple argument costs
+    numba's dispatcher a Python-level type check per call); ``acc``/``best``/``anchor``/
+    ``touched`` is co-occurrence's query scratch."""
     s_rows, s_vals = stan_source(recent, n_session, s_window, s_table, s_serials, s_items,
                                  s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
                                  s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched)
