@@ -996,20 +996,28 @@ class Recommender:
                                                               comp, lead, last)
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
                                          self.ranker.weights_token)
-        if REASON_ARTIST in codes:  # lead: the recent play by that artist (most recent first)
-            artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
-            played: dict[str, int] = {}
-            for t in state.recent[-1:-3:-1]:
-                a = artist_of.get(t)
-                r = get(t)
-                if a is not None and r is not None:
-                    played.setdefault(a, r)
-            shards = artist_of.shards  # artist_of.get, inlined
-            for i in np.flatnonzero(codes == REASON_ARTIST).tolist():
-                t = ids[int(ranked[i])]
-                a = shards[hash(t) & SHARD_MASK].get(t)
-                leads[i] = played.get(a, -1) if a is not None else -1
+        if self.tracks_of:  # (empty: no artist source, so no artist reasons)
+            by_artist = np.flatnonzero(codes == REASON_ARTIST)
+            if len(by_artist):
+                self._artist_leads(state, ranked, by_artist, leads)
         return self._results(ranked, scores, codes, leads, k)
+
+    def _artist_leads(self, state: UserState, ranked: IntArray, by_artist: IntArray,
+                      leads: IntArray) -> None:
+        """The leads of the ranked candidates ``by_artist`` (reason: the artist source):
+        the listener's recent play by that artist (most recent first), -1 if none."""
+        artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
+        played: dict[str, int] = {}
+        for t in state.recent[-1:-3:-1]:
+            a = artist_of.get(t)
+            r = get(t)
+            if a is not None and r is not None:
+                played.setdefault(a, r)
+        shards = artist_of.shards  # artist_of.get, inlined
+        for i in by_artist.tolist():
+            t = ids[int(ranked[i])]
+            a = shards[hash(t) & SHARD_MASK].get(t)
+            leads[i] = played.get(a, -1) if a is not None else -1
 
     def _rank_session_model(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str

@@ -310,6 +310,25 @@ def test_top_n_heap_keeps_the_n_best_with_ties_to_the_lower_row() -> None:
 
 
 
+def test_top_unbanned_is_top_n_of_the_kept_entries() -> None:
+    """The blend's per-source pick (a heap fed as the entries come) against ``_top_n`` of
+    the entries ``blend_gather`` keeps (a positive score, an unbanned row): the same set,
+    over random sizes, tie-heavy keys, zero, negative and NaN scores and bans."""
+    rng = np.random.default_rng(5)
+    for t in range(2000):
+        m, n = int(rng.integers(0, 300)), int(rng.integers(1, 60))
+        rows = rng.permutation(1000)[:m].astype(np.int64)
+        vals = rng.integers(-1, 4, m).astype(float) if t % 2 else rng.random(m) - 0.1
+        if t % 5 == 0 and m:
+            vals[rng.integers(0, m, 3)] = np.nan
+        ban = rng.random(1000) < (0.3 if t % 3 else 0.0)
+        keep = (vals > 0) & ~ban[rows]
+        out = np.full(n + 7, -9, dtype=np.int64)
+        end = _bk._top_unbanned(rows, vals, ban, n, out, 7)
+        expected = sorted(_k._top_n(rows[keep], vals[keep], n).tolist())
+        assert sorted(out[7:end].tolist()) == expected and (out[:7] == -9).all(), (t, m, n)
+
+
 def test_pop_top_is_top_set_or_defers_to_it() -> None:
     """``pop_top`` (trending's top set in the blend's compiled call) returns the set
     ``DecayedPopularity.top_set`` returns whenever it answers, and defers to it (False)

@@ -22,14 +22,15 @@ from stream.core.models._kernels import (
     REASON_MF,
     REASON_POPULARITY,
     _top_n,
+    _worse,
     among,
     blend_features,
-    blend_gather,
     cooc_accumulate,
     desc_order_all,
     last_play_scores,
     query_anchors,
     reset_touched,
+    unique_rows,
 )
 from stream.core.models.stan import stan_query
 
@@ -242,7 +243,7 @@ def _collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_
     in one pass, :func:`_query_pair`, when the short view's anchors are a prefix of the
     long one's), sequential rules from the last ``r_window``, STAN over the session's last
     ``n_session`` (:func:`stan_source`; ``s_*``: ``SessionKNN.query_inputs``), then
-    :func:`stream.core.models._kernels.blend_gather` over them, the artist and own-history
+    :func:`_gather` (``_kernels.blend_gather``'s picks) over them, the artist and own-history
     sources and trending's ``pop_rows``. ``c_*`` / ``r_*``: the co-occurrence and rules
     arenas (``SessionCooccurrence.arena``, passed array by array: a tuple argument costs
     numba's dispatcher a Python-level type check per call); ``acc``/``best``/``anchor``/
@@ -269,19 +270,99 @@ def _collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_
     rows, weights = _anchors(recent, r_window, r_decay, r_cap)
     r_rows, r_vals, _ = _query(r_start, r_size, r_total, r_nbr, r_val, rows, weights,
                                acc, best, anchor, touched)
-    lens = (len(c_rows), len(s_rows), len(r_rows), len(a_rows), len(o_rows), len(l_rows))
-    offsets = np.zeros(7, dtype=np.int64)
-    for j in range(6):
-        offsets[j + 1] = offsets[j] + lens[j]
-    src_rows = np.empty(offsets[6], dtype=np.int64)
-    src_vals = np.empty(offsets[6])
-    for j, (sr, sv) in enumerate(((c_rows, c_vals), (s_rows, s_vals), (r_rows, r_vals),
-                                  (a_rows, a_vals), (o_rows, o_vals), (l_rows, l_vals))):
-        o = offsets[j]
-        for i in range(len(sr)):
-            src_rows[o + i] = sr[i]
-            src_vals[o + i] = sv[i]
-    return blend_gather(src_rows, src_vals, offsets, c_lead, pop_rows, ban, mark, pos, n)
+    return _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals, a_rows, a_vals,
+                   o_rows, o_vals, l_rows, l_vals, pop_rows, ban, mark, pos, n)
+
+
+@_jit
+def _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals, a_rows, a_vals, o_rows,  # type: ignore[no-untyped-def]
+            o_vals, l_rows, l_vals, pop_rows, ban, mark, pos, n):
+    """:func:`stream.core.models._kernels.blend_gather` of the six sources (co-occurrence,
+    STAN, SR, artist, own history, long co-occurrence) as they come, without copying them
+    into one array first; each source's ``n`` best through :func:`_top_unbanned`. The
+    same candidates, scores and leads (``test_compiled_blend_candidates_match_the_python_
+    queries``: the Python path gathers with ``blend_gather``)."""
+    picks = np.empty(len(pop_rows) + 6 * n, dtype=np.int64)
+    m = len(pop_rows)
+    picks[:m] = pop_rows
+    m = _top_unbanned(c_rows, c_vals, ban, n, picks, m)
+    m = _top_unbanned(s_rows, s_vals, ban, n, picks, m)
+    m = _top_unbanned(r_rows, r_vals, ban, n, picks, m)
+    m = _top_unbanned(a_rows, a_vals, ban, n, picks, m)
+    m = _top_unbanned(o_rows, o_vals, ban, n, picks, m)
+    m = _top_unbanned(l_rows, l_vals, ban, n, picks, m)
+    cands = unique_rows(picks[:m], mark)
+    comp = np.zeros((len(cands), 6))
+    lead = np.full(len(cands), -1, dtype=np.int64)
+    for i in range(len(cands)):
+        pos[cands[i]] = i
+    for i in range(len(c_rows)):  # (a later entry of a row wins, as in blend_gather)
+        p = pos[c_rows[i]]
+        if p >= 0:
+            comp[p, 0] = c_vals[i]
+            lead[p] = c_lead[i]
+    _fill(s_rows, s_vals, pos, comp, 1)
+    _fill(r_rows, r_vals, pos, comp, 2)
+    _fill(a_rows, a_vals, pos, comp, 3)
+    _fill(o_rows, o_vals, pos, comp, 4)
+    _fill(l_rows, l_vals, pos, comp, 5)
+    for i in range(len(cands)):
+        pos[cands[i]] = -1
+    return cands, comp, lead
+
+
+@_jit
+def _fill(rows, vals, pos, comp, col):  # type: ignore[no-untyped-def]
+    """``comp[pos[r], col] = v`` for each entry (r, v) whose row is a candidate."""
+    for i in range(len(rows)):
+        p = pos[rows[i]]
+        if p >= 0:
+            comp[p, col] = vals[i]
+
+
+@_jit
+def _top_unbanned(rows, vals, ban, n, out, m):  # type: ignore[no-untyped-def]
+    """Append to ``out`` (from ``m``; returns the new end) the ``n`` best entries with a
+    positive score and an unbanned row, as ``blend_gather`` picks them (``_top_n`` of the
+    kept entries: ties to the lower row), keeping them in a heap as they come (its root
+    the worst kept) instead of copying the kept entries out first."""
+    hk = np.empty(n)
+    hr = np.empty(n, dtype=np.int64)
+    c = 0
+    for i in range(len(rows)):
+        k = vals[i]
+        r = rows[i]
+        if not k > 0.0 or ban[r]:
+            continue
+        if c < n:  # sift up while worse than the parent
+            j = c
+            while j > 0:
+                parent = (j - 1) >> 1
+                if not _worse(k, r, hk[parent], hr[parent]):
+                    break
+                hk[j] = hk[parent]
+                hr[j] = hr[parent]
+                j = parent
+            hk[j] = k
+            hr[j] = r
+            c += 1
+        elif _worse(hk[0], hr[0], k, r):  # better than the worst kept: replace the root
+            j = 0
+            while True:
+                ch = 2 * j + 1
+                if ch >= n:
+                    break
+                if ch + 1 < n and _worse(hk[ch + 1], hr[ch + 1], hk[ch], hr[ch]):
+                    ch += 1
+                if not _worse(hk[ch], hr[ch], k, r):
+                    break
+                hk[j] = hk[ch]
+                hr[j] = hr[ch]
+                j = ch
+            hk[j] = k
+            hr[j] = r
+    out[m:m + c] = hr[:c]
+    return m + c
 
 
 @_jit
