@@ -223,7 +223,7 @@ def blend_collect(recent, n_ban, other, pop_members, pop_weights, pop_rows, give
 def _set_bans(recent, n_ban, other, ban, flag):  # type: ignore[no-untyped-def]
     """``ban[r] = flag`` for the known rows of the last ``n_ban`` of ``recent`` and of
     ``other``."""
-    for i in range(len(recent) - n_ban, len(recent)):
+    for i in range(max(len(recent) - n_ban, 0), len(recent)):
         if recent[i] >= 0:
             ban[recent[i]] = flag
     for r in other:
