@@ -7,11 +7,15 @@ more per ranking (its arrays come cold from memory after learning). Run it alter
 two trees to compare them:
 
     PYTHONPATH=<tree> python load_tests/blend_ranking.py [--datasets ../shared/datasets]
+
+``--params '{"blend_cooc_window": 20}'``: the recommender's constructor arguments (a
+fan-out's cost).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -34,9 +38,11 @@ def _listeners(events: list[PlayEvent], states: dict[str, UserState], limit: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", type=Path, default=default_datasets_dir())
+    p.add_argument("--params", type=json.loads, default={},
+                   help="Recommender constructor arguments, as JSON")
     args = p.parse_args()
     events = load_events(args.datasets / "movielens-100k", "movielens", limit=14_000)
-    rec = Recommender(seed=0)
+    rec = Recommender(seed=0, **args.params)
     rec.emit_item_steps(False)
     step = TestThenTrain(("blend",), k=10, exclude_seen=True, max_recent=30)
     states: dict[str, UserState] = {}
@@ -56,7 +62,8 @@ def main() -> None:
             total += best
         passes.append(total / len(users) * 1e6)
     tree = Path(stream.__file__).parent.parent
-    print(f"{tree}: {len(users)} listeners, per learned ranking {min(passes):.1f} us "
+    print(f"{tree} {json.dumps(args.params)}: {len(users)} listeners, per learned ranking "
+          f"{min(passes):.1f} us "
           f"(passes {', '.join(f'{x:.1f}' for x in passes)})")
 
 
