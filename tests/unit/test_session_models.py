@@ -644,3 +644,44 @@ def test_stan_source_refuses_a_position_table_shorter_than_the_query() -> None:
     with pytest.raises(ValueError, match="position table"):
         _bk.stan_source(recent, 6, 10, *short.query_inputs("zz", now, 3))
     assert not short._scratch["acc"].any() and (short._scratch["qmark"] == -1).all()
+
+
+@pytest.mark.parametrize("l2", [0.0, 1e-3])
+def test_skip_model_matches_river(l2: float) -> None:
+    """The skip model's logistic regression is river's LogisticRegression(SGD(lr), l2) to
+    the last bit: the same predictions, weights (in the same order: the checkpoint's),
+    intercept and step count, with contexts first seen late and replicated feature dicts;
+    and the loss gradient and sigmoid on their clipped branches (|logit| > 18 and 30)."""
+    from river import linear_model, optim, utils
+
+    from stream.core.models.skip import SkipClassifier, _log_gradient, _sigmoid
+
+    for z in (-45.0, -31.0, -29.5, -18.5, -17.0, -0.3, 0.0, 0.7, 17.9, 18.2, 30.5, 44.0):
+        assert _sigmoid(z) == utils.math.sigmoid(z)
+        for y in (True, False):
+            assert _log_gradient(y, z) == optim.losses.Log().gradient(y_true=y, y_pred=z)
+
+    rng = np.random.default_rng(11)
+    model = SkipClassifier(learning_rate=0.05, l2=l2)
+    ref = linear_model.LogisticRegression(optimizer=optim.SGD(0.05), l2=l2)
+    contexts = [None, None, "radio", "playlist", "search"]
+    for i in range(1500):
+        x = Interaction("u", "t", int(rng.integers(1 << 40)), skipped=bool(rng.random() < 0.3),
+                        session_position=int(rng.integers(50)),
+                        recent_skip_rate=float(rng.random()),
+                        context=contexts[min(i // 200, 4) if rng.random() < 0.7 else 0],
+                        features={"popularity": float(rng.random() * 0.01),
+                                  "mf": float(rng.normal() * (40 if i % 97 == 0 else 1))})
+        feats = model.features(x)
+        want = float(ref.predict_proba_one(feats).get(True, 0.0))
+        if i % 3:
+            got = model.predict_learn_features(feats, x.skipped)
+        else:
+            got = model.predict_one(x)
+            model.learn_features(feats, x.skipped)
+        ref.learn_one(dict(feats), x.skipped)
+        assert got == want
+        assert list(model.classifier.weights.items()) == list(ref.weights.items())
+        assert model.classifier.intercept == ref.intercept
+    assert model.classifier.n_iterations == ref.optimizer.n_iterations == 1500
+    assert any(k.startswith("context=") for k in model.classifier.weights)
