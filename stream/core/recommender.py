@@ -747,6 +747,8 @@ class Recommender:
         row = self.vocabulary.index.get(track)
         if row is None or not len(rows):
             return None
+        if self.ranker.loss == "softmax":  # the step row, then the step: one compiled call
+            return self.ranker.learn_played(rows, row, X)
         hit = np.flatnonzero(rows == row)
         if not len(hit):
             return None

@@ -685,3 +685,47 @@ def test_skip_model_matches_river(l2: float) -> None:
         assert model.classifier.intercept == ref.intercept
     assert model.classifier.n_iterations == ref.optimizer.n_iterations == 1500
     assert any(k.startswith("context=") for k in model.classifier.weights)
+
+
+def test_compiled_softmax_step_is_numpys_to_float32() -> None:
+    """``learn_played`` (one compiled call) = ``pairs`` then ``apply_pairs`` = numpy's
+    softmax row (to float32: the sums run in another order) and numpy's step on it (to
+    the bit); not a candidate, a non-finite feature or a weight beyond MAX_WEIGHT learns
+    nothing."""
+    from stream.core.models.blend import MAX_WEIGHT
+
+    rng = np.random.default_rng(5)
+    a, b = LearnedBlend(seed=1, l2=1e-4), LearnedBlend(seed=1, l2=1e-4)
+    close = 0
+    for i in range(300):
+        n = int(rng.integers(2, 140))
+        X = rng.random((n, N_FEATURES)) * rng.choice([0.1, 1.0, 5.0])
+        rows = rng.permutation(1000)[:n].astype(np.int64)
+        pos = int(rng.integers(n))
+        w0, lr = a.weights, a.step_size()
+        z = X @ w0
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        want = (X[pos] - p @ X).astype(np.float32)
+        got = a.learn_played(rows, int(rows[pos]), X)
+        assert got is not None and got.shape == (1, N_FEATURES)
+        close += int((got[0] == want).all())
+        np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-12)
+        d = got[0].astype(np.float64)
+        assert (a.weights == w0 + lr * (d - 1e-4 * w0)).all()
+        assert (b.pairs(X, pos, key=i) == got).all()
+        assert b.apply_pairs(got) == 1 and (b.weights == a.weights).all()
+    assert close >= 290 and a.iterations == a.n_pairs == a.n_learned == 300
+    X = rng.random((5, N_FEATURES))
+    assert a.learn_played(np.arange(5), 7, X) is None  # not a candidate
+    X[2, 3] = np.nan
+    assert a.learn_played(np.arange(5), 1, X) is None and a.iterations == 300
+    big = LearnedBlend(seed=1, learning_rate=1.0, lr_decay=0.0, l2=0.0)
+    big._w[:2] = MAX_WEIGHT - 1
+    X = np.zeros((3, N_FEATURES))
+    X[0, 1], X[1:, 0] = 10.0, 900.0  # the others take the softmax: row[1] = 10
+    before = big.weights
+    assert big.learn_played(np.arange(3), 0, X) is None and big.iterations == 0
+    assert (big.weights == before).all()
+    with pytest.raises(ValueError, match="exceed"):
+        big.apply_pairs(big.pairs(X, 0, key=0))
