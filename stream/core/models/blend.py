@@ -298,7 +298,8 @@ class LearnedBlend:
             raise ValueError(f"blend pairs: shape {diffs.shape}, expected (n, {N_FEATURES})")
         if not len(diffs):
             return 0
-        diffs = np.ascontiguousarray(diffs, dtype=np.float32)  # what a peer sends
+        # a writable float32 copy: the compiled signature warm_up made, whatever came in
+        diffs = np.array(diffs, dtype=np.float32, order="C")
         if not _lk.usable(diffs, MAX_ROW_VALUE):
             raise ValueError(f"blend pairs: not finite or beyond {MAX_ROW_VALUE}")
         if self.loss == "softmax" and len(diffs) == 1:  # the softmax step: one row
