@@ -95,19 +95,18 @@ class OnlineLogistic:
 
     def learn(self, feats: Mapping[str, float], y: bool, raw: float | None = None) -> None:
         """One SGD step on ``feats`` labelled ``y`` (``raw``: their logit, if known)."""
-        weights = self._weights
-        for name in feats:  # river's learn mode adds an unseen feature at zero first
-            if name not in weights:
-                weights[name] = 0.0
         z = self.raw(feats) if raw is None else raw
         g = max(min(_log_gradient(y, z), self.CLIP), -self.CLIP)
         self.intercept -= self.INTERCEPT_LR * g
         lr, l2 = self.learning_rate, self.l2
+        weights = self._weights
+        get = weights.get
+        # an unseen feature starts at 0.0 and is added in the features' order, where
+        # river's learn mode adds it (before its step): the same dict order
         for name, value in feats.items():
-            gi = g * value
-            if l2:
-                gi = gi + weights[name] * l2
-            weights[name] = weights[name] - lr * gi
+            w = get(name, 0.0)
+            gi = g * value + w * l2 if l2 else g * value
+            weights[name] = w - lr * gi
         self.n_iterations += 1
 
 
