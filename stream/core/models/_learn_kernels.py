@@ -64,7 +64,7 @@ def softmax_row(X, positive, w, row):  # type: ignore[no-untyped-def]
 @_jit
 def usable(row, bound):  # type: ignore[no-untyped-def]
     """Every value finite and at most ``bound`` in size (``blend.usable_rows``)."""
-    for v in row.ravel():
+    for v in row.ravel():  # noqa: SIM110 (numba compiles no all() of a generator)
         if not abs(v) <= bound:  # NaN too
             return False
     return True

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+
 from stream.core.contexts import CONTEXTS, fold_context
 from stream.core.models._state import (
     ID_LEN,
