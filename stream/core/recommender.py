@@ -747,6 +747,8 @@ class Recommender:
         row = self.vocabulary.index.get(track)
         if row is None or not len(rows):
             return None
+        if self.ranker.loss == "softmax":  # the step row, then the step: one compiled call
+            return self.ranker.learn_played(rows, row, X)
         hit = np.flatnonzero(rows == row)
         if not len(hit):
             return None
@@ -2097,13 +2099,18 @@ def warm_up() -> float:
     rec = Recommender(seed=0, max_per_artist=1, stan_params={"max_sessions": 64})
     rec.cooccurrence.max_neighbours = 2  # so rows fill up and get pruned
     states: dict[str, UserState] = {}
+    steps: list[ItemStep] = []
     for i in range(400):
         user, track = f"u{i % 7}", f"t{(i * 7919) % 97}"
         event = PlayEvent(user, track, 1_700_000_000_000 + i * 1000, 200_000, f"e{i}",
                           artist_id=f"a{i % 5}", skipped=i % 4 == 0)
         update = update_session(states.get(user), event)
-        rec.learn_one(update, event)
+        step = rec.learn_one(update, event).step
+        if step is not None:
+            steps.append(step)
         states[user] = update.state
+    # a peer's item steps (the signals' path: the blend rows' bounds and step are compiled)
+    Recommender(seed=0, stan_params={"max_sessions": 64}).apply_item_steps(steps)
     seen = SeenTracks(rec.vocabulary)
     for state in states.values():
         for variant in VARIANTS:
