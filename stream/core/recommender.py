@@ -461,9 +461,8 @@ class Recommender:
         item_steps = self.item_steps
         user_before, rows = self.mf.learn_step(x, keep_before=item_steps)
         if session_models:
-            self.session_knn.learn_one(Interaction(
-                user_id=session_token(state), track_id=track, ts_ms=x.ts_ms,
-                session_position=x.session_position))
+            self.session_knn.learn_play(session_token(state), track, x.ts_ms,
+                                        x.session_position)
             self.rules.learn_one(x)
             self._first_seen(track, x.ts_ms)
         self.n_learned += 1
@@ -544,9 +543,8 @@ class Recommender:
                 self._note_artist(s.track_id, s.artist_id)
             if self.session_models:
                 if s.session:
-                    self.session_knn.learn_one(Interaction(
-                        user_id=s.session, track_id=s.track_id, ts_ms=s.ts_ms,
-                        session_position=max(position, 0)))
+                    self.session_knn.learn_play(s.session, s.track_id, s.ts_ms,
+                                                max(position, 0))
                 if position >= 0:
                     self.rules.learn_one(x)
                 self._first_seen(s.track_id, s.ts_ms)
