@@ -528,3 +528,33 @@ def test_counted_order_is_the_stable_argsort() -> None:
             values[4] = np.nan
             want = np.argsort(-values, kind="stable")
         np.testing.assert_array_equal(_k.desc_order_all(values), want)
+
+
+def test_blend_bans_never_write_past_the_ban_flags() -> None:
+    """``blend_collect`` sets and clears the bans itself (``_set_bans``, no bounds checks):
+    an ``exclude`` whose rows lie beyond this catalogue (a ``SeenTracks`` of another
+    recommender's vocabulary) must not write past the ban flags. Before session 17 numpy
+    raised IndexError there; here the ban buffer is a view of a larger array, so a write
+    past its end shows (review17a)."""
+    from stream.core.events import PlayEvent
+
+    def trained(n_tracks: int, n: int) -> tuple[Recommender, dict[str, UserState]]:
+        rec, states = Recommender(seed=0), {}
+        for i in range(n):
+            e = PlayEvent(f"u{i % 3}", f"t{(i * 7) % n_tracks}", 1_700_000_000_000 + i * 1000,
+                          200_000, f"e{i}")
+            up = update_session(states.get(e.user_id), e)
+            rec.learn_one(up, e)
+            states[e.user_id] = up.state
+        return rec, states
+
+    small, states = trained(40, 300)
+    big, _ = trained(500, 1000)
+    foreign = SeenTracks(big.vocabulary)
+    foreign.add("t499")
+    assert int(foreign.rows()[0]) >= 64
+    backing = np.ones(4096, dtype=bool)
+    backing[:64] = False
+    small.__dict__["_ban"] = backing[:64]
+    small.recommend(states["u1"], 10, 1_700_000_400_000, exclude=foreign)
+    assert backing[64:].all(), np.flatnonzero(~backing[64:]) + 64

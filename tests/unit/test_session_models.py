@@ -729,3 +729,18 @@ def test_compiled_softmax_step_is_numpys_to_float32() -> None:
     assert (big.weights == before).all()
     with pytest.raises(ValueError, match="exceed"):
         big.apply_pairs(big.pairs(X, 0, key=0))
+
+
+def test_learn_played_refuses_candidate_rows_that_do_not_match_x() -> None:
+    """``softmax_learn`` does not bounds-check (numba): candidate ``rows`` longer than the
+    feature rows ``X`` let a played row past X's end read past the array and take a step
+    from whatever lies there. ``learn_played`` must refuse the mismatch (ValueError)
+    before the kernel runs, and learn nothing (review17a)."""
+    blend = LearnedBlend(seed=1)
+    X = np.random.default_rng(0).random((2, N_FEATURES))
+    w0 = blend.weights
+    for played in (1, 40, 499):
+        with pytest.raises(ValueError):
+            blend.learn_played(np.arange(500, dtype=np.int64), played, X)
+    np.testing.assert_array_equal(blend.weights, w0)
+    assert blend.n_learned == blend.iterations == 0

@@ -222,12 +222,14 @@ def blend_collect(recent, n_ban, other, pop_members, pop_weights, pop_rows, give
 @_jit
 def _set_bans(recent, n_ban, other, ban, flag):  # type: ignore[no-untyped-def]
     """``ban[r] = flag`` for the known rows of the last ``n_ban`` of ``recent`` and of
-    ``other``."""
+    ``other`` (rows outside ``ban``, e.g. a ``SeenTracks`` of another vocabulary, are
+    skipped: numba does not bounds-check)."""
+    nb = len(ban)
     for i in range(max(len(recent) - n_ban, 0), len(recent)):
-        if recent[i] >= 0:
+        if 0 <= recent[i] < nb:
             ban[recent[i]] = flag
     for r in other:
-        if r >= 0:
+        if 0 <= r < nb:
             ban[r] = flag
 
 

@@ -263,6 +263,8 @@ class LearnedBlend:
         if self.loss != "softmax":
             raise ValueError("learn_played takes the softmax step only")
         self._check(X)
+        if len(rows) != len(X):  # the kernel reads X[i] for the i where rows[i] == played
+            raise ValueError(f"blend: {len(rows)} candidate rows for {len(X)} feature rows")
         row: Float32Array = np.empty((1, N_FEATURES), dtype=np.float32)
         out: FloatArray = np.empty(N_FEATURES)
         status = _lk.softmax_learn(rows, played, np.ascontiguousarray(X, dtype=np.float64),
