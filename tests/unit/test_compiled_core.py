@@ -556,5 +556,9 @@ def test_blend_bans_never_write_past_the_ban_flags() -> None:
     backing = np.ones(4096, dtype=bool)
     backing[:64] = False
     small.__dict__["_ban"] = backing[:64]
-    small.recommend(states["u1"], 10, 1_700_000_400_000, exclude=foreign)
-    assert backing[64:].all(), np.flatnonzero(~backing[64:]) + 64
+    # the learned blend (blend_collect) and the compiled single queries (rank_query)
+    for variant in ("blend", "fixed", "cooccurrence", "mf", "popularity"):
+        small.recommend(states["u1"], 10, 1_700_000_400_000, exclude=foreign,
+                        variant=variant)
+        assert backing[64:].all(), (variant, np.flatnonzero(~backing[64:]) + 64)
+        assert not backing[:64].any(), variant  # and the bans were cleared

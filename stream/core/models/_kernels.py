@@ -528,8 +528,9 @@ def rank_query(  # type: ignore[no-untyped-def]
     for r in ban_recent:
         if r >= 0:
             ban[r] = True
-    for r in ban_other:
-        ban[r] = True
+    for r in ban_other:  # rows of another vocabulary may lie past the flags
+        if 0 <= r < len(ban):
+            ban[r] = True
     n_touched = 0
     if use_cooc:
         a_rows, a_weights = query_anchors(hist_rows, cap, decay)
@@ -551,7 +552,8 @@ def rank_query(  # type: ignore[no-untyped-def]
         if r >= 0:
             ban[r] = False
     for r in ban_other:
-        ban[r] = False
+        if 0 <= r < len(ban):
+            ban[r] = False
     return out
 
 
