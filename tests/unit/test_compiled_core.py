@@ -472,3 +472,38 @@ def test_counted_order_is_the_stable_argsort() -> None:
             values[4] = np.nan
             want = np.argsort(-values, kind="stable")
         np.testing.assert_array_equal(_k.desc_order_all(values), want)
+
+
+def test_blend_artist_share_counts_the_listeners_recent_artists(datasets_dir: Path) -> None:
+    """Session 17's ``artist_share``: a candidate's artist's share of the listener's last
+    ARTIST_WINDOW plays whose artist is known (plain counting here), 0 without a known
+    artist; ``same_artist`` is still the last play's artist."""
+    from stream.core.models.blend import FEATURES
+    from stream.core.recommender import ARTIST_WINDOW
+    from stream.tools.datasets import load_sessionrec
+
+    col = {f: i for i, f in enumerate(FEATURES)}
+    events, _ = load_sessionrec(datasets_dir / "30music-200ks", limit=6000)
+    rec, states = Recommender(seed=1), {}
+    for e in events:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+    now = events[-1].ts_ms
+    checked = shared = partial = 0
+    for state in sorted(states.values(), key=lambda s: -len(s.recent))[:80]:
+        rows, X, _comp, _lead = rec._blend_candidates(state, now, ())
+        if not len(rows):
+            continue
+        artists = [rec.artist_of.get(t) for t in state.recent[-ARTIST_WINDOW:]]
+        known = [a for a in artists if a is not None]
+        last = rec.artist_of.get(state.recent[-1])
+        for i, r in enumerate(rows.tolist()):
+            a = rec.artist_of.get(rec.vocabulary.ids[r])
+            want = known.count(a) / len(known) if a is not None and known else 0.0
+            assert X[i, col["artist_share"]] == want
+            assert X[i, col["same_artist"]] == float(a is not None and a == last)
+            shared += want > 0
+            partial += 0 < want < 1
+        checked += 1
+    assert checked >= 50 and shared > 100 and partial > 50

@@ -44,7 +44,10 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
   candidate; both are ~0);
 - ``s_sr_last`` / ``s_cooc_last`` / ``r_sr_last`` / ``r_cooc_last``: the sequential rules
   and co-occurrence neighbours of the listener's last play alone (normalised score and
-  reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away.
+  reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away;
+- ``artist_share`` (session 17): the share of the listener's last ``ARTIST_WINDOW`` plays
+  (those whose artist is known) that are by the candidate's artist -- how much of their
+  recent listening the artist holds, where ``same_artist`` sees only the last play.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ FEATURES: Final = (
     "s_cooc_long", "r_cooc_long", "hist_cooc_long",
     "log_cooc", "log_stan", "log_sr", "log_cooc_long",
     "s_sr_last", "s_cooc_last", "r_sr_last", "r_cooc_last",
+    "artist_share",
 )
 N_FEATURES: Final = len(FEATURES)
 Float32Array = npt.NDArray[np.float32]
