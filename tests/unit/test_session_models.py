@@ -245,6 +245,28 @@ def test_a_blend_checkpoint_from_before_session_16_learns_with_the_softmax_step(
                                                           "loss": "other"}}, {})
 
 
+def test_a_session_16_blend_checkpoint_restores_without_artist_share() -> None:
+    """A checkpoint of session 16 (39 features, softmax) has no ``artist_share`` weight:
+    it restores its weights and step count with ``artist_share`` at 0, so it ranks every
+    list as before, and learns the new weight from its next step."""
+    old = LearnedBlend(seed=3)
+    rng = np.random.default_rng(6)
+    for i in range(20):
+        old.learn(rng.random((12, N_FEATURES)), int(rng.integers(12)), key=i)
+    manifest = json_round_trip(old.export_state()[0])
+    assert FEATURES.index("artist_share") == 39
+    manifest["weights"] = {f: w for f, w in manifest["weights"].items() if f != "artist_share"}
+    twin = LearnedBlend.import_state(manifest, {})
+    assert twin.iterations == old.iterations and twin.loss == "softmax"
+    assert twin.weights[:39].tolist() == old.weights[:39].tolist()
+    assert twin.weights[39] == 0.0 != old.weights[39]
+    X = rng.random((12, N_FEATURES))
+    base = X.copy()
+    X[:, 39] = rng.random(12)  # the new column does not move an old model's scores
+    assert twin.score(X).tolist() == twin.score(base).tolist()
+    assert twin.learn(X, 3, key=0) == 1 and twin.weights[39] != 0.0
+
+
 def test_a_non_finite_or_huge_step_is_never_taken() -> None:
     """One non-finite feature, or weights so large the scores overflow, would turn the
     softmax row (and then the weights) NaN for good: such a list gives no rows, rows that
