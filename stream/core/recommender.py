@@ -824,32 +824,27 @@ class Recommender:
         query = Interaction(user_id=state.user_id, ts_ms=now_ms,
                             session_position=state.session_plays,
                             recent_skip_rate=_recent_skip_rate(state))
-        same_artist, artist_share = self._artist_columns(state, cands)
+        same_artist, recent_artist = self._artist_columns(state, cands)
         w = self.blend_weights
         X = np.empty((len(cands), N_FEATURES))
         pop_w, pop_total = self.popularity.score_inputs()
         # popularity, the skip model's prediction and the features in one compiled call
         _bk.blend_matrix(cands, comp, pop_w, pop_total, mf, *self.skip.logit_terms(query),
-                         same_artist, artist_share, self.first_seen, now_ms,
+                         same_artist, recent_artist, self.first_seen, now_ms,
                          math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
                          w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
                          self._last_play_scores(state, cands, size), X)
         return cands, X, comp, lead
 
     def _artist_columns(self, state: UserState, cands: IntArray) -> tuple[FloatArray, FloatArray]:
-        """Per candidate: 1.0 if its artist is the last play's (``same_artist``), and its
-        artist's share of the listener's last ``ARTIST_WINDOW`` plays whose artist is known
-        (``artist_share``; both 0 for a candidate without a known artist)."""
+        """Per candidate: 1.0 if its artist is the last play's (``same_artist``), and 1.0 if
+        it is the artist of one of the listener's last ``ARTIST_WINDOW`` plays
+        (``recent_artist``); both 0 for a candidate without a known artist."""
         m = len(cands)
         shards = self.artist_of.shards  # artist_of.get, inlined
-        counts: dict[str, int] = {}
-        known = 0
-        for t in state.recent[-ARTIST_WINDOW:]:
-            a = shards[hash(t) & SHARD_MASK].get(t)
-            if a is not None:
-                counts[a] = counts.get(a, 0) + 1
-                known += 1
-        if not known:
+        recent = {shards[hash(t) & SHARD_MASK].get(t) for t in state.recent[-ARTIST_WINDOW:]}
+        recent.discard(None)
+        if not recent:
             return np.zeros(m), np.zeros(m)
         last_artist = shards[hash(state.recent[-1]) & SHARD_MASK].get(state.recent[-1])
         ids = self.vocabulary.ids
@@ -857,9 +852,8 @@ class Recommender:
                    for t in map(ids.__getitem__, cands.tolist())]
         same = np.array([a is not None and a == last_artist for a in artists],
                         dtype=np.float64)
-        share = np.array([counts.get(a, 0) if a is not None else 0 for a in artists],
-                         dtype=np.float64) / known
-        return same, share
+        among = np.array([a in recent for a in artists], dtype=np.float64)
+        return same, among
 
     def _last_play_scores(self, state: UserState, cands: IntArray, size: int) -> FloatArray:
         """Per candidate, its weight in the sequential rules and in the co-occurrence
@@ -2027,7 +2021,7 @@ def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
 
 
 _DAY_MS: Final = 24 * 3600 * 1000
-#: the listener's last plays whose artists the blend's ``artist_share`` counts (session 17)
+#: the listener's last plays whose artists the blend's ``recent_artist`` looks at (session 17)
 ARTIST_WINDOW: Final = 30
 
 

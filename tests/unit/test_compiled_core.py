@@ -474,10 +474,10 @@ def test_counted_order_is_the_stable_argsort() -> None:
         np.testing.assert_array_equal(_k.desc_order_all(values), want)
 
 
-def test_blend_artist_share_counts_the_listeners_recent_artists(datasets_dir: Path) -> None:
-    """Session 17's ``artist_share``: a candidate's artist's share of the listener's last
-    ARTIST_WINDOW plays whose artist is known (plain counting here), 0 without a known
-    artist; ``same_artist`` is still the last play's artist."""
+def test_blend_recent_artist_marks_the_artists_of_the_recent_plays(datasets_dir: Path) -> None:
+    """Session 17's ``recent_artist``: 1 for a candidate whose artist is the artist of one
+    of the listener's last ARTIST_WINDOW plays (plain Python here), 0 otherwise and without
+    a known artist; ``same_artist`` is still the last play's artist."""
     from stream.core.models.blend import FEATURES
     from stream.core.recommender import ARTIST_WINDOW
     from stream.tools.datasets import load_sessionrec
@@ -490,20 +490,19 @@ def test_blend_artist_share_counts_the_listeners_recent_artists(datasets_dir: Pa
         rec.learn_one(up, e)
         states[e.user_id] = up.state
     now = events[-1].ts_ms
-    checked = shared = partial = 0
+    checked = marked = not_last = 0
     for state in sorted(states.values(), key=lambda s: -len(s.recent))[:80]:
         rows, X, _comp, _lead = rec._blend_candidates(state, now, ())
         if not len(rows):
             continue
-        artists = [rec.artist_of.get(t) for t in state.recent[-ARTIST_WINDOW:]]
-        known = [a for a in artists if a is not None]
+        recent = {rec.artist_of.get(t) for t in state.recent[-ARTIST_WINDOW:]} - {None}
         last = rec.artist_of.get(state.recent[-1])
         for i, r in enumerate(rows.tolist()):
             a = rec.artist_of.get(rec.vocabulary.ids[r])
-            want = known.count(a) / len(known) if a is not None and known else 0.0
-            assert X[i, col["artist_share"]] == want
+            want = float(a is not None and a in recent)
+            assert X[i, col["recent_artist"]] == want
             assert X[i, col["same_artist"]] == float(a is not None and a == last)
-            shared += want > 0
-            partial += 0 < want < 1
+            marked += want > 0
+            not_last += want > 0 and a != last
         checked += 1
-    assert checked >= 50 and shared > 100 and partial > 50
+    assert checked >= 50 and marked > 100 and not_last > 50

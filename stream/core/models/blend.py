@@ -45,9 +45,10 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 - ``s_sr_last`` / ``s_cooc_last`` / ``r_sr_last`` / ``r_cooc_last``: the sequential rules
   and co-occurrence neighbours of the listener's last play alone (normalised score and
   reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away;
-- ``artist_share`` (session 17): the share of the listener's last ``ARTIST_WINDOW`` plays
-  (those whose artist is known) that are by the candidate's artist -- how much of their
-  recent listening the artist holds, where ``same_artist`` sees only the last play.
+- ``recent_artist`` (session 17): 1 if the candidate's artist is the artist of one of the
+  listener's last ``ARTIST_WINDOW`` (30) plays, where ``same_artist`` sees only the last
+  play (on 30Music a listener's next track is often by an artist of their recent
+  listening who is not the last play's).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ FEATURES: Final = (
     "s_cooc_long", "r_cooc_long", "hist_cooc_long",
     "log_cooc", "log_stan", "log_sr", "log_cooc_long",
     "s_sr_last", "s_cooc_last", "r_sr_last", "r_cooc_last",
-    "artist_share",
+    "recent_artist",
 )
 N_FEATURES: Final = len(FEATURES)
 Float32Array = npt.NDArray[np.float32]
