@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import operator
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -850,10 +851,10 @@ class Recommender:
         ids = self.vocabulary.ids
         artists = [shards[hash(t) & SHARD_MASK].get(t)
                    for t in map(ids.__getitem__, cands.tolist())]
-        same = np.array([a is not None and a == last_artist for a in artists],
-                        dtype=np.float64)
-        among = np.array([a in recent for a in artists], dtype=np.float64)
-        return same, among
+        among = np.fromiter(map(recent.__contains__, artists), np.float64, m)
+        if last_artist is None:
+            return np.zeros(m), among
+        return np.fromiter(map(operator.eq, artists, repeat(last_artist)), np.float64, m), among
 
     def _last_play_scores(self, state: UserState, cands: IntArray, size: int) -> FloatArray:
         """Per candidate, its weight in the sequential rules and in the co-occurrence
