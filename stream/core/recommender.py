@@ -842,6 +842,8 @@ class Recommender:
         it is the artist of one of the listener's last ``ARTIST_WINDOW`` plays
         (``recent_artist``); both 0 for a candidate without a known artist."""
         m = len(cands)
+        if not state.recent or not self.artist_of:  # a log without artists: no lookups
+            return np.zeros(m), np.zeros(m)
         shards = self.artist_of.shards  # artist_of.get, inlined
         recent = {shards[hash(t) & SHARD_MASK].get(t) for t in state.recent[-ARTIST_WINDOW:]}
         recent.discard(None)
