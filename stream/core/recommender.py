@@ -838,25 +838,33 @@ class Recommender:
         return cands, X, comp, lead
 
     def _artist_columns(self, state: UserState, cands: IntArray) -> tuple[FloatArray, FloatArray]:
-        """Per candidate: 1.0 if its artist is the last play's (``same_artist``), and 1.0 if
-        it is the artist of one of the listener's last ``ARTIST_WINDOW`` plays
-        (``recent_artist``); both 0 for a candidate without a known artist."""
+        """Per candidate: 1.0 if its artist is the last play's (``same_artist``), and its
+        artist's share of the listener's last ``ARTIST_WINDOW`` plays with a known artist,
+        each play weighted ``ARTIST_DECAY ** (plays since)`` (``recent_artist``); both 0 for
+        a candidate without a known artist."""
         m = len(cands)
         if not state.recent or not self.artist_of:  # a log without artists: no lookups
             return np.zeros(m), np.zeros(m)
         shards = self.artist_of.shards  # artist_of.get, inlined
-        recent = {shards[hash(t) & SHARD_MASK].get(t) for t in state.recent[-ARTIST_WINDOW:]}
-        recent.discard(None)
-        if not recent:
+        weight: dict[str, float] = {}
+        total = 0.0
+        w = 1.0
+        for t in reversed(state.recent[-ARTIST_WINDOW:]):
+            a = shards[hash(t) & SHARD_MASK].get(t)
+            if a is not None:
+                weight[a] = weight.get(a, 0.0) + w
+                total += w
+            w *= ARTIST_DECAY
+        if not total:
             return np.zeros(m), np.zeros(m)
         last_artist = shards[hash(state.recent[-1]) & SHARD_MASK].get(state.recent[-1])
         ids = self.vocabulary.ids
         artists = [shards[hash(t) & SHARD_MASK].get(t)
                    for t in map(ids.__getitem__, cands.tolist())]
-        among = np.fromiter(map(recent.__contains__, artists), np.float64, m)
+        share = np.fromiter(map(weight.get, artists, repeat(0.0)), np.float64, m) / total
         if last_artist is None:
-            return np.zeros(m), among
-        return np.fromiter(map(operator.eq, artists, repeat(last_artist)), np.float64, m), among
+            return np.zeros(m), share
+        return np.fromiter(map(operator.eq, artists, repeat(last_artist)), np.float64, m), share
 
     def _last_play_scores(self, state: UserState, cands: IntArray, size: int) -> FloatArray:
         """Per candidate, its weight in the sequential rules and in the co-occurrence
@@ -2024,8 +2032,10 @@ def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
 
 
 _DAY_MS: Final = 24 * 3600 * 1000
-#: the listener's last plays whose artists the blend's ``recent_artist`` looks at (session 17)
+#: the listener's last plays whose artists the blend's ``recent_artist`` weighs (session
+#: 17), each ``ARTIST_DECAY`` ** (plays since) -- 0.9, as the long co-occurrence's decay
 ARTIST_WINDOW: Final = 30
+ARTIST_DECAY: Final = 0.9
 
 
 def _scale(values: FloatArray) -> FloatArray:

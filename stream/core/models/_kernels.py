@@ -844,8 +844,8 @@ def blend_features(cands, comp, pop, mf, skip, same_artist, recent_artist, first
     (``len(cands) x N_FEATURES``). ``comp`` holds the co-occurrence, STAN, SR, artist,
     own-history and long co-occurrence scores (columns 0-5); ``hist`` is the scaled log
     history length; ``last`` the SR and co-occurrence scores from the last play alone
-    (:func:`last_play_scores`); ``recent_artist`` 1.0 for a candidate by an artist of the
-    listener's recent plays."""
+    (:func:`last_play_scores`); ``recent_artist`` each candidate's artist's (decayed) share
+    of the listener's recent plays."""
     m = len(cands)
     _scale_into(comp[:, 0], out, 1)
     _scale_into(comp[:, 1], out, 2)

@@ -45,10 +45,10 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
 - ``s_sr_last`` / ``s_cooc_last`` / ``r_sr_last`` / ``r_cooc_last``: the sequential rules
   and co-occurrence neighbours of the listener's last play alone (normalised score and
   reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away;
-- ``recent_artist`` (session 17): 1 if the candidate's artist is the artist of one of the
-  listener's last ``ARTIST_WINDOW`` (30) plays, where ``same_artist`` sees only the last
-  play (on 30Music a listener's next track is often by an artist of their recent
-  listening who is not the last play's).
+- ``recent_artist`` (session 17): the candidate's artist's share of the listener's last
+  ``ARTIST_WINDOW`` (30) plays with a known artist, each weighted ``0.9 ** (plays
+  since)``, where ``same_artist`` sees only the last play (on 30Music a listener's next
+  track is often by an artist of their recent listening who is not the last play's).
 """
 
 from __future__ import annotations
