@@ -861,7 +861,9 @@ class Recommender:
         ids = self.vocabulary.ids
         artists = [shards[hash(t) & SHARD_MASK].get(t)
                    for t in map(ids.__getitem__, cands.tolist())]
-        share = np.fromiter(map(weight.get, artists, repeat(0.0)), np.float64, m) / total
+        get = weight.get
+        share = np.fromiter((get(a, 0.0) if a is not None else 0.0 for a in artists),
+                            np.float64, m) / total
         if last_artist is None:
             return np.zeros(m), share
         return np.fromiter(map(operator.eq, artists, repeat(last_artist)), np.float64, m), share

@@ -498,11 +498,11 @@ def test_blend_recent_artist_weighs_the_artists_of_the_recent_plays(datasets_dir
             continue
         plays = [rec.artist_of.get(t) for t in state.recent[-ARTIST_WINDOW:]][::-1]
         weights = [ARTIST_DECAY ** i for i in range(len(plays))]
-        total = sum(w for w, a in zip(weights, plays) if a is not None)
+        total = sum(w for w, a in zip(weights, plays, strict=True) if a is not None)
         last = rec.artist_of.get(state.recent[-1])
         for i, r in enumerate(rows.tolist()):
             a = rec.artist_of.get(rec.vocabulary.ids[r])
-            mass = sum(w for w, b in zip(weights, plays) if a is not None and b == a)
+            mass = sum(w for w, b in zip(weights, plays, strict=True) if a is not None and b == a)
             want = mass / total if total else 0.0
             assert X[i, col["recent_artist"]] == pytest.approx(want, rel=1e-12, abs=1e-15)
             assert X[i, col["same_artist"]] == float(a is not None and a == last)
