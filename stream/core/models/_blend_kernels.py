@@ -458,7 +458,8 @@ def blend_order(scores, rows, comp, lead, last):  # type: ignore[no-untyped-def]
 
 @_jit
 def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,  # type: ignore[no-untyped-def]
-                 same_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms, last, out):
+                 same_artist, recent_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms,
+                 last, out):
     """The candidates' popularity (``pop_w[row] / pop_total``), skip probability
     (``SkipClassifier.predict_many``: ``skip_base`` is its intercept plus the listener's
     context terms, ``skip_w_pop`` / ``skip_w_mf`` its weights of the squashed popularity
@@ -480,8 +481,8 @@ def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_
             logit += skip_w_mf * math.tanh(mf[i])
         logit = min(max(logit, -30.0), 30.0)
         skip[i] = 1.0 / (1.0 + math.exp(-logit))
-    blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, hist,
-                   w_cooc, w_mf, w_pop, day_ms, last, out)
+    blend_features(cands, comp, pop, mf, skip, same_artist, recent_artist, first_seen, now_ms,
+                   hist, w_cooc, w_mf, w_pop, day_ms, last, out)
 
 
 @_jit
