@@ -997,47 +997,84 @@ class Recommender:
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
     ) -> tuple[IntArray, FloatArray, BoolArray]:
         """The ranked rows of one session model alone, their scores and whether each came
-        from the model (else trending), in one compiled call (:mod:`._session_kernels`:
-        the same lists as :meth:`_rank_session_reference`, which SR with a popularity
-        penalty still takes); where ties at a cut leave a choice, numpy makes it here."""
+        from the model (else trending): :meth:`_session_lists` of that variant."""
+        return self._session_lists(state, k, now_ms, exclude, (variant,))[variant]
+
+    def _session_lists(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str],
+        variants: Collection[str],
+    ) -> dict[str, tuple[IntArray, FloatArray, BoolArray]]:
+        """:meth:`_session_ranking` of those of ``variants`` that are session models, in
+        compiled calls (:mod:`._session_kernels`; ``sknn`` and ``stan`` together from one
+        pass over their neighbour sessions): the same lists as
+        :meth:`_rank_session_reference`, which SR with a popularity penalty still takes.
+        Where ties at a cut leave a choice, numpy makes it (:meth:`_finish_session`)."""
+        wanted = [v for v in ("stan", "sknn", "sr") if v in variants]
         size = len(self.vocabulary)
-        if size == 0 or (variant == "sr" and self.rules.pop_penalty > 0):
-            return self._rank_session_reference(state, k, now_ms, exclude, variant)
+        if size == 0 or (self.rules.pop_penalty > 0 and "sr" in wanted):
+            return {v: self._rank_session_reference(state, k, now_ms, exclude, v)
+                    for v in wanted}
         recent = self._recent_rows(state)
         ban_rows = self._banned_rows(state, exclude, recent)
         n_recent = len(state.recent)
         n_session = n_recent if self.session_scope == "recent" \
             else min(max(state.session_plays, 1), n_recent)
-        room = 3 * k
         members, pop_w, pop_total = self.popularity.ranking_inputs(size)
-        fill_args = (self._ban_buffer(size), ban_rows, room, members, pop_w,
+        fill_args = (self._ban_buffer(size), ban_rows, 3 * k, members, pop_w,
                      pop_total or 1.0, size)
-        if variant == "sr":
-            status, rows, vals, flags = self._rank_rules(recent, n_session, size, fill_args)
-        else:
-            knn = self.session_knn
-            n_query = min(knn.query_window, n_session)
-            try:
-                status, rows, vals, flags = _sk.rank_stan(
-                    recent, n_query, variant == "sknn",
-                    *knn.query_inputs(session_token(state), now_ms, n_query), *fill_args)
-            except BaseException:
-                knn.clear_scratch()
-                fill_args[0][:] = False
-                raise
+        outcomes: dict[str, tuple[int, IntArray, FloatArray, BoolArray]] = {}
+        if "sr" in wanted:
+            outcomes["sr"] = self._rank_rules(recent, n_session, size, fill_args)
+        if "stan" in wanted or "sknn" in wanted:
+            which = 2 if "stan" in wanted and "sknn" in wanted else int("sknn" in wanted)
+            outcomes["stan"], outcomes["sknn"] = self._rank_knn(
+                state, now_ms, recent, n_session, which, size, fill_args)
+        return {v: self._finish_session(outcomes[v], fill_args) for v in wanted}
+
+    def _rank_knn(
+        self, state: UserState, now_ms: int, recent: IntArray, n_session: int, which: int,
+        size: int, fill_args: tuple[Any, ...],
+    ) -> tuple[tuple[int, IntArray, FloatArray, BoolArray], ...]:
+        """:func:`_sk.rank_stan` (``which``: 0 STAN, 1 SKNN, 2 both), scratch restored if
+        it raises."""
+        knn = self.session_knn
+        n_query = min(knn.query_window, n_session)
+        acc2 = self.__dict__.get("_knn_acc2")
+        if acc2 is None or len(acc2) < size:  # the plain query's scratch when both run
+            cap = max(size, 2 * (0 if acc2 is None else len(acc2)), 64)
+            acc2 = self.__dict__["_knn_acc2"] = np.zeros(cap)
+            self.__dict__["_knn_touched2"] = np.zeros(cap, dtype=np.int64)
+        try:
+            out: tuple[tuple[int, IntArray, FloatArray, BoolArray], ...] = _sk.rank_stan(
+                recent, n_query, which,
+                *knn.query_inputs(session_token(state), now_ms, n_query), acc2,
+                self.__dict__["_knn_touched2"], *fill_args)
+        except BaseException:
+            knn.clear_scratch()
+            acc2[:] = 0.0
+            fill_args[0][:] = False
+            raise
+        return out
+
+    def _finish_session(
+        self, outcome: tuple[int, IntArray, FloatArray, BoolArray], fill_args: tuple[Any, ...]
+    ) -> tuple[IntArray, FloatArray, BoolArray]:
+        """A compiled session ranking's list; where it stopped at a cut with tied tracks
+        (:data:`_sk.NEED_MODEL_CUT`, :data:`_sk.NEED_FILL`), numpy's choice and the rest."""
+        status, rows, vals, flags = outcome
         if status == _sk.DONE:
             return rows, vals, flags
+        ban, ban_rows, room, _members, pop_w, pop_div, _size = fill_args
         if status == _sk.NEED_MODEL_CUT:  # numpy's choice among the tracks tied at the cut
             sel = np.argpartition(-vals, room - 1)[:room]
             rows, vals = rows[sel], vals[sel]
-        ban = fill_args[0]
         ban[ban_rows] = True
         try:
             fill = self.popularity.top_set(room, ban)
         finally:
             ban[ban_rows] = False
         ranked: tuple[IntArray, FloatArray, BoolArray] = _sk.session_order(
-            rows, vals, fill, pop_w, pop_total or 1.0)
+            rows, vals, fill, pop_w, pop_div)
         return ranked
 
     def _rank_rules(
@@ -1259,6 +1296,9 @@ class Recommender:
         if k <= 0:
             return [[] for _ in variants]
         ids = self._compiled_ids(state, k, exclude, variants)
+        if not _SESSION_VARIANTS.isdisjoint(variants):
+            lists = self._session_lists(state, k, now_ms, exclude, variants)
+            ids.update((v, self._result_ids(ranked[0], k)) for v, ranked in lists.items())
         return [ids[v] if v in ids else self._variant_ids(state, k, now_ms, exclude, v)
                 for v in variants]
 
@@ -1266,9 +1306,6 @@ class Recommender:
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
     ) -> list[str]:
         """One variant's ids for :meth:`component_ids` (``k`` > 0)."""
-        if variant in _SESSION_VARIANTS:
-            rows = self._session_ranking(state, k, now_ms, exclude, variant)[0]
-            return self._result_ids(rows, k)
         if variant == "blend" and self.blend == "learned":
             ranked = self._learned_order(state, now_ms, exclude)
             if ranked is not None:

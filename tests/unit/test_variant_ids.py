@@ -21,15 +21,13 @@ from stream.tools.datasets import load_events, load_sessionrec
 def _statuses(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
     """Count the compiled session rankings' statuses (which path each list took)."""
     seen: Counter[int] = Counter()
-    for name in ("rank_stan", "rank_sr"):
-        kernel = getattr(_sk, name)
+    finish = Recommender._finish_session
 
-        def counted(*args: Any, _kernel: Any = kernel) -> Any:
-            out = _kernel(*args)
-            seen[int(out[0])] += 1
-            return out
+    def counted(self: Recommender, outcome: Any, fill_args: Any) -> Any:
+        seen[int(outcome[0])] += 1
+        return finish(self, outcome, fill_args)
 
-        monkeypatch.setattr(_sk, name, counted)
+    monkeypatch.setattr(Recommender, "_finish_session", counted)
     return seen
 
 

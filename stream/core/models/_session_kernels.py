@@ -17,6 +17,7 @@ and finishes with :func:`session_order`, so the lists stay exactly the reference
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 import numba
@@ -29,7 +30,7 @@ from stream.core.models._kernels import (
     query_anchors,
     reset_touched,
 )
-from stream.core.models.stan import stan_query
+from stream.core.models.stan import best_order, stan_query
 
 _jit: Any = numba.njit(cache=True, nogil=True)
 
@@ -155,37 +156,164 @@ def _ban(ban, rows, flag):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def rank_stan(  # type: ignore[no-untyped-def]
-    recent, n_query, plain, table, serials, items, lengths, times, p_start, p_size, arena,
-    now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched,
-    ban, ban_rows, room, pop_members, pop_w, pop_div, size,
-):
-    """STAN (or with ``plain`` SKNN: every weight 1) queried with the last ``n_query`` of
-    the ``recent`` rows (oldest first, -1 unknown; known, indexed and distinct ones only),
-    then :func:`_finish` with ``ban_rows`` banned. Leaves the scratch and ``ban`` as found."""
+def _query_rows(recent, n_query, n_indexed):  # type: ignore[no-untyped-def]
+    """STAN's query: the last ``n_query`` of the ``recent`` rows (oldest first, -1
+    unknown), the known, indexed (below ``n_indexed``) and distinct ones."""
     q = np.empty(n_query, dtype=np.int64)
     nq = 0
     for i in range(len(recent) - n_query, len(recent)):
         r = recent[i]
-        if 0 <= r < len(p_start) and not among(q, nq, r):
+        if 0 <= r < n_indexed and not among(q, nq, r):
             q[nq] = r
             nq += 1
-    rows = np.empty(0, dtype=np.int64)
-    vals = np.empty(0)
-    if nq:
-        q_w = np.ones(nq) if plain else table[nq - 1, :nq]
-        nt = stan_query(q[:nq], q_w, serials, items, lengths, times, p_start, p_size, arena,
+    return q[:nq]
+
+
+@_jit
+def _vote(order, sims, cand, match, items, lengths, by_distance, qmark, acc, touched):  # type: ignore[no-untyped-def]
+    """:func:`stan_query`'s vote of the neighbours ``order`` (best first); returns how
+    many rows ``touched`` lists."""
+    nt = 0
+    for j in range(len(order)):
+        c = order[j]
+        sim = sims[c]
+        if sim <= 0.0:
+            break
+        slot = cand[c]
+        m = match[c]
+        for p in range(lengths[slot]):
+            r = items[slot, p]
+            if qmark[r] >= 0:
+                continue
+            if acc[r] == 0.0:
+                touched[nt] = r
+                nt += 1
+            acc[r] += sim * by_distance[abs(p - m)]
+    return nt
+
+
+@_jit
+def stan_pair_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, arena,  # type: ignore[no-untyped-def]
+                    now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2,
+                    touched2):
+    """:func:`stan_query` of ``q_rows`` twice, from one pass over the neighbour sessions:
+    with STAN's weights (``q_w``, 1/λ2, 1/λ3) into ``acc``/``touched`` and plain (SKNN:
+    every weight 1) into ``acc2``/``touched2`` -- the candidate sessions, their matches
+    and the arithmetic of each are :func:`stan_query`'s. Returns both touched counts."""
+    n_slots = serials.shape[0]
+    nq = q_rows.shape[0]
+    total = 0
+    for qi in range(nq):
+        r = q_rows[qi]
+        qmark[r] = qi
+        total += p_size[r]
+    cand = np.empty(total, dtype=np.int64)
+    nc = 0
+    for qi in range(nq):
+        r = q_rows[qi]
+        s = p_start[r]
+        for i in range(p_size[r]):
+            serial = arena[s + i]
+            slot = serial % n_slots
+            if serials[slot] != serial or serial == own or slot_mark[slot]:
+                continue
+            slot_mark[slot] = True
+            cand[nc] = slot
+            nc += 1
+    sims = np.zeros(nc)
+    sims2 = np.zeros(nc)
+    match = np.zeros(nc, dtype=np.int64)
+    plain_l2 = 0.0
+    for c in range(nc):
+        slot = cand[c]
+        slot_mark[slot] = False
+        num = 0.0
+        num2 = 0.0
+        best_q = -1
+        best_p = 0
+        ln = lengths[slot]
+        for p in range(ln):
+            qi = qmark[items[slot, p]]
+            if qi >= 0:
+                num += q_w[qi]
+                num2 += 1.0
+                if qi > best_q:
+                    best_q = qi
+                    best_p = p
+        if best_q < 0 or ln == 0:
+            continue
+        age = now - times[slot]
+        if age < 0:
+            age = 0
+        sims[c] = num / math.sqrt(nq * ln) * math.exp(-age * inv_l2)
+        sims2[c] = num2 / math.sqrt(nq * ln) * math.exp(-age * plain_l2)
+        match[c] = best_p
+    width = items.shape[1]
+    by_distance = np.empty(width + 1)
+    flat = np.empty(width + 1)
+    for d in range(width + 1):
+        by_distance[d] = math.exp(-d * inv_l3)
+        flat[d] = math.exp(-d * plain_l2)
+    nt = _vote(best_order(sims, k), sims, cand, match, items, lengths, by_distance, qmark,
+               acc, touched)
+    nt2 = _vote(best_order(sims2, k), sims2, cand, match, items, lengths, flat, qmark,
+                acc2, touched2)
+    for qi in range(nq):
+        qmark[q_rows[qi]] = -1
+    return nt, nt2
+
+
+@_jit
+def _take(acc, touched, nt):  # type: ignore[no-untyped-def]
+    """The touched rows and their scores, ``acc`` zeroed behind them."""
+    rows = touched[:nt].copy()
+    vals = np.empty(nt)
+    for i in range(nt):
+        vals[i] = acc[rows[i]]
+        acc[rows[i]] = 0.0
+    return rows, vals
+
+
+@_jit
+def rank_stan(  # type: ignore[no-untyped-def]
+    recent, n_query, which, table, serials, items, lengths, times, p_start, p_size, arena,
+    now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2,
+    ban, ban_rows, room, pop_members, pop_w, pop_div, size,
+):
+    """STAN and/or plain SKNN (every weight 1) queried with the last ``n_query`` of the
+    ``recent`` rows (:func:`_query_rows`), then :func:`_finish` of each with ``ban_rows``
+    banned: ``which`` 0 STAN, 1 SKNN, 2 both from one pass (:func:`stan_pair_query`).
+    Returns STAN's outcome and SKNN's (an empty DONE for the one not asked for). Leaves the
+    scratch and ``ban`` as found."""
+    q = _query_rows(recent, n_query, len(p_start))
+    nq = len(q)
+    rows = rows2 = np.empty(0, dtype=np.int64)
+    vals = vals2 = np.empty(0)
+    if nq and which == 2:
+        nt, nt2 = stan_pair_query(q, table[nq - 1, :nq], serials, items, lengths, times,
+                                  p_start, p_size, arena, now, own, k, inv_l2, inv_l3,
+                                  qmark, slot_mark, acc, touched, acc2, touched2)
+        rows, vals = _take(acc, touched, nt)
+        rows2, vals2 = _take(acc2, touched2, nt2)
+    elif nq:
+        plain = which == 1
+        q_w = np.ones(nq) if plain else table[nq - 1, :nq].copy()
+        nt = stan_query(q, q_w, serials, items, lengths, times, p_start, p_size, arena,
                         now, own, k, 0.0 if plain else inv_l2, 0.0 if plain else inv_l3,
                         qmark, slot_mark, acc, touched)
-        rows = touched[:nt].copy()
-        vals = np.empty(nt)
-        for i in range(nt):
-            vals[i] = acc[rows[i]]
-            acc[rows[i]] = 0.0
+        if plain:
+            rows2, vals2 = _take(acc, touched, nt)
+        else:
+            rows, vals = _take(acc, touched, nt)
+    no_flags = np.zeros(0, dtype=np.bool_)
+    out = out2 = (DONE, np.empty(0, dtype=np.int64), np.empty(0), no_flags)
     _ban(ban, ban_rows, True)
-    out = _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size)
+    if which != 1:
+        out = _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size)
+    if which != 0:
+        out2 = _finish(rows2, vals2, ban, room, pop_members, pop_w, pop_div, size)
     _ban(ban, ban_rows, False)
-    return out
+    return out, out2
 
 
 @_jit
