@@ -748,6 +748,8 @@ class Recommender:
         row = self.vocabulary.index.get(track)
         if row is None or not len(rows):
             return None
+        if self.ranker.loss == "softmax":  # the step row, then the step: one compiled call
+            return self.ranker.learn_played(rows, row, X)
         hit = np.flatnonzero(rows == row)
         if not len(hit):
             return None
@@ -779,16 +781,20 @@ class Recommender:
         else:
             keep = min(self.recent_filter, len(recent_rows))
             recent = recent_rows[len(recent_rows) - keep:] if keep else _NO_ROWS
-        if isinstance(exclude, SeenTracks):
-            other = exclude.rows()
-        elif exclude:
-            get = self.vocabulary.index.get
-            other = np.fromiter((r for r in map(get, exclude) if r is not None), np.int64)
-        else:
+        if not exclude:
             return recent[recent >= 0]
-        rows = np.concatenate((recent, other))
+        rows = np.concatenate((recent, self._exclude_rows(exclude)))
         out: IntArray = rows[rows >= 0]
         return out
+
+    def _exclude_rows(self, exclude: Collection[str]) -> IntArray:
+        """The vocabulary rows of the known tracks of ``exclude``."""
+        if isinstance(exclude, SeenTracks):
+            return exclude.rows()
+        if not exclude:
+            return _NO_ROWS
+        get = self.vocabulary.index.get
+        return np.fromiter((r for r in map(get, exclude) if r is not None), np.int64)
 
     def _recent_rows(self, state: UserState) -> IntArray:
         """The vocabulary rows (-1 = unknown) of as many of the listener's recent tracks,
@@ -796,9 +802,9 @@ class Recommender:
         span = max(self.recent_filter, self.cooccurrence.query_window,
                    self.blend_cooc_window, self.rules.query_window,
                    self.session_knn.query_window)
-        recent = state.recent[-span:]
-        return np.fromiter(map(self.vocabulary.index.get, recent, repeat(-1)), np.int64,
-                           len(recent))
+        shards = self.vocabulary.index.shards  # index.get, inlined (stream.core.shards)
+        return np.array([shards[hash(t) & SHARD_MASK].get(t, -1) for t in state.recent[-span:]],
+                        dtype=np.int64)
 
     def _blend_candidates(
         self, state: UserState, now_ms: int, exclude: Collection[str]
@@ -811,14 +817,8 @@ class Recommender:
         size = len(self.vocabulary)
         if size == 0:
             return (_NO_ROWS, np.zeros((0, N_FEATURES)), np.zeros((0, 6)), _NO_ROWS)
-        recent = self._recent_rows(state)
-        ban_rows = self._banned_rows(state, exclude, recent)
-        ban = self._ban_buffer(size)
-        ban[ban_rows] = True
-        try:
-            cands, comp, lead = self._blend_sources(state, now_ms, recent, ban, size)
-        finally:
-            ban[ban_rows] = False
+        cands, comp, lead, last = self._blend_sources(state, now_ms, self._recent_rows(state),
+                                                      exclude, size)
         user = self._user_vector(state)
         mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
             else np.zeros(len(cands))
@@ -842,8 +842,7 @@ class Recommender:
         _bk.blend_matrix(cands, comp, pop_w, pop_total, mf, *self.skip.logit_terms(query),
                          same_artist, self.first_seen, now_ms,
                          math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
-                         w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
-                         self._last_play_scores(state, cands, size), X)
+                         w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS, last, X)
         return cands, X, comp, lead
 
     def _last_play_scores(self, state: UserState, cands: IntArray, size: int) -> FloatArray:
@@ -861,46 +860,91 @@ class Recommender:
         return last
 
     def _blend_sources(
-        self, state: UserState, now_ms: int, recent: IntArray, ban: BoolArray, size: int
-    ) -> tuple[IntArray, FloatArray, IntArray]:
-        """The candidates, each source's score of them and co-occurrence's lead, in one
-        compiled call (:func:`_bk.blend_collect`, the STAN query included) after the
-        Python-side sources (artist, own history, trending's top set); ``ban`` holds the
-        banned rows."""
-        n = self.blend_candidates
-        a_rows, a_vals = self._artist_source(state)
-        o_rows, o_vals = self._own_source(state)
-        top = self.popularity.top_set(n, ban)
+        self, state: UserState, now_ms: int, recent: IntArray, exclude: Collection[str],
+        size: int,
+    ) -> tuple[IntArray, FloatArray, IntArray, FloatArray]:
+        """The candidates, each source's score of them, co-occurrence's lead and the last
+        play's own SR and co-occurrence scores of them (:meth:`_last_play_scores`), none of
+        them banned (the last ``recent_filter`` of ``recent``, :meth:`_recent_rows`, and
+        ``exclude``): one compiled call (:func:`_bk.blend_collect`: the bans, trending's top
+        set, every query, STAN's included, the gathering) after the Python-side sources
+        (artist, own history)."""
+        artist, own = self._artist_source(state), self._own_source(state)
+        if self.cooccurrence.pop_penalty > 0 or self.rules.pop_penalty > 0:
+            return self._blend_sources_penalised(state, now_ms, recent, exclude, artist, own,
+                                                 size)
+        n_ban = min(self.recent_filter, len(recent))
+        other = self._exclude_rows(exclude)
+        members, weights, _ = self.popularity.ranking_inputs(size)
+        sc = self.cooccurrence.acquire_scratch(size)
+        try:
+            rest = self._collect_inputs(state, now_ms, recent, artist, own, sc, size)
+            cands, comp, lead, last, unique = _bk.blend_collect(
+                recent, n_ban, other, members, weights, _NO_ROWS, False, size, *rest)
+            if not unique:  # a tie at trending's cut: numpy's choice (top_set), then again
+                top = self._banned_top_set(self._banned_rows(state, exclude, recent), size)
+                cands, comp, lead, last, _ = _bk.blend_collect(
+                    recent, n_ban, other, members, weights, top, True, size, *rest)
+        except BaseException:
+            sc.clear()
+            self.session_knn.clear_scratch()
+            self._ban_buffer(size).fill(False)
+            raise
+        finally:
+            self.cooccurrence.release_scratch(sc)
+        return cands, comp, lead, last
+
+    def _collect_inputs(
+        self, state: UserState, now_ms: int, recent: IntArray,
+        artist: tuple[IntArray, FloatArray], own: tuple[IntArray, FloatArray], sc: Any,
+        size: int,
+    ) -> tuple[Any, ...]:
+        """:func:`_bk.blend_collect`'s arguments after the bans and the top set."""
         cooc, rules, knn = self.cooccurrence, self.rules, self.session_knn
-        if cooc.pop_penalty > 0 or rules.pop_penalty > 0:  # the kernel has no penalty
-            session = self._session_items(state)
-            return self._blend_sources_python(
-                state, session, knn.score(session, session_token(state), now_ms),
-                (a_rows, a_vals), (o_rows, o_vals), top, ban, size)
         # the session's length (_session_items without the list): STAN queries its last
         # query_window tracks, SR its last rules.query_window, both from ``recent``
         n_recent = len(state.recent)
         n_session = n_recent if self.session_scope == "recent" \
             else min(max(state.session_plays, 1), n_recent)
-        sc = cooc.acquire_scratch(size)
-        try:
-            cands, comp, lead = _bk.blend_collect(
-                # float(): an int decay (the Python API accepts 1) would compile a second
-                # signature of the kernel at the first ranking, after warm_up
-                recent, *cooc.arena(), cooc.query_window, float(cooc.query_decay),
+        dense = self.__dict__.get("_last_dense")
+        if dense is None or len(dense) < size:
+            dense = self.__dict__["_last_dense"] = np.zeros(max(size, 64) * 2)
+        # float(): an int decay (the Python API accepts 1) would compile a second
+        # signature of the kernel at the first ranking, after warm_up
+        return (*cooc.arena(), cooc.query_window, float(cooc.query_decay),
                 self.blend_cooc_window, float(self.blend_cooc_decay), *rules.arena(),
-                min(rules.query_window, n_session), float(rules.query_decay),
-                n_session, knn.query_window,
-                *knn.query_inputs(session_token(state), now_ms, len(recent)),
-                a_rows, a_vals, o_rows, o_vals, top, ban, self._mark_buffer(size), sc.acc,
-                sc.best, sc.anchor, sc.touched, self._pos_buffer(size), n)
-        except BaseException:
-            sc.clear()
-            knn.clear_scratch()
-            raise
+                min(rules.query_window, n_session), float(rules.query_decay), n_session,
+                knn.query_window, *knn.query_inputs(session_token(state), now_ms, len(recent)),
+                *artist, *own, self._ban_buffer(size), self._mark_buffer(size), sc.acc,
+                sc.best, sc.anchor, sc.touched, self._pos_buffer(size), dense,
+                self.blend_candidates)
+
+    def _banned_top_set(self, ban_rows: IntArray, size: int) -> IntArray:
+        """Trending's top set (``DecayedPopularity.top_set``) with ``ban_rows`` banned."""
+        ban = self._ban_buffer(size)
+        ban[ban_rows] = True
+        try:
+            return self.popularity.top_set(self.blend_candidates, ban)
         finally:
-            cooc.release_scratch(sc)
-        return cands, comp, lead
+            ban[ban_rows] = False
+
+    def _blend_sources_penalised(
+        self, state: UserState, now_ms: int, recent: IntArray, exclude: Collection[str],
+        artist: tuple[IntArray, FloatArray], own: tuple[IntArray, FloatArray], size: int,
+    ) -> tuple[IntArray, FloatArray, IntArray, FloatArray]:
+        """:meth:`_blend_sources` through :meth:`_blend_sources_python` (the compiled
+        queries have no popularity penalty)."""
+        ban_rows = self._banned_rows(state, exclude, recent)
+        ban = self._ban_buffer(size)
+        ban[ban_rows] = True
+        try:
+            session = self._session_items(state)
+            cands, comp, lead = self._blend_sources_python(
+                state, session, self.session_knn.score(session, session_token(state), now_ms),
+                artist, own, self.popularity.top_set(self.blend_candidates, ban), ban, size)
+        finally:
+            ban[ban_rows] = False
+        return cands, comp, lead, self._last_play_scores(state, cands, size)
 
     def _blend_sources_python(
         self, state: UserState, session: list[str], stan: tuple[IntArray, FloatArray],
@@ -940,19 +984,10 @@ class Recommender:
         if ranked is None:
             return self.recommend(state, k, now_ms, exclude=exclude, variant="fixed")
         rows, scores, codes, leads = ranked
-        if REASON_ARTIST in codes:  # lead: the recent play by that artist (most recent first)
-            artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
-            played: dict[str, int] = {}
-            for t in state.recent[-1:-3:-1]:
-                a = artist_of.get(t)
-                r = get(t)
-                if a is not None and r is not None:
-                    played.setdefault(a, r)
-            shards = artist_of.shards  # artist_of.get, inlined
-            for i in np.flatnonzero(codes == REASON_ARTIST).tolist():
-                t = ids[int(rows[i])]
-                a = shards[hash(t) & SHARD_MASK].get(t)
-                leads[i] = played.get(a, -1) if a is not None else -1
+        if self.tracks_of:  # (empty: no artist source, so no artist reasons)
+            by_artist = np.flatnonzero(codes == REASON_ARTIST)
+            if len(by_artist):
+                self._artist_leads(state, rows, by_artist, leads)
         return self._results(rows, scores, codes, leads, k)
 
     def _learned_order(
@@ -981,6 +1016,23 @@ class Recommender:
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
                                          self.ranker.weights_token)
         return ranked, scores, codes, leads
+
+    def _artist_leads(self, state: UserState, ranked: IntArray, by_artist: IntArray,
+                      leads: IntArray) -> None:
+        """The leads of the ranked candidates ``by_artist`` (reason: the artist source):
+        the listener's recent play by that artist (most recent first), -1 if none."""
+        artist_of, get, ids = self.artist_of, self.vocabulary.index.get, self.vocabulary.ids
+        played: dict[str, int] = {}
+        for t in state.recent[-1:-3:-1]:
+            a = artist_of.get(t)
+            r = get(t)
+            if a is not None and r is not None:
+                played.setdefault(a, r)
+        shards = artist_of.shards  # artist_of.get, inlined
+        for i in by_artist.tolist():
+            t = ids[int(ranked[i])]
+            a = shards[hash(t) & SHARD_MASK].get(t)
+            leads[i] = played.get(a, -1) if a is not None else -1
 
     def _rank_session_model(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
@@ -1218,16 +1270,6 @@ class Recommender:
             ranked = self._rank_query(query, k, weights, blend_weights, user, buffers,
                                       ban_other)
         return self._results(*ranked, k)
-
-    def _exclude_rows(self, exclude: Collection[str]) -> IntArray:
-        """The vocabulary rows of ``exclude`` (unknown tracks left out)."""
-        if isinstance(exclude, SeenTracks):
-            return exclude.rows()
-        if exclude:
-            get = self.vocabulary.index.get
-            return np.fromiter((r for r in map(get, exclude) if r is not None),
-                               dtype=np.int64)
-        return _NO_ROWS
 
     def _compiled_query(self, state: UserState, size: int) -> tuple[Any, ...]:
         """What every compiled query of ``state`` passes to the kernel, whatever it ranks
@@ -2216,13 +2258,18 @@ def warm_up() -> float:
     rec = Recommender(seed=0, max_per_artist=1, stan_params={"max_sessions": 64})
     rec.cooccurrence.max_neighbours = 2  # so rows fill up and get pruned
     states: dict[str, UserState] = {}
+    steps: list[ItemStep] = []
     for i in range(400):
         user, track = f"u{i % 7}", f"t{(i * 7919) % 97}"
         event = PlayEvent(user, track, 1_700_000_000_000 + i * 1000, 200_000, f"e{i}",
                           artist_id=f"a{i % 5}", skipped=i % 4 == 0)
         update = update_session(states.get(user), event)
-        rec.learn_one(update, event)
+        step = rec.learn_one(update, event).step
+        if step is not None:
+            steps.append(step)
         states[user] = update.state
+    # a peer's item steps (the signals' path: the blend rows' bounds and step are compiled)
+    Recommender(seed=0, stan_params={"max_sessions": 64}).apply_item_steps(steps)
     seen = SeenTracks(rec.vocabulary)
     for state in states.values():
         for variant in VARIANTS:

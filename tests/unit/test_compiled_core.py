@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stream.core.models import _blend_kernels as _bk
 from stream.core.models import _kernels as _k
 from stream.core.models.base import Interaction
 from stream.core.models.cooccurrence import SessionCooccurrence
+from stream.core.models.popularity import DecayedPopularity
 from stream.core.models.stan import best_order
 from stream.core.recommender import Recommender, SeenTracks, session_token
 from stream.core.session import UserState, update_session
@@ -308,24 +310,72 @@ def test_top_n_heap_keeps_the_n_best_with_ties_to_the_lower_row() -> None:
 
 
 
+def test_top_unbanned_is_top_n_of_the_kept_entries() -> None:
+    """The blend's per-source pick (a heap fed as the entries come) against ``_top_n`` of
+    the entries ``blend_gather`` keeps (a positive score, an unbanned row): the same set,
+    over random sizes, tie-heavy keys, zero, negative and NaN scores and bans."""
+    rng = np.random.default_rng(5)
+    for t in range(2000):
+        m, n = int(rng.integers(0, 300)), int(rng.integers(1, 60))
+        rows = rng.permutation(1000)[:m].astype(np.int64)
+        vals = rng.integers(-1, 4, m).astype(float) if t % 2 else rng.random(m) - 0.1
+        if t % 5 == 0 and m:
+            vals[rng.integers(0, m, 3)] = np.nan
+        ban = rng.random(1000) < (0.3 if t % 3 else 0.0)
+        keep = (vals > 0) & ~ban[rows]
+        out = np.full(n + 7, -9, dtype=np.int64)
+        end = _bk._top_unbanned(rows, vals, ban, n, out, 7)
+        expected = sorted(_k._top_n(rows[keep], vals[keep], n).tolist())
+        assert sorted(out[7:end].tolist()) == expected and (out[:7] == -9).all(), (t, m, n)
+
+
+def test_pop_top_is_top_set_or_defers_to_it() -> None:
+    """``pop_top`` (trending's top set in the blend's compiled call) returns the set
+    ``DecayedPopularity.top_set`` returns whenever it answers, and defers to it (False)
+    where numpy's choice among weights tied at the cut decides -- over random weights,
+    tie-heavy ones and bans that leave the kept set short."""
+    rng = np.random.default_rng(4)
+    answered = deferred = 0
+    for t in range(400):
+        pop = DecayedPopularity(half_life_ms=1e12)
+        n_tracks = int(rng.integers(1, 400))
+        plays = rng.integers(0, n_tracks, int(rng.integers(1, 3000)))
+        for i, tr in enumerate(plays.tolist()):  # t % 3 == 0: every play at one time
+            pop.learn_one(Interaction("u", f"t{tr}", 0 if t % 3 == 0 else i, skipped=False))
+        size = len(pop._vocab)
+        ban = np.zeros(size + int(rng.integers(0, 5)), dtype=np.bool_)
+        ban[rng.integers(0, size, int(rng.integers(0, size + 1)))] = True
+        n = int(rng.integers(1, 60))
+        members, weights, _ = pop.ranking_inputs(size)
+        rows, unique = _bk.pop_top(members, weights, ban, size, n)
+        if unique:
+            assert sorted(rows.tolist()) == sorted(pop.top_set(n, ban).tolist()), t
+            answered += 1
+        else:
+            deferred += 1
+    assert answered > 200 and deferred > 20
+
+
 def _sources(rec: Recommender, state: UserState, now: int, seen: SeenTracks, compiled: bool
              ) -> tuple[np.ndarray, ...]:
     size = len(rec.vocabulary)
     recent = rec._recent_rows(state)
+    if compiled:  # the bans, the top set and the last-play scores inside the call
+        return rec._blend_sources(state, now, recent, seen, size)
     ban_rows = rec._banned_rows(state, seen, recent)
     ban = rec._ban_buffer(size)
     ban[ban_rows] = True
     try:
-        if compiled:
-            return rec._blend_sources(state, now, recent, ban, size)
         session = rec._session_items(state)
         n = rec.blend_candidates
-        return rec._blend_sources_python(
+        cands, comp, lead = rec._blend_sources_python(
             state, session, rec.session_knn.score(session, session_token(state), now),
             rec._artist_source(state), rec._own_source(state), rec.popularity.top_set(n, ban),
             ban, size)
     finally:
         ban[ban_rows] = False
+    assert not ban.any()
+    return cands, comp, lead, rec._last_play_scores(state, cands, size)
 
 
 _NO_LAMBDAS = {"lambda_position": None, "lambda_recency_ms": None, "lambda_distance": None}
@@ -334,14 +384,17 @@ _NO_LAMBDAS = {"lambda_position": None, "lambda_recency_ms": None, "lambda_dista
 @pytest.mark.parametrize("settings", [
     {}, {"repeats": 200}, {"session_scope": "recent"}, {"stan_params": _NO_LAMBDAS},
     {"stan_params": {"query_window": 1}}, {"stan_params": {"query_window": 40}},
+    {"blend_cooc_window": 5}, {"blend_cooc_window": 0},
 ], ids=["default", "repeats", "recent-scope", "stan-no-lambdas", "stan-window-1",
-        "stan-window-40"])
+        "stan-window-40", "long-view-shorter", "long-view-off"])
 def test_compiled_blend_candidates_match_the_python_queries(
     datasets_dir: Path, settings: dict[str, Any]
 ) -> None:
-    """``blend_collect`` (one compiled call: co-occurrence, SR, STAN through the position
-    table, the gathering) against the models' own queries, under the settings that change
-    the STAN query (its window, its weights) and the session the queries read."""
+    """``blend_collect`` (one compiled call: the bans, trending's top set, co-occurrence's
+    two views -- in one pass by default, in two when the long view is shorter or off --,
+    SR, STAN through the position table, the gathering, the last play's scores) against
+    the models' own queries, under the settings that change the STAN query (its window,
+    its weights), the session the queries read and the long co-occurrence view."""
     repeats = settings.get("repeats", 0)
     events = load_events(datasets_dir / "movielens-100k", "movielens", limit=3000)
     rec, states = Recommender(seed=2, **settings), {}
@@ -361,6 +414,7 @@ def test_compiled_blend_candidates_match_the_python_queries(
         for t in state.recent[:-5]:
             seen.add(t)
         fast = _sources(rec, state, now, seen, compiled=True)
+        assert not rec._ban_buffer(len(rec.vocabulary)).any()  # the bans left as found
         ref = _sources(rec, state, now, seen, compiled=False)
         for a, b in zip(fast, ref, strict=True):
             assert a.dtype == b.dtype
@@ -368,8 +422,10 @@ def test_compiled_blend_candidates_match_the_python_queries(
         checked += 1
         by_source += (fast[1] > 0).sum(axis=0)
     assert checked >= 30
-    # every source proposed candidates (own history only with repeats)
-    assert (by_source[[0, 1, 2, 3, 5]] > 100).all() and (by_source[4] > 100) == bool(repeats)
+    # every source proposed candidates (own history only with repeats, the long view
+    # only when on)
+    assert (by_source[[0, 1, 2, 3]] > 100).all() and (by_source[4] > 100) == bool(repeats)
+    assert (by_source[5] > 100) == (settings.get("blend_cooc_window", 30) > 0)
 
 
 def test_blend_log_and_last_play_features_match_the_python_reference(

@@ -644,3 +644,88 @@ def test_stan_source_refuses_a_position_table_shorter_than_the_query() -> None:
     with pytest.raises(ValueError, match="position table"):
         _bk.stan_source(recent, 6, 10, *short.query_inputs("zz", now, 3))
     assert not short._scratch["acc"].any() and (short._scratch["qmark"] == -1).all()
+
+
+@pytest.mark.parametrize("l2", [0.0, 1e-3])
+def test_skip_model_matches_river(l2: float) -> None:
+    """The skip model's logistic regression is river's LogisticRegression(SGD(lr), l2) to
+    the last bit: the same predictions, weights (in the same order: the checkpoint's),
+    intercept and step count, with contexts first seen late and replicated feature dicts;
+    and the loss gradient and sigmoid on their clipped branches (|logit| > 18 and 30)."""
+    from river import linear_model, optim, utils
+
+    from stream.core.models.skip import SkipClassifier, _log_gradient, _sigmoid
+
+    for z in (-45.0, -31.0, -29.5, -18.5, -17.0, -0.3, 0.0, 0.7, 17.9, 18.2, 30.5, 44.0):
+        assert _sigmoid(z) == utils.math.sigmoid(z)
+        for y in (True, False):
+            assert _log_gradient(y, z) == optim.losses.Log().gradient(y_true=y, y_pred=z)
+
+    rng = np.random.default_rng(11)
+    model = SkipClassifier(learning_rate=0.05, l2=l2)
+    ref = linear_model.LogisticRegression(optimizer=optim.SGD(0.05), l2=l2)
+    contexts = [None, None, "radio", "playlist", "search"]
+    for i in range(1500):
+        x = Interaction("u", "t", int(rng.integers(1 << 40)), skipped=bool(rng.random() < 0.3),
+                        session_position=int(rng.integers(50)),
+                        recent_skip_rate=float(rng.random()),
+                        context=contexts[min(i // 200, 4) if rng.random() < 0.7 else 0],
+                        features={"popularity": float(rng.random() * 0.01),
+                                  "mf": float(rng.normal() * (40 if i % 97 == 0 else 1))})
+        feats = model.features(x)
+        want = float(ref.predict_proba_one(feats).get(True, 0.0))
+        if i % 3:
+            got = model.predict_learn_features(feats, x.skipped)
+        else:
+            got = model.predict_one(x)
+            model.learn_features(feats, x.skipped)
+        ref.learn_one(dict(feats), x.skipped)
+        assert got == want
+        assert list(model.classifier.weights.items()) == list(ref.weights.items())
+        assert model.classifier.intercept == ref.intercept
+    assert model.classifier.n_iterations == ref.optimizer.n_iterations == 1500
+    assert any(k.startswith("context=") for k in model.classifier.weights)
+
+
+def test_compiled_softmax_step_is_numpys_to_float32() -> None:
+    """``learn_played`` (one compiled call) = ``pairs`` then ``apply_pairs`` = numpy's
+    softmax row (to float32: the sums run in another order) and numpy's step on it (to
+    the bit); not a candidate, a non-finite feature or a weight beyond MAX_WEIGHT learns
+    nothing."""
+    from stream.core.models.blend import MAX_WEIGHT
+
+    rng = np.random.default_rng(5)
+    a, b = LearnedBlend(seed=1, l2=1e-4), LearnedBlend(seed=1, l2=1e-4)
+    close = 0
+    for i in range(300):
+        n = int(rng.integers(2, 140))
+        X = rng.random((n, N_FEATURES)) * rng.choice([0.1, 1.0, 5.0])
+        rows = rng.permutation(1000)[:n].astype(np.int64)
+        pos = int(rng.integers(n))
+        w0, lr = a.weights, a.step_size()
+        z = X @ w0
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        want = (X[pos] - p @ X).astype(np.float32)
+        got = a.learn_played(rows, int(rows[pos]), X)
+        assert got is not None and got.shape == (1, N_FEATURES)
+        close += int((got[0] == want).all())
+        np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-12)
+        d = got[0].astype(np.float64)
+        assert (a.weights == w0 + lr * (d - 1e-4 * w0)).all()
+        assert (b.pairs(X, pos, key=i) == got).all()
+        assert b.apply_pairs(got) == 1 and (b.weights == a.weights).all()
+    assert close >= 290 and a.iterations == a.n_pairs == a.n_learned == 300
+    X = rng.random((5, N_FEATURES))
+    assert a.learn_played(np.arange(5), 7, X) is None  # not a candidate
+    X[2, 3] = np.nan
+    assert a.learn_played(np.arange(5), 1, X) is None and a.iterations == 300
+    big = LearnedBlend(seed=1, learning_rate=1.0, lr_decay=0.0, l2=0.0)
+    big._w[:2] = MAX_WEIGHT - 1
+    X = np.zeros((3, N_FEATURES))
+    X[0, 1], X[1:, 0] = 10.0, 900.0  # the others take the softmax: row[1] = 10
+    before = big.weights
+    assert big.learn_played(np.arange(3), 0, X) is None and big.iterations == 0
+    assert (big.weights == before).all()
+    with pytest.raises(ValueError, match="exceed"):
+        big.apply_pairs(big.pairs(X, 0, key=0))

@@ -36,12 +36,12 @@ from stream.worker.app import configure_recommender
 for ranker in RANKERS:
     settings = load_settings(env={}, file=None, ranker=ranker, max_tracks=1000)
     rec = configure_recommender(None, settings)
-    states = {}
+    states, steps = {}, []
     for i in range(600):
         e = PlayEvent(f"u{i % 11}", f"t{(i * 7919) % 211}", 1_700_000_000_000 + i * 1000,
                       200_000, f"e{i}", artist_id=f"a{i % 13}", skipped=i % 5 == 0)
         update = update_session(states.get(e.user_id), e)
-        rec.learn_one(update, e)
+        steps.append(rec.learn_one(update, e).step)
         states[e.user_id] = update.state
         if i % 50 == 49:
             rec.recommend(update.state, 10, e.ts_ms)
@@ -53,6 +53,8 @@ for ranker in RANKERS:
     rec.recommend_many(list(states.values()), 10, e.ts_ms)
     rec.rank_items_many(list(states.values()), 10, e.ts_ms)
     rec.similar("t1", 10)
+    # a peer applies these plays' item steps (signals), blend rows included
+    configure_recommender(None, settings).apply_item_steps([s for s in steps if s])
 after = signatures()
 print(json.dumps({k: sorted(v - before.get(k, set())) for k, v in after.items()
                   if v - before.get(k, set())}))

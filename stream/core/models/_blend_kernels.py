@@ -21,13 +21,16 @@ from stream.core.models._kernels import (
     REASON_COOCCURRENCE,
     REASON_MF,
     REASON_POPULARITY,
+    _top_n,
+    _worse,
     among,
     blend_features,
-    blend_gather,
     cooc_accumulate,
     desc_order_all,
+    last_play_scores,
     query_anchors,
     reset_touched,
+    unique_rows,
 )
 from stream.core.models.stan import stan_query
 
@@ -67,6 +70,81 @@ def _query(start, size, total, nbr, val, rows, weights, acc, best, anchor, touch
 
 
 @_jit
+def _prefix(short, long):  # type: ignore[no-untyped-def]
+    """Whether ``short`` is the first ``len(short)`` entries of ``long``."""
+    if len(short) > len(long):
+        return False
+    for j in range(len(short)):  # noqa: SIM110 (a loop numba compiles)
+        if short[j] != long[j]:
+            return False
+    return True
+
+
+@_jit
+def _query_pair(start, size, total, nbr, val, s_rows, s_w, l_rows, l_w, pos):  # type: ignore[no-untyped-def]
+    """:func:`_query` of the short anchors ``s_rows`` and of the long ones ``l_rows`` in
+    one pass over the long anchors' neighbour lists, when ``s_rows`` is a prefix of
+    ``l_rows`` (:func:`_anchors` of a shorter window: the same rows, newest first). Every
+    sum runs anchor by anchor in the same order as two :func:`_query` calls (the same
+    floats); the short query's touched rows are the first ones the pass touches (its
+    anchors come first), so its rows come out in the same order too. Scores and leads
+    live in compact arrays indexed through ``pos`` (per-row scratch, all -1, left so)
+    instead of three dense scratch arrays. Returns the short query's rows, scores and
+    leads, then the long one's rows and scores."""
+    ns = len(s_rows)
+    bound = 0
+    for r in l_rows:
+        bound += size[r]
+    bound = min(bound, len(pos))
+    rows = np.empty(bound, dtype=np.int64)
+    l_acc = np.empty(bound)
+    s_acc = np.empty(bound)
+    s_best = np.empty(bound)
+    s_lead = np.empty(bound, dtype=np.int64)
+    n = 0
+    n_short = 0
+    for j in range(len(l_rows)):
+        r = l_rows[j]
+        if total[r] > 0.0:  # (a fully decayed row contributes nothing)
+            scale = l_w[j] / total[r]
+            short = j < ns
+            s_scale = s_w[j] / total[r] if short else 0.0
+            st = start[r]
+            for p in range(st, st + size[r]):
+                d = nbr[p]
+                i = pos[d]
+                if i < 0:
+                    i = n
+                    pos[d] = n
+                    rows[n] = d
+                    l_acc[n] = 0.0
+                    s_acc[n] = 0.0
+                    s_lead[n] = -1
+                    n += 1
+                l_acc[i] += val[p] * scale
+                if short:
+                    c = val[p] * s_scale
+                    if s_lead[i] < 0:
+                        s_lead[i] = r
+                        s_best[i] = c
+                    elif c > s_best[i]:
+                        s_best[i] = c
+                        s_lead[i] = r
+                    s_acc[i] += c
+        if j < ns:
+            n_short = n
+    for r in s_rows:  # an anchor never scores itself
+        if pos[r] >= 0:
+            s_acc[pos[r]] = 0.0
+    for r in l_rows:
+        if pos[r] >= 0:
+            l_acc[pos[r]] = 0.0
+    for i in range(n):
+        pos[rows[i]] = -1
+    return (rows[:n_short], s_acc[:n_short], s_lead[:n_short], rows[:n], l_acc[:n])
+
+
+@_jit
 def stan_source(recent, n_session, window, q_table, serials, items, lengths, times,  # type: ignore[no-untyped-def]
                 p_start, p_size, arena, now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc,
                 touched):
@@ -101,49 +179,228 @@ def stan_source(recent, n_session, window, q_table, serials, items, lengths, tim
 
 
 @_jit
-def blend_collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay,  # type: ignore[no-untyped-def]
-                  l_window, l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window,
-                  r_decay, n_session, s_window, s_table, s_serials, s_items, s_lengths, s_times,
+def blend_collect(recent, n_ban, other, pop_members, pop_weights, pop_rows, given, size,  # type: ignore[no-untyped-def]
+                  c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay, l_window,
+                  l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window, r_decay,
+                  n_session, s_window, s_table, s_serials, s_items, s_lengths, s_times,
                   s_start, s_size, s_arena, now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark,
-                  s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows, o_vals, pop_rows, ban,
-                  mark, acc, best, anchor, touched, pos, n):
-    """The learned blend's candidates in one call: co-occurrence from the last
-    ``c_window`` of ``recent`` (vocabulary rows, oldest first, -1 = unknown), the long
-    co-occurrence view (``l_window``, 0 = off), sequential rules from the last
-    ``r_window``, STAN over the session's last ``n_session`` (:func:`stan_source`; ``s_*``:
-    ``SessionKNN.query_inputs``), then :func:`stream.core.models._kernels.blend_gather`
-    over them and the artist and own-history sources. ``c_*`` / ``r_*``: the
-    co-occurrence and rules arenas (``SessionCooccurrence.arena``, passed array by array:
-    a tuple argument costs numba's dispatcher a Python-level type check per call);
-    ``acc``/``best``/``anchor``/``touched`` is co-occurrence's query scratch."""
+                  s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows, o_vals, ban, mark, acc,
+                  best, anchor, touched, pos, dense, n):
+    """The learned blend's candidates in one call (``Recommender._blend_sources``): bans
+    the last ``n_ban`` of ``recent`` (vocabulary rows, oldest first, -1 = unknown) and the
+    ``other`` rows in ``ban`` (all False, left so), takes trending's top set
+    (:func:`pop_top` of ``pop_members`` / ``pop_weights``; ``pop_rows`` instead when
+    ``given``), gathers the candidates (:func:`_collect`; the ``c_*`` /
+    ``r_*`` / ``s_*`` arguments are its) and the last play's own SR and co-occurrence
+    scores of them (:func:`stream.core.models._kernels.last_play_scores`; ``dense``: its
+    all-zero scratch). Returns the candidates, their score per source, co-occurrence's
+    leads, the last-play scores and True; or four empty arrays and False when the top set
+    needs ``DecayedPopularity.top_set`` (a tie at its cut: call again with ``pop_rows``)."""
+    _set_bans(recent, n_ban, other, ban, True)
+    top = pop_rows
+    unique = True
+    if not given:
+        top, unique = pop_top(pop_members, pop_weights, ban, size, n)
+    if not unique:
+        _set_bans(recent, n_ban, other, ban, False)
+        return (np.empty(0, dtype=np.int64), np.empty((0, 6)), np.empty(0, dtype=np.int64),
+                np.empty((0, 2)), False)
+    cands, comp, lead = _collect(
+        recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay, l_window,
+        l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window, r_decay, n_session,
+        s_window, s_table, s_serials, s_items, s_lengths, s_times, s_start, s_size, s_arena,
+        now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched, a_rows,
+        a_vals, o_rows, o_vals, top, ban, mark, acc, best, anchor, touched, pos, n)
+    _set_bans(recent, n_ban, other, ban, False)
+    last = np.empty((len(cands), 2))
+    row = recent[len(recent) - 1] if len(recent) else -1
+    last_play_scores(r_start, r_size, r_total, r_nbr, r_val, row, cands, dense, last, 0)
+    last_play_scores(c_start, c_size, c_total, c_nbr, c_val, row, cands, dense, last, 1)
+    return cands, comp, lead, last, True
+
+
+@_jit
+def _set_bans(recent, n_ban, other, ban, flag):  # type: ignore[no-untyped-def]
+    """``ban[r] = flag`` for the known rows of the last ``n_ban`` of ``recent`` and of
+    ``other``."""
+    for i in range(max(len(recent) - n_ban, 0), len(recent)):
+        if recent[i] >= 0:
+            ban[recent[i]] = flag
+    for r in other:
+        if r >= 0:
+            ban[r] = flag
+
+
+@_jit
+def _collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay,  # type: ignore[no-untyped-def]
+             l_window, l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window,
+             r_decay, n_session, s_window, s_table, s_serials, s_items, s_lengths, s_times,
+             s_start, s_size, s_arena, now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark,
+             s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows, o_vals, pop_rows, ban,
+             mark, acc, best, anchor, touched, pos, n):
+    """The candidates of :func:`blend_collect`: co-occurrence from the last
+    ``c_window`` of ``recent``, the long co-occurrence view (``l_window``, 0 = off; both
+    in one pass, :func:`_query_pair`, when the short view's anchors are a prefix of the
+    long one's), sequential rules from the last ``r_window``, STAN over the session's last
+    ``n_session`` (:func:`stan_source`; ``s_*``: ``SessionKNN.query_inputs``), then
+    :func:`_gather` (``_kernels.blend_gather``'s picks) over them, the artist and own-history
+    sources and trending's ``pop_rows``. ``c_*`` / ``r_*``: the co-occurrence and rules
+    arenas (``SessionCooccurrence.arena``, passed array by array: a tuple argument costs
+    numba's dispatcher a Python-level type check per call); ``acc``/``best``/``anchor``/
+    ``touched`` is co-occurrence's query scratch."""
     s_rows, s_vals = stan_source(recent, n_session, s_window, s_table, s_serials, s_items,
                                  s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
                                  s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched)
     rows, weights = _anchors(recent, c_window, c_decay, c_cap)
-    c_rows, c_vals, c_lead = _query(c_start, c_size, c_total, c_nbr, c_val, rows, weights,
-                                    acc, best, anchor, touched)
     l_rows = np.empty(0, dtype=np.int64)
     l_vals = np.empty(0)
+    long_rows, long_weights = rows, weights
     if l_window > 0:
-        rows, weights = _anchors(recent, l_window, l_decay, c_cap)
-        l_rows, l_vals, _ = _query(c_start, c_size, c_total, c_nbr, c_val, rows, weights,
-                                   acc, best, anchor, touched)
+        long_rows, long_weights = _anchors(recent, l_window, l_decay, c_cap)
+    if l_window > 0 and _prefix(rows, long_rows):  # both views in one pass
+        c_rows, c_vals, c_lead, l_rows, l_vals = _query_pair(
+            c_start, c_size, c_total, c_nbr, c_val, rows, weights, long_rows, long_weights,
+            pos)
+    else:
+        c_rows, c_vals, c_lead = _query(c_start, c_size, c_total, c_nbr, c_val, rows,
+                                        weights, acc, best, anchor, touched)
+        if l_window > 0:
+            l_rows, l_vals, _ = _query(c_start, c_size, c_total, c_nbr, c_val, long_rows,
+                                       long_weights, acc, best, anchor, touched)
     rows, weights = _anchors(recent, r_window, r_decay, r_cap)
     r_rows, r_vals, _ = _query(r_start, r_size, r_total, r_nbr, r_val, rows, weights,
                                acc, best, anchor, touched)
-    lens = (len(c_rows), len(s_rows), len(r_rows), len(a_rows), len(o_rows), len(l_rows))
-    offsets = np.zeros(7, dtype=np.int64)
-    for j in range(6):
-        offsets[j + 1] = offsets[j] + lens[j]
-    src_rows = np.empty(offsets[6], dtype=np.int64)
-    src_vals = np.empty(offsets[6])
-    for j, (sr, sv) in enumerate(((c_rows, c_vals), (s_rows, s_vals), (r_rows, r_vals),
-                                  (a_rows, a_vals), (o_rows, o_vals), (l_rows, l_vals))):
-        o = offsets[j]
-        for i in range(len(sr)):
-            src_rows[o + i] = sr[i]
-            src_vals[o + i] = sv[i]
-    return blend_gather(src_rows, src_vals, offsets, c_lead, pop_rows, ban, mark, pos, n)
+    return _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals, a_rows, a_vals,
+                   o_rows, o_vals, l_rows, l_vals, pop_rows, ban, mark, pos, n)
+
+
+@_jit
+def _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals, a_rows, a_vals, o_rows,  # type: ignore[no-untyped-def]
+            o_vals, l_rows, l_vals, pop_rows, ban, mark, pos, n):
+    """:func:`stream.core.models._kernels.blend_gather` of the six sources (co-occurrence,
+    STAN, SR, artist, own history, long co-occurrence) as they come, without copying them
+    into one array first; each source's ``n`` best through :func:`_top_unbanned`. The
+    same candidates, scores and leads (``test_compiled_blend_candidates_match_the_python_
+    queries``: the Python path gathers with ``blend_gather``)."""
+    picks = np.empty(len(pop_rows) + 6 * n, dtype=np.int64)
+    m = len(pop_rows)
+    picks[:m] = pop_rows
+    m = _top_unbanned(c_rows, c_vals, ban, n, picks, m)
+    m = _top_unbanned(s_rows, s_vals, ban, n, picks, m)
+    m = _top_unbanned(r_rows, r_vals, ban, n, picks, m)
+    m = _top_unbanned(a_rows, a_vals, ban, n, picks, m)
+    m = _top_unbanned(o_rows, o_vals, ban, n, picks, m)
+    m = _top_unbanned(l_rows, l_vals, ban, n, picks, m)
+    cands = unique_rows(picks[:m], mark)
+    comp = np.zeros((len(cands), 6))
+    lead = np.full(len(cands), -1, dtype=np.int64)
+    for i in range(len(cands)):
+        pos[cands[i]] = i
+    for i in range(len(c_rows)):  # (a later entry of a row wins, as in blend_gather)
+        p = pos[c_rows[i]]
+        if p >= 0:
+            comp[p, 0] = c_vals[i]
+            lead[p] = c_lead[i]
+    _fill(s_rows, s_vals, pos, comp, 1)
+    _fill(r_rows, r_vals, pos, comp, 2)
+    _fill(a_rows, a_vals, pos, comp, 3)
+    _fill(o_rows, o_vals, pos, comp, 4)
+    _fill(l_rows, l_vals, pos, comp, 5)
+    for i in range(len(cands)):
+        pos[cands[i]] = -1
+    return cands, comp, lead
+
+
+@_jit
+def _fill(rows, vals, pos, comp, col):  # type: ignore[no-untyped-def]
+    """``comp[pos[r], col] = v`` for each entry (r, v) whose row is a candidate."""
+    for i in range(len(rows)):
+        p = pos[rows[i]]
+        if p >= 0:
+            comp[p, col] = vals[i]
+
+
+@_jit
+def _top_unbanned(rows, vals, ban, n, out, m):  # type: ignore[no-untyped-def]
+    """Append to ``out`` (from ``m``; returns the new end) the ``n`` best entries with a
+    positive score and an unbanned row, as ``blend_gather`` picks them (``_top_n`` of the
+    kept entries: ties to the lower row), keeping them in a heap as they come (its root
+    the worst kept) instead of copying the kept entries out first."""
+    hk = np.empty(n)
+    hr = np.empty(n, dtype=np.int64)
+    c = 0
+    for i in range(len(rows)):
+        k = vals[i]
+        r = rows[i]
+        if not k > 0.0 or ban[r]:
+            continue
+        if c < n:  # sift up while worse than the parent
+            j = c
+            while j > 0:
+                parent = (j - 1) >> 1
+                if not _worse(k, r, hk[parent], hr[parent]):
+                    break
+                hk[j] = hk[parent]
+                hr[j] = hr[parent]
+                j = parent
+            hk[j] = k
+            hr[j] = r
+            c += 1
+        elif _worse(hk[0], hr[0], k, r):  # better than the worst kept: replace the root
+            j = 0
+            while True:
+                ch = 2 * j + 1
+                if ch >= n:
+                    break
+                if ch + 1 < n and _worse(hk[ch + 1], hr[ch + 1], hk[ch], hr[ch]):
+                    ch += 1
+                if not _worse(hk[ch], hr[ch], k, r):
+                    break
+                hk[j] = hk[ch]
+                hr[j] = hr[ch]
+                j = ch
+            hk[j] = k
+            hr[j] = r
+    out[m:m + c] = hr[:c]
+    return m + c
+
+
+@_jit
+def pop_top(members, weights, ban, size, n):  # type: ignore[no-untyped-def]
+    """``DecayedPopularity.top_set(n, ban)`` where the kept top set ``members`` decides it
+    and its choice is unique: returns ``(rows, True)`` (in no particular order; ``weights``
+    per row, ``size`` the vocabulary's length). ``(empty, False)`` where the Python method
+    must decide: the bans leave the kept set short (it scans the catalogue), a tie at the
+    cut (numpy's ``argpartition`` picks among the tied rows) or a NaN weight."""
+    nb = len(ban)
+    allowed = np.empty(len(members), dtype=np.int64)
+    key = np.empty(len(members))
+    m = 0
+    n_members = 0
+    for r in members:
+        if r < nb:
+            n_members += 1
+            if not ban[r]:
+                allowed[m] = r
+                key[m] = weights[r]
+                m += 1
+    if m > n:
+        top = _top_n(allowed[:m], key[:m], n)
+        cut = np.inf
+        for r in top:
+            cut = min(cut, weights[r])
+        at_least = 0  # the n heaviest are the only choice if no other row reaches the cut
+        for i in range(m):
+            if np.isnan(key[i]):
+                return np.empty(0, dtype=np.int64), False
+            if key[i] >= cut:
+                at_least += 1
+        if at_least != n:
+            return np.empty(0, dtype=np.int64), False
+        return top, True
+    if m == n or n_members >= size:
+        return allowed[:m].copy(), True
+    return np.empty(0, dtype=np.int64), False
 
 
 @_jit

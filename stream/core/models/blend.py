@@ -56,6 +56,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from stream.core.models import _learn_kernels as _lk
 from stream.core.models._blend_kernels import blend_scores
 from stream.core.models._state import build, get_field, get_params
 from stream.core.models._vocab import IntArray
@@ -233,12 +234,11 @@ class LearnedBlend:
             return _NO_ROWS
         if self.loss == "softmax":
             # a non-finite feature (or an overflow) ends in a non-finite row: skipped
-            with np.errstate(all="ignore"):
-                z = X @ self._w
-                p = np.exp(z - z.max())
-                p /= p.sum()
-                row: Float32Array = (X[positive] - p @ X).astype(np.float32)
-            return row.reshape(1, N_FEATURES) if usable_rows(row) else _NO_ROWS
+            self._check(X)
+            row: Float32Array = np.empty((1, N_FEATURES), dtype=np.float32)
+            _lk.softmax_row(np.ascontiguousarray(X, dtype=np.float64), positive, self._w,
+                            row[0])
+            return row if _lk.usable(row, MAX_ROW_VALUE) else _NO_ROWS
         if order is None:
             order = np.argsort(-self.score(X), kind="stable")
         top = order[: self.hard_pool + 1]
@@ -254,6 +254,36 @@ class LearnedBlend:
             diffs: Float32Array = (X[positive] - X[chosen]).astype(np.float32)
         return diffs.reshape(len(chosen), N_FEATURES) if usable_rows(diffs) else _NO_ROWS
 
+    def learn_played(self, rows: IntArray, played: int, X: FloatArray) -> Float32Array | None:
+        """:meth:`pairs` then :meth:`apply_pairs` for the list of candidate ``rows`` (feature
+        rows ``X``) of which row ``played`` was played, in one compiled call
+        (``_learn_kernels.softmax_learn``; softmax loss only). Returns the step row (1 x
+        N_FEATURES, float32) or None when nothing was learned: ``played`` not among at
+        least two candidates, an unusable row, or a step beyond MAX_WEIGHT."""
+        if self.loss != "softmax":
+            raise ValueError("learn_played takes the softmax step only")
+        self._check(X)
+        row: Float32Array = np.empty((1, N_FEATURES), dtype=np.float32)
+        out: FloatArray = np.empty(N_FEATURES)
+        status = _lk.softmax_learn(rows, played, np.ascontiguousarray(X, dtype=np.float64),
+                                   self._w, self.step_size(), self.l2, MAX_ROW_VALUE,
+                                   MAX_WEIGHT, row[0], out)
+        if status != _lk.LEARNED:
+            return None
+        self._took_step(out, 1)
+        return row
+
+    def _check(self, X: FloatArray) -> None:
+        # the kernels do not check bounds
+        if X.ndim != 2 or X.shape[1] != N_FEATURES:
+            raise ValueError(f"blend: X has shape {X.shape}, expected (n, {N_FEATURES})")
+
+    def _took_step(self, w: FloatArray, rows: int) -> None:
+        self._w = w  # a new array: weights_token changes
+        self.iterations += rows
+        self.n_learned += 1
+        self.n_pairs += rows
+
     def apply_pairs(self, diffs: Float32Array) -> int:
         """One SGD step per row of ``diffs`` (the rows of :meth:`pairs`, this worker's or
         another's): the same step whichever worker ranked the list. Returns the rows
@@ -268,8 +298,17 @@ class LearnedBlend:
             raise ValueError(f"blend pairs: shape {diffs.shape}, expected (n, {N_FEATURES})")
         if not len(diffs):
             return 0
-        if not usable_rows(diffs):
+        # a writable float32 copy: the compiled signature warm_up made, whatever came in
+        diffs = np.array(diffs, dtype=np.float32, order="C")
+        if not _lk.usable(diffs, MAX_ROW_VALUE):
             raise ValueError(f"blend pairs: not finite or beyond {MAX_ROW_VALUE}")
+        if self.loss == "softmax" and len(diffs) == 1:  # the softmax step: one row
+            out: FloatArray = np.empty(N_FEATURES)
+            if not _lk.softmax_step(self._w, diffs[0],
+                                    self.step_size(), self.l2, MAX_WEIGHT, out):
+                raise ValueError(f"blend step: a weight would exceed {MAX_WEIGHT}")
+            self._took_step(out, 1)
+            return 1
         w = self._w
         l2 = self.l2
         softmax = self.loss == "softmax"
