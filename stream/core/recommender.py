@@ -783,7 +783,9 @@ class Recommender:
         if not exclude:
             return recent[recent >= 0]
         rows = np.concatenate((recent, self._exclude_rows(exclude)))
-        out: IntArray = rows[rows >= 0]
+        # rows of another vocabulary (a foreign SeenTracks) may lie past this catalogue:
+        # the compiled session rankings set bans without bounds checks (review17b)
+        out: IntArray = rows[(rows >= 0) & (rows < len(self.vocabulary))]
         return out
 
     def _exclude_rows(self, exclude: Collection[str]) -> IntArray:

@@ -151,8 +151,11 @@ def _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size):  # type: 
 
 @_jit
 def _ban(ban, rows, flag):  # type: ignore[no-untyped-def]
+    """``ban[r] = flag`` for the ``rows`` inside ``ban`` (numba does not bounds-check)."""
+    nb = len(ban)
     for r in rows:
-        ban[r] = flag
+        if 0 <= r < nb:
+            ban[r] = flag
 
 
 @_jit
