@@ -1,5 +1,5 @@
-"""review17b: inputs the new compiled ids paths (session kernels, rank_components, the
-40-feature blend) must survive or agree on with recommend()."""
+"""Every variant's bans stay inside the ban flags, and its ids equal recommend()'s in
+settings the replay tests do not cover (found by review17b, session 17)."""
 
 from __future__ import annotations
 
