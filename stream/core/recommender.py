@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import operator
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -461,9 +462,8 @@ class Recommender:
         item_steps = self.item_steps
         user_before, rows = self.mf.learn_step(x, keep_before=item_steps)
         if session_models:
-            self.session_knn.learn_one(Interaction(
-                user_id=session_token(state), track_id=track, ts_ms=x.ts_ms,
-                session_position=x.session_position))
+            self.session_knn.learn_play(session_token(state), track, x.ts_ms,
+                                        x.session_position)
             self.rules.learn_one(x)
             self._first_seen(track, x.ts_ms)
         self.n_learned += 1
@@ -544,9 +544,8 @@ class Recommender:
                 self._note_artist(s.track_id, s.artist_id)
             if self.session_models:
                 if s.session:
-                    self.session_knn.learn_one(Interaction(
-                        user_id=s.session, track_id=s.track_id, ts_ms=s.ts_ms,
-                        session_position=max(position, 0)))
+                    self.session_knn.learn_play(s.session, s.track_id, s.ts_ms,
+                                                max(position, 0))
                 if position >= 0:
                     self.rules.learn_one(x)
                 self._first_seen(s.track_id, s.ts_ms)
@@ -835,23 +834,45 @@ class Recommender:
         query = Interaction(user_id=state.user_id, ts_ms=now_ms,
                             session_position=state.session_plays,
                             recent_skip_rate=_recent_skip_rate(state))
-        same_artist = _NO_SCORES
-        artist_of = self.artist_of
-        last_artist = artist_of.get(state.recent[-1]) if state.recent else None
-        if last_artist is not None:
-            ids, shards = self.vocabulary.ids, artist_of.shards  # artist_of.get, inlined
-            same_artist = np.array([shards[hash(t) & SHARD_MASK].get(t) == last_artist
-                                    for t in map(ids.__getitem__, cands.tolist())],
-                                   dtype=np.float64)
-        if len(same_artist) != len(cands):
-            same_artist = np.zeros(len(cands))
+        same_artist, recent_artist = self._artist_columns(state, cands)
         w = self.blend_weights
         pop_w, pop_total = self.popularity.score_inputs()
         return cands, comp, lead, np.empty((len(cands), N_FEATURES)), (
-            pop_w, pop_total, mf, *self.skip.logit_terms(query), same_artist,
+            pop_w, pop_total, mf, *self.skip.logit_terms(query), same_artist, recent_artist,
             self.first_seen, now_ms, math.log1p(state.plays_total) / 5.0,
             w.get("cooccurrence", 0.0), w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
             last)
+
+    def _artist_columns(self, state: UserState, cands: IntArray) -> tuple[FloatArray, FloatArray]:
+        """Per candidate: 1.0 if its artist is the last play's (``same_artist``), and its
+        artist's share of the listener's last ``ARTIST_WINDOW`` plays with a known artist,
+        each play weighted ``ARTIST_DECAY ** (plays since)`` (``recent_artist``); both 0 for
+        a candidate without a known artist."""
+        m = len(cands)
+        if not state.recent or not self.artist_of:  # a log without artists: no lookups
+            return np.zeros(m), np.zeros(m)
+        shards = self.artist_of.shards  # artist_of.get, inlined
+        weight: dict[str, float] = {}
+        total = 0.0
+        w = 1.0
+        for t in reversed(state.recent[-ARTIST_WINDOW:]):
+            a = shards[hash(t) & SHARD_MASK].get(t)
+            if a is not None:
+                weight[a] = weight.get(a, 0.0) + w
+                total += w
+            w *= ARTIST_DECAY
+        if not total:
+            return np.zeros(m), np.zeros(m)
+        last_artist = shards[hash(state.recent[-1]) & SHARD_MASK].get(state.recent[-1])
+        ids = self.vocabulary.ids
+        artists = [shards[hash(t) & SHARD_MASK].get(t)
+                   for t in map(ids.__getitem__, cands.tolist())]
+        get = weight.get
+        share = np.fromiter((get(a, 0.0) if a is not None else 0.0 for a in artists),
+                            np.float64, m) / total
+        if last_artist is None:
+            return np.zeros(m), share
+        return np.fromiter(map(operator.eq, artists, repeat(last_artist)), np.float64, m), share
 
     def _last_play_scores(self, state: UserState, cands: IntArray, size: int) -> FloatArray:
         """Per candidate, its weight in the sequential rules and in the co-occurrence
@@ -2073,6 +2094,10 @@ def _top_of(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
 
 
 _DAY_MS: Final = 24 * 3600 * 1000
+#: the listener's last plays whose artists the blend's ``recent_artist`` weighs (session
+#: 17), each ``ARTIST_DECAY`` ** (plays since) -- 0.9, as the long co-occurrence's decay
+ARTIST_WINDOW: Final = 30
+ARTIST_DECAY: Final = 0.9
 
 
 def _scale(values: FloatArray) -> FloatArray:

@@ -70,6 +70,7 @@ def test_blend_matrix_is_predict_many_then_blend_features() -> None:
             mf[1] = np.nan
             with_nan += 1
         same = (rng.random(m) > 0.7).astype(np.float64)
+        share = rng.random(m) * (rng.random(m) > 0.5)
         first = rng.integers(0, 10**12, _SIZE) * (rng.random(_SIZE) > 0.1)
         now = int(rng.integers(0, 2 * 10**12))
         hist = float(rng.random())
@@ -79,11 +80,11 @@ def test_blend_matrix_is_predict_many_then_blend_features() -> None:
                             recent_skip_rate=float(rng.random()))
         X = np.full((m, N_FEATURES), -7.0)
         _bk.blend_matrix(cands, comp, pop_w, pop_total, mf, *skip.logit_terms(query), same,
-                         first, now, hist, *blend_w, _DAY_MS, last, X)
+                         share, first, now, hist, *blend_w, _DAY_MS, last, X)
         pop = pop_model.score_rows(cands)
         p_skip = skip.predict_many(query, {"popularity": pop, "mf": mf})
         want = np.full((m, N_FEATURES), -9.0)
-        _k.blend_features(cands, comp, pop, mf, p_skip, same, first, now, hist, *blend_w,
+        _k.blend_features(cands, comp, pop, mf, p_skip, same, share, first, now, hist, *blend_w,
                           _DAY_MS, last, want)
         np.testing.assert_array_equal(np.isnan(X), np.isnan(want), err_msg=f"case {t}")
         if m:
@@ -202,10 +203,11 @@ def test_blend_rank_is_matrix_then_scores_then_order() -> None:
         if m > 3 and t % 17 == 0:
             mf[1] = np.nan
         same = (rng.random(m) > 0.7).astype(np.float64)
+        share = rng.random(m) * (rng.random(m) > 0.5)
         first = rng.integers(0, 10**12, _SIZE) * (rng.random(_SIZE) > 0.1)
         query = Interaction("u", ts_ms=1, session_position=int(rng.integers(0, 40)),
                             recent_skip_rate=float(rng.random()))
-        args = (pop_w, pop_total, mf, *skip.logit_terms(query), same, first,
+        args = (pop_w, pop_total, mf, *skip.logit_terms(query), same, share, first,
                 int(rng.integers(0, 2 * 10**12)), float(rng.random()), *rng.random(3),
                 _DAY_MS, last)
         w = rng.normal(size=N_FEATURES)

@@ -528,3 +528,75 @@ def test_counted_order_is_the_stable_argsort() -> None:
             values[4] = np.nan
             want = np.argsort(-values, kind="stable")
         np.testing.assert_array_equal(_k.desc_order_all(values), want)
+
+
+def test_blend_bans_never_write_past_the_ban_flags() -> None:
+    """``blend_collect`` sets and clears the bans itself (``_set_bans``, no bounds checks):
+    an ``exclude`` whose rows lie beyond this catalogue (a ``SeenTracks`` of another
+    recommender's vocabulary) must not write past the ban flags. Before session 17 numpy
+    raised IndexError there; here the ban buffer is a view of a larger array, so a write
+    past its end shows (review17a)."""
+    from stream.core.events import PlayEvent
+
+    def trained(n_tracks: int, n: int) -> tuple[Recommender, dict[str, UserState]]:
+        rec, states = Recommender(seed=0), {}
+        for i in range(n):
+            e = PlayEvent(f"u{i % 3}", f"t{(i * 7) % n_tracks}", 1_700_000_000_000 + i * 1000,
+                          200_000, f"e{i}")
+            up = update_session(states.get(e.user_id), e)
+            rec.learn_one(up, e)
+            states[e.user_id] = up.state
+        return rec, states
+
+    small, states = trained(40, 300)
+    big, _ = trained(500, 1000)
+    foreign = SeenTracks(big.vocabulary)
+    foreign.add("t499")
+    assert int(foreign.rows()[0]) >= 64
+    backing = np.ones(4096, dtype=bool)
+    backing[:64] = False
+    small.__dict__["_ban"] = backing[:64]
+    # the learned blend (blend_collect) and the compiled single queries (rank_query)
+    for variant in ("blend", "fixed", "cooccurrence", "mf", "popularity"):
+        small.recommend(states["u1"], 10, 1_700_000_400_000, exclude=foreign,
+                        variant=variant)
+        assert backing[64:].all(), (variant, np.flatnonzero(~backing[64:]) + 64)
+        assert not backing[:64].any(), variant  # and the bans were cleared
+
+
+def test_blend_recent_artist_weighs_the_artists_of_the_recent_plays(datasets_dir: Path) -> None:
+    """Session 17's ``recent_artist``: a candidate's artist's share of the listener's last
+    ARTIST_WINDOW plays with a known artist, each weighted ARTIST_DECAY ** (plays since)
+    (plain Python here), 0 without a known artist; ``same_artist`` is still the last
+    play's artist."""
+    from stream.core.models.blend import FEATURES
+    from stream.core.recommender import ARTIST_DECAY, ARTIST_WINDOW
+    from stream.tools.datasets import load_sessionrec
+
+    col = {f: i for i, f in enumerate(FEATURES)}
+    events, _ = load_sessionrec(datasets_dir / "30music-200ks", limit=6000)
+    rec, states = Recommender(seed=1), {}
+    for e in events:
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+    now = events[-1].ts_ms
+    checked = shared = partial = 0
+    for state in sorted(states.values(), key=lambda s: -len(s.recent))[:80]:
+        rows, X, _comp, _lead = rec._blend_candidates(state, now, ())
+        if not len(rows):
+            continue
+        plays = [rec.artist_of.get(t) for t in state.recent[-ARTIST_WINDOW:]][::-1]
+        weights = [ARTIST_DECAY ** i for i in range(len(plays))]
+        total = sum(w for w, a in zip(weights, plays, strict=True) if a is not None)
+        last = rec.artist_of.get(state.recent[-1])
+        for i, r in enumerate(rows.tolist()):
+            a = rec.artist_of.get(rec.vocabulary.ids[r])
+            mass = sum(w for w, b in zip(weights, plays, strict=True) if a is not None and b == a)
+            want = mass / total if total else 0.0
+            assert X[i, col["recent_artist"]] == pytest.approx(want, rel=1e-12, abs=1e-15)
+            assert X[i, col["same_artist"]] == float(a is not None and a == last)
+            shared += want > 0
+            partial += 0 < want < 0.5 and a != last
+        checked += 1
+    assert checked >= 50 and shared > 100 and partial > 50

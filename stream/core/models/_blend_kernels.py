@@ -222,12 +222,14 @@ def blend_collect(recent, n_ban, other, pop_members, pop_weights, pop_rows, give
 @_jit
 def _set_bans(recent, n_ban, other, ban, flag):  # type: ignore[no-untyped-def]
     """``ban[r] = flag`` for the known rows of the last ``n_ban`` of ``recent`` and of
-    ``other``."""
+    ``other`` (rows outside ``ban``, e.g. a ``SeenTracks`` of another vocabulary, are
+    skipped: numba does not bounds-check)."""
+    nb = len(ban)
     for i in range(max(len(recent) - n_ban, 0), len(recent)):
-        if recent[i] >= 0:
+        if 0 <= recent[i] < nb:
             ban[recent[i]] = flag
     for r in other:
-        if r >= 0:
+        if 0 <= r < nb:
             ban[r] = flag
 
 
@@ -456,7 +458,8 @@ def blend_order(scores, rows, comp, lead, last):  # type: ignore[no-untyped-def]
 
 @_jit
 def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,  # type: ignore[no-untyped-def]
-                 same_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms, last, out):
+                 same_artist, recent_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms,
+                 last, out):
     """The candidates' popularity (``pop_w[row] / pop_total``), skip probability
     (``SkipClassifier.predict_many``: ``skip_base`` is its intercept plus the listener's
     context terms, ``skip_w_pop`` / ``skip_w_mf`` its weights of the squashed popularity
@@ -478,8 +481,8 @@ def blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_
             logit += skip_w_mf * math.tanh(mf[i])
         logit = min(max(logit, -30.0), 30.0)
         skip[i] = 1.0 / (1.0 + math.exp(-logit))
-    blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, hist,
-                   w_cooc, w_mf, w_pop, day_ms, last, out)
+    blend_features(cands, comp, pop, mf, skip, same_artist, recent_artist, first_seen, now_ms,
+                   hist, w_cooc, w_mf, w_pop, day_ms, last, out)
 
 
 @_jit
@@ -499,13 +502,14 @@ def blend_scores(X, w, eps):  # type: ignore[no-untyped-def]
 
 @_jit
 def blend_rank(cands, comp, lead, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,  # type: ignore[no-untyped-def]
-               same_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms, last, X,
-               w, eps, last_row):
+               same_artist, recent_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop,
+               day_ms, last, X, w, eps, last_row):
     """The learned ranking after its candidates in one call: the feature rows into ``X``
     (:func:`blend_matrix`), their scores (:func:`blend_scores`, ``LearnedBlend.score``'s
     ``w`` and ``eps``) and the order with its lists (:func:`blend_order`, ``last_row``:
     the last play's row) -- the same three kernels, so the same floats, one dispatch
     instead of three (each unboxed its arrays again)."""
     blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,
-                 same_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop, day_ms, last, X)
+                 same_artist, recent_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop,
+                 day_ms, last, X)
     return blend_order(blend_scores(X, w, eps), cands, comp, lead, last_row)

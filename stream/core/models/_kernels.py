@@ -528,8 +528,9 @@ def rank_query(  # type: ignore[no-untyped-def]
     for r in ban_recent:
         if r >= 0:
             ban[r] = True
-    for r in ban_other:
-        ban[r] = True
+    for r in ban_other:  # rows of another vocabulary may lie past the flags
+        if 0 <= r < len(ban):
+            ban[r] = True
     n_touched = 0
     if use_cooc:
         a_rows, a_weights = query_anchors(hist_rows, cap, decay)
@@ -551,7 +552,8 @@ def rank_query(  # type: ignore[no-untyped-def]
         if r >= 0:
             ban[r] = False
     for r in ban_other:
-        ban[r] = False
+        if 0 <= r < len(ban):
+            ban[r] = False
     return out
 
 
@@ -838,13 +840,14 @@ def _recip_rank_into(values, out, col, signed):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, hist,  # type: ignore[no-untyped-def]
-                   w_cooc, w_mf, w_pop, day_ms, last, out):
+def blend_features(cands, comp, pop, mf, skip, same_artist, recent_artist, first_seen,  # type: ignore[no-untyped-def]
+                   now_ms, hist, w_cooc, w_mf, w_pop, day_ms, last, out):
     """The feature rows of :data:`stream.models.blend.FEATURES` into ``out``
     (``len(cands) x N_FEATURES``). ``comp`` holds the co-occurrence, STAN, SR, artist,
     own-history and long co-occurrence scores (columns 0-5); ``hist`` is the scaled log
     history length; ``last`` the SR and co-occurrence scores from the last play alone
-    (:func:`last_play_scores`)."""
+    (:func:`last_play_scores`); ``recent_artist`` each candidate's artist's (decayed) share
+    of the listener's recent plays."""
     m = len(cands)
     _scale_into(comp[:, 0], out, 1)
     _scale_into(comp[:, 1], out, 2)
@@ -902,6 +905,8 @@ def blend_features(cands, comp, pop, mf, skip, same_artist, first_seen, now_ms, 
     _scale_into(last[:, 1], out, 36)
     _recip_rank_into(last[:, 0], out, 37, False)
     _recip_rank_into(last[:, 1], out, 38, False)
+    for i in range(m):
+        out[i, 39] = recent_artist[i]
 
 
 @_jit

@@ -1,7 +1,10 @@
 """river, imported without ``river.proba`` until something uses it.
 
-``river.linear_model`` (the skip model's and the learned blend's logistic regressions)
-imports every linear model of river, among them ``BayesianLinearRegression``, whose module
+Since session 17 the core imports no river model at start-up: the skip model is
+:class:`stream.core.models.skip.OnlineLogistic` (river's ``LogisticRegression(SGD)`` step
+for step, tested equal to it) and the learned blend is numpy and compiled kernels. The
+deferral stays for whatever imports river later (the tests' references, users' own river
+models next to the core): ``river.linear_model`` imports every linear model of river, among them ``BayesianLinearRegression``, whose module
 does ``from river import base, proba, utils``; ``river.proba`` imports ``scipy.stats``:
 ~2 s of CPU at every process start (``python -X importtime``; 2.5-3 s on the loaded 2-core
 CI box), for distributions nothing here uses.

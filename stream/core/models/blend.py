@@ -44,7 +44,11 @@ Features per candidate (:data:`FEATURES`; built by ``stream.core.recommender``):
   candidate; both are ~0);
 - ``s_sr_last`` / ``s_cooc_last`` / ``r_sr_last`` / ``r_cooc_last``: the sequential rules
   and co-occurrence neighbours of the listener's last play alone (normalised score and
-  reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away.
+  reciprocal rank), which the decayed queries over the last 5 or 10 plays mix away;
+- ``recent_artist`` (session 17): the candidate's artist's share of the listener's last
+  ``ARTIST_WINDOW`` (30) plays with a known artist, each weighted ``0.9 ** (plays
+  since)``, where ``same_artist`` sees only the last play (on 30Music a listener's next
+  track is often by an artist of their recent listening who is not the last play's).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ FEATURES: Final = (
     "s_cooc_long", "r_cooc_long", "hist_cooc_long",
     "log_cooc", "log_stan", "log_sr", "log_cooc_long",
     "s_sr_last", "s_cooc_last", "r_sr_last", "r_cooc_last",
+    "recent_artist",
 )
 N_FEATURES: Final = len(FEATURES)
 Float32Array = npt.NDArray[np.float32]
@@ -272,6 +277,8 @@ class LearnedBlend:
         if self.loss != "softmax":
             raise ValueError("learn_played takes the softmax step only")
         self._check(X)
+        if len(rows) != len(X):  # the kernel reads X[i] for the i where rows[i] == played
+            raise ValueError(f"blend: {len(rows)} candidate rows for {len(X)} feature rows")
         row: Float32Array = np.empty((1, N_FEATURES), dtype=np.float32)
         out: FloatArray = np.empty(N_FEATURES)
         status = _lk.softmax_learn(rows, played, np.ascontiguousarray(X, dtype=np.float64),

@@ -313,17 +313,22 @@ class SessionKNN(VocabularyModel):
     def learn_one(self, x: Interaction) -> None:
         """Add ``x.track_id`` to the listener's open session (a new one when
         ``x.session_position == 0`` or none is open)."""
-        row = self._vocab.add(x.track_id)
-        serial = self._open.get(x.user_id)
+        self.learn_play(x.user_id, x.track_id, x.ts_ms, x.session_position)
+
+    def learn_play(self, user_id: str, track_id: str, ts_ms: int, position: int) -> None:
+        """:meth:`learn_one` from the fields it reads (``user_id`` is the session's key:
+        the recommender passes its session token), without building an Interaction."""
+        row = self._vocab.add(track_id)
+        serial = self._open.get(user_id)
         n = self.max_sessions
-        if (serial is None or x.session_position == 0
+        if (serial is None or position == 0
                 or self._serials[serial % n] != serial):
-            serial = self._new_session(x.user_id)
+            serial = self._new_session(user_id)
         self._ensure_rows(len(self._vocab))
         if self._used + 2 * self.sample > len(self._arena):
             self._make_room()
         self._used = int(stan_learn(
-            self._items, self._lengths, self._times, serial % n, row, x.ts_ms,
+            self._items, self._lengths, self._times, serial % n, row, ts_ms,
             self._p_start, self._p_size, self._p_cap, self._p_head, self._arena,
             self._used, serial, self.sample,
         ))
