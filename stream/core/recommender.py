@@ -34,6 +34,7 @@ from stream.core.events import PlayEvent
 from stream.core.listener_record import decode_listener_record, encode_listener_record
 from stream.core.models import _blend_kernels as _bk
 from stream.core.models import _kernels as _k
+from stream.core.models import _session_kernels as _sk
 from stream.core.models._state import (
     build,
     decode_strings,
@@ -1009,6 +1010,22 @@ class Recommender:
     def _rank_learned(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str]
     ) -> list[Recommendation]:
+        ranked = self._learned_order(state, now_ms, exclude)
+        if ranked is None:
+            return self.recommend(state, k, now_ms, exclude=exclude, variant="fixed")
+        rows, scores, codes, leads = ranked
+        if self.tracks_of:  # (empty: no artist source, so no artist reasons)
+            by_artist = np.flatnonzero(codes == REASON_ARTIST)
+            if len(by_artist):
+                self._artist_leads(state, rows, by_artist, leads)
+        return self._results(rows, scores, codes, leads, k)
+
+    def _learned_order(
+        self, state: UserState, now_ms: int, exclude: Collection[str]
+    ) -> tuple[IntArray, FloatArray, IntArray, IntArray] | None:
+        """The learned blend's candidates in ranked order: rows, scores, reason codes and
+        leads (co-occurrence's; an artist reason's lead is the caller's); kept for
+        :meth:`_learn_blend`. None at a cold start (the fixed blend ranks then)."""
         if not state.recent:
             # Cold start: a listener without plays gets the fixed blend (trending, MF if
             # they have factors). The learned model never trains on such lists (a play
@@ -1016,11 +1033,11 @@ class Recommender:
             # the trending-only candidates came out in a worse order: on the first 30,000
             # MovieLens plays, first plays scored HR@10 0.063 against trending's 0.192.
             self.__dict__.pop("_blend_cache", None)
-            return self.recommend(state, k, now_ms, exclude=exclude, variant="fixed")
+            return None
         rows, comp, lead, X, feature_args = self._blend_inputs(state, now_ms, exclude)
         if not len(rows):
             self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, None, None)
-            return []
+            return rows, _NO_SCORES, _NO_ROWS, _NO_ROWS
         last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
         # the features, scores, and the candidates, scores, reasons and leads in ranked
         # order in one compiled call (X keeps the candidates' order: learning reads it
@@ -1029,11 +1046,7 @@ class Recommender:
             rows, comp, lead, *feature_args, X, *self.ranker.score_inputs(X.shape[1]), last)
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
                                          self.ranker.weights_token)
-        if self.tracks_of:  # (empty: no artist source, so no artist reasons)
-            by_artist = np.flatnonzero(codes == REASON_ARTIST)
-            if len(by_artist):
-                self._artist_leads(state, ranked, by_artist, leads)
-        return self._results(ranked, scores, codes, leads, k)
+        return ranked, scores, codes, leads
 
     def _artist_leads(self, state: UserState, ranked: IntArray, by_artist: IntArray,
                       leads: IntArray) -> None:
@@ -1056,9 +1069,122 @@ class Recommender:
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
     ) -> list[Recommendation]:
         """One session model alone (``sknn``, ``stan``, ``sr``), filled with trending."""
+        rows, scores, from_model = self._session_ranking(state, k, now_ms, exclude, variant)
+        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
+        code = _k.REASON_COOCCURRENCE if variant == "sr" else _k.REASON_MF
+        codes = np.where(from_model, code, _k.REASON_POPULARITY).astype(np.int64)
+        leads = np.full(len(rows), last, dtype=np.int64)
+        return self._results(rows, scores, codes, leads, k)
+
+    def _session_ranking(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
+    ) -> tuple[IntArray, FloatArray, BoolArray]:
+        """The ranked rows of one session model alone, their scores and whether each came
+        from the model (else trending): :meth:`_session_lists` of that variant."""
+        return self._session_lists(state, k, now_ms, exclude, (variant,))[variant]
+
+    def _session_lists(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str],
+        variants: Collection[str],
+    ) -> dict[str, tuple[IntArray, FloatArray, BoolArray]]:
+        """:meth:`_session_ranking` of those of ``variants`` that are session models, in
+        compiled calls (:mod:`._session_kernels`; ``sknn`` and ``stan`` together from one
+        pass over their neighbour sessions): the same lists as
+        :meth:`_rank_session_reference`, which SR with a popularity penalty still takes.
+        Where ties at a cut leave a choice, numpy makes it (:meth:`_finish_session`)."""
+        wanted = [v for v in ("stan", "sknn", "sr") if v in variants]
+        size = len(self.vocabulary)
+        if size == 0 or (self.rules.pop_penalty > 0 and "sr" in wanted):
+            return {v: self._rank_session_reference(state, k, now_ms, exclude, v)
+                    for v in wanted}
+        recent = self._recent_rows(state)
+        ban_rows = self._banned_rows(state, exclude, recent)
+        n_recent = len(state.recent)
+        n_session = n_recent if self.session_scope == "recent" \
+            else min(max(state.session_plays, 1), n_recent)
+        members, pop_w, pop_total = self.popularity.ranking_inputs(size)
+        fill_args = (self._ban_buffer(size), ban_rows, 3 * k, members, pop_w,
+                     pop_total or 1.0, size)
+        outcomes: dict[str, tuple[int, IntArray, FloatArray, BoolArray]] = {}
+        if "sr" in wanted:
+            outcomes["sr"] = self._rank_rules(recent, n_session, size, fill_args)
+        if "stan" in wanted or "sknn" in wanted:
+            which = 2 if "stan" in wanted and "sknn" in wanted else int("sknn" in wanted)
+            outcomes["stan"], outcomes["sknn"] = self._rank_knn(
+                state, now_ms, recent, n_session, which, size, fill_args)
+        return {v: self._finish_session(outcomes[v], fill_args) for v in wanted}
+
+    def _rank_knn(
+        self, state: UserState, now_ms: int, recent: IntArray, n_session: int, which: int,
+        size: int, fill_args: tuple[Any, ...],
+    ) -> tuple[tuple[int, IntArray, FloatArray, BoolArray], ...]:
+        """:func:`_sk.rank_stan` (``which``: 0 STAN, 1 SKNN, 2 both), scratch restored if
+        it raises."""
+        knn = self.session_knn
+        n_query = min(knn.query_window, n_session)
+        acc2 = self.__dict__.get("_knn_acc2")
+        if acc2 is None or len(acc2) < size:  # the plain query's scratch when both run
+            cap = max(size, 2 * (0 if acc2 is None else len(acc2)), 64)
+            acc2 = self.__dict__["_knn_acc2"] = np.zeros(cap)
+            self.__dict__["_knn_touched2"] = np.zeros(cap, dtype=np.int64)
+        try:
+            out: tuple[tuple[int, IntArray, FloatArray, BoolArray], ...] = _sk.rank_stan(
+                recent, n_query, which,
+                *knn.query_inputs(session_token(state), now_ms, n_query), acc2,
+                self.__dict__["_knn_touched2"], *fill_args)
+        except BaseException:
+            knn.clear_scratch()
+            acc2[:] = 0.0
+            fill_args[0][:] = False
+            raise
+        return out
+
+    def _finish_session(
+        self, outcome: tuple[int, IntArray, FloatArray, BoolArray], fill_args: tuple[Any, ...]
+    ) -> tuple[IntArray, FloatArray, BoolArray]:
+        """A compiled session ranking's list; where it stopped at a cut with tied tracks
+        (:data:`_sk.NEED_MODEL_CUT`, :data:`_sk.NEED_FILL`), numpy's choice and the rest."""
+        status, rows, vals, flags = outcome
+        if status == _sk.DONE:
+            return rows, vals, flags
+        ban, ban_rows, room, _members, pop_w, pop_div, _size = fill_args
+        if status == _sk.NEED_MODEL_CUT:  # numpy's choice among the tracks tied at the cut
+            sel = np.argpartition(-vals, room - 1)[:room]
+            rows, vals = rows[sel], vals[sel]
+        ban[ban_rows] = True
+        try:
+            fill = self.popularity.top_set(room, ban)
+        finally:
+            ban[ban_rows] = False
+        ranked: tuple[IntArray, FloatArray, BoolArray] = _sk.session_order(
+            rows, vals, fill, pop_w, pop_div)
+        return ranked
+
+    def _rank_rules(
+        self, recent: IntArray, n_session: int, size: int, fill_args: tuple[Any, ...]
+    ) -> tuple[int, IntArray, FloatArray, BoolArray]:
+        """:func:`_sk.rank_sr` of the sequential rules (their scratch held and released)."""
+        rules = self.rules
+        sc = rules.acquire_scratch(size)
+        try:
+            out: tuple[int, IntArray, FloatArray, BoolArray] = _sk.rank_sr(
+                recent, min(rules.query_window, n_session), float(rules.query_decay),
+                *rules.arena(), sc.acc, sc.best, sc.anchor, sc.touched, *fill_args)
+        except BaseException:
+            sc.clear()
+            fill_args[0][:] = False
+            raise
+        finally:
+            rules.release_scratch(sc)
+        return out
+
+    def _rank_session_reference(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
+    ) -> tuple[IntArray, FloatArray, BoolArray]:
+        """:meth:`_session_ranking` in numpy, through the models' own queries."""
         size = len(self.vocabulary)
         if size == 0:
-            return []
+            return _NO_ROWS, _NO_SCORES, np.zeros(0, dtype=np.bool_)
         session = self._session_items(state)
         if variant == "sr":
             with self.rules.accumulate(self.rules.anchors(session)) as touched:
@@ -1085,15 +1211,7 @@ class Recommender:
         scores = np.concatenate((_scale(vals), np.zeros(len(fill))))
         scores += 1e-6 * _scale(self.popularity.score_rows(all_rows))
         order = np.lexsort((all_rows, -scores))
-        n_model = len(rows)
-        last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
-        from_model = order < n_model
-        if variant == "sr":
-            codes = np.where(from_model, _k.REASON_COOCCURRENCE, _k.REASON_POPULARITY)
-        else:
-            codes = np.where(from_model, _k.REASON_MF, _k.REASON_POPULARITY)
-        leads = np.full(len(order), last, dtype=np.int64)
-        return self._results(all_rows[order], scores[order], codes.astype(np.int64), leads, k)
+        return all_rows[order], scores[order], order < len(rows)
 
     def _artist_source(self, state: UserState) -> tuple[IntArray, FloatArray]:
         """The latest tracks of the artists of the last two plays: score 1 / (1 + how many
@@ -1176,15 +1294,7 @@ class Recommender:
         size = len(self.vocabulary)
         if size == 0:
             return []
-        get = self.vocabulary.index.get
-        if isinstance(exclude, SeenTracks):
-            ban_other = exclude.rows()
-        elif exclude:
-            ban_other = np.fromiter(
-                (r for r in map(get, exclude) if r is not None), dtype=np.int64
-            )
-        else:
-            ban_other = _NO_ROWS
+        ban_other = self._exclude_rows(exclude)
         query = self._compiled_query(state, size)
         user = self._user_vector(state) if weights.get("mf", 0.0) > 0 else None
         with self._query_buffers(size) as buffers:
@@ -1243,39 +1353,88 @@ class Recommender:
         return ranked
 
     def component_ids(
-        self, state: UserState, k: int, now_ms: int, variants: Sequence[str]
+        self, state: UserState, k: int, now_ms: int, variants: Sequence[str], *,
+        exclude: Collection[str] = (),
     ) -> list[list[str]]:
-        """``[[r.track_id for r in self.recommend(state, k, now_ms, variant=v)] for v in
-        variants]``, for the live per-component quality
-        (:class:`stream.core.evaluation.ComponentQuality`, on the hot path): the single
-        components (``popularity``, ``mf``, ``cooccurrence``) share one prepared query and
-        build no :class:`Recommendation` (nor its reason); other variants go through
-        :meth:`recommend`."""
-        size = len(self.vocabulary)
-        singles = {v for v in variants if v in _SINGLE_COMPONENTS} if k > 0 and size else set()
-        ids: dict[str, list[str]] = {}
-        if singles:
-            size, hist_rows, ban_recent, (members, pop_weights, pop_total), arena, factors = (
-                self._compiled_query(state, size))
-            start, csize, cap, total, nbr, val = arena
-            user = self._user_vector(state) if "mf" in singles else None
-            with self._query_buffers(size) as (ban, sc):
-                # each list as _rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
-                # user if v == "mf" else None) ranks it, in one compiled call
-                ranked = _k.rank_components(
-                    size, k, max(self.candidates_per_source, k), "popularity" in singles,
-                    "mf" in singles, "cooccurrence" in singles, bool(self.mf_candidates),
-                    members, pop_weights, pop_total, start, csize, cap, total, nbr, val,
-                    hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
-                    sc.touched, factors, _NO_FACTORS if user is None else user,
-                    user is not None, ban, self._mark_buffer(size), ban_recent,
-                )
-            for v, rows in zip(("popularity", "mf", "cooccurrence"), ranked, strict=True):
-                if v in singles:
-                    ids[v] = self._result_ids(rows, k)
-        return [ids[v] if v in ids else
-                [r.track_id for r in self.recommend(state, k, now_ms, variant=v)]
+        """``[[r.track_id for r in self.recommend(state, k, now_ms, exclude=exclude,
+        variant=v)] for v in variants]`` without a :class:`Recommendation` (nor its reason)
+        per item: the replay's evaluation of every variant, and the live per-component
+        quality (:class:`stream.core.evaluation.ComponentQuality`, on the hot path). The
+        single components (``popularity``, ``mf``, ``cooccurrence``) and the fixed blend
+        share one prepared query and one compiled call; ``sknn``, ``stan`` and ``sr`` take
+        one compiled call each; the learned blend ranks as :meth:`recommend` does."""
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; expected from {VARIANTS}")
+        if k <= 0:
+            return [[] for _ in variants]
+        ids = self._compiled_ids(state, k, exclude, variants)
+        if not _SESSION_VARIANTS.isdisjoint(variants):
+            lists = self._session_lists(state, k, now_ms, exclude, variants)
+            ids.update((v, self._result_ids(ranked[0], k)) for v, ranked in lists.items())
+        return [ids[v] if v in ids else self._variant_ids(state, k, now_ms, exclude, v)
                 for v in variants]
+
+    def _variant_ids(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
+    ) -> list[str]:
+        """One variant's ids for :meth:`component_ids` (``k`` > 0)."""
+        if variant == "blend" and self.blend == "learned":
+            ranked = self._learned_order(state, now_ms, exclude)
+            if ranked is not None:
+                return self._result_ids(ranked[0], k)
+            variant = "fixed"  # a cold start: the fixed blend's list
+            fixed = self._compiled_ids(state, k, exclude, (variant,))
+            if variant in fixed:
+                return fixed[variant]
+        return [r.track_id for r in self.recommend(state, k, now_ms, exclude=exclude,
+                                                   variant=variant)]
+
+    def _compiled_ids(
+        self, state: UserState, k: int, exclude: Collection[str], variants: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """The ids of those of ``variants`` that :meth:`_rank_compiled` ranks (the single
+        components; ``fixed``, and ``blend`` with ``blend="fixed"``, unless the skip
+        penalty takes them to the reference path), in one compiled call
+        (:func:`_k.rank_components`), by variant."""
+        w = self.blend_weights
+        want = {v for v in variants if v in _SINGLE_COMPONENTS}
+        as_fixed = {"fixed", "blend"} if self.blend == "fixed" else {"fixed"}
+        fixed = w.get("skip", 0.0) <= 0 and not as_fixed.isdisjoint(variants)
+        if not want and not fixed:
+            return {}
+        size = len(self.vocabulary)
+        if size == 0:
+            return {v: [] for v in variants if v in want or (fixed and v in as_fixed)}
+        ban_other = self._exclude_rows(exclude)
+        size, hist_rows, ban_recent, (members, pop_weights, pop_total), arena, factors = (
+            self._compiled_query(state, size))
+        start, csize, cap, total, nbr, val = arena
+        fixed_mf = fixed and w.get("mf", 0.0) > 0
+        user = self._user_vector(state) if "mf" in want or fixed_mf else None
+        n = max(self.candidates_per_source, k)
+        with self._query_buffers(size) as (ban, sc):
+            # each list as _rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
+            # user if v == "mf" else None, ...) ranks it, and the fixed blend's as
+            # _rank_query(query, k, w, w, user if w["mf"] > 0 else None, ...)
+            ranked = _k.rank_components(
+                size, k, n, "popularity" in want, "mf" in want, "cooccurrence" in want,
+                bool(self.mf_candidates), fixed, n if w.get("popularity", 0.0) > 0 else k,
+                w.get("cooccurrence", 0.0) > 0, fixed_mf and user is not None,
+                bool(self.mf_candidates or w.get("cooccurrence", 0.0) == 0),
+                w.get("popularity", 0.0), w.get("cooccurrence", 0.0), w.get("mf", 0.0),
+                members, pop_weights, pop_total, start, csize, cap, total, nbr, val,
+                hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
+                sc.touched, factors, _NO_FACTORS if user is None else user,
+                user is not None, ban, self._mark_buffer(size), ban_recent, ban_other,
+            )
+        ids: dict[str, list[str]] = {}
+        for v, rows in zip(("popularity", "mf", "cooccurrence", "fixed"), ranked, strict=True):
+            if v in want or (v == "fixed" and fixed):
+                ids[v] = self._result_ids(rows, k)
+        if fixed and self.blend == "fixed":
+            ids["blend"] = list(ids["fixed"])
+        return ids
 
     def _result_ids(self, rows: IntArray, k: int) -> list[str]:
         """The track ids :meth:`_results` keeps of ranked ``rows`` (the artist cap)."""
@@ -2150,7 +2309,12 @@ def warm_up() -> float:
     for state in states.values():
         for variant in VARIANTS:
             rec.recommend(state, 5, 1_700_000_500_000, variant=variant, exclude=seen)
+        rec.component_ids(state, 5, 1_700_000_500_000, VARIANTS, exclude=seen)  # the replay's
         seen.add(state.recent[0])
+    # a session model's list where numpy chooses among tracks tied at a cut (rare: a first
+    # such play would compile it on the event loop)
+    _, pop_w, _ = rec.popularity.ranking_inputs(len(rec.vocabulary))
+    _sk.session_order(_NO_ROWS.copy(), _NO_SCORES.copy(), np.array([0]), pop_w, 1.0)
     rec.recommend_many(list(states.values()), 5, 1_700_000_500_000)
     rec.mf_candidates = True
     rec.recommend(next(iter(states.values())), 5, 1_700_000_500_000)

@@ -83,10 +83,12 @@ class TestThenTrain:
             if user_seen is None:
                 user_seen = self.seen[event.user_id] = SeenTracks(rec.vocabulary)
             history = user_seen
-        for variant in self.variants:
-            recs = rec.recommend(update.before, self.k, event.ts_ms, exclude=history,
-                                 variant=variant)
-            rank = self.evaluator.observe(variant, [r.track_id for r in recs], event.track_id)
+        # the ranked ids only (no Recommendation nor reason per item), every variant's
+        # list the one Recommender.recommend returns
+        lists = rec.component_ids(update.before, self.k, event.ts_ms, self.variants,
+                                  exclude=history)
+        for variant, ids in zip(self.variants, lists, strict=True):
+            rank = self.evaluator.observe(variant, ids, event.track_id)
             self.hits[variant].append(rank is not None)
         learned = rec.learn_one(update, event)
         self.evaluator.observe_skip(learned.skip_probability, learned.skipped)

@@ -560,40 +560,49 @@ def rank_query(  # type: ignore[no-untyped-def]
 @_jit
 def rank_components(  # type: ignore[no-untyped-def]
     size, k, n, do_pop, do_mf, do_cooc, pick_mf_cooc,
-    pop_members, pop_w, pop_total,
+    do_fixed, n_pop_fixed, use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop, bw_cooc,
+    bw_mf, pop_members, pop_w, pop_total,
     start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor, touched,
-    factors, user, has_user, ban, mark, ban_recent,
+    factors, user, has_user, ban, mark, ban_recent, ban_other,
 ):
-    """The single components' lists of one query in one call (the live per-component
-    quality, Recommender.component_ids): the ranked rows of :func:`rank_query` for
-    ``popularity``, ``mf`` and ``cooccurrence`` (each flag ``do_*``; empty when off), with
-    exactly the arguments ranking each variant alone passes -- the variant's weight 1, the
-    trending fill at 1e-6, ``n_pop`` = ``n`` for popularity and ``k`` otherwise, MF only for
-    ``mf`` (``has_user``: ``user`` holds the listener's vector) -- so the lists are the
-    same, for two compiled calls fewer. Each query leaves the scratch as it found it."""
-    no_other = np.empty(0, dtype=np.int64)
+    """The single components' lists and the fixed blend's of one query in one call
+    (Recommender.component_ids: the replay's evaluation, the live per-component quality):
+    the ranked rows of :func:`rank_query` for ``popularity``, ``mf``, ``cooccurrence``
+    and ``fixed`` (each flag ``do_*``; empty when off), with exactly the arguments ranking
+    each variant alone passes -- a single component's weight 1, the trending fill at 1e-6,
+    ``n_pop`` = ``n`` for popularity and ``k`` otherwise, MF only for ``mf``
+    (``has_user``: ``user`` holds the listener's vector); the fixed blend's own ``n_pop``,
+    flags and weights -- so the lists are the same, for three compiled calls fewer. Each
+    query leaves the scratch as it found it."""
     no_user = user[:0]
     empty = np.empty(0, dtype=np.int64)
-    pop_rows = mf_rows = cooc_rows = empty
+    pop_rows = mf_rows = cooc_rows = fixed_rows = empty
     if do_pop:
         pop_rows = rank_query(
             size, n, n, False, False, True, 1e-6, 0.0, 0.0, pop_members, pop_w, pop_total,
             start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor, touched,
-            factors, no_user, ban, mark, ban_recent, no_other,
+            factors, no_user, ban, mark, ban_recent, ban_other,
         )[0]
     if do_mf:
         mf_rows = rank_query(
             size, k, n, False, has_user, True, 1e-6, 0.0, 1.0, pop_members, pop_w, pop_total,
             start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor, touched,
-            factors, user if has_user else no_user, ban, mark, ban_recent, no_other,
+            factors, user if has_user else no_user, ban, mark, ban_recent, ban_other,
         )[0]
     if do_cooc:
         cooc_rows = rank_query(
             size, k, n, True, False, pick_mf_cooc, 1e-6, 1.0, 0.0, pop_members, pop_w,
             pop_total, start, csize, cap, total, nbr, val, hist_rows, decay, acc, best,
-            anchor, touched, factors, no_user, ban, mark, ban_recent, no_other,
+            anchor, touched, factors, no_user, ban, mark, ban_recent, ban_other,
         )[0]
-    return pop_rows, mf_rows, cooc_rows
+    if do_fixed:
+        fixed_rows = rank_query(
+            size, n_pop_fixed, n, use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop,
+            bw_cooc, bw_mf, pop_members, pop_w, pop_total, start, csize, cap, total, nbr,
+            val, hist_rows, decay, acc, best, anchor, touched, factors,
+            user if use_mf_fixed else no_user, ban, mark, ban_recent, ban_other,
+        )[0]
+    return pop_rows, mf_rows, cooc_rows, fixed_rows
 
 
 @_jit

@@ -4,10 +4,11 @@ Since session 17 the core imports no river model at start-up: the skip model is
 :class:`stream.core.models.skip.OnlineLogistic` (river's ``LogisticRegression(SGD)`` step
 for step, tested equal to it) and the learned blend is numpy and compiled kernels. The
 deferral stays for whatever imports river later (the tests' references, users' own river
-models next to the core): ``river.linear_model`` imports every linear model of river, among them ``BayesianLinearRegression``, whose module
-does ``from river import base, proba, utils``; ``river.proba`` imports ``scipy.stats``:
-~2 s of CPU at every process start (``python -X importtime``; 2.5-3 s on the loaded 2-core
-CI box), for distributions nothing here uses.
+models next to the core): ``river.linear_model`` imports every linear model of river, among
+them ``BayesianLinearRegression``, whose module does ``from river import base, proba,
+utils``; ``river.proba`` imports ``scipy.stats``: ~2 s of CPU at every process start
+(``python -X importtime``; 2.5-3 s on the loaded 2-core CI box), for distributions nothing
+here uses.
 
 :func:`defer_proba` sets ``river.proba`` to a stand-in module *before* river's linear models
 are imported, so that ``from river import proba`` takes the attribute and imports nothing.

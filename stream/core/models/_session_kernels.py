@@ -1,0 +1,343 @@
+"""Compiled ranking of one session model alone: the evaluation variants ``sknn``, ``stan``
+and ``sr`` (``Recommender._session_ranking``), one call per list instead of ~15 numpy calls.
+
+The list (the reference is ``Recommender._rank_session_reference``): the model's tracks
+with a positive score that are not banned, at most ``room`` of them (the best), then the
+``room`` most played tracks not banned and not already in (trending's kept top set), ordered
+by the model's score scaled to its maximum plus 1e-6 times the popularity scaled the same
+way, ties by row.
+
+Ties: numpy's ``argpartition`` picks the best ``room`` in the reference, and which of
+several tracks tied at the cut it keeps depends on the CPU (its SIMD selection on AVX-512
+machines keeps others than on AVX2 or baseline ones). Where no tie straddles the cut every
+selection keeps the same set and the kernel selects; where one does, the kernel stops and
+says so (:data:`NEED_MODEL_CUT`, :data:`NEED_FILL`), and the caller makes numpy's choice
+and finishes with :func:`session_order`, so the lists stay exactly the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import numba
+import numpy as np
+
+from stream.core.models._kernels import (
+    _top_n,
+    among,
+    cooc_accumulate,
+    query_anchors,
+    reset_touched,
+)
+from stream.core.models.stan import best_order, stan_query
+
+_jit: Any = numba.njit(cache=True, nogil=True)
+
+#: :func:`rank_stan` / :func:`rank_sr` status: ranked; the model's rows need numpy's cut of
+#: the best ``room`` (ties at it); the trending fill needs ``top_set`` (ties at its cut, or
+#: its kept top set runs short)
+DONE: Final = 0
+NEED_MODEL_CUT: Final = 1
+NEED_FILL: Final = 2
+
+
+@_jit
+def best_set(vals, n):  # type: ignore[no-untyped-def]
+    """Indices of the ``n`` highest ``vals`` (all of them if fewer), and whether a tie at
+    the cut makes that set one choice among several (then another selection, numpy's
+    ``argpartition``, may keep other tied entries)."""
+    m = len(vals)
+    if m <= n:
+        return np.arange(m), False
+    idx = _top_n(np.arange(m), vals, n)
+    cut = vals[idx[0]]
+    for i in idx:
+        if vals[i] < cut:
+            cut = vals[i]
+    above_or_at = 0
+    for v in vals:
+        if v >= cut:
+            above_or_at += 1
+    return idx, above_or_at > n
+
+
+@_jit
+def session_order(rows, vals, fill, pop_w, pop_div):  # type: ignore[no-untyped-def]
+    """The ranked list of the model's ``rows`` (scores ``vals``) and the trending ``fill``
+    (those of it not in ``rows``): rows, scores and whether each came from the model.
+    ``pop_div``: the popularity divisor (its total weight, 1 while 0)."""
+    n_model = len(rows)
+    extra = np.empty(len(fill), dtype=np.int64)
+    m = 0
+    for r in fill:
+        if not among(rows, n_model, r):
+            extra[m] = r
+            m += 1
+    c = n_model + m
+    all_rows = np.empty(c, dtype=np.int64)
+    all_rows[:n_model] = rows
+    all_rows[n_model:] = extra[:m]
+    scores = np.zeros(c)
+    hi = vals.max() if n_model else 0.0
+    if hi > 0:
+        for i in range(n_model):
+            scores[i] = vals[i] / hi
+    pop = np.empty(c)
+    for i in range(c):
+        pop[i] = pop_w[all_rows[i]] / pop_div
+    hi = pop.max() if c else 0.0
+    if hi > 0:
+        for i in range(c):
+            scores[i] += 1e-6 * (pop[i] / hi)
+    by_row = np.argsort(all_rows)  # distinct rows: then a stable sort by score
+    order = by_row[np.argsort(-scores[by_row], kind="mergesort")]
+    from_model = order < n_model
+    return all_rows[order], scores[order], from_model
+
+
+@_jit
+def _trending_fill(pop_members, pop_w, ban, size, room):  # type: ignore[no-untyped-def]
+    """``DecayedPopularity.top_set(room, ban)`` where it is one set (the kept top set has
+    more than ``room`` allowed tracks and no tie at the cut, or exactly ``room``, or it
+    is the whole catalogue); else ok=False."""
+    members = np.empty(len(pop_members), dtype=np.int64)
+    n_members = 0
+    allowed = np.empty(len(pop_members), dtype=np.int64)
+    m = 0
+    for r in pop_members:
+        if r < len(ban):
+            members[n_members] = r
+            n_members += 1
+            if not ban[r]:
+                allowed[m] = r
+                m += 1
+    allowed = allowed[:m]
+    if m > room:
+        w = np.empty(m)
+        for i in range(m):
+            w[i] = pop_w[allowed[i]]
+        idx, ambiguous = best_set(w, room)
+        return allowed[idx], not ambiguous
+    return allowed, m == room or n_members >= size
+
+
+@_jit
+def _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size):  # type: ignore[no-untyped-def]
+    """Filter, cut and fill the model's ``rows``/``vals`` (``ban`` set), and rank: status,
+    the ranked rows, scores and model flags (status DONE), or the rows and values the
+    caller goes on from (the filtered ones for NEED_MODEL_CUT, the cut for NEED_FILL)."""
+    keep_rows = np.empty(len(rows), dtype=np.int64)
+    keep_vals = np.empty(len(rows))
+    m = 0
+    for i in range(len(rows)):
+        if vals[i] > 0 and not ban[rows[i]]:
+            keep_rows[m] = rows[i]
+            keep_vals[m] = vals[i]
+            m += 1
+    keep_rows, keep_vals = keep_rows[:m], keep_vals[:m]
+    no_flags = np.zeros(0, dtype=np.bool_)
+    if m > room:
+        idx, ambiguous = best_set(keep_vals, room)
+        if ambiguous:
+            return NEED_MODEL_CUT, keep_rows, keep_vals, no_flags
+        keep_rows, keep_vals = keep_rows[idx], keep_vals[idx]
+    fill, ok = _trending_fill(pop_members, pop_w, ban, size, room)
+    if not ok:
+        return NEED_FILL, keep_rows, keep_vals, no_flags
+    ranked, scores, from_model = session_order(keep_rows, keep_vals, fill, pop_w, pop_div)
+    return DONE, ranked, scores, from_model
+
+
+@_jit
+def _ban(ban, rows, flag):  # type: ignore[no-untyped-def]
+    for r in rows:
+        ban[r] = flag
+
+
+@_jit
+def _query_rows(recent, n_query, n_indexed):  # type: ignore[no-untyped-def]
+    """STAN's query: the last ``n_query`` of the ``recent`` rows (oldest first, -1
+    unknown), the known, indexed (below ``n_indexed``) and distinct ones."""
+    q = np.empty(n_query, dtype=np.int64)
+    nq = 0
+    for i in range(len(recent) - n_query, len(recent)):
+        r = recent[i]
+        if 0 <= r < n_indexed and not among(q, nq, r):
+            q[nq] = r
+            nq += 1
+    return q[:nq]
+
+
+@_jit
+def _vote(order, sims, cand, match, items, lengths, by_distance, qmark, acc, touched):  # type: ignore[no-untyped-def]
+    """:func:`stan_query`'s vote of the neighbours ``order`` (best first); returns how
+    many rows ``touched`` lists."""
+    nt = 0
+    for j in range(len(order)):
+        c = order[j]
+        sim = sims[c]
+        if sim <= 0.0:
+            break
+        slot = cand[c]
+        m = match[c]
+        for p in range(lengths[slot]):
+            r = items[slot, p]
+            if qmark[r] >= 0:
+                continue
+            if acc[r] == 0.0:
+                touched[nt] = r
+                nt += 1
+            acc[r] += sim * by_distance[abs(p - m)]
+    return nt
+
+
+@_jit
+def stan_pair_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, arena,  # type: ignore[no-untyped-def]
+                    now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2,
+                    touched2):
+    """:func:`stan_query` of ``q_rows`` twice, from one pass over the neighbour sessions:
+    with STAN's weights (``q_w``, 1/λ2, 1/λ3) into ``acc``/``touched`` and plain (SKNN:
+    every weight 1) into ``acc2``/``touched2`` -- the candidate sessions, their matches
+    and the arithmetic of each are :func:`stan_query`'s. Returns both touched counts."""
+    n_slots = serials.shape[0]
+    nq = q_rows.shape[0]
+    total = 0
+    for qi in range(nq):
+        r = q_rows[qi]
+        qmark[r] = qi
+        total += p_size[r]
+    cand = np.empty(total, dtype=np.int64)
+    nc = 0
+    for qi in range(nq):
+        r = q_rows[qi]
+        s = p_start[r]
+        for i in range(p_size[r]):
+            serial = arena[s + i]
+            slot = serial % n_slots
+            if serials[slot] != serial or serial == own or slot_mark[slot]:
+                continue
+            slot_mark[slot] = True
+            cand[nc] = slot
+            nc += 1
+    sims = np.zeros(nc)
+    sims2 = np.zeros(nc)
+    match = np.zeros(nc, dtype=np.int64)
+    plain_l2 = 0.0
+    for c in range(nc):
+        slot = cand[c]
+        slot_mark[slot] = False
+        num = 0.0
+        num2 = 0.0
+        best_q = -1
+        best_p = 0
+        ln = lengths[slot]
+        for p in range(ln):
+            qi = qmark[items[slot, p]]
+            if qi >= 0:
+                num += q_w[qi]
+                num2 += 1.0
+                if qi > best_q:
+                    best_q = qi
+                    best_p = p
+        if best_q < 0 or ln == 0:
+            continue
+        age = now - times[slot]
+        if age < 0:
+            age = 0
+        sims[c] = num / math.sqrt(nq * ln) * math.exp(-age * inv_l2)
+        sims2[c] = num2 / math.sqrt(nq * ln) * math.exp(-age * plain_l2)
+        match[c] = best_p
+    width = items.shape[1]
+    by_distance = np.empty(width + 1)
+    flat = np.empty(width + 1)
+    for d in range(width + 1):
+        by_distance[d] = math.exp(-d * inv_l3)
+        flat[d] = math.exp(-d * plain_l2)
+    nt = _vote(best_order(sims, k), sims, cand, match, items, lengths, by_distance, qmark,
+               acc, touched)
+    nt2 = _vote(best_order(sims2, k), sims2, cand, match, items, lengths, flat, qmark,
+                acc2, touched2)
+    for qi in range(nq):
+        qmark[q_rows[qi]] = -1
+    return nt, nt2
+
+
+@_jit
+def _take(acc, touched, nt):  # type: ignore[no-untyped-def]
+    """The touched rows and their scores, ``acc`` zeroed behind them."""
+    rows = touched[:nt].copy()
+    vals = np.empty(nt)
+    for i in range(nt):
+        vals[i] = acc[rows[i]]
+        acc[rows[i]] = 0.0
+    return rows, vals
+
+
+@_jit
+def rank_stan(  # type: ignore[no-untyped-def]
+    recent, n_query, which, table, serials, items, lengths, times, p_start, p_size, arena,
+    now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2,
+    ban, ban_rows, room, pop_members, pop_w, pop_div, size,
+):
+    """STAN and/or plain SKNN (every weight 1) queried with the last ``n_query`` of the
+    ``recent`` rows (:func:`_query_rows`), then :func:`_finish` of each with ``ban_rows``
+    banned: ``which`` 0 STAN, 1 SKNN, 2 both from one pass (:func:`stan_pair_query`).
+    Returns STAN's outcome and SKNN's (an empty DONE for the one not asked for). Leaves the
+    scratch and ``ban`` as found."""
+    q = _query_rows(recent, n_query, len(p_start))
+    nq = len(q)
+    rows = rows2 = np.empty(0, dtype=np.int64)
+    vals = vals2 = np.empty(0)
+    if nq and which == 2:
+        nt, nt2 = stan_pair_query(q, table[nq - 1, :nq], serials, items, lengths, times,
+                                  p_start, p_size, arena, now, own, k, inv_l2, inv_l3,
+                                  qmark, slot_mark, acc, touched, acc2, touched2)
+        rows, vals = _take(acc, touched, nt)
+        rows2, vals2 = _take(acc2, touched2, nt2)
+    elif nq:
+        plain = which == 1
+        q_w = np.ones(nq) if plain else table[nq - 1, :nq].copy()
+        nt = stan_query(q, q_w, serials, items, lengths, times, p_start, p_size, arena,
+                        now, own, k, 0.0 if plain else inv_l2, 0.0 if plain else inv_l3,
+                        qmark, slot_mark, acc, touched)
+        if plain:
+            rows2, vals2 = _take(acc, touched, nt)
+        else:
+            rows, vals = _take(acc, touched, nt)
+    no_flags = np.zeros(0, dtype=np.bool_)
+    out = out2 = (DONE, np.empty(0, dtype=np.int64), np.empty(0), no_flags)
+    _ban(ban, ban_rows, True)
+    if which != 1:
+        out = _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size)
+    if which != 0:
+        out2 = _finish(rows2, vals2, ban, room, pop_members, pop_w, pop_div, size)
+    _ban(ban, ban_rows, False)
+    return out, out2
+
+
+@_jit
+def rank_sr(  # type: ignore[no-untyped-def]
+    recent, n_query, decay, start, csize, cap, total, nbr, val, acc, best, anchor, touched,
+    ban, ban_rows, room, pop_members, pop_w, pop_div, size,
+):
+    """The sequential rules (no popularity penalty) queried with the anchors of the last
+    ``n_query`` ``recent`` rows (:func:`query_anchors`; they score 0), then
+    :func:`_finish` with ``ban_rows`` banned. Leaves the scratch and ``ban`` as found."""
+    a_rows, a_weights = query_anchors(recent[len(recent) - n_query:], cap, decay)
+    nt = 0
+    if len(a_rows):
+        nt = cooc_accumulate(start, csize, total, nbr, val, a_rows, a_weights, acc, best,
+                             anchor, touched)
+        for r in a_rows:
+            acc[r] = 0.0
+    rows = touched[:nt].copy()
+    vals = np.empty(nt)
+    for i in range(nt):
+        vals[i] = acc[rows[i]]
+    reset_touched(acc, best, anchor, touched, nt)
+    _ban(ban, ban_rows, True)
+    out = _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size)
+    _ban(ban, ban_rows, False)
+    return out
+
