@@ -815,9 +815,20 @@ class Recommender:
         source's score of each candidate (:func:`_bk.blend_collect`'s ``comp``: columns
         co-occurrence, STAN, SR, artist, own history, long co-occurrence) and
         co-occurrence's lead (for reasons)."""
+        cands, comp, lead, X, feature_args = self._blend_inputs(state, now_ms, exclude)
+        if len(cands):  # popularity, the skip model's prediction and the features
+            _bk.blend_matrix(cands, comp, *feature_args, X)
+        return cands, X, comp, lead
+
+    def _blend_inputs(
+        self, state: UserState, now_ms: int, exclude: Collection[str]
+    ) -> tuple[IntArray, FloatArray, IntArray, FloatArray, tuple[Any, ...]]:
+        """The candidates, their sources' scores and leads (:meth:`_blend_candidates`),
+        their feature rows to fill (``len(cands) x N_FEATURES``) and
+        :func:`_bk.blend_matrix`'s arguments between those (empty without candidates)."""
         size = len(self.vocabulary)
         if size == 0:
-            return (_NO_ROWS, np.zeros((0, N_FEATURES)), np.zeros((0, 6)), _NO_ROWS)
+            return _NO_ROWS, np.zeros((0, 6)), _NO_ROWS, np.zeros((0, N_FEATURES)), ()
         cands, comp, lead, last = self._blend_sources(state, now_ms, self._recent_rows(state),
                                                       exclude, size)
         user = self._user_vector(state)
@@ -828,14 +839,12 @@ class Recommender:
                             recent_skip_rate=_recent_skip_rate(state))
         same_artist, recent_artist = self._artist_columns(state, cands)
         w = self.blend_weights
-        X = np.empty((len(cands), N_FEATURES))
         pop_w, pop_total = self.popularity.score_inputs()
-        # popularity, the skip model's prediction and the features in one compiled call
-        _bk.blend_matrix(cands, comp, pop_w, pop_total, mf, *self.skip.logit_terms(query),
-                         same_artist, recent_artist, self.first_seen, now_ms,
-                         math.log1p(state.plays_total) / 5.0, w.get("cooccurrence", 0.0),
-                         w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS, last, X)
-        return cands, X, comp, lead
+        return cands, comp, lead, np.empty((len(cands), N_FEATURES)), (
+            pop_w, pop_total, mf, *self.skip.logit_terms(query), same_artist, recent_artist,
+            self.first_seen, now_ms, math.log1p(state.plays_total) / 5.0,
+            w.get("cooccurrence", 0.0), w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
+            last)
 
     def _artist_columns(self, state: UserState, cands: IntArray) -> tuple[FloatArray, FloatArray]:
         """Per candidate: 1.0 if its artist is the last play's (``same_artist``), and its
@@ -1027,15 +1036,16 @@ class Recommender:
             # MovieLens plays, first plays scored HR@10 0.063 against trending's 0.192.
             self.__dict__.pop("_blend_cache", None)
             return None
-        rows, X, comp, lead = self._blend_candidates(state, now_ms, exclude)
+        rows, comp, lead, X, feature_args = self._blend_inputs(state, now_ms, exclude)
         if not len(rows):
             self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, None, None)
             return rows, _NO_SCORES, _NO_ROWS, _NO_ROWS
         last = self.vocabulary.index.get(state.recent[-1], -1) if state.recent else -1
-        # the candidates, scores, reasons and leads in ranked order (X keeps the
-        # candidates' order: learning reads it with ``rows``)
-        order, ranked, scores, codes, leads = _bk.blend_order(self.ranker.score(X), rows,
-                                                              comp, lead, last)
+        # the features, scores, and the candidates, scores, reasons and leads in ranked
+        # order in one compiled call (X keeps the candidates' order: learning reads it
+        # with ``rows``)
+        order, ranked, scores, codes, leads = _bk.blend_rank(
+            rows, comp, lead, *feature_args, X, *self.ranker.score_inputs(X.shape[1]), last)
         self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, order,
                                          self.ranker.weights_token)
         return ranked, scores, codes, leads

@@ -182,3 +182,56 @@ def test_learned_blend_score_refuses_a_wrong_shape(shape: tuple[int, ...]) -> No
         blend.score(np.ones(shape))
     assert blend.score(np.ones((2, N_FEATURES))).shape == (2,)
     assert blend.score(np.ones((0, N_FEATURES))).shape == (0,)
+
+
+def test_blend_rank_is_matrix_then_scores_then_order() -> None:
+    """``blend_rank`` = ``blend_matrix``, ``blend_scores`` and ``blend_order`` in turn, to
+    the bit (the same floats, the same order), over random inputs with NaN MF scores
+    and zero ones."""
+    rng = np.random.default_rng(11)
+    skip = _trained_skip(rng)
+    pops = [_popularity(rng, 0), _popularity(rng, 2000)]
+    moved = 0
+    for t in range(600):
+        m = int(rng.integers(1, 120))
+        cands = np.sort(rng.permutation(_SIZE)[:m]).astype(np.int64)
+        comp = np.abs(rng.normal(size=(m, 6))) * (rng.random((m, 6)) > 0.5)
+        lead = rng.integers(-1, _SIZE, m).astype(np.int64)
+        last = rng.random((m, 2)) * (rng.random((m, 2)) > 0.6)
+        pop_w, pop_total = pops[t % 2].score_inputs()
+        mf = rng.normal(size=m) * (0.0 if t % 3 == 0 else 1.0)
+        if m > 3 and t % 17 == 0:
+            mf[1] = np.nan
+        same = (rng.random(m) > 0.7).astype(np.float64)
+        share = rng.random(m) * (rng.random(m) > 0.5)
+        first = rng.integers(0, 10**12, _SIZE) * (rng.random(_SIZE) > 0.1)
+        query = Interaction("u", ts_ms=1, session_position=int(rng.integers(0, 40)),
+                            recent_skip_rate=float(rng.random()))
+        args = (pop_w, pop_total, mf, *skip.logit_terms(query), same, share, first,
+                int(rng.integers(0, 2 * 10**12)), float(rng.random()), *rng.random(3),
+                _DAY_MS, last)
+        w = rng.normal(size=N_FEATURES)
+        last_row = int(rng.integers(-1, _SIZE))
+        want_X = np.full((m, N_FEATURES), -7.0)
+        _bk.blend_matrix(cands, comp, *args, want_X)
+        scores = _bk.blend_scores(want_X, w, PRIOR_EPS)
+        want = _bk.blend_order(scores, cands, comp, lead, last_row)
+        X = np.full((m, N_FEATURES), -9.0)
+        got = _bk.blend_rank(cands, comp, lead, *args, X, w, PRIOR_EPS, last_row)
+        np.testing.assert_array_equal(X, want_X, err_msg=f"case {t}")
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"case {t}")
+        moved += int(m > 1 and not np.array_equal(got[0], np.arange(m)))
+    assert moved > 500  # the order is not the candidates' (a skipped sort would show)
+
+
+def test_learned_blend_score_inputs_refuse_another_width() -> None:
+    """``blend_rank`` reads ``w`` unchecked: ``score_inputs`` checks the rows' width."""
+    from stream.core.models.blend import LearnedBlend
+
+    blend = LearnedBlend(seed=1)
+    for n in (N_FEATURES - 1, N_FEATURES + 1, 0):
+        with pytest.raises(ValueError, match="features"):
+            blend.score_inputs(n)
+    w, eps = blend.score_inputs(N_FEATURES)
+    assert eps == PRIOR_EPS and w.tolist() == blend.weights.tolist()

@@ -498,3 +498,18 @@ def blend_scores(X, w, eps):  # type: ignore[no-untyped-def]
             acc += X[i, j] * w[j]
         out[i] = acc + eps * X[i, 0]
     return out
+
+
+@_jit
+def blend_rank(cands, comp, lead, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,  # type: ignore[no-untyped-def]
+               same_artist, recent_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop,
+               day_ms, last, X, w, eps, last_row):
+    """The learned ranking after its candidates in one call: the feature rows into ``X``
+    (:func:`blend_matrix`), their scores (:func:`blend_scores`, ``LearnedBlend.score``'s
+    ``w`` and ``eps``) and the order with its lists (:func:`blend_order`, ``last_row``:
+    the last play's row) -- the same three kernels, so the same floats, one dispatch
+    instead of three (each unboxed its arrays again)."""
+    blend_matrix(cands, comp, pop_w, pop_total, mf, skip_base, skip_w_pop, skip_w_mf,
+                 same_artist, recent_artist, first_seen, now_ms, hist, w_cooc, w_mf, w_pop,
+                 day_ms, last, X)
+    return blend_order(blend_scores(X, w, eps), cands, comp, lead, last_row)

@@ -214,6 +214,15 @@ class LearnedBlend:
                                        PRIOR_EPS)
         return out
 
+    def score_inputs(self, n_features: int) -> tuple[FloatArray, float]:
+        """:meth:`score`'s weights and prior weight, for a compiled caller scoring rows of
+        ``n_features`` values (``_blend_kernels.blend_rank``); ValueError, as :meth:`score`
+        raises, when the weights have another length."""
+        if n_features != len(self._w):
+            raise ValueError(f"blend score: rows of {n_features} features, expected "
+                             f"{len(self._w)}")
+        return self._w, PRIOR_EPS
+
     def learn(self, X: FloatArray, positive: int, key: int) -> int:
         """Learn from one ranked list whose row ``positive`` was played; ``key`` (e.g. the
         count of plays learned) seeds the choice of negatives. Returns the pairs learned."""
