@@ -27,6 +27,8 @@ from stream.core.models._kernels import (
     blend_features,
     cooc_accumulate,
     desc_order_all,
+    heap_push,
+    heap_replace_root,
     last_play_scores,
     query_anchors,
     reset_touched,
@@ -336,33 +338,11 @@ def _top_unbanned(rows, vals, ban, n, out, m):  # type: ignore[no-untyped-def]
         r = rows[i]
         if not k > 0.0 or ban[r]:
             continue
-        if c < n:  # sift up while worse than the parent
-            j = c
-            while j > 0:
-                parent = (j - 1) >> 1
-                if not _worse(k, r, hk[parent], hr[parent]):
-                    break
-                hk[j] = hk[parent]
-                hr[j] = hr[parent]
-                j = parent
-            hk[j] = k
-            hr[j] = r
+        if c < n:
+            heap_push(hk, hr, c, k, r)
             c += 1
-        elif _worse(hk[0], hr[0], k, r):  # better than the worst kept: replace the root
-            j = 0
-            while True:
-                ch = 2 * j + 1
-                if ch >= n:
-                    break
-                if ch + 1 < n and _worse(hk[ch + 1], hr[ch + 1], hk[ch], hr[ch]):
-                    ch += 1
-                if not _worse(hk[ch], hr[ch], k, r):
-                    break
-                hk[j] = hk[ch]
-                hr[j] = hr[ch]
-                j = ch
-            hk[j] = k
-            hr[j] = r
+        elif _worse(hk[0], hr[0], k, r):  # better than the worst kept
+            heap_replace_root(hk, hr, n, k, r)
     out[m:m + c] = hr[:c]
     return m + c
 

@@ -249,6 +249,42 @@ def _worse(ka, ra, kb, rb):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def heap_push(hk, hr, c, k, r):  # type: ignore[no-untyped-def]
+    """Add (key ``k``, row ``r``) to the heap of the ``c`` entries ``hk``/``hr`` (its root
+    the worst, :func:`_worse`): sift up while worse than the parent."""
+    j = c
+    while j > 0:
+        parent = (j - 1) >> 1
+        if not _worse(k, r, hk[parent], hr[parent]):
+            break
+        hk[j] = hk[parent]
+        hr[j] = hr[parent]
+        j = parent
+    hk[j] = k
+    hr[j] = r
+
+
+@_jit
+def heap_replace_root(hk, hr, n, k, r):  # type: ignore[no-untyped-def]
+    """Replace the worst of the ``n`` kept entries (the root) by (``k``, ``r``) and sift
+    it down: move the worse child up while it is worse."""
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= n:
+            break
+        if c + 1 < n and _worse(hk[c + 1], hr[c + 1], hk[c], hr[c]):
+            c += 1
+        if not _worse(hk[c], hr[c], k, r):
+            break
+        hk[j] = hk[c]
+        hr[j] = hr[c]
+        j = c
+    hk[j] = k
+    hr[j] = r
+
+
+@_jit
 def _top_n(rows, key, n):  # type: ignore[no-untyped-def]
     """The ``n`` entries of ``rows`` with the highest ``key`` (aligned arrays), in no
     particular order; ties at the cut go to the lower row, NaN keys rank last.
@@ -261,42 +297,18 @@ def _top_n(rows, key, n):  # type: ignore[no-untyped-def]
         return rows.copy()
     hk = np.empty(n)
     hr = np.empty(n, dtype=np.int64)
-    for i in range(n):  # heapify the first n: sift each up while worse than its parent
+    for i in range(n):  # heapify the first n
         k = key[i]
         if np.isnan(k):
             k = -np.inf
-        r = rows[i]
-        j = i
-        while j > 0:
-            parent = (j - 1) >> 1
-            if not _worse(k, r, hk[parent], hr[parent]):
-                break
-            hk[j] = hk[parent]
-            hr[j] = hr[parent]
-            j = parent
-        hk[j] = k
-        hr[j] = r
+        heap_push(hk, hr, i, k, rows[i])
     for i in range(n, m):
         k = key[i]
         if np.isnan(k):
             k = -np.inf
         r = rows[i]
-        if not _worse(hk[0], hr[0], k, r):  # not better than the worst kept
-            continue
-        j = 0  # replace the root, sift down: move the worse child up while it is worse
-        while True:
-            c = 2 * j + 1
-            if c >= n:
-                break
-            if c + 1 < n and _worse(hk[c + 1], hr[c + 1], hk[c], hr[c]):
-                c += 1
-            if not _worse(hk[c], hr[c], k, r):
-                break
-            hk[j] = hk[c]
-            hr[j] = hr[c]
-            j = c
-        hk[j] = k
-        hr[j] = r
+        if _worse(hk[0], hr[0], k, r):  # better than the worst kept
+            heap_replace_root(hk, hr, n, k, r)
     return hr
 
 

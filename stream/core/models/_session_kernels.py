@@ -30,7 +30,7 @@ from stream.core.models._kernels import (
     query_anchors,
     reset_touched,
 )
-from stream.core.models.stan import best_order, stan_query
+from stream.core.models.stan import best_order, candidate_sessions, stan_query, vote
 
 _jit: Any = numba.njit(cache=True, nogil=True)
 
@@ -173,29 +173,6 @@ def _query_rows(recent, n_query, n_indexed):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def _vote(order, sims, cand, match, items, lengths, by_distance, qmark, acc, touched):  # type: ignore[no-untyped-def]
-    """:func:`stan_query`'s vote of the neighbours ``order`` (best first); returns how
-    many rows ``touched`` lists."""
-    nt = 0
-    for j in range(len(order)):
-        c = order[j]
-        sim = sims[c]
-        if sim <= 0.0:
-            break
-        slot = cand[c]
-        m = match[c]
-        for p in range(lengths[slot]):
-            r = items[slot, p]
-            if qmark[r] >= 0:
-                continue
-            if acc[r] == 0.0:
-                touched[nt] = r
-                nt += 1
-            acc[r] += sim * by_distance[abs(p - m)]
-    return nt
-
-
-@_jit
 def stan_pair_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, arena,  # type: ignore[no-untyped-def]
                     now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2,
                     touched2):
@@ -203,26 +180,9 @@ def stan_pair_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size
     with STAN's weights (``q_w``, 1/λ2, 1/λ3) into ``acc``/``touched`` and plain (SKNN:
     every weight 1) into ``acc2``/``touched2`` -- the candidate sessions, their matches
     and the arithmetic of each are :func:`stan_query`'s. Returns both touched counts."""
-    n_slots = serials.shape[0]
     nq = q_rows.shape[0]
-    total = 0
-    for qi in range(nq):
-        r = q_rows[qi]
-        qmark[r] = qi
-        total += p_size[r]
-    cand = np.empty(total, dtype=np.int64)
-    nc = 0
-    for qi in range(nq):
-        r = q_rows[qi]
-        s = p_start[r]
-        for i in range(p_size[r]):
-            serial = arena[s + i]
-            slot = serial % n_slots
-            if serials[slot] != serial or serial == own or slot_mark[slot]:
-                continue
-            slot_mark[slot] = True
-            cand[nc] = slot
-            nc += 1
+    cand = candidate_sessions(q_rows, serials, p_start, p_size, arena, own, qmark, slot_mark)
+    nc = len(cand)
     sims = np.zeros(nc)
     sims2 = np.zeros(nc)
     match = np.zeros(nc, dtype=np.int64)
@@ -257,9 +217,9 @@ def stan_pair_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size
     for d in range(width + 1):
         by_distance[d] = math.exp(-d * inv_l3)
         flat[d] = math.exp(-d * plain_l2)
-    nt = _vote(best_order(sims, k), sims, cand, match, items, lengths, by_distance, qmark,
+    nt = vote(best_order(sims, k), sims, cand, match, items, lengths, by_distance, qmark,
                acc, touched)
-    nt2 = _vote(best_order(sims2, k), sims2, cand, match, items, lengths, flat, qmark,
+    nt2 = vote(best_order(sims2, k), sims2, cand, match, items, lengths, flat, qmark,
                 acc2, touched2)
     for qi in range(nq):
         qmark[q_rows[qi]] = -1

@@ -141,26 +141,9 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
     """Accumulate STAN scores into ``acc`` (all zero before) for the query tracks
     ``q_rows`` (oldest first, weights ``q_w``); returns how many rows ``touched`` lists.
     ``qmark`` (all -1) and ``slot_mark`` (all False) are left as found."""
-    n_slots = serials.shape[0]
     nq = q_rows.shape[0]
-    total = 0
-    for qi in range(nq):
-        r = q_rows[qi]
-        qmark[r] = qi
-        total += p_size[r]
-    cand = np.empty(total, dtype=np.int64)
-    nc = 0
-    for qi in range(nq):
-        r = q_rows[qi]
-        s = p_start[r]
-        for i in range(p_size[r]):
-            serial = arena[s + i]
-            slot = serial % n_slots
-            if serials[slot] != serial or serial == own or slot_mark[slot]:
-                continue
-            slot_mark[slot] = True
-            cand[nc] = slot
-            nc += 1
+    cand = candidate_sessions(q_rows, serials, p_start, p_size, arena, own, qmark, slot_mark)
+    nc = len(cand)
     sims = np.zeros(nc)
     match = np.zeros(nc, dtype=np.int64)
     for c in range(nc):
@@ -191,6 +174,46 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
     by_distance = np.empty(width + 1)
     for d in range(width + 1):
         by_distance[d] = math.exp(-d * inv_l3)
+    nt = vote(order, sims, cand, match, items, lengths, by_distance, qmark, acc, touched)
+    for qi in range(nq):
+        qmark[q_rows[qi]] = -1
+    return nt
+
+
+@_jit
+def candidate_sessions(q_rows, serials, p_start, p_size, arena, own, qmark, slot_mark):  # type: ignore[no-untyped-def]
+    """The live sessions (slots) other than ``own`` that hold a track of ``q_rows``, each
+    once, in posting order. Marks every query row in ``qmark`` with its query index and
+    every returned slot in ``slot_mark``: the caller clears both."""
+    n_slots = serials.shape[0]
+    nq = q_rows.shape[0]
+    total = 0
+    for qi in range(nq):
+        r = q_rows[qi]
+        qmark[r] = qi
+        total += p_size[r]
+    cand = np.empty(total, dtype=np.int64)
+    nc = 0
+    for qi in range(nq):
+        r = q_rows[qi]
+        s = p_start[r]
+        for i in range(p_size[r]):
+            serial = arena[s + i]
+            slot = serial % n_slots
+            if serials[slot] != serial or serial == own or slot_mark[slot]:
+                continue
+            slot_mark[slot] = True
+            cand[nc] = slot
+            nc += 1
+    return cand[:nc]
+
+
+@_jit
+def vote(order, sims, cand, match, items, lengths, by_distance, qmark, acc, touched):  # type: ignore[no-untyped-def]
+    """STAN's vote of the neighbour sessions ``order`` (best first): each adds its
+    similarity times ``by_distance`` of each track's distance from the matched item to
+    ``acc`` (query rows, marked in ``qmark``, excluded); returns how many rows
+    ``touched`` lists."""
     nt = 0
     for j in range(len(order)):
         c = order[j]
@@ -207,8 +230,6 @@ def stan_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size, are
                 touched[nt] = r
                 nt += 1
             acc[r] += sim * by_distance[abs(p - m)]
-    for qi in range(nq):
-        qmark[q_rows[qi]] = -1
     return nt
 
 
