@@ -16,7 +16,7 @@ from stream.core.models.base import Interaction
 from stream.core.models.cooccurrence import SessionCooccurrence
 from stream.core.models.popularity import DecayedPopularity
 from stream.core.models.stan import best_order
-from stream.core.recommender import Recommender, SeenTracks, session_token
+from stream.core.recommender import VARIANTS, Recommender, SeenTracks, session_token
 from stream.core.session import UserState, update_session
 from stream.core.shards import ShardedDict
 from stream.tools.datasets import load_events
@@ -556,12 +556,19 @@ def test_blend_bans_never_write_past_the_ban_flags() -> None:
     backing = np.ones(4096, dtype=bool)
     backing[:64] = False
     small.__dict__["_ban"] = backing[:64]
-    # the learned blend (blend_collect) and the compiled single queries (rank_query)
-    for variant in ("blend", "fixed", "cooccurrence", "mf", "popularity"):
-        small.recommend(states["u1"], 10, 1_700_000_400_000, exclude=foreign,
-                        variant=variant)
-        assert backing[64:].all(), (variant, np.flatnonzero(~backing[64:]) + 64)
-        assert not backing[:64].any(), variant  # and the bans were cleared
+    # the learned blend (blend_collect), the compiled single queries (rank_query) and the
+    # session kernels (rank_stan / rank_sr, review17b), through recommend() and the
+    # replay's component_ids()
+    for variant in VARIANTS:
+        for call in ("recommend", "component_ids"):
+            if call == "recommend":
+                small.recommend(states["u1"], 10, 1_700_000_400_000, exclude=foreign,
+                                variant=variant)
+            else:
+                small.component_ids(states["u1"], 10, 1_700_000_400_000, (variant,),
+                                    exclude=foreign)
+            assert backing[64:].all(), (variant, call, np.flatnonzero(~backing[64:]) + 64)
+            assert not backing[:64].any(), (variant, call)  # and the bans were cleared
 
 
 def test_blend_recent_artist_weighs_the_artists_of_the_recent_plays(datasets_dir: Path) -> None:
