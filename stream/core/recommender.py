@@ -24,7 +24,7 @@ import math
 import operator
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, repeat
 from typing import Any, Final, Protocol, cast
 
@@ -821,7 +821,8 @@ class Recommender:
         return cands, X, comp, lead
 
     def _blend_inputs(
-        self, state: UserState, now_ms: int, exclude: Collection[str]
+        self, state: UserState, now_ms: int, exclude: Collection[str],
+        share: _VariantShare | None = None,
     ) -> tuple[IntArray, FloatArray, IntArray, FloatArray, tuple[Any, ...]]:
         """The candidates, their sources' scores and leads (:meth:`_blend_candidates`),
         their feature rows to fill (``len(cands) x N_FEATURES``) and
@@ -830,7 +831,7 @@ class Recommender:
         if size == 0:
             return _NO_ROWS, np.zeros((0, 6)), _NO_ROWS, np.zeros((0, N_FEATURES)), ()
         cands, comp, lead, last = self._blend_sources(state, now_ms, self._recent_rows(state),
-                                                      exclude, size)
+                                                      exclude, size, share)
         user = self._user_vector(state)
         mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
             else np.zeros(len(cands))
@@ -893,7 +894,7 @@ class Recommender:
 
     def _blend_sources(
         self, state: UserState, now_ms: int, recent: IntArray, exclude: Collection[str],
-        size: int,
+        size: int, share: _VariantShare | None = None,
     ) -> tuple[IntArray, FloatArray, IntArray, FloatArray]:
         """The candidates, each source's score of them, co-occurrence's lead and the last
         play's own SR and co-occurrence scores of them (:meth:`_last_play_scores`), none of
@@ -911,11 +912,12 @@ class Recommender:
         sc = self.cooccurrence.acquire_scratch(size)
         try:
             rest = self._collect_inputs(state, now_ms, recent, artist, own, sc, size)
-            cands, comp, lead, last, unique = _bk.blend_collect(
+            collect = _bk.blend_collect if share is None else share.collect
+            cands, comp, lead, last, unique = collect(
                 recent, n_ban, other, members, weights, _NO_ROWS, False, size, *rest)
             if not unique:  # a tie at trending's cut: numpy's choice (top_set), then again
                 top = self._banned_top_set(self._banned_rows(state, exclude, recent), size)
-                cands, comp, lead, last, _ = _bk.blend_collect(
+                cands, comp, lead, last, _ = collect(
                     recent, n_ban, other, members, weights, top, True, size, *rest)
         except BaseException:
             sc.clear()
@@ -1023,7 +1025,8 @@ class Recommender:
         return self._results(rows, scores, codes, leads, k)
 
     def _learned_order(
-        self, state: UserState, now_ms: int, exclude: Collection[str]
+        self, state: UserState, now_ms: int, exclude: Collection[str],
+        share: _VariantShare | None = None,
     ) -> tuple[IntArray, FloatArray, IntArray, IntArray] | None:
         """The learned blend's candidates in ranked order: rows, scores, reason codes and
         leads (co-occurrence's; an artist reason's lead is the caller's); kept for
@@ -1036,7 +1039,7 @@ class Recommender:
             # MovieLens plays, first plays scored HR@10 0.063 against trending's 0.192.
             self.__dict__.pop("_blend_cache", None)
             return None
-        rows, comp, lead, X, feature_args = self._blend_inputs(state, now_ms, exclude)
+        rows, comp, lead, X, feature_args = self._blend_inputs(state, now_ms, exclude, share)
         if not len(rows):
             self.__dict__["_blend_cache"] = (state.user_id, state.seq, rows, X, None, None)
             return rows, _NO_SCORES, _NO_ROWS, _NO_ROWS
@@ -1124,22 +1127,28 @@ class Recommender:
         it raises."""
         knn = self.session_knn
         n_query = min(knn.query_window, n_session)
-        acc2 = self.__dict__.get("_knn_acc2")
-        if acc2 is None or len(acc2) < size:  # the plain query's scratch when both run
-            cap = max(size, 2 * (0 if acc2 is None else len(acc2)), 64)
-            acc2 = self.__dict__["_knn_acc2"] = np.zeros(cap)
-            self.__dict__["_knn_touched2"] = np.zeros(cap, dtype=np.int64)
+        acc2, touched2 = self._knn_pair_scratch(size)
         try:
             out: tuple[tuple[int, IntArray, FloatArray, BoolArray], ...] = _sk.rank_stan(
                 recent, n_query, which,
-                *knn.query_inputs(session_token(state), now_ms, n_query), acc2,
-                self.__dict__["_knn_touched2"], *fill_args)
+                *knn.query_inputs(session_token(state), now_ms, n_query), acc2, touched2,
+                *fill_args)
         except BaseException:
             knn.clear_scratch()
             acc2[:] = 0.0
             fill_args[0][:] = False
             raise
         return out
+
+    def _knn_pair_scratch(self, size: int) -> tuple[FloatArray, IntArray]:
+        """The plain (SKNN) query's scratch when STAN's pass scores both
+        (:func:`_sk.knn_scores`): all zero, left so by the kernels."""
+        acc2 = self.__dict__.get("_knn_acc2")
+        if acc2 is None or len(acc2) < size:
+            cap = max(size, 2 * (0 if acc2 is None else len(acc2)), 64)
+            acc2 = self.__dict__["_knn_acc2"] = np.zeros(cap)
+            self.__dict__["_knn_touched2"] = np.zeros(cap, dtype=np.int64)
+        return acc2, self.__dict__["_knn_touched2"]
 
     def _finish_session(
         self, outcome: tuple[int, IntArray, FloatArray, BoolArray], fill_args: tuple[Any, ...]
@@ -1370,12 +1379,54 @@ class Recommender:
             raise ValueError(f"unknown variant(s) {unknown}; expected from {VARIANTS}")
         if k <= 0:
             return [[] for _ in variants]
-        ids = self._compiled_ids(state, k, exclude, variants)
-        if not _SESSION_VARIANTS.isdisjoint(variants):
-            lists = self._session_lists(state, k, now_ms, exclude, variants)
+        ids = self._shared_ids(state, k, now_ms, exclude, variants)
+        rest = [v for v in variants if v not in ids]
+        if rest:
+            ids.update(self._compiled_ids(state, k, exclude, rest))
+        if not _SESSION_VARIANTS.isdisjoint(rest):
+            lists = self._session_lists(state, k, now_ms, exclude, rest)
             ids.update((v, self._result_ids(ranked[0], k)) for v, ranked in lists.items())
         return [ids[v] if v in ids else self._variant_ids(state, k, now_ms, exclude, v)
                 for v in variants]
+
+    def _shared_ids(
+        self, state: UserState, k: int, now_ms: int, exclude: Collection[str],
+        variants: Sequence[str],
+    ) -> dict[str, list[str]]:
+        """:meth:`component_ids` of the learned blend and, from its collection's compiled
+        call (:func:`_bk.blend_collect_variants`: each query once, the blend's bans), of
+        ``sknn``, ``stan``, ``sr``, the single components and ``fixed`` (those that
+        :meth:`_session_lists` and :meth:`_compiled_ids` rank), by variant. Empty (the
+        separate calls rank them) where the learned blend does not collect through it:
+        ``blend`` not asked for or fixed, a cold start, a popularity penalty."""
+        if ("blend" not in variants or self.blend != "learned" or not state.recent
+                or self.cooccurrence.pop_penalty > 0 or self.rules.pop_penalty > 0):
+            return {}
+        size = len(self.vocabulary)
+        want, fixed = self._component_variants(variants)
+        flags, user = self._component_args(state, k, want, fixed)
+        members, pop_w, pop_total = self.popularity.ranking_inputs(size)
+        share = _VariantShare((
+            "stan" in variants, "sknn" in variants, "sr" in variants, 3 * k,
+            pop_total or 1.0, *self._knn_pair_scratch(size), *flags, pop_total,
+            self.mf.factors(), _NO_FACTORS if user is None else user, user is not None))
+        ranked = self._learned_order(state, now_ms, exclude, share)
+        if ranked is None:  # (not with plays)
+            return {}
+        ids = {"blend": self._result_ids(ranked[0], k)}
+        if share.out is None:  # (an empty catalogue)
+            return ids
+        stan, sknn, sr, lists = share.out
+        ids.update(self._component_ids(lists, want, fixed, k))
+        fill_args: tuple[Any, ...] = ()
+        for v, outcome in (("stan", stan), ("sknn", sknn), ("sr", sr)):
+            if v in variants:
+                if outcome[0] != _sk.DONE and not fill_args:  # numpy's choice at a tie
+                    fill_args = (self._ban_buffer(size),
+                                 self._banned_rows(state, exclude, share.recent), 3 * k,
+                                 members, pop_w, pop_total or 1.0, size)
+                ids[v] = self._result_ids(self._finish_session(outcome, fill_args)[0], k)
+        return ids
 
     def _variant_ids(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
@@ -1399,37 +1450,58 @@ class Recommender:
         components; ``fixed``, and ``blend`` with ``blend="fixed"``, unless the skip
         penalty takes them to the reference path), in one compiled call
         (:func:`_k.rank_components`), by variant."""
-        w = self.blend_weights
-        want = {v for v in variants if v in _SINGLE_COMPONENTS}
-        as_fixed = {"fixed", "blend"} if self.blend == "fixed" else {"fixed"}
-        fixed = w.get("skip", 0.0) <= 0 and not as_fixed.isdisjoint(variants)
+        want, fixed = self._component_variants(variants)
         if not want and not fixed:
             return {}
         size = len(self.vocabulary)
         if size == 0:
+            as_fixed = {"fixed", "blend"} if self.blend == "fixed" else {"fixed"}
             return {v: [] for v in variants if v in want or (fixed and v in as_fixed)}
         ban_other = self._exclude_rows(exclude)
         size, hist_rows, ban_recent, (members, pop_weights, pop_total), arena, factors = (
             self._compiled_query(state, size))
         start, csize, cap, total, nbr, val = arena
-        fixed_mf = fixed and w.get("mf", 0.0) > 0
-        user = self._user_vector(state) if "mf" in want or fixed_mf else None
-        n = max(self.candidates_per_source, k)
+        flags, user = self._component_args(state, k, want, fixed)
         with self._query_buffers(size) as (ban, sc):
             # each list as _rank_query(query, k, {v: 1.0}, {v: 1.0, "popularity": 1e-6},
             # user if v == "mf" else None, ...) ranks it, and the fixed blend's as
             # _rank_query(query, k, w, w, user if w["mf"] > 0 else None, ...)
             ranked = _k.rank_components(
-                size, k, n, "popularity" in want, "mf" in want, "cooccurrence" in want,
-                bool(self.mf_candidates), fixed, n if w.get("popularity", 0.0) > 0 else k,
-                w.get("cooccurrence", 0.0) > 0, fixed_mf and user is not None,
-                bool(self.mf_candidates or w.get("cooccurrence", 0.0) == 0),
-                w.get("popularity", 0.0), w.get("cooccurrence", 0.0), w.get("mf", 0.0),
-                members, pop_weights, pop_total, start, csize, cap, total, nbr, val,
-                hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
+                size, *flags, members, pop_weights, pop_total, start, csize, cap, total, nbr,
+                val, hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
                 sc.touched, factors, _NO_FACTORS if user is None else user,
                 user is not None, ban, self._mark_buffer(size), ban_recent, ban_other,
             )
+        return self._component_ids(ranked, want, fixed, k)
+
+    def _component_variants(self, variants: Collection[str]) -> tuple[set[str], bool]:
+        """Which of ``variants`` :func:`_k.component_lists` ranks: the single components,
+        and whether the fixed blend (``fixed``, or ``blend`` with ``blend="fixed"``; not
+        with the skip penalty, which takes the reference path)."""
+        want = {v for v in variants if v in _SINGLE_COMPONENTS}
+        as_fixed = {"fixed", "blend"} if self.blend == "fixed" else {"fixed"}
+        fixed = self.blend_weights.get("skip", 0.0) <= 0 and not as_fixed.isdisjoint(variants)
+        return want, fixed
+
+    def _component_args(
+        self, state: UserState, k: int, want: set[str], fixed: bool
+    ) -> tuple[tuple[Any, ...], Float32Array | None]:
+        """:func:`_k.component_lists`' flags and weights (``k`` to ``bw_mf``) for the
+        single components ``want`` and the fixed blend (if ``fixed``), and the listener's
+        MF vector (None when no list reads it, or they have none)."""
+        w = self.blend_weights
+        fixed_mf = fixed and w.get("mf", 0.0) > 0
+        user = self._user_vector(state) if "mf" in want or fixed_mf else None
+        n = max(self.candidates_per_source, k)
+        return (k, n, "popularity" in want, "mf" in want, "cooccurrence" in want,
+                bool(self.mf_candidates), fixed, n if w.get("popularity", 0.0) > 0 else k,
+                w.get("cooccurrence", 0.0) > 0, fixed_mf and user is not None,
+                bool(self.mf_candidates or w.get("cooccurrence", 0.0) == 0),
+                w.get("popularity", 0.0), w.get("cooccurrence", 0.0), w.get("mf", 0.0)), user
+
+    def _component_ids(self, ranked: tuple[IntArray, ...], want: set[str], fixed: bool,
+                       k: int) -> dict[str, list[str]]:
+        """The ids of :func:`_k.component_lists`' ranked rows, by variant."""
         ids: dict[str, list[str]] = {}
         for v, rows in zip(("popularity", "mf", "cooccurrence", "fixed"), ranked, strict=True):
             if v in want or (v == "fixed" and fixed):
@@ -2042,6 +2114,31 @@ class Recommender:
             return cls.import_state(*unpack_state(blob))
         except (CheckpointError, ValueError) as exc:
             raise SnapshotError(f"not a restorable recommender state: {exc}") from exc
+
+
+
+@dataclass(slots=True)
+class _VariantShare:
+    """The all-variant ranking's request to the learned blend's collection
+    (:meth:`Recommender._shared_ids`): ``args``, what :func:`_bk.blend_collect_variants`
+    takes after :func:`_bk.blend_collect`'s arguments; after the collection, ``out`` (its
+    returns after the blend's: STAN's, SKNN's and SR's outcomes, the component lists) and
+    ``recent`` (the rows it banned from)."""
+
+    args: tuple[Any, ...]
+    recent: IntArray = field(default_factory=lambda: _NO_ROWS)
+    out: tuple[Any, ...] | None = None
+
+    def collect(self, *blend_args: Any) -> tuple[Any, ...]:
+        """:func:`_bk.blend_collect` of ``blend_args`` (its returns), the others kept."""
+        try:
+            result = _bk.blend_collect_variants(*blend_args, *self.args)
+        except BaseException:
+            self.args[5][:] = 0.0  # the SKNN scratch (the caller clears the others)
+            raise
+        if result[4]:
+            self.recent, self.out = blend_args[0], result[5:]
+        return cast(tuple[Any, ...], result[:5])
 
 
 class SeenTracks(Collection[str]):

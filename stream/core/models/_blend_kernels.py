@@ -25,6 +25,7 @@ from stream.core.models._kernels import (
     _worse,
     among,
     blend_features,
+    component_lists,
     cooc_accumulate,
     desc_order_all,
     heap_push,
@@ -34,6 +35,7 @@ from stream.core.models._kernels import (
     reset_touched,
     unique_rows,
 )
+from stream.core.models._session_kernels import _finish, knn_scores, no_outcome
 from stream.core.models.stan import stan_query
 
 _jit: Any = numba.njit(cache=True, nogil=True)
@@ -214,11 +216,87 @@ def blend_collect(recent, n_ban, other, pop_members, pop_weights, pop_rows, give
         now, s_own, s_k, s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched, a_rows,
         a_vals, o_rows, o_vals, top, ban, mark, acc, best, anchor, touched, pos, n)
     _set_bans(recent, n_ban, other, ban, False)
+    last = _last_scores(recent, cands, r_start, r_size, r_total, r_nbr, r_val, c_start,
+                        c_size, c_total, c_nbr, c_val, dense)
+    return cands, comp, lead, last, True
+
+
+@_jit
+def blend_collect_variants(  # type: ignore[no-untyped-def]
+    recent, n_ban, other, pop_members, pop_weights, pop_rows, given, size, c_start, c_size,
+    c_cap, c_total, c_nbr, c_val, c_window, c_decay, l_window, l_decay, r_start, r_size,
+    r_cap, r_total, r_nbr, r_val, r_window, r_decay, n_session, s_window, s_table,
+    s_serials, s_items, s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
+    s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched, a_rows, a_vals, o_rows,
+    o_vals, ban, mark, acc, best, anchor, touched, pos, dense, n,
+    do_stan, do_sknn, do_sr, room, pop_div, acc2, touched2,
+    k, n_c, do_pop, do_mf, do_cooc, pick_mf_cooc, do_fixed, n_pop_fixed, use_cooc_fixed,
+    use_mf_fixed, pick_mf_fixed, bw_pop, bw_cooc, bw_mf, pop_total, factors, user, has_user,
+):
+    """:func:`blend_collect` (its arguments first, the same returns first) and, from the
+    same queries with the same bans, the other variants' lists (the all-variant replay,
+    ``Recommender.component_ids``): STAN's, SKNN's and SR's outcomes
+    (``_session_kernels._finish``; ``do_sknn``: STAN's pass also scores plain SKNN,
+    :func:`knn_scores`, into ``acc2``/``touched2``) and the ranked rows of
+    :func:`stream.core.models._kernels.component_lists` (popularity, MF, co-occurrence,
+    the fixed blend; its arguments after ``pop_div``) over the co-occurrence query the
+    blend ran. Each query runs once instead of once for the blend and once per variant;
+    the arguments of each are the ones its own call passes (``rank_stan``, ``rank_sr``,
+    ``rank_components``), so the lists are the same. The scratch and ``ban`` are left as
+    found; a tie at trending's cut returns :func:`blend_collect`'s False and nothing else."""
+    _set_bans(recent, n_ban, other, ban, True)
+    top = pop_rows
+    unique = True
+    if not given:
+        top, unique = pop_top(pop_members, pop_weights, ban, size, n)
+    empty = np.empty(0, dtype=np.int64)
+    stan = sknn = sr = no_outcome()
+    if not unique:
+        _set_bans(recent, n_ban, other, ban, False)
+        return (empty, np.empty((0, 6)), empty, np.empty((0, 2)), False, stan, sknn, sr,
+                (empty, empty, empty, empty))
+    s_rows, s_vals, k_rows, k_vals = knn_scores(
+        recent, min(n_session, s_window, len(recent)), 2 if do_sknn else 0, s_table,
+        s_serials, s_items, s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
+        s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched, acc2, touched2)
+    c_rows, c_vals, c_lead, l_rows, l_vals, r_rows, r_vals = _cooc_queries(
+        recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay, l_window,
+        l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window, r_decay, acc, best,
+        anchor, touched, pos)
+    cands, comp, lead = _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals,
+                                a_rows, a_vals, o_rows, o_vals, l_rows, l_vals, top, ban,
+                                mark, pos, n)
+    if do_stan:
+        stan = _finish(s_rows, s_vals, ban, room, pop_members, pop_weights, pop_div, size)
+    if do_sknn:
+        sknn = _finish(k_rows, k_vals, ban, room, pop_members, pop_weights, pop_div, size)
+    if do_sr:
+        sr = _finish(r_rows, r_vals, ban, room, pop_members, pop_weights, pop_div, size)
+    nc = len(c_rows)
+    for i in range(nc):  # co-occurrence's query back in the dense scratch, for its rankings
+        acc[c_rows[i]] = c_vals[i]
+        anchor[c_rows[i]] = c_lead[i]
+    lists = component_lists(
+        size, k, n_c, do_pop, do_mf, do_cooc, pick_mf_cooc, do_fixed, n_pop_fixed,
+        use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop, bw_cooc, bw_mf, pop_members,
+        pop_weights, pop_total, acc, anchor, c_rows, factors, user, has_user, ban, mark)
+    reset_touched(acc, best, anchor, c_rows, nc)
+    _set_bans(recent, n_ban, other, ban, False)
+    last = _last_scores(recent, cands, r_start, r_size, r_total, r_nbr, r_val, c_start,
+                        c_size, c_total, c_nbr, c_val, dense)
+    return cands, comp, lead, last, True, stan, sknn, sr, lists
+
+
+@_jit
+def _last_scores(recent, cands, r_start, r_size, r_total, r_nbr, r_val, c_start, c_size,  # type: ignore[no-untyped-def]
+                 c_total, c_nbr, c_val, dense):
+    """The last play's own SR and co-occurrence scores of ``cands`` (columns 0 and 1,
+    :func:`stream.core.models._kernels.last_play_scores`; ``dense``: its all-zero scratch)."""
     last = np.empty((len(cands), 2))
     row = recent[len(recent) - 1] if len(recent) else -1
     last_play_scores(r_start, r_size, r_total, r_nbr, r_val, row, cands, dense, last, 0)
     last_play_scores(c_start, c_size, c_total, c_nbr, c_val, row, cands, dense, last, 1)
-    return cands, comp, lead, last, True
+    return last
 
 
 @_jit
@@ -255,6 +333,21 @@ def _collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_
     s_rows, s_vals = stan_source(recent, n_session, s_window, s_table, s_serials, s_items,
                                  s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
                                  s_inv_l2, s_inv_l3, s_qmark, s_slot_mark, s_acc, s_touched)
+    c_rows, c_vals, c_lead, l_rows, l_vals, r_rows, r_vals = _cooc_queries(
+        recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay, l_window,
+        l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window, r_decay, acc, best,
+        anchor, touched, pos)
+    return _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals, a_rows, a_vals,
+                   o_rows, o_vals, l_rows, l_vals, pop_rows, ban, mark, pos, n)
+
+
+@_jit
+def _cooc_queries(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_decay,  # type: ignore[no-untyped-def]
+                  l_window, l_decay, r_start, r_size, r_cap, r_total, r_nbr, r_val, r_window,
+                  r_decay, acc, best, anchor, touched, pos):
+    """:func:`_collect`'s co-occurrence and rules queries: co-occurrence's rows, scores
+    and leads, the long view's rows and scores, SR's rows and scores (the scratch is left
+    clean)."""
     rows, weights = _anchors(recent, c_window, c_decay, c_cap)
     l_rows = np.empty(0, dtype=np.int64)
     l_vals = np.empty(0)
@@ -274,8 +367,7 @@ def _collect(recent, c_start, c_size, c_cap, c_total, c_nbr, c_val, c_window, c_
     rows, weights = _anchors(recent, r_window, r_decay, r_cap)
     r_rows, r_vals, _ = _query(r_start, r_size, r_total, r_nbr, r_val, rows, weights,
                                acc, best, anchor, touched)
-    return _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals, a_rows, a_vals,
-                   o_rows, o_vals, l_rows, l_vals, pop_rows, ban, mark, pos, n)
+    return c_rows, c_vals, c_lead, l_rows, l_vals, r_rows, r_vals
 
 
 @_jit

@@ -526,6 +526,35 @@ def query_anchors(hist_rows, cap, decay):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def query_bans(ban, ban_recent, ban_other, flag):  # type: ignore[no-untyped-def]
+    """``ban[r] = flag`` for the known rows of ``ban_recent`` (-1 = unknown, skipped) and
+    the rows of ``ban_other`` inside ``ban`` (rows of another vocabulary may lie past it)."""
+    for r in ban_recent:
+        if r >= 0:
+            ban[r] = flag
+    for r in ban_other:
+        if 0 <= r < len(ban):
+            ban[r] = flag
+
+
+@_jit
+def query_accumulate(start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor,  # type: ignore[no-untyped-def]
+                     touched):
+    """Co-occurrence from the anchors of ``hist_rows`` (:func:`query_anchors`,
+    :func:`cooc_accumulate`) into the scratch, the anchors themselves at 0; returns how
+    many rows ``touched`` lists (:func:`reset_touched` clears them)."""
+    a_rows, a_weights = query_anchors(hist_rows, cap, decay)
+    n_touched = 0
+    if len(a_rows):
+        n_touched = cooc_accumulate(
+            start, csize, total, nbr, val, a_rows, a_weights, acc, best, anchor, touched
+        )
+        for r in a_rows:
+            acc[r] = 0.0
+    return n_touched
+
+
+@_jit
 def rank_query(  # type: ignore[no-untyped-def]
     size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
     pop_members, pop_w, pop_total,
@@ -533,39 +562,22 @@ def rank_query(  # type: ignore[no-untyped-def]
     factors, user, ban, mark, ban_recent, ban_other,
 ):
     """One whole query: ban ``ban_recent`` (-1 = unknown, skipped) and ``ban_other``,
-    accumulate co-occurrence from the anchors of ``hist_rows`` (:func:`query_anchors`,
-    :func:`cooc_accumulate`; the anchors themselves score 0), rank with
-    :func:`blend_rank`, then leave the scratch (``acc``, ``best``, ``anchor``) and ``ban``
-    as they were. Returns what :func:`blend_rank` returns."""
-    for r in ban_recent:
-        if r >= 0:
-            ban[r] = True
-    for r in ban_other:  # rows of another vocabulary may lie past the flags
-        if 0 <= r < len(ban):
-            ban[r] = True
+    accumulate co-occurrence from the anchors of ``hist_rows`` (:func:`query_accumulate`;
+    the anchors themselves score 0), rank with :func:`blend_rank`, then leave the scratch
+    (``acc``, ``best``, ``anchor``) and ``ban`` as they were. Returns what
+    :func:`blend_rank` returns."""
+    query_bans(ban, ban_recent, ban_other, True)
     n_touched = 0
     if use_cooc:
-        a_rows, a_weights = query_anchors(hist_rows, cap, decay)
-    else:
-        a_rows, a_weights = np.empty(0, dtype=np.int64), np.empty(0)
-    if len(a_rows):
-        n_touched = cooc_accumulate(
-            start, csize, total, nbr, val, a_rows, a_weights, acc, best, anchor, touched
-        )
-        for r in a_rows:
-            acc[r] = 0.0
+        n_touched = query_accumulate(start, csize, cap, total, nbr, val, hist_rows, decay,
+                                     acc, best, anchor, touched)
     out = blend_rank(
         size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
         pop_members, pop_w, pop_total, acc, anchor, touched[:n_touched], factors, user,
         ban, mark,
     )
     reset_touched(acc, best, anchor, touched, n_touched)
-    for r in ban_recent:
-        if r >= 0:
-            ban[r] = False
-    for r in ban_other:
-        if 0 <= r < len(ban):
-            ban[r] = False
+    query_bans(ban, ban_recent, ban_other, False)
     return out
 
 
@@ -579,40 +591,66 @@ def rank_components(  # type: ignore[no-untyped-def]
 ):
     """The single components' lists and the fixed blend's of one query in one call
     (Recommender.component_ids: the replay's evaluation, the live per-component quality):
-    the ranked rows of :func:`rank_query` for ``popularity``, ``mf``, ``cooccurrence``
-    and ``fixed`` (each flag ``do_*``; empty when off), with exactly the arguments ranking
-    each variant alone passes -- a single component's weight 1, the trending fill at 1e-6,
-    ``n_pop`` = ``n`` for popularity and ``k`` otherwise, MF only for ``mf``
-    (``has_user``: ``user`` holds the listener's vector); the fixed blend's own ``n_pop``,
-    flags and weights -- so the lists are the same, for three compiled calls fewer. Each
-    query leaves the scratch as it found it."""
+    :func:`rank_query`'s bans and co-occurrence query once (``cooccurrence`` and
+    ``fixed`` read the same accumulation), then :func:`component_lists`. Leaves the
+    scratch as it found it."""
+    query_bans(ban, ban_recent, ban_other, True)
+    n_touched = 0
+    if do_cooc or (do_fixed and use_cooc_fixed):
+        n_touched = query_accumulate(start, csize, cap, total, nbr, val, hist_rows, decay,
+                                     acc, best, anchor, touched)
+    out = component_lists(
+        size, k, n, do_pop, do_mf, do_cooc, pick_mf_cooc, do_fixed, n_pop_fixed,
+        use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop, bw_cooc, bw_mf, pop_members,
+        pop_w, pop_total, acc, anchor, touched[:n_touched], factors, user, has_user, ban,
+        mark,
+    )
+    reset_touched(acc, best, anchor, touched, n_touched)
+    query_bans(ban, ban_recent, ban_other, False)
+    return out
+
+
+@_jit
+def component_lists(  # type: ignore[no-untyped-def]
+    size, k, n, do_pop, do_mf, do_cooc, pick_mf_cooc,
+    do_fixed, n_pop_fixed, use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop, bw_cooc,
+    bw_mf, pop_members, pop_w, pop_total, acc, lead, touched, factors, user, has_user, ban,
+    mark,
+):
+    """The ranked rows of :func:`blend_rank` for ``popularity``, ``mf``, ``cooccurrence``
+    and ``fixed`` (each flag ``do_*``; empty when off) with the bans set in ``ban`` and
+    the co-occurrence query accumulated (``acc``/``lead`` dense, ``touched`` its rows),
+    each with exactly the arguments :func:`rank_query` ranking that variant alone passes
+    -- a single component's weight 1, the trending fill at 1e-6, ``n_pop`` = ``n`` for
+    popularity and ``k`` otherwise, MF only for ``mf`` (``has_user``: ``user`` holds the
+    listener's vector), co-occurrence only for ``cooccurrence`` and (``use_cooc_fixed``)
+    the fixed blend; the fixed blend's own ``n_pop``, flags and weights -- so the lists
+    are the same."""
     no_user = user[:0]
+    none = touched[:0]
     empty = np.empty(0, dtype=np.int64)
     pop_rows = mf_rows = cooc_rows = fixed_rows = empty
     if do_pop:
-        pop_rows = rank_query(
+        pop_rows = blend_rank(
             size, n, n, False, False, True, 1e-6, 0.0, 0.0, pop_members, pop_w, pop_total,
-            start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor, touched,
-            factors, no_user, ban, mark, ban_recent, ban_other,
+            acc, lead, none, factors, no_user, ban, mark,
         )[0]
     if do_mf:
-        mf_rows = rank_query(
-            size, k, n, False, has_user, True, 1e-6, 0.0, 1.0, pop_members, pop_w, pop_total,
-            start, csize, cap, total, nbr, val, hist_rows, decay, acc, best, anchor, touched,
-            factors, user if has_user else no_user, ban, mark, ban_recent, ban_other,
+        mf_rows = blend_rank(
+            size, k, n, False, has_user, True, 1e-6, 0.0, 1.0, pop_members, pop_w,
+            pop_total, acc, lead, none, factors, user if has_user else no_user, ban, mark,
         )[0]
     if do_cooc:
-        cooc_rows = rank_query(
+        cooc_rows = blend_rank(
             size, k, n, True, False, pick_mf_cooc, 1e-6, 1.0, 0.0, pop_members, pop_w,
-            pop_total, start, csize, cap, total, nbr, val, hist_rows, decay, acc, best,
-            anchor, touched, factors, no_user, ban, mark, ban_recent, ban_other,
+            pop_total, acc, lead, touched, factors, no_user, ban, mark,
         )[0]
     if do_fixed:
-        fixed_rows = rank_query(
+        fixed_rows = blend_rank(
             size, n_pop_fixed, n, use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop,
-            bw_cooc, bw_mf, pop_members, pop_w, pop_total, start, csize, cap, total, nbr,
-            val, hist_rows, decay, acc, best, anchor, touched, factors,
-            user if use_mf_fixed else no_user, ban, mark, ban_recent, ban_other,
+            bw_cooc, bw_mf, pop_members, pop_w, pop_total, acc, lead,
+            touched if use_cooc_fixed else none, factors, user if use_mf_fixed else no_user,
+            ban, mark,
         )[0]
     return pop_rows, mf_rows, cooc_rows, fixed_rows
 

@@ -238,20 +238,21 @@ def _take(acc, touched, nt):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def rank_stan(  # type: ignore[no-untyped-def]
+def knn_scores(  # type: ignore[no-untyped-def]
     recent, n_query, which, table, serials, items, lengths, times, p_start, p_size, arena,
     now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2,
-    ban, ban_rows, room, pop_members, pop_w, pop_div, size,
 ):
     """STAN and/or plain SKNN (every weight 1) queried with the last ``n_query`` of the
-    ``recent`` rows (:func:`_query_rows`), then :func:`_finish` of each with ``ban_rows``
-    banned: ``which`` 0 STAN, 1 SKNN, 2 both from one pass (:func:`stan_pair_query`).
-    Returns STAN's outcome and SKNN's (an empty DONE for the one not asked for). Leaves the
-    scratch and ``ban`` as found."""
+    ``recent`` rows (:func:`_query_rows`): ``which`` 0 STAN, 1 SKNN, 2 both from one pass
+    (:func:`stan_pair_query`). Returns STAN's touched rows and scores, then SKNN's (empty
+    for the one not asked for); the scratch is left clean. ValueError if ``table`` (the
+    position weights, ``SessionKNN.position_table``) is shorter than the query."""
     q = _query_rows(recent, n_query, len(p_start))
     nq = len(q)
     rows = rows2 = np.empty(0, dtype=np.int64)
     vals = vals2 = np.empty(0)
+    if nq > len(table):  # built for shorter queries: reading past it would be garbage
+        raise ValueError("knn_scores: the position table is shorter than the query")
     if nq and which == 2:
         nt, nt2 = stan_pair_query(q, table[nq - 1, :nq], serials, items, lengths, times,
                                   p_start, p_size, arena, now, own, k, inv_l2, inv_l3,
@@ -268,8 +269,22 @@ def rank_stan(  # type: ignore[no-untyped-def]
             rows2, vals2 = _take(acc, touched, nt)
         else:
             rows, vals = _take(acc, touched, nt)
-    no_flags = np.zeros(0, dtype=np.bool_)
-    out = out2 = (DONE, np.empty(0, dtype=np.int64), np.empty(0), no_flags)
+    return rows, vals, rows2, vals2
+
+
+@_jit
+def rank_stan(  # type: ignore[no-untyped-def]
+    recent, n_query, which, table, serials, items, lengths, times, p_start, p_size, arena,
+    now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2,
+    ban, ban_rows, room, pop_members, pop_w, pop_div, size,
+):
+    """:func:`knn_scores` (``which``: 0 STAN, 1 SKNN, 2 both), then :func:`_finish` of
+    each with ``ban_rows`` banned. Returns STAN's outcome and SKNN's (an empty DONE for the
+    one not asked for). Leaves the scratch and ``ban`` as found."""
+    rows, vals, rows2, vals2 = knn_scores(
+        recent, n_query, which, table, serials, items, lengths, times, p_start, p_size,
+        arena, now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2)
+    out = out2 = no_outcome()
     _ban(ban, ban_rows, True)
     if which != 1:
         out = _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size)
@@ -277,6 +292,12 @@ def rank_stan(  # type: ignore[no-untyped-def]
         out2 = _finish(rows2, vals2, ban, room, pop_members, pop_w, pop_div, size)
     _ban(ban, ban_rows, False)
     return out, out2
+
+
+@_jit
+def no_outcome():  # type: ignore[no-untyped-def]
+    """The outcome of a list not asked for: an empty DONE."""
+    return DONE, np.empty(0, dtype=np.int64), np.empty(0), np.zeros(0, dtype=np.bool_)
 
 
 @_jit
