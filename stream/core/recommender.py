@@ -1110,7 +1110,7 @@ class Recommender:
         members, pop_w, pop_total = self.popularity.ranking_inputs(size)
         fill_args = (self._ban_buffer(size), ban_rows, 3 * k, members, pop_w,
                      pop_total or 1.0, size)
-        outcomes: dict[str, tuple[int, IntArray, FloatArray, BoolArray]] = {}
+        outcomes: dict[str, _Outcome] = {}
         if "sr" in wanted:
             outcomes["sr"] = self._rank_rules(recent, n_session, size, fill_args)
         if "stan" in wanted or "sknn" in wanted:
@@ -1122,14 +1122,14 @@ class Recommender:
     def _rank_knn(
         self, state: UserState, now_ms: int, recent: IntArray, n_session: int, which: int,
         size: int, fill_args: tuple[Any, ...],
-    ) -> tuple[tuple[int, IntArray, FloatArray, BoolArray], ...]:
+    ) -> tuple[_Outcome, ...]:
         """:func:`_sk.rank_stan` (``which``: 0 STAN, 1 SKNN, 2 both), scratch restored if
         it raises."""
         knn = self.session_knn
         n_query = min(knn.query_window, n_session)
         acc2, touched2 = self._knn_pair_scratch(size)
         try:
-            out: tuple[tuple[int, IntArray, FloatArray, BoolArray], ...] = _sk.rank_stan(
+            out: tuple[_Outcome, ...] = _sk.rank_stan(
                 recent, n_query, which,
                 *knn.query_inputs(session_token(state), now_ms, n_query), acc2, touched2,
                 *fill_args)
@@ -1151,34 +1151,36 @@ class Recommender:
         return acc2, self.__dict__["_knn_touched2"]
 
     def _finish_session(
-        self, outcome: tuple[int, IntArray, FloatArray, BoolArray], fill_args: tuple[Any, ...]
+        self, outcome: _Outcome, fill_args: tuple[Any, ...]
     ) -> tuple[IntArray, FloatArray, BoolArray]:
         """A compiled session ranking's list; where it stopped at a cut with tied tracks
-        (:data:`_sk.NEED_MODEL_CUT`, :data:`_sk.NEED_FILL`), numpy's choice and the rest."""
-        status, rows, vals, flags = outcome
+        (:data:`_sk.NEED_MODEL_CUT`, :data:`_sk.NEED_FILL`), numpy's choice and the rest
+        (``fill_args``' ban rows are read only for NEED_FILL)."""
+        status, rows, vals, flags, fill = outcome
         if status == _sk.DONE:
             return rows, vals, flags
         ban, ban_rows, room, _members, pop_w, pop_div, _size = fill_args
-        if status == _sk.NEED_MODEL_CUT:  # numpy's choice among the tracks tied at the cut
+        if status & _sk.NEED_MODEL_CUT:  # numpy's choice among the tracks tied at the cut
             sel = np.argpartition(-vals, room - 1)[:room]
             rows, vals = rows[sel], vals[sel]
-        ban[ban_rows] = True
-        try:
-            fill = self.popularity.top_set(room, ban)
-        finally:
-            ban[ban_rows] = False
+        if status & _sk.NEED_FILL:
+            ban[ban_rows] = True
+            try:
+                fill = self.popularity.top_set(room, ban)
+            finally:
+                ban[ban_rows] = False
         ranked: tuple[IntArray, FloatArray, BoolArray] = _sk.session_order(
             rows, vals, fill, pop_w, pop_div)
         return ranked
 
     def _rank_rules(
         self, recent: IntArray, n_session: int, size: int, fill_args: tuple[Any, ...]
-    ) -> tuple[int, IntArray, FloatArray, BoolArray]:
+    ) -> _Outcome:
         """:func:`_sk.rank_sr` of the sequential rules (their scratch held and released)."""
         rules = self.rules
         sc = rules.acquire_scratch(size)
         try:
-            out: tuple[int, IntArray, FloatArray, BoolArray] = _sk.rank_sr(
+            out: _Outcome = _sk.rank_sr(
                 recent, min(rules.query_window, n_session), float(rules.query_decay),
                 *rules.arena(), sc.acc, sc.best, sc.anchor, sc.touched, *fill_args)
         except BaseException:
@@ -1418,13 +1420,13 @@ class Recommender:
             return ids
         stan, sknn, sr, lists = share.out
         ids.update(self._component_ids(lists, want, fixed, k))
-        fill_args: tuple[Any, ...] = ()
+        # numpy's choice where a cut had ties (its fill: the bans again, only then)
+        need_fill = any(o[0] & _sk.NEED_FILL for o in (stan, sknn, sr))
+        fill_args = (self._ban_buffer(size),
+                     self._banned_rows(state, exclude, share.recent) if need_fill else _NO_ROWS,
+                     3 * k, members, pop_w, pop_total or 1.0, size)
         for v, outcome in (("stan", stan), ("sknn", sknn), ("sr", sr)):
             if v in variants:
-                if outcome[0] != _sk.DONE and not fill_args:  # numpy's choice at a tie
-                    fill_args = (self._ban_buffer(size),
-                                 self._banned_rows(state, exclude, share.recent), 3 * k,
-                                 members, pop_w, pop_total or 1.0, size)
                 ids[v] = self._result_ids(self._finish_session(outcome, fill_args)[0], k)
         return ids
 
@@ -2274,6 +2276,9 @@ _NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _NO_FACTORS: Final[Float32Array] = np.zeros(0, dtype=np.float32)
+#: a compiled session ranking's outcome (:func:`_sk.rank_stan`, :func:`_sk.rank_sr`):
+#: status, rows, scores, model flags, trending's fill
+_Outcome = tuple[int, IntArray, FloatArray, BoolArray, IntArray]
 
 
 #: ``Recommendation`` from a (track_id, score, reason) tuple without the NamedTuple's

@@ -34,9 +34,9 @@ from stream.core.models.stan import best_order, candidate_sessions, stan_query, 
 
 _jit: Any = numba.njit(cache=True, nogil=True)
 
-#: :func:`rank_stan` / :func:`rank_sr` status: ranked; the model's rows need numpy's cut of
-#: the best ``room`` (ties at it); the trending fill needs ``top_set`` (ties at its cut, or
-#: its kept top set runs short)
+#: :func:`rank_stan` / :func:`rank_sr` status, bit flags: ranked (DONE); the model's rows
+#: need numpy's cut of the best ``room`` (ties at it); the trending fill needs ``top_set``
+#: (ties at its cut, or its kept top set runs short); both (``NEED_MODEL_CUT | NEED_FILL``)
 DONE: Final = 0
 NEED_MODEL_CUT: Final = 1
 NEED_FILL: Final = 2
@@ -125,8 +125,9 @@ def _trending_fill(pop_members, pop_w, ban, size, room):  # type: ignore[no-unty
 @_jit
 def _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size):  # type: ignore[no-untyped-def]
     """Filter, cut and fill the model's ``rows``/``vals`` (``ban`` set), and rank: status,
-    the ranked rows, scores and model flags (status DONE), or the rows and values the
-    caller goes on from (the filtered ones for NEED_MODEL_CUT, the cut for NEED_FILL)."""
+    the ranked rows, scores, model flags and the fill (status DONE), or the rows and values
+    the caller goes on from (the filtered ones with NEED_MODEL_CUT, else the cut), no
+    flags, and the fill unless NEED_FILL."""
     keep_rows = np.empty(len(rows), dtype=np.int64)
     keep_vals = np.empty(len(rows))
     m = 0
@@ -136,17 +137,20 @@ def _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size):  # type: 
             keep_vals[m] = vals[i]
             m += 1
     keep_rows, keep_vals = keep_rows[:m], keep_vals[:m]
-    no_flags = np.zeros(0, dtype=np.bool_)
+    status = DONE
     if m > room:
         idx, ambiguous = best_set(keep_vals, room)
         if ambiguous:
-            return NEED_MODEL_CUT, keep_rows, keep_vals, no_flags
-        keep_rows, keep_vals = keep_rows[idx], keep_vals[idx]
+            status |= NEED_MODEL_CUT
+        else:
+            keep_rows, keep_vals = keep_rows[idx], keep_vals[idx]
     fill, ok = _trending_fill(pop_members, pop_w, ban, size, room)
     if not ok:
-        return NEED_FILL, keep_rows, keep_vals, no_flags
+        status |= NEED_FILL
+    if status != DONE:
+        return status, keep_rows, keep_vals, np.zeros(0, dtype=np.bool_), fill
     ranked, scores, from_model = session_order(keep_rows, keep_vals, fill, pop_w, pop_div)
-    return DONE, ranked, scores, from_model
+    return DONE, ranked, scores, from_model, fill
 
 
 @_jit
@@ -297,7 +301,8 @@ def rank_stan(  # type: ignore[no-untyped-def]
 @_jit
 def no_outcome():  # type: ignore[no-untyped-def]
     """The outcome of a list not asked for: an empty DONE."""
-    return DONE, np.empty(0, dtype=np.int64), np.empty(0), np.zeros(0, dtype=np.bool_)
+    return (DONE, np.empty(0, dtype=np.int64), np.empty(0), np.zeros(0, dtype=np.bool_),
+            np.empty(0, dtype=np.int64))
 
 
 @_jit
