@@ -35,7 +35,12 @@ from stream.core.models._kernels import (
     reset_touched,
     unique_rows,
 )
-from stream.core.models._session_kernels import _finish, knn_scores, no_outcome
+from stream.core.models._session_kernels import (
+    _trending_fill,
+    finish_with,
+    knn_scores,
+    no_outcome,
+)
 from stream.core.models.stan import stan_query
 
 _jit: Any = numba.njit(cache=True, nogil=True)
@@ -236,7 +241,7 @@ def blend_collect_variants(  # type: ignore[no-untyped-def]
     """:func:`blend_collect` (its arguments first, the same returns first) and, from the
     same queries with the same bans, the other variants' lists (the all-variant replay,
     ``Recommender.component_ids``): STAN's, SKNN's and SR's outcomes
-    (``_session_kernels._finish``; ``do_sknn``: STAN's pass also scores plain SKNN,
+    (``_session_kernels.finish_with``, one trending fill for the three; ``do_sknn``: STAN's pass also scores plain SKNN,
     :func:`knn_scores`, into ``acc2``/``touched2``) and the ranked rows of
     :func:`stream.core.models._kernels.component_lists` (popularity, MF, co-occurrence,
     the fixed blend; its arguments after ``pop_div``) over the co-occurrence query the
@@ -266,12 +271,14 @@ def blend_collect_variants(  # type: ignore[no-untyped-def]
     cands, comp, lead = _gather(c_rows, c_vals, c_lead, s_rows, s_vals, r_rows, r_vals,
                                 a_rows, a_vals, o_rows, o_vals, l_rows, l_vals, top, ban,
                                 mark, pos, n)
-    if do_stan:
-        stan = _finish(s_rows, s_vals, ban, room, pop_members, pop_weights, pop_div, size)
-    if do_sknn:
-        sknn = _finish(k_rows, k_vals, ban, room, pop_members, pop_weights, pop_div, size)
-    if do_sr:
-        sr = _finish(r_rows, r_vals, ban, room, pop_members, pop_weights, pop_div, size)
+    if do_stan or do_sknn or do_sr:  # one trending fill: the same bans and room
+        fill, ok = _trending_fill(pop_members, pop_weights, ban, size, room)
+        if do_stan:
+            stan = finish_with(s_rows, s_vals, ban, room, fill, ok, pop_weights, pop_div)
+        if do_sknn:
+            sknn = finish_with(k_rows, k_vals, ban, room, fill, ok, pop_weights, pop_div)
+        if do_sr:
+            sr = finish_with(r_rows, r_vals, ban, room, fill, ok, pop_weights, pop_div)
     nc = len(c_rows)
     for i in range(nc):  # co-occurrence's query back in the dense scratch, for its rankings
         acc[c_rows[i]] = c_vals[i]

@@ -124,10 +124,18 @@ def _trending_fill(pop_members, pop_w, ban, size, room):  # type: ignore[no-unty
 
 @_jit
 def _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size):  # type: ignore[no-untyped-def]
-    """Filter, cut and fill the model's ``rows``/``vals`` (``ban`` set), and rank: status,
-    the ranked rows, scores, model flags and the fill (status DONE), or the rows and values
-    the caller goes on from (the filtered ones with NEED_MODEL_CUT, else the cut), no
-    flags, and the fill unless NEED_FILL."""
+    """:func:`finish_with` trending's fill (:func:`_trending_fill`, ``ban`` set)."""
+    fill, ok = _trending_fill(pop_members, pop_w, ban, size, room)
+    return finish_with(rows, vals, ban, room, fill, ok, pop_w, pop_div)
+
+
+@_jit
+def finish_with(rows, vals, ban, room, fill, fill_ok, pop_w, pop_div):  # type: ignore[no-untyped-def]
+    """Filter, cut and fill the model's ``rows``/``vals`` (``ban`` set; ``fill``, ``fill_ok``:
+    :func:`_trending_fill` of these bans and ``room``), and rank: status, the ranked rows,
+    scores, model flags and the fill (status DONE), or the rows and values the caller goes
+    on from (the filtered ones with NEED_MODEL_CUT, else the cut), no flags, and the fill
+    unless NEED_FILL."""
     keep_rows = np.empty(len(rows), dtype=np.int64)
     keep_vals = np.empty(len(rows))
     m = 0
@@ -144,8 +152,7 @@ def _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size):  # type: 
             status |= NEED_MODEL_CUT
         else:
             keep_rows, keep_vals = keep_rows[idx], keep_vals[idx]
-    fill, ok = _trending_fill(pop_members, pop_w, ban, size, room)
-    if not ok:
+    if not fill_ok:
         status |= NEED_FILL
     if status != DONE:
         return status, keep_rows, keep_vals, np.zeros(0, dtype=np.bool_), fill
@@ -282,18 +289,19 @@ def rank_stan(  # type: ignore[no-untyped-def]
     now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2,
     ban, ban_rows, room, pop_members, pop_w, pop_div, size,
 ):
-    """:func:`knn_scores` (``which``: 0 STAN, 1 SKNN, 2 both), then :func:`_finish` of
-    each with ``ban_rows`` banned. Returns STAN's outcome and SKNN's (an empty DONE for the
+    """:func:`knn_scores` (``which``: 0 STAN, 1 SKNN, 2 both), then :func:`finish_with` of
+    each with ``ban_rows`` banned (one trending fill for both). Returns STAN's outcome and SKNN's (an empty DONE for the
     one not asked for). Leaves the scratch and ``ban`` as found."""
     rows, vals, rows2, vals2 = knn_scores(
         recent, n_query, which, table, serials, items, lengths, times, p_start, p_size,
         arena, now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2)
     out = out2 = no_outcome()
     _ban(ban, ban_rows, True)
+    fill, ok = _trending_fill(pop_members, pop_w, ban, size, room)  # (the same for both)
     if which != 1:
-        out = _finish(rows, vals, ban, room, pop_members, pop_w, pop_div, size)
+        out = finish_with(rows, vals, ban, room, fill, ok, pop_w, pop_div)
     if which != 0:
-        out2 = _finish(rows2, vals2, ban, room, pop_members, pop_w, pop_div, size)
+        out2 = finish_with(rows2, vals2, ban, room, fill, ok, pop_w, pop_div)
     _ban(ban, ban_rows, False)
     return out, out2
 
