@@ -1418,14 +1418,14 @@ class Recommender:
         ids = {"blend": self._result_ids(ranked[0], k)}
         if share.out is None:  # (an empty catalogue)
             return ids
-        stan, sknn, sr, lists = share.out
+        outcomes, lists = share.unpacked()
         ids.update(self._component_ids(lists, want, fixed, k))
         # numpy's choice where a cut had ties (its fill: the bans again, only then)
-        need_fill = any(o[0] & _sk.NEED_FILL for o in (stan, sknn, sr))
+        need_fill = any(o[0] & _sk.NEED_FILL for o in outcomes)
         fill_args = (self._ban_buffer(size),
                      self._banned_rows(state, exclude, share.recent) if need_fill else _NO_ROWS,
                      3 * k, members, pop_w, pop_total or 1.0, size)
-        for v, outcome in (("stan", stan), ("sknn", sknn), ("sr", sr)):
+        for v, outcome in zip(("stan", "sknn", "sr"), outcomes, strict=True):
             if v in variants:
                 ids[v] = self._result_ids(self._finish_session(outcome, fill_args)[0], k)
         return ids
@@ -2124,8 +2124,8 @@ class _VariantShare:
     """The all-variant ranking's request to the learned blend's collection
     (:meth:`Recommender._shared_ids`): ``args``, what :func:`_bk.blend_collect_variants`
     takes after :func:`_bk.blend_collect`'s arguments; after the collection, ``out`` (its
-    returns after the blend's: STAN's, SKNN's and SR's outcomes, the component lists) and
-    ``recent`` (the rows it banned from)."""
+    returns after the blend's: the packed lists and trending's fill, :meth:`unpacked`)
+    and ``recent`` (the rows it banned from)."""
 
     args: tuple[Any, ...]
     recent: IntArray = field(default_factory=lambda: _NO_ROWS)
@@ -2141,6 +2141,18 @@ class _VariantShare:
         if result[4]:
             self.recent, self.out = blend_args[0], result[5:]
         return cast(tuple[Any, ...], result[:5])
+
+    def unpacked(self) -> tuple[list[_Outcome], tuple[IntArray, ...]]:
+        """``out`` (:func:`_bk._pack`'s arrays and the fill) as STAN's, SKNN's and SR's
+        outcomes (without model flags: the ids need none) and the four component lists."""
+        assert self.out is not None
+        meta, rows, vals, fill = self.out
+        offs = meta.tolist()
+        n = _bk.N_PACKED
+        outcomes: list[_Outcome] = [
+            (offs[n + 1 + i], rows[offs[i]:offs[i + 1]], vals[offs[i]:offs[i + 1]],
+             _NO_FLAGS, fill) for i in range(3)]
+        return outcomes, tuple(rows[offs[j]:offs[j + 1]] for j in range(3, n))
 
 
 class SeenTracks(Collection[str]):
@@ -2276,6 +2288,7 @@ _NORM_SLICE: Final = 32_768
 _NO_SCORES: Final[FloatArray] = np.zeros(0)
 _NO_ROWS: Final[IntArray] = np.zeros(0, dtype=np.int64)
 _NO_FACTORS: Final[Float32Array] = np.zeros(0, dtype=np.float32)
+_NO_FLAGS: Final[BoolArray] = np.zeros(0, dtype=np.bool_)
 #: a compiled session ranking's outcome (:func:`_sk.rank_stan`, :func:`_sk.rank_sr`):
 #: status, rows, scores, model flags, trending's fill
 _Outcome = tuple[int, IntArray, FloatArray, BoolArray, IntArray]

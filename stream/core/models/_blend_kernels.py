@@ -241,11 +241,12 @@ def blend_collect_variants(  # type: ignore[no-untyped-def]
     """:func:`blend_collect` (its arguments first, the same returns first) and, from the
     same queries with the same bans, the other variants' lists (the all-variant replay,
     ``Recommender.component_ids``): STAN's, SKNN's and SR's outcomes
-    (``_session_kernels.finish_with``, one trending fill for the three; ``do_sknn``: STAN's pass also scores plain SKNN,
+    (``_session_kernels.finish_with``; ``do_sknn``: STAN's pass also scores plain SKNN,
     :func:`knn_scores`, into ``acc2``/``touched2``) and the ranked rows of
     :func:`stream.core.models._kernels.component_lists` (popularity, MF, co-occurrence,
     the fixed blend; its arguments after ``pop_div``) over the co-occurrence query the
-    blend ran. Each query runs once instead of once for the blend and once per variant;
+    blend ran, packed by :func:`_pack` (``meta``, ``rows``, ``vals``), then trending's
+    fill of the three outcomes (one for the three: the same bans and room). Each query runs once instead of once for the blend and once per variant;
     the arguments of each are the ones its own call passes (``rank_stan``, ``rank_sr``,
     ``rank_components``), so the lists are the same. The scratch and ``ban`` are left as
     found; a tie at trending's cut returns :func:`blend_collect`'s False and nothing else."""
@@ -256,10 +257,11 @@ def blend_collect_variants(  # type: ignore[no-untyped-def]
         top, unique = pop_top(pop_members, pop_weights, ban, size, n)
     empty = np.empty(0, dtype=np.int64)
     stan = sknn = sr = no_outcome()
+    fill = empty
     if not unique:
         _set_bans(recent, n_ban, other, ban, False)
-        return (empty, np.empty((0, 6)), empty, np.empty((0, 2)), False, stan, sknn, sr,
-                (empty, empty, empty, empty))
+        return (empty, np.empty((0, 6)), empty, np.empty((0, 2)), False,
+                np.zeros(N_PACKED + 4, dtype=np.int64), empty, np.empty(0), fill)
     s_rows, s_vals, k_rows, k_vals = knn_scores(
         recent, min(n_session, s_window, len(recent)), 2 if do_sknn else 0, s_table,
         s_serials, s_items, s_lengths, s_times, s_start, s_size, s_arena, now, s_own, s_k,
@@ -291,7 +293,36 @@ def blend_collect_variants(  # type: ignore[no-untyped-def]
     _set_bans(recent, n_ban, other, ban, False)
     last = _last_scores(recent, cands, r_start, r_size, r_total, r_nbr, r_val, c_start,
                         c_size, c_total, c_nbr, c_val, dense)
-    return cands, comp, lead, last, True, stan, sknn, sr, lists
+    return (cands, comp, lead, last, True, *_pack(stan, sknn, sr, lists), fill)
+
+
+#: how many lists :func:`_pack` packs: STAN, SKNN, SR, popularity, MF, co-occurrence, fixed
+N_PACKED = 7
+
+
+@_jit
+def _pack(stan, sknn, sr, lists):  # type: ignore[no-untyped-def]
+    """The variants' lists in three arrays (each returned array costs the caller a boxing,
+    ~1 us): ``meta`` (the offsets of the ``N_PACKED`` lists in ``rows``, then the three
+    session outcomes' statuses), ``rows`` (STAN's, SKNN's and SR's outcome rows, then the
+    four ranked lists of ``lists``) and ``vals`` (the session outcomes' scores, aligned
+    with their rows)."""
+    parts = (stan[1], sknn[1], sr[1], lists[0], lists[1], lists[2], lists[3])
+    meta = np.empty(N_PACKED + 4, dtype=np.int64)
+    meta[0] = 0
+    for j in range(N_PACKED):
+        meta[j + 1] = meta[j] + len(parts[j])
+    meta[N_PACKED + 1] = stan[0]
+    meta[N_PACKED + 2] = sknn[0]
+    meta[N_PACKED + 3] = sr[0]
+    rows = np.empty(meta[N_PACKED], dtype=np.int64)
+    for j in range(N_PACKED):
+        rows[meta[j]:meta[j + 1]] = parts[j]
+    vals = np.empty(meta[3])
+    vals[meta[0]:meta[1]] = stan[2]
+    vals[meta[1]:meta[2]] = sknn[2]
+    vals[meta[2]:meta[3]] = sr[2]
+    return meta, rows, vals
 
 
 @_jit
