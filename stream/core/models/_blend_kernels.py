@@ -246,10 +246,11 @@ def blend_collect_variants(  # type: ignore[no-untyped-def]
     :func:`stream.core.models._kernels.component_lists` (popularity, MF, co-occurrence,
     the fixed blend; its arguments after ``pop_div``) over the co-occurrence query the
     blend ran, packed by :func:`_pack` (``meta``, ``rows``, ``vals``), then trending's
-    fill of the three outcomes (one for the three: the same bans and room). Each query runs once instead of once for the blend and once per variant;
-    the arguments of each are the ones its own call passes (``rank_stan``, ``rank_sr``,
-    ``rank_components``), so the lists are the same. The scratch and ``ban`` are left as
-    found; a tie at trending's cut returns :func:`blend_collect`'s False and nothing else."""
+    fill of the three outcomes (one for the three: the same bans and room). Each query
+    runs once instead of once for the blend and once per variant; the arguments of each
+    are the ones its own call passes (``rank_stan``, ``rank_sr``, ``rank_components``), so
+    the lists are the same. The scratch and ``ban`` are left as found; a tie at trending's
+    cut returns :func:`blend_collect`'s False and nothing else (an empty ``meta``)."""
     _set_bans(recent, n_ban, other, ban, True)
     top = pop_rows
     unique = True

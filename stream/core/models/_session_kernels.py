@@ -290,8 +290,9 @@ def rank_stan(  # type: ignore[no-untyped-def]
     ban, ban_rows, room, pop_members, pop_w, pop_div, size,
 ):
     """:func:`knn_scores` (``which``: 0 STAN, 1 SKNN, 2 both), then :func:`finish_with` of
-    each with ``ban_rows`` banned (one trending fill for both). Returns STAN's outcome and SKNN's (an empty DONE for the
-    one not asked for). Leaves the scratch and ``ban`` as found."""
+    each with ``ban_rows`` banned (one trending fill for both). Returns STAN's outcome and
+    SKNN's (an empty DONE for the one not asked for). Leaves the scratch and ``ban`` as
+    found."""
     rows, vals, rows2, vals2 = knn_scores(
         recent, n_query, which, table, serials, items, lengths, times, p_start, p_size,
         arena, now, own, k, inv_l2, inv_l3, qmark, slot_mark, acc, touched, acc2, touched2)
