@@ -1400,12 +1400,15 @@ class Recommender:
         ``sknn``, ``stan``, ``sr``, the single components and ``fixed`` (those that
         :meth:`_session_lists` and :meth:`_compiled_ids` rank), by variant. Empty (the
         separate calls rank them) where the learned blend does not collect through it:
-        ``blend`` not asked for or fixed, a cold start, a popularity penalty."""
+        ``blend`` not asked for or fixed, a cold start, a popularity penalty -- or where
+        it would share nothing (``blend`` alone: :func:`_bk.blend_collect` costs less)."""
         if ("blend" not in variants or self.blend != "learned" or not state.recent
                 or self.cooccurrence.pop_penalty > 0 or self.rules.pop_penalty > 0):
             return {}
-        size = len(self.vocabulary)
         want, fixed = self._component_variants(variants)
+        if not want and not fixed and _SESSION_VARIANTS.isdisjoint(variants):
+            return {}  # nothing to share: the blend's own call costs less (its returns)
+        size = len(self.vocabulary)
         flags, user = self._component_args(state, k, want, fixed)
         members, pop_w, pop_total = self.popularity.ranking_inputs(size)
         share = _VariantShare((

@@ -202,3 +202,33 @@ def test_knn_scores_refuses_a_short_position_table() -> None:
     with pytest.raises(ValueError, match="position table"):
         _sk.knn_scores(recent, len(recent), 0, *inputs, acc2, touched2)
     knn.clear_scratch()
+
+
+def test_the_blend_alone_collects_through_its_own_call(
+    datasets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--variants blend`` shares nothing: the blend's own call (the shared one returns
+    more and cost ~20 us a play more); with another variant the shared call runs."""
+    calls: Counter[str] = Counter()
+    collect = _VariantShare.collect
+
+    def counted(self: _VariantShare, *args: Any) -> Any:
+        calls["shared"] += 1
+        return collect(self, *args)
+
+    monkeypatch.setattr(_VariantShare, "collect", counted)
+    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=300)
+    rec = Recommender(seed=0)
+    states: dict[str, UserState] = {}
+    for event in events:
+        update = update_session(states.get(event.user_id), event)
+        if update.before.recent:
+            alone = rec.component_ids(update.before, 10, event.ts_ms, ("blend",))
+            assert calls["shared"] == 0
+            both = rec.component_ids(update.before, 10, event.ts_ms, ("blend", "sr"))
+            assert both[0] == alone[0] and calls["shared"] > 0
+            calls["shared"] = 0
+            calls["checked"] += 1
+        rec.learn_one(update, event)
+        states[event.user_id] = update.state
+    assert calls["checked"] > 200
