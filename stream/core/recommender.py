@@ -832,16 +832,16 @@ class Recommender:
         cands, comp, lead, last = self._blend_sources(state, now_ms, self._recent_rows(state),
                                                       exclude, size)
         user = self._user_vector(state)
-        mf = (self.mf.factors()[cands] @ user).astype(np.float64) if user is not None \
-            else np.zeros(len(cands))
-        query = Interaction(user_id=state.user_id, ts_ms=now_ms,
-                            session_position=state.session_plays,
-                            recent_skip_rate=_recent_skip_rate(state))
+        # take(): the same rows as factors[cands], without fancy indexing's ~2 us set-up
+        mf = (self.mf.factors().take(cands, axis=0) @ user).astype(np.float64) \
+            if user is not None else np.zeros(len(cands))
+        skip_terms = self.skip.logit_terms_at(now_ms, state.session_plays,
+                                              _recent_skip_rate(state))
         same_artist, recent_artist = self._artist_columns(state, cands)
         w = self.blend_weights
         pop_w, pop_total = self.popularity.score_inputs()
         return cands, comp, lead, np.empty((len(cands), N_FEATURES)), (
-            pop_w, pop_total, mf, *self.skip.logit_terms(query), same_artist, recent_artist,
+            pop_w, pop_total, mf, *skip_terms, same_artist, recent_artist,
             self.first_seen, now_ms, math.log1p(state.plays_total) / 5.0,
             w.get("cooccurrence", 0.0), w.get("mf", 0.0), w.get("popularity", 0.0), _DAY_MS,
             last)

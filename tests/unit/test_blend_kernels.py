@@ -235,3 +235,27 @@ def test_learned_blend_score_inputs_refuse_another_width() -> None:
             blend.score_inputs(n)
     w, eps = blend.score_inputs(N_FEATURES)
     assert eps == PRIOR_EPS and w.tolist() == blend.weights.tolist()
+
+
+def test_logit_terms_at_is_logit_terms_of_the_interaction() -> None:
+    """``SkipClassifier.logit_terms_at`` (a learned ranking's path, no ``Interaction``) gives
+    ``logit_terms``' floats exactly, contexts (known, unknown, none) and negative
+    positions included, on a model that learned context weights."""
+    from stream.core.contexts import CONTEXTS
+
+    rng = np.random.default_rng(11)
+    skip = _trained_skip(rng)
+    contexts = [None, "", "not-a-context", *CONTEXTS]
+    for i in range(400):
+        skip.learn_one(Interaction("u", "t", 1_700_000_000_000 + i * 611_000,
+                                   session_position=i % 7, context=contexts[i % len(contexts)],
+                                   skipped=i % 4 == 0, features={"mf": rng.normal()}))
+    assert sum(1 for n in skip.classifier.weights if n.startswith("context=")) >= 2
+    for i in range(600):
+        ts, pos = int(rng.integers(0, 2 * 10**12)), int(rng.integers(-2, 50))
+        rate, ctx = float(rng.random()), contexts[i % len(contexts)]
+        want = skip.logit_terms(Interaction("u", ts_ms=ts, session_position=pos,
+                                            recent_skip_rate=rate, context=ctx))
+        assert skip.logit_terms_at(ts, pos, rate, ctx) == want, (i, ctx)
+    assert skip.logit_terms_at(5, 3, 0.4) == skip.logit_terms(
+        Interaction("u", ts_ms=5, session_position=3, recent_skip_rate=0.4))

@@ -41,6 +41,21 @@ FEATURE_NAMES = frozenset({"position", "recent_skip_rate", "hour_sin", "hour_cos
                            *TRACK_FEATURES, *_CONTEXT_FEATURE.values()})
 
 
+def _context_features(ts_ms: int, session_position: int, recent_skip_rate: float,
+                      context: str | None) -> dict[str, float]:
+    """:meth:`SkipClassifier.context_features` from the fields it reads."""
+    angle = 2 * math.pi * ((ts_ms % _DAY_MS) / _DAY_MS)
+    feats = {
+        "position": math.log1p(max(session_position, 0)) / 4.0,
+        "recent_skip_rate": recent_skip_rate,
+        "hour_sin": math.sin(angle),
+        "hour_cos": math.cos(angle),
+    }
+    if context:
+        feats[_CONTEXT_FEATURE[fold_context(context)]] = 1.0
+    return feats
+
+
 def _squash(name: str, value: float) -> float:
     # Bring each score into a similar, bounded range so one learning rate fits all.
     if name == "popularity":
@@ -202,16 +217,7 @@ class SkipClassifier(StateModel):
     @staticmethod
     def context_features(x: Interaction) -> dict[str, float]:
         """The features that depend on the listener and moment, not on the track."""
-        angle = 2 * math.pi * ((x.ts_ms % _DAY_MS) / _DAY_MS)
-        feats = {
-            "position": math.log1p(max(x.session_position, 0)) / 4.0,
-            "recent_skip_rate": x.recent_skip_rate,
-            "hour_sin": math.sin(angle),
-            "hour_cos": math.cos(angle),
-        }
-        if x.context:
-            feats[_CONTEXT_FEATURE[fold_context(x.context)]] = 1.0
-        return feats
+        return _context_features(x.ts_ms, x.session_position, x.recent_skip_rate, x.context)
 
     def features(self, x: Interaction) -> dict[str, float]:
         feats = self.context_features(x)
@@ -256,9 +262,16 @@ class SkipClassifier(StateModel):
         """What :meth:`predict_many` with popularity and MF scores adds up, for a compiled
         caller (``_blend_kernels.blend_matrix``): the intercept plus the context terms of
         ``x``, and the weights of the squashed popularity and MF scores."""
+        return self.logit_terms_at(x.ts_ms, x.session_position, x.recent_skip_rate, x.context)
+
+    def logit_terms_at(self, ts_ms: int, session_position: int, recent_skip_rate: float,
+                       context: str | None = None) -> tuple[float, float, float]:
+        """:meth:`logit_terms` of an :class:`Interaction` with these fields, without
+        building one (a learned ranking's hot path: the same floats)."""
         weights = self.classifier._weights
         base = float(self.classifier.intercept)
-        for name, value in self.context_features(x).items():
+        for name, value in _context_features(ts_ms, session_position, recent_skip_rate,
+                                             context).items():
             base += weights.get(name, 0.0) * value
         return base, float(weights.get("popularity", 0.0)), float(weights.get("mf", 0.0))
 
