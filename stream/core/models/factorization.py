@@ -51,11 +51,8 @@ class ImplicitMF(VocabularyModel):
     draws ``n_negatives`` target-0 tracks, uniformly from the catalogue (default) or, with
     ``uniform_negatives=False``, from recent plays (popularity-weighted). Measured on the
     MovieLens-100K replay: uniform 0.085 HR@10 alone, popularity-weighted 0.036 -- the latter
-    teaches the factors to push popular tracks down. Eight uniform negatives a play (two
-    before session 18) took MF alone to 0.107 there (0.059 -> 0.071 on the Last.fm sample)
-    and the learned blend's MRR@10 up at every seed tried (docs/benchmarks.md, "MF and
-    blend features, session 18"). Users with no factors yet -- new or only seen
-    elsewhere -- get the mean factor of their recent tracks.
+    teaches the factors to push popular tracks down. Users with no factors yet -- new or
+    only seen elsewhere -- get the mean factor of their recent tracks.
 
     >>> mf = ImplicitMF(n_factors=4, seed=1)
     >>> for i in range(50):
@@ -75,7 +72,7 @@ class ImplicitMF(VocabularyModel):
         n_factors: int = 32,
         learning_rate: float = 0.1,
         l2: float = 0.01,
-        n_negatives: int = 8,
+        n_negatives: int = 2,
         skip_target: float = 0.0,
         init_scale: float = 0.1,
         negative_pool: int = 10_000,
