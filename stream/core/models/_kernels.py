@@ -555,6 +555,28 @@ def query_accumulate(start, csize, cap, total, nbr, val, hist_rows, decay, acc, 
 
 
 @_jit
+def open_query(ban, ban_recent, ban_other, use_cooc, start, csize, cap, total, nbr, val,  # type: ignore[no-untyped-def]
+               hist_rows, decay, acc, best, anchor, touched):
+    """A query's set-up: ban ``ban_recent`` (-1 = unknown, skipped) and ``ban_other``,
+    and (``use_cooc``) accumulate co-occurrence from the anchors of ``hist_rows``
+    (:func:`query_accumulate`); returns how many rows ``touched`` lists.
+    :func:`close_query` undoes both."""
+    query_bans(ban, ban_recent, ban_other, True)
+    if not use_cooc:
+        return 0
+    return query_accumulate(start, csize, cap, total, nbr, val, hist_rows, decay, acc, best,
+                            anchor, touched)
+
+
+@_jit
+def close_query(ban, ban_recent, ban_other, acc, best, anchor, touched, n_touched):  # type: ignore[no-untyped-def]
+    """Leave the scratch (``acc``, ``best``, ``anchor``) and ``ban`` as
+    :func:`open_query` found them."""
+    reset_touched(acc, best, anchor, touched, n_touched)
+    query_bans(ban, ban_recent, ban_other, False)
+
+
+@_jit
 def rank_query(  # type: ignore[no-untyped-def]
     size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
     pop_members, pop_w, pop_total,
@@ -566,18 +588,14 @@ def rank_query(  # type: ignore[no-untyped-def]
     the anchors themselves score 0), rank with :func:`blend_rank`, then leave the scratch
     (``acc``, ``best``, ``anchor``) and ``ban`` as they were. Returns what
     :func:`blend_rank` returns."""
-    query_bans(ban, ban_recent, ban_other, True)
-    n_touched = 0
-    if use_cooc:
-        n_touched = query_accumulate(start, csize, cap, total, nbr, val, hist_rows, decay,
-                                     acc, best, anchor, touched)
+    n_touched = open_query(ban, ban_recent, ban_other, use_cooc, start, csize, cap, total,
+                           nbr, val, hist_rows, decay, acc, best, anchor, touched)
     out = blend_rank(
         size, n_pop, n, use_cooc, use_mf, pick_mf, bw_pop, bw_cooc, bw_mf,
         pop_members, pop_w, pop_total, acc, anchor, touched[:n_touched], factors, user,
         ban, mark,
     )
-    reset_touched(acc, best, anchor, touched, n_touched)
-    query_bans(ban, ban_recent, ban_other, False)
+    close_query(ban, ban_recent, ban_other, acc, best, anchor, touched, n_touched)
     return out
 
 
@@ -594,19 +612,16 @@ def rank_components(  # type: ignore[no-untyped-def]
     :func:`rank_query`'s bans and co-occurrence query once (``cooccurrence`` and
     ``fixed`` read the same accumulation), then :func:`component_lists`. Leaves the
     scratch as it found it."""
-    query_bans(ban, ban_recent, ban_other, True)
-    n_touched = 0
-    if do_cooc or (do_fixed and use_cooc_fixed):
-        n_touched = query_accumulate(start, csize, cap, total, nbr, val, hist_rows, decay,
-                                     acc, best, anchor, touched)
+    n_touched = open_query(ban, ban_recent, ban_other, do_cooc or (do_fixed and use_cooc_fixed),
+                           start, csize, cap, total, nbr, val, hist_rows, decay, acc, best,
+                           anchor, touched)
     out = component_lists(
         size, k, n, do_pop, do_mf, do_cooc, pick_mf_cooc, do_fixed, n_pop_fixed,
         use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop, bw_cooc, bw_mf, pop_members,
         pop_w, pop_total, acc, anchor, touched[:n_touched], factors, user, has_user, ban,
         mark,
     )
-    reset_touched(acc, best, anchor, touched, n_touched)
-    query_bans(ban, ban_recent, ban_other, False)
+    close_query(ban, ban_recent, ban_other, acc, best, anchor, touched, n_touched)
     return out
 
 
