@@ -571,6 +571,48 @@ def test_blend_bans_never_write_past_the_ban_flags() -> None:
             assert not backing[:64].any(), (variant, call)  # and the bans were cleared
 
 
+def test_learned_ranking_glue_feeds_the_models_own_scores(datasets_dir: Path) -> None:
+    """The Python glue of a learned ranking (``Recommender._blend_inputs``): MF's scores of
+    the candidates are ``ImplicitMF.score_all``'s at their rows, and the skip feature is
+    ``SkipClassifier.predict_many`` of the listener's query (time, session position,
+    recent skip rate) -- so a wrong row, position or skip rate fails here, not only in a
+    replay's numbers."""
+    from stream.core.models.blend import FEATURES
+    from stream.core.recommender import _recent_skip_rate
+
+    skip_col = FEATURES.index("skip")
+    events = load_events(datasets_dir / "movielens-100k", "movielens", limit=3000)
+    rec, states = Recommender(seed=2), dict[str, UserState]()
+    for i, e in enumerate(events):
+        up = update_session(states.get(e.user_id), e)
+        rec.learn_one(up, e)
+        states[e.user_id] = up.state
+        if i % 3 == 0:  # MovieLens has no skips: give some listeners a skip history
+            states[e.user_id].recent_skipped[-1] = True
+    weights = rec.skip.classifier._weights
+    assert min(abs(weights["position"]), abs(weights["recent_skip_rate"])) > 1e-4
+    now = 893_000_000_000
+    checked = other_position = 0
+    for state in list(states.values())[:80]:
+        cands, _comp, _lead, _X, args = rec._blend_inputs(state, now, ())
+        if not len(cands):
+            continue
+        mf = args[2]
+        full = rec.mf.score_all(Interaction(state.user_id, history=tuple(state.recent)))
+        assert full is not None
+        np.testing.assert_allclose(mf, full[cands], rtol=1e-5, atol=1e-6)
+        rows, X, _c, _l = rec._blend_candidates(state, now, ())
+        np.testing.assert_array_equal(rows, cands)
+        query = Interaction(state.user_id, ts_ms=now, session_position=state.session_plays,
+                            recent_skip_rate=_recent_skip_rate(state))
+        want = rec.skip.predict_many(
+            query, {"popularity": rec.popularity.score_rows(cands), "mf": mf})
+        np.testing.assert_allclose(X[:, skip_col], want, rtol=0, atol=1e-12)
+        checked += 1
+        other_position += state.session_plays != state.plays_total
+    assert checked >= 30 and other_position >= 5
+
+
 def test_blend_recent_artist_weighs_the_artists_of_the_recent_plays(datasets_dir: Path) -> None:
     """Session 17's ``recent_artist``: a candidate's artist's share of the listener's last
     ARTIST_WINDOW plays with a known artist, each weighted ARTIST_DECAY ** (plays since)
