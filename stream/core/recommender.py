@@ -1654,7 +1654,9 @@ class Recommender:
         n = max(self.candidates_per_source, k)
         index = self.vocabulary.index
         ban = self._ban_buffer(size)
-        ban_rows = _ban_rows(banned, index, self.vocabulary)
+        ban_rows = np.asarray(_ban_rows(banned, index, self.vocabulary), dtype=np.int64)
+        # a SeenTracks of another vocabulary may hold rows past the flags (as _banned_rows)
+        ban_rows = ban_rows[(ban_rows >= 0) & (ban_rows < len(ban))]
         ban[ban_rows] = True
         use_cooc = weights.get("cooccurrence", 0.0) > 0
         try:
