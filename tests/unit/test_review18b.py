@@ -39,3 +39,26 @@ def test_skip_penalty_path_skips_rows_past_the_catalogue() -> None:
     got_all = rec.component_ids(state, 5, now, VARIANTS, exclude=foreign)
     assert got_all == rec.component_ids(state, 5, now, VARIANTS)
     assert not rec._ban_buffer(len(rec.vocabulary)).any()
+
+
+def test_integer_weights_compile_no_second_signature() -> None:
+    """``weights={"popularity": 1}`` (an int, as the Python API accepts) ranks with the
+    float kernels: a second signature compiled on the ranking path (~11 s for
+    ``blend_collect_variants``, ~1-2 s for ``rank_components`` / ``rank_query``)."""
+    from stream.core.models import _blend_kernels as _bk
+    from stream.core.models import _kernels as _k
+
+    kernels = (_bk.blend_collect_variants, _k.rank_components, _k.rank_query,
+               _bk.blend_rank)
+    now = 1_700_000_000_000 + 61 * 45_000
+    rec = Recommender(seed=0, weights={"popularity": 0.5})
+    state = _learned(rec, 60)["u0"]
+    rec.component_ids(state, 5, now, VARIANTS)
+    rec.recommend(state, 5, now, variant="fixed")
+    before = [len(kernel.signatures) for kernel in kernels]
+    rec = Recommender(seed=0, weights={"popularity": 1, "cooccurrence": 1, "mf": 0})
+    state = _learned(rec, 60)["u0"]
+    rec.component_ids(state, 5, now, VARIANTS)
+    rec.recommend(state, 5, now, variant="fixed")
+    assert [len(kernel.signatures) for kernel in kernels] == before
+    assert all(type(v) is float for v in rec.blend_weights.values())
