@@ -48,17 +48,18 @@ def test_integer_weights_compile_no_second_signature() -> None:
     from stream.core.models import _blend_kernels as _bk
     from stream.core.models import _kernels as _k
 
-    kernels = (_bk.blend_collect_variants, _k.rank_components, _k.rank_query,
-               _bk.blend_rank)
+    kernels = (_bk.blend_collect_variants, _k.rank_components, _k.rank_query)
     now = 1_700_000_000_000 + 61 * 45_000
     rec = Recommender(seed=0, weights={"popularity": 0.5})
     state = _learned(rec, 60)["u0"]
     rec.component_ids(state, 5, now, VARIANTS)
+    rec.component_ids(state, 5, now, ("popularity", "fixed"))  # (rank_components)
     rec.recommend(state, 5, now, variant="fixed")
     before = [len(kernel.signatures) for kernel in kernels]
     rec = Recommender(seed=0, weights={"popularity": 1, "cooccurrence": 1, "mf": 0})
     state = _learned(rec, 60)["u0"]
     rec.component_ids(state, 5, now, VARIANTS)
+    rec.component_ids(state, 5, now, ("popularity", "fixed"))  # (rank_components)
     rec.recommend(state, 5, now, variant="fixed")
     assert [len(kernel.signatures) for kernel in kernels] == before
     assert all(type(v) is float for v in rec.blend_weights.values())
