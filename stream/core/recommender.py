@@ -345,7 +345,10 @@ class Recommender:
         self.seed = seed
 
         self.mf_candidates = mf_candidates
-        self.blend_weights: dict[str, float] = {**DEFAULT_WEIGHTS, **(weights or {})}
+        # floats: an int weight (the API accepts 1) would compile second signatures of the
+        # ranking kernels at the first ranking, after warm_up (review18b)
+        self.blend_weights: dict[str, float] = {
+            name: float(w) for name, w in {**DEFAULT_WEIGHTS, **(weights or {})}.items()}
         self.vocabulary = Vocabulary()
         self.popularity = DecayedPopularity(
             half_life_ms=popularity_half_life_ms, vocabulary=self.vocabulary, seed=seed
