@@ -56,7 +56,8 @@ def test_integer_weights_compile_no_second_signature() -> None:
     rec.component_ids(state, 5, now, ("popularity", "fixed"))  # (rank_components)
     rec.recommend(state, 5, now, variant="fixed")
     before = [len(kernel.signatures) for kernel in kernels]
-    rec = Recommender(seed=0, weights={"popularity": 1, "cooccurrence": 1, "mf": 0})
+    rec = Recommender(seed=0, weights={"popularity": 1, "cooccurrence": 1, "mf": 0},
+                      history_decay=1)
     state = _learned(rec, 60)["u0"]
     rec.component_ids(state, 5, now, VARIANTS)
     rec.component_ids(state, 5, now, ("popularity", "fixed"))  # (rank_components)
