@@ -1357,7 +1357,7 @@ class Recommender:
             pop_total,
             start, csize, cap, total, nbr, val,
             hist_rows,
-            self.cooccurrence.query_decay,
+            float(self.cooccurrence.query_decay),
             sc.acc, sc.best, sc.anchor, sc.touched,
             factors,
             user if user is not None else _NO_SCORES,
@@ -1476,7 +1476,7 @@ class Recommender:
             # _rank_query(query, k, w, w, user if w["mf"] > 0 else None, ...)
             ranked = _k.rank_components(
                 size, *flags, members, pop_weights, pop_total, start, csize, cap, total, nbr,
-                val, hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
+                val, hist_rows, float(self.cooccurrence.query_decay), sc.acc, sc.best, sc.anchor,
                 sc.touched, factors, _NO_FACTORS if user is None else user,
                 user is not None, ban, self._mark_buffer(size), ban_recent, ban_other,
             )
