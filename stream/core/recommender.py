@@ -345,7 +345,7 @@ class Recommender:
         self.seed = seed
 
         self.mf_candidates = mf_candidates
-        self.blend_weights: dict[str, float] = {**DEFAULT_WEIGHTS, **(weights or {})}
+        self.blend_weights: dict[str, float] = _float_weights(weights)
         self.vocabulary = Vocabulary()
         self.popularity = DecayedPopularity(
             half_life_ms=popularity_half_life_ms, vocabulary=self.vocabulary, seed=seed
@@ -1354,7 +1354,7 @@ class Recommender:
             pop_total,
             start, csize, cap, total, nbr, val,
             hist_rows,
-            self.cooccurrence.query_decay,
+            float(self.cooccurrence.query_decay),
             sc.acc, sc.best, sc.anchor, sc.touched,
             factors,
             user if user is not None else _NO_SCORES,
@@ -1473,7 +1473,7 @@ class Recommender:
             # _rank_query(query, k, w, w, user if w["mf"] > 0 else None, ...)
             ranked = _k.rank_components(
                 size, *flags, members, pop_weights, pop_total, start, csize, cap, total, nbr,
-                val, hist_rows, self.cooccurrence.query_decay, sc.acc, sc.best, sc.anchor,
+                val, hist_rows, float(self.cooccurrence.query_decay), sc.acc, sc.best, sc.anchor,
                 sc.touched, factors, _NO_FACTORS if user is None else user,
                 user is not None, ban, self._mark_buffer(size), ban_recent, ban_other,
             )
@@ -1654,7 +1654,9 @@ class Recommender:
         n = max(self.candidates_per_source, k)
         index = self.vocabulary.index
         ban = self._ban_buffer(size)
-        ban_rows = _ban_rows(banned, index, self.vocabulary)
+        ban_rows = np.asarray(_ban_rows(banned, index, self.vocabulary), dtype=np.int64)
+        # a SeenTracks of another vocabulary may hold rows past the flags (as _banned_rows)
+        ban_rows = ban_rows[(ban_rows >= 0) & (ban_rows < len(ban))]
         ban[ban_rows] = True
         use_cooc = weights.get("cooccurrence", 0.0) > 0
         try:
@@ -2254,6 +2256,13 @@ _COMPONENTS: Final[dict[str, Any]] = {
 #: the components that index tracks through the recommender's vocabulary
 _SHARED_VOCABULARY: Final = frozenset({"popularity", "cooccurrence", "mf", "session_knn",
                                        "rules"})
+
+
+def _float_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """``DEFAULT_WEIGHTS`` updated by ``weights``, as floats: an int weight (the API accepts
+    1) would compile second signatures of the ranking kernels at the first ranking, after
+    warm_up (review18b: ~11 s for ``blend_collect_variants``)."""
+    return {name: float(w) for name, w in {**DEFAULT_WEIGHTS, **(weights or {})}.items()}
 
 
 def _strings(arrays: Mapping[str, np.ndarray], name: str) -> list[str]:
