@@ -22,6 +22,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from stream.core.contexts import CONTEXTS, fold_context
 from stream.core.events import InvalidField, PlayEvent, check_text
 from stream.core.ids import canonical
 from stream.core.slots import positional_builder
@@ -83,8 +84,10 @@ class UserState:
     #: It lives here so it moves with the listener's partition and is restored from the
     #: changelog (the global model checkpoint holds item-side state only)
     model: str = ""
-    #: the listening context of the last play ("" = none given): a ranking for the next
-    #: play scores the skip model in it (the listener is likely still in the car)
+    #: the listening context of the last play, folded (one of
+    #: :data:`stream.core.contexts.CONTEXTS`, all that the skip model reads of it; "" = none
+    #: given): a ranking for the next play scores the skip model in it (the listener is
+    #: likely still in the car). Folded, it is one shared string, never a copy per listener
     last_context: str = ""
 
     @property
@@ -146,15 +149,28 @@ class UserState:
         )
 
 
+#: the shared string of each folded context (fold_context builds a new one)
+_FOLDED: Final = {c: c for c in CONTEXTS}
+
+
+def folded_context(context: str | None) -> str:
+    """``UserState.last_context`` for a play's ``context``: "" when none is given, else
+    its folded value (:func:`stream.core.contexts.fold_context`) as one shared string."""
+    if not context:
+        return ""
+    shared = _FOLDED.get(context)
+    return shared if shared is not None else _FOLDED[fold_context(context)]
+
+
 def _stored_context(value: object) -> str:
     """A stored ``last_context`` as a play's ``context`` is checked
-    (:func:`stream.core.events.check_text`); "" when it is not one (a changelog record is
-    untrusted: a wrong type, an oversized or control-character string is dropped, the
-    state kept)."""
+    (:func:`stream.core.events.check_text`), then folded (:func:`folded_context`); "" when
+    it is not one (a changelog record is untrusted: a wrong type, an oversized or
+    control-character string is dropped, the state kept)."""
     if value == "":
         return ""
     try:
-        return check_text(value, "last_context")
+        return folded_context(check_text(value, "last_context"))
     except InvalidField:
         return ""
 
@@ -260,7 +276,7 @@ def update_session(
         new.skip_streak += 1
     else:
         new.skip_streak = 0
-    new.last_context = event.context or ""
+    new.last_context = folded_context(event.context)
     new.recent.append(event.track_id)
     new.recent_skipped.append(skip)
     if len(new.recent) > max_recent:
