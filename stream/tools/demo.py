@@ -12,6 +12,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import fields
+from pathlib import Path
 
 from stream.adapters.redis_store import RecoReader
 from stream.config import Settings, redis_auth
@@ -68,6 +69,13 @@ def _quantile(url: str, name: str, q: float) -> float | None:
     return None
 
 
+def _ready_since(log_path: Path, start: int) -> bool:
+    """The worker log says Ready after byte ``start`` (bytes, not text: earlier runs' lines
+    hold multi-byte characters, Faust's tables, which would shift a text slice past this
+    run's lines)."""
+    return b"Worker]: Ready" in log_path.read_bytes()[start:]
+
+
 def run_demo(
     settings: Settings, *, source: str, count: int, rate: float, keep_running: bool = True
 ) -> int:
@@ -92,7 +100,7 @@ def run_demo(
     start_size = log_path.stat().st_size if log_path.exists() else 0
     pid = stack.spawn_worker(cfg, _env_for(settings))
     deadline = time.monotonic() + 180
-    while "Worker]: Ready" not in log_path.read_text(errors="replace")[start_size:]:
+    while not _ready_since(log_path, start_size):
         if stack.worker_pid(cfg) is None or time.monotonic() > deadline:
             print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
             print("[demo] worker failed to start", file=sys.stderr)

@@ -158,9 +158,21 @@ def _spawn(
     # keep the handle: a process that stops a service it started itself (private instances
     # in tests) reaps it in _stop, and no "subprocess still running" warning fires
     _CHILDREN[proc.pid] = proc
+    _await_cmdline(proc)
     _pid_file(cfg, name).write_text(str(proc.pid))
     log(f"started {name} (pid {proc.pid}), log: {logs / (name + '.out')}")
     return proc.pid
+
+
+def _await_cmdline(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Wait until the kernel shows ``proc``'s new command line. Popen returns once exec has
+    closed its error pipe, but Linux fills in the new program's arguments a moment later;
+    until then /proc/PID/cmdline reads empty and :func:`_running_pid` would take the process
+    for not ours (seen on a loaded box: ``stream demo`` then gave up on a worker that was
+    starting, and its clean-up dropped the PID file of a worker left running)."""
+    deadline = time.monotonic() + timeout
+    while not _cmdline(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def _wait(name: str, check: object, timeout: float, pid_alive: object) -> None:

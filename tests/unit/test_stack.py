@@ -124,3 +124,44 @@ def test_redis_acl_is_rendered_without_passwords_or_comments(tmp_path: Path) -> 
     assert lines[0] == "user default off resetkeys resetchannels -@all"
     with pytest.raises(StackError, match="stream-reader"):
         stack.render_redis_acl(tmp_path / "x.acl", {**passwords, "stream-reader": ""})
+
+
+def test_spawn_waits_until_the_kernel_shows_the_new_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Popen returns before Linux fills in the exec'd program's arguments: /proc/PID/cmdline
+    reads empty for a moment, and `stream demo` took its starting worker for gone (CI, session
+    18). _spawn waits for the command line, so the PID file is ours as soon as it exists."""
+    import sys
+
+    real = stack._cmdline
+    calls = {"n": 0}
+
+    def late_cmdline(pid: int) -> str:
+        calls["n"] += 1
+        return "" if calls["n"] <= 5 else real(pid)  # the window, made long
+
+    monkeypatch.setattr(stack, "_cmdline", late_cmdline)
+    c = cfg(tmp_path)
+    pid = stack._spawn(
+        c, "worker", [sys.executable, "-c", "import time; time.sleep(60)", "stream.tools.cli",
+                      "worker"],
+    )
+    try:
+        assert stack.worker_pid(c) == pid
+    finally:
+        assert stack.stop_worker(c)
+
+
+def test_demo_finds_ready_after_a_log_of_multibyte_lines(tmp_path: Path) -> None:
+    """The demo's start offset counts bytes; Faust's tables in earlier runs' lines are
+    multi-byte, so a text slice at that offset would skip this run's first lines."""
+    from stream.tools.demo import _ready_since
+
+    log = tmp_path / "worker.out"
+    log.write_text("┌────────────┐\n│ old run    │\n└────────────┘\n" * 50)
+    start = log.stat().st_size
+    with log.open("a") as out:
+        out.write("[2026-12-05 18:58:07,699] [1] [INFO] [^SeamWorker]: Ready\n")
+    assert _ready_since(log, start)
+    assert not _ready_since(log, log.stat().st_size)
