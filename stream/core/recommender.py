@@ -605,7 +605,10 @@ class Recommender:
     ) -> list[Recommendation]:
         """Top-``k`` tracks for this listener now, never one of their last
         ``recent_filter`` tracks nor one in ``exclude``. ``variant`` ranks with one
-        component alone (``popularity``, ``mf``, ``cooccurrence``) for evaluation."""
+        component alone (``popularity``, ``mf``, ``cooccurrence``) for evaluation. The skip
+        model scores the tracks in ``context`` (the listening context), by default the
+        listener's last play's (``state.last_context``); the learned blend always takes the
+        last play's, the context its lists are learned in."""
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if k <= 0:
@@ -626,7 +629,7 @@ class Recommender:
                 history=tuple(state.recent),
                 session_position=state.session_plays,
                 recent_skip_rate=_recent_skip_rate(state),
-                context=context,
+                context=context if context is not None else (state.last_context or None),
             )
             banned: Iterable[str] | tuple[Iterable[str], SeenTracks] = (
                 (recent, exclude) if isinstance(exclude, SeenTracks) else chain(recent, exclude)
@@ -837,7 +840,8 @@ class Recommender:
         mf = (self.mf.factors().take(cands, axis=0) @ user).astype(np.float64) \
             if user is not None else np.zeros(len(cands))
         skip_terms = self.skip.logit_terms_at(now_ms, state.session_plays,
-                                              _recent_skip_rate(state))
+                                              _recent_skip_rate(state),
+                                              state.last_context or None)
         same_artist, recent_artist = self._artist_columns(state, cands)
         w = self.blend_weights
         pop_w, pop_total = self.popularity.score_inputs()

@@ -5,7 +5,7 @@ the current session (split by an inactivity gap or an explicit ``session_id``), 
 recent tracks, the skip streak, lifetime counts, and a bounded ring of recently applied
 event-id fingerprints that makes re-delivered events (at-least-once) no-ops.
 
->>> from stream.core.events import PlayEvent
+>>> from stream.core.events import InvalidField, PlayEvent, check_text
 >>> ev = PlayEvent("u1", "t1", 1_700_000_000_000, 200_000, "e1")
 >>> up = update_session(None, ev)
 >>> up.state.plays_total, up.state.recent, up.duplicate
@@ -22,7 +22,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from stream.core.events import PlayEvent
+from stream.core.contexts import CONTEXTS, fold_context
+from stream.core.events import InvalidField, PlayEvent, check_text
 from stream.core.ids import canonical
 from stream.core.slots import positional_builder
 
@@ -83,6 +84,11 @@ class UserState:
     #: It lives here so it moves with the listener's partition and is restored from the
     #: changelog (the global model checkpoint holds item-side state only)
     model: str = ""
+    #: the listening context of the last play, folded (one of
+    #: :data:`stream.core.contexts.CONTEXTS`, all that the skip model reads of it; "" = none
+    #: given): a ranking for the next play scores the skip model in it (the listener is
+    #: likely still in the car). Folded, it is one shared string, never a copy per listener
+    last_context: str = ""
 
     @property
     def last_track(self) -> str | None:
@@ -113,6 +119,7 @@ class UserState:
         new.last_offset = self.last_offset
         new.born_offset = self.born_offset
         new.model = self.model
+        new.last_context = self.last_context
         new.recent = self.recent.copy()
         new.recent_skipped = self.recent_skipped.copy()
         new.seen = self.seen[:]
@@ -131,6 +138,7 @@ class UserState:
         kwargs = {name: data[name] for name in _SCALARS if name in data}
         if type(kwargs.get("model", "")) is not str:  # checked in full where it is used
             kwargs["model"] = ""
+        kwargs["last_context"] = _stored_context(kwargs.get("last_context", ""))
         return cls(
             **kwargs,
             # one shared string per track id, as parsing gives live (stream.core.ids): a
@@ -139,6 +147,32 @@ class UserState:
             recent_skipped=[bool(s) for s in data.get("recent_skipped", [])],
             seen=_ring(data.get("seen")),
         )
+
+
+#: the shared string of each folded context (fold_context builds a new one)
+_FOLDED: Final = {c: c for c in CONTEXTS}
+
+
+def folded_context(context: str | None) -> str:
+    """``UserState.last_context`` for a play's ``context``: "" when none is given, else
+    its folded value (:func:`stream.core.contexts.fold_context`) as one shared string."""
+    if not context:
+        return ""
+    shared = _FOLDED.get(context)
+    return shared if shared is not None else _FOLDED[fold_context(context)]
+
+
+def _stored_context(value: object) -> str:
+    """A stored ``last_context`` as a play's ``context`` is checked
+    (:func:`stream.core.events.check_text`), then folded (:func:`folded_context`); "" when
+    it is not one (a changelog record is untrusted: a wrong type, an oversized or
+    control-character string is dropped, the state kept)."""
+    if value == "":
+        return ""
+    try:
+        return folded_context(check_text(value, "last_context"))
+    except InvalidField:
+        return ""
 
 
 _new_state = object.__new__
@@ -161,6 +195,7 @@ _SCALARS: Final = (
     "last_offset",
     "born_offset",
     "model",
+    "last_context",
 )
 
 
@@ -241,6 +276,7 @@ def update_session(
         new.skip_streak += 1
     else:
         new.skip_streak = 0
+    new.last_context = folded_context(event.context)
     new.recent.append(event.track_id)
     new.recent_skipped.append(skip)
     if len(new.recent) > max_recent:

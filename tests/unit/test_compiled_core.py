@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -583,7 +584,9 @@ def test_learned_ranking_glue_feeds_the_models_own_scores(datasets_dir: Path) ->
     skip_col = FEATURES.index("skip")
     events = load_events(datasets_dir / "movielens-100k", "movielens", limit=3000)
     rec, states = Recommender(seed=2), dict[str, UserState]()
+    contexts = ("car", "gym", "radio", None)  # half the plays name a listening context
     for i, e in enumerate(events):
+        e = dataclasses.replace(e, context=contexts[(i // 2) % 4] if i % 2 else None)
         up = update_session(states.get(e.user_id), e)
         rec.learn_one(up, e)
         states[e.user_id] = up.state
@@ -591,8 +594,9 @@ def test_learned_ranking_glue_feeds_the_models_own_scores(datasets_dir: Path) ->
             states[e.user_id].recent_skipped[-1] = True
     weights = rec.skip.classifier._weights
     assert min(abs(weights["position"]), abs(weights["recent_skip_rate"])) > 1e-4
+    assert min(abs(weights.get(f"context={c}", 0.0)) for c in ("radio", "other")) > 1e-4
     now = 893_000_000_000
-    checked = other_position = 0
+    checked = other_position = with_context = 0
     for state in list(states.values())[:80]:
         cands, _comp, _lead, _X, args = rec._blend_inputs(state, now, ())
         if not len(cands):
@@ -603,14 +607,17 @@ def test_learned_ranking_glue_feeds_the_models_own_scores(datasets_dir: Path) ->
         np.testing.assert_allclose(mf, full[cands], rtol=1e-5, atol=1e-6)
         rows, X, _c, _l = rec._blend_candidates(state, now, ())
         np.testing.assert_array_equal(rows, cands)
+        # the skip model scores the next play in the last play's context
         query = Interaction(state.user_id, ts_ms=now, session_position=state.session_plays,
-                            recent_skip_rate=_recent_skip_rate(state))
+                            recent_skip_rate=_recent_skip_rate(state),
+                            context=state.last_context or None)
         want = rec.skip.predict_many(
             query, {"popularity": rec.popularity.score_rows(cands), "mf": mf})
         np.testing.assert_allclose(X[:, skip_col], want, rtol=0, atol=1e-12)
         checked += 1
         other_position += state.session_plays != state.plays_total
-    assert checked >= 30 and other_position >= 5
+        with_context += bool(state.last_context)
+    assert checked >= 30 and other_position >= 5 and with_context >= 5
 
 
 def test_blend_recent_artist_weighs_the_artists_of_the_recent_plays(datasets_dir: Path) -> None:

@@ -192,3 +192,36 @@ def test_a_restored_listener_shares_the_track_id_strings() -> None:
     b = UserState.from_dict({"user_id": "u2", "recent": ["".join(["restored-", "track-42"])]})
     assert a.recent[0] is b.recent[0] is shared
     assert a.recent == ["restored-track-42"]
+
+
+def test_last_context_is_the_last_plays_and_survives_a_round_trip() -> None:
+    """``last_context``: the listening context of the latest play, folded as the skip
+    model reads it ("" when it gave none), kept through ``to_dict`` / ``from_dict`` (the
+    changelog)."""
+    s = apply([ev("a", T0, context="radio"), ev("b", T0 + 1, context="editorial_playlist")])
+    assert s.last_context == "playlist"
+    assert UserState.from_dict(s.to_dict()).last_context == "playlist"
+    assert apply([ev("a", T0, context="radio"), ev("b", T0 + 1)]).last_context == ""
+    assert apply([ev("a", T0, context="gym")]).last_context == "other"
+    # a duplicate changes nothing
+    first = apply([ev("a", T0, context="radio")])
+    again = update_session(first, ev("a", T0, context="album")).state
+    assert again.last_context == "radio"
+
+
+def test_a_stored_last_context_is_checked_like_a_plays() -> None:
+    """The changelog is untrusted: a ``last_context`` that is not a string a play's
+    ``context`` could be (wrong type, over MAX_TEXT_LEN, a control character) is dropped
+    to "", and the rest of the state restores; an old record without the field restores
+    with ""."""
+    from stream.core.events import MAX_TEXT_LEN
+
+    data = apply([ev("a", T0, context="radio")]).to_dict()
+    for bad in (7, ["car"], "x" * (MAX_TEXT_LEN + 1), "car\x00", None):
+        restored = UserState.from_dict({**data, "last_context": bad})
+        assert restored.last_context == ""
+        assert restored.recent == ["a"]
+    del data["last_context"]
+    assert UserState.from_dict(data).last_context == ""
+    assert UserState.from_dict({**data, "last_context": "radio"}).last_context == "radio"
+    assert UserState.from_dict({**data, "last_context": "Station"}).last_context == "radio"
