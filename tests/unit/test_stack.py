@@ -149,8 +149,30 @@ def test_spawn_waits_until_the_kernel_shows_the_new_command_line(
     )
     try:
         assert stack.worker_pid(c) == pid
-    finally:
         assert stack.stop_worker(c)
+    finally:  # by the handle: a failed stop_worker drops the PID file, leaving the child
+        child = stack._CHILDREN.pop(pid, None)
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+def test_spawn_does_not_wait_for_the_command_line_of_a_child_that_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for the command line ends when the child exits (its cmdline never shows),
+    not at its 5 s bound; the start-up check then reports the exit."""
+    import sys
+    import time
+
+    monkeypatch.setattr(stack, "_cmdline", lambda pid: "")  # never shows, as for a zombie
+    c = cfg(tmp_path)
+    t0 = time.monotonic()
+    pid = stack._spawn(c, "worker", [sys.executable, "-c", "pass"])
+    assert time.monotonic() - t0 < 3.0
+    assert stack._CHILDREN.pop(pid).returncode == 0  # reaped by the wait's poll
+    with pytest.raises(StackError, match="exited during start-up"):
+        stack._wait("worker", lambda: False, 5, lambda: stack._alive(c, "worker"))
 
 
 def test_demo_finds_ready_after_a_log_of_multibyte_lines(tmp_path: Path) -> None:
