@@ -25,6 +25,9 @@ def test_demo_leaves_a_live_worker_and_prints_named_lists(
 ) -> None:
     env = settings_env(settings) | {"PATH": os.environ["PATH"]}
     env["STREAM_STATE_DIR"] = str(stack_config.state_dir)
+    # the stack's ports too (a private stack: STREAM_STACK_*_PORT), or its `stack up` waits
+    # for a broker on the default port
+    env |= {k: v for k, v in os.environ.items() if k.startswith("STREAM_STACK_")}
     try:
         out = subprocess.run(
             [sys.executable, "-m", "stream.tools.cli", "demo", "--count", "3000", "--rate", "1000"],
