@@ -383,6 +383,11 @@ TESTED: Final[tuple[Pin, ...]] = (
         "its leader topic's name, as faustx.startup.declared_topics spells it",
     ),
     Pin(
+        "faust.worker:Worker._setproctitle",
+        "0bb3262b8efbd757",
+        "overridden by faustx.shutdown.SeamWorker (keeps the command line stream stack finds)",
+    ),
+    Pin(
         "mode.worker:Worker._schedule_shutdown",
         "1a6a5dfc88c2298b",
         "overridden by faustx.shutdown.SeamWorker (arms the stop deadline)",

@@ -142,6 +142,14 @@ class SeamWorker(faust.Worker):
         if timeout_s is not None:
             self.stop_deadline = ShutdownDeadline(timeout_s, lambda: pending_changelog(app))
 
+    def _setproctitle(self, info: str, *, ident: str = "") -> None:
+        # faust.Worker retitles the process ("[Faust:Worker] -init- ...") when the optional
+        # setproctitle package is installed (faust-streaming[fast] brings it): that would
+        # erase the command line `stream stack` finds its detached worker by (PID file plus
+        # marker), so `stream demo` would take it for gone and `stack down` would not stop
+        # it. The title stays the command line; pinned in compat.
+        del info, ident
+
     def _schedule_shutdown(self, signal: Signals) -> None:
         # mode.Worker: both signal handlers (SIGINT, SIGTERM) call it; pinned in compat
         if self.stop_deadline is not None:

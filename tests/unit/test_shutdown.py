@@ -97,3 +97,24 @@ def test_a_plain_app_keeps_fausts_unbounded_stop() -> None:
     app = faust.App("plain-stop", autodiscover=False, web_enabled=False)
     worker = shutdown.SeamWorker(app, quiet=True, redirect_stdouts=False)
     assert worker.stop_deadline is None
+
+
+def test_the_worker_keeps_its_command_line_when_setproctitle_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """faust.Worker retitles the process through the optional setproctitle package (with
+    faust-streaming[fast]); `stream stack` finds its detached worker by the command line, so
+    the seam's worker keeps it."""
+    import faust.worker
+
+    titles: list[str] = []
+    monkeypatch.setattr(faust.worker, "setproctitle", titles.append)
+    app = faust.App("title-kept", autodiscover=False, web_enabled=False)
+    plain = faust.Worker(app, quiet=True, redirect_stdouts=False)
+    plain._setproctitle("init")
+    assert titles, "faust.Worker no longer calls setproctitle: the override is moot"
+    titles.clear()
+    worker = shutdown.SeamWorker(app, quiet=True, redirect_stdouts=False)
+    worker._setproctitle("init")
+    worker._setproctitle("stopping")
+    assert titles == []
