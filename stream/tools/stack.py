@@ -159,7 +159,11 @@ def _spawn(
     # in tests) reaps it in _stop, and no "subprocess still running" warning fires
     _CHILDREN[proc.pid] = proc
     _await_cmdline(proc)
-    _pid_file(cfg, name).write_text(str(proc.pid))
+    # write and rename: a `stack down` or `status` reading at that moment sees the old
+    # file or the new one, never an empty one (which _stop would unlink)
+    tmp = _pid_file(cfg, name).with_suffix(".pid.tmp")
+    tmp.write_text(str(proc.pid))
+    os.replace(tmp, _pid_file(cfg, name))
     log(f"started {name} (pid {proc.pid}), log: {logs / (name + '.out')}")
     return proc.pid
 
