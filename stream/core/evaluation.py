@@ -186,11 +186,17 @@ class Prequential:
             if v is None:
                 v = self._variants[variant] = _Variant()
             top = rows[:k] if len(rows) > k else rows
-            rank = top.index(played) if played in top else None
-            if rank is None:
-                v.total.add(0.0, 0.0, 0.0)
-            else:
-                v.total.add(*at_rank[rank])
+            total = v.total  # _Sums.add, inlined as in observe (the same sums)
+            total.n += 1
+            rank: int | None = None
+            if played in top:
+                found = top.index(played)
+                hit, rr, ndcg = at_rank[found]
+                total.hits += hit
+                total.rr += rr
+                total.ndcg += ndcg
+                rank = found
+            # (a miss adds 0.0 to each sum in observe: the same sums)
             shown = shown_by.get(variant)
             if shown is None:
                 shown = shown_by[variant] = set()
