@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Protocol
 
 _EPS = 1e-15
 
@@ -75,6 +76,17 @@ class _Variant:
     shown_all: set[str] = field(default_factory=set)
 
 
+class RowNames(Protocol):
+    """Track ids by row (``stream.core.models._vocab.Vocabulary``): ``ids[row]``, and a
+    ``generation`` that changes whenever rows are renumbered."""
+
+    @property
+    def ids(self) -> Sequence[str]: ...
+
+    @property
+    def generation(self) -> int: ...
+
+
 @dataclass(slots=True)
 class _Skip:
     n: int = 0
@@ -104,6 +116,11 @@ class Prequential:
         self._skip = _Skip()
         self._skip_window: deque[tuple[float, float]] = deque()
         self._skip_recent = _Skip()
+        #: per row numbering (RowNames), its generation and, per variant, the rows whose
+        #: ids ``shown_all`` holds (observe_rows adds only the ids of rows not among them)
+        self._shown_rows: dict[int, tuple[RowNames, int, dict[str, set[int]]]] = {}
+        #: (hit, rr, ndcg) of a hit at each rank (observe's arithmetic, the same floats)
+        self._at_rank = [(1.0, 1.0 / (r + 1), 1.0 / math.log2(r + 2)) for r in range(k)]
 
     def observe(self, variant: str, recommended: Sequence[str], actual: str) -> int | None:
         """Record one test-then-train step; returns the 0-based rank of the hit, or None."""
@@ -139,6 +156,65 @@ class Prequential:
                 recent.rr -= old_rr
                 recent.ndcg -= old_ndcg
         return rank
+
+    def observe_rows(self, variants: Sequence[str], lists: Sequence[list[int]], played: int,
+                     actual: str, names: RowNames) -> list[int | None]:
+        """:meth:`observe` of each of ``variants`` with its list given as rows of
+        ``names`` (``names.ids[row]`` is the track; ``played``: the row of ``actual``, -1
+        if it has none), without a track id per list: the hit is the played row's rank,
+        and only rows a variant never showed before are looked up, for its coverage (the
+        same sums and sets as :meth:`observe`). Returns the ranks, in ``variants``' order.
+
+        >>> class Names:
+        ...     ids, generation = ["a", "b", "c"], 0
+        >>> ev = Prequential(k=2)
+        >>> ev.observe_rows(["x", "y"], [[0, 1], [2]], 1, "b", Names())
+        [1, None]
+        >>> ev.summary()["x"]["mrr@2"], ev.summary()["y"]["coverage"]
+        (0.5, 1.0)
+        """
+        if self.window is not None:  # the window keeps each list's ids
+            ids = names.ids
+            return [self.observe(v, [ids[r] for r in rows], actual)
+                    for v, rows in zip(variants, lists, strict=True)]
+        self._catalogue.add(actual)
+        shown_by = self._shown_by(names)
+        k, at_rank, ids = self.k, self._at_rank, names.ids
+        ranks: list[int | None] = []
+        for variant, rows in zip(variants, lists, strict=True):
+            v = self._variants.get(variant)
+            if v is None:
+                v = self._variants[variant] = _Variant()
+            top = rows[:k] if len(rows) > k else rows
+            total = v.total  # _Sums.add, inlined as in observe (the same sums)
+            total.n += 1
+            rank: int | None = None
+            if played in top:
+                found = top.index(played)
+                hit, rr, ndcg = at_rank[found]
+                total.hits += hit
+                total.rr += rr
+                total.ndcg += ndcg
+                rank = found
+            # (a miss adds 0.0 to each sum in observe: the same sums)
+            shown = shown_by.get(variant)
+            if shown is None:
+                shown = shown_by[variant] = set()
+            if not shown.issuperset(top):
+                new = [r for r in top if r not in shown]
+                shown.update(new)
+                v.shown_all.update([ids[r] for r in new])
+            ranks.append(rank)
+        return ranks
+
+    def _shown_by(self, names: RowNames) -> dict[str, set[int]]:
+        """The shown rows by variant of ``names``' numbering (forgotten when it renumbers:
+        a row may name another track then; the ids stay in ``shown_all``)."""
+        kept = self._shown_rows.get(id(names))
+        if kept is None or kept[1] != names.generation:
+            # (names kept with them: its id stays its own)
+            kept = self._shown_rows[id(names)] = (names, names.generation, {})
+        return kept[2]
 
     def observe_skip(self, probability: float, skipped: bool) -> None:
         """Record the skip model's prediction for an event, made before learning from it."""
@@ -219,8 +295,8 @@ class ComponentQuality:
     ...         return [type("R", (), {"track_id": t})() for t in ("a", "b")]
     >>> ev = Prequential(k=10)
     >>> cq = ComponentQuality(every=2)
-    >>> for _ in range(4):
-    ...     cq.observe(ev, FakeRec(), None, "b", 0)
+    >>> [cq.observe(ev, FakeRec(), None, "b", 0) for _ in range(4)]
+    [False, True, False, True]
     >>> sorted(ev.summary()), ev.summary()["mf"]["events"], ev.summary()["mf"]["mrr@10"]
     (['cooccurrence', 'mf', 'popularity'], 2.0, 0.5)
     """

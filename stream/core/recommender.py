@@ -1375,34 +1375,46 @@ class Recommender:
     ) -> list[list[str]]:
         """``[[r.track_id for r in self.recommend(state, k, now_ms, exclude=exclude,
         variant=v)] for v in variants]`` without a :class:`Recommendation` (nor its reason)
-        per item: the replay's evaluation of every variant, and the live per-component
-        quality (:class:`stream.core.evaluation.ComponentQuality`, on the hot path). The
-        single components (``popularity``, ``mf``, ``cooccurrence``) and the fixed blend
-        share one prepared query and one compiled call; ``sknn``, ``stan`` and ``sr`` take
-        one compiled call each; the learned blend ranks as :meth:`recommend` does."""
+        per item: the live per-component quality
+        (:class:`stream.core.evaluation.ComponentQuality`, on the hot path). The ids of
+        :meth:`component_rows`."""
+        ids = self.vocabulary.ids
+        return [[ids[r] for r in rows]
+                for rows in self.component_rows(state, k, now_ms, variants, exclude=exclude)]
+
+    def component_rows(
+        self, state: UserState, k: int, now_ms: int, variants: Sequence[str], *,
+        exclude: Collection[str] = (),
+    ) -> list[list[int]]:
+        """:meth:`component_ids` as vocabulary rows (the replay's evaluation of every
+        variant, :meth:`stream.core.evaluation.Prequential.observe_rows`: no track id per
+        list). The single components (``popularity``, ``mf``, ``cooccurrence``) and the
+        fixed blend share one prepared query and one compiled call; ``sknn``, ``stan`` and
+        ``sr`` take one compiled call each; the learned blend ranks as :meth:`recommend`
+        does (with the others from its collection's call, :meth:`_shared_rows`)."""
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variant(s) {unknown}; expected from {VARIANTS}")
         if k <= 0:
             return [[] for _ in variants]
-        ids = self._shared_ids(state, k, now_ms, exclude, variants)
-        rest = [v for v in variants if v not in ids]
+        out = self._shared_rows(state, k, now_ms, exclude, variants)
+        rest = [v for v in variants if v not in out]
         if rest:
-            ids.update(self._compiled_ids(state, k, exclude, rest))
+            out.update(self._compiled_rows(state, k, exclude, rest))
         if not _SESSION_VARIANTS.isdisjoint(rest):
             lists = self._session_lists(state, k, now_ms, exclude, rest)
-            ids.update((v, self._result_ids(ranked[0], k)) for v, ranked in lists.items())
-        return [ids[v] if v in ids else self._variant_ids(state, k, now_ms, exclude, v)
+            out.update((v, self._result_rows(ranked[0], k)) for v, ranked in lists.items())
+        return [out[v] if v in out else self._variant_rows(state, k, now_ms, exclude, v)
                 for v in variants]
 
-    def _shared_ids(
+    def _shared_rows(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str],
         variants: Sequence[str],
-    ) -> dict[str, list[str]]:
-        """:meth:`component_ids` of the learned blend and, from its collection's compiled
+    ) -> dict[str, list[int]]:
+        """:meth:`component_rows` of the learned blend and, from its collection's compiled
         call (:func:`_bk.blend_collect_variants`: each query once, the blend's bans), of
         ``sknn``, ``stan``, ``sr``, the single components and ``fixed`` (those that
-        :meth:`_session_lists` and :meth:`_compiled_ids` rank), by variant. Empty (the
+        :meth:`_session_lists` and :meth:`_compiled_rows` rank), by variant. Empty (the
         separate calls rank them) where the learned blend does not collect through it:
         ``blend`` not asked for or fixed, a cold start, a popularity penalty -- or where
         it would share nothing (``blend`` alone: :func:`_bk.blend_collect` costs less)."""
@@ -1422,11 +1434,11 @@ class Recommender:
         ranked = self._learned_order(state, now_ms, exclude, share)
         if ranked is None:  # (not with plays)
             return {}
-        ids = {"blend": self._result_ids(ranked[0], k)}
+        out = {"blend": self._result_rows(ranked[0], k)}
         if share.out is None:  # (an empty catalogue)
-            return ids
+            return out
         outcomes, lists = share.unpacked()
-        ids.update(self._component_ids(lists, want, fixed, k))
+        out.update(self._component_rows(lists, want, fixed, k))
         # numpy's choice where a cut had ties (its fill: the bans again, only then)
         need_fill = any(o[0] & _sk.NEED_FILL for o in outcomes)
         fill_args = (self._ban_buffer(size),
@@ -1434,28 +1446,29 @@ class Recommender:
                      3 * k, members, pop_w, pop_total or 1.0, size)
         for v, outcome in zip(("stan", "sknn", "sr"), outcomes, strict=True):
             if v in variants:
-                ids[v] = self._result_ids(self._finish_session(outcome, fill_args)[0], k)
-        return ids
+                out[v] = self._result_rows(self._finish_session(outcome, fill_args)[0], k)
+        return out
 
-    def _variant_ids(
+    def _variant_rows(
         self, state: UserState, k: int, now_ms: int, exclude: Collection[str], variant: str
-    ) -> list[str]:
-        """One variant's ids for :meth:`component_ids` (``k`` > 0)."""
+    ) -> list[int]:
+        """One variant's rows for :meth:`component_rows` (``k`` > 0)."""
         if variant == "blend" and self.blend == "learned":
             ranked = self._learned_order(state, now_ms, exclude)
             if ranked is not None:
-                return self._result_ids(ranked[0], k)
+                return self._result_rows(ranked[0], k)
             variant = "fixed"  # a cold start: the fixed blend's list
-            fixed = self._compiled_ids(state, k, exclude, (variant,))
+            fixed = self._compiled_rows(state, k, exclude, (variant,))
             if variant in fixed:
                 return fixed[variant]
-        return [r.track_id for r in self.recommend(state, k, now_ms, exclude=exclude,
-                                                   variant=variant)]
+        index = self.vocabulary.index  # (a recommended track is in the catalogue)
+        return [index[r.track_id] for r in self.recommend(state, k, now_ms, exclude=exclude,
+                                                          variant=variant)]
 
-    def _compiled_ids(
+    def _compiled_rows(
         self, state: UserState, k: int, exclude: Collection[str], variants: Sequence[str]
-    ) -> dict[str, list[str]]:
-        """The ids of those of ``variants`` that :meth:`_rank_compiled` ranks (the single
+    ) -> dict[str, list[int]]:
+        """The rows of those of ``variants`` that :meth:`_rank_compiled` ranks (the single
         components; ``fixed``, and ``blend`` with ``blend="fixed"``, unless the skip
         penalty takes them to the reference path), in one compiled call
         (:func:`_k.rank_components`), by variant."""
@@ -1481,7 +1494,7 @@ class Recommender:
                 sc.touched, factors, _NO_FACTORS if user is None else user,
                 user is not None, ban, self._mark_buffer(size), ban_recent, ban_other,
             )
-        return self._component_ids(ranked, want, fixed, k)
+        return self._component_rows(ranked, want, fixed, k)
 
     def _component_variants(self, variants: Collection[str]) -> tuple[set[str], bool]:
         """Which of ``variants`` :func:`_k.component_lists` ranks: the single components,
@@ -1508,25 +1521,27 @@ class Recommender:
                 bool(self.mf_candidates or w.get("cooccurrence", 0.0) == 0),
                 w.get("popularity", 0.0), w.get("cooccurrence", 0.0), w.get("mf", 0.0)), user
 
-    def _component_ids(self, ranked: tuple[IntArray, ...], want: set[str], fixed: bool,
-                       k: int) -> dict[str, list[str]]:
-        """The ids of :func:`_k.component_lists`' ranked rows, by variant."""
-        ids: dict[str, list[str]] = {}
+    def _component_rows(self, ranked: tuple[IntArray, ...], want: set[str], fixed: bool,
+                        k: int) -> dict[str, list[int]]:
+        """What :meth:`_result_rows` keeps of :func:`_k.component_lists`' ranked rows, by
+        variant."""
+        out: dict[str, list[int]] = {}
         for v, rows in zip(("popularity", "mf", "cooccurrence", "fixed"), ranked, strict=True):
             if v in want or (v == "fixed" and fixed):
-                ids[v] = self._result_ids(rows, k)
+                out[v] = self._result_rows(rows, k)
         if fixed and self.blend == "fixed":
-            ids["blend"] = list(ids["fixed"])
-        return ids
+            out["blend"] = list(out["fixed"])
+        return out
 
-    def _result_ids(self, rows: IntArray, k: int) -> list[str]:
-        """The track ids :meth:`_results` keeps of ranked ``rows`` (the artist cap)."""
-        ids = self.vocabulary.ids
+    def _result_rows(self, rows: IntArray, k: int) -> list[int]:
+        """The rows of the tracks :meth:`_results` keeps of ranked ``rows`` (the artist
+        cap)."""
         artist_of = self.artist_of
         cap_n = self.max_per_artist if artist_of else None
         if cap_n is None:
-            return [ids[r] for r in rows[:k].tolist()]
-        out: list[str] = []
+            return cast(list[int], rows[:k].tolist())
+        ids = self.vocabulary.ids
+        out: list[int] = []
         per_artist: dict[str, int] = {}
         shards = artist_of.shards
         for r in rows.tolist():
@@ -1536,7 +1551,7 @@ class Recommender:
                 if per_artist.get(artist, 0) >= cap_n:
                     continue
                 per_artist[artist] = per_artist.get(artist, 0) + 1
-            out.append(track)
+            out.append(r)
             if len(out) >= k:
                 break
         return out
@@ -2131,7 +2146,7 @@ class Recommender:
 @dataclass(slots=True)
 class _VariantShare:
     """The all-variant ranking's request to the learned blend's collection
-    (:meth:`Recommender._shared_ids`): ``args``, what :func:`_bk.blend_collect_variants`
+    (:meth:`Recommender._shared_rows`): ``args``, what :func:`_bk.blend_collect_variants`
     takes after :func:`_bk.blend_collect`'s arguments; after the collection, ``out`` (its
     returns after the blend's: the packed lists and trending's fill, :meth:`unpacked`)
     and ``recent`` (the rows it banned from)."""

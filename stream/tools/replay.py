@@ -83,12 +83,16 @@ class TestThenTrain:
             if user_seen is None:
                 user_seen = self.seen[event.user_id] = SeenTracks(rec.vocabulary)
             history = user_seen
-        # the ranked ids only (no Recommendation nor reason per item), every variant's
-        # list the one Recommender.recommend returns
-        lists = rec.component_ids(update.before, self.k, event.ts_ms, self.variants,
-                                  exclude=history)
-        for variant, ids in zip(self.variants, lists, strict=True):
-            rank = self.evaluator.observe(variant, ids, event.track_id)
+        # the ranked rows only (no Recommendation nor reason per item, no track id), every
+        # variant's list the one Recommender.recommend returns; the played track's row
+        # (-1: new) taken before learning the play adds it
+        vocabulary = rec.vocabulary
+        played = vocabulary.index.get(event.track_id, -1)
+        lists = rec.component_rows(update.before, self.k, event.ts_ms, self.variants,
+                                   exclude=history)
+        ranks = self.evaluator.observe_rows(self.variants, lists, played, event.track_id,
+                                            vocabulary)
+        for variant, rank in zip(self.variants, ranks, strict=True):
             self.hits[variant].append(rank is not None)
         learned = rec.learn_one(update, event)
         self.evaluator.observe_skip(learned.skip_probability, learned.skipped)

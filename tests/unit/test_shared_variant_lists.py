@@ -1,4 +1,4 @@
-"""The all-variant ranking's shared queries (``Recommender._shared_ids``): the learned
+"""The all-variant ranking's shared queries (``Recommender._shared_rows``): the learned
 blend's collection call (:func:`_blend_kernels.blend_collect_variants`) returns the blend's
 candidates exactly as :func:`_blend_kernels.blend_collect` does, and each other variant's
 outcome or ranked rows exactly as that variant's own compiled call (``rank_stan``,
@@ -29,7 +29,7 @@ from stream.tools.datasets import load_events, load_sessionrec
 
 
 def _share(rec: Recommender, state: UserState, k: int) -> tuple[_VariantShare, Any, Any]:
-    """A request for every variant, as :meth:`Recommender._shared_ids` builds it."""
+    """A request for every variant, as :meth:`Recommender._shared_rows` builds it."""
     size = len(rec.vocabulary)
     want, fixed = rec._component_variants(VARIANTS)
     flags, user = rec._component_args(state, k, want, fixed)
@@ -85,7 +85,7 @@ def _check_play(rec: Recommender, before: UserState, now: int, history: Any, k: 
                 ban[ban_rows] = False
             assert sorted(got[4].tolist()) == sorted(top.tolist())
     # the single components and the fixed blend: rank_components' lists
-    assert rec._component_ids(lists, want, fixed, k) == rec._compiled_ids(
+    assert rec._component_rows(lists, want, fixed, k) == rec._compiled_rows(
         before, k, history, VARIANTS)
     assert not rec._ban_buffer(size).any()  # every call left the bans as found
     counts["checked"] += 1

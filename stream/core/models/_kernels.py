@@ -410,16 +410,28 @@ def blend_rank(  # type: ignore[no-untyped-def]
     """Candidates -> blended, ranked list, in one call (the per-query numpy calls were the
     cost; see Recommender.recommend for the reference semantics it follows).
 
-    Candidates: the ``n_pop`` heaviest non-banned tracks (the kept top set, or every row
-    when bans leave it short), the ``n`` best co-occurrence tracks among ``touched``
-    (positive scores in ``acc``), and with ``use_mf and pick_mf`` the ``n`` best MF scores
-    ``factors[row] @ user`` over every row (with ``pick_mf`` off, or an empty ``user``, MF
-    only scores the other sources' candidates). Scores per component are normalised within
-    the candidates, weighted and summed (popularity, co-occurrence, MF, in that order).
-    Returns the candidate rows ordered best first (stable on row order), their totals,
-    reason codes (the component contributing most) and the anchor row that led co-occurrence there
-    (-1 if none)."""
-    # -- candidates
+    Candidates: the ``n_pop`` heaviest non-banned tracks (:func:`pop_picks`), the ``n``
+    best co-occurrence tracks among ``touched`` (positive scores in ``acc``), and with
+    ``use_mf and pick_mf`` the ``n`` best MF scores ``factors[row] @ user`` over every row
+    (:func:`mf_picks`; with ``pick_mf`` off, or an empty ``user``, MF only scores the
+    other sources' candidates); then :func:`blend_picked` scores and orders them."""
+    pop = pop_picks(size, n_pop, pop_members, pop_w, ban)
+    cooc = np.empty(0, dtype=np.int64)
+    if use_cooc and len(touched):
+        cooc = top_allowed(touched, acc, ban, n)
+    use_mf = use_mf and len(user) > 0
+    mf = np.empty(0, dtype=np.int64)
+    if use_mf and pick_mf:
+        mf = mf_picks(size, n, factors, user, ban)
+    return blend_picked(use_cooc, use_mf, bw_pop, bw_cooc, bw_mf, pop_w, pop_total, acc,
+                        lead, factors, user, mark, pop, cooc, mf)
+
+
+@_jit
+def pop_picks(size, n_pop, pop_members, pop_w, ban):  # type: ignore[no-untyped-def]
+    """:func:`blend_rank`'s trending candidates: the ``n_pop`` heaviest non-banned tracks
+    of the kept top set ``pop_members``, or of every row when bans leave it short (in no
+    particular order; ties to the lower row)."""
     allowed = np.empty(len(pop_members), dtype=np.int64)
     m = 0
     for r in pop_members:
@@ -429,22 +441,32 @@ def blend_rank(  # type: ignore[no-untyped-def]
     allowed = allowed[:m]
     if m < n_pop and len(pop_members) < size:
         allowed = _unbanned(ban, size)
-    picks = [_top_n(allowed, pop_w[allowed], n_pop)]
-    if use_cooc and len(touched):
-        picks.append(top_allowed(touched, acc, ban, n))
-    use_mf = use_mf and len(user) > 0
-    if use_mf and pick_mf:
-        mf = _dot_all(factors, user, size)
-        free = _unbanned(ban, size)
-        picks.append(_top_n(free, mf[free], n))
-    total_len = 0
-    for p in picks:
-        total_len += len(p)
-    every_pick = np.empty(total_len, dtype=np.int64)
-    j = 0
-    for p in picks:
-        every_pick[j : j + len(p)] = p
-        j += len(p)
+    return _top_n(allowed, pop_w[allowed], n_pop)
+
+
+@_jit
+def mf_picks(size, n, factors, user, ban):  # type: ignore[no-untyped-def]
+    """:func:`blend_rank`'s MF candidates: the ``n`` non-banned rows with the best
+    ``factors[row] @ user`` (in no particular order; ties to the lower row)."""
+    mf = _dot_all(factors, user, size)
+    free = _unbanned(ban, size)
+    return _top_n(free, mf[free], n)
+
+
+@_jit
+def blend_picked(  # type: ignore[no-untyped-def]
+    use_cooc, use_mf, bw_pop, bw_cooc, bw_mf, pop_w, pop_total, acc, lead, factors, user,
+    mark, pop, cooc, mf,
+):
+    """:func:`blend_rank` of its candidates ``pop``, ``cooc`` and ``mf`` (each source's
+    picks): scores per component are normalised within the candidates, weighted and
+    summed (popularity, co-occurrence, MF, in that order). Returns the candidate rows
+    ordered best first (stable on row order), their totals, reason codes (the component
+    contributing most) and the anchor row that led co-occurrence there (-1 if none)."""
+    every_pick = np.empty(len(pop) + len(cooc) + len(mf), dtype=np.int64)
+    every_pick[:len(pop)] = pop
+    every_pick[len(pop):len(pop) + len(cooc)] = cooc
+    every_pick[len(pop) + len(cooc):] = mf
     rows = unique_rows(every_pick, mark)
     c = len(rows)
     if c == 0:
@@ -640,32 +662,47 @@ def component_lists(  # type: ignore[no-untyped-def]
     popularity and ``k`` otherwise, MF only for ``mf`` (``has_user``: ``user`` holds the
     listener's vector), co-occurrence only for ``cooccurrence`` and (``use_cooc_fixed``)
     the fixed blend; the fixed blend's own ``n_pop``, flags and weights -- so the lists
-    are the same."""
+    are the same. Each source's picks (:func:`pop_picks` per ``n_pop``, the co-occurrence
+    and the MF picks) are made once for the lists that read them: the same function of
+    the same bans (:func:`blend_rank` of each list made them again)."""
     no_user = user[:0]
-    none = touched[:0]
     empty = np.empty(0, dtype=np.int64)
+    mf_user = user if has_user else no_user
+    fixed_user = user if use_mf_fixed else no_user
+    # which picks which list reads (blend_rank's conditions)
+    fixed_cooc = do_fixed and use_cooc_fixed and len(touched) > 0
+    mf_mf = do_mf and len(mf_user) > 0
+    fixed_mf = do_fixed and len(fixed_user) > 0
+    cooc = empty
+    if (do_cooc and len(touched) > 0) or fixed_cooc:
+        cooc = top_allowed(touched, acc, ban, n)
+    mf = empty
+    if mf_mf or (fixed_mf and pick_mf_fixed):
+        mf = mf_picks(size, n, factors, user, ban)
+    pop_n = pop_k = empty
+    if do_pop or (do_fixed and n_pop_fixed == n):
+        pop_n = pop_picks(size, n, pop_members, pop_w, ban)
+    if do_mf or do_cooc or (do_fixed and n_pop_fixed == k):
+        pop_k = pop_n if k == n and len(pop_n) else pop_picks(size, k, pop_members, pop_w, ban)
     pop_rows = mf_rows = cooc_rows = fixed_rows = empty
     if do_pop:
-        pop_rows = blend_rank(
-            size, n, n, False, False, True, 1e-6, 0.0, 0.0, pop_members, pop_w, pop_total,
-            acc, lead, none, factors, no_user, ban, mark,
-        )[0]
+        pop_rows = blend_picked(False, False, 1e-6, 0.0, 0.0, pop_w, pop_total, acc, lead,
+                                factors, no_user, mark, pop_n, empty, empty)[0]
     if do_mf:
-        mf_rows = blend_rank(
-            size, k, n, False, has_user, True, 1e-6, 0.0, 1.0, pop_members, pop_w,
-            pop_total, acc, lead, none, factors, user if has_user else no_user, ban, mark,
-        )[0]
+        mf_rows = blend_picked(False, mf_mf, 1e-6, 0.0, 1.0, pop_w, pop_total, acc, lead,
+                               factors, mf_user, mark, pop_k, empty,
+                               mf if mf_mf else empty)[0]
     if do_cooc:
-        cooc_rows = blend_rank(
-            size, k, n, True, False, pick_mf_cooc, 1e-6, 1.0, 0.0, pop_members, pop_w,
-            pop_total, acc, lead, touched, factors, no_user, ban, mark,
-        )[0]
+        cooc_rows = blend_picked(True, False, 1e-6, 1.0, 0.0, pop_w, pop_total, acc, lead,
+                                 factors, no_user, mark, pop_k, cooc, empty)[0]
     if do_fixed:
-        fixed_rows = blend_rank(
-            size, n_pop_fixed, n, use_cooc_fixed, use_mf_fixed, pick_mf_fixed, bw_pop,
-            bw_cooc, bw_mf, pop_members, pop_w, pop_total, acc, lead,
-            touched if use_cooc_fixed else none, factors, user if use_mf_fixed else no_user,
-            ban, mark,
+        pop_f = pop_n if n_pop_fixed == n else pop_k
+        if n_pop_fixed != n and n_pop_fixed != k:
+            pop_f = pop_picks(size, n_pop_fixed, pop_members, pop_w, ban)
+        fixed_rows = blend_picked(
+            use_cooc_fixed, fixed_mf, bw_pop, bw_cooc, bw_mf, pop_w, pop_total, acc, lead,
+            factors, fixed_user, mark, pop_f, cooc if fixed_cooc else empty,
+            mf if fixed_mf and pick_mf_fixed else empty,
         )[0]
     return pop_rows, mf_rows, cooc_rows, fixed_rows
 

@@ -190,14 +190,17 @@ def stan_pair_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size
     """:func:`stan_query` of ``q_rows`` twice, from one pass over the neighbour sessions:
     with STAN's weights (``q_w``, 1/λ2, 1/λ3) into ``acc``/``touched`` and plain (SKNN:
     every weight 1) into ``acc2``/``touched2`` -- the candidate sessions, their matches
-    and the arithmetic of each are :func:`stan_query`'s. Returns both touched counts."""
+    and the arithmetic of each are :func:`stan_query`'s. Returns both touched counts.
+
+    The plain query's decays are ``exp(-x * 0.0)``, exactly 1.0 (``age`` is an integer, so
+    ``x`` is finite), and ``v * 1.0`` is ``v``: its similarity is ``num2 / norm`` and its
+    vote weight 1.0 without computing either exponential (one per candidate session)."""
     nq = q_rows.shape[0]
     cand = candidate_sessions(q_rows, serials, p_start, p_size, arena, own, qmark, slot_mark)
     nc = len(cand)
     sims = np.zeros(nc)
     sims2 = np.zeros(nc)
     match = np.zeros(nc, dtype=np.int64)
-    plain_l2 = 0.0
     for c in range(nc):
         slot = cand[c]
         slot_mark[slot] = False
@@ -219,15 +222,15 @@ def stan_pair_query(q_rows, q_w, serials, items, lengths, times, p_start, p_size
         age = now - times[slot]
         if age < 0:
             age = 0
-        sims[c] = num / math.sqrt(nq * ln) * math.exp(-age * inv_l2)
-        sims2[c] = num2 / math.sqrt(nq * ln) * math.exp(-age * plain_l2)
+        norm = math.sqrt(nq * ln)
+        sims[c] = num / norm * math.exp(-age * inv_l2)
+        sims2[c] = num2 / norm
         match[c] = best_p
     width = items.shape[1]
     by_distance = np.empty(width + 1)
-    flat = np.empty(width + 1)
     for d in range(width + 1):
         by_distance[d] = math.exp(-d * inv_l3)
-        flat[d] = math.exp(-d * plain_l2)
+    flat = np.ones(width + 1)
     nt = vote(best_order(sims, k), sims, cand, match, items, lengths, by_distance, qmark,
                acc, touched)
     nt2 = vote(best_order(sims2, k), sims2, cand, match, items, lengths, flat, qmark,
