@@ -189,7 +189,7 @@ class Prequential:
             total = v.total  # _Sums.add, inlined as in observe (the same sums)
             total.n += 1
             rank: int | None = None
-            if played in top:
+            if played >= 0 and played in top:  # -1 (a new track) is never a hit
                 found = top.index(played)
                 hit, rr, ndcg = at_rank[found]
                 total.hits += hit
