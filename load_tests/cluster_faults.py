@@ -12,9 +12,7 @@ Every loop is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import threading
 import time
 from collections import Counter
@@ -125,11 +123,10 @@ def redis_failover(
             for u in {e.user_id for e in events[: producer.yielded]}
         )
         victim_port = max(primaries, key=lambda p: owners.get(p, 0))
-        pid = stack._running_pid(cc.base, stack_cluster.redis_node(primaries[victim_port]), "redis")
+        errors_before = worker.metric_value("stream_redis_errors_total")
+        pid = stack.kill_now(cc.base, stack_cluster.redis_node(primaries[victim_port]), "redis")
         if pid is None:
             raise DrillFailed(f"no PID for the primary on {victim_port}")
-        errors_before = worker.metric_value("stream_redis_errors_total")
-        os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         clock.mark("kill", killed_at)
         produced_at_kill = producer.yielded
@@ -275,11 +272,10 @@ def kafka_leader_kill(
         leaders = asyncio.run(_plays_leaders(cc.bootstrap, settings.plays_topic))
         victim_id = max(leaders, key=lambda n: leaders[n])
         index = victim_id - 1  # node.id = index + 1 (configs/kafka/cluster.properties)
-        pid = stack._running_pid(cc.base, stack_cluster.kafka_node(index), "kafka.Kafka")
+        processed_before = worker.metric_value("stream_events_total", outcome="processed")
+        pid = stack.kill_now(cc.base, stack_cluster.kafka_node(index), "kafka.Kafka")
         if pid is None:
             raise DrillFailed(f"no PID for Kafka node {index}")
-        processed_before = worker.metric_value("stream_events_total", outcome="processed")
-        os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         clock.mark("kill", killed_at)
         produced_at_kill = producer.yielded

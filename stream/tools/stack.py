@@ -179,6 +179,20 @@ def _await_cmdline(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
+def kill_now(cfg: StackConfig, name: str, marker: str) -> int | None:
+    """SIGKILL the process ``name`` of this stack (a fault drill's crash) and reap it when
+    this process started it, so it leaves no zombie (nor a "still running" warning at
+    exit); its PID file stays, as a crash leaves it. The killed PID, or None if none ran."""
+    pid = _running_pid(cfg, name, marker)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGKILL)
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        child.wait(10)
+    return pid
+
+
 def _wait(name: str, check: object, timeout: float, pid_alive: object) -> None:
     deadline = time.monotonic() + timeout
     last_err = ""

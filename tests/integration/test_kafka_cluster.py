@@ -9,8 +9,6 @@ teardown; a cluster that does not start FAILS the tests.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,9 +112,8 @@ def test_worker_on_three_brokers_rf3_acks_all_survives_a_broker_loss(
 
         # SIGKILL one broker: 2 of 3 replicas stay in sync, so acks=all writes (the
         # producer's and the worker's changelog) go on, and the worker keeps up
-        victim = stack._running_pid(kafka_cluster.base, stack_cluster.kafka_node(2), "kafka")
+        victim = stack.kill_now(kafka_cluster.base, stack_cluster.kafka_node(2), "kafka")
         assert victim is not None
-        os.kill(victim, signal.SIGKILL)
         # the controller fences it after broker.session.timeout.ms (9 s): the cluster then
         # reports 2 brokers and the partitions it led have new leaders, ISR 2
         wait_until(

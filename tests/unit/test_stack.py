@@ -187,3 +187,21 @@ def test_demo_finds_ready_after_a_log_of_multibyte_lines(tmp_path: Path) -> None
         out.write("[2026-12-05 18:58:07,699] [1] [INFO] [^SeamWorker]: Ready\n")
     assert _ready_since(log, start)
     assert not _ready_since(log, log.stat().st_size)
+
+
+def test_kill_now_crashes_and_reaps_a_service_this_process_started(tmp_path: Path) -> None:
+    """Fault drills SIGKILL a node: kill_now reaps it when we started it (no zombie, no
+    "still running" warning at exit) and leaves the PID file, as a crash would."""
+    import sys
+
+    c = cfg(tmp_path)
+    pid = stack._spawn(
+        c, "worker", [sys.executable, "-c", "import time; time.sleep(60)", "stream.tools.cli",
+                      "worker"],
+    )
+    child = stack._CHILDREN[pid]
+    assert stack.kill_now(c, "worker", stack.WORKER_MARKER) == pid
+    assert child.returncode == -9 and pid not in stack._CHILDREN
+    assert (c.state_dir / "pids" / "worker.pid").exists()
+    assert stack.worker_pid(c) is None
+    assert stack.kill_now(c, "worker", stack.WORKER_MARKER) is None
