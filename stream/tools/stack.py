@@ -187,10 +187,16 @@ def kill_now(cfg: StackConfig, name: str, marker: str) -> int | None:
     if pid is None:
         return None
     os.kill(pid, signal.SIGKILL)
+    _reap(pid)
+    return pid
+
+
+def _reap(pid: int) -> None:
+    """Wait for ``pid`` if this process started it (no zombie, no "still running"
+    warning at exit); a process someone else started is theirs to wait for."""
     child = _CHILDREN.pop(pid, None)
     if child is not None:
         child.wait(10)
-    return pid
 
 
 def _wait(name: str, check: object, timeout: float, pid_alive: object) -> None:
@@ -251,9 +257,7 @@ def _stop(cfg: StackConfig, name: str, marker: str, timeout: float = 30.0) -> bo
     if _running_pid(cfg, name, marker) is not None:
         log(f"{name} did not stop after SIGTERM in {timeout:.0f}s; sending SIGKILL")
         os.kill(pid, signal.SIGKILL)
-    child = _CHILDREN.pop(pid, None)
-    if child is not None:
-        child.wait(10)
+    _reap(pid)
     path.unlink(missing_ok=True)
     log(f"stopped {name} (pid {pid})")
     return True
